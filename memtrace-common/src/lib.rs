@@ -1,0 +1,196 @@
+//! Types shared by memtrace's BPF programs (`memtrace-ebpf`) and its userspace
+//! side (`memtrace`). Every struct here is the exact byte layout of a BPF map key
+//! or value, so both sides must agree on it: the layouts are `#[repr(C)]`, padded
+//! explicitly, and checked by the const assertions at the bottom.
+#![no_std]
+
+/// Deepest user stack memtrace records. 127 is the kernel's default
+/// `perf_event_max_stack`, the most `bpf_get_stack` will walk.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Stack id of an allocation whose stack could not be captured. Its bytes are
+/// still counted, in a site of their own, so totals stay exact.
+pub const NO_STACK: u64 = 0;
+
+/// Default map sizes (entries). The userspace side may change them before load.
+pub const DEFAULT_MAX_OUTSTANDING: u32 = 1 << 20;
+pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
+pub const DEFAULT_MAX_PENDING: u32 = 1 << 14;
+
+/// The allocator entry points memtrace understands. The value is stored in
+/// [`PendingCall::kind`]; the names are the glibc functions with that signature.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    /// `malloc(size)`
+    Malloc = 0,
+    /// `calloc(nmemb, size)`
+    Calloc = 1,
+    /// `realloc(ptr, size)`
+    Realloc = 2,
+    /// `reallocarray(ptr, nmemb, size)`
+    ReallocArray = 3,
+    /// `memalign(align, size)`, `aligned_alloc(align, size)`
+    Memalign = 4,
+    /// `posix_memalign(&ptr, align, size)`: the result is read through the out-pointer.
+    PosixMemalign = 5,
+    /// `valloc(size)`
+    Valloc = 6,
+    /// `pvalloc(size)`
+    Pvalloc = 7,
+}
+
+impl AllocKind {
+    pub const ALL: [AllocKind; 8] = [
+        AllocKind::Malloc,
+        AllocKind::Calloc,
+        AllocKind::Realloc,
+        AllocKind::ReallocArray,
+        AllocKind::Memalign,
+        AllocKind::PosixMemalign,
+        AllocKind::Valloc,
+        AllocKind::Pvalloc,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<AllocKind> {
+        Self::ALL.get(v as usize).copied()
+    }
+}
+
+/// One outstanding allocation. Map `ALLOCS`: block address (u64) → `Allocation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Requested size in bytes.
+    pub size: u64,
+    /// Key of the allocating stack in `STACKS` and `SITES` (or [`NO_STACK`]).
+    pub stack_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the allocator returned.
+    pub timestamp_ns: u64,
+}
+
+/// Per-stack aggregate, kept in the kernel so that a report reads one entry per
+/// site instead of one per outstanding block. Map `SITES`: stack id → `SiteStats`.
+/// Updated with atomic adds from every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    pub outstanding_blocks: i64,
+    pub outstanding_bytes: i64,
+    pub alloc_calls: u64,
+    pub alloc_bytes: u64,
+}
+
+/// A user stack, innermost return address first. Map `STACKS`: stack id → `StackTrace`.
+/// The id is a 64-bit hash of the frames; a different stack with the same hash is
+/// detected (the frames are compared) and counted, never merged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackTrace {
+    pub len: u64,
+    pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// Key of an allocator call in flight: the thread and its stack pointer at entry.
+/// A nested call on the same thread (a signal handler that allocates, a recursive
+/// allocator) has a lower stack pointer, so each call has its own key; the return
+/// probe finds its call again at `sp - 8` (the return address has been popped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub tid: u32,
+    pub _pad: u32,
+    pub sp: u64,
+}
+
+/// An allocator call between its entry and return probes. Map `PENDING`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCall {
+    /// [`AllocKind`] as u32.
+    pub kind: u32,
+    /// Number of entry probes that fired for this one call. A tail call between
+    /// allocator entry points (glibc's reallocarray jumps to realloc) fires two
+    /// entry probes and two return probes at the same stack pointer: the call is
+    /// counted once, at the last return.
+    pub refs: u32,
+    /// Requested size.
+    pub size: u64,
+    /// realloc/reallocarray: the block being resized (0 for none).
+    pub old_ptr: u64,
+    /// posix_memalign: where the result pointer will be written.
+    pub out_ptr: u64,
+    /// `bpf_ktime_get_ns()` at entry. Lets userspace expire calls whose return
+    /// never came (longjmp out of a signal handler, a thread killed inside malloc).
+    pub timestamp_ns: u64,
+}
+
+/// Event counters, one slot each in the per-CPU array `COUNTERS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Successful allocations (realloc counts as one).
+    AllocCalls = 0,
+    /// Bytes requested by successful allocations.
+    AllocBytes = 1,
+    /// free() calls with a non-NULL pointer, plus the frees done by realloc.
+    FreeCalls = 2,
+    /// Frees of a block memtrace never saw allocated (allocated before attach).
+    FreeUnknown = 3,
+    /// Allocator calls that failed (returned NULL / an error).
+    FailedAllocs = 4,
+    /// Allocations not recorded because `ALLOCS` was full.
+    DroppedAllocMapFull = 5,
+    /// Allocations not recorded because `PENDING` was full at entry.
+    DroppedPendingFull = 6,
+    /// Allocations not recorded because `SITES` was full.
+    DroppedSiteMapFull = 7,
+    /// Stacks that could not be read (`bpf_get_stack` failed or returned nothing).
+    StackReadErrors = 8,
+    /// Stacks not stored because `STACKS` was full.
+    StackMapFull = 9,
+    /// Two different stacks with one hash: the second is recorded without a stack.
+    StackHashCollisions = 10,
+    /// posix_memalign succeeded but its out-pointer could not be read.
+    OutPointerReadErrors = 11,
+    /// A return probe with no matching entry (entry lost or expired).
+    UnmatchedReturns = 12,
+    /// An allocator returned an address memtrace still had outstanding: the
+    /// earlier block's free was not seen. The earlier block is retired.
+    AddressReused = 13,
+}
+
+pub const NUM_COUNTERS: u32 = 14;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::Allocation {}
+    unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::StackTrace {}
+    unsafe impl aya::Pod for super::PendingKey {}
+    unsafe impl aya::Pod for super::PendingCall {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Allocation>() == 24);
+    assert!(core::mem::size_of::<SiteStats>() == 32);
+    assert!(core::mem::size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
+    assert!(core::mem::size_of::<PendingKey>() == 16);
+    assert!(core::mem::size_of::<PendingCall>() == 40);
+    assert!(core::mem::offset_of!(PendingCall, size) == 8);
+    assert!(core::mem::offset_of!(StackTrace, frames) == 8);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_kind_round_trips() {
+        for k in AllocKind::ALL {
+            assert_eq!(AllocKind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!(AllocKind::from_u32(8), None);
+    }
+}
