@@ -10,13 +10,20 @@
 // The BPF target has no atomic types with fetch_add; the intrinsic lowers to the
 // BPF atomic add instruction.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd is the only atomic add on the BPF target"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        internal_features,
+        reason = "atomic_xadd is the only atomic add on the BPF target"
+    )
+)]
 
 #[cfg(target_arch = "bpf")]
 mod probes {
-    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
     use aya_ebpf::{
+        EbpfContext,
         bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
         helpers::{
             bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
@@ -25,12 +32,11 @@ mod probes {
         macros::{map, uprobe, uretprobe},
         maps::{HashMap, PerCpuArray},
         programs::{ProbeContext, RetProbeContext},
-        EbpfContext,
     };
     use memtrace_common::{
-        AllocKind, Allocation, Counter, PendingCall, PendingKey, SiteStats, StackTrace,
-        DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, MAX_STACK_DEPTH,
-        NO_STACK, NUM_COUNTERS,
+        AllocKind, Allocation, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PENDING,
+        DEFAULT_MAX_STACKS, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PendingCall, PendingKey,
+        SiteStats, StackTrace,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -221,7 +227,11 @@ mod probes {
             count(Counter::AddressReused, 1);
         }
         let stack_id = capture_stack(ctx);
-        let a = Allocation { size, stack_id, timestamp_ns: now };
+        let a = Allocation {
+            size,
+            stack_id,
+            timestamp_ns: now,
+        };
         if ALLOCS.insert(&ptr, &a, BPF_ANY as u64).is_err() {
             count(Counter::DroppedAllocMapFull, 1);
             return;
@@ -240,7 +250,11 @@ mod probes {
         if !is_target() {
             return 0;
         }
-        let key = PendingKey { tid: bpf_get_current_pid_tgid() as u32, _pad: 0, sp: regs_sp(ctx) };
+        let key = PendingKey {
+            tid: bpf_get_current_pid_tgid() as u32,
+            _pad: 0,
+            sp: regs_sp(ctx),
+        };
         if let Some(p) = PENDING.get_ptr_mut(&key) {
             // A tail call from one allocator entry point into another (same stack
             // pointer, the first call not returned): one call, two probe pairs.
@@ -295,7 +309,13 @@ mod probes {
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::PosixMemalign, arg(&ctx, 2), 0, arg(&ctx, 0))
+        enter(
+            &ctx,
+            AllocKind::PosixMemalign,
+            arg(&ctx, 2),
+            0,
+            arg(&ctx, 0),
+        )
     }
 
     #[uprobe]
@@ -405,7 +425,9 @@ mod probes {
     #[uprobe]
     pub fn loader_breakpoint(_ctx: ProbeContext) -> u32 {
         if is_target() {
-            unsafe { bpf_send_signal(19 /* SIGSTOP */) };
+            unsafe {
+                bpf_send_signal(19 /* SIGSTOP */)
+            };
         }
         0
     }

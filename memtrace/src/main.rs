@@ -1,1 +1,51 @@
-fn main() {}
+//! memtrace: find memory leaks in a running process with eBPF uprobes on its allocator.
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::Cli;
+
+// TEMPORARY while the symbolizer lands in lib.rs: the other modules live in the binary.
+pub mod allocator;
+pub mod cli;
+pub mod collect;
+pub mod launch;
+pub mod preflight;
+pub mod probe;
+pub mod report;
+pub mod session;
+pub mod units;
+pub use memtrace::{procmaps, symbolize};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("MEMTRACE_LOG", "warn"))
+        .format_target(false)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let msg = e.render().to_string();
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprint!("memtrace: error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let target = match cli.target() {
+        Ok(t) => t,
+        Err(msg) => {
+            eprintln!("memtrace: error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    match session::run(&cli, target) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("memtrace: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Reading the kernel-side state: counters, per-site aggregates, stacks, and
+//! (for the final report) the outstanding blocks themselves.
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use memtrace_common::{Counter, NO_STACK, NUM_COUNTERS};
+use serde::Serialize;
+
+use crate::probe::TraceMaps;
+
+/// Every counter, with names in the user's terms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub alloc_calls: u64,
+    pub alloc_bytes: u64,
+    pub free_calls: u64,
+    pub free_unknown: u64,
+    pub failed_allocs: u64,
+    pub dropped_alloc_map_full: u64,
+    pub dropped_pending_map_full: u64,
+    pub dropped_site_map_full: u64,
+    pub stack_read_errors: u64,
+    pub stack_map_full: u64,
+    pub stack_hash_collisions: u64,
+    pub out_pointer_read_errors: u64,
+    pub unmatched_returns: u64,
+    pub missed_returns: u64,
+    pub address_reused: u64,
+}
+
+impl Counters {
+    pub fn from_raw(raw: &[u64; NUM_COUNTERS as usize], missed_returns: u64) -> Self {
+        let c = |c: Counter| raw[c as usize];
+        Counters {
+            alloc_calls: c(Counter::AllocCalls),
+            alloc_bytes: c(Counter::AllocBytes),
+            free_calls: c(Counter::FreeCalls),
+            free_unknown: c(Counter::FreeUnknown),
+            failed_allocs: c(Counter::FailedAllocs),
+            dropped_alloc_map_full: c(Counter::DroppedAllocMapFull),
+            dropped_pending_map_full: c(Counter::DroppedPendingFull),
+            dropped_site_map_full: c(Counter::DroppedSiteMapFull),
+            stack_read_errors: c(Counter::StackReadErrors),
+            stack_map_full: c(Counter::StackMapFull),
+            stack_hash_collisions: c(Counter::StackHashCollisions),
+            out_pointer_read_errors: c(Counter::OutPointerReadErrors),
+            unmatched_returns: c(Counter::UnmatchedReturns),
+            missed_returns,
+            address_reused: c(Counter::AddressReused),
+        }
+    }
+
+    /// Allocations (or frees) that happened but are not in the figures.
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped_alloc_map_full
+            + self.dropped_pending_map_full
+            + self.dropped_site_map_full
+            + self.out_pointer_read_errors
+            + self.unmatched_returns
+            + self.missed_returns
+    }
+
+    /// Allocations that are counted, but without their stack.
+    pub fn stack_errors(&self) -> u64 {
+        self.stack_read_errors + self.stack_map_full + self.stack_hash_collisions
+    }
+}
+
+/// One site (distinct allocation stack) as read from the kernel.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SiteSample {
+    pub stack_id: u64,
+    pub outstanding_blocks: i64,
+    pub outstanding_bytes: i64,
+    pub alloc_calls: u64,
+    pub alloc_bytes: u64,
+}
+
+/// Ages of one site's outstanding blocks, from a scan of ALLOCS.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SiteAges {
+    pub oldest_ns: Option<u64>,
+    /// Blocks and bytes older than `--min-age`.
+    pub old_blocks: u64,
+    pub old_bytes: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+/// Calls whose return probe has not come after this long are taken as lost
+/// (longjmp out of a signal handler that was inside malloc, a thread killed
+/// mid-call): they are removed and counted, so PENDING cannot silt up.
+const PENDING_EXPIRY_NS: u64 = 30_000_000_000;
+
+pub struct Collector {
+    pub maps: TraceMaps,
+    stacks: HashMap<u64, Vec<u64>>,
+    missed_returns: u64,
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Collector {
+    pub fn new(maps: TraceMaps) -> Self {
+        Collector {
+            maps,
+            stacks: HashMap::new(),
+            missed_returns: 0,
+        }
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(Counters::from_raw(
+            &self.maps.counters()?,
+            self.missed_returns,
+        ))
+    }
+
+    /// Every site, one map entry each.
+    pub fn sites(&self) -> Result<Vec<SiteSample>> {
+        let mut out = Vec::new();
+        for entry in self.maps.sites.iter() {
+            let (stack_id, s) = entry.context("reading SITES")?;
+            out.push(SiteSample {
+                stack_id,
+                outstanding_blocks: s.outstanding_blocks,
+                outstanding_bytes: s.outstanding_bytes,
+                alloc_calls: s.alloc_calls,
+                alloc_bytes: s.alloc_bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The frames (return addresses, innermost first) of a stack; cached, since
+    /// a stored stack never changes.
+    pub fn stack(&mut self, stack_id: u64) -> Result<&[u64]> {
+        if !self.stacks.contains_key(&stack_id) {
+            let frames = if stack_id == NO_STACK {
+                Vec::new()
+            } else {
+                let st = self
+                    .maps
+                    .stacks
+                    .get(&stack_id, 0)
+                    .context("reading STACKS")?;
+                st.frames[..(st.len as usize).min(st.frames.len())].to_vec()
+            };
+            self.stacks.insert(stack_id, frames);
+        }
+        Ok(&self.stacks[&stack_id])
+    }
+
+    /// Removes calls in flight for too long and counts them as missed returns.
+    pub fn expire_pending(&mut self, now_ns: u64) -> Result<()> {
+        let mut stale = Vec::new();
+        for entry in self.maps.pending.iter() {
+            let (k, call) = entry.context("reading PENDING")?;
+            if now_ns.saturating_sub(call.timestamp_ns) > PENDING_EXPIRY_NS {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            if self.maps.pending.remove(&k).is_ok() {
+                self.missed_returns += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls still in flight when tracing stopped: their returns will never be
+    /// seen, so they are counted as missed.
+    pub fn count_unfinished(&mut self) -> Result<()> {
+        let n = self.maps.pending.keys().filter(|k| k.is_ok()).count();
+        self.missed_returns += n as u64;
+        Ok(())
+    }
+
+    /// Scans every outstanding block for its age. One map entry per block: used
+    /// only for the final report.
+    pub fn ages(&self, now_ns: u64, min_age_ns: u64) -> Result<HashMap<u64, SiteAges>> {
+        let mut out: HashMap<u64, SiteAges> = HashMap::new();
+        for entry in self.maps.allocs.iter() {
+            let (_addr, a) = entry.context("reading ALLOCS")?;
+            let s = out.entry(a.stack_id).or_default();
+            s.blocks += 1;
+            s.bytes += a.size;
+            s.oldest_ns = Some(
+                s.oldest_ns
+                    .map_or(a.timestamp_ns, |o| o.min(a.timestamp_ns)),
+            );
+            if now_ns.saturating_sub(a.timestamp_ns) >= min_age_ns {
+                s.old_blocks += 1;
+                s.old_bytes += a.size;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,2 @@
+pub mod procmaps;
+pub mod symbolize;

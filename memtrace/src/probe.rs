@@ -1,0 +1,212 @@
+//! Loading memtrace's BPF programs and attaching them to one process.
+//!
+//! Every probe is attached bound to the target pid (a perf event with that pid):
+//! a global probe filtered in BPF would make every process on the host that
+//! maps the same libc pay the uprobe trap.
+use std::{num::NonZeroU32, path::Path};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
+};
+use memtrace_common::{
+    AllocKind, Allocation, NUM_COUNTERS, PendingCall, PendingKey, SiteStats, StackTrace,
+};
+
+use crate::allocator::{Allocator, Role};
+
+/// The BPF object built by `cargo xtask build`, embedded at compile time.
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace-ebpf.o"));
+
+/// The kernel-side state memtrace reads. Owned apart from the programs so the
+/// probes can be detached (the programs dropped) while the maps stay readable
+/// for the final report.
+pub struct TraceMaps {
+    pub allocs: HashMap<MapData, u64, Allocation>,
+    pub sites: HashMap<MapData, u64, SiteStats>,
+    pub stacks: HashMap<MapData, u64, StackTrace>,
+    pub pending: HashMap<MapData, PendingKey, PendingCall>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl TraceMaps {
+    /// Sum over CPUs of every counter, indexed by `memtrace_common::Counter`.
+    pub fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize]> {
+        let mut out = [0u64; NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .context("reading counters")?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+pub struct Probes {
+    ebpf: Option<Ebpf>,
+    loader_link: Option<UProbeLinkId>,
+    attached: usize,
+}
+
+fn entry_program(role: Role) -> &'static str {
+    match role {
+        Role::Free => "free_enter",
+        Role::Alloc(kind) => match kind {
+            AllocKind::Malloc => "malloc_enter",
+            AllocKind::Calloc => "calloc_enter",
+            AllocKind::Realloc => "realloc_enter",
+            AllocKind::ReallocArray => "reallocarray_enter",
+            AllocKind::Memalign => "memalign_enter",
+            AllocKind::PosixMemalign => "posix_memalign_enter",
+            AllocKind::Valloc => "valloc_enter",
+            AllocKind::Pvalloc => "pvalloc_enter",
+        },
+    }
+}
+
+const PROGRAMS: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "reallocarray_enter",
+    "memalign_enter",
+    "posix_memalign_enter",
+    "valloc_enter",
+    "pvalloc_enter",
+    "free_enter",
+    "alloc_return",
+    "loader_breakpoint",
+];
+
+/// Loads the programs for target `tgid` and returns them with their maps.
+pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
+    if BPF_OBJECT.is_empty() {
+        bail!(
+            "this memtrace binary was built without its BPF programs; build it with \
+             `cargo xtask build` (it leaves target/release/memtrace)"
+        );
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TARGET_TGID", &tgid, true)
+        .load(BPF_OBJECT)
+        .map_err(|e| anyhow!(e))
+        .context("loading the BPF maps and programs into the kernel")?;
+    for name in PROGRAMS {
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("BPF program {name} missing from the embedded object"))?
+            .try_into()
+            .with_context(|| format!("BPF program {name} is not a uprobe"))?;
+        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+            format!("the kernel refused BPF program {name} (verifier or permissions)")
+        })?;
+    }
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .with_context(|| format!("BPF map {name} missing from the object"))
+    };
+    let maps = TraceMaps {
+        allocs: HashMap::try_from(take("ALLOCS")?)?,
+        sites: HashMap::try_from(take("SITES")?)?,
+        stacks: HashMap::try_from(take("STACKS")?)?,
+        pending: HashMap::try_from(take("PENDING")?)?,
+        counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+    };
+    Ok((
+        Probes {
+            ebpf: Some(ebpf),
+            loader_link: None,
+            attached: 0,
+        },
+        maps,
+    ))
+}
+
+impl Probes {
+    fn program(&mut self, name: &str) -> Result<&mut UProbe> {
+        let ebpf = self.ebpf.as_mut().context("probes already detached")?;
+        Ok(ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    fn attach_one(
+        &mut self,
+        prog: &str,
+        path: &Path,
+        offset: u64,
+        pid: u32,
+    ) -> Result<UProbeLinkId> {
+        let pid = NonZeroU32::new(pid).context("pid 0")?;
+        let link = self
+            .program(prog)?
+            .attach(
+                UProbeAttachLocation::AbsoluteOffset(offset),
+                path,
+                UProbeScope::OneProcess(pid),
+            )
+            .map_err(|e| anyhow!(e))?;
+        self.attached += 1;
+        Ok(link)
+    }
+
+    /// Entry probes on every allocator function, a return probe on each one that
+    /// allocates, bound to `pid`. Returns the number of probes attached.
+    pub fn attach_allocator(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
+        let before = self.attached;
+        for point in &alloc.points {
+            let what = || {
+                format!(
+                    "attaching a uprobe to {}:{}",
+                    alloc.module,
+                    point.names.join("/")
+                )
+            };
+            self.attach_one(
+                entry_program(point.role),
+                &alloc.open_path,
+                point.file_offset,
+                pid,
+            )
+            .with_context(what)?;
+            if matches!(point.role, Role::Alloc(_)) {
+                self.attach_one("alloc_return", &alloc.open_path, point.file_offset, pid)
+                    .with_context(what)?;
+            }
+        }
+        Ok(self.attached - before)
+    }
+
+    /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
+    pub fn attach_loader_breakpoint(&mut self, ldso: &Path, offset: u64, pid: u32) -> Result<()> {
+        let link = self
+            .attach_one("loader_breakpoint", ldso, offset, pid)
+            .with_context(|| format!("attaching a uprobe to {}:_dl_debug_state", ldso.display()))?;
+        self.loader_link = Some(link);
+        Ok(())
+    }
+
+    pub fn detach_loader_breakpoint(&mut self) -> Result<()> {
+        if let Some(link) = self.loader_link.take() {
+            self.program("loader_breakpoint")?.detach(link)?;
+            self.attached -= 1;
+        }
+        Ok(())
+    }
+
+    /// Removes every probe from the target. The maps stay readable.
+    pub fn detach_all(&mut self) {
+        self.ebpf = None;
+        self.loader_link = None;
+        self.attached = 0;
+    }
+}

@@ -1,0 +1,691 @@
+//! One tracing session: attach (or launch), watch, report.
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Write,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use memtrace_common::NO_STACK;
+
+use crate::{
+    allocator::{self, Allocator, AllocatorError},
+    cli::{Cli, Format, Target},
+    collect::{Collector, SiteSample, monotonic_ns},
+    launch::{self, ChildState, Loading},
+    preflight, probe,
+    procmaps::read_maps,
+    report::{self, AllocatorInfo, Drops, Report, Sampling, Site, TargetInfo, Totals},
+    symbolize::{ProcessModules, Symbolizer, Unresolved},
+    units::{format_bytes, format_count, format_duration},
+};
+
+/// Why tracing stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Signal,
+    Duration,
+    TargetExited,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Signal => "signal",
+            End::Duration => "duration",
+            End::TargetExited => "target-exited",
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, blocked and read from a signalfd, so that Ctrl-C ends
+/// tracing cleanly (report written, probes removed) at any point.
+struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    fn block() -> Result<Self> {
+        // SAFETY: plain sigset manipulation and signalfd creation.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                bail!("blocking SIGINT/SIGTERM failed");
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                bail!("signalfd: {}", std::io::Error::last_os_error());
+            }
+            Ok(Signals {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    fn pending(&self) -> bool {
+        let mut info = [0u8; 128];
+        // SAFETY: reading one signalfd_siginfo into a buffer of its size.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        n > 0
+    }
+}
+
+fn pidfd_open(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: the pidfd_open syscall returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(anyhow!(std::io::Error::last_os_error()))
+            .with_context(|| format!("watching pid {pid}"));
+    }
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until a signal, the target's exit, or the timeout. Returns (signal, exited).
+fn wait_events(signals: &Signals, pidfd: &OwnedFd, timeout: Duration) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: signals.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: fds is a valid array of two pollfds.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    let sig = fds[0].revents & libc::POLLIN != 0 && signals.pending();
+    (sig, fds[1].revents != 0)
+}
+
+fn open_output(path: &Option<PathBuf>) -> Result<Option<File>> {
+    let Some(path) = path else { return Ok(None) };
+    let f = File::create(path).with_context(|| {
+        format!(
+            "cannot write the report to {}: check the directory exists and is writable",
+            path.display()
+        )
+    })?;
+    Ok(Some(f))
+}
+
+fn proc_exe(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| {
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string()
+        })
+}
+
+fn proc_cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| preflight::parse_stat(&s))
+        .is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// Test hook: pause between finding the allocator and attaching, so a test can
+/// make the target exit in that window.
+fn debug_attach_delay() {
+    if let Some(ms) = std::env::var("MEMTRACE_DEBUG_ATTACH_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Everything known about the target once the probes are in.
+struct Attached {
+    pid: u32,
+    comm: String,
+    exe: Option<String>,
+    cmdline: Vec<String>,
+    allocator: Allocator,
+    probes: probe::Probes,
+    collector: Collector,
+    modules: ProcessModules,
+    /// Launch mode: we are the parent and reap the child.
+    launched: bool,
+    nprobes: usize,
+}
+
+fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
+    if alive(pid) {
+        e
+    } else {
+        e.context(format!(
+            "target process {pid} exited while memtrace was attaching"
+        ))
+    }
+}
+
+fn attach_existing(pid: u32) -> Result<Attached> {
+    let stat = preflight::check_target(pid)?;
+    let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    let modules = ProcessModules::capture(pid).map_err(|e| {
+        exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
+    })?;
+    let allocator =
+        allocator::find_allocator(pid, &maps).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    let exe = proc_exe(pid);
+    let cmdline = proc_cmdline(pid);
+    debug_attach_delay();
+    let (mut probes, maps) = probe::load(pid)?;
+    let nprobes = probes
+        .attach_allocator(&allocator, pid)
+        .map_err(|e| exited_during_attach(pid, e))?;
+    if !alive(pid) {
+        bail!("target process {pid} exited while memtrace was attaching");
+    }
+    Ok(Attached {
+        pid,
+        comm: stat.comm,
+        exe,
+        cmdline,
+        allocator,
+        probes,
+        collector: Collector::new(maps),
+        modules,
+        launched: false,
+        nprobes,
+    })
+}
+
+fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
+    let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
+    let loading = launch::loading(&program)?;
+    let (bp_path, bp_offset) = match &loading {
+        Loading::Dynamic { interpreter } => (
+            interpreter.clone(),
+            launch::loader_breakpoint_offset(interpreter)?,
+        ),
+        Loading::Static { entry_offset } => (program.clone(), *entry_offset),
+    };
+    let child = launch::spawn_suspended(&program, cmd)?;
+    let pid = child.pid;
+    let loaded = probe::load(pid).and_then(|(mut probes, maps)| {
+        probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
+        Ok((probes, maps))
+    });
+    let (mut probes, maps) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            child.abandon();
+            return Err(e);
+        }
+    };
+    child
+        .release()
+        .with_context(|| format!("cannot launch {}", program.display()))?;
+    let mut stops = 0;
+    let kill = || {
+        // SAFETY: our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = launch::wait_child(pid, false);
+    };
+    let allocator = loop {
+        match launch::wait_child(pid, false)? {
+            Some(ChildState::Stopped(libc::SIGSTOP)) => {
+                stops += 1;
+                let maps = read_maps(pid)?;
+                match allocator::find_allocator(pid, &maps) {
+                    Ok(a) => break a,
+                    // The loader stops once before it maps the libraries and once after.
+                    Err(AllocatorError::NotFound { .. })
+                        if stops < 2 && matches!(loading, Loading::Dynamic { .. }) =>
+                    {
+                        launch::continue_child(pid)
+                    }
+                    Err(e) => {
+                        kill();
+                        return Err(e.into());
+                    }
+                }
+            }
+            Some(ChildState::Stopped(_)) => launch::continue_child(pid),
+            Some(state) => bail!(
+                "{} ended (exit status {}) before its libraries were loaded: nothing to trace",
+                program.display(),
+                state.exit_code().unwrap_or(-1)
+            ),
+            None => {}
+        }
+    };
+    let attach = (|| {
+        debug_attach_delay();
+        let n = probes.attach_allocator(&allocator, pid)?;
+        probes.detach_loader_breakpoint()?;
+        let modules = ProcessModules::capture(pid).map_err(|e| anyhow!(e))?;
+        Ok::<_, anyhow::Error>((n, modules))
+    })();
+    let (nprobes, modules) = match attach {
+        Ok(v) => v,
+        Err(e) => {
+            kill();
+            return Err(e);
+        }
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let exe = proc_exe(pid);
+    let cmdline = proc_cmdline(pid);
+    launch::continue_child(pid);
+    Ok(Attached {
+        pid,
+        comm,
+        exe,
+        cmdline,
+        allocator,
+        probes,
+        collector: Collector::new(maps),
+        modules,
+        launched: true,
+        nprobes,
+    })
+}
+
+pub fn run(cli: &Cli, target: Target) -> Result<i32> {
+    preflight::check_privileges()?;
+    preflight::check_kernel()?;
+    let mut output = open_output(&cli.output)?;
+    let signals = Signals::block()?;
+    let started_at = SystemTime::now();
+    let t0 = Instant::now();
+
+    let mut at = match &target {
+        Target::Attach(pid) => attach_existing(*pid)?,
+        Target::Launch(cmd) => launch_new(cmd)?,
+    };
+    let pid = at.pid;
+    let pidfd = pidfd_open(pid)?;
+    let functions: Vec<String> = at
+        .allocator
+        .points
+        .iter()
+        .flat_map(|p| p.names.iter().map(|n| n.to_string()))
+        .collect();
+    eprintln!(
+        "memtrace: attached to pid {pid} ({}): {} probes on {} ({}) in {}",
+        at.comm,
+        at.nprobes,
+        at.allocator.module,
+        functions.join(", "),
+        format_duration(t0.elapsed()),
+    );
+
+    let mut symbolizer = Symbolizer::new();
+    let trace_start = Instant::now();
+    let deadline = cli.duration.map(|d| trace_start + d);
+    let mut next_summary = trace_start + cli.interval;
+    let mut last = Summary::default();
+    let mut exit_state: Option<ChildState> = None;
+    let end = loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break End::Duration;
+        }
+        let until = deadline.map_or(next_summary, |d| d.min(next_summary));
+        let (sig, exited) = wait_events(&signals, &pidfd, until.saturating_duration_since(now));
+        if exited {
+            break End::TargetExited;
+        }
+        if sig {
+            break End::Signal;
+        }
+        if Instant::now() >= next_summary {
+            next_summary += cli.interval;
+            if let Err(e) = live_summary(&mut at, &mut symbolizer, &mut last, trace_start) {
+                log::warn!("live summary failed: {e:#}");
+            }
+        }
+    };
+
+    // Remove the probes first: the target runs at full speed again, and the
+    // figures no longer move while they are read.
+    at.probes.detach_all();
+    let ended_at = SystemTime::now();
+    let duration = trace_start.elapsed();
+
+    let mut exited = end == End::TargetExited || !alive(pid);
+    if at.launched {
+        // Ctrl-C reaches the whole foreground process group: give the child a
+        // moment to exit on the same signal, so its status can be reported.
+        let wait_until = Instant::now()
+            + if end == End::Signal {
+                Duration::from_millis(300)
+            } else {
+                Duration::ZERO
+            };
+        loop {
+            match launch::wait_child(pid, true)? {
+                Some(s @ (ChildState::Exited(_) | ChildState::Signaled(_))) => {
+                    exit_state = Some(s);
+                    exited = true;
+                    break;
+                }
+                Some(ChildState::Stopped(_)) => launch::continue_child(pid),
+                None if exited || Instant::now() < wait_until => {
+                    if exited {
+                        // pidfd said it exited: reap it.
+                        if let Some(s) = launch::wait_child(pid, false)? {
+                            exit_state = Some(s);
+                        }
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                None => break,
+            }
+        }
+    } else if !exited {
+        // The target lives on: pick up libraries it loaded since the last refresh.
+        let _ = at.modules.refresh(pid);
+    }
+
+    let report = build_report(
+        cli,
+        &mut at,
+        &mut symbolizer,
+        ReportMeta {
+            started_at,
+            ended_at,
+            duration,
+            end,
+            exited,
+            exit_status: exit_state.and_then(|s| s.exit_code()),
+        },
+    )?;
+    let text = match cli.format {
+        Format::Json => report.to_json(),
+        Format::Text => report.to_text(cli.top),
+    };
+    match output.as_mut() {
+        Some(f) => f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.flush())
+            .with_context(|| {
+                format!(
+                    "writing the report to {}",
+                    cli.output.as_ref().unwrap().display()
+                )
+            })?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .context("writing the report to stdout")?;
+            out.flush().ok();
+        }
+    }
+    if let Some(path) = &cli.output {
+        eprintln!("memtrace: report written to {}", path.display());
+    }
+    Ok(if at.launched {
+        exit_state.and_then(|s| s.exit_code()).unwrap_or(0)
+    } else {
+        0
+    })
+}
+
+#[derive(Default)]
+struct Summary {
+    at: Option<Instant>,
+    alloc_calls: u64,
+    free_calls: u64,
+    site_bytes: HashMap<u64, i64>,
+    outstanding_bytes: i64,
+}
+
+fn live_summary(
+    at: &mut Attached,
+    sym: &mut Symbolizer,
+    last: &mut Summary,
+    start: Instant,
+) -> Result<()> {
+    let now = Instant::now();
+    let _ = at.modules.refresh(at.pid);
+    at.collector.expire_pending(monotonic_ns())?;
+    let counters = at.collector.counters()?;
+    let sites = at.collector.sites()?;
+    let secs = now
+        .duration_since(last.at.unwrap_or(start))
+        .as_secs_f64()
+        .max(1e-3);
+    let (blocks, bytes) = sites.iter().fold((0i64, 0i64), |(b, y), s| {
+        (b + s.outstanding_blocks, y + s.outstanding_bytes)
+    });
+    let mut growth: Vec<(i64, &SiteSample)> = sites
+        .iter()
+        .map(|s| {
+            (
+                s.outstanding_bytes - last.site_bytes.get(&s.stack_id).copied().unwrap_or(0),
+                s,
+            )
+        })
+        .filter(|(g, _)| *g > 0)
+        .collect();
+    growth.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut parts = Vec::new();
+    for (g, s) in growth.iter().take(3) {
+        let addrs = at.collector.stack(s.stack_id)?.to_vec();
+        let name = match addrs.first() {
+            None => "[stack not captured]".to_string(),
+            Some(&a) => {
+                let frames = sym.symbolize(&at.modules, &[a], true);
+                let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
+                match f {
+                    Some(f) => {
+                        let func = f.function.unwrap_or_else(|| format!("{a:#x}"));
+                        match (f.file, f.line) {
+                            (Some(file), Some(line)) => {
+                                let base = file.rsplit('/').next().unwrap_or(&file).to_string();
+                                format!("{func} ({base}:{line})")
+                            }
+                            _ => func,
+                        }
+                    }
+                    None => format!("{a:#x}"),
+                }
+            }
+        };
+        parts.push(format!("+{} {name}", format_bytes(*g)));
+    }
+    let dropped = counters.dropped_events() + counters.stack_errors();
+    eprintln!(
+        "memtrace: {} outstanding {} in {} blocks ({}{}), {}/s allocs, {}/s frees{}{}",
+        format_duration(now.duration_since(start)),
+        format_bytes(bytes),
+        format_count(blocks.max(0) as u64),
+        if bytes >= last.outstanding_bytes {
+            "+"
+        } else {
+            ""
+        },
+        format_bytes(bytes - last.outstanding_bytes),
+        format_count(((counters.alloc_calls - last.alloc_calls) as f64 / secs) as u64),
+        format_count(((counters.free_calls - last.free_calls) as f64 / secs) as u64),
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("; growing: {}", parts.join(", "))
+        },
+        if dropped > 0 {
+            format!("; {dropped} events dropped or without stack")
+        } else {
+            String::new()
+        },
+    );
+    last.at = Some(now);
+    last.alloc_calls = counters.alloc_calls;
+    last.free_calls = counters.free_calls;
+    last.outstanding_bytes = bytes;
+    last.site_bytes = sites
+        .iter()
+        .map(|s| (s.stack_id, s.outstanding_bytes))
+        .collect();
+    Ok(())
+}
+
+fn unresolved_name(r: Unresolved) -> &'static str {
+    match r {
+        Unresolved::Unmapped => "unmapped",
+        Unresolved::FileUnavailable => "file_unavailable",
+        Unresolved::Malformed => "malformed_file",
+        Unresolved::NoSymbol => "no_symbol",
+        Unresolved::NoLineInfo => "no_line_info",
+    }
+}
+
+struct ReportMeta {
+    started_at: SystemTime,
+    ended_at: SystemTime,
+    duration: Duration,
+    end: End,
+    exited: bool,
+    exit_status: Option<i32>,
+}
+
+fn build_report(
+    cli: &Cli,
+    at: &mut Attached,
+    sym: &mut Symbolizer,
+    meta: ReportMeta,
+) -> Result<Report> {
+    at.collector.count_unfinished()?;
+    let counters = at.collector.counters()?;
+    let samples = at.collector.sites()?;
+    let now_ns = monotonic_ns();
+    let min_age_ns = cli.min_age.as_nanos() as u64;
+    let ages = at.collector.ages(now_ns, min_age_ns)?;
+
+    let mut totals = Totals {
+        alloc_calls: counters.alloc_calls,
+        free_calls: counters.free_calls,
+        alloc_bytes: counters.alloc_bytes,
+        dropped_events: counters.dropped_events(),
+        stack_errors: counters.stack_errors(),
+        free_unknown: counters.free_unknown,
+        failed_allocs: counters.failed_allocs,
+        sites_seen: samples.len() as u64,
+        ..Default::default()
+    };
+    for a in ages.values() {
+        totals.outstanding_blocks += a.blocks;
+        totals.outstanding_bytes += a.bytes;
+    }
+
+    // Leak candidates: sites with blocks older than --min-age.
+    let mut chosen: Vec<(&SiteSample, u64, u64, Option<u64>)> = samples
+        .iter()
+        .filter_map(|s| {
+            let a = ages.get(&s.stack_id)?;
+            (a.old_blocks > 0).then_some((s, a.old_blocks, a.old_bytes, a.oldest_ns))
+        })
+        .collect();
+    chosen.sort_by(|a, b| {
+        b.2.cmp(&a.2)
+            .then(b.1.cmp(&a.1))
+            .then(a.0.stack_id.cmp(&b.0.stack_id))
+    });
+
+    // Symbolize every frame of every reported site in one batch.
+    let mut stacks = Vec::with_capacity(chosen.len());
+    for (s, ..) in &chosen {
+        stacks.push(at.collector.stack(s.stack_id)?.to_vec());
+    }
+    let flat: Vec<u64> = stacks.iter().flatten().copied().collect();
+    let mut resolved = sym.symbolize(&at.modules, &flat, true).into_iter();
+
+    let mut sites = Vec::with_capacity(chosen.len());
+    let mut unresolved = std::collections::BTreeMap::new();
+    for ((s, blocks, bytes, oldest), stack) in chosen.iter().zip(&stacks) {
+        let mut frames = Vec::new();
+        for _ in stack {
+            for f in resolved.next().unwrap_or_default() {
+                if let Some(reason) = f.unresolved {
+                    *unresolved
+                        .entry(unresolved_name(reason).to_string())
+                        .or_insert(0u64) += 1;
+                }
+                frames.push(report::Frame {
+                    address: f.address,
+                    module: f.module,
+                    function: f.function,
+                    file: f.file,
+                    line: f.line,
+                    inlined: f.inlined,
+                });
+            }
+        }
+        sites.push(Site {
+            outstanding_blocks: *blocks,
+            outstanding_bytes: *bytes,
+            alloc_calls: s.alloc_calls,
+            alloc_bytes: s.alloc_bytes,
+            oldest_age_s: oldest.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+            stack_captured: s.stack_id != NO_STACK,
+            frames,
+        });
+    }
+
+    let mut drops = Drops::from_counters(&counters);
+    drops.unresolved_frames = unresolved;
+
+    Ok(Report {
+        schema: report::SCHEMA,
+        memtrace_version: env!("CARGO_PKG_VERSION"),
+        target: TargetInfo {
+            pid: at.pid,
+            exe: at.exe.clone(),
+            cmdline: at.cmdline.clone(),
+            exited: meta.exited,
+            exit_status: meta.exit_status,
+        },
+        started_at: report::rfc3339(meta.started_at),
+        ended_at: report::rfc3339(meta.ended_at),
+        duration_s: meta.duration.as_secs_f64(),
+        end_reason: meta.end.as_str(),
+        sampling: Sampling { mode: "exact" },
+        totals,
+        drops,
+        allocator: AllocatorInfo {
+            module: at.allocator.module.clone(),
+            functions: at
+                .allocator
+                .points
+                .iter()
+                .flat_map(|p| p.names.iter().map(|n| n.to_string()))
+                .collect(),
+            probes: at.nprobes,
+        },
+        min_age_s: cli.min_age.as_secs_f64(),
+        sites,
+    })
+}

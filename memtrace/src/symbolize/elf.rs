@@ -1,0 +1,794 @@
+//! One parsed ELF module: program headers for address translation, function symbols, and
+//! an addr2line context over its DWARF (from the file itself or a separate debug file).
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
+
+use super::demangle::demangle_lang;
+use super::{FrameInfo, Unresolved};
+
+/// DWARF reader over bytes owned by [`Backing`]; see the safety note on [`ElfModule`].
+pub(crate) type Reader = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
+
+/// A `PT_LOAD` program header, reduced to what address translation needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub offset: u64,
+    pub filesz: u64,
+    pub vaddr: u64,
+    pub exec: bool,
+}
+
+/// Maps a file offset to the ELF virtual address the linker assigned to it (the address
+/// space DWARF and symbol tables use). The kernel maps `PT_LOAD` segments page-wise, so a
+/// mapping's file offset is what ties a runtime address to a segment; this is identical for
+/// ET_EXEC (vaddr absolute, load bias 0) and ET_DYN (PIE / shared objects, any bias) — the
+/// bias cancels out because we never use the runtime start as a vaddr.
+///
+/// Only bytes that are really in the file count (`p_filesz`, not `p_memsz`): code is never in
+/// the zero-filled tail. If several segments contain the offset (sloppy layouts where a page
+/// is shared), the executable one wins since we translate code addresses.
+pub(crate) fn file_offset_to_vaddr(segments: &[Segment], off: u64) -> Option<u64> {
+    let mut found: Option<&Segment> = None;
+    for s in segments {
+        if off >= s.offset && off - s.offset < s.filesz {
+            if s.exec {
+                found = Some(s);
+                break;
+            }
+            found.get_or_insert(s);
+        }
+    }
+    found.map(|s| s.vaddr.wrapping_add(off - s.offset))
+}
+
+/// A function symbol; `name` borrows from [`Backing`].
+#[derive(Clone, Copy, Debug)]
+struct Sym {
+    addr: u64,
+    /// Exclusive end: `addr + st_size`, or the end of the containing section for symbols
+    /// without a size (hand-written assembly), so they do not swallow unrelated code.
+    end: u64,
+    name: &'static str,
+    /// 0 global, 1 weak, 2 local: with aliases at one address prefer the exported name.
+    rank: u8,
+}
+
+#[derive(Default)]
+struct SymbolTable(Vec<Sym>);
+
+impl SymbolTable {
+    fn add_from(&mut self, obj: &object::File<'static>, dynamic: bool) {
+        let iter = if dynamic {
+            obj.dynamic_symbols()
+        } else {
+            obj.symbols()
+        };
+        for s in iter {
+            if s.kind() != SymbolKind::Text || !s.is_definition() || s.address() == 0 {
+                continue;
+            }
+            let Ok(name) = s.name() else { continue };
+            // Static symbol tables can contain versioned names such as `memcpy@GLIBC_2.2.5`.
+            let name = name.split_once('@').map_or(name, |(n, _)| n);
+            if name.is_empty() {
+                continue;
+            }
+            let addr = s.address();
+            let end = if s.size() > 0 {
+                addr.saturating_add(s.size())
+            } else {
+                s.section_index()
+                    .and_then(|i| obj.section_by_index(i).ok())
+                    .map(|sec| sec.address().saturating_add(sec.size()))
+                    .filter(|&e| e > addr)
+                    .unwrap_or(addr.saturating_add(1))
+            };
+            let rank = if s.is_global() {
+                0
+            } else if s.is_weak() {
+                1
+            } else {
+                2
+            };
+            self.0.push(Sym {
+                addr,
+                end,
+                name,
+                rank,
+            });
+        }
+    }
+
+    /// Sort and collapse aliases (same address) into one entry: best-ranked name, widest end.
+    fn finish(&mut self) {
+        let v = &mut self.0;
+        v.sort_by(|a, b| {
+            (a.addr, a.rank, a.name.len(), a.name).cmp(&(b.addr, b.rank, b.name.len(), b.name))
+        });
+        let mut out: Vec<Sym> = Vec::with_capacity(v.len());
+        for s in v.drain(..) {
+            match out.last_mut() {
+                Some(last) if last.addr == s.addr => last.end = last.end.max(s.end),
+                _ => out.push(s),
+            }
+        }
+        *v = out;
+    }
+
+    /// Nearest preceding symbol, only if the address is inside it.
+    fn lookup(&self, vaddr: u64) -> Option<&Sym> {
+        let i = self.0.partition_point(|s| s.addr <= vaddr);
+        let s = self.0.get(i.checked_sub(1)?)?;
+        (vaddr < s.end).then_some(s)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Owner of all bytes the parsed structures borrow.
+#[derive(Default)]
+struct Backing {
+    maps: Vec<Mmap>,
+    /// Decompressed sections and in-memory images. A `Vec<u8>`'s heap buffer does not move
+    /// when the outer vector reallocates, so slices into it stay valid.
+    owned: Vec<Vec<u8>>,
+}
+
+impl Backing {
+    fn map(&mut self, file: &File) -> Result<&'static [u8], String> {
+        // SAFETY (mmap): the file may be modified by someone else while mapped. Deleted files
+        // are fine (the open file keeps the inode alive); in-place truncation of a mapped
+        // binary would also break the traced process itself, so it is not defended against.
+        let m = unsafe { Mmap::map(file) }.map_err(|e| format!("mmap: {e}"))?;
+        self.maps.push(m);
+        let m = self.maps.last().expect("just pushed");
+        // SAFETY: the mapping lives until `Backing` is dropped, see `ElfModule`.
+        Ok(unsafe { extend(m) })
+    }
+
+    fn own(&mut self, v: Vec<u8>) -> &'static [u8] {
+        self.owned.push(v);
+        let v = self.owned.last().expect("just pushed");
+        // SAFETY: heap buffer owned by `Backing`, never mutated, see `ElfModule`.
+        unsafe { extend(v) }
+    }
+}
+
+/// # Safety
+/// The caller must keep the memory alive (and unmodified) for as long as the returned
+/// slice or anything derived from it is used.
+unsafe fn extend(b: &[u8]) -> &'static [u8] {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
+}
+
+/// Where to look for separate debug files of one module.
+pub(crate) struct DebugSearch<'a> {
+    /// Target's root as seen from here (`/proc/PID/root`, or `/`), used first.
+    pub target_root: &'a Path,
+    /// How to print paths under `target_root` (`/proc/PID/root` rather than the
+    /// `/proc/self/fd/N` actually used).
+    pub display_root: &'a Path,
+    /// Host debug directory (`/usr/lib/debug`).
+    pub debug_root: &'a Path,
+    /// Path of the binary as the target sees it (from its maps).
+    pub binary_path: &'a str,
+    /// `(st_dev, st_ino)` of the binary, to never take the binary itself as its debug file.
+    pub binary_id: Option<(u64, u64)>,
+}
+
+impl DebugSearch<'_> {
+    fn display(&self, p: PathBuf) -> PathBuf {
+        if self.target_is_host() {
+            return p;
+        }
+        match p.strip_prefix(self.target_root) {
+            Ok(rel) => self.display_root.join(rel),
+            Err(_) => p,
+        }
+    }
+
+    fn in_root(&self, abs: &Path) -> PathBuf {
+        let rel = abs.strip_prefix("/").unwrap_or(abs);
+        self.target_root.join(rel)
+    }
+
+    fn target_is_host(&self) -> bool {
+        self.target_root == Path::new("/")
+    }
+
+    fn build_id_candidates(&self, id: &[u8], suffix: &str) -> Vec<PathBuf> {
+        if id.len() < 2 {
+            return Vec::new();
+        }
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let rel = format!(".build-id/{}/{}{suffix}", &hex[..2], &hex[2..]);
+        let mut v = Vec::new();
+        if !self.target_is_host() {
+            v.push(self.in_root(Path::new("/usr/lib/debug")).join(&rel));
+        }
+        v.push(self.debug_root.join(&rel));
+        v
+    }
+
+    /// GDB's documented search order for `.gnu_debuglink`: next to the binary, in `.debug/`
+    /// next to it, then under the global debug directory mirroring the binary's directory.
+    fn debuglink_candidates(&self, name: &str) -> Vec<PathBuf> {
+        let bin = Path::new(self.binary_path);
+        let dir = bin.parent().unwrap_or(Path::new("/"));
+        let dir_rel = dir.strip_prefix("/").unwrap_or(dir);
+        let mut v = vec![
+            self.in_root(dir).join(name),
+            self.in_root(dir).join(".debug").join(name),
+        ];
+        if !self.target_is_host() {
+            v.push(
+                self.in_root(Path::new("/usr/lib/debug"))
+                    .join(dir_rel)
+                    .join(name),
+            );
+        }
+        v.push(self.debug_root.join(dir_rel).join(name));
+        v
+    }
+}
+
+/// Standard CRC-32 (IEEE 802.3, reflected), which is what `.gnu_debuglink` stores.
+pub(crate) fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            *e = c;
+        }
+        t
+    });
+    let mut c = !0u32;
+    for &b in data {
+        c = t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// Why a module could not be loaded.
+#[derive(Clone, Debug)]
+pub(crate) struct LoadError {
+    pub reason: Unresolved,
+    pub msg: String,
+}
+
+impl LoadError {
+    fn malformed(msg: String) -> Self {
+        LoadError {
+            reason: Unresolved::Malformed,
+            msg,
+        }
+    }
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+/// A parsed module.
+///
+/// Safety of the `'static` borrows: `ctx` and the symbol tables point into `backing` (mmaps and
+/// heap buffers whose addresses never change). Fields drop in declaration order, so everything
+/// borrowing is dropped before `backing`, and no `'static` reference escapes this module: all
+/// results are copied into owned `String`s.
+pub(crate) struct ElfModule {
+    ctx: Option<addr2line::Context<Reader>>,
+    symtab: SymbolTable,
+    dynsym: SymbolTable,
+    segments: Vec<Segment>,
+    pub build_id: Option<Vec<u8>>,
+    /// Separate debug file in use, if any.
+    pub debug_file: Option<PathBuf>,
+    /// Supplementary (dwz) file in use, if any.
+    pub sup_file: Option<PathBuf>,
+    /// Why DWARF is unavailable or partial (diagnostics only).
+    pub dwarf_note: Option<String>,
+    backing: Backing,
+}
+
+fn is_debug_info_present(obj: &object::File<'_>) -> bool {
+    obj.section_by_name(".debug_info")
+        .is_some_and(|s| s.kind() != SectionKind::UninitializedData && s.size() > 0)
+}
+
+fn parse_elf(data: &'static [u8]) -> Result<object::File<'static>, String> {
+    let obj = object::File::parse(data).map_err(|e| format!("not a valid object file: {e}"))?;
+    if obj.format() != object::BinaryFormat::Elf {
+        return Err(format!("not ELF ({:?})", obj.format()));
+    }
+    Ok(obj)
+}
+
+/// Sections addr2line never reads (variable locations, macros, indexes): not loading them
+/// avoids decompressing megabytes of `.debug_loclists` in distro debug files.
+fn skip_section(id: gimli::SectionId) -> bool {
+    use gimli::SectionId::*;
+    matches!(
+        id,
+        DebugLoc | DebugLocLists | DebugMacinfo | DebugMacro | DebugNames
+    )
+}
+
+fn load_sections(
+    obj: &object::File<'static>,
+    backing: &mut Backing,
+) -> Result<gimli::Dwarf<Reader>, String> {
+    let endian = if obj.is_little_endian() {
+        gimli::RunTimeEndian::Little
+    } else {
+        gimli::RunTimeEndian::Big
+    };
+    gimli::Dwarf::load(|id| -> Result<Reader, String> {
+        let data: &'static [u8] = if skip_section(id) {
+            &[]
+        } else {
+            match obj.section_by_name(id.name()) {
+                None => &[],
+                // `uncompressed_data` handles SHF_COMPRESSED (zlib and zstd: object's
+                // "compression" feature pulls in flate2 and ruzstd) and legacy `.zdebug_*`.
+                Some(s) => match s
+                    .uncompressed_data()
+                    .map_err(|e| format!("{}: {e}", id.name()))?
+                {
+                    Cow::Borrowed(b) => b,
+                    Cow::Owned(v) => backing.own(v),
+                },
+            }
+        };
+        Ok(gimli::EndianSlice::new(data, endian))
+    })
+}
+
+fn open_and_map(path: &Path, backing: &mut Backing) -> Option<(File, &'static [u8])> {
+    let f = File::open(path).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let data = backing.map(&f).ok()?;
+    Some((f, data))
+}
+
+fn file_id(f: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl ElfModule {
+    /// Parse an ELF image held in memory (the vdso).
+    pub fn from_image(image: Vec<u8>) -> Result<Self, LoadError> {
+        let mut backing = Backing::default();
+        let data = backing.own(image);
+        Self::build(data, backing, None).map_err(LoadError::malformed)
+    }
+
+    /// Parse an opened file and locate its debug information.
+    pub fn from_file(file: &File, search: &DebugSearch<'_>) -> Result<Self, LoadError> {
+        let mut backing = Backing::default();
+        let data = backing.map(file).map_err(|msg| LoadError {
+            reason: Unresolved::FileUnavailable,
+            msg,
+        })?;
+        Self::build(data, backing, Some(search)).map_err(LoadError::malformed)
+    }
+
+    fn build(
+        data: &'static [u8],
+        mut backing: Backing,
+        search: Option<&DebugSearch<'_>>,
+    ) -> Result<Self, String> {
+        let obj = parse_elf(data)?;
+        let segments: Vec<Segment> = obj
+            .segments()
+            .map(|s| {
+                let (offset, filesz) = s.file_range();
+                let exec = match s.flags() {
+                    object::SegmentFlags::Elf { p_flags, .. } => {
+                        p_flags.contains(object::elf::PF_X)
+                    }
+                    _ => false,
+                };
+                Segment {
+                    offset,
+                    filesz,
+                    vaddr: s.address(),
+                    exec,
+                }
+            })
+            .collect();
+        let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+
+        let mut symtab = SymbolTable::default();
+        let mut dynsym = SymbolTable::default();
+        symtab.add_from(&obj, false);
+        dynsym.add_from(&obj, true);
+
+        let mut debug_file = None;
+        let mut dwarf_obj: Option<object::File<'static>> = None;
+        let mut dwarf_note = None;
+        if is_debug_info_present(&obj) {
+            dwarf_obj = Some(obj);
+        } else if let Some(search) = search {
+            match find_debug_file(&obj, build_id.as_deref(), search, &mut backing) {
+                Some((path, dobj)) => {
+                    symtab.add_from(&dobj, false);
+                    debug_file = Some(path);
+                    if is_debug_info_present(&dobj) {
+                        dwarf_obj = Some(dobj);
+                    } else {
+                        dwarf_note = Some("debug file has no .debug_info".into());
+                    }
+                }
+                None => dwarf_note = Some("no DWARF and no separate debug file found".into()),
+            }
+        } else {
+            dwarf_note = Some("no DWARF".into());
+        }
+        symtab.finish();
+        dynsym.finish();
+
+        let mut sup_file = None;
+        let ctx = match dwarf_obj {
+            None => None,
+            Some(dobj) => {
+                let res = load_sections(&dobj, &mut backing).and_then(|mut dwarf| {
+                    if let Some(search) = search {
+                        if let Ok(Some((alt_path, alt_id))) = dobj.gnu_debugaltlink() {
+                            match find_sup_file(alt_path, alt_id, search, &mut backing) {
+                                Some((p, sup)) => {
+                                    dwarf.load_sup(|id| -> Result<Reader, String> {
+                                        let data: &'static [u8] =
+                                            match sup.section_by_name(id.name()) {
+                                                Some(s) if !skip_section(id) => {
+                                                    match s.uncompressed_data().map_err(|e| {
+                                                        format!("sup {}: {e}", id.name())
+                                                    })? {
+                                                        Cow::Borrowed(b) => b,
+                                                        Cow::Owned(v) => backing.own(v),
+                                                    }
+                                                }
+                                                _ => &[],
+                                            };
+                                        let endian = if sup.is_little_endian() {
+                                            gimli::RunTimeEndian::Little
+                                        } else {
+                                            gimli::RunTimeEndian::Big
+                                        };
+                                        Ok(gimli::EndianSlice::new(data, endian))
+                                    })?;
+                                    sup_file = Some(p);
+                                }
+                                None => {
+                                    dwarf_note = Some(
+                                        "supplementary (dwz) debug file not found; some names \
+                                         may be missing"
+                                            .into(),
+                                    )
+                                }
+                            }
+                        }
+                    }
+                    addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))
+                });
+                match res {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        dwarf_note = Some(e);
+                        None
+                    }
+                }
+            }
+        };
+
+        Ok(ElfModule {
+            ctx,
+            symtab,
+            dynsym,
+            segments,
+            build_id,
+            debug_file,
+            sup_file,
+            dwarf_note,
+            backing,
+        })
+    }
+
+    pub fn has_dwarf(&self) -> bool {
+        self.ctx.is_some()
+    }
+
+    pub fn symbol_count(&self) -> usize {
+        self.symtab.len() + self.dynsym.len()
+    }
+
+    pub fn mapped_bytes(&self) -> usize {
+        self.backing.maps.iter().map(|m| m.len()).sum::<usize>()
+            + self.backing.owned.iter().map(Vec::len).sum::<usize>()
+    }
+
+    pub fn vaddr_of(&self, file_offset: u64) -> Option<u64> {
+        file_offset_to_vaddr(&self.segments, file_offset)
+    }
+
+    fn symbol_name(&self, vaddr: u64) -> Option<String> {
+        self.symtab
+            .lookup(vaddr)
+            .or_else(|| self.dynsym.lookup(vaddr))
+            .map(|s| demangle_lang(s.name, None).into_owned())
+    }
+
+    /// Resolve one ELF virtual address: inlined frames first, the real function last.
+    /// Always returns at least one frame.
+    pub fn resolve(&self, vaddr: u64) -> Vec<FrameInfo> {
+        let mut frames: Vec<FrameInfo> = Vec::new();
+        if let Some(ctx) = &self.ctx {
+            // Split DWARF (.dwo) is not supported: `skip_all_loads` answers with what the
+            // main file has (usually the skeleton's line info).
+            if let Ok(mut it) = ctx.find_frames(vaddr).skip_all_loads() {
+                // A malformed DIE stops the walk; keep what was already decoded.
+                while let Ok(Some(f)) = it.next() {
+                    let function = f.function.as_ref().and_then(|n| {
+                        let raw = n.raw_name().ok()?;
+                        Some(demangle_lang(&raw, n.language).into_owned())
+                    });
+                    let (file, line) = match &f.location {
+                        Some(l) => (l.file.map(str::to_owned), l.line.filter(|&l| l != 0)),
+                        None => (None, None),
+                    };
+                    frames.push(FrameInfo {
+                        function,
+                        file,
+                        line,
+                        inlined: true,
+                        unresolved: None,
+                    });
+                    if frames.len() > 256 {
+                        break; // corrupt inline chains must not produce unbounded output
+                    }
+                }
+            }
+        }
+        if frames.is_empty() {
+            frames.push(FrameInfo::default());
+        }
+        let last = frames.last_mut().expect("non-empty");
+        last.inlined = false;
+        if last.function.is_none() {
+            // Assembly functions (libc's memcpy variants) have line info but no DIE; stripped
+            // or DWARF-less binaries only have symbol tables.
+            last.function = self.symbol_name(vaddr);
+        }
+        for f in &mut frames {
+            f.unresolved = if f.function.is_none() {
+                Some(Unresolved::NoSymbol)
+            } else if f.line.is_none() {
+                Some(Unresolved::NoLineInfo)
+            } else {
+                None
+            };
+        }
+        frames
+    }
+}
+
+/// Checks that `dobj` belongs to the binary: build ids must match when both have one;
+/// otherwise, for debuglink matches, the CRC must match.
+fn debug_file_matches(
+    bin_build_id: Option<&[u8]>,
+    dobj: &object::File<'_>,
+    data: &[u8],
+    crc: Option<u32>,
+) -> bool {
+    let dbg_id = dobj.build_id().ok().flatten();
+    match (bin_build_id, dbg_id) {
+        (Some(a), Some(b)) => a == b,
+        _ => match crc {
+            Some(crc) => crc32(data) == crc,
+            None => true,
+        },
+    }
+}
+
+fn find_debug_file(
+    obj: &object::File<'static>,
+    build_id: Option<&[u8]>,
+    search: &DebugSearch<'_>,
+    backing: &mut Backing,
+) -> Option<(PathBuf, object::File<'static>)> {
+    let mut candidates: Vec<(PathBuf, Option<u32>)> = Vec::new();
+    if let Some(id) = build_id {
+        for p in search.build_id_candidates(id, ".debug") {
+            candidates.push((p, None));
+        }
+    }
+    if let Ok(Some((name, crc))) = obj.gnu_debuglink() {
+        if let Ok(name) = std::str::from_utf8(name) {
+            // A debuglink is a bare file name; refuse anything that walks elsewhere.
+            if !name.is_empty() && !name.contains('/') {
+                for p in search.debuglink_candidates(name) {
+                    candidates.push((p, Some(crc)));
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (path, crc) in candidates {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let Ok(f) = File::open(&path) else { continue };
+        if search.binary_id.is_some() && file_id(&f) == search.binary_id {
+            continue;
+        }
+        let Ok(md) = f.metadata() else { continue };
+        if !md.is_file() {
+            continue;
+        }
+        let Ok(data) = backing.map(&f) else { continue };
+        let Ok(dobj) = parse_elf(data) else { continue };
+        if debug_file_matches(build_id, &dobj, data, crc) {
+            return Some((search.display(path), dobj));
+        }
+        log::debug!("{}: debug file does not match the binary", path.display());
+    }
+    None
+}
+
+/// `.gnu_debugaltlink` (written by dwz) names a supplementary file holding DWARF shared
+/// between several debug files, plus its build id. Debian installs these under
+/// `/usr/lib/debug/.dwz/` and also registers them in `.build-id/`.
+fn find_sup_file(
+    alt_path: &[u8],
+    alt_id: &[u8],
+    search: &DebugSearch<'_>,
+    backing: &mut Backing,
+) -> Option<(PathBuf, object::File<'static>)> {
+    let mut candidates = search.build_id_candidates(alt_id, ".debug");
+    if let Ok(p) = std::str::from_utf8(alt_path) {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            candidates.push(search.in_root(p));
+            candidates.push(p.to_path_buf());
+        }
+    }
+    for path in candidates {
+        let Some((_, data)) = open_and_map(&path, backing) else {
+            continue;
+        };
+        let Ok(sobj) = parse_elf(data) else { continue };
+        if sobj.build_id().ok().flatten() == Some(alt_id) {
+            return Some((search.display(path), sobj));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(offset: u64, filesz: u64, vaddr: u64, exec: bool) -> Segment {
+        Segment {
+            offset,
+            filesz,
+            vaddr,
+            exec,
+        }
+    }
+
+    #[test]
+    fn pie_translation() {
+        // Typical gcc PIE: R, R+X, R, RW (data vaddr != offset).
+        let s = [
+            seg(0, 0x5f8, 0, false),
+            seg(0x1000, 0x1cd, 0x1000, true),
+            seg(0x2000, 0x114, 0x2000, false),
+            seg(0x2db8, 0x260, 0x3db8, false),
+        ];
+        // maps: 555555555000-555555556000 r-xp 00001000 → addr 0x555555555139
+        let (start, map_off, addr) = (0x5555_5555_5000u64, 0x1000u64, 0x5555_5555_5139u64);
+        let off = addr - start + map_off;
+        assert_eq!(file_offset_to_vaddr(&s, off), Some(0x1139));
+        assert_eq!(file_offset_to_vaddr(&s, 0x2dc0), Some(0x3dc0));
+        assert_eq!(file_offset_to_vaddr(&s, 0x11cd), None, "past p_filesz");
+        assert_eq!(file_offset_to_vaddr(&s, 0x9000), None);
+    }
+
+    #[test]
+    fn non_pie_translation() {
+        // ET_EXEC: vaddrs absolute at 0x400000, maps show the same numbers.
+        let s = [
+            seg(0, 0x4e8, 0x400000, false),
+            seg(0x1000, 0x1a5, 0x401000, true),
+        ];
+        let off = 0x401136u64 - 0x401000 + 0x1000;
+        assert_eq!(file_offset_to_vaddr(&s, off), Some(0x401136));
+    }
+
+    #[test]
+    fn shared_library_with_unaligned_segment() {
+        // libc-like: text segment whose file offset is not the map offset.
+        let s = [
+            seg(0, 0x25388, 0, false),
+            seg(0x26000, 0x1550fc, 0x26000, true),
+            seg(0x1cf8d0, 0x4f98, 0x1cf8d0, false),
+        ];
+        // maps: 7f0000026000-7f000017c000 r-xp 00026000
+        let off = 0x7f00_0002_7410u64 - 0x7f00_0002_6000 + 0x26000;
+        assert_eq!(file_offset_to_vaddr(&s, off), Some(0x27410));
+        // prelinked-style: vaddr unrelated to offset
+        let s = [seg(0x800, 0x1000, 0x10_0000, true)];
+        assert_eq!(file_offset_to_vaddr(&s, 0x900), Some(0x10_0100));
+    }
+
+    #[test]
+    fn overlapping_segments_prefer_exec() {
+        let s = [
+            seg(0, 0x2000, 0x0, false),
+            seg(0x1000, 0x1000, 0x5000, true),
+        ];
+        assert_eq!(file_offset_to_vaddr(&s, 0x1010), Some(0x5010));
+        assert_eq!(file_offset_to_vaddr(&s, 0x10), Some(0x10));
+    }
+
+    #[test]
+    fn crc32_known_values() {
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn symbol_table_lookup() {
+        let mut t = SymbolTable::default();
+        let sym = |addr, end, name, rank| Sym {
+            addr,
+            end,
+            name,
+            rank,
+        };
+        t.0 = vec![
+            sym(0x2000, 0x2100, "b", 0),
+            sym(0x1000, 0x1010, "__GI_a", 2),
+            sym(0x1000, 0x1080, "a", 0),
+            sym(0x1000, 0x1020, "a_weak", 1),
+        ];
+        t.finish();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.lookup(0x1000).map(|s| s.name), Some("a"));
+        assert_eq!(t.lookup(0x107f).map(|s| s.name), Some("a"));
+        assert!(t.lookup(0x1080).is_none(), "size checked");
+        assert!(t.lookup(0xfff).is_none());
+        assert_eq!(t.lookup(0x20ff).map(|s| s.name), Some("b"));
+        assert!(t.lookup(0x2100).is_none());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(ElfModule::from_image(Vec::new()).is_err());
+        assert!(ElfModule::from_image(b"\x7fELF\x02\x01\x01garbage".to_vec()).is_err());
+        let mut v = vec![0u8; 4096];
+        v[..4].copy_from_slice(b"\x7fELF");
+        let _ = ElfModule::from_image(v);
+    }
+}

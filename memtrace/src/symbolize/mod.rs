@@ -1,0 +1,364 @@
+//! User-space stack symbolization.
+//!
+//! Input: raw addresses from `bpf_get_stack(.., BPF_F_USER_STACK)`, innermost first. Every
+//! frame except the innermost one is a *return address*: it points at the instruction after
+//! the `call`, which may belong to the next source line, the next inlined scope, or even the
+//! next function when the call was the last instruction (calls to `noreturn` functions). So
+//! those are looked up at `addr - 1`, while the original address is reported.
+//!
+//! Pipeline per address: [`ProcessModules`] finds the mapping → file offset → ELF virtual
+//! address via the `PT_LOAD` headers → addr2line (DWARF, with inlined frames) → symbol table
+//! fallback → demangling. Parsed modules are cached per file identity and results per
+//! (module, offset), so a `Symbolizer` should live as long as the tracer.
+
+mod demangle;
+mod elf;
+mod process;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use demangle::{demangle, demangle_lang};
+pub use process::{MappedModule, ProcessModules};
+
+use elf::{DebugSearch, ElfModule, LoadError};
+use process::ModuleKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolizeError {
+    #[error(transparent)]
+    Maps(#[from] crate::procmaps::MapsError),
+}
+
+/// Why (part of) a frame could not be resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Unresolved {
+    /// The address is in no captured executable mapping (JIT code, garbage from a broken
+    /// frame-pointer chain, or a mapping that appeared after the last refresh).
+    Unmapped,
+    /// The mapping is known but its file could not be opened (see
+    /// [`MappedModule::open_error`]).
+    FileUnavailable,
+    /// The file is not a usable ELF, or the offset lies in none of its `PT_LOAD` segments
+    /// (the file does not match what was mapped).
+    Malformed,
+    /// No DWARF function and no covering symbol: the function name is unknown.
+    NoSymbol,
+    /// The function is known but there is no line information.
+    NoLineInfo,
+}
+
+/// One symbolized frame. Inlined frames share the `address` of the physical frame.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Frame {
+    pub address: u64,
+    /// Path as the target sees it (from its maps), `[vdso]` for the vdso.
+    pub module: Option<String>,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined: bool,
+    #[serde(skip)]
+    pub unresolved: Option<Unresolved>,
+}
+
+/// The address-independent part of a frame, as cached per (module, offset).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct FrameInfo {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined: bool,
+    pub unresolved: Option<Unresolved>,
+}
+
+impl FrameInfo {
+    fn unresolved(reason: Unresolved) -> Self {
+        FrameInfo {
+            unresolved: Some(reason),
+            ..Default::default()
+        }
+    }
+}
+
+/// Counters; frames are counted as returned (an address with two inlined levels counts 2).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SymbolizeStats {
+    pub addresses: u64,
+    pub frames: u64,
+    /// Addresses answered from the per-(module, offset) result cache.
+    pub cache_hits: u64,
+    pub modules_loaded: u64,
+    pub module_load_failures: u64,
+    pub unmapped: u64,
+    pub file_unavailable: u64,
+    pub malformed: u64,
+    pub no_symbol: u64,
+    pub no_line_info: u64,
+}
+
+impl SymbolizeStats {
+    pub fn unresolved(&self, reason: Unresolved) -> u64 {
+        match reason {
+            Unresolved::Unmapped => self.unmapped,
+            Unresolved::FileUnavailable => self.file_unavailable,
+            Unresolved::Malformed => self.malformed,
+            Unresolved::NoSymbol => self.no_symbol,
+            Unresolved::NoLineInfo => self.no_line_info,
+        }
+    }
+
+    fn count(&mut self, frame: &Frame) {
+        self.frames += 1;
+        match frame.unresolved {
+            None => {}
+            Some(Unresolved::Unmapped) => self.unmapped += 1,
+            Some(Unresolved::FileUnavailable) => self.file_unavailable += 1,
+            Some(Unresolved::Malformed) => self.malformed += 1,
+            Some(Unresolved::NoSymbol) => self.no_symbol += 1,
+            Some(Unresolved::NoLineInfo) => self.no_line_info += 1,
+        }
+    }
+}
+
+/// What was found for one module (diagnostics, `--verbose` output, tests).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleSummary {
+    pub path: String,
+    /// Lowercase hex GNU build id.
+    pub build_id: Option<String>,
+    pub debug_file: Option<PathBuf>,
+    pub supplementary_file: Option<PathBuf>,
+    pub has_dwarf: bool,
+    pub symbols: usize,
+    /// Bytes mapped or decompressed for this module (files are mmapped, so mostly page cache).
+    pub data_bytes: usize,
+    /// Why the module or its DWARF is unusable, if it is.
+    pub error: Option<String>,
+}
+
+/// Symbolizer with caches shared by all processes it is used for.
+pub struct Symbolizer {
+    debug_root: PathBuf,
+    modules: HashMap<ModuleKey, Result<ElfModule, LoadError>>,
+    results: HashMap<(ModuleKey, u64), Vec<FrameInfo>>,
+    stats: SymbolizeStats,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    /// Host debug directory `/usr/lib/debug` (Debian's `-dbg`/`-dbgsym` packages).
+    pub fn new() -> Self {
+        Self::with_debug_root("/usr/lib/debug")
+    }
+
+    pub fn with_debug_root(path: impl Into<PathBuf>) -> Self {
+        Symbolizer {
+            debug_root: path.into(),
+            modules: HashMap::new(),
+            results: HashMap::new(),
+            stats: SymbolizeStats::default(),
+        }
+    }
+
+    pub fn debug_root(&self) -> &Path {
+        &self.debug_root
+    }
+
+    pub fn stats(&self) -> &SymbolizeStats {
+        &self.stats
+    }
+
+    /// Drops cached results (not parsed modules).
+    pub fn clear_result_cache(&mut self) {
+        self.results.clear();
+    }
+
+    /// One result per address, each with at least one frame: innermost inlined function
+    /// first (`inlined: true`), the real function last. With `return_addresses`, every
+    /// address is looked up at `addr - 1`.
+    pub fn symbolize(
+        &mut self,
+        modules: &ProcessModules,
+        addrs: &[u64],
+        return_addresses: bool,
+    ) -> Vec<Vec<Frame>> {
+        addrs
+            .iter()
+            .map(|&a| self.symbolize_one(modules, a, return_addresses))
+            .collect()
+    }
+
+    /// For a `bpf_get_stack` user stack as captured: entry 0 is the interrupted instruction
+    /// pointer (for a uprobe on `malloc` it is `malloc` itself — looking up `ip - 1` would
+    /// name the preceding function), all others are return addresses.
+    pub fn symbolize_stack(
+        &mut self,
+        modules: &ProcessModules,
+        stack: &[u64],
+        first_is_ip: bool,
+    ) -> Vec<Vec<Frame>> {
+        stack
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| self.symbolize_one(modules, a, !(i == 0 && first_is_ip)))
+            .collect()
+    }
+
+    fn symbolize_one(
+        &mut self,
+        modules: &ProcessModules,
+        addr: u64,
+        return_address: bool,
+    ) -> Vec<Frame> {
+        self.stats.addresses += 1;
+        let probe = if return_address {
+            addr.saturating_sub(1)
+        } else {
+            addr
+        };
+        let frames = match modules.module_for(probe) {
+            None => vec![to_frame(
+                addr,
+                None,
+                FrameInfo::unresolved(Unresolved::Unmapped),
+            )],
+            Some(m) => {
+                let infos = self.resolve_in(modules, m, probe);
+                infos
+                    .into_iter()
+                    .map(|fi| to_frame(addr, Some(&m.path), fi))
+                    .collect()
+            }
+        };
+        for f in &frames {
+            self.stats.count(f);
+        }
+        frames
+    }
+
+    fn resolve_in(
+        &mut self,
+        modules: &ProcessModules,
+        m: &MappedModule,
+        probe: u64,
+    ) -> Vec<FrameInfo> {
+        let Some(key) = m.key else {
+            return vec![FrameInfo::unresolved(Unresolved::FileUnavailable)];
+        };
+        let off = m.file_offset(probe);
+        if let Some(hit) = self.results.get(&(key, off)) {
+            self.stats.cache_hits += 1;
+            return hit.clone();
+        }
+        let infos = match self.module(modules, m, key) {
+            Err(e) => vec![FrameInfo::unresolved(e.reason)],
+            Ok(elf) => match elf.vaddr_of(off) {
+                None => vec![FrameInfo::unresolved(Unresolved::Malformed)],
+                Some(vaddr) => elf.resolve(vaddr),
+            },
+        };
+        self.results.insert((key, off), infos.clone());
+        infos
+    }
+
+    fn module(
+        &mut self,
+        modules: &ProcessModules,
+        m: &MappedModule,
+        key: ModuleKey,
+    ) -> &Result<ElfModule, LoadError> {
+        let debug_root = &self.debug_root;
+        let stats = &mut self.stats;
+        self.modules.entry(key).or_insert_with(|| {
+            let res = load_module(modules, m, debug_root);
+            match &res {
+                Ok(_) => stats.modules_loaded += 1,
+                Err(e) => {
+                    stats.module_load_failures += 1;
+                    log::debug!("{}: {e}", m.path);
+                }
+            }
+            res
+        })
+    }
+
+    /// Parses (or reuses) the module and reports what debug information was found.
+    pub fn module_summary(&mut self, modules: &ProcessModules, m: &MappedModule) -> ModuleSummary {
+        let mut s = ModuleSummary {
+            path: m.path.clone(),
+            build_id: None,
+            debug_file: None,
+            supplementary_file: None,
+            has_dwarf: false,
+            symbols: 0,
+            data_bytes: 0,
+            error: m.open_error.clone(),
+        };
+        let Some(key) = m.key else { return s };
+        match self.module(modules, m, key) {
+            Err(e) => s.error = Some(e.msg.clone()),
+            Ok(elf) => {
+                s.build_id = elf
+                    .build_id
+                    .as_ref()
+                    .map(|b| b.iter().map(|x| format!("{x:02x}")).collect());
+                s.debug_file = elf.debug_file.clone();
+                s.supplementary_file = elf.sup_file.clone();
+                s.has_dwarf = elf.has_dwarf();
+                s.symbols = elf.symbol_count();
+                s.data_bytes = elf.mapped_bytes();
+                s.error = elf.dwarf_note.clone();
+            }
+        }
+        s
+    }
+}
+
+fn load_module(
+    modules: &ProcessModules,
+    m: &MappedModule,
+    debug_root: &Path,
+) -> Result<ElfModule, LoadError> {
+    if let Some(image) = &m.image {
+        return ElfModule::from_image(image.as_ref().clone());
+    }
+    let Some(file) = &m.file else {
+        return Err(LoadError {
+            reason: Unresolved::FileUnavailable,
+            msg: m.open_error.clone().unwrap_or_else(|| "no file".into()),
+        });
+    };
+    let target_root = modules.lookup_root();
+    let binary_id = match m.key {
+        Some(ModuleKey::File { dev, ino }) => Some((dev, ino)),
+        _ => None,
+    };
+    let search = DebugSearch {
+        target_root: &target_root,
+        display_root: modules.root(),
+        debug_root,
+        binary_path: &m.path,
+        binary_id,
+    };
+    ElfModule::from_file(file, &search)
+}
+
+fn to_frame(address: u64, module: Option<&str>, fi: FrameInfo) -> Frame {
+    Frame {
+        address,
+        module: module.map(str::to_owned),
+        function: fi.function,
+        file: fi.file,
+        line: fi.line,
+        inlined: fi.inlined,
+        unresolved: fi.unresolved,
+    }
+}

@@ -1,0 +1,1062 @@
+//! Fixture-based tests: small C/C++ programs are compiled at test time, print return
+//! addresses of known call sites plus their own `/proc/self/maps`, and the printed addresses
+//! are symbolized. Expected lines come from marker comments in the sources.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+use crate::procmaps::{MapEntry, parse_maps};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let p = std::env::temp_dir().join(format!(
+            "memtrace-sym-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        // Canonical, because that is what the kernel prints in maps.
+        TempDir(std::fs::canonicalize(&p).unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sh(dir: &Path, prog: &str, args: &[&str]) {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog} (needed by the tests): {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const DUMP_MAPS: &str = r#"
+static void dump_maps(void) {
+    char buf[4096];
+    size_t n;
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) exit(3);
+    printf("MAPS\n");
+    fflush(stdout);
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        fwrite(buf, 1, n, stdout);
+    fclose(f);
+}
+"#;
+
+const FIXTURE_C: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+@DUMP_MAPS@
+__attribute__((noinline)) void leaf(const char *tag) { /* LEAF_DEF */
+    printf("ADDR %s %p\n", tag, __builtin_return_address(0));
+    __asm__ volatile("" ::: "memory");
+}
+
+static inline __attribute__((always_inline)) void inlined_helper(void) {
+    leaf("inner"); /* CALL_SITE_INNER */
+}
+
+__attribute__((noinline)) void outer_function(void) {
+    inlined_helper(); /* CALL_SITE_OUTER */
+    printf("ADDR outer_ret %p\n", __builtin_return_address(0));
+    __asm__ volatile("" ::: "memory");
+}
+
+int main(int argc, char **argv) {
+    outer_function(); /* CALL_SITE_MAIN */
+    leaf("direct"); /* CALL_SITE_DIRECT */
+    printf("ADDR main_ret %p\n", __builtin_return_address(0));
+    printf("ADDR leaf_fn %p\n", (void *)leaf);
+    if (argc > 1 && strcmp(argv[1], "wait") == 0) {
+        printf("READY\n");
+        fflush(stdout);
+        getchar();
+        return 0;
+    }
+    dump_maps();
+    return 0;
+}
+"#;
+
+const FIXTURE_CPP: &str = r#"#include <cstdio>
+#include <cstdlib>
+@DUMP_MAPS@
+namespace ns {
+__attribute__((noinline)) void leaf(const char *tag) {
+    printf("ADDR %s %p\n", tag, __builtin_return_address(0));
+    __asm__ volatile("" ::: "memory");
+}
+
+class Widget {
+public:
+    __attribute__((noinline)) int method(int x);
+};
+
+int Widget::method(int x) {
+    leaf("method"); /* CALL_SITE_METHOD */
+    __asm__ volatile("" ::: "memory");
+    return x + 1;
+}
+
+template <typename T> __attribute__((noinline)) T twice(T v) {
+    leaf("template"); /* CALL_SITE_TEMPLATE */
+    __asm__ volatile("" ::: "memory");
+    return v * 2;
+}
+} // namespace ns
+
+int main() {
+    ns::Widget w;
+    int r = w.method(1);
+    r += (int)ns::twice<long>(r);
+    dump_maps();
+    return r == 0;
+}
+"#;
+
+const FIXTURE_LIB: &str = r#"
+__attribute__((noinline)) int fixture_lib_fn(int x) { /* LIB_DEF */
+    return x * 3 + 1;
+}
+"#;
+
+fn source(template: &str) -> String {
+    template.replace("@DUMP_MAPS@", DUMP_MAPS)
+}
+
+/// 1-based line of the (unique) marker.
+fn line_of(src: &str, marker: &str) -> u32 {
+    let mut hits = src.lines().enumerate().filter(|(_, l)| l.contains(marker));
+    let (i, _) = hits
+        .next()
+        .unwrap_or_else(|| panic!("marker {marker} missing"));
+    assert!(hits.next().is_none(), "marker {marker} not unique");
+    i as u32 + 1
+}
+
+struct Run {
+    addrs: HashMap<String, u64>,
+    maps: Vec<MapEntry>,
+}
+
+fn parse_addr_line(l: &str, addrs: &mut HashMap<String, u64>) {
+    if let Some(rest) = l.strip_prefix("ADDR ") {
+        let (name, hex) = rest.split_once(' ').unwrap();
+        let v = u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap();
+        addrs.insert(name.to_owned(), v);
+    }
+}
+
+fn run_fixture(bin: &Path) -> Run {
+    let out = Command::new(bin).output().unwrap();
+    assert!(out.status.success(), "{} failed", bin.display());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, maps) = text.split_once("MAPS\n").expect("fixture printed no maps");
+    let mut addrs = HashMap::new();
+    for l in head.lines() {
+        parse_addr_line(l, &mut addrs);
+    }
+    Run {
+        addrs,
+        maps: parse_maps(maps).unwrap(),
+    }
+}
+
+/// Modules from the fixture's maps; files opened by path, optionally redirected.
+fn modules(run: &Run, redirect: Option<(&Path, &Path)>) -> ProcessModules {
+    ProcessModules::from_entries(run.maps.clone(), |e| {
+        let p = Path::new(e.path.as_deref().unwrap());
+        match redirect {
+            Some((from, to)) if p == from => File::open(to),
+            _ => File::open(p),
+        }
+    })
+}
+
+fn one(s: &mut Symbolizer, pm: &ProcessModules, addr: u64, ret: bool) -> Vec<Frame> {
+    let mut v = s.symbolize(pm, &[addr], ret);
+    assert_eq!(v.len(), 1);
+    v.pop().unwrap()
+}
+
+fn names(frames: &[Frame]) -> Vec<(Option<&str>, Option<u32>, bool)> {
+    frames
+        .iter()
+        .map(|f| (f.function.as_deref(), f.line, f.inlined))
+        .collect()
+}
+
+fn libc_debug_path(build_id: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &build_id[..2],
+        &build_id[2..]
+    ))
+}
+
+/// The glibc assertions are meaningless without libc6-dbg: fail loudly instead of passing.
+fn require_libc_dbg(summary: &ModuleSummary) {
+    let id = summary
+        .build_id
+        .as_deref()
+        .unwrap_or_else(|| panic!("{} has no build id", summary.path));
+    let p = libc_debug_path(id);
+    assert!(
+        p.is_file(),
+        "libc6-dbg debug file {} for {} is missing: install libc6-dbg",
+        p.display(),
+        summary.path
+    );
+    assert_eq!(
+        summary.debug_file.as_deref(),
+        Some(p.as_path()),
+        "{summary:?}"
+    );
+    assert!(summary.has_dwarf, "{summary:?}");
+}
+
+fn build_c(dir: &Path, out: &str, flags: &[&str]) -> PathBuf {
+    std::fs::write(dir.join("fixture.c"), source(FIXTURE_C)).unwrap();
+    let mut args = vec!["-o", out, "fixture.c"];
+    args.extend_from_slice(flags);
+    sh(dir, "gcc", &args);
+    dir.join(out)
+}
+
+/// Checks every call site of the C fixture, including the return into glibc.
+fn check_c_fixture(flags: &[&str]) {
+    let dir = TempDir::new("c");
+    let bin = build_c(dir.path(), "prog", flags);
+    let src = source(FIXTURE_C);
+    let run = run_fixture(&bin);
+    let pm = modules(&run, None);
+    let mut s = Symbolizer::new();
+    let file = dir.path().join("fixture.c").to_str().unwrap().to_owned();
+    let module = bin.to_str().unwrap();
+
+    let inner = one(&mut s, &pm, run.addrs["inner"], true);
+    assert_eq!(
+        names(&inner),
+        [
+            (
+                Some("inlined_helper"),
+                Some(line_of(&src, "CALL_SITE_INNER")),
+                true
+            ),
+            (
+                Some("outer_function"),
+                Some(line_of(&src, "CALL_SITE_OUTER")),
+                false
+            ),
+        ],
+        "{flags:?}: {inner:#?}"
+    );
+    for f in &inner {
+        assert_eq!(f.address, run.addrs["inner"], "original address reported");
+        assert_eq!(f.module.as_deref(), Some(module));
+        assert_eq!(f.file.as_deref(), Some(file.as_str()));
+        assert_eq!(f.unresolved, None);
+    }
+
+    let direct = one(&mut s, &pm, run.addrs["direct"], true);
+    assert_eq!(
+        names(&direct),
+        [(Some("main"), Some(line_of(&src, "CALL_SITE_DIRECT")), false)],
+        "{flags:?}"
+    );
+    let outer = one(&mut s, &pm, run.addrs["outer_ret"], true);
+    assert_eq!(
+        names(&outer),
+        [(Some("main"), Some(line_of(&src, "CALL_SITE_MAIN")), false)],
+        "{flags:?}"
+    );
+
+    // A function address is not a return address: look it up as is.
+    let leaf = one(&mut s, &pm, run.addrs["leaf_fn"], false);
+    assert_eq!(leaf.len(), 1);
+    assert_eq!(leaf[0].function.as_deref(), Some("leaf"));
+    if flags.contains(&"-O0") {
+        assert_eq!(leaf[0].line, Some(line_of(&src, "LEAF_DEF")));
+    }
+
+    // main's return address is inside glibc.
+    let ret = one(&mut s, &pm, run.addrs["main_ret"], true);
+    let libc = pm.module_for(run.addrs["main_ret"] - 1).unwrap();
+    assert!(libc.path.ends_with("/libc.so.6"), "{}", libc.path);
+    require_libc_dbg(&s.module_summary(&pm, libc));
+    let last = ret.last().unwrap();
+    assert_eq!(
+        last.function.as_deref(),
+        Some("__libc_start_call_main"),
+        "{ret:#?}"
+    );
+    assert!(
+        last.file
+            .as_deref()
+            .is_some_and(|f| f.ends_with("libc_start_call_main.h")),
+        "{ret:#?}"
+    );
+    assert!(last.line.is_some() && last.unresolved.is_none(), "{ret:#?}");
+    assert_eq!(last.module.as_deref(), Some(libc.path.as_str()));
+}
+
+#[test]
+fn c_fixture_o0_pie() {
+    check_c_fixture(&["-g", "-O0", "-pie", "-fPIE"]);
+}
+
+#[test]
+fn c_fixture_o2_pie() {
+    check_c_fixture(&["-g", "-O2", "-pie", "-fPIE"]);
+}
+
+#[test]
+fn c_fixture_o0_no_pie() {
+    check_c_fixture(&["-g", "-O0", "-no-pie", "-fno-pie"]);
+}
+
+#[test]
+fn c_fixture_o2_no_pie() {
+    check_c_fixture(&["-g", "-O2", "-no-pie", "-fno-pie"]);
+}
+
+#[test]
+fn c_fixture_dwarf4() {
+    check_c_fixture(&["-gdwarf-4", "-O2"]);
+}
+
+#[test]
+fn cpp_names_are_demangled() {
+    let dir = TempDir::new("cpp");
+    let src = source(FIXTURE_CPP);
+    std::fs::write(dir.path().join("fixture.cpp"), &src).unwrap();
+    for (out, opt) in [("prog0", "-O0"), ("prog2", "-O2")] {
+        sh(dir.path(), "g++", &["-g", opt, "-o", out, "fixture.cpp"]);
+        let run = run_fixture(&dir.path().join(out));
+        let pm = modules(&run, None);
+        let mut s = Symbolizer::new();
+        let m = one(&mut s, &pm, run.addrs["method"], true);
+        assert_eq!(
+            names(&m),
+            [(
+                Some("ns::Widget::method(int)"),
+                Some(line_of(&src, "CALL_SITE_METHOD")),
+                false
+            )],
+            "{opt}"
+        );
+        let t = one(&mut s, &pm, run.addrs["template"], true);
+        assert_eq!(
+            names(&t),
+            [(
+                Some("long ns::twice<long>(long)"),
+                Some(line_of(&src, "CALL_SITE_TEMPLATE")),
+                false
+            )],
+            "{opt}"
+        );
+    }
+}
+
+/// `strip` + `objcopy --only-keep-debug` + `--add-gnu-debuglink`, debug file next to the
+/// binary and in `.debug/`; a debug file of another build must be rejected.
+#[test]
+fn debuglink_resolution() {
+    let dir = TempDir::new("dbglink");
+    let d = dir.path();
+    let src = source(FIXTURE_C);
+    build_c(d, "full", &["-g", "-O2"]);
+    sh(d, "objcopy", &["--only-keep-debug", "full", "prog.debug"]);
+    sh(
+        d,
+        "objcopy",
+        &[
+            "--strip-all",
+            "--add-gnu-debuglink=prog.debug",
+            "full",
+            "prog",
+        ],
+    );
+    let run = run_fixture(&d.join("prog"));
+    let pm = modules(&run, None);
+    let empty = TempDir::new("empty-debug-root");
+    let expect = [
+        (
+            Some("inlined_helper"),
+            Some(line_of(&src, "CALL_SITE_INNER")),
+            true,
+        ),
+        (
+            Some("outer_function"),
+            Some(line_of(&src, "CALL_SITE_OUTER")),
+            false,
+        ),
+    ];
+
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    assert_eq!(names(&one(&mut s, &pm, run.addrs["inner"], true)), expect);
+    let m = pm.module_for(run.addrs["inner"]).unwrap();
+    assert_eq!(
+        s.module_summary(&pm, m).debug_file,
+        Some(d.join("prog.debug"))
+    );
+
+    std::fs::create_dir(d.join(".debug")).unwrap();
+    std::fs::rename(d.join("prog.debug"), d.join(".debug/prog.debug")).unwrap();
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    assert_eq!(names(&one(&mut s, &pm, run.addrs["inner"], true)), expect);
+    assert_eq!(
+        s.module_summary(&pm, m).debug_file,
+        Some(d.join(".debug/prog.debug"))
+    );
+
+    // Wrong debug file under the right name: different build id → not used.
+    build_c(d, "other", &["-g", "-O0", "-DOTHER_BUILD=1"]);
+    sh(
+        d,
+        "objcopy",
+        &["--only-keep-debug", "other", ".debug/prog.debug"],
+    );
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    let f = one(&mut s, &pm, run.addrs["inner"], true);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].function, None, "nothing invented: {f:?}");
+    assert_eq!(f[0].unresolved, Some(Unresolved::NoSymbol));
+    assert_eq!(s.module_summary(&pm, m).debug_file, None);
+}
+
+#[test]
+fn build_id_resolution() {
+    let dir = TempDir::new("buildid");
+    let d = dir.path();
+    let src = source(FIXTURE_C);
+    build_c(d, "full", &["-g", "-O0", "-Wl,--build-id=sha1"]);
+    sh(d, "objcopy", &["--only-keep-debug", "full", "full.debug"]);
+    sh(d, "strip", &["--strip-all", "-o", "prog", "full"]);
+    let run = run_fixture(&d.join("prog"));
+    let pm = modules(&run, None);
+    let m = pm.module_for(run.addrs["inner"]).unwrap();
+
+    let root = TempDir::new("debug-root");
+    let mut s = Symbolizer::with_debug_root(root.path());
+    let id = s.module_summary(&pm, m).build_id.expect("build id");
+    let target = root
+        .path()
+        .join(format!(".build-id/{}/{}.debug", &id[..2], &id[2..]));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::copy(d.join("full.debug"), &target).unwrap();
+
+    let mut s = Symbolizer::with_debug_root(root.path());
+    let f = one(&mut s, &pm, run.addrs["direct"], true);
+    assert_eq!(
+        names(&f),
+        [(Some("main"), Some(line_of(&src, "CALL_SITE_DIRECT")), false)]
+    );
+    assert_eq!(s.module_summary(&pm, m).debug_file, Some(target));
+}
+
+/// Without DWARF: `.symtab` names only (NoLineInfo); fully stripped: nothing (NoSymbol).
+#[test]
+fn symbol_table_fallback_and_fully_stripped() {
+    let dir = TempDir::new("strip");
+    let d = dir.path();
+    build_c(d, "full", &["-g", "-O2"]);
+    sh(d, "strip", &["--strip-debug", "-o", "nodebug", "full"]);
+    sh(d, "strip", &["--strip-all", "-o", "stripped", "full"]);
+    let empty = TempDir::new("empty-debug-root");
+
+    let run = run_fixture(&d.join("nodebug"));
+    let pm = modules(&run, None);
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    let f = one(&mut s, &pm, run.addrs["inner"], true);
+    assert_eq!(f.len(), 1, "no inline info without DWARF");
+    assert_eq!(f[0].function.as_deref(), Some("outer_function"));
+    assert_eq!((f[0].file.as_deref(), f[0].line), (None, None));
+    assert_eq!(f[0].unresolved, Some(Unresolved::NoLineInfo));
+    assert_eq!(s.stats().no_line_info, 1);
+
+    let run = run_fixture(&d.join("stripped"));
+    let pm = modules(&run, None);
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    let f = one(&mut s, &pm, run.addrs["inner"], true);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].function, None);
+    assert_eq!(f[0].module.as_deref(), d.join("stripped").to_str());
+    assert_eq!(f[0].unresolved, Some(Unresolved::NoSymbol));
+    assert_eq!(s.stats().no_symbol, 1);
+}
+
+fn section_is_compressed(path: &Path, name: &str) -> bool {
+    use object::{Object, ObjectSection};
+    let data = std::fs::read(path).unwrap();
+    let obj = object::File::parse(&*data).unwrap();
+    let sec = obj.section_by_name(name).unwrap();
+    match sec.flags() {
+        object::SectionFlags::Elf { sh_flags, .. } => {
+            sh_flags.contains(object::elf::SHF_COMPRESSED)
+        }
+        _ => false,
+    }
+}
+
+fn check_inner(pm: &ProcessModules, run: &Run, src: &str) {
+    let mut s = Symbolizer::new();
+    let f = one(&mut s, pm, run.addrs["inner"], true);
+    assert_eq!(
+        names(&f),
+        [
+            (
+                Some("inlined_helper"),
+                Some(line_of(src, "CALL_SITE_INNER")),
+                true
+            ),
+            (
+                Some("outer_function"),
+                Some(line_of(src, "CALL_SITE_OUTER")),
+                false
+            ),
+        ]
+    );
+    assert!(f[0].file.as_deref().unwrap().ends_with("/fixture.c"));
+}
+
+#[test]
+fn zlib_compressed_debug_sections() {
+    let dir = TempDir::new("zlib");
+    let bin = build_c(dir.path(), "prog", &["-g", "-O2", "-gz=zlib"]);
+    assert!(section_is_compressed(&bin, ".debug_info"));
+    let run = run_fixture(&bin);
+    check_inner(&modules(&run, None), &run, &source(FIXTURE_C));
+}
+
+/// A zstd frame made only of raw (stored) blocks: valid zstd that any decoder must accept,
+/// so the SHF_COMPRESSED/ELFCOMPRESS_ZSTD path is tested without a zstd encoder (this
+/// machine's binutils silently ignores `--compress-debug-sections=zstd`).
+fn zstd_stored_frame(content: &[u8]) -> Vec<u8> {
+    // Magic, then descriptor: Frame_Content_Size_flag=3 (8 bytes), Single_Segment=1.
+    let mut v = vec![0x28, 0xB5, 0x2F, 0xFD, 0xE0];
+    v.extend_from_slice(&(content.len() as u64).to_le_bytes());
+    let chunks: Vec<&[u8]> = if content.is_empty() {
+        vec![&[]]
+    } else {
+        content.chunks(128 * 1024).collect()
+    };
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        let hdr = ((c.len() as u32) << 3) | u32::from(i + 1 == n); // type 0 = raw
+        v.extend_from_slice(&hdr.to_le_bytes()[..3]);
+        v.extend_from_slice(c);
+    }
+    v
+}
+
+/// Rewrites every `.debug_*` section of a 64-bit little-endian ELF as SHF_COMPRESSED zstd:
+/// the compressed copy is appended at the end of the file and the section header repointed;
+/// loadable segments are untouched, so the original run's maps stay valid.
+fn zstd_compress_debug_sections(src: &Path, dst: &Path) {
+    let mut data = std::fs::read(src).unwrap();
+    let u16_at = |d: &[u8], o: usize| u16::from_le_bytes(d[o..o + 2].try_into().unwrap());
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap());
+    let u64_at = |d: &[u8], o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap());
+    assert_eq!(&data[..6], b"\x7fELF\x02\x01");
+    let shoff = u64_at(&data, 0x28) as usize;
+    let (shentsize, shnum, shstrndx) = (
+        u16_at(&data, 0x3a) as usize,
+        u16_at(&data, 0x3c) as usize,
+        u16_at(&data, 0x3e) as usize,
+    );
+    let sh = |i: usize| shoff + i * shentsize;
+    let strtab = u64_at(&data, sh(shstrndx) + 24) as usize;
+    let mut done = 0;
+    for i in 0..shnum {
+        let h = sh(i);
+        let name_off = strtab + u32_at(&data, h) as usize;
+        let name_end = name_off + data[name_off..].iter().position(|&b| b == 0).unwrap();
+        let name = std::str::from_utf8(&data[name_off..name_end])
+            .unwrap()
+            .to_owned();
+        let (ty, flags) = (u32_at(&data, h + 4), u64_at(&data, h + 8));
+        let (off, size, align) = (
+            u64_at(&data, h + 24) as usize,
+            u64_at(&data, h + 32),
+            u64_at(&data, h + 48),
+        );
+        if !name.starts_with(".debug_") || ty == 8 || size == 0 || flags & 0x800 != 0 {
+            continue;
+        }
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&2u32.to_le_bytes()); // ELFCOMPRESS_ZSTD
+        blob.extend_from_slice(&0u32.to_le_bytes());
+        blob.extend_from_slice(&size.to_le_bytes());
+        blob.extend_from_slice(&align.max(1).to_le_bytes());
+        blob.extend(zstd_stored_frame(&data[off..off + size as usize]));
+        while data.len() % 8 != 0 {
+            data.push(0);
+        }
+        let new_off = data.len() as u64;
+        data.extend_from_slice(&blob);
+        data[h + 8..h + 16].copy_from_slice(&(flags | 0x800).to_le_bytes());
+        data[h + 24..h + 32].copy_from_slice(&new_off.to_le_bytes());
+        data[h + 32..h + 40].copy_from_slice(&(blob.len() as u64).to_le_bytes());
+        data[h + 48..h + 56].copy_from_slice(&8u64.to_le_bytes());
+        done += 1;
+    }
+    assert!(done >= 4, "expected several .debug_* sections, got {done}");
+    std::fs::write(dst, data).unwrap();
+}
+
+#[test]
+fn zstd_compressed_debug_sections() {
+    let dir = TempDir::new("zstd");
+    let bin = build_c(dir.path(), "prog", &["-g", "-O2"]);
+    let zbin = dir.path().join("prog.zstd");
+    zstd_compress_debug_sections(&bin, &zbin);
+    assert!(section_is_compressed(&zbin, ".debug_info"));
+    assert!(section_is_compressed(&zbin, ".debug_line"));
+    let run = run_fixture(&bin);
+    // The maps say `prog`; read `prog.zstd` instead.
+    check_inner(
+        &modules(&run, Some((&bin, &zbin))),
+        &run,
+        &source(FIXTURE_C),
+    );
+}
+
+/// Real /proc path: capture a live child, let it exit, delete its binary, then symbolize.
+#[test]
+fn capture_live_process_then_symbolize_after_exit() {
+    let dir = TempDir::new("live");
+    let bin = build_c(dir.path(), "prog", &["-g", "-O0"]);
+    let src = source(FIXTURE_C);
+    let mut child = Command::new(&bin)
+        .arg("wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addrs = HashMap::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "child exited early");
+        if line.trim() == "READY" {
+            break;
+        }
+        parse_addr_line(line.trim_end(), &mut addrs);
+    }
+    let pm = ProcessModules::capture(child.id()).unwrap();
+    assert_eq!(pm.root(), Path::new(&format!("/proc/{}/root", child.id())));
+    let m = pm
+        .module_for(addrs["direct"])
+        .expect("binary mapping captured");
+    assert!(m.file.is_some(), "{:?}", m.open_error);
+    assert_eq!(m.path, bin.to_str().unwrap());
+
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_file(&bin).unwrap();
+
+    let mut s = Symbolizer::new();
+    let r = s.symbolize(
+        &pm,
+        &[addrs["inner"], addrs["direct"], addrs["main_ret"]],
+        true,
+    );
+    assert_eq!(
+        names(&r[0]),
+        [
+            (
+                Some("inlined_helper"),
+                Some(line_of(&src, "CALL_SITE_INNER")),
+                true
+            ),
+            (
+                Some("outer_function"),
+                Some(line_of(&src, "CALL_SITE_OUTER")),
+                false
+            ),
+        ]
+    );
+    assert_eq!(r[1][0].function.as_deref(), Some("main"));
+    assert_eq!(r[1][0].module.as_deref(), bin.to_str());
+    assert_eq!(
+        r[2].last().unwrap().function.as_deref(),
+        Some("__libc_start_call_main")
+    );
+}
+
+fn own_libc(pm: &ProcessModules, addr: u64) -> &MappedModule {
+    let m = pm
+        .module_for(addr)
+        .unwrap_or_else(|| panic!("{addr:#x} not in an executable mapping"));
+    assert!(
+        m.path.ends_with("/libc.so.6"),
+        "malloc resolved into {}",
+        m.path
+    );
+    m
+}
+
+#[test]
+fn glibc_malloc_in_own_process() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    let libc_mod = own_libc(&pm, malloc);
+    let mut s = Symbolizer::new();
+    let t = std::time::Instant::now();
+    require_libc_dbg(&s.module_summary(&pm, libc_mod));
+    let parse = t.elapsed();
+    let t = std::time::Instant::now();
+    let r = s.symbolize(&pm, &[malloc + 4, malloc + 4], false);
+    let first = t.elapsed();
+    eprintln!("libc + debug file load: {parse:?}, first lookup: {first:?}");
+    assert_eq!(r[0], r[1]);
+    assert_eq!(s.stats().cache_hits, 1);
+    let f = r[0].last().unwrap();
+    assert!(
+        matches!(
+            f.function.as_deref(),
+            Some("malloc" | "__libc_malloc" | "__GI___libc_malloc")
+        ),
+        "{r:#?}"
+    );
+    assert!(
+        f.file.as_deref().is_some_and(|p| p.ends_with("malloc.c")),
+        "{f:?}"
+    );
+    assert!(f.line.is_some(), "{f:?}");
+    assert_eq!(f.address, malloc + 4);
+    assert_eq!(s.stats().modules_loaded, 1);
+
+    // Parsed once per Symbolizer, shared across snapshots of other processes.
+    let pm2 = ProcessModules::capture(std::process::id()).unwrap();
+    let free = libc::free as *const () as usize as u64;
+    own_libc(&pm2, free);
+    let r = s.symbolize(&pm2, &[free], false);
+    assert!(r[0].last().unwrap().function.is_some(), "{r:?}");
+    assert_eq!(s.stats().modules_loaded, 1);
+}
+
+#[test]
+fn vdso_from_own_process() {
+    use object::{Object, ObjectSegment, ObjectSymbol};
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let Some(vdso) = pm.modules().iter().find(|m| m.is_vdso()) else {
+        panic!("no [vdso] mapping in own process");
+    };
+    let image = vdso
+        .image
+        .as_ref()
+        .expect("vdso readable from /proc/self/mem");
+    let obj = object::File::parse(&image[..]).unwrap();
+    let seg = obj.segments().next().unwrap();
+    let sym = obj
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+        .expect("vdso exports __vdso_clock_gettime");
+    let file_off = sym.address() - seg.address() + seg.file_range().0;
+    let addr = vdso.start + file_off - vdso.offset + 2;
+    let mut s = Symbolizer::new();
+    let f = one(&mut s, &pm, addr, false);
+    assert_eq!(f[0].module.as_deref(), Some("[vdso]"));
+    // `clock_gettime` and `__vdso_clock_gettime` are aliases at one address.
+    assert!(
+        matches!(
+            f[0].function.as_deref(),
+            Some("__vdso_clock_gettime" | "clock_gettime")
+        ),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn dlopen_refresh_and_dlclose() {
+    let dir = TempDir::new("dl");
+    let d = dir.path();
+    std::fs::write(d.join("lib.c"), FIXTURE_LIB).unwrap();
+    sh(
+        d,
+        "gcc",
+        &[
+            "-g",
+            "-O0",
+            "-shared",
+            "-fPIC",
+            "-o",
+            "libfixture.so",
+            "lib.c",
+        ],
+    );
+    let so = d.join("libfixture.so");
+
+    let pid = std::process::id();
+    let mut pm = ProcessModules::capture(pid).unwrap();
+    let cpath = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: plain dlopen/dlsym/dlclose of a library without constructors.
+    let (h, f) = unsafe {
+        let h = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        assert!(!h.is_null(), "dlopen failed");
+        let f = libc::dlsym(h, c"fixture_lib_fn".as_ptr());
+        assert!(!f.is_null());
+        (h, f as usize as u64)
+    };
+    assert!(pm.module_for(f).is_none(), "not yet refreshed");
+    assert!(pm.refresh(pid).unwrap(), "new library must be reported");
+    assert_eq!(pm.module_for(f).unwrap().path, so.to_str().unwrap());
+
+    // SAFETY: handle from dlopen above.
+    unsafe { libc::dlclose(h) };
+    std::fs::remove_file(&so).unwrap();
+    pm.refresh(pid).unwrap();
+    let mut s = Symbolizer::new();
+    let r = one(&mut s, &pm, f, false);
+    assert_eq!(
+        names(&r),
+        [(
+            Some("fixture_lib_fn"),
+            Some(line_of(FIXTURE_LIB, "LIB_DEF")),
+            false
+        )]
+    );
+}
+
+#[test]
+fn unmapped_unavailable_malformed_and_stats() {
+    let dir = TempDir::new("bad");
+    let d = dir.path();
+    std::fs::write(d.join("text.bin"), vec![b'x'; 8192]).unwrap();
+    let text = format!(
+        "1000-2000 r-xp 00000000 08:01 11 /nonexistent/lib.so\n\
+         3000-4000 r-xp 00000000 08:01 12 {}\n",
+        d.join("text.bin").display()
+    );
+    let pm = ProcessModules::from_entries(parse_maps(&text).unwrap(), |e| {
+        File::open(e.path.as_deref().unwrap())
+    });
+    let mut s = Symbolizer::new();
+    let r = s.symbolize(&pm, &[0x1500, 0x3500, 0x9999, 0, 0x3500], true);
+    let reasons: Vec<_> = r.iter().map(|f| f[0].unresolved).collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(Unresolved::FileUnavailable),
+            Some(Unresolved::Malformed),
+            Some(Unresolved::Unmapped),
+            Some(Unresolved::Unmapped),
+            Some(Unresolved::Malformed),
+        ]
+    );
+    assert_eq!(r[0][0].module.as_deref(), Some("/nonexistent/lib.so"));
+    assert_eq!(r[2][0].module, None);
+    assert!(r.iter().all(|f| f.len() == 1 && f[0].function.is_none()));
+    let st = s.stats();
+    assert_eq!(
+        (
+            st.addresses,
+            st.frames,
+            st.unmapped,
+            st.file_unavailable,
+            st.malformed
+        ),
+        (5, 5, 2, 1, 2)
+    );
+    assert_eq!(st.unresolved(Unresolved::Malformed), 2);
+    assert_eq!((st.module_load_failures, st.cache_hits), (1, 1));
+    let json = serde_json::to_string(&r[0][0]).unwrap();
+    assert!(!json.contains("unresolved"), "{json}");
+}
+
+/// Truncated and byte-flipped binaries must never panic.
+#[test]
+fn corrupted_files_do_not_panic() {
+    let dir = TempDir::new("corrupt");
+    let d = dir.path();
+    let bin = build_c(d, "prog", &["-g", "-O2"]);
+    let run = run_fixture(&bin);
+    let orig = std::fs::read(&bin).unwrap();
+    let addrs: Vec<u64> = run.addrs.values().copied().collect();
+    // One symbolizer (libc is parsed once); a new file per round, because modules are
+    // cached by inode and rewriting one file in place would keep hitting the first parse.
+    let mut s = Symbolizer::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..48 {
+        let mut data = orig.clone();
+        if round % 8 == 0 {
+            data.truncate((rnd() as usize) % data.len());
+        } else {
+            for _ in 0..(1 + rnd() % 64) {
+                let i = (rnd() as usize) % data.len();
+                data[i] = rnd() as u8;
+            }
+        }
+        let bad = d.join(format!("bad{round}"));
+        std::fs::write(&bad, &data).unwrap();
+        let pm = modules(&run, Some((&bin, &bad)));
+        let r = s.symbolize(&pm, &addrs, true);
+        assert_eq!(r.len(), addrs.len());
+        assert!(r.iter().all(|f| !f.is_empty()));
+    }
+    assert_eq!(
+        s.stats().modules_loaded + s.stats().module_load_failures,
+        48 + 1
+    );
+}
+
+#[test]
+fn symbolizer_is_send() {
+    fn send<T: Send>() {}
+    send::<Symbolizer>();
+    send::<ProcessModules>();
+}
+
+#[test]
+fn first_frame_of_a_stack_is_an_ip() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    own_libc(&pm, malloc);
+    let mut s = Symbolizer::new();
+    // As a uprobe on malloc's entry would capture it: frame 0 is malloc itself.
+    let r = s.symbolize_stack(&pm, &[malloc, malloc], true);
+    let name0 = r[0].last().unwrap().function.clone();
+    assert!(
+        matches!(
+            name0.as_deref(),
+            Some("malloc" | "__libc_malloc" | "__GI___libc_malloc")
+        ),
+        "{name0:?}"
+    );
+    // Treated as a return address, `malloc - 1` belongs to the preceding function.
+    assert_ne!(r[1].last().unwrap().function, name0);
+}
+
+/// Timing against binutils: `cargo test -p memtrace --lib --release -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_against_binutils_addr2line() {
+    use object::{Object, ObjectSymbol};
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    let libc_mod = own_libc(&pm, malloc);
+    let mut s = Symbolizer::new();
+    let summary = s.module_summary(&pm, libc_mod);
+    let dbg = summary.debug_file.clone().expect("libc debug file");
+    let data = std::fs::read(&dbg).unwrap();
+    let obj = object::File::parse(&*data).unwrap();
+    // Return-address-like probes: a few offsets inside every function.
+    let mut vaddrs: Vec<u64> = obj
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
+        .flat_map(|s| [s.address() + 5, s.address() + s.size() / 2])
+        .collect();
+    vaddrs.sort_unstable();
+    vaddrs.dedup();
+    // libc's text segment: vaddr == file offset, so runtime = start - offset + vaddr.
+    let runtime: Vec<u64> = vaddrs
+        .iter()
+        .map(|v| libc_mod.start - libc_mod.offset + v)
+        .collect();
+    let runtime: Vec<u64> = runtime
+        .into_iter()
+        .filter(|&a| libc_mod.contains(a))
+        .collect();
+    let n = runtime.len();
+
+    let t = std::time::Instant::now();
+    let mut s = Symbolizer::new();
+    let r = s.symbolize(&pm, &runtime, false);
+    let ours = t.elapsed();
+    let frames: usize = r.iter().map(Vec::len).sum();
+
+    let input: String = runtime
+        .iter()
+        .map(|a| format!("{:x}\n", a - libc_mod.start + libc_mod.offset))
+        .collect();
+    let t = std::time::Instant::now();
+    let mut child = Command::new("addr2line")
+        .args(["-a", "-f", "-i", "-C", "-e"])
+        .arg(&dbg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let theirs = t.elapsed();
+
+    // Agreement on (function, line) per frame; binutils prints "??" / "?" / 0 for unknown.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut theirs_frames: Vec<Vec<(String, Option<u32>)>> = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.starts_with("0x") {
+            theirs_frames.push(Vec::new());
+            continue;
+        }
+        let loc = lines.next().unwrap_or("");
+        let line = loc
+            .rsplit_once(':')
+            .and_then(|(_, n)| n.split_whitespace().next()?.parse().ok())
+            .filter(|&n| n != 0);
+        theirs_frames.last_mut().unwrap().push((l.to_owned(), line));
+    }
+    assert_eq!(theirs_frames.len(), n);
+    let mut same = 0;
+    let mut shown = 0;
+    for (i, (ours, theirs)) in r.iter().zip(&theirs_frames).enumerate() {
+        let ours: Vec<(String, Option<u32>)> = ours
+            .iter()
+            .map(|f| (f.function.clone().unwrap_or_else(|| "??".into()), f.line))
+            .collect();
+        if &ours == theirs {
+            same += 1;
+        } else if shown < 10 {
+            shown += 1;
+            eprintln!(
+                "{:#x}: ours {ours:?}\n        binutils {theirs:?}",
+                runtime[i]
+            );
+        }
+    }
+    eprintln!("identical frames (function, line, inline depth) for {same}/{n} addresses");
+    eprintln!(
+        "{n} libc addresses: memtrace {ours:?} ({frames} frames, stats {:?}), binutils addr2line {theirs:?} ({} lines), speedup {:.1}x",
+        s.stats(),
+        out.stdout.iter().filter(|&&b| b == b'\n').count(),
+        theirs.as_secs_f64() / ours.as_secs_f64()
+    );
+}
