@@ -50,13 +50,14 @@ impl Counters {
         }
     }
 
-    /// Allocations (or frees) that happened but are not in the figures.
+    /// Allocations that happened but are not in the figures. (A return without
+    /// its entry is not added: its entry was already counted as dropped, as a
+    /// full PENDING map or an expired call.)
     pub fn dropped_events(&self) -> u64 {
         self.dropped_alloc_map_full
             + self.dropped_pending_map_full
             + self.dropped_site_map_full
             + self.out_pointer_read_errors
-            + self.unmatched_returns
             + self.missed_returns
     }
 

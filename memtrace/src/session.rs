@@ -111,15 +111,51 @@ fn wait_events(signals: &Signals, pidfd: &OwnedFd, timeout: Duration) -> (bool, 
     (sig, fds[1].revents != 0)
 }
 
-fn open_output(path: &Option<PathBuf>) -> Result<Option<File>> {
-    let Some(path) = path else { return Ok(None) };
-    let f = File::create(path).with_context(|| {
-        format!(
-            "cannot write the report to {}: check the directory exists and is writable",
-            path.display()
-        )
-    })?;
-    Ok(Some(f))
+/// The `--output` file, opened before attaching so an unwritable path fails
+/// early. An existing report is only replaced once the new one is ready, and a
+/// file created for a run that failed is removed again.
+struct ReportFile {
+    file: File,
+    path: PathBuf,
+    created: bool,
+    written: bool,
+}
+
+impl ReportFile {
+    fn open(path: &Option<PathBuf>) -> Result<Option<Self>> {
+        let Some(path) = path else { return Ok(None) };
+        let created = !path.exists();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "cannot write the report to {}: check the directory exists and is writable",
+                    path.display()
+                )
+            })?;
+        Ok(Some(ReportFile { file, path: path.clone(), created, written: false }))
+    }
+
+    fn write(&mut self, text: &str) -> Result<()> {
+        self.file
+            .set_len(0)
+            .and_then(|_| self.file.write_all(text.as_bytes()))
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("writing the report to {}", self.path.display()))?;
+        self.written = true;
+        Ok(())
+    }
+}
+
+impl Drop for ReportFile {
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn proc_exe(pid: u32) -> Option<String> {
@@ -315,7 +351,7 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
 pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     preflight::check_privileges()?;
     preflight::check_kernel()?;
-    let mut output = open_output(&cli.output)?;
+    let mut output = ReportFile::open(&cli.output)?;
     let signals = Signals::block()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
@@ -428,19 +464,10 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         Format::Text => report.to_text(cli.top),
     };
     match output.as_mut() {
-        Some(f) => f
-            .write_all(text.as_bytes())
-            .and_then(|_| f.flush())
-            .with_context(|| {
-                format!(
-                    "writing the report to {}",
-                    cli.output.as_ref().unwrap().display()
-                )
-            })?,
+        Some(f) => f.write(&text)?,
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes())
-                .context("writing the report to stdout")?;
+            out.write_all(text.as_bytes()).context("writing the report to stdout")?;
             out.flush().ok();
         }
     }
@@ -553,6 +580,27 @@ fn live_summary(
     Ok(())
 }
 
+/// Functions at the bottom of every stack: where the process or a thread starts.
+const STACK_BOTTOMS: &[&str] = &[
+    "__libc_start_call_main",
+    "__libc_start_main",
+    "__libc_start_main_impl",
+    "_start",
+    "start_thread",
+    "clone",
+    "clone3",
+];
+
+/// Drops whatever a frame-pointer walk read past the start of the thread: past
+/// the entry code the "frames" are stale stack contents, not callers.
+pub fn trim_below_entry(frames: &mut Vec<report::Frame>) {
+    let is_bottom = |f: &report::Frame| f.function.as_deref().is_some_and(|n| STACK_BOTTOMS.contains(&n));
+    if let Some(first) = frames.iter().position(is_bottom) {
+        let keep = frames[first..].iter().take_while(|f| is_bottom(f)).count();
+        frames.truncate(first + keep);
+    }
+}
+
 fn unresolved_name(r: Unresolved) -> &'static str {
     match r {
         Unresolved::Unmapped => "unmapped",
@@ -644,6 +692,7 @@ fn build_report(
                 });
             }
         }
+        trim_below_entry(&mut frames);
         sites.push(Site {
             outstanding_blocks: *blocks,
             outstanding_bytes: *bytes,
