@@ -280,30 +280,46 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
     child
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
-    let mut stops = 0;
     let kill = || {
         // SAFETY: our own child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let _ = launch::wait_child(pid, false);
     };
-    let allocator = loop {
+    // glibc's loader stops the child twice: before it maps the initial libraries
+    // and once they are all mapped. The allocator probes go in at the first stop
+    // where the allocator is visible (an executable's own allocator: the first),
+    // the modules are captured at the last, when every initial library is mapped.
+    let dynamic = matches!(loading, Loading::Dynamic { .. });
+    let mut found: Option<(Allocator, usize)> = None;
+    let mut stops = 0;
+    loop {
         match launch::wait_child(pid, false)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => {
                 stops += 1;
-                let maps = read_maps(pid)?;
-                match allocator::find_allocator(pid, &maps) {
-                    Ok(a) => break a,
-                    // The loader stops once before it maps the libraries and once after.
-                    Err(AllocatorError::NotFound { .. })
-                        if stops < 2 && matches!(loading, Loading::Dynamic { .. }) =>
-                    {
-                        launch::continue_child(pid)
-                    }
-                    Err(e) => {
-                        kill();
-                        return Err(e.into());
+                if found.is_none() {
+                    let maps = read_maps(pid)?;
+                    match allocator::find_allocator(pid, &maps) {
+                        Ok(a) => {
+                            debug_attach_delay();
+                            match probes.attach_allocator(&a, pid) {
+                                Ok(n) => found = Some((a, n)),
+                                Err(e) => {
+                                    kill();
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        Err(AllocatorError::NotFound { .. }) if dynamic && stops < 2 => {}
+                        Err(e) => {
+                            kill();
+                            return Err(e.into());
+                        }
                     }
                 }
+                if !dynamic || stops >= 2 {
+                    break;
+                }
+                launch::continue_child(pid);
             }
             Some(ChildState::Stopped(_)) => launch::continue_child(pid),
             Some(state) => bail!(
@@ -313,16 +329,13 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
             ),
             None => {}
         }
-    };
-    let attach = (|| {
-        debug_attach_delay();
-        let n = probes.attach_allocator(&allocator, pid)?;
-        probes.detach_loader_breakpoint()?;
-        let modules = ProcessModules::capture(pid).map_err(|e| anyhow!(e))?;
-        Ok::<_, anyhow::Error>((n, modules))
-    })();
-    let (nprobes, modules) = match attach {
-        Ok(v) => v,
+    }
+    let (allocator, nprobes) = found.expect("the loop ends only once the allocator is attached");
+    let modules = probes
+        .detach_loader_breakpoint()
+        .and_then(|_| ProcessModules::capture(pid).map_err(|e| anyhow!(e)));
+    let modules = match modules {
+        Ok(m) => m,
         Err(e) => {
             kill();
             return Err(e);
