@@ -23,6 +23,10 @@ use crate::{
     units::{format_bytes, format_count, format_duration},
 };
 
+/// How often the target's mappings are re-read, so that a library it loads with
+/// dlopen is captured (and kept open) soon after, whatever --interval is.
+const MODULE_REFRESH: Duration = Duration::from_secs(1);
+
 /// Why tracing stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
@@ -394,6 +398,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     let trace_start = Instant::now();
     let deadline = cli.duration.map(|d| trace_start + d);
     let mut next_summary = trace_start + cli.interval;
+    let mut next_refresh = trace_start + MODULE_REFRESH;
     let mut last = Summary::default();
     let mut exit_state: Option<ChildState> = None;
     let end = loop {
@@ -401,7 +406,10 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         if deadline.is_some_and(|d| now >= d) {
             break End::Duration;
         }
-        let until = deadline.map_or(next_summary, |d| d.min(next_summary));
+        let mut until = next_summary.min(next_refresh);
+        if let Some(d) = deadline {
+            until = until.min(d);
+        }
         let (sig, exited) = wait_events(&signals, &pidfd, until.saturating_duration_since(now));
         if exited {
             break End::TargetExited;
@@ -409,7 +417,12 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         if sig {
             break End::Signal;
         }
-        if Instant::now() >= next_summary {
+        let now = Instant::now();
+        if now >= next_refresh {
+            next_refresh = now + MODULE_REFRESH;
+            let _ = at.modules.refresh(pid);
+        }
+        if now >= next_summary {
             next_summary += cli.interval;
             if let Err(e) = live_summary(&mut at, &mut symbolizer, &mut last, trace_start) {
                 log::warn!("live summary failed: {e:#}");
@@ -510,7 +523,6 @@ fn live_summary(
     start: Instant,
 ) -> Result<()> {
     let now = Instant::now();
-    let _ = at.modules.refresh(at.pid);
     at.collector.expire_pending(monotonic_ns())?;
     let counters = at.collector.counters()?;
     let sites = at.collector.sites()?;

@@ -22,7 +22,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -727,6 +727,7 @@ impl Proc {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         let what = format!("{cmd:?}");
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped");
@@ -757,11 +758,8 @@ impl Proc {
     }
 
     fn drain(&mut self) {
-        loop {
-            match self.lines.try_recv() {
-                Ok((s, l)) => self.push_log(s, l),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        while let Ok((s, l)) = self.lines.try_recv() {
+            self.push_log(s, l);
         }
     }
 
@@ -952,10 +950,35 @@ fn spawn_reader(
 
 const SIGINT: i32 = 2;
 const SIGKILL: i32 = 9;
+const PR_SET_PDEATHSIG: i32 = 1;
+const ESRCH: i32 = 3;
 
 unsafe extern "C" {
     // From the C library std already links; xtask has no libc crate.
     fn kill(pid: i32, sig: i32) -> i32;
+    fn prctl(option: i32, ...) -> i32;
+    fn getppid() -> i32;
+}
+
+/// Drop guards cannot run if the bench itself is killed; the kernel then
+/// sends the child SIGINT, so a tracer still detaches (bpftrace 0.17's
+/// uprobes are not bound to -p PID: a stray one would slow every process on
+/// the machine) and the workload, blocked on stdin, gets EOF anyway.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs between fork and exec and only makes two
+    // async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            prctl(PR_SET_PDEATHSIG, SIGINT as std::ffi::c_ulong);
+            // The parent may have died before prctl took effect.
+            if getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 fn euid() -> Option<u32> {
@@ -1050,7 +1073,7 @@ fn group_thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1149,7 +1172,7 @@ impl Report<'_> {
 
         let _ = writeln!(
             s,
-            "\nPer repetition (ns/pair, in run order within each rep):\n"
+            "\nEach repetition (ns/pair; the order of configs was shuffled within each):\n"
         );
         let _ = write!(s, "| config |");
         for r in 1..=o.reps {

@@ -962,52 +962,18 @@ fn first_frame_of_a_stack_is_an_ip() {
     assert_ne!(r[1].last().unwrap().function, name0);
 }
 
-/// Timing against binutils: `cargo test -p memtrace --lib --release -- --ignored --nocapture bench`
-#[test]
-#[ignore]
-fn bench_against_binutils_addr2line() {
-    use object::{Object, ObjectSymbol};
-    let pm = ProcessModules::capture(std::process::id()).unwrap();
-    let malloc = libc::malloc as *const () as usize as u64;
-    let libc_mod = own_libc(&pm, malloc);
-    let mut s = Symbolizer::new();
-    let summary = s.module_summary(&pm, libc_mod);
-    let dbg = summary.debug_file.clone().expect("libc debug file");
-    let data = std::fs::read(&dbg).unwrap();
-    let obj = object::File::parse(&*data).unwrap();
-    // Return-address-like probes: a few offsets inside every function.
-    let mut vaddrs: Vec<u64> = obj
-        .symbols()
-        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
-        .flat_map(|s| [s.address() + 5, s.address() + s.size() / 2])
-        .collect();
-    vaddrs.sort_unstable();
-    vaddrs.dedup();
-    // libc's text segment: vaddr == file offset, so runtime = start - offset + vaddr.
-    let runtime: Vec<u64> = vaddrs
-        .iter()
-        .map(|v| libc_mod.start - libc_mod.offset + v)
-        .collect();
-    let runtime: Vec<u64> = runtime
-        .into_iter()
-        .filter(|&a| libc_mod.contains(a))
-        .collect();
-    let n = runtime.len();
-
-    let t = std::time::Instant::now();
-    let mut s = Symbolizer::new();
-    let r = s.symbolize(&pm, &runtime, false);
-    let ours = t.elapsed();
-    let frames: usize = r.iter().map(Vec::len).sum();
-
-    let input: String = runtime
-        .iter()
-        .map(|a| format!("{:x}\n", a - libc_mod.start + libc_mod.offset))
-        .collect();
+/// Runs binutils `addr2line -a -f -i -C` on file offsets; returns elapsed time and, per
+/// address, its (function, line) frames ("??" / None when unknown).
+#[allow(clippy::type_complexity)]
+fn binutils_addr2line(
+    file: &Path,
+    offsets: &[u64],
+) -> (std::time::Duration, Vec<Vec<(String, Option<u32>)>>) {
+    let input: String = offsets.iter().map(|o| format!("{o:x}\n")).collect();
     let t = std::time::Instant::now();
     let mut child = Command::new("addr2line")
         .args(["-a", "-f", "-i", "-C", "-e"])
-        .arg(&dbg)
+        .arg(file)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -1016,15 +982,13 @@ fn bench_against_binutils_addr2line() {
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    let theirs = t.elapsed();
-
-    // Agreement on (function, line) per frame; binutils prints "??" / "?" / 0 for unknown.
+    let elapsed = t.elapsed();
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut theirs_frames: Vec<Vec<(String, Option<u32>)>> = Vec::new();
-    let mut lines = text.lines().peekable();
+    let mut frames: Vec<Vec<(String, Option<u32>)>> = Vec::new();
+    let mut lines = text.lines();
     while let Some(l) = lines.next() {
         if l.starts_with("0x") {
-            theirs_frames.push(Vec::new());
+            frames.push(Vec::new());
             continue;
         }
         let loc = lines.next().unwrap_or("");
@@ -1032,31 +996,73 @@ fn bench_against_binutils_addr2line() {
             .rsplit_once(':')
             .and_then(|(_, n)| n.split_whitespace().next()?.parse().ok())
             .filter(|&n| n != 0);
-        theirs_frames.last_mut().unwrap().push((l.to_owned(), line));
+        frames.last_mut().unwrap().push((l.to_owned(), line));
     }
-    assert_eq!(theirs_frames.len(), n);
-    let mut same = 0;
-    let mut shown = 0;
-    for (i, (ours, theirs)) in r.iter().zip(&theirs_frames).enumerate() {
-        let ours: Vec<(String, Option<u32>)> = ours
-            .iter()
-            .map(|f| (f.function.clone().unwrap_or_else(|| "??".into()), f.line))
-            .collect();
-        if &ours == theirs {
-            same += 1;
-        } else if shown < 10 {
-            shown += 1;
-            eprintln!(
-                "{:#x}: ours {ours:?}\n        binutils {theirs:?}",
-                runtime[i]
-            );
+    assert_eq!(frames.len(), offsets.len());
+    (elapsed, frames)
+}
+
+/// Timing and agreement against binutils on libc (needs libc6-dbg):
+/// `cargo test -p memtrace --lib --release -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_against_binutils_addr2line() {
+    use object::{Object, ObjectSymbol};
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    let libc_mod = own_libc(&pm, malloc);
+    let summary = Symbolizer::new().module_summary(&pm, libc_mod);
+    require_libc_dbg(&summary);
+    let dbg = summary.debug_file.clone().unwrap();
+    let data = std::fs::read(&dbg).unwrap();
+    let obj = object::File::parse(&*data).unwrap();
+    // Two probes inside every function of some size.
+    let mut vaddrs: Vec<u64> = obj
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
+        .flat_map(|s| [s.address() + 5, s.address() + s.size() / 2])
+        .collect();
+    vaddrs.sort_unstable();
+    vaddrs.dedup();
+    // libc's text segment has vaddr == file offset.
+    let all: Vec<u64> = vaddrs
+        .iter()
+        .map(|v| libc_mod.start - libc_mod.offset + v)
+        .filter(|&a| libc_mod.contains(a))
+        .collect();
+
+    for n in [10, 100, 1000, all.len()] {
+        let step = all.len() / n;
+        let addrs: Vec<u64> = all.iter().step_by(step.max(1)).take(n).copied().collect();
+        let t = std::time::Instant::now();
+        let mut s = Symbolizer::new();
+        let r = s.symbolize(&pm, &addrs, false);
+        let ours = t.elapsed();
+        let t = std::time::Instant::now();
+        let again = s.symbolize(&pm, &addrs, false);
+        let cached = t.elapsed();
+        assert_eq!(again, r);
+
+        let offsets: Vec<u64> = addrs.iter().map(|&a| libc_mod.file_offset(a)).collect();
+        let (theirs, theirs_frames) = binutils_addr2line(&dbg, &offsets);
+        let mut same = 0;
+        for (i, (ours, theirs)) in r.iter().zip(&theirs_frames).enumerate() {
+            let ours: Vec<(String, Option<u32>)> = ours
+                .iter()
+                .map(|f| (f.function.clone().unwrap_or_else(|| "??".into()), f.line))
+                .collect();
+            if &ours == theirs {
+                same += 1;
+            } else {
+                eprintln!("  {:#x}: ours {ours:?} binutils {theirs:?}", offsets[i]);
+            }
         }
+        eprintln!(
+            "n={:5}: memtrace {ours:>10.1?} (cached rerun {cached:.1?}), binutils {theirs:>10.1?}, \
+             speedup {:.1}x, identical {same}/{}",
+            addrs.len(),
+            theirs.as_secs_f64() / ours.as_secs_f64(),
+            addrs.len()
+        );
     }
-    eprintln!("identical frames (function, line, inline depth) for {same}/{n} addresses");
-    eprintln!(
-        "{n} libc addresses: memtrace {ours:?} ({frames} frames, stats {:?}), binutils addr2line {theirs:?} ({} lines), speedup {:.1}x",
-        s.stats(),
-        out.stdout.iter().filter(|&&b| b == b'\n').count(),
-        theirs.as_secs_f64() / ours.as_secs_f64()
-    );
 }
