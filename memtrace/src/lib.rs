@@ -1,2 +1,15 @@
+//! memtrace's userspace side. The data flows one way:
+//! probe (load and attach the BPF programs) → collect (read counters, sites,
+//! stacks) → symbolize → report. Everything but `probe`, `session` and `launch`
+//! is pure and tested without privileges.
+pub mod allocator;
+pub mod cli;
+pub mod collect;
+pub mod launch;
+pub mod preflight;
+pub mod probe;
 pub mod procmaps;
+pub mod report;
+pub mod session;
 pub mod symbolize;
+pub mod units;

@@ -2,19 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::Cli;
-
-// TEMPORARY while the symbolizer lands in lib.rs: the other modules live in the binary.
-pub mod allocator;
-pub mod cli;
-pub mod collect;
-pub mod launch;
-pub mod preflight;
-pub mod probe;
-pub mod report;
-pub mod session;
-pub mod units;
-pub use memtrace::{procmaps, symbolize};
+use memtrace::{cli::Cli, session};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("MEMTRACE_LOG", "warn"))

@@ -140,7 +140,12 @@ impl ReportFile {
                     path.display()
                 )
             })?;
-        Ok(Some(ReportFile { file, path: path.clone(), created, written: false }))
+        Ok(Some(ReportFile {
+            file,
+            path: path.clone(),
+            created,
+            written: false,
+        }))
     }
 
     fn write(&mut self, text: &str) -> Result<()> {
@@ -493,7 +498,8 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         Some(f) => f.write(&text)?,
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes()).context("writing the report to stdout")?;
+            out.write_all(text.as_bytes())
+                .context("writing the report to stdout")?;
             out.flush().ok();
         }
     }
@@ -543,7 +549,7 @@ fn live_summary(
         })
         .filter(|(g, _)| *g > 0)
         .collect();
-    growth.sort_by(|a, b| b.0.cmp(&a.0));
+    growth.sort_by_key(|g| std::cmp::Reverse(g.0));
     let mut parts = Vec::new();
     for (g, s) in growth.iter().take(3) {
         let addrs = at.collector.stack(s.stack_id)?.to_vec();
@@ -619,7 +625,11 @@ const STACK_BOTTOMS: &[&str] = &[
 /// Drops whatever a frame-pointer walk read past the start of the thread: past
 /// the entry code the "frames" are stale stack contents, not callers.
 pub fn trim_below_entry(frames: &mut Vec<report::Frame>) {
-    let is_bottom = |f: &report::Frame| f.function.as_deref().is_some_and(|n| STACK_BOTTOMS.contains(&n));
+    let is_bottom = |f: &report::Frame| {
+        f.function
+            .as_deref()
+            .is_some_and(|n| STACK_BOTTOMS.contains(&n))
+    };
     if let Some(first) = frames.iter().position(is_bottom) {
         let keep = frames[first..].iter().take_while(|f| is_bottom(f)).count();
         frames.truncate(first + keep);

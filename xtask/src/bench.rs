@@ -16,7 +16,6 @@
 //! teardown, so an error never leaves a process (or an attached probe) behind.
 use std::{
     collections::VecDeque,
-    env,
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Read, Write},
@@ -323,11 +322,10 @@ struct Env {
 
 impl Env {
     fn prepare(root: &Path, opts: &Options) -> Result<Env> {
-        if euid() != Some(0) {
+        if super::unsafe_geteuid() != 0 {
             bail!("the bench attaches uprobes and must run as root (sudo cargo xtask bench)");
         }
-        let target = target_dir(root);
-        let bench_dir = target.join("bench");
+        let bench_dir = super::target_dir().join("bench");
         fs::create_dir_all(bench_dir.join("logs"))
             .with_context(|| format!("creating {}", bench_dir.display()))?;
         let src_dir = root.join("xtask/bench");
@@ -337,7 +335,7 @@ impl Env {
         let (bpftrace, bpftrace_version) = if wants_bpftrace {
             ensure_tracefs()?;
             let bin = ensure_bpftrace()?;
-            let version = command_stdout(Command::new(&bin).arg("--version"))
+            let version = super::output(Command::new(&bin).arg("--version"))
                 .ok()
                 .map(|s| s.trim().to_string());
             (Some(bin), version)
@@ -346,16 +344,16 @@ impl Env {
         };
 
         let (memtrace, memtrace_version) = if opts.configs.contains(&Config::Memtrace) {
-            let bin = target.join("release/memtrace");
+            let bin = super::memtrace_bin();
             if !bin.exists() {
                 bail!(
                     "{} does not exist: run `cargo xtask build`, or leave memtrace out with --configs",
                     bin.display()
                 );
             }
-            command_stdout(Command::new(&bin).arg("--help"))
+            super::output(Command::new(&bin).arg("--help"))
                 .with_context(|| format!("{} --help does not run", bin.display()))?;
-            let version = command_stdout(Command::new(&bin).arg("--version"))
+            let version = super::output(Command::new(&bin).arg("--version"))
                 .ok()
                 .map(|s| s.trim().to_string());
             (Some(bin), version)
@@ -375,16 +373,6 @@ impl Env {
     }
 }
 
-/// CARGO_TARGET_DIR if set (relative to the current directory, as cargo
-/// reads it), else `<root>/target`.
-fn target_dir(root: &Path) -> PathBuf {
-    match env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        Some(p) if p.is_absolute() => p,
-        Some(p) => env::current_dir().map(|d| d.join(&p)).unwrap_or(p),
-        None => root.join("target"),
-    }
-}
-
 /// Compiles both builds of the workload (with and without frame pointers) and
 /// returns the one the options ask for.
 fn build_workloads(src_dir: &Path, out_dir: &Path, omit_frame_pointer: bool) -> Result<PathBuf> {
@@ -396,28 +384,21 @@ fn build_workloads(src_dir: &Path, out_dir: &Path, omit_frame_pointer: bool) -> 
     ] {
         let exe = out_dir.join(name);
         // -fno-builtin: gcc may otherwise pair up and elide malloc/free calls.
-        let out = Command::new("gcc")
-            .args([
-                "-O2",
-                "-g",
-                fp_flag,
-                "-fno-builtin",
-                "-pthread",
-                "-Wall",
-                "-o",
-            ])
-            .arg(&exe)
-            .arg(&src)
-            .stdin(Stdio::null())
-            .output()
-            .context("running gcc (the bench compiles its workload with gcc)")?;
-        if !out.status.success() {
-            bail!(
-                "compiling {}: {}",
-                src.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        super::output(
+            Command::new("gcc")
+                .args([
+                    "-O2",
+                    "-g",
+                    fp_flag,
+                    "-fno-builtin",
+                    "-pthread",
+                    "-Wall",
+                    "-o",
+                ])
+                .arg(&exe)
+                .arg(&src),
+        )
+        .with_context(|| format!("compiling {} (needs gcc)", src.display()))?;
         if (fp_flag == "-fomit-frame-pointer") == omit_frame_pointer {
             chosen = Some(exe);
         }
@@ -445,30 +426,26 @@ fn ensure_tracefs() -> Result<()> {
         return Ok(());
     }
     eprintln!("bench: mounting tracefs at /sys/kernel/tracing (bpftrace needs it)");
-    run_quiet(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
+    super::status(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
         .context("mounting tracefs at /sys/kernel/tracing")
 }
 
 /// The bpftrace to run: the one on PATH, else installed with apt-get.
 fn ensure_bpftrace() -> Result<String> {
-    let works = || command_stdout(Command::new("bpftrace").arg("--version")).is_ok();
+    let works = || super::output(Command::new("bpftrace").arg("--version")).is_ok();
     if works() {
         return Ok("bpftrace".into());
     }
     eprintln!(
         "bench: bpftrace not found; installing it with apt-get (bpftrace is the reference tracer)"
     );
-    let apt = |args: &[&str]| -> Result<()> {
-        let mut c = Command::new("apt-get");
-        c.args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null());
-        let what = format!("apt-get {}", args.join(" "));
-        let st = c.status().with_context(|| format!("running {what}"))?;
-        if !st.success() {
-            bail!("{what} failed with {st}");
-        }
-        Ok(())
+    let apt = |args: &[&str]| {
+        super::status(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(Stdio::null()),
+        )
     };
     apt(&["update", "-q"])?;
     apt(&["install", "-y", "-q", "--no-install-recommends", "bpftrace"])?;
@@ -544,8 +521,8 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
                 .scripts_dir
                 .join(config.script().expect("bpftrace config"));
             let mut c = Command::new(env.bpftrace.as_deref().expect("bpftrace prepared"));
-            // -p: bpftrace resolves libc through the target; the script's
-            // `pid == $1` predicates restrict the probes to it.
+            // As the scripts ask: -p for ustack symbolization, and the pid
+            // again as $1 for the predicates (0.17 does not bind to -p).
             c.args(["-p", &pid.to_string()])
                 .arg(&script)
                 .arg(pid.to_string());
@@ -981,38 +958,10 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn euid() -> Option<u32> {
-    fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-}
-
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
-}
-
-fn command_stdout(c: &mut Command) -> Result<String> {
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {c:?}"))?;
-    if !out.status.success() {
-        bail!("{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn run_quiet(c: &mut Command) -> Result<()> {
-    command_stdout(c).map(|_| ())
 }
 
 /// xorshift64: a seeded shuffle needs nothing better.
@@ -1134,39 +1083,34 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            "| config | median ns/pair | min | max | vs memleak.bt | overhead over untraced | overhead vs memleak.bt's |"
+            "| config | median ns/pair | min | max | ratio to memleak.bt | overhead over untraced |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
         for &c in &o.configs {
             let Some(st) = stats(&self.values(c)) else {
                 continue;
             };
-            let ratio = memleak
-                .map(|m| format!("{:.3}x", st.median / m))
-                .unwrap_or_else(|| "-".into());
-            let (over, over_ratio) = match (c, base) {
-                (Config::Untraced, _) | (_, None) => ("-".to_string(), "-".to_string()),
-                (_, Some(b)) => (
-                    format!(
-                        "+{} ns ({}x)",
-                        fmt_ns(st.median - b),
-                        fmt_ratio(st.median / b)
-                    ),
-                    memleak
-                        .map(|m| format!("{:.3}x", (st.median - b) / (m - b)))
-                        .unwrap_or_else(|| "-".into()),
+            let ratio = match (c, memleak) {
+                (Config::Untraced, _) | (_, None) => "-".to_string(),
+                (_, Some(m)) => format!("{:.3}x", st.median / m),
+            };
+            let over = match (c, base) {
+                (Config::Untraced, _) | (_, None) => "-".to_string(),
+                (_, Some(b)) => format!(
+                    "+{} ns ({}x)",
+                    fmt_ns(st.median - b),
+                    fmt_ratio(st.median / b)
                 ),
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 c.label(),
                 fmt_ns(st.median),
                 fmt_ns(st.min),
                 fmt_ns(st.max),
                 ratio,
-                over,
-                over_ratio
+                over
             );
         }
 
@@ -1243,6 +1187,15 @@ impl Report<'_> {
             }
         }
 
+        if o.configs.iter().any(|c| c.script().is_some()) {
+            let _ = writeln!(
+                s,
+                "\nbpftrace 0.17 does not bind uprobes to `-p PID` (the scripts filter on pid inside BPF), so \
+                 while a bpftrace config runs every process on the machine pays its probes; memtrace's probes \
+                 are bound to the target pid."
+            );
+        }
+
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let cpus = thread::available_parallelism()
             .map(|n| n.get())
@@ -1314,6 +1267,44 @@ mod tests {
         assert!(a(&["--threads", "0"]).is_err());
         assert!(a(&["--configs", "perf"]).is_err());
         assert!(a(&["--bogus"]).is_err());
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn proc_lines_and_early_exit() {
+        let mut p = Proc::spawn("t", sh("echo a; echo READY >&2; exit 3"), false, false).unwrap();
+        let l = p
+            .wait_line(Duration::from_secs(10), "READY", |s, l| {
+                s == Stream::Stderr && l == "READY"
+            })
+            .unwrap();
+        assert_eq!(l, "READY");
+        let e = p
+            .wait_line(Duration::from_secs(10), "more", |_, _| false)
+            .unwrap_err();
+        assert!(format!("{e}").contains("exit status: 3"), "{e}");
+        assert!(p.tail(5).contains("[out] a"));
+    }
+
+    #[test]
+    fn proc_stop_escalates_to_kill() {
+        // Ignores SIGINT like a stuck tracer: stop() must SIGKILL it.
+        let mut p =
+            Proc::spawn("t", sh("trap '' INT; echo up; exec sleep 30"), false, true).unwrap();
+        p.wait_line(Duration::from_secs(10), "up", |_, l| l == "up")
+            .unwrap();
+        let st = p.stop(Duration::from_millis(300)).unwrap();
+        assert!(st.killed && !st.status.success());
+        // Closing stdin ends a process that waits for EOF.
+        let mut p = Proc::spawn("t", sh("cat >/dev/null; echo done"), true, false).unwrap();
+        p.send(b"x").unwrap();
+        let st = p.stop(Duration::from_secs(10)).unwrap();
+        assert!(!st.killed && st.status.success());
     }
 
     #[test]

@@ -146,15 +146,15 @@ fn open_mapping(pid: u32, root: &Path, e: &MapEntry) -> std::io::Result<File> {
             })?;
             // overlayfs/FUSE can report other inode numbers through the path than in maps,
             // so a mismatch is only logged.
-            if let Ok(md) = f.metadata() {
-                if md.ino() != e.inode {
-                    log::debug!(
-                        "{}: inode {} differs from maps inode {}",
-                        p.display(),
-                        md.ino(),
-                        e.inode
-                    );
-                }
+            if let Ok(md) = f.metadata()
+                && md.ino() != e.inode
+            {
+                log::debug!(
+                    "{}: inode {} differs from maps inode {}",
+                    p.display(),
+                    md.ino(),
+                    e.inode
+                );
             }
             Ok(f)
         }

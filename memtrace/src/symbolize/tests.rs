@@ -616,7 +616,7 @@ fn zstd_compress_debug_sections(src: &Path, dst: &Path) {
         blob.extend_from_slice(&size.to_le_bytes());
         blob.extend_from_slice(&align.max(1).to_le_bytes());
         blob.extend(zstd_stored_frame(&data[off..off + size as usize]));
-        while data.len() % 8 != 0 {
+        while !data.len().is_multiple_of(8) {
             data.push(0);
         }
         let new_off = data.len() as u64;
@@ -936,6 +936,45 @@ fn corrupted_files_do_not_panic() {
 }
 
 #[test]
+fn preload_parses_each_file_once() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let mut s = Symbolizer::new();
+    let distinct: std::collections::HashSet<_> =
+        pm.modules().iter().filter_map(|m| m.key).collect();
+    assert_eq!(s.preload(&pm), distinct.len());
+    assert_eq!(s.preload(&pm), 0, "already cached");
+    let loaded = s.stats().modules_loaded;
+    let malloc = libc::malloc as *const () as usize as u64;
+    let r = s.symbolize(&pm, &[malloc], false);
+    assert!(r[0][0].function.is_some());
+    assert_eq!(s.stats().modules_loaded, loaded, "no parse after preload");
+}
+
+/// Rust names come out demangled without the hash, from the test binary's own DWARF.
+#[test]
+fn rust_function_in_own_process() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let f = crate::procmaps::parse_maps as fn(&str) -> _ as usize as u64;
+    let mut s = Symbolizer::new();
+    let t = std::time::Instant::now();
+    let r = one(&mut s, &pm, f, false);
+    eprintln!("own test binary: {:?}", t.elapsed());
+    let last = r.last().unwrap();
+    assert_eq!(
+        last.function.as_deref(),
+        Some("memtrace::procmaps::parse_maps"),
+        "{r:#?}"
+    );
+    assert!(
+        last.file
+            .as_deref()
+            .is_some_and(|p| p.ends_with("src/procmaps.rs")),
+        "{r:#?}"
+    );
+    assert!(last.line.is_some());
+}
+
+#[test]
 fn symbolizer_is_send() {
     fn send<T: Send>() {}
     send::<Symbolizer>();
@@ -1008,6 +1047,7 @@ fn binutils_addr2line(
 #[ignore]
 fn bench_against_binutils_addr2line() {
     use object::{Object, ObjectSymbol};
+    use std::time::Duration;
     let pm = ProcessModules::capture(std::process::id()).unwrap();
     let malloc = libc::malloc as *const () as usize as u64;
     let libc_mod = own_libc(&pm, malloc);
@@ -1034,17 +1074,24 @@ fn bench_against_binutils_addr2line() {
     for n in [10, 100, 1000, all.len()] {
         let step = all.len() / n;
         let addrs: Vec<u64> = all.iter().step_by(step.max(1)).take(n).copied().collect();
-        let t = std::time::Instant::now();
-        let mut s = Symbolizer::new();
-        let r = s.symbolize(&pm, &addrs, false);
-        let ours = t.elapsed();
-        let t = std::time::Instant::now();
-        let again = s.symbolize(&pm, &addrs, false);
-        let cached = t.elapsed();
-        assert_eq!(again, r);
-
+        // The machine may be shared: best of 5 for both tools.
         let offsets: Vec<u64> = addrs.iter().map(|&a| libc_mod.file_offset(a)).collect();
-        let (theirs, theirs_frames) = binutils_addr2line(&dbg, &offsets);
+        let (mut ours, mut cached, mut theirs) = (Duration::MAX, Duration::MAX, Duration::MAX);
+        let mut r = Vec::new();
+        let mut theirs_frames = Vec::new();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let mut s = Symbolizer::new();
+            r = s.symbolize(&pm, &addrs, false);
+            ours = ours.min(t.elapsed());
+            let t = std::time::Instant::now();
+            let again = s.symbolize(&pm, &addrs, false);
+            cached = cached.min(t.elapsed());
+            assert_eq!(again, r);
+            let (t, f) = binutils_addr2line(&dbg, &offsets);
+            theirs = theirs.min(t);
+            theirs_frames = f;
+        }
         let mut same = 0;
         for (i, (ours, theirs)) in r.iter().zip(&theirs_frames).enumerate() {
             let ours: Vec<(String, Option<u32>)> = ours
