@@ -1333,7 +1333,18 @@ pub mod leaks {
 
         /// Asserts the report holds exactly this site's blocks and bytes.
         pub fn assert_in(&self, report: &Report) {
-            report.assert_outstanding(&self.prefix(), self.blocks, self.blocks * self.size);
+            let prefix = self.prefix();
+            let got = report.outstanding_with_prefix(&prefix);
+            assert_eq!(
+                got,
+                (self.blocks, self.blocks * self.size),
+                "leaks.c site @{} ({} x {} B): outstanding (blocks, bytes) of the sites \
+                 starting with {prefix:?}\n{}",
+                self.marker,
+                self.blocks,
+                self.size,
+                report.summary()
+            );
         }
     }
 }
