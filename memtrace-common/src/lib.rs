@@ -17,6 +17,21 @@ pub const DEFAULT_MAX_OUTSTANDING: u32 = 1 << 20;
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
 pub const DEFAULT_MAX_PENDING: u32 = 1 << 14;
 
+/// Most allocator functions whose code ranges the BPF side knows (see [`TextRange`]).
+pub const MAX_ALLOCATOR_FUNCTIONS: u32 = 16;
+
+/// The code of one probed allocator function in the target's address space.
+/// Map `ALLOCATOR_TEXT` (array; unused slots are all zero). An allocator call
+/// whose return address lies in one of these was made by the allocator itself
+/// (glibc's realloc(p, 0) calls free, posix_memalign calls malloc): it is part of
+/// the user's call, not a call of its own, and is not counted again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextRange {
+    pub start: u64,
+    pub end: u64,
+}
+
 /// The allocator entry points memtrace understands. The value is stored in
 /// [`PendingCall::kind`]; the names are the glibc functions with that signature.
 #[repr(u32)]
@@ -158,9 +173,11 @@ pub enum Counter {
     /// An allocator returned an address memtrace still had outstanding: the
     /// earlier block's free was not seen. The earlier block is retired.
     AddressReused = 13,
+    /// Allocator calls made by the allocator itself, not counted on their own.
+    InternalCalls = 14,
 }
 
-pub const NUM_COUNTERS: u32 = 14;
+pub const NUM_COUNTERS: u32 = 15;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -170,6 +187,7 @@ mod pod {
     unsafe impl aya::Pod for super::StackTrace {}
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingCall {}
+    unsafe impl aya::Pod for super::TextRange {}
 }
 
 const _: () = {

@@ -30,13 +30,13 @@ mod probes {
             bpf_send_signal,
         },
         macros::{map, uprobe, uretprobe},
-        maps::{HashMap, PerCpuArray},
+        maps::{Array, HashMap, PerCpuArray},
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
         AllocKind, Allocation, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PENDING,
-        DEFAULT_MAX_STACKS, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PendingCall, PendingKey,
-        SiteStats, StackTrace,
+        DEFAULT_MAX_STACKS, MAX_ALLOCATOR_FUNCTIONS, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS,
+        PendingCall, PendingKey, SiteStats, StackTrace, TextRange,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -63,6 +63,9 @@ mod probes {
 
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+    #[map]
+    static ALLOCATOR_TEXT: Array<TextRange> = Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
 
     /// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
     #[map]
@@ -245,6 +248,28 @@ mod probes {
         count(Counter::AllocBytes, size);
     }
 
+    /// Whether the call being entered was made from inside a probed allocator
+    /// function: its return address (at [sp] on entry) is in one of their ranges.
+    #[inline(always)]
+    fn called_by_allocator(sp: u64) -> bool {
+        let Ok(ret) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+            return false;
+        };
+        let mut i = 0;
+        while i < MAX_ALLOCATOR_FUNCTIONS {
+            match ALLOCATOR_TEXT.get(i) {
+                Some(r) if r.end != 0 => {
+                    if ret >= r.start && ret < r.end {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
+            i += 1;
+        }
+        false
+    }
+
     #[inline(always)]
     fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
         if !is_target() {
@@ -259,6 +284,10 @@ mod probes {
             // A tail call from one allocator entry point into another (same stack
             // pointer, the first call not returned): one call, two probe pairs.
             unsafe { (*p).refs += 1 };
+            return 0;
+        }
+        if called_by_allocator(key.sp) {
+            count(Counter::InternalCalls, 1);
             return 0;
         }
         let call = PendingCall {
@@ -285,9 +314,22 @@ mod probes {
         enter(&ctx, AllocKind::Malloc, arg(&ctx, 0), 0, 0)
     }
 
+    /// nmemb * size, or u64::MAX on overflow (the call will fail with ENOMEM; a
+    /// wrapped product could be 0, which realloc would take for a free).
+    #[inline(always)]
+    fn array_size(nmemb: u64, size: u64) -> u64 {
+        // checked_mul (and this test, which LLVM would turn back into it) needs a
+        // 128-bit multiply, which BPF does not have; black_box keeps the division.
+        if nmemb != 0 && size > core::hint::black_box(u64::MAX) / nmemb {
+            u64::MAX
+        } else {
+            nmemb * size
+        }
+    }
+
     #[uprobe]
     pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-        let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
+        let size = array_size(arg(&ctx, 0), arg(&ctx, 1));
         enter(&ctx, AllocKind::Calloc, size, 0, 0)
     }
 
@@ -298,7 +340,7 @@ mod probes {
 
     #[uprobe]
     pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
-        let size = arg(&ctx, 1).wrapping_mul(arg(&ctx, 2));
+        let size = array_size(arg(&ctx, 1), arg(&ctx, 2));
         enter(&ctx, AllocKind::ReallocArray, size, arg(&ctx, 0), 0)
     }
 
@@ -409,6 +451,17 @@ mod probes {
         }
         let ptr = arg(&ctx, 0);
         if ptr == 0 {
+            return 0;
+        }
+        let key = PendingKey {
+            tid: bpf_get_current_pid_tgid() as u32,
+            _pad: 0,
+            sp: regs_sp(&ctx),
+        };
+        // A free made by the allocator (glibc's realloc(p, 0) frees p): the
+        // return probe of the outer call accounts for it.
+        if PENDING.get_ptr(&key).is_some() || called_by_allocator(key.sp) {
+            count(Counter::InternalCalls, 1);
             return 0;
         }
         count(Counter::FreeCalls, 1);

@@ -52,6 +52,8 @@ pub struct AttachPoint {
     pub vaddr: u64,
     /// Offset of that instruction in the file: what a uprobe is attached to.
     pub file_offset: u64,
+    /// Size of the function's code (0 when the symbol table does not say).
+    pub size: u64,
 }
 
 #[derive(Debug)]
@@ -127,6 +129,7 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                         names: vec![name],
                         vaddr,
                         file_offset,
+                        size: sym.size(),
                     },
                 );
             }
@@ -190,6 +193,30 @@ pub fn open_path(pid: u32, m: &MapEntry) -> PathBuf {
         let p = m.path.as_deref().unwrap_or("");
         Path::new(&format!("/proc/{pid}/root")).join(p.trim_start_matches('/'))
     }
+}
+
+/// Where the probed functions' code is in the target's address space. An
+/// allocator call made from inside one of them is part of the outer call (glibc's
+/// realloc(p, 0) calls free; posix_memalign calls malloc), and the BPF side must
+/// not count it again.
+pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = alloc
+        .points
+        .iter()
+        .filter(|p| p.size > 0)
+        .filter_map(|p| {
+            let m = maps.iter().find(|m| {
+                m.is_exec()
+                    && m.path.as_deref() == Some(alloc.module.as_str())
+                    && p.file_offset >= m.offset
+                    && p.file_offset < m.offset + m.len()
+            })?;
+            let start = m.start + (p.file_offset - m.offset);
+            Some((start, start + p.size))
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// Picks the module whose allocator the process uses and its probe points.

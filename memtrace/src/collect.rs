@@ -26,6 +26,7 @@ pub struct Counters {
     pub unmatched_returns: u64,
     pub missed_returns: u64,
     pub address_reused: u64,
+    pub internal_calls: u64,
 }
 
 impl Counters {
@@ -47,6 +48,7 @@ impl Counters {
             unmatched_returns: c(Counter::UnmatchedReturns),
             missed_returns,
             address_reused: c(Counter::AddressReused),
+            internal_calls: c(Counter::InternalCalls),
         }
     }
 

@@ -8,14 +8,15 @@ use std::{num::NonZeroU32, path::Path};
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
-    AllocKind, Allocation, NUM_COUNTERS, PendingCall, PendingKey, SiteStats, StackTrace,
+    AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PendingCall, PendingKey,
+    SiteStats, StackTrace, TextRange,
 };
 
 use crate::allocator::{Allocator, Role};
@@ -33,6 +34,7 @@ pub struct TraceMaps {
     pub stacks: HashMap<MapData, u64, StackTrace>,
     pub pending: HashMap<MapData, PendingKey, PendingCall>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub allocator_text: Array<MapData, TextRange>,
 }
 
 impl TraceMaps {
@@ -47,6 +49,26 @@ impl TraceMaps {
             *slot = per_cpu.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Tells the BPF side where the probed allocator functions are (see
+    /// `allocator::text_ranges`). Must happen before the probes are attached.
+    pub fn set_allocator_text(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        if ranges.len() > MAX_ALLOCATOR_FUNCTIONS as usize {
+            log::warn!(
+                "only the first {MAX_ALLOCATOR_FUNCTIONS} allocator functions are told apart from their callers"
+            );
+        }
+        for (i, &(start, end)) in ranges
+            .iter()
+            .take(MAX_ALLOCATOR_FUNCTIONS as usize)
+            .enumerate()
+        {
+            self.allocator_text
+                .set(i as u32, TextRange { start, end }, 0)
+                .context("writing ALLOCATOR_TEXT")?;
+        }
+        Ok(())
     }
 }
 
@@ -119,6 +141,7 @@ pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
         stacks: HashMap::try_from(take("STACKS")?)?,
         pending: HashMap::try_from(take("PENDING")?)?,
         counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+        allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
     };
     Ok((
         Probes {

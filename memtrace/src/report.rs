@@ -58,6 +58,9 @@ pub struct Totals {
     pub failed_allocs: u64,
     /// Sites (distinct stacks) seen while tracing, with or without outstanding blocks.
     pub sites_seen: u64,
+    /// Allocator calls made by the allocator itself (glibc's realloc(p, 0) calls
+    /// free): part of the user's call, not counted on their own.
+    pub allocator_internal_calls: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -242,7 +242,8 @@ fn attach_existing(pid: u32) -> Result<Attached> {
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
-    let (mut probes, maps) = probe::load(pid)?;
+    let (mut probes, mut trace_maps) = probe::load(pid)?;
+    trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let nprobes = probes
         .attach_allocator(&allocator, pid)
         .map_err(|e| exited_during_attach(pid, e))?;
@@ -256,7 +257,7 @@ fn attach_existing(pid: u32) -> Result<Attached> {
         cmdline,
         allocator,
         probes,
-        collector: Collector::new(maps),
+        collector: Collector::new(trace_maps),
         modules,
         launched: false,
         nprobes,
@@ -279,7 +280,7 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
         Ok((probes, maps))
     });
-    let (mut probes, maps) = match loaded {
+    let (mut probes, mut trace_maps) = match loaded {
         Ok(v) => v,
         Err(e) => {
             child.abandon();
@@ -310,7 +311,11 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
                     match allocator::find_allocator(pid, &maps) {
                         Ok(a) => {
                             debug_attach_delay();
-                            match probes.attach_allocator(&a, pid) {
+                            let text = allocator::text_ranges(&a, &maps);
+                            let attached = trace_maps
+                                .set_allocator_text(&text)
+                                .and_then(|_| probes.attach_allocator(&a, pid));
+                            match attached {
                                 Ok(n) => found = Some((a, n)),
                                 Err(e) => {
                                     kill();
@@ -363,7 +368,7 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
         cmdline,
         allocator,
         probes,
-        collector: Collector::new(maps),
+        collector: Collector::new(trace_maps),
         modules,
         launched: true,
         nprobes,
@@ -677,6 +682,7 @@ fn build_report(
         free_unknown: counters.free_unknown,
         failed_allocs: counters.failed_allocs,
         sites_seen: samples.len() as u64,
+        allocator_internal_calls: counters.internal_calls,
         ..Default::default()
     };
     for a in ages.values() {
