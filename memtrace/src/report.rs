@@ -3,6 +3,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+pub use crate::symbolize::Frame;
 use crate::{
     collect::Counters,
     units::{format_bytes, format_count, format_duration},
@@ -134,21 +135,6 @@ pub struct Site {
     /// False for the site that collects allocations whose stack was not captured.
     pub stack_captured: bool,
     pub frames: Vec<Frame>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Frame {
-    #[serde(serialize_with = "hex")]
-    pub address: u64,
-    pub module: Option<String>,
-    pub function: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    pub inlined: bool,
-}
-
-fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{v:#x}"))
 }
 
 impl Report {
@@ -373,6 +359,7 @@ mod tests {
                         file: Some("/src/a.c".into()),
                         line: Some(9),
                         inlined: true,
+                        unresolved: None,
                     },
                     Frame {
                         address: 0x401136,
@@ -381,6 +368,7 @@ mod tests {
                         file: Some("/src/a.c".into()),
                         line: Some(38),
                         inlined: false,
+                        unresolved: None,
                     },
                 ],
             }],

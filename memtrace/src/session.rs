@@ -723,14 +723,7 @@ fn build_report(
                         .entry(unresolved_name(reason).to_string())
                         .or_insert(0u64) += 1;
                 }
-                frames.push(report::Frame {
-                    address: f.address,
-                    module: f.module,
-                    function: f.function,
-                    file: f.file,
-                    line: f.line,
-                    inlined: f.inlined,
-                });
+                frames.push(f);
             }
         }
         trim_below_entry(&mut frames);

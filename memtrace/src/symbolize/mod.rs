@@ -53,6 +53,8 @@ pub enum Unresolved {
 /// One symbolized frame. Inlined frames share the `address` of the physical frame.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Frame {
+    /// Serialized as a hex string (`"0x401136"`), as in the JSON report.
+    #[serde(serialize_with = "hex_address")]
     pub address: u64,
     /// Path as the target sees it (from its maps), `[vdso]` for the vdso.
     pub module: Option<String>,
@@ -62,6 +64,10 @@ pub struct Frame {
     pub inlined: bool,
     #[serde(skip)]
     pub unresolved: Option<Unresolved>,
+}
+
+fn hex_address<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
 }
 
 /// The address-independent part of a frame, as cached per (module, offset).
