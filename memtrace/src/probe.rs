@@ -75,7 +75,8 @@ impl TraceMaps {
 pub struct Probes {
     ebpf: Option<Ebpf>,
     loader_link: Option<UProbeLinkId>,
-    attached: usize,
+    /// Every attached probe: (program, link).
+    links: Vec<(&'static str, UProbeLinkId)>,
 }
 
 fn entry_program(role: Role) -> &'static str {
@@ -147,7 +148,7 @@ pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
         Probes {
             ebpf: Some(ebpf),
             loader_link: None,
-            attached: 0,
+            links: Vec::new(),
         },
         maps,
     ))
@@ -164,7 +165,7 @@ impl Probes {
 
     fn attach_one(
         &mut self,
-        prog: &str,
+        prog: &'static str,
         path: &Path,
         offset: u64,
         pid: u32,
@@ -178,14 +179,13 @@ impl Probes {
                 UProbeScope::OneProcess(pid),
             )
             .map_err(|e| anyhow!(e))?;
-        self.attached += 1;
         Ok(link)
     }
 
     /// Entry probes on every allocator function, a return probe on each one that
     /// allocates, bound to `pid`. Returns the number of probes attached.
     pub fn attach_allocator(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
-        let before = self.attached;
+        let before = self.links.len();
         for point in &alloc.points {
             let what = || {
                 format!(
@@ -194,19 +194,19 @@ impl Probes {
                     point.names.join("/")
                 )
             };
-            self.attach_one(
-                entry_program(point.role),
-                &alloc.open_path,
-                point.file_offset,
-                pid,
-            )
-            .with_context(what)?;
+            let prog = entry_program(point.role);
+            let link = self
+                .attach_one(prog, &alloc.open_path, point.file_offset, pid)
+                .with_context(what)?;
+            self.links.push((prog, link));
             if matches!(point.role, Role::Alloc(_)) {
-                self.attach_one("alloc_return", &alloc.open_path, point.file_offset, pid)
+                let link = self
+                    .attach_one("alloc_return", &alloc.open_path, point.file_offset, pid)
                     .with_context(what)?;
+                self.links.push(("alloc_return", link));
             }
         }
-        Ok(self.attached - before)
+        Ok(self.links.len() - before)
     }
 
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
@@ -221,15 +221,32 @@ impl Probes {
     pub fn detach_loader_breakpoint(&mut self) -> Result<()> {
         if let Some(link) = self.loader_link.take() {
             self.program("loader_breakpoint")?.detach(link)?;
-            self.attached -= 1;
         }
         Ok(())
     }
 
     /// Removes every probe from the target. The maps stay readable.
+    ///
+    /// Removing a uprobe waits for the kernel to quiesce (about 0.1 s per probe
+    /// on the development VM, 1.7 s for 17 probes). Each link is closed from a
+    /// thread of its own in case the kernel lets the waits overlap; on 6.18 they
+    /// still run one after the other. Fewer links (uprobe_multi) is the real fix.
     pub fn detach_all(&mut self) {
+        let mut owned = Vec::new();
+        for (prog, id) in std::mem::take(&mut self.links) {
+            if let Ok(link) = self.program(prog).and_then(|p| Ok(p.take_link(id)?)) {
+                owned.push(link);
+            }
+        }
+        let t = std::time::Instant::now();
+        let n = owned.len();
+        std::thread::scope(|s| {
+            for link in owned {
+                s.spawn(move || drop(link));
+            }
+        });
         self.ebpf = None;
+        log::debug!("{n} probes detached in {:?}", t.elapsed());
         self.loader_link = None;
-        self.attached = 0;
     }
 }

@@ -440,11 +440,13 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         }
     };
 
-    // Remove the probes first: the target runs at full speed again, and the
+    // Ages and the duration are taken at the end of tracing: detaching can take
+    // a second. Then the probes go: the target runs at full speed again, and the
     // figures no longer move while they are read.
-    at.probes.detach_all();
+    let end_ns = monotonic_ns();
     let ended_at = SystemTime::now();
     let duration = trace_start.elapsed();
+    at.probes.detach_all();
 
     let mut exited = end == End::TargetExited || !alive(pid);
     if at.launched {
@@ -491,6 +493,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             ended_at,
             duration,
             end,
+            end_ns,
             exited,
             exit_status: exit_state.and_then(|s| s.exit_code()),
         },
@@ -656,6 +659,8 @@ struct ReportMeta {
     ended_at: SystemTime,
     duration: Duration,
     end: End,
+    /// CLOCK_MONOTONIC when tracing ended: the "now" of every age.
+    end_ns: u64,
     exited: bool,
     exit_status: Option<i32>,
 }
@@ -669,7 +674,7 @@ fn build_report(
     at.collector.count_unfinished()?;
     let counters = at.collector.counters()?;
     let samples = at.collector.sites()?;
-    let now_ns = monotonic_ns();
+    let now_ns = meta.end_ns;
     let min_age_ns = cli.min_age.as_nanos() as u64;
     let ages = at.collector.ages(now_ns, min_age_ns)?;
 

@@ -1,0 +1,64 @@
+//! What the report shows: leak candidates by age, and the text rendering.
+
+use memtrace_tests::*;
+
+#[test]
+fn min_age_keeps_only_old_blocks_as_candidates() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("aged", Variant::FramePointers);
+    let run = run_launch(&["--min-age", "1s"], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let old = source_line("aged", "old_leak");
+    r.assert_outstanding(&[At("old_leak", Some(old)), At("main", None)], 5, 500);
+    assert!(
+        r.sites_containing("young_leak").is_empty(),
+        "young blocks are not leak candidates:\n{}",
+        r.summary()
+    );
+    let age = r.site_at("old_leak", old)["oldest_age_s"].as_f64().unwrap();
+    assert!(age >= 1.9, "oldest_age_s {age}: the blocks are 2 s old");
+    // Totals still count every outstanding block.
+    assert_eq!(r.total("outstanding_blocks"), 8, "{}", r.summary());
+    assert_eq!(r.total("outstanding_bytes"), 500 + 600, "{}", r.summary());
+    assert_eq!(r.0["min_age_s"].as_f64(), Some(1.0));
+}
+
+#[test]
+fn text_report_shows_the_top_sites_with_their_stacks() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("aged", Variant::FramePointers);
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(["-n", "1", "--"]).arg(&bin);
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    let young = source_line("aged", "young_leak");
+    let old = source_line("aged", "old_leak");
+    assert!(text.contains("outstanding: 1.1 KiB in 8 blocks"), "{text}");
+    assert!(text.contains("nothing dropped"), "{text}");
+    assert!(
+        text.contains("top 1 of 2 sites by outstanding bytes"),
+        "{text}"
+    );
+    assert!(text.contains("#1 600 B in 3 blocks"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "young_leak at {}:{young}",
+            fixture_source("aged").display()
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!(":{old}\n")),
+        "only the top site is shown:\n{text}"
+    );
+    assert!(
+        text.contains("... and 1 more sites holding 500 B"),
+        "{text}"
+    );
+}
