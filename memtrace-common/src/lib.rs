@@ -32,6 +32,46 @@ pub struct TextRange {
     pub end: u64,
 }
 
+// ---- unwind tables ---------------------------------------------------------
+// Userspace compiles each module's .eh_frame (or .debug_frame) into sorted rows;
+// the BPF unwinder walks the stack with them. The return address is always at
+// CFA - 8 on x86-64, so a row says how to find the CFA and the caller's rbp.
+
+/// No unwind information for this range: the BPF side falls back to frame pointers.
+pub const CFA_NONE: u8 = 0;
+/// CFA = rsp + cfa_offset
+pub const CFA_RSP: u8 = 1;
+/// CFA = rbp + cfa_offset
+pub const CFA_RBP: u8 = 2;
+/// The expression every .plt section uses:
+/// CFA = rsp + 8 + ((rip & 15) >= cfa_offset ? 8 : 0)
+pub const CFA_PLT: u8 = 3;
+/// The outermost frame (the return address is undefined, e.g. `_start`,
+/// `clone`'s child): the stack is complete here.
+pub const CFA_END: u8 = 4;
+/// A rule the BPF unwinder cannot follow (another DWARF expression, a CFA
+/// based on another register): the walk stops, counted and marked truncated.
+pub const CFA_UNSUPPORTED: u8 = 5;
+
+/// The caller's rbp is the same as this frame's (not saved here).
+pub const RBP_SAME: u8 = 0;
+/// The caller's rbp is saved at CFA + rbp_offset.
+pub const RBP_AT_CFA: u8 = 1;
+/// Any other rule for rbp: the walk continues with rbp unknown (0).
+pub const RBP_UNSUPPORTED: u8 = 2;
+
+/// One row: from `pc` up to the next row's `pc`. `pc` is the ELF virtual
+/// address minus the module's lowest PT_LOAD virtual address, so it fits 32 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_offset: i32,
+    pub rbp_offset: i16,
+    pub cfa_rule: u8,
+    pub rbp_rule: u8,
+}
+
 /// The allocator entry points memtrace understands. The value is stored in
 /// [`PendingCall::kind`]; the names are the glibc functions with that signature.
 #[repr(u32)]
@@ -188,9 +228,11 @@ mod pod {
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::TextRange {}
+    unsafe impl aya::Pod for super::UnwindRow {}
 }
 
 const _: () = {
+    assert!(core::mem::size_of::<UnwindRow>() == 12);
     assert!(core::mem::size_of::<Allocation>() == 24);
     assert!(core::mem::size_of::<SiteStats>() == 32);
     assert!(core::mem::size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
