@@ -72,6 +72,52 @@ pub struct UnwindRow {
     pub rbp_rule: u8,
 }
 
+/// Default capacity of `UNWIND_ROWS` (12 bytes each).
+pub const DEFAULT_MAX_UNWIND_ROWS: u32 = 1 << 21;
+/// Default capacity of `PC_PAGES`.
+pub const DEFAULT_MAX_PC_PAGES: u32 = 1 << 17;
+/// Code is indexed in pages of 2^PC_PAGE_SHIFT bytes: a pc's page gives its
+/// module and the few rows that cover the page, so the BPF side needs one hash
+/// lookup and a short binary search per frame (a search over whole modules
+/// would blow the verifier's budget).
+pub const PC_PAGE_SHIFT: u32 = 10;
+/// Most rows one page may span; the BPF binary search does this many halvings.
+pub const MAX_ROWS_PER_PAGE_LOG2: u32 = 9;
+
+/// Key of map `PC_PAGES`: a page of code in one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// `pc >> PC_PAGE_SHIFT`
+    pub page: u64,
+}
+
+/// Value of `PC_PAGES`: the rows covering a page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRows {
+    /// Runtime address of the module's base vaddr: a pc's row key is `pc - pc_base`.
+    pub pc_base: u64,
+    /// `UNWIND_ROWS[first_row .. first_row + row_count]`, the first of them at
+    /// or before the page's start.
+    pub first_row: u32,
+    pub row_count: u32,
+}
+
+/// Why a stack walk stopped early (bits of [`StackTrace::flags`]). A stack with
+/// any of the `TRUNCATED_*` bits is incomplete: its outermost frames are missing.
+pub const STACK_TRUNCATED_READ: u32 = 1;
+pub const STACK_TRUNCATED_DEPTH: u32 = 2;
+pub const STACK_TRUNCATED_UNSUPPORTED: u32 = 4;
+pub const STACK_TRUNCATED_NO_FP: u32 = 8;
+pub const STACK_TRUNCATED_MASK: u32 = 15;
+/// Some frame had no unwind row and was stepped over with its frame pointer.
+pub const STACK_USED_FP: u32 = 16;
+/// Frame-pointer walk (bpf_get_stack), no unwind tables for this process.
+pub const STACK_FP_ONLY: u32 = 32;
+
 /// The allocator entry points memtrace understands. The value is stored in
 /// [`PendingCall::kind`]; the names are the glibc functions with that signature.
 #[repr(u32)]
@@ -142,7 +188,9 @@ pub struct SiteStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StackTrace {
-    pub len: u64,
+    pub len: u32,
+    /// `STACK_*` bits: how the walk went.
+    pub flags: u32,
     pub frames: [u64; MAX_STACK_DEPTH],
 }
 
@@ -215,9 +263,19 @@ pub enum Counter {
     AddressReused = 13,
     /// Allocator calls made by the allocator itself, not counted on their own.
     InternalCalls = 14,
+    /// Frames stepped over with the frame pointer because no unwind row covered them.
+    UnwindFpFallback = 15,
+    /// Walks stopped because the stack could not be read.
+    UnwindBadRead = 16,
+    /// Walks stopped at the depth limit.
+    UnwindDepthLimit = 17,
+    /// Walks stopped at a rule the BPF unwinder cannot follow.
+    UnwindUnsupported = 18,
+    /// Walks stopped where neither a row nor a frame pointer led on.
+    UnwindNoFramePointer = 19,
 }
 
-pub const NUM_COUNTERS: u32 = 15;
+pub const NUM_COUNTERS: u32 = 20;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -229,10 +287,14 @@ mod pod {
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::TextRange {}
     unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::PageKey {}
+    unsafe impl aya::Pod for super::PageRows {}
 }
 
 const _: () = {
     assert!(core::mem::size_of::<UnwindRow>() == 12);
+    assert!(core::mem::size_of::<PageKey>() == 16);
+    assert!(core::mem::size_of::<PageRows>() == 16);
     assert!(core::mem::size_of::<Allocation>() == 24);
     assert!(core::mem::size_of::<SiteStats>() == 32);
     assert!(core::mem::size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);

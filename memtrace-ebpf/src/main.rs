@@ -26,7 +26,7 @@ mod probes {
         EbpfContext,
         bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
         helpers::{
-            bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
+            bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
             bpf_send_signal,
         },
         macros::{map, uprobe, uretprobe},
@@ -34,6 +34,11 @@ mod probes {
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
+        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, DEFAULT_MAX_PC_PAGES,
+        DEFAULT_MAX_UNWIND_ROWS, MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows,
+        RBP_AT_CFA, RBP_SAME, STACK_FP_ONLY,
+        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, UnwindRow,
         AllocKind, Allocation, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PENDING,
         DEFAULT_MAX_STACKS, MAX_ALLOCATOR_FUNCTIONS, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS,
         PendingCall, PendingKey, SiteStats, StackTrace, TextRange,
@@ -66,6 +71,20 @@ mod probes {
 
     #[map]
     static ALLOCATOR_TEXT: Array<TextRange> = Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
+
+    /// Every module's unwind rows, each module's a sorted run (see ExecMapping).
+    #[map]
+    static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(DEFAULT_MAX_UNWIND_ROWS, 0);
+
+    /// (tgid, code page) → the rows covering that page.
+    #[map]
+    static PC_PAGES: HashMap<PageKey, PageRows> =
+        HashMap::with_max_entries(DEFAULT_MAX_PC_PAGES, BPF_F_NO_PREALLOC);
+
+    /// Processes whose unwind tables are loaded (tgid → 1). Others are walked
+    /// with frame pointers (bpf_get_stack).
+    #[map]
+    static PROC_TABLES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
     /// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
     #[map]
@@ -106,6 +125,183 @@ mod probes {
         x ^ (x >> 29)
     }
 
+    /// Reads one u64 of the target's memory.
+    #[inline(always)]
+    fn read_user(addr: u64) -> Option<u64> {
+        unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+    }
+
+    /// State of a stack walk, on the BPF stack (bpf_loop's context must be).
+    #[repr(C)]
+    struct Walk {
+        pc: u64,
+        sp: u64,
+        bp: u64,
+        tgid: u32,
+        flags: u32,
+        len: u32,
+        _pad: u32,
+    }
+
+    /// The row that covers `pc`: the page index gives the few candidate rows,
+    /// a short binary search picks the last one at or before `pc`.
+    #[inline(always)]
+    fn find_row(tgid: u32, pc: u64) -> Option<UnwindRow> {
+        let key = PageKey { tgid, _pad: 0, page: pc >> PC_PAGE_SHIFT };
+        let page = unsafe { PC_PAGES.get(&key) }?;
+        if page.row_count == 0 {
+            return None;
+        }
+        let rel = pc.wrapping_sub(page.pc_base) as u32;
+        let (mut lo, mut hi) = (page.first_row, page.first_row + page.row_count);
+        let mut i = 0;
+        while i < MAX_ROWS_PER_PAGE_LOG2 + 1 && hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if UNWIND_ROWS.get(mid)?.pc <= rel {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+            i += 1;
+        }
+        let row = UNWIND_ROWS.get(lo)?;
+        (row.pc <= rel).then_some(*row)
+    }
+
+    /// One step of the walk: records `w.pc`, then moves to the caller.
+    /// Returns 1 to stop (bpf_loop's convention).
+    extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+        let w = unsafe { &mut *(ctx as *mut Walk) };
+        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else { return 1 };
+        let scratch = unsafe { &mut *scratch };
+        let n = w.len as usize;
+        if n >= MAX_STACK_DEPTH {
+            w.flags |= STACK_TRUNCATED_DEPTH;
+            count(Counter::UnwindDepthLimit, 1);
+            return 1;
+        }
+        scratch.frames[n] = w.pc;
+        w.len += 1;
+
+        // Every pc is a return address: look up the call instruction, pc - 1
+        // (after a call to a noreturn function, pc itself may be past the end
+        // of the caller).
+        let lookup = w.pc.wrapping_sub(1);
+        let row = find_row(w.tgid, lookup);
+        let cfa_rule = row.map_or(CFA_NONE, |r| r.cfa_rule);
+        let (cfa, ra, bp) = match cfa_rule {
+            CFA_END => return 1,
+            CFA_RSP | CFA_RBP | CFA_PLT => {
+                let r = row.unwrap_or_default();
+                let cfa = match cfa_rule {
+                    CFA_RSP => w.sp.wrapping_add(r.cfa_offset as i64 as u64),
+                    CFA_RBP => {
+                        if w.bp == 0 {
+                            w.flags |= STACK_TRUNCATED_UNSUPPORTED;
+                            count(Counter::UnwindUnsupported, 1);
+                            return 1;
+                        }
+                        w.bp.wrapping_add(r.cfa_offset as i64 as u64)
+                    }
+                    _ => {
+                        let extra = if (w.pc & 15) >= r.cfa_offset as u64 { 8 } else { 0 };
+                        w.sp + 8 + extra
+                    }
+                };
+                let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
+                    w.flags |= STACK_TRUNCATED_READ;
+                    count(Counter::UnwindBadRead, 1);
+                    return 1;
+                };
+                let bp = match r.rbp_rule {
+                    RBP_SAME => w.bp,
+                    RBP_AT_CFA => match read_user(cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
+                        Some(bp) => bp,
+                        None => {
+                            w.flags |= STACK_TRUNCATED_READ;
+                            count(Counter::UnwindBadRead, 1);
+                            return 1;
+                        }
+                    },
+                    _ => 0,
+                };
+                (cfa, ra, bp)
+            }
+            CFA_NONE => {
+                // No unwind information here: follow the frame pointer.
+                if w.bp == 0 || w.bp < w.sp {
+                    w.flags |= STACK_TRUNCATED_NO_FP;
+                    count(Counter::UnwindNoFramePointer, 1);
+                    return 1;
+                }
+                let (Some(ra), Some(bp)) = (read_user(w.bp + 8), read_user(w.bp)) else {
+                    w.flags |= STACK_TRUNCATED_READ;
+                    count(Counter::UnwindBadRead, 1);
+                    return 1;
+                };
+                w.flags |= STACK_USED_FP;
+                count(Counter::UnwindFpFallback, 1);
+                (w.bp + 16, ra, bp)
+            }
+            _ => {
+                w.flags |= STACK_TRUNCATED_UNSUPPORTED;
+                count(Counter::UnwindUnsupported, 1);
+                return 1;
+            }
+        };
+        if ra == 0 {
+            return 1;
+        }
+        w.pc = ra;
+        w.sp = cfa;
+        w.bp = bp;
+        0
+    }
+
+    /// Fills STACK_SCRATCH with the user stack: walked with the unwind tables
+    /// when userspace loaded them for this process, else with frame pointers.
+    #[inline(always)]
+    fn walk_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> bool {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
+            let n = unsafe {
+                bpf_get_stack(
+                    ctx.as_ptr(),
+                    scratch.frames.as_mut_ptr() as *mut _,
+                    (MAX_STACK_DEPTH * 8) as u32,
+                    BPF_F_USER_STACK as u64,
+                )
+            };
+            if n <= 0 {
+                return false;
+            }
+            scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
+            scratch.flags = STACK_FP_ONLY;
+            return true;
+        }
+        let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        let mut w = Walk {
+            pc: unsafe { (*regs).rip },
+            sp: unsafe { (*regs).rsp },
+            bp: unsafe { (*regs).rbp },
+            tgid,
+            flags: 0,
+            len: 0,
+            _pad: 0,
+        };
+        unsafe {
+            bpf_loop(
+                MAX_STACK_DEPTH as u32 + 1,
+                walk_step as *mut core::ffi::c_void,
+                (&raw mut w).cast(),
+                0,
+            )
+        };
+        scratch.len = w.len;
+        scratch.flags = w.flags;
+        w.len > 0
+    }
+
     #[inline(always)]
     fn capture_stack<C: EbpfContext>(ctx: &C) -> u64 {
         let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -113,23 +309,14 @@ mod probes {
             return NO_STACK;
         };
         let scratch = unsafe { &mut *scratch };
-        let n = unsafe {
-            bpf_get_stack(
-                ctx.as_ptr(),
-                scratch.frames.as_mut_ptr() as *mut _,
-                (MAX_STACK_DEPTH * 8) as u32,
-                BPF_F_USER_STACK as u64,
-            )
-        };
-        if n <= 0 {
+        if !walk_stack(ctx, scratch) {
             count(Counter::StackReadErrors, 1);
             return NO_STACK;
         }
-        let len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64);
-        scratch.len = len;
-        let mut h: u64 = 0x6d65_6d74_7261_6365 ^ len;
+        let len = (scratch.len as usize).min(MAX_STACK_DEPTH);
+        let mut h: u64 = 0x6d65_6d74_7261_6365 ^ len as u64;
         let mut i = 0usize;
-        while i < MAX_STACK_DEPTH && (i as u64) < len {
+        while i < MAX_STACK_DEPTH && i < len {
             h = mix(h, scratch.frames[i]);
             i += 1;
         }
@@ -138,12 +325,12 @@ mod probes {
         }
         match unsafe { STACKS.get(&h) } {
             Some(existing) => {
-                if existing.len != len {
+                if existing.len as usize != len {
                     count(Counter::StackHashCollisions, 1);
                     return NO_STACK;
                 }
                 let mut i = 0usize;
-                while i < MAX_STACK_DEPTH && (i as u64) < len {
+                while i < MAX_STACK_DEPTH && i < len {
                     if existing.frames[i] != scratch.frames[i] {
                         count(Counter::StackHashCollisions, 1);
                         return NO_STACK;

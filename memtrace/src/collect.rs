@@ -27,6 +27,13 @@ pub struct Counters {
     pub missed_returns: u64,
     pub address_reused: u64,
     pub internal_calls: u64,
+    /// Frames stepped over with frame pointers (no unwind row covered them).
+    pub unwind_fp_fallback: u64,
+    /// Stack walks that stopped early, by cause.
+    pub unwind_bad_read: u64,
+    pub unwind_depth_limit: u64,
+    pub unwind_unsupported: u64,
+    pub unwind_no_frame_pointer: u64,
 }
 
 impl Counters {
@@ -48,6 +55,11 @@ impl Counters {
             unmatched_returns: c(Counter::UnmatchedReturns),
             missed_returns,
             address_reused: c(Counter::AddressReused),
+            unwind_fp_fallback: c(Counter::UnwindFpFallback),
+            unwind_bad_read: c(Counter::UnwindBadRead),
+            unwind_depth_limit: c(Counter::UnwindDepthLimit),
+            unwind_unsupported: c(Counter::UnwindUnsupported),
+            unwind_no_frame_pointer: c(Counter::UnwindNoFramePointer),
             internal_calls: c(Counter::InternalCalls),
         }
     }
@@ -97,7 +109,7 @@ const PENDING_EXPIRY_NS: u64 = 30_000_000_000;
 
 pub struct Collector {
     pub maps: TraceMaps,
-    stacks: HashMap<u64, Vec<u64>>,
+    stacks: HashMap<u64, (Vec<u64>, u32)>,
     missed_returns: u64,
 }
 
@@ -146,18 +158,24 @@ impl Collector {
     /// The frames (return addresses, innermost first) of a stack; cached, since
     /// a stored stack never changes.
     pub fn stack(&mut self, stack_id: u64) -> Result<&[u64]> {
+        Ok(&self.stack_entry(stack_id)?.0)
+    }
+
+    /// How the stack's walk went: `memtrace_common::STACK_*` bits.
+    pub fn stack_flags(&mut self, stack_id: u64) -> Result<u32> {
+        Ok(self.stack_entry(stack_id)?.1)
+    }
+
+    fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32)> {
         if !self.stacks.contains_key(&stack_id) {
-            let frames = if stack_id == NO_STACK {
-                Vec::new()
+            let entry = if stack_id == NO_STACK {
+                (Vec::new(), 0)
             } else {
-                let st = self
-                    .maps
-                    .stacks
-                    .get(&stack_id, 0)
-                    .context("reading STACKS")?;
-                st.frames[..(st.len as usize).min(st.frames.len())].to_vec()
+                let st = self.maps.stacks.get(&stack_id, 0).context("reading STACKS")?;
+                let len = (st.len as usize).min(st.frames.len());
+                (st.frames[..len].to_vec(), st.flags)
             };
-            self.stacks.insert(stack_id, frames);
+            self.stacks.insert(stack_id, entry);
         }
         Ok(&self.stacks[&stack_id])
     }

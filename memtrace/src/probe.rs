@@ -16,7 +16,7 @@ use aya::{
 };
 use memtrace_common::{
     AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PendingCall, PendingKey,
-    SiteStats, StackTrace, TextRange,
+    PageKey, PageRows, SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::allocator::{Allocator, Role};
@@ -35,6 +35,9 @@ pub struct TraceMaps {
     pub pending: HashMap<MapData, PendingKey, PendingCall>,
     pub counters: PerCpuArray<MapData, u64>,
     pub allocator_text: Array<MapData, TextRange>,
+    pub unwind_rows: Array<MapData, UnwindRow>,
+    pub pc_pages: HashMap<MapData, PageKey, PageRows>,
+    pub proc_tables: HashMap<MapData, u32, u32>,
 }
 
 impl TraceMaps {
@@ -143,6 +146,9 @@ pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
         pending: HashMap::try_from(take("PENDING")?)?,
         counters: PerCpuArray::try_from(take("COUNTERS")?)?,
         allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
+        unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
+        pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
+        proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
     };
     Ok((
         Probes {

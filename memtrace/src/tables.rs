@@ -1,0 +1,219 @@
+//! Loading unwind tables into the kernel for the BPF stack walker.
+//!
+//! Each module (keyed by file identity, not by process) is compiled once from
+//! its `.eh_frame` and its rows appended to `UNWIND_ROWS`; each code page of a
+//! process then points at the rows that cover it in `PC_PAGES`. A process not
+//! in `PROC_TABLES` is walked with frame pointers.
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+};
+
+use anyhow::{Context, Result};
+use memtrace_common::{
+    MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, UnwindRow,
+};
+use object::{Object, ObjectSegment};
+
+use crate::{
+    probe::TraceMaps,
+    procmaps::read_maps,
+    symbolize::{MappedModule, ProcessModules},
+    unwind,
+};
+
+/// A module whose rows are in the kernel.
+#[derive(Clone, Copy, Debug)]
+struct LoadedModule {
+    first_row: u32,
+    /// Lowest PT_LOAD vaddr: rows are keyed by `vaddr - base`.
+    base: u64,
+}
+
+/// What the tables cost and cover, for the report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TableStats {
+    pub modules: usize,
+    pub rows: u64,
+    /// Kernel memory used by the rows (12 bytes each).
+    pub row_bytes: u64,
+    pub mappings: usize,
+    /// Entries of the page index (PC_PAGES, 32 bytes each with the key).
+    pub pages: u64,
+    /// Modules without usable unwind information (walked with frame pointers).
+    pub modules_without_tables: Vec<String>,
+    pub capacity_rows: u32,
+}
+
+pub struct UnwindTables {
+    modules: HashMap<(u64, u64), Option<LoadedModule>>,
+    /// Each loaded module's rows, by first row index (to index pages).
+    rows: HashMap<u32, Vec<UnwindRow>>,
+    /// Mappings already indexed: (start, end, inode).
+    indexed: HashSet<(u64, u64, u64)>,
+    next_row: u32,
+    capacity: u32,
+    pub stats: TableStats,
+}
+
+impl UnwindTables {
+    pub fn new(capacity: u32) -> Self {
+        UnwindTables {
+            modules: HashMap::new(),
+            rows: HashMap::new(),
+            indexed: HashSet::new(),
+            next_row: 0,
+            capacity,
+            stats: TableStats { capacity_rows: capacity, ..Default::default() },
+        }
+    }
+
+    /// Compiles (once per file) and loads the rows of every executable mapping
+    /// of `pid`, then indexes its code pages. Mappings already indexed are skipped.
+    pub fn load_process(
+        &mut self,
+        maps: &mut TraceMaps,
+        pid: u32,
+        modules: &ProcessModules,
+    ) -> Result<()> {
+        let current = read_maps(pid).map_err(|e| anyhow::anyhow!(e))?;
+        for m in modules.modules() {
+            // Only what is mapped now: ProcessModules also keeps unmapped modules
+            // for symbolization, and their ranges may have been reused.
+            let mapped = current
+                .iter()
+                .any(|e| e.start == m.start && e.end == m.end && e.inode == m.inode);
+            if !mapped || !self.indexed.insert((m.start, m.end, m.inode)) {
+                continue;
+            }
+            let Some((loaded, pc_base)) = self.module(maps, m) else { continue };
+            self.index_pages(maps, pid, m.start, m.end, pc_base, loaded)?;
+            self.stats.mappings += 1;
+        }
+        maps.proc_tables.insert(pid, 1, 0).context("writing PROC_TABLES")?;
+        Ok(())
+    }
+
+    /// One PC_PAGES entry per page of the mapping: the rows that cover it.
+    fn index_pages(
+        &mut self,
+        maps: &mut TraceMaps,
+        pid: u32,
+        start: u64,
+        end: u64,
+        pc_base: u64,
+        loaded: LoadedModule,
+    ) -> Result<()> {
+        let rows = &self.rows[&loaded.first_row];
+        let page_size = 1u64 << PC_PAGE_SHIFT;
+        let mut page = start >> PC_PAGE_SHIFT;
+        while page << PC_PAGE_SHIFT < end {
+            let lo = (page << PC_PAGE_SHIFT).max(start).wrapping_sub(pc_base);
+            let hi = ((page << PC_PAGE_SHIFT) + page_size).min(end).wrapping_sub(pc_base);
+            let (lo, hi) = (lo as u32, hi.min(u32::MAX as u64) as u32);
+            let first = rows.partition_point(|r| r.pc <= lo).saturating_sub(1);
+            let last = rows.partition_point(|r| r.pc < hi);
+            if last > first {
+                let n = (last - first) as u32;
+                if n > 1 << (MAX_ROWS_PER_PAGE_LOG2 + 1) {
+                    log::warn!("a code page at {:#x} has {n} unwind rows; some pcs in it are not found", page << PC_PAGE_SHIFT);
+                }
+                let key = PageKey { tgid: pid, _pad: 0, page };
+                let value = PageRows { pc_base, first_row: loaded.first_row + first as u32, row_count: n };
+                maps.pc_pages.insert(key, value, 0).context("writing PC_PAGES")?;
+                self.stats.pages += 1;
+            }
+            page += 1;
+        }
+        Ok(())
+    }
+
+    /// The rows of one mapped module (loading them if new) and its pc_base.
+    fn module(&mut self, maps: &mut TraceMaps, m: &MappedModule) -> Option<(LoadedModule, u64)> {
+        let map;
+        let (data, key): (&[u8], (u64, u64)) = if m.is_vdso() {
+            (&m.image.as_ref()?[..], (u64::MAX, m.start))
+        } else {
+            let file = m.file.as_ref()?;
+            let meta = file.metadata().ok()?;
+            // SAFETY: read-only private mapping of a file the target maps itself.
+            map = unsafe { memmap2::Mmap::map(&**file) }.ok()?;
+            (&map[..], (meta.dev(), meta.ino()))
+        };
+        let loaded = match self.modules.get(&key) {
+            Some(l) => *l,
+            None => {
+                let l = self.compile_and_load(maps, &m.path, data);
+                self.modules.insert(key, l);
+                l
+            }
+        }?;
+        let pc_base = load_bias(data, m.start, m.offset)?.wrapping_add(loaded.base);
+        Some((loaded, pc_base))
+    }
+
+    fn compile_and_load(&mut self, maps: &mut TraceMaps, path: &str, data: &[u8]) -> Option<LoadedModule> {
+        let table = match unwind::compile(data) {
+            Ok(t) if !t.rows.is_empty() => t,
+            Ok(_) => {
+                self.stats.modules_without_tables.push(path.to_string());
+                return None;
+            }
+            Err(e) => {
+                log::debug!("{path}: no unwind table: {e}");
+                self.stats.modules_without_tables.push(path.to_string());
+                return None;
+            }
+        };
+        let n = table.rows.len() as u32;
+        if self.next_row.saturating_add(n) > self.capacity {
+            log::warn!(
+                "unwind table space is full ({} rows): {path} is walked with frame pointers",
+                self.capacity
+            );
+            self.stats.modules_without_tables.push(path.to_string());
+            return None;
+        }
+        let first = self.next_row;
+        for (i, row) in table.rows.iter().enumerate() {
+            if let Err(e) = maps.unwind_rows.set(first + i as u32, *row, 0) {
+                log::warn!("loading unwind rows of {path}: {e}");
+                return None;
+            }
+        }
+        self.next_row += n;
+        self.rows.insert(first, table.rows);
+        self.stats.modules += 1;
+        self.stats.rows += n as u64;
+        self.stats.row_bytes += n as u64 * std::mem::size_of::<UnwindRow>() as u64;
+        Some(LoadedModule { first_row: first, base: table.base })
+    }
+}
+
+/// Runtime address minus ELF vaddr for a mapping at `start` of file offset
+/// `offset`, from the PT_LOAD segment that covers that offset.
+pub fn load_bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
+    let file = object::File::parse(data).ok()?;
+    file.segments().find_map(|seg| {
+        let (off, size) = seg.file_range();
+        // Mappings start at page boundaries: the segment may begin a little later.
+        let page_off = off & !0xfff;
+        (offset >= page_off && offset < off + size.max(1)).then(|| {
+            let vaddr = seg.address().wrapping_sub(off).wrapping_add(offset);
+            start.wrapping_sub(vaddr)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libc_text_is_mapped_at_its_vaddr() {
+        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+        // Debian's libc: r-xp at file offset 0x26000 maps vaddr 0x26000.
+        let bias = load_bias(&data, 0x7f00_0002_6000, 0x26000).unwrap();
+        assert_eq!(bias, 0x7f00_0000_0000);
+    }
+}
