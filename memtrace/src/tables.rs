@@ -190,15 +190,20 @@ impl UnwindTables {
     }
 }
 
-/// Runtime address minus ELF vaddr for a mapping at `start` of file offset
-/// `offset`, from the PT_LOAD segment that covers that offset.
+/// Runtime address minus ELF vaddr for an executable mapping at `start` of
+/// file offset `offset`, from the executable PT_LOAD segment that covers that
+/// offset. (Mappings start at page boundaries, so the page at `offset` may also
+/// hold the end of the segment before: lld puts .text right after .rodata.)
 pub fn load_bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
     let file = object::File::parse(data).ok()?;
     file.segments().find_map(|seg| {
+        let exec = match seg.flags() {
+            object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
+            _ => true,
+        };
         let (off, size) = seg.file_range();
-        // Mappings start at page boundaries: the segment may begin a little later.
         let page_off = off & !0xfff;
-        (offset >= page_off && offset < off + size.max(1)).then(|| {
+        (exec && offset >= page_off && offset < off + size.max(1)).then(|| {
             let vaddr = seg.address().wrapping_sub(off).wrapping_add(offset);
             start.wrapping_sub(vaddr)
         })
@@ -208,6 +213,38 @@ pub fn load_bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executable_segment_decides_when_segments_share_a_page() {
+        // Like lld's layout: R at offset 0 (size 0x12a20), then R+X at offset
+        // 0x12a20, vaddr 0x13a20. The r-xp mapping starts at offset 0x12000.
+        let dir = std::env::temp_dir().join(format!("memtrace-bias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("t.c");
+        std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+        let exe = dir.join("t");
+        let ok = std::process::Command::new("gcc")
+            .args(["-fuse-ld=bfd", "-Wl,-z,noseparate-code", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "gcc failed");
+        let data = std::fs::read(&exe).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let text = file
+            .segments()
+            .find(|s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags, .. } if p_flags.contains(object::elf::PF_X)))
+            .unwrap();
+        let (off, _) = text.file_range();
+        let page = off & !0xfff;
+        let start = 0x5555_0000_0000 + page;
+        let bias = load_bias(&data, start, page).unwrap();
+        // The byte at `off` is at vaddr text.address(): runtime start + (off - page).
+        assert_eq!(start + (off - page) - bias, text.address());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn libc_text_is_mapped_at_its_vaddr() {
