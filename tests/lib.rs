@@ -158,16 +158,16 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// `tests/fixtures/<name>.c`, or `.cpp`.
+/// `tests/fixtures/<name>.c`, or `.cpp`, or `.rs`.
 pub fn fixture_source(name: &str) -> PathBuf {
     let dir = fixtures_dir();
-    for ext in ["c", "cpp"] {
+    for ext in ["c", "cpp", "rs"] {
         let p = dir.join(format!("{name}.{ext}"));
         if p.is_file() {
             return p;
         }
     }
-    panic!("no fixture {name}.c or {name}.cpp in {}", dir.display());
+    panic!("no fixture {name}.c, .cpp or .rs in {}", dir.display());
 }
 
 /// Flags a fixture asks for itself, in a `@cflags: ... */` comment (e.g. `-pthread`).

@@ -26,22 +26,21 @@ mod probes {
         EbpfContext,
         bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
         helpers::{
-            bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
-            bpf_send_signal,
+            bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_loop,
+            bpf_probe_read_user, bpf_send_signal,
         },
         macros::{map, uprobe, uretprobe},
         maps::{Array, HashMap, PerCpuArray},
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
-        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, DEFAULT_MAX_PC_PAGES,
-        DEFAULT_MAX_UNWIND_ROWS, MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows,
-        RBP_AT_CFA, RBP_SAME, STACK_FP_ONLY,
-        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, UnwindRow,
-        AllocKind, Allocation, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PENDING,
-        DEFAULT_MAX_STACKS, MAX_ALLOCATOR_FUNCTIONS, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS,
-        PendingCall, PendingKey, SiteStats, StackTrace, TextRange,
+        AllocKind, Allocation, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter,
+        DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS,
+        DEFAULT_MAX_UNWIND_ROWS, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH,
+        NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PageKey, PageRows, PendingCall, PendingKey,
+        RBP_AT_CFA, RBP_SAME, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
+        STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteStats, StackTrace,
+        TextRange, UnwindRow,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -147,7 +146,11 @@ mod probes {
     /// a short binary search picks the last one at or before `pc`.
     #[inline(always)]
     fn find_row(tgid: u32, pc: u64) -> Option<UnwindRow> {
-        let key = PageKey { tgid, _pad: 0, page: pc >> PC_PAGE_SHIFT };
+        let key = PageKey {
+            tgid,
+            _pad: 0,
+            page: pc >> PC_PAGE_SHIFT,
+        };
         let page = unsafe { PC_PAGES.get(&key) }?;
         if page.row_count == 0 {
             return None;
@@ -172,7 +175,9 @@ mod probes {
     /// Returns 1 to stop (bpf_loop's convention).
     extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         let w = unsafe { &mut *(ctx as *mut Walk) };
-        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else { return 1 };
+        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+            return 1;
+        };
         let scratch = unsafe { &mut *scratch };
         let n = w.len as usize;
         if n >= MAX_STACK_DEPTH {
@@ -204,7 +209,11 @@ mod probes {
                         w.bp.wrapping_add(r.cfa_offset as i64 as u64)
                     }
                     _ => {
-                        let extra = if (w.pc & 15) >= r.cfa_offset as u64 { 8 } else { 0 };
+                        let extra = if (w.pc & 15) >= r.cfa_offset as u64 {
+                            8
+                        } else {
+                            0
+                        };
                         w.sp + 8 + extra
                     }
                 };
@@ -390,16 +399,18 @@ mod probes {
         }
     }
 
-    /// Retires the outstanding block at `ptr`. `not_after_ns` protects realloc:
-    /// between realloc's entry and its return probe another thread may already
-    /// have been handed the old address by malloc; that newer block is kept.
+    /// Retires the outstanding block at `ptr`; false if memtrace never saw it.
+    /// `not_after_ns` protects realloc: between realloc's entry and its return
+    /// probe another thread may already have been handed the old address by
+    /// malloc. That newer block is kept, and the old one counts as retired: the
+    /// newer allocation retired it when it took the address (AddressReused).
     #[inline(always)]
     fn retire(ptr: u64, not_after_ns: u64) -> bool {
         let Some(a) = (unsafe { ALLOCS.get(&ptr) }) else {
             return false;
         };
         if a.timestamp_ns > not_after_ns {
-            return false;
+            return true;
         }
         let (size, stack_id) = (a.size, a.stack_id);
         if ALLOCS.remove(&ptr).is_ok() {

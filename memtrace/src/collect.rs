@@ -171,7 +171,11 @@ impl Collector {
             let entry = if stack_id == NO_STACK {
                 (Vec::new(), 0)
             } else {
-                let st = self.maps.stacks.get(&stack_id, 0).context("reading STACKS")?;
+                let st = self
+                    .maps
+                    .stacks
+                    .get(&stack_id, 0)
+                    .context("reading STACKS")?;
                 let len = (st.len as usize).min(st.frames.len());
                 (st.frames[..len].to_vec(), st.flags)
             };

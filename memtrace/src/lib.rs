@@ -12,4 +12,6 @@ pub mod procmaps;
 pub mod report;
 pub mod session;
 pub mod symbolize;
+pub mod tables;
 pub mod units;
+pub mod unwind;

@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PendingCall, PendingKey,
-    PageKey, PageRows, SiteStats, StackTrace, TextRange, UnwindRow,
+    AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall,
+    PendingKey, SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::allocator::{Allocator, Role};

@@ -20,6 +20,7 @@ use crate::{
     procmaps::read_maps,
     report::{self, AllocatorInfo, Drops, Report, Sampling, Site, TargetInfo, Totals},
     symbolize::{ProcessModules, Symbolizer, Unresolved},
+    tables::UnwindTables,
     units::{format_bytes, format_count, format_duration},
 };
 
@@ -219,6 +220,24 @@ struct Attached {
     /// Launch mode: we are the parent and reap the child.
     launched: bool,
     nprobes: usize,
+    /// Unwind tables loaded into the kernel for this process.
+    tables: UnwindTables,
+}
+
+/// Loads the unwind tables of every module `pid` maps. Without them the BPF
+/// side walks frame pointers, so a failure costs stack quality, not the run.
+fn load_tables(
+    tables: &mut UnwindTables,
+    maps: &mut crate::probe::TraceMaps,
+    pid: u32,
+    modules: &ProcessModules,
+) {
+    if std::env::var_os("MEMTRACE_STACKS").is_some_and(|v| v == "fp") {
+        return;
+    }
+    if let Err(e) = tables.load_process(maps, pid, modules) {
+        log::warn!("unwind tables not loaded, stacks will use frame pointers: {e:#}");
+    }
 }
 
 fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
@@ -244,6 +263,8 @@ fn attach_existing(pid: u32) -> Result<Attached> {
     debug_attach_delay();
     let (mut probes, mut trace_maps) = probe::load(pid)?;
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
+    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules);
     let nprobes = probes
         .attach_allocator(&allocator, pid)
         .map_err(|e| exited_during_attach(pid, e))?;
@@ -261,6 +282,7 @@ fn attach_existing(pid: u32) -> Result<Attached> {
         modules,
         launched: false,
         nprobes,
+        tables,
     })
 }
 
@@ -360,6 +382,8 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
         .unwrap_or_default();
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
+    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -372,6 +396,7 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
         modules,
         launched: true,
         nprobes,
+        tables,
     })
 }
 
@@ -430,7 +455,9 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         let now = Instant::now();
         if now >= next_refresh {
             next_refresh = now + MODULE_REFRESH;
-            let _ = at.modules.refresh(pid);
+            if let Ok(true) = at.modules.refresh(pid) {
+                load_tables(&mut at.tables, &mut at.collector.maps, pid, &at.modules);
+            }
         }
         if now >= next_summary {
             next_summary += cli.interval;

@@ -10,9 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use memtrace_common::{
-    MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, UnwindRow,
-};
+use memtrace_common::{MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, UnwindRow};
 use object::{Object, ObjectSegment};
 
 use crate::{
@@ -64,7 +62,10 @@ impl UnwindTables {
             indexed: HashSet::new(),
             next_row: 0,
             capacity,
-            stats: TableStats { capacity_rows: capacity, ..Default::default() },
+            stats: TableStats {
+                capacity_rows: capacity,
+                ..Default::default()
+            },
         }
     }
 
@@ -86,11 +87,15 @@ impl UnwindTables {
             if !mapped || !self.indexed.insert((m.start, m.end, m.inode)) {
                 continue;
             }
-            let Some((loaded, pc_base)) = self.module(maps, m) else { continue };
+            let Some((loaded, pc_base)) = self.module(maps, m) else {
+                continue;
+            };
             self.index_pages(maps, pid, m.start, m.end, pc_base, loaded)?;
             self.stats.mappings += 1;
         }
-        maps.proc_tables.insert(pid, 1, 0).context("writing PROC_TABLES")?;
+        maps.proc_tables
+            .insert(pid, 1, 0)
+            .context("writing PROC_TABLES")?;
         Ok(())
     }
 
@@ -109,18 +114,33 @@ impl UnwindTables {
         let mut page = start >> PC_PAGE_SHIFT;
         while page << PC_PAGE_SHIFT < end {
             let lo = (page << PC_PAGE_SHIFT).max(start).wrapping_sub(pc_base);
-            let hi = ((page << PC_PAGE_SHIFT) + page_size).min(end).wrapping_sub(pc_base);
+            let hi = ((page << PC_PAGE_SHIFT) + page_size)
+                .min(end)
+                .wrapping_sub(pc_base);
             let (lo, hi) = (lo as u32, hi.min(u32::MAX as u64) as u32);
             let first = rows.partition_point(|r| r.pc <= lo).saturating_sub(1);
             let last = rows.partition_point(|r| r.pc < hi);
             if last > first {
                 let n = (last - first) as u32;
                 if n > 1 << (MAX_ROWS_PER_PAGE_LOG2 + 1) {
-                    log::warn!("a code page at {:#x} has {n} unwind rows; some pcs in it are not found", page << PC_PAGE_SHIFT);
+                    log::warn!(
+                        "a code page at {:#x} has {n} unwind rows; some pcs in it are not found",
+                        page << PC_PAGE_SHIFT
+                    );
                 }
-                let key = PageKey { tgid: pid, _pad: 0, page };
-                let value = PageRows { pc_base, first_row: loaded.first_row + first as u32, row_count: n };
-                maps.pc_pages.insert(key, value, 0).context("writing PC_PAGES")?;
+                let key = PageKey {
+                    tgid: pid,
+                    _pad: 0,
+                    page,
+                };
+                let value = PageRows {
+                    pc_base,
+                    first_row: loaded.first_row + first as u32,
+                    row_count: n,
+                };
+                maps.pc_pages
+                    .insert(key, value, 0)
+                    .context("writing PC_PAGES")?;
                 self.stats.pages += 1;
             }
             page += 1;
@@ -152,7 +172,12 @@ impl UnwindTables {
         Some((loaded, pc_base))
     }
 
-    fn compile_and_load(&mut self, maps: &mut TraceMaps, path: &str, data: &[u8]) -> Option<LoadedModule> {
+    fn compile_and_load(
+        &mut self,
+        maps: &mut TraceMaps,
+        path: &str,
+        data: &[u8],
+    ) -> Option<LoadedModule> {
         let table = match unwind::compile(data) {
             Ok(t) if !t.rows.is_empty() => t,
             Ok(_) => {
@@ -186,7 +211,10 @@ impl UnwindTables {
         self.stats.modules += 1;
         self.stats.rows += n as u64;
         self.stats.row_bytes += n as u64 * std::mem::size_of::<UnwindRow>() as u64;
-        Some(LoadedModule { first_row: first, base: table.base })
+        Some(LoadedModule {
+            first_row: first,
+            base: table.base,
+        })
     }
 }
 

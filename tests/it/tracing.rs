@@ -46,12 +46,13 @@ fn leaks_attach(variant: Variant) -> &'static Shared {
     static O2: OnceLock<Result<Shared, String>> = OnceLock::new();
     static NOPIE: OnceLock<Result<Shared, String>> = OnceLock::new();
     static STATIC: OnceLock<Result<Shared, String>> = OnceLock::new();
+    static NOFP: OnceLock<Result<Shared, String>> = OnceLock::new();
     let cell = match variant {
         Variant::FramePointers => &FP,
         Variant::FramePointersO2 => &O2,
         Variant::NoPie => &NOPIE,
         Variant::Static => &STATIC,
-        Variant::NoFramePointers => unreachable!("not with frame-pointer unwinding"),
+        Variant::NoFramePointers => &NOFP,
     };
     shared(cell, || {
         let bin = build_fixture("leaks", variant);
@@ -72,10 +73,12 @@ fn leaks_launch(variant: Variant) -> &'static Shared {
     static FP: OnceLock<Result<Shared, String>> = OnceLock::new();
     static NOPIE: OnceLock<Result<Shared, String>> = OnceLock::new();
     static STATIC: OnceLock<Result<Shared, String>> = OnceLock::new();
+    static NOFP: OnceLock<Result<Shared, String>> = OnceLock::new();
     let cell = match variant {
         Variant::FramePointers => &FP,
         Variant::NoPie => &NOPIE,
         Variant::Static => &STATIC,
+        Variant::NoFramePointers => &NOFP,
         _ => unreachable!(),
     };
     shared(cell, || {
@@ -613,9 +616,18 @@ fn check_thread_sites(report: &Report) {
 }
 
 fn threads_before() -> &'static Shared {
-    static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
-    shared(&CELL, || {
-        let bin = build_fixture("threads", Variant::FramePointers);
+    threads_before_built(Variant::FramePointers)
+}
+
+fn threads_before_built(variant: Variant) -> &'static Shared {
+    static FP: OnceLock<Result<Shared, String>> = OnceLock::new();
+    static NOFP: OnceLock<Result<Shared, String>> = OnceLock::new();
+    let cell = match variant {
+        Variant::NoFramePointers => &NOFP,
+        _ => &FP,
+    };
+    shared(cell, || {
+        let bin = build_fixture("threads", variant);
         let AttachRun {
             run,
             tally,
@@ -743,9 +755,18 @@ fn check_cpp(report: &Report) {
 }
 
 fn cpp_attach() -> &'static Shared {
-    static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
-    shared(&CELL, || {
-        let bin = build_fixture("leaks_cpp", Variant::FramePointers);
+    cpp_attach_built(Variant::FramePointers)
+}
+
+fn cpp_attach_built(variant: Variant) -> &'static Shared {
+    static FP: OnceLock<Result<Shared, String>> = OnceLock::new();
+    static NOFP: OnceLock<Result<Shared, String>> = OnceLock::new();
+    let cell = match variant {
+        Variant::NoFramePointers => &NOFP,
+        _ => &FP,
+    };
+    shared(cell, || {
+        let bin = build_fixture("leaks_cpp", variant);
         let AttachRun {
             run,
             tally,
@@ -842,4 +863,86 @@ fn early_exit_attach_report_written() {
     );
     check_early_sites(&run.report);
     check_totals_exact(&run.report, 23, 17 * 256 + 6 * 4096);
+}
+
+// ---- the same fixtures built without frame pointers (-O2 -fomit-frame-pointer) ------------
+// The stack walker unwinds with the modules' .eh_frame: the sites, counts and
+// call lines must be those of the frame-pointer builds, every frame down to main.
+
+/// Every site's stack reaches `main` and then the C library's start code.
+fn check_complete_to_main(report: &Report) {
+    for site in report.sites() {
+        let frames = Report::frames(site);
+        let names: Vec<&str> = frames.iter().map(|f| f.function()).collect();
+        let main = names.iter().position(|f| *f == "main");
+        assert!(
+            main.is_some() && names[main.unwrap() + 1..].contains(&"__libc_start_call_main"),
+            "a stack that does not reach main and the C start code: {names:?}\n{}",
+            report.summary()
+        );
+    }
+}
+
+#[test]
+fn nofp_attach_leaks_sites_exact() {
+    let s = leaks_attach(Variant::NoFramePointers);
+    check_leaks_sites(&s.run.report, true);
+    check_complete_to_main(&s.run.report);
+}
+
+#[test]
+fn nofp_attach_leaks_totals_exact() {
+    let s = leaks_attach(Variant::NoFramePointers);
+    let (blocks, bytes) = leaks::total();
+    check_totals_exact(&s.run.report, blocks, bytes);
+    assert_eq!(
+        s.run.report.total("stack_errors"),
+        0,
+        "{}",
+        s.run.report.summary()
+    );
+}
+
+#[test]
+fn nofp_launch_leaks_sites_exact() {
+    let s = leaks_launch(Variant::NoFramePointers);
+    check_leaks_sites(&s.run.report, true);
+    s.run.assert_exit(7);
+}
+
+#[test]
+fn nofp_threads_total_exact() {
+    let s = threads_before_built(Variant::NoFramePointers);
+    let r = &s.run.report;
+    check_thread_sites(r);
+    let blocks: u64 = THREAD_LEAKS.iter().map(|t| t.1).sum();
+    let bytes: u64 = THREAD_LEAKS.iter().map(|t| t.1 * t.2).sum();
+    check_totals_exact(r, blocks, bytes);
+    // Thread stacks end in start_thread/clone3, not main: only the thread functions' frames count here.
+    assert_eq!(r.total("dropped_events"), 0, "{}", r.summary());
+}
+
+#[test]
+fn nofp_cpp_demangled_exact_with_the_caller_of_new() {
+    let s = cpp_attach_built(Variant::NoFramePointers);
+    check_cpp(&s.run.report);
+    check_totals_exact(&s.run.report, 46, 7740);
+}
+
+#[test]
+fn fp_cpp_stack_goes_through_operator_new_to_its_caller() {
+    // Debian's libstdc++ has no frame pointers: only the unwinder finds the
+    // function that called operator new.
+    let s = cpp_attach();
+    let r = &s.run.report;
+    let line = source_line("leaks_cpp", "cpp_new_item");
+    let sites = r.sites_with_prefix(&[
+        At("operator new(unsigned long)", None),
+        At("app::Registry::add(int)", Some(line)),
+    ]);
+    assert!(
+        !sites.is_empty(),
+        "no site operator new < app::Registry::add(int):{line}\n{}",
+        r.summary()
+    );
 }

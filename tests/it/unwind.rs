@@ -1,0 +1,159 @@
+//! Complete stacks without frame pointers: memtrace walks the user stack in BPF
+//! with each module's .eh_frame, through libraries built without frame pointers
+//! (Debian's glibc, libstdc++, python3), a Rust release binary, and a library
+//! loaded with dlopen after memtrace attached.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use memtrace_tests::*;
+
+/// Every site's stack reaches the C library's start code.
+fn assert_reaches_start(report: &Report, sites: &[&serde_json::Value]) {
+    assert!(!sites.is_empty(), "no sites to check\n{}", report.summary());
+    for site in sites {
+        let names: Vec<String> = Report::frames(site)
+            .iter()
+            .map(|f| f.function().to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "__libc_start_call_main"),
+            "a stack cut short (no __libc_start_call_main): {names:?}\n{}",
+            report.summary()
+        );
+    }
+}
+
+#[test]
+fn dlopened_library_without_frame_pointers_has_full_stacks() {
+    require_root();
+    require_memtrace();
+    let lib = build_fixture("dlopen_lib", Variant::NoFramePointers);
+    let bin = build_fixture("dlopen_main", Variant::NoFramePointers);
+    let run = run_launch(&[], &[bin.to_str().unwrap(), lib.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let prefix = [
+        At("lib_inner", Some(source_line("dlopen_lib", "lib_malloc"))),
+        At(
+            "lib_leak",
+            Some(source_line("dlopen_lib", "lib_call_inner")),
+        ),
+        At("main", Some(source_line("dlopen_main", "main_call_leak"))),
+    ];
+    r.assert_outstanding(&prefix, 9, 9 * 333);
+    assert_reaches_start(r, &r.sites_with_prefix(&prefix));
+}
+
+fn build_rust_fixture() -> PathBuf {
+    let src = fixture_source("leaks_rust");
+    let out = workspace_root().join("target/fixtures/rust");
+    std::fs::create_dir_all(&out).unwrap();
+    let exe = out.join("leaks_rust");
+    let tmp = out.join(format!("leaks_rust.{}", std::process::id()));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let st = Command::new(rustc)
+        .args(["-O", "-g", "--edition", "2021", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .status()
+        .expect("running rustc");
+    assert!(st.success(), "rustc failed on {}", src.display());
+    std::fs::rename(&tmp, &exe).unwrap();
+    exe
+}
+
+#[test]
+fn rust_release_binary_has_full_demangled_stacks() {
+    require_root();
+    require_memtrace();
+    let exe = build_rust_fixture();
+    let run = run_launch(&[], &[exe.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let line = |m| Some(source_line("leaks_rust", m));
+    // The Vec and Box calls inline into the two functions: their sites hold
+    // inlined frames of alloc's internals first.
+    assert_eq!(
+        r.outstanding_containing("leaks_rust::make_buffers"),
+        (11, 11_000),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(
+        r.outstanding_containing("leaks_rust::boxed"),
+        (7, 7 * 128),
+        "{}",
+        r.summary()
+    );
+    for (func, call_marker, caller_marker) in [
+        ("leaks_rust::make_buffers", "rust_vec", "rust_call_buffers"),
+        ("leaks_rust::boxed", "rust_box", "rust_call_boxed"),
+    ] {
+        let sites = r.sites_containing(func);
+        for site in &sites {
+            let frames = Report::frames(site);
+            let i = frames.iter().position(|f| f.function() == func).unwrap();
+            assert_eq!(
+                frames[i].line,
+                line(call_marker),
+                "{func}'s call line\n{}",
+                r.summary()
+            );
+            assert!(
+                frames[i + 1..]
+                    .iter()
+                    .any(|f| f.function() == "leaks_rust::main" && f.line == line(caller_marker)),
+                "{func} is called from leaks_rust::main at @{caller_marker}\n{}",
+                r.summary()
+            );
+        }
+        assert_reaches_start(r, &sites);
+    }
+    r.assert_no_frame("names are demangled", |f| {
+        f.starts_with("_ZN") || f.starts_with("_R")
+    });
+}
+
+#[test]
+fn python_stacks_go_through_the_interpreter_to_main() {
+    require_root();
+    require_memtrace();
+    let python = "/usr/bin/python3";
+    assert!(
+        std::path::Path::new(python).exists(),
+        "Debian's python3 is needed for this test"
+    );
+    // A list that grows without bound: 3000 bytearrays of 50000 bytes, each
+    // allocated by malloc (PYTHONMALLOC=malloc), all kept; os._exit skips the
+    // interpreter's finalization, which would free them.
+    let script = "import os\nkeep = []\nfor i in range(3000):\n    keep.append(bytearray(50000))\nos._exit(0)\n";
+    let run = run_launch_env(&[], &[python, "-c", script], &[("PYTHONMALLOC", "malloc")]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let big: Vec<&serde_json::Value> = r
+        .sites()
+        .iter()
+        .filter(|s| Report::bytes(s) >= 3000 * 50000 / 2)
+        .collect();
+    assert_eq!(
+        big.len(),
+        1,
+        "one site holds the bytearrays\n{}",
+        r.summary()
+    );
+    let frames = Report::frames(big[0]);
+    let names: Vec<&str> = frames.iter().map(|f| f.function()).collect();
+    assert!(frames.len() >= 10, "a deep interpreter stack: {names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("EvalFrame")),
+        "the stack goes through the interpreter loop: {names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| *n == "Py_RunMain" || *n == "Py_BytesMain"),
+        "and through python's main: {names:?}"
+    );
+    assert_reaches_start(r, &big);
+}
