@@ -13,8 +13,20 @@
  * after which it waits for EOF on stdin before exiting. Waiting keeps the
  * process (and its worker threads) alive while the bench stops the tracer, so
  * a tracer is stopped by SIGINT with its target still running, as in real use,
- * and thread teardown (glibc frees each thread's tcache) happens untraced:
- * the traced window contains exactly ITERS*THREADS mallocs and as many frees.
+ * and thread teardown (glibc frees each thread's tcache) happens untraced.
+ *
+ * Between the timed loop and the RESULT line the main thread makes one more
+ * allocation, KEPT_BYTES through a fixed call chain
+ *   main -> keep_block -> keep_block_inner -> workload_cxx_keep (C++)
+ *        -> operator new[] -> operator new (libstdc++) -> malloc
+ * and never frees it: the one outstanding site of the run, whose stack in the
+ * tracer's report shows how deep the tracer's stack walk got. So the traced
+ * window contains exactly ITERS*THREADS + 1 mallocs and ITERS*THREADS frees
+ * (RESULT says kept=1).
+ *
+ * workload_cxx.cc is linked in (and called at startup), so the process maps
+ * libstdc++ as well as libc, as a C++ program would. The bench builds it twice:
+ * with frame pointers and with -fomit-frame-pointer.
  *
  * EOF instead of the go byte (the bench died) exits at once with status 3.
  */
@@ -31,6 +43,11 @@
 
 #define MAX_THREADS 64
 #define SIZE_TABLE 1024 /* power of two: the loop indexes with a mask */
+#define KEPT_BYTES 4096
+
+/* workload_cxx.cc */
+void workload_cxx_init(void);
+void *workload_cxx_keep(size_t n);
 
 static long iters;
 static long warmup;
@@ -78,6 +95,23 @@ static void pairs(long n)
 		*(volatile char *)p = 1;
 		free(p);
 	}
+}
+
+/* noinline, and a store after each call so that neither call is a tail call:
+ * every function of the chain has its frame on the stack at the malloc. */
+static void *volatile kept;
+
+static __attribute__((noinline)) void *keep_block_inner(size_t n)
+{
+	void *p = workload_cxx_keep(n);
+	kept = p;
+	return p;
+}
+
+static __attribute__((noinline)) void keep_block(void)
+{
+	kept = keep_block_inner(KEPT_BYTES);
+	__asm__ volatile("" ::: "memory");
 }
 
 static double timed_pairs(void)
@@ -131,6 +165,7 @@ int main(int argc, char **argv)
 	/* Never outlive the bench, even if it is SIGKILLed. */
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	fill_sizes();
+	workload_cxx_init();
 
 	if (threads > 1) {
 		pthread_barrier_init(&warmed, NULL, threads + 1);
@@ -161,6 +196,7 @@ int main(int argc, char **argv)
 	} else {
 		workers[0].ns_per_pair = timed_pairs();
 	}
+	keep_block(); /* traced, after the timing: the one outstanding block */
 
 	double sum = 0, lo = workers[0].ns_per_pair, hi = lo;
 	for (int i = 0; i < threads; i++) {
@@ -169,8 +205,9 @@ int main(int argc, char **argv)
 		lo = v < lo ? v : lo;
 		hi = v > hi ? v : hi;
 	}
-	printf("RESULT ns_per_pair=%.3f pairs=%ld threads=%d iters=%ld min_thread=%.3f max_thread=%.3f sizes=%s\n",
-	       sum / threads, iters * threads, threads, iters, lo, hi, mixed ? "mixed" : "fixed64");
+	printf("RESULT ns_per_pair=%.3f pairs=%ld threads=%d iters=%ld min_thread=%.3f max_thread=%.3f sizes=%s kept=1 kept_bytes=%d\n",
+	       sum / threads, iters * threads, threads, iters, lo, hi, mixed ? "mixed" : "fixed64",
+	       KEPT_BYTES);
 	fflush(stdout);
 
 	while (read_byte())

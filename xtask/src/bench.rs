@@ -1,12 +1,17 @@
 //! `cargo xtask bench`: memtrace's overhead next to bpftrace's memleak.
 //!
-//! One workload (xtask/bench/workload.c: malloc+free pairs, timed inside the
-//! process) runs under each configuration: untraced, bpftrace with empty
-//! probes (the floor of the uprobe mechanism), bpftrace memleak.bt, and
-//! memtrace attached by --pid. Every repetition runs each configuration once,
-//! in a freshly shuffled order, so that drift on a shared machine (other
-//! builds, frequency changes) spreads over all configurations instead of
-//! biasing one. Results are medians of ns per malloc+free pair.
+//! One workload (xtask/bench/workload.c with workload_cxx.cc: malloc+free
+//! pairs, timed inside the process; it links libstdc++) runs under each
+//! configuration: untraced, bpftrace with empty probes (the floor of the
+//! uprobe mechanism), bpftrace memleak.bt, and memtrace attached by --pid,
+//! once walking stacks with its .eh_frame unwind tables (the default) and once
+//! with the kernel's frame-pointer walk (`MEMTRACE_STACKS=fp`). The workload is
+//! built twice, with and without frame pointers; by default the frame-pointer
+//! build runs every configuration and the no-frame-pointer build those whose
+//! cost or stacks depend on frame pointers. Every repetition runs each
+//! (build, configuration) once, in a freshly shuffled order, so that drift on
+//! a shared machine (other builds, frequency changes) spreads over all of them
+//! instead of biasing one. Results are medians of ns per malloc+free pair.
 //!
 //! Per run: start the workload (it warms up and prints READY), attach the
 //! tracer to its pid, wait for the tracer's own ready line, release the
@@ -14,6 +19,10 @@
 //! with SIGINT (SIGKILL after a grace period), then close the workload's stdin
 //! so it exits. Every child sits in a [`Proc`] whose Drop does the same
 //! teardown, so an error never leaves a process (or an attached probe) behind.
+//!
+//! The workload keeps one block, allocated through a fixed call chain after
+//! the timed loop; memtrace reports it as the run's one site, and the length
+//! of that site's stack shows how far each stack walk got.
 use std::{
     collections::VecDeque,
     fmt::Write as _,
@@ -31,22 +40,28 @@ use anyhow::{Context, Result, anyhow, bail};
 const USAGE: &str = "\
 usage: cargo xtask bench [OPTIONS]
 
-Times malloc+free pairs in a small C workload, untraced and under each tracer,
-and prints median ns per pair (also written to target/bench/results.md).
+Times malloc+free pairs in a small C/C++ workload, untraced and under each
+tracer, and prints median ns per pair (also written to target/bench/results.md).
 
 options:
-  --reps N             repetitions; each runs every config once, shuffled [5]
+  --reps N             repetitions; each runs every build x config once, shuffled [9]
   --iters N            pairs per thread in traced runs [300000]
   --base-iters N       pairs per thread in untraced runs [100 x --iters]
   --threads T          workload threads, each doing N pairs [1]
   --warmup N           untimed pairs per thread before the tracer attaches [10000]
   --sizes fixed|mixed  fixed 64-byte blocks, or a fixed mix of 8 B-4 KiB [fixed]
+  --workloads LIST     comma-separated builds of the workload to run: fp (gcc -O2
+                       -fno-omit-frame-pointer), nofp (-O2 -fomit-frame-pointer)
+                       [fp,nofp]
+  --omit-frame-pointer same as --workloads nofp
   --configs LIST       comma-separated subset of: untraced, bpftrace-empty,
-                       bpftrace-memleak, memtrace [all]
-  --omit-frame-pointer use the workload built with -fomit-frame-pointer
+                       bpftrace-memleak, memtrace-dwarf (or memtrace),
+                       memtrace-fp; run for every build [default: all for fp;
+                       untraced, bpftrace-memleak, memtrace-dwarf, memtrace-fp
+                       for nofp]
   --seed N             seed of the per-repetition shuffle [from the clock]
   --quick              2 reps, 20000 traced / 2000000 untraced pairs: checks
-                       that the bench itself works, in about a minute
+                       that the bench itself works, in under two minutes
   -h, --help           this text";
 
 /// bpftrace 0.17 keeps a map's max_entries at this value; memleak.bt's maps
@@ -57,21 +72,25 @@ const BPFTRACE_MAP_KEYS_MAX: &str = "65536";
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a tracer may take to exit after SIGINT before it is SIGKILLed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Bytes per unwind-table page entry in the kernel, next to `row_bytes`.
+const UNWIND_PAGE_BYTES: u64 = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Untraced,
     BpftraceEmpty,
     BpftraceMemleak,
-    Memtrace,
+    MemtraceDwarf,
+    MemtraceFp,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::Untraced,
         Config::BpftraceEmpty,
         Config::BpftraceMemleak,
-        Config::Memtrace,
+        Config::MemtraceDwarf,
+        Config::MemtraceFp,
     ];
 
     /// The name used by --configs and in file names.
@@ -80,7 +99,8 @@ impl Config {
             Config::Untraced => "untraced",
             Config::BpftraceEmpty => "bpftrace-empty",
             Config::BpftraceMemleak => "bpftrace-memleak",
-            Config::Memtrace => "memtrace",
+            Config::MemtraceDwarf => "memtrace-dwarf",
+            Config::MemtraceFp => "memtrace-fp",
         }
     }
 
@@ -89,7 +109,8 @@ impl Config {
             Config::Untraced => "untraced",
             Config::BpftraceEmpty => "bpftrace empty.bt",
             Config::BpftraceMemleak => "bpftrace memleak.bt",
-            Config::Memtrace => "memtrace --pid",
+            Config::MemtraceDwarf => "memtrace (dwarf stacks)",
+            Config::MemtraceFp => "memtrace (fp stacks)",
         }
     }
 
@@ -101,11 +122,98 @@ impl Config {
         }
     }
 
+    fn is_memtrace(self) -> bool {
+        matches!(self, Config::MemtraceDwarf | Config::MemtraceFp)
+    }
+
+    /// The value of MEMTRACE_STACKS for this config; None: unset (the
+    /// default, .eh_frame tables).
+    fn memtrace_stacks(self) -> Option<&'static str> {
+        (self == Config::MemtraceFp).then_some("fp")
+    }
+
     fn parse(s: &str) -> Result<Config> {
+        if s == "memtrace" {
+            return Ok(Config::MemtraceDwarf);
+        }
         Config::ALL
             .into_iter()
             .find(|c| c.id() == s)
-            .ok_or_else(|| anyhow!("unknown config `{s}` (one of: untraced, bpftrace-empty, bpftrace-memleak, memtrace)"))
+            .ok_or_else(|| {
+                anyhow!(
+                    "unknown config `{s}` (one of: untraced, bpftrace-empty, bpftrace-memleak, \
+                     memtrace-dwarf, memtrace, memtrace-fp)"
+                )
+            })
+    }
+}
+
+/// A build of the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    Fp,
+    NoFp,
+}
+
+impl Workload {
+    const ALL: [Workload; 2] = [Workload::Fp, Workload::NoFp];
+
+    /// The name used by --workloads and in file names.
+    fn id(self) -> &'static str {
+        match self {
+            Workload::Fp => "fp",
+            Workload::NoFp => "nofp",
+        }
+    }
+
+    fn exe_name(self) -> &'static str {
+        match self {
+            Workload::Fp => "workload-fp",
+            Workload::NoFp => "workload-nofp",
+        }
+    }
+
+    fn cflag(self) -> &'static str {
+        match self {
+            Workload::Fp => "-fno-omit-frame-pointer",
+            Workload::NoFp => "-fomit-frame-pointer",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Workload::Fp => "fp build",
+            Workload::NoFp => "nofp build",
+        }
+    }
+
+    fn long_label(self) -> &'static str {
+        match self {
+            Workload::Fp => "frame-pointer build (gcc/g++ -O2 -g -fno-omit-frame-pointer)",
+            Workload::NoFp => "no-frame-pointer build (gcc/g++ -O2 -g -fomit-frame-pointer)",
+        }
+    }
+
+    /// The configs a build runs unless --configs says otherwise: empty.bt
+    /// neither walks stacks nor depends on the build, so the no-frame-pointer
+    /// build leaves it out.
+    fn default_configs(self) -> Vec<Config> {
+        match self {
+            Workload::Fp => Config::ALL.to_vec(),
+            Workload::NoFp => vec![
+                Config::Untraced,
+                Config::BpftraceMemleak,
+                Config::MemtraceDwarf,
+                Config::MemtraceFp,
+            ],
+        }
+    }
+
+    fn parse(s: &str) -> Result<Workload> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.id() == s)
+            .ok_or_else(|| anyhow!("unknown workload build `{s}` (one of: fp, nofp)"))
     }
 }
 
@@ -117,10 +225,32 @@ struct Options {
     threads: u32,
     warmup: u64,
     mixed_sizes: bool,
-    configs: Vec<Config>,
-    omit_frame_pointer: bool,
+    /// From --configs: the same list for every build. None: each build's
+    /// default.
+    configs: Option<Vec<Config>>,
+    workloads: Vec<Workload>,
     seed: u64,
     quick: bool,
+}
+
+/// A comma-separated list without duplicates, sorted.
+fn parse_list<T: Ord + Copy>(
+    what: &str,
+    v: &str,
+    parse: impl Fn(&str) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut list = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let item = parse(item)?;
+        if !list.contains(&item) {
+            list.push(item);
+        }
+    }
+    if list.is_empty() {
+        bail!("{what} needs at least one entry");
+    }
+    list.sort();
+    Ok(list)
 }
 
 impl Options {
@@ -131,8 +261,8 @@ impl Options {
         let mut threads = 1;
         let mut warmup = 10_000;
         let mut mixed_sizes = false;
-        let mut configs = Config::ALL.to_vec();
-        let mut omit_frame_pointer = false;
+        let mut configs = None;
+        let mut workloads = None;
         let mut seed = None;
         let mut quick = false;
 
@@ -166,27 +296,28 @@ impl Options {
                         other => bail!("--sizes takes fixed or mixed, not `{other}`"),
                     }
                 }
-                "--configs" => {
-                    let v = value()?;
-                    let mut list = Vec::new();
-                    for c in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                        let c = Config::parse(c)?;
-                        if !list.contains(&c) {
-                            list.push(c);
-                        }
+                "--configs" => configs = Some(parse_list(name, &value()?, Config::parse)?),
+                "--workloads" => {
+                    let w = parse_list(name, &value()?, Workload::parse)?;
+                    if workloads.as_ref().is_some_and(|old| *old != w) {
+                        bail!("--workloads and --omit-frame-pointer disagree");
                     }
-                    if list.is_empty() {
-                        bail!("--configs needs at least one config");
-                    }
-                    configs = list;
+                    workloads = Some(w);
                 }
-                "--omit-frame-pointer" => omit_frame_pointer = true,
+                "--omit-frame-pointer" => {
+                    let w = vec![Workload::NoFp];
+                    if workloads.as_ref().is_some_and(|old| *old != w) {
+                        bail!("--workloads and --omit-frame-pointer disagree");
+                    }
+                    workloads = Some(w);
+                }
                 "--seed" => seed = Some(parse_num(name, &value()?)?),
                 "--quick" => quick = true,
                 other => bail!("unknown bench option `{other}`\n\n{USAGE}"),
             }
         }
-        let reps = reps.unwrap_or(if quick { 2 } else { 5 });
+        // 9 reps x 9 runs take 6-8 minutes here (uprobes cost ~10 µs a hit).
+        let reps = reps.unwrap_or(if quick { 2 } else { 9 });
         let iters = iters.unwrap_or(if quick { 20_000 } else { 300_000 });
         let base_iters = base_iters.unwrap_or(iters.saturating_mul(100));
         if reps == 0 || iters == 0 || base_iters == 0 {
@@ -195,7 +326,6 @@ impl Options {
         if !(1..=64).contains(&threads) {
             bail!("--threads must be between 1 and 64");
         }
-        configs.sort();
         let seed = seed.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -210,10 +340,30 @@ impl Options {
             warmup,
             mixed_sizes,
             configs,
-            omit_frame_pointer,
+            workloads: workloads.unwrap_or_else(|| Workload::ALL.to_vec()),
             seed,
             quick,
         }))
+    }
+
+    fn configs_for(&self, w: Workload) -> Vec<Config> {
+        self.configs.clone().unwrap_or_else(|| w.default_configs())
+    }
+
+    /// Every (build, config) a repetition runs, in a fixed order.
+    fn plan(&self) -> Vec<(Workload, Config)> {
+        self.workloads
+            .iter()
+            .flat_map(|&w| self.configs_for(w).into_iter().map(move |c| (w, c)))
+            .collect()
+    }
+
+    /// Every config some build runs, sorted.
+    fn all_configs(&self) -> Vec<Config> {
+        let mut v: Vec<Config> = self.plan().into_iter().map(|(_, c)| c).collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     fn iters_for(&self, config: Config) -> u64 {
@@ -231,6 +381,10 @@ fn parse_num(name: &str, v: &str) -> Result<u64> {
         .with_context(|| format!("{name}: `{v}` is not a non-negative integer"))
 }
 
+fn run_name(w: Workload, c: Config) -> String {
+    format!("{}/{}", w.id(), c.id())
+}
+
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let Some(opts) = Options::parse(args)? else {
         return Ok(());
@@ -238,13 +392,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let env = Env::prepare(root, &opts)?;
     let started = Instant::now();
     let load_before = loadavg();
+    let plan = opts.plan();
 
     eprintln!(
         "bench: {} reps of [{}]; {} traced / {} untraced pairs per thread, {} thread(s), {} sizes, seed {}",
         opts.reps,
-        opts.configs
-            .iter()
-            .map(|c| c.id())
+        plan.iter()
+            .map(|&(w, c)| run_name(w, c))
             .collect::<Vec<_>>()
             .join(", "),
         opts.iters,
@@ -261,28 +415,29 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut rng = XorShift(opts.seed | 1);
     let mut runs: Vec<Run> = Vec::new();
     for rep in 1..=opts.reps {
-        let mut order = opts.configs.clone();
+        let mut order = plan.clone();
         rng.shuffle(&mut order);
         eprintln!(
             "bench: rep {rep}/{}: {}",
             opts.reps,
             order
                 .iter()
-                .map(|c| c.id())
+                .map(|&(w, c)| run_name(w, c))
                 .collect::<Vec<_>>()
                 .join(" -> ")
         );
-        for config in order {
-            let run = run_one(&env, &opts, config, rep)
-                .with_context(|| format!("rep {rep}, config {}", config.id()))?;
+        for (workload, config) in order {
+            let run = run_one(&env, &opts, workload, config, rep).with_context(|| {
+                format!("rep {rep}, build {}, config {}", workload.id(), config.id())
+            })?;
             eprintln!(
-                "bench:   {:<20} {:>10} ns/pair  ({:.1} s{})",
-                config.id(),
+                "bench:   {:<22} {:>10} ns/pair  ({:.1} s{})",
+                run_name(workload, config),
                 fmt_ns(run.ns_per_pair),
                 run.wall.as_secs_f64(),
-                run.counts
+                run.memtrace
                     .as_ref()
-                    .map(|c| format!(", {}", c.summary(run.pairs)))
+                    .map(|m| format!(", {}", m.summary(run.pairs, run.kept)))
                     .unwrap_or_default(),
             );
             runs.push(run);
@@ -312,7 +467,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 /// What the runs need, checked and set up once: binaries, scripts, tracefs.
 struct Env {
     bench_dir: PathBuf,
-    workload: PathBuf,
+    /// Every build of the workload, compiled.
+    workloads: Vec<(Workload, PathBuf)>,
     scripts_dir: PathBuf,
     bpftrace: Option<String>,
     bpftrace_version: Option<String>,
@@ -329,9 +485,10 @@ impl Env {
         fs::create_dir_all(bench_dir.join("logs"))
             .with_context(|| format!("creating {}", bench_dir.display()))?;
         let src_dir = root.join("xtask/bench");
-        let workload = build_workloads(&src_dir, &bench_dir, opts.omit_frame_pointer)?;
+        let workloads = build_workloads(&src_dir, &bench_dir)?;
+        let configs = opts.all_configs();
 
-        let wants_bpftrace = opts.configs.iter().any(|c| c.script().is_some());
+        let wants_bpftrace = configs.iter().any(|c| c.script().is_some());
         let (bpftrace, bpftrace_version) = if wants_bpftrace {
             ensure_tracefs()?;
             let bin = ensure_bpftrace()?;
@@ -343,7 +500,7 @@ impl Env {
             (None, None)
         };
 
-        let (memtrace, memtrace_version) = if opts.configs.contains(&Config::Memtrace) {
+        let (memtrace, memtrace_version) = if configs.iter().any(|c| c.is_memtrace()) {
             let bin = super::memtrace_bin();
             if !bin.exists() {
                 bail!(
@@ -363,7 +520,7 @@ impl Env {
 
         Ok(Env {
             bench_dir,
-            workload,
+            workloads,
             scripts_dir: src_dir,
             bpftrace,
             bpftrace_version,
@@ -371,41 +528,52 @@ impl Env {
             memtrace_version,
         })
     }
-}
 
-/// Compiles both builds of the workload (with and without frame pointers) and
-/// returns the one the options ask for.
-fn build_workloads(src_dir: &Path, out_dir: &Path, omit_frame_pointer: bool) -> Result<PathBuf> {
-    let src = src_dir.join("workload.c");
-    let mut chosen = None;
-    for (name, fp_flag) in [
-        ("workload-fp", "-fno-omit-frame-pointer"),
-        ("workload-nofp", "-fomit-frame-pointer"),
-    ] {
-        let exe = out_dir.join(name);
-        // -fno-builtin: gcc may otherwise pair up and elide malloc/free calls.
-        super::output(
-            Command::new("gcc")
-                .args([
-                    "-O2",
-                    "-g",
-                    fp_flag,
-                    "-fno-builtin",
-                    "-pthread",
-                    "-Wall",
-                    "-o",
-                ])
-                .arg(&exe)
-                .arg(&src),
-        )
-        .with_context(|| format!("compiling {} (needs gcc)", src.display()))?;
-        if (fp_flag == "-fomit-frame-pointer") == omit_frame_pointer {
-            chosen = Some(exe);
-        }
+    fn workload_exe(&self, w: Workload) -> &Path {
+        self.workloads
+            .iter()
+            .find(|(x, _)| *x == w)
+            .map(|(_, p)| p.as_path())
+            .expect("every build is compiled")
     }
-    Ok(chosen.expect("one of the two builds matches"))
 }
 
+/// Compiles both builds of the workload (with and without frame pointers):
+/// workload.c with gcc, workload_cxx.cc with g++, linked by g++ (so against
+/// libstdc++, which the C++ unit really uses).
+fn build_workloads(src_dir: &Path, out_dir: &Path) -> Result<Vec<(Workload, PathBuf)>> {
+    let c_src = src_dir.join("workload.c");
+    let cxx_src = src_dir.join("workload_cxx.cc");
+    let mut built = Vec::new();
+    for w in Workload::ALL {
+        let exe = out_dir.join(w.exe_name());
+        let c_obj = out_dir.join(format!("{}-c.o", w.exe_name()));
+        let cxx_obj = out_dir.join(format!("{}-cxx.o", w.exe_name()));
+        // -fno-builtin: gcc may otherwise pair up and elide malloc/free calls.
+        let flags = ["-O2", "-g", w.cflag(), "-fno-builtin", "-pthread", "-Wall"];
+        for (compiler, src, obj) in [("gcc", &c_src, &c_obj), ("g++", &cxx_src, &cxx_obj)] {
+            super::output(
+                Command::new(compiler)
+                    .args(flags)
+                    .arg("-c")
+                    .arg("-o")
+                    .arg(obj)
+                    .arg(src),
+            )
+            .with_context(|| format!("compiling {} (needs {compiler})", src.display()))?;
+        }
+        super::output(
+            Command::new("g++")
+                .args(["-pthread", "-o"])
+                .arg(&exe)
+                .arg(&c_obj)
+                .arg(&cxx_obj),
+        )
+        .with_context(|| format!("linking {} (needs g++ and libstdc++)", exe.display()))?;
+        built.push((w, exe));
+    }
+    Ok(built)
+}
 /// bpftrace needs a tracefs mount; 0.17 uses /sys/kernel/debug/tracing when
 /// that path exists (debugfs mounted) and /sys/kernel/tracing otherwise.
 fn ensure_tracefs() -> Result<()> {
@@ -455,15 +623,20 @@ fn ensure_bpftrace() -> Result<String> {
     Ok("bpftrace".into())
 }
 
-/// One timed run of the workload under one configuration.
+/// One timed run of one build of the workload under one configuration.
 struct Run {
+    workload: Workload,
     config: Config,
     rep: usize,
     ns_per_pair: f64,
     pairs: u64,
+    /// Blocks the workload allocates in the traced window and never frees.
+    kept: u64,
     wall: Duration,
-    /// memtrace's JSON totals.
-    counts: Option<Counts>,
+    /// File names of the executable mappings of the workload (at READY).
+    mapped: Vec<String>,
+    /// What memtrace's JSON report says.
+    memtrace: Option<MemtraceOut>,
     /// Anything odd about this run (tracer exit status, kill after timeout).
     warnings: Vec<String>,
 }
@@ -475,30 +648,193 @@ struct Counts {
 }
 
 impl Counts {
-    /// The workload's traced window holds exactly `pairs` mallocs and frees
-    /// (warmup, stdout's buffer and thread teardown happen untraced), so any
-    /// difference means memtrace missed or invented calls. A few extra are
-    /// tolerated in case libc allocates behind the scenes.
-    fn ok(&self, pairs: u64) -> bool {
-        let near = |n: u64| n >= pairs && n <= pairs + 16;
-        self.dropped_events == 0 && near(self.alloc_calls) && near(self.free_calls)
-    }
-
-    fn summary(&self, pairs: u64) -> String {
-        format!(
-            "JSON alloc_calls {} free_calls {} dropped {}: {}",
-            self.alloc_calls,
-            self.free_calls,
-            self.dropped_events,
-            if self.ok(pairs) { "ok" } else { "MISMATCH" }
-        )
+    /// The workload's traced window holds exactly `pairs` + `kept` mallocs
+    /// and `pairs` frees (warmup, stdout's buffer and thread teardown happen
+    /// untraced), so any difference means memtrace missed or invented calls.
+    /// A few extra are tolerated in case libc allocates behind the scenes.
+    fn ok(&self, pairs: u64, kept: u64) -> bool {
+        let near = |n: u64, want: u64| n >= want && n <= want + 16;
+        self.dropped_events == 0
+            && near(self.alloc_calls, pairs + kept)
+            && near(self.free_calls, pairs)
     }
 }
 
-fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run> {
+/// The kernel memory of memtrace's unwind tables, from the report's
+/// `unwind` object (any of its fields may be missing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Unwind {
+    modules: Option<u64>,
+    rows: Option<u64>,
+    row_bytes: Option<u64>,
+    pages: Option<u64>,
+}
+
+impl Unwind {
+    fn of(report: &Json) -> Option<Unwind> {
+        let u = report.get("unwind")?;
+        let f = |k: &str| u.get(k).and_then(Json::as_u64);
+        Some(Unwind {
+            modules: f("modules"),
+            rows: f("rows"),
+            row_bytes: f("row_bytes"),
+            pages: f("pages"),
+        })
+    }
+
+    /// `row_bytes` + `pages` x 32: None unless both are reported.
+    fn kernel_bytes(&self) -> Option<u64> {
+        Some(self.row_bytes? + self.pages?.saturating_mul(UNWIND_PAGE_BYTES))
+    }
+}
+
+/// The stack of the report's first site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SiteStack {
+    /// Length of `sites[0].frames` (inlined frames included).
+    frames: usize,
+    inlined: usize,
+    outstanding_bytes: Option<u64>,
+    /// Function of each frame, innermost first (`?` with the module's file
+    /// name, or the address, when unknown).
+    functions: Vec<String>,
+}
+
+impl SiteStack {
+    fn of(report: &Json) -> Option<SiteStack> {
+        let site = report.get("sites")?.at(0)?;
+        let frames = site.get("frames")?.as_array()?;
+        let functions = frames
+            .iter()
+            .map(|f| match f.get("function").and_then(Json::as_str) {
+                Some(name) => name.to_string(),
+                None => {
+                    // The module's file name, else the address (a frame in
+                    // no mapping: often a bogus one from a broken walk).
+                    let at = match f.get("module").and_then(Json::as_str) {
+                        Some(m) => m.rsplit('/').next().unwrap_or(m).to_string(),
+                        None => f
+                            .get("address")
+                            .and_then(Json::as_str)
+                            .unwrap_or("?")
+                            .to_string(),
+                    };
+                    format!("?({at})")
+                }
+            })
+            .collect();
+        Some(SiteStack {
+            frames: frames.len(),
+            inlined: frames
+                .iter()
+                .filter(|f| f.get("inlined") == Some(&Json::Bool(true)))
+                .count(),
+            outstanding_bytes: site.get("outstanding_bytes").and_then(Json::as_u64),
+            functions,
+        })
+    }
+
+    fn chain(&self) -> String {
+        self.functions.join(" ← ")
+    }
+}
+
+struct MemtraceOut {
+    counts: Counts,
+    unwind: Option<Unwind>,
+    site: Option<SiteStack>,
+    /// How long memtrace says attaching took (probes, and the unwind tables
+    /// in the dwarf config), from its `attached ... in 2.9s` line.
+    attach_s: Option<f64>,
+}
+
+impl MemtraceOut {
+    fn from_json(text: &str, path: &Path) -> Result<MemtraceOut> {
+        let json = Json::parse(text).with_context(|| format!("parsing {}", path.display()))?;
+        let get = |k: &str| {
+            json.get("totals")
+                .and_then(|t| t.get(k))
+                .and_then(Json::as_u64)
+                .with_context(|| format!("no totals.{k} in {}", path.display()))
+        };
+        Ok(MemtraceOut {
+            counts: Counts {
+                alloc_calls: get("alloc_calls")?,
+                free_calls: get("free_calls")?,
+                dropped_events: get("dropped_events")?,
+            },
+            unwind: Unwind::of(&json),
+            site: SiteStack::of(&json),
+            attach_s: None,
+        })
+    }
+
+    fn summary(&self, pairs: u64, kept: u64) -> String {
+        let c = &self.counts;
+        let mut s = format!(
+            "JSON alloc_calls {} free_calls {} dropped {}: {}",
+            c.alloc_calls,
+            c.free_calls,
+            c.dropped_events,
+            if c.ok(pairs, kept) { "ok" } else { "MISMATCH" }
+        );
+        match &self.site {
+            Some(st) => {
+                let _ = write!(s, "; site: {} frames", st.frames);
+            }
+            None => s.push_str("; no site"),
+        }
+        if let Some(b) = self.unwind.as_ref().and_then(Unwind::kernel_bytes) {
+            let _ = write!(s, "; tables {}", fmt_bytes(b));
+        }
+        s
+    }
+}
+
+/// `... in 2.9s` / `... in 555ms` at the end of memtrace's attached line.
+fn attach_seconds(line: &str) -> Option<f64> {
+    let d = line.rsplit_once(" in ")?.1.trim();
+    let split = d.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (n, unit) = d.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit.trim() {
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "µs" | "us" => 1e-6,
+        "ns" => 1e-9,
+        "m" | "min" => 60.0,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// File names of the executable file mappings of `pid`, sorted.
+fn mapped_modules(pid: u32) -> Vec<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut v: Vec<String> = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (perms, path) = (f.get(1)?, f.get(5)?);
+            (perms.contains('x') && path.starts_with('/'))
+                .then(|| path.rsplit('/').next().unwrap_or(path).to_string())
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn run_one(
+    env: &Env,
+    opts: &Options,
+    workload_build: Workload,
+    config: Config,
+    rep: usize,
+) -> Result<Run> {
     let iters = opts.iters_for(config);
     let mut warnings = Vec::new();
-    let mut cmd = Command::new(&env.workload);
+    let mut cmd = Command::new(env.workload_exe(workload_build));
     cmd.arg(iters.to_string())
         .arg(opts.threads.to_string())
         .arg(if opts.mixed_sizes { "mixed" } else { "fixed" })
@@ -508,12 +844,12 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
         s == Stream::Stdout && l.starts_with("READY")
     })?;
     let pid = workload.pid();
+    let mapped = mapped_modules(pid);
 
-    let log_path = env
-        .bench_dir
-        .join("logs")
-        .join(format!("{}-rep{rep}.log", config.id()));
-    let json_path = env.bench_dir.join(format!("memtrace-rep{rep}.json"));
+    let stem = format!("{}-{}-rep{rep}", workload_build.id(), config.id());
+    let log_path = env.bench_dir.join("logs").join(format!("{stem}.log"));
+    let json_path = env.bench_dir.join(format!("{stem}.json"));
+    let mut attach_s = None;
     let mut tracer = match config {
         Config::Untraced => None,
         Config::BpftraceEmpty | Config::BpftraceMemleak => {
@@ -533,15 +869,22 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
             })?;
             Some(p)
         }
-        Config::Memtrace => {
+        Config::MemtraceDwarf | Config::MemtraceFp => {
             let _ = fs::remove_file(&json_path);
             let mut c = Command::new(env.memtrace.as_ref().expect("memtrace prepared"));
             c.args(["--pid", &pid.to_string(), "-f", "json", "-o"])
                 .arg(&json_path);
+            match config.memtrace_stacks() {
+                Some(v) => c.env("MEMTRACE_STACKS", v),
+                // The dwarf config is memtrace's default: not whatever the
+                // caller's environment says.
+                None => c.env_remove("MEMTRACE_STACKS"),
+            };
             let mut p = Proc::spawn("memtrace", c, false, true)?;
-            p.wait_line(ATTACH_TIMEOUT, "`memtrace: attached`", |s, l| {
+            let line = p.wait_line(ATTACH_TIMEOUT, "`memtrace: attached`", |s, l| {
                 s == Stream::Stderr && l.starts_with("memtrace: attached")
             })?;
+            attach_s = attach_seconds(&line);
             Some(p)
         }
     };
@@ -558,8 +901,10 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
     let ns_per_pair: f64 =
         field(&line, "ns_per_pair").context("RESULT line without ns_per_pair")?;
     let pairs: u64 = field(&line, "pairs").context("RESULT line without pairs")?;
+    let kept: u64 = field(&line, "kept").unwrap_or(0);
+    let kept_bytes: Option<u64> = field(&line, "kept_bytes");
 
-    let mut counts = None;
+    let mut memtrace = None;
     if let Some(t) = tracer.as_mut() {
         if let Some(st) = t.try_wait()? {
             let (name, tail) = (t.name, t.tail(20));
@@ -579,8 +924,9 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
                 t.name, stop.status
             ));
         }
-        let _ = fs::write(&log_path, t.log_text());
-        if config == Config::Memtrace {
+        let log = t.log_text();
+        let _ = fs::write(&log_path, &log);
+        if config.is_memtrace() {
             let json = fs::read_to_string(&json_path).with_context(|| {
                 format!(
                     "memtrace wrote no report at {}:\n{}",
@@ -588,15 +934,26 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
                     t.tail(20)
                 )
             })?;
-            let get = |k: &str| {
-                json_field_u64(&json, "totals", k)
-                    .with_context(|| format!("no totals.{k} in {}", json_path.display()))
-            };
-            counts = Some(Counts {
-                alloc_calls: get("alloc_calls")?,
-                free_calls: get("free_calls")?,
-                dropped_events: get("dropped_events")?,
-            });
+            let out = MemtraceOut::from_json(&json, &json_path)?;
+            if config == Config::MemtraceDwarf && log.contains("unwind tables not loaded") {
+                warnings.push(
+                    "memtrace could not load its unwind tables and walked frame pointers \
+                     (see its log)"
+                        .into(),
+                );
+            }
+            match &out.site {
+                None => warnings.push(format!(
+                    "memtrace's report has no site (the workload keeps {kept} block(s))"
+                )),
+                Some(s) if kept_bytes.is_some() && s.outstanding_bytes != kept_bytes => warnings
+                    .push(format!(
+                        "sites[0] holds {:?} bytes, not the kept block's {kept_bytes:?}",
+                        s.outstanding_bytes
+                    )),
+                Some(_) => {}
+            }
+            memtrace = Some(MemtraceOut { attach_s, ..out });
         }
     }
     drop(tracer);
@@ -609,12 +966,15 @@ fn run_one(env: &Env, opts: &Options, config: Config, rep: usize) -> Result<Run>
         eprintln!("bench:   warning: {w}");
     }
     Ok(Run {
+        workload: workload_build,
         config,
         rep,
         ns_per_pair,
         pairs,
+        kept,
         wall,
-        counts,
+        mapped,
+        memtrace,
         warnings,
     })
 }
@@ -625,41 +985,239 @@ fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-/// The unsigned integer at `object.key` in a JSON document, without a JSON
-/// library: finds `"object"`, then `"key": <digits>` inside its braces.
-fn json_field_u64(json: &str, object: &str, key: &str) -> Option<u64> {
-    let start = json.find(&format!("\"{object}\""))?;
-    let open = start + json[start..].find('{')?;
-    let bytes = json.as_bytes();
-    let (mut depth, mut in_str, mut esc, mut end) = (0usize, false, false, None);
-    for (i, &b) in bytes.iter().enumerate().skip(open) {
-        if in_str {
-            match b {
-                _ if esc => esc = false,
-                b'\\' => esc = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-            continue;
+/// A JSON value, parsed without a JSON library (xtask depends on anyhow
+/// only). Numbers keep their text, so integers stay exact.
+#[derive(Clone, Debug, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(String),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn parse(text: &str) -> Result<Json> {
+        let mut p = JsonParser {
+            b: text.as_bytes(),
+            i: 0,
+        };
+        let v = p.value(0)?;
+        p.ws();
+        if p.i != p.b.len() {
+            bail!("JSON: trailing characters at byte {}", p.i);
         }
-        match b {
-            b'"' => in_str = true,
-            b'{' => depth += 1,
-            b'}' => {
-                depth -= 1;
-                if depth == 0 {
-                    end = Some(i);
-                    break;
-                }
-            }
-            _ => {}
+        Ok(v)
+    }
+
+    fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(kv) => kv.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
         }
     }
-    let body = &json[open..end?];
-    let k = body.find(&format!("\"{key}\""))? + key.len() + 2;
-    let rest = body[k..].trim_start().strip_prefix(':')?.trim_start();
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
+
+    fn at(&self, i: usize) -> Option<&Json> {
+        self.as_array()?.get(i)
+    }
+
+    fn as_array(&self) -> Option<&[Json]> {
+        match self {
+            Json::Arr(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Num(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self
+            .b
+            .get(self.i)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Result<()> {
+        self.ws();
+        if self.b.get(self.i) != Some(&c) {
+            bail!("JSON: expected `{}` at byte {}", c as char, self.i);
+        }
+        self.i += 1;
+        Ok(())
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Json> {
+        if depth > 200 {
+            bail!("JSON: nested too deeply");
+        }
+        self.ws();
+        let Some(&c) = self.b.get(self.i) else {
+            bail!("JSON: unexpected end");
+        };
+        match c {
+            b'{' => {
+                self.i += 1;
+                let mut kv = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                    return Ok(Json::Obj(kv));
+                }
+                loop {
+                    self.ws();
+                    let k = self.string()?;
+                    self.eat(b':')?;
+                    kv.push((k, self.value(depth + 1)?));
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(Json::Obj(kv));
+                        }
+                        _ => bail!("JSON: expected `,` or `}}` at byte {}", self.i),
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                let mut v = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                    return Ok(Json::Arr(v));
+                }
+                loop {
+                    v.push(self.value(depth + 1)?);
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Json::Arr(v));
+                        }
+                        _ => bail!("JSON: expected `,` or `]` at byte {}", self.i),
+                    }
+                }
+            }
+            b'"' => Ok(Json::Str(self.string()?)),
+            b't' | b'f' | b'n' => {
+                for (word, v) in [
+                    ("true", Json::Bool(true)),
+                    ("false", Json::Bool(false)),
+                    ("null", Json::Null),
+                ] {
+                    if self.b[self.i..].starts_with(word.as_bytes()) {
+                        self.i += word.len();
+                        return Ok(v);
+                    }
+                }
+                bail!("JSON: unexpected `{}` at byte {}", c as char, self.i)
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = self.i;
+                while self
+                    .b
+                    .get(self.i)
+                    .is_some_and(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                {
+                    self.i += 1;
+                }
+                let n = std::str::from_utf8(&self.b[start..self.i]).expect("ASCII");
+                if n.parse::<f64>().is_err() {
+                    bail!("JSON: bad number `{n}` at byte {start}");
+                }
+                Ok(Json::Num(n.to_string()))
+            }
+            _ => bail!("JSON: unexpected `{}` at byte {}", c as char, self.i),
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32> {
+        let h = self
+            .b
+            .get(self.i..self.i + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .with_context(|| format!("JSON: bad \\u escape at byte {}", self.i))?;
+        self.i += 4;
+        Ok(h)
+    }
+
+    fn string(&mut self) -> Result<String> {
+        if self.b.get(self.i) != Some(&b'"') {
+            bail!("JSON: expected a string at byte {}", self.i);
+        }
+        self.i += 1;
+        let mut out = Vec::new();
+        loop {
+            let Some(&c) = self.b.get(self.i) else {
+                bail!("JSON: unterminated string");
+            };
+            self.i += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    let Some(&e) = self.b.get(self.i) else {
+                        bail!("JSON: unterminated string");
+                    };
+                    self.i += 1;
+                    let ch = match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let hi = self.hex4()?;
+                            let code = if (0xd800..0xdc00).contains(&hi)
+                                && self.b[self.i..].starts_with(b"\\u")
+                            {
+                                self.i += 2;
+                                let lo = self.hex4()?;
+                                0x10000 + ((hi - 0xd800) << 10) + (lo.wrapping_sub(0xdc00) & 0x3ff)
+                            } else {
+                                hi
+                            };
+                            char::from_u32(code).unwrap_or('\u{fffd}')
+                        }
+                        _ => bail!("JSON: bad escape at byte {}", self.i - 1),
+                    };
+                    let mut buf = [0; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                }
+                _ => out.push(c),
+            }
+        }
+        // The input is a &str and escapes add whole characters.
+        String::from_utf8(out).context("JSON: string is not UTF-8")
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1030,6 +1588,34 @@ fn group_thousands(n: u64) -> String {
     out
 }
 
+/// `+309` / `-12.5`: a difference of ns.
+fn fmt_signed_ns(v: f64) -> String {
+    format!("{}{}", if v < 0.0 { "-" } else { "+" }, fmt_ns(v.abs()))
+}
+
+fn fmt_bytes(b: u64) -> String {
+    if b < 10 * 1024 {
+        format!("{} B", group_thousands(b))
+    } else if b < 10 * 1024 * 1024 {
+        format!("{} B ({:.1} KiB)", group_thousands(b), b as f64 / 1024.0)
+    } else {
+        format!(
+            "{} B ({:.1} MiB)",
+            group_thousands(b),
+            b as f64 / (1024.0 * 1024.0)
+        )
+    }
+}
+
+/// `7` when every value is the same, `5-7` otherwise; `-` for none.
+fn fmt_range(values: &[u64]) -> String {
+    match (values.iter().min(), values.iter().max()) {
+        (Some(lo), Some(hi)) if lo == hi => group_thousands(*lo),
+        (Some(lo), Some(hi)) => format!("{}-{}", group_thousands(*lo), group_thousands(*hi)),
+        _ => "-".into(),
+    }
+}
+
 struct Report<'a> {
     opts: &'a Options,
     env: &'a Env,
@@ -1040,26 +1626,38 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    fn values(&self, c: Config) -> Vec<f64> {
+    fn runs_of(&self, w: Workload, c: Config) -> impl Iterator<Item = &Run> {
         self.runs
             .iter()
-            .filter(|r| r.config == c)
-            .map(|r| r.ns_per_pair)
-            .collect()
+            .filter(move |r| r.workload == w && r.config == c)
+    }
+
+    fn values(&self, w: Workload, c: Config) -> Vec<f64> {
+        self.runs_of(w, c).map(|r| r.ns_per_pair).collect()
+    }
+
+    fn median(&self, w: Workload, c: Config) -> Option<f64> {
+        stats(&self.values(w, c)).map(|st| st.median)
     }
 
     fn markdown(&self) -> String {
         let o = self.opts;
         let mut s = String::new();
-        let median = |c: Config| stats(&self.values(c)).map(|st| st.median);
-        let base = median(Config::Untraced);
-        let memleak = median(Config::BpftraceMemleak);
 
         let _ = writeln!(s, "## memtrace bench: malloc+free overhead\n");
+        let mapped: Vec<String> = o
+            .workloads
+            .iter()
+            .filter_map(|&w| {
+                let r = self.runs.iter().find(|r| r.workload == w)?;
+                Some(format!("{}: {}", w.label(), r.mapped.join(", ")))
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "{} reps, configs interleaved in shuffled order (seed {}). Workload: {} thread(s), {} per pair, \
-             {} pairs per thread traced, {} untraced, frame pointers {}.{}\n",
+            "{} reps, every (build, config) run once per rep in shuffled order (seed {}). Workload: {} thread(s), \
+             {} per pair, {} pairs per thread traced, {} untraced; C (workload.c) plus a C++ unit \
+             (workload_cxx.cc) linked against libstdc++, so it maps ({}).{}\n",
             o.reps,
             o.seed,
             o.threads,
@@ -1070,10 +1668,10 @@ impl Report<'_> {
             },
             o.iters,
             o.base_iters,
-            if o.omit_frame_pointer {
-                "omitted"
+            if mapped.is_empty() {
+                "-".to_string()
             } else {
-                "kept"
+                mapped.join("; ")
             },
             if o.quick {
                 " **--quick: numbers only check the bench.**"
@@ -1081,95 +1679,53 @@ impl Report<'_> {
                 ""
             },
         );
-        let _ = writeln!(
-            s,
-            "| config | median ns/pair | min | max | ratio to memleak.bt | overhead over untraced |"
-        );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
-        for &c in &o.configs {
-            let Some(st) = stats(&self.values(c)) else {
-                continue;
-            };
-            let ratio = match (c, memleak) {
-                (Config::Untraced, _) | (_, None) => "-".to_string(),
-                (_, Some(m)) => format!("{:.3}x", st.median / m),
-            };
-            let over = match (c, base) {
-                (Config::Untraced, _) | (_, None) => "-".to_string(),
-                (_, Some(b)) => format!(
-                    "+{} ns ({}x)",
-                    fmt_ns(st.median - b),
-                    fmt_ratio(st.median / b)
-                ),
-            };
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} |",
-                c.label(),
-                fmt_ns(st.median),
-                fmt_ns(st.min),
-                fmt_ns(st.max),
-                ratio,
-                over
-            );
+        for &w in &o.workloads {
+            let _ = writeln!(s, "- {}: {}", w.label(), w.long_label());
         }
+
+        // The overview: one column per build.
+        let _ = writeln!(s, "\nMedian ns per malloc+free pair:\n");
+        let _ = write!(s, "| config |");
+        for &w in &o.workloads {
+            let _ = write!(s, " {} |", w.label());
+        }
+        let _ = writeln!(s, "\n|---|{}", "---:|".repeat(o.workloads.len()));
+        for c in o.all_configs() {
+            let _ = write!(s, "| {} |", c.label());
+            for &w in &o.workloads {
+                let v = self.median(w, c).map(fmt_ns);
+                let _ = write!(s, " {} |", v.unwrap_or_else(|| "-".into()));
+            }
+            let _ = writeln!(s);
+        }
+
+        for &w in &o.workloads {
+            self.build_table(&mut s, w);
+        }
+        self.unwinding(&mut s);
 
         let _ = writeln!(
             s,
-            "\nEach repetition (ns/pair; the order of configs was shuffled within each):\n"
+            "\nEach repetition (ns/pair; the order of runs was shuffled within each):\n"
         );
-        let _ = write!(s, "| config |");
+        let _ = write!(s, "| build | config |");
         for r in 1..=o.reps {
             let _ = write!(s, " rep {r} |");
         }
-        let _ = writeln!(s, "\n|---|{}", "---:|".repeat(o.reps));
-        for &c in &o.configs {
-            let _ = write!(s, "| {} |", c.label());
+        let _ = writeln!(s, "\n|---|---|{}", "---:|".repeat(o.reps));
+        for (w, c) in o.plan() {
+            let _ = write!(s, "| {} | {} |", w.label(), c.label());
             for r in 1..=o.reps {
                 let v = self
-                    .runs
-                    .iter()
-                    .find(|x| x.config == c && x.rep == r)
+                    .runs_of(w, c)
+                    .find(|x| x.rep == r)
                     .map(|x| fmt_ns(x.ns_per_pair));
                 let _ = write!(s, " {} |", v.unwrap_or_else(|| "-".into()));
             }
             let _ = writeln!(s);
         }
 
-        let mem: Vec<&Run> = self
-            .runs
-            .iter()
-            .filter(|r| r.config == Config::Memtrace)
-            .collect();
-        if !mem.is_empty() {
-            let good = mem
-                .iter()
-                .filter(|r| r.counts.as_ref().is_some_and(|c| c.ok(r.pairs)))
-                .count();
-            let _ = writeln!(
-                s,
-                "\nmemtrace sanity check (its JSON totals against the workload's own count; warmup runs before \
-                 attach, so the traced window holds exactly {} mallocs and {} frees): **{}** ({good}/{} reps)\n",
-                mem[0].pairs,
-                mem[0].pairs,
-                if good == mem.len() { "ok" } else { "MISMATCH" },
-                mem.len()
-            );
-            for r in &mem {
-                if let Some(c) = &r.counts {
-                    let _ = writeln!(
-                        s,
-                        "- rep {}: alloc_calls {} ({:+}), free_calls {} ({:+}), dropped_events {}",
-                        r.rep,
-                        c.alloc_calls,
-                        c.alloc_calls as i64 - r.pairs as i64,
-                        c.free_calls,
-                        c.free_calls as i64 - r.pairs as i64,
-                        c.dropped_events
-                    );
-                }
-            }
-        }
+        self.sanity(&mut s);
 
         let warnings: Vec<String> = self
             .runs
@@ -1177,7 +1733,7 @@ impl Report<'_> {
             .flat_map(|r| {
                 r.warnings
                     .iter()
-                    .map(move |w| format!("rep {} {}: {w}", r.rep, r.config.id()))
+                    .map(move |w| format!("rep {} {}: {w}", r.rep, run_name(r.workload, r.config)))
             })
             .collect();
         if !warnings.is_empty() {
@@ -1187,7 +1743,7 @@ impl Report<'_> {
             }
         }
 
-        if o.configs.iter().any(|c| c.script().is_some()) {
+        if o.all_configs().iter().any(|c| c.script().is_some()) {
             let _ = writeln!(
                 s,
                 "\nbpftrace 0.17 does not bind uprobes to `-p PID` (the scripts filter on pid inside BPF), so \
@@ -1219,9 +1775,320 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "ns/pair = one malloc + one free, timed inside the workload (CLOCK_MONOTONIC), mean over threads; \
-             overhead = median - untraced median."
+             overhead = median - untraced median of the same build."
         );
         s
+    }
+
+    /// One build's configs: median, spread, ratios.
+    fn build_table(&self, s: &mut String, w: Workload) {
+        let base = self.median(w, Config::Untraced);
+        let memleak = self.median(w, Config::BpftraceMemleak);
+        let _ = writeln!(s, "\n### {}\n", w.long_label());
+        let _ = writeln!(
+            s,
+            "| config | median ns/pair | min | max | ratio to memleak.bt | overhead over untraced |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+        for c in self.opts.configs_for(w) {
+            let Some(st) = stats(&self.values(w, c)) else {
+                continue;
+            };
+            let ratio = match (c, memleak) {
+                (Config::Untraced, _) | (_, None) => "-".to_string(),
+                (_, Some(m)) => format!("{:.3}x", st.median / m),
+            };
+            let over = match (c, base) {
+                (Config::Untraced, _) | (_, None) => "-".to_string(),
+                (_, Some(b)) => format!(
+                    "{} ns ({}x)",
+                    fmt_signed_ns(st.median - b),
+                    fmt_ratio(st.median / b)
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                c.label(),
+                fmt_ns(st.median),
+                fmt_ns(st.min),
+                fmt_ns(st.max),
+                ratio,
+                over
+            );
+        }
+    }
+
+    /// memtrace with .eh_frame tables against memtrace with frame pointers:
+    /// cost, table memory, stack depth.
+    fn unwinding(&self, s: &mut String) {
+        let o = self.opts;
+        let dwarf_runs = |w| self.runs_of(w, Config::MemtraceDwarf).count() > 0;
+        let fp_runs = |w| self.runs_of(w, Config::MemtraceFp).count() > 0;
+        let both: Vec<Workload> = o
+            .workloads
+            .iter()
+            .copied()
+            .filter(|&w| dwarf_runs(w) && fp_runs(w))
+            .collect();
+        let with_dwarf: Vec<Workload> = o
+            .workloads
+            .iter()
+            .copied()
+            .filter(|&w| dwarf_runs(w))
+            .collect();
+        if with_dwarf.is_empty() && both.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Stack unwinding: .eh_frame tables (dwarf) against frame pointers (fp)\n\n\
+             memtrace walks stacks in BPF with .eh_frame unwind tables by default (dwarf); with \
+             `MEMTRACE_STACKS=fp` it uses the kernel's frame-pointer walk (bpf_get_stack) instead."
+        );
+
+        if !both.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n| build | memtrace (dwarf stacks) | memtrace (fp stacks) | extra cost of unwinding per allocation (dwarf - fp) | dwarf - fp in each rep | attach time, dwarf / fp (median) |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---|---:|");
+            for &w in &both {
+                let (Some(d), Some(f)) = (
+                    self.median(w, Config::MemtraceDwarf),
+                    self.median(w, Config::MemtraceFp),
+                ) else {
+                    continue;
+                };
+                let paired: Vec<f64> = (1..=o.reps)
+                    .filter_map(|r| {
+                        let d = self
+                            .runs_of(w, Config::MemtraceDwarf)
+                            .find(|x| x.rep == r)?;
+                        let f = self.runs_of(w, Config::MemtraceFp).find(|x| x.rep == r)?;
+                        Some(d.ns_per_pair - f.ns_per_pair)
+                    })
+                    .collect();
+                let per_rep = paired
+                    .iter()
+                    .map(|&v| fmt_signed_ns(v))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let per_rep = match stats(&paired) {
+                    Some(st) => format!("{per_rep} (median {})", fmt_signed_ns(st.median)),
+                    None => "-".into(),
+                };
+                let attach = |c| {
+                    let v: Vec<f64> = self
+                        .runs_of(w, c)
+                        .filter_map(|r| r.memtrace.as_ref()?.attach_s)
+                        .collect();
+                    stats(&v)
+                        .map(|st| format!("{:.2} s", st.median))
+                        .unwrap_or_else(|| "?".into())
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | **{} ns** ({:+.1}%) | {} | {} / {} |",
+                    w.label(),
+                    fmt_ns(d),
+                    fmt_ns(f),
+                    fmt_signed_ns(d - f),
+                    (d - f) / f * 100.0,
+                    per_rep,
+                    attach(Config::MemtraceDwarf),
+                    attach(Config::MemtraceFp)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nOne allocation per pair: ns/pair differences are per allocation (free records no stack). \
+                 The per-rep differences show how much of the figure is noise."
+            );
+        }
+
+        if !with_dwarf.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nKernel memory of the unwind tables (from the dwarf runs' JSON `unwind`: row_bytes + pages x {UNWIND_PAGE_BYTES} B):\n"
+            );
+            let mut table = String::new();
+            let mut missing = Vec::new();
+            for &w in &with_dwarf {
+                let u: Vec<Unwind> = self
+                    .runs_of(w, Config::MemtraceDwarf)
+                    .filter_map(|r| r.memtrace.as_ref()?.unwind)
+                    .collect();
+                let bytes: Vec<u64> = u.iter().filter_map(Unwind::kernel_bytes).collect();
+                if bytes.is_empty() {
+                    missing.push(w.label());
+                    continue;
+                }
+                let col = |f: fn(&Unwind) -> Option<u64>| {
+                    fmt_range(&u.iter().filter_map(f).collect::<Vec<_>>())
+                };
+                let memory = match (bytes.iter().min(), bytes.iter().max()) {
+                    (Some(lo), Some(hi)) if lo != hi => {
+                        format!("{} to {}", fmt_bytes(*lo), fmt_bytes(*hi))
+                    }
+                    (Some(b), _) => fmt_bytes(*b),
+                    _ => "-".into(),
+                };
+                let _ = writeln!(
+                    table,
+                    "| {} | {} | {} | {} | {} | **{}** |",
+                    w.label(),
+                    col(|u| u.modules),
+                    col(|u| u.rows),
+                    col(|u| u.row_bytes),
+                    col(|u| u.pages),
+                    memory
+                );
+            }
+            if !table.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "| build | modules | rows | row_bytes | pages | kernel memory |\n|---|---:|---:|---:|---:|---:|\n{table}"
+                );
+            }
+            if !missing.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "{}: not reported (memtrace's JSON has no `unwind` object with row_bytes and pages).",
+                    missing.join(", ")
+                );
+            }
+        }
+
+        // Stack depth of the one site (the kept block).
+        let _ = writeln!(
+            s,
+            "\nHow deep the stacks were: `sites[0].frames` of each report, the workload's one kept block, \
+             allocated by main -> keep_block -> keep_block_inner -> workload_cxx_keep -> operator new[] -> \
+             operator new (libstdc++) -> malloc; operator new[] tail-calls operator new, so it has no frame, \
+             and the first frame is malloc's caller. Stack innermost first, from the last rep:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| build | stacks | frames (of which inlined) | stack |\n|---|---|---:|---|"
+        );
+        let mut depth = Vec::new();
+        for &w in o.workloads.iter().rev() {
+            for c in [Config::MemtraceDwarf, Config::MemtraceFp] {
+                let sites: Vec<&SiteStack> = self
+                    .runs_of(w, c)
+                    .filter_map(|r| r.memtrace.as_ref()?.site.as_ref())
+                    .collect();
+                if self.runs_of(w, c).count() == 0 {
+                    continue;
+                }
+                let frames: Vec<u64> = sites.iter().map(|x| x.frames as u64).collect();
+                let inlined: Vec<u64> = sites.iter().map(|x| x.inlined as u64).collect();
+                let chain = sites
+                    .last()
+                    .map(|x| x.chain())
+                    .unwrap_or_else(|| "no site in the report".into());
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} ({}) | {} |",
+                    w.label(),
+                    if c == Config::MemtraceDwarf {
+                        "dwarf"
+                    } else {
+                        "fp"
+                    },
+                    fmt_range(&frames),
+                    fmt_range(&inlined),
+                    chain
+                );
+                depth.push((w, c, frames));
+            }
+        }
+        let frames_of = |w, c| {
+            depth
+                .iter()
+                .find(|(x, y, _)| *x == w && *y == c)
+                .and_then(|(_, _, f)| stats(&f.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+                .map(|st| st.median)
+        };
+        if let (Some(d), Some(f)) = (
+            frames_of(Workload::NoFp, Config::MemtraceDwarf),
+            frames_of(Workload::NoFp, Config::MemtraceFp),
+        ) {
+            let _ = writeln!(
+                s,
+                "\nOn the no-frame-pointer build the frame-pointer walk gets {f} frames where the .eh_frame walk gets {d}{}",
+                if f < d {
+                    ": fp stacks are cut short there."
+                } else {
+                    "."
+                }
+            );
+        }
+    }
+
+    fn sanity(&self, s: &mut String) {
+        let mem: Vec<&Run> = self.runs.iter().filter(|r| r.memtrace.is_some()).collect();
+        if mem.is_empty() {
+            return;
+        }
+        let good = mem
+            .iter()
+            .filter(|r| {
+                r.memtrace
+                    .as_ref()
+                    .is_some_and(|m| m.counts.ok(r.pairs, r.kept))
+            })
+            .count();
+        let _ = writeln!(
+            s,
+            "\nmemtrace sanity check (its JSON totals against the workload's own count; warmup runs before \
+             attach, so the traced window holds exactly {} mallocs ({} pairs + {} kept block) and {} frees): \
+             **{}** ({good}/{} runs)\n",
+            mem[0].pairs + mem[0].kept,
+            mem[0].pairs,
+            mem[0].kept,
+            mem[0].pairs,
+            if good == mem.len() { "ok" } else { "MISMATCH" },
+            mem.len()
+        );
+        for (w, c) in self
+            .opts
+            .plan()
+            .into_iter()
+            .filter(|(_, c)| c.is_memtrace())
+        {
+            let runs: Vec<&&Run> = mem
+                .iter()
+                .filter(|r| r.workload == w && r.config == c)
+                .collect();
+            let ok = runs
+                .iter()
+                .filter(|r| {
+                    r.memtrace
+                        .as_ref()
+                        .is_some_and(|m| m.counts.ok(r.pairs, r.kept))
+                })
+                .count();
+            let _ = writeln!(s, "- {}: {ok}/{} runs ok", run_name(w, c), runs.len());
+            for r in runs {
+                let Some(m) = &r.memtrace else { continue };
+                let c = &m.counts;
+                if c.ok(r.pairs, r.kept) {
+                    continue;
+                }
+                let _ = writeln!(
+                    s,
+                    "  - rep {}: alloc_calls {} ({:+}), free_calls {} ({:+}), dropped_events {}",
+                    r.rep,
+                    c.alloc_calls,
+                    c.alloc_calls as i64 - (r.pairs + r.kept) as i64,
+                    c.free_calls,
+                    c.free_calls as i64 - r.pairs as i64,
+                    c.dropped_events
+                );
+            }
+        }
     }
 }
 
@@ -1238,21 +2105,79 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_totals() {
-        let j = r#"{"schema":"memtrace-report/1","target":{"pid":5,"cmdline":["a}b"]},
-            "totals": { "alloc_calls": 300000, "free_calls" :299999, "dropped_events": 0 },
-            "sites":[{"alloc_calls": 7}]}"#;
-        assert_eq!(json_field_u64(j, "totals", "alloc_calls"), Some(300000));
-        assert_eq!(json_field_u64(j, "totals", "free_calls"), Some(299999));
-        assert_eq!(json_field_u64(j, "totals", "dropped_events"), Some(0));
-        assert_eq!(json_field_u64(j, "totals", "stack_errors"), None);
+    fn json_report_fields() {
+        let j = r#"{"schema":"memtrace-report/1","target":{"pid":5,"cmdline":["a}b\"c\u00e9\ud83d\ude00"]},
+            "totals": { "alloc_calls": 300001, "free_calls" :300000, "dropped_events": 0, "rate": -1.5e3 },
+            "unwind": {"modules": 5, "rows": 1000, "row_bytes": 16000, "pages": 10, "extra": [1, {"x": null}]},
+            "sites":[{"outstanding_bytes": 4096, "alloc_calls": 1, "frames": [
+                {"address": "0x1", "module": null, "function": null, "inlined": false},
+                {"address": "0x2", "module": "/w", "function": "keep_block", "inlined": true},
+                {"address": "0x2", "module": "/w", "function": "main", "inlined": false},
+                {"address": "0x3", "module": "/lib/libc.so.6", "inlined": false}]}]}"#;
+        let m = MemtraceOut::from_json(j, Path::new("x.json")).unwrap();
+        assert_eq!(
+            (
+                m.counts.alloc_calls,
+                m.counts.free_calls,
+                m.counts.dropped_events
+            ),
+            (300001, 300000, 0)
+        );
+        assert!(m.counts.ok(300000, 1));
+        assert!(!m.counts.ok(300000, 2));
+        let u = m.unwind.unwrap();
+        assert_eq!((u.modules, u.rows), (Some(5), Some(1000)));
+        assert_eq!(u.kernel_bytes(), Some(16000 + 10 * 32));
+        let site = m.site.unwrap();
+        assert_eq!((site.frames, site.inlined), (4, 1));
+        assert_eq!(site.outstanding_bytes, Some(4096));
+        assert_eq!(site.chain(), "?(0x1) ← keep_block ← main ← ?(libc.so.6)");
+
+        let v = Json::parse(j).unwrap();
+        let cmd = v
+            .get("target")
+            .and_then(|t| t.get("cmdline"))
+            .and_then(|c| c.at(0));
+        assert_eq!(cmd.and_then(Json::as_str), Some("a}b\"cé😀"));
+        assert_eq!(
+            v.get("totals").and_then(|t| t.get("rate")),
+            Some(&Json::Num("-1.5e3".into()))
+        );
+
+        // No unwind object, no sites: tolerated.
+        let old = r#"{"totals":{"alloc_calls":1,"free_calls":1,"dropped_events":0},"sites":[]}"#;
+        let m = MemtraceOut::from_json(old, Path::new("x.json")).unwrap();
+        assert!(m.unwind.is_none() && m.site.is_none());
+        // Partial unwind object: no memory figure.
+        let partial =
+            r#"{"totals":{"alloc_calls":1,"free_calls":1,"dropped_events":0},"unwind":{"rows":3}}"#;
+        let m = MemtraceOut::from_json(partial, Path::new("x.json")).unwrap();
+        assert_eq!(m.unwind.unwrap().kernel_bytes(), None);
+        // Missing totals is an error; so is broken JSON.
+        assert!(MemtraceOut::from_json(r#"{"sites":[]}"#, Path::new("x.json")).is_err());
+        for bad in ["{", "[1,]", r#"{"a" 1}"#, "tru", "1 2", r#""\x""#] {
+            assert!(Json::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn attach_line() {
+        let l = "memtrace: attached to pid 1 (w): 17 probes on /x/libc.so.6 (malloc, free) in 2.9s";
+        assert_eq!(attach_seconds(l), Some(2.9));
+        assert_eq!(
+            attach_seconds("memtrace: attached ... in 555ms"),
+            Some(0.555)
+        );
+        assert_eq!(attach_seconds("memtrace: attached"), None);
     }
 
     #[test]
     fn result_line() {
-        let l = "RESULT ns_per_pair=12.5 pairs=40 threads=2";
+        let l = "RESULT ns_per_pair=12.5 pairs=40 threads=2 kept=1 kept_bytes=4096";
         assert_eq!(field::<f64>(l, "ns_per_pair"), Some(12.5));
         assert_eq!(field::<u64>(l, "pairs"), Some(40));
+        assert_eq!(field::<u64>(l, "kept"), Some(1));
+        assert_eq!(field::<u64>(l, "kept_bytes"), Some(4096));
         assert_eq!(field::<u64>(l, "iters"), None);
     }
 
@@ -1263,10 +2188,51 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((o.reps, o.iters, o.base_iters), (3, 20_000, 2_000_000));
-        assert_eq!(o.configs, vec![Config::Untraced, Config::Memtrace]);
+        assert_eq!(
+            o.configs,
+            Some(vec![Config::Untraced, Config::MemtraceDwarf])
+        );
+        assert_eq!(o.workloads, vec![Workload::Fp, Workload::NoFp]);
+        assert_eq!(o.plan().len(), 4);
         assert!(a(&["--threads", "0"]).is_err());
         assert!(a(&["--configs", "perf"]).is_err());
+        assert!(a(&["--workloads", "O3"]).is_err());
         assert!(a(&["--bogus"]).is_err());
+        assert!(a(&["--workloads", "fp", "--omit-frame-pointer"]).is_err());
+
+        // Default: every config on the fp build, the stack-related ones on nofp.
+        let o = a(&[]).unwrap().unwrap();
+        let plan = o.plan();
+        assert_eq!(plan.len(), 9);
+        assert!(plan.contains(&(Workload::Fp, Config::BpftraceEmpty)));
+        assert!(!plan.contains(&(Workload::NoFp, Config::BpftraceEmpty)));
+        for c in [
+            Config::Untraced,
+            Config::BpftraceMemleak,
+            Config::MemtraceDwarf,
+            Config::MemtraceFp,
+        ] {
+            assert!(plan.contains(&(Workload::NoFp, c)), "{c:?}");
+        }
+        assert_eq!(o.all_configs(), Config::ALL.to_vec());
+
+        let o = a(&[
+            "--omit-frame-pointer",
+            "--configs=memtrace-fp,memtrace-dwarf",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            o.plan(),
+            vec![
+                (Workload::NoFp, Config::MemtraceDwarf),
+                (Workload::NoFp, Config::MemtraceFp)
+            ]
+        );
+        let o = a(&["--workloads", "nofp,fp,fp"]).unwrap().unwrap();
+        assert_eq!(o.workloads, vec![Workload::Fp, Workload::NoFp]);
+        assert_eq!(Config::MemtraceFp.memtrace_stacks(), Some("fp"));
+        assert_eq!(Config::MemtraceDwarf.memtrace_stacks(), None);
     }
 
     fn sh(script: &str) -> Command {
@@ -1312,5 +2278,56 @@ mod tests {
         let s = stats(&[3.0, 1.0, 2.0, 10.0]).unwrap();
         assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
         assert_eq!(group_thousands(1234567), "1,234,567");
+        assert_eq!(fmt_signed_ns(-1234.4), "-1,234");
+        assert_eq!(fmt_signed_ns(12.25), "+12.2");
+        assert_eq!(fmt_range(&[7, 5, 7]), "5-7");
+        assert_eq!(fmt_range(&[3, 3]), "3");
+        assert_eq!(fmt_bytes(20480), "20,480 B (20.0 KiB)");
+    }
+
+    /// Both builds compile, link libstdc++, and run to the RESULT line with
+    /// the kept block (skipped without a C++ compiler).
+    #[test]
+    fn workload_builds() {
+        if Command::new("g++").arg("--version").output().is_err() {
+            eprintln!("no g++: skipped");
+            return;
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench");
+        let out = std::env::temp_dir().join(format!("memtrace-bench-test-{}", std::process::id()));
+        fs::create_dir_all(&out).unwrap();
+        let built = build_workloads(&src, &out);
+        let result = (|| -> Result<()> {
+            for (w, exe) in built? {
+                let mut c = Command::new(&exe);
+                c.args(["1000", "2", "mixed", "10"]);
+                let mut p = Proc::spawn("workload", c, true, false)?;
+                let ready = p.wait_line(Duration::from_secs(20), "READY", |_, l| {
+                    l.starts_with("READY")
+                })?;
+                assert!(ready.starts_with("READY pid="), "{w:?}: {ready}");
+                let mapped = mapped_modules(p.pid());
+                assert!(
+                    mapped.iter().any(|m| m.starts_with("libstdc++")),
+                    "{w:?}: {mapped:?}"
+                );
+                assert!(
+                    mapped.iter().any(|m| m.starts_with("libc.so")),
+                    "{mapped:?}"
+                );
+                assert!(mapped.iter().any(|m| m == w.exe_name()), "{mapped:?}");
+                p.send(b"g")?;
+                let l = p.wait_line(Duration::from_secs(20), "RESULT", |_, l| {
+                    l.starts_with("RESULT")
+                })?;
+                assert_eq!(field::<u64>(&l, "pairs"), Some(2000), "{l}");
+                assert_eq!(field::<u64>(&l, "kept"), Some(1), "{l}");
+                let st = p.finish(Duration::from_secs(10))?;
+                assert!(st.status.success() && !st.killed);
+            }
+            Ok(())
+        })();
+        let _ = fs::remove_dir_all(&out);
+        result.unwrap();
     }
 }
