@@ -221,7 +221,8 @@ pub struct PendingCall {
     pub size: u64,
     /// realloc/reallocarray: the block being resized (0 for none).
     pub old_ptr: u64,
-    /// posix_memalign: where the result pointer will be written.
+    /// posix_memalign: where the result pointer will be written. realloc: 1 if
+    /// memtrace knew the old block at entry.
     pub out_ptr: u64,
     /// `bpf_ktime_get_ns()` at entry. Lets userspace expire calls whose return
     /// never came (longjmp out of a signal handler, a thread killed inside malloc).

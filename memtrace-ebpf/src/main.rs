@@ -446,6 +446,9 @@ mod probes {
         count(Counter::AllocBytes, size);
     }
 
+    /// `PendingCall::out_ptr` of a realloc whose old block memtrace knew at entry.
+    const OLD_BLOCK_KNOWN: u64 = 1;
+
     /// Whether the call being entered was made from inside a probed allocator
     /// function: its return address (at [sp] on entry) is in one of their ranges.
     #[inline(always)]
@@ -488,6 +491,14 @@ mod probes {
             count(Counter::InternalCalls, 1);
             return 0;
         }
+        // realloc: whether memtrace knows the old block now. Another thread may
+        // be handed (and even free) that address before this call's return
+        // probe runs; the old block then is gone, but it was not unknown.
+        let out_ptr = if old_ptr != 0 && unsafe { ALLOCS.get(&old_ptr) }.is_some() {
+            OLD_BLOCK_KNOWN
+        } else {
+            out_ptr
+        };
         let call = PendingCall {
             kind: kind as u32,
             refs: 1,
@@ -613,7 +624,9 @@ mod probes {
                     if call.old_ptr != 0 && call.size == 0 {
                         // realloc(p, 0): glibc frees p and returns NULL.
                         count(Counter::FreeCalls, 1);
-                        if !retire(call.old_ptr, call.timestamp_ns) {
+                        if !retire(call.old_ptr, call.timestamp_ns)
+                            && call.out_ptr != OLD_BLOCK_KNOWN
+                        {
                             count(Counter::FreeUnknown, 1);
                         }
                     } else {
@@ -624,7 +637,7 @@ mod probes {
                 }
                 if call.old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
-                    if !retire(call.old_ptr, call.timestamp_ns) {
+                    if !retire(call.old_ptr, call.timestamp_ns) && call.out_ptr != OLD_BLOCK_KNOWN {
                         count(Counter::FreeUnknown, 1);
                     }
                 }

@@ -1,9 +1,12 @@
 //! Command line, as fixed by the contract (../shared/CONTRACT.md).
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::units::parse_duration;
+use crate::{
+    analyze::VerdictConfig,
+    units::{Rate, parse_duration, parse_rate},
+};
 
 const ABOUT: &str = "Find memory leaks in a running process, without restarting it";
 
@@ -16,9 +19,19 @@ bound to that one process. It keeps every allocation that is not freed, with the
 stack that made it, and reports the call sites that hold the most memory: bytes,
 blocks, age, and the symbolized stack (function, file:line, inlined frames).
 
-While tracing it prints a summary line to stderr every --interval. The final
-report is written when you press Ctrl-C (or send SIGTERM), when --duration has
-passed, or when the target exits. The target keeps running unharmed.";
+While tracing it prints a summary line to stderr every --interval (with the
+target's RSS, fds and threads) and records every site's outstanding bytes. The
+final report is written when you press Ctrl-C (or send SIGTERM), when --duration
+has passed, or when the target exits. The target keeps running unharmed.
+
+Each site gets a verdict from its history: leak (keeps growing and holds on to
+its early blocks), growing (grows, but frees old blocks: a queue, a cache that
+evicts as it grows), stable (plateau, constant: caches, pools, startup data), transient
+(short-lived blocks only), unknown (fewer than --leak-min-samples samples: use a
+shorter --interval or trace longer). The text report lists leaks first.
+
+`memtrace diff OLD.json NEW.json` compares two JSON reports (snapshots) site by
+site, matched by symbolized stack, and ranks the sites by growth.";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -27,8 +40,14 @@ Examples:
   sudo memtrace -i 1s -- ./myserver --port 8080
                                             launch and trace from the first allocation
 
-Exit status: in launch mode, the program's own exit status (128+N if killed by
-signal N); otherwise 0. 1 for runtime errors, 2 for usage errors.
+  sudo memtrace -p 1234 -i 30s -d 1h --fail-on-leak --alert-growth 10MiB/min
+                                            a monitoring job: alert lines on stderr, status 3 on a leak
+  memtrace diff before.json after.json      which sites grew between two reports
+
+Exit status: 0; in launch mode, the program's own exit status (128+N if killed by
+signal N). With --fail-on-leak, 3 if any site got the leak verdict: in launch
+mode only if the program exited with status 0 (its own failure comes first).
+1 for runtime errors, 2 for usage errors.
 Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) and a kernel with uprobes.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -46,9 +65,13 @@ pub enum Format {
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
-    override_usage = "memtrace [OPTIONS] --pid <PID>\n       memtrace [OPTIONS] -- <CMD> [ARGS]..."
+    override_usage = "memtrace [OPTIONS] --pid <PID>\n       memtrace [OPTIONS] -- <CMD> [ARGS]...\n       memtrace diff [OPTIONS] <OLD.json> <NEW.json>",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub subcommand: Option<Command>,
+
     /// Process to attach to (all of its threads, existing and new)
     #[arg(short, long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
@@ -77,6 +100,34 @@ pub struct Cli {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
+    /// Exit with status 3 if any site gets the leak verdict (after writing the report)
+    #[arg(long)]
+    pub fail_on_leak: bool,
+
+    /// Print an alert on stderr when the total, or one site, grew faster than RATE in
+    /// the last interval (10MiB/min, 1MiB/s, 500KiB/h)
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub alert_growth: Option<Rate>,
+
+    /// Fewer samples of a site than N: verdict unknown
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..))]
+    pub leak_min_samples: u64,
+
+    /// Growing needs, of the pairs of samples whose bytes differ, at least this share
+    /// in which the later one is larger
+    #[arg(long, value_name = "SHARE", default_value_t = 0.6, value_parser = parse_share)]
+    pub leak_min_growth_share: f64,
+
+    /// Growing needs a trend adding at least this share of the site's peak over its
+    /// history (and at that pace over its last half)
+    #[arg(long, value_name = "SHARE", default_value_t = 0.1, value_parser = parse_share)]
+    pub leak_min_relative_growth: f64,
+
+    /// A growing site is a leak if at least this share of its early blocks are still
+    /// outstanding at the end
+    #[arg(long, value_name = "SHARE", default_value_t = 0.5, value_parser = parse_share)]
+    pub leak_retained_share: f64,
+
     /// Program to launch and trace from its first allocation (after `--`)
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -84,6 +135,61 @@ pub struct Cli {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a share: use a number from 0 to 1, e.g. 0.5"
+        )),
+    }
+}
+
+const DIFF_ABOUT: &str = "\
+Compare two JSON reports (snapshots), like tracemalloc's compare_to.
+
+Sites are matched by their symbolized stack: the sequence of (module file name,
+function, source file, line) of their frames, so reports of different runs
+(other addresses) match. Sites of one report with the same stack are added up.
+The text lists the sites that grew (or are new) by growth in bytes, then those
+that shrank or vanished; the JSON has every site.";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compare two JSON reports (snapshots): which sites grew, by symbolized stack
+    #[command(
+        long_about = DIFF_ABOUT,
+        after_help = "Exit status: 0; 1 if a report cannot be read; 2 for usage errors. Needs no privileges."
+    )]
+    Diff(DiffArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    /// For people: the sites that grew, then those that shrank, with their stacks.
+    Text,
+    /// Schema memtrace-diff/1: every site, for scripts.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older report (memtrace --format json)
+    #[arg(value_name = "OLD.json")]
+    pub old: PathBuf,
+
+    /// The newer report
+    #[arg(value_name = "NEW.json")]
+    pub new: PathBuf,
+
+    /// Output format
+    #[arg(short, long, value_name = "FMT", value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+
+    /// Number of sites shown in each part of the text (JSON has them all)
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
 }
 
 /// What to trace.
@@ -94,6 +200,17 @@ pub enum Target {
 }
 
 impl Cli {
+    /// The verdict thresholds from the options.
+    pub fn verdict_config(&self) -> VerdictConfig {
+        VerdictConfig {
+            min_samples: self.leak_min_samples as usize,
+            min_growth_share: self.leak_min_growth_share,
+            min_relative_growth: self.leak_min_relative_growth,
+            retained_share: self.leak_retained_share,
+            ..VerdictConfig::for_interval(self.interval)
+        }
+    }
+
     /// The target, or a usage error for neither/both.
     pub fn target(&self) -> Result<Target, String> {
         match (self.pid, self.command.is_empty()) {
@@ -148,5 +265,92 @@ mod tests {
         assert_eq!(c.top, 10);
         assert_eq!(c.format, Format::Text);
         assert!(c.duration.is_none() && c.output.is_none());
+        assert!(!c.fail_on_leak && c.alert_growth.is_none() && c.subcommand.is_none());
+        assert_eq!(
+            c.verdict_config(),
+            VerdictConfig::for_interval(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn leak_options() {
+        let c = parse(&[
+            "-p",
+            "7",
+            "-i",
+            "200ms",
+            "--fail-on-leak",
+            "--alert-growth",
+            "10MiB/min",
+            "--leak-min-samples",
+            "6",
+            "--leak-min-growth-share",
+            "0.7",
+            "--leak-min-relative-growth",
+            "0.05",
+            "--leak-retained-share",
+            "0.9",
+        ])
+        .unwrap();
+        assert!(c.fail_on_leak);
+        assert_eq!(c.alert_growth.unwrap().to_string(), "10.0 MiB/min");
+        let v = c.verdict_config();
+        assert_eq!(
+            (
+                v.min_samples,
+                v.min_growth_share,
+                v.min_relative_growth,
+                v.retained_share
+            ),
+            (6, 0.7, 0.05, 0.9)
+        );
+        assert_eq!(v.transient_max_age_s, 0.4);
+        for bad in [
+            &["-p", "7", "--alert-growth", "10MiB"][..],
+            &["-p", "7", "--leak-min-growth-share", "1.5"],
+            &["-p", "7", "--leak-retained-share", "x"],
+            &["-p", "7", "--leak-min-samples", "1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn diff_subcommand() {
+        let c = parse(&["diff", "a.json", "b.json", "-f", "json", "-n", "3"]).unwrap();
+        match c.subcommand {
+            Some(Command::Diff(d)) => {
+                assert_eq!(d.old, PathBuf::from("a.json"));
+                assert_eq!(d.new, PathBuf::from("b.json"));
+                assert_eq!((d.format, d.top), (DiffFormat::Json, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Tracing options do not mix with it; a command named diff is launched after `--`.
+        assert!(parse(&["-p", "7", "diff", "a.json", "b.json"]).is_err());
+        assert!(parse(&["diff", "a.json"]).is_err());
+        let c = parse(&["--", "diff", "a", "b"]).unwrap();
+        assert!(c.subcommand.is_none());
+        assert!(matches!(c.target(), Ok(Target::Launch(cmd)) if cmd[0] == "diff"));
+    }
+
+    #[test]
+    fn help_shows_every_usage() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("memtrace [OPTIONS] --pid <PID>"), "{help}");
+        assert!(
+            help.contains("memtrace [OPTIONS] -- <CMD> [ARGS]..."),
+            "{help}"
+        );
+        assert!(
+            help.contains("memtrace diff [OPTIONS] <OLD.json> <NEW.json>"),
+            "{help}"
+        );
+        assert!(
+            help.contains("--fail-on-leak") && help.contains("--alert-growth"),
+            "{help}"
+        );
+        Cli::command().debug_assert();
     }
 }

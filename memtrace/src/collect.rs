@@ -229,4 +229,16 @@ impl Collector {
         }
         Ok(out)
     }
+
+    /// Every outstanding block as `(stack id, allocation time (CLOCK_MONOTONIC
+    /// ns), size)`: one map entry per block (leak analysis: ages and which
+    /// blocks outlive the run, see `analyze`).
+    pub fn blocks(&self) -> Result<Vec<(u64, u64, u64)>> {
+        let mut out = Vec::new();
+        for entry in self.maps.allocs.iter() {
+            let (_addr, a) = entry.context("reading ALLOCS")?;
+            out.push((a.stack_id, a.timestamp_ns, a.size));
+        }
+        Ok(out)
+    }
 }

@@ -3,12 +3,15 @@
 //! stacks) → symbolize → report. Everything but `probe`, `session` and `launch`
 //! is pure and tested without privileges.
 pub mod allocator;
+pub mod analyze;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod launch;
 pub mod preflight;
 pub mod probe;
 pub mod procmaps;
+pub mod procstat;
 pub mod report;
 pub mod session;
 pub mod symbolize;

@@ -2,7 +2,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use memtrace::{cli::Cli, session};
+use memtrace::{
+    cli::{Cli, Command},
+    diff, session,
+};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("MEMTRACE_LOG", "warn"))
@@ -22,6 +25,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Diff(args)) = &cli.subcommand {
+        return match diff::run(args) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("memtrace: error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let target = match cli.target() {
         Ok(t) => t,
         Err(msg) => {

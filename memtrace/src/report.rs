@@ -5,8 +5,10 @@ use serde::Serialize;
 
 pub use crate::symbolize::Frame;
 use crate::{
+    analyze::{ProcessSummary, Trend, Verdict, VerdictConfig},
     collect::Counters,
-    units::{format_bytes, format_count, format_duration},
+    procstat::ProcStat,
+    units::{format_bytes, format_count, format_duration, format_rate},
 };
 
 pub const SCHEMA: &str = "memtrace-report/1";
@@ -27,7 +29,84 @@ pub struct Report {
     pub drops: Drops,
     pub allocator: AllocatorInfo,
     pub min_age_s: f64,
+    /// The thresholds the verdicts were given with.
+    pub verdict_config: VerdictConfig,
+    /// How the history was sampled.
+    pub timeline: Timeline,
+    /// How many of `sites` got each verdict.
+    pub verdicts: VerdictCounts,
+    /// The target's memory as the kernel sees it, every interval.
+    pub process: ProcessReport,
+    /// Attach mode: blocks allocated before memtrace attached are not traced.
+    #[serde(skip)]
+    pub attached: bool,
     pub sites: Vec<Site>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timeline {
+    pub interval_s: f64,
+    /// Samples in the history (at most `capacity`; the last one is the end of tracing).
+    pub samples: usize,
+    pub capacity: usize,
+    /// Intervals between two kept samples (doubles each time the history fills up).
+    pub stride_intervals: u64,
+    /// Samples taken without reading every block (too many outstanding): they
+    /// have no ages.
+    pub samples_without_ages: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerdictCounts {
+    pub leak: u64,
+    pub growing: u64,
+    pub stable: u64,
+    pub transient: u64,
+    pub unknown: u64,
+}
+
+impl VerdictCounts {
+    pub fn of(sites: &[Site]) -> Self {
+        let mut c = VerdictCounts::default();
+        for s in sites {
+            *match s.verdict {
+                Verdict::Leak => &mut c.leak,
+                Verdict::Growing => &mut c.growing,
+                Verdict::Stable => &mut c.stable,
+                Verdict::Transient => &mut c.transient,
+                Verdict::Unknown => &mut c.unknown,
+            } += 1;
+        }
+        c
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProcessReport {
+    pub samples: Vec<ProcessSample>,
+    pub summary: ProcessSummary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessSample {
+    pub t_s: f64,
+    #[serde(flatten)]
+    pub stat: ProcStat,
+    /// Outstanding traced bytes then.
+    pub traced_bytes: i64,
+}
+
+/// One site at one sample of the history.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HistoryPoint {
+    /// Seconds since tracing started.
+    pub t_s: f64,
+    pub outstanding_bytes: i64,
+    pub outstanding_blocks: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_age_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub median_age_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -132,9 +211,91 @@ pub struct Site {
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
     pub oldest_age_s: Option<f64>,
+    /// Age of the median outstanding block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub median_age_s: Option<f64>,
+    pub verdict: Verdict,
+    /// Theil–Sen slope of outstanding bytes over the site's history (null
+    /// with fewer than two samples).
+    pub growth_bytes_per_s: Option<f64>,
     /// False for the site that collects allocations whose stack was not captured.
     pub stack_captured: bool,
     pub frames: Vec<Frame>,
+    /// What the verdict was made of.
+    pub trend: Trend,
+    pub history: Vec<HistoryPoint>,
+}
+
+fn secs(s: f64) -> String {
+    format_duration(std::time::Duration::from_secs_f64(s.max(0.0)))
+}
+
+fn percent(share: f64) -> String {
+    let p = share * 100.0;
+    if p > 0.0 && p < 1.0 {
+        format!("{p:.1}%")
+    } else {
+        format!("{p:.0}%")
+    }
+}
+
+fn signed_rate(bytes_per_s: f64) -> String {
+    let r = format_rate(bytes_per_s, std::time::Duration::from_secs(1));
+    if bytes_per_s >= 0.0 {
+        format!("+{r}")
+    } else {
+        r
+    }
+}
+
+impl Site {
+    /// The line under the site's header that says what its history shows.
+    pub fn verdict_text(&self, cfg: &VerdictConfig) -> String {
+        let t = &self.trend;
+        let rate = self.growth_bytes_per_s.map(signed_rate).unwrap_or_default();
+        let over = format!("over {} ({} samples)", secs(t.span_s), t.samples);
+        let held = t
+            .early_blocks_retained
+            .map(|r| format!("{} of its early blocks still held", percent(r)))
+            .unwrap_or_else(|| "no early blocks to judge".into());
+        match self.verdict {
+            Verdict::Leak => format!("LEAK: {rate} {over}, {held}"),
+            Verdict::Growing => {
+                format!("growing: {rate} {over}, but it frees old blocks ({held})")
+            }
+            Verdict::Stable => format!("stable: {rate} {over}"),
+            Verdict::Transient => format!(
+                "transient: no block older than {}{}",
+                secs(t.max_oldest_age_s.unwrap_or(0.0)),
+                if rate.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {rate} {over}")
+                }
+            ),
+            Verdict::Unknown => format!(
+                "unknown: {} sample{}, a verdict needs {}{}",
+                t.samples,
+                if t.samples == 1 { "" } else { "s" },
+                cfg.min_samples,
+                if rate.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({rate} so far)")
+                }
+            ),
+        }
+    }
+}
+
+/// Text-report order: leaks, then growing sites, then the rest, each by
+/// outstanding bytes (the order of `sites`).
+fn text_rank(v: Verdict) -> u8 {
+    match v {
+        Verdict::Leak => 0,
+        Verdict::Growing => 1,
+        _ => 2,
+    }
 }
 
 impl Report {
@@ -198,6 +359,8 @@ impl Report {
                 parts.join(", ")
             );
         }
+        self.process_text(&mut o);
+        self.verdicts_text(&mut o);
         let min_age = if self.min_age_s > 0.0 {
             format!(
                 " older than {}",
@@ -211,30 +374,33 @@ impl Report {
             return o;
         }
         let shown = self.sites.len().min(top);
+        let mut order: Vec<&Site> = self.sites.iter().collect();
+        order.sort_by_key(|s| text_rank(s.verdict));
+        let leaks_first = order.first().is_some_and(|s| text_rank(s.verdict) < 2);
         let _ = writeln!(
             o,
-            "\ntop {shown} of {} sites by outstanding bytes{min_age}:",
-            self.sites.len()
+            "\ntop {shown} of {} sites by outstanding bytes{min_age}{}:",
+            self.sites.len(),
+            if leaks_first { ", leaks first" } else { "" }
         );
-        for (i, site) in self.sites.iter().take(top).enumerate() {
-            let age = site
+        for (i, site) in order.iter().take(top).enumerate() {
+            let mut extra = site
                 .oldest_age_s
-                .map(|a| {
-                    format!(
-                        ", oldest {}",
-                        format_duration(std::time::Duration::from_secs_f64(a))
-                    )
-                })
+                .map(|a| format!(", oldest {}", secs(a)))
                 .unwrap_or_default();
+            if let Some(m) = site.median_age_s {
+                let _ = write!(extra, ", median age {}", secs(m));
+            }
             let _ = writeln!(
                 o,
-                "\n#{} {} in {} blocks ({} allocations, {} in all{age})",
+                "\n#{} {} in {} blocks ({} allocations, {} in all{extra})",
                 i + 1,
                 format_bytes(site.outstanding_bytes as i64),
                 format_count(site.outstanding_blocks),
                 format_count(site.alloc_calls),
                 format_bytes(site.alloc_bytes as i64),
             );
+            let _ = writeln!(o, "    {}", site.verdict_text(&self.verdict_config));
             if !site.stack_captured {
                 let _ = writeln!(o, "    [stack not captured]");
             }
@@ -244,12 +410,7 @@ impl Report {
         }
         let rest = self.sites.len().saturating_sub(top);
         if rest > 0 {
-            let bytes: u64 = self
-                .sites
-                .iter()
-                .skip(top)
-                .map(|s| s.outstanding_bytes)
-                .sum();
+            let bytes: u64 = order.iter().skip(top).map(|s| s.outstanding_bytes).sum();
             let _ = writeln!(
                 o,
                 "\n... and {rest} more sites holding {} (all in --format json)",
@@ -257,6 +418,135 @@ impl Report {
             );
         }
         o
+    }
+
+    /// The process view: its memory at the last sample, its trend, and how much
+    /// of it the traced heap explains.
+    fn process_text(&self, o: &mut String) {
+        let p = &self.process.summary;
+        let Some(last) = &p.last else {
+            return;
+        };
+        let mut line = format!(
+            "process: rss {} (anonymous {}), vm {}",
+            format_bytes(last.rss_bytes as i64),
+            format_bytes(last.rss_anon_bytes as i64),
+            format_bytes(last.vm_size_bytes as i64),
+        );
+        if let Some(h) = last.heap_bytes {
+            let _ = write!(line, ", heap {}", format_bytes(h as i64));
+        }
+        if let Some(s) = last.swap_bytes.filter(|&s| s > 0) {
+            let _ = write!(line, ", swap {}", format_bytes(s as i64));
+        }
+        if let Some(f) = last.fds {
+            let _ = write!(line, ", {} fds", format_count(f));
+        }
+        let _ = write!(
+            line,
+            ", {} thread{}",
+            last.threads,
+            if last.threads == 1 { "" } else { "s" }
+        );
+        if let Some(t) = self.process.samples.last().map(|s| s.t_s)
+            && self.target.exited
+        {
+            let _ = write!(line, " (last sampled at {})", secs(t));
+        }
+        let _ = writeln!(o, "{line}");
+        let mut line = String::new();
+        if let (Some(r), Some(h)) = (p.rss_growth_bytes_per_s, p.traced_growth_bytes_per_s)
+            && p.samples >= 2
+        {
+            let _ = write!(
+                line,
+                "  over {} samples: rss {}, traced heap {}",
+                p.samples,
+                signed_rate(r),
+                signed_rate(h)
+            );
+        }
+        if let Some(share) = p.traced_share_of_rss {
+            let _ = write!(
+                line,
+                "{}the traced heap is {} of rss",
+                if line.is_empty() { "  " } else { "; " },
+                percent(share)
+            );
+            if let Some(a) = p.traced_share_of_anon_rss {
+                let _ = write!(line, " ({} of anonymous rss)", percent(a));
+            }
+            if self.attached {
+                line.push_str(", blocks allocated before memtrace attached are not traced");
+            }
+        }
+        if !line.is_empty() {
+            let _ = writeln!(o, "{line}");
+        }
+        if let Some(note) = &p.note {
+            let _ = writeln!(o, "  NOTE: {note}");
+        }
+    }
+
+    /// How many sites got each verdict, leaks first.
+    fn verdicts_text(&self, o: &mut String) {
+        let c = &self.verdicts;
+        if self.sites.is_empty() {
+            return;
+        }
+        let every = secs(self.timeline.interval_s * self.timeline.stride_intervals as f64);
+        if c.unknown == self.sites.len() as u64 {
+            let _ = writeln!(
+                o,
+                "verdicts: unknown for every site: {} sample{} (every {every}), a verdict needs {}: \
+                 trace longer or use a shorter --interval",
+                self.timeline.samples,
+                if self.timeline.samples == 1 { "" } else { "s" },
+                self.verdict_config.min_samples
+            );
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "verdicts: {} leak, {} growing, {} stable, {} transient, {} unknown ({} samples, every {every})",
+            c.leak, c.growing, c.stable, c.transient, c.unknown, self.timeline.samples
+        );
+        if self.timeline.samples_without_ages > 0 {
+            let _ = writeln!(
+                o,
+                "  {} samples without ages: too many outstanding blocks to read them all each interval",
+                self.timeline.samples_without_ages
+            );
+        }
+        let leaks: Vec<&Site> = self
+            .sites
+            .iter()
+            .filter(|s| s.verdict == Verdict::Leak)
+            .collect();
+        if leaks.is_empty() {
+            let _ = writeln!(
+                o,
+                "no leaks: no site keeps growing while holding on to its old blocks"
+            );
+        } else {
+            let bytes: u64 = leaks.iter().map(|s| s.outstanding_bytes).sum();
+            let rate: f64 = leaks.iter().filter_map(|s| s.growth_bytes_per_s).sum();
+            let _ = writeln!(
+                o,
+                "LEAKS: {}: {}, {}{}",
+                if leaks.len() == 1 {
+                    "1 site keeps growing and holds on to its old blocks".to_string()
+                } else {
+                    format!(
+                        "{} sites keep growing and hold on to their old blocks",
+                        leaks.len()
+                    )
+                },
+                format_bytes(bytes as i64),
+                signed_rate(rate),
+                if leaks.len() == 1 { "" } else { " together" }
+            );
+        }
     }
 }
 
@@ -344,12 +634,22 @@ mod tests {
                 probes: 2,
             },
             min_age_s: 0.0,
+            verdict_config: VerdictConfig::default(),
+            timeline: Timeline::default(),
+            verdicts: VerdictCounts::default(),
+            process: ProcessReport::default(),
+            attached: false,
             sites: vec![Site {
                 outstanding_blocks: 7,
                 outstanding_bytes: 700,
                 alloc_calls: 10,
                 alloc_bytes: 1000,
                 oldest_age_s: Some(3.2),
+                median_age_s: None,
+                verdict: Verdict::Unknown,
+                growth_bytes_per_s: None,
+                trend: Trend::default(),
+                history: vec![],
                 stack_captured: true,
                 frames: vec![
                     Frame {
@@ -419,6 +719,175 @@ mod tests {
         let t = r.to_text(10);
         assert!(t.contains("NOT COMPLETE: 3 events dropped"), "{t}");
         assert!(t.contains("3 return never seen"), "{t}");
+    }
+
+    /// The sample with a stable site (the larger) and a leak, a history and a process view.
+    fn with_verdicts() -> Report {
+        let mut r = sample();
+        r.verdict_config = VerdictConfig::for_interval(std::time::Duration::from_millis(200));
+        r.timeline = Timeline {
+            interval_s: 0.2,
+            samples: 21,
+            capacity: 128,
+            stride_intervals: 1,
+            samples_without_ages: 0,
+        };
+        r.sites[0].verdict = Verdict::Stable;
+        r.sites[0].growth_bytes_per_s = Some(0.0);
+        r.sites[0].trend = Trend {
+            samples: 21,
+            span_s: 4.0,
+            growth_bytes_per_s: Some(0.0),
+            ..Default::default()
+        };
+        let mut leak = r.sites[0].clone();
+        leak.outstanding_bytes = 300;
+        leak.outstanding_blocks = 3;
+        leak.verdict = Verdict::Leak;
+        leak.growth_bytes_per_s = Some(2048.0);
+        leak.median_age_s = Some(2.0);
+        leak.trend = Trend {
+            samples: 21,
+            span_s: 4.0,
+            growth_bytes_per_s: Some(2048.0),
+            early_blocks_retained: Some(1.0),
+            ..Default::default()
+        };
+        leak.history = vec![
+            HistoryPoint {
+                t_s: 0.2,
+                outstanding_bytes: 100,
+                outstanding_blocks: 1,
+                oldest_age_s: Some(0.1),
+                median_age_s: Some(0.1),
+            },
+            HistoryPoint {
+                t_s: 4.2,
+                outstanding_bytes: 300,
+                outstanding_blocks: 3,
+                oldest_age_s: None,
+                median_age_s: None,
+            },
+        ];
+        leak.frames[1].function = Some("leak_fn".into());
+        r.sites.push(leak);
+        r.verdicts = VerdictCounts::of(&r.sites);
+        let stat = |rss: u64| ProcStat {
+            rss_bytes: rss,
+            rss_anon_bytes: rss / 2,
+            vm_size_bytes: 4 * rss,
+            heap_bytes: Some(132 << 10),
+            swap_bytes: Some(0),
+            fds: Some(4),
+            threads: 2,
+        };
+        r.process = ProcessReport {
+            samples: vec![ProcessSample {
+                t_s: 0.2,
+                stat: stat(10 << 20),
+                traced_bytes: 1000,
+            }],
+            summary: ProcessSummary {
+                samples: 21,
+                first: Some(stat(10 << 20)),
+                last: Some(stat(20 << 20)),
+                rss_growth_bytes_per_s: Some(1048576.0),
+                traced_growth_bytes_per_s: Some(0.0),
+                traced_share_of_rss: Some(0.25),
+                traced_share_of_anon_rss: Some(0.5),
+                note: Some("RSS grew 10.0 MiB".into()),
+                ..Default::default()
+            },
+        };
+        r
+    }
+
+    #[test]
+    fn text_leads_with_the_leaks() {
+        let r = with_verdicts();
+        let t = r.to_text(10);
+        assert!(
+            t.contains("verdicts: 1 leak, 0 growing, 1 stable, 0 transient, 0 unknown (21 samples, every 200ms)"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "LEAKS: 1 site keeps growing and holds on to its old blocks: 300 B, +2.0 KiB/s\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("top 2 of 2 sites by outstanding bytes, leaks first:"),
+            "{t}"
+        );
+        let leak = t.find("#1 300 B in 3 blocks (10 allocations, 1000 B in all, oldest 3.2s, median age 2.0s)\n    LEAK: +2.0 KiB/s over 4.0s (21 samples), 100% of its early blocks still held\n");
+        let stable = t.find("#2 700 B in 7 blocks (10 allocations, 1000 B in all, oldest 3.2s)\n    stable: +0 B/s over 4.0s (21 samples)\n");
+        assert!(leak.is_some() && stable.is_some(), "{t}");
+        assert!(
+            t.contains("process: rss 20.0 MiB (anonymous 10.0 MiB), vm 80.0 MiB, heap 132.0 KiB, 4 fds, 2 threads (last sampled at 200ms)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("  over 21 samples: rss +1.0 MiB/s, traced heap +0 B/s; the traced heap is 25% of rss (50% of anonymous rss)\n"),
+            "{t}"
+        );
+        assert!(t.contains("  NOTE: RSS grew 10.0 MiB\n"), "{t}");
+        // -n 1 shows the leak, not the larger stable site.
+        let t1 = r.to_text(1);
+        assert!(t1.contains("leak_fn") && !t1.contains("#2 "), "{t1}");
+        assert!(t1.contains("... and 1 more sites holding 700 B"), "{t1}");
+    }
+
+    #[test]
+    fn text_says_when_verdicts_need_more_samples() {
+        let mut r = sample();
+        r.timeline.samples = 1;
+        r.timeline.interval_s = 10.0;
+        r.timeline.stride_intervals = 1;
+        r.verdicts = VerdictCounts::of(&r.sites);
+        r.sites[0].trend.samples = 1;
+        let t = r.to_text(10);
+        assert!(
+            t.contains(
+                "verdicts: unknown for every site: 1 sample (every 10.0s), a verdict needs 4"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("    unknown: 1 sample, a verdict needs 4\n"),
+            "{t}"
+        );
+        assert!(t.contains("top 1 of 1 sites by outstanding bytes:"), "{t}");
+    }
+
+    #[test]
+    fn json_has_verdicts_history_and_process() {
+        let r = with_verdicts();
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        // Sites stay sorted by outstanding bytes in JSON.
+        assert_eq!(v["sites"][0]["verdict"], "stable");
+        let leak = &v["sites"][1];
+        assert_eq!(leak["verdict"], "leak");
+        assert_eq!(leak["growth_bytes_per_s"], 2048.0);
+        assert_eq!(leak["median_age_s"], 2.0);
+        assert_eq!(leak["trend"]["early_blocks_retained"], 1.0);
+        assert_eq!(
+            leak["history"][0],
+            serde_json::json!({"t_s": 0.2, "outstanding_bytes": 100, "outstanding_blocks": 1,
+                               "oldest_age_s": 0.1, "median_age_s": 0.1})
+        );
+        assert_eq!(
+            leak["history"][1],
+            serde_json::json!({"t_s": 4.2, "outstanding_bytes": 300, "outstanding_blocks": 3})
+        );
+        assert!(v["sites"][0].get("median_age_s").is_none());
+        assert_eq!(v["verdicts"]["leak"], 1);
+        assert_eq!(v["verdict_config"]["min_samples"], 4);
+        assert_eq!(v["timeline"]["samples"], 21);
+        assert_eq!(v["process"]["samples"][0]["rss_bytes"], 10 << 20);
+        assert_eq!(v["process"]["samples"][0]["traced_bytes"], 1000);
+        assert_eq!(v["process"]["summary"]["last"]["threads"], 2);
+        assert!(v.get("attached").is_none());
     }
 
     #[test]

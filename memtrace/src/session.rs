@@ -13,16 +13,32 @@ use memtrace_common::NO_STACK;
 
 use crate::{
     allocator::{self, Allocator, AllocatorError},
+    analyze::{self, HISTORY_CAPACITY, History, SiteBlocks, Verdict, VerdictConfig, group_blocks},
     cli::{Cli, Format, Target},
     collect::{Collector, SiteSample, monotonic_ns},
     launch::{self, ChildState, Loading},
     preflight, probe,
     procmaps::read_maps,
-    report::{self, AllocatorInfo, Drops, Report, Sampling, Site, TargetInfo, Totals},
+    procstat::{self, ProcStat},
+    report::{
+        self, AllocatorInfo, Drops, HistoryPoint, ProcessReport, ProcessSample, Report, Sampling,
+        Site, TargetInfo, Timeline, Totals, VerdictCounts,
+    },
     symbolize::{ProcessModules, Symbolizer, Unresolved},
     tables::UnwindTables,
-    units::{format_bytes, format_count, format_duration},
+    units::{format_bytes, format_count, format_duration, format_rate},
 };
+
+/// At each sample the ages of a site's blocks (oldest, median) are read by
+/// scanning every outstanding block: only while there are fewer than this many,
+/// and while the scan is expected to take at most [`AGE_SCAN_BUDGET`] of the
+/// sampling period (it costs 2-3 µs per block). Otherwise the sample has bytes
+/// and blocks only (the report counts such samples); the final report always
+/// reads every block once.
+const AGE_SCAN_MAX_BLOCKS: i64 = 200_000;
+const AGE_SCAN_BUDGET: f64 = 0.1;
+/// Cost of scanning one block, until measured.
+const AGE_SCAN_NS_PER_BLOCK: f64 = 3000.0;
 
 /// How often the target's mappings are re-read, so that a library it loads with
 /// dlopen is captured (and kept open) soon after, whatever --interval is.
@@ -431,6 +447,8 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
 
     let mut symbolizer = Symbolizer::new();
     let trace_start = Instant::now();
+    let vcfg = cli.verdict_config();
+    let mut history = History::new(HISTORY_CAPACITY, monotonic_ns(), cli.interval);
     let deadline = cli.duration.map(|d| trace_start + d);
     let mut next_summary = trace_start + cli.interval;
     let mut next_refresh = trace_start + MODULE_REFRESH;
@@ -461,7 +479,15 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         }
         if now >= next_summary {
             next_summary += cli.interval;
-            if let Err(e) = live_summary(&mut at, &mut symbolizer, &mut last, trace_start) {
+            let work = live_summary(
+                &mut at,
+                &mut symbolizer,
+                &mut last,
+                trace_start,
+                &mut history,
+                cli,
+            );
+            if let Err(e) = work {
                 log::warn!("live summary failed: {e:#}");
             }
         }
@@ -474,6 +500,8 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     let ended_at = SystemTime::now();
     let duration = trace_start.elapsed();
     at.probes.detach_all();
+    // The process's own view at the end (not while the probes are still in).
+    let end_process = procstat::read(pid).ok();
 
     let mut exited = end == End::TargetExited || !alive(pid);
     if at.launched {
@@ -515,6 +543,9 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         cli,
         &mut at,
         &mut symbolizer,
+        &mut history,
+        &vcfg,
+        end_process,
         ReportMeta {
             started_at,
             ended_at,
@@ -541,11 +572,27 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     if let Some(path) = &cli.output {
         eprintln!("memtrace: report written to {}", path.display());
     }
-    Ok(if at.launched {
+    let status = if at.launched {
         exit_state.and_then(|s| s.exit_code()).unwrap_or(0)
     } else {
         0
-    })
+    };
+    let leaks = report.verdicts.leak;
+    if cli.fail_on_leak && leaks > 0 {
+        if status == 0 {
+            eprintln!(
+                "memtrace: {leaks} site{} got the leak verdict: exit status 3 (--fail-on-leak)",
+                if leaks == 1 { "" } else { "s" }
+            );
+            return Ok(3);
+        }
+        eprintln!(
+            "memtrace: {leaks} site{} got the leak verdict, but the program exited with status \
+             {status}: that status is memtrace's",
+            if leaks == 1 { "" } else { "s" }
+        );
+    }
+    Ok(status)
 }
 
 #[derive(Default)]
@@ -555,18 +602,52 @@ struct Summary {
     free_calls: u64,
     site_bytes: HashMap<u64, i64>,
     outstanding_bytes: i64,
+    rss_bytes: Option<u64>,
+    /// Measured cost of scanning one block (0 until measured).
+    scan_ns_per_block: f64,
 }
 
+/// `function (file.c:line)` of a stack's innermost frame, for summary lines.
+fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
+    let addrs = at.collector.stack(stack_id)?.to_vec();
+    Ok(match addrs.first() {
+        None => "[stack not captured]".to_string(),
+        Some(&a) => {
+            let frames = sym.symbolize(&at.modules, &[a], true);
+            let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
+            match f {
+                Some(f) => {
+                    let func = f.function.unwrap_or_else(|| format!("{a:#x}"));
+                    match (f.file, f.line) {
+                        (Some(file), Some(line)) => {
+                            let base = file.rsplit('/').next().unwrap_or(&file).to_string();
+                            format!("{func} ({base}:{line})")
+                        }
+                        _ => func,
+                    }
+                }
+                None => format!("{a:#x}"),
+            }
+        }
+    })
+}
+
+/// The work of every interval: record the history, print the summary line,
+/// and the `--alert-growth` alert if the growth of this interval calls for it.
 fn live_summary(
     at: &mut Attached,
     sym: &mut Symbolizer,
     last: &mut Summary,
     start: Instant,
+    history: &mut History,
+    cli: &Cli,
 ) -> Result<()> {
     let now = Instant::now();
-    at.collector.expire_pending(monotonic_ns())?;
+    let now_ns = monotonic_ns();
+    at.collector.expire_pending(now_ns)?;
     let counters = at.collector.counters()?;
     let sites = at.collector.sites()?;
+    let process = procstat::read(at.pid).ok();
     let secs = now
         .duration_since(last.at.unwrap_or(start))
         .as_secs_f64()
@@ -574,6 +655,32 @@ fn live_summary(
     let (blocks, bytes) = sites.iter().fold((0i64, 0i64), |(b, y), s| {
         (b + s.outstanding_blocks, y + s.outstanding_bytes)
     });
+    if history.tick() {
+        let scan = Instant::now();
+        let per_block = if last.scan_ns_per_block > 0.0 {
+            last.scan_ns_per_block
+        } else {
+            AGE_SCAN_NS_PER_BLOCK
+        };
+        let budget_ns =
+            AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
+        let ages = if blocks < AGE_SCAN_MAX_BLOCKS && blocks as f64 * per_block <= budget_ns {
+            let a = group_blocks(at.collector.blocks()?, now_ns, 0);
+            if blocks >= 1000 {
+                last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / blocks as f64;
+            }
+            Some(a)
+        } else {
+            None
+        };
+        history.record(now_ns, &site_tuples(&sites), ages.as_ref(), process);
+        log::debug!(
+            "history sample: {} sites, {} blocks scanned in {:?}",
+            sites.len(),
+            if ages.is_some() { blocks } else { 0 },
+            scan.elapsed()
+        );
+    }
     let mut growth: Vec<(i64, &SiteSample)> = sites
         .iter()
         .map(|s| {
@@ -585,34 +692,20 @@ fn live_summary(
         .filter(|(g, _)| *g > 0)
         .collect();
     growth.sort_by_key(|g| std::cmp::Reverse(g.0));
-    let mut parts = Vec::new();
+    let mut named = Vec::new();
     for (g, s) in growth.iter().take(3) {
-        let addrs = at.collector.stack(s.stack_id)?.to_vec();
-        let name = match addrs.first() {
-            None => "[stack not captured]".to_string(),
-            Some(&a) => {
-                let frames = sym.symbolize(&at.modules, &[a], true);
-                let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
-                match f {
-                    Some(f) => {
-                        let func = f.function.unwrap_or_else(|| format!("{a:#x}"));
-                        match (f.file, f.line) {
-                            (Some(file), Some(line)) => {
-                                let base = file.rsplit('/').next().unwrap_or(&file).to_string();
-                                format!("{func} ({base}:{line})")
-                            }
-                            _ => func,
-                        }
-                    }
-                    None => format!("{a:#x}"),
-                }
-            }
-        };
-        parts.push(format!("+{} {name}", format_bytes(*g)));
+        named.push((*g, s.outstanding_bytes, site_name(at, sym, s.stack_id)?));
     }
+    let parts: Vec<String> = named
+        .iter()
+        .map(|(g, _, name)| format!("+{} {name}", format_bytes(*g)))
+        .collect();
     let dropped = counters.dropped_events() + counters.stack_errors();
+    let process_part = process
+        .map(|p| process_summary(&p, last.rss_bytes, bytes))
+        .unwrap_or_default();
     eprintln!(
-        "memtrace: {} outstanding {} in {} blocks ({}{}), {}/s allocs, {}/s frees{}{}",
+        "memtrace: {} outstanding {} in {} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
         format_duration(now.duration_since(start)),
         format_bytes(bytes),
         format_count(blocks.max(0) as u64),
@@ -629,21 +722,87 @@ fn live_summary(
         } else {
             format!("; growing: {}", parts.join(", "))
         },
+        process_part,
         if dropped > 0 {
             format!("; {dropped} events dropped or without stack")
         } else {
             String::new()
         },
     );
+    if let Some(limit) = cli.alert_growth {
+        let over = |rate: f64| format!("{} (> {limit})", format_rate(rate, limit.per));
+        let window = format_duration(Duration::from_secs_f64(secs));
+        if let Some(rate) =
+            analyze::over_rate(bytes - last.outstanding_bytes, secs, limit.bytes_per_s)
+        {
+            let fastest = named
+                .first()
+                .map(|(g, _, name)| format!("; fastest site: +{} {name}", format_bytes(*g)))
+                .unwrap_or_default();
+            eprintln!(
+                "memtrace: ALERT: total outstanding grew {} in the last {window}, now {}{fastest}",
+                over(rate),
+                format_bytes(bytes)
+            );
+        } else if let Some((g, held, name)) = named.first()
+            && let Some(rate) = analyze::over_rate(*g, secs, limit.bytes_per_s)
+        {
+            eprintln!(
+                "memtrace: ALERT: site {name} grew {} in the last {window}, now holds {}",
+                over(rate),
+                format_bytes(*held)
+            );
+        }
+    }
     last.at = Some(now);
     last.alloc_calls = counters.alloc_calls;
     last.free_calls = counters.free_calls;
     last.outstanding_bytes = bytes;
+    last.rss_bytes = process.map(|p| p.rss_bytes);
     last.site_bytes = sites
         .iter()
         .map(|s| (s.stack_id, s.outstanding_bytes))
         .collect();
     Ok(())
+}
+
+/// `; rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
+fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64) -> String {
+    let mut s = format!("; rss {} (", format_bytes(p.rss_bytes as i64));
+    if let Some(prev) = last_rss {
+        let d = p.rss_bytes as i64 - prev as i64;
+        s.push_str(&format!(
+            "{}{}; ",
+            if d >= 0 { "+" } else { "" },
+            format_bytes(d)
+        ));
+    }
+    s.push_str(&format!("anon {}", format_bytes(p.rss_anon_bytes as i64)));
+    if p.rss_bytes > 0 {
+        let share = traced.max(0) as f64 / p.rss_bytes as f64 * 100.0;
+        s.push_str(&format!(", traced {share:.0}%"));
+    }
+    s.push(')');
+    if let Some(h) = p.heap_bytes {
+        s.push_str(&format!(", heap {}", format_bytes(h as i64)));
+    }
+    s.push_str(&format!(", vm {}", format_bytes(p.vm_size_bytes as i64)));
+    if let Some(f) = p.fds {
+        s.push_str(&format!(", {} fds", format_count(f)));
+    }
+    s.push_str(&format!(
+        ", {} thread{}",
+        p.threads,
+        if p.threads == 1 { "" } else { "s" }
+    ));
+    s
+}
+
+fn site_tuples(sites: &[SiteSample]) -> Vec<(u64, i64, i64)> {
+    sites
+        .iter()
+        .map(|s| (s.stack_id, s.outstanding_bytes, s.outstanding_blocks))
+        .collect()
 }
 
 /// Functions at the bottom of every stack: where the process or a thread starts.
@@ -696,6 +855,9 @@ fn build_report(
     cli: &Cli,
     at: &mut Attached,
     sym: &mut Symbolizer,
+    history: &mut History,
+    vcfg: &VerdictConfig,
+    end_process: Option<ProcStat>,
     meta: ReportMeta,
 ) -> Result<Report> {
     at.collector.count_unfinished()?;
@@ -703,7 +865,10 @@ fn build_report(
     let samples = at.collector.sites()?;
     let now_ns = meta.end_ns;
     let min_age_ns = cli.min_age.as_nanos() as u64;
-    let ages = at.collector.ages(now_ns, min_age_ns)?;
+    // One scan of every block: ages, and which blocks outlived the run.
+    let ages: HashMap<u64, SiteBlocks> = group_blocks(at.collector.blocks()?, now_ns, min_age_ns);
+    // The final, partial interval is part of the history too.
+    history.record_final(now_ns, &site_tuples(&samples), Some(&ages), end_process);
 
     let mut totals = Totals {
         alloc_calls: counters.alloc_calls,
@@ -727,7 +892,7 @@ fn build_report(
         .iter()
         .filter_map(|s| {
             let a = ages.get(&s.stack_id)?;
-            (a.old_blocks > 0).then_some((s, a.old_blocks, a.old_bytes, a.oldest_ns))
+            (a.old_blocks > 0).then_some((s, a.old_blocks, a.old_bytes, a.oldest_ns()))
         })
         .collect();
     chosen.sort_by(|a, b| {
@@ -759,16 +924,55 @@ fn build_report(
             }
         }
         trim_below_entry(&mut frames);
+        let end_blocks = ages.get(&s.stack_id);
+        let (verdict, trend, hist) = match history.site(s.stack_id) {
+            Some(h) => {
+                let a = analyze::assess(h.times, h.points, end_blocks, vcfg);
+                let points = h
+                    .times
+                    .iter()
+                    .zip(h.points)
+                    .map(|(&t, p)| HistoryPoint {
+                        t_s: t.saturating_sub(history.start_ns()) as f64 / 1e9,
+                        outstanding_bytes: p.bytes,
+                        outstanding_blocks: p.blocks,
+                        oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
+                        median_age_s: p.median_age_ns.map(|a| a as f64 / 1e9),
+                    })
+                    .collect();
+                (a.verdict, a.trend, points)
+            }
+            None => (Verdict::Unknown, Default::default(), Vec::new()),
+        };
         sites.push(Site {
             outstanding_blocks: *blocks,
             outstanding_bytes: *bytes,
             alloc_calls: s.alloc_calls,
             alloc_bytes: s.alloc_bytes,
             oldest_age_s: oldest.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+            median_age_s: end_blocks
+                .and_then(SiteBlocks::median_birth_ns)
+                .map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+            verdict,
+            growth_bytes_per_s: trend.growth_bytes_per_s,
             stack_captured: s.stack_id != NO_STACK,
             frames,
+            trend,
+            history: hist,
         });
     }
+    let process_points = history.process();
+    let process = ProcessReport {
+        samples: process_points
+            .iter()
+            .map(|p| ProcessSample {
+                t_s: p.t_ns.saturating_sub(history.start_ns()) as f64 / 1e9,
+                stat: p.stat,
+                traced_bytes: p.traced_bytes,
+            })
+            .collect(),
+        summary: analyze::summarize_process(&process_points, vcfg),
+    };
 
     let mut drops = Drops::from_counters(&counters);
     drops.unresolved_frames = unresolved;
@@ -801,6 +1005,17 @@ fn build_report(
             probes: at.nprobes,
         },
         min_age_s: cli.min_age.as_secs_f64(),
+        verdict_config: vcfg.clone(),
+        timeline: Timeline {
+            interval_s: cli.interval.as_secs_f64(),
+            samples: history.len(),
+            capacity: history.capacity(),
+            stride_intervals: history.stride(),
+            samples_without_ages: history.samples_without_ages(),
+        },
+        verdicts: VerdictCounts::of(&sites),
+        process,
+        attached: !at.launched,
         sites,
     })
 }

@@ -177,3 +177,102 @@ mod tests {
         assert_eq!(format_count(1_234_567), "1,234,567");
     }
 }
+
+/// A growth rate, as given on the command line (`--alert-growth 10MiB/min`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub bytes_per_s: f64,
+    /// The time unit it was written with (`/min`: 60 s), used to print rates
+    /// back in the user's terms.
+    pub per: Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_rate(self.bytes_per_s, self.per))
+    }
+}
+
+/// Parses `10MiB/min`, `1MiB/s`, `500KiB/h`, `64KiB/10s`: a size (as
+/// [`parse_size`]) per a duration (as [`parse_duration`], where a bare unit
+/// means one of it: `/min` is `/1min`).
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || {
+        format!("`{s}` is not a rate: use a size per time unit, e.g. 10MiB/min, 1MiB/s, 500KiB/h")
+    };
+    let (size, per) = s.trim().split_once('/').ok_or_else(bad)?;
+    let bytes = parse_size(size).map_err(|_| bad())?;
+    let per = per.trim();
+    let per = if per.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        parse_duration(per)
+    } else {
+        parse_duration(&format!("1{per}"))
+    }
+    .map_err(|_| bad())?;
+    if per.is_zero() || bytes == 0 {
+        return Err(bad());
+    }
+    Ok(Rate {
+        bytes_per_s: bytes as f64 / per.as_secs_f64(),
+        per,
+    })
+}
+
+/// `12.0 MiB/min`: a rate in bytes per second, printed per `per`.
+pub fn format_rate(bytes_per_s: f64, per: Duration) -> String {
+    let unit = match per.as_secs_f64() {
+        1.0 => "s".to_string(),
+        60.0 => "min".to_string(),
+        3600.0 => "h".to_string(),
+        86400.0 => "d".to_string(),
+        _ => format_duration(per),
+    };
+    let amount = bytes_per_s * per.as_secs_f64();
+    let amount = if amount.is_finite() {
+        amount.round().clamp(i64::MIN as f64, i64::MAX as f64) as i64
+    } else {
+        0
+    };
+    format!("{}/{unit}", format_bytes(amount))
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        let r = parse_rate("10MiB/min").unwrap();
+        assert_eq!(r.bytes_per_s, (10u64 << 20) as f64 / 60.0);
+        assert_eq!(r.per, Duration::from_secs(60));
+        assert_eq!(r.to_string(), "10.0 MiB/min");
+        assert_eq!(
+            parse_rate("1MiB/s").unwrap().bytes_per_s,
+            (1u64 << 20) as f64
+        );
+        let h = parse_rate("500KiB/h").unwrap();
+        assert_eq!(h.bytes_per_s, 500.0 * 1024.0 / 3600.0);
+        assert_eq!(h.to_string(), "500.0 KiB/h");
+        let t = parse_rate("64KiB/10s").unwrap();
+        assert_eq!(t.bytes_per_s, 65536.0 / 10.0);
+        assert_eq!(t.to_string(), "64.0 KiB/10.0s");
+        assert_eq!(parse_rate("4096/min").unwrap().bytes_per_s, 4096.0 / 60.0);
+        for bad in [
+            "", "10MiB", "/s", "10MiB/", "10MiB/x", "0/s", "1MiB/0s", "x/s", "-1MiB/s",
+        ] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("is not a rate"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn rate_formatting() {
+        assert_eq!(format_rate(1024.0, Duration::from_secs(1)), "1.0 KiB/s");
+        assert_eq!(
+            format_rate(12.0 * 1048576.0 / 60.0, Duration::from_secs(60)),
+            "12.0 MiB/min"
+        );
+        assert_eq!(format_rate(-2048.0, Duration::from_secs(1)), "-2.0 KiB/s");
+        assert_eq!(format_rate(0.5, Duration::from_secs(1)), "1 B/s");
+    }
+}

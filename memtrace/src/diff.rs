@@ -1,0 +1,753 @@
+//! `memtrace diff OLD.json NEW.json`: two reports (snapshots) compared site by
+//! site, like tracemalloc's `Snapshot.compare_to`.
+//!
+//! Sites are matched by their *stack key*: the sequence, innermost first, of
+//! (module file name, function, source file, line) of their frames. Addresses
+//! are not part of it (they move between runs with ASLR), nor the module's
+//! directory (a container may show it under another root). A frame that was
+//! not symbolized is keyed by its module alone. Sites of one report with the
+//! same key (two call instructions on one line, say) are added up. A site whose
+//! stack was not captured has the key `[stack not captured]`.
+//!
+//! Reports are read as plain JSON: any `memtrace-report/1` document, from
+//! this version or an older one (fields it lacks, such as `verdict`, are left out).
+use std::{collections::HashMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    cli::{DiffArgs, DiffFormat},
+    report::SCHEMA,
+    units::{format_bytes, format_count, format_duration, format_rate},
+};
+
+pub const DIFF_SCHEMA: &str = "memtrace-diff/1";
+
+/// One frame of a stack key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrameKey {
+    pub module: Option<String>,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u64>,
+}
+
+fn basename(p: &str) -> String {
+    p.rsplit('/').next().unwrap_or(p).to_string()
+}
+
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_string)
+}
+
+impl FrameKey {
+    pub fn of(frame: &Value) -> FrameKey {
+        let module = str_field(frame, "module").map(|m| basename(&m));
+        let function = str_field(frame, "function");
+        if function.is_none() {
+            return FrameKey {
+                module,
+                function: None,
+                file: None,
+                line: None,
+            };
+        }
+        FrameKey {
+            module,
+            function,
+            file: str_field(frame, "file"),
+            line: frame.get("line").and_then(Value::as_u64),
+        }
+    }
+}
+
+/// The stack key of a site (see the module documentation); empty for a site
+/// whose stack was not captured.
+pub fn site_key(site: &Value) -> Vec<FrameKey> {
+    if site.get("stack_captured").and_then(Value::as_bool) == Some(false) {
+        return Vec::new();
+    }
+    site.get("frames")
+        .and_then(Value::as_array)
+        .map(|fs| fs.iter().map(FrameKey::of).collect())
+        .unwrap_or_default()
+}
+
+/// One site of one report (sites with the same key added up).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapSite {
+    pub bytes: i64,
+    pub blocks: i64,
+    pub verdict: Option<String>,
+    pub growth_bytes_per_s: Option<f64>,
+    /// The frames of the first site with this key, as in the report.
+    pub frames: Value,
+}
+
+/// What a report says about itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SnapInfo {
+    pub path: String,
+    pub pid: Option<u64>,
+    pub exe: Option<String>,
+    pub duration_s: Option<f64>,
+    pub ended_at: Option<String>,
+    pub outstanding_bytes: i64,
+    pub outstanding_blocks: i64,
+    pub sites: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub info: SnapInfo,
+    pub sites: HashMap<Vec<FrameKey>, SnapSite>,
+}
+
+fn int(v: &Value, k: &str) -> i64 {
+    v.get(k).and_then(Value::as_i64).unwrap_or(0)
+}
+
+impl Snapshot {
+    /// A snapshot of a parsed report; `path` names it in messages.
+    pub fn from_json(path: &str, v: &Value) -> Result<Snapshot> {
+        match v.get("schema").and_then(Value::as_str) {
+            Some(SCHEMA) => {}
+            Some(other) => bail!(
+                "{path} is a `{other}` document, not a memtrace report ({SCHEMA}): \
+                 give two reports written with --format json"
+            ),
+            None => bail!(
+                "{path} is not a memtrace report (no `schema`): give two reports written \
+                 with --format json"
+            ),
+        }
+        let Some(list) = v.get("sites").and_then(Value::as_array) else {
+            bail!("{path} is not a complete memtrace report: it has no `sites` list");
+        };
+        let mut sites: HashMap<Vec<FrameKey>, SnapSite> = HashMap::new();
+        for s in list {
+            let e = sites.entry(site_key(s)).or_insert_with(|| SnapSite {
+                bytes: 0,
+                blocks: 0,
+                verdict: str_field(s, "verdict"),
+                growth_bytes_per_s: s.get("growth_bytes_per_s").and_then(Value::as_f64),
+                frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
+            });
+            e.bytes += int(s, "outstanding_bytes");
+            e.blocks += int(s, "outstanding_blocks");
+        }
+        let target = v.get("target").cloned().unwrap_or(Value::Null);
+        let totals = v.get("totals").cloned().unwrap_or(Value::Null);
+        Ok(Snapshot {
+            info: SnapInfo {
+                path: path.to_string(),
+                pid: target.get("pid").and_then(Value::as_u64),
+                exe: str_field(&target, "exe"),
+                duration_s: v.get("duration_s").and_then(Value::as_f64),
+                ended_at: str_field(v, "ended_at"),
+                outstanding_bytes: int(&totals, "outstanding_bytes"),
+                outstanding_blocks: int(&totals, "outstanding_blocks"),
+                sites: list.len(),
+            },
+            sites,
+        })
+    }
+
+    /// Reads a report file.
+    pub fn load(path: &Path) -> Result<Snapshot> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the report {name}"))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| {
+            format!("{name} is not a JSON report (write reports with --format json)")
+        })?;
+        Snapshot::from_json(&name, &v)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Only in NEW.
+    New,
+    Grew,
+    Unchanged,
+    Shrank,
+    /// Only in OLD.
+    Vanished,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::New => "NEW ",
+            Status::Vanished => "VANISHED ",
+            _ => "",
+        }
+    }
+}
+
+/// One stack key in both reports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entry {
+    pub status: Status,
+    pub size_diff: i64,
+    pub count_diff: i64,
+    pub old_bytes: i64,
+    pub old_blocks: i64,
+    pub new_bytes: i64,
+    pub new_blocks: i64,
+    /// The verdict in NEW (or in OLD for a vanished site), if the report has one.
+    pub verdict: Option<String>,
+    pub growth_bytes_per_s: Option<f64>,
+    pub frames: Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiffTotals {
+    pub size_diff: i64,
+    pub count_diff: i64,
+    pub new: usize,
+    pub grew: usize,
+    pub unchanged: usize,
+    pub shrank: usize,
+    pub vanished: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Diff {
+    pub schema: &'static str,
+    pub old: SnapInfo,
+    pub new: SnapInfo,
+    pub totals: DiffTotals,
+    /// Every stack key, by growth in bytes (largest first), then in blocks.
+    pub sites: Vec<Entry>,
+}
+
+/// Compares two snapshots.
+pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
+    let mut keyed: Vec<(Vec<FrameKey>, Entry)> = Vec::new();
+    for (k, n) in &new.sites {
+        let o = old.sites.get(k);
+        let (ob, oc) = o.map_or((0, 0), |o| (o.bytes, o.blocks));
+        let (sd, cd) = (n.bytes - ob, n.blocks - oc);
+        let status = match o {
+            None => Status::New,
+            Some(_) if (sd, cd) > (0, 0) => Status::Grew,
+            Some(_) if (sd, cd) < (0, 0) => Status::Shrank,
+            Some(_) => Status::Unchanged,
+        };
+        keyed.push((
+            k.clone(),
+            Entry {
+                status,
+                size_diff: sd,
+                count_diff: cd,
+                old_bytes: ob,
+                old_blocks: oc,
+                new_bytes: n.bytes,
+                new_blocks: n.blocks,
+                verdict: n.verdict.clone(),
+                growth_bytes_per_s: n.growth_bytes_per_s,
+                frames: n.frames.clone(),
+            },
+        ));
+    }
+    for (k, o) in &old.sites {
+        if new.sites.contains_key(k) {
+            continue;
+        }
+        keyed.push((
+            k.clone(),
+            Entry {
+                status: Status::Vanished,
+                size_diff: -o.bytes,
+                count_diff: -o.blocks,
+                old_bytes: o.bytes,
+                old_blocks: o.blocks,
+                new_bytes: 0,
+                new_blocks: 0,
+                verdict: o.verdict.clone(),
+                growth_bytes_per_s: o.growth_bytes_per_s,
+                frames: o.frames.clone(),
+            },
+        ));
+    }
+    keyed.sort_by(|(ka, a), (kb, b)| {
+        b.size_diff
+            .cmp(&a.size_diff)
+            .then(b.count_diff.cmp(&a.count_diff))
+            .then(b.new_bytes.cmp(&a.new_bytes))
+            .then(ka.cmp(kb))
+    });
+    let mut totals = DiffTotals {
+        size_diff: new.info.outstanding_bytes - old.info.outstanding_bytes,
+        count_diff: new.info.outstanding_blocks - old.info.outstanding_blocks,
+        ..Default::default()
+    };
+    for (_, e) in &keyed {
+        *match e.status {
+            Status::New => &mut totals.new,
+            Status::Grew => &mut totals.grew,
+            Status::Unchanged => &mut totals.unchanged,
+            Status::Shrank => &mut totals.shrank,
+            Status::Vanished => &mut totals.vanished,
+        } += 1;
+    }
+    Diff {
+        schema: DIFF_SCHEMA,
+        old: old.info.clone(),
+        new: new.info.clone(),
+        totals,
+        sites: keyed.into_iter().map(|(_, e)| e).collect(),
+    }
+}
+
+fn signed_bytes(b: i64) -> String {
+    if b > 0 {
+        format!("+{}", format_bytes(b))
+    } else {
+        format_bytes(b)
+    }
+}
+
+fn signed_count(c: i64) -> String {
+    let s = format_count(c.unsigned_abs());
+    match c.signum() {
+        1 => format!("+{s}"),
+        -1 => format!("-{s}"),
+        _ => s,
+    }
+}
+
+fn held(bytes: i64, blocks: i64) -> String {
+    if blocks == 0 && bytes == 0 {
+        "0 B".into()
+    } else {
+        format!(
+            "{} in {} block{}",
+            format_bytes(bytes),
+            signed_count(blocks).trim_start_matches('+'),
+            if blocks == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// A frame without its address (addresses differ between runs).
+fn frame_line(f: &Value) -> String {
+    let func = str_field(f, "function").unwrap_or_else(|| "??".into());
+    let mut s = func;
+    match (str_field(f, "file"), f.get("line").and_then(Value::as_u64)) {
+        (Some(file), Some(line)) => {
+            let _ = write!(s, " at {file}:{line}");
+        }
+        (Some(file), None) => {
+            let _ = write!(s, " at {file}");
+        }
+        _ => {
+            if let Some(m) = str_field(f, "module") {
+                let _ = write!(s, " in {m}");
+            }
+        }
+    }
+    if f.get("inlined").and_then(Value::as_bool) == Some(true) {
+        s.push_str(" (inlined)");
+    }
+    s
+}
+
+fn info_line(label: &str, i: &SnapInfo) -> String {
+    let mut s = format!("{label}: {}", i.path);
+    let mut about = Vec::new();
+    if let Some(pid) = i.pid {
+        about.push(format!(
+            "pid {pid}{}",
+            i.exe
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(d) = i.duration_s {
+        about.push(format!(
+            "traced {}",
+            format_duration(std::time::Duration::from_secs_f64(d.max(0.0)))
+        ));
+    }
+    if let Some(e) = &i.ended_at {
+        about.push(format!("ended {e}"));
+    }
+    if !about.is_empty() {
+        let _ = write!(s, " ({})", about.join(", "));
+    }
+    let _ = write!(
+        s,
+        ": {} outstanding, {} site{}",
+        held(i.outstanding_bytes, i.outstanding_blocks),
+        i.sites,
+        if i.sites == 1 { "" } else { "s" }
+    );
+    s
+}
+
+fn entry_text(o: &mut String, rank: usize, e: &Entry) {
+    let mut verdict = String::new();
+    if let Some(v) = &e.verdict {
+        verdict = format!(" [{v}");
+        if let Some(g) = e.growth_bytes_per_s
+            && (v == "leak" || v == "growing")
+        {
+            let r = format_rate(g, std::time::Duration::from_secs(1));
+            let _ = write!(verdict, ", {}{r}", if g >= 0.0 { "+" } else { "" });
+        }
+        verdict.push(']');
+    }
+    let _ = writeln!(
+        o,
+        "\n#{rank} {}{} ({} blocks): {} -> {}{verdict}",
+        e.status.label(),
+        signed_bytes(e.size_diff),
+        signed_count(e.count_diff),
+        held(e.old_bytes, e.old_blocks),
+        held(e.new_bytes, e.new_blocks),
+    );
+    match e.frames.as_array() {
+        Some(fs) if !fs.is_empty() => {
+            for f in fs {
+                let _ = writeln!(o, "    {}", frame_line(f));
+            }
+        }
+        _ => {
+            let _ = writeln!(o, "    [stack not captured]");
+        }
+    }
+}
+
+impl Diff {
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a diff always serializes");
+        s.push('\n');
+        s
+    }
+
+    pub fn to_text(&self, top: usize) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "memtrace diff: {} -> {}", self.old.path, self.new.path);
+        let _ = writeln!(o, "{}", info_line("old", &self.old));
+        let _ = writeln!(o, "{}", info_line("new", &self.new));
+        let t = &self.totals;
+        let _ = writeln!(
+            o,
+            "total outstanding: {} ({} blocks); sites: {} grew, {} new, {} shrank, {} vanished, {} unchanged",
+            signed_bytes(t.size_diff),
+            signed_count(t.count_diff),
+            t.grew,
+            t.new,
+            t.shrank,
+            t.vanished,
+            t.unchanged
+        );
+        let up: Vec<&Entry> = self
+            .sites
+            .iter()
+            .filter(|e| matches!(e.status, Status::New | Status::Grew))
+            .collect();
+        let down: Vec<&Entry> = self
+            .sites
+            .iter()
+            .rev()
+            .filter(|e| matches!(e.status, Status::Shrank | Status::Vanished))
+            .collect();
+        if up.is_empty() {
+            let _ = writeln!(o, "\nno site grew");
+        } else {
+            let _ = writeln!(
+                o,
+                "\ntop {} of {} sites that grew or are new, by growth:",
+                up.len().min(top),
+                up.len()
+            );
+            for (i, e) in up.iter().take(top).enumerate() {
+                entry_text(&mut o, i + 1, e);
+            }
+        }
+        if !down.is_empty() {
+            let _ = writeln!(
+                o,
+                "\ntop {} of {} sites that shrank or vanished:",
+                down.len().min(top),
+                down.len()
+            );
+            for (i, e) in down.iter().take(top).enumerate() {
+                entry_text(&mut o, i + 1, e);
+            }
+        }
+        let hidden = up.len().saturating_sub(top) + down.len().saturating_sub(top);
+        if hidden > 0 {
+            let _ = writeln!(o, "\n... and {hidden} more sites (all in --format json)");
+        }
+        o
+    }
+}
+
+/// `memtrace diff`: returns the exit status.
+pub fn run(args: &DiffArgs) -> Result<i32> {
+    let old = Snapshot::load(&args.old)?;
+    let new = Snapshot::load(&args.new)?;
+    let d = compare(&old, &new);
+    let text = match args.format {
+        DiffFormat::Json => d.to_json(),
+        DiffFormat::Text => d.to_text(args.top),
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .context("writing the diff to stdout")?;
+    out.flush().ok();
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn frame(addr: &str, module: &str, function: Option<&str>, line: u64) -> Value {
+        json!({"address": addr, "module": module, "function": function,
+               "file": function.map(|_| "/src/app.c"), "line": function.map(|_| line),
+               "inlined": false})
+    }
+
+    fn site(bytes: i64, blocks: i64, verdict: &str, frames: Vec<Value>) -> Value {
+        json!({"outstanding_bytes": bytes, "outstanding_blocks": blocks, "verdict": verdict,
+               "growth_bytes_per_s": 10.0, "stack_captured": true, "frames": frames})
+    }
+
+    fn report(pid: u64, sites: Vec<Value>) -> Value {
+        let bytes: i64 = sites
+            .iter()
+            .map(|s| s["outstanding_bytes"].as_i64().unwrap())
+            .sum();
+        let blocks: i64 = sites
+            .iter()
+            .map(|s| s["outstanding_blocks"].as_i64().unwrap())
+            .sum();
+        json!({"schema": "memtrace-report/1", "target": {"pid": pid, "exe": "/usr/bin/app"},
+               "duration_s": 2.0, "ended_at": "2026-12-01T08:00:05Z",
+               "totals": {"outstanding_bytes": bytes, "outstanding_blocks": blocks},
+               "sites": sites})
+    }
+
+    /// The same program twice, at other addresses (ASLR) and another module path.
+    fn two_runs() -> (Snapshot, Snapshot) {
+        let run = |pid, base: u64, module: &str, leak: i64, cache: i64, extra: bool| {
+            let a = |off: u64| format!("{:#x}", base + off);
+            let mut sites = vec![
+                site(
+                    leak * 100,
+                    leak,
+                    "leak",
+                    vec![
+                        frame(&a(0x10), module, Some("leak_fn"), 10),
+                        frame(&a(0x90), module, Some("main"), 50),
+                    ],
+                ),
+                site(
+                    cache * 10,
+                    cache,
+                    "stable",
+                    vec![
+                        frame(&a(0x20), module, Some("cache_put"), 20),
+                        frame(&a(0x94), module, Some("main"), 51),
+                    ],
+                ),
+                // One line, two call instructions: two sites, one key.
+                site(
+                    30,
+                    3,
+                    "stable",
+                    vec![
+                        frame(&a(0x30), module, Some("twice"), 30),
+                        frame(&a(0x98), module, Some("main"), 52),
+                    ],
+                ),
+                site(
+                    20,
+                    2,
+                    "stable",
+                    vec![
+                        frame(&a(0x34), module, Some("twice"), 30),
+                        frame(&a(0x98), module, Some("main"), 52),
+                    ],
+                ),
+                // Unsymbolized frames: keyed by module.
+                site(
+                    7,
+                    1,
+                    "unknown",
+                    vec![frame(&a(0x40), "/lib/libfoo.so", None, 0)],
+                ),
+            ];
+            if extra {
+                sites.push(site(
+                    5000,
+                    50,
+                    "leak",
+                    vec![frame(&a(0x50), module, Some("late_fn"), 40)],
+                ));
+            } else {
+                sites.push(site(
+                    300,
+                    3,
+                    "stable",
+                    vec![frame(&a(0x60), module, Some("gone_fn"), 60)],
+                ));
+            }
+            Snapshot::from_json(&format!("run{pid}.json"), &report(pid, sites)).unwrap()
+        };
+        (
+            run(1, 0x5555_0000_0000, "/usr/bin/app", 10, 40, false),
+            run(
+                2,
+                0x7777_0000_0000,
+                "/proc/99/root/usr/bin/app",
+                200,
+                40,
+                true,
+            ),
+        )
+    }
+
+    #[test]
+    fn keys_ignore_addresses_and_directories() {
+        let a = frame("0x1", "/usr/bin/app", Some("f"), 3);
+        let b = frame("0x2", "/other/root/usr/bin/app", Some("f"), 3);
+        assert_eq!(FrameKey::of(&a), FrameKey::of(&b));
+        assert_ne!(
+            FrameKey::of(&a),
+            FrameKey::of(&frame("0x1", "/usr/bin/app", Some("f"), 4))
+        );
+        let u = FrameKey::of(&frame("0x1", "/lib/libc.so.6", None, 0));
+        assert_eq!(
+            (u.module.as_deref(), u.function, u.line),
+            (Some("libc.so.6"), None, None)
+        );
+        assert!(site_key(&json!({"stack_captured": false, "frames": []})).is_empty());
+    }
+
+    #[test]
+    fn diff_ranks_by_growth_and_matches_by_stack() {
+        let (old, new) = two_runs();
+        assert_eq!(old.sites.len(), 5, "the two `twice` sites are one key");
+        let d = compare(&old, &new);
+        let order: Vec<(Status, i64, i64)> = d
+            .sites
+            .iter()
+            .map(|e| (e.status, e.size_diff, e.count_diff))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (Status::Grew, 19000, 190),
+                (Status::New, 5000, 50),
+                (Status::Unchanged, 0, 0),
+                (Status::Unchanged, 0, 0),
+                (Status::Unchanged, 0, 0),
+                (Status::Vanished, -300, -3),
+            ]
+        );
+        assert_eq!(d.sites[0].old_bytes, 1000);
+        assert_eq!(d.sites[0].new_bytes, 20000);
+        assert_eq!(d.sites[0].verdict.as_deref(), Some("leak"));
+        assert_eq!(d.sites[2].new_bytes, 400, "cache, unchanged");
+        assert_eq!(d.sites[3].new_bytes, 50, "two sites of one line, added up");
+        assert_eq!(
+            d.totals,
+            DiffTotals {
+                size_diff: 20000 + 400 + 50 + 7 + 5000 - (1000 + 400 + 50 + 7 + 300),
+                count_diff: 200 + 40 + 5 + 1 + 50 - (10 + 40 + 5 + 1 + 3),
+                new: 1,
+                grew: 1,
+                unchanged: 3,
+                shrank: 0,
+                vanished: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn text_and_json() {
+        let (old, new) = two_runs();
+        let d = compare(&old, &new);
+        let t = d.to_text(10);
+        assert!(t.contains("memtrace diff: run1.json -> run2.json"), "{t}");
+        assert!(
+            t.contains("old: run1.json (pid 1 (/usr/bin/app), traced 2.0s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("sites: 1 grew, 1 new, 0 shrank, 1 vanished, 3 unchanged"),
+            "{t}"
+        );
+        assert!(
+            t.contains("top 2 of 2 sites that grew or are new, by growth:"),
+            "{t}"
+        );
+        assert!(
+            t.contains("#1 +18.6 KiB (+190 blocks): 1000 B in 10 blocks -> 19.5 KiB in 200 blocks [leak, +10 B/s]"),
+            "{t}"
+        );
+        assert!(
+            t.contains("    leak_fn at /src/app.c:10\n    main at /src/app.c:50\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("#2 NEW +4.9 KiB (+50 blocks): 0 B -> 4.9 KiB in 50 blocks [leak"),
+            "{t}"
+        );
+        assert!(
+            t.contains("top 1 of 1 sites that shrank or vanished:"),
+            "{t}"
+        );
+        assert!(
+            t.contains("#1 VANISHED -300 B (-3 blocks): 300 B in 3 blocks -> 0 B [stable]"),
+            "{t}"
+        );
+        assert!(!t.contains("0x"), "no addresses: {t}");
+        let t1 = d.to_text(1);
+        assert!(t1.contains("top 1 of 2 sites that grew"), "{t1}");
+        assert!(!t1.contains("late_fn"), "{t1}");
+        let v: Value = serde_json::from_str(&d.to_json()).unwrap();
+        assert_eq!(v["schema"], "memtrace-diff/1");
+        assert_eq!(v["sites"].as_array().unwrap().len(), 6);
+        assert_eq!(v["sites"][0]["status"], "grew");
+        assert_eq!(v["sites"][0]["size_diff"], 19000);
+        assert_eq!(v["sites"][1]["status"], "new");
+        assert_eq!(v["sites"][5]["status"], "vanished");
+        assert_eq!(v["sites"][0]["frames"][0]["function"], "leak_fn");
+        assert_eq!(v["totals"]["vanished"], 1);
+        assert_eq!(v["old"]["pid"], 1);
+    }
+
+    #[test]
+    fn bad_inputs_say_what_is_wrong() {
+        let e = Snapshot::from_json("x.json", &json!({"schema": "memtrace-diff/1"})).unwrap_err();
+        assert!(e.to_string().contains("not a memtrace report"), "{e}");
+        let e = Snapshot::from_json("x.json", &json!([1, 2])).unwrap_err();
+        assert!(
+            e.to_string().contains("x.json is not a memtrace report"),
+            "{e}"
+        );
+        let e = Snapshot::from_json("x.json", &json!({"schema": "memtrace-report/1"})).unwrap_err();
+        assert!(e.to_string().contains("no `sites`"), "{e}");
+        let e = Snapshot::load(Path::new("/nonexistent/memtrace.json")).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read the report /nonexistent/memtrace.json"));
+        // An older report without verdicts still compares.
+        let old = json!({"schema": "memtrace-report/1", "sites": [
+            {"outstanding_bytes": 5, "outstanding_blocks": 1, "frames": []}]});
+        let s = Snapshot::from_json("old.json", &old).unwrap();
+        assert_eq!(s.sites[&Vec::new()].verdict, None);
+    }
+}
