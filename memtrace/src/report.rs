@@ -37,6 +37,8 @@ pub struct Report {
     pub verdicts: VerdictCounts,
     /// The target's memory as the kernel sees it, every interval.
     pub process: ProcessReport,
+    /// The unwind tables memtrace loaded into the kernel for the stack walker.
+    pub unwind: crate::tables::TableStats,
     /// Attach mode: blocks allocated before memtrace attached are not traced.
     #[serde(skip)]
     pub attached: bool,
@@ -155,6 +157,14 @@ pub struct Drops {
     pub stack_map_full: u64,
     pub stack_hash_collisions: u64,
     pub address_reused: u64,
+    /// Stack walks that stopped before the outermost frame, by cause (their
+    /// sites are marked `truncated`).
+    pub unwind_bad_read: u64,
+    pub unwind_depth_limit: u64,
+    pub unwind_unsupported: u64,
+    pub unwind_no_frame_pointer: u64,
+    /// Frames the unwinder stepped over with the frame pointer (no unwind row).
+    pub unwind_fp_fallback_frames: u64,
     /// Frames whose function or line could not be resolved, by reason.
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
 }
@@ -172,6 +182,11 @@ impl Drops {
             stack_map_full: c.stack_map_full,
             stack_hash_collisions: c.stack_hash_collisions,
             address_reused: c.address_reused,
+            unwind_bad_read: c.unwind_bad_read,
+            unwind_depth_limit: c.unwind_depth_limit,
+            unwind_unsupported: c.unwind_unsupported,
+            unwind_no_frame_pointer: c.unwind_no_frame_pointer,
+            unwind_fp_fallback_frames: c.unwind_fp_fallback,
             unresolved_frames: Default::default(),
         }
     }
@@ -220,6 +235,13 @@ pub struct Site {
     pub growth_bytes_per_s: Option<f64>,
     /// False for the site that collects allocations whose stack was not captured.
     pub stack_captured: bool,
+    /// How the stack was walked: `unwind-tables` (the modules' .eh_frame) or
+    /// `frame-pointers` (no tables were loaded for the process).
+    pub stack_walk: &'static str,
+    /// The walk stopped before the outermost frame: callers are missing.
+    pub truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_reason: Option<&'static str>,
     pub frames: Vec<Frame>,
     /// What the verdict was made of.
     pub trend: Trend,
@@ -359,6 +381,7 @@ impl Report {
                 parts.join(", ")
             );
         }
+        self.stacks_text(&mut o);
         self.process_text(&mut o);
         self.verdicts_text(&mut o);
         let min_age = if self.min_age_s > 0.0 {
@@ -406,6 +429,9 @@ impl Report {
             }
             for f in &site.frames {
                 let _ = writeln!(o, "    {}", frame_text(f));
+            }
+            if let Some(reason) = site.truncated_reason {
+                let _ = writeln!(o, "    [stack truncated: {reason}]");
             }
         }
         let rest = self.sites.len().saturating_sub(top);
@@ -550,6 +576,47 @@ impl Report {
     }
 }
 
+impl Report {
+    /// How the stacks were walked, and how many came out incomplete.
+    fn stacks_text(&self, o: &mut String) {
+        let u = &self.unwind;
+        if u.modules > 0 {
+            let _ = writeln!(
+                o,
+                "stacks: unwound with the .eh_frame tables of {} modules ({} of kernel memory)",
+                u.modules,
+                format_bytes((u.row_bytes + u.pages * 32) as i64)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "stacks: walked with frame pointers (no unwind tables loaded)"
+            );
+        }
+        let truncated: Vec<&Site> = self.sites.iter().filter(|s| s.truncated).collect();
+        if !truncated.is_empty() {
+            let d = &self.drops;
+            let causes: Vec<String> = [
+                ("unreadable stack", d.unwind_bad_read),
+                ("depth limit", d.unwind_depth_limit),
+                ("unsupported unwind rule", d.unwind_unsupported),
+                ("no row and no frame pointer", d.unwind_no_frame_pointer),
+            ]
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(what, n)| format!("{n} {what}"))
+            .collect();
+            let _ = writeln!(
+                o,
+                "{} of {} sites have truncated stacks (walks stopped early: {})",
+                truncated.len(),
+                self.sites.len(),
+                causes.join(", ")
+            );
+        }
+    }
+}
+
 pub fn frame_text(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("??");
     let mut s = format!("{:#014x} {func}", f.address);
@@ -638,6 +705,7 @@ mod tests {
             timeline: Timeline::default(),
             verdicts: VerdictCounts::default(),
             process: ProcessReport::default(),
+            unwind: Default::default(),
             attached: false,
             sites: vec![Site {
                 outstanding_blocks: 7,
@@ -651,6 +719,9 @@ mod tests {
                 trend: Trend::default(),
                 history: vec![],
                 stack_captured: true,
+                stack_walk: "unwind-tables",
+                truncated: false,
+                truncated_reason: None,
                 frames: vec![
                     Frame {
                         address: 0x401136,
@@ -707,8 +778,35 @@ mod tests {
         assert!(t.contains("(inlined)"), "{t}");
         assert!(t.contains("exited with status 7"), "{t}");
         assert!(t.contains("nothing dropped"), "{t}");
+        assert!(t.contains("stacks: walked with frame pointers"), "{t}");
         let t0 = r.to_text(0);
         assert!(t0.contains("and 1 more sites"), "{t0}");
+    }
+
+    #[test]
+    fn text_marks_truncated_stacks() {
+        let mut r = sample();
+        r.unwind.modules = 3;
+        r.unwind.row_bytes = 12 * 1024;
+        r.sites[0].truncated = true;
+        r.sites[0].truncated_reason = Some("depth limit of 127 frames");
+        r.drops.unwind_depth_limit = 1;
+        let t = r.to_text(10);
+        assert!(
+            t.contains("tables of 3 modules (12.0 KiB of kernel memory)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("1 of 1 sites have truncated stacks (walks stopped early: 1 depth limit)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("[stack truncated: depth limit of 127 frames]"),
+            "{t}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["sites"][0]["truncated"], true);
+        assert_eq!(v["unwind"]["modules"], 3);
     }
 
     #[test]

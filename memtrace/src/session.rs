@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use memtrace_common::NO_STACK;
+use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 
 use crate::{
     allocator::{self, Allocator, AllocatorError},
@@ -830,6 +830,26 @@ pub fn trim_below_entry(frames: &mut Vec<report::Frame>) {
     }
 }
 
+/// Why a walk stopped early, from its `STACK_TRUNCATED_*` bits.
+fn truncated_reason(flags: u32) -> Option<&'static str> {
+    use memtrace_common::{
+        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        STACK_TRUNCATED_UNSUPPORTED,
+    };
+    [
+        (STACK_TRUNCATED_READ, "stack memory unreadable"),
+        (STACK_TRUNCATED_DEPTH, "depth limit of 127 frames"),
+        (
+            STACK_TRUNCATED_UNSUPPORTED,
+            "an unwind rule the BPF walker does not follow",
+        ),
+        (STACK_TRUNCATED_NO_FP, "no unwind row and no frame pointer"),
+    ]
+    .into_iter()
+    .find(|(bit, _)| flags & bit != 0)
+    .map(|(_, why)| why)
+}
+
 fn unresolved_name(r: Unresolved) -> &'static str {
     match r {
         Unresolved::Unmapped => "unmapped",
@@ -924,6 +944,7 @@ fn build_report(
             }
         }
         trim_below_entry(&mut frames);
+        let flags = at.collector.stack_flags(s.stack_id)?;
         let end_blocks = ages.get(&s.stack_id);
         let (verdict, trend, hist) = match history.site(s.stack_id) {
             Some(h) => {
@@ -956,6 +977,13 @@ fn build_report(
             verdict,
             growth_bytes_per_s: trend.growth_bytes_per_s,
             stack_captured: s.stack_id != NO_STACK,
+            stack_walk: if flags & STACK_FP_ONLY != 0 {
+                "frame-pointers"
+            } else {
+                "unwind-tables"
+            },
+            truncated: truncated_reason(flags).is_some(),
+            truncated_reason: truncated_reason(flags),
             frames,
             trend,
             history: hist,
@@ -1015,6 +1043,7 @@ fn build_report(
         },
         verdicts: VerdictCounts::of(&sites),
         process,
+        unwind: at.tables.stats.clone(),
         attached: !at.launched,
         sites,
     })

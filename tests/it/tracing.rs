@@ -875,6 +875,8 @@ fn check_complete_to_main(report: &Report) {
         let frames = Report::frames(site);
         let names: Vec<&str> = frames.iter().map(|f| f.function()).collect();
         let main = names.iter().position(|f| *f == "main");
+        assert_eq!(site["truncated"], false, "{}", report.summary());
+        assert_eq!(site["stack_walk"], "unwind-tables", "{}", report.summary());
         assert!(
             main.is_some() && names[main.unwrap() + 1..].contains(&"__libc_start_call_main"),
             "a stack that does not reach main and the C start code: {names:?}\n{}",

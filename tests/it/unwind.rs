@@ -157,3 +157,45 @@ fn python_stacks_go_through_the_interpreter_to_main() {
     );
     assert_reaches_start(r, &big);
 }
+
+#[test]
+fn a_stack_deeper_than_the_walk_is_marked_truncated() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("deep", Variant::NoFramePointers);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let line = source_line("deep", "deep_malloc");
+    r.assert_outstanding(&[At("recurse", Some(line))], 3, 3 * 4321);
+    for site in r.sites_with_prefix(&[At("recurse", Some(line))]) {
+        assert_eq!(site["truncated"], true, "{}", r.summary());
+        assert_eq!(
+            site["truncated_reason"],
+            "depth limit of 127 frames",
+            "{}",
+            r.summary()
+        );
+        assert_eq!(Report::frames(site).len(), 127, "{}", r.summary());
+    }
+    assert!(
+        r.0["drops"]["unwind_depth_limit"].as_u64().unwrap() >= 3,
+        "{}",
+        r.0["drops"]
+    );
+    // The other sites (the C library's start-up) are complete.
+    for site in r.sites() {
+        if Report::frames(site)
+            .iter()
+            .all(|f| f.function() != "recurse")
+        {
+            assert_eq!(site["truncated"], false, "{}", r.summary());
+        }
+    }
+    assert_eq!(
+        r.0["unwind"]["modules"].as_u64().map(|n| n >= 3),
+        Some(true),
+        "{}",
+        r.0["unwind"]
+    );
+}
