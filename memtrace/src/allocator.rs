@@ -63,6 +63,8 @@ pub struct Allocator {
     /// A path through which the kernel can open that very file from here.
     pub open_path: PathBuf,
     pub points: Vec<AttachPoint>,
+    /// Start of the module's executable mapping in the target (to notice exec).
+    pub text_start: u64,
 }
 
 #[derive(Debug, Error)]
@@ -260,6 +262,7 @@ pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, Allocato
                 module: m.path.clone().unwrap_or_default(),
                 open_path: path,
                 points: syms.points,
+                text_start: m.start,
             });
         }
     }

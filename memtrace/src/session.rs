@@ -50,6 +50,8 @@ enum End {
     Signal,
     Duration,
     TargetExited,
+    /// The target called exec: the program memtrace attached to is gone.
+    TargetExec,
 }
 
 impl End {
@@ -58,6 +60,7 @@ impl End {
             End::Signal => "signal",
             End::Duration => "duration",
             End::TargetExited => "target-exited",
+            End::TargetExec => "target-exec",
         }
     }
 }
@@ -238,6 +241,20 @@ struct Attached {
     nprobes: usize,
     /// Unwind tables loaded into the kernel for this process.
     tables: UnwindTables,
+}
+
+/// Whether `pid` replaced its program (exec): the mapping of the allocator
+/// memtrace probes is gone. Every address memtrace knows (allocator code,
+/// unwind tables, modules) belongs to the old program.
+fn called_exec(pid: u32, allocator: &Allocator) -> bool {
+    match read_maps(pid) {
+        Ok(maps) => !maps.iter().any(|m| {
+            m.is_exec()
+                && m.start == allocator.text_start
+                && m.path.as_deref() == Some(allocator.module.as_str())
+        }),
+        Err(_) => false,
+    }
 }
 
 /// Loads the unwind tables of every module `pid` maps. Without them the BPF
@@ -473,6 +490,14 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         let now = Instant::now();
         if now >= next_refresh {
             next_refresh = now + MODULE_REFRESH;
+            if called_exec(pid, &at.allocator) {
+                eprintln!(
+                    "memtrace: pid {pid} called exec (it now runs {}): the new program is not \
+                     traced; reporting what the old one did",
+                    proc_exe(pid).unwrap_or_else(|| "?".into())
+                );
+                break End::TargetExec;
+            }
             if let Ok(true) = at.modules.refresh(pid) {
                 load_tables(&mut at.tables, &mut at.collector.maps, pid, &at.modules);
             }

@@ -199,3 +199,25 @@ fn a_stack_deeper_than_the_walk_is_marked_truncated() {
         r.0["unwind"]
     );
 }
+
+#[test]
+fn a_target_that_calls_exec_ends_tracing_with_a_clear_message() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("exec_after", Variant::NoFramePointers);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    assert_eq!(run.report.0["end_reason"], "target-exec", "{}", run.stderr);
+    assert!(run.stderr.contains("called exec"), "{}", run.stderr);
+    let r = &run.report;
+    r.assert_outstanding(
+        &[
+            At(
+                "before_exec",
+                Some(source_line("exec_after", "before_exec")),
+            ),
+            At("main", None),
+        ],
+        5,
+        5 * 777,
+    );
+}
