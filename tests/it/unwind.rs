@@ -221,3 +221,162 @@ fn a_target_that_calls_exec_ends_tracing_with_a_clear_message() {
         5 * 777,
     );
 }
+
+/// Leaks allocated inside glibc for the user: the stack passes through
+/// glibc's frames (no frame pointers there) into the user's code and lines.
+fn check_libc_leaks(variant: Variant) {
+    let bin = build_fixture("libc_leaks", variant);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let l = |m| Some(source_line("libc_leaks", m));
+    for (libc_fn, user_fn, call, caller, blocks) in [
+        (
+            "__GI___strdup",
+            "keep_copy",
+            "libc_strdup",
+            "call_keep_copy",
+            7,
+        ),
+        (
+            "__GI___getdelim",
+            "read_line",
+            "libc_getline",
+            "call_read_line",
+            1,
+        ),
+        (
+            "__fopen_internal",
+            "open_file",
+            "libc_fopen",
+            "call_open_file",
+            3,
+        ),
+    ] {
+        let sites: Vec<_> = r
+            .sites()
+            .iter()
+            .filter(|s| {
+                let f = Report::frames(s);
+                let i = f.iter().position(|f| f.function() == user_fn);
+                i.is_some_and(|i| {
+                    f[i].line == l(call)
+                        && f[..i].iter().any(|f| f.function() == libc_fn)
+                        && f[i + 1].function() == "main"
+                        && f[i + 1].line == l(caller)
+                })
+            })
+            .collect();
+        let n: u64 = sites.iter().map(|s| Report::blocks(s)).sum();
+        assert_eq!(
+            n,
+            blocks,
+            "{libc_fn} < {user_fn}:@{call} < main:@{caller}\n{}",
+            r.summary()
+        );
+        assert_reaches_start(r, &sites);
+    }
+}
+
+#[test]
+fn leaks_inside_glibc_reach_user_code_with_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_libc_leaks(Variant::FramePointers);
+}
+
+#[test]
+fn leaks_inside_glibc_reach_user_code_without_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_libc_leaks(Variant::NoFramePointers);
+}
+
+/// Leaks allocated inside libstdc++ (std::vector, std::string): the stack goes
+/// through operator new and the library's frames into app:: code.
+fn check_std_leaks(variant: Variant) {
+    let bin = build_fixture("std_leaks", variant);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let l = |m| Some(source_line("std_leaks", m));
+    for (user_fn, call, caller, blocks, bytes) in [
+        (
+            "app::grow_vector()",
+            "std_reserve",
+            "call_grow_vector",
+            1,
+            4000,
+        ),
+        (
+            "app::make_string[abi:cxx11](char)",
+            "std_string",
+            "call_make_string",
+            5,
+            5 * 101,
+        ),
+    ] {
+        let sites: Vec<_> = r
+            .sites()
+            .iter()
+            .filter(|s| {
+                let f = Report::frames(s);
+                f[0].function().starts_with("operator new")
+                    && f.iter()
+                        .position(|f| f.function() == user_fn)
+                        .is_some_and(|i| {
+                            f[i].line == l(call)
+                                && f[i + 1].function() == "main"
+                                && f[i + 1].line == l(caller)
+                        })
+            })
+            .collect();
+        let got = sites.iter().fold((0, 0), |(b, n), s| {
+            (b + Report::blocks(s), n + Report::bytes(s))
+        });
+        assert_eq!(
+            got,
+            (blocks, bytes),
+            "operator new < ... < {user_fn}:@{call} < main:@{caller}\n{}",
+            r.summary()
+        );
+        assert_reaches_start(r, &sites);
+    }
+}
+
+#[test]
+fn leaks_inside_libstdcxx_reach_user_code_with_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_std_leaks(Variant::FramePointers);
+}
+
+#[test]
+fn leaks_inside_libstdcxx_reach_user_code_without_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_std_leaks(Variant::NoFramePointers);
+}
+
+#[test]
+fn nofp_target_that_exits_while_traced_is_reported_complete() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("exits_early", Variant::NoFramePointers);
+    let run = run_launch(&[], &[bin.to_str().unwrap(), "launch", "3"]);
+    run.assert_exit(3);
+    let r = &run.report;
+    let l = |m| Some(source_line("exits_early", m));
+    let early = [
+        At("early_leak", l("early_leak")),
+        At("main", l("call_early_leak")),
+    ];
+    r.assert_outstanding(&early, 17, 17 * 256);
+    let nested = [
+        At("early_nested", l("early_nested")),
+        At("early_outer", l("call_early_nested")),
+        At("main", l("call_early_outer")),
+    ];
+    r.assert_outstanding(&nested, 6, 6 * 4096);
+    assert_reaches_start(r, &r.sites_with_prefix(&early));
+}
