@@ -325,7 +325,9 @@ fn check_std_leaks(variant: Variant) {
                     && f.iter()
                         .position(|f| f.function() == user_fn)
                         .is_some_and(|i| {
-                            f[i].line == l(call)
+                            // operator new, the library's frames (one at least), app code.
+                            i >= 2
+                                && f[i].line == l(call)
                                 && f[i + 1].function() == "main"
                                 && f[i + 1].line == l(caller)
                         })
