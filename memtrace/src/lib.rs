@@ -18,3 +18,5 @@ pub mod symbolize;
 pub mod tables;
 pub mod units;
 pub mod unwind;
+#[cfg(test)]
+mod testutil;

@@ -246,8 +246,8 @@ mod tests {
     fn the_executable_segment_decides_when_segments_share_a_page() {
         // Like lld's layout: R at offset 0 (size 0x12a20), then R+X at offset
         // 0x12a20, vaddr 0x13a20. The r-xp mapping starts at offset 0x12000.
-        let dir = std::env::temp_dir().join(format!("memtrace-bias-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TempDir::new("bias");
+        let dir = tmp.path();
         let src = dir.join("t.c");
         std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
         let exe = dir.join("t");
@@ -271,7 +271,6 @@ mod tests {
         let bias = load_bias(&data, start, page).unwrap();
         // The byte at `off` is at vaddr text.address(): runtime start + (off - page).
         assert_eq!(start + (off - page) - bias, text.address());
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use gimli::UnwindSection;
@@ -22,31 +21,7 @@ const LIBSTDCXX: &str = "/lib/x86_64-linux-gnu/libstdc++.so.6";
 const LDSO: &str = "/lib64/ld-linux-x86-64.so.2";
 const PYTHON: &str = "/usr/bin/python3.11";
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "memtrace-unwind-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(std::fs::canonicalize(&p).unwrap())
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::testutil::TempDir;
 
 /// Runs a tool (gcc, nm, objdump, objcopy) and returns its stdout.
 fn sh(dir: &Path, prog: &str, args: &[&str]) -> String {
