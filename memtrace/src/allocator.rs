@@ -17,7 +17,10 @@ use memtrace_common::AllocKind;
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
-use crate::procmaps::MapEntry;
+use crate::{
+    placement::{self, Placement, choose_probe_site, probe_args},
+    procmaps::MapEntry,
+};
 
 /// What a probe at an entry point does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,10 +53,34 @@ pub struct AttachPoint {
     pub names: Vec<&'static str>,
     /// Virtual address of the function in the ELF file.
     pub vaddr: u64,
-    /// Offset of that instruction in the file: what a uprobe is attached to.
+    /// Offset of the function's first instruction in the file.
     pub file_offset: u64,
     /// Size of the function's code (0 when the symbol table does not say).
     pub size: u64,
+    /// Offset in the file of the instruction the probes are attached to: the
+    /// first one the kernel emulates rather than single-steps, when nothing
+    /// before it can change what the probes see (see `placement`); else
+    /// `file_offset`.
+    pub probe_offset: u64,
+    /// That instruction's mnemonic (`je`, `push`, ...), for logs and reports.
+    pub probe_insn: String,
+}
+
+impl AttachPoint {
+    /// How far into the function the probes are: `free+3`.
+    pub fn probe_delta(&self) -> u64 {
+        self.probe_offset - self.file_offset
+    }
+
+    /// The probe site as `name+delta (insn)`, e.g. `free+0x3 (je)`.
+    pub fn probe_site(&self) -> String {
+        format!(
+            "{}+{:#x} ({})",
+            self.names.first().copied().unwrap_or("?"),
+            self.probe_delta(),
+            self.probe_insn
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -124,6 +151,14 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                 }
             }
             None => {
+                let site = probe_site(data, file_offset, sym.size(), role);
+                log::debug!(
+                    "{name}: probe site +{:#x} ({}, {:?}): {}",
+                    site.delta,
+                    site.mnemonic,
+                    site.emulated,
+                    site.reason
+                );
                 by_addr.insert(
                     vaddr,
                     AttachPoint {
@@ -132,6 +167,8 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                         vaddr,
                         file_offset,
                         size: sym.size(),
+                        probe_offset: file_offset + site.delta,
+                        probe_insn: site.mnemonic,
                     },
                 );
             }
@@ -145,6 +182,19 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
     out.no_symbols = !seen_any;
     out.points = by_addr.into_values().collect();
     Ok(out)
+}
+
+/// Where to probe the function whose code starts at `file_offset` in `data`
+/// (`size` bytes, 0 if unknown): see `placement::choose_probe_site`.
+fn probe_site(data: &[u8], file_offset: u64, size: u64, role: Role) -> Placement {
+    let start = (file_offset as usize).min(data.len());
+    let len = if size > 0 {
+        (size as usize).min(placement::MAX_BODY_BYTES)
+    } else {
+        placement::MAX_HEAD_BYTES
+    };
+    let code = &data[start..start.saturating_add(len).min(data.len())];
+    choose_probe_site(code, probe_args(role))
 }
 
 /// Maps a virtual address to its offset in the file through the PT_LOAD segment
@@ -312,6 +362,95 @@ mod tests {
         assert_eq!(addrs.len(), syms.points.len());
         // libc's text is mapped at its file offset.
         assert!(syms.points.iter().all(|p| p.file_offset == p.vaddr));
+    }
+
+    /// The probe sites chosen in Debian 12's glibc. Each is checked against a
+    /// simpler statement of the rules by decoding again; the exact offsets are
+    /// those of one glibc build.
+    #[test]
+    fn glibc_probe_sites() {
+        use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess};
+        const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+        const BUILD_ID: &str = "93ac61ec5a8eb1396f9fbd350e3169a558528a40";
+        let data = std::fs::read(LIBC).expect("glibc");
+        let syms = entry_symbols(&data).unwrap();
+        let mut factory = InstructionInfoFactory::new();
+        let mut got = BTreeMap::new();
+        for p in &syms.points {
+            let delta = p.probe_delta();
+            got.insert(p.names[0], delta);
+            let code = &data[p.file_offset as usize..][..64];
+            let mut dec = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+            let args = placement::probe_args(p.role);
+            loop {
+                let insn = dec.decode();
+                assert!(!insn.is_invalid(), "{}: {insn:?}", p.names[0]);
+                let bytes = &code[insn.ip() as usize..][..insn.len()];
+                if insn.ip() == delta {
+                    // Emulated, or the function's first instruction.
+                    let emulated = matches!(bytes[0], 0x50..=0x57 | 0x70..=0x7f | 0xe8 | 0xe9 | 0xeb)
+                        || matches!(bytes, [0x41, 0x50..=0x57] | [0x0f, 0x80..=0x8f, ..]);
+                    assert!(emulated || delta == 0, "{}+{delta}: {bytes:x?}", p.names[0]);
+                    assert_eq!(
+                        p.probe_insn,
+                        format!("{:?}", insn.mnemonic()).to_lowercase()
+                    );
+                    break;
+                }
+                assert!(
+                    insn.ip() < delta,
+                    "{}: +{delta} is not an instruction",
+                    p.names[0]
+                );
+                assert_eq!(insn.flow_control(), FlowControl::Next, "{}", p.names[0]);
+                assert_eq!(insn.stack_pointer_increment(), 0, "{}", p.names[0]);
+                let info = factory.info(&insn);
+                assert!(
+                    info.used_memory()
+                        .iter()
+                        .all(|m| m.access() == OpAccess::Read),
+                    "{}: {insn:?}",
+                    p.names[0]
+                );
+                for r in info.used_registers() {
+                    let full = r.register().full_register();
+                    assert_ne!(full, iced_x86::Register::RSP, "{}", p.names[0]);
+                    if r.access() != OpAccess::Read {
+                        assert!(!args.contains(&full), "{}: writes {full:?}", p.names[0]);
+                    }
+                }
+            }
+        }
+        let file = object::File::parse(&*data).unwrap();
+        let build_id: String = file
+            .build_id()
+            .unwrap()
+            .unwrap_or_default()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            build_id, BUILD_ID,
+            "{LIBC} is another build than the one these offsets were read from \
+             (objdump -d it and update BUILD_ID and the expected sites); chosen now: {got:?}"
+        );
+        let want = BTreeMap::from([
+            ("free", 3),
+            ("malloc", 0),
+            ("calloc", 0),
+            ("realloc", 0),
+            ("reallocarray", 0),
+            ("posix_memalign", 7),
+            ("memalign", 7),
+            ("valloc", 7),
+            ("pvalloc", 7),
+        ]);
+        // memalign and aligned_alloc share a point named after whichever comes first.
+        let got: BTreeMap<_, _> = got
+            .into_iter()
+            .map(|(n, d)| (if n == "aligned_alloc" { "memalign" } else { n }, d))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

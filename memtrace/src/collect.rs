@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use memtrace_common::{Counter, NO_STACK, NUM_COUNTERS};
 use serde::Serialize;
 
-use crate::probe::TraceMaps;
+use crate::{batch, probe::TraceMaps};
 
 /// Every counter, with names in the user's terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -142,16 +142,17 @@ impl Collector {
     /// Every site, one map entry each.
     pub fn sites(&self) -> Result<Vec<SiteSample>> {
         let mut out = Vec::new();
-        for entry in self.maps.sites.iter() {
-            let (stack_id, s) = entry.context("reading SITES")?;
+        let read = batch::for_each_entry(&self.maps.sites, |&stack_id, s| {
             out.push(SiteSample {
                 stack_id,
                 outstanding_blocks: s.outstanding_blocks,
                 outstanding_bytes: s.outstanding_bytes,
                 alloc_calls: s.alloc_calls,
                 alloc_bytes: s.alloc_bytes,
-            });
-        }
+            })
+        })
+        .context("reading SITES")?;
+        log_read("SITES", &read);
         Ok(out)
     }
 
@@ -213,8 +214,7 @@ impl Collector {
     /// only for the final report.
     pub fn ages(&self, now_ns: u64, min_age_ns: u64) -> Result<HashMap<u64, SiteAges>> {
         let mut out: HashMap<u64, SiteAges> = HashMap::new();
-        for entry in self.maps.allocs.iter() {
-            let (_addr, a) = entry.context("reading ALLOCS")?;
+        let read = batch::for_each_entry(&self.maps.allocs, |_addr, a| {
             let s = out.entry(a.stack_id).or_default();
             s.blocks += 1;
             s.bytes += a.size;
@@ -226,7 +226,9 @@ impl Collector {
                 s.old_blocks += 1;
                 s.old_bytes += a.size;
             }
-        }
+        })
+        .context("reading ALLOCS")?;
+        log_read("ALLOCS", &read);
         Ok(out)
     }
 
@@ -235,10 +237,23 @@ impl Collector {
     /// blocks outlive the run, see `analyze`).
     pub fn blocks(&self) -> Result<Vec<(u64, u64, u64)>> {
         let mut out = Vec::new();
-        for entry in self.maps.allocs.iter() {
-            let (_addr, a) = entry.context("reading ALLOCS")?;
-            out.push((a.stack_id, a.timestamp_ns, a.size));
-        }
+        let read = batch::for_each_entry(&self.maps.allocs, |_addr, a| {
+            out.push((a.stack_id, a.timestamp_ns, a.size))
+        })
+        .context("reading ALLOCS")?;
+        log_read("ALLOCS", &read);
         Ok(out)
     }
+}
+
+/// One debug line per map read: what it cost (tests/it/scale.rs reads these).
+fn log_read(map: &str, r: &batch::ReadStats) {
+    log::debug!(
+        "read {map}: {} entries, {} syscalls ({}), {:.3} ms wall, {:.3} ms cpu",
+        r.entries,
+        r.calls,
+        if r.batched { "batch" } else { "per entry" },
+        r.wall.as_secs_f64() * 1e3,
+        r.cpu.as_secs_f64() * 1e3,
+    );
 }

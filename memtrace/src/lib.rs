@@ -4,10 +4,12 @@
 //! is pure and tested without privileges.
 pub mod allocator;
 pub mod analyze;
+pub mod batch;
 pub mod cli;
 pub mod collect;
 pub mod diff;
 pub mod launch;
+pub mod placement;
 pub mod preflight;
 pub mod probe;
 pub mod procmaps;
@@ -16,7 +18,7 @@ pub mod report;
 pub mod session;
 pub mod symbolize;
 pub mod tables;
-pub mod units;
-pub mod unwind;
 #[cfg(test)]
 mod testutil;
+pub mod units;
+pub mod unwind;

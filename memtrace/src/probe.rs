@@ -201,13 +201,24 @@ impl Probes {
                 )
             };
             let prog = entry_program(point.role);
+            // At `probe_offset` (the first instruction the kernel emulates, see
+            // `placement`), both probes see what they would at the function's
+            // first instruction: the arguments, and rsp pointing at the return
+            // address, which the return probe replaces.
+            log::debug!(
+                "probing {}:{} at file offset {:#x} (function at {:#x})",
+                alloc.module,
+                point.probe_site(),
+                point.probe_offset,
+                point.file_offset
+            );
             let link = self
-                .attach_one(prog, &alloc.open_path, point.file_offset, pid)
+                .attach_one(prog, &alloc.open_path, point.probe_offset, pid)
                 .with_context(what)?;
             self.links.push((prog, link));
             if matches!(point.role, Role::Alloc(_)) {
                 let link = self
-                    .attach_one("alloc_return", &alloc.open_path, point.file_offset, pid)
+                    .attach_one("alloc_return", &alloc.open_path, point.probe_offset, pid)
                     .with_context(what)?;
                 self.links.push(("alloc_return", link));
             }

@@ -217,6 +217,9 @@ pub struct AllocatorInfo {
     pub module: String,
     pub functions: Vec<String>,
     pub probes: usize,
+    /// Where each function is probed: the first instruction the kernel emulates
+    /// (no single-step), e.g. `free+0x3 (je)`.
+    pub probe_sites: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -699,6 +702,7 @@ mod tests {
                 module: "/lib/libc.so.6".into(),
                 functions: vec!["malloc".into()],
                 probes: 2,
+                probe_sites: vec!["malloc+0x0 (push)".into()],
             },
             min_age_s: 0.0,
             verdict_config: VerdictConfig::default(),

@@ -1056,6 +1056,7 @@ fn build_report(
                 .flat_map(|p| p.names.iter().map(|n| n.to_string()))
                 .collect(),
             probes: at.nprobes,
+            probe_sites: at.allocator.points.iter().map(|p| p.probe_site()).collect(),
         },
         min_age_s: cli.min_age.as_secs_f64(),
         verdict_config: vcfg.clone(),
