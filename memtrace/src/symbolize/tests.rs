@@ -11,20 +11,7 @@ use std::process::{Command, Stdio};
 use super::*;
 use crate::procmaps::{MapEntry, parse_maps};
 
-use crate::testutil::TempDir;
-
-fn sh(dir: &Path, prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} (needed by the tests): {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::testutil::{TempDir, sh};
 
 const DUMP_MAPS: &str = r#"
 static void dump_maps(void) {

@@ -21,22 +21,7 @@ const LIBSTDCXX: &str = "/lib/x86_64-linux-gnu/libstdc++.so.6";
 const LDSO: &str = "/lib64/ld-linux-x86-64.so.2";
 const PYTHON: &str = "/usr/bin/python3.11";
 
-use crate::testutil::TempDir;
-
-/// Runs a tool (gcc, nm, objdump, objcopy) and returns its stdout.
-fn sh(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} (needed by the tests): {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::testutil::{TempDir, sh};
 
 fn build(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     let c = format!("{name}.c");
