@@ -84,6 +84,18 @@ pub struct Cli {
     #[arg(short, long, value_name = "DUR", value_parser = parse_duration_arg)]
     pub duration: Option<Duration>,
 
+    /// Most outstanding blocks tracked at once; beyond it allocations are counted
+    /// as dropped (kernel memory grows with use: about 80 bytes per block)
+    #[arg(long, value_name = "N", default_value_t = memtrace_common::DEFAULT_MAX_OUTSTANDING,
+          value_parser = clap::value_parser!(u32).range(1..=(1 << 27)))]
+    pub max_blocks: u32,
+
+    /// Most distinct allocation stacks (sites); beyond it allocations are recorded
+    /// without their stack and counted (about 1.1 KiB of kernel memory per stack)
+    #[arg(long, value_name = "N", default_value_t = memtrace_common::DEFAULT_MAX_STACKS,
+          value_parser = clap::value_parser!(u32).range(1..=(1 << 22)))]
+    pub max_stacks: u32,
+
     /// Allocations younger than DUR are not leak candidates
     #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_duration_arg)]
     pub min_age: Duration,
@@ -200,6 +212,14 @@ pub enum Target {
 }
 
 impl Cli {
+    /// The kernel map capacities asked for.
+    pub fn map_sizes(&self) -> crate::probe::MapSizes {
+        crate::probe::MapSizes {
+            blocks: self.max_blocks,
+            stacks: self.max_stacks,
+        }
+    }
+
     /// The verdict thresholds from the options.
     pub fn verdict_config(&self) -> VerdictConfig {
         VerdictConfig {

@@ -113,7 +113,25 @@ const PROGRAMS: &[&str] = &[
 ];
 
 /// Loads the programs for target `tgid` and returns them with their maps.
-pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
+/// Capacities of the kernel maps (entries), from `--max-blocks`/`--max-stacks`.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Outstanding blocks (map ALLOCS).
+    pub blocks: u32,
+    /// Distinct stacks, i.e. sites (maps STACKS and SITES).
+    pub stacks: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            blocks: memtrace_common::DEFAULT_MAX_OUTSTANDING,
+            stacks: memtrace_common::DEFAULT_MAX_STACKS,
+        }
+    }
+}
+
+pub fn load(tgid: u32, sizes: MapSizes) -> Result<(Probes, TraceMaps)> {
     if BPF_OBJECT.is_empty() {
         bail!(
             "this memtrace binary was built without its BPF programs; build it with \
@@ -122,6 +140,11 @@ pub fn load(tgid: u32) -> Result<(Probes, TraceMaps)> {
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
+        .map_max_entries("ALLOCS", sizes.blocks)
+        .map_max_entries("STACKS", sizes.stacks)
+        // One more site than stacks: the site of allocations whose stack could
+        // not be stored (STACKS full) must still fit.
+        .map_max_entries("SITES", sizes.stacks.saturating_add(1))
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")?;

@@ -283,7 +283,7 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(pid: u32) -> Result<Attached> {
+fn attach_existing(pid: u32, sizes: probe::MapSizes) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let modules = ProcessModules::capture(pid).map_err(|e| {
@@ -294,7 +294,7 @@ fn attach_existing(pid: u32) -> Result<Attached> {
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
-    let (mut probes, mut trace_maps) = probe::load(pid)?;
+    let (mut probes, mut trace_maps) = probe::load(pid, sizes)?;
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
@@ -319,7 +319,7 @@ fn attach_existing(pid: u32) -> Result<Attached> {
     })
 }
 
-fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
+fn launch_new(cmd: &[std::ffi::OsString], sizes: probe::MapSizes) -> Result<Attached> {
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = match &loading {
@@ -331,7 +331,7 @@ fn launch_new(cmd: &[std::ffi::OsString]) -> Result<Attached> {
     };
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
-    let loaded = probe::load(pid).and_then(|(mut probes, maps)| {
+    let loaded = probe::load(pid, sizes).and_then(|(mut probes, maps)| {
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
         Ok((probes, maps))
     });
@@ -442,8 +442,8 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     let t0 = Instant::now();
 
     let mut at = match &target {
-        Target::Attach(pid) => attach_existing(*pid)?,
-        Target::Launch(cmd) => launch_new(cmd)?,
+        Target::Attach(pid) => attach_existing(*pid, cli.map_sizes())?,
+        Target::Launch(cmd) => launch_new(cmd, cli.map_sizes())?,
     };
     let pid = at.pid;
     let pidfd = pidfd_open(pid)?;

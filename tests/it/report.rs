@@ -62,3 +62,31 @@ fn text_report_shows_the_top_sites_with_their_stacks() {
         "{text}"
     );
 }
+
+#[test]
+fn a_full_block_map_is_counted_never_silent() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("many_blocks", Variant::FramePointers);
+    let run = run_launch(&["--max-blocks", "100"], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    assert_eq!(r.total("outstanding_blocks"), 100, "{}", r.summary());
+    assert_eq!(r.total("dropped_events"), 50, "{}", r.summary());
+    assert_eq!(r.0["drops"]["alloc_map_full"], 50, "{}", r.0["drops"]);
+    r.assert_outstanding(
+        &[At("main", Some(source_line("many_blocks", "many")))],
+        100,
+        1000,
+    );
+}
+
+#[test]
+fn map_sizes_are_checked() {
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(["--max-blocks", "0", "--pid", "1"]);
+        c
+    });
+    assert_error(&out, 2, &["max-blocks"]);
+}
