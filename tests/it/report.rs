@@ -90,3 +90,35 @@ fn map_sizes_are_checked() {
     });
     assert_error(&out, 2, &["max-blocks"]);
 }
+
+#[test]
+fn a_full_stack_map_keeps_the_blocks_without_their_stack() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("aged", Variant::FramePointers);
+    let run = run_launch(&["--max-stacks", "1"], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    // old_leak's stack came first and fits; young_leak's 3 blocks are kept
+    // and counted, in the site of blocks without a stack.
+    assert_eq!(r.total("outstanding_blocks"), 8, "{}", r.summary());
+    assert_eq!(r.total("stack_errors"), 3, "{}", r.summary());
+    assert_eq!(r.0["drops"]["stack_map_full"], 3, "{}", r.0["drops"]);
+    let lost: Vec<_> = r
+        .sites()
+        .iter()
+        .filter(|s| s["stack_captured"] == false)
+        .collect();
+    assert_eq!(lost.len(), 1, "{}", r.summary());
+    assert_eq!(
+        (Report::blocks(lost[0]), Report::bytes(lost[0])),
+        (3, 600),
+        "{}",
+        r.summary()
+    );
+    r.assert_outstanding(
+        &[At("old_leak", Some(source_line("aged", "old_leak")))],
+        5,
+        500,
+    );
+}
