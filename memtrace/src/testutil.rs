@@ -51,3 +51,13 @@ pub fn sh(dir: &Path, prog: &str, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A small deterministic pseudo-random sequence (xorshift64) for the fuzz-style tests.
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

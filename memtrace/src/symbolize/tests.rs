@@ -863,13 +863,7 @@ fn corrupted_files_do_not_panic() {
     // One symbolizer (libc is parsed once); a new file per round, because modules are
     // cached by inode and rewriting one file in place would keep hitting the first parse.
     let mut s = Symbolizer::new();
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = crate::testutil::xorshift(0x2545_f491_4f6c_dd1d);
     for round in 0..48 {
         let mut data = orig.clone();
         if round % 8 == 0 {

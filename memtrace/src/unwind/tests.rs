@@ -1013,13 +1013,7 @@ fn corrupted_input_does_not_panic() {
     let bin = build(dir.path(), "asm", ASM_C, &["-O2"]);
     let small = std::fs::read(&bin).unwrap();
     let libc = std::fs::read(LIBC).unwrap();
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = crate::testutil::xorshift(0x2545_f491_4f6c_dd1d);
     let range_of = |data: &[u8], name: &str| {
         let obj = object::File::parse(data).unwrap();
         let (off, len) = obj.section_by_name(name).unwrap().file_range().unwrap();
