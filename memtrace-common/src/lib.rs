@@ -274,9 +274,31 @@ pub enum Counter {
     UnwindUnsupported = 18,
     /// Walks stopped where neither a row nor a frame pointer led on.
     UnwindNoFramePointer = 19,
+    /// Allocations seen but not sampled (`--sample-bytes`).
+    UnsampledCalls = 20,
 }
 
-pub const NUM_COUNTERS: u32 = 20;
+pub const NUM_COUNTERS: u32 = 21;
+
+// ---- sampling (--sample-bytes) ------------------------------------------------
+
+/// `PendingCall::kind`: the low bits are the `AllocKind`.
+pub const PENDING_KIND_MASK: u32 = 0xffff;
+/// `PendingCall::kind` flag: the call's new block is not sampled (a realloc
+/// whose return is kept only to retire its sampled old block).
+pub const PENDING_UNSAMPLED: u32 = 1 << 16;
+/// Sampling draws exponential gaps as `-ln(u) = ln 2 · -log2(u)` for a 32-bit
+/// uniform `u`; log2 of the mantissa comes from this table: entry `i` is
+/// `log2(1 + i/1024)` in units of 2^-SAMPLE_LOG2_SHIFT (the last one is 1.0),
+/// linearly interpolated between entries.
+pub const SAMPLE_LOG2_ENTRIES: u32 = 1025;
+pub const SAMPLE_LOG2_SHIFT: u32 = 26;
+/// ln 2 in units of 2^-16.
+pub const LN2_Q16: u64 = 45426;
+/// Threads whose sampling countdowns are kept at once (LRU).
+pub const SAMPLE_THREADS: u32 = 1 << 14;
+/// Largest `--sample-bytes`: keeps the BPF side's fixed-point product in 64 bits.
+pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 
 #[cfg(feature = "user")]
 mod pod {

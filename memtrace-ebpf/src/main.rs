@@ -26,21 +26,22 @@ mod probes {
         EbpfContext,
         bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
         helpers::{
-            bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_loop,
-            bpf_probe_read_user, bpf_send_signal,
+            bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
+            bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_send_signal,
         },
         macros::{map, uprobe, uretprobe},
-        maps::{Array, HashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
         AllocKind, Allocation, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter,
         DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS,
-        DEFAULT_MAX_UNWIND_ROWS, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH,
-        NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PageKey, PageRows, PendingCall, PendingKey,
-        RBP_AT_CFA, RBP_SAME, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
-        STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteStats, StackTrace,
-        TextRange, UnwindRow,
+        DEFAULT_MAX_UNWIND_ROWS, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2,
+        MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PENDING_KIND_MASK,
+        PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
+        SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, STACK_FP_ONLY,
+        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteStats, StackTrace, TextRange, UnwindRow,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -48,6 +49,11 @@ mod probes {
     /// else that shares the mapped file's inode reaching our programs.
     #[unsafe(no_mangle)]
     static TARGET_TGID: u32 = 0;
+
+    /// `--sample-bytes`: mean distance in bytes between sampled allocations
+    /// (0: exact, every allocation is recorded). Set by userspace before load.
+    #[unsafe(no_mangle)]
+    static SAMPLE_MEAN_BYTES: u64 = 0;
 
     #[map]
     static ALLOCS: HashMap<u64, Allocation> =
@@ -84,6 +90,17 @@ mod probes {
     /// with frame pointers (bpf_get_stack).
     #[map]
     static PROC_TABLES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+    /// Sampling: log2(1 + i/1024), written by userspace (see
+    /// `memtrace_common::SAMPLE_LOG2_ENTRIES`): BPF has no floating point.
+    #[map]
+    static SAMPLE_LOG2: Array<u32> = Array::with_max_entries(SAMPLE_LOG2_ENTRIES, 0);
+
+    /// Sampling: per thread, bytes left until the next sampled allocation. An
+    /// evicted thread draws a fresh gap, which the exponential's lack of memory
+    /// makes harmless.
+    #[map]
+    static COUNTDOWN: LruHashMap<u32, i64> = LruHashMap::with_max_entries(SAMPLE_THREADS, 0);
 
     /// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
     #[map]
@@ -449,18 +466,32 @@ mod probes {
     /// `PendingCall::out_ptr` of a realloc whose old block memtrace knew at entry.
     const OLD_BLOCK_KNOWN: u64 = 1;
 
-    /// Whether the call being entered was made from inside a probed allocator
-    /// function: its return address (at [sp] on entry) is in one of their ranges.
+    /// What an entry returns. In a uprobe session the kernel skips the return
+    /// probe of a call whose entry returned SKIP_RETURN; classic entry probes'
+    /// return values are ignored.
+    const KEEP_RETURN: u32 = 0;
+    const SKIP_RETURN: u32 = 1;
+
     #[inline(always)]
-    fn called_by_allocator(sp: u64) -> bool {
-        let Ok(ret) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
-            return false;
-        };
+    fn regs_ip<C: EbpfContext>(ctx: &C) -> u64 {
+        let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        unsafe { (*regs).rip }
+    }
+
+    #[inline(always)]
+    fn regs_ret<C: EbpfContext>(ctx: &C) -> u64 {
+        let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        unsafe { (*regs).rax }
+    }
+
+    /// Whether `addr` is inside one of the probed allocator functions.
+    #[inline(always)]
+    fn in_allocator(addr: u64) -> bool {
         let mut i = 0;
         while i < MAX_ALLOCATOR_FUNCTIONS {
             match ALLOCATOR_TEXT.get(i) {
                 Some(r) if r.end != 0 => {
-                    if ret >= r.start && ret < r.end {
+                    if addr >= r.start && addr < r.end {
                         return true;
                     }
                 }
@@ -471,10 +502,115 @@ mod probes {
         false
     }
 
+    /// Whether the call being entered was made from inside a probed allocator
+    /// function: its return address (at [sp] on entry) is in one of their ranges.
     #[inline(always)]
-    fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
+    fn called_by_allocator(sp: u64) -> bool {
+        match unsafe { bpf_probe_read_user(sp as *const u64) } {
+            Ok(ret) => in_allocator(ret),
+            Err(_) => false,
+        }
+    }
+
+    // ---- sampling (--sample-bytes) -------------------------------------------
+    // Byte-weighted Poisson sampling, as tcmalloc and jemalloc do it: each
+    // thread's allocated bytes are a line on which sample points fall at
+    // exponentially distributed distances with mean SAMPLE_MEAN_BYTES. An
+    // allocation is sampled when a point falls inside its bytes, i.e. with
+    // probability 1 - exp(-size/mean); userspace scales each sampled block back
+    // up by the inverse of that probability.
+
+    #[inline(always)]
+    fn sample_mean() -> u64 {
+        unsafe { core::ptr::read_volatile(&SAMPLE_MEAN_BYTES) }
+    }
+
+    /// Distance to the next sample point: exponential with mean `mean` (bytes),
+    /// as `mean · ln 2 · -log2(u)` for a uniform 32-bit `u`, in fixed point.
+    /// `sampling::draw_gap` in userspace is the same computation (and its tests
+    /// check it).
+    #[inline(always)]
+    fn draw_gap(mean: u64) -> i64 {
+        let r = unsafe { bpf_get_prandom_u32() } | 1;
+        // msb = floor(log2 r), by halving.
+        let (mut v, mut msb) = (r, 0u32);
+        if v >= 1 << 16 {
+            v >>= 16;
+            msb += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            msb += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            msb += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            msb += 2;
+        }
+        if v >= 1 << 1 {
+            msb += 1;
+        }
+        // The mantissa, top bit at 31: table index (10 bits) and fraction (16 bits).
+        let m = (r as u64) << (31 - (msb & 31));
+        let idx = ((m >> 21) & 1023) as u32;
+        let frac = (m >> 5) & 0xffff;
+        let lo = SAMPLE_LOG2.get(idx).copied().unwrap_or(0) as u64;
+        let hi = SAMPLE_LOG2.get(idx + 1).copied().unwrap_or(0) as u64;
+        let log2_mantissa = lo + ((hi.saturating_sub(lo) * frac) >> 16);
+        // -log2(r / 2^32), then in units of 2^-16.
+        let neg_log2 = ((((32 - msb) as u64) << SAMPLE_LOG2_SHIFT).saturating_sub(log2_mantissa))
+            >> (SAMPLE_LOG2_SHIFT - 16);
+        // mean <= 2^40 and neg_log2 <= 2^21: no overflow.
+        ((((mean * neg_log2) >> 16) * LN2_Q16) >> 16).max(1) as i64
+    }
+
+    /// Whether this thread's allocation of `size` bytes is sampled.
+    #[inline(always)]
+    fn sample(mean: u64, size: u64) -> bool {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let size = size.min(i64::MAX as u64) as i64;
+        if let Some(left) = COUNTDOWN.get_ptr_mut(&tid) {
+            unsafe {
+                if *left > size {
+                    *left -= size;
+                    return false;
+                }
+                // Sampled. By the exponential's lack of memory, the next point
+                // is a fresh gap beyond the end of this allocation.
+                *left = draw_gap(mean);
+            }
+            return true;
+        }
+        // The thread's first allocation (or its countdown was evicted).
+        let gap = draw_gap(mean);
+        let (sampled, left) = if gap > size {
+            (false, gap - size)
+        } else {
+            (true, draw_gap(mean))
+        };
+        let _ = COUNTDOWN.insert(&tid, &left, BPF_ANY as u64);
+        sampled
+    }
+
+    // ---- entry and return ----------------------------------------------------
+
+    /// An allocating call's entry. Returns KEEP_RETURN if its return must be seen.
+    /// `session`: called from the uprobe session program, whose skipped calls
+    /// have no return probe at all.
+    #[inline(always)]
+    fn enter<C: EbpfContext>(
+        ctx: &C,
+        kind: AllocKind,
+        size: u64,
+        old_ptr: u64,
+        out_ptr: u64,
+        session: bool,
+    ) -> u32 {
         if !is_target() {
-            return 0;
+            return SKIP_RETURN;
         }
         let key = PendingKey {
             tid: bpf_get_current_pid_tgid() as u32,
@@ -484,43 +620,50 @@ mod probes {
         if let Some(p) = PENDING.get_ptr_mut(&key) {
             // A tail call from one allocator entry point into another (same stack
             // pointer, the first call not returned): one call, two probe pairs.
-            unsafe { (*p).refs += 1 };
-            return 0;
+            // In a session the inner return probe is skipped and the outer one
+            // reports the call; classic return probes both run and must pair up.
+            if !session {
+                unsafe { (*p).refs += 1 };
+            }
+            return SKIP_RETURN;
         }
         if called_by_allocator(key.sp) {
             count(Counter::InternalCalls, 1);
-            return 0;
+            return SKIP_RETURN;
         }
         // realloc: whether memtrace knows the old block now. Another thread may
         // be handed (and even free) that address before this call's return
         // probe runs; the old block then is gone, but it was not unknown.
-        let out_ptr = if old_ptr != 0 && unsafe { ALLOCS.get(&old_ptr) }.is_some() {
-            OLD_BLOCK_KNOWN
-        } else {
-            out_ptr
-        };
+        let old_known = old_ptr != 0 && unsafe { ALLOCS.get(&old_ptr) }.is_some();
+        let mut flags = 0;
+        let mean = sample_mean();
+        if mean != 0 && !sample(mean, size) {
+            count(Counter::UnsampledCalls, 1);
+            if !old_known {
+                return SKIP_RETURN;
+            }
+            // The new block is not sampled, but the return must still retire
+            // the sampled old one.
+            flags = PENDING_UNSAMPLED;
+        }
         let call = PendingCall {
-            kind: kind as u32,
+            kind: kind as u32 | flags,
             refs: 1,
             size,
             old_ptr,
-            out_ptr,
+            out_ptr: if old_known { OLD_BLOCK_KNOWN } else { out_ptr },
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
         };
         if PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
             count(Counter::DroppedPendingFull, 1);
+            return SKIP_RETURN;
         }
-        0
+        KEEP_RETURN
     }
 
     #[inline(always)]
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
-    }
-
-    #[uprobe]
-    pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::Malloc, arg(&ctx, 0), 0, 0)
     }
 
     /// nmemb * size, or u64::MAX on overflow (the call will fail with ENOMEM; a
@@ -536,88 +679,108 @@ mod probes {
         }
     }
 
+    /// (size, old pointer, out pointer) of a call to an allocator function.
+    #[inline(always)]
+    fn call_args(ctx: &ProbeContext, kind: AllocKind) -> (u64, u64, u64) {
+        match kind {
+            AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0, 0),
+            AllocKind::Calloc => (array_size(arg(ctx, 0), arg(ctx, 1)), 0, 0),
+            AllocKind::Realloc => (arg(ctx, 1), arg(ctx, 0), 0),
+            AllocKind::ReallocArray => (array_size(arg(ctx, 1), arg(ctx, 2)), arg(ctx, 0), 0),
+            AllocKind::Memalign => (arg(ctx, 1), 0, 0),
+            AllocKind::PosixMemalign => (arg(ctx, 2), 0, arg(ctx, 0)),
+        }
+    }
+
+    #[inline(always)]
+    fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
+        let (size, old_ptr, out_ptr) = call_args(ctx, kind);
+        enter(ctx, kind, size, old_ptr, out_ptr, false)
+    }
+
+    #[uprobe]
+    pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+        enter_kind(&ctx, AllocKind::Malloc)
+    }
+
     #[uprobe]
     pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-        let size = array_size(arg(&ctx, 0), arg(&ctx, 1));
-        enter(&ctx, AllocKind::Calloc, size, 0, 0)
+        enter_kind(&ctx, AllocKind::Calloc)
     }
 
     #[uprobe]
     pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::Realloc, arg(&ctx, 1), arg(&ctx, 0), 0)
+        enter_kind(&ctx, AllocKind::Realloc)
     }
 
     #[uprobe]
     pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
-        let size = array_size(arg(&ctx, 1), arg(&ctx, 2));
-        enter(&ctx, AllocKind::ReallocArray, size, arg(&ctx, 0), 0)
+        enter_kind(&ctx, AllocKind::ReallocArray)
     }
 
     #[uprobe]
     pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::Memalign, arg(&ctx, 1), 0, 0)
+        enter_kind(&ctx, AllocKind::Memalign)
     }
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-        enter(
-            &ctx,
-            AllocKind::PosixMemalign,
-            arg(&ctx, 2),
-            0,
-            arg(&ctx, 0),
-        )
+        enter_kind(&ctx, AllocKind::PosixMemalign)
     }
 
     #[uprobe]
     pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::Valloc, arg(&ctx, 0), 0, 0)
+        enter_kind(&ctx, AllocKind::Valloc)
     }
 
     #[uprobe]
     pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-        enter(&ctx, AllocKind::Pvalloc, arg(&ctx, 0), 0, 0)
+        enter_kind(&ctx, AllocKind::Pvalloc)
     }
 
-    /// Return probe shared by every allocating entry point.
-    #[uretprobe]
-    pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    /// An allocating call's return, with its return value `ret`.
+    #[inline(always)]
+    fn exit<C: EbpfContext>(ctx: &C, ret: u64) {
         if !is_target() {
-            return 0;
+            return;
         }
         // The return popped the return address: the entry saw sp - 8.
         let key = PendingKey {
             tid: bpf_get_current_pid_tgid() as u32,
             _pad: 0,
-            sp: regs_sp(&ctx).wrapping_sub(8),
+            sp: regs_sp(ctx).wrapping_sub(8),
         };
         let Some(p) = PENDING.get_ptr_mut(&key) else {
-            count(Counter::UnmatchedReturns, 1);
-            return 0;
+            // Sampling with classic return probes: every unsampled call's return
+            // probe runs, with nothing pending.
+            if sample_mean() == 0 {
+                count(Counter::UnmatchedReturns, 1);
+            }
+            return;
         };
         let call = unsafe {
             if (*p).refs > 1 {
                 (*p).refs -= 1;
-                return 0;
+                return;
             }
             *p
         };
         let _ = PENDING.remove(&key);
-        let ret: u64 = ctx.ret();
-        match AllocKind::from_u32(call.kind) {
+        let sampled = call.kind & PENDING_UNSAMPLED == 0;
+        match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
             Some(AllocKind::PosixMemalign) => {
                 if ret as u32 != 0 {
                     count(Counter::FailedAllocs, 1);
-                    return 0;
+                    return;
                 }
                 let ptr = match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
                     Ok(ptr) => ptr,
                     Err(_) => {
                         count(Counter::OutPointerReadErrors, 1);
-                        return 0;
+                        return;
                     }
                 };
-                record_alloc(&ctx, ptr, call.size);
+                record_alloc(ctx, ptr, call.size);
             }
             Some(AllocKind::Realloc | AllocKind::ReallocArray) => {
                 if ret == 0 {
@@ -633,7 +796,7 @@ mod probes {
                         // Failure: the old block is untouched.
                         count(Counter::FailedAllocs, 1);
                     }
-                    return 0;
+                    return;
                 }
                 if call.old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
@@ -641,18 +804,55 @@ mod probes {
                         count(Counter::FreeUnknown, 1);
                     }
                 }
-                record_alloc(&ctx, ret, call.size);
+                if sampled {
+                    record_alloc(ctx, ret, call.size);
+                } else if retire(ret, u64::MAX) {
+                    // The unsampled new block took an address memtrace still
+                    // held (its free was missed): not outstanding any more.
+                    count(Counter::AddressReused, 1);
+                }
             }
             Some(_) => {
                 if ret == 0 {
                     count(Counter::FailedAllocs, 1);
-                    return 0;
+                    return;
                 }
-                record_alloc(&ctx, ret, call.size);
+                record_alloc(ctx, ret, call.size);
             }
             None => {}
         }
+    }
+
+    /// Return probe shared by every allocating entry point (classic probes).
+    #[uretprobe]
+    pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+        exit(&ctx, regs_ret(&ctx));
         0
+    }
+
+    /// Entry and return of every allocating function as one uprobe session:
+    /// userspace loads this program with the expected attach type
+    /// BPF_TRACE_UPROBE_SESSION and attaches it with a single uprobe_multi link,
+    /// bound to the target, with the `AllocKind` as each site's cookie. Calls
+    /// whose entry returns SKIP_RETURN (made by the allocator itself, tail
+    /// calls, unsampled) pay no return probe at all.
+    ///
+    /// The same program runs at the entry and at the return; the instruction
+    /// pointer tells which. At the entry it is at the probe site, inside a probed
+    /// function. At the return it is the caller's return address, never inside
+    /// one: calls made from inside the probed functions skip their return.
+    #[uprobe]
+    pub fn alloc_session(ctx: ProbeContext) -> u32 {
+        if !in_allocator(regs_ip(&ctx)) {
+            exit(&ctx, regs_ret(&ctx));
+            return 0;
+        }
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let Some(kind) = AllocKind::from_u32(cookie as u32) else {
+            return SKIP_RETURN;
+        };
+        let (size, old_ptr, out_ptr) = call_args(&ctx, kind);
+        enter(&ctx, kind, size, old_ptr, out_ptr, true)
     }
 
     #[uprobe]
@@ -676,7 +876,8 @@ mod probes {
             return 0;
         }
         count(Counter::FreeCalls, 1);
-        if !retire(ptr, u64::MAX) {
+        // With sampling, most freed blocks were never recorded.
+        if !retire(ptr, u64::MAX) && sample_mean() == 0 {
             count(Counter::FreeUnknown, 1);
         }
         0

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::{
     procstat::ProcStat,
+    sampling::{Estimate, Sampling},
     units::{format_bytes, format_duration},
 };
 
@@ -129,6 +130,10 @@ pub struct SiteBlocks {
     pub old_bytes: u64,
     /// When each block was allocated (CLOCK_MONOTONIC ns), oldest first.
     pub births: Vec<u64>,
+    /// What the blocks (all, and those at least `min_age` old) stand for:
+    /// themselves in exact mode, an estimate with `--sample-bytes`.
+    pub est: Estimate,
+    pub est_old: Estimate,
 }
 
 impl SiteBlocks {
@@ -165,15 +170,18 @@ pub fn group_blocks(
     blocks: impl IntoIterator<Item = (u64, u64, u64)>,
     now_ns: u64,
     min_age_ns: u64,
+    sampling: Sampling,
 ) -> HashMap<u64, SiteBlocks> {
     let mut out: HashMap<u64, SiteBlocks> = HashMap::new();
     for (stack_id, birth, size) in blocks {
         let s = out.entry(stack_id).or_default();
         s.blocks += 1;
         s.bytes += size;
+        s.est.add(sampling, size);
         if now_ns.saturating_sub(birth) >= min_age_ns {
             s.old_blocks += 1;
             s.old_bytes += size;
+            s.est_old.add(sampling, size);
         }
         s.births.push(birth);
     }
@@ -798,6 +806,7 @@ mod tests {
                 self.live.iter().map(|&(b, s)| (1, b, s as u64)),
                 self.now,
                 0,
+                Sampling::Exact,
             )
             .remove(&1)
             .unwrap_or_default()
@@ -1138,7 +1147,12 @@ mod tests {
 
     #[test]
     fn blocks_by_site() {
-        let g = group_blocks([(1, 10, 100), (2, 5, 7), (1, 30, 50), (1, 20, 1)], 40, 15);
+        let g = group_blocks(
+            [(1, 10, 100), (2, 5, 7), (1, 30, 50), (1, 20, 1)],
+            40,
+            15,
+            Sampling::Exact,
+        );
         let a = &g[&1];
         assert_eq!(
             (a.blocks, a.bytes, a.old_blocks, a.old_bytes),
@@ -1187,7 +1201,7 @@ mod tests {
         for tick in 1..=40u64 {
             if h.tick() {
                 recorded.push(tick);
-                let ages = group_blocks([(7, 0, 1)], tick * 100 * ms, 0);
+                let ages = group_blocks([(7, 0, 1)], tick * 100 * ms, 0, Sampling::Exact);
                 h.record(tick * 100 * ms, &[(7, tick as i64, 1)], Some(&ages), None);
             }
             assert!(h.len() <= 8);

@@ -96,6 +96,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=(1 << 22)))]
     pub max_stacks: u32,
 
+    /// Sample allocations instead of recording each one: on average one per SIZE
+    /// bytes allocated (e.g. 512KiB), a block of s bytes with probability
+    /// 1-exp(-s/SIZE). Cuts the overhead on allocation-heavy programs; bytes and
+    /// blocks in the report become estimates, marked `~` (JSON: "sampling")
+    #[arg(long, value_name = "SIZE", value_parser = parse_sample_bytes)]
+    pub sample_bytes: Option<u64>,
+
     /// Allocations younger than DUR are not leak candidates
     #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_duration_arg)]
     pub min_age: Duration,
@@ -147,6 +154,16 @@ pub struct Cli {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_sample_bytes(s: &str) -> Result<u64, String> {
+    let max = memtrace_common::MAX_SAMPLE_MEAN_BYTES;
+    match crate::units::parse_size(s) {
+        Ok(0) => Err("a sampling mean of 0 bytes samples nothing: omit --sample-bytes to record every allocation".into()),
+        Ok(n) if n > max => Err(format!("at most {} (1TiB)", max)),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {
@@ -218,6 +235,11 @@ impl Cli {
             blocks: self.max_blocks,
             stacks: self.max_stacks,
         }
+    }
+
+    /// Exact, or `--sample-bytes`.
+    pub fn sampling(&self) -> crate::sampling::Sampling {
+        crate::sampling::Sampling::from_mean(self.sample_bytes.unwrap_or(0))
     }
 
     /// The verdict thresholds from the options.

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use memtrace_common::{Counter, NO_STACK, NUM_COUNTERS};
 use serde::Serialize;
 
-use crate::{batch, probe::TraceMaps};
+use crate::{batch, probe::TraceMaps, sampling::Sampling};
 
 /// Every counter, with names in the user's terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -27,6 +27,8 @@ pub struct Counters {
     pub missed_returns: u64,
     pub address_reused: u64,
     pub internal_calls: u64,
+    /// `--sample-bytes`: allocations seen but not sampled (`alloc_calls` counts the sampled).
+    pub unsampled_calls: u64,
     /// Frames stepped over with frame pointers (no unwind row covered them).
     pub unwind_fp_fallback: u64,
     /// Stack walks that stopped early, by cause.
@@ -61,6 +63,7 @@ impl Counters {
             unwind_unsupported: c(Counter::UnwindUnsupported),
             unwind_no_frame_pointer: c(Counter::UnwindNoFramePointer),
             internal_calls: c(Counter::InternalCalls),
+            unsampled_calls: c(Counter::UnsampledCalls),
         }
     }
 
@@ -81,7 +84,8 @@ impl Counters {
     }
 }
 
-/// One site (distinct allocation stack) as read from the kernel.
+/// One site (distinct allocation stack) as read from the kernel. With
+/// sampling, of the sampled blocks only (see `estimated`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SiteSample {
     pub stack_id: u64,
@@ -89,6 +93,23 @@ pub struct SiteSample {
     pub outstanding_bytes: i64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
+}
+
+impl SiteSample {
+    /// The site's figures scaled back from the samples (each block taken at the
+    /// site's mean size); unchanged in exact mode.
+    pub fn estimated(&self, sampling: Sampling) -> SiteSample {
+        let (outstanding_blocks, outstanding_bytes) =
+            sampling.scale(self.outstanding_blocks, self.outstanding_bytes);
+        let (calls, bytes) = sampling.scale(self.alloc_calls as i64, self.alloc_bytes as i64);
+        SiteSample {
+            stack_id: self.stack_id,
+            outstanding_blocks,
+            outstanding_bytes,
+            alloc_calls: calls as u64,
+            alloc_bytes: bytes as u64,
+        }
+    }
 }
 
 /// Ages of one site's outstanding blocks, from a scan of ALLOCS.

@@ -3,7 +3,17 @@
 //! Every probe is attached bound to the target pid (a perf event with that pid):
 //! a global probe filtered in BPF would make every process on the host that
 //! maps the same libc pay the uprobe trap.
-use std::{num::NonZeroU32, path::Path};
+//!
+//! Where the kernel has them (6.12+), the allocating functions get one uprobe
+//! session and free one uprobe_multi link ([`multi`]): a call whose return value
+//! is not needed pays no return probe, and detaching is one kernel wait per
+//! link instead of one per probe. Elsewhere, or with `MEMTRACE_PROBES=classic`,
+//! each function gets an entry probe and, if it allocates, a return probe.
+use std::{
+    num::NonZeroU32,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -19,7 +29,10 @@ use memtrace_common::{
     PendingKey, SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
-use crate::allocator::{Allocator, Role};
+use crate::{
+    allocator::{Allocator, Role},
+    multi, sampling,
+};
 
 /// The BPF object built by `cargo xtask build`, embedded at compile time.
 static BPF_OBJECT: &[u8] =
@@ -38,6 +51,7 @@ pub struct TraceMaps {
     pub unwind_rows: Array<MapData, UnwindRow>,
     pub pc_pages: HashMap<MapData, PageKey, PageRows>,
     pub proc_tables: HashMap<MapData, u32, u32>,
+    pub sample_log2: Array<MapData, u32>,
 }
 
 impl TraceMaps {
@@ -75,11 +89,40 @@ impl TraceMaps {
     }
 }
 
+/// How the allocator is probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// One uprobe session for the allocating functions (return probes only
+    /// where needed), one uprobe_multi link for free.
+    Session,
+    /// An entry uprobe per function and a uretprobe per allocating function.
+    Classic,
+}
+
+impl Mechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Session => "uprobe-session",
+            Mechanism::Classic => "uprobe",
+        }
+    }
+}
+
+/// The programs loaded with the expected attach types of uprobe_multi links.
+struct MultiPrograms {
+    session: OwnedFd,
+    free: OwnedFd,
+}
+
 pub struct Probes {
     ebpf: Option<Ebpf>,
     loader_link: Option<UProbeLinkId>,
-    /// Every attached probe: (program, link).
+    /// Every attached classic probe: (program, link).
     links: Vec<(&'static str, UProbeLinkId)>,
+    multi: Option<MultiPrograms>,
+    /// uprobe_multi links (closing one detaches all of its probes).
+    multi_links: Vec<OwnedFd>,
+    mechanism: Mechanism,
 }
 
 fn entry_program(role: Role) -> &'static str {
@@ -131,7 +174,24 @@ impl Default for MapSizes {
     }
 }
 
-pub fn load(tgid: u32, sizes: MapSizes) -> Result<(Probes, TraceMaps)> {
+/// `MEMTRACE_PROBES=classic`: never use uprobe sessions (for comparison, and
+/// for tests of the fall back).
+fn classic_forced() -> bool {
+    std::env::var_os("MEMTRACE_PROBES").is_some_and(|v| v == "classic")
+}
+
+/// Loads the programs for uprobe_multi links, or says why not.
+fn load_multi(ebpf: &Ebpf) -> Result<MultiPrograms> {
+    let raw = multi::RawLoader::new(BPF_OBJECT, ebpf)?;
+    Ok(MultiPrograms {
+        session: raw.load("alloc_session", multi::BPF_TRACE_UPROBE_SESSION)?,
+        free: raw.load("free_enter", multi::BPF_TRACE_UPROBE_MULTI)?,
+    })
+}
+
+/// Loads the programs for target `tgid`, sampling one allocation every
+/// `sample_mean_bytes` bytes on average (0: every allocation).
+pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probes, TraceMaps)> {
     if BPF_OBJECT.is_empty() {
         bail!(
             "this memtrace binary was built without its BPF programs; build it with \
@@ -140,6 +200,7 @@ pub fn load(tgid: u32, sizes: MapSizes) -> Result<(Probes, TraceMaps)> {
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
+        .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .map_max_entries("ALLOCS", sizes.blocks)
         .map_max_entries("STACKS", sizes.stacks)
         // One more site than stacks: the site of allocations whose stack could
@@ -158,6 +219,17 @@ pub fn load(tgid: u32, sizes: MapSizes) -> Result<(Probes, TraceMaps)> {
             format!("the kernel refused BPF program {name} (verifier or permissions)")
         })?;
     }
+    let multi = if classic_forced() {
+        None
+    } else {
+        match load_multi(&ebpf) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
+                None
+            }
+        }
+    };
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .with_context(|| format!("BPF map {name} missing from the object"))
@@ -172,12 +244,28 @@ pub fn load(tgid: u32, sizes: MapSizes) -> Result<(Probes, TraceMaps)> {
         unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
         pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
         proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
+        sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
     };
+    let mut maps = maps;
+    if sample_mean_bytes != 0 {
+        for (i, q) in sampling::log2_table().into_iter().enumerate() {
+            maps.sample_log2
+                .set(i as u32, q, 0)
+                .context("writing SAMPLE_LOG2")?;
+        }
+    }
     Ok((
         Probes {
             ebpf: Some(ebpf),
             loader_link: None,
             links: Vec::new(),
+            mechanism: if multi.is_some() {
+                Mechanism::Session
+            } else {
+                Mechanism::Classic
+            },
+            multi,
+            multi_links: Vec::new(),
         },
         maps,
     ))
@@ -211,9 +299,94 @@ impl Probes {
         Ok(link)
     }
 
-    /// Entry probes on every allocator function, a return probe on each one that
-    /// allocates, bound to `pid`. Returns the number of probes attached.
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    /// Probes every allocator function, bound to `pid`: with uprobe_multi links
+    /// where the kernel has them, else classic uprobes. Returns the number of
+    /// probe sites.
     pub fn attach_allocator(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
+        if self.mechanism == Mechanism::Session {
+            // The session program tells its entry from its return by whether
+            // the instruction pointer is in a probed function: all of them must
+            // be in ALLOCATOR_TEXT.
+            if alloc.points.len() > MAX_ALLOCATOR_FUNCTIONS as usize {
+                log::info!(
+                    "{} allocator functions (more than {MAX_ALLOCATOR_FUNCTIONS}): using classic uprobes",
+                    alloc.points.len()
+                );
+                self.mechanism = Mechanism::Classic;
+            } else {
+                match self.attach_multi(alloc, pid) {
+                    Ok(n) => return Ok(n),
+                    Err(e) => {
+                        log::warn!(
+                            "uprobe_multi links refused ({e:#}); falling back to one uprobe per function"
+                        );
+                        self.multi_links.clear();
+                        self.mechanism = Mechanism::Classic;
+                    }
+                }
+            }
+        }
+        self.attach_classic(alloc, pid)
+    }
+
+    /// One session link for the allocating functions (cookie: the AllocKind),
+    /// one uprobe_multi link for free.
+    fn attach_multi(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
+        let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
+        let (mut alloc_offsets, mut kinds, mut free_offsets) = (Vec::new(), Vec::new(), Vec::new());
+        for point in &alloc.points {
+            log::debug!(
+                "probing {}:{} at file offset {:#x} (function at {:#x})",
+                alloc.module,
+                point.probe_site(),
+                point.probe_offset,
+                point.file_offset
+            );
+            match point.role {
+                Role::Alloc(kind) => {
+                    alloc_offsets.push(point.probe_offset);
+                    kinds.push(kind as u64);
+                }
+                Role::Free => free_offsets.push(point.probe_offset),
+            }
+        }
+        let mut links = Vec::new();
+        if !alloc_offsets.is_empty() {
+            let link = multi::attach(
+                progs.session.as_fd(),
+                multi::BPF_TRACE_UPROBE_SESSION,
+                &alloc.open_path,
+                &alloc_offsets,
+                &kinds,
+                pid,
+            )
+            .with_context(|| format!("a uprobe session on {}", alloc.module))?;
+            links.push(link);
+        }
+        if !free_offsets.is_empty() {
+            let cookies = vec![0; free_offsets.len()];
+            let link = multi::attach(
+                progs.free.as_fd(),
+                multi::BPF_TRACE_UPROBE_MULTI,
+                &alloc.open_path,
+                &free_offsets,
+                &cookies,
+                pid,
+            )
+            .with_context(|| format!("a uprobe_multi link on {}:free", alloc.module))?;
+            links.push(link);
+        }
+        self.multi_links.extend(links);
+        Ok(alloc_offsets.len() + free_offsets.len())
+    }
+
+    /// Entry probes on every allocator function, a return probe on each one that
+    /// allocates.
+    fn attach_classic(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
         let before = self.links.len();
         for point in &alloc.points {
             let what = || {
@@ -270,7 +443,8 @@ impl Probes {
     /// Removing a uprobe waits for the kernel to quiesce (about 0.1 s per probe
     /// on the development VM, 1.7 s for 17 probes). Each link is closed from a
     /// thread of its own in case the kernel lets the waits overlap; on 6.18 they
-    /// still run one after the other. Fewer links (uprobe_multi) is the real fix.
+    /// still run one after the other. A uprobe_multi link waits once for all
+    /// of its probes, which is why they are used where the kernel has them.
     pub fn detach_all(&mut self) {
         let mut owned = Vec::new();
         for (prog, id) in std::mem::take(&mut self.links) {
@@ -285,8 +459,14 @@ impl Probes {
                 s.spawn(move || drop(link));
             }
         });
+        let m = self.multi_links.len();
+        self.multi_links.clear();
+        self.multi = None;
         self.ebpf = None;
-        log::debug!("{n} probes detached in {:?}", t.elapsed());
+        log::debug!(
+            "{n} probes and {m} uprobe_multi links detached in {:?}",
+            t.elapsed()
+        );
         self.loader_link = None;
     }
 }

@@ -120,10 +120,7 @@ pub struct TargetInfo {
     pub exit_status: Option<i32>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Sampling {
-    pub mode: &'static str,
-}
+pub use crate::sampling::Sampling;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Totals {
@@ -220,6 +217,10 @@ pub struct AllocatorInfo {
     /// Where each function is probed: the first instruction the kernel emulates
     /// (no single-step), e.g. `free+0x3 (je)`.
     pub probe_sites: Vec<String>,
+    /// `uprobe-session` (one uprobe session for the allocating functions, one
+    /// uprobe_multi link for free: return probes only where needed) or `uprobe`
+    /// (an entry and a return uprobe per function).
+    pub probe_mechanism: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -351,10 +352,20 @@ impl Report {
                 let _ = writeln!(o);
             }
         }
+        // With sampling every byte and block figure is an estimate: marked `~`.
+        let est = if self.sampling.is_sampled() { "~" } else { "" };
+        if let Sampling::Bytes { mean_bytes } = self.sampling {
+            let _ = writeln!(
+                o,
+                "sampled: one allocation per {} allocated on average (--sample-bytes); \
+                 figures marked ~ are estimates",
+                format_bytes(mean_bytes as i64)
+            );
+        }
         let tot = &self.totals;
         let _ = writeln!(
             o,
-            "outstanding: {} in {} blocks, from {} allocations ({}) and {} frees while traced",
+            "outstanding: {est}{} in {est}{} blocks, from {} allocations ({est}{}) and {} frees while traced",
             format_bytes(tot.outstanding_bytes as i64),
             format_count(tot.outstanding_blocks),
             format_count(tot.alloc_calls),
@@ -419,7 +430,7 @@ impl Report {
             }
             let _ = writeln!(
                 o,
-                "\n#{} {} in {} blocks ({} allocations, {} in all{extra})",
+                "\n#{} {est}{} in {est}{} blocks ({est}{} allocations, {est}{} in all{extra})",
                 i + 1,
                 format_bytes(site.outstanding_bytes as i64),
                 format_count(site.outstanding_blocks),
@@ -442,7 +453,7 @@ impl Report {
             let bytes: u64 = order.iter().skip(top).map(|s| s.outstanding_bytes).sum();
             let _ = writeln!(
                 o,
-                "\n... and {rest} more sites holding {} (all in --format json)",
+                "\n... and {rest} more sites holding {est}{} (all in --format json)",
                 format_bytes(bytes as i64)
             );
         }
@@ -688,7 +699,7 @@ mod tests {
             ended_at: "2026-11-23T07:00:12Z".into(),
             duration_s: 12.5,
             end_reason: "target-exited",
-            sampling: Sampling { mode: "exact" },
+            sampling: Sampling::Exact,
             totals: Totals {
                 alloc_calls: 10,
                 free_calls: 3,
@@ -703,6 +714,7 @@ mod tests {
                 functions: vec!["malloc".into()],
                 probes: 2,
                 probe_sites: vec!["malloc+0x0 (push)".into()],
+                probe_mechanism: "uprobe-session",
             },
             min_age_s: 0.0,
             verdict_config: VerdictConfig::default(),

@@ -283,7 +283,7 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(pid: u32, sizes: probe::MapSizes) -> Result<Attached> {
+fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let modules = ProcessModules::capture(pid).map_err(|e| {
@@ -294,7 +294,7 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes) -> Result<Attached> {
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
-    let (mut probes, mut trace_maps) = probe::load(pid, sizes)?;
+    let (mut probes, mut trace_maps) = probe::load(pid, sizes, sampling.mean_bytes())?;
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
@@ -319,7 +319,11 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes) -> Result<Attached> {
     })
 }
 
-fn launch_new(cmd: &[std::ffi::OsString], sizes: probe::MapSizes) -> Result<Attached> {
+fn launch_new(
+    cmd: &[std::ffi::OsString],
+    sizes: probe::MapSizes,
+    sampling: Sampling,
+) -> Result<Attached> {
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = match &loading {
@@ -331,7 +335,7 @@ fn launch_new(cmd: &[std::ffi::OsString], sizes: probe::MapSizes) -> Result<Atta
     };
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
-    let loaded = probe::load(pid, sizes).and_then(|(mut probes, maps)| {
+    let loaded = probe::load(pid, sizes, sampling.mean_bytes()).and_then(|(mut probes, maps)| {
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
         Ok((probes, maps))
     });
@@ -442,8 +446,8 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     let t0 = Instant::now();
 
     let mut at = match &target {
-        Target::Attach(pid) => attach_existing(*pid, cli.map_sizes())?,
-        Target::Launch(cmd) => launch_new(cmd, cli.map_sizes())?,
+        Target::Attach(pid) => attach_existing(*pid, cli.map_sizes(), cli.sampling())?,
+        Target::Launch(cmd) => launch_new(cmd, cli.map_sizes(), cli.sampling())?,
     };
     let pid = at.pid;
     let pidfd = pidfd_open(pid)?;
@@ -671,8 +675,15 @@ fn live_summary(
     let now_ns = monotonic_ns();
     at.collector.expire_pending(now_ns)?;
     let counters = at.collector.counters()?;
-    let sites = at.collector.sites()?;
+    let raw_sites = at.collector.sites()?;
     let process = procstat::read(at.pid).ok();
+    // The history keeps the sampled figures; the line shows the estimates.
+    let sampling = cli.sampling();
+    let est = if sampling.is_sampled() { "~" } else { "" };
+    let sites: Vec<SiteSample> = raw_sites.iter().map(|s| s.estimated(sampling)).collect();
+    let (raw_blocks, _) = raw_sites.iter().fold((0i64, 0i64), |(b, y), s| {
+        (b + s.outstanding_blocks, y + s.outstanding_bytes)
+    });
     let secs = now
         .duration_since(last.at.unwrap_or(start))
         .as_secs_f64()
@@ -689,8 +700,9 @@ fn live_summary(
         };
         let budget_ns =
             AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
+        let blocks = raw_blocks;
         let ages = if blocks < AGE_SCAN_MAX_BLOCKS && blocks as f64 * per_block <= budget_ns {
-            let a = group_blocks(at.collector.blocks()?, now_ns, 0);
+            let a = group_blocks(at.collector.blocks()?, now_ns, 0, cli.sampling());
             if blocks >= 1000 {
                 last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / blocks as f64;
             }
@@ -698,7 +710,7 @@ fn live_summary(
         } else {
             None
         };
-        history.record(now_ns, &site_tuples(&sites), ages.as_ref(), process);
+        history.record(now_ns, &site_tuples(&raw_sites), ages.as_ref(), process);
         log::debug!(
             "history sample: {} sites, {} blocks scanned in {:?}",
             sites.len(),
@@ -730,7 +742,7 @@ fn live_summary(
         .map(|p| process_summary(&p, last.rss_bytes, bytes))
         .unwrap_or_default();
     eprintln!(
-        "memtrace: {} outstanding {} in {} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
+        "memtrace: {} outstanding {est}{} in {est}{} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
         format_duration(now.duration_since(start)),
         format_bytes(bytes),
         format_count(blocks.max(0) as u64),
@@ -740,7 +752,10 @@ fn live_summary(
             ""
         },
         format_bytes(bytes - last.outstanding_bytes),
-        format_count(((counters.alloc_calls - last.alloc_calls) as f64 / secs) as u64),
+        format_count(
+            ((counters.alloc_calls + counters.unsampled_calls - last.alloc_calls) as f64 / secs)
+                as u64,
+        ),
         format_count(((counters.free_calls - last.free_calls) as f64 / secs) as u64),
         if parts.is_empty() {
             String::new()
@@ -780,7 +795,7 @@ fn live_summary(
         }
     }
     last.at = Some(now);
-    last.alloc_calls = counters.alloc_calls;
+    last.alloc_calls = counters.alloc_calls + counters.unsampled_calls;
     last.free_calls = counters.free_calls;
     last.outstanding_bytes = bytes;
     last.rss_bytes = process.map(|p| p.rss_bytes);
@@ -911,14 +926,24 @@ fn build_report(
     let now_ns = meta.end_ns;
     let min_age_ns = cli.min_age.as_nanos() as u64;
     // One scan of every block: ages, and which blocks outlived the run.
-    let ages: HashMap<u64, SiteBlocks> = group_blocks(at.collector.blocks()?, now_ns, min_age_ns);
+    let sampling = cli.sampling();
+    let ages: HashMap<u64, SiteBlocks> =
+        group_blocks(at.collector.blocks()?, now_ns, min_age_ns, sampling);
     // The final, partial interval is part of the history too.
     history.record_final(now_ns, &site_tuples(&samples), Some(&ages), end_process);
 
     let mut totals = Totals {
-        alloc_calls: counters.alloc_calls,
+        // Every call is counted, sampled or not.
+        alloc_calls: counters.alloc_calls + counters.unsampled_calls,
         free_calls: counters.free_calls,
-        alloc_bytes: counters.alloc_bytes,
+        alloc_bytes: if sampling.is_sampled() {
+            samples
+                .iter()
+                .map(|s| s.estimated(sampling).alloc_bytes)
+                .sum()
+        } else {
+            counters.alloc_bytes
+        },
         dropped_events: counters.dropped_events(),
         stack_errors: counters.stack_errors(),
         free_unknown: counters.free_unknown,
@@ -927,17 +952,26 @@ fn build_report(
         allocator_internal_calls: counters.internal_calls,
         ..Default::default()
     };
+    let (mut est_blocks, mut est_bytes) = (0.0, 0.0);
     for a in ages.values() {
-        totals.outstanding_blocks += a.blocks;
-        totals.outstanding_bytes += a.bytes;
+        est_blocks += a.est.blocks;
+        est_bytes += a.est.bytes;
     }
+    let raw_bytes: u64 = ages.values().map(|a| a.bytes).sum();
+    let traced_scale = if raw_bytes > 0 {
+        est_bytes / raw_bytes as f64
+    } else {
+        1.0
+    };
+    totals.outstanding_blocks = est_blocks.round() as u64;
+    totals.outstanding_bytes = est_bytes.round() as u64;
 
     // Leak candidates: sites with blocks older than --min-age.
     let mut chosen: Vec<(&SiteSample, u64, u64, Option<u64>)> = samples
         .iter()
         .filter_map(|s| {
             let a = ages.get(&s.stack_id)?;
-            (a.old_blocks > 0).then_some((s, a.old_blocks, a.old_bytes, a.oldest_ns()))
+            (a.old_blocks > 0).then_some((s, a.est_old.blocks(), a.est_old.bytes(), a.oldest_ns()))
         })
         .collect();
     chosen.sort_by(|a, b| {
@@ -971,17 +1005,26 @@ fn build_report(
         trim_below_entry(&mut frames);
         let flags = at.collector.stack_flags(s.stack_id)?;
         let end_blocks = ages.get(&s.stack_id);
+        // The history and the trend are of the sampled blocks: scaled back by
+        // what this site's outstanding blocks stand for.
+        let (byte_scale, block_scale) =
+            end_blocks.filter(|b| b.bytes > 0).map_or((1.0, 1.0), |b| {
+                (b.est.bytes / b.bytes as f64, b.est.blocks / b.blocks as f64)
+            });
         let (verdict, trend, hist) = match history.site(s.stack_id) {
             Some(h) => {
-                let a = analyze::assess(h.times, h.points, end_blocks, vcfg);
+                let mut a = analyze::assess(h.times, h.points, end_blocks, vcfg);
+                a.trend.growth_bytes_per_s = a.trend.growth_bytes_per_s.map(|g| g * byte_scale);
+                a.trend.recent_growth_bytes_per_s =
+                    a.trend.recent_growth_bytes_per_s.map(|g| g * byte_scale);
                 let points = h
                     .times
                     .iter()
                     .zip(h.points)
                     .map(|(&t, p)| HistoryPoint {
                         t_s: t.saturating_sub(history.start_ns()) as f64 / 1e9,
-                        outstanding_bytes: p.bytes,
-                        outstanding_blocks: p.blocks,
+                        outstanding_bytes: (p.bytes as f64 * byte_scale).round() as i64,
+                        outstanding_blocks: (p.blocks as f64 * block_scale).round() as i64,
                         oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
                         median_age_s: p.median_age_ns.map(|a| a as f64 / 1e9),
                     })
@@ -990,11 +1033,12 @@ fn build_report(
             }
             None => (Verdict::Unknown, Default::default(), Vec::new()),
         };
+        let est = s.estimated(sampling);
         sites.push(Site {
             outstanding_blocks: *blocks,
             outstanding_bytes: *bytes,
-            alloc_calls: s.alloc_calls,
-            alloc_bytes: s.alloc_bytes,
+            alloc_calls: est.alloc_calls,
+            alloc_bytes: est.alloc_bytes,
             oldest_age_s: oldest.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
             median_age_s: end_blocks
                 .and_then(SiteBlocks::median_birth_ns)
@@ -1014,7 +1058,10 @@ fn build_report(
             history: hist,
         });
     }
-    let process_points = history.process();
+    let mut process_points = history.process();
+    for p in &mut process_points {
+        p.traced_bytes = (p.traced_bytes as f64 * traced_scale).round() as i64;
+    }
     let process = ProcessReport {
         samples: process_points
             .iter()
@@ -1044,7 +1091,7 @@ fn build_report(
         ended_at: report::rfc3339(meta.ended_at),
         duration_s: meta.duration.as_secs_f64(),
         end_reason: meta.end.as_str(),
-        sampling: Sampling { mode: "exact" },
+        sampling: cli.sampling(),
         totals,
         drops,
         allocator: AllocatorInfo {
@@ -1057,6 +1104,7 @@ fn build_report(
                 .collect(),
             probes: at.nprobes,
             probe_sites: at.allocator.points.iter().map(|p| p.probe_site()).collect(),
+            probe_mechanism: at.probes.mechanism().name(),
         },
         min_age_s: cli.min_age.as_secs_f64(),
         verdict_config: vcfg.clone(),

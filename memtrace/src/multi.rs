@@ -1,0 +1,250 @@
+//! uprobe_multi links and uprobe sessions, which aya 0.14 cannot create.
+//!
+//! A uprobe_multi link (Linux 6.6) attaches one program at many offsets of one
+//! file, bound to one process, with a cookie per offset; closing the link
+//! detaches all of them at once (one quiescence wait instead of one per probe).
+//! A uprobe session (6.12) is such a link whose program runs at the entry and
+//! at the return of each call: an entry that returns 1 skips that call's return
+//! probe. Both need the program loaded with a matching `expected_attach_type`,
+//! which aya's `UProbe::load` never sets. So the program is loaded here: the
+//! embedded object is parsed again with aya-obj, relocated against the maps aya
+//! already created (the programs share them), and loaded with its BTF through
+//! the bpf(2) syscall; the link is made the same way.
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{Ebpf, maps::Map};
+use aya_obj::{
+    Object,
+    btf::BtfFeatures,
+    generated::{bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
+};
+
+/// `enum bpf_attach_type` values (include/uapi/linux/bpf.h).
+pub const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+/// Linux 6.12; not in aya-obj 0.3's bindings.
+pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
+    // SAFETY: `attr` is a valid, initialized bpf_attr of the size passed; every
+    // pointer in it points at memory that outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as RawFd)
+    }
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The fd of any map aya created.
+fn map_fd(map: &Map) -> RawFd {
+    let data = match map {
+        Map::Array(d)
+        | Map::ArrayOfMaps(d)
+        | Map::BloomFilter(d)
+        | Map::CgroupArray(d)
+        | Map::CgroupStorage(d)
+        | Map::CgrpStorage(d)
+        | Map::CpuMap(d)
+        | Map::DevMap(d)
+        | Map::DevMapHash(d)
+        | Map::HashMap(d)
+        | Map::HashOfMaps(d)
+        | Map::InodeStorage(d)
+        | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuCgroupStorage(d)
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::PerfEventArray(d)
+        | Map::ProgramArray(d)
+        | Map::Queue(d)
+        | Map::ReusePortSockArray(d)
+        | Map::RingBuf(d)
+        | Map::SockHash(d)
+        | Map::SockMap(d)
+        | Map::SkStorage(d)
+        | Map::Stack(d)
+        | Map::StackTraceMap(d)
+        | Map::Unsupported(d)
+        | Map::XskMap(d) => d,
+    };
+    data.fd().as_fd().as_raw_fd()
+}
+
+/// Programs of the embedded object, relocated against the maps of a loaded
+/// `Ebpf`, ready to be loaded with any expected attach type.
+pub struct RawLoader {
+    obj: Object,
+    btf_fd: Option<OwnedFd>,
+}
+
+impl RawLoader {
+    /// `ebpf` must hold every map of `object` (call before taking any map out).
+    pub fn new(object: &[u8], ebpf: &Ebpf) -> Result<RawLoader> {
+        let mut obj = Object::parse(object).map_err(|e| anyhow!(e))?;
+        // Kernels with uprobe sessions have every BTF feature aya knows.
+        let features = BtfFeatures::new(true, true, true, true, true, true, true, true);
+        let btf_fd = match obj
+            .fixup_and_sanitize_btf(&features)
+            .map_err(|e| anyhow!(e))?
+        {
+            Some(btf) => Some(load_btf(&btf.to_bytes()).context("loading the programs' BTF")?),
+            None => None,
+        };
+        let mut fds = Vec::new();
+        for name in obj.maps.keys() {
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("BPF map {name} was not created"))?;
+            fds.push((name.clone(), map_fd(map)));
+        }
+        let text_sections: HashSet<usize> =
+            obj.functions.keys().map(|(section, _)| *section).collect();
+        let maps = obj.maps.clone();
+        obj.relocate_maps(
+            fds.iter()
+                .map(|(name, fd)| (name.as_str(), *fd, &maps[name])),
+            &text_sections,
+        )
+        .map_err(|e| anyhow!(e))?;
+        obj.relocate_calls(&text_sections).map_err(|e| anyhow!(e))?;
+        Ok(RawLoader { obj, btf_fd })
+    }
+
+    /// Loads program `name` as a kprobe-type program (uprobes are) with
+    /// `expected_attach_type`.
+    pub fn load(&self, name: &str, expected_attach_type: u32) -> Result<OwnedFd> {
+        let prog = self
+            .obj
+            .programs
+            .get(name)
+            .with_context(|| format!("BPF program {name} missing from the object"))?;
+        let func = self
+            .obj
+            .functions
+            .get(&prog.function_key())
+            .with_context(|| format!("BPF program {name} has no code"))?;
+        let insns: &[bpf_insn] = &func.instructions;
+        let func_info = func.func_info.func_info_bytes();
+        let line_info = func.line_info.line_info_bytes();
+        let try_load = |log: &mut [u8]| {
+            // SAFETY: bpf_attr is plain old data; all zeroes is its default.
+            let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+            // SAFETY: writing the BPF_PROG_LOAD member of the zeroed union.
+            let a = unsafe { &mut attr.__bindgen_anon_3 };
+            a.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
+            a.insn_cnt = insns.len() as u32;
+            a.insns = insns.as_ptr() as u64;
+            a.license = prog.license.as_ptr() as u64;
+            a.expected_attach_type = expected_attach_type;
+            for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
+                *dst = src as libc::c_char;
+            }
+            if let Some(btf) = &self.btf_fd {
+                a.prog_btf_fd = btf.as_raw_fd() as u32;
+                // (`num_info` is what the object had; linking appends the
+                // records of the functions it pulled in: count those.)
+                if func.func_info_rec_size > 0 {
+                    a.func_info_rec_size = func.func_info_rec_size as u32;
+                    a.func_info = func_info.as_ptr() as u64;
+                    a.func_info_cnt = func.func_info.len() as u32;
+                }
+                if func.line_info_rec_size > 0 {
+                    a.line_info_rec_size = func.line_info_rec_size as u32;
+                    a.line_info = line_info.as_ptr() as u64;
+                    a.line_info_cnt = func.line_info.len() as u32;
+                }
+            }
+            if !log.is_empty() {
+                a.log_level = 1;
+                a.log_size = log.len() as u32;
+                a.log_buf = log.as_mut_ptr() as u64;
+            }
+            sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(owned)
+        };
+        let first = match try_load(&mut []) {
+            Ok(fd) => return Ok(fd),
+            Err(e) => e,
+        };
+        // Again with the verifier's log. An empty log means the verifier never
+        // ran: the kernel refused the program type or attach type itself.
+        let mut log = vec![0u8; 4 << 20];
+        let retry = try_load(&mut log);
+        let text = String::from_utf8_lossy(&log);
+        let text = text.trim_end_matches('\0').trim_end();
+        match retry {
+            Ok(fd) => Ok(fd),
+            Err(_) if text.is_empty() => {
+                Err(anyhow!(first)).with_context(|| format!("loading BPF program {name}"))
+            }
+            Err(e) => {
+                let mut tail: Vec<&str> = text.lines().rev().take(20).collect();
+                tail.reverse();
+                bail!(
+                    "the verifier refused BPF program {name} ({e}); end of its log:\n{}",
+                    tail.join("\n")
+                )
+            }
+        }
+    }
+}
+
+fn load_btf(raw: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: bpf_attr is plain old data; all zeroes is its default.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_BTF_LOAD member of the zeroed union.
+    let a = unsafe { &mut attr.__bindgen_anon_7 };
+    a.btf = raw.as_ptr() as u64;
+    a.btf_size = raw.len() as u32;
+    sys_bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr).map(owned)
+}
+
+/// Attaches `prog` at `offsets` (file offsets) of `path`, bound to process
+/// `pid`, with one cookie per offset. Dropping the link detaches every probe.
+pub fn attach(
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    path: &Path,
+    offsets: &[u64],
+    cookies: &[u64],
+    pid: u32,
+) -> io::Result<OwnedFd> {
+    assert_eq!(offsets.len(), cookies.len());
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: bpf_attr is plain old data; all zeroes is its default.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_LINK_CREATE member of the zeroed union.
+    let l = unsafe { &mut attr.link_create };
+    l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    l.attach_type = attach_type;
+    // SAFETY: the uprobe_multi member of the zeroed union.
+    let m = unsafe { &mut l.__bindgen_anon_3.uprobe_multi };
+    m.path = path.as_ptr() as u64;
+    m.offsets = offsets.as_ptr() as u64;
+    m.cookies = cookies.as_ptr() as u64;
+    m.cnt = offsets.len() as u32;
+    m.pid = pid;
+    sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map(owned)
+}
