@@ -640,6 +640,12 @@ mod probes {
         if mean != 0 && !sample(mean, size) {
             count(Counter::UnsampledCalls, 1);
             if !old_known {
+                // realloc of a block memtrace never saw: the free it makes is
+                // counted here, as its return is not seen (so free_calls stays
+                // exact; it counts a rare failed realloc too).
+                if old_ptr != 0 {
+                    count(Counter::FreeCalls, 1);
+                }
                 return SKIP_RETURN;
             }
             // The new block is not sampled, but the return must still retire
@@ -750,10 +756,12 @@ mod probes {
             _pad: 0,
             sp: regs_sp(ctx).wrapping_sub(8),
         };
+        // With sampling, most blocks are unknown to memtrace: not worth a count.
+        let mean = sample_mean();
         let Some(p) = PENDING.get_ptr_mut(&key) else {
             // Sampling with classic return probes: every unsampled call's return
             // probe runs, with nothing pending.
-            if sample_mean() == 0 {
+            if mean == 0 {
                 count(Counter::UnmatchedReturns, 1);
             }
             return;
@@ -789,6 +797,7 @@ mod probes {
                         count(Counter::FreeCalls, 1);
                         if !retire(call.old_ptr, call.timestamp_ns)
                             && call.out_ptr != OLD_BLOCK_KNOWN
+                            && mean == 0
                         {
                             count(Counter::FreeUnknown, 1);
                         }
@@ -800,7 +809,10 @@ mod probes {
                 }
                 if call.old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
-                    if !retire(call.old_ptr, call.timestamp_ns) && call.out_ptr != OLD_BLOCK_KNOWN {
+                    if !retire(call.old_ptr, call.timestamp_ns)
+                        && call.out_ptr != OLD_BLOCK_KNOWN
+                        && mean == 0
+                    {
                         count(Counter::FreeUnknown, 1);
                     }
                 }

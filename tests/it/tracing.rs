@@ -948,3 +948,58 @@ fn fp_cpp_stack_goes_through_operator_new_to_its_caller() {
         r.summary()
     );
 }
+
+// ---- probe mechanisms -------------------------------------------------------------------
+
+/// leaks.c launched with `MEMTRACE_PROBES=classic`: an entry and a return uprobe
+/// per function instead of the uprobe session.
+fn leaks_launch_classic() -> &'static Shared {
+    static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
+    shared(&CELL, || {
+        let bin = build_fixture("leaks", Variant::FramePointers);
+        let run = run_launch_env(
+            &[],
+            &[bin.to_str().unwrap(), "launch"],
+            &[("MEMTRACE_PROBES", "classic")],
+        );
+        let tally = run.fixture_tally();
+        Shared { run, tally }
+    })
+}
+
+#[test]
+fn session_and_classic_probes_agree_exactly() {
+    let session = &leaks_launch(Variant::FramePointers).run.report;
+    let classic = &leaks_launch_classic().run.report;
+    let mechanism = |r: &Report| r.0["allocator"]["probe_mechanism"].clone();
+    // This kernel (6.18) has uprobe sessions: the default uses them.
+    assert_eq!(mechanism(session), "uprobe-session", "{}", session.summary());
+    assert_eq!(mechanism(classic), "uprobe", "{}", classic.summary());
+    check_leaks_sites(classic, true);
+    let (blocks, bytes) = leaks::total();
+    check_totals_exact(classic, blocks, bytes);
+    for key in [
+        "alloc_calls",
+        "free_calls",
+        "alloc_bytes",
+        "outstanding_blocks",
+        "outstanding_bytes",
+        "failed_allocs",
+        "allocator_internal_calls",
+        "dropped_events",
+        "stack_errors",
+    ] {
+        assert_eq!(
+            session.total(key),
+            classic.total(key),
+            "totals.{key}: session vs classic\n{}\n{}",
+            session.summary(),
+            classic.summary()
+        );
+    }
+    // One link per kind of program instead of one per probe.
+    let probes = |r: &Report| u64_field(&r.0["allocator"], "probes");
+    let functions = session.0["allocator"]["probe_sites"].as_array().unwrap().len() as u64;
+    assert_eq!(probes(session), functions, "{}", session.0["allocator"]);
+    assert!(probes(classic) > functions, "{}", classic.0["allocator"]);
+}

@@ -1,0 +1,86 @@
+//! `--sample-bytes`: estimates scaled back from sampled allocations, checked
+//! for bias on a fixture with known totals (tests/fixtures/sampled.c), over
+//! repeated runs. With a mean of 64 KiB each large site gets about 600–2,000
+//! samples (a standard error of 1–2.5%), so a bound of ±10% per run fails only
+//! for a real bias, or a broken sampler.
+
+use memtrace_tests::*;
+use serde_json::json;
+
+const MEAN: &str = "64KiB";
+const RUNS: usize = 3;
+
+/// (frame 0, its call's marker, outstanding bytes at the end)
+const SITES: &[(&str, &str, u64)] = &[
+    ("leak_small", "small", 2_000_000 * 64),
+    ("leak_medium", "medium", 30_000 * 4096),
+    ("leak_large", "large", 600 * 200 * 1024),
+    ("grow", "grow_realloc", 20_000 * 6000),
+];
+
+#[test]
+fn sampled_estimates_are_unbiased() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("sampled", Variant::FramePointers);
+    let mut estimates = vec![Vec::new(); SITES.len()];
+    for run_no in 0..RUNS {
+        let run = run_launch(&["--sample-bytes", MEAN], &[bin.to_str().unwrap()]);
+        run.assert_exit(0);
+        let r = &run.report;
+        assert_eq!(
+            r.0["sampling"],
+            json!({"mode": "bytes", "mean_bytes": 65536}),
+            "{}",
+            r.summary()
+        );
+        // Calls are counted whether sampled or not: exact.
+        let tally = run.fixture_tally().expect("the fixture's tally line");
+        for key in ["alloc_calls", "free_calls"] {
+            assert_eq!(r.total(key), tally.get(key), "totals.{key}\n{}", r.summary());
+        }
+        // Frees of unsampled blocks are expected, not "unknown".
+        for key in ["dropped_events", "free_unknown"] {
+            assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());
+        }
+        for (i, &(function, marker, bytes)) in SITES.iter().enumerate() {
+            let line = source_line("sampled", marker);
+            let sites = r.sites_at(function, line);
+            assert_eq!(sites.len(), 1, "{function}:{line}\n{}", r.summary());
+            let got = u64_field(sites[0], "outstanding_bytes");
+            let err = got as f64 / bytes as f64 - 1.0;
+            assert!(
+                err.abs() < 0.10,
+                "run {run_no}: {function}:{line} estimated {got} bytes outstanding, \
+                 {bytes} in truth ({:+.1}%)\n{}",
+                err * 100.0,
+                r.summary()
+            );
+            estimates[i].push(got as f64);
+        }
+        // Freed blocks (and the blocks realloc moved) are not outstanding.
+        for (function, marker) in [("churn", "churn"), ("grow", "grow_first")] {
+            let line = source_line("sampled", marker);
+            assert!(
+                r.sites_at(function, line).is_empty(),
+                "{function}:{line} freed all it allocated\n{}",
+                r.summary()
+            );
+        }
+        let total: u64 = SITES.iter().map(|s| s.2).sum();
+        let got = r.total("outstanding_bytes");
+        assert!(
+            (got as f64 / total as f64 - 1.0).abs() < 0.10,
+            "totals.outstanding_bytes {got} vs {total}\n{}",
+            r.summary()
+        );
+    }
+    // Over the runs the mean comes closer.
+    for (est, &(function, _, bytes)) in estimates.iter().zip(SITES) {
+        let mean = est.iter().sum::<f64>() / est.len() as f64;
+        assert!(
+            (mean / bytes as f64 - 1.0).abs() < 0.06,
+            "{function}: mean estimate over {RUNS} runs {mean:.0} vs {bytes} ({est:?})"
+        );
+    }
+}
