@@ -1158,6 +1158,18 @@ mod tests {
             (a.blocks, a.bytes, a.old_blocks, a.old_bytes),
             (3, 151, 2, 101)
         );
+        // Exact mode: each block stands for itself.
+        assert_eq!((a.est.blocks(), a.est.bytes()), (3, 151));
+        assert_eq!((a.est_old.blocks(), a.est_old.bytes()), (2, 101));
+        // Sampled: each block is scaled by its own size's weight.
+        let s = Sampling::from_mean(100);
+        let sg = group_blocks([(1, 10, 100), (1, 30, 50)], 40, 15, s);
+        let sa = &sg[&1];
+        let want = 100.0 * s.weight(100) + 50.0 * s.weight(50);
+        assert!((sa.est.bytes - want).abs() < 1e-6, "{sa:?}");
+        assert!((sa.est.blocks - (s.weight(100) + s.weight(50))).abs() < 1e-9);
+        assert!((sa.est_old.bytes - 100.0 * s.weight(100)).abs() < 1e-6);
+        assert_eq!((sa.blocks, sa.bytes), (2, 150));
         assert_eq!(a.births, vec![10, 20, 30]);
         assert_eq!(a.oldest_ns(), Some(10));
         assert_eq!(a.median_birth_ns(), Some(20));

@@ -300,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn sample_bytes() {
+        use crate::sampling::Sampling;
+        assert_eq!(parse(&["-p", "7"]).unwrap().sampling(), Sampling::Exact);
+        let c = parse(&["-p", "7", "--sample-bytes", "512KiB"]).unwrap();
+        assert_eq!(
+            c.sampling(),
+            Sampling::Bytes {
+                mean_bytes: 512 * 1024
+            }
+        );
+        assert_eq!(c.sampling().mean_bytes(), 512 * 1024);
+        for bad in ["0", "-1", "lots", "2TiB"] {
+            assert!(
+                parse(&["-p", "7", "--sample-bytes", bad]).is_err(),
+                "--sample-bytes {bad}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = parse(&["-p", "7"]).unwrap();
         assert_eq!(c.interval, Duration::from_secs(10));

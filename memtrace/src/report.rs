@@ -800,6 +800,29 @@ mod tests {
     }
 
     #[test]
+    fn sampled_figures_are_marked_as_estimates() {
+        let mut r = sample();
+        let exact = r.to_text(10);
+        assert!(
+            !exact.contains('~') && !exact.contains("sampled:"),
+            "{exact}"
+        );
+        r.sampling = Sampling::from_mean(512 * 1024);
+        let t = r.to_text(10);
+        assert!(
+            t.contains("sampled: one allocation per 512.0 KiB allocated on average"),
+            "{t}"
+        );
+        assert!(t.contains("outstanding: ~700 B in ~7 blocks"), "{t}");
+        assert!(t.contains("~700 B in ~7 blocks ("), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(
+            v["sampling"],
+            serde_json::json!({"mode": "bytes", "mean_bytes": 524288})
+        );
+    }
+
+    #[test]
     fn text_marks_truncated_stacks() {
         let mut r = sample();
         r.unwind.modules = 3;

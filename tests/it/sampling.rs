@@ -37,7 +37,12 @@ fn sampled_estimates_are_unbiased() {
         // Calls are counted whether sampled or not: exact.
         let tally = run.fixture_tally().expect("the fixture's tally line");
         for key in ["alloc_calls", "free_calls"] {
-            assert_eq!(r.total(key), tally.get(key), "totals.{key}\n{}", r.summary());
+            assert_eq!(
+                r.total(key),
+                tally.get(key),
+                "totals.{key}\n{}",
+                r.summary()
+            );
         }
         // Frees of unsampled blocks are expected, not "unknown".
         for key in ["dropped_events", "free_unknown"] {

@@ -973,7 +973,12 @@ fn session_and_classic_probes_agree_exactly() {
     let classic = &leaks_launch_classic().run.report;
     let mechanism = |r: &Report| r.0["allocator"]["probe_mechanism"].clone();
     // This kernel (6.18) has uprobe sessions: the default uses them.
-    assert_eq!(mechanism(session), "uprobe-session", "{}", session.summary());
+    assert_eq!(
+        mechanism(session),
+        "uprobe-session",
+        "{}",
+        session.summary()
+    );
     assert_eq!(mechanism(classic), "uprobe", "{}", classic.summary());
     check_leaks_sites(classic, true);
     let (blocks, bytes) = leaks::total();
@@ -999,7 +1004,10 @@ fn session_and_classic_probes_agree_exactly() {
     }
     // One link per kind of program instead of one per probe.
     let probes = |r: &Report| u64_field(&r.0["allocator"], "probes");
-    let functions = session.0["allocator"]["probe_sites"].as_array().unwrap().len() as u64;
+    let functions = session.0["allocator"]["probe_sites"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
     assert_eq!(probes(session), functions, "{}", session.0["allocator"]);
     assert!(probes(classic) > functions, "{}", classic.0["allocator"]);
 }
