@@ -845,22 +845,31 @@ mod probes {
     /// Entry and return of every allocating function as one uprobe session:
     /// userspace loads this program with the expected attach type
     /// BPF_TRACE_UPROBE_SESSION and attaches it with a single uprobe_multi link,
-    /// bound to the target, with the `AllocKind` as each site's cookie. Calls
-    /// whose entry returns SKIP_RETURN (made by the allocator itself, tail
-    /// calls, unsampled) pay no return probe at all.
+    /// bound to the target. Calls whose entry returns SKIP_RETURN (made by the
+    /// allocator itself, tail calls, unsampled) pay no return probe at all.
     ///
-    /// The same program runs at the entry and at the return; the instruction
-    /// pointer tells which. At the entry it is at the probe site, inside a probed
-    /// function. At the return it is the caller's return address, never inside
-    /// one: calls made from inside the probed functions skip their return.
+    /// The same program runs at the entry and at the return. Each site's cookie
+    /// is its address in the process (<< 8) and its `AllocKind` (low byte): at
+    /// the entry the instruction pointer is at the probe; at the return it is
+    /// the caller's return address.
     #[uprobe]
     pub fn alloc_session(ctx: ProbeContext) -> u32 {
-        if !in_allocator(regs_ip(&ctx)) {
-            exit(&ctx, regs_ret(&ctx));
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let (site, kind) = (cookie >> 8, (cookie & 0xff) as u32);
+        let ip = regs_ip(&ctx);
+        // (The kernel reports the breakpoint's address; allow for the trap's
+        // ip after the int3, which never is a return address: it is inside the
+        // probed instruction, or after a push.)
+        if ip != site && ip != site + 1 {
+            // A return inside the allocator is that of a call it made itself,
+            // whose entry skipped it; the kernel can still report one (seen on
+            // 6.18 with a malloc that calls malloc). Nothing to do.
+            if !in_allocator(ip) {
+                exit(&ctx, regs_ret(&ctx));
+            }
             return 0;
         }
-        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-        let Some(kind) = AllocKind::from_u32(cookie as u32) else {
+        let Some(kind) = AllocKind::from_u32(kind) else {
             return SKIP_RETURN;
         };
         let (size, old_ptr, out_ptr) = call_args(&ctx, kind);

@@ -251,6 +251,17 @@ pub fn open_path(pid: u32, m: &MapEntry) -> PathBuf {
 /// allocator call made from inside one of them is part of the outer call (glibc's
 /// realloc(p, 0) calls free; posix_memalign calls malloc), and the BPF side must
 /// not count it again.
+/// Where `file_offset` of the allocator's module is mapped in the process.
+pub fn vaddr(alloc: &Allocator, maps: &[MapEntry], file_offset: u64) -> Option<u64> {
+    let m = maps.iter().find(|m| {
+        m.is_exec()
+            && m.path.as_deref() == Some(alloc.module.as_str())
+            && file_offset >= m.offset
+            && file_offset < m.offset + m.len()
+    })?;
+    Some(m.start + (file_offset - m.offset))
+}
+
 pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = alloc
         .points

@@ -226,8 +226,12 @@ impl Collector {
     /// Calls still in flight when tracing stopped: their returns will never be
     /// seen, so they are counted as missed.
     pub fn count_unfinished(&mut self) -> Result<()> {
-        let n = self.maps.pending.keys().filter(|k| k.is_ok()).count();
-        self.missed_returns += n as u64;
+        let mut n = 0;
+        for (key, call) in self.maps.pending.iter().flatten() {
+            log::debug!("call in flight at the end: {key:?} {call:?}");
+            n += 1;
+        }
+        self.missed_returns += n;
         Ok(())
     }
 

@@ -30,8 +30,10 @@ use memtrace_common::{
 };
 
 use crate::{
-    allocator::{Allocator, Role},
-    multi, sampling,
+    allocator::{self, Allocator, Role},
+    multi,
+    procmaps::MapEntry,
+    sampling,
 };
 
 /// The BPF object built by `cargo xtask build`, embedded at compile time.
@@ -306,19 +308,31 @@ impl Probes {
     /// Probes every allocator function, bound to `pid`: with uprobe_multi links
     /// where the kernel has them, else classic uprobes. Returns the number of
     /// probe sites.
-    pub fn attach_allocator(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
+    ///
+    ///
+    /// `maps`: the target's mappings, where the allocator's module is mapped.
+    pub fn attach_allocator(
+        &mut self,
+        alloc: &Allocator,
+        pid: u32,
+        maps: &[MapEntry],
+    ) -> Result<usize> {
         if self.mechanism == Mechanism::Session {
-            // The session program tells its entry from its return by whether
-            // the instruction pointer is in a probed function: all of them must
-            // be in ALLOCATOR_TEXT.
-            if alloc.points.len() > MAX_ALLOCATOR_FUNCTIONS as usize {
+            // The session program tells a call made by the allocator from a user's
+            // call by the ranges in ALLOCATOR_TEXT: every function must have one.
+            let text = allocator::text_ranges(alloc, maps);
+            if alloc.points.len() > MAX_ALLOCATOR_FUNCTIONS as usize
+                || text.len() != alloc.points.len()
+            {
                 log::info!(
-                    "{} allocator functions (more than {MAX_ALLOCATOR_FUNCTIONS}): using classic uprobes",
-                    alloc.points.len()
+                    "{} allocator functions, {} with a known extent (at most {MAX_ALLOCATOR_FUNCTIONS} \
+                     and all are needed for uprobe sessions): using classic uprobes",
+                    alloc.points.len(),
+                    text.len()
                 );
                 self.mechanism = Mechanism::Classic;
             } else {
-                match self.attach_multi(alloc, pid) {
+                match self.attach_multi(alloc, pid, maps) {
                     Ok(n) => return Ok(n),
                     Err(e) => {
                         log::warn!(
@@ -335,7 +349,12 @@ impl Probes {
 
     /// One session link for the allocating functions (cookie: the AllocKind),
     /// one uprobe_multi link for free.
-    fn attach_multi(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
+    ///
+    /// The cookie of an allocating function's probe is its address in the
+    /// process, shifted left by 8, with its `AllocKind` in the low byte: the
+    /// session program knows its entry from its return by the instruction
+    /// pointer being at the probe.
+    fn attach_multi(&mut self, alloc: &Allocator, pid: u32, maps: &[MapEntry]) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         let (mut alloc_offsets, mut kinds, mut free_offsets) = (Vec::new(), Vec::new(), Vec::new());
         for point in &alloc.points {
@@ -348,8 +367,10 @@ impl Probes {
             );
             match point.role {
                 Role::Alloc(kind) => {
+                    let at = allocator::vaddr(alloc, maps, point.probe_offset)
+                        .with_context(|| format!("{} is not mapped", point.probe_site()))?;
                     alloc_offsets.push(point.probe_offset);
-                    kinds.push(kind as u64);
+                    kinds.push(at << 8 | kind as u64);
                 }
                 Role::Free => free_offsets.push(point.probe_offset),
             }

@@ -299,7 +299,7 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Resu
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
     let nprobes = probes
-        .attach_allocator(&allocator, pid)
+        .attach_allocator(&allocator, pid, &maps)
         .map_err(|e| exited_during_attach(pid, e))?;
     if !alive(pid) {
         bail!("target process {pid} exited while memtrace was attaching");
@@ -373,7 +373,7 @@ fn launch_new(
                             let text = allocator::text_ranges(&a, &maps);
                             let attached = trace_maps
                                 .set_allocator_text(&text)
-                                .and_then(|_| probes.attach_allocator(&a, pid));
+                                .and_then(|_| probes.attach_allocator(&a, pid, &maps));
                             match attached {
                                 Ok(n) => found = Some((a, n)),
                                 Err(e) => {
