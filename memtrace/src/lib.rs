@@ -17,6 +17,7 @@ pub mod procstat;
 pub mod report;
 pub mod session;
 pub mod symbolize;
+pub mod symbolize_cmd;
 pub mod tables;
 #[cfg(test)]
 mod testutil;
