@@ -81,6 +81,7 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
         let addrs: Vec<u64> = args.addresses.iter().map(|a| parse_address(a)).collect();
         symbolize_batch(&mut sym, args, &addrs, &mut out)?;
         out.flush()?;
+        exit_without_drop(sym);
         return Ok(0);
     }
     // Addresses from stdin: everything that has arrived is answered (and flushed) before
@@ -118,7 +119,14 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
         }
     }
     out.flush()?;
+    exit_without_drop(sym);
     Ok(0)
+}
+
+/// The process ends right after: freeing a big module's parsed DWARF piece by piece
+/// (thousands of units, their functions and line tables) would only delay the exit.
+fn exit_without_drop(sym: Symbolizer) {
+    std::mem::forget(sym);
 }
 
 #[cfg(test)]
