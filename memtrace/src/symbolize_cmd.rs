@@ -105,7 +105,10 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
         let complete = if eof {
             pending.len()
         } else {
-            pending.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+            pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
         };
         let addrs: Vec<u64> = String::from_utf8_lossy(&pending[..complete])
             .lines()

@@ -113,7 +113,11 @@ fn address_set(file: &Path) -> Result<Vec<u64>> {
         .output()
         .context("running nm")?;
     if !out.status.success() {
-        bail!("nm -D {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "nm -D {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut addrs = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {

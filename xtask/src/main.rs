@@ -59,11 +59,12 @@ fn run() -> Result<()> {
         }
         // Hidden: the symbolizer part of `bench` alone (needs no root and no BPF build).
         "bench-symbolize" => {
-            status(
-                clean_command("cargo")
-                    .current_dir(root())
-                    .args(["build", "--release", "-p", "memtrace"]),
-            )?;
+            status(clean_command("cargo").current_dir(root()).args([
+                "build",
+                "--release",
+                "-p",
+                "memtrace",
+            ]))?;
             let md = bench_symbolize::run(&target_dir().join("release/memtrace"))?;
             println!("{md}");
             Ok(())

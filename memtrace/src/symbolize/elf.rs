@@ -590,7 +590,8 @@ impl ElfModule {
                             }
                         }
                     }
-                    let c = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"));
+                    let c =
+                        addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"));
                     log::debug!("context in {:?}", t.elapsed());
                     c
                 });

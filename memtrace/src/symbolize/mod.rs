@@ -364,7 +364,9 @@ impl Symbolizer {
         log::debug!("{} addresses resolved in {:?}", unique.len(), t.elapsed());
         let mut out = Vec::with_capacity(vaddrs.len());
         for &v in vaddrs {
-            let i = unique.binary_search(&v).expect("every address is in `unique`");
+            let i = unique
+                .binary_search(&v)
+                .expect("every address is in `unique`");
             let frames: Vec<Frame> = infos[i]
                 .iter()
                 .map(|fi| to_frame(v, Some(&shown), fi.clone()))
