@@ -570,7 +570,7 @@ impl ElfModule {
             Some(dobj) => {
                 let t = std::time::Instant::now();
                 let res = load_sections(&dobj, &mut backing).and_then(|mut dwarf| {
-                    log::debug!("sections in {:?}", t.elapsed());
+                    log::debug!("DWARF sections loaded in {:?}", t.elapsed());
                     if let Some(search) = search
                         && let Ok(Some((alt_path, alt_id))) = dobj.gnu_debugaltlink()
                     {
@@ -592,7 +592,7 @@ impl ElfModule {
                     }
                     let c =
                         addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"));
-                    log::debug!("context in {:?}", t.elapsed());
+                    log::debug!("DWARF units indexed, {:?} after loading began", t.elapsed());
                     c
                 });
                 match res {
