@@ -33,6 +33,8 @@ struct Row {
     addr2line_ms: f64,
     memtrace_ms: f64,
     agree: usize,
+    /// Same inline depth and the same line numbers (files or names may differ).
+    agree_lines: usize,
     first_disagreement: Option<String>,
 }
 
@@ -86,9 +88,20 @@ fn measure(memtrace_bin: &Path, file: &Path) -> Result<Row> {
         );
     }
     let mut agree = 0;
+    let mut agree_lines = 0;
     let mut first_disagreement = None;
+    let lines_of = |b: &[String]| -> Vec<Option<String>> {
+        b.iter()
+            .skip(2)
+            .step_by(2)
+            .map(|l| l.rsplit_once(':').map(|(_, n)| n.to_owned()))
+            .collect()
+    };
     for (t, o) in theirs.iter().zip(&ours) {
         let t = normalize_binutils(t);
+        if lines_of(&t) == lines_of(o) {
+            agree_lines += 1;
+        }
         if t == *o {
             agree += 1;
         } else if first_disagreement.is_none() {
@@ -101,6 +114,7 @@ fn measure(memtrace_bin: &Path, file: &Path) -> Result<Row> {
         addr2line_ms: median(&mut t_binutils),
         memtrace_ms: median(&mut t_memtrace),
         agree,
+        agree_lines,
         first_disagreement,
     })
 }
@@ -242,13 +256,16 @@ fn render(rows: &[Row]) -> String {
          median wall time of {REPETITIONS} interleaved runs each, process start-up and \
          debug-info loading included. Agreement: identical output for the address, \
          ignoring binutils' `(discriminator N)` and its doubled DWARF 5 compilation \
-         directory.\n\n"
+         directory; in parentheses, how many have the same inline depth and line numbers \
+         (binutils 2.40 names the unit's main file instead of the line table's for some \
+         DWARF 5 rows; it writes `std::istream` where memtrace's demangler spells out \
+         `std::basic_istream<char, std::char_traits<char> >`).\n\n"
     ));
     s.push_str("| file | addresses | addr2line ms | memtrace ms | ratio | agreement |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1}x | {}/{} ({:.1}%) |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1}x | {}/{} ({:.1}%; lines {}) |\n",
             r.file,
             r.addresses,
             r.addr2line_ms,
@@ -256,7 +273,8 @@ fn render(rows: &[Row]) -> String {
             r.addr2line_ms / r.memtrace_ms,
             r.agree,
             r.addresses,
-            100.0 * r.agree as f64 / r.addresses as f64
+            100.0 * r.agree as f64 / r.addresses as f64,
+            r.agree_lines
         ));
     }
     for r in rows {
