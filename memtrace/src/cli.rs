@@ -208,8 +208,11 @@ The output is that of `addr2line -a -f -i -C -e FILE`: for each address a line
 0x<16 hex digits>, then two lines per frame, innermost (inlined) first: the
 function, then file:line. Unknown parts are ??: `??` and `??:0` when nothing was
 found, `??:?` for a function known only from the symbol table. Differences from
-binutils: no \"(discriminator N)\" suffix, and among aliases at one address
-(memcpy, __memcpy, __GI_memcpy) the name may be another alias.";
+binutils 2.40: no \"(discriminator N)\" suffix; the compilation directory once
+(./malloc/malloc.c, not ./malloc/./malloc/malloc.c); the line table's file where
+binutils sometimes names the unit's main file; C++ standard abbreviations spelled
+out (std::basic_istream<char, std::char_traits<char> >, not std::istream); and
+among aliases at one address (memcpy, __memcpy_avx_unaligned) another may be named.";
 
 const SYMBOLIZE_AFTER_HELP: &str = "\
 Examples:

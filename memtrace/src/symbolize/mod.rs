@@ -30,11 +30,9 @@ use process::ModuleKey;
 pub enum SymbolizeError {
     #[error(transparent)]
     Maps(#[from] crate::procmaps::MapsError),
-    #[error("{}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The file cannot be opened (not a `#[source]`: the message already says it all).
+    #[error("{}: {err}", path.display())]
+    Open { path: PathBuf, err: std::io::Error },
     #[error("{}: {msg}", path.display())]
     Module { path: PathBuf, msg: String },
 }
@@ -312,9 +310,9 @@ impl Symbolizer {
         vaddrs: &[u64],
     ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
         use std::os::unix::fs::MetadataExt;
-        let open_err = |source| SymbolizeError::Open {
+        let open_err = |err| SymbolizeError::Open {
             path: path.to_owned(),
-            source,
+            err,
         };
         let file = std::fs::File::open(path).map_err(open_err)?;
         let md = file.metadata().map_err(open_err)?;
