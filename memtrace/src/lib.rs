@@ -19,6 +19,7 @@ pub mod report;
 pub mod sampling;
 pub mod session;
 pub mod symbolize;
+pub mod symbolize_cmd;
 pub mod tables;
 #[cfg(test)]
 mod testutil;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use memtrace::{
     cli::{Cli, Command},
-    diff, session,
+    diff, session, symbolize_cmd,
 };
 
 fn main() -> ExitCode {
@@ -27,6 +27,15 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Diff(args)) = &cli.subcommand {
         return match diff::run(args) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("memtrace: error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(Command::Symbolize(args)) = &cli.subcommand {
+        return match symbolize_cmd::run(args) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {
                 eprintln!("memtrace: error: {e:#}");

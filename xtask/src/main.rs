@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_symbolize;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TARGET: &str = "bpfel-unknown-none";
@@ -55,6 +56,18 @@ fn run() -> Result<()> {
         "bench" => {
             build()?;
             bench::run(&root(), rest)
+        }
+        // Hidden: the symbolizer part of `bench` alone (needs no root and no BPF build).
+        "bench-symbolize" => {
+            status(clean_command("cargo").current_dir(root()).args([
+                "build",
+                "--release",
+                "-p",
+                "memtrace",
+            ]))?;
+            let md = bench_symbolize::run(&target_dir().join("release/memtrace"))?;
+            println!("{md}");
+            Ok(())
         }
         "help" | "-h" | "--help" => {
             println!("{}", usage());

@@ -30,6 +30,11 @@ use process::ModuleKey;
 pub enum SymbolizeError {
     #[error(transparent)]
     Maps(#[from] crate::procmaps::MapsError),
+    /// The file cannot be opened (not a `#[source]`: the message already says it all).
+    #[error("{}: {err}", path.display())]
+    Open { path: PathBuf, err: std::io::Error },
+    #[error("{}: {msg}", path.display())]
+    Module { path: PathBuf, msg: String },
 }
 
 /// Why (part of) a frame could not be resolved.
@@ -296,6 +301,83 @@ impl Symbolizer {
         })
     }
 
+    /// Symbolizes ELF virtual addresses of one file, as binutils `addr2line -e FILE` takes
+    /// them (no process involved); its separate debug file is searched as for a process
+    /// whose root is ours. One result per address, as [`Self::symbolize`] returns them.
+    pub fn symbolize_file(
+        &mut self,
+        path: &Path,
+        vaddrs: &[u64],
+    ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
+        use std::os::unix::fs::MetadataExt;
+        let open_err = |err| SymbolizeError::Open {
+            path: path.to_owned(),
+            err,
+        };
+        let file = std::fs::File::open(path).map_err(open_err)?;
+        let md = file.metadata().map_err(open_err)?;
+        if !md.is_file() {
+            return Err(open_err(std::io::Error::other("not a regular file")));
+        }
+        let key = ModuleKey::File {
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        let shown = path.display().to_string();
+        if !self.modules.contains_key(&key) {
+            // A debuglink is searched next to the binary: that needs its absolute path.
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            let abs = abs.to_string_lossy();
+            let search = DebugSearch {
+                target_root: Path::new("/"),
+                display_root: Path::new("/"),
+                debug_root: &self.debug_root,
+                binary_path: &abs,
+                binary_id: Some((md.dev(), md.ino())),
+            };
+            let t = std::time::Instant::now();
+            let res = ElfModule::from_file(&file, &search);
+            log::debug!("{}: loaded in {:?}", path.display(), t.elapsed());
+            match &res {
+                Ok(_) => self.stats.modules_loaded += 1,
+                Err(_) => self.stats.module_load_failures += 1,
+            }
+            self.modules.insert(key, res);
+        }
+        let elf = match &self.modules[&key] {
+            Ok(elf) => elf,
+            Err(e) => {
+                return Err(SymbolizeError::Module {
+                    path: path.to_owned(),
+                    msg: e.msg.clone(),
+                });
+            }
+        };
+        // Sorted and deduplicated, consecutive lookups tend to stay in one unit.
+        let mut unique: Vec<u64> = vaddrs.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let t = std::time::Instant::now();
+        let infos = resolve_parallel(elf, &unique);
+        log::debug!("{} addresses resolved in {:?}", unique.len(), t.elapsed());
+        let mut out = Vec::with_capacity(vaddrs.len());
+        for &v in vaddrs {
+            let i = unique
+                .binary_search(&v)
+                .expect("every address is in `unique`");
+            let frames: Vec<Frame> = infos[i]
+                .iter()
+                .map(|fi| to_frame(v, Some(&shown), fi.clone()))
+                .collect();
+            self.stats.addresses += 1;
+            for f in &frames {
+                self.stats.count(f);
+            }
+            out.push(frames);
+        }
+        Ok(out)
+    }
+
     /// Parses every module of `modules` that is not cached yet, several at a time.
     ///
     /// Loading is the expensive part (libc with libc6-dbg: ~35 ms, mostly inflating its
@@ -411,6 +493,37 @@ fn load_module(
         binary_id,
     };
     ElfModule::from_file(file, &search)
+}
+
+/// Resolves sorted addresses of one module, in contiguous slices on up to
+/// `available_parallelism` threads: each thread then parses the units (line programs,
+/// function DIEs) of its own part of the module, which is where big batches spend their time.
+fn resolve_parallel(elf: &ElfModule, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
+    const MIN_PER_THREAD: usize = 64;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(sorted.len() / MIN_PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return sorted.iter().map(|&v| elf.resolve(v)).collect();
+    }
+    let chunk = sorted.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sorted
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(|&v| elf.resolve(v)).collect()))
+            .collect();
+        let mut out: Vec<Vec<FrameInfo>> =
+            sorted[..chunk].iter().map(|&v| elf.resolve(v)).collect();
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend::<Vec<Vec<FrameInfo>>>(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
 }
 
 fn to_frame(address: u64, module: Option<&str>, fi: FrameInfo) -> Frame {

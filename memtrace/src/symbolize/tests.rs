@@ -1039,3 +1039,125 @@ fn agrees_with_binutils_on_glibc() {
         disagree.join("\n")
     );
 }
+
+/// `memtrace symbolize` prints what `addr2line -a -f -i -C` prints, on glibc with
+/// libc6-dbg: 600 addresses (function starts and middles, from the debug file's symbol
+/// table) answered by both, compared line by line. Tolerated, because they are known and
+/// justified (anything else fails):
+/// - binutils' ` (discriminator N)` suffix (addr2line's crate does not expose it);
+/// - binutils' doubled DWARF 5 compilation directory (`./malloc/./malloc/malloc.c`);
+/// - a different file with the same line in a frame: binutils 2.40 names the unit's
+///   primary file for some DWARF 5 rows (`ctype-info.c:41` where the line table, as
+///   `readelf --debug-dump=decodedline` shows it, says `../include/ctype.h:41`);
+/// - another alias for the same function (`__GI_xdr_uint32_t` / `xdr_uint32_t`), rare.
+#[test]
+fn symbolize_command_matches_binutils_on_glibc() {
+    use object::{Object, ObjectSymbol};
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    let libc_mod = own_libc(&pm, malloc);
+    let summary = Symbolizer::new().module_summary(&pm, libc_mod);
+    require_libc_dbg(&summary);
+    let data = std::fs::read(summary.debug_file.clone().unwrap()).unwrap();
+    let obj = object::File::parse(&*data).unwrap();
+    let mut vaddrs: Vec<u64> = obj
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
+        .flat_map(|s| [s.address(), s.address() + s.size() / 2])
+        .collect();
+    vaddrs.sort_unstable();
+    vaddrs.dedup();
+    let step = (vaddrs.len() / 600).max(1);
+    let vaddrs: Vec<u64> = vaddrs.into_iter().step_by(step).take(600).collect();
+    let file = Path::new(&libc_mod.path);
+
+    let input: String = vaddrs.iter().map(|v| format!("{v:#x}\n")).collect();
+    let mut child = Command::new("addr2line")
+        .args(["-a", "-f", "-i", "-C", "-e"])
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let theirs = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+    writer.join().unwrap();
+
+    let frames = Symbolizer::new().symbolize_file(file, &vaddrs).unwrap();
+    let mut ours = Vec::new();
+    for (v, f) in vaddrs.iter().zip(&frames) {
+        crate::symbolize_cmd::write_address(&mut ours, *v, f).unwrap();
+    }
+    let ours = String::from_utf8(ours).unwrap();
+
+    let blocks = |t: &str| -> Vec<Vec<String>> {
+        let mut b: Vec<Vec<String>> = Vec::new();
+        for l in t.lines() {
+            if l.len() == 18 && l.starts_with("0x") {
+                b.push(vec![l.to_owned()]);
+            } else {
+                b.last_mut().unwrap().push(l.to_owned());
+            }
+        }
+        b
+    };
+    let normalize = |l: &str| -> String {
+        let l = match l.find(" (discriminator ") {
+            Some(i) => &l[..i],
+            None => l,
+        };
+        for (i, _) in l.match_indices('/') {
+            let (dir, rest) = (&l[..i], &l[i + 1..]);
+            if !dir.is_empty() && rest.starts_with(dir) && rest[dir.len()..].starts_with('/') {
+                return rest.to_owned();
+            }
+        }
+        l.to_owned()
+    };
+    let (theirs, ours) = (blocks(&theirs), blocks(&ours));
+    assert_eq!(theirs.len(), vaddrs.len());
+    assert_eq!(ours.len(), vaddrs.len());
+    let (mut exact, mut other_file, mut alias, mut wrong) = (0, 0, 0, Vec::new());
+    for (t, o) in theirs.iter().zip(&ours) {
+        let t: Vec<String> = t.iter().map(|l| normalize(l)).collect();
+        if t == *o {
+            exact += 1;
+            continue;
+        }
+        if t.len() != o.len() || t[0] != o[0] {
+            wrong.push(format!("binutils {t:?}\n  memtrace {o:?}"));
+            continue;
+        }
+        let line_of = |l: &str| l.rsplit_once(':').map(|(_, n)| n.to_owned());
+        let mut kind = None;
+        for i in 1..t.len() {
+            if t[i] == o[i] {
+                continue;
+            }
+            if i % 2 == 0 && line_of(&t[i]) == line_of(&o[i]) {
+                kind = kind.or(Some("file"));
+            } else if i % 2 == 1 && t[i] != "??" && o[i] != "??" {
+                kind = Some("alias");
+            } else {
+                kind = Some("wrong");
+                break;
+            }
+        }
+        match kind {
+            Some("file") => other_file += 1,
+            Some("alias") => alias += 1,
+            _ => wrong.push(format!("binutils {t:?}\n  memtrace {o:?}")),
+        }
+    }
+    eprintln!(
+        "{exact} identical, {other_file} other file same line, {alias} alias, {} wrong",
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty() && alias <= 6 && exact >= vaddrs.len() * 4 / 5,
+        "{exact} of {} identical, {other_file} file-only, {alias} aliases; disagreements:\n{}",
+        vaddrs.len(),
+        wrong.join("\n")
+    );
+}

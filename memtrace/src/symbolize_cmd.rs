@@ -1,0 +1,179 @@
+//! `memtrace symbolize`: binutils `addr2line -a -f -i -C` for one ELF file, with
+//! memtrace's symbolizer (same debug-file search, inlined frames and demangling as in
+//! the leak reports), and the same output layout so scripts can switch.
+use std::io::{BufRead, Write};
+
+use anyhow::{Context, Result};
+
+use crate::cli::SymbolizeArgs;
+use crate::symbolize::{Frame, Symbolizer};
+
+/// Parses an address as binutils does (`bfd_scan_vma`, base 16): an optional `0x`, then
+/// hex digits up to the first other character; nothing valid reads as 0.
+pub fn parse_address(s: &str) -> u64 {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let mut v: u64 = 0;
+    for c in s.chars() {
+        let Some(d) = c.to_digit(16) else { break };
+        v = v.wrapping_mul(16).wrapping_add(u64::from(d));
+    }
+    v
+}
+
+/// Writes one address in the layout of `addr2line -a -f -i -C`: the address, then a
+/// function line and a `file:line` line per frame, innermost first. Unknown parts are
+/// `??`; an unknown line is `?`, or `0` when nothing at all was found (binutils prints
+/// `??:0` only then).
+pub fn write_address(out: &mut impl Write, addr: u64, frames: &[Frame]) -> std::io::Result<()> {
+    writeln!(out, "0x{addr:016x}")?;
+    let nothing = frames
+        .iter()
+        .all(|f| f.function.is_none() && f.file.is_none() && f.line.is_none());
+    if nothing {
+        return out.write_all(b"??\n??:0\n");
+    }
+    for f in frames {
+        let function = f.function.as_deref().unwrap_or("??");
+        let file = f.file.as_deref().unwrap_or("??");
+        match f.line {
+            Some(line) => writeln!(out, "{function}\n{file}:{line}")?,
+            None => writeln!(out, "{function}\n{file}:?")?,
+        }
+    }
+    Ok(())
+}
+
+fn symbolize_batch(
+    sym: &mut Symbolizer,
+    args: &SymbolizeArgs,
+    addrs: &[u64],
+    out: &mut impl Write,
+) -> Result<()> {
+    let results = sym.symbolize_file(&args.exe, addrs)?;
+    for (&a, frames) in addrs.iter().zip(&results) {
+        write_address(out, a, frames)?;
+    }
+    Ok(())
+}
+
+/// Whether more input can be read from stdin right now without blocking (or EOF is there).
+fn stdin_has_more() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLIN | libc::POLLHUP) != 0
+}
+
+/// Runs the subcommand; returns the exit status.
+pub fn run(args: &SymbolizeArgs) -> Result<i32> {
+    let mut sym = Symbolizer::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    if !args.addresses.is_empty() {
+        let addrs: Vec<u64> = args.addresses.iter().map(|a| parse_address(a)).collect();
+        symbolize_batch(&mut sym, args, &addrs, &mut out)?;
+        out.flush()?;
+        exit_without_drop(sym);
+        return Ok(0);
+    }
+    // Addresses from stdin: everything that has arrived is answered (and flushed) before
+    // waiting for more, so memtrace works as a coprocess (one address in, its frames out),
+    // while a file or a pipe full of addresses is symbolized as one sorted batch.
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    // Parse the file before the first line arrives, as binutils does: a bad file is
+    // reported even with empty input.
+    symbolize_batch(&mut sym, args, &[], &mut out)?;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let buf = input.fill_buf().context("reading addresses from stdin")?;
+        let eof = buf.is_empty();
+        pending.extend_from_slice(buf);
+        let n = buf.len();
+        input.consume(n);
+        if !eof && stdin_has_more() {
+            continue;
+        }
+        let complete = if eof {
+            pending.len()
+        } else {
+            pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        let addrs: Vec<u64> = String::from_utf8_lossy(&pending[..complete])
+            .lines()
+            .map(parse_address)
+            .collect();
+        pending.drain(..complete);
+        symbolize_batch(&mut sym, args, &addrs, &mut out)?;
+        out.flush()?;
+        if eof {
+            break;
+        }
+    }
+    out.flush()?;
+    exit_without_drop(sym);
+    Ok(0)
+}
+
+/// The process ends right after: freeing a big module's parsed DWARF piece by piece
+/// (thousands of units, their functions and line tables) would only delay the exit.
+fn exit_without_drop(sym: Symbolizer) {
+    std::mem::forget(sym);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_like_bfd_scan_vma() {
+        assert_eq!(parse_address("0x9a0e0"), 0x9a0e0);
+        assert_eq!(parse_address("9A0E0"), 0x9a0e0);
+        assert_eq!(parse_address("  0X10 \n"), 0x10);
+        assert_eq!(parse_address("12zz"), 0x12);
+        assert_eq!(parse_address("zz"), 0);
+        assert_eq!(parse_address(""), 0);
+    }
+
+    #[test]
+    fn layout_follows_binutils() {
+        let frame = |function: Option<&str>, file: Option<&str>, line, inlined| Frame {
+            address: 0x10,
+            module: None,
+            function: function.map(str::to_owned),
+            file: file.map(str::to_owned),
+            line,
+            inlined,
+            unresolved: None,
+        };
+        let mut out = Vec::new();
+        write_address(&mut out, 0x10, &[frame(None, None, None, false)]).unwrap();
+        write_address(
+            &mut out,
+            0x20,
+            &[
+                frame(Some("inner"), Some("a.c"), Some(3), true),
+                frame(Some("outer"), Some("b.c"), Some(9), false),
+            ],
+        )
+        .unwrap();
+        write_address(&mut out, 0x30, &[frame(Some("asm"), None, None, false)]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "0x0000000000000010\n??\n??:0\n\
+             0x0000000000000020\ninner\na.c:3\nouter\nb.c:9\n\
+             0x0000000000000030\nasm\n??:?\n"
+        );
+    }
+}
