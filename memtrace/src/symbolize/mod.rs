@@ -358,7 +358,7 @@ impl Symbolizer {
         unique.sort_unstable();
         unique.dedup();
         let t = std::time::Instant::now();
-        let infos = resolve_parallel(elf, &unique);
+        let infos = resolve_sorted(elf, &unique);
         log::debug!("{} addresses resolved in {:?}", unique.len(), t.elapsed());
         let mut out = Vec::with_capacity(vaddrs.len());
         for &v in vaddrs {
@@ -495,35 +495,11 @@ fn load_module(
     ElfModule::from_file(file, &search)
 }
 
-/// Resolves sorted addresses of one module, in contiguous slices on up to
-/// `available_parallelism` threads: each thread then parses the units (line programs,
-/// function DIEs) of its own part of the module, which is where big batches spend their time.
-fn resolve_parallel(elf: &ElfModule, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
-    const MIN_PER_THREAD: usize = 64;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(sorted.len() / MIN_PER_THREAD)
-        .max(1);
-    if threads == 1 {
-        return sorted.iter().map(|&v| elf.resolve(v)).collect();
-    }
-    let chunk = sorted.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = sorted
-            .chunks(chunk)
-            .skip(1)
-            .map(|part| scope.spawn(move || part.iter().map(|&v| elf.resolve(v)).collect()))
-            .collect();
-        let mut out: Vec<Vec<FrameInfo>> =
-            sorted[..chunk].iter().map(|&v| elf.resolve(v)).collect();
-        for h in handles {
-            match h.join() {
-                Ok(part) => out.extend::<Vec<Vec<FrameInfo>>>(part),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        out
-    })
+/// Resolves sorted addresses of one module, in order: each unit's line program and
+/// function DIEs are parsed once, when its first address comes. (addr2line's
+/// context is not `Sync`, so this stays on one thread.)
+fn resolve_sorted(elf: &ElfModule, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
+    sorted.iter().map(|&v| elf.resolve(v)).collect()
 }
 
 fn to_frame(address: u64, module: Option<&str>, fi: FrameInfo) -> Frame {
