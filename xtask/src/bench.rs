@@ -52,12 +52,14 @@ over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
 symbolization against binutils `addr2line -f -i -C`. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
-52 runs per repetition, 5 repetitions, 100000 traced pairs per thread. That
-takes about 20-25 minutes on a 2-core VM (a memleak.bt run alone costs ~15 µs
-a pair; tracer start-up and attach add a few seconds to every run).
+52 runs per repetition (44 while memtrace has no --sample-bytes), 9
+repetitions, 100000 traced pairs per thread. One repetition takes about 95 s
+on the 2-core VM (a traced pair costs 0.3-15 µs; tracer start-up and attach,
+1-2 s, dominate each run), so the default takes about 15-18 minutes, plus
+about a minute for the report at scale.
 
 options:
-  --reps N             repetitions; each runs every cell once, all shuffled [5]
+  --reps N             repetitions; each runs every cell once, all shuffled [9]
   --iters N            pairs per thread in traced runs [100000]
   --base-iters N       pairs per thread in untraced runs [100 x --iters]
   --threads LIST       workload threads, each doing N pairs, e.g. 1 or 1,2 [1,2]
@@ -458,7 +460,7 @@ impl Options {
                 other => bail!("unknown bench option `{other}`\n\n{USAGE}"),
             }
         }
-        let reps = reps.unwrap_or(if quick { 2 } else { 5 });
+        let reps = reps.unwrap_or(if quick { 2 } else { 9 });
         let iters = iters.unwrap_or(if quick { 20_000 } else { 100_000 });
         let base_iters = base_iters.unwrap_or(iters.saturating_mul(100));
         if reps == 0 || iters == 0 || base_iters == 0 {
@@ -801,7 +803,7 @@ fn benchmarks_md(opts: &Options, env: &Env, date: &str, total: Duration, results
         "## Machine\n\n\
          - CPU: {} ({cpus} logical CPUs{}), {:.1} GiB RAM\n\
          - kernel {}, {}\n\
-         - {}; {}; heaptrack {}",
+         - {}; {}; {}",
         cpu_model(),
         if is_vm() {
             "; `hypervisor` flag set: a virtual machine"
@@ -829,10 +831,11 @@ fn benchmarks_md(opts: &Options, env: &Env, date: &str, total: Duration, results
            the kernel single-steps it out of line (int3, then #DB), which costs 10.8-12 µs here, \
            several times bare metal (the hypervisor likely intercepts #DB; not verified). glibc's \
            `free` starts with `test %rdi,%rdi`, a single-stepped instruction: every tracer probing \
-           `free+0` (bpftrace's memleak.bt and empty.bt do) pays that price on every free, and memtrace's \
-           probe sites are chosen to avoid it. Ratios to memleak.bt are therefore larger than they \
-           would be on bare metal, where single-stepping is cheaper. See the per-instruction costs \
-           measured on this VM (notes/uprobe-cost.md).\n\
+           `free+0` (bpftrace's memleak.bt and empty.bt do) pays that price on every free, while memtrace \
+           places its probes on the first emulated instruction of each function. So the ratios to \
+           memleak.bt here are smaller (better for memtrace) than they would be on bare metal, where \
+           single-stepping is cheaper. The per-instruction costs come from a separate measurement on \
+           this VM (the team's uprobe-cost note, not part of this repository).\n\
          - **Shared machine:** {cpus} cores, with other engineers' builds and tests running at the \
            same time; the load average before and after is in the results. Repetitions spread by \
            about ±15%; medians are good to roughly ±10%, and small differences (a few %) mean nothing.\n\
@@ -2890,7 +2893,7 @@ mod tests {
         // Default: the whole matrix. Every config on the fp build, all but
         // empty.bt on nofp; 13 cells per shape, 4 shapes.
         let o = a(&[]).unwrap().unwrap();
-        assert_eq!((o.reps, o.iters, o.scale_reps), (5, 100_000, 3));
+        assert_eq!((o.reps, o.iters, o.scale_reps), (9, 100_000, 3));
         assert_eq!(o.threads, vec![1, 2]);
         assert_eq!(o.sizes, vec![Sizes::Fixed, Sizes::Mixed]);
         let plan = o.plan();
