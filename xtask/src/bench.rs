@@ -53,9 +53,9 @@ symbolization against binutils `addr2line -f -i -C`. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
 52 runs per repetition (44 while memtrace has no --sample-bytes), 9
-repetitions, 100000 traced pairs per thread. One repetition takes about 95 s
-on the 2-core VM (a traced pair costs 0.3-15 µs; tracer start-up and attach,
-1-2 s, dominate each run), so the default takes about 15-18 minutes, plus
+repetitions, 100000 traced pairs per thread. One repetition took 95-150 s on
+the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
+1-2 s, dominate each run), so the default takes about 15-22 minutes, plus
 about a minute for the report at scale.
 
 options:
