@@ -1,17 +1,19 @@
-//! `cargo xtask bench`: memtrace's overhead next to bpftrace's memleak.
+//! `cargo xtask bench`: memtrace's overhead next to bpftrace's memleak and
+//! heaptrack, the cost of one report at scale, and symbolization speed.
 //!
 //! One workload (xtask/bench/workload.c with workload_cxx.cc: malloc+free
 //! pairs, timed inside the process; it links libstdc++) runs under each
 //! configuration: untraced, bpftrace with empty probes (the floor of the
-//! uprobe mechanism), bpftrace memleak.bt, and memtrace attached by --pid,
-//! once walking stacks with its .eh_frame unwind tables (the default) and once
-//! with the kernel's frame-pointer walk (`MEMTRACE_STACKS=fp`). The workload is
-//! built twice, with and without frame pointers; by default the frame-pointer
-//! build runs every configuration and the no-frame-pointer build those whose
-//! cost or stacks depend on frame pointers. Every repetition runs each
-//! (build, configuration) once, in a freshly shuffled order, so that drift on
-//! a shared machine (other builds, frequency changes) spreads over all of them
-//! instead of biasing one. Results are medians of ns per malloc+free pair.
+//! uprobe mechanism), bpftrace memleak.bt, heaptrack (an LD_PRELOAD tracer, so
+//! it launches the workload), memtrace exact (every allocation, attached by
+//! --pid, walking stacks with its .eh_frame unwind tables), memtrace sampled
+//! (`--sample-bytes 512KiB`, when the binary has the option) and memtrace
+//! exact with the kernel's frame-pointer walk (`MEMTRACE_STACKS=fp`). The
+//! matrix is threads {1, 2} x sizes {fixed 64 B, mixed} x builds {with, without
+//! frame pointers}. Every repetition runs each cell once, all in one freshly
+//! shuffled order, so that drift on a shared machine (other builds, frequency
+//! changes) spreads over all of them instead of biasing one. Results are
+//! medians of ns per malloc+free pair, and ratios to memleak.bt.
 //!
 //! Per run: start the workload (it warms up and prints READY), attach the
 //! tracer to its pid, wait for the tracer's own ready line, release the
@@ -23,6 +25,9 @@
 //! The workload keeps one block, allocated through a fixed call chain after
 //! the timed loop; memtrace reports it as the run's one site, and the length
 //! of that site's stack shows how far each stack walk got.
+//!
+//! After the overhead runs come the report at scale ([`crate::bench_scale`])
+//! and symbolization against addr2line ([`crate::bench_symbolize`]).
 use std::{
     collections::VecDeque,
     fmt::Write as _,
@@ -41,28 +46,51 @@ const USAGE: &str = "\
 usage: cargo xtask bench [OPTIONS]
 
 Times malloc+free pairs in a small C/C++ workload, untraced and under each
-tracer, and prints median ns per pair (also written to target/bench/results.md).
+tracer, and prints median ns per pair with ratios to bpftrace's memleak.bt
+(also written to target/bench/results.md). Then measures one memtrace report
+over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
+symbolization against binutils `addr2line -f -i -C`. Needs root.
+
+The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
+52 runs per repetition (44 while memtrace has no --sample-bytes), 9
+repetitions, 100000 traced pairs per thread. One repetition took 95-150 s on
+the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
+1-2 s, dominate each run), so the default takes about 15-22 minutes, plus
+about a minute for the report at scale.
 
 options:
-  --reps N             repetitions; each runs every build x config once, shuffled [9]
-  --iters N            pairs per thread in traced runs [300000]
+  --reps N             repetitions; each runs every cell once, all shuffled [9]
+  --iters N            pairs per thread in traced runs [100000]
   --base-iters N       pairs per thread in untraced runs [100 x --iters]
-  --threads T          workload threads, each doing N pairs [1]
+  --threads LIST       workload threads, each doing N pairs, e.g. 1 or 1,2 [1,2]
   --warmup N           untimed pairs per thread before the tracer attaches [10000]
-  --sizes fixed|mixed  fixed 64-byte blocks, or a fixed mix of 8 B-4 KiB [fixed]
-  --workloads LIST     comma-separated builds of the workload to run: fp (gcc -O2
-                       -fno-omit-frame-pointer), nofp (-O2 -fomit-frame-pointer)
-                       [fp,nofp]
+  --sizes LIST         fixed (64-byte blocks), mixed (a fixed mix of 8 B-4 KiB),
+                       or both: fixed,mixed [fixed,mixed]
+  --workloads LIST     builds of the workload: fp (gcc -O2 -fno-omit-frame-pointer),
+                       nofp (-O2 -fomit-frame-pointer) [fp,nofp]
   --omit-frame-pointer same as --workloads nofp
   --configs LIST       comma-separated subset of: untraced, bpftrace-empty,
-                       bpftrace-memleak, memtrace-dwarf (or memtrace),
-                       memtrace-fp; run for every build [default: all for fp;
-                       untraced, bpftrace-memleak, memtrace-dwarf, memtrace-fp
-                       for nofp]
+                       bpftrace-memleak, heaptrack, memtrace-exact (also
+                       memtrace-dwarf, memtrace), memtrace-sampled, memtrace-fp;
+                       run for every build [default: all for fp, all but
+                       bpftrace-empty for nofp]
+  --memtrace PATH      the memtrace binary to bench [target/release/memtrace]
   --seed N             seed of the per-repetition shuffle [from the clock]
-  --quick              2 reps, 20000 traced / 2000000 untraced pairs: checks
-                       that the bench itself works, in under two minutes
-  -h, --help           this text";
+  --scale-reps N       report-at-scale measurements (0: skip) [3]
+  --no-symbolize       skip the symbolization figure
+  --write-benchmarks   also write BENCHMARKS.md at the repository root (machine,
+                       caveats, methodology, the options used, all tables)
+  --quick              2 reps, 20000 traced / 2000000 untraced pairs, and unless
+                       given otherwise 1 thread, fixed sizes, 1 scale run: checks
+                       that the bench itself works, in a few minutes
+  -h, --help           this text
+
+memtrace sampled runs `memtrace --sample-bytes 512KiB`; a memtrace without that
+option reports the config as unavailable instead of failing the bench.
+heaptrack and bpftrace are installed with apt-get when missing. Targets (printed
+as pass/miss, never asserted): memtrace exact <= 0.2x memleak.bt and sampled
+<= 0.12x (1 thread, 64 B, fp build); a report at scale <= 100 ms CPU and
+<= 100 MiB peak RSS; symbolization >= 5x faster than addr2line.";
 
 /// bpftrace 0.17 keeps a map's max_entries at this value; memleak.bt's maps
 /// hold only live blocks, a handful in this workload. Large values cost
@@ -74,22 +102,32 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Bytes per unwind-table page entry in the kernel, next to `row_bytes`.
 const UNWIND_PAGE_BYTES: u64 = 32;
+/// What memtrace sampled is given: the spec's sampling interval.
+const SAMPLE_BYTES: &str = "512KiB";
+
+/// The targets of issue 6, as ratios to memleak.bt in the headline cell.
+const TARGET_EXACT_RATIO: f64 = 0.2;
+const TARGET_SAMPLED_RATIO: f64 = 0.12;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Untraced,
     BpftraceEmpty,
     BpftraceMemleak,
-    MemtraceDwarf,
+    Heaptrack,
+    MemtraceExact,
+    MemtraceSampled,
     MemtraceFp,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 7] = [
         Config::Untraced,
         Config::BpftraceEmpty,
         Config::BpftraceMemleak,
-        Config::MemtraceDwarf,
+        Config::Heaptrack,
+        Config::MemtraceExact,
+        Config::MemtraceSampled,
         Config::MemtraceFp,
     ];
 
@@ -99,7 +137,9 @@ impl Config {
             Config::Untraced => "untraced",
             Config::BpftraceEmpty => "bpftrace-empty",
             Config::BpftraceMemleak => "bpftrace-memleak",
-            Config::MemtraceDwarf => "memtrace-dwarf",
+            Config::Heaptrack => "heaptrack",
+            Config::MemtraceExact => "memtrace-exact",
+            Config::MemtraceSampled => "memtrace-sampled",
             Config::MemtraceFp => "memtrace-fp",
         }
     }
@@ -109,8 +149,10 @@ impl Config {
             Config::Untraced => "untraced",
             Config::BpftraceEmpty => "bpftrace empty.bt",
             Config::BpftraceMemleak => "bpftrace memleak.bt",
-            Config::MemtraceDwarf => "memtrace (dwarf stacks)",
-            Config::MemtraceFp => "memtrace (fp stacks)",
+            Config::Heaptrack => "heaptrack (launch)",
+            Config::MemtraceExact => "memtrace exact",
+            Config::MemtraceSampled => "memtrace sampled 512 KiB",
+            Config::MemtraceFp => "memtrace exact, fp stacks",
         }
     }
 
@@ -123,7 +165,10 @@ impl Config {
     }
 
     fn is_memtrace(self) -> bool {
-        matches!(self, Config::MemtraceDwarf | Config::MemtraceFp)
+        matches!(
+            self,
+            Config::MemtraceExact | Config::MemtraceSampled | Config::MemtraceFp
+        )
     }
 
     /// The value of MEMTRACE_STACKS for this config; None: unset (the
@@ -132,19 +177,106 @@ impl Config {
         (self == Config::MemtraceFp).then_some("fp")
     }
 
+    /// Extra memtrace arguments of this config.
+    fn memtrace_args(self) -> &'static [&'static str] {
+        match self {
+            Config::MemtraceSampled => &["--sample-bytes", SAMPLE_BYTES],
+            _ => &[],
+        }
+    }
+
     fn parse(s: &str) -> Result<Config> {
-        if s == "memtrace" {
-            return Ok(Config::MemtraceDwarf);
+        // Older names, still accepted.
+        if s == "memtrace" || s == "memtrace-dwarf" {
+            return Ok(Config::MemtraceExact);
         }
         Config::ALL
             .into_iter()
             .find(|c| c.id() == s)
             .ok_or_else(|| {
                 anyhow!(
-                    "unknown config `{s}` (one of: untraced, bpftrace-empty, bpftrace-memleak, \
-                     memtrace-dwarf, memtrace, memtrace-fp)"
+                    "unknown config `{s}` (one of: {}; memtrace and memtrace-dwarf mean \
+                     memtrace-exact)",
+                    Config::ALL.map(Config::id).join(", ")
                 )
             })
+    }
+}
+
+/// Sizes the workload allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Sizes {
+    Fixed,
+    Mixed,
+}
+
+impl Sizes {
+    fn id(self) -> &'static str {
+        match self {
+            Sizes::Fixed => "fixed",
+            Sizes::Mixed => "mixed",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Sizes::Fixed => "fixed 64 B",
+            Sizes::Mixed => "mixed 8 B-4 KiB",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Sizes> {
+        match s {
+            "fixed" => Ok(Sizes::Fixed),
+            "mixed" => Ok(Sizes::Mixed),
+            other => bail!("--sizes takes fixed, mixed or fixed,mixed, not `{other}`"),
+        }
+    }
+}
+
+/// One workload shape: how many threads, which sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Scenario {
+    threads: u32,
+    sizes: Sizes,
+}
+
+impl Scenario {
+    fn id(self) -> String {
+        format!("t{}-{}", self.threads, self.sizes.id())
+    }
+
+    fn label(self) -> String {
+        format!(
+            "{} thread{}, {}",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            self.sizes.label()
+        )
+    }
+
+    /// The cell the targets are stated for: 1 thread, 64 B.
+    fn is_headline(self) -> bool {
+        self.threads == 1 && self.sizes == Sizes::Fixed
+    }
+}
+
+/// One cell of the matrix: what a run runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Cell {
+    scenario: Scenario,
+    workload: Workload,
+    config: Config,
+}
+
+impl Cell {
+    fn name(self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.scenario.id(),
+            self.workload.id(),
+            self.config.id()
+        )
     }
 }
 
@@ -200,12 +332,10 @@ impl Workload {
     fn default_configs(self) -> Vec<Config> {
         match self {
             Workload::Fp => Config::ALL.to_vec(),
-            Workload::NoFp => vec![
-                Config::Untraced,
-                Config::BpftraceMemleak,
-                Config::MemtraceDwarf,
-                Config::MemtraceFp,
-            ],
+            Workload::NoFp => Config::ALL
+                .into_iter()
+                .filter(|&c| c != Config::BpftraceEmpty)
+                .collect(),
         }
     }
 
@@ -222,15 +352,21 @@ struct Options {
     reps: usize,
     iters: u64,
     base_iters: u64,
-    threads: u32,
+    threads: Vec<u32>,
     warmup: u64,
-    mixed_sizes: bool,
+    sizes: Vec<Sizes>,
     /// From --configs: the same list for every build. None: each build's
     /// default.
     configs: Option<Vec<Config>>,
     workloads: Vec<Workload>,
+    memtrace: Option<PathBuf>,
     seed: u64,
+    scale_reps: usize,
+    symbolize: bool,
+    write_benchmarks: bool,
     quick: bool,
+    /// The arguments as given, for the record in BENCHMARKS.md.
+    args: Vec<String>,
 }
 
 /// A comma-separated list without duplicates, sorted.
@@ -258,12 +394,16 @@ impl Options {
         let mut reps = None;
         let mut iters = None;
         let mut base_iters = None;
-        let mut threads = 1;
+        let mut threads = None;
         let mut warmup = 10_000;
-        let mut mixed_sizes = false;
+        let mut sizes = None;
         let mut configs = None;
         let mut workloads = None;
+        let mut memtrace = None;
         let mut seed = None;
+        let mut scale_reps = None;
+        let mut symbolize = true;
+        let mut write_benchmarks = false;
         let mut quick = false;
 
         let mut it = args.iter();
@@ -287,15 +427,15 @@ impl Options {
                 "--reps" => reps = Some(parse_num(name, &value()?)?),
                 "--iters" => iters = Some(parse_num(name, &value()?)?),
                 "--base-iters" => base_iters = Some(parse_num(name, &value()?)?),
-                "--threads" => threads = parse_num(name, &value()?)?,
-                "--warmup" => warmup = parse_num(name, &value()?)?,
-                "--sizes" => {
-                    mixed_sizes = match value()?.as_str() {
-                        "fixed" => false,
-                        "mixed" => true,
-                        other => bail!("--sizes takes fixed or mixed, not `{other}`"),
+                "--threads" => {
+                    let t = parse_list(name, &value()?, |v| parse_num("--threads", v))?;
+                    if t.iter().any(|n| !(1..=64).contains(n)) {
+                        bail!("--threads must be between 1 and 64");
                     }
+                    threads = Some(t.into_iter().map(|n| n as u32).collect());
                 }
+                "--warmup" => warmup = parse_num(name, &value()?)?,
+                "--sizes" => sizes = Some(parse_list(name, &value()?, Sizes::parse)?),
                 "--configs" => configs = Some(parse_list(name, &value()?, Config::parse)?),
                 "--workloads" => {
                     let w = parse_list(name, &value()?, Workload::parse)?;
@@ -311,21 +451,27 @@ impl Options {
                     }
                     workloads = Some(w);
                 }
+                "--memtrace" => memtrace = Some(PathBuf::from(value()?)),
                 "--seed" => seed = Some(parse_num(name, &value()?)?),
+                "--scale-reps" => scale_reps = Some(parse_num(name, &value()?)? as usize),
+                "--no-symbolize" => symbolize = false,
+                "--write-benchmarks" => write_benchmarks = true,
                 "--quick" => quick = true,
                 other => bail!("unknown bench option `{other}`\n\n{USAGE}"),
             }
         }
-        // 9 reps x 9 runs take 6-8 minutes here (uprobes cost ~10 µs a hit).
         let reps = reps.unwrap_or(if quick { 2 } else { 9 });
-        let iters = iters.unwrap_or(if quick { 20_000 } else { 300_000 });
+        let iters = iters.unwrap_or(if quick { 20_000 } else { 100_000 });
         let base_iters = base_iters.unwrap_or(iters.saturating_mul(100));
         if reps == 0 || iters == 0 || base_iters == 0 {
             bail!("--reps, --iters and --base-iters must be at least 1");
         }
-        if !(1..=64).contains(&threads) {
-            bail!("--threads must be between 1 and 64");
-        }
+        let threads = threads.unwrap_or(if quick { vec![1] } else { vec![1, 2] });
+        let sizes = sizes.unwrap_or(if quick {
+            vec![Sizes::Fixed]
+        } else {
+            vec![Sizes::Fixed, Sizes::Mixed]
+        });
         let seed = seed.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -336,13 +482,18 @@ impl Options {
             reps: reps as usize,
             iters,
             base_iters,
-            threads: threads as u32,
+            threads,
             warmup,
-            mixed_sizes,
+            sizes,
             configs,
             workloads: workloads.unwrap_or_else(|| Workload::ALL.to_vec()),
+            memtrace,
             seed,
+            scale_reps: scale_reps.unwrap_or(if quick { 1 } else { 3 }),
+            symbolize,
+            write_benchmarks,
             quick,
+            args: args.to_vec(),
         }))
     }
 
@@ -350,17 +501,38 @@ impl Options {
         self.configs.clone().unwrap_or_else(|| w.default_configs())
     }
 
-    /// Every (build, config) a repetition runs, in a fixed order.
-    fn plan(&self) -> Vec<(Workload, Config)> {
-        self.workloads
+    /// Every workload shape, in a fixed order.
+    fn scenarios(&self) -> Vec<Scenario> {
+        self.threads
             .iter()
-            .flat_map(|&w| self.configs_for(w).into_iter().map(move |c| (w, c)))
+            .flat_map(|&threads| {
+                self.sizes
+                    .iter()
+                    .map(move |&sizes| Scenario { threads, sizes })
+            })
             .collect()
+    }
+
+    /// Every cell a repetition runs, in a fixed order.
+    fn plan(&self) -> Vec<Cell> {
+        let mut v = Vec::new();
+        for scenario in self.scenarios() {
+            for &workload in &self.workloads {
+                for config in self.configs_for(workload) {
+                    v.push(Cell {
+                        scenario,
+                        workload,
+                        config,
+                    });
+                }
+            }
+        }
+        v
     }
 
     /// Every config some build runs, sorted.
     fn all_configs(&self) -> Vec<Config> {
-        let mut v: Vec<Config> = self.plan().into_iter().map(|(_, c)| c).collect();
+        let mut v: Vec<Config> = self.plan().into_iter().map(|c| c.config).collect();
         v.sort();
         v.dedup();
         v
@@ -381,87 +553,327 @@ fn parse_num(name: &str, v: &str) -> Result<u64> {
         .with_context(|| format!("{name}: `{v}` is not a non-negative integer"))
 }
 
-fn run_name(w: Workload, c: Config) -> String {
-    format!("{}/{}", w.id(), c.id())
-}
-
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let Some(opts) = Options::parse(args)? else {
         return Ok(());
     };
     let env = Env::prepare(root, &opts)?;
     let started = Instant::now();
+    let date = super::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
     let load_before = loadavg();
-    let plan = opts.plan();
+    let plan: Vec<Cell> = opts
+        .plan()
+        .into_iter()
+        .filter(|c| env.unavailable(c.config).is_none())
+        .collect();
+    for (c, why) in &env.unavailable {
+        eprintln!("bench: {}: unavailable ({why})", c.label());
+    }
 
     eprintln!(
-        "bench: {} reps of [{}]; {} traced / {} untraced pairs per thread, {} thread(s), {} sizes, seed {}",
+        "bench: {} reps of {} runs; {} traced / {} untraced pairs per thread, threads {:?}, sizes {:?}, seed {}",
         opts.reps,
-        plan.iter()
-            .map(|&(w, c)| run_name(w, c))
-            .collect::<Vec<_>>()
-            .join(", "),
+        plan.len(),
         opts.iters,
         opts.base_iters,
         opts.threads,
-        if opts.mixed_sizes {
-            "mixed"
-        } else {
-            "fixed 64 B"
-        },
+        opts.sizes.iter().map(|s| s.id()).collect::<Vec<_>>(),
         opts.seed,
     );
 
     let mut rng = XorShift(opts.seed | 1);
     let mut runs: Vec<Run> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     for rep in 1..=opts.reps {
         let mut order = plan.clone();
         rng.shuffle(&mut order);
         eprintln!(
-            "bench: rep {rep}/{}: {}",
+            "bench: rep {rep}/{} ({} runs, {:.0} s so far)",
             opts.reps,
-            order
-                .iter()
-                .map(|&(w, c)| run_name(w, c))
-                .collect::<Vec<_>>()
-                .join(" -> ")
+            order.len(),
+            started.elapsed().as_secs_f64()
         );
-        for (workload, config) in order {
-            let run = run_one(&env, &opts, workload, config, rep).with_context(|| {
-                format!("rep {rep}, build {}, config {}", workload.id(), config.id())
-            })?;
+        for cell in order {
+            // One failed run (a tracer that did not attach in time, say) is
+            // reported, not fatal: a long run should not be lost to it.
+            let run = match run_one(&env, &opts, cell, rep) {
+                Ok(run) => run,
+                Err(e) => {
+                    let msg = format!("rep {rep} {}: {e:#}", cell.name());
+                    eprintln!("bench:   FAILED {msg}");
+                    failures.push(msg);
+                    continue;
+                }
+            };
             eprintln!(
-                "bench:   {:<22} {:>10} ns/pair  ({:.1} s{})",
-                run_name(workload, config),
+                "bench:   {:<36} {:>10} ns/pair  ({:.1} s{})",
+                cell.name(),
                 fmt_ns(run.ns_per_pair),
                 run.wall.as_secs_f64(),
                 run.memtrace
                     .as_ref()
-                    .map(|m| format!(", {}", m.summary(run.pairs, run.kept)))
+                    .map(|m| format!(", {}", m.summary(run.pairs, run.kept, cell.config)))
                     .unwrap_or_default(),
             );
             runs.push(run);
         }
     }
+    let overhead_s = started.elapsed();
+    let load_after = loadavg();
+
+    let memtrace = env.memtrace.clone();
+    let scale = match (&memtrace, opts.scale_reps) {
+        (Some(bin), n) if n > 0 => {
+            eprintln!("bench: report at scale ({n} run(s))");
+            Some(
+                crate::bench_scale::run(root, &env.bench_dir, bin, n)
+                    .context("the report-at-scale figure"),
+            )
+        }
+        _ => None,
+    };
+    let symbolize = match (&memtrace, opts.symbolize) {
+        (Some(bin), true) => {
+            eprintln!("bench: symbolization against addr2line");
+            Some(crate::bench_symbolize::run(bin).context("the symbolization figure"))
+        }
+        _ => None,
+    };
 
     let report = Report {
         opts: &opts,
         env: &env,
-        runs: &runs,
+        runs: runs.iter().collect(),
+        failures: &failures,
         load_before,
-        load_after: loadavg(),
-        elapsed: started.elapsed(),
+        load_after,
+        elapsed: overhead_s,
     };
-    let text = report.markdown();
-    println!("\n{text}");
+    let mut text = report.markdown();
+    let mut targets = report.targets();
+    match &scale {
+        Some(Ok(sc)) => {
+            text.push('\n');
+            text.push_str(&sc.markdown());
+            targets.extend(sc.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Report at scale\n\nnot measured: {e:#}");
+            targets.push(format!("report at scale: not measured ({e:#})"));
+        }
+        None => targets.push("report at scale: not measured (skipped)".into()),
+    }
+    match &symbolize {
+        Some(Ok(md)) => {
+            let _ = writeln!(text, "\n## Symbolization\n\n{}", md.trim_end());
+            targets.push(symbolize_target(md));
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Symbolization\n\nnot measured: {e:#}");
+            targets.push(format!("symbolization: not measured ({e:#})"));
+        }
+        None => targets.push("symbolization: not measured (skipped)".into()),
+    }
+    let mut results = String::new();
+    let _ = writeln!(results, "## Targets\n");
+    for t in &targets {
+        let _ = writeln!(results, "- {t}");
+    }
+    results.push('\n');
+    results.push_str(&text);
+
+    println!("\n{results}");
     let out = env.bench_dir.join("results.md");
-    fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    fs::write(&out, &results).with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
         "bench: wrote {} (total {:.0} s)",
         out.display(),
         started.elapsed().as_secs_f64()
     );
+    if opts.write_benchmarks {
+        let path = root.join("BENCHMARKS.md");
+        let doc = benchmarks_md(&opts, &env, &date, started.elapsed(), &results);
+        fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// The symbolization section's own target lines (those naming a pass or a
+/// miss), else "not measured".
+fn symbolize_target(md: &str) -> String {
+    let lines: Vec<&str> = md
+        .lines()
+        .map(|l| l.trim().trim_start_matches(['-', '*', ' ']))
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("pass") || l.contains("miss")
+        })
+        .collect();
+    if lines.is_empty() {
+        format!(
+            "symbolization >= 5x faster than addr2line: not measured ({})",
+            md.lines().next().unwrap_or("").trim()
+        )
+    } else {
+        lines.join("; ")
+    }
+}
+
+/// `pass`/`miss` of `value <= limit`.
+pub(crate) fn pass(value: f64, limit: f64) -> &'static str {
+    if value <= limit {
+        "**pass**"
+    } else {
+        "**miss**"
+    }
+}
+
+/// /proc/cpuinfo's first `model name`.
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn is_vm() -> bool {
+    fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"))
+    })
+}
+
+/// BENCHMARKS.md: the machine, caveats and methodology, then the results.
+fn benchmarks_md(opts: &Options, env: &Env, date: &str, total: Duration, results: &str) -> String {
+    let mut s = String::new();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_kib: u64 = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let args = if opts.args.is_empty() {
+        "(no options: the defaults)".to_string()
+    } else {
+        opts.args.join(" ")
+    };
+    let _ = writeln!(
+        s,
+        "# memtrace benchmarks\n\n\
+         Measured {date} with `cargo xtask bench {args}` (generated by that command; \
+         {:.0} minutes in all). Resolved options: {} reps; {} traced / {} untraced pairs per \
+         thread; threads {}; sizes {}; builds {}; seed {}; {} report-at-scale run(s).\n",
+        total.as_secs_f64() / 60.0,
+        opts.reps,
+        group_thousands(opts.iters),
+        group_thousands(opts.base_iters),
+        opts.threads
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.sizes
+            .iter()
+            .map(|x| x.id())
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.workloads
+            .iter()
+            .map(|w| w.id())
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.seed,
+        opts.scale_reps,
+    );
+    let _ = writeln!(
+        s,
+        "## Machine\n\n\
+         - CPU: {} ({cpus} logical CPUs{}), {:.1} GiB RAM\n\
+         - kernel {}, {}\n\
+         - {}; {}; {}",
+        cpu_model(),
+        if is_vm() {
+            "; `hypervisor` flag set: a virtual machine"
+        } else {
+            ""
+        },
+        mem_kib as f64 / (1024.0 * 1024.0),
+        kernel.trim(),
+        fs::read_to_string("/etc/debian_version")
+            .map(|v| format!("Debian {}", v.trim()))
+            .unwrap_or_else(|_| "?".into()),
+        env.bpftrace_version
+            .as_deref()
+            .unwrap_or("bpftrace not used"),
+        env.memtrace_version
+            .as_deref()
+            .unwrap_or("memtrace not used"),
+        env.heaptrack_version.as_deref().unwrap_or("not used"),
+    );
+    let _ = writeln!(
+        s,
+        "\n## Caveats\n\n\
+         - **A virtual machine** (firecracker guest). A uprobe on an instruction the kernel emulates \
+           after the int3 trap (push, jmp/call, jcc, nop) costs ~0.75 µs here; on any other instruction \
+           the kernel single-steps it out of line (int3, then #DB), which costs 10.8-12 µs here, \
+           several times bare metal (the hypervisor likely intercepts #DB; not verified). glibc's \
+           `free` starts with `test %rdi,%rdi`, a single-stepped instruction: every tracer probing \
+           `free+0` (bpftrace's memleak.bt and empty.bt do) pays that price on every free, while memtrace \
+           places its probes on the first emulated instruction of each function. So the ratios to \
+           memleak.bt here are smaller (better for memtrace) than they would be on bare metal, where \
+           single-stepping is cheaper. The per-instruction costs come from a separate measurement on \
+           this VM (the team's uprobe-cost note, not part of this repository).\n\
+         - **Shared machine:** {cpus} cores, with other engineers' builds and tests running at the \
+           same time; the load average before and after is in the results. Repetitions spread by \
+           about ±15%; medians are good to roughly ±10%, and small differences (a few %) mean nothing.\n\
+         - bpftrace 0.17 does not bind uprobes to `-p PID`: while a bpftrace config runs, every \
+           process on the machine pays its probes (the scripts filter on pid inside BPF). memtrace's \
+           probes are bound to the target pid.\n\
+         - The workload is a tight malloc+free loop: the worst case for any tracer, since the program \
+           does nothing else. Real programs allocate far less often per unit of work.\n"
+    );
+    let _ = writeln!(
+        s,
+        "## Methodology\n\n\
+         - **Workload** (xtask/bench/workload.c + workload_cxx.cc, gcc/g++ -O2 -g, linked against \
+           libstdc++): each thread does `p = malloc(size); *(volatile char *)p = 1; free(p);` N times, \
+           timed inside the process with CLOCK_MONOTONIC. Sizes: fixed 64 B, or a fixed pseudo-random \
+           mix (15/16 of 8-512 B, 1/16 of 1-4 KiB). Built with frame pointers (fp) and without (nofp).\n\
+         - **What is timed:** only the loop. The workload warms up, prints READY and waits; the tracer \
+           attaches (or, for heaptrack, has launched it); the bench waits for the tracer's ready line, \
+           then releases the workload, which prints its RESULT line. Tracer start-up, attach, \
+           detach and the final report are not in the figure. ns/pair is the mean over the threads.\n\
+         - **Configs:** untraced; bpftrace with three empty probes (malloc entry + return, free: the \
+           floor of the uprobe mechanism); bpftrace memleak.bt (BCC memleak's logic: size at entry, \
+           address + ustack at return, delete at free); heaptrack launching the workload \
+           (`heaptrack -o TMP ./workload ...`, LD_PRELOAD; its output goes to a temp dir, removed); \
+           memtrace exact (`memtrace --pid N`, every allocation, .eh_frame stack walk); memtrace \
+           sampled (`--sample-bytes {SAMPLE_BYTES}`); memtrace exact with frame-pointer stacks \
+           (`MEMTRACE_STACKS=fp`).\n\
+         - **Interleaving:** every repetition runs every cell (shape x build x config) once, in one \
+           freshly shuffled order, so drift and other load spread over all cells.\n\
+         - **Statistics:** medians over the repetitions (min and max shown), ratios of medians to \
+           memleak.bt's median in the same shape and build; overhead = median - untraced median.\n\
+         - **Report at scale:** tests/fixtures/scale.c (the integration test's fixture) holds \
+           1,000,000 blocks over 10,000 stacks; memtrace attaches by pid; CPU of the report = \
+           memtrace's utime+stime at exit (wait4) minus the same just before SIGINT \
+           (/proc/PID/stat, 10 ms ticks); peak RSS = ru_maxrss.\n"
+    );
+    s.push_str(results);
+    s
 }
 
 /// What the runs need, checked and set up once: binaries, scripts, tracefs.
@@ -472,8 +884,12 @@ struct Env {
     scripts_dir: PathBuf,
     bpftrace: Option<String>,
     bpftrace_version: Option<String>,
+    heaptrack: Option<String>,
+    heaptrack_version: Option<String>,
     memtrace: Option<PathBuf>,
     memtrace_version: Option<String>,
+    /// Configs that cannot run with these binaries, and why.
+    unavailable: Vec<(Config, String)>,
 }
 
 impl Env {
@@ -487,33 +903,52 @@ impl Env {
         let src_dir = root.join("xtask/bench");
         let workloads = build_workloads(&src_dir, &bench_dir)?;
         let configs = opts.all_configs();
+        let version = |bin: &str| {
+            super::output(Command::new(bin).arg("--version"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
 
         let wants_bpftrace = configs.iter().any(|c| c.script().is_some());
         let (bpftrace, bpftrace_version) = if wants_bpftrace {
             ensure_tracefs()?;
-            let bin = ensure_bpftrace()?;
-            let version = super::output(Command::new(&bin).arg("--version"))
-                .ok()
-                .map(|s| s.trim().to_string());
-            (Some(bin), version)
+            let bin = ensure_apt("bpftrace", "bpftrace", "the reference tracer")?;
+            let v = version(&bin);
+            (Some(bin), v)
+        } else {
+            (None, None)
+        };
+        let (heaptrack, heaptrack_version) = if configs.contains(&Config::Heaptrack) {
+            let bin = ensure_apt("heaptrack", "heaptrack", "the LD_PRELOAD comparison")?;
+            let v = version(&bin);
+            (Some(bin), v)
         } else {
             (None, None)
         };
 
-        let (memtrace, memtrace_version) = if configs.iter().any(|c| c.is_memtrace()) {
-            let bin = super::memtrace_bin();
+        let mut unavailable = Vec::new();
+        let wants_memtrace =
+            configs.iter().any(|c| c.is_memtrace()) || opts.scale_reps > 0 || opts.symbolize;
+        let (memtrace, memtrace_version) = if wants_memtrace {
+            let bin = opts.memtrace.clone().unwrap_or_else(super::memtrace_bin);
             if !bin.exists() {
                 bail!(
                     "{} does not exist: run `cargo xtask build`, or leave memtrace out with --configs",
                     bin.display()
                 );
             }
-            super::output(Command::new(&bin).arg("--help"))
+            let help = super::output(Command::new(&bin).arg("--help"))
                 .with_context(|| format!("{} --help does not run", bin.display()))?;
-            let version = super::output(Command::new(&bin).arg("--version"))
+            if !help.contains("--sample-bytes") {
+                unavailable.push((
+                    Config::MemtraceSampled,
+                    "memtrace has no --sample-bytes".to_string(),
+                ));
+            }
+            let v = super::output(Command::new(&bin).arg("--version"))
                 .ok()
                 .map(|s| s.trim().to_string());
-            (Some(bin), version)
+            (Some(bin), v)
         } else {
             (None, None)
         };
@@ -524,8 +959,11 @@ impl Env {
             scripts_dir: src_dir,
             bpftrace,
             bpftrace_version,
+            heaptrack,
+            heaptrack_version,
             memtrace,
             memtrace_version,
+            unavailable,
         })
     }
 
@@ -535,6 +973,14 @@ impl Env {
             .find(|(x, _)| *x == w)
             .map(|(_, p)| p.as_path())
             .expect("every build is compiled")
+    }
+
+    /// Why `c` cannot run, if it cannot.
+    fn unavailable(&self, c: Config) -> Option<&str> {
+        self.unavailable
+            .iter()
+            .find(|(x, _)| *x == c)
+            .map(|(_, why)| why.as_str())
     }
 }
 
@@ -598,15 +1044,14 @@ fn ensure_tracefs() -> Result<()> {
         .context("mounting tracefs at /sys/kernel/tracing")
 }
 
-/// The bpftrace to run: the one on PATH, else installed with apt-get.
-fn ensure_bpftrace() -> Result<String> {
-    let works = || super::output(Command::new("bpftrace").arg("--version")).is_ok();
+/// `bin` on PATH, else installed with apt-get from `package` (as a fresh
+/// Debian machine has neither bpftrace nor heaptrack).
+fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
+    let works = || super::output(Command::new(bin).arg("--version")).is_ok();
     if works() {
-        return Ok("bpftrace".into());
+        return Ok(bin.into());
     }
-    eprintln!(
-        "bench: bpftrace not found; installing it with apt-get (bpftrace is the reference tracer)"
-    );
+    eprintln!("bench: {bin} not found; installing {package} with apt-get ({bin} is {why})");
     let apt = |args: &[&str]| {
         super::status(
             Command::new("apt-get")
@@ -616,15 +1061,16 @@ fn ensure_bpftrace() -> Result<String> {
         )
     };
     apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "--no-install-recommends", "bpftrace"])?;
+    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
     if !works() {
-        bail!("bpftrace was installed but `bpftrace --version` still fails");
+        bail!("{package} was installed but `{bin} --version` still fails");
     }
-    Ok("bpftrace".into())
+    Ok(bin.into())
 }
 
 /// One timed run of one build of the workload under one configuration.
 struct Run {
+    scenario: Scenario,
     workload: Workload,
     config: Config,
     rep: usize,
@@ -769,14 +1215,20 @@ impl MemtraceOut {
         })
     }
 
-    fn summary(&self, pairs: u64, kept: u64) -> String {
+    fn summary(&self, pairs: u64, kept: u64, config: Config) -> String {
         let c = &self.counts;
         let mut s = format!(
             "JSON alloc_calls {} free_calls {} dropped {}: {}",
             c.alloc_calls,
             c.free_calls,
             c.dropped_events,
-            if c.ok(pairs, kept) { "ok" } else { "MISMATCH" }
+            if config == Config::MemtraceSampled {
+                "sampled, not checked"
+            } else if c.ok(pairs, kept) {
+                "ok"
+            } else {
+                "MISMATCH"
+            }
         );
         match &self.site {
             Some(st) => {
@@ -825,33 +1277,64 @@ fn mapped_modules(pid: u32) -> Vec<String> {
     v
 }
 
-fn run_one(
-    env: &Env,
-    opts: &Options,
-    workload_build: Workload,
-    config: Config,
-    rep: usize,
-) -> Result<Run> {
+fn run_one(env: &Env, opts: &Options, cell: Cell, rep: usize) -> Result<Run> {
+    let Cell {
+        scenario,
+        workload: workload_build,
+        config,
+    } = cell;
     let iters = opts.iters_for(config);
     let mut warnings = Vec::new();
-    let mut cmd = Command::new(env.workload_exe(workload_build));
-    cmd.arg(iters.to_string())
-        .arg(opts.threads.to_string())
-        .arg(if opts.mixed_sizes { "mixed" } else { "fixed" })
-        .arg(opts.warmup.to_string());
-    let mut workload = Proc::spawn("workload", cmd, true, false)?;
-    workload.wait_line(Duration::from_secs(60), "its READY line", |s, l| {
-        s == Stream::Stdout && l.starts_with("READY")
-    })?;
-    let pid = workload.pid();
-    let mapped = mapped_modules(pid);
-
-    let stem = format!("{}-{}-rep{rep}", workload_build.id(), config.id());
+    let stem = format!(
+        "{}-{}-{}-rep{rep}",
+        scenario.id(),
+        workload_build.id(),
+        config.id()
+    );
     let log_path = env.bench_dir.join("logs").join(format!("{stem}.log"));
     let json_path = env.bench_dir.join(format!("{stem}.json"));
+
+    let exe = env.workload_exe(workload_build);
+    let workload_args = [
+        iters.to_string(),
+        scenario.threads.to_string(),
+        scenario.sizes.id().to_string(),
+        opts.warmup.to_string(),
+    ];
+    // heaptrack preloads itself into the program it starts: it launches the
+    // workload, and writes its data file into a directory of its own that
+    // goes away with the run (TempDir's Drop).
+    let heaptrack_dir = (config == Config::Heaptrack)
+        .then(|| TempDir::new(&format!("heaptrack-{stem}")))
+        .transpose()?;
+    let mut cmd = match &heaptrack_dir {
+        Some(dir) => {
+            let mut c = Command::new(env.heaptrack.as_deref().expect("heaptrack prepared"));
+            c.arg("-o")
+                .arg(dir.path().join("heaptrack.workload"))
+                .arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    cmd.args(&workload_args);
+    let mut workload = Proc::spawn("workload", cmd, true, false)?;
+    // heaptrack prints its own lines to stdout first; the READY line is the
+    // workload's, with the workload's pid (heaptrack's shell is its parent).
+    let ready = workload.wait_line(Duration::from_secs(60), "its READY line", |s, l| {
+        s == Stream::Stdout && l.starts_with("READY")
+    })?;
+    let pid: u32 = field(&ready, "pid").context("READY line without pid=")?;
+    let mapped = mapped_modules(pid);
+    if config == Config::Heaptrack && !mapped.iter().any(|m| m.contains("heaptrack")) {
+        warnings.push(format!(
+            "heaptrack's preload library is not mapped into the workload: {mapped:?}"
+        ));
+    }
+
     let mut attach_s = None;
     let mut tracer = match config {
-        Config::Untraced => None,
+        Config::Untraced | Config::Heaptrack => None,
         Config::BpftraceEmpty | Config::BpftraceMemleak => {
             let script = env
                 .scripts_dir
@@ -869,14 +1352,15 @@ fn run_one(
             })?;
             Some(p)
         }
-        Config::MemtraceDwarf | Config::MemtraceFp => {
+        Config::MemtraceExact | Config::MemtraceSampled | Config::MemtraceFp => {
             let _ = fs::remove_file(&json_path);
             let mut c = Command::new(env.memtrace.as_ref().expect("memtrace prepared"));
             c.args(["--pid", &pid.to_string(), "-f", "json", "-o"])
-                .arg(&json_path);
+                .arg(&json_path)
+                .args(config.memtrace_args());
             match config.memtrace_stacks() {
                 Some(v) => c.env("MEMTRACE_STACKS", v),
-                // The dwarf config is memtrace's default: not whatever the
+                // The default stacks are memtrace's default: not whatever the
                 // caller's environment says.
                 None => c.env_remove("MEMTRACE_STACKS"),
             };
@@ -935,7 +1419,7 @@ fn run_one(
                 )
             })?;
             let out = MemtraceOut::from_json(&json, &json_path)?;
-            if config == Config::MemtraceDwarf && log.contains("unwind tables not loaded") {
+            if config != Config::MemtraceFp && log.contains("unwind tables not loaded") {
                 warnings.push(
                     "memtrace could not load its unwind tables and walked frame pointers \
                      (see its log)"
@@ -943,14 +1427,21 @@ fn run_one(
                 );
             }
             match &out.site {
+                // A sampled run may well miss the one kept block.
+                None if config == Config::MemtraceSampled => {}
                 None => warnings.push(format!(
                     "memtrace's report has no site (the workload keeps {kept} block(s))"
                 )),
-                Some(s) if kept_bytes.is_some() && s.outstanding_bytes != kept_bytes => warnings
-                    .push(format!(
+                Some(s)
+                    if config != Config::MemtraceSampled
+                        && kept_bytes.is_some()
+                        && s.outstanding_bytes != kept_bytes =>
+                {
+                    warnings.push(format!(
                         "sites[0] holds {:?} bytes, not the kept block's {kept_bytes:?}",
                         s.outstanding_bytes
-                    )),
+                    ))
+                }
                 Some(_) => {}
             }
             memtrace = Some(MemtraceOut { attach_s, ..out });
@@ -958,14 +1449,30 @@ fn run_one(
     }
     drop(tracer);
 
-    let st = workload.finish(Duration::from_secs(10))?;
+    // heaptrack finishes writing (and compressing) its data after the
+    // workload exits: give it longer.
+    let grace = if config == Config::Heaptrack {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(10)
+    };
+    let st = workload.finish(grace)?;
     if !st.status.success() {
         warnings.push(format!("workload exited with {}", st.status));
     }
+    if config == Config::Heaptrack {
+        let log = workload.log_text();
+        let _ = fs::write(&log_path, &log);
+        if !log.contains("heaptrack stats") {
+            warnings.push("heaptrack printed no `heaptrack stats` (see its log)".into());
+        }
+    }
+    drop(heaptrack_dir);
     for w in &warnings {
         eprintln!("bench:   warning: {w}");
     }
     Ok(Run {
+        scenario,
         workload: workload_build,
         config,
         rep,
@@ -979,8 +1486,32 @@ fn run_one(
     })
 }
 
+/// A directory under the system's temp dir, removed with everything in it
+/// when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Result<TempDir> {
+        let dir =
+            std::env::temp_dir().join(format!("memtrace-bench-{}-{what}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `key=value` from a RESULT line.
-fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+pub(crate) fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
@@ -988,7 +1519,7 @@ fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
 /// A JSON value, parsed without a JSON library (xtask depends on anyhow
 /// only). Numbers keep their text, so integers stay exact.
 #[derive(Clone, Debug, PartialEq)]
-enum Json {
+pub(crate) enum Json {
     Null,
     Bool(bool),
     Num(String),
@@ -998,7 +1529,7 @@ enum Json {
 }
 
 impl Json {
-    fn parse(text: &str) -> Result<Json> {
+    pub(crate) fn parse(text: &str) -> Result<Json> {
         let mut p = JsonParser {
             b: text.as_bytes(),
             i: 0,
@@ -1011,7 +1542,7 @@ impl Json {
         Ok(v)
     }
 
-    fn get(&self, key: &str) -> Option<&Json> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Json> {
         match self {
             Json::Obj(kv) => kv.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
@@ -1022,7 +1553,7 @@ impl Json {
         self.as_array()?.get(i)
     }
 
-    fn as_array(&self) -> Option<&[Json]> {
+    pub(crate) fn as_array(&self) -> Option<&[Json]> {
         match self {
             Json::Arr(v) => Some(v),
             _ => None,
@@ -1036,7 +1567,7 @@ impl Json {
         }
     }
 
-    fn as_u64(&self) -> Option<u64> {
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match self {
             Json::Num(n) => n.parse().ok(),
             _ => None,
@@ -1221,21 +1752,21 @@ impl JsonParser<'_> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
 
-struct Stopped {
-    status: ExitStatus,
-    killed: bool,
+pub(crate) struct Stopped {
+    pub(crate) status: ExitStatus,
+    pub(crate) killed: bool,
 }
 
 /// A child process that is always torn down: closing its stdin, SIGINT for
 /// tracers (so they detach and write their report), SIGKILL after a grace
 /// period, and reaped. Its stdout and stderr are read by two threads into a
 /// channel of lines, so waits can time out and pipes never fill up.
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -1248,7 +1779,7 @@ struct Proc {
 const LOG_LINES: usize = 400;
 
 impl Proc {
-    fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         mut cmd: Command,
         piped_stdin: bool,
@@ -1281,7 +1812,7 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -1300,7 +1831,7 @@ impl Proc {
 
     /// Waits for a line matching `pred`; fails if the process closes its
     /// output (exits) first or the timeout passes.
-    fn wait_line(
+    pub(crate) fn wait_line(
         &mut self,
         timeout: Duration,
         what: &str,
@@ -1333,7 +1864,7 @@ impl Proc {
         }
     }
 
-    fn send(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<()> {
         let name = self.name;
         let stdin = self
             .stdin
@@ -1411,11 +1942,11 @@ impl Proc {
     }
 
     /// For the workload: EOF on stdin lets it exit by itself.
-    fn finish(&mut self, grace: Duration) -> Result<Stopped> {
+    pub(crate) fn finish(&mut self, grace: Duration) -> Result<Stopped> {
         self.stop(grace)
     }
 
-    fn tail(&mut self, n: usize) -> String {
+    pub(crate) fn tail(&mut self, n: usize) -> String {
         self.drain();
         let skip = self.log.len().saturating_sub(n);
         let mut s = String::new();
@@ -1483,14 +2014,14 @@ fn spawn_reader(
     });
 }
 
-const SIGINT: i32 = 2;
+pub(crate) const SIGINT: i32 = 2;
 const SIGKILL: i32 = 9;
 const PR_SET_PDEATHSIG: i32 = 1;
 const ESRCH: i32 = 3;
 
 unsafe extern "C" {
     // From the C library std already links; xtask has no libc crate.
-    fn kill(pid: i32, sig: i32) -> i32;
+    pub(crate) fn kill(pid: i32, sig: i32) -> i32;
     fn prctl(option: i32, ...) -> i32;
     fn getppid() -> i32;
 }
@@ -1499,7 +2030,7 @@ unsafe extern "C" {
 /// sends the child SIGINT, so a tracer still detaches (bpftrace 0.17's
 /// uprobes are not bound to -p PID: a stray one would slow every process on
 /// the machine) and the workload, blocked on stdin, gets EOF anyway.
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as i32;
     // SAFETY: the closure runs between fork and exec and only makes two
@@ -1543,13 +2074,13 @@ impl XorShift {
     }
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
-fn stats(values: &[f64]) -> Option<Stats> {
+pub(crate) fn stats(values: &[f64]) -> Option<Stats> {
     if values.is_empty() {
         return None;
     }
@@ -1576,7 +2107,7 @@ fn fmt_ns(v: f64) -> String {
     }
 }
 
-fn group_thousands(n: u64) -> String {
+pub(crate) fn group_thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -1619,16 +2150,45 @@ fn fmt_range(values: &[u64]) -> String {
 struct Report<'a> {
     opts: &'a Options,
     env: &'a Env,
-    runs: &'a [Run],
+    /// The runs this report covers (all of them, or one scenario's).
+    runs: Vec<&'a Run>,
+    failures: &'a [String],
     load_before: String,
     load_after: String,
     elapsed: Duration,
 }
 
-impl Report<'_> {
-    fn runs_of(&self, w: Workload, c: Config) -> impl Iterator<Item = &Run> {
+/// What the targets compare, from one set of runs.
+#[derive(Debug, PartialEq)]
+struct TargetLine {
+    what: &'static str,
+    limit: f64,
+    /// The ratio measured; None: not measured, with the reason.
+    ratio: Result<f64, String>,
+}
+
+impl TargetLine {
+    fn render(&self) -> String {
+        match &self.ratio {
+            Ok(r) => format!(
+                "{} <= {}x memleak.bt: {r:.3}x, {}",
+                self.what,
+                self.limit,
+                pass(*r, self.limit)
+            ),
+            Err(why) => format!(
+                "{} <= {}x memleak.bt: not measured ({why})",
+                self.what, self.limit
+            ),
+        }
+    }
+}
+
+impl<'a> Report<'a> {
+    fn runs_of(&self, w: Workload, c: Config) -> impl Iterator<Item = &'a Run> + '_ {
         self.runs
             .iter()
+            .copied()
             .filter(move |r| r.workload == w && r.config == c)
     }
 
@@ -1640,11 +2200,83 @@ impl Report<'_> {
         stats(&self.values(w, c)).map(|st| st.median)
     }
 
+    /// The same report restricted to one scenario's runs.
+    fn of_scenario(&self, sc: Scenario) -> Report<'a> {
+        Report {
+            opts: self.opts,
+            env: self.env,
+            runs: self
+                .runs
+                .iter()
+                .copied()
+                .filter(|r| r.scenario == sc)
+                .collect(),
+            failures: self.failures,
+            load_before: self.load_before.clone(),
+            load_after: self.load_after.clone(),
+            elapsed: self.elapsed,
+        }
+    }
+
+    /// The scenario the targets are stated for (1 thread, 64 B), else the
+    /// first one run.
+    fn headline(&self) -> Option<Scenario> {
+        let scs = self.opts.scenarios();
+        scs.iter()
+            .copied()
+            .find(|s| s.is_headline())
+            .or(scs.first().copied())
+    }
+
+    fn target_lines(&self) -> Vec<TargetLine> {
+        let head = self.opts.scenarios().into_iter().find(|s| s.is_headline());
+        let fp = self.opts.workloads.contains(&Workload::Fp);
+        [
+            (
+                "memtrace exact (1 thread, 64 B, fp build)",
+                TARGET_EXACT_RATIO,
+                Config::MemtraceExact,
+            ),
+            (
+                "memtrace sampled 512 KiB (1 thread, 64 B, fp build)",
+                TARGET_SAMPLED_RATIO,
+                Config::MemtraceSampled,
+            ),
+        ]
+        .into_iter()
+        .map(|(what, limit, c)| {
+            let ratio = match head {
+                _ if self.env.unavailable(c).is_some() => {
+                    Err(format!("unavailable: {}", self.env.unavailable(c).unwrap()))
+                }
+                None => Err("the 1-thread fixed-size shape was not run".into()),
+                Some(_) if !fp => Err("the fp build was not run".into()),
+                Some(sc) => {
+                    let r = self.of_scenario(sc);
+                    match (
+                        r.median(Workload::Fp, c),
+                        r.median(Workload::Fp, Config::BpftraceMemleak),
+                    ) {
+                        (Some(m), Some(b)) => Ok(m / b),
+                        (None, _) => Err(format!("no {} runs", c.id())),
+                        (_, None) => Err("no memleak.bt runs".into()),
+                    }
+                }
+            };
+            TargetLine { what, limit, ratio }
+        })
+        .collect()
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.target_lines().iter().map(TargetLine::render).collect()
+    }
+
     fn markdown(&self) -> String {
         let o = self.opts;
         let mut s = String::new();
 
-        let _ = writeln!(s, "## memtrace bench: malloc+free overhead\n");
+        let _ = writeln!(s, "## Overhead: malloc+free pairs\n");
         let mapped: Vec<String> = o
             .workloads
             .iter()
@@ -1655,19 +2287,15 @@ impl Report<'_> {
             .collect();
         let _ = writeln!(
             s,
-            "{} reps, every (build, config) run once per rep in shuffled order (seed {}). Workload: {} thread(s), \
-             {} per pair, {} pairs per thread traced, {} untraced; C (workload.c) plus a C++ unit \
-             (workload_cxx.cc) linked against libstdc++, so it maps ({}).{}\n",
+            "{} reps, every cell (shape x build x config) run once per rep, all in one shuffled order \
+             (seed {}). {} pairs per thread traced, {} untraced, {} untimed warm-up pairs per thread; \
+             C (workload.c) plus a C++ unit (workload_cxx.cc) linked against libstdc++, so it maps \
+             ({}).{}\n",
             o.reps,
             o.seed,
-            o.threads,
-            if o.mixed_sizes {
-                "mixed sizes (8 B-4 KiB)"
-            } else {
-                "malloc(64)"
-            },
-            o.iters,
-            o.base_iters,
+            group_thousands(o.iters),
+            group_thousands(o.base_iters),
+            group_thousands(o.warmup),
             if mapped.is_empty() {
                 "-".to_string()
             } else {
@@ -1682,43 +2310,82 @@ impl Report<'_> {
         for &w in &o.workloads {
             let _ = writeln!(s, "- {}: {}", w.label(), w.long_label());
         }
-
-        // The overview: one column per build.
-        let _ = writeln!(s, "\nMedian ns per malloc+free pair:\n");
-        let _ = write!(s, "| config |");
-        for &w in &o.workloads {
-            let _ = write!(s, " {} |", w.label());
+        for (c, why) in &self.env.unavailable {
+            let _ = writeln!(s, "- {}: **unavailable** ({why})", c.label());
         }
-        let _ = writeln!(s, "\n|---|{}", "---:|".repeat(o.workloads.len()));
+
+        // The overview: one column per (shape, build).
+        let cols: Vec<(Scenario, Workload)> = o
+            .scenarios()
+            .into_iter()
+            .flat_map(|sc| o.workloads.iter().map(move |&w| (sc, w)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nMedian ns per malloc+free pair (ratio to memleak.bt in the same shape and build):\n"
+        );
+        let _ = write!(s, "| config |");
+        for (sc, w) in &cols {
+            let _ = write!(s, " {}, {} |", sc.label(), w.id());
+        }
+        let _ = writeln!(s, "\n|---|{}", "---:|".repeat(cols.len()));
         for c in o.all_configs() {
             let _ = write!(s, "| {} |", c.label());
-            for &w in &o.workloads {
-                let v = self.median(w, c).map(fmt_ns);
-                let _ = write!(s, " {} |", v.unwrap_or_else(|| "-".into()));
+            for &(sc, w) in &cols {
+                let r = self.of_scenario(sc);
+                let cell = if let Some(why) = self.env.unavailable(c) {
+                    format!("unavailable ({why})")
+                } else {
+                    match (r.median(w, c), r.median(w, Config::BpftraceMemleak)) {
+                        (None, _) => "-".into(),
+                        (Some(m), Some(b)) if c != Config::Untraced => {
+                            format!("{} ({:.3}x)", fmt_ns(m), m / b)
+                        }
+                        (Some(m), _) => fmt_ns(m),
+                    }
+                };
+                let _ = write!(s, " {cell} |");
             }
             let _ = writeln!(s);
         }
 
-        for &w in &o.workloads {
-            self.build_table(&mut s, w);
+        for sc in o.scenarios() {
+            let r = self.of_scenario(sc);
+            let _ = writeln!(s, "\n### {}", sc.label());
+            for &w in &o.workloads {
+                r.build_table(&mut s, w);
+            }
         }
-        self.unwinding(&mut s);
+        if let Some(sc) = self.headline() {
+            let _ = writeln!(s, "\n### Stacks ({})", sc.label());
+            self.of_scenario(sc).unwinding(&mut s);
+        }
 
         let _ = writeln!(
             s,
-            "\nEach repetition (ns/pair; the order of runs was shuffled within each):\n"
+            "\n### Each repetition\n\nns/pair; the order of runs was shuffled within each rep:\n"
         );
-        let _ = write!(s, "| build | config |");
+        let _ = write!(s, "| shape | build | config |");
         for r in 1..=o.reps {
             let _ = write!(s, " rep {r} |");
         }
-        let _ = writeln!(s, "\n|---|---|{}", "---:|".repeat(o.reps));
-        for (w, c) in o.plan() {
-            let _ = write!(s, "| {} | {} |", w.label(), c.label());
-            for r in 1..=o.reps {
-                let v = self
-                    .runs_of(w, c)
-                    .find(|x| x.rep == r)
+        let _ = writeln!(s, "\n|---|---|---|{}", "---:|".repeat(o.reps));
+        for cell in o.plan() {
+            if self.env.unavailable(cell.config).is_some() {
+                continue;
+            }
+            let r = self.of_scenario(cell.scenario);
+            let _ = write!(
+                s,
+                "| {} | {} | {} |",
+                cell.scenario.label(),
+                cell.workload.label(),
+                cell.config.label()
+            );
+            for rep in 1..=o.reps {
+                let v = r
+                    .runs_of(cell.workload, cell.config)
+                    .find(|x| x.rep == rep)
                     .map(|x| fmt_ns(x.ns_per_pair));
                 let _ = write!(s, " {} |", v.unwrap_or_else(|| "-".into()));
             }
@@ -1731,15 +2398,28 @@ impl Report<'_> {
             .runs
             .iter()
             .flat_map(|r| {
+                let name = Cell {
+                    scenario: r.scenario,
+                    workload: r.workload,
+                    config: r.config,
+                }
+                .name();
                 r.warnings
                     .iter()
-                    .map(move |w| format!("rep {} {}: {w}", r.rep, run_name(r.workload, r.config)))
+                    .map(move |w| format!("rep {} {name}: {w}", r.rep))
             })
             .collect();
         if !warnings.is_empty() {
             let _ = writeln!(s, "\nWarnings:\n");
             for w in warnings {
                 let _ = writeln!(s, "- {w}");
+            }
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(s, "\nFailed runs (left out of the medians):\n");
+            for f in self.failures {
+                let first = f.lines().next().unwrap_or("");
+                let _ = writeln!(s, "- {first}");
             }
         }
 
@@ -1758,7 +2438,7 @@ impl Report<'_> {
             .unwrap_or(0);
         let _ = writeln!(
             s,
-            "\nMachine: kernel {}, {cpus} CPUs, load average {} before / {} after; {}; {}; total {:.0} s.",
+            "\nMachine: kernel {}, {cpus} CPUs, load average {} before / {} after; {}; {}; {}; overhead runs {:.0} s.",
             kernel.trim(),
             self.load_before,
             self.load_after,
@@ -1766,6 +2446,10 @@ impl Report<'_> {
                 .bpftrace_version
                 .as_deref()
                 .unwrap_or("bpftrace not used"),
+            self.env
+                .heaptrack_version
+                .as_deref()
+                .unwrap_or("heaptrack not used"),
             self.env
                 .memtrace_version
                 .as_deref()
@@ -1775,7 +2459,7 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "ns/pair = one malloc + one free, timed inside the workload (CLOCK_MONOTONIC), mean over threads; \
-             overhead = median - untraced median of the same build."
+             overhead = median - untraced median of the same shape and build."
         );
         s
     }
@@ -1784,7 +2468,7 @@ impl Report<'_> {
     fn build_table(&self, s: &mut String, w: Workload) {
         let base = self.median(w, Config::Untraced);
         let memleak = self.median(w, Config::BpftraceMemleak);
-        let _ = writeln!(s, "\n### {}\n", w.long_label());
+        let _ = writeln!(s, "\n#### {}\n", w.long_label());
         let _ = writeln!(
             s,
             "| config | median ns/pair | min | max | ratio to memleak.bt | overhead over untraced |"
@@ -1823,7 +2507,7 @@ impl Report<'_> {
     /// cost, table memory, stack depth.
     fn unwinding(&self, s: &mut String) {
         let o = self.opts;
-        let dwarf_runs = |w| self.runs_of(w, Config::MemtraceDwarf).count() > 0;
+        let dwarf_runs = |w| self.runs_of(w, Config::MemtraceExact).count() > 0;
         let fp_runs = |w| self.runs_of(w, Config::MemtraceFp).count() > 0;
         let both: Vec<Workload> = o
             .workloads
@@ -1842,7 +2526,7 @@ impl Report<'_> {
         }
         let _ = writeln!(
             s,
-            "\n### Stack unwinding: .eh_frame tables (dwarf) against frame pointers (fp)\n\n\
+            "\n#### Stack unwinding: .eh_frame tables (dwarf) against frame pointers (fp)\n\n\
              memtrace walks stacks in BPF with .eh_frame unwind tables by default (dwarf); with \
              `MEMTRACE_STACKS=fp` it uses the kernel's frame-pointer walk (bpf_get_stack) instead."
         );
@@ -1855,7 +2539,7 @@ impl Report<'_> {
             let _ = writeln!(s, "|---|---:|---:|---:|---|---:|");
             for &w in &both {
                 let (Some(d), Some(f)) = (
-                    self.median(w, Config::MemtraceDwarf),
+                    self.median(w, Config::MemtraceExact),
                     self.median(w, Config::MemtraceFp),
                 ) else {
                     continue;
@@ -1863,7 +2547,7 @@ impl Report<'_> {
                 let paired: Vec<f64> = (1..=o.reps)
                     .filter_map(|r| {
                         let d = self
-                            .runs_of(w, Config::MemtraceDwarf)
+                            .runs_of(w, Config::MemtraceExact)
                             .find(|x| x.rep == r)?;
                         let f = self.runs_of(w, Config::MemtraceFp).find(|x| x.rep == r)?;
                         Some(d.ns_per_pair - f.ns_per_pair)
@@ -1896,7 +2580,7 @@ impl Report<'_> {
                     fmt_signed_ns(d - f),
                     (d - f) / f * 100.0,
                     per_rep,
-                    attach(Config::MemtraceDwarf),
+                    attach(Config::MemtraceExact),
                     attach(Config::MemtraceFp)
                 );
             }
@@ -1916,7 +2600,7 @@ impl Report<'_> {
             let mut missing = Vec::new();
             for &w in &with_dwarf {
                 let u: Vec<Unwind> = self
-                    .runs_of(w, Config::MemtraceDwarf)
+                    .runs_of(w, Config::MemtraceExact)
                     .filter_map(|r| r.memtrace.as_ref()?.unwind)
                     .collect();
                 let bytes: Vec<u64> = u.iter().filter_map(Unwind::kernel_bytes).collect();
@@ -1974,7 +2658,7 @@ impl Report<'_> {
         );
         let mut depth = Vec::new();
         for &w in o.workloads.iter().rev() {
-            for c in [Config::MemtraceDwarf, Config::MemtraceFp] {
+            for c in [Config::MemtraceExact, Config::MemtraceFp] {
                 let sites: Vec<&SiteStack> = self
                     .runs_of(w, c)
                     .filter_map(|r| r.memtrace.as_ref()?.site.as_ref())
@@ -1992,7 +2676,7 @@ impl Report<'_> {
                     s,
                     "| {} | {} | {} ({}) | {} |",
                     w.label(),
-                    if c == Config::MemtraceDwarf {
+                    if c == Config::MemtraceExact {
                         "dwarf"
                     } else {
                         "fp"
@@ -2012,7 +2696,7 @@ impl Report<'_> {
                 .map(|st| st.median)
         };
         if let (Some(d), Some(f)) = (
-            frames_of(Workload::NoFp, Config::MemtraceDwarf),
+            frames_of(Workload::NoFp, Config::MemtraceExact),
             frames_of(Workload::NoFp, Config::MemtraceFp),
         ) {
             let _ = writeln!(
@@ -2028,49 +2712,41 @@ impl Report<'_> {
     }
 
     fn sanity(&self, s: &mut String) {
-        let mem: Vec<&Run> = self.runs.iter().filter(|r| r.memtrace.is_some()).collect();
+        // Sampled runs record only some allocations: nothing exact to check.
+        let checked = |r: &&&Run| r.memtrace.is_some() && r.config != Config::MemtraceSampled;
+        let ok = |r: &Run| {
+            r.memtrace
+                .as_ref()
+                .is_some_and(|m| m.counts.ok(r.pairs, r.kept))
+        };
+        let mem: Vec<&Run> = self.runs.iter().filter(checked).copied().collect();
         if mem.is_empty() {
             return;
         }
-        let good = mem
-            .iter()
-            .filter(|r| {
-                r.memtrace
-                    .as_ref()
-                    .is_some_and(|m| m.counts.ok(r.pairs, r.kept))
-            })
-            .count();
+        let good = mem.iter().filter(|r| ok(r)).count();
         let _ = writeln!(
             s,
             "\nmemtrace sanity check (its JSON totals against the workload's own count; warmup runs before \
-             attach, so the traced window holds exactly {} mallocs ({} pairs + {} kept block) and {} frees): \
-             **{}** ({good}/{} runs)\n",
-            mem[0].pairs + mem[0].kept,
-            mem[0].pairs,
-            mem[0].kept,
-            mem[0].pairs,
+             attach, so the traced window of each run holds exactly pairs + 1 kept block mallocs and pairs \
+             frees; sampled runs are not checked): **{}** ({good}/{} runs)\n",
             if good == mem.len() { "ok" } else { "MISMATCH" },
             mem.len()
         );
-        for (w, c) in self
-            .opts
-            .plan()
-            .into_iter()
-            .filter(|(_, c)| c.is_memtrace())
-        {
-            let runs: Vec<&&Run> = mem
+        for cell in self.opts.plan() {
+            if !cell.config.is_memtrace() || cell.config == Config::MemtraceSampled {
+                continue;
+            }
+            let runs: Vec<&Run> = mem
                 .iter()
-                .filter(|r| r.workload == w && r.config == c)
-                .collect();
-            let ok = runs
-                .iter()
+                .copied()
                 .filter(|r| {
-                    r.memtrace
-                        .as_ref()
-                        .is_some_and(|m| m.counts.ok(r.pairs, r.kept))
+                    r.scenario == cell.scenario
+                        && r.workload == cell.workload
+                        && r.config == cell.config
                 })
-                .count();
-            let _ = writeln!(s, "- {}: {ok}/{} runs ok", run_name(w, c), runs.len());
+                .collect();
+            let n_ok = runs.iter().filter(|r| ok(r)).count();
+            let _ = writeln!(s, "- {}: {n_ok}/{} runs ok", cell.name(), runs.len());
             for r in runs {
                 let Some(m) = &r.memtrace else { continue };
                 let c = &m.counts;
@@ -2181,58 +2857,230 @@ mod tests {
         assert_eq!(field::<u64>(l, "iters"), None);
     }
 
+    fn opts(v: &[&str]) -> Result<Option<Options>> {
+        Options::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
     #[test]
     fn options() {
-        let a = |v: &[&str]| Options::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let a = opts;
         let o = a(&["--quick", "--reps=3", "--configs", "memtrace,untraced"])
             .unwrap()
             .unwrap();
         assert_eq!((o.reps, o.iters, o.base_iters), (3, 20_000, 2_000_000));
         assert_eq!(
             o.configs,
-            Some(vec![Config::Untraced, Config::MemtraceDwarf])
+            Some(vec![Config::Untraced, Config::MemtraceExact])
         );
         assert_eq!(o.workloads, vec![Workload::Fp, Workload::NoFp]);
+        // --quick: one shape unless told otherwise, one scale run.
+        assert_eq!(o.threads, vec![1]);
+        assert_eq!(o.sizes, vec![Sizes::Fixed]);
+        assert_eq!(o.scale_reps, 1);
         assert_eq!(o.plan().len(), 4);
         assert!(a(&["--threads", "0"]).is_err());
+        assert!(a(&["--threads", "1,65"]).is_err());
+        assert!(a(&["--sizes", "huge"]).is_err());
         assert!(a(&["--configs", "perf"]).is_err());
         assert!(a(&["--workloads", "O3"]).is_err());
         assert!(a(&["--bogus"]).is_err());
         assert!(a(&["--workloads", "fp", "--omit-frame-pointer"]).is_err());
+        // Old names of memtrace exact still work.
+        for old in ["memtrace", "memtrace-dwarf", "memtrace-exact"] {
+            assert_eq!(Config::parse(old).unwrap(), Config::MemtraceExact);
+        }
 
-        // Default: every config on the fp build, the stack-related ones on nofp.
+        // Default: the whole matrix. Every config on the fp build, all but
+        // empty.bt on nofp; 13 cells per shape, 4 shapes.
         let o = a(&[]).unwrap().unwrap();
+        assert_eq!((o.reps, o.iters, o.scale_reps), (9, 100_000, 3));
+        assert_eq!(o.threads, vec![1, 2]);
+        assert_eq!(o.sizes, vec![Sizes::Fixed, Sizes::Mixed]);
         let plan = o.plan();
-        assert_eq!(plan.len(), 9);
-        assert!(plan.contains(&(Workload::Fp, Config::BpftraceEmpty)));
-        assert!(!plan.contains(&(Workload::NoFp, Config::BpftraceEmpty)));
-        for c in [
-            Config::Untraced,
-            Config::BpftraceMemleak,
-            Config::MemtraceDwarf,
-            Config::MemtraceFp,
-        ] {
-            assert!(plan.contains(&(Workload::NoFp, c)), "{c:?}");
+        assert_eq!(plan.len(), 4 * 13);
+        let has = |t, sizes, workload, config| {
+            plan.contains(&Cell {
+                scenario: Scenario { threads: t, sizes },
+                workload,
+                config,
+            })
+        };
+        assert!(has(1, Sizes::Fixed, Workload::Fp, Config::BpftraceEmpty));
+        assert!(!has(1, Sizes::Fixed, Workload::NoFp, Config::BpftraceEmpty));
+        for c in Config::ALL
+            .into_iter()
+            .filter(|&c| c != Config::BpftraceEmpty)
+        {
+            assert!(has(2, Sizes::Mixed, Workload::NoFp, c), "{c:?}");
         }
         assert_eq!(o.all_configs(), Config::ALL.to_vec());
+        assert!(o.scenarios()[0].is_headline());
 
         let o = a(&[
             "--omit-frame-pointer",
+            "--threads=2",
+            "--sizes",
+            "mixed",
             "--configs=memtrace-fp,memtrace-dwarf",
         ])
         .unwrap()
         .unwrap();
+        let sc = Scenario {
+            threads: 2,
+            sizes: Sizes::Mixed,
+        };
         assert_eq!(
             o.plan(),
             vec![
-                (Workload::NoFp, Config::MemtraceDwarf),
-                (Workload::NoFp, Config::MemtraceFp)
+                Cell {
+                    scenario: sc,
+                    workload: Workload::NoFp,
+                    config: Config::MemtraceExact
+                },
+                Cell {
+                    scenario: sc,
+                    workload: Workload::NoFp,
+                    config: Config::MemtraceFp
+                }
             ]
         );
-        let o = a(&["--workloads", "nofp,fp,fp"]).unwrap().unwrap();
+        assert_eq!(o.plan()[0].name(), "t2-mixed/nofp/memtrace-exact");
+        let o = a(&["--workloads", "nofp,fp,fp", "--threads", "2,1,2"])
+            .unwrap()
+            .unwrap();
         assert_eq!(o.workloads, vec![Workload::Fp, Workload::NoFp]);
+        assert_eq!(o.threads, vec![1, 2]);
         assert_eq!(Config::MemtraceFp.memtrace_stacks(), Some("fp"));
-        assert_eq!(Config::MemtraceDwarf.memtrace_stacks(), None);
+        assert_eq!(Config::MemtraceExact.memtrace_stacks(), None);
+        assert_eq!(
+            Config::MemtraceSampled.memtrace_args(),
+            &["--sample-bytes", "512KiB"]
+        );
+    }
+
+    fn fake_run(
+        scenario: Scenario,
+        workload: Workload,
+        config: Config,
+        rep: usize,
+        ns: f64,
+    ) -> Run {
+        Run {
+            scenario,
+            workload,
+            config,
+            rep,
+            ns_per_pair: ns,
+            pairs: 10,
+            kept: 1,
+            wall: Duration::ZERO,
+            mapped: vec![],
+            memtrace: None,
+            warnings: vec![],
+        }
+    }
+
+    fn fake_env(unavailable: Vec<(Config, String)>) -> Env {
+        Env {
+            bench_dir: PathBuf::new(),
+            workloads: vec![],
+            scripts_dir: PathBuf::new(),
+            bpftrace: None,
+            bpftrace_version: None,
+            heaptrack: None,
+            heaptrack_version: None,
+            memtrace: None,
+            memtrace_version: None,
+            unavailable,
+        }
+    }
+
+    #[test]
+    fn targets_from_medians() {
+        let o = opts(&["--threads", "1,2"]).unwrap().unwrap();
+        let head = Scenario {
+            threads: 1,
+            sizes: Sizes::Fixed,
+        };
+        let other = Scenario {
+            threads: 2,
+            sizes: Sizes::Fixed,
+        };
+        let mut runs = Vec::new();
+        for (rep, (m, e)) in [
+            (10_000.0, 1_000.0),
+            (12_000.0, 3_000.0),
+            (14_000.0, 2_000.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            runs.push(fake_run(
+                head,
+                Workload::Fp,
+                Config::BpftraceMemleak,
+                rep + 1,
+                m,
+            ));
+            runs.push(fake_run(
+                head,
+                Workload::Fp,
+                Config::MemtraceExact,
+                rep + 1,
+                e,
+            ));
+            // Another shape must not leak into the headline figure.
+            runs.push(fake_run(
+                other,
+                Workload::Fp,
+                Config::MemtraceExact,
+                rep + 1,
+                1e9,
+            ));
+        }
+        let env = fake_env(vec![(Config::MemtraceSampled, "no --sample-bytes".into())]);
+        let r = Report {
+            opts: &o,
+            env: &env,
+            runs: runs.iter().collect(),
+            failures: &[],
+            load_before: String::new(),
+            load_after: String::new(),
+            elapsed: Duration::ZERO,
+        };
+        let t = r.target_lines();
+        // Medians 2000 / 12000.
+        assert_eq!(t[0].ratio, Ok(2_000.0 / 12_000.0));
+        assert!(
+            t[0].render().ends_with("0.167x, **pass**"),
+            "{}",
+            t[0].render()
+        );
+        assert_eq!(t[1].ratio, Err("unavailable: no --sample-bytes".into()));
+        assert!(t[1].render().contains("not measured"));
+        let md = r.markdown();
+        assert!(
+            md.contains("| memtrace sampled 512 KiB | unavailable (no --sample-bytes) |"),
+            "{md}"
+        );
+        assert!(md.contains("2,000 (0.167x)"), "{md}");
+        assert_eq!(pass(0.21, 0.2), "**miss**");
+    }
+
+    #[test]
+    fn symbolize_target_lines() {
+        assert_eq!(
+            symbolize_target(
+                "symbolization: not measured (memtrace has no `symbolize` subcommand)"
+            ),
+            "symbolization >= 5x faster than addr2line: not measured (symbolization: not measured \
+             (memtrace has no `symbolize` subcommand))"
+        );
+        let md = "### x\n\n| a | b |\n\n- target: >= 5x faster than addr2line: 7.1x, **pass**\n";
+        assert_eq!(
+            symbolize_target(md),
+            "target: >= 5x faster than addr2line: 7.1x, **pass**"
+        );
     }
 
     fn sh(script: &str) -> Command {

@@ -277,6 +277,15 @@ fn render(rows: &[Row]) -> String {
             r.agree_lines
         ));
     }
+    s.push('\n');
+    for r in rows {
+        let ratio = r.addr2line_ms / r.memtrace_ms;
+        s.push_str(&format!(
+            "- symbolization >= 5x faster than addr2line ({}): {} ({ratio:.1}x)\n",
+            r.file,
+            if ratio >= 5.0 { "pass" } else { "miss" }
+        ));
+    }
     for r in rows {
         if let Some(d) = &r.first_disagreement {
             s.push_str(&format!("\nFirst disagreement in {}: {d}\n", r.file));

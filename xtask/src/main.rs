@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_scale;
 mod bench_symbolize;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -34,7 +35,8 @@ commands:
   build       bootstrap, build the BPF programs, then target/release/memtrace with them embedded
   test        build, then run every test: unit tests, and the root tests that load real BPF
   demo        build, then trace a bundled leaky example and print its report
-  bench       build, then compare memtrace's overhead with bpftrace's memleak side by side"
+  bench       build, then measure memtrace's overhead (against bpftrace memleak.bt and heaptrack),
+              a report at scale and symbolization; `cargo xtask bench --help` for options"
 }
 
 fn run() -> Result<()> {
@@ -54,7 +56,10 @@ fn run() -> Result<()> {
         "test" => test(rest),
         "demo" => demo(),
         "bench" => {
-            build()?;
+            // --help teaches without a build first.
+            if !rest.iter().any(|a| a == "-h" || a == "--help") {
+                build()?;
+            }
             bench::run(&root(), rest)
         }
         // Hidden: the symbolizer part of `bench` alone (needs no root and no BPF build).

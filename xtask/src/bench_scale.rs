@@ -1,0 +1,479 @@
+//! The report-at-scale figure of `cargo xtask bench`: what one memtrace
+//! report costs over 1,000,000 outstanding blocks in 10,000 distinct stacks.
+//!
+//! Same fixture and method as tests/it/scale.rs: tests/fixtures/scale.c
+//! (gcc -O0 -g -fno-omit-frame-pointer, so its 10,000 malloc call sites stay
+//! distinct) allocates the blocks once memtrace is attached by pid, then
+//! waits. The CPU of the report is memtrace's utime+stime at exit (wait4)
+//! minus the same read from /proc/PID/stat just before SIGINT: everything
+//! memtrace does from the signal on is detaching, reading the maps,
+//! symbolizing, analyzing and writing the JSON. Peak RSS is ru_maxrss.
+//! memtrace's `read MAP:` debug lines printed after the signal give the part
+//! spent reading the kernel maps; it prints no figure for symbolization.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bench::{Json, Proc, SIGINT, Stream, die_with_parent, field, kill, pass, stats};
+
+const BLOCKS: u64 = 1_000_000;
+const SITES: u64 = 10_000;
+/// Targets of issue 6: one report at scale.
+const TARGET_CPU_MS: f64 = 100.0;
+const TARGET_RSS_MIB: f64 = 100.0;
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One `read MAP: N entries, C syscalls (batch), W ms wall, U ms cpu` line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapRead {
+    pub map: String,
+    pub entries: u64,
+    pub syscalls: u64,
+    pub batched: bool,
+    pub wall_ms: f64,
+    pub cpu_ms: f64,
+}
+
+impl MapRead {
+    /// The line's `read MAP: ...` part, wherever the log prefix ends.
+    pub fn parse(line: &str) -> Option<MapRead> {
+        let at = line.find("read ")?;
+        let rest = &line[at + "read ".len()..];
+        let (map, rest) = rest.split_once(": ")?;
+        if map.is_empty() || !map.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            return None;
+        }
+        let num = |what: &str| -> Option<f64> {
+            let before = &rest[..rest.find(what)?];
+            before
+                .rsplit([' ', ','])
+                .find(|t| !t.is_empty())?
+                .parse()
+                .ok()
+        };
+        Some(MapRead {
+            map: map.to_string(),
+            entries: num(" entries")? as u64,
+            syscalls: num(" syscalls")? as u64,
+            batched: rest.contains("(batch)"),
+            wall_ms: num(" ms wall")?,
+            cpu_ms: num(" ms cpu")?,
+        })
+    }
+}
+
+/// utime + stime (in clock ticks) from the text of /proc/PID/stat.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // After the parenthesised comm (which may hold spaces and parentheses):
+    // state is field 3, utime 14, stime 15.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// VmHWM of a live process, in KiB.
+fn hwm_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[repr(C)]
+struct Timeval {
+    tv_sec: i64,
+    tv_usec: i64,
+}
+
+/// struct rusage on x86_64/aarch64 Linux: two timevals, then 14 longs.
+#[repr(C)]
+struct Rusage {
+    ru_utime: Timeval,
+    ru_stime: Timeval,
+    ru_maxrss: i64,
+    _rest: [i64; 13],
+}
+
+const WNOHANG: i32 = 1;
+const SIGKILL: i32 = 9;
+const SC_CLK_TCK: i32 = 2;
+
+unsafe extern "C" {
+    fn wait4(pid: i32, status: *mut i32, options: i32, ru: *mut Rusage) -> i32;
+    fn sysconf(name: i32) -> i64;
+}
+
+fn tv(t: &Timeval) -> Duration {
+    Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000)
+}
+
+/// memtrace, reaped with wait4 (for its rusage) instead of std's wait;
+/// killed and reaped if the measurement fails before.
+struct Traced {
+    child: Child,
+    reaped: bool,
+    log: PathBuf,
+}
+
+impl Traced {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Exit status and rusage once it has exited.
+    fn try_reap(&mut self) -> Result<Option<(i32, Rusage)>> {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value to be overwritten.
+        let mut ru: Rusage = unsafe { std::mem::zeroed() };
+        let pid = self.child.id() as i32;
+        // SAFETY: our own child; the out-pointers are valid for the call.
+        let rc = unsafe { wait4(pid, &mut status, WNOHANG, &mut ru) };
+        if rc < 0 {
+            bail!("wait4: {}", std::io::Error::last_os_error());
+        }
+        if rc == pid {
+            self.reaped = true;
+            return Ok(Some((status, ru)));
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// One measured report.
+#[derive(Debug)]
+pub struct ScaleRun {
+    pub alloc_phase: Duration,
+    pub report_wall: Duration,
+    pub report_cpu: Duration,
+    pub total_cpu: Duration,
+    pub max_rss_kib: u64,
+    pub traced_rss_kib: u64,
+    /// Map reads logged after SIGINT: the report's own.
+    pub reads: Vec<MapRead>,
+    pub sites: usize,
+    pub outstanding_blocks: Option<u64>,
+}
+
+pub struct Scale {
+    pub runs: Vec<ScaleRun>,
+    pub memtrace: PathBuf,
+}
+
+/// Builds the fixture and measures `reps` reports.
+pub fn run(root: &Path, bench_dir: &Path, memtrace: &Path, reps: usize) -> Result<Scale> {
+    let src = root.join("tests/fixtures/scale.c");
+    let exe = bench_dir.join("scale");
+    crate::output(
+        Command::new("gcc")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall"])
+            .arg(format!("-I{}", root.join("tests/fixtures").display()))
+            .arg("-o")
+            .arg(&exe)
+            .arg(&src),
+    )
+    .with_context(|| format!("compiling {}", src.display()))?;
+    let mut runs = Vec::new();
+    for i in 1..=reps {
+        let r = measure(&exe, bench_dir, memtrace, i)
+            .with_context(|| format!("report-at-scale run {i}"))?;
+        eprintln!(
+            "bench:   scale run {i}: report {:.0} ms CPU ({:.0} ms wall), peak RSS {:.1} MiB, {} sites",
+            r.report_cpu.as_secs_f64() * 1e3,
+            r.report_wall.as_secs_f64() * 1e3,
+            r.max_rss_kib as f64 / 1024.0,
+            r.sites
+        );
+        runs.push(r);
+    }
+    Ok(Scale {
+        runs,
+        memtrace: memtrace.to_path_buf(),
+    })
+}
+
+fn measure(exe: &Path, bench_dir: &Path, memtrace: &Path, i: usize) -> Result<ScaleRun> {
+    let mut target = Proc::spawn("scale fixture", Command::new(exe), true, false)?;
+    target.wait_line(Duration::from_secs(30), "ready", |s, l| {
+        s == Stream::Stdout && l == "ready"
+    })?;
+    let json_path = bench_dir.join(format!("scale-{i}.json"));
+    let log = bench_dir.join(format!("scale-{i}.log"));
+    let _ = fs::remove_file(&json_path);
+    let mut cmd = Command::new(memtrace);
+    cmd.args(["-f", "json", "-o"])
+        .arg(&json_path)
+        .arg("--pid")
+        .arg(target.pid().to_string())
+        .env("MEMTRACE_LOG", "debug")
+        .env_remove("MEMTRACE_NO_BATCH")
+        .env_remove("MEMTRACE_STACKS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?);
+    die_with_parent(&mut cmd);
+    let mut m = Traced {
+        child: cmd.spawn().context("starting memtrace")?,
+        reaped: false,
+        log,
+    };
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    while !m
+        .log_text()
+        .lines()
+        .any(|l| l.starts_with("memtrace: attached"))
+    {
+        if m.try_reap()?.is_some() {
+            bail!("memtrace exited before attaching:\n{}", m.log_text());
+        }
+        if Instant::now() > deadline {
+            bail!("memtrace did not attach within {ATTACH_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+
+    let go = Instant::now();
+    target.send(b"g")?;
+    let done = target.wait_line(Duration::from_secs(600), "done", |s, l| {
+        s == Stream::Stdout && l.starts_with("done")
+    })?;
+    let alloc_phase = go.elapsed();
+    if field::<u64>(&done, "alloc_calls") != Some(BLOCKS)
+        || field::<u64>(&done, "sites") != Some(SITES)
+    {
+        bail!("the fixture did not allocate {BLOCKS} blocks over {SITES} sites: {done}");
+    }
+
+    let pid = m.child.id();
+    let hz = unsafe { sysconf(SC_CLK_TCK) }.max(1) as u64;
+    let ticks = stat_ticks(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
+        .context("parsing /proc/PID/stat")?;
+    let cpu_before = Duration::from_nanos(ticks * 1_000_000_000 / hz);
+    let traced_rss_kib =
+        hwm_kib(&fs::read_to_string(format!("/proc/{pid}/status"))?).context("no VmHWM")?;
+    let log_before = m.log_text().len();
+    let stop = Instant::now();
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { kill(pid as i32, SIGINT) };
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let (status, ru) = loop {
+        if let Some(r) = m.try_reap()? {
+            break r;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { kill(pid as i32, SIGKILL) };
+            bail!("memtrace did not exit within {EXIT_TIMEOUT:?} of SIGINT");
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let report_wall = stop.elapsed();
+    let log = m.log_text();
+    if status & 0x7f != 0 || (status >> 8) & 0xff != 0 {
+        bail!("memtrace ended with wait status {status:#x}:\n{log}");
+    }
+    let total_cpu = tv(&ru.ru_utime) + tv(&ru.ru_stime);
+    let reads = log
+        .get(log_before..)
+        .unwrap_or("")
+        .lines()
+        .filter_map(MapRead::parse)
+        .collect();
+
+    let text = fs::read_to_string(&json_path)
+        .with_context(|| format!("memtrace wrote no report at {}", json_path.display()))?;
+    let _ = fs::remove_file(&json_path);
+    let json = Json::parse(&text)?;
+    let sites = json
+        .get("sites")
+        .and_then(Json::as_array)
+        .map(|s| s.len())
+        .unwrap_or(0);
+    let outstanding_blocks = json
+        .get("totals")
+        .and_then(|t| t.get("outstanding_blocks"))
+        .and_then(Json::as_u64);
+    let _ = target.send(b"g");
+    let _ = target.finish(Duration::from_secs(10));
+    Ok(ScaleRun {
+        alloc_phase,
+        report_wall,
+        report_cpu: total_cpu.saturating_sub(cpu_before),
+        total_cpu,
+        max_rss_kib: ru.ru_maxrss.max(0) as u64,
+        traced_rss_kib,
+        reads,
+        sites,
+        outstanding_blocks,
+    })
+}
+
+impl Scale {
+    fn median(&self, f: impl Fn(&ScaleRun) -> f64) -> f64 {
+        let v: Vec<f64> = self.runs.iter().map(f).collect();
+        stats(&v).map(|s| s.median).unwrap_or(f64::NAN)
+    }
+
+    fn cpu_ms(&self) -> f64 {
+        self.median(|r| r.report_cpu.as_secs_f64() * 1e3)
+    }
+
+    fn rss_mib(&self) -> f64 {
+        self.median(|r| r.max_rss_kib as f64 / 1024.0)
+    }
+
+    pub fn targets(&self) -> Vec<String> {
+        vec![
+            format!(
+                "report at scale <= {TARGET_CPU_MS} ms CPU: {:.0} ms (median of {}), {}",
+                self.cpu_ms(),
+                self.runs.len(),
+                pass(self.cpu_ms(), TARGET_CPU_MS)
+            ),
+            format!(
+                "memtrace peak RSS at scale <= {TARGET_RSS_MIB} MiB: {:.1} MiB, {}",
+                self.rss_mib(),
+                pass(self.rss_mib(), TARGET_RSS_MIB)
+            ),
+        ]
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "## Report at scale\n\n\
+             The fixture (tests/fixtures/scale.c, gcc -O0 -g -fno-omit-frame-pointer) holds {} outstanding \
+             16-byte blocks over {} distinct stacks; `{} --pid N -f json -o FILE` is attached while \
+             they are allocated, then stopped with SIGINT. Report CPU = memtrace's utime+stime at exit \
+             (wait4) minus the same just before SIGINT (/proc/PID/stat: 10 ms ticks, so ±10 ms); it \
+             covers detaching, reading the maps, symbolizing, analysis and writing the JSON. Map reads: \
+             memtrace's own `read MAP:` debug lines after the signal. memtrace prints no separate \
+             symbolization time, so the rest is given as one remainder.\n",
+            crate::bench::group_thousands(BLOCKS),
+            crate::bench::group_thousands(SITES),
+            self.memtrace.display()
+        );
+        let _ = writeln!(
+            s,
+            "| run | report CPU | report wall | map reads CPU (entries, syscalls) | rest: symbolize + analyze + write | memtrace CPU in all | peak RSS | RSS before the report | sites in JSON | allocation phase |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+        for (i, r) in self.runs.iter().enumerate() {
+            let reads_cpu: f64 = r.reads.iter().map(|x| x.cpu_ms).sum();
+            let reads = if r.reads.is_empty() {
+                "(no `read` lines)".to_string()
+            } else {
+                let each: Vec<String> = r
+                    .reads
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{} {:.1} ms ({}, {}{})",
+                            x.map,
+                            x.cpu_ms,
+                            crate::bench::group_thousands(x.entries),
+                            x.syscalls,
+                            if x.batched { ", batch" } else { "" }
+                        )
+                    })
+                    .collect();
+                format!("{reads_cpu:.1} ms: {}", each.join("; "))
+            };
+            let cpu_ms = r.report_cpu.as_secs_f64() * 1e3;
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} ms | {:.0} ms | {reads} | {} | {:.2} s | {:.1} MiB | {:.1} MiB | {}{} | {:.1} s |",
+                i + 1,
+                cpu_ms,
+                r.report_wall.as_secs_f64() * 1e3,
+                if r.reads.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0} ms", (cpu_ms - reads_cpu).max(0.0))
+                },
+                r.total_cpu.as_secs_f64(),
+                r.max_rss_kib as f64 / 1024.0,
+                r.traced_rss_kib as f64 / 1024.0,
+                crate::bench::group_thousands(r.sites as u64),
+                match r.outstanding_blocks {
+                    Some(b) if b != BLOCKS => format!(
+                        " (**{} blocks, not {}**)",
+                        crate::bench::group_thousands(b),
+                        crate::bench::group_thousands(BLOCKS)
+                    ),
+                    _ => String::new(),
+                },
+                r.alloc_phase.as_secs_f64(),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nMedian: **{:.0} ms CPU** for one report, **{:.1} MiB** peak RSS.",
+            self.cpu_ms(),
+            self.rss_mib()
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_read_lines() {
+        let l = "[2026-12-01T10:00:00Z DEBUG memtrace::collect] read ALLOCS: 1000000 entries, \
+                 4 syscalls (batch), 81.250 ms wall, 79.900 ms cpu";
+        assert_eq!(
+            MapRead::parse(l),
+            Some(MapRead {
+                map: "ALLOCS".into(),
+                entries: 1_000_000,
+                syscalls: 4,
+                batched: true,
+                wall_ms: 81.25,
+                cpu_ms: 79.9,
+            })
+        );
+        let per = MapRead::parse(
+            "read SITES: 10 entries, 11 syscalls (per entry), 1.5 ms wall, 0.000 ms cpu",
+        )
+        .unwrap();
+        assert!(!per.batched);
+        assert_eq!((per.entries, per.syscalls), (10, 11));
+        assert_eq!(MapRead::parse("memtrace: read /proc/1/maps: denied"), None);
+        assert_eq!(MapRead::parse("read ALLOCS: garbage"), None);
+    }
+
+    #[test]
+    fn proc_files() {
+        // A comm with spaces and a parenthesis, as /proc allows.
+        let stat =
+            "1234 (mem trace) x) S 1 1234 1234 0 -1 4194560 500 0 0 0 37 12 0 0 20 0 3 0 99 0 0";
+        assert_eq!(stat_ticks(stat), Some(49));
+        assert_eq!(stat_ticks("1 (x) S 1"), None);
+        assert_eq!(
+            hwm_kib("Name:\tm\nVmHWM:\t   20480 kB\nVmRSS:\t 1 kB\n"),
+            Some(20480)
+        );
+        assert_eq!(hwm_kib("Name:\tm\n"), None);
+    }
+}
