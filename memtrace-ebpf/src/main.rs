@@ -141,6 +141,12 @@ mod probes {
         x ^ (x >> 29)
     }
 
+    /// Reads two consecutive u64s of the target's memory.
+    #[inline(always)]
+    fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+        unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
+    }
+
     /// Reads one u64 of the target's memory.
     #[inline(always)]
     fn read_user(addr: u64) -> Option<u64> {
@@ -234,13 +240,17 @@ mod probes {
                         w.sp + 8 + extra
                     }
                 };
-                let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
+                // One read for the return address and the word below it, where
+                // the usual frame saves rbp (each read of user memory is the
+                // walk's largest cost).
+                let Some([below, ra]) = read_user_pair(cfa.wrapping_sub(16)) else {
                     w.flags |= STACK_TRUNCATED_READ;
                     count(Counter::UnwindBadRead, 1);
                     return 1;
                 };
                 let bp = match r.rbp_rule {
                     RBP_SAME => w.bp,
+                    RBP_AT_CFA if r.rbp_offset == -16 => below,
                     RBP_AT_CFA => match read_user(cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
                         Some(bp) => bp,
                         None => {
@@ -260,7 +270,7 @@ mod probes {
                     count(Counter::UnwindNoFramePointer, 1);
                     return 1;
                 }
-                let (Some(ra), Some(bp)) = (read_user(w.bp + 8), read_user(w.bp)) else {
+                let Some([bp, ra]) = read_user_pair(w.bp) else {
                     w.flags |= STACK_TRUNCATED_READ;
                     count(Counter::UnwindBadRead, 1);
                     return 1;
