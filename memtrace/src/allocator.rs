@@ -268,13 +268,7 @@ pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
         .iter()
         .filter(|p| p.size > 0)
         .filter_map(|p| {
-            let m = maps.iter().find(|m| {
-                m.is_exec()
-                    && m.path.as_deref() == Some(alloc.module.as_str())
-                    && p.file_offset >= m.offset
-                    && p.file_offset < m.offset + m.len()
-            })?;
-            let start = m.start + (p.file_offset - m.offset);
+            let start = vaddr(alloc, maps, p.file_offset)?;
             Some((start, start + p.size))
         })
         .collect();

@@ -30,6 +30,10 @@ evicts as it grows), stable (plateau, constant: caches, pools, startup data), tr
 (short-lived blocks only), unknown (fewer than --leak-min-samples samples: use a
 shorter --interval or trace longer). The text report lists leaks first.
 
+On allocation-heavy programs, --sample-bytes 512KiB records about one allocation
+per 512 KiB allocated (byte-weighted, as tcmalloc samples) at a fraction of the
+cost; the report's byte and block figures are then estimates, marked ~.
+
 `memtrace diff OLD.json NEW.json` compares two JSON reports (snapshots) site by
 site, matched by symbolized stack, and ranks the sites by growth.
 

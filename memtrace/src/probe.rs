@@ -176,6 +176,16 @@ impl Default for MapSizes {
     }
 }
 
+fn log_probe(alloc: &Allocator, point: &allocator::AttachPoint) {
+    log::debug!(
+        "probing {}:{} at file offset {:#x} (function at {:#x})",
+        alloc.module,
+        point.probe_site(),
+        point.probe_offset,
+        point.file_offset
+    );
+}
+
 /// `MEMTRACE_PROBES=classic`: never use uprobe sessions (for comparison, and
 /// for tests of the fall back).
 fn classic_forced() -> bool {
@@ -358,13 +368,7 @@ impl Probes {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         let (mut alloc_offsets, mut kinds, mut free_offsets) = (Vec::new(), Vec::new(), Vec::new());
         for point in &alloc.points {
-            log::debug!(
-                "probing {}:{} at file offset {:#x} (function at {:#x})",
-                alloc.module,
-                point.probe_site(),
-                point.probe_offset,
-                point.file_offset
-            );
+            log_probe(alloc, point);
             match point.role {
                 Role::Alloc(kind) => {
                     let at = allocator::vaddr(alloc, maps, point.probe_offset)
@@ -422,13 +426,7 @@ impl Probes {
             // `placement`), both probes see what they would at the function's
             // first instruction: the arguments, and rsp pointing at the return
             // address, which the return probe replaces.
-            log::debug!(
-                "probing {}:{} at file offset {:#x} (function at {:#x})",
-                alloc.module,
-                point.probe_site(),
-                point.probe_offset,
-                point.file_offset
-            );
+            log_probe(alloc, point);
             let link = self
                 .attach_one(prog, &alloc.open_path, point.probe_offset, pid)
                 .with_context(what)?;

@@ -993,27 +993,38 @@ fn binutils_addr2line(
     (elapsed, frames)
 }
 
-/// memtrace and binutils `addr2line -f -i -C` agree on glibc (with libc6-dbg):
-/// the same inline depth and the same line for every frame of 400 addresses
-/// spread over libc's functions. (Names may differ between aliases at one
-/// address, e.g. `xdr_uint32_t` and `__GI_xdr_uint32_t`, so only lines count.)
-#[test]
-fn agrees_with_binutils_on_glibc() {
+/// Addresses in libc's functions (those over 16 bytes, from its debug file's symbol
+/// table; `pick(start, size)` chooses which), sorted and unique. Skips the test
+/// without libc6-dbg.
+fn libc_function_vaddrs(
+    pm: &ProcessModules,
+    libc_mod: &MappedModule,
+    pick: impl Fn(u64, u64) -> Vec<u64>,
+) -> Vec<u64> {
     use object::{Object, ObjectSymbol};
-    let pm = ProcessModules::capture(std::process::id()).unwrap();
-    let malloc = libc::malloc as *const () as usize as u64;
-    let libc_mod = own_libc(&pm, malloc);
-    let summary = Symbolizer::new().module_summary(&pm, libc_mod);
+    let summary = Symbolizer::new().module_summary(pm, libc_mod);
     require_libc_dbg(&summary);
     let data = std::fs::read(summary.debug_file.clone().unwrap()).unwrap();
     let obj = object::File::parse(&*data).unwrap();
     let mut vaddrs: Vec<u64> = obj
         .symbols()
         .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
-        .map(|s| s.address() + s.size() / 2)
+        .flat_map(|s| pick(s.address(), s.size()))
         .collect();
     vaddrs.sort_unstable();
     vaddrs.dedup();
+    vaddrs
+}
+
+/// memtrace and binutils `addr2line -f -i -C` agree on glibc (with libc6-dbg):
+/// the same inline depth and the same line for every frame of 400 addresses
+/// spread over libc's functions. (Names may differ between aliases at one
+/// address, e.g. `xdr_uint32_t` and `__GI_xdr_uint32_t`, so only lines count.)
+#[test]
+fn agrees_with_binutils_on_glibc() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let vaddrs = libc_function_vaddrs(&pm, libc_mod, |start, size| vec![start + size / 2]);
     let step = (vaddrs.len() / 400).max(1);
     let vaddrs: Vec<u64> = vaddrs.into_iter().step_by(step).take(400).collect();
     // libc's text segment has vaddr == file offset.
@@ -1052,21 +1063,9 @@ fn agrees_with_binutils_on_glibc() {
 /// - another alias for the same function (`__GI_xdr_uint32_t` / `xdr_uint32_t`), rare.
 #[test]
 fn symbolize_command_matches_binutils_on_glibc() {
-    use object::{Object, ObjectSymbol};
     let pm = ProcessModules::capture(std::process::id()).unwrap();
-    let malloc = libc::malloc as *const () as usize as u64;
-    let libc_mod = own_libc(&pm, malloc);
-    let summary = Symbolizer::new().module_summary(&pm, libc_mod);
-    require_libc_dbg(&summary);
-    let data = std::fs::read(summary.debug_file.clone().unwrap()).unwrap();
-    let obj = object::File::parse(&*data).unwrap();
-    let mut vaddrs: Vec<u64> = obj
-        .symbols()
-        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 16)
-        .flat_map(|s| [s.address(), s.address() + s.size() / 2])
-        .collect();
-    vaddrs.sort_unstable();
-    vaddrs.dedup();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let vaddrs = libc_function_vaddrs(&pm, libc_mod, |start, size| vec![start, start + size / 2]);
     let step = (vaddrs.len() / 600).max(1);
     let vaddrs: Vec<u64> = vaddrs.into_iter().step_by(step).take(600).collect();
     let file = Path::new(&libc_mod.path);
