@@ -165,6 +165,47 @@ impl SiteBlocks {
     }
 }
 
+/// Groups scanned blocks by site, one at a time (a scan of a million blocks
+/// need not be held in memory first).
+pub struct BlockGrouper {
+    out: HashMap<u64, SiteBlocks>,
+    now_ns: u64,
+    min_age_ns: u64,
+    sampling: Sampling,
+}
+
+impl BlockGrouper {
+    pub fn new(now_ns: u64, min_age_ns: u64, sampling: Sampling) -> Self {
+        BlockGrouper {
+            out: HashMap::new(),
+            now_ns,
+            min_age_ns,
+            sampling,
+        }
+    }
+
+    pub fn add(&mut self, stack_id: u64, birth: u64, size: u64) {
+        let s = self.out.entry(stack_id).or_default();
+        s.blocks += 1;
+        s.bytes += size;
+        s.est.add(self.sampling, size);
+        if self.now_ns.saturating_sub(birth) >= self.min_age_ns {
+            s.old_blocks += 1;
+            s.old_bytes += size;
+            s.est_old.add(self.sampling, size);
+        }
+        s.births.push(birth);
+    }
+
+    pub fn finish(mut self) -> HashMap<u64, SiteBlocks> {
+        for s in self.out.values_mut() {
+            s.births.sort_unstable();
+            s.births.shrink_to_fit();
+        }
+        self.out
+    }
+}
+
 /// Groups scanned blocks `(stack id, birth ns, size)` by site.
 pub fn group_blocks(
     blocks: impl IntoIterator<Item = (u64, u64, u64)>,
@@ -172,23 +213,11 @@ pub fn group_blocks(
     min_age_ns: u64,
     sampling: Sampling,
 ) -> HashMap<u64, SiteBlocks> {
-    let mut out: HashMap<u64, SiteBlocks> = HashMap::new();
+    let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
     for (stack_id, birth, size) in blocks {
-        let s = out.entry(stack_id).or_default();
-        s.blocks += 1;
-        s.bytes += size;
-        s.est.add(sampling, size);
-        if now_ns.saturating_sub(birth) >= min_age_ns {
-            s.old_blocks += 1;
-            s.old_bytes += size;
-            s.est_old.add(sampling, size);
-        }
-        s.births.push(birth);
+        g.add(stack_id, birth, size);
     }
-    for s in out.values_mut() {
-        s.births.sort_unstable();
-    }
-    out
+    g.finish()
 }
 
 // ---- history ----------------------------------------------------------------------

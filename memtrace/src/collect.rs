@@ -6,7 +6,12 @@ use anyhow::{Context, Result};
 use memtrace_common::{Counter, NO_STACK, NUM_COUNTERS};
 use serde::Serialize;
 
-use crate::{batch, probe::TraceMaps, sampling::Sampling};
+use crate::{
+    analyze::{BlockGrouper, SiteBlocks},
+    batch,
+    probe::TraceMaps,
+    sampling::Sampling,
+};
 
 /// Every counter, with names in the user's terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -257,17 +262,21 @@ impl Collector {
         Ok(out)
     }
 
-    /// Every outstanding block as `(stack id, allocation time (CLOCK_MONOTONIC
-    /// ns), size)`: one map entry per block (leak analysis: ages and which
-    /// blocks outlive the run, see `analyze`).
-    pub fn blocks(&self) -> Result<Vec<(u64, u64, u64)>> {
-        let mut out = Vec::new();
+    /// Every outstanding block, grouped by site (leak analysis: ages and which
+    /// blocks outlive the run, see `analyze`): one map entry per block, streamed.
+    pub fn group_blocks(
+        &self,
+        now_ns: u64,
+        min_age_ns: u64,
+        sampling: Sampling,
+    ) -> Result<HashMap<u64, SiteBlocks>> {
+        let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
         let read = batch::for_each_entry(&self.maps.allocs, |_addr, a| {
-            out.push((a.stack_id, a.timestamp_ns, a.size))
+            g.add(a.stack_id, a.timestamp_ns, a.size)
         })
         .context("reading ALLOCS")?;
         log_read("ALLOCS", &read);
-        Ok(out)
+        Ok(g.finish())
     }
 }
 

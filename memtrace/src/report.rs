@@ -325,10 +325,17 @@ fn text_rank(v: Verdict) -> u8 {
 }
 
 impl Report {
+    /// The JSON form, written to `w` as it is made.
+    pub fn write_json(&self, mut w: impl std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer_pretty(&mut w, self)?;
+        w.write_all(b"\n")
+    }
+
     pub fn to_json(&self) -> String {
-        let mut s = serde_json::to_string_pretty(self).expect("a report always serializes");
-        s.push('\n');
-        s
+        let mut out = Vec::new();
+        self.write_json(&mut out)
+            .expect("a report always serializes");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
     }
 
     pub fn to_text(&self, top: usize) -> String {

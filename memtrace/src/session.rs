@@ -13,7 +13,7 @@ use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 
 use crate::{
     allocator::{self, Allocator, AllocatorError},
-    analyze::{self, HISTORY_CAPACITY, History, SiteBlocks, Verdict, VerdictConfig, group_blocks},
+    analyze::{self, HISTORY_CAPACITY, History, SiteBlocks, Verdict, VerdictConfig},
     cli::{Cli, Format, Target},
     collect::{Collector, SiteSample, monotonic_ns},
     launch::{self, ChildState, Loading},
@@ -168,11 +168,14 @@ impl ReportFile {
         }))
     }
 
-    fn write(&mut self, text: &str) -> Result<()> {
+    fn write(&mut self, emit: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
         self.file
             .set_len(0)
-            .and_then(|_| self.file.write_all(text.as_bytes()))
-            .and_then(|_| self.file.flush())
+            .and_then(|_| {
+                let mut w = std::io::BufWriter::new(&mut self.file);
+                emit(&mut w)?;
+                w.flush()
+            })
             .with_context(|| format!("writing the report to {}", self.path.display()))?;
         self.written = true;
         Ok(())
@@ -585,16 +588,16 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             exit_status: exit_state.and_then(|s| s.exit_code()),
         },
     )?;
-    let text = match cli.format {
-        Format::Json => report.to_json(),
-        Format::Text => report.to_text(cli.top),
+    // JSON is streamed out: for ten thousand sites it is tens of megabytes.
+    let emit = |w: &mut dyn Write| match cli.format {
+        Format::Json => report.write_json(w),
+        Format::Text => w.write_all(report.to_text(cli.top).as_bytes()),
     };
     match output.as_mut() {
-        Some(f) => f.write(&text)?,
+        Some(f) => f.write(emit)?,
         None => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes())
-                .context("writing the report to stdout")?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            emit(&mut out).context("writing the report to stdout")?;
             out.flush().ok();
         }
     }
@@ -702,7 +705,7 @@ fn live_summary(
             AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
         let blocks = raw_blocks;
         let ages = if blocks < AGE_SCAN_MAX_BLOCKS && blocks as f64 * per_block <= budget_ns {
-            let a = group_blocks(at.collector.blocks()?, now_ns, 0, cli.sampling());
+            let a = at.collector.group_blocks(now_ns, 0, cli.sampling())?;
             if blocks >= 1000 {
                 last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / blocks as f64;
             }
@@ -927,8 +930,7 @@ fn build_report(
     let min_age_ns = cli.min_age.as_nanos() as u64;
     // One scan of every block: ages, and which blocks outlived the run.
     let sampling = cli.sampling();
-    let ages: HashMap<u64, SiteBlocks> =
-        group_blocks(at.collector.blocks()?, now_ns, min_age_ns, sampling);
+    let ages: HashMap<u64, SiteBlocks> = at.collector.group_blocks(now_ns, min_age_ns, sampling)?;
     // The final, partial interval is part of the history too.
     history.record_final(now_ns, &site_tuples(&samples), Some(&ages), end_process);
 
