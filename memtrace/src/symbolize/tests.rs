@@ -953,15 +953,8 @@ fn first_frame_of_a_stack_is_an_ip() {
     assert_ne!(r[1].last().unwrap().function, name0);
 }
 
-/// Runs binutils `addr2line -a -f -i -C` on file offsets; returns elapsed time and, per
-/// address, its (function, line) frames ("??" / None when unknown).
-#[allow(clippy::type_complexity)]
-fn binutils_addr2line(
-    file: &Path,
-    offsets: &[u64],
-) -> (std::time::Duration, Vec<Vec<(String, Option<u32>)>>) {
-    let input: String = offsets.iter().map(|o| format!("{o:x}\n")).collect();
-    let t = std::time::Instant::now();
+/// The output of binutils `addr2line -a -f -i -C -e FILE` for addresses on stdin.
+fn binutils_output(file: &Path, input: String) -> String {
     let mut child = Command::new("addr2line")
         .args(["-a", "-f", "-i", "-C", "-e"])
         .arg(file)
@@ -973,8 +966,20 @@ fn binutils_addr2line(
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs binutils `addr2line -a -f -i -C` on file offsets; returns elapsed time and, per
+/// address, its (function, line) frames ("??" / None when unknown).
+#[allow(clippy::type_complexity)]
+fn binutils_addr2line(
+    file: &Path,
+    offsets: &[u64],
+) -> (std::time::Duration, Vec<Vec<(String, Option<u32>)>>) {
+    let input: String = offsets.iter().map(|o| format!("{o:x}\n")).collect();
+    let t = std::time::Instant::now();
+    let text = binutils_output(file, input);
     let elapsed = t.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout);
     let mut frames: Vec<Vec<(String, Option<u32>)>> = Vec::new();
     let mut lines = text.lines();
     while let Some(l) = lines.next() {
@@ -1071,17 +1076,7 @@ fn symbolize_command_matches_binutils_on_glibc() {
     let file = Path::new(&libc_mod.path);
 
     let input: String = vaddrs.iter().map(|v| format!("{v:#x}\n")).collect();
-    let mut child = Command::new("addr2line")
-        .args(["-a", "-f", "-i", "-C", "-e"])
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
-    let theirs = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
-    writer.join().unwrap();
+    let theirs = binutils_output(file, input);
 
     let frames = Symbolizer::new().symbolize_file(file, &vaddrs).unwrap();
     let mut ours = Vec::new();
