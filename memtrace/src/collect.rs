@@ -117,17 +117,6 @@ impl SiteSample {
     }
 }
 
-/// Ages of one site's outstanding blocks, from a scan of ALLOCS.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SiteAges {
-    pub oldest_ns: Option<u64>,
-    /// Blocks and bytes older than `--min-age`.
-    pub old_blocks: u64,
-    pub old_bytes: u64,
-    pub blocks: u64,
-    pub bytes: u64,
-}
-
 /// Calls whose return probe has not come after this long are taken as lost
 /// (longjmp out of a signal handler that was inside malloc, a thread killed
 /// mid-call): they are removed and counted, so PENDING cannot silt up.
@@ -238,28 +227,6 @@ impl Collector {
         }
         self.missed_returns += n;
         Ok(())
-    }
-
-    /// Scans every outstanding block for its age. One map entry per block: used
-    /// only for the final report.
-    pub fn ages(&self, now_ns: u64, min_age_ns: u64) -> Result<HashMap<u64, SiteAges>> {
-        let mut out: HashMap<u64, SiteAges> = HashMap::new();
-        let read = batch::for_each_entry(&self.maps.allocs, |_addr, a| {
-            let s = out.entry(a.stack_id).or_default();
-            s.blocks += 1;
-            s.bytes += a.size;
-            s.oldest_ns = Some(
-                s.oldest_ns
-                    .map_or(a.timestamp_ns, |o| o.min(a.timestamp_ns)),
-            );
-            if now_ns.saturating_sub(a.timestamp_ns) >= min_age_ns {
-                s.old_blocks += 1;
-                s.old_bytes += a.size;
-            }
-        })
-        .context("reading ALLOCS")?;
-        log_read("ALLOCS", &read);
-        Ok(out)
     }
 
     /// Every outstanding block, grouped by site (leak analysis: ages and which

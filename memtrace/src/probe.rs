@@ -357,8 +357,8 @@ impl Probes {
         self.attach_classic(alloc, pid)
     }
 
-    /// One session link for the allocating functions (cookie: the AllocKind),
-    /// one uprobe_multi link for free.
+    /// One session link for the allocating functions, one uprobe_multi link
+    /// for free.
     ///
     /// The cookie of an allocating function's probe is its address in the
     /// process, shifted left by 8, with its `AllocKind` in the low byte: the
@@ -366,47 +366,54 @@ impl Probes {
     /// pointer being at the probe.
     fn attach_multi(&mut self, alloc: &Allocator, pid: u32, maps: &[MapEntry]) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
-        let (mut alloc_offsets, mut kinds, mut free_offsets) = (Vec::new(), Vec::new(), Vec::new());
+        // (offsets, cookies) of the allocating functions, then of free.
+        let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         for point in &alloc.points {
             log_probe(alloc, point);
             match point.role {
                 Role::Alloc(kind) => {
                     let at = allocator::vaddr(alloc, maps, point.probe_offset)
                         .with_context(|| format!("{} is not mapped", point.probe_site()))?;
-                    alloc_offsets.push(point.probe_offset);
-                    kinds.push(at << 8 | kind as u64);
+                    allocs.0.push(point.probe_offset);
+                    allocs.1.push(at << 8 | kind as u64);
                 }
-                Role::Free => free_offsets.push(point.probe_offset),
+                Role::Free => {
+                    frees.0.push(point.probe_offset);
+                    frees.1.push(0);
+                }
             }
         }
         let mut links = Vec::new();
-        if !alloc_offsets.is_empty() {
-            let link = multi::attach(
-                progs.session.as_fd(),
+        for (prog, attach_type, (offsets, cookies), what) in [
+            (
+                &progs.session,
                 multi::BPF_TRACE_UPROBE_SESSION,
-                &alloc.open_path,
-                &alloc_offsets,
-                &kinds,
-                pid,
-            )
-            .with_context(|| format!("a uprobe session on {}", alloc.module))?;
-            links.push(link);
-        }
-        if !free_offsets.is_empty() {
-            let cookies = vec![0; free_offsets.len()];
-            let link = multi::attach(
-                progs.free.as_fd(),
+                &allocs,
+                "a uprobe session",
+            ),
+            (
+                &progs.free,
                 multi::BPF_TRACE_UPROBE_MULTI,
+                &frees,
+                "a uprobe_multi link for free",
+            ),
+        ] {
+            if offsets.is_empty() {
+                continue;
+            }
+            let link = multi::attach(
+                prog.as_fd(),
+                attach_type,
                 &alloc.open_path,
-                &free_offsets,
-                &cookies,
+                offsets,
+                cookies,
                 pid,
             )
-            .with_context(|| format!("a uprobe_multi link on {}:free", alloc.module))?;
+            .with_context(|| format!("{what} on {}", alloc.module))?;
             links.push(link);
         }
         self.multi_links.extend(links);
-        Ok(alloc_offsets.len() + free_offsets.len())
+        Ok(allocs.0.len() + frees.0.len())
     }
 
     /// Entry probes on every allocator function, a return probe on each one that

@@ -684,9 +684,8 @@ fn live_summary(
     let sampling = cli.sampling();
     let est = if sampling.is_sampled() { "~" } else { "" };
     let sites: Vec<SiteSample> = raw_sites.iter().map(|s| s.estimated(sampling)).collect();
-    let (raw_blocks, _) = raw_sites.iter().fold((0i64, 0i64), |(b, y), s| {
-        (b + s.outstanding_blocks, y + s.outstanding_bytes)
-    });
+    // Blocks in the kernel's map: what an age scan reads.
+    let scanned: i64 = raw_sites.iter().map(|s| s.outstanding_blocks).sum();
     let secs = now
         .duration_since(last.at.unwrap_or(start))
         .as_secs_f64()
@@ -703,11 +702,10 @@ fn live_summary(
         };
         let budget_ns =
             AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
-        let blocks = raw_blocks;
-        let ages = if blocks < AGE_SCAN_MAX_BLOCKS && blocks as f64 * per_block <= budget_ns {
-            let a = at.collector.group_blocks(now_ns, 0, cli.sampling())?;
-            if blocks >= 1000 {
-                last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / blocks as f64;
+        let ages = if scanned < AGE_SCAN_MAX_BLOCKS && scanned as f64 * per_block <= budget_ns {
+            let a = at.collector.group_blocks(now_ns, 0, sampling)?;
+            if scanned >= 1000 {
+                last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / scanned as f64;
             }
             Some(a)
         } else {
@@ -717,7 +715,7 @@ fn live_summary(
         log::debug!(
             "history sample: {} sites, {} blocks scanned in {:?}",
             sites.len(),
-            if ages.is_some() { blocks } else { 0 },
+            if ages.is_some() { scanned } else { 0 },
             scan.elapsed()
         );
     }

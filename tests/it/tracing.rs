@@ -41,6 +41,22 @@ fn shared(
     }
 }
 
+/// An attach-mode run over `fixture` (built as `variant`, run with `args`),
+/// which must exit 0, with the fixture's tally.
+fn attached(fixture: &str, variant: Variant, args: &[&str]) -> Shared {
+    let bin = build_fixture(fixture, variant);
+    let AttachRun {
+        run,
+        tally,
+        target: _target,
+    } = run_attach(&bin, args, &[]);
+    run.assert_exit(0);
+    Shared {
+        run,
+        tally: Some(tally),
+    }
+}
+
 fn leaks_attach(variant: Variant) -> &'static Shared {
     static FP: OnceLock<Result<Shared, String>> = OnceLock::new();
     static O2: OnceLock<Result<Shared, String>> = OnceLock::new();
@@ -54,19 +70,7 @@ fn leaks_attach(variant: Variant) -> &'static Shared {
         Variant::Static => &STATIC,
         Variant::NoFramePointers => &NOFP,
     };
-    shared(cell, || {
-        let bin = build_fixture("leaks", variant);
-        let AttachRun {
-            run,
-            tally,
-            target: _target,
-        } = run_attach(&bin, &["attach"], &[]);
-        run.assert_exit(0);
-        Shared {
-            run,
-            tally: Some(tally),
-        }
-    })
+    shared(cell, || attached("leaks", variant, &["attach"]))
 }
 
 fn leaks_launch(variant: Variant) -> &'static Shared {
@@ -626,19 +630,7 @@ fn threads_before_built(variant: Variant) -> &'static Shared {
         Variant::NoFramePointers => &NOFP,
         _ => &FP,
     };
-    shared(cell, || {
-        let bin = build_fixture("threads", variant);
-        let AttachRun {
-            run,
-            tally,
-            target: _t,
-        } = run_attach(&bin, &["before"], &[]);
-        run.assert_exit(0);
-        Shared {
-            run,
-            tally: Some(tally),
-        }
-    })
+    shared(cell, || attached("threads", variant, &["before"]))
 }
 
 #[test]
@@ -765,19 +757,7 @@ fn cpp_attach_built(variant: Variant) -> &'static Shared {
         Variant::NoFramePointers => &NOFP,
         _ => &FP,
     };
-    shared(cell, || {
-        let bin = build_fixture("leaks_cpp", variant);
-        let AttachRun {
-            run,
-            tally,
-            target: _t,
-        } = run_attach(&bin, &["attach"], &[]);
-        run.assert_exit(0);
-        Shared {
-            run,
-            tally: Some(tally),
-        }
-    })
+    shared(cell, || attached("leaks_cpp", variant, &["attach"]))
 }
 
 #[test]
