@@ -168,11 +168,28 @@ pub struct Allocation {
     pub stack_id: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the allocator returned.
     pub timestamp_ns: u64,
+    /// The [`Epoch`] the block was born in: its aggregate is `SITES[(stack_id, epoch)]`.
+    pub epoch: u32,
+    /// Birth time after the epoch's start, in [`EPOCH_TIME_SHIFT`] units
+    /// (saturated): what the block added to its aggregate's `birth_sum`.
+    pub birth_offset: u32,
 }
 
-/// Per-stack aggregate, kept in the kernel so that a report reads one entry per
-/// site instead of one per outstanding block. Map `SITES`: stack id → `SiteStats`.
-/// Updated with atomic adds from every CPU.
+/// Key of the per-site aggregates: a site (allocation stack) and the epoch its
+/// blocks were born in. Ages come from these, so a report reads one entry per
+/// site and epoch that holds blocks, never one per block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SiteKey {
+    pub stack_id: u64,
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// Per-site (and birth epoch) aggregate, kept in the kernel. Map `SITES`:
+/// [`SiteKey`] → `SiteStats`. Updated with atomic adds from every CPU; userspace
+/// removes the entries of past epochs that hold no block (after adding their
+/// call counts to its own per-site totals).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SiteStats {
@@ -180,7 +197,23 @@ pub struct SiteStats {
     pub outstanding_bytes: i64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
+    /// Sum of the outstanding blocks' `birth_offset`s: their mean birth time.
+    pub birth_sum: u64,
 }
+
+/// The current epoch (map `EPOCH`, one entry), written by userspace at every
+/// history sample: blocks born after `start_ns` belong to epoch `id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epoch {
+    pub id: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+}
+
+/// `Allocation::birth_offset` is in units of 2^EPOCH_TIME_SHIFT ns (about 1 ms):
+/// 32 bits hold 52 days of one epoch.
+pub const EPOCH_TIME_SHIFT: u32 = 20;
 
 /// A user stack, innermost return address first. Map `STACKS`: stack id → `StackTrace`.
 /// The id is a 64-bit hash of the frames; a different stack with the same hash is
@@ -305,6 +338,8 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding.
     unsafe impl aya::Pod for super::Allocation {}
     unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::Epoch {}
     unsafe impl aya::Pod for super::StackTrace {}
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingCall {}
@@ -318,8 +353,10 @@ const _: () = {
     assert!(core::mem::size_of::<UnwindRow>() == 12);
     assert!(core::mem::size_of::<PageKey>() == 16);
     assert!(core::mem::size_of::<PageRows>() == 16);
-    assert!(core::mem::size_of::<Allocation>() == 24);
-    assert!(core::mem::size_of::<SiteStats>() == 32);
+    assert!(core::mem::size_of::<Allocation>() == 32);
+    assert!(core::mem::size_of::<SiteStats>() == 40);
+    assert!(core::mem::size_of::<SiteKey>() == 16);
+    assert!(core::mem::size_of::<Epoch>() == 16);
     assert!(core::mem::size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
     assert!(core::mem::size_of::<PendingKey>() == 16);
     assert!(core::mem::size_of::<PendingCall>() == 40);

@@ -41,7 +41,7 @@ mod probes {
         PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
         SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, STACK_FP_ONLY,
         STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteStats, StackTrace, TextRange, UnwindRow,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow, Epoch, EPOCH_TIME_SHIFT,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -60,8 +60,12 @@ mod probes {
         HashMap::with_max_entries(DEFAULT_MAX_OUTSTANDING, BPF_F_NO_PREALLOC);
 
     #[map]
-    static SITES: HashMap<u64, SiteStats> =
+    static SITES: HashMap<SiteKey, SiteStats> =
         HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+    /// The current birth epoch (one entry, written by userspace).
+    #[map]
+    static EPOCH: Array<Epoch> = Array::with_max_entries(1, 0);
 
     #[map]
     static STACKS: HashMap<u64, StackTrace> =
@@ -394,34 +398,59 @@ mod probes {
         unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(dst, v) };
     }
 
+    /// The current epoch, and the offset of `now` in it (see `Allocation`).
     #[inline(always)]
-    fn site_add(stack_id: u64, size: u64) -> bool {
-        let mut site = SITES.get_ptr_mut(&stack_id);
+    fn epoch_at(now: u64) -> (u32, u32) {
+        let (epoch, start) = match EPOCH.get(0) {
+            Some(e) => (e.id, e.start_ns),
+            None => (0, 0),
+        };
+        let offset = (now.saturating_sub(start) >> EPOCH_TIME_SHIFT).min(u32::MAX as u64) as u32;
+        (epoch, offset)
+    }
+
+    /// Adds a new block to its site's aggregate for its epoch; false if SITES is full.
+    #[inline(always)]
+    fn site_add(a: &Allocation) -> bool {
+        let key = SiteKey {
+            stack_id: a.stack_id,
+            epoch: a.epoch,
+            _pad: 0,
+        };
+        let mut site = SITES.get_ptr_mut(&key);
         if site.is_none() {
             let zero = SiteStats::default();
-            match SITES.insert(&stack_id, &zero, BPF_NOEXIST as u64) {
+            match SITES.insert(&key, &zero, BPF_NOEXIST as u64) {
                 Ok(()) => {}
                 Err(e) if e == -17 => {}
                 Err(_) => return false,
             }
-            site = SITES.get_ptr_mut(&stack_id);
+            site = SITES.get_ptr_mut(&key);
         }
         let Some(site) = site else { return false };
         unsafe {
             add(&raw mut (*site).outstanding_blocks, 1);
-            add(&raw mut (*site).outstanding_bytes, size as i64);
+            add(&raw mut (*site).outstanding_bytes, a.size as i64);
             add(&raw mut (*site).alloc_calls, 1);
-            add(&raw mut (*site).alloc_bytes, size);
+            add(&raw mut (*site).alloc_bytes, a.size);
+            add(&raw mut (*site).birth_sum, a.birth_offset as u64);
         }
         true
     }
 
+    /// Takes a retired block out of its aggregate.
     #[inline(always)]
-    fn site_sub(stack_id: u64, size: u64) {
-        if let Some(site) = SITES.get_ptr_mut(&stack_id) {
+    fn site_sub(a: &Allocation) {
+        let key = SiteKey {
+            stack_id: a.stack_id,
+            epoch: a.epoch,
+            _pad: 0,
+        };
+        if let Some(site) = SITES.get_ptr_mut(&key) {
             unsafe {
                 add(&raw mut (*site).outstanding_blocks, -1);
-                add(&raw mut (*site).outstanding_bytes, -(size as i64));
+                add(&raw mut (*site).outstanding_bytes, -(a.size as i64));
+                add(&raw mut (*site).birth_sum, (a.birth_offset as u64).wrapping_neg());
             }
         }
     }
@@ -439,9 +468,9 @@ mod probes {
         if a.timestamp_ns > not_after_ns {
             return true;
         }
-        let (size, stack_id) = (a.size, a.stack_id);
+        let a = *a;
         if ALLOCS.remove(&ptr).is_ok() {
-            site_sub(stack_id, size);
+            site_sub(&a);
         }
         true
     }
@@ -455,16 +484,21 @@ mod probes {
             count(Counter::AddressReused, 1);
         }
         let stack_id = capture_stack(ctx);
+        let (epoch, birth_offset) = epoch_at(now);
         let a = Allocation {
             size,
             stack_id,
             timestamp_ns: now,
+            epoch,
+            birth_offset,
         };
+        // (No free can come between the two updates: the caller has not been
+        // given the address yet.)
         if ALLOCS.insert(&ptr, &a, BPF_ANY as u64).is_err() {
             count(Counter::DroppedAllocMapFull, 1);
             return;
         }
-        if !site_add(stack_id, size) {
+        if !site_add(&a) {
             let _ = ALLOCS.remove(&ptr);
             count(Counter::DroppedSiteMapFull, 1);
             return;
@@ -785,20 +819,21 @@ mod probes {
         };
         let _ = PENDING.remove(&key);
         let sampled = call.kind & PENDING_UNSAMPLED == 0;
-        match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
+        // One record_alloc for every kind: it holds the stack walk, which the
+        // verifier would otherwise check once per call site.
+        let ptr = match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
             Some(AllocKind::PosixMemalign) => {
                 if ret as u32 != 0 {
                     count(Counter::FailedAllocs, 1);
                     return;
                 }
-                let ptr = match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
+                match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
                     Ok(ptr) => ptr,
                     Err(_) => {
                         count(Counter::OutPointerReadErrors, 1);
                         return;
                     }
-                };
-                record_alloc(ctx, ptr, call.size);
+                }
             }
             Some(AllocKind::Realloc | AllocKind::ReallocArray) => {
                 if ret == 0 {
@@ -826,23 +861,26 @@ mod probes {
                         count(Counter::FreeUnknown, 1);
                     }
                 }
-                if sampled {
-                    record_alloc(ctx, ret, call.size);
-                } else if retire(ret, u64::MAX) {
-                    // The unsampled new block took an address memtrace still
-                    // held (its free was missed): not outstanding any more.
-                    count(Counter::AddressReused, 1);
+                if !sampled {
+                    if retire(ret, u64::MAX) {
+                        // The unsampled new block took an address memtrace still
+                        // held (its free was missed): not outstanding any more.
+                        count(Counter::AddressReused, 1);
+                    }
+                    return;
                 }
+                ret
             }
             Some(_) => {
                 if ret == 0 {
                     count(Counter::FailedAllocs, 1);
                     return;
                 }
-                record_alloc(ctx, ret, call.size);
+                ret
             }
-            None => {}
-        }
+            None => return,
+        };
+        record_alloc(ctx, ptr, call.size);
     }
 
     /// Return probe shared by every allocating entry point (classic probes).

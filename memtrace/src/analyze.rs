@@ -120,7 +120,8 @@ impl Default for VerdictConfig {
 
 // ---- blocks ---------------------------------------------------------------------
 
-/// The outstanding blocks of one site, from a scan of every block.
+/// The outstanding blocks of one site: from a scan of every block, or from the
+/// kernel's per-epoch aggregates (each epoch's blocks at their mean birth time).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SiteBlocks {
     pub blocks: u64,
@@ -128,8 +129,10 @@ pub struct SiteBlocks {
     /// Blocks and bytes at least `min_age` old.
     pub old_blocks: u64,
     pub old_bytes: u64,
-    /// When each block was allocated (CLOCK_MONOTONIC ns), oldest first.
-    pub births: Vec<u64>,
+    /// When the blocks were allocated (CLOCK_MONOTONIC ns), oldest first, with
+    /// how many were born then: one block each from a scan; one entry per
+    /// epoch, at the epoch's mean birth time, from the aggregates.
+    pub births: Vec<(u64, u64)>,
     /// What the blocks (all, and those at least `min_age` old) stand for:
     /// themselves in exact mode, an estimate with `--sample-bytes`.
     pub est: Estimate,
@@ -138,22 +141,34 @@ pub struct SiteBlocks {
 
 impl SiteBlocks {
     pub fn oldest_ns(&self) -> Option<u64> {
-        self.births.first().copied()
+        self.births.first().map(|b| b.0)
     }
 
     /// Birth time of the median block (the mean of the two middle ones).
     pub fn median_birth_ns(&self) -> Option<u64> {
-        let n = self.births.len();
+        let n: u64 = self.births.iter().map(|b| b.1).sum();
         if n == 0 {
             return None;
         }
-        let (a, b) = (self.births[(n - 1) / 2], self.births[n / 2]);
+        // The birth of the i-th block (0-based) in birth order.
+        let nth = |i: u64| {
+            let mut seen = 0;
+            for &(t, c) in &self.births {
+                seen += c;
+                if i < seen {
+                    return t;
+                }
+            }
+            self.births.last().map_or(0, |b| b.0)
+        };
+        let (a, b) = (nth((n - 1) / 2), nth(n / 2));
         Some(a / 2 + b / 2 + (a % 2 + b % 2) / 2)
     }
 
     /// How many of the blocks were allocated at or before `t_ns`.
     pub fn born_by(&self, t_ns: u64) -> usize {
-        self.births.partition_point(|&b| b <= t_ns)
+        let i = self.births.partition_point(|&(b, _)| b <= t_ns);
+        self.births[..i].iter().map(|b| b.1).sum::<u64>() as usize
     }
 
     /// (oldest, median) age at `now_ns`.
@@ -165,8 +180,6 @@ impl SiteBlocks {
     }
 }
 
-/// Groups scanned blocks by site, one at a time (a scan of a million blocks
-/// need not be held in memory first).
 pub struct BlockGrouper {
     out: HashMap<u64, SiteBlocks>,
     now_ns: u64,
@@ -184,6 +197,7 @@ impl BlockGrouper {
         }
     }
 
+    /// One block.
     pub fn add(&mut self, stack_id: u64, birth: u64, size: u64) {
         let s = self.out.entry(stack_id).or_default();
         s.blocks += 1;
@@ -194,7 +208,25 @@ impl BlockGrouper {
             s.old_bytes += size;
             s.est_old.add(self.sampling, size);
         }
-        s.births.push(birth);
+        s.births.push((birth, 1));
+    }
+
+    /// `blocks` blocks of `bytes` in all, taken as born at `birth` (one
+    /// epoch's aggregate: `birth` is their mean birth time).
+    pub fn add_group(&mut self, stack_id: u64, birth: u64, blocks: u64, bytes: u64) {
+        if blocks == 0 {
+            return;
+        }
+        let s = self.out.entry(stack_id).or_default();
+        s.blocks += blocks;
+        s.bytes += bytes;
+        s.est.add_group(self.sampling, blocks, bytes);
+        if self.now_ns.saturating_sub(birth) >= self.min_age_ns {
+            s.old_blocks += blocks;
+            s.old_bytes += bytes;
+            s.est_old.add_group(self.sampling, blocks, bytes);
+        }
+        s.births.push((birth, blocks));
     }
 
     pub fn finish(mut self) -> HashMap<u64, SiteBlocks> {
@@ -258,7 +290,8 @@ pub struct History {
     ticks: u64,
     times: Vec<u64>,
     /// Whether the blocks were scanned (ages known) at each sample.
-    aged: Vec<bool>,
+    /// Per sample: 0 no ages, 1 ages from every block, 2 from the epoch aggregates.
+    aged: Vec<u8>,
     totals: Vec<(i64, i64)>,
     process: Vec<Option<ProcStat>>,
     sites: HashMap<u64, Series>,
@@ -323,7 +356,22 @@ impl History {
 
     /// Samples taken without scanning the blocks (no ages).
     pub fn samples_without_ages(&self) -> usize {
-        self.aged.iter().filter(|a| !**a).count()
+        self.aged.iter().filter(|a| **a == 0).count()
+    }
+
+    /// Samples whose ages came from the kernel's per-epoch aggregates (too many
+    /// blocks to read each one): ages at the resolution of the sampling period.
+    pub fn samples_with_epoch_ages(&self) -> usize {
+        self.aged.iter().filter(|a| **a == 2).count()
+    }
+
+    /// The last sample's ages came from the per-epoch aggregates.
+    pub fn mark_epoch_ages(&mut self) {
+        if let Some(a) = self.aged.last_mut()
+            && *a == 1
+        {
+            *a = 2;
+        }
     }
 
     /// Records a sample at `now_ns`: every site's `(stack id, outstanding bytes,
@@ -341,7 +389,7 @@ impl History {
         }
         let idx = self.times.len();
         self.times.push(now_ns);
-        self.aged.push(blocks.is_some());
+        self.aged.push(blocks.is_some() as u8);
         self.process.push(process);
         let total = sites.iter().fold((0, 0), |(y, b), s| (y + s.1, b + s.2));
         self.totals.push(total);
@@ -1199,17 +1247,38 @@ mod tests {
         assert!((sa.est.blocks - (s.weight(100) + s.weight(50))).abs() < 1e-9);
         assert!((sa.est_old.bytes - 100.0 * s.weight(100)).abs() < 1e-6);
         assert_eq!((sa.blocks, sa.bytes), (2, 150));
-        assert_eq!(a.births, vec![10, 20, 30]);
+        assert_eq!(a.births, vec![(10, 1), (20, 1), (30, 1)]);
         assert_eq!(a.oldest_ns(), Some(10));
         assert_eq!(a.median_birth_ns(), Some(20));
         assert_eq!(a.born_by(20), 2);
         assert_eq!(a.born_by(9), 0);
         assert_eq!(a.ages_at(40), (Some(30), Some(20)));
         let b = SiteBlocks {
-            births: vec![10, 21],
+            births: vec![(10, 1), (21, 1)],
             ..Default::default()
         };
         assert_eq!(b.median_birth_ns(), Some(15));
+        // Aggregates: 3 blocks born (on average) at 10, 1 at 20, 4 at 30.
+        let mut g = BlockGrouper::new(40, 15, Sampling::Exact);
+        g.add_group(1, 30, 4, 40);
+        g.add_group(1, 10, 3, 300);
+        g.add_group(1, 20, 1, 5);
+        g.add_group(2, 5, 0, 0);
+        let g = g.finish();
+        assert!(!g.contains_key(&2), "an empty aggregate is no block");
+        let c = &g[&1];
+        assert_eq!((c.blocks, c.bytes, c.old_blocks, c.old_bytes), (8, 345, 4, 305));
+        assert_eq!(c.births, vec![(10, 3), (20, 1), (30, 4)]);
+        assert_eq!((c.born_by(9), c.born_by(10), c.born_by(29), c.born_by(30)), (0, 3, 4, 8));
+        // Blocks 3 and 4 (0-based) of 8: born at 20 and 30.
+        assert_eq!(c.median_birth_ns(), Some(25));
+        assert_eq!(c.ages_at(40), (Some(30), Some(15)));
+        // Sampled aggregates: each block at the epoch's mean size.
+        let mut g = BlockGrouper::new(40, 15, s);
+        g.add_group(1, 10, 2, 150);
+        let e = g.finish()[&1].est;
+        assert!((e.blocks - 2.0 * s.weight(75)).abs() < 1e-9, "{e:?}");
+        assert!((e.bytes - 150.0 * s.weight(75)).abs() < 1e-6, "{e:?}");
     }
 
     #[test]

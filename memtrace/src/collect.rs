@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use memtrace_common::{Counter, NO_STACK, NUM_COUNTERS};
+use memtrace_common::{Counter, EPOCH_TIME_SHIFT, Epoch, NO_STACK, NUM_COUNTERS, SiteKey};
 use serde::Serialize;
 
 use crate::{
@@ -122,10 +122,30 @@ impl SiteSample {
 /// mid-call): they are removed and counted, so PENDING cannot silt up.
 const PENDING_EXPIRY_NS: u64 = 30_000_000_000;
 
+/// One site's blocks born in one epoch, as the kernel aggregates them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochBlocks {
+    pub stack_id: u64,
+    pub epoch: u32,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Sum of the blocks' birth offsets in the epoch (2^EPOCH_TIME_SHIFT ns units).
+    pub birth_sum: u64,
+}
+
 pub struct Collector {
     pub maps: TraceMaps,
     stacks: HashMap<u64, (Vec<u64>, u32)>,
     missed_returns: u64,
+    /// Start (CLOCK_MONOTONIC ns) of each birth epoch, by id.
+    epoch_starts: Vec<u64>,
+    /// Calls and bytes of the kernel aggregates removed by `new_epoch` (they
+    /// held no block any more), by site.
+    retired: HashMap<u64, (u64, u64)>,
+    /// The aggregates as of the last `sites()`, with blocks.
+    epoch_blocks: Vec<EpochBlocks>,
+    /// Keys of the aggregates of the last `sites()` that held nothing.
+    empty: Vec<SiteKey>,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -140,11 +160,56 @@ pub fn monotonic_ns() -> u64 {
 
 impl Collector {
     pub fn new(maps: TraceMaps) -> Self {
+        let start = maps.epoch.get(&0, 0).map(|e| e.start_ns).unwrap_or(0);
         Collector {
             maps,
             stacks: HashMap::new(),
             missed_returns: 0,
+            epoch_starts: vec![start],
+            retired: HashMap::new(),
+            epoch_blocks: Vec::new(),
+            empty: Vec::new(),
         }
+    }
+
+    /// Starts a new birth epoch at `now_ns` (at every history sample, so that
+    /// "born by sample j" is exact), and removes the aggregates of epochs before
+    /// the previous one that held no block at the last `sites()`: no block can
+    /// join them any more (a block joins the epoch current at its birth).
+    pub fn new_epoch(&mut self, now_ns: u64) -> Result<()> {
+        let id = self.epoch_starts.len() as u32;
+        self.maps
+            .epoch
+            .set(
+                0,
+                Epoch {
+                    id,
+                    _pad: 0,
+                    start_ns: now_ns,
+                },
+                0,
+            )
+            .context("writing EPOCH")?;
+        self.epoch_starts.push(now_ns);
+        let mut removed = 0;
+        for key in std::mem::take(&mut self.empty) {
+            if key.epoch + 2 > id {
+                continue;
+            }
+            // Read again: its call counts move to `retired`.
+            let Ok(v) = self.maps.sites.get(&key, 0) else {
+                continue;
+            };
+            if v.outstanding_blocks != 0 || self.maps.sites.remove(&key).is_err() {
+                continue;
+            }
+            let r = self.retired.entry(key.stack_id).or_default();
+            r.0 += v.alloc_calls;
+            r.1 += v.alloc_bytes;
+            removed += 1;
+        }
+        log::debug!("epoch {id} began; {removed} empty aggregates of past epochs removed");
+        Ok(())
     }
 
     pub fn counters(&self) -> Result<Counters> {
@@ -154,21 +219,67 @@ impl Collector {
         ))
     }
 
-    /// Every site, one map entry each.
-    pub fn sites(&self) -> Result<Vec<SiteSample>> {
-        let mut out = Vec::new();
-        let read = batch::for_each_entry(&self.maps.sites, |&stack_id, s| {
-            out.push(SiteSample {
-                stack_id,
-                outstanding_blocks: s.outstanding_blocks,
-                outstanding_bytes: s.outstanding_bytes,
-                alloc_calls: s.alloc_calls,
-                alloc_bytes: s.alloc_bytes,
-            })
+    /// Every site: its aggregates (one per birth epoch that holds blocks) added
+    /// up. Keeps the aggregates for `epoch_ages`.
+    pub fn sites(&mut self) -> Result<Vec<SiteSample>> {
+        let mut by_site: HashMap<u64, SiteSample> = HashMap::new();
+        for (&stack_id, &(calls, bytes)) in &self.retired {
+            let s = by_site.entry(stack_id).or_default();
+            s.alloc_calls += calls;
+            s.alloc_bytes += bytes;
+        }
+        self.epoch_blocks.clear();
+        self.empty.clear();
+        let (epoch_blocks, empty) = (&mut self.epoch_blocks, &mut self.empty);
+        let read = batch::for_each_entry(&self.maps.sites, |key, v| {
+            let s = by_site.entry(key.stack_id).or_default();
+            s.outstanding_blocks += v.outstanding_blocks;
+            s.outstanding_bytes += v.outstanding_bytes;
+            s.alloc_calls += v.alloc_calls;
+            s.alloc_bytes += v.alloc_bytes;
+            if v.outstanding_blocks > 0 {
+                epoch_blocks.push(EpochBlocks {
+                    stack_id: key.stack_id,
+                    epoch: key.epoch,
+                    blocks: v.outstanding_blocks as u64,
+                    bytes: v.outstanding_bytes.max(0) as u64,
+                    birth_sum: v.birth_sum,
+                });
+            } else {
+                empty.push(*key);
+            }
         })
         .context("reading SITES")?;
         log_read("SITES", &read);
+        let mut out: Vec<SiteSample> = by_site
+            .into_iter()
+            .map(|(stack_id, s)| SiteSample { stack_id, ..s })
+            .collect();
+        out.sort_unstable_by_key(|s| s.stack_id);
         Ok(out)
+    }
+
+    /// The outstanding blocks by site from the aggregates read by the last
+    /// `sites()`: each epoch's blocks taken as born at their mean birth time.
+    /// Costs one step per aggregate, however many blocks there are; ages are
+    /// those of the epochs' mean births (born_by a history sample is exact).
+    pub fn epoch_ages(
+        &self,
+        now_ns: u64,
+        min_age_ns: u64,
+        sampling: Sampling,
+    ) -> HashMap<u64, SiteBlocks> {
+        let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
+        for e in &self.epoch_blocks {
+            let start = self.epoch_starts.get(e.epoch as usize).copied().unwrap_or(0);
+            g.add_group(
+                e.stack_id,
+                mean_birth(start, e.birth_sum, e.blocks).min(now_ns),
+                e.blocks,
+                e.bytes,
+            );
+        }
+        g.finish()
     }
 
     /// The frames (return addresses, innermost first) of a stack; cached, since
@@ -247,6 +358,16 @@ impl Collector {
     }
 }
 
+/// Mean birth time of `blocks` blocks of an epoch that began at `start_ns`,
+/// whose birth offsets add up to `birth_sum`.
+pub fn mean_birth(start_ns: u64, birth_sum: u64, blocks: u64) -> u64 {
+    if blocks == 0 {
+        return start_ns;
+    }
+    let offset = ((birth_sum as u128) << EPOCH_TIME_SHIFT) / blocks as u128;
+    start_ns.saturating_add(offset.min(u64::MAX as u128) as u64)
+}
+
 /// One debug line per map read: what it cost (tests/it/scale.rs reads these).
 fn log_read(map: &str, r: &batch::ReadStats) {
     log::debug!(
@@ -257,4 +378,23 @@ fn log_read(map: &str, r: &batch::ReadStats) {
         r.wall.as_secs_f64() * 1e3,
         r.cpu.as_secs_f64() * 1e3,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_birth_of_an_epoch() {
+        let unit = 1u64 << EPOCH_TIME_SHIFT;
+        assert_eq!(mean_birth(1000, 0, 0), 1000, "no blocks: the epoch's start");
+        assert_eq!(mean_birth(1000, 0, 5), 1000);
+        // Offsets 1, 2 and 6 units: mean 3 units.
+        assert_eq!(mean_birth(1000, 9, 3), 1000 + 3 * unit);
+        // A sum beyond 64 bits once shifted still divides right.
+        let n = 1u64 << 27;
+        let sum = (u32::MAX as u64) * n;
+        assert_eq!(mean_birth(0, sum, n), (u32::MAX as u64) << EPOCH_TIME_SHIFT);
+        assert_eq!(mean_birth(u64::MAX - 1, sum, n), u64::MAX, "saturates");
+    }
 }

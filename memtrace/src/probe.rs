@@ -26,7 +26,7 @@ use aya::{
 };
 use memtrace_common::{
     AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall,
-    PendingKey, SiteStats, StackTrace, TextRange, UnwindRow,
+    Epoch, PendingKey, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::{
@@ -45,7 +45,8 @@ static BPF_OBJECT: &[u8] =
 /// for the final report.
 pub struct TraceMaps {
     pub allocs: HashMap<MapData, u64, Allocation>,
-    pub sites: HashMap<MapData, u64, SiteStats>,
+    pub sites: HashMap<MapData, SiteKey, SiteStats>,
+    pub epoch: Array<MapData, Epoch>,
     pub stacks: HashMap<MapData, u64, StackTrace>,
     pub pending: HashMap<MapData, PendingKey, PendingCall>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -167,6 +168,21 @@ pub struct MapSizes {
     pub stacks: u32,
 }
 
+impl MapSizes {
+    /// Entries of SITES: one per site and birth epoch that holds blocks. There
+    /// are never more of those than blocks, and in practice far fewer: room for
+    /// half as many aggregates as blocks, or 4 per site, whichever is more (a
+    /// power of two at the defaults: the kernel allocates 16 bytes of hash
+    /// buckets per entry, rounded up to one, at load). A full map is counted
+    /// (`drops.site_map_full`).
+    pub fn site_entries(&self) -> u32 {
+        (self.blocks / 2)
+            .max(self.stacks.saturating_mul(4))
+            .max(self.stacks.saturating_add(1))
+            .min(1 << 28)
+    }
+}
+
 impl Default for MapSizes {
     fn default() -> Self {
         MapSizes {
@@ -215,9 +231,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .map_max_entries("ALLOCS", sizes.blocks)
         .map_max_entries("STACKS", sizes.stacks)
-        // One more site than stacks: the site of allocations whose stack could
-        // not be stored (STACKS full) must still fit.
-        .map_max_entries("SITES", sizes.stacks.saturating_add(1))
+        .map_max_entries("SITES", sizes.site_entries())
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")?;
@@ -249,6 +263,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
     let maps = TraceMaps {
         allocs: HashMap::try_from(take("ALLOCS")?)?,
         sites: HashMap::try_from(take("SITES")?)?,
+        epoch: Array::try_from(take("EPOCH")?)?,
         stacks: HashMap::try_from(take("STACKS")?)?,
         pending: HashMap::try_from(take("PENDING")?)?,
         counters: PerCpuArray::try_from(take("COUNTERS")?)?,
@@ -259,6 +274,17 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
     };
     let mut maps = maps;
+    maps.epoch
+        .set(
+            0,
+            Epoch {
+                id: 0,
+                _pad: 0,
+                start_ns: crate::collect::monotonic_ns(),
+            },
+            0,
+        )
+        .context("writing EPOCH")?;
     if sample_mean_bytes != 0 {
         for (i, q) in sampling::log2_table().into_iter().enumerate() {
             maps.sample_log2
@@ -494,5 +520,21 @@ impl Probes {
             t.elapsed()
         );
         self.loader_link = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MapSizes;
+
+    #[test]
+    fn site_map_capacity() {
+        // Defaults: half the blocks, a power of two.
+        assert_eq!(MapSizes::default().site_entries(), 1 << 19);
+        let m = |blocks, stacks| MapSizes { blocks, stacks }.site_entries();
+        assert_eq!(m(1000, 1000), 4000, "at least 4 aggregates per stack");
+        assert_eq!(m(1, 1), 4);
+        assert_eq!(m(1 << 27, 1 << 22), 1 << 26);
+        assert_eq!(m(u32::MAX, u32::MAX), 1 << 28);
     }
 }

@@ -29,6 +29,10 @@ pub struct Report {
     pub drops: Drops,
     pub allocator: AllocatorInfo,
     pub min_age_s: f64,
+    /// Where the sites' ages (and `--min-age`) come from: `blocks`, every
+    /// outstanding block read; `epochs`, the kernel's per-site aggregates of the
+    /// blocks born in each sampling period (too many blocks to read each one).
+    pub ages_from: &'static str,
     /// The thresholds the verdicts were given with.
     pub verdict_config: VerdictConfig,
     /// How the history was sampled.
@@ -53,9 +57,12 @@ pub struct Timeline {
     pub capacity: usize,
     /// Intervals between two kept samples (doubles each time the history fills up).
     pub stride_intervals: u64,
-    /// Samples taken without reading every block (too many outstanding): they
-    /// have no ages.
+    /// Samples taken without ages.
     pub samples_without_ages: usize,
+    /// Samples whose ages come from the kernel's per-site, per-epoch aggregates
+    /// instead of every block (too many outstanding blocks to read them all):
+    /// each epoch's blocks are taken as born at their mean birth time.
+    pub samples_with_epoch_ages: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -327,7 +334,7 @@ fn text_rank(v: Verdict) -> u8 {
 impl Report {
     /// The JSON form, written to `w` as it is made.
     pub fn write_json(&self, mut w: impl std::io::Write) -> std::io::Result<()> {
-        serde_json::to_writer_pretty(&mut w, self)?;
+        serde_json::to_writer(&mut w, self)?;
         w.write_all(b"\n")
     }
 
@@ -558,6 +565,14 @@ impl Report {
             "verdicts: {} leak, {} growing, {} stable, {} transient, {} unknown ({} samples, every {every})",
             c.leak, c.growing, c.stable, c.transient, c.unknown, self.timeline.samples
         );
+        if self.timeline.samples_with_epoch_ages > 0 || self.ages_from == "epochs" {
+            let _ = writeln!(
+                o,
+                "  ages of {} samples{} from per-interval aggregates (too many blocks to read each): resolved to the interval",
+                self.timeline.samples_with_epoch_ages,
+                if self.ages_from == "epochs" { " and of the report" } else { "" },
+            );
+        }
         if self.timeline.samples_without_ages > 0 {
             let _ = writeln!(
                 o,
@@ -724,6 +739,7 @@ mod tests {
                 probe_mechanism: "uprobe-session",
             },
             min_age_s: 0.0,
+            ages_from: "blocks",
             verdict_config: VerdictConfig::default(),
             timeline: Timeline::default(),
             verdicts: VerdictCounts::default(),
@@ -875,6 +891,7 @@ mod tests {
             capacity: 128,
             stride_intervals: 1,
             samples_without_ages: 0,
+            samples_with_epoch_ages: 0,
         };
         r.sites[0].verdict = Verdict::Stable;
         r.sites[0].growth_bytes_per_s = Some(0.0);

@@ -111,6 +111,16 @@ impl Estimate {
         self.bytes += w * size as f64;
     }
 
+    /// `blocks` sampled blocks of `bytes` in all, each taken at their mean size.
+    pub fn add_group(&mut self, sampling: Sampling, blocks: u64, bytes: u64) {
+        if blocks == 0 {
+            return;
+        }
+        let w = sampling.weight(bytes / blocks);
+        self.blocks += w * blocks as f64;
+        self.bytes += w * bytes as f64;
+    }
+
     pub fn blocks(&self) -> u64 {
         self.blocks.round() as u64
     }

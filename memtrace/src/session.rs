@@ -32,11 +32,26 @@ use crate::{
 /// At each sample the ages of a site's blocks (oldest, median) are read by
 /// scanning every outstanding block: only while there are fewer than this many,
 /// and while the scan is expected to take at most [`AGE_SCAN_BUDGET`] of the
-/// sampling period (it costs 2-3 µs per block). Otherwise the sample has bytes
-/// and blocks only (the report counts such samples); the final report always
-/// reads every block once.
+/// sampling period (it costs 0.5-3 µs per block). Otherwise they come from the
+/// kernel's per-site aggregates of the blocks born in each epoch (one epoch per
+/// sample), which cost one step per aggregate. The final report scans every
+/// block up to [`REPORT_SCAN_MAX_BLOCKS`].
+/// Output buffer of the report (a JSON report at scale is tens of megabytes).
+const WRITE_BUFFER: usize = 1 << 20;
+
 const AGE_SCAN_MAX_BLOCKS: i64 = 200_000;
 const AGE_SCAN_BUDGET: f64 = 0.1;
+const REPORT_SCAN_MAX_BLOCKS: i64 = 100_000;
+
+/// `MEMTRACE_AGES=epochs` (or `blocks`): where ages come from, whatever the
+/// number of blocks (for tests and comparisons).
+fn ages_forced() -> Option<bool> {
+    match std::env::var("MEMTRACE_AGES").ok()?.as_str() {
+        "epochs" => Some(true),
+        "blocks" => Some(false),
+        _ => None,
+    }
+}
 /// Cost of scanning one block, until measured.
 const AGE_SCAN_NS_PER_BLOCK: f64 = 3000.0;
 
@@ -172,7 +187,7 @@ impl ReportFile {
         self.file
             .set_len(0)
             .and_then(|_| {
-                let mut w = std::io::BufWriter::new(&mut self.file);
+                let mut w = std::io::BufWriter::with_capacity(WRITE_BUFFER, &mut self.file);
                 emit(&mut w)?;
                 w.flush()
             })
@@ -571,6 +586,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         let _ = at.modules.refresh(pid);
     }
 
+    let cpu_report = crate::batch::thread_cpu();
     let report = build_report(
         cli,
         &mut at,
@@ -588,6 +604,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             exit_status: exit_state.and_then(|s| s.exit_code()),
         },
     )?;
+    let cpu_written = crate::batch::thread_cpu();
     // JSON is streamed out: for ten thousand sites it is tens of megabytes.
     let emit = |w: &mut dyn Write| match cli.format {
         Format::Json => report.write_json(w),
@@ -596,11 +613,17 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     match output.as_mut() {
         Some(f) => f.write(emit)?,
         None => {
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, std::io::stdout().lock());
             emit(&mut out).context("writing the report to stdout")?;
             out.flush().ok();
         }
     }
+    let cpu_end = crate::batch::thread_cpu();
+    log::debug!(
+        "report built in {:.1} ms cpu, written in {:.1} ms cpu",
+        cpu_written.saturating_sub(cpu_report).as_secs_f64() * 1e3,
+        cpu_end.saturating_sub(cpu_written).as_secs_f64() * 1e3,
+    );
     if let Some(path) = &cli.output {
         eprintln!("memtrace: report written to {}", path.display());
     }
@@ -702,20 +725,33 @@ fn live_summary(
         };
         let budget_ns =
             AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
-        let ages = if scanned < AGE_SCAN_MAX_BLOCKS && scanned as f64 * per_block <= budget_ns {
+        let scan_all = ages_forced().map_or(
+            scanned < AGE_SCAN_MAX_BLOCKS && scanned as f64 * per_block <= budget_ns,
+            |epochs| !epochs,
+        );
+        let ages = if scan_all {
             let a = at.collector.group_blocks(now_ns, 0, sampling)?;
             if scanned >= 1000 {
                 last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / scanned as f64;
             }
-            Some(a)
+            a
         } else {
-            None
+            at.collector.epoch_ages(now_ns, 0, sampling)
         };
-        history.record(now_ns, &site_tuples(&raw_sites), ages.as_ref(), process);
+        history.record(now_ns, &site_tuples(&raw_sites), Some(&ages), process);
+        if !scan_all {
+            history.mark_epoch_ages();
+        }
+        // Blocks born from now on are told apart from those before this sample.
+        at.collector.new_epoch(monotonic_ns())?;
         log::debug!(
-            "history sample: {} sites, {} blocks scanned in {:?}",
+            "history sample: {} sites, ages from {} in {:?}",
             sites.len(),
-            if ages.is_some() { scanned } else { 0 },
+            if scan_all {
+                format!("{scanned} blocks")
+            } else {
+                "epoch aggregates".to_string()
+            },
             scan.elapsed()
         );
     }
@@ -926,11 +962,21 @@ fn build_report(
     let samples = at.collector.sites()?;
     let now_ns = meta.end_ns;
     let min_age_ns = cli.min_age.as_nanos() as u64;
-    // One scan of every block: ages, and which blocks outlived the run.
+    // Ages, and which blocks outlived the run: one scan of every block, or the
+    // per-epoch aggregates when there are too many blocks for that.
     let sampling = cli.sampling();
-    let ages: HashMap<u64, SiteBlocks> = at.collector.group_blocks(now_ns, min_age_ns, sampling)?;
+    let scanned: i64 = samples.iter().map(|s| s.outstanding_blocks).sum();
+    let scan_all = ages_forced().map_or(scanned <= REPORT_SCAN_MAX_BLOCKS, |epochs| !epochs);
+    let ages: HashMap<u64, SiteBlocks> = if scan_all {
+        at.collector.group_blocks(now_ns, min_age_ns, sampling)?
+    } else {
+        at.collector.epoch_ages(now_ns, min_age_ns, sampling)
+    };
     // The final, partial interval is part of the history too.
     history.record_final(now_ns, &site_tuples(&samples), Some(&ages), end_process);
+    if !scan_all {
+        history.mark_epoch_ages();
+    }
 
     let mut totals = Totals {
         // Every call is counted, sampled or not.
@@ -986,7 +1032,13 @@ fn build_report(
         stacks.push(at.collector.stack(s.stack_id)?.to_vec());
     }
     let flat: Vec<u64> = stacks.iter().flatten().copied().collect();
+    let cpu_sym = crate::batch::thread_cpu();
     let mut resolved = sym.symbolize(&at.modules, &flat, true).into_iter();
+    log::debug!(
+        "report symbolized {} frames in {:.1} ms cpu",
+        flat.len(),
+        crate::batch::thread_cpu().saturating_sub(cpu_sym).as_secs_f64() * 1e3
+    );
 
     let mut sites = Vec::with_capacity(chosen.len());
     let mut unresolved = std::collections::BTreeMap::new();
@@ -1107,6 +1159,7 @@ fn build_report(
             probe_mechanism: at.probes.mechanism().name(),
         },
         min_age_s: cli.min_age.as_secs_f64(),
+        ages_from: if scan_all { "blocks" } else { "epochs" },
         verdict_config: vcfg.clone(),
         timeline: Timeline {
             interval_s: cli.interval.as_secs_f64(),
@@ -1114,6 +1167,7 @@ fn build_report(
             capacity: history.capacity(),
             stride_intervals: history.stride(),
             samples_without_ages: history.samples_without_ages(),
+            samples_with_epoch_ages: history.samples_with_epoch_ages(),
         },
         verdicts: VerdictCounts::of(&sites),
         process,

@@ -236,6 +236,66 @@ fn only_the_two_leaks_get_the_leak_verdict() {
     assert_eq!(r.0["timeline"]["samples_without_ages"], 0);
 }
 
+/// The long run again, with every sample's ages (and the report's) taken from
+/// the kernel's per-epoch aggregates instead of every block
+/// (`MEMTRACE_AGES=epochs`; memtrace does so on its own above 100,000 blocks).
+fn epochs_run() -> &'static Run {
+    static CELL: OnceLock<Result<Run, String>> = OnceLock::new();
+    shared(&CELL, || {
+        let ticks = LONG_TICKS.to_string();
+        run_launch_env(
+            &["-i", "200ms", "--fail-on-leak"],
+            &[bin().to_str().unwrap(), "launch", &ticks],
+            &[("MEMTRACE_AGES", "epochs")],
+        )
+    })
+}
+
+#[test]
+fn ages_from_epoch_aggregates_give_the_same_verdicts() {
+    let run = epochs_run();
+    run.assert_exit(3);
+    let r = &run.report;
+    assert_eq!(r.0["ages_from"], "epochs", "{}", r.summary());
+    let samples = r.0["timeline"]["samples"].as_u64().unwrap();
+    assert!(samples >= 8, "{samples} samples");
+    assert_eq!(r.0["timeline"]["samples_with_epoch_ages"], samples);
+    assert_sites(r, LONG_TICKS);
+    assert_eq!(
+        r.0["verdicts"],
+        serde_json::json!({"leak": 2, "growing": 0, "stable": 2, "transient": 1, "unknown": 0}),
+        "{}",
+        r.summary()
+    );
+    for e in [&STEADY, &LATE] {
+        assert_eq!(
+            e.site(r)["trend"]["early_blocks_retained"].as_f64(),
+            Some(1.0),
+            "{}",
+            e.function
+        );
+    }
+    // One request per tick, each freed two ticks later: the aggregates of its
+    // past epochs were emptied and removed, and their calls still count.
+    assert_eq!(
+        u64_field(INFLIGHT.site(r), "alloc_calls"),
+        LONG_TICKS,
+        "{}",
+        r.summary()
+    );
+    // Ages: the startup tables are as old as the run (within an interval), the
+    // requests younger than the transient limit.
+    let duration = r.0["duration_s"].as_f64().unwrap();
+    let startup = STARTUP.site(r)["oldest_age_s"].as_f64().unwrap();
+    assert!(
+        startup <= duration + 0.1 && startup >= duration - 0.4,
+        "startup oldest_age_s {startup}, run {duration} s"
+    );
+    let inflight = INFLIGHT.site(r)["oldest_age_s"].as_f64().unwrap();
+    assert!(inflight < 0.4, "inflight oldest_age_s {inflight}");
+    assert_eq!(r.total("alloc_calls"), long_run().report.total("alloc_calls"));
+}
+
 #[test]
 fn every_site_has_its_history() {
     let r = &long_run().report;

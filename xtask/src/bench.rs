@@ -52,8 +52,7 @@ over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
 symbolization against binutils `addr2line -f -i -C`. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
-52 runs per repetition (44 with a memtrace that has no --sample-bytes), 9
-repetitions, 100000 traced pairs per thread. One repetition took 95-150 s on
+52 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took 95-150 s on
 the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
 1-2 s, dominate each run), so the default takes about 15-22 minutes, plus
 about a minute for the report at scale.
@@ -1560,7 +1559,7 @@ impl Json {
         }
     }
 
-    fn as_str(&self) -> Option<&str> {
+    pub(crate) fn as_str(&self) -> Option<&str> {
         match self {
             Json::Str(s) => Some(s),
             _ => None,
