@@ -36,12 +36,13 @@ mod probes {
     use memtrace_common::{
         AllocKind, Allocation, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter,
         DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS,
-        DEFAULT_MAX_UNWIND_ROWS, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2,
-        MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PENDING_KIND_MASK,
-        PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
-        SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, STACK_FP_ONLY,
-        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow, Epoch, EPOCH_TIME_SHIFT,
+        DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS,
+        MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT,
+        PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey,
+        RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
+        STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange,
+        UnwindRow,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -450,7 +451,10 @@ mod probes {
             unsafe {
                 add(&raw mut (*site).outstanding_blocks, -1);
                 add(&raw mut (*site).outstanding_bytes, -(a.size as i64));
-                add(&raw mut (*site).birth_sum, (a.birth_offset as u64).wrapping_neg());
+                add(
+                    &raw mut (*site).birth_sum,
+                    (a.birth_offset as u64).wrapping_neg(),
+                );
             }
         }
     }

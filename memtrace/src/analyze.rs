@@ -1267,9 +1267,15 @@ mod tests {
         let g = g.finish();
         assert!(!g.contains_key(&2), "an empty aggregate is no block");
         let c = &g[&1];
-        assert_eq!((c.blocks, c.bytes, c.old_blocks, c.old_bytes), (8, 345, 4, 305));
+        assert_eq!(
+            (c.blocks, c.bytes, c.old_blocks, c.old_bytes),
+            (8, 345, 4, 305)
+        );
         assert_eq!(c.births, vec![(10, 3), (20, 1), (30, 4)]);
-        assert_eq!((c.born_by(9), c.born_by(10), c.born_by(29), c.born_by(30)), (0, 3, 4, 8));
+        assert_eq!(
+            (c.born_by(9), c.born_by(10), c.born_by(29), c.born_by(30)),
+            (0, 3, 4, 8)
+        );
         // Blocks 3 and 4 (0-based) of 8: born at 20 and 30.
         assert_eq!(c.median_birth_ns(), Some(25));
         assert_eq!(c.ages_at(40), (Some(30), Some(15)));

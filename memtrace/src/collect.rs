@@ -271,7 +271,11 @@ impl Collector {
     ) -> HashMap<u64, SiteBlocks> {
         let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
         for e in &self.epoch_blocks {
-            let start = self.epoch_starts.get(e.epoch as usize).copied().unwrap_or(0);
+            let start = self
+                .epoch_starts
+                .get(e.epoch as usize)
+                .copied()
+                .unwrap_or(0);
             g.add_group(
                 e.stack_id,
                 mean_birth(start, e.birth_sum, e.blocks).min(now_ns),

@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocKind, Allocation, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall,
-    Epoch, PendingKey, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow,
+    AllocKind, Allocation, Epoch, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows,
+    PendingCall, PendingKey, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::{

@@ -331,11 +331,60 @@ fn text_rank(v: Verdict) -> u8 {
     }
 }
 
+/// A write buffer whose `write` is a plain copy while there is room:
+/// serde_json writes a report of ten thousand sites in millions of small
+/// pieces, and `BufWriter`'s out-of-line `write_all` showed in profiles.
+struct Chunked<W: std::io::Write> {
+    buf: Vec<u8>,
+    inner: W,
+}
+
+impl<W: std::io::Write> Chunked<W> {
+    const SIZE: usize = 256 * 1024;
+
+    fn new(inner: W) -> Self {
+        Chunked {
+            buf: Vec::with_capacity(Self::SIZE),
+            inner,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Chunked<W> {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.buf.len() + data.len() > Self::SIZE {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+            if data.len() > Self::SIZE {
+                return self.inner.write_all(data);
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.write_all(&self.buf)?;
+        self.buf.clear();
+        self.inner.flush()
+    }
+}
+
 impl Report {
     /// The JSON form, written to `w` as it is made.
-    pub fn write_json(&self, mut w: impl std::io::Write) -> std::io::Result<()> {
+    pub fn write_json(&self, w: impl std::io::Write) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut w = Chunked::new(w);
         serde_json::to_writer(&mut w, self)?;
-        w.write_all(b"\n")
+        w.write_all(b"\n")?;
+        w.flush()
     }
 
     pub fn to_json(&self) -> String {
@@ -570,7 +619,11 @@ impl Report {
                 o,
                 "  ages of {} samples{} from per-interval aggregates (too many blocks to read each): resolved to the interval",
                 self.timeline.samples_with_epoch_ages,
-                if self.ages_from == "epochs" { " and of the report" } else { "" },
+                if self.ages_from == "epochs" {
+                    " and of the report"
+                } else {
+                    ""
+                },
             );
         }
         if self.timeline.samples_without_ages > 0 {

@@ -253,7 +253,8 @@ fn check_epoch_ages(m: &Measured) {
         m.allocs_read
     );
     assert!(
-        m.sites_read.contains(&format!("read SITES: {SITES} entries")),
+        m.sites_read
+            .contains(&format!("read SITES: {SITES} entries")),
         "one SITES entry per site: {}",
         m.sites_read
     );

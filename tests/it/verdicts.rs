@@ -293,7 +293,10 @@ fn ages_from_epoch_aggregates_give_the_same_verdicts() {
     );
     let inflight = INFLIGHT.site(r)["oldest_age_s"].as_f64().unwrap();
     assert!(inflight < 0.4, "inflight oldest_age_s {inflight}");
-    assert_eq!(r.total("alloc_calls"), long_run().report.total("alloc_calls"));
+    assert_eq!(
+        r.total("alloc_calls"),
+        long_run().report.total("alloc_calls")
+    );
 }
 
 #[test]

@@ -402,7 +402,10 @@ impl Scale {
             s,
             "| run | report CPU | report wall | map reads CPU (entries, syscalls) | symbolize | rest: detach + analyze + write | ages | memtrace CPU in all | peak RSS | RSS before the report | sites in JSON | allocation phase |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"
+        );
         for (i, r) in self.runs.iter().enumerate() {
             let reads_cpu: f64 = r.reads.iter().map(|x| x.cpu_ms).sum();
             let reads = if r.reads.is_empty() {
