@@ -323,6 +323,14 @@ impl Site {
 
 /// Text-report order: leaks, then growing sites, then the rest, each by
 /// outstanding bytes (the order of `sites`).
+/// The order of the text report: leaks, then growing sites, then the rest,
+/// each by outstanding bytes (the order of `sites`). Indices into `sites`.
+pub fn text_order(sites: &[Site]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sites.len()).collect();
+    order.sort_by_key(|&i| text_rank(sites[i].verdict));
+    order
+}
+
 fn text_rank(v: Verdict) -> u8 {
     match v {
         Verdict::Leak => 0,
@@ -459,6 +467,18 @@ impl Report {
             );
         }
         self.stacks_text(&mut o);
+        if self.ages_from == "epochs" || self.timeline.samples_with_epoch_ages > 0 {
+            let _ = writeln!(
+                o,
+                "ages: {} from per-interval aggregates (too many blocks to read each one): \
+                 resolved to the sampling interval",
+                if self.ages_from == "epochs" {
+                    "the report's and the history's".to_string()
+                } else {
+                    format!("{} history samples'", self.timeline.samples_with_epoch_ages)
+                },
+            );
+        }
         self.process_text(&mut o);
         self.verdicts_text(&mut o);
         let min_age = if self.min_age_s > 0.0 {
@@ -474,8 +494,10 @@ impl Report {
             return o;
         }
         let shown = self.sites.len().min(top);
-        let mut order: Vec<&Site> = self.sites.iter().collect();
-        order.sort_by_key(|s| text_rank(s.verdict));
+        let order: Vec<&Site> = text_order(&self.sites)
+            .into_iter()
+            .map(|i| &self.sites[i])
+            .collect();
         let leaks_first = order.first().is_some_and(|s| text_rank(s.verdict) < 2);
         let _ = writeln!(
             o,
@@ -614,18 +636,6 @@ impl Report {
             "verdicts: {} leak, {} growing, {} stable, {} transient, {} unknown ({} samples, every {every})",
             c.leak, c.growing, c.stable, c.transient, c.unknown, self.timeline.samples
         );
-        if self.timeline.samples_with_epoch_ages > 0 || self.ages_from == "epochs" {
-            let _ = writeln!(
-                o,
-                "  ages of {} samples{} from per-interval aggregates (too many blocks to read each): resolved to the interval",
-                self.timeline.samples_with_epoch_ages,
-                if self.ages_from == "epochs" {
-                    " and of the report"
-                } else {
-                    ""
-                },
-            );
-        }
         if self.timeline.samples_without_ages > 0 {
             let _ = writeln!(
                 o,
@@ -922,6 +932,27 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["sites"][0]["truncated"], true);
         assert_eq!(v["unwind"]["modules"], 3);
+    }
+
+    #[test]
+    fn text_says_where_ages_come_from() {
+        let mut r = sample();
+        assert!(!r.to_text(10).contains("ages:"));
+        r.timeline.samples_with_epoch_ages = 4;
+        let t = r.to_text(10);
+        assert!(
+            t.contains("ages: 4 history samples' from per-interval aggregates"),
+            "{t}"
+        );
+        r.ages_from = "epochs";
+        let t = r.to_text(10);
+        assert!(
+            t.contains("ages: the report's and the history's from per-interval aggregates"),
+            "{t}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["ages_from"], "epochs");
+        assert_eq!(v["timeline"]["samples_with_epoch_ages"], 4);
     }
 
     #[test]

@@ -1031,38 +1031,8 @@ fn build_report(
             .then(a.0.stack_id.cmp(&b.0.stack_id))
     });
 
-    // Symbolize every frame of every reported site in one batch.
-    let mut stacks = Vec::with_capacity(chosen.len());
-    for (s, ..) in &chosen {
-        stacks.push(at.collector.stack(s.stack_id)?.to_vec());
-    }
-    let flat: Vec<u64> = stacks.iter().flatten().copied().collect();
-    let cpu_sym = crate::batch::thread_cpu();
-    let mut resolved = sym.symbolize(&at.modules, &flat, true).into_iter();
-    log::debug!(
-        "report symbolized {} frames in {:.1} ms cpu",
-        flat.len(),
-        crate::batch::thread_cpu()
-            .saturating_sub(cpu_sym)
-            .as_secs_f64()
-            * 1e3
-    );
-
     let mut sites = Vec::with_capacity(chosen.len());
-    let mut unresolved = std::collections::BTreeMap::new();
-    for ((s, blocks, bytes, oldest), stack) in chosen.iter().zip(&stacks) {
-        let mut frames = Vec::new();
-        for _ in stack {
-            for f in resolved.next().unwrap_or_default() {
-                if let Some(reason) = f.unresolved {
-                    *unresolved
-                        .entry(unresolved_name(reason).to_string())
-                        .or_insert(0u64) += 1;
-                }
-                frames.push(f);
-            }
-        }
-        trim_below_entry(&mut frames);
+    for (s, blocks, bytes, oldest) in &chosen {
         let flags = at.collector.stack_flags(s.stack_id)?;
         let end_blocks = ages.get(&s.stack_id);
         // The history and the trend are of the sampled blocks: scaled back by
@@ -1113,10 +1083,50 @@ fn build_report(
             },
             truncated: truncated_reason(flags).is_some(),
             truncated_reason: truncated_reason(flags),
-            frames,
+            frames: Vec::new(),
             trend,
             history: hist,
         });
+    }
+
+    // The stacks of the sites the report shows (JSON: all of them), symbolized
+    // in one batch.
+    let shown: Vec<usize> = match cli.format {
+        Format::Json => (0..sites.len()).collect(),
+        Format::Text => report::text_order(&sites)
+            .into_iter()
+            .take(cli.top)
+            .collect(),
+    };
+    let mut stacks = Vec::with_capacity(shown.len());
+    for &i in &shown {
+        stacks.push(at.collector.stack(chosen[i].0.stack_id)?.to_vec());
+    }
+    let flat: Vec<u64> = stacks.iter().flatten().copied().collect();
+    let cpu_sym = crate::batch::thread_cpu();
+    let mut resolved = sym.symbolize(&at.modules, &flat, true).into_iter();
+    log::debug!(
+        "report symbolized {} frames in {:.1} ms cpu",
+        flat.len(),
+        crate::batch::thread_cpu()
+            .saturating_sub(cpu_sym)
+            .as_secs_f64()
+            * 1e3
+    );
+    let mut unresolved = std::collections::BTreeMap::new();
+    for (&i, stack) in shown.iter().zip(&stacks) {
+        let frames = &mut sites[i].frames;
+        for _ in stack {
+            for f in resolved.next().unwrap_or_default() {
+                if let Some(reason) = f.unresolved {
+                    *unresolved
+                        .entry(unresolved_name(reason).to_string())
+                        .or_insert(0u64) += 1;
+                }
+                frames.push(f);
+            }
+        }
+        trim_below_entry(frames);
     }
     let mut process_points = history.process();
     for p in &mut process_points {

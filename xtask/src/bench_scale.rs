@@ -174,6 +174,8 @@ pub struct ScaleRun {
     pub symbolize_ms: Option<f64>,
     /// Where the report's ages came from (`ages_from` in the JSON).
     pub ages_from: String,
+    /// `json` (every site) or `text` (the top 10).
+    pub format: &'static str,
 }
 
 /// X of the `report symbolized N frames in X ms cpu` debug line.
@@ -205,16 +207,19 @@ pub fn run(root: &Path, bench_dir: &Path, memtrace: &Path, reps: usize) -> Resul
     .with_context(|| format!("compiling {}", src.display()))?;
     let mut runs = Vec::new();
     for i in 1..=reps {
-        let r = measure(&exe, bench_dir, memtrace, i)
-            .with_context(|| format!("report-at-scale run {i}"))?;
-        eprintln!(
-            "bench:   scale run {i}: report {:.0} ms CPU ({:.0} ms wall), peak RSS {:.1} MiB, {} sites",
-            r.report_cpu.as_secs_f64() * 1e3,
-            r.report_wall.as_secs_f64() * 1e3,
-            r.max_rss_kib as f64 / 1024.0,
-            r.sites
-        );
-        runs.push(r);
+        for json in [true, false] {
+            let r = measure(&exe, bench_dir, memtrace, i, json)
+                .with_context(|| format!("report-at-scale run {i}"))?;
+            eprintln!(
+                "bench:   scale run {i} ({}): report {:.0} ms CPU ({:.0} ms wall), peak RSS {:.1} MiB, {} sites",
+                r.format,
+                r.report_cpu.as_secs_f64() * 1e3,
+                r.report_wall.as_secs_f64() * 1e3,
+                r.max_rss_kib as f64 / 1024.0,
+                r.sites
+            );
+            runs.push(r);
+        }
     }
     Ok(Scale {
         runs,
@@ -222,16 +227,23 @@ pub fn run(root: &Path, bench_dir: &Path, memtrace: &Path, reps: usize) -> Resul
     })
 }
 
-fn measure(exe: &Path, bench_dir: &Path, memtrace: &Path, i: usize) -> Result<ScaleRun> {
+fn measure(
+    exe: &Path,
+    bench_dir: &Path,
+    memtrace: &Path,
+    i: usize,
+    json: bool,
+) -> Result<ScaleRun> {
     let mut target = Proc::spawn("scale fixture", Command::new(exe), true, false)?;
     target.wait_line(Duration::from_secs(30), "ready", |s, l| {
         s == Stream::Stdout && l == "ready"
     })?;
-    let json_path = bench_dir.join(format!("scale-{i}.json"));
-    let log = bench_dir.join(format!("scale-{i}.log"));
+    let format = if json { "json" } else { "text" };
+    let json_path = bench_dir.join(format!("scale-{i}.{format}"));
+    let log = bench_dir.join(format!("scale-{i}-{format}.log"));
     let _ = fs::remove_file(&json_path);
     let mut cmd = Command::new(memtrace);
-    cmd.args(["-f", "json", "-o"])
+    cmd.args(["-f", format, "-o"])
         .arg(&json_path)
         .arg("--pid")
         .arg(target.pid().to_string())
@@ -310,21 +322,39 @@ fn measure(exe: &Path, bench_dir: &Path, memtrace: &Path, i: usize) -> Result<Sc
     let text = fs::read_to_string(&json_path)
         .with_context(|| format!("memtrace wrote no report at {}", json_path.display()))?;
     let _ = fs::remove_file(&json_path);
-    let json = Json::parse(&text)?;
-    let sites = json
-        .get("sites")
-        .and_then(Json::as_array)
-        .map(|s| s.len())
-        .unwrap_or(0);
-    let outstanding_blocks = json
-        .get("totals")
-        .and_then(|t| t.get("outstanding_blocks"))
-        .and_then(Json::as_u64);
-    let ages_from = json
-        .get("ages_from")
-        .and_then(Json::as_str)
-        .unwrap_or("?")
-        .to_string();
+    let (sites, outstanding_blocks, ages_from) = if json {
+        let json = Json::parse(&text)?;
+        let sites = json
+            .get("sites")
+            .and_then(Json::as_array)
+            .map(|s| s.len())
+            .unwrap_or(0);
+        let blocks = json
+            .get("totals")
+            .and_then(|t| t.get("outstanding_blocks"))
+            .and_then(Json::as_u64);
+        let ages = json
+            .get("ages_from")
+            .and_then(Json::as_str)
+            .unwrap_or("?")
+            .to_string();
+        (sites, blocks, ages)
+    } else {
+        // `top 10 of 10000 sites by ...`: the sites shown.
+        let shown = text.lines().filter(|l| l.starts_with('#')).count();
+        let blocks = text
+            .lines()
+            .find_map(|l| l.strip_prefix("outstanding: "))
+            .and_then(|l| l.split(" in ").nth(1))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.replace(',', "").parse().ok());
+        let ages = if text.contains("from per-interval aggregates") {
+            "epochs"
+        } else {
+            "blocks"
+        };
+        (shown, blocks, ages.to_string())
+    };
     let _ = target.send(b"g");
     let _ = target.finish(Duration::from_secs(10));
     Ok(ScaleRun {
@@ -339,12 +369,27 @@ fn measure(exe: &Path, bench_dir: &Path, memtrace: &Path, i: usize) -> Result<Sc
         outstanding_blocks,
         symbolize_ms,
         ages_from,
+        format,
     })
 }
 
+fn unsymbolized_ms(r: &ScaleRun) -> f64 {
+    r.report_cpu.as_secs_f64() * 1e3 - r.symbolize_ms.unwrap_or(0.0)
+}
+
 impl Scale {
+    /// Median over the JSON runs (the text runs: `median_text`).
     fn median(&self, f: impl Fn(&ScaleRun) -> f64) -> f64 {
-        let v: Vec<f64> = self.runs.iter().map(f).collect();
+        self.median_of("json", f)
+    }
+
+    fn median_of(&self, format: &str, f: impl Fn(&ScaleRun) -> f64) -> f64 {
+        let v: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|r| r.format == format)
+            .map(f)
+            .collect();
         stats(&v).map(|s| s.median).unwrap_or(f64::NAN)
     }
 
@@ -355,7 +400,14 @@ impl Scale {
     /// Report CPU without symbolization (the target leaves it aside: the
     /// fixture's and libc's debug info are new modules to the report).
     fn cpu_ms_unsymbolized(&self) -> f64 {
-        self.median(|r| r.report_cpu.as_secs_f64() * 1e3 - r.symbolize_ms.unwrap_or(0.0))
+        self.median(unsymbolized_ms)
+    }
+
+    fn text_cpu_ms(&self) -> (f64, f64) {
+        (
+            self.median_of("text", |r| r.report_cpu.as_secs_f64() * 1e3),
+            self.median_of("text", unsymbolized_ms),
+        )
     }
 
     fn rss_mib(&self) -> f64 {
@@ -372,6 +424,14 @@ impl Scale {
                 self.runs.len(),
                 pass(self.cpu_ms_unsymbolized(), TARGET_CPU_MS)
             ),
+            {
+                let (all, unsym) = self.text_cpu_ms();
+                format!(
+                    "text report at scale (top 10 sites) <= {TARGET_CPU_MS} ms CPU, symbolization \
+                     aside: {unsym:.0} ms ({all:.0} ms with it), {}",
+                    pass(unsym, TARGET_CPU_MS)
+                )
+            },
             format!(
                 "memtrace peak RSS at scale <= {TARGET_RSS_MIB} MiB: {:.1} MiB, {}",
                 self.rss_mib(),
@@ -386,10 +446,11 @@ impl Scale {
             s,
             "## Report at scale\n\n\
              The fixture (tests/fixtures/scale.c, gcc -O0 -g -fno-omit-frame-pointer) holds {} outstanding \
-             16-byte blocks over {} distinct stacks; `{} --pid N -f json -o FILE` is attached while \
-             they are allocated, then stopped with SIGINT. Report CPU = memtrace's utime+stime at exit \
+             16-byte blocks over {} distinct stacks; `{} --pid N -f json -o FILE` (every site; then, \
+             in a second run, `-f text`: the top 10 sites) is attached while they are allocated, then \
+             stopped with SIGINT. Report CPU = memtrace's utime+stime at exit \
              (wait4) minus the same just before SIGINT (/proc/PID/stat: 10 ms ticks, so ±10 ms); it \
-             covers detaching, reading the maps, symbolizing, analysis and writing the JSON. Map reads: \
+             covers detaching, reading the maps, symbolizing, analysis and writing the report. Map reads: \
              memtrace's own `read MAP:` debug lines after the signal; symbolization: its `report \
              symbolized` debug line (CPU of the symbolize call: loading the new modules' debug \
              info and resolving every frame). Ages: `ages_from` of the report (`epochs`: from the \
@@ -400,11 +461,11 @@ impl Scale {
         );
         let _ = writeln!(
             s,
-            "| run | report CPU | report wall | map reads CPU (entries, syscalls) | symbolize | rest: detach + analyze + write | ages | memtrace CPU in all | peak RSS | RSS before the report | sites in JSON | allocation phase |"
+            "| run | format | report CPU | report wall | map reads CPU (entries, syscalls) | symbolize | rest: detach + analyze + write | ages | memtrace CPU in all | peak RSS | RSS before the report | sites in the report | allocation phase |"
         );
         let _ = writeln!(
             s,
-            "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"
+            "|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"
         );
         for (i, r) in self.runs.iter().enumerate() {
             let reads_cpu: f64 = r.reads.iter().map(|x| x.cpu_ms).sum();
@@ -430,8 +491,9 @@ impl Scale {
             let cpu_ms = r.report_cpu.as_secs_f64() * 1e3;
             let _ = writeln!(
                 s,
-                "| {} | {:.0} ms | {:.0} ms | {reads} | {} | {:.0} ms | {} | {:.2} s | {:.1} MiB | {:.1} MiB | {}{} | {:.1} s |",
-                i + 1,
+                "| {} | {} | {:.0} ms | {:.0} ms | {reads} | {} | {:.0} ms | {} | {:.2} s | {:.1} MiB | {:.1} MiB | {}{} | {:.1} s |",
+                i / 2 + 1,
+                r.format,
                 cpu_ms,
                 r.report_wall.as_secs_f64() * 1e3,
                 r.symbolize_ms
@@ -455,9 +517,13 @@ impl Scale {
         }
         let _ = writeln!(
             s,
-            "\nMedian: **{:.0} ms CPU** for one report ({:.0} ms symbolization aside), **{:.1} MiB** peak RSS.",
+            "\nMedians: **{:.0} ms CPU** for one JSON report of every site ({:.0} ms symbolization \
+             aside), **{:.0} ms** for the text report ({:.0} ms symbolization aside), **{:.1} MiB** \
+             peak RSS (JSON).",
             self.cpu_ms(),
             self.cpu_ms_unsymbolized(),
+            self.text_cpu_ms().0,
+            self.text_cpu_ms().1,
             self.rss_mib()
         );
         s
