@@ -25,6 +25,59 @@ fn min_age_keeps_only_old_blocks_as_candidates() {
     assert_eq!(r.0["min_age_s"].as_f64(), Some(1.0));
 }
 
+/// The same with ages from the kernel's per-epoch aggregates (what memtrace
+/// uses above 100,000 blocks): the whole run is one epoch here, and each
+/// site's aggregate has its own mean birth, so the old blocks are still told
+/// from the young ones.
+#[test]
+fn min_age_with_ages_from_epoch_aggregates() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("aged", Variant::FramePointers);
+    let run = run_launch_env(
+        &["--min-age", "1s"],
+        &[bin.to_str().unwrap()],
+        &[("MEMTRACE_AGES", "epochs")],
+    );
+    run.assert_exit(0);
+    let r = &run.report;
+    assert_eq!(r.0["ages_from"], "epochs", "{}", r.summary());
+    let old = source_line("aged", "old_leak");
+    r.assert_outstanding(&[At("old_leak", Some(old)), At("main", None)], 5, 500);
+    assert!(
+        r.sites_containing("young_leak").is_empty(),
+        "young blocks are not leak candidates:\n{}",
+        r.summary()
+    );
+    let age = r.site_at("old_leak", old)["oldest_age_s"].as_f64().unwrap();
+    assert!(age >= 1.9, "oldest_age_s {age}: the blocks are 2 s old");
+    assert_eq!(r.total("outstanding_blocks"), 8, "{}", r.summary());
+
+    // The text report says so, and shows the top site's stack.
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.env("MEMTRACE_AGES", "epochs")
+            .args(["-n", "1", "--"])
+            .arg(&bin);
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    assert!(
+        text.contains("ages: the report's and the history's from per-interval aggregates"),
+        "{text}"
+    );
+    assert!(text.contains("#1 600 B in 3 blocks"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "young_leak at {}:{}",
+            fixture_source("aged").display(),
+            source_line("aged", "young_leak")
+        )),
+        "{text}"
+    );
+}
+
 #[test]
 fn text_report_shows_the_top_sites_with_their_stacks() {
     require_root();
