@@ -811,10 +811,12 @@ impl ElfModule {
         resolve_frames(ctx, &self.symtab, &self.dynsym, vaddr)
     }
 
-    /// Resolves sorted addresses, in order. A large batch is split in two halves by
-    /// address, the upper one resolved on a second thread with its own unit contexts
-    /// (addr2line's contexts are not `Sync`); those are kept for later lookups.
+    /// Resolves sorted addresses, in order. A large batch is resolved on two threads:
+    /// the addresses are grouped into runs of one unit each, which the threads take in
+    /// turn, each building the contexts of the units it takes (addr2line's contexts are
+    /// not `Sync`); those are kept for later lookups.
     pub fn resolve_sorted(&self, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         const PARALLEL_MIN: usize = 256;
         let index = self
             .dwarf
@@ -823,45 +825,66 @@ impl ElfModule {
         let Some((dwarf, index)) = index.filter(|_| sorted.len() >= PARALLEL_MIN) else {
             return sorted.iter().map(|&v| self.resolve(v)).collect();
         };
-        let (low, high) = sorted.split_at(sorted.len() / 2);
-        let (symtab, dynsym) = (&self.symtab, &self.dynsym);
-        let sections = &dwarf.sections;
-        let (mut out, (upper, built)) = std::thread::scope(|scope| {
-            let other = scope.spawn(move || {
-                let mut built: HashMap<u32, Option<Box<Context>>> = HashMap::new();
-                let upper: Vec<Option<Vec<FrameInfo>>> = high
-                    .iter()
-                    .map(|&v| {
-                        let ctx = match index.lookup(v) {
-                            Covered::Nothing => None,
-                            // Left to this thread's caller, which has the whole-file context.
-                            Covered::Ambiguous => return None,
-                            Covered::Unit(u) => built
-                                .entry(u)
-                                .or_insert_with(|| unit_context(sections, index, u))
-                                .as_deref(),
-                        };
-                        Some(resolve_frames(ctx, symtab, dynsym, v))
-                    })
-                    .collect();
-                (upper, built)
-            });
-            let out: Vec<Vec<FrameInfo>> = low.iter().map(|&v| self.resolve(v)).collect();
-            let upper = other
-                .join()
-                .unwrap_or_else(|_| (vec![None; high.len()], HashMap::new()));
-            (out, upper)
-        });
-        for (u, ctx) in built {
-            // Already built by this thread (a unit on both sides): keep the first.
-            let _ = dwarf.units[u as usize].set(ctx);
+        // Runs of consecutive addresses covered by the same unit (or by nothing).
+        let mut runs: Vec<(usize, usize, Covered)> = Vec::new();
+        for (i, &v) in sorted.iter().enumerate() {
+            let c = index.lookup(v);
+            match runs.last_mut() {
+                Some(last) if last.2 == c => last.1 = i + 1,
+                _ => runs.push((i, i + 1, c)),
+            }
         }
-        out.extend(
-            upper
-                .into_iter()
-                .zip(high)
-                .map(|(r, &v)| r.unwrap_or_else(|| self.resolve(v))),
-        );
+        let (symtab, dynsym, sections) = (&self.symtab, &self.dynsym, &dwarf.sections);
+        let next = AtomicUsize::new(0);
+        type Done = Vec<(usize, Vec<Vec<FrameInfo>>)>;
+        type Built = HashMap<u32, Option<Box<Context>>>;
+        let work = || -> (Done, Built) {
+            let mut done = Vec::new();
+            let mut built: Built = HashMap::new();
+            loop {
+                let r = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(start, end, covered)) = runs.get(r) else {
+                    break;
+                };
+                let ctx = match covered {
+                    Covered::Nothing => None,
+                    // Left to the caller, which has the whole-file context.
+                    Covered::Ambiguous => continue,
+                    Covered::Unit(u) => built
+                        .entry(u)
+                        .or_insert_with(|| unit_context(sections, index, u))
+                        .as_deref(),
+                };
+                let frames = sorted[start..end]
+                    .iter()
+                    .map(|&v| resolve_frames(ctx, symtab, dynsym, v))
+                    .collect();
+                done.push((r, frames));
+            }
+            (done, built)
+        };
+        let results = std::thread::scope(|scope| {
+            let other = scope.spawn(work);
+            let mine = work();
+            [Some(mine), other.join().ok()]
+        });
+        let mut per_run: Vec<Option<Vec<Vec<FrameInfo>>>> = vec![None; runs.len()];
+        for (done, built) in results.into_iter().flatten() {
+            for (r, frames) in done {
+                per_run[r] = Some(frames);
+            }
+            for (u, ctx) in built {
+                // Both threads may have built a unit that has several runs: keep one.
+                let _ = dwarf.units[u as usize].set(ctx);
+            }
+        }
+        let mut out = Vec::with_capacity(sorted.len());
+        for (&(start, end, _), frames) in runs.iter().zip(per_run) {
+            match frames {
+                Some(f) => out.extend(f),
+                None => out.extend(sorted[start..end].iter().map(|&v| self.resolve(v))),
+            }
+        }
         out
     }
 }
