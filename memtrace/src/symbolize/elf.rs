@@ -704,87 +704,119 @@ impl ElfModule {
             .collect();
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
 
-        let mut symtab = SymbolTable::default();
-        let mut dynsym = SymbolTable::default();
-        symtab.add_from(&obj, false);
-        dynsym.add_from(&obj, true);
-
         let mut debug_file = None;
-        let mut dwarf_obj: Option<object::File<'static>> = None;
+        let mut debug_obj: Option<object::File<'static>> = None;
         let mut dwarf_note = None;
-        if is_debug_info_present(&obj) {
-            dwarf_obj = Some(obj);
-        } else if let Some(search) = search {
-            match find_debug_file(&obj, build_id.as_deref(), search, &mut backing) {
-                Some((path, dobj)) => {
-                    symtab.add_from(&dobj, false);
-                    debug_file = Some(path);
-                    if is_debug_info_present(&dobj) {
-                        dwarf_obj = Some(dobj);
-                    } else {
-                        dwarf_note = Some("debug file has no .debug_info".into());
-                    }
-                }
-                None => dwarf_note = Some("no DWARF and no separate debug file found".into()),
-            }
-        } else {
-            dwarf_note = Some("no DWARF".into());
-        }
-        symtab.finish();
-        dynsym.finish();
-
-        let mut sup_file = None;
-        let dwarf = match dwarf_obj {
-            None => None,
-            Some(dobj) => {
-                let t = std::time::Instant::now();
-                let res = load_sections(&dobj, &mut backing).and_then(|sections| {
-                    log::debug!("DWARF sections loaded in {:?}", t.elapsed());
-                    let mut sup = None;
-                    if let Some(search) = search
-                        && let Ok(Some((alt_path, alt_id))) = dobj.gnu_debugaltlink()
-                    {
-                        match find_sup_file(alt_path, alt_id, search, &mut backing) {
-                            Some((p, sup_obj)) => {
-                                sup = Some(
-                                    load_sections(&sup_obj, &mut backing)
-                                        .map_err(|e| format!("supplementary file: {e}"))?,
-                                );
-                                sup_file = Some(p);
-                            }
-                            None => {
-                                dwarf_note = Some(
-                                    "supplementary (dwz) debug file not found; some names \
-                                     may be missing"
-                                        .into(),
-                                )
-                            }
+        let dwarf_in_file = is_debug_info_present(&obj);
+        match search {
+            _ if dwarf_in_file => {}
+            None => dwarf_note = Some("no DWARF".into()),
+            Some(search) => {
+                match find_debug_file(&obj, build_id.as_deref(), search, &mut backing) {
+                    Some((path, dobj)) => {
+                        debug_file = Some(path);
+                        if !is_debug_info_present(&dobj) {
+                            dwarf_note = Some("debug file has no .debug_info".into());
                         }
+                        debug_obj = Some(dobj);
                     }
-                    DwarfState::new(sections, sup)
-                });
-                log::debug!("DWARF ready {:?} after loading began", t.elapsed());
-                match res {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        dwarf_note = Some(e);
-                        None
+                    None => dwarf_note = Some("no DWARF and no separate debug file found".into()),
+                }
+            }
+        }
+        let dwarf_obj = if dwarf_in_file {
+            Some(&obj)
+        } else {
+            debug_obj.as_ref().filter(|d| is_debug_info_present(d))
+        };
+        let symbol_tables = || {
+            let mut symtab = SymbolTable::default();
+            let mut dynsym = SymbolTable::default();
+            symtab.add_from(&obj, false);
+            dynsym.add_from(&obj, true);
+            if let Some(dobj) = &debug_obj {
+                symtab.add_from(dobj, false);
+            }
+            symtab.finish();
+            dynsym.finish();
+            (symtab, dynsym)
+        };
+        let Some(dobj) = dwarf_obj else {
+            let (symtab, dynsym) = symbol_tables();
+            return Ok(ElfModule {
+                dwarf: None,
+                symtab,
+                dynsym,
+                segments,
+                build_id,
+                debug_file,
+                sup_file: None,
+                dwarf_note,
+                backing,
+            });
+        };
+        // The symbol tables (libc's debug file: ~3 ms) are read while DWARF is inflated.
+        std::thread::scope(|scope| {
+            let tables = scope.spawn(symbol_tables);
+            let mut sup_file = None;
+            let dwarf =
+                Self::load_dwarf(dobj, &mut backing, search, &mut sup_file, &mut dwarf_note);
+            let (symtab, dynsym) = tables.join().unwrap_or_default();
+            Ok(ElfModule {
+                dwarf,
+                symtab,
+                dynsym,
+                segments,
+                build_id,
+                debug_file,
+                sup_file,
+                dwarf_note,
+                backing,
+            })
+        })
+    }
+
+    fn load_dwarf(
+        dobj: &object::File<'static>,
+        backing: &mut Backing,
+        search: Option<&DebugSearch<'_>>,
+        sup_file: &mut Option<PathBuf>,
+        dwarf_note: &mut Option<String>,
+    ) -> Option<DwarfState> {
+        let t = std::time::Instant::now();
+        let res = load_sections(dobj, backing).and_then(|sections| {
+            log::debug!("DWARF sections loaded in {:?}", t.elapsed());
+            let mut sup = None;
+            if let Some(search) = search
+                && let Ok(Some((alt_path, alt_id))) = dobj.gnu_debugaltlink()
+            {
+                match find_sup_file(alt_path, alt_id, search, backing) {
+                    Some((p, sup_obj)) => {
+                        sup = Some(
+                            load_sections(&sup_obj, backing)
+                                .map_err(|e| format!("supplementary file: {e}"))?,
+                        );
+                        *sup_file = Some(p);
+                    }
+                    None => {
+                        *dwarf_note = Some(
+                            "supplementary (dwz) debug file not found; some names \
+                             may be missing"
+                                .into(),
+                        )
                     }
                 }
             }
-        };
-
-        Ok(ElfModule {
-            dwarf,
-            symtab,
-            dynsym,
-            segments,
-            build_id,
-            debug_file,
-            sup_file,
-            dwarf_note,
-            backing,
-        })
+            DwarfState::new(sections, sup)
+        });
+        log::debug!("DWARF ready {:?} after loading began", t.elapsed());
+        match res {
+            Ok(c) => Some(c),
+            Err(e) => {
+                *dwarf_note = Some(e);
+                None
+            }
+        }
     }
 
     pub fn has_dwarf(&self) -> bool {
