@@ -514,47 +514,57 @@ enum Covered {
 /// only the units an address needs are parsed.
 ///
 /// addr2line's context parses every unit's header, abbreviations and root DIE up front
-/// (libc: 4126 units, ~1 MB of abbreviations, ~40 ms) before the first lookup. A unit
+/// (libc: 2063 units, ~1 MB of abbreviations, ~40 ms) before the first lookup. A unit
 /// without section-relative references to other units (`DW_FORM_ref_addr`, which dwz
 /// and LTO produce) means the same on its own, so it gets its own small context over
-/// its bytes of `.debug_info`, built when an address first needs it.
+/// its bytes of `.debug_info`, built when an address first needs it; a unit whose
+/// abbreviations allow such references is answered by the whole-file context.
 struct UnitIndex {
     /// Disjoint, sorted `[begin, end)` ranges.
     ranges: Vec<(u64, u64, Covered)>,
     /// Each unit's bytes in `.debug_info`.
-    units: Vec<(usize, usize)>,
+    units: Vec<IndexedUnit>,
+}
+
+#[derive(Clone, Copy)]
+struct IndexedUnit {
+    start: usize,
+    end: usize,
+    abbrev_offset: usize,
+}
+
+/// A unit's own context, once asked for.
+enum UnitContext {
+    Own(Box<Context>),
+    /// The unit could refer into other units: the whole-file context answers for it.
+    UseFull,
+    /// addr2line could not read the unit: symbol tables only.
+    Failed,
 }
 
 impl UnitIndex {
-    /// `None` when a unit could refer into another one, or the address ranges do not
-    /// name units by their offsets: then the whole-file context is used.
+    /// `None` when the address ranges do not name units by their offsets: then the
+    /// whole-file context is used.
     fn build(sections: &Sections) -> Option<UnitIndex> {
         let dwarf = sections.dwarf(None);
         let mut units = Vec::new();
-        let mut abbrev_offsets = Vec::new();
         let mut headers = dwarf.units();
         while let Ok(Some(h)) = headers.next() {
             let start = h.debug_info_offset()?.0;
-            units.push((start, start + h.length_including_self()));
-            abbrev_offsets.push(h.debug_abbrev_offset().0);
+            units.push(IndexedUnit {
+                start,
+                end: start + h.length_including_self(),
+                abbrev_offset: h.debug_abbrev_offset().0,
+            });
         }
         if headers.next().is_err() || units.is_empty() {
-            return None;
-        }
-        abbrev_offsets.sort_unstable();
-        abbrev_offsets.dedup();
-        let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
-        if abbrev_offsets
-            .iter()
-            .any(|&o| !abbrev.get(o..).is_some_and(abbrev_table_is_self_contained))
-        {
             return None;
         }
         let mut raw = Vec::new();
         let mut aranges = dwarf.debug_aranges.headers();
         while let Ok(Some(h)) = aranges.next() {
             let off = h.debug_info_offset().0;
-            let unit = units.binary_search_by_key(&off, |u| u.0).ok()? as u32;
+            let unit = units.binary_search_by_key(&off, |u| u.start).ok()? as u32;
             let mut entries = h.entries();
             loop {
                 match entries.next() {
@@ -869,7 +879,7 @@ impl ElfModule {
         let (symtab, dynsym, sections) = (&self.symtab, &self.dynsym, &dwarf.sections);
         let next = AtomicUsize::new(0);
         type Done = Vec<(usize, Vec<Vec<FrameInfo>>)>;
-        type Built = HashMap<u32, Option<Box<Context>>>;
+        type Built = HashMap<u32, UnitContext>;
         let work = || -> (Done, Built) {
             let mut done = Vec::new();
             let mut built: Built = HashMap::new();
@@ -882,10 +892,14 @@ impl ElfModule {
                     Covered::Nothing => None,
                     // Left to the caller, which has the whole-file context.
                     Covered::Ambiguous => continue,
-                    Covered::Unit(u) => built
+                    Covered::Unit(u) => match built
                         .entry(u)
                         .or_insert_with(|| unit_context(sections, index, u))
-                        .as_deref(),
+                    {
+                        UnitContext::Own(c) => Some(&**c),
+                        UnitContext::Failed => None,
+                        UnitContext::UseFull => continue,
+                    },
                 };
                 let frames = sorted[start..end]
                     .iter()
@@ -928,7 +942,7 @@ struct DwarfState {
     /// Per-unit lookup, when the units allow it; otherwise `full` is built at once.
     index: Option<UnitIndex>,
     /// One slot per unit of `index`.
-    units: Vec<std::cell::OnceCell<Option<Box<Context>>>>,
+    units: Vec<std::cell::OnceCell<UnitContext>>,
     /// Whole-file context: without an index, or for addresses several units claim.
     full: std::cell::OnceCell<Option<Context>>,
     sections: Sections,
@@ -981,20 +995,38 @@ impl DwarfState {
         match index.lookup(vaddr) {
             Covered::Nothing => None,
             Covered::Ambiguous => full(),
-            Covered::Unit(u) => self.units[u as usize]
+            Covered::Unit(u) => match self.units[u as usize]
                 .get_or_init(|| unit_context(&self.sections, index, u))
-                .as_deref(),
+            {
+                UnitContext::Own(c) => Some(c),
+                UnitContext::Failed => None,
+                UnitContext::UseFull => full(),
+            },
         }
     }
 }
 
-/// A context over one unit's bytes of `.debug_info` (see [`UnitIndex`]).
-fn unit_context(sections: &Sections, index: &UnitIndex, unit: u32) -> Option<Box<Context>> {
-    let (start, end) = index.units[unit as usize];
-    let info = sections.get(gimli::SectionId::DebugInfo).get(start..end)?;
-    Context::from_dwarf(sections.dwarf(Some(info)))
-        .ok()
-        .map(Box::new)
+/// A context over one unit's bytes of `.debug_info` (see [`UnitIndex`]), unless the unit
+/// can refer into other units.
+fn unit_context(sections: &Sections, index: &UnitIndex, unit: u32) -> UnitContext {
+    let u = index.units[unit as usize];
+    let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
+    if !abbrev
+        .get(u.abbrev_offset..)
+        .is_some_and(abbrev_table_is_self_contained)
+    {
+        return UnitContext::UseFull;
+    }
+    let Some(info) = sections
+        .get(gimli::SectionId::DebugInfo)
+        .get(u.start..u.end)
+    else {
+        return UnitContext::Failed;
+    };
+    match Context::from_dwarf(sections.dwarf(Some(info))) {
+        Ok(c) => UnitContext::Own(Box::new(c)),
+        Err(_) => UnitContext::Failed,
+    }
 }
 
 fn symbol_name(symtab: &SymbolTable, dynsym: &SymbolTable, vaddr: u64) -> Option<String> {
