@@ -1291,6 +1291,21 @@ mod tests {
     }
 
     #[test]
+    fn abbreviation_tables_with_cross_unit_references() {
+        // code 1, DW_TAG_compile_unit, children; DW_AT_name strp; end; end of table.
+        let plain = [1, 0x11, 1, 0x03, 0x0e, 0, 0, 0];
+        assert!(abbrev_table_is_self_contained(&plain));
+        // code 2, DW_TAG_subprogram, no children; DW_AT_abstract_origin ref_addr.
+        let mut cross = plain[..7].to_vec();
+        cross.extend_from_slice(&[2, 0x2e, 0, 0x31, 0x10, 0, 0, 0]);
+        assert!(!abbrev_table_is_self_contained(&cross));
+        // An implicit_const value (here 0x10) is not a form.
+        let implicit = [1, 0x11, 0, 0x3a, 0x21, 0x10, 0, 0, 0];
+        assert!(abbrev_table_is_self_contained(&implicit));
+        assert!(!abbrev_table_is_self_contained(&plain[..4]), "truncated");
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(ElfModule::from_image(Vec::new()).is_err());
         assert!(ElfModule::from_image(b"\x7fELF\x02\x01\x01garbage".to_vec()).is_err());
