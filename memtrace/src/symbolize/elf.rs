@@ -561,25 +561,27 @@ impl UnitIndex {
             return None;
         }
         let mut raw = Vec::new();
+        let mut listed = vec![false; units.len()];
         let mut aranges = dwarf.debug_aranges.headers();
         while let Ok(Some(h)) = aranges.next() {
             let off = h.debug_info_offset().0;
-            let unit = units.binary_search_by_key(&off, |u| u.start).ok()? as u32;
+            let unit = units.binary_search_by_key(&off, |u| u.start).ok()?;
+            listed[unit] = true;
             let mut entries = h.entries();
-            loop {
-                match entries.next() {
-                    Ok(Some(e)) if e.length() != 0 => {
-                        let r = e.range();
-                        raw.push((r.begin, r.end, unit));
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    // addr2line skips bad entries too; only this unit's coverage shrinks.
-                    Err(_) => break,
+            while let Some(e) = entries.next().transpose() {
+                // As in addr2line: a bad entry is skipped (the iterator ends on errors
+                // that cannot be skipped).
+                if let Ok(e) = e
+                    && e.length() != 0
+                {
+                    let r = e.range();
+                    raw.push((r.begin, r.end, unit as u32));
                 }
             }
         }
-        if aranges.next().is_err() || raw.is_empty() {
+        // A unit missing from .debug_aranges (clang does not write it, and other tools
+        // may skip units) could cover addresses only the whole-file context finds.
+        if aranges.next().is_err() || raw.is_empty() || listed.contains(&false) {
             return None;
         }
         raw.sort_unstable();
