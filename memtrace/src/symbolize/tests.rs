@@ -294,6 +294,13 @@ fn c_fixture_o2_pie() {
     check_c_fixture(&["-g", "-O2", "-pie", "-fPIE"]);
 }
 
+/// LTO units refer into each other (`DW_FORM_ref_addr`): answered by the whole-file
+/// context, not by per-unit ones.
+#[test]
+fn c_fixture_o2_lto() {
+    check_c_fixture(&["-g", "-O2", "-flto", "-pie", "-fPIE"]);
+}
+
 #[test]
 fn c_fixture_o0_no_pie() {
     check_c_fixture(&["-g", "-O0", "-no-pie", "-fno-pie"]);
