@@ -869,7 +869,7 @@ fn benchmarks_md(opts: &Options, env: &Env, date: &str, total: Duration, results
          - **Report at scale:** tests/fixtures/scale.c (the integration test's fixture) holds \
            1,000,000 blocks over 10,000 stacks; memtrace attaches by pid; CPU of the report = \
            memtrace's utime+stime at exit (wait4) minus the same just before SIGINT \
-           (/proc/PID/stat, 10 ms ticks); peak RSS = ru_maxrss.\n"
+           (/proc/PID/stat, 10 ms ticks); peak RSS = memtrace's VmHWM (/proc/PID/status), read until it exits.\n"
     );
     s.push_str(results);
     s
