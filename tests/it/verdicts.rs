@@ -114,14 +114,22 @@ fn shared<T>(cell: &'static OnceLock<Result<T, String>>, make: impl FnOnce() -> 
     }
 }
 
+/// `memtrace ARGS -f json -- verdicts launch FIXTURE_ARGS`, with `env` set for memtrace.
+fn launch(args: &[&str], fixture_args: &[&str], env: &[(&str, &str)]) -> Run {
+    let bin = bin();
+    let mut cmd = vec![bin.to_str().unwrap(), "launch"];
+    cmd.extend_from_slice(fixture_args);
+    run_launch_env(args, &cmd, env)
+}
+
 /// `memtrace -i 200ms --fail-on-leak --alert-growth 1KiB/s -f json -- verdicts launch 200`.
 fn long_run() -> &'static Run {
     static CELL: OnceLock<Result<Run, String>> = OnceLock::new();
     shared(&CELL, || {
-        let ticks = LONG_TICKS.to_string();
-        run_launch(
+        launch(
             &["-i", "200ms", "--fail-on-leak", "--alert-growth", "1KiB/s"],
-            &[bin().to_str().unwrap(), "launch", &ticks],
+            &[LONG_TICKS.to_string().as_str()],
+            &[],
         )
     })
 }
@@ -130,10 +138,10 @@ fn long_run() -> &'static Run {
 fn short_run() -> &'static Run {
     static CELL: OnceLock<Result<Run, String>> = OnceLock::new();
     shared(&CELL, || {
-        let ticks = SHORT_TICKS.to_string();
-        run_launch(
+        launch(
             &["-i", "200ms", "--fail-on-leak"],
-            &[bin().to_str().unwrap(), "launch", &ticks, "5"],
+            &[SHORT_TICKS.to_string().as_str(), "5"],
+            &[],
         )
     })
 }
@@ -207,9 +215,8 @@ fn assert_sites(r: &Report, ticks: u64) {
 
 // ---- verdicts -------------------------------------------------------------------------
 
-#[test]
-fn only_the_two_leaks_get_the_leak_verdict() {
-    let r = &long_run().report;
+/// The sites and verdicts of a launch run of LONG_TICKS ticks.
+fn assert_long_run_verdicts(r: &Report) {
     assert_sites(r, LONG_TICKS);
     assert_eq!(
         r.0["verdicts"],
@@ -224,9 +231,17 @@ fn only_the_two_leaks_get_the_leak_verdict() {
         assert!(g > 0.0, "{}: growth {g}", e.function);
         assert_eq!(
             e.site(r)["trend"]["early_blocks_retained"].as_f64(),
-            Some(1.0)
+            Some(1.0),
+            "{}",
+            e.function
         );
     }
+}
+
+#[test]
+fn only_the_two_leaks_get_the_leak_verdict() {
+    let r = &long_run().report;
+    assert_long_run_verdicts(r);
     assert_eq!(r.0["verdict_config"]["min_samples"], 4);
     assert_eq!(
         r.0["verdict_config"]["transient_max_age_s"].as_f64(),
@@ -242,10 +257,9 @@ fn only_the_two_leaks_get_the_leak_verdict() {
 fn epochs_run() -> &'static Run {
     static CELL: OnceLock<Result<Run, String>> = OnceLock::new();
     shared(&CELL, || {
-        let ticks = LONG_TICKS.to_string();
-        run_launch_env(
+        launch(
             &["-i", "200ms", "--fail-on-leak"],
-            &[bin().to_str().unwrap(), "launch", &ticks],
+            &[LONG_TICKS.to_string().as_str()],
             &[("MEMTRACE_AGES", "epochs")],
         )
     })
@@ -260,21 +274,7 @@ fn ages_from_epoch_aggregates_give_the_same_verdicts() {
     let samples = r.0["timeline"]["samples"].as_u64().unwrap();
     assert!(samples >= 8, "{samples} samples");
     assert_eq!(r.0["timeline"]["samples_with_epoch_ages"], samples);
-    assert_sites(r, LONG_TICKS);
-    assert_eq!(
-        r.0["verdicts"],
-        serde_json::json!({"leak": 2, "growing": 0, "stable": 2, "transient": 1, "unknown": 0}),
-        "{}",
-        r.summary()
-    );
-    for e in [&STEADY, &LATE] {
-        assert_eq!(
-            e.site(r)["trend"]["early_blocks_retained"].as_f64(),
-            Some(1.0),
-            "{}",
-            e.function
-        );
-    }
+    assert_long_run_verdicts(r);
     // One request per tick, each freed two ticks later: the aggregates of its
     // past epochs were emptied and removed, and their calls still count.
     assert_eq!(
