@@ -71,11 +71,22 @@ impl Traced {
         }
     }
 
-    fn wait_exit(&mut self) -> (i32, libc::rusage) {
+    /// Waits for memtrace to exit: its wait status, rusage and peak RSS in KiB
+    /// (VmHWM, read until it is gone: wait4's ru_maxrss would count the forked
+    /// copy of this test process before exec).
+    fn wait_exit(&mut self, mut peak_kib: i64) -> (i32, libc::rusage, i64) {
         let deadline = Instant::now() + EXIT_TIMEOUT;
+        let pid = self.child.id();
         loop {
-            if let Some(r) = self.try_reap() {
-                return r;
+            if let Some(h) = fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .as_deref()
+                .and_then(hwm_kib)
+            {
+                peak_kib = peak_kib.max(h);
+            }
+            if let Some((status, ru)) = self.try_reap() {
+                return (status, ru, peak_kib);
             }
             assert!(
                 Instant::now() < deadline,
@@ -115,11 +126,15 @@ fn proc_cpu(pid: u32) -> Duration {
 fn proc_hwm_kib(pid: u32) -> i64 {
     let status =
         fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    hwm_kib(&status).expect("VmHWM in /proc/PID/status")
+}
+
+/// VmHWM of the text of /proc/PID/status (none once the process is a zombie).
+fn hwm_kib(status: &str) -> Option<i64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status")
 }
 
 /// The `read MAP: ...` debug lines of memtrace's stderr (see collect.rs).
@@ -182,7 +197,7 @@ fn trace_scale(fixture: &Path, no_batch: bool) -> Measured {
     let traced_rss_kib = proc_hwm_kib(m.child.id());
     let stop = Instant::now();
     send_signal(m.child.id(), libc::SIGINT);
-    let (status, ru) = m.wait_exit();
+    let (status, ru, peak_kib) = m.wait_exit(traced_rss_kib);
     let report_wall = stop.elapsed();
     let stderr = m.stderr();
     assert_no_panic(&stderr);
@@ -208,7 +223,7 @@ fn trace_scale(fixture: &Path, no_batch: bool) -> Measured {
         report_wall,
         report_cpu: total_cpu.saturating_sub(cpu_before),
         total_cpu,
-        max_rss_kib: ru.ru_maxrss,
+        max_rss_kib: peak_kib,
         traced_rss_kib,
         allocs_read: last("ALLOCS"),
         sites_read: last("SITES"),
