@@ -410,14 +410,20 @@ mod probes {
         (epoch, offset)
     }
 
-    /// Adds a new block to its site's aggregate for its epoch; false if SITES is full.
+    /// The aggregate a block belongs to: its site's, for the epoch of its birth.
     #[inline(always)]
-    fn site_add(a: &Allocation) -> bool {
-        let key = SiteKey {
+    fn site_key(a: &Allocation) -> SiteKey {
+        SiteKey {
             stack_id: a.stack_id,
             epoch: a.epoch,
             _pad: 0,
-        };
+        }
+    }
+
+    /// Adds a new block to its site's aggregate for its epoch; false if SITES is full.
+    #[inline(always)]
+    fn site_add(a: &Allocation) -> bool {
+        let key = site_key(a);
         let mut site = SITES.get_ptr_mut(&key);
         if site.is_none() {
             let zero = SiteStats::default();
@@ -442,11 +448,7 @@ mod probes {
     /// Takes a retired block out of its aggregate.
     #[inline(always)]
     fn site_sub(a: &Allocation) {
-        let key = SiteKey {
-            stack_id: a.stack_id,
-            epoch: a.epoch,
-            _pad: 0,
-        };
+        let key = site_key(a);
         if let Some(site) = SITES.get_ptr_mut(&key) {
             unsafe {
                 add(&raw mut (*site).outstanding_blocks, -1);

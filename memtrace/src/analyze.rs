@@ -279,6 +279,35 @@ pub struct ProcessPoint {
     pub traced_bytes: i64,
 }
 
+/// The blocks by site at one sample, and where their ages came from.
+#[derive(Clone, Copy, Debug)]
+pub enum SampleAges<'a> {
+    /// No ages at this sample.
+    None,
+    /// From a scan of every outstanding block.
+    Blocks(&'a HashMap<u64, SiteBlocks>),
+    /// From the kernel's per-site, per-epoch aggregates.
+    Epochs(&'a HashMap<u64, SiteBlocks>),
+}
+
+impl<'a> SampleAges<'a> {
+    /// `blocks` from a scan of every block (`scanned`) or from the aggregates.
+    pub fn of(blocks: &'a HashMap<u64, SiteBlocks>, scanned: bool) -> Self {
+        if scanned {
+            SampleAges::Blocks(blocks)
+        } else {
+            SampleAges::Epochs(blocks)
+        }
+    }
+
+    fn blocks(self) -> Option<&'a HashMap<u64, SiteBlocks>> {
+        match self {
+            SampleAges::None => None,
+            SampleAges::Blocks(b) | SampleAges::Epochs(b) => Some(b),
+        }
+    }
+}
+
 /// Per-site history with bounded memory: see the module documentation.
 #[derive(Clone, Debug)]
 pub struct History {
@@ -365,31 +394,27 @@ impl History {
         self.aged.iter().filter(|a| **a == 2).count()
     }
 
-    /// The last sample's ages came from the per-epoch aggregates.
-    pub fn mark_epoch_ages(&mut self) {
-        if let Some(a) = self.aged.last_mut()
-            && *a == 1
-        {
-            *a = 2;
-        }
-    }
-
     /// Records a sample at `now_ns`: every site's `(stack id, outstanding bytes,
-    /// blocks)`, the blocks by site if they were scanned, the process if it
-    /// could be read.
+    /// blocks)`, the blocks by site with their ages if there are any, the
+    /// process if it could be read.
     pub fn record(
         &mut self,
         now_ns: u64,
         sites: &[(u64, i64, i64)],
-        blocks: Option<&HashMap<u64, SiteBlocks>>,
+        ages: SampleAges,
         process: Option<ProcStat>,
     ) {
+        let blocks = ages.blocks();
         if self.times.len() >= self.capacity {
             self.compact();
         }
         let idx = self.times.len();
         self.times.push(now_ns);
-        self.aged.push(blocks.is_some() as u8);
+        self.aged.push(match ages {
+            SampleAges::None => 0,
+            SampleAges::Blocks(_) => 1,
+            SampleAges::Epochs(_) => 2,
+        });
         self.process.push(process);
         let total = sites.iter().fold((0, 0), |(y, b), s| (y + s.1, b + s.2));
         self.totals.push(total);
@@ -433,7 +458,7 @@ impl History {
         &mut self,
         now_ns: u64,
         sites: &[(u64, i64, i64)],
-        blocks: Option<&HashMap<u64, SiteBlocks>>,
+        ages: SampleAges,
         process: Option<ProcStat>,
     ) {
         let mut process = process;
@@ -454,7 +479,7 @@ impl History {
             self.sites
                 .retain(|_, s| !(s.points.is_empty() && s.start >= n));
         }
-        self.record(now_ns, sites, blocks, process);
+        self.record(now_ns, sites, ages, process);
     }
 
     /// Drops every other sample (keeping the first) and halves the rate.
@@ -1292,13 +1317,13 @@ mod tests {
         let ms = 1_000_000;
         let mut h = History::new(8, 0, Duration::from_millis(100));
         assert!(h.tick());
-        h.record(100 * ms, &[(1, 10, 1), (2, 0, 0)], None, None);
+        h.record(100 * ms, &[(1, 10, 1), (2, 0, 0)], SampleAges::None, None);
         assert!(h.site(2).is_none(), "no block yet, no history");
         h.tick();
-        h.record(200 * ms, &[(1, 20, 2), (2, 5, 1)], None, None);
+        h.record(200 * ms, &[(1, 20, 2), (2, 5, 1)], SampleAges::None, None);
         h.tick();
         // Site 1 missing from the sample: it holds nothing.
-        h.record(300 * ms, &[(2, 5, 1)], None, None);
+        h.record(300 * ms, &[(2, 5, 1)], SampleAges::None, None);
         let s1 = h.site(1).unwrap();
         assert_eq!(s1.times, &[100 * ms, 200 * ms, 300 * ms]);
         let bytes: Vec<i64> = s1.points.iter().map(|p| p.bytes).collect();
@@ -1307,6 +1332,13 @@ mod tests {
         assert_eq!(s2.times, &[200 * ms, 300 * ms]);
         assert_eq!(h.totals(), &[(10, 1), (25, 3), (5, 1)]);
         assert_eq!(h.samples_without_ages(), 3);
+        let none = HashMap::new();
+        h.record(400 * ms, &[], SampleAges::Epochs(&none), None);
+        h.record(500 * ms, &[], SampleAges::Blocks(&none), None);
+        assert_eq!(
+            (h.samples_without_ages(), h.samples_with_epoch_ages()),
+            (3, 1)
+        );
     }
 
     #[test]
@@ -1318,7 +1350,12 @@ mod tests {
             if h.tick() {
                 recorded.push(tick);
                 let ages = group_blocks([(7, 0, 1)], tick * 100 * ms, 0, Sampling::Exact);
-                h.record(tick * 100 * ms, &[(7, tick as i64, 1)], Some(&ages), None);
+                h.record(
+                    tick * 100 * ms,
+                    &[(7, tick as i64, 1)],
+                    SampleAges::Blocks(&ages),
+                    None,
+                );
             }
             assert!(h.len() <= 8);
         }
@@ -1333,21 +1370,21 @@ mod tests {
         assert_eq!(s.points[1].oldest_age_ns, Some(900 * ms));
         assert!(recorded.ends_with(&[25, 29, 33]));
         // The final sample is always recorded ...
-        h.record_final(4050 * ms, &[(7, 40, 1)], None, None);
+        h.record_final(4050 * ms, &[(7, 40, 1)], SampleAges::None, None);
         assert_eq!(h.times().last(), Some(&(4050 * ms)));
         assert_eq!(h.len(), 6);
         // ... replacing the previous one if that is very recent.
         let mut h = History::new(8, 0, Duration::from_millis(100));
         h.tick();
-        h.record(100 * ms, &[(7, 1, 1)], None, None);
+        h.record(100 * ms, &[(7, 1, 1)], SampleAges::None, None);
         h.tick();
         h.record(
             200 * ms,
             &[(7, 2, 1), (8, 1, 1)],
-            None,
+            SampleAges::None,
             Some(ProcStat::default()),
         );
-        h.record_final(210 * ms, &[(7, 3, 1)], None, None);
+        h.record_final(210 * ms, &[(7, 3, 1)], SampleAges::None, None);
         assert_eq!(h.times(), &[100 * ms, 210 * ms]);
         let bytes: Vec<i64> = h.site(7).unwrap().points.iter().map(|p| p.bytes).collect();
         assert_eq!(bytes, vec![1, 3]);
@@ -1373,7 +1410,7 @@ mod tests {
                 } else {
                     vec![]
                 };
-                h.record(tick * 100 * ms, &sites, None, None);
+                h.record(tick * 100 * ms, &sites, SampleAges::None, None);
             }
         }
         let ticks: Vec<u64> = h.times().iter().map(|t| t / (100 * ms)).collect();

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use memtrace_common::{Counter, EPOCH_TIME_SHIFT, Epoch, NO_STACK, NUM_COUNTERS, SiteKey};
+use memtrace_common::{
+    Counter, EPOCH_TIME_SHIFT, Epoch, NO_STACK, NUM_COUNTERS, SiteKey, SiteStats,
+};
 use serde::Serialize;
 
 use crate::{
@@ -144,8 +146,8 @@ pub struct Collector {
     retired: HashMap<u64, (u64, u64)>,
     /// The aggregates as of the last `sites()`, with blocks.
     epoch_blocks: Vec<EpochBlocks>,
-    /// Keys of the aggregates of the last `sites()` that held nothing.
-    empty: Vec<SiteKey>,
+    /// The aggregates of the last `sites()` that held nothing, as read.
+    empty: Vec<(SiteKey, SiteStats)>,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -192,15 +194,10 @@ impl Collector {
             .context("writing EPOCH")?;
         self.epoch_starts.push(now_ns);
         let mut removed = 0;
-        for key in std::mem::take(&mut self.empty) {
-            if key.epoch + 2 > id {
-                continue;
-            }
-            // Read again: its call counts move to `retired`.
-            let Ok(v) = self.maps.sites.get(&key, 0) else {
-                continue;
-            };
-            if v.outstanding_blocks != 0 || self.maps.sites.remove(&key).is_err() {
+        for (key, v) in std::mem::take(&mut self.empty) {
+            // An aggregate of epoch id-2 or before was final when read: blocks
+            // join only the epoch current at their birth, and it had none left.
+            if key.epoch + 2 > id || self.maps.sites.remove(&key).is_err() {
                 continue;
             }
             let r = self.retired.entry(key.stack_id).or_default();
@@ -246,7 +243,7 @@ impl Collector {
                     birth_sum: v.birth_sum,
                 });
             } else {
-                empty.push(*key);
+                empty.push((*key, *v));
             }
         })
         .context("reading SITES")?;

@@ -321,8 +321,6 @@ impl Site {
     }
 }
 
-/// Text-report order: leaks, then growing sites, then the rest, each by
-/// outstanding bytes (the order of `sites`).
 /// The order of the text report: leaks, then growing sites, then the rest,
 /// each by outstanding bytes (the order of `sites`). Indices into `sites`.
 pub fn text_order(sites: &[Site]) -> Vec<usize> {
@@ -339,57 +337,14 @@ fn text_rank(v: Verdict) -> u8 {
     }
 }
 
-/// A write buffer whose `write` is a plain copy while there is room:
-/// serde_json writes a report of ten thousand sites in millions of small
-/// pieces, and `BufWriter`'s out-of-line `write_all` showed in profiles.
-struct Chunked<W: std::io::Write> {
-    buf: Vec<u8>,
-    inner: W,
-}
-
-impl<W: std::io::Write> Chunked<W> {
-    const SIZE: usize = 256 * 1024;
-
-    fn new(inner: W) -> Self {
-        Chunked {
-            buf: Vec::with_capacity(Self::SIZE),
-            inner,
-        }
-    }
-}
-
-impl<W: std::io::Write> std::io::Write for Chunked<W> {
-    #[inline]
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.write_all(data)?;
-        Ok(data.len())
-    }
-
-    #[inline]
-    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if self.buf.len() + data.len() > Self::SIZE {
-            self.inner.write_all(&self.buf)?;
-            self.buf.clear();
-            if data.len() > Self::SIZE {
-                return self.inner.write_all(data);
-            }
-        }
-        self.buf.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.write_all(&self.buf)?;
-        self.buf.clear();
-        self.inner.flush()
-    }
-}
-
 impl Report {
     /// The JSON form, written to `w` as it is made.
     pub fn write_json(&self, w: impl std::io::Write) -> std::io::Result<()> {
         use std::io::Write as _;
-        let mut w = Chunked::new(w);
+        // A buffer of a concrete type here: serde_json writes a report of ten
+        // thousand sites in millions of small pieces, and the caller's writer
+        // is `dyn Write`, whose every call is an indirect one (in profiles).
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, w);
         serde_json::to_writer(&mut w, self)?;
         w.write_all(b"\n")?;
         w.flush()

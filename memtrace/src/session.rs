@@ -13,7 +13,7 @@ use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 
 use crate::{
     allocator::{self, Allocator, AllocatorError},
-    analyze::{self, HISTORY_CAPACITY, History, SiteBlocks, Verdict, VerdictConfig},
+    analyze::{self, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, Verdict, VerdictConfig},
     cli::{Cli, Format, Target},
     collect::{Collector, SiteSample, monotonic_ns},
     launch::{self, ChildState, Loading},
@@ -36,24 +36,38 @@ use crate::{
 /// kernel's per-site aggregates of the blocks born in each epoch (one epoch per
 /// sample), which cost one step per aggregate. The final report scans every
 /// block up to [`REPORT_SCAN_MAX_BLOCKS`].
-/// Output buffer of the report (a JSON report at scale is tens of megabytes).
-const WRITE_BUFFER: usize = 1 << 20;
-
 const AGE_SCAN_MAX_BLOCKS: i64 = 200_000;
 const AGE_SCAN_BUDGET: f64 = 0.1;
 const REPORT_SCAN_MAX_BLOCKS: i64 = 100_000;
-
-/// `MEMTRACE_AGES=epochs` (or `blocks`): where ages come from, whatever the
-/// number of blocks (for tests and comparisons).
-fn ages_forced() -> Option<bool> {
-    match std::env::var("MEMTRACE_AGES").ok()?.as_str() {
-        "epochs" => Some(true),
-        "blocks" => Some(false),
-        _ => None,
-    }
-}
 /// Cost of scanning one block, until measured.
 const AGE_SCAN_NS_PER_BLOCK: f64 = 3000.0;
+
+/// Whether ages come from a scan of every block (else from the per-epoch
+/// aggregates): `scan_if` unless `MEMTRACE_AGES=epochs` (or `blocks`) says
+/// otherwise, for tests and comparisons.
+fn scan_every_block(scan_if: bool) -> bool {
+    match std::env::var("MEMTRACE_AGES").as_deref() {
+        Ok("epochs") => false,
+        Ok("blocks") => true,
+        _ => scan_if,
+    }
+}
+
+/// The outstanding blocks by site, from a scan of every block (`scan_all`) or
+/// from the aggregates the last `Collector::sites` read.
+fn site_blocks(
+    at: &Attached,
+    now_ns: u64,
+    min_age_ns: u64,
+    sampling: Sampling,
+    scan_all: bool,
+) -> Result<HashMap<u64, SiteBlocks>> {
+    if scan_all {
+        at.collector.group_blocks(now_ns, min_age_ns, sampling)
+    } else {
+        Ok(at.collector.epoch_ages(now_ns, min_age_ns, sampling))
+    }
+}
 
 /// How often the target's mappings are re-read, so that a library it loads with
 /// dlopen is captured (and kept open) soon after, whatever --interval is.
@@ -187,7 +201,7 @@ impl ReportFile {
         self.file
             .set_len(0)
             .and_then(|_| {
-                let mut w = std::io::BufWriter::with_capacity(WRITE_BUFFER, &mut self.file);
+                let mut w = std::io::BufWriter::new(&mut self.file);
                 emit(&mut w)?;
                 w.flush()
             })
@@ -613,7 +627,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     match output.as_mut() {
         Some(f) => f.write(emit)?,
         None => {
-            let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, std::io::stdout().lock());
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             emit(&mut out).context("writing the report to stdout")?;
             out.flush().ok();
         }
@@ -730,23 +744,19 @@ fn live_summary(
         };
         let budget_ns =
             AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
-        let scan_all = ages_forced().map_or(
+        let scan_all = scan_every_block(
             scanned < AGE_SCAN_MAX_BLOCKS && scanned as f64 * per_block <= budget_ns,
-            |epochs| !epochs,
         );
-        let ages = if scan_all {
-            let a = at.collector.group_blocks(now_ns, 0, sampling)?;
-            if scanned >= 1000 {
-                last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / scanned as f64;
-            }
-            a
-        } else {
-            at.collector.epoch_ages(now_ns, 0, sampling)
-        };
-        history.record(now_ns, &site_tuples(&raw_sites), Some(&ages), process);
-        if !scan_all {
-            history.mark_epoch_ages();
+        let ages = site_blocks(at, now_ns, 0, sampling, scan_all)?;
+        if scan_all && scanned >= 1000 {
+            last.scan_ns_per_block = scan.elapsed().as_nanos() as f64 / scanned as f64;
         }
+        history.record(
+            now_ns,
+            &site_tuples(&raw_sites),
+            SampleAges::of(&ages, scan_all),
+            process,
+        );
         // Blocks born from now on are told apart from those before this sample.
         at.collector.new_epoch(monotonic_ns())?;
         log::debug!(
@@ -971,17 +981,15 @@ fn build_report(
     // per-epoch aggregates when there are too many blocks for that.
     let sampling = cli.sampling();
     let scanned: i64 = samples.iter().map(|s| s.outstanding_blocks).sum();
-    let scan_all = ages_forced().map_or(scanned <= REPORT_SCAN_MAX_BLOCKS, |epochs| !epochs);
-    let ages: HashMap<u64, SiteBlocks> = if scan_all {
-        at.collector.group_blocks(now_ns, min_age_ns, sampling)?
-    } else {
-        at.collector.epoch_ages(now_ns, min_age_ns, sampling)
-    };
+    let scan_all = scan_every_block(scanned <= REPORT_SCAN_MAX_BLOCKS);
+    let ages = site_blocks(at, now_ns, min_age_ns, sampling, scan_all)?;
     // The final, partial interval is part of the history too.
-    history.record_final(now_ns, &site_tuples(&samples), Some(&ages), end_process);
-    if !scan_all {
-        history.mark_epoch_ages();
-    }
+    history.record_final(
+        now_ns,
+        &site_tuples(&samples),
+        SampleAges::of(&ages, scan_all),
+        end_process,
+    );
 
     let mut totals = Totals {
         // Every call is counted, sampled or not.

@@ -176,6 +176,8 @@ pub struct ScaleRun {
     pub ages_from: String,
     /// `json` (every site) or `text` (the top 10).
     pub format: &'static str,
+    /// Which repetition (from 1): each has a JSON and a text run.
+    pub rep: usize,
 }
 
 /// X of the `report symbolized N frames in X ms cpu` debug line.
@@ -380,6 +382,7 @@ fn measure(
         symbolize_ms,
         ages_from,
         format,
+        rep: i,
     })
 }
 
@@ -477,7 +480,7 @@ impl Scale {
             s,
             "|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"
         );
-        for (i, r) in self.runs.iter().enumerate() {
+        for r in &self.runs {
             let reads_cpu: f64 = r.reads.iter().map(|x| x.cpu_ms).sum();
             let reads = if r.reads.is_empty() {
                 "(no `read` lines)".to_string()
@@ -502,7 +505,7 @@ impl Scale {
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.0} ms | {:.0} ms | {reads} | {} | {:.0} ms | {} | {:.2} s | {:.1} MiB | {:.1} MiB | {}{} | {:.1} s |",
-                i / 2 + 1,
+                r.rep,
                 r.format,
                 cpu_ms,
                 r.report_wall.as_secs_f64() * 1e3,
