@@ -857,8 +857,8 @@ impl ElfModule {
 
     /// Resolves sorted addresses, in order. A large batch is resolved on two threads:
     /// the addresses are grouped into runs of one unit each, which the threads take in
-    /// turn, each building the contexts of the units it takes (addr2line's contexts are
-    /// not `Sync`); those are kept for later lookups.
+    /// turn, reading each unit once for all its addresses (see [`super::unit_batch`]); nothing
+    /// is kept for later lookups.
     pub fn resolve_sorted(&self, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         const PARALLEL_MIN: usize = 256;
@@ -879,37 +879,40 @@ impl ElfModule {
             }
         }
         let (symtab, dynsym, sections) = (&self.symtab, &self.dynsym, &dwarf.sections);
+        let whole = sections.dwarf(None);
+        let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
         let next = AtomicUsize::new(0);
-        type Done = Vec<(usize, Vec<Vec<FrameInfo>>)>;
-        type Built = HashMap<u32, UnitContext>;
-        let work = || -> (Done, Built) {
+        let work = || -> Vec<(usize, Vec<Vec<FrameInfo>>)> {
             let mut done = Vec::new();
-            let mut built: Built = HashMap::new();
             loop {
                 let r = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(start, end, covered)) = runs.get(r) else {
                     break;
                 };
-                let ctx = match covered {
-                    Covered::Nothing => None,
+                let probes = &sorted[start..end];
+                let frames = match covered {
+                    Covered::Nothing => vec![Vec::new(); probes.len()],
                     // Left to the caller, which has the whole-file context.
                     Covered::Ambiguous => continue,
-                    Covered::Unit(u) => match built
-                        .entry(u)
-                        .or_insert_with(|| unit_context(sections, index, u))
-                    {
-                        UnitContext::Own(c) => Some(&**c),
-                        UnitContext::Failed => None,
-                        UnitContext::UseFull => continue,
-                    },
+                    Covered::Unit(u) => {
+                        let u = index.units[u as usize];
+                        if !abbrev
+                            .get(u.abbrev_offset..)
+                            .is_some_and(abbrev_table_is_self_contained)
+                        {
+                            continue;
+                        }
+                        super::unit_batch::unit_frames(&whole, u.start, probes)
+                    }
                 };
-                let frames = sorted[start..end]
-                    .iter()
-                    .map(|&v| resolve_frames(ctx, symtab, dynsym, v))
+                let frames = frames
+                    .into_iter()
+                    .zip(probes)
+                    .map(|(f, &v)| finish_frames(f, symtab, dynsym, v))
                     .collect();
                 done.push((r, frames));
             }
-            (done, built)
+            done
         };
         let results = std::thread::scope(|scope| {
             let other = scope.spawn(work);
@@ -917,14 +920,8 @@ impl ElfModule {
             [Some(mine), other.join().ok()]
         });
         let mut per_run: Vec<Option<Vec<Vec<FrameInfo>>>> = vec![None; runs.len()];
-        for (done, built) in results.into_iter().flatten() {
-            for (r, frames) in done {
-                per_run[r] = Some(frames);
-            }
-            for (u, ctx) in built {
-                // Both threads may have built a unit that has several runs: keep one.
-                let _ = dwarf.units[u as usize].set(ctx);
-            }
+        for (r, frames) in results.into_iter().flatten().flatten() {
+            per_run[r] = Some(frames);
         }
         let mut out = Vec::with_capacity(sorted.len());
         for (&(start, end, _), frames) in runs.iter().zip(per_run) {
@@ -1074,6 +1071,17 @@ fn resolve_frames(
             }
         }
     }
+    finish_frames(frames, symtab, dynsym, vaddr)
+}
+
+/// Completes the DWARF frames of one address (innermost first, maybe none): the last is
+/// the real function, named from the symbol tables when DWARF does not name it.
+fn finish_frames(
+    mut frames: Vec<FrameInfo>,
+    symtab: &SymbolTable,
+    dynsym: &SymbolTable,
+    vaddr: u64,
+) -> Vec<FrameInfo> {
     if frames.is_empty() {
         frames.push(FrameInfo::default());
     }

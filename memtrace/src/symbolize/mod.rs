@@ -16,6 +16,7 @@ mod elf;
 mod process;
 #[cfg(test)]
 mod tests;
+mod unit_batch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1162,3 +1162,90 @@ fn symbolize_command_matches_binutils_on_glibc() {
         wrong.join("\n")
     );
 }
+
+/// Resolves `vaddrs` (sorted, unique) of `path` in one batch (`resolve_sorted`: each unit
+/// read once for all its addresses) and one at a time (addr2line's contexts); returns
+/// where they differ.
+fn batch_vs_single(path: &Path, vaddrs: &[u64]) -> Vec<String> {
+    let search = elf::DebugSearch {
+        target_root: Path::new("/"),
+        display_root: Path::new("/"),
+        debug_root: Path::new("/usr/lib/debug"),
+        binary_path: path.to_str().unwrap(),
+        binary_id: None,
+    };
+    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &search).unwrap();
+    assert!(elf.has_dwarf(), "{}", path.display());
+    let batch = elf.resolve_sorted(vaddrs);
+    assert_eq!(batch.len(), vaddrs.len());
+    vaddrs
+        .iter()
+        .zip(&batch)
+        .filter_map(|(&v, b)| {
+            let single = elf.resolve(v);
+            (single != *b).then(|| format!("{v:#x}: batch {b:?}\n  single {single:?}"))
+        })
+        .collect()
+}
+
+/// Every address of the `.text` section of `bin`.
+fn text_vaddrs(bin: &Path) -> Vec<u64> {
+    use object::{Object, ObjectSection};
+    let data = std::fs::read(bin).unwrap();
+    let obj = object::File::parse(&*data).unwrap();
+    let text = obj.section_by_name(".text").unwrap();
+    (text.address()..text.address() + text.size()).collect()
+}
+
+/// The batch lookups answer what addr2line's per-unit contexts answer, frame for frame,
+/// for every byte of the fixtures' code: inlined calls (-O2), DWARF 4 line tables (file
+/// numbers from 1), C++ names, and LTO (units that refer into each other, answered by the
+/// whole-file context in both).
+#[test]
+fn batch_lookups_match_contexts_on_fixtures() {
+    let dir = TempDir::new("batch");
+    let d = dir.path();
+    std::fs::write(d.join("fixture.cpp"), source(FIXTURE_CPP)).unwrap();
+    sh(d, "g++", &["-g", "-O2", "-o", "cpp", "fixture.cpp"]);
+    let mut bins = vec![d.join("cpp")];
+    for (out, flags) in [
+        ("o2", &["-g", "-O2"][..]),
+        ("o0", &["-g", "-O0"]),
+        ("dwarf4", &["-gdwarf-4", "-O2"]),
+        ("lto", &["-g", "-O2", "-flto"]),
+    ] {
+        bins.push(build_c(d, out, flags));
+    }
+    for bin in bins {
+        let vaddrs = text_vaddrs(&bin);
+        assert!(vaddrs.len() > 256, "a batch large enough for the unit runs");
+        let differ = batch_vs_single(&bin, &vaddrs);
+        assert!(
+            differ.is_empty(),
+            "{}: {} of {} differ:\n{}",
+            bin.display(),
+            differ.len(),
+            vaddrs.len(),
+            differ[..differ.len().min(5)].join("\n")
+        );
+    }
+}
+
+/// The same on glibc with libc6-dbg (~2000 units, inlining everywhere): the first, middle
+/// and last byte of every function.
+#[test]
+fn batch_lookups_match_contexts_on_glibc() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let vaddrs = libc_function_vaddrs(&pm, libc_mod, |start, size| {
+        vec![start, start + size / 2, start + size - 1]
+    });
+    let differ = batch_vs_single(Path::new(&libc_mod.path), &vaddrs);
+    assert!(
+        differ.is_empty(),
+        "{} of {} differ:\n{}",
+        differ.len(),
+        vaddrs.len(),
+        differ[..differ.len().min(5)].join("\n")
+    );
+}
