@@ -271,9 +271,18 @@ pub fn batch_disabled() -> bool {
 
 /// CPU time (user + system) used by the calling thread so far.
 pub fn thread_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// CPU time (user + system) of the whole process so far: all its threads.
+pub fn process_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
     let mut ru = MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: valid out-pointer; RUSAGE_THREAD exists since Linux 2.6.26.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) };
+    let rc = unsafe { libc::getrusage(who, ru.as_mut_ptr()) };
     if rc != 0 {
         return Duration::ZERO;
     }

@@ -1,6 +1,7 @@
 //! Reading the kernel-side state: counters, per-site aggregates, stacks, and
 //! (for the final report) the outstanding blocks themselves.
-use std::collections::HashMap;
+// Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
+use rustc_hash::FxHashMap as HashMap;
 
 use anyhow::{Context, Result};
 use memtrace_common::{
@@ -165,10 +166,10 @@ impl Collector {
         let start = maps.epoch.get(&0, 0).map(|e| e.start_ns).unwrap_or(0);
         Collector {
             maps,
-            stacks: HashMap::new(),
+            stacks: HashMap::default(),
             missed_returns: 0,
             epoch_starts: vec![start],
-            retired: HashMap::new(),
+            retired: HashMap::default(),
             epoch_blocks: Vec::new(),
             empty: Vec::new(),
         }
@@ -219,7 +220,7 @@ impl Collector {
     /// Every site: its aggregates (one per birth epoch that holds blocks) added
     /// up. Keeps the aggregates for `epoch_ages`.
     pub fn sites(&mut self) -> Result<Vec<SiteSample>> {
-        let mut by_site: HashMap<u64, SiteSample> = HashMap::new();
+        let mut by_site: HashMap<u64, SiteSample> = HashMap::default();
         for (&stack_id, &(calls, bytes)) in &self.retired {
             let s = by_site.entry(stack_id).or_default();
             s.alloc_calls += calls;
@@ -287,6 +288,27 @@ impl Collector {
     /// a stored stack never changes.
     pub fn stack(&mut self, stack_id: u64) -> Result<&[u64]> {
         Ok(&self.stack_entry(stack_id)?.0)
+    }
+
+    /// Reads ahead, at most `max` of them, the stacks not read yet among `ids`,
+    /// so that the final report does not read every site's stack at once (a
+    /// lookup costs ~3 µs: 30 ms for 10,000 sites). Returns how many it read.
+    pub fn read_ahead_stacks(
+        &mut self,
+        ids: impl IntoIterator<Item = u64>,
+        max: usize,
+    ) -> Result<usize> {
+        let mut read = 0;
+        for id in ids {
+            if read >= max {
+                break;
+            }
+            if !self.stacks.contains_key(&id) {
+                self.stack_entry(id)?;
+                read += 1;
+            }
+        }
+        Ok(read)
     }
 
     /// How the stack's walk went: `memtrace_common::STACK_*` bits.

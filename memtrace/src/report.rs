@@ -1,7 +1,9 @@
 //! The final report: its data (schema `memtrace-report/1`) and its renderings.
-use std::fmt::Write as _;
+use std::{cell::RefCell, fmt::Write as _};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 pub use crate::symbolize::Frame;
 use crate::{
@@ -253,10 +255,39 @@ pub struct Site {
     pub truncated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_reason: Option<&'static str>,
+    #[serde(serialize_with = "frames_json")]
     pub frames: Vec<Frame>,
     /// What the verdict was made of.
     pub trend: Trend,
     pub history: Vec<HistoryPoint>,
+}
+
+thread_local! {
+    /// While `write_json` runs: the JSON of every distinct frame written so far.
+    /// Sites share most of their frames (the callers of the allocating
+    /// functions), so each is escaped and formatted once per report.
+    static FRAME_JSON: RefCell<Option<FxHashMap<Frame, Box<RawValue>>>> =
+        const { RefCell::new(None) };
+}
+
+fn frames_json<S: serde::Serializer>(frames: &[Frame], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error as _, SerializeSeq as _};
+    FRAME_JSON.with_borrow_mut(|cache| {
+        let Some(cache) = cache else {
+            return s.collect_seq(frames);
+        };
+        let mut seq = s.serialize_seq(Some(frames.len()))?;
+        for f in frames {
+            if let Some(raw) = cache.get(f) {
+                seq.serialize_element(raw)?;
+                continue;
+            }
+            let raw = serde_json::value::to_raw_value(f).map_err(S::Error::custom)?;
+            seq.serialize_element(&raw)?;
+            cache.insert(f.clone(), raw);
+        }
+        seq.end()
+    })
 }
 
 fn secs(s: f64) -> String {
@@ -345,7 +376,10 @@ impl Report {
         // thousand sites in millions of small pieces, and the caller's writer
         // is `dyn Write`, whose every call is an indirect one (in profiles).
         let mut w = std::io::BufWriter::with_capacity(256 * 1024, w);
-        serde_json::to_writer(&mut w, self)?;
+        FRAME_JSON.set(Some(FxHashMap::default()));
+        let written = serde_json::to_writer(&mut w, self);
+        FRAME_JSON.take();
+        written?;
         w.write_all(b"\n")?;
         w.flush()
     }
@@ -824,6 +858,40 @@ mod tests {
         assert_eq!(f["address"], "0x401136");
         assert_eq!(f["inlined"], true);
         assert_eq!(v["sites"][0]["frames"][1]["line"], 38);
+    }
+
+    #[test]
+    fn shared_frames_are_written_as_without_the_cache() {
+        let mut r = sample();
+        let mut other = r.sites[0].clone();
+        other.outstanding_bytes += 1;
+        // Same frames as site 0 except the innermost, and one frame that
+        // differs only in its line.
+        other.frames[0].function = Some("other_leaf".into());
+        let mut near = other.frames[1].clone();
+        near.line = near.line.map(|l| l + 1);
+        other.frames.push(near);
+        other.frames.push(Frame {
+            address: u64::MAX,
+            module: Some("/lib/\"quoted\"\n.so".into()),
+            function: None,
+            file: None,
+            line: None,
+            inlined: false,
+            unresolved: None,
+        });
+        r.sites.push(other.clone());
+        r.sites.push(other);
+        // to_value does not go through write_json's cache.
+        let plain = serde_json::to_value(&r).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(written, plain);
+        let frames = &written["sites"][1]["frames"];
+        assert_eq!(frames[0]["function"], "other_leaf");
+        assert_ne!(frames[1]["line"], frames[2]["line"]);
+        assert_eq!(frames[3]["address"], "0xffffffffffffffff");
+        assert_eq!(frames[3]["module"], "/lib/\"quoted\"\n.so");
+        assert_eq!(written["sites"][0]["frames"][0]["address"], "0x401136");
     }
 
     #[test]

@@ -102,3 +102,31 @@ fn launch_child_keeps_its_stdout_and_arguments() {
         run.stdout
     );
 }
+
+#[test]
+fn an_existing_report_file_is_replaced_whole() {
+    require_root();
+    let bin = leaks_bin();
+    let path = unique_path("json");
+    // Longer than the report: none of it may be left after the new one.
+    std::fs::write(&path, "x".repeat(4 << 20)).unwrap();
+    let out = memtrace_command()
+        .args(["-f", "json", "-o"])
+        .arg(&path)
+        .arg("--")
+        .args([bin.to_str().unwrap(), "launch"])
+        .output()
+        .expect("running memtrace");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("memtrace: report written to"), "{stderr}");
+    let report = Report(serde_json::from_str(&text).expect("the file holds one JSON report"));
+    // The child's exit status is memtrace's in launch mode.
+    assert_eq!(
+        out.status.code().map(i64::from),
+        report.target()["exit_status"].as_i64(),
+        "{stderr}"
+    );
+    deep_site().assert_in(&report);
+}

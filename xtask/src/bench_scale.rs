@@ -288,6 +288,24 @@ fn measure(
         bail!("the fixture did not allocate {BLOCKS} blocks over {SITES} sites: {done}");
     }
 
+    // A service is traced for longer than one interval: let the first live
+    // sample after the allocations run (it reads the new sites' stacks ahead,
+    // as it would over any trace longer than one interval).
+    let log_done = m.log_text().len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !m.log_text()[log_done..]
+        .lines()
+        .any(|l| l.starts_with("memtrace: ") && l.contains(" outstanding "))
+    {
+        if m.try_reap()?.is_some() {
+            bail!("memtrace exited while tracing:\n{}", m.log_text());
+        }
+        if Instant::now() > deadline {
+            bail!("memtrace printed no summary within 30 s of the allocations");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+
     let pid = m.child.id();
     let hz = unsafe { sysconf(SC_CLK_TCK) }.max(1) as u64;
     let ticks = stat_ticks(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
@@ -461,11 +479,12 @@ impl Scale {
              The fixture (tests/fixtures/scale.c, gcc -O0 -g -fno-omit-frame-pointer) holds {} outstanding \
              16-byte blocks over {} distinct stacks; `{} --pid N -f json -o FILE` (every site; then, \
              in a second run, `-f text`: the top 10 sites) is attached while they are allocated, then \
-             stopped with SIGINT. Report CPU = memtrace's utime+stime at exit \
+             stopped with SIGINT after its first live summary (every 10 s) that follows the allocations, as \
+             in any trace longer than one interval (that summary reads the new sites' stacks ahead). Report CPU = memtrace's utime+stime at exit \
              (wait4) minus the same just before SIGINT (/proc/PID/stat: 10 ms ticks, so ±10 ms); it \
              covers detaching, reading the maps, symbolizing, analysis and writing the report. Map reads: \
              memtrace's own `read MAP:` debug lines after the signal; symbolization: its `report \
-             symbolized` debug line (CPU of the symbolize call: loading the new modules' debug \
+             symbolized` debug line (CPU of the symbolize call, all threads: loading the new modules' debug \
              info and resolving every frame). Ages: `ages_from` of the report (`epochs`: from the \
              kernel's per-site aggregates, no block read).\n",
             crate::bench::group_thousands(BLOCKS),

@@ -57,7 +57,7 @@ pub enum Unresolved {
 }
 
 /// One symbolized frame. Inlined frames share the `address` of the physical frame.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Frame {
     /// Serialized as a hex string (`"0x401136"`), as in the JSON report.
     #[serde(serialize_with = "hex_address")]
@@ -73,7 +73,20 @@ pub struct Frame {
 }
 
 fn hex_address<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{v:#x}"))
+    // Written on the stack: a report can hold hundreds of thousands of frames.
+    let mut buf = [0u8; 18];
+    let mut n = *v;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[i - 2..i].copy_from_slice(b"0x");
+    s.serialize_str(std::str::from_utf8(&buf[i - 2..]).expect("hex digits are ASCII"))
 }
 
 /// The address-independent part of a frame, as cached per (module, offset).
