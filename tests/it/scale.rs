@@ -164,7 +164,9 @@ fn trace_scale(fixture: &Path, no_batch: bool) -> Measured {
     let out = unique_path("json");
     let log = unique_path("log");
     let mut cmd = memtrace_command();
-    cmd.args(["-f", "json", "-o"])
+    // No live sample (and so no second birth epoch) while the blocks are
+    // allocated, however slow the machine: check_epoch_ages counts on one.
+    cmd.args(["-f", "json", "--interval", "60s", "-o"])
         .arg(&out)
         .arg("--pid")
         .arg(target.pid().to_string())
