@@ -1,5 +1,5 @@
 //! The final report: its data (schema `memtrace-report/1`) and its renderings.
-use std::{cell::RefCell, fmt::Write as _};
+use std::{cell::RefCell, fmt::Write as _, sync::Arc};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -255,39 +255,112 @@ pub struct Site {
     pub truncated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_reason: Option<&'static str>,
-    #[serde(serialize_with = "frames_json")]
-    pub frames: Vec<Frame>,
+    pub frames: Frames,
     /// What the verdict was made of.
     pub trend: Trend,
     pub history: Vec<HistoryPoint>,
 }
 
-thread_local! {
-    /// While `write_json` runs: the JSON of every distinct frame written so far.
-    /// Sites share most of their frames (the callers of the allocating
-    /// functions), so each is escaped and formatted once per report.
-    static FRAME_JSON: RefCell<Option<FxHashMap<Frame, Box<RawValue>>>> =
-        const { RefCell::new(None) };
+/// A site's frames, innermost first, as the frames of each address of its
+/// stack. An address's frames are shared by every site whose stack holds it:
+/// at scale, sites share most of their callers, and each address's frames are
+/// then made, symbolized and written to JSON once.
+#[derive(Clone, Debug, Default)]
+pub struct Frames(Vec<Arc<[Frame]>>);
+
+impl Frames {
+    pub fn iter(&self) -> impl Iterator<Item = &Frame> {
+        self.0.iter().flat_map(|g| g.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|g| g.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|g| g.is_empty())
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Frame> {
+        self.iter().nth(i)
+    }
+
+    /// Room for the frames of `n` more addresses.
+    pub fn reserve(&mut self, n: usize) {
+        self.0.reserve_exact(n);
+    }
+
+    /// Appends the frames of one address.
+    pub fn push_group(&mut self, frames: Arc<[Frame]>) {
+        self.0.push(frames);
+    }
+
+    /// Keeps the first `n` frames.
+    pub fn truncate(&mut self, n: usize) {
+        let mut left = n;
+        for i in 0..self.0.len() {
+            let len = self.0[i].len();
+            if left < len {
+                if left > 0 {
+                    self.0[i] = self.0[i][..left].into();
+                    self.0.truncate(i + 1);
+                } else {
+                    self.0.truncate(i);
+                }
+                return;
+            }
+            left -= len;
+        }
+    }
 }
 
-fn frames_json<S: serde::Serializer>(frames: &[Frame], s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::{Error as _, SerializeSeq as _};
-    FRAME_JSON.with_borrow_mut(|cache| {
-        let Some(cache) = cache else {
-            return s.collect_seq(frames);
-        };
-        let mut seq = s.serialize_seq(Some(frames.len()))?;
-        for f in frames {
-            if let Some(raw) = cache.get(f) {
-                seq.serialize_element(raw)?;
-                continue;
+impl From<Vec<Frame>> for Frames {
+    fn from(frames: Vec<Frame>) -> Self {
+        Frames(if frames.is_empty() {
+            Vec::new()
+        } else {
+            vec![frames.into()]
+        })
+    }
+}
+
+/// The JSON of one address's frames, by the address of the shared slice.
+type FrameJsonCache = FxHashMap<usize, Vec<Box<RawValue>>>;
+
+thread_local! {
+    /// While `write_json` runs: the JSON of every address's frames written so
+    /// far, so that each is escaped and formatted once per report.
+    static FRAME_JSON: RefCell<Option<FrameJsonCache>> = const { RefCell::new(None) };
+}
+
+impl Serialize for Frames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq as _};
+        FRAME_JSON.with_borrow_mut(|cache| {
+            let Some(cache) = cache else {
+                return s.collect_seq(self.iter());
+            };
+            let mut seq = s.serialize_seq(Some(self.len()))?;
+            for group in &self.0 {
+                // The slice is alive (held by this report) while the cache is:
+                // its address names it.
+                let raw = match cache.entry(group.as_ptr() as usize) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        group
+                            .iter()
+                            .map(serde_json::value::to_raw_value)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(S::Error::custom)?,
+                    ),
+                };
+                for raw in raw.iter() {
+                    seq.serialize_element(raw)?;
+                }
             }
-            let raw = serde_json::value::to_raw_value(f).map_err(S::Error::custom)?;
-            seq.serialize_element(&raw)?;
-            cache.insert(f.clone(), raw);
-        }
-        seq.end()
-    })
+            seq.end()
+        })
+    }
 }
 
 fn secs(s: f64) -> String {
@@ -515,7 +588,7 @@ impl Report {
             if !site.stack_captured {
                 let _ = writeln!(o, "    [stack not captured]");
             }
-            for f in &site.frames {
+            for f in site.frames.iter() {
                 let _ = writeln!(o, "    {}", frame_text(f));
             }
             if let Some(reason) = site.truncated_reason {
@@ -832,9 +905,50 @@ mod tests {
                         inlined: false,
                         unresolved: None,
                     },
-                ],
+                ]
+                .into(),
             }],
         }
+    }
+
+    fn frame(address: u64, function: &str, line: u32) -> Frame {
+        Frame {
+            address,
+            module: Some("/usr/bin/app".into()),
+            function: Some(function.into()),
+            file: Some("/src/a.c".into()),
+            line: Some(line),
+            inlined: false,
+            unresolved: None,
+        }
+    }
+
+    #[test]
+    fn frames_are_groups_of_an_address() {
+        let shared: Arc<[Frame]> = vec![frame(2, "inl", 5), frame(2, "caller", 6)].into();
+        let mut f = Frames::default();
+        assert!(f.is_empty());
+        f.push_group(vec![frame(1, "leaf", 1)].into());
+        f.push_group(shared.clone());
+        f.push_group(vec![frame(3, "main", 9)].into());
+        let names =
+            |f: &Frames| -> Vec<String> { f.iter().map(|x| x.function.clone().unwrap()).collect() };
+        assert_eq!(f.len(), 4);
+        assert_eq!(names(&f), ["leaf", "inl", "caller", "main"]);
+        assert_eq!(f.get(2).unwrap().line, Some(6));
+        let mut cut = f.clone();
+        cut.truncate(2);
+        assert_eq!(names(&cut), ["leaf", "inl"]);
+        // Cutting inside a shared group leaves the group itself whole.
+        assert_eq!(shared.len(), 2);
+        assert_eq!(names(&f), ["leaf", "inl", "caller", "main"]);
+        let mut cut = f.clone();
+        cut.truncate(3);
+        assert_eq!(names(&cut), ["leaf", "inl", "caller"]);
+        cut.truncate(10);
+        assert_eq!(cut.len(), 3);
+        cut.truncate(0);
+        assert!(cut.is_empty());
     }
 
     #[test]
@@ -865,21 +979,29 @@ mod tests {
         let mut r = sample();
         let mut other = r.sites[0].clone();
         other.outstanding_bytes += 1;
-        // Same frames as site 0 except the innermost, and one frame that
-        // differs only in its line.
-        other.frames[0].function = Some("other_leaf".into());
-        let mut near = other.frames[1].clone();
+        // Site 0's group of two frames shared by two more sites, after a leaf
+        // of their own, then a frame that differs from one of the shared ones
+        // only in its line, and one with characters JSON escapes.
+        let shared = r.sites[0].frames.0[0].clone();
+        let mut near = shared[1].clone();
         near.line = near.line.map(|l| l + 1);
-        other.frames.push(near);
-        other.frames.push(Frame {
-            address: u64::MAX,
-            module: Some("/lib/\"quoted\"\n.so".into()),
-            function: None,
-            file: None,
-            line: None,
-            inlined: false,
-            unresolved: None,
-        });
+        let mut frames = Frames::default();
+        frames.push_group(vec![frame(0x400000, "other_leaf", 3)].into());
+        frames.push_group(shared);
+        frames.push_group(vec![near].into());
+        frames.push_group(
+            vec![Frame {
+                address: u64::MAX,
+                module: Some("/lib/\"quoted\"\n.so".into()),
+                function: None,
+                file: None,
+                line: None,
+                inlined: false,
+                unresolved: None,
+            }]
+            .into(),
+        );
+        other.frames = frames;
         r.sites.push(other.clone());
         r.sites.push(other);
         // to_value does not go through write_json's cache.
@@ -888,9 +1010,12 @@ mod tests {
         assert_eq!(written, plain);
         let frames = &written["sites"][1]["frames"];
         assert_eq!(frames[0]["function"], "other_leaf");
-        assert_ne!(frames[1]["line"], frames[2]["line"]);
-        assert_eq!(frames[3]["address"], "0xffffffffffffffff");
-        assert_eq!(frames[3]["module"], "/lib/\"quoted\"\n.so");
+        assert_eq!(frames[1]["function"], "helper");
+        assert_eq!(frames[2]["line"], 38);
+        assert_eq!(frames[3]["line"], 39);
+        assert_eq!(frames[4]["address"], "0xffffffffffffffff");
+        assert_eq!(frames[4]["module"], "/lib/\"quoted\"\n.so");
+        assert_eq!(frames, &written["sites"][2]["frames"]);
         assert_eq!(written["sites"][0]["frames"][0]["address"], "0x401136");
     }
 
@@ -1037,7 +1162,9 @@ mod tests {
                 median_age_s: None,
             },
         ];
-        leak.frames[1].function = Some("leak_fn".into());
+        let mut frames: Vec<Frame> = leak.frames.iter().cloned().collect();
+        frames[1].function = Some("leak_fn".into());
+        leak.frames = frames.into();
         r.sites.push(leak);
         r.verdicts = VerdictCounts::of(&r.sites);
         let stat = |rss: u64| ProcStat {

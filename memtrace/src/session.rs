@@ -569,6 +569,11 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     // a second. Then the probes go: the target runs at full speed again, and the
     // figures no longer move while they are read.
     let end_ns = monotonic_ns();
+    log::debug!(
+        "tracing ended ({}) at {:.3} ms of process cpu",
+        end.as_str(),
+        crate::batch::process_cpu().as_secs_f64() * 1e3
+    );
     let ended_at = SystemTime::now();
     let duration = trace_start.elapsed();
     at.probes.detach_all();
@@ -932,14 +937,19 @@ const STACK_BOTTOMS: &[&str] = &[
 
 /// Drops whatever a frame-pointer walk read past the start of the thread: past
 /// the entry code the "frames" are stale stack contents, not callers.
-pub fn trim_below_entry(frames: &mut Vec<report::Frame>) {
+pub fn trim_below_entry(frames: &mut report::Frames) {
     let is_bottom = |f: &report::Frame| {
         f.function
             .as_deref()
             .is_some_and(|n| STACK_BOTTOMS.contains(&n))
     };
-    if let Some(first) = frames.iter().position(is_bottom) {
-        let keep = frames[first..].iter().take_while(|f| is_bottom(f)).count();
+    let first = frames.iter().position(is_bottom);
+    if let Some(first) = first {
+        let keep = frames
+            .iter()
+            .skip(first)
+            .take_while(|f| is_bottom(f))
+            .count();
         frames.truncate(first + keep);
     }
 }
@@ -1144,7 +1154,7 @@ fn build_report(
             },
             truncated: truncated_reason(flags).is_some(),
             truncated_reason: truncated_reason(flags),
-            frames: Vec::new(),
+            frames: Default::default(),
             trend,
             history: hist,
         });
@@ -1160,42 +1170,54 @@ fn build_report(
             .take(cli.top)
             .collect(),
     };
-    let mut lens = Vec::with_capacity(shown.len());
-    let mut flat = Vec::new();
+    // Each distinct address is symbolized once; the sites holding it share
+    // its frames.
+    let mut addrs: Vec<u64> = Vec::new();
     for &i in &shown {
-        let stack = at.collector.stack(chosen[i].0.stack_id)?;
-        lens.push(stack.len());
-        flat.extend_from_slice(stack);
+        addrs.extend_from_slice(at.collector.stack(chosen[i].0.stack_id)?);
     }
+    let occurrences = addrs.len();
+    addrs.sort_unstable();
+    addrs.dedup();
     lap.mark("stacks");
     // CPU of all threads: large batches are resolved on two.
     let cpu_sym = crate::batch::process_cpu();
-    let mut resolved = sym.symbolize(&at.modules, &flat, true);
+    let resolved = sym.symbolize(&at.modules, &addrs, true);
     log::debug!(
-        "report symbolized {} frames in {:.1} ms cpu",
-        flat.len(),
+        "report symbolized {} frames ({} addresses) in {:.1} ms cpu",
+        occurrences,
+        addrs.len(),
         crate::batch::process_cpu()
             .saturating_sub(cpu_sym)
             .as_secs_f64()
             * 1e3
     );
     lap.mark("symbolize");
+    // Each address's frames, and the reasons of those unresolved.
+    type Group = (std::sync::Arc<[report::Frame]>, Vec<Unresolved>);
+    let groups: HashMap<u64, Group> = addrs
+        .iter()
+        .zip(resolved)
+        .map(|(&a, frames)| {
+            let reasons = frames.iter().filter_map(|f| f.unresolved).collect();
+            (a, (frames.into(), reasons))
+        })
+        .collect();
     let mut unresolved = std::collections::BTreeMap::new();
-    let mut at_addr = 0;
-    for (&i, &len) in shown.iter().zip(&lens) {
-        let parts = &mut resolved[at_addr..at_addr + len];
-        at_addr += len;
+    for &i in &shown {
+        let stack = at.collector.stack(chosen[i].0.stack_id)?;
         let frames = &mut sites[i].frames;
-        frames.reserve_exact(parts.iter().map(Vec::len).sum());
-        for part in parts {
-            for f in part.iter() {
-                if let Some(reason) = f.unresolved {
-                    *unresolved
-                        .entry(unresolved_name(reason).to_string())
-                        .or_insert(0u64) += 1;
-                }
+        frames.reserve(stack.len());
+        for addr in stack {
+            let Some((group, reasons)) = groups.get(addr) else {
+                continue;
+            };
+            for &reason in reasons {
+                *unresolved
+                    .entry(unresolved_name(reason).to_string())
+                    .or_insert(0u64) += 1;
             }
-            frames.append(part);
+            frames.push_group(group.clone());
         }
         trim_below_entry(frames);
     }
@@ -1218,9 +1240,6 @@ fn build_report(
 
     let mut drops = Drops::from_counters(&counters);
     drops.unresolved_frames = unresolved;
-    // 60,000 frames at scale: their emptied per-address vectors are not
-    // freed one by one (the process ends after the report).
-    std::mem::forget(resolved);
     lap.mark("process");
     lap.log();
 

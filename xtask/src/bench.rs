@@ -867,9 +867,10 @@ fn benchmarks_md(opts: &Options, env: &Env, date: &str, total: Duration, results
          - **Statistics:** medians over the repetitions (min and max shown), ratios of medians to \
            memleak.bt's median in the same shape and build; overhead = median - untraced median.\n\
          - **Report at scale:** tests/fixtures/scale.c (the integration test's fixture) holds \
-           1,000,000 blocks over 10,000 stacks; memtrace attaches by pid; CPU of the report = \
-           memtrace's utime+stime at exit (wait4) minus the same just before SIGINT \
-           (/proc/PID/stat, 10 ms ticks); peak RSS = memtrace's VmHWM (/proc/PID/status), read until it exits.\n"
+           1,000,000 blocks over 10,000 stacks; memtrace attaches by pid, and gets SIGINT after its \
+           first live summary that follows the allocations; CPU of the report = memtrace's \
+           utime+stime at exit (wait4) minus its own CPU when the signal ended tracing (its debug \
+           log, µs); peak RSS = memtrace's VmHWM (/proc/PID/status), read until it exits.\n"
     );
     s.push_str(results);
     s

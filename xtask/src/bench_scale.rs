@@ -5,11 +5,12 @@
 //! (gcc -O0 -g -fno-omit-frame-pointer, so its 10,000 malloc call sites stay
 //! distinct) allocates the blocks once memtrace is attached by pid, then
 //! waits. The CPU of the report is memtrace's utime+stime at exit (wait4)
-//! minus the same read from /proc/PID/stat just before SIGINT: everything
+//! minus its own CPU when the signal ended tracing (its `tracing ended` debug
+//! line; /proc/PID/stat read just before SIGINT if that is missing): everything
 //! memtrace does from the signal on is detaching, reading the maps,
 //! symbolizing, analyzing and writing the JSON. Peak RSS is memtrace's VmHWM, read until it exits.
-//! memtrace's `read MAP:` debug lines printed after the signal give the part
-//! spent reading the kernel maps; it prints no figure for symbolization.
+//! memtrace's `read MAP:` and `report symbolized` debug lines printed after the
+//! signal give the parts spent reading the kernel maps and symbolizing.
 use std::{
     fmt::Write as _,
     fs,
@@ -180,6 +181,15 @@ pub struct ScaleRun {
     pub rep: usize,
 }
 
+/// X of the `tracing ended (signal) at X ms of process cpu` debug line.
+pub fn ended_cpu_ms(log: &str) -> Option<f64> {
+    log.lines().find_map(|l| {
+        let rest = &l[l.find("tracing ended (")?..];
+        let before = &rest[..rest.find(" ms of process cpu")?];
+        before.rsplit(' ').next()?.parse().ok()
+    })
+}
+
 /// X of the `report symbolized N frames in X ms cpu` debug line.
 pub fn symbolize_ms(log: &str) -> Option<f64> {
     log.lines().find_map(|l| {
@@ -348,6 +358,11 @@ fn measure(
     let after = log.get(log_before..).unwrap_or("");
     let reads = after.lines().filter_map(MapRead::parse).collect();
     let symbolize_ms = symbolize_ms(after);
+    // memtrace's own CPU when the signal ended tracing (getrusage, µs), more
+    // precise than the 10 ms ticks of /proc/PID/stat read before the signal.
+    let cpu_before = ended_cpu_ms(after)
+        .map(|ms| Duration::from_secs_f64(ms / 1e3))
+        .unwrap_or(cpu_before);
 
     let text = fs::read_to_string(&json_path)
         .with_context(|| format!("memtrace wrote no report at {}", json_path.display()))?;
@@ -481,7 +496,8 @@ impl Scale {
              in a second run, `-f text`: the top 10 sites) is attached while they are allocated, then \
              stopped with SIGINT after its first live summary (every 10 s) that follows the allocations, as \
              in any trace longer than one interval (that summary reads the new sites' stacks ahead). Report CPU = memtrace's utime+stime at exit \
-             (wait4) minus the same just before SIGINT (/proc/PID/stat: 10 ms ticks, so ±10 ms); it \
+             (wait4) minus its own getrusage when the signal ended tracing (its `tracing ended` debug \
+             line, µs); it \
              covers detaching, reading the maps, symbolizing, analysis and writing the report. Map reads: \
              memtrace's own `read MAP:` debug lines after the signal; symbolization: its `report \
              symbolized` debug line (CPU of the symbolize call, all threads: loading the new modules' debug \
@@ -594,8 +610,11 @@ mod tests {
     #[test]
     fn symbolize_line() {
         let log = "[x DEBUG memtrace::session] read SITES: 1 entries, 1 syscalls (batch), 1 ms wall, 1 ms cpu\n\
-                   [x DEBUG memtrace::session] report symbolized 60000 frames in 93.5 ms cpu\n";
+                   [x DEBUG memtrace::session] report symbolized 60000 frames (10005 addresses) in 93.5 ms cpu\n";
         assert_eq!(symbolize_ms(log), Some(93.5));
+        let log = "[x DEBUG] tracing ended (signal) at 1961.204 ms of process cpu\n";
+        assert_eq!(ended_cpu_ms(log), Some(1961.204));
+        assert_eq!(ended_cpu_ms("nothing"), None);
         assert_eq!(symbolize_ms("report symbolized 3 frames in ? ms cpu"), None);
         assert_eq!(symbolize_ms(""), None);
     }
