@@ -179,7 +179,7 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
             continue;
         }
         let Ok(addresses) = functions
-            .get_or_insert_with(|| parse_functions(unit_ref))
+            .get_or_insert_with(|| parse_functions(unit_ref, unit.lang))
             .as_ref()
         else {
             continue;
@@ -302,7 +302,25 @@ fn load_unit(dwarf: &Dwarf, offset: usize) -> Option<LoadedUnit> {
 }
 
 /// Every subprogram with code in the unit, sorted by start (addr2line's `Functions`).
-fn parse_functions(unit: UnitRef<'_>) -> Result<Vec<FunctionAddress>, Error> {
+///
+/// addr2line reads every DIE of the unit. In C a function cannot be defined inside a
+/// structure, union or enumeration, so in C units their members (most of the type
+/// information each glibc unit repeats) are jumped over with `DW_AT_sibling` where the
+/// compiler wrote one.
+fn parse_functions(
+    unit: UnitRef<'_>,
+    lang: Option<gimli::DwLang>,
+) -> Result<Vec<FunctionAddress>, Error> {
+    let is_c = matches!(
+        lang,
+        Some(
+            gimli::DW_LANG_C89
+                | gimli::DW_LANG_C
+                | gimli::DW_LANG_C99
+                | gimli::DW_LANG_C11
+                | gimli::DW_LANG_C17
+        )
+    );
     let mut addresses = Vec::new();
     let mut entries = unit.entries_raw(None)?;
     while !entries.is_empty() {
@@ -310,7 +328,32 @@ fn parse_functions(unit: UnitRef<'_>) -> Result<Vec<FunctionAddress>, Error> {
         let Some(abbrev) = entries.read_abbreviation()? else {
             continue;
         };
-        if abbrev.tag() != gimli::DW_TAG_subprogram {
+        let tag = abbrev.tag();
+        if is_c
+            && abbrev.has_children()
+            && matches!(
+                tag,
+                gimli::DW_TAG_structure_type
+                    | gimli::DW_TAG_union_type
+                    | gimli::DW_TAG_enumeration_type
+            )
+        {
+            let mut sibling = None;
+            for spec in abbrev.attributes() {
+                let attr = entries.read_attribute(*spec)?;
+                if let (gimli::DW_AT_sibling, gimli::AttributeValue::UnitRef(o)) =
+                    (attr.name(), attr.value())
+                {
+                    sibling = Some(o);
+                }
+            }
+            // Only forward, so that a bad reference cannot loop.
+            if let Some(next) = sibling.filter(|&o| o > die) {
+                entries = unit.entries_raw(Some(next))?;
+            }
+            continue;
+        }
+        if tag != gimli::DW_TAG_subprogram {
             entries.skip_attributes(abbrev.attributes())?;
             continue;
         }
