@@ -852,7 +852,33 @@ impl ElfModule {
     /// Always returns at least one frame.
     pub fn resolve(&self, vaddr: u64) -> Vec<FrameInfo> {
         let ctx = self.dwarf.as_ref().and_then(|d| d.context_for(vaddr));
-        resolve_frames(ctx, &self.symtab, &self.dynsym, vaddr)
+        resolve_frames(ctx, &mut self.symbol_names(), vaddr)
+    }
+
+    fn symbol_names(&self) -> SymbolNames<'_> {
+        SymbolNames::new(&self.symtab, &self.dynsym)
+    }
+
+    /// Without DWARF, only the symbol tables answer: a large batch is split in two halves
+    /// resolved on two threads (demangling C++ names is nearly all the work).
+    fn resolve_sorted_symbols(&self, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
+        let (symtab, dynsym) = (&self.symtab, &self.dynsym);
+        let resolve = |part: &[u64]| -> Vec<Vec<FrameInfo>> {
+            let mut names = SymbolNames::new(symtab, dynsym);
+            part.iter()
+                .map(|&v| finish_frames(Vec::new(), &mut names, v))
+                .collect()
+        };
+        let (first, second) = sorted.split_at(sorted.len() / 2);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| resolve(second));
+            let mut out = resolve(first);
+            match other.join() {
+                Ok(rest) => out.extend(rest),
+                Err(_) => out.extend(resolve(second)),
+            }
+            out
+        })
     }
 
     /// Resolves sorted addresses, in order. A large batch is resolved on two threads:
@@ -866,8 +892,18 @@ impl ElfModule {
             .dwarf
             .as_ref()
             .and_then(|d| Some((d, d.index.as_ref()?)));
+        if self.dwarf.is_none() && sorted.len() >= PARALLEL_MIN {
+            return self.resolve_sorted_symbols(sorted);
+        }
         let Some((dwarf, index)) = index.filter(|_| sorted.len() >= PARALLEL_MIN) else {
-            return sorted.iter().map(|&v| self.resolve(v)).collect();
+            let mut names = self.symbol_names();
+            return sorted
+                .iter()
+                .map(|&v| {
+                    let ctx = self.dwarf.as_ref().and_then(|d| d.context_for(v));
+                    resolve_frames(ctx, &mut names, v)
+                })
+                .collect();
         };
         // Runs of consecutive addresses covered by the same unit (or by nothing).
         let mut runs: Vec<(usize, usize, Covered)> = Vec::new();
@@ -884,6 +920,7 @@ impl ElfModule {
         let next = AtomicUsize::new(0);
         let work = || -> Vec<(usize, Vec<Vec<FrameInfo>>)> {
             let mut done = Vec::new();
+            let mut names = SymbolNames::new(symtab, dynsym);
             loop {
                 let r = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(start, end, covered)) = runs.get(r) else {
@@ -908,7 +945,7 @@ impl ElfModule {
                 let frames = frames
                     .into_iter()
                     .zip(probes)
-                    .map(|(f, &v)| finish_frames(f, symtab, dynsym, v))
+                    .map(|(f, &v)| finish_frames(f, &mut names, v))
                     .collect();
                 done.push((r, frames));
             }
@@ -927,7 +964,13 @@ impl ElfModule {
         for (&(start, end, _), frames) in runs.iter().zip(per_run) {
             match frames {
                 Some(f) => out.extend(f),
-                None => out.extend(sorted[start..end].iter().map(|&v| self.resolve(v))),
+                None => {
+                    let mut names = self.symbol_names();
+                    out.extend(sorted[start..end].iter().map(|&v| {
+                        let ctx = dwarf.context_for(v);
+                        resolve_frames(ctx, &mut names, v)
+                    }))
+                }
             }
         }
         out
@@ -1028,19 +1071,50 @@ fn unit_context(sections: &Sections, index: &UnitIndex, unit: u32) -> UnitContex
     }
 }
 
-fn symbol_name(symtab: &SymbolTable, dynsym: &SymbolTable, vaddr: u64) -> Option<String> {
-    symtab
-        .lookup(vaddr)
-        .or_else(|| dynsym.lookup(vaddr))
-        .map(|s| demangle_lang(s.name, None).into_owned())
+/// Demangled names from the symbol tables, remembering the last symbol's: sorted
+/// addresses often fall in one function one after the other (a function's first byte
+/// and its middle), and demangling C++ names is most of the time spent on a module
+/// without DWARF.
+struct SymbolNames<'a> {
+    symtab: &'a SymbolTable,
+    dynsym: &'a SymbolTable,
+    /// (symbol address, from `.symtab`), and its name.
+    last: Option<((u64, bool), Option<String>)>,
+}
+
+impl<'a> SymbolNames<'a> {
+    fn new(symtab: &'a SymbolTable, dynsym: &'a SymbolTable) -> Self {
+        SymbolNames {
+            symtab,
+            dynsym,
+            last: None,
+        }
+    }
+
+    fn name(&mut self, vaddr: u64) -> Option<String> {
+        let (sym, key) = match self.symtab.lookup(vaddr) {
+            Some(s) => (s, (s.addr, true)),
+            None => {
+                let s = self.dynsym.lookup(vaddr)?;
+                (s, (s.addr, false))
+            }
+        };
+        match &self.last {
+            Some((k, name)) if *k == key => name.clone(),
+            _ => {
+                let name = Some(demangle_lang(sym.name, None).into_owned());
+                self.last = Some((key, name.clone()));
+                name
+            }
+        }
+    }
 }
 
 /// Frames for one address from `ctx` (if any), the symbol tables naming the outermost
 /// function when DWARF does not.
 fn resolve_frames(
     ctx: Option<&Context>,
-    symtab: &SymbolTable,
-    dynsym: &SymbolTable,
+    names: &mut SymbolNames<'_>,
     vaddr: u64,
 ) -> Vec<FrameInfo> {
     let mut frames: Vec<FrameInfo> = Vec::new();
@@ -1071,15 +1145,14 @@ fn resolve_frames(
             }
         }
     }
-    finish_frames(frames, symtab, dynsym, vaddr)
+    finish_frames(frames, names, vaddr)
 }
 
 /// Completes the DWARF frames of one address (innermost first, maybe none): the last is
 /// the real function, named from the symbol tables when DWARF does not name it.
 fn finish_frames(
     mut frames: Vec<FrameInfo>,
-    symtab: &SymbolTable,
-    dynsym: &SymbolTable,
+    names: &mut SymbolNames<'_>,
     vaddr: u64,
 ) -> Vec<FrameInfo> {
     if frames.is_empty() {
@@ -1090,7 +1163,7 @@ fn finish_frames(
     if last.function.is_none() {
         // Assembly functions (libc's memcpy variants) have line info but no DIE; stripped
         // or DWARF-less binaries only have symbol tables.
-        last.function = symbol_name(symtab, dynsym, vaddr);
+        last.function = names.name(vaddr);
     }
     for f in &mut frames {
         f.unresolved = if f.function.is_none() {
@@ -1298,6 +1371,38 @@ mod tests {
         assert!(t.lookup(0xfff).is_none());
         assert_eq!(t.lookup(0x20ff).map(|s| s.name), Some("b"));
         assert!(t.lookup(0x2100).is_none());
+    }
+
+    #[test]
+    fn remembered_symbol_names_follow_the_symbol() {
+        let sym = |addr, end, name| Sym {
+            addr,
+            end,
+            name,
+            rank: 0,
+        };
+        let mut symtab = SymbolTable(vec![
+            sym(0x1000, 0x1010, "_ZN1a1fEv"),
+            sym(0x1010, 0x1020, "g"),
+        ]);
+        symtab.finish();
+        // Same address as in .symtab, other name: the key tells the tables apart.
+        let mut dynsym = SymbolTable(vec![sym(0x1000, 0x1100, "h")]);
+        dynsym.finish();
+        let mut names = SymbolNames::new(&symtab, &dynsym);
+        let got: Vec<Option<String>> = [0x1000, 0x1008, 0x1010, 0x1000, 0x1030, 0x1200]
+            .iter()
+            .map(|&v| names.name(v))
+            .collect();
+        let want = [
+            Some("a::f()"),
+            Some("a::f()"),
+            Some("g"),
+            Some("a::f()"),
+            Some("h"),
+            None,
+        ];
+        assert_eq!(got, want.map(|n| n.map(str::to_owned)));
     }
 
     #[test]

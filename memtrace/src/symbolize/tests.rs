@@ -1197,17 +1197,40 @@ fn text_vaddrs(bin: &Path) -> Vec<u64> {
     (text.address()..text.address() + text.size()).collect()
 }
 
+/// GNU C nested functions: their DIEs are children of the enclosing function's, and the
+/// batch finds them although it reads no function's children at first.
+const NESTED_C: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+static int cmp_calls;
+int sort_desc(int *v, int n, int bias) {
+    int cmp(const void *a, const void *b) {
+        cmp_calls++;
+        return (*(const int *)b + bias) - (*(const int *)a + bias);
+    }
+    qsort(v, n, sizeof *v, cmp);
+    return v[0];
+}
+int main(int argc, char **argv) {
+    int v[] = {3, argc, 7, 1};
+    (void)argv;
+    printf("%d %d\n", sort_desc(v, 4, argc), cmp_calls);
+    return 0;
+}
+"#;
+
 /// The batch lookups answer what addr2line's per-unit contexts answer, frame for frame,
 /// for every byte of the fixtures' code: inlined calls (-O2), DWARF 4 line tables (file
-/// numbers from 1), C++ names, and LTO (units that refer into each other, answered by the
-/// whole-file context in both).
+/// numbers from 1), C++ names, nested C functions, and LTO (units that refer into each
+/// other, answered by the whole-file context in both).
 #[test]
 fn batch_lookups_match_contexts_on_fixtures() {
     let dir = TempDir::new("batch");
     let d = dir.path();
     std::fs::write(d.join("fixture.cpp"), source(FIXTURE_CPP)).unwrap();
     sh(d, "g++", &["-g", "-O2", "-o", "cpp", "fixture.cpp"]);
-    let mut bins = vec![d.join("cpp")];
+    std::fs::write(d.join("nested.c"), NESTED_C).unwrap();
+    sh(d, "gcc", &["-g", "-O1", "-o", "nested", "nested.c"]);
+    let mut bins = vec![d.join("cpp"), d.join("nested")];
     for (out, flags) in [
         ("o2", &["-g", "-O2"][..]),
         ("o0", &["-g", "-O0"]),

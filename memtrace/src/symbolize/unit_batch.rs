@@ -169,6 +169,17 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
             _ => Vec::new(),
         },
     };
+    let is_c = matches!(
+        unit.lang,
+        Some(
+            gimli::DW_LANG_C89
+                | gimli::DW_LANG_C
+                | gimli::DW_LANG_C99
+                | gimli::DW_LANG_C11
+                | gimli::DW_LANG_C17
+        )
+    );
+    let mut top_level = None;
     let mut functions = None;
     let mut parsed: HashMap<Offset, Result<Function, Error>> = HashMap::new();
     for (&probe, out) in probes.iter().zip(&mut out) {
@@ -178,13 +189,31 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
         if !covered {
             continue;
         }
-        let Ok(addresses) = functions
-            .get_or_insert_with(|| parse_functions(unit_ref))
-            .as_ref()
-        else {
-            continue;
+        // In C, only a GNU nested function is defined inside another one, and its code
+        // is never inside its parent's: a probe in a function found without reading
+        // any function's children is in that function. Anywhere else, all of them are read.
+        let in_top_level = is_c
+            .then(|| {
+                top_level
+                    .get_or_insert_with(|| parse_functions(unit_ref, true, false))
+                    .as_ref()
+                    .ok()
+                    .and_then(|a| find_function(a, probe))
+            })
+            .flatten();
+        let found = match in_top_level {
+            Some(die) => Some(die),
+            None => {
+                let Ok(addresses) = functions
+                    .get_or_insert_with(|| parse_functions(unit_ref, is_c, true))
+                    .as_ref()
+                else {
+                    continue;
+                };
+                find_function(addresses, probe)
+            }
         };
-        let function = match find_function(addresses, probe) {
+        let function = match found {
             None => None,
             Some(die) => match parsed
                 .entry(die)
@@ -301,8 +330,19 @@ fn load_unit(dwarf: &Dwarf, offset: usize) -> Option<LoadedUnit> {
     })
 }
 
-/// Every subprogram with code in the unit, sorted by start (addr2line's `Functions`).
-fn parse_functions(unit: UnitRef<'_>) -> Result<Vec<FunctionAddress>, Error> {
+/// Every subprogram with code in the unit, sorted by start (addr2line's `Functions`),
+/// or with `bodies` false only those not defined inside another function.
+///
+/// addr2line reads every DIE of the unit. In C a function cannot be defined inside a
+/// structure, union or enumeration, so in C units (`is_c`) their members (most of the
+/// type information each glibc unit repeats) are jumped over with `DW_AT_sibling` where
+/// the compiler wrote one; without `bodies`, so are the children of every function
+/// (parameters, variables, blocks, inlined calls: most of the rest).
+fn parse_functions(
+    unit: UnitRef<'_>,
+    is_c: bool,
+    bodies: bool,
+) -> Result<Vec<FunctionAddress>, Error> {
     let mut addresses = Vec::new();
     let mut entries = unit.entries_raw(None)?;
     while !entries.is_empty() {
@@ -310,16 +350,38 @@ fn parse_functions(unit: UnitRef<'_>) -> Result<Vec<FunctionAddress>, Error> {
         let Some(abbrev) = entries.read_abbreviation()? else {
             continue;
         };
-        if abbrev.tag() != gimli::DW_TAG_subprogram {
+        let tag = abbrev.tag();
+        let skip_children = abbrev.has_children()
+            && match tag {
+                gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_union_type
+                | gimli::DW_TAG_enumeration_type => is_c,
+                gimli::DW_TAG_subprogram => !bodies,
+                _ => false,
+            };
+        if tag != gimli::DW_TAG_subprogram && !skip_children {
             entries.skip_attributes(abbrev.attributes())?;
             continue;
         }
         let mut attrs = RangeAttrs::default();
+        let mut sibling = None;
         for spec in abbrev.attributes() {
             let attr = entries.read_attribute(*spec)?;
-            attrs.take(unit, &attr)?;
+            if let (gimli::DW_AT_sibling, gimli::AttributeValue::UnitRef(o)) =
+                (attr.name(), attr.value())
+            {
+                sibling = Some(o);
+            } else if tag == gimli::DW_TAG_subprogram {
+                attrs.take(unit, &attr)?;
+            }
         }
-        attrs.for_each(unit, |range| addresses.push(FunctionAddress { range, die }))?;
+        if tag == gimli::DW_TAG_subprogram {
+            attrs.for_each(unit, |range| addresses.push(FunctionAddress { range, die }))?;
+        }
+        // Only forward, so that a bad reference cannot loop.
+        if skip_children && let Some(next) = sibling.filter(|&o| o > die) {
+            entries = unit.entries_raw(Some(next))?;
+        }
     }
     addresses.sort_unstable_by_key(|a| a.range.begin);
     Ok(addresses)
