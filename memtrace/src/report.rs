@@ -342,6 +342,13 @@ impl Serialize for Frames {
             };
             let mut seq = s.serialize_seq(Some(self.len()))?;
             for group in &self.0 {
+                // A group of one site only is written once anyway: as it is.
+                if Arc::strong_count(group) == 1 {
+                    for f in group.iter() {
+                        seq.serialize_element(f)?;
+                    }
+                    continue;
+                }
                 // The slice is alive (held by this report) while the cache is:
                 // its address names it.
                 let raw = match cache.entry(group.as_ptr() as usize) {

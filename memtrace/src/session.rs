@@ -935,22 +935,66 @@ const STACK_BOTTOMS: &[&str] = &[
     "clone3",
 ];
 
-/// Drops whatever a frame-pointer walk read past the start of the thread: past
-/// the entry code the "frames" are stale stack contents, not callers.
-pub fn trim_below_entry(frames: &mut report::Frames) {
-    let is_bottom = |f: &report::Frame| {
-        f.function
-            .as_deref()
-            .is_some_and(|n| STACK_BOTTOMS.contains(&n))
-    };
-    let first = frames.iter().position(is_bottom);
-    if let Some(first) = first {
-        let keep = frames
-            .iter()
-            .skip(first)
-            .take_while(|f| is_bottom(f))
-            .count();
-        frames.truncate(first + keep);
+fn is_bottom(f: &report::Frame) -> bool {
+    f.function
+        .as_deref()
+        .is_some_and(|n| STACK_BOTTOMS.contains(&n))
+}
+
+/// Where a thread's entry code is in the frames of one address: the first of
+/// its frames there, how many follow it, and how many open the group.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bottoms {
+    first: Option<usize>,
+    run: usize,
+    leading: usize,
+    len: usize,
+}
+
+impl Bottoms {
+    fn of(frames: &[report::Frame]) -> Self {
+        let first = frames.iter().position(is_bottom);
+        Bottoms {
+            first,
+            run: first.map_or(0, |f| {
+                frames[f..].iter().take_while(|x| is_bottom(x)).count()
+            }),
+            leading: frames.iter().take_while(|x| is_bottom(x)).count(),
+            len: frames.len(),
+        }
+    }
+}
+
+/// A stack's frames are kept down to the thread's entry code: whatever a
+/// frame-pointer walk read past it are stale stack contents, not callers. Fed
+/// the `Bottoms` of each address in turn, this finds how many frames that
+/// keeps (the first entry frame and those right after it), address by address.
+#[derive(Default)]
+struct KeepAboveEntry {
+    /// Frames before the first entry frame (while none was seen).
+    above: usize,
+    /// The frames kept once an entry frame was seen, and whether the run of
+    /// entry frames may go on into the next address.
+    keep: Option<(usize, bool)>,
+}
+
+impl KeepAboveEntry {
+    fn add(&mut self, b: &Bottoms) {
+        match &mut self.keep {
+            None => match b.first {
+                Some(f) => self.keep = Some((self.above + f + b.run, f + b.run == b.len)),
+                None => self.above += b.len,
+            },
+            Some((keep, open @ true)) => {
+                *keep += b.leading;
+                *open = b.leading == b.len;
+            }
+            Some((_, false)) => {}
+        }
+    }
+
+    fn frames(&self) -> Option<usize> {
+        self.keep.map(|(k, _)| k)
     }
 }
 
@@ -1193,23 +1237,27 @@ fn build_report(
             * 1e3
     );
     lap.mark("symbolize");
-    // Each address's frames, and the reasons of those unresolved.
-    type Group = (std::sync::Arc<[report::Frame]>, Vec<Unresolved>);
+    // Each address's frames, the reasons of those unresolved, and where the
+    // thread's entry code is in them.
+    type Group = (std::sync::Arc<[report::Frame]>, Vec<Unresolved>, Bottoms);
     let groups: HashMap<u64, Group> = addrs
         .iter()
         .zip(resolved)
         .map(|(&a, frames)| {
             let reasons = frames.iter().filter_map(|f| f.unresolved).collect();
-            (a, (frames.into(), reasons))
+            let bottoms = Bottoms::of(&frames);
+            (a, (frames.into(), reasons, bottoms))
         })
         .collect();
+    lap.mark("groups");
     let mut unresolved = std::collections::BTreeMap::new();
     for &i in &shown {
         let stack = at.collector.stack(chosen[i].0.stack_id)?;
         let frames = &mut sites[i].frames;
         frames.reserve(stack.len());
+        let mut keep = KeepAboveEntry::default();
         for addr in stack {
-            let Some((group, reasons)) = groups.get(addr) else {
+            let Some((group, reasons, bottoms)) = groups.get(addr) else {
                 continue;
             };
             for &reason in reasons {
@@ -1218,8 +1266,11 @@ fn build_report(
                     .or_insert(0u64) += 1;
             }
             frames.push_group(group.clone());
+            keep.add(bottoms);
         }
-        trim_below_entry(frames);
+        if let Some(n) = keep.frames() {
+            frames.truncate(n);
+        }
     }
     lap.mark("frames");
     let mut process_points = history.process();
@@ -1289,4 +1340,61 @@ fn build_report(
         attached: !at.launched,
         sites,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Bottoms, KeepAboveEntry, is_bottom};
+    use crate::report::Frame;
+
+    fn frame(bottom: bool) -> Frame {
+        Frame {
+            address: 1,
+            module: None,
+            function: Some(if bottom { "_start" } else { "work" }.into()),
+            file: None,
+            line: None,
+            inlined: false,
+            unresolved: None,
+        }
+    }
+
+    /// The rule on the flat list of frames.
+    fn keep_flat(frames: &[Frame]) -> Option<usize> {
+        let first = frames.iter().position(is_bottom)?;
+        Some(first + frames[first..].iter().take_while(|f| is_bottom(f)).count())
+    }
+
+    #[test]
+    fn entry_frames_are_found_across_addresses_as_in_the_flat_stack() {
+        // Every stack of up to 4 addresses, each of 0 to 3 frames that are
+        // entry code or not.
+        let groups: Vec<Vec<Frame>> = (0..=3usize)
+            .flat_map(|len| {
+                (0..1u32 << len)
+                    .map(move |bits| (0..len).map(|i| frame(bits >> i & 1 == 1)).collect())
+            })
+            .collect();
+        let mut checked = 0;
+        let mut stack = Vec::new();
+        fn each(groups: &[Vec<Frame>], stack: &mut Vec<usize>, depth: usize, checked: &mut usize) {
+            let flat: Vec<Frame> = stack.iter().flat_map(|&g| groups[g].clone()).collect();
+            let mut keep = KeepAboveEntry::default();
+            for &g in stack.iter() {
+                keep.add(&Bottoms::of(&groups[g]));
+            }
+            assert_eq!(keep.frames(), keep_flat(&flat), "{flat:?}");
+            *checked += 1;
+            if depth == 4 {
+                return;
+            }
+            for g in 0..groups.len() {
+                stack.push(g);
+                each(groups, stack, depth + 1, checked);
+                stack.pop();
+            }
+        }
+        each(&groups, &mut stack, 0, &mut checked);
+        assert!(checked > 15 * 15 * 15 * 15, "{checked} stacks");
+    }
 }
