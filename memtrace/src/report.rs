@@ -281,10 +281,6 @@ impl Frames {
         self.0.iter().all(|g| g.is_empty())
     }
 
-    pub fn get(&self, i: usize) -> Option<&Frame> {
-        self.iter().nth(i)
-    }
-
     /// Room for the frames of `n` more addresses.
     pub fn reserve(&mut self, n: usize) {
         self.0.reserve_exact(n);
@@ -942,7 +938,7 @@ mod tests {
             |f: &Frames| -> Vec<String> { f.iter().map(|x| x.function.clone().unwrap()).collect() };
         assert_eq!(f.len(), 4);
         assert_eq!(names(&f), ["leaf", "inl", "caller", "main"]);
-        assert_eq!(f.get(2).unwrap().line, Some(6));
+        assert_eq!(f.iter().nth(2).unwrap().line, Some(6));
         let mut cut = f.clone();
         cut.truncate(2);
         assert_eq!(names(&cut), ["leaf", "inl"]);

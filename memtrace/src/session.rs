@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-// Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use memtrace_common::{NO_STACK, STACK_FP_ONLY};
+// Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
@@ -942,12 +942,11 @@ fn is_bottom(f: &report::Frame) -> bool {
 }
 
 /// Where a thread's entry code is in the frames of one address: the first of
-/// its frames there, how many follow it, and how many open the group.
+/// its frames there, and the run of them that starts with it.
 #[derive(Clone, Copy, Debug, Default)]
 struct Bottoms {
     first: Option<usize>,
     run: usize,
-    leading: usize,
     len: usize,
 }
 
@@ -959,7 +958,6 @@ impl Bottoms {
             run: first.map_or(0, |f| {
                 frames[f..].iter().take_while(|x| is_bottom(x)).count()
             }),
-            leading: frames.iter().take_while(|x| is_bottom(x)).count(),
             len: frames.len(),
         }
     }
@@ -986,8 +984,10 @@ impl KeepAboveEntry {
                 None => self.above += b.len,
             },
             Some((keep, open @ true)) => {
-                *keep += b.leading;
-                *open = b.leading == b.len;
+                // Only a run that starts the group goes on from the last one.
+                let leading = if b.first == Some(0) { b.run } else { 0 };
+                *keep += leading;
+                *open = leading == b.len;
             }
             Some((_, false)) => {}
         }
@@ -1052,10 +1052,13 @@ impl Laps {
             laps: Vec::new(),
         }
     }
-    fn mark(&mut self, name: &'static str) {
+    /// Ends the current phase; returns its CPU time.
+    fn mark(&mut self, name: &'static str) -> Duration {
         let now = crate::batch::process_cpu();
-        self.laps.push((name, now.saturating_sub(self.last)));
+        let lap = now.saturating_sub(self.last);
+        self.laps.push((name, lap));
         self.last = now;
+        lap
     }
     fn log(&self) {
         let parts: Vec<String> = self
@@ -1224,19 +1227,15 @@ fn build_report(
     addrs.sort_unstable();
     addrs.dedup();
     lap.mark("stacks");
-    // CPU of all threads: large batches are resolved on two.
-    let cpu_sym = crate::batch::process_cpu();
     let resolved = sym.symbolize(&at.modules, &addrs, true);
+    // CPU of all threads (laps are): large batches are resolved on two.
+    let cpu_sym = lap.mark("symbolize");
     log::debug!(
         "report symbolized {} frames ({} addresses) in {:.1} ms cpu",
         occurrences,
         addrs.len(),
-        crate::batch::process_cpu()
-            .saturating_sub(cpu_sym)
-            .as_secs_f64()
-            * 1e3
+        cpu_sym.as_secs_f64() * 1e3
     );
-    lap.mark("symbolize");
     // Each address's frames, the reasons of those unresolved, and where the
     // thread's entry code is in them.
     type Group = (std::sync::Arc<[report::Frame]>, Vec<Unresolved>, Bottoms);

@@ -57,7 +57,7 @@ pub enum Unresolved {
 }
 
 /// One symbolized frame. Inlined frames share the `address` of the physical frame.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Frame {
     /// Serialized as a hex string (`"0x401136"`), as in the JSON report.
     #[serde(serialize_with = "hex_address")]
