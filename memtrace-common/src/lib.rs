@@ -309,9 +309,12 @@ pub enum Counter {
     UnwindNoFramePointer = 19,
     /// Allocations seen but not sampled (`--sample-bytes`).
     UnsampledCalls = 20,
+    /// Return probes that ran for an allocating call (uprobe sessions run one
+    /// only for calls whose entry asked for it).
+    ReturnProbes = 21,
 }
 
-pub const NUM_COUNTERS: u32 = 21;
+pub const NUM_COUNTERS: u32 = 22;
 
 // ---- sampling (--sample-bytes) ------------------------------------------------
 

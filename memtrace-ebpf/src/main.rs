@@ -800,6 +800,7 @@ mod probes {
         if !is_target() {
             return;
         }
+        count(Counter::ReturnProbes, 1);
         // The return popped the return address: the entry saw sp - 8.
         let key = PendingKey {
             tid: bpf_get_current_pid_tgid() as u32,
@@ -906,8 +907,18 @@ mod probes {
     /// is its address in the process (<< 8) and its `AllocKind` (low byte): at
     /// the entry the instruction pointer is at the probe; at the return it is
     /// the caller's return address.
-    #[uprobe]
-    pub fn alloc_session(ctx: ProbeContext) -> u32 {
+    ///
+    /// Written without `#[uprobe]`: that macro's wrapper discards the
+    /// function's value and returns 0, which in a session keeps every return
+    /// probe.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "uprobe")]
+    pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+        session_step(ProbeContext::new(ctx))
+    }
+
+    #[inline(always)]
+    fn session_step(ctx: ProbeContext) -> u32 {
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
         let (site, kind) = (cookie >> 8, (cookie & 0xff) as u32);
         let ip = regs_ip(&ctx);
@@ -920,6 +931,8 @@ mod probes {
             // 6.18 with a malloc that calls malloc). Nothing to do.
             if !in_allocator(ip) {
                 exit(&ctx, regs_ret(&ctx));
+            } else if is_target() {
+                count(Counter::ReturnProbes, 1);
             }
             return 0;
         }

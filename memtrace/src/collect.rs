@@ -37,6 +37,8 @@ pub struct Counters {
     pub internal_calls: u64,
     /// `--sample-bytes`: allocations seen but not sampled (`alloc_calls` counts the sampled).
     pub unsampled_calls: u64,
+    /// Return probes that ran (sessions skip those of calls not needing one).
+    pub return_probes: u64,
     /// Frames stepped over with frame pointers (no unwind row covered them).
     pub unwind_fp_fallback: u64,
     /// Stack walks that stopped early, by cause.
@@ -72,6 +74,7 @@ impl Counters {
             unwind_no_frame_pointer: c(Counter::UnwindNoFramePointer),
             internal_calls: c(Counter::InternalCalls),
             unsampled_calls: c(Counter::UnsampledCalls),
+            return_probes: c(Counter::ReturnProbes),
         }
     }
 

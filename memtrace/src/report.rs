@@ -230,6 +230,9 @@ pub struct AllocatorInfo {
     /// uprobe_multi link for free: return probes only where needed) or `uprobe`
     /// (an entry and a return uprobe per function).
     pub probe_mechanism: &'static str,
+    /// Return probes that ran while tracing. With `uprobe-session`, only calls
+    /// whose return value memtrace needs pay one; with `uprobe`, every call does.
+    pub return_probes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -865,6 +868,7 @@ mod tests {
                 probes: 2,
                 probe_sites: vec!["malloc+0x0 (push)".into()],
                 probe_mechanism: "uprobe-session",
+                return_probes: 10,
             },
             min_age_s: 0.0,
             ages_from: "blocks",

@@ -1321,6 +1321,7 @@ fn build_report(
             probes: at.nprobes,
             probe_sites: at.allocator.points.iter().map(|p| p.probe_site()).collect(),
             probe_mechanism: at.probes.mechanism().name(),
+            return_probes: counters.return_probes,
         },
         min_age_s: cli.min_age.as_secs_f64(),
         ages_from: if scan_all { "blocks" } else { "epochs" },

@@ -32,6 +32,13 @@ fn nested_and_recursive_calls_keep_their_own_state() {
     );
     assert_eq!(r.total("alloc_calls"), 17, "{}", r.summary());
     assert_eq!(r.total("allocator_internal_calls"), 3, "{}", r.summary());
+    // The recursive calls' returns are skipped: one return probe per user call.
+    assert_eq!(
+        u64_field(&r.0["allocator"], "return_probes"),
+        17,
+        "{}",
+        r.0["allocator"]
+    );
     assert_eq!(r.total("dropped_events"), 0, "{}", r.summary());
     assert_eq!(r.total("stack_errors"), 0, "{}", r.summary());
 }

@@ -44,6 +44,16 @@ fn sampled_estimates_are_unbiased() {
                 r.summary()
             );
         }
+        // Unsampled calls pay no return probe: about one call in a hundred
+        // here is sampled (each malloc(64) with probability 1/1000).
+        let returns = u64_field(&r.0["allocator"], "return_probes");
+        assert!(
+            returns > 0 && returns * 20 < r.total("alloc_calls"),
+            "{} return probes for {} calls\n{}",
+            returns,
+            r.total("alloc_calls"),
+            r.0["allocator"]
+        );
         // Frees of unsampled blocks are expected, not "unknown".
         for key in ["dropped_events", "free_unknown"] {
             assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());

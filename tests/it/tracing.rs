@@ -990,4 +990,23 @@ fn session_and_classic_probes_agree_exactly() {
         .len() as u64;
     assert_eq!(probes(session), functions, "{}", session.0["allocator"]);
     assert!(probes(classic) > functions, "{}", classic.0["allocator"]);
+    // A session runs a return probe only for the calls whose result is needed:
+    // each successful or failed user call, and each realloc(p, 0), a free (9 in
+    // realloc_zero, 500 in churn_realloc).
+    // Calls made by the allocator itself and tail calls pay none; classic
+    // return probes run for them too.
+    let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
+    assert_eq!(
+        returns(session),
+        session.total("alloc_calls") + session.total("failed_allocs") + 509,
+        "{}\n{}",
+        session.0["allocator"],
+        session.summary()
+    );
+    assert!(
+        returns(classic) > returns(session) + session.total("allocator_internal_calls"),
+        "{}\n{}",
+        classic.0["allocator"],
+        session.0["allocator"]
+    );
 }
