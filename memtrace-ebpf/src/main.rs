@@ -158,16 +158,90 @@ mod probes {
         unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
     }
 
+    /// Bytes of the stack read in one go at the start of a walk: the frames
+    /// inside it cost no read of their own (each read of user memory is the
+    /// walk's largest cost).
+    const WINDOW_BYTES: u32 = 1024;
+    const WINDOW_WORDS: usize = WINDOW_BYTES as usize / 8;
+    /// Remembered walks per CPU, by (pc, sp) at the walk's start.
+    const CACHE_SLOTS: u32 = 32;
+    /// Stack words a remembered walk may have read.
+    const CACHE_WORDS: usize = 64;
+
+    #[repr(C)]
+    struct StackWindow {
+        words: [u64; WINDOW_WORDS],
+    }
+
+    /// A walk that read only the window: the same registers, the same words
+    /// at the same places and the same unwind tables give the same stack, so
+    /// the next walk from here only checks those words. `check` mixes every
+    /// other field (0: empty), so a slot torn by two walks on one CPU (BPF
+    /// programs in uprobes can be preempted) never matches.
+    #[repr(C)]
+    struct CachedWalk {
+        check: u64,
+        generation: u64,
+        pc: u64,
+        sp: u64,
+        bp: u64,
+        stack_id: u64,
+        tgid: u32,
+        words: u32,
+        /// Bytes of the window the walk used.
+        extent: u32,
+        fp_frames: u32,
+        /// Counter of the walk's early stop, plus one (0: none).
+        stop: u32,
+        _pad: u32,
+        index: [u32; CACHE_WORDS],
+        value: [u64; CACHE_WORDS],
+    }
+
+    /// The stack window of the current walk, per CPU.
+    #[map]
+    static STACK_WINDOW: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map]
+    static WALK_CACHE: PerCpuArray<CachedWalk> = PerCpuArray::with_max_entries(CACHE_SLOTS, 0);
+
+    /// Bumped by userspace after every change to the unwind tables: remembered
+    /// walks of an older generation are not used.
+    #[map]
+    static TABLES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+    /// Zero, but unknown to the verifier: counters of a bpf_loop state that
+    /// start from it have no exact value, so the verifier's states of two
+    /// iterations compare equal and it checks the callback a few times instead
+    /// of once per possible iteration (which runs out of its budget).
+    #[unsafe(no_mangle)]
+    static mut OPAQUE_ZERO: u32 = 0;
+
+    #[inline(always)]
+    fn opaque_zero() -> u32 {
+        unsafe { core::ptr::read_volatile(&raw const OPAQUE_ZERO) }
+    }
+
     /// State of a stack walk, on the BPF stack (bpf_loop's context must be).
     #[repr(C)]
     struct Walk {
         pc: u64,
         sp: u64,
         bp: u64,
+        /// The stack pointer the walk started at: the window's first byte.
+        sp0: u64,
         tgid: u32,
         flags: u32,
         len: u32,
-        _pad: u32,
+        /// Bytes of the window that were read.
+        window: u32,
+        /// WALK_CACHE slot recording the walk's reads, while `cacheable`.
+        slot: u32,
+        cacheable: u32,
+        words: u32,
+        extent: u32,
+        fp_frames: u32,
+        stop: u32,
     }
 
     /// The row that covers `pc`: the page index gives the few candidate rows,
@@ -199,6 +273,68 @@ mod probes {
         (row.pc <= rel).then_some(*row)
     }
 
+    /// The stack word at `addr` if the window holds it, recorded for the cache.
+    #[inline(always)]
+    fn window_word(w: &mut Walk, addr: u64) -> Option<u64> {
+        let off = addr.wrapping_sub(w.sp0);
+        if off & 7 != 0 || off >= w.window as u64 {
+            return None;
+        }
+        let i = (off >> 3) as usize;
+        if i >= WINDOW_WORDS {
+            return None;
+        }
+        let win = STACK_WINDOW.get_ptr(0)?;
+        let v = unsafe { (*win).words[i] };
+        if w.cacheable != 0 {
+            let n = w.words as usize;
+            match WALK_CACHE.get_ptr_mut(w.slot) {
+                Some(c) if n < CACHE_WORDS => {
+                    unsafe {
+                        (*c).index[n] = i as u32;
+                        (*c).value[n] = v;
+                    }
+                    w.words += 1;
+                    w.extent = w.extent.max(off as u32 + 8);
+                }
+                _ => w.cacheable = 0,
+            }
+        }
+        Some(v)
+    }
+
+    /// One word of the stack: from the window, else read (and the walk is
+    /// not remembered).
+    #[inline(always)]
+    fn stack_word(w: &mut Walk, addr: u64) -> Option<u64> {
+        if let Some(v) = window_word(w, addr) {
+            return Some(v);
+        }
+        w.cacheable = 0;
+        read_user(addr)
+    }
+
+    /// Two consecutive words of the stack, as `stack_word`.
+    #[inline(always)]
+    fn stack_pair(w: &mut Walk, addr: u64) -> Option<[u64; 2]> {
+        let off = addr.wrapping_sub(w.sp0);
+        if off.wrapping_add(16) <= w.window as u64 && off < w.window as u64 {
+            if let (Some(a), Some(b)) = (window_word(w, addr), window_word(w, addr + 8)) {
+                return Some([a, b]);
+            }
+        }
+        w.cacheable = 0;
+        read_user_pair(addr)
+    }
+
+    /// Ends the walk early for `reason` (counted once the walk is over).
+    #[inline(always)]
+    fn stop(w: &mut Walk, flag: u32, reason: Counter) -> i64 {
+        w.flags |= flag;
+        w.stop = reason as u32 + 1;
+        1
+    }
+
     /// One step of the walk: records `w.pc`, then moves to the caller.
     /// Returns 1 to stop (bpf_loop's convention).
     extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -209,9 +345,7 @@ mod probes {
         let scratch = unsafe { &mut *scratch };
         let n = w.len as usize;
         if n >= MAX_STACK_DEPTH {
-            w.flags |= STACK_TRUNCATED_DEPTH;
-            count(Counter::UnwindDepthLimit, 1);
-            return 1;
+            return stop(w, STACK_TRUNCATED_DEPTH, Counter::UnwindDepthLimit);
         }
         scratch.frames[n] = w.pc;
         w.len += 1;
@@ -230,9 +364,11 @@ mod probes {
                     CFA_RSP => w.sp.wrapping_add(r.cfa_offset as i64 as u64),
                     CFA_RBP => {
                         if w.bp == 0 {
-                            w.flags |= STACK_TRUNCATED_UNSUPPORTED;
-                            count(Counter::UnwindUnsupported, 1);
-                            return 1;
+                            return stop(
+                                w,
+                                STACK_TRUNCATED_UNSUPPORTED,
+                                Counter::UnwindUnsupported,
+                            );
                         }
                         w.bp.wrapping_add(r.cfa_offset as i64 as u64)
                     }
@@ -245,25 +381,22 @@ mod probes {
                         w.sp + 8 + extra
                     }
                 };
-                // One read for the return address and the word below it, where
-                // the usual frame saves rbp (each read of user memory is the
-                // walk's largest cost).
-                let Some([below, ra]) = read_user_pair(cfa.wrapping_sub(16)) else {
-                    w.flags |= STACK_TRUNCATED_READ;
-                    count(Counter::UnwindBadRead, 1);
-                    return 1;
+                // The return address and the word below it, where the usual
+                // frame saves rbp.
+                let Some([below, ra]) = stack_pair(w, cfa.wrapping_sub(16)) else {
+                    return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
                 };
                 let bp = match r.rbp_rule {
                     RBP_SAME => w.bp,
                     RBP_AT_CFA if r.rbp_offset == -16 => below,
-                    RBP_AT_CFA => match read_user(cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
-                        Some(bp) => bp,
-                        None => {
-                            w.flags |= STACK_TRUNCATED_READ;
-                            count(Counter::UnwindBadRead, 1);
-                            return 1;
+                    RBP_AT_CFA => {
+                        match stack_word(w, cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
+                            Some(bp) => bp,
+                            None => {
+                                return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
+                            }
                         }
-                    },
+                    }
                     _ => 0,
                 };
                 (cfa, ra, bp)
@@ -271,23 +404,17 @@ mod probes {
             CFA_NONE => {
                 // No unwind information here: follow the frame pointer.
                 if w.bp == 0 || w.bp < w.sp {
-                    w.flags |= STACK_TRUNCATED_NO_FP;
-                    count(Counter::UnwindNoFramePointer, 1);
-                    return 1;
+                    return stop(w, STACK_TRUNCATED_NO_FP, Counter::UnwindNoFramePointer);
                 }
-                let Some([bp, ra]) = read_user_pair(w.bp) else {
-                    w.flags |= STACK_TRUNCATED_READ;
-                    count(Counter::UnwindBadRead, 1);
-                    return 1;
+                let Some([bp, ra]) = stack_pair(w, w.bp) else {
+                    return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
                 };
                 w.flags |= STACK_USED_FP;
-                count(Counter::UnwindFpFallback, 1);
+                w.fp_frames += 1;
                 (w.bp + 16, ra, bp)
             }
             _ => {
-                w.flags |= STACK_TRUNCATED_UNSUPPORTED;
-                count(Counter::UnwindUnsupported, 1);
-                return 1;
+                return stop(w, STACK_TRUNCATED_UNSUPPORTED, Counter::UnwindUnsupported);
             }
         };
         if ra == 0 {
@@ -299,10 +426,230 @@ mod probes {
         0
     }
 
-    /// Fills STACK_SCRATCH with the user stack: walked with the unwind tables
-    /// when userspace loaded them for this process, else with frame pointers.
+    /// Counts what a walk (walked or remembered) stepped over and why it stopped.
     #[inline(always)]
-    fn walk_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> bool {
+    fn count_walk(fp_frames: u32, stop: u32) {
+        if fp_frames != 0 {
+            count(Counter::UnwindFpFallback, fp_frames as u64);
+        }
+        if stop != 0 && stop <= NUM_COUNTERS {
+            if let Some(p) = COUNTERS.get_ptr_mut(stop - 1) {
+                unsafe { *p += 1 };
+            }
+        }
+    }
+
+    /// State of `check_step`'s loop over a remembered walk's words.
+    #[repr(C)]
+    struct CheckWords {
+        slot: u32,
+        /// 1: also compare each word with the window (a lookup).
+        compare: u32,
+        hash: u64,
+        mismatch: u32,
+        _pad: u32,
+    }
+
+    /// One word of a remembered walk: mixed into the hash and, when
+    /// comparing, checked against the window. (A bpf_loop callback: the
+    /// verifier checks it once, not once per word.)
+    extern "C" fn check_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
+        let s = unsafe { &mut *(ctx as *mut CheckWords) };
+        let (Some(c), Some(win)) = (WALK_CACHE.get_ptr(s.slot), STACK_WINDOW.get_ptr(0)) else {
+            s.mismatch = 1;
+            return 1;
+        };
+        let k = k as usize;
+        if k >= CACHE_WORDS || k >= unsafe { (*c).words } as usize {
+            return 1;
+        }
+        let (index, value) = unsafe { ((*c).index[k], (*c).value[k]) };
+        if s.compare != 0 && unsafe { (*win).words[index as usize & (WINDOW_WORDS - 1)] } != value {
+            s.mismatch = 1;
+            return 1;
+        }
+        s.hash = mix(s.hash, ((index as u64) << 32) ^ value);
+        0
+    }
+
+    /// The mix of the remembered walk in `slot` (never 0), and whether its
+    /// words still hold (when `compare`).
+    #[inline(always)]
+    fn walk_check(slot: u32, c: &CachedWalk, compare: bool) -> Option<u64> {
+        let mut h = mix(c.generation, c.pc);
+        h = mix(h, c.sp);
+        h = mix(h, c.bp);
+        h = mix(h, c.stack_id);
+        h = mix(h, ((c.tgid as u64) << 32) | c.words as u64);
+        h = mix(h, ((c.extent as u64) << 32) | c.fp_frames as u64);
+        h = mix(h, c.stop as u64);
+        let mut s = CheckWords {
+            slot,
+            compare: compare as u32,
+            hash: h,
+            mismatch: 0,
+            _pad: 0,
+        };
+        unsafe {
+            bpf_loop(
+                CACHE_WORDS as u32,
+                check_step as *mut core::ffi::c_void,
+                (&raw mut s).cast(),
+                0,
+            )
+        };
+        (s.mismatch == 0).then_some(s.hash | 1)
+    }
+
+    /// The stack id of a remembered walk from these registers, if the stack
+    /// words it read still hold the same values.
+    #[inline(always)]
+    fn remembered_walk(
+        slot: u32,
+        c: &CachedWalk,
+        win: *mut StackWindow,
+        generation: u64,
+        tgid: u32,
+        regs: (u64, u64, u64),
+    ) -> Option<u64> {
+        let (pc, sp, bp) = regs;
+        if c.check == 0
+            || c.generation != generation
+            || c.pc != pc
+            || c.sp != sp
+            || c.bp != bp
+            || c.tgid != tgid
+        {
+            return None;
+        }
+        let extent = c.extent;
+        if extent == 0 || extent > WINDOW_BYTES {
+            return None;
+        }
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(win.cast(), extent, sp as *const _)
+        };
+        if rc != 0 || walk_check(slot, c, true)? != c.check {
+            return None;
+        }
+        Some(c.stack_id)
+    }
+
+    /// Reads the window at `sp`: WINDOW_BYTES, or up to the end of sp's page
+    /// when the stack ends sooner. Returns the bytes read.
+    #[inline(always)]
+    fn read_window(win: *mut StackWindow, sp: u64) -> u32 {
+        let read = |len: u32| unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(win.cast(), len, sp as *const _) == 0
+        };
+        if read(WINDOW_BYTES) {
+            return WINDOW_BYTES;
+        }
+        let to_page_end = 4096 - (sp & 4095) as u32;
+        if to_page_end < WINDOW_BYTES && to_page_end >= 16 && read(to_page_end) {
+            return to_page_end;
+        }
+        0
+    }
+
+    /// State of `frames_step`'s loop over the frames in STACK_SCRATCH.
+    #[repr(C)]
+    struct FramesLoop {
+        len: u32,
+        /// 0: hash the frames; 1: compare them with `stacks_key`'s entry.
+        compare: u32,
+        hash: u64,
+        stacks_key: u64,
+        differ: u32,
+        _pad: u32,
+    }
+
+    /// One frame of STACK_SCRATCH: mixed into the hash, or compared with the
+    /// stored stack. (A bpf_loop callback: verified once, whatever the length.)
+    extern "C" fn frames_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+        let s = unsafe { &mut *(ctx as *mut FramesLoop) };
+        let i = i as usize;
+        if i >= MAX_STACK_DEPTH || i >= s.len as usize {
+            return 1;
+        }
+        let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
+            s.differ = 1;
+            return 1;
+        };
+        let pc = unsafe { (*scratch).frames[i] };
+        if s.compare == 0 {
+            s.hash = mix(s.hash, pc);
+            return 0;
+        }
+        match unsafe { STACKS.get(&s.stacks_key) } {
+            Some(existing) if existing.frames[i] == pc => 0,
+            _ => {
+                s.differ = 1;
+                1
+            }
+        }
+    }
+
+    /// The key in STACKS of the stack in STACK_SCRATCH (stored if new), or
+    /// NO_STACK with the reason counted.
+    #[inline(always)]
+    fn store_stack(scratch: &StackTrace) -> u64 {
+        let len = scratch.len.min(MAX_STACK_DEPTH as u32);
+        let mut s = FramesLoop {
+            len,
+            compare: 0,
+            hash: 0x6d65_6d74_7261_6365 ^ len as u64,
+            stacks_key: 0,
+            differ: 0,
+            _pad: 0,
+        };
+        let frames_loop = |s: &mut FramesLoop| unsafe {
+            bpf_loop(
+                MAX_STACK_DEPTH as u32,
+                frames_step as *mut core::ffi::c_void,
+                (s as *mut FramesLoop).cast(),
+                0,
+            )
+        };
+        frames_loop(&mut s);
+        let h = if s.hash == NO_STACK { 1 } else { s.hash };
+        match unsafe { STACKS.get(&h) } {
+            Some(existing) => {
+                s.compare = 1;
+                s.stacks_key = h;
+                if existing.len != len || {
+                    frames_loop(&mut s);
+                    s.differ != 0
+                } {
+                    count(Counter::StackHashCollisions, 1);
+                    return NO_STACK;
+                }
+                h
+            }
+            None => match STACKS.insert(&h, scratch, BPF_NOEXIST as u64) {
+                Ok(()) => h,
+                // Another CPU stored the same stack first: fine.
+                Err(e) if e == -17 => h,
+                Err(_) => {
+                    count(Counter::StackMapFull, 1);
+                    NO_STACK
+                }
+            },
+        }
+    }
+
+    /// The key in STACKS of the current user stack, or NO_STACK (with the
+    /// reason counted). Walked with the unwind tables when userspace loaded
+    /// them for this process (a walk that only read its stack window is
+    /// remembered, and repeated by checking those words), else with frame
+    /// pointers.
+    #[inline(always)]
+    fn capture_stack<C: EbpfContext>(ctx: &C) -> u64 {
+        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+            count(Counter::StackReadErrors, 1);
+            return NO_STACK;
+        };
+        let scratch = unsafe { &mut *scratch };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
             let n = unsafe {
@@ -314,21 +661,45 @@ mod probes {
                 )
             };
             if n <= 0 {
-                return false;
+                count(Counter::StackReadErrors, 1);
+                return NO_STACK;
             }
             scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
             scratch.flags = STACK_FP_ONLY;
-            return true;
+            return store_stack(scratch);
         }
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+        let generation = TABLES_GENERATION.get(0).copied().unwrap_or(0);
+        let slot = (mix(pc, sp) as u32) & (CACHE_SLOTS - 1);
+        let (Some(win), Some(cached)) = (STACK_WINDOW.get_ptr_mut(0), WALK_CACHE.get_ptr_mut(slot))
+        else {
+            count(Counter::StackReadErrors, 1);
+            return NO_STACK;
+        };
+        let cached = unsafe { &mut *cached };
+        if let Some(id) = remembered_walk(slot, cached, win, generation, tgid, (pc, sp, bp)) {
+            count_walk(cached.fp_frames, cached.stop);
+            return id;
+        }
+        let window = read_window(win, sp);
+        // The slot records this walk's reads from now on.
+        cached.check = 0;
         let mut w = Walk {
-            pc: unsafe { (*regs).rip },
-            sp: unsafe { (*regs).rsp },
-            bp: unsafe { (*regs).rbp },
+            pc,
+            sp,
+            bp,
+            sp0: sp,
             tgid,
             flags: 0,
-            len: 0,
-            _pad: 0,
+            len: opaque_zero(),
+            window,
+            slot,
+            cacheable: 1,
+            words: opaque_zero(),
+            extent: 0,
+            fp_frames: 0,
+            stop: 0,
         };
         unsafe {
             bpf_loop(
@@ -340,56 +711,26 @@ mod probes {
         };
         scratch.len = w.len;
         scratch.flags = w.flags;
-        w.len > 0
-    }
-
-    #[inline(always)]
-    fn capture_stack<C: EbpfContext>(ctx: &C) -> u64 {
-        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-            count(Counter::StackReadErrors, 1);
-            return NO_STACK;
-        };
-        let scratch = unsafe { &mut *scratch };
-        if !walk_stack(ctx, scratch) {
+        count_walk(w.fp_frames, w.stop);
+        if w.len == 0 {
             count(Counter::StackReadErrors, 1);
             return NO_STACK;
         }
-        let len = (scratch.len as usize).min(MAX_STACK_DEPTH);
-        let mut h: u64 = 0x6d65_6d74_7261_6365 ^ len as u64;
-        let mut i = 0usize;
-        while i < MAX_STACK_DEPTH && i < len {
-            h = mix(h, scratch.frames[i]);
-            i += 1;
+        let id = store_stack(scratch);
+        if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
+            cached.generation = generation;
+            cached.pc = pc;
+            cached.sp = sp;
+            cached.bp = bp;
+            cached.stack_id = id;
+            cached.tgid = tgid;
+            cached.words = w.words;
+            cached.extent = w.extent;
+            cached.fp_frames = w.fp_frames;
+            cached.stop = w.stop;
+            cached.check = walk_check(slot, cached, false).unwrap_or(0);
         }
-        if h == NO_STACK {
-            h = 1;
-        }
-        match unsafe { STACKS.get(&h) } {
-            Some(existing) => {
-                if existing.len as usize != len {
-                    count(Counter::StackHashCollisions, 1);
-                    return NO_STACK;
-                }
-                let mut i = 0usize;
-                while i < MAX_STACK_DEPTH && i < len {
-                    if existing.frames[i] != scratch.frames[i] {
-                        count(Counter::StackHashCollisions, 1);
-                        return NO_STACK;
-                    }
-                    i += 1;
-                }
-                h
-            }
-            None => match STACKS.insert(&h, &*scratch, BPF_NOEXIST as u64) {
-                Ok(()) => h,
-                // Another CPU stored the same stack first: fine.
-                Err(e) if e == -17 => h,
-                Err(_) => {
-                    count(Counter::StackMapFull, 1);
-                    NO_STACK
-                }
-            },
-        }
+        id
     }
 
     // ---- bookkeeping -------------------------------------------------------

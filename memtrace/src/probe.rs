@@ -55,9 +55,20 @@ pub struct TraceMaps {
     pub pc_pages: HashMap<MapData, PageKey, PageRows>,
     pub proc_tables: HashMap<MapData, u32, u32>,
     pub sample_log2: Array<MapData, u32>,
+    /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
+    pub tables_generation: Array<MapData, u64>,
 }
 
 impl TraceMaps {
+    /// Tells the BPF walker that the unwind tables changed: the walks it
+    /// remembers (by registers and the stack words they read) are stale.
+    pub fn bump_tables_generation(&mut self) -> Result<()> {
+        let g = self.tables_generation.get(&0, 0).unwrap_or(0);
+        self.tables_generation
+            .set(0, g.wrapping_add(1), 0)
+            .context("writing TABLES_GENERATION")
+    }
+
     /// Sum over CPUs of every counter, indexed by `memtrace_common::Counter`.
     pub fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize]> {
         let mut out = [0u64; NUM_COUNTERS as usize];
@@ -272,6 +283,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
         proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
         sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
+        tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
     };
     let mut maps = maps;
     maps.epoch

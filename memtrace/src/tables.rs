@@ -96,7 +96,7 @@ impl UnwindTables {
         maps.proc_tables
             .insert(pid, 1, 0)
             .context("writing PROC_TABLES")?;
-        Ok(())
+        maps.bump_tables_generation()
     }
 
     /// One PC_PAGES entry per page of the mapping: the rows that cover it.

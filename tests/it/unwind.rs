@@ -382,3 +382,41 @@ fn nofp_target_that_exits_while_traced_is_reported_complete() {
     r.assert_outstanding(&nested, 6, 6 * 4096);
     assert_reaches_start(r, &r.sites_with_prefix(&early));
 }
+
+/// The walker remembers walks by (pc, sp, frame pointer) and the stack words
+/// they read: two callers that leave the same registers at malloc's return
+/// differ only in a return address on the stack, and must keep their stacks.
+fn check_same_registers(variant: Variant) {
+    let bin = build_fixture("same_sp", variant);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let leaf = source_line("same_sp", "leaf");
+    for caller in ["via_a", "via_b"] {
+        let line = source_line("same_sp", caller);
+        r.assert_outstanding(
+            &[
+                At("leaf", Some(leaf)),
+                At(caller, Some(line)),
+                At("main", None),
+            ],
+            500,
+            500 * 24,
+        );
+    }
+    r.assert_outstanding(&[At("leaf", Some(leaf))], 1000, 1000 * 24);
+}
+
+#[test]
+fn callers_with_the_same_registers_keep_their_own_stacks_with_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_same_registers(Variant::FramePointers);
+}
+
+#[test]
+fn callers_with_the_same_registers_keep_their_own_stacks_without_frame_pointers() {
+    require_root();
+    require_memtrace();
+    check_same_registers(Variant::NoFramePointers);
+}
