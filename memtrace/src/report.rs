@@ -48,6 +48,8 @@ pub struct Report {
     /// Attach mode: blocks allocated before memtrace attached are not traced.
     #[serde(skip)]
     pub attached: bool,
+    /// Last, so that `write_json` can write the sites by hand after the rest.
+    #[serde(serialize_with = "serialize_sites")]
     pub sites: Vec<Site>,
 }
 
@@ -332,6 +334,109 @@ thread_local! {
     static FRAME_JSON: RefCell<Option<FrameJsonCache>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// While `write_json` serializes the rest of the report: `sites` is
+    /// written as `[]`, and then by `write_site_json`.
+    static SITES_BY_HAND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn serialize_sites<S: serde::Serializer>(sites: &[Site], s: S) -> Result<S::Ok, S::Error> {
+    if SITES_BY_HAND.get() {
+        s.collect_seq(std::iter::empty::<&Site>())
+    } else {
+        s.collect_seq(sites)
+    }
+}
+
+/// A site as serde writes it (`Site`'s derive, compact), without serde's
+/// escaping of every key: ten thousand sites have about half a million keys,
+/// all plain ASCII. The unit test `sites_are_written_as_serde_writes_them`
+/// holds the two to the same bytes.
+fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()> {
+    use serde_json::ser::{CompactFormatter, Formatter as _};
+    let f = &mut CompactFormatter;
+    // serde_json writes non-finite floats as null.
+    fn float<W: std::io::Write>(w: &mut W, v: f64) -> std::io::Result<()> {
+        if v.is_finite() {
+            CompactFormatter.write_f64(w, v)
+        } else {
+            w.write_all(b"null")
+        }
+    }
+    fn option<W: std::io::Write>(w: &mut W, v: Option<f64>) -> std::io::Result<()> {
+        match v {
+            Some(v) => float(w, v),
+            None => w.write_all(b"null"),
+        }
+    }
+    w.write_all(b"{\"outstanding_blocks\":")?;
+    f.write_u64(w, s.outstanding_blocks)?;
+    w.write_all(b",\"outstanding_bytes\":")?;
+    f.write_u64(w, s.outstanding_bytes)?;
+    w.write_all(b",\"alloc_calls\":")?;
+    f.write_u64(w, s.alloc_calls)?;
+    w.write_all(b",\"alloc_bytes\":")?;
+    f.write_u64(w, s.alloc_bytes)?;
+    w.write_all(b",\"oldest_age_s\":")?;
+    option(w, s.oldest_age_s)?;
+    if let Some(m) = s.median_age_s {
+        w.write_all(b",\"median_age_s\":")?;
+        float(w, m)?;
+    }
+    w.write_all(b",\"verdict\":")?;
+    serde_json::to_writer(&mut *w, &s.verdict)?;
+    w.write_all(b",\"growth_bytes_per_s\":")?;
+    option(w, s.growth_bytes_per_s)?;
+    w.write_all(b",\"stack_captured\":")?;
+    f.write_bool(w, s.stack_captured)?;
+    w.write_all(b",\"stack_walk\":")?;
+    serde_json::to_writer(&mut *w, s.stack_walk)?;
+    w.write_all(b",\"truncated\":")?;
+    f.write_bool(w, s.truncated)?;
+    if let Some(r) = s.truncated_reason {
+        w.write_all(b",\"truncated_reason\":")?;
+        serde_json::to_writer(&mut *w, r)?;
+    }
+    w.write_all(b",\"frames\":")?;
+    serde_json::to_writer(&mut *w, &s.frames)?;
+    let t = &s.trend;
+    w.write_all(b",\"trend\":{\"samples\":")?;
+    f.write_u64(w, t.samples as u64)?;
+    w.write_all(b",\"span_s\":")?;
+    float(w, t.span_s)?;
+    w.write_all(b",\"growth_bytes_per_s\":")?;
+    option(w, t.growth_bytes_per_s)?;
+    w.write_all(b",\"recent_growth_bytes_per_s\":")?;
+    option(w, t.recent_growth_bytes_per_s)?;
+    w.write_all(b",\"relative_growth\":")?;
+    option(w, t.relative_growth)?;
+    w.write_all(b",\"growth_share\":")?;
+    option(w, t.growth_share)?;
+    w.write_all(b",\"early_blocks_retained\":")?;
+    option(w, t.early_blocks_retained)?;
+    w.write_all(b",\"max_oldest_age_s\":")?;
+    option(w, t.max_oldest_age_s)?;
+    w.write_all(b"},\"history\":[")?;
+    for (i, p) in s.history.iter().enumerate() {
+        w.write_all(if i == 0 { b"{\"t_s\":" } else { b",{\"t_s\":" })?;
+        float(w, p.t_s)?;
+        w.write_all(b",\"outstanding_bytes\":")?;
+        f.write_i64(w, p.outstanding_bytes)?;
+        w.write_all(b",\"outstanding_blocks\":")?;
+        f.write_i64(w, p.outstanding_blocks)?;
+        if let Some(a) = p.oldest_age_s {
+            w.write_all(b",\"oldest_age_s\":")?;
+            float(w, a)?;
+        }
+        if let Some(a) = p.median_age_s {
+            w.write_all(b",\"median_age_s\":")?;
+            float(w, a)?;
+        }
+        w.write_all(b"}")?;
+    }
+    w.write_all(b"]}")
+}
+
 impl Serialize for Frames {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{Error as _, SerializeSeq as _};
@@ -455,11 +560,27 @@ impl Report {
         // thousand sites in millions of small pieces, and the caller's writer
         // is `dyn Write`, whose every call is an indirect one (in profiles).
         let mut w = std::io::BufWriter::with_capacity(256 * 1024, w);
+        // Everything but the sites through serde (`sites`, the last field,
+        // as `[]`), then the sites by hand in its place.
+        SITES_BY_HAND.set(true);
+        let head = serde_json::to_vec(self);
+        SITES_BY_HAND.set(false);
+        let head = head?;
+        let head = head
+            .strip_suffix(b"[]}")
+            .expect("sites are the report's last field");
+        w.write_all(head)?;
+        w.write_all(b"[")?;
         FRAME_JSON.set(Some(FxHashMap::default()));
-        let written = serde_json::to_writer(&mut w, self);
+        let written = self.sites.iter().enumerate().try_for_each(|(i, site)| {
+            if i > 0 {
+                w.write_all(b",")?;
+            }
+            write_site_json(&mut w, site)
+        });
         FRAME_JSON.take();
         written?;
-        w.write_all(b"\n")?;
+        w.write_all(b"]}\n")?;
         w.flush()
     }
 
@@ -979,6 +1100,55 @@ mod tests {
         assert_eq!(f["address"], "0x401136");
         assert_eq!(f["inlined"], true);
         assert_eq!(v["sites"][0]["frames"][1]["line"], 38);
+    }
+
+    #[test]
+    fn sites_are_written_as_serde_writes_them() {
+        let mut r = sample();
+        let mut odd = r.sites[0].clone();
+        odd.median_age_s = Some(f64::NAN);
+        odd.oldest_age_s = None;
+        odd.growth_bytes_per_s = Some(f64::INFINITY);
+        odd.truncated = true;
+        odd.truncated_reason = Some("depth limit of 127 frames");
+        odd.stack_walk = "frame-pointers";
+        odd.verdict = Verdict::Leak;
+        odd.trend = Trend {
+            samples: 3,
+            span_s: 1.5e-7,
+            growth_bytes_per_s: Some(-12.25),
+            recent_growth_bytes_per_s: None,
+            relative_growth: Some(f64::NEG_INFINITY),
+            growth_share: Some(1.0),
+            early_blocks_retained: None,
+            max_oldest_age_s: Some(123456789.125),
+        };
+        odd.history = vec![
+            HistoryPoint {
+                t_s: 0.25,
+                outstanding_bytes: -5,
+                outstanding_blocks: i64::MAX,
+                oldest_age_s: None,
+                median_age_s: Some(0.1),
+            },
+            HistoryPoint {
+                t_s: 1e21,
+                outstanding_bytes: 0,
+                outstanding_blocks: i64::MIN,
+                oldest_age_s: Some(2.0),
+                median_age_s: None,
+            },
+        ];
+        let mut empty = odd.clone();
+        empty.history.clear();
+        empty.frames = Frames::default();
+        empty.outstanding_blocks = u64::MAX;
+        r.sites.push(odd);
+        r.sites.push(empty);
+        // serde_json::to_string goes through Site's derive (and no cache).
+        assert_eq!(r.to_json(), serde_json::to_string(&r).unwrap() + "\n");
+        r.sites.clear();
+        assert_eq!(r.to_json(), serde_json::to_string(&r).unwrap() + "\n");
     }
 
     #[test]
