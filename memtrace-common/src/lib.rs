@@ -141,6 +141,23 @@ pub enum AllocKind {
     Pvalloc = 7,
 }
 
+/// In the attach cookie of an allocating function's uprobe session (its
+/// address << 8 | its `AllocKind` | this bit): the function never jumps out of
+/// its own code (no tail call into another allocator function), so the session
+/// may keep a call's state in the session's own cookie instead of `PENDING`.
+pub const SITE_CALL_IN_COOKIE: u64 = 0x80;
+
+/// Stand-in helper numbers the session program calls; userspace rewrites each
+/// such call into a call of the kernel function (kfunc) of that name, found in
+/// the kernel's BTF, before loading (aya's toolchain cannot emit kfunc calls).
+pub const KFUNC_SESSION_COOKIE: i32 = 0x7ff0_0001;
+pub const KFUNC_SESSION_IS_RETURN: i32 = 0x7ff0_0002;
+/// (stand-in number, kernel function) pairs.
+pub const KFUNCS: [(i32, &str); 2] = [
+    (KFUNC_SESSION_COOKIE, "bpf_session_cookie"),
+    (KFUNC_SESSION_IS_RETURN, "bpf_session_is_return"),
+];
+
 impl AllocKind {
     pub const ALL: [AllocKind; 8] = [
         AllocKind::Malloc,

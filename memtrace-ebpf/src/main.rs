@@ -36,11 +36,12 @@ mod probes {
     use memtrace_common::{
         AllocKind, Allocation, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter,
         DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS,
-        DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS,
-        MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT,
-        PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey,
-        RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
-        STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, KFUNC_SESSION_COOKIE,
+        KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2,
+        MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PENDING_KIND_MASK,
+        PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
+        SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, SITE_CALL_IN_COOKIE, STACK_FP_ONLY,
+        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
         STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange,
         UnwindRow,
     };
@@ -854,6 +855,11 @@ mod probes {
         count(Counter::AllocBytes, size);
     }
 
+    /// A session cookie holding a call (see `enter`): this bit, the size
+    /// (saturated) << 8 and the `AllocKind` in the low byte.
+    const COOKIE_CALL: u64 = 1 << 63;
+    const COOKIE_SIZE_MAX: u64 = (1 << 55) - 1;
+
     /// `PendingCall::out_ptr` of a realloc whose old block memtrace knew at entry.
     const OLD_BLOCK_KNOWN: u64 = 1;
 
@@ -862,12 +868,6 @@ mod probes {
     /// return values are ignored.
     const KEEP_RETURN: u32 = 0;
     const SKIP_RETURN: u32 = 1;
-
-    #[inline(always)]
-    fn regs_ip<C: EbpfContext>(ctx: &C) -> u64 {
-        let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
-        unsafe { (*regs).rip }
-    }
 
     #[inline(always)]
     fn regs_ret<C: EbpfContext>(ctx: &C) -> u64 {
@@ -999,6 +999,7 @@ mod probes {
         old_ptr: u64,
         out_ptr: u64,
         session: bool,
+        cookie: *mut u64,
     ) -> u32 {
         if !is_target() {
             return SKIP_RETURN;
@@ -1042,6 +1043,11 @@ mod probes {
             // The new block is not sampled, but the return must still retire
             // the sampled old one.
             flags = PENDING_UNSAMPLED;
+        }
+        if !cookie.is_null() && flags == 0 && old_ptr == 0 && out_ptr == 0 {
+            // The session keeps the call: nothing to store, look up or expire.
+            unsafe { *cookie = COOKIE_CALL | (size.min(COOKIE_SIZE_MAX) << 8) | kind as u64 };
+            return KEEP_RETURN;
         }
         let call = PendingCall {
             kind: kind as u32 | flags,
@@ -1092,7 +1098,15 @@ mod probes {
     #[inline(always)]
     fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
         let (size, old_ptr, out_ptr) = call_args(ctx, kind);
-        enter(ctx, kind, size, old_ptr, out_ptr, false)
+        enter(
+            ctx,
+            kind,
+            size,
+            old_ptr,
+            out_ptr,
+            false,
+            core::ptr::null_mut(),
+        )
     }
 
     #[uprobe]
@@ -1137,35 +1151,49 @@ mod probes {
 
     /// An allocating call's return, with its return value `ret`.
     #[inline(always)]
-    fn exit<C: EbpfContext>(ctx: &C, ret: u64) {
+    /// `in_cookie`: the call as its session's cookie holds it (see `enter`),
+    /// or 0 for a call in PENDING.
+    fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) {
         if !is_target() {
             return;
         }
         count(Counter::ReturnProbes, 1);
-        // The return popped the return address: the entry saw sp - 8.
-        let key = PendingKey {
-            tid: bpf_get_current_pid_tgid() as u32,
-            _pad: 0,
-            sp: regs_sp(ctx).wrapping_sub(8),
-        };
         // With sampling, most blocks are unknown to memtrace: not worth a count.
         let mean = sample_mean();
-        let Some(p) = PENDING.get_ptr_mut(&key) else {
-            // Sampling with classic return probes: every unsampled call's return
-            // probe runs, with nothing pending.
-            if mean == 0 {
-                count(Counter::UnmatchedReturns, 1);
+        let call = if in_cookie & COOKIE_CALL != 0 {
+            PendingCall {
+                kind: (in_cookie & 0xff) as u32,
+                refs: 1,
+                size: (in_cookie & !COOKIE_CALL) >> 8,
+                old_ptr: 0,
+                out_ptr: 0,
+                timestamp_ns: 0,
             }
-            return;
-        };
-        let call = unsafe {
-            if (*p).refs > 1 {
-                (*p).refs -= 1;
+        } else {
+            // The return popped the return address: the entry saw sp - 8.
+            let key = PendingKey {
+                tid: bpf_get_current_pid_tgid() as u32,
+                _pad: 0,
+                sp: regs_sp(ctx).wrapping_sub(8),
+            };
+            let Some(p) = PENDING.get_ptr_mut(&key) else {
+                // Sampling with classic return probes: every unsampled call's
+                // return probe runs, with nothing pending.
+                if mean == 0 {
+                    count(Counter::UnmatchedReturns, 1);
+                }
                 return;
-            }
-            *p
+            };
+            let call = unsafe {
+                if (*p).refs > 1 {
+                    (*p).refs -= 1;
+                    return;
+                }
+                *p
+            };
+            let _ = PENDING.remove(&key);
+            call
         };
-        let _ = PENDING.remove(&key);
         let sampled = call.kind & PENDING_UNSAMPLED == 0;
         // One record_alloc for every kind: it holds the stack walk, which the
         // verifier would otherwise check once per call site.
@@ -1234,7 +1262,7 @@ mod probes {
     /// Return probe shared by every allocating entry point (classic probes).
     #[uretprobe]
     pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-        exit(&ctx, regs_ret(&ctx));
+        exit(&ctx, regs_ret(&ctx), 0);
         0
     }
 
@@ -1244,10 +1272,11 @@ mod probes {
     /// bound to the target. Calls whose entry returns SKIP_RETURN (made by the
     /// allocator itself, tail calls, unsampled) pay no return probe at all.
     ///
-    /// The same program runs at the entry and at the return. Each site's cookie
-    /// is its address in the process (<< 8) and its `AllocKind` (low byte): at
-    /// the entry the instruction pointer is at the probe; at the return it is
-    /// the caller's return address.
+    /// The same program runs at the entry and at the return
+    /// (`bpf_session_is_return` tells which). Each site's attach cookie is its
+    /// address in the process (<< 8) and its `AllocKind` (low bits), with
+    /// `SITE_CALL_IN_COOKIE` for a function that never jumps out of its code:
+    /// such a call is kept in the session's own cookie, not in PENDING.
     ///
     /// Written without `#[uprobe]`: that macro's wrapper discards the
     /// function's value and returns 0, which in a session keeps every return
@@ -1258,30 +1287,50 @@ mod probes {
         session_step(ProbeContext::new(ctx))
     }
 
+    /// `bpf_session_cookie()`: this call's 8 bytes, shared by its entry and
+    /// its return (the stand-in call is rewritten by userspace, see
+    /// `memtrace_common::KFUNCS`).
+    #[inline(always)]
+    fn session_cookie() -> *mut u64 {
+        let f: unsafe extern "C" fn() -> *mut u64 =
+            unsafe { core::mem::transmute(KFUNC_SESSION_COOKIE as usize) };
+        unsafe { f() }
+    }
+
+    /// `bpf_session_is_return()`.
+    #[inline(always)]
+    fn session_is_return() -> bool {
+        let f: unsafe extern "C" fn() -> u64 =
+            unsafe { core::mem::transmute(KFUNC_SESSION_IS_RETURN as usize) };
+        unsafe { f() & 1 != 0 }
+    }
+
     #[inline(always)]
     fn session_step(ctx: ProbeContext) -> u32 {
-        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-        let (site, kind) = (cookie >> 8, (cookie & 0xff) as u32);
-        let ip = regs_ip(&ctx);
-        // (The kernel reports the breakpoint's address; allow for the trap's
-        // ip after the int3, which never is a return address: it is inside the
-        // probed instruction, or after a push.)
-        if ip != site && ip != site + 1 {
-            // A return inside the allocator is that of a call it made itself,
-            // whose entry skipped it; the kernel can still report one (seen on
-            // 6.18 with a malloc that calls malloc). Nothing to do.
-            if !in_allocator(ip) {
-                exit(&ctx, regs_ret(&ctx));
-            } else if is_target() {
-                count(Counter::ReturnProbes, 1);
-            }
+        let cookie = session_cookie();
+        if session_is_return() {
+            let in_cookie = if cookie.is_null() {
+                0
+            } else {
+                unsafe { *cookie }
+            };
+            exit(&ctx, regs_ret(&ctx), in_cookie);
             return 0;
         }
-        let Some(kind) = AllocKind::from_u32(kind) else {
+        let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let Some(kind) = AllocKind::from_u32((site & 0x7f) as u32) else {
             return SKIP_RETURN;
         };
+        if !cookie.is_null() {
+            unsafe { *cookie = 0 };
+        }
+        let keep_in = if site & SITE_CALL_IN_COOKIE != 0 {
+            cookie
+        } else {
+            core::ptr::null_mut()
+        };
         let (size, old_ptr, out_ptr) = call_args(&ctx, kind);
-        enter(&ctx, kind, size, old_ptr, out_ptr, true)
+        enter(&ctx, kind, size, old_ptr, out_ptr, true, keep_in)
     }
 
     #[uprobe]

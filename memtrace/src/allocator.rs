@@ -57,6 +57,8 @@ pub struct AttachPoint {
     pub file_offset: u64,
     /// Size of the function's code (0 when the symbol table does not say).
     pub size: u64,
+    /// The function only ever leaves by returning (`placement::never_jumps_out`).
+    pub never_jumps_out: bool,
     /// Offset in the file of the instruction the probes are attached to: the
     /// first one the kernel emulates rather than single-steps, when nothing
     /// before it can change what the probes see (see `placement`); else
@@ -167,6 +169,8 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                         vaddr,
                         file_offset,
                         size: sym.size(),
+                        never_jumps_out: whole_function(data, file_offset, sym.size())
+                            .is_some_and(placement::never_jumps_out),
                         probe_offset: file_offset + site.delta,
                         probe_insn: site.mnemonic,
                     },
@@ -182,6 +186,13 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
     out.no_symbols = !seen_any;
     out.points = by_addr.into_values().collect();
     Ok(out)
+}
+
+/// The code of a function of known size, if `data` holds all of it.
+fn whole_function(data: &[u8], file_offset: u64, size: u64) -> Option<&[u8]> {
+    let start = usize::try_from(file_offset).ok()?;
+    let end = start.checked_add(usize::try_from(size).ok()?)?;
+    (size > 0).then(|| data.get(start..end)).flatten()
 }
 
 /// Where to probe the function whose code starts at `file_offset` in `data`

@@ -10,8 +10,14 @@
 //! embedded object is parsed again with aya-obj, relocated against the maps aya
 //! already created (the programs share them), and loaded with its BTF through
 //! the bpf(2) syscall; the link is made the same way.
+//!
+//! The session program also calls two kernel functions (kfuncs),
+//! `bpf_session_cookie` and `bpf_session_is_return`, which aya's toolchain
+//! cannot emit: it calls stand-in helper numbers (`memtrace_common::KFUNCS`),
+//! and each such call is rewritten here into a kfunc call by the function's id
+//! in the kernel's BTF.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     ffi::CString,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
@@ -23,8 +29,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{Ebpf, maps::Map};
 use aya_obj::{
     Object,
-    btf::BtfFeatures,
-    generated::{bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
+    btf::{Btf, BtfFeatures, BtfKind},
+    generated::{
+        BPF_CALL, BPF_JMP, BPF_PSEUDO_KFUNC_CALL, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type,
+    },
 };
 
 /// `enum bpf_attach_type` values (include/uapi/linux/bpf.h).
@@ -97,6 +105,8 @@ fn map_fd(map: &Map) -> RawFd {
 pub struct RawLoader {
     obj: Object,
     btf_fd: Option<OwnedFd>,
+    /// Stand-in helper number → BTF id of the kernel function it stands for.
+    kfuncs: HashMap<i32, u32>,
 }
 
 impl RawLoader {
@@ -129,7 +139,11 @@ impl RawLoader {
         )
         .map_err(|e| anyhow!(e))?;
         obj.relocate_calls(&text_sections).map_err(|e| anyhow!(e))?;
-        Ok(RawLoader { obj, btf_fd })
+        Ok(RawLoader {
+            obj,
+            btf_fd,
+            kfuncs: kernel_functions()?,
+        })
     }
 
     /// Loads program `name` as a kprobe-type program (uprobes are) with
@@ -145,7 +159,8 @@ impl RawLoader {
             .functions
             .get(&prog.function_key())
             .with_context(|| format!("BPF program {name} has no code"))?;
-        let insns: &[bpf_insn] = &func.instructions;
+        let insns = self.with_kfunc_calls(&func.instructions)?;
+        let insns: &[bpf_insn] = &insns;
         let func_info = func.func_info.func_info_bytes();
         let line_info = func.line_info.line_info_bytes();
         let try_load = |log: &mut [u8]| {
@@ -208,6 +223,43 @@ impl RawLoader {
             }
         }
     }
+}
+
+impl RawLoader {
+    /// `insns` with every call of a stand-in helper number made a call of its
+    /// kernel function.
+    fn with_kfunc_calls(&self, insns: &[bpf_insn]) -> Result<Vec<bpf_insn>> {
+        let mut out = insns.to_vec();
+        for insn in &mut out {
+            if insn.code != (BPF_JMP | BPF_CALL) as u8 || insn.src_reg() != 0 {
+                continue;
+            }
+            if let Some(&(_, name)) = memtrace_common::KFUNCS.iter().find(|k| k.0 == insn.imm) {
+                let id = self
+                    .kfuncs
+                    .get(&insn.imm)
+                    .with_context(|| format!("the kernel has no function {name}"))?;
+                insn.set_src_reg(BPF_PSEUDO_KFUNC_CALL as u8);
+                insn.imm = *id as i32;
+                // (0: the function is in vmlinux's BTF, not a module's.)
+                insn.off = 0;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The BTF ids of the kernel functions in `memtrace_common::KFUNCS` that this
+/// kernel has.
+fn kernel_functions() -> Result<HashMap<i32, u32>> {
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    Ok(memtrace_common::KFUNCS
+        .iter()
+        .filter_map(|&(number, name)| {
+            let id = btf.id_by_type_name_kind(name, BtfKind::Func).ok()?;
+            Some((number, id))
+        })
+        .collect())
 }
 
 fn load_btf(raw: &[u8]) -> io::Result<OwnedFd> {

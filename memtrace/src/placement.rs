@@ -293,6 +293,35 @@ fn jump_into_head(code: &[u8], delta: u64) -> Option<u64> {
     None
 }
 
+/// Whether `code`, a whole function, only ever leaves by returning: every
+/// instruction decodes, no branch lands outside the function (a tail call) and
+/// none is indirect. Calls are fine: they come back. Such a function cannot
+/// hand its call over to another allocator entry point, so its uprobe session
+/// may keep the call's state itself (see `SITE_CALL_IN_COOKIE`).
+pub fn never_jumps_out(code: &[u8]) -> bool {
+    if code.is_empty() || code.len() > MAX_BODY_BYTES {
+        return false;
+    }
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            return false;
+        }
+        match insn.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                if insn.near_branch_target() >= code.len() as u64 {
+                    return false;
+                }
+            }
+            FlowControl::IndirectBranch | FlowControl::XbeginXabortXend => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,5 +445,49 @@ mod tests {
         assert_eq!(kernel_emulates(&[0x48, 0x85, 0xff]), None);
         // endbr64 is single-stepped.
         assert_eq!(kernel_emulates(&[0xf3, 0x0f, 0x1e, 0xfa]), None);
+    }
+
+    #[test]
+    fn a_function_that_only_returns_never_jumps_out() {
+        // push rbx; test rdi,rdi; je +3 (to the pop); call +0; pop rbx; ret
+        let code = [
+            0x53, 0x48, 0x85, 0xff, 0x74, 0x05, 0xe8, 0x00, 0x00, 0x00, 0x00, 0x5b, 0xc3,
+        ];
+        assert!(never_jumps_out(&code));
+        // A tail call: jmp rel32 past the end.
+        let tail = [0x48, 0x85, 0xff, 0xe9, 0x10, 0x00, 0x00, 0x00];
+        assert!(!never_jumps_out(&tail));
+        // A conditional branch out of the function.
+        let jcc_out = [0x48, 0x85, 0xff, 0x0f, 0x84, 0x40, 0x00, 0x00, 0x00, 0xc3];
+        assert!(!never_jumps_out(&jcc_out));
+        // An indirect jump (through a register).
+        let indirect = [0x48, 0x85, 0xff, 0xff, 0xe0];
+        assert!(!never_jumps_out(&indirect));
+        // Undecodable bytes, or nothing at all: not known.
+        assert!(!never_jumps_out(&[0x0f, 0x0b, 0xff]));
+        assert!(!never_jumps_out(&[]));
+    }
+
+    #[test]
+    fn glibc_malloc_never_jumps_out_and_calloc_does() {
+        let Ok(data) = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6") else {
+            return;
+        };
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+        let file = object::File::parse(&*data).unwrap();
+        let text = file.section_by_name(".text").unwrap();
+        let (text_off, _) = text.file_range().unwrap();
+        let body = |name: &str| {
+            let sym = file
+                .dynamic_symbols()
+                .find(|s| s.name() == Ok(name))
+                .unwrap();
+            let off = (sym.address() - text.address() + text_off) as usize;
+            data[off..off + sym.size() as usize].to_vec()
+        };
+        assert!(never_jumps_out(&body("malloc")));
+        // calloc tail-calls memset through the PLT; reallocarray jumps to realloc.
+        assert!(!never_jumps_out(&body("calloc")));
+        assert!(!never_jumps_out(&body("reallocarray")));
     }
 }

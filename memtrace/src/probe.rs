@@ -30,7 +30,7 @@ use memtrace_common::{
 };
 
 use crate::{
-    allocator::{self, Allocator, Role},
+    allocator::{self, Allocator, AttachPoint, Role},
     multi,
     procmaps::MapEntry,
     sampling,
@@ -111,6 +111,24 @@ pub enum Mechanism {
     Session,
     /// An entry uprobe per function and a uretprobe per allocating function.
     Classic,
+}
+
+/// Whether the uprobe session keeps the calls of `point` in its per-call
+/// cookie instead of PENDING: an allocating function that never jumps out of
+/// its code (so it cannot hand a call over to another allocator function) and
+/// needs nothing at its return but the size (not realloc, which also retires
+/// the old block, nor posix_memalign, which returns through a pointer).
+pub fn call_in_cookie(point: &AttachPoint) -> bool {
+    match point.role {
+        Role::Alloc(kind) => {
+            point.never_jumps_out
+                && !matches!(
+                    kind,
+                    AllocKind::Realloc | AllocKind::ReallocArray | AllocKind::PosixMemalign
+                )
+        }
+        Role::Free => false,
+    }
 }
 
 impl Mechanism {
@@ -413,7 +431,15 @@ impl Probes {
                     let at = allocator::vaddr(alloc, maps, point.probe_offset)
                         .with_context(|| format!("{} is not mapped", point.probe_site()))?;
                     allocs.0.push(point.probe_offset);
-                    allocs.1.push(at << 8 | kind as u64);
+                    allocs.1.push(
+                        at << 8
+                            | kind as u64
+                            | if call_in_cookie(point) {
+                                memtrace_common::SITE_CALL_IN_COOKIE
+                            } else {
+                                0
+                            },
+                    );
                 }
                 Role::Free => {
                     frees.0.push(point.probe_offset);

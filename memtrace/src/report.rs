@@ -235,6 +235,10 @@ pub struct AllocatorInfo {
     /// Return probes that ran while tracing. With `uprobe-session`, only calls
     /// whose return value memtrace needs pay one; with `uprobe`, every call does.
     pub return_probes: u64,
+    /// Functions whose calls the uprobe session keeps in its own per-call
+    /// cookie instead of a map entry (they never jump out of their code, so
+    /// no call is handed over to another allocator function).
+    pub calls_in_session_cookie: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -990,6 +994,7 @@ mod tests {
                 probe_sites: vec!["malloc+0x0 (push)".into()],
                 probe_mechanism: "uprobe-session",
                 return_probes: 10,
+                calls_in_session_cookie: vec!["malloc".into()],
             },
             min_age_s: 0.0,
             ages_from: "blocks",

@@ -1322,6 +1322,16 @@ fn build_report(
             probe_sites: at.allocator.points.iter().map(|p| p.probe_site()).collect(),
             probe_mechanism: at.probes.mechanism().name(),
             return_probes: counters.return_probes,
+            calls_in_session_cookie: match at.probes.mechanism() {
+                probe::Mechanism::Session => at
+                    .allocator
+                    .points
+                    .iter()
+                    .filter(|p| probe::call_in_cookie(p))
+                    .flat_map(|p| p.names.iter().map(|n| n.to_string()))
+                    .collect(),
+                _ => Vec::new(),
+            },
         },
         min_age_s: cli.min_age.as_secs_f64(),
         ages_from: if scan_all { "blocks" } else { "epochs" },

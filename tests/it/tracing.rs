@@ -995,6 +995,22 @@ fn session_and_classic_probes_agree_exactly() {
     // realloc_zero, 500 in churn_realloc).
     // Calls made by the allocator itself and tail calls pay none; classic
     // return probes run for them too.
+    // glibc's malloc never jumps out of its code: the session keeps its calls
+    // in its own cookie. calloc tail-calls memset, reallocarray jumps to
+    // realloc, realloc must retire its old block: those stay in PENDING.
+    let in_cookie = |r: &Report| r.0["allocator"]["calls_in_session_cookie"].clone();
+    assert_eq!(
+        in_cookie(session),
+        serde_json::json!(["malloc"]),
+        "{}",
+        session.0["allocator"]
+    );
+    assert_eq!(
+        in_cookie(classic),
+        serde_json::json!([]),
+        "{}",
+        classic.0["allocator"]
+    );
     let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
     assert_eq!(
         returns(session),
