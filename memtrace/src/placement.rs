@@ -310,10 +310,10 @@ pub fn never_jumps_out(code: &[u8]) -> bool {
             return false;
         }
         match insn.flow_control() {
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
-                if insn.near_branch_target() >= code.len() as u64 {
-                    return false;
-                }
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+                if insn.near_branch_target() >= code.len() as u64 =>
+            {
+                return false;
             }
             FlowControl::IndirectBranch | FlowControl::XbeginXabortXend => return false,
             _ => {}
