@@ -274,9 +274,10 @@ mod probes {
         (row.pc <= rel).then_some(*row)
     }
 
-    /// The stack word at `addr` if the window holds it, recorded for the cache.
+    /// The stack word at `addr` if the window holds it, recorded for the cache
+    /// if the walk depends on it (`record`).
     #[inline(always)]
-    fn window_word(w: &mut Walk, addr: u64) -> Option<u64> {
+    fn window_word(w: &mut Walk, addr: u64, record: bool) -> Option<u64> {
         let off = addr.wrapping_sub(w.sp0);
         if off & 7 != 0 || off >= w.window as u64 {
             return None;
@@ -287,7 +288,7 @@ mod probes {
         }
         let win = STACK_WINDOW.get_ptr(0)?;
         let v = unsafe { (*win).words[i] };
-        if w.cacheable != 0 {
+        if record && w.cacheable != 0 {
             let n = w.words as usize;
             match WALK_CACHE.get_ptr_mut(w.slot) {
                 Some(c) if n < CACHE_WORDS => {
@@ -308,19 +309,24 @@ mod probes {
     /// not remembered).
     #[inline(always)]
     fn stack_word(w: &mut Walk, addr: u64) -> Option<u64> {
-        if let Some(v) = window_word(w, addr) {
+        if let Some(v) = window_word(w, addr, true) {
             return Some(v);
         }
         w.cacheable = 0;
         read_user(addr)
     }
 
-    /// Two consecutive words of the stack, as `stack_word`.
+    /// Two consecutive words of the stack, as `stack_word`; the walk depends
+    /// on the first one only if `first_used` (a remembered walk checks only
+    /// the words it depends on).
     #[inline(always)]
-    fn stack_pair(w: &mut Walk, addr: u64) -> Option<[u64; 2]> {
+    fn stack_pair(w: &mut Walk, addr: u64, first_used: bool) -> Option<[u64; 2]> {
         let off = addr.wrapping_sub(w.sp0);
         if off.wrapping_add(16) <= w.window as u64 && off < w.window as u64 {
-            if let (Some(a), Some(b)) = (window_word(w, addr), window_word(w, addr + 8)) {
+            if let (Some(a), Some(b)) = (
+                window_word(w, addr, first_used),
+                window_word(w, addr + 8, true),
+            ) {
                 return Some([a, b]);
             }
         }
@@ -384,7 +390,8 @@ mod probes {
                 };
                 // The return address and the word below it, where the usual
                 // frame saves rbp.
-                let Some([below, ra]) = stack_pair(w, cfa.wrapping_sub(16)) else {
+                let below_used = r.rbp_rule == RBP_AT_CFA && r.rbp_offset == -16;
+                let Some([below, ra]) = stack_pair(w, cfa.wrapping_sub(16), below_used) else {
                     return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
                 };
                 let bp = match r.rbp_rule {
@@ -407,7 +414,7 @@ mod probes {
                 if w.bp == 0 || w.bp < w.sp {
                     return stop(w, STACK_TRUNCATED_NO_FP, Counter::UnwindNoFramePointer);
                 }
-                let Some([bp, ra]) = stack_pair(w, w.bp) else {
+                let Some([bp, ra]) = stack_pair(w, w.bp, true) else {
                     return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
                 };
                 w.flags |= STACK_USED_FP;
