@@ -373,14 +373,16 @@ fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()
             None => w.write_all(b"null"),
         }
     }
-    w.write_all(b"{\"outstanding_blocks\":")?;
-    f.write_u64(w, s.outstanding_blocks)?;
-    w.write_all(b",\"outstanding_bytes\":")?;
-    f.write_u64(w, s.outstanding_bytes)?;
-    w.write_all(b",\"alloc_calls\":")?;
-    f.write_u64(w, s.alloc_calls)?;
-    w.write_all(b",\"alloc_bytes\":")?;
-    f.write_u64(w, s.alloc_bytes)?;
+    let counts: [(&[u8], u64); 4] = [
+        (b"{\"outstanding_blocks\":", s.outstanding_blocks),
+        (b",\"outstanding_bytes\":", s.outstanding_bytes),
+        (b",\"alloc_calls\":", s.alloc_calls),
+        (b",\"alloc_bytes\":", s.alloc_bytes),
+    ];
+    for (key, v) in counts {
+        w.write_all(key)?;
+        f.write_u64(w, v)?;
+    }
     w.write_all(b",\"oldest_age_s\":")?;
     option(w, s.oldest_age_s)?;
     if let Some(m) = s.median_age_s {
@@ -408,18 +410,21 @@ fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()
     f.write_u64(w, t.samples as u64)?;
     w.write_all(b",\"span_s\":")?;
     float(w, t.span_s)?;
-    w.write_all(b",\"growth_bytes_per_s\":")?;
-    option(w, t.growth_bytes_per_s)?;
-    w.write_all(b",\"recent_growth_bytes_per_s\":")?;
-    option(w, t.recent_growth_bytes_per_s)?;
-    w.write_all(b",\"relative_growth\":")?;
-    option(w, t.relative_growth)?;
-    w.write_all(b",\"growth_share\":")?;
-    option(w, t.growth_share)?;
-    w.write_all(b",\"early_blocks_retained\":")?;
-    option(w, t.early_blocks_retained)?;
-    w.write_all(b",\"max_oldest_age_s\":")?;
-    option(w, t.max_oldest_age_s)?;
+    let trend: [(&[u8], Option<f64>); 6] = [
+        (b",\"growth_bytes_per_s\":", t.growth_bytes_per_s),
+        (
+            b",\"recent_growth_bytes_per_s\":",
+            t.recent_growth_bytes_per_s,
+        ),
+        (b",\"relative_growth\":", t.relative_growth),
+        (b",\"growth_share\":", t.growth_share),
+        (b",\"early_blocks_retained\":", t.early_blocks_retained),
+        (b",\"max_oldest_age_s\":", t.max_oldest_age_s),
+    ];
+    for (key, v) in trend {
+        w.write_all(key)?;
+        option(w, v)?;
+    }
     w.write_all(b"},\"history\":[")?;
     for (i, p) in s.history.iter().enumerate() {
         w.write_all(if i == 0 { b"{\"t_s\":" } else { b",{\"t_s\":" })?;
