@@ -833,11 +833,6 @@ mod probes {
     #[inline(always)]
     fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64) {
         let now = unsafe { bpf_ktime_get_ns() };
-        // An address still outstanding means its free was not seen: retire it so
-        // its bytes are not counted twice.
-        if retire(ptr, u64::MAX) {
-            count(Counter::AddressReused, 1);
-        }
         let stack_id = capture_stack(ctx);
         let (epoch, birth_offset) = epoch_at(now);
         let a = Allocation {
@@ -849,9 +844,24 @@ mod probes {
         };
         // (No free can come between the two updates: the caller has not been
         // given the address yet.)
-        if ALLOCS.insert(&ptr, &a, BPF_ANY as u64).is_err() {
-            count(Counter::DroppedAllocMapFull, 1);
-            return;
+        match ALLOCS.insert(&ptr, &a, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            // The address is still outstanding: its free was not seen. Retire
+            // that block so its bytes are not counted twice. (Inserting first
+            // saves a lookup on every allocation.)
+            Err(e) if e == -17 => {
+                if retire(ptr, u64::MAX) {
+                    count(Counter::AddressReused, 1);
+                }
+                if ALLOCS.insert(&ptr, &a, BPF_ANY as u64).is_err() {
+                    count(Counter::DroppedAllocMapFull, 1);
+                    return;
+                }
+            }
+            Err(_) => {
+                count(Counter::DroppedAllocMapFull, 1);
+                return;
+            }
         }
         if !site_add(&a) {
             let _ = ALLOCS.remove(&ptr);
