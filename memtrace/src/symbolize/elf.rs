@@ -10,6 +10,7 @@ use memmap2::Mmap;
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
 
 use super::demangle::demangle_lang;
+use super::unit_batch;
 use super::{FrameInfo, Unresolved};
 
 /// DWARF reader over bytes owned by [`Backing`]; see the safety note on [`ElfModule`].
@@ -835,6 +836,19 @@ impl ElfModule {
         self.dwarf.is_some()
     }
 
+    /// The whole-file DWARF and the offsets of its units in `.debug_info`.
+    #[cfg(test)]
+    pub(crate) fn units_for_tests(&self) -> Option<(gimli::Dwarf<Reader>, Vec<usize>)> {
+        let d = self.dwarf.as_ref()?;
+        let dwarf = d.sections.dwarf(None);
+        let mut offsets = Vec::new();
+        let mut headers = dwarf.units();
+        while let Ok(Some(h)) = headers.next() {
+            offsets.push(h.debug_info_offset()?.0);
+        }
+        Some((dwarf, offsets))
+    }
+
     pub fn symbol_count(&self) -> usize {
         self.symtab.len() + self.dynsym.len()
     }
@@ -919,6 +933,7 @@ impl ElfModule {
         let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
         let next = AtomicUsize::new(0);
         let work = || -> Vec<(usize, Vec<Vec<FrameInfo>>)> {
+            let mut scratch = unit_batch::Scratch::default();
             let mut done = Vec::new();
             let mut names = SymbolNames::new(symtab, dynsym);
             loop {
@@ -933,13 +948,18 @@ impl ElfModule {
                     Covered::Ambiguous => continue,
                     Covered::Unit(u) => {
                         let u = index.units[u as usize];
-                        if !abbrev
-                            .get(u.abbrev_offset..)
-                            .is_some_and(abbrev_table_is_self_contained)
-                        {
-                            continue;
+                        match unit_batch::fast_unit_frames(&whole, u.start, probes, &mut scratch) {
+                            Some(frames) => frames,
+                            None => {
+                                if !abbrev
+                                    .get(u.abbrev_offset..)
+                                    .is_some_and(abbrev_table_is_self_contained)
+                                {
+                                    continue;
+                                }
+                                unit_batch::unit_frames(&whole, u.start, probes)
+                            }
                         }
-                        super::unit_batch::unit_frames(&whole, u.start, probes)
                     }
                 };
                 let frames = frames

@@ -12,6 +12,7 @@
 //! (module, offset), so a `Symbolizer` should live as long as the tracer.
 
 mod demangle;
+mod dies;
 mod elf;
 mod process;
 #[cfg(test)]

@@ -1272,3 +1272,67 @@ fn batch_lookups_match_contexts_on_glibc() {
         differ[..differ.len().min(5)].join("\n")
     );
 }
+
+/// Compares the batch's own abbreviation tables, DIE walker and line program decoder
+/// with gimli's, unit by unit; returns how much they answered.
+fn fast_vs_gimli(path: &Path) -> unit_batch::FastCoverage {
+    let search = elf::DebugSearch {
+        target_root: Path::new("/"),
+        display_root: Path::new("/"),
+        debug_root: Path::new("/usr/lib/debug"),
+        binary_path: path.to_str().unwrap(),
+        binary_id: None,
+    };
+    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &search).unwrap();
+    let (dwarf, offsets) = elf.units_for_tests().expect("DWARF");
+    match unit_batch::compare_fast_with_gimli(&dwarf, &offsets) {
+        Ok(c) => c,
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
+/// The fast paths answer as gimli on the fixtures (DWARF 4 and 5, -O0 and -O2, C++,
+/// nested functions); LTO units refer into each other and are left to gimli.
+#[test]
+fn fast_paths_match_gimli_on_fixtures() {
+    let dir = TempDir::new("fast");
+    let d = dir.path();
+    std::fs::write(d.join("fixture.cpp"), source(FIXTURE_CPP)).unwrap();
+    sh(d, "g++", &["-g", "-O2", "-o", "cpp", "fixture.cpp"]);
+    std::fs::write(d.join("nested.c"), NESTED_C).unwrap();
+    sh(d, "gcc", &["-g", "-O1", "-o", "nested", "nested.c"]);
+    let mut bins = vec![(d.join("cpp"), true), (d.join("nested"), true)];
+    for (out, flags, all_fast) in [
+        ("o2", &["-g", "-O2"][..], true),
+        ("o0", &["-g", "-O0"], true),
+        ("dwarf4", &["-gdwarf-4", "-O2"], true),
+        ("lto", &["-g", "-O2", "-flto"], false),
+    ] {
+        bins.push((build_c(d, out, flags), all_fast));
+    }
+    for (bin, all_fast) in bins {
+        let c = fast_vs_gimli(&bin);
+        assert!(c.units > 0 && c.probes > 0, "{}: {c:?}", bin.display());
+        assert_eq!(
+            c.fast_line_tables,
+            c.line_tables,
+            "{}: {c:?}",
+            bin.display()
+        );
+        if all_fast {
+            assert_eq!(c.fast_units, c.units, "{}: {c:?}", bin.display());
+        }
+    }
+}
+
+/// The same on every unit of glibc (libc6-dbg), all of which the fast paths answer.
+#[test]
+fn fast_paths_match_gimli_on_glibc() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let c = fast_vs_gimli(Path::new(&libc_mod.path));
+    eprintln!("{c:?}");
+    assert!(c.units > 1000, "{c:?}");
+    assert_eq!(c.fast_units, c.units, "{c:?}");
+    assert_eq!(c.fast_line_tables, c.line_tables, "{c:?}");
+}
