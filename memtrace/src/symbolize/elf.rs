@@ -138,6 +138,9 @@ impl SymbolTable {
 #[derive(Default)]
 struct Backing {
     maps: Vec<Mmap>,
+    /// Inflated sections. Left writable: making them read-only (mprotect) cost ~1 ms
+    /// on libc's `.debug_info`, at the end of the longest step of loading it.
+    anon: Vec<memmap2::MmapMut>,
     /// Decompressed sections and in-memory images. A `Vec<u8>`'s heap buffer does not move
     /// when the outer vector reallocates, so slices into it stay valid.
     owned: Vec<Vec<u8>>,
@@ -155,10 +158,11 @@ impl Backing {
         Ok(unsafe { extend(m) })
     }
 
-    fn keep_map(&mut self, m: Mmap) -> &'static [u8] {
-        self.maps.push(m);
-        let m = self.maps.last().expect("just pushed");
-        // SAFETY: the mapping lives until `Backing` is dropped, see `ElfModule`.
+    fn keep_anon(&mut self, m: memmap2::MmapMut) -> &'static [u8] {
+        self.anon.push(m);
+        let m = self.anon.last().expect("just pushed");
+        // SAFETY: the mapping lives until `Backing` is dropped and is never written
+        // again, see `ElfModule`.
         unsafe { extend(m) }
     }
 
@@ -372,7 +376,7 @@ enum SectionBytes {
     /// Stored uncompressed: straight from the file's mapping.
     Borrowed(&'static [u8]),
     /// Inflated into an anonymous mapping (zlib, Debian's format).
-    Map(Mmap),
+    Map(memmap2::MmapMut),
     Owned(Vec<u8>),
 }
 
@@ -407,7 +411,7 @@ fn decompress(
 /// Inflates a zlib stream of known size into an anonymous mapping. Not a `Vec`: the kernel
 /// can back a mapping with huge pages (a few faults instead of one per 4 KiB page, which
 /// was a fifth of the time spent loading libc's debug info), and it is zeroed lazily.
-fn inflate_zlib(data: &[u8], size: u64) -> Result<Mmap, String> {
+fn inflate_zlib(data: &[u8], size: u64) -> Result<memmap2::MmapMut, String> {
     let size = usize::try_from(size).map_err(|_| "section too large".to_string())?;
     let mut out = memmap2::MmapMut::map_anon(size).map_err(|e| format!("mmap: {e}"))?;
     // Only a hint: without transparent huge pages the mapping works the same.
@@ -419,7 +423,7 @@ fn inflate_zlib(data: &[u8], size: u64) -> Result<Mmap, String> {
         Ok(_) => return Err("zlib data shorter than its header says".into()),
         Err(e) => return Err(format!("invalid zlib compressed data: {e:?}")),
     }
-    out.make_read_only().map_err(|e| format!("mprotect: {e}"))
+    Ok(out)
 }
 
 fn load_sections(obj: &object::File<'static>, backing: &mut Backing) -> Result<Sections, String> {
@@ -465,7 +469,7 @@ fn load_sections(obj: &object::File<'static>, backing: &mut Backing) -> Result<S
         let bytes = match r? {
             SectionBytes::Borrowed(b) => b,
             SectionBytes::Owned(v) => backing.own(v),
-            SectionBytes::Map(m) => backing.keep_map(m),
+            SectionBytes::Map(m) => backing.keep_anon(m),
         };
         data.insert(id, bytes);
     }
@@ -855,6 +859,7 @@ impl ElfModule {
 
     pub fn mapped_bytes(&self) -> usize {
         self.backing.maps.iter().map(|m| m.len()).sum::<usize>()
+            + self.backing.anon.iter().map(|m| m.len()).sum::<usize>()
             + self.backing.owned.iter().map(Vec::len).sum::<usize>()
     }
 

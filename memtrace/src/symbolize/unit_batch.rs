@@ -1120,6 +1120,34 @@ fn gimli_parse_lines(unit: UnitRef<'_>) -> Result<Option<Lines>, Error> {
     b.finish(unit, program.header()).map(Some)
 }
 
+type SpecialOpcodes = [(u8, u8); 256];
+
+/// For each special opcode (`opcode_base..=255`), its line advance and operation
+/// advance: `(opcode - opcode_base) % line_range` and `/ line_range`. Two divisions per
+/// row were most of the time spent decoding libc's line programs; all its units share
+/// one `(opcode_base, line_range)`, so the table is kept (per thread) until another
+/// pair comes.
+fn special_opcodes(opcode_base: u8, line_range: u8) -> SpecialOpcodes {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<Option<(u8, u8, SpecialOpcodes)>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        if let Some((b, r, t)) = last.get()
+            && (b, r) == (opcode_base, line_range)
+        {
+            return t;
+        }
+        let mut t = [(0, 0); 256];
+        for (op, e) in t.iter_mut().enumerate().skip(usize::from(opcode_base)) {
+            let adjusted = op as u8 - opcode_base;
+            *e = (adjusted % line_range, adjusted / line_range);
+        }
+        last.set(Some((opcode_base, line_range, t)));
+        t
+    })
+}
+
 /// [`gimli_parse_lines`] with the state machine of gimli's `LineRows` written out for
 /// the registers addr2line uses (address, file, line; gimli's tombstone rule for
 /// `DW_LNE_set_address` included). `None` when gimli must run it instead: a VLIW
@@ -1148,6 +1176,7 @@ fn fast_parse_lines(unit: UnitRef<'_>) -> Option<Result<Option<Lines>, Error>> {
     let (opcode_base, line_range) = (header.opcode_base(), enc.line_range);
     let line_base = i64::from(enc.line_base);
     let min_length = u64::from(enc.minimum_instruction_length);
+    let special = special_opcodes(opcode_base, line_range);
     let version = header.version();
     let mut input = header.raw_program_buf();
     let mut b = LinesBuilder::default();
@@ -1193,13 +1222,11 @@ fn fast_parse_lines(unit: UnitRef<'_>) -> Option<Result<Option<Lines>, Error>> {
                     _ => {}
                 }
             } else if opcode >= opcode_base {
-                let adjusted = opcode - opcode_base;
-                advance_line(&mut line, line_base + i64::from(adjusted % line_range));
+                let (line_advance, operation_advance) = special[usize::from(opcode)];
+                advance_line(&mut line, line_base + i64::from(line_advance));
                 if !tombstone {
-                    address = add(
-                        address,
-                        min_length.wrapping_mul(u64::from(adjusted / line_range)),
-                    )?;
+                    let by = u64::from(operation_advance);
+                    address = add(address, min_length.wrapping_mul(by))?;
                 }
                 row = true;
             } else {
