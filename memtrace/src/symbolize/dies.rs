@@ -29,6 +29,10 @@ pub(crate) struct Abbrev {
     pub has_pc: bool,
     /// Has `DW_AT_sibling`.
     pub has_sibling: bool,
+    /// Where the only `DW_AT_sibling` is when only fixed-size attributes precede it and
+    /// its form is `DW_FORM_ref1/2/4/8`: its byte offset in the DIE's attributes, and
+    /// its size.
+    sibling_at: Option<(u32, u8)>,
 }
 
 /// A unit's abbreviation table; code `c` is `abbrevs[c - 1]`.
@@ -71,6 +75,7 @@ impl Table {
             let start = self.specs.len() as u32;
             let mut fixed = Some(0u32);
             let (mut has_pc, mut has_sibling) = (false, false);
+            let mut sibling_at = None;
             loop {
                 let (Some(name), Some(form)) = (u16_at(&mut pos), u16_at(&mut pos)) else {
                     return false;
@@ -92,6 +97,19 @@ impl Table {
                 } else {
                     None
                 };
+                if name == gimli::DW_AT_sibling {
+                    let size = match form {
+                        gimli::DW_FORM_ref1 => Some(1),
+                        gimli::DW_FORM_ref2 => Some(2),
+                        gimli::DW_FORM_ref4 => Some(4),
+                        gimli::DW_FORM_ref8 => Some(8),
+                        _ => None,
+                    };
+                    sibling_at = match (has_sibling, fixed, size) {
+                        (false, Some(at), Some(size)) => Some((at, size)),
+                        _ => None,
+                    };
+                }
                 fixed = match (fixed, form_size(form, encoding)) {
                     (Some(a), Some(b)) => Some(a + u32::from(b)),
                     _ => None,
@@ -112,6 +130,7 @@ impl Table {
                 fixed,
                 has_pc,
                 has_sibling,
+                sibling_at,
             });
         }
     }
@@ -292,6 +311,31 @@ impl Cursor {
         Ok(())
     }
 
+    /// Skips the attributes of a DIE with abbreviation `a`, returning its
+    /// `DW_AT_sibling` if `a` has it at a fixed place (see `Abbrev`): the value gimli
+    /// reads, without reading the other attributes. `Ok(None)` otherwise, having read
+    /// nothing.
+    pub fn skip_to_sibling(
+        &mut self,
+        table: &Table,
+        a: &Abbrev,
+    ) -> gimli::Result<Option<gimli::UnitOffset<usize>>> {
+        let Some((at, size)) = a.sibling_at else {
+            return Ok(None);
+        };
+        let mut r = self.input;
+        r.skip(at as usize)?;
+        let v = match size {
+            1 => u64::from(r.read_u8()?),
+            2 => u64::from(r.read_u16()?),
+            4 => u64::from(r.read_u32()?),
+            _ => r.read_u64()?,
+        };
+        let v = usize::try_from(v).map_err(|_| gimli::Error::UnsupportedOffset)?;
+        self.skip(table, a)?;
+        Ok(Some(gimli::UnitOffset(v)))
+    }
+
     /// Reads the attributes of a DIE with abbreviation `a` with gimli, one by one.
     pub fn read_attrs(
         &mut self,
@@ -380,6 +424,17 @@ mod tests {
         let mut children = plain;
         children[2] = 2;
         assert!(!t.parse(&children, enc));
+        // A sibling after fixed-size attributes is found at its offset; after a
+        // string, or as DW_FORM_ref_udata, it is read by gimli.
+        let sibling = [1, 0x13, 1, 0x0b, 0x0b, 0x01, 0x13, 0x03, 0x08, 0, 0, 0];
+        assert!(t.parse(&sibling, enc));
+        assert_eq!(t.get(1).unwrap().sibling_at, Some((1, 4)));
+        let after_string = [1, 0x13, 1, 0x03, 0x08, 0x01, 0x13, 0, 0, 0];
+        assert!(t.parse(&after_string, enc));
+        assert_eq!(t.get(1).unwrap().sibling_at, None);
+        let udata = [1, 0x13, 1, 0x01, 0x15, 0, 0, 0];
+        assert!(t.parse(&udata, enc));
+        assert_eq!(t.get(1).unwrap().sibling_at, None);
         // An implicit_const value is read as gimli reads it.
         let implicit = [1, 0x24, 0, 0x3e, 0x21, 0x7f, 0, 0, 0];
         assert!(t.parse(&implicit, enc));

@@ -1336,3 +1336,26 @@ fn fast_paths_match_gimli_on_glibc() {
     assert_eq!(c.fast_units, c.units, "{c:?}");
     assert_eq!(c.fast_line_tables, c.line_tables, "{c:?}");
 }
+
+/// An address given several times gets the same frames each time (they are moved out
+/// of the batch's results at the last occurrence only).
+#[test]
+fn symbolize_file_repeats_addresses() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let vaddrs = libc_function_vaddrs(&pm, libc_mod, |start, size| vec![start + size / 2]);
+    let some: Vec<u64> = vaddrs.iter().step_by(50).copied().take(300).collect();
+    // Each address three times, in a shuffled-looking order.
+    let mut input: Vec<u64> = some.iter().chain(some.iter().rev()).copied().collect();
+    input.extend(some.iter().step_by(2));
+    input.extend(some.iter().skip(1).step_by(2));
+    let file = Path::new(&libc_mod.path);
+    let frames = Symbolizer::new().symbolize_file(file, &input).unwrap();
+    let once = Symbolizer::new().symbolize_file(file, &some).unwrap();
+    let expected: HashMap<u64, &Vec<Frame>> = some.iter().copied().zip(&once).collect();
+    assert_eq!(frames.len(), input.len());
+    for (v, f) in input.iter().zip(&frames) {
+        assert_eq!(f, expected[v], "{v:#x}");
+        assert!(f.iter().any(|f| f.function.is_some()), "{v:#x}: {f:?}");
+    }
+}

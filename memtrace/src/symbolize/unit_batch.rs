@@ -556,6 +556,13 @@ fn fast_parse_functions(
             entries.skip(table, abbrev)?;
             continue;
         }
+        // A C aggregate: only its sibling is needed, usually at a fixed place.
+        if !function && let Some(o) = entries.skip_to_sibling(table, abbrev)? {
+            if o > die {
+                entries = Cursor::new(&unit.header, o.0)?;
+            }
+            continue;
+        }
         let mut attrs = RangeAttrs::default();
         let mut sibling = None;
         entries.read_attrs(&unit, table, abbrev, |attr| {
