@@ -50,7 +50,16 @@ impl Table {
         self.abbrevs.clear();
         self.specs.clear();
         let mut pos = 0;
-        let u16_at = |pos: &mut usize| -> Option<u16> { u16::try_from(uleb(input, pos)?).ok() };
+        // Names, forms and tags below 128 (nearly all) are one byte.
+        let u16_at = |pos: &mut usize| -> Option<u16> {
+            match input.get(*pos) {
+                Some(&b) if b < 0x80 => {
+                    *pos += 1;
+                    Some(u16::from(b))
+                }
+                _ => u16::try_from(uleb(input, pos)?).ok(),
+            }
+        };
         loop {
             // gimli also ends a table at the end of the section; the scan that decides
             // whether a unit is self-contained does not.
