@@ -12,6 +12,7 @@
 //! (module, offset), so a `Symbolizer` should live as long as the tracer.
 
 mod demangle;
+mod dies;
 mod elf;
 mod process;
 #[cfg(test)]
@@ -372,17 +373,35 @@ impl Symbolizer {
         unique.sort_unstable();
         unique.dedup();
         let t = std::time::Instant::now();
-        let infos = elf.resolve_sorted(&unique);
+        let mut infos = elf.resolve_sorted(&unique);
         log::debug!("{} addresses resolved in {:?}", unique.len(), t.elapsed());
+        // The frames of an address are moved out at its last occurrence, copied before.
+        let at: Vec<usize> = vaddrs
+            .iter()
+            .map(|v| {
+                unique
+                    .binary_search(v)
+                    .expect("every address is in `unique`")
+            })
+            .collect();
+        let mut uses = vec![0u32; unique.len()];
+        for &i in &at {
+            uses[i] += 1;
+        }
         let mut out = Vec::with_capacity(vaddrs.len());
-        for &v in vaddrs {
-            let i = unique
-                .binary_search(&v)
-                .expect("every address is in `unique`");
-            let frames: Vec<Frame> = infos[i]
-                .iter()
-                .map(|fi| to_frame(v, Some(&shown), fi.clone()))
-                .collect();
+        for (&v, &i) in vaddrs.iter().zip(&at) {
+            uses[i] -= 1;
+            let frames: Vec<Frame> = if uses[i] == 0 {
+                std::mem::take(&mut infos[i])
+                    .into_iter()
+                    .map(|fi| to_frame(v, Some(&shown), fi))
+                    .collect()
+            } else {
+                infos[i]
+                    .iter()
+                    .map(|fi| to_frame(v, Some(&shown), fi.clone()))
+                    .collect()
+            };
             self.stats.addresses += 1;
             for f in &frames {
                 self.stats.count(f);

@@ -1272,3 +1272,90 @@ fn batch_lookups_match_contexts_on_glibc() {
         differ[..differ.len().min(5)].join("\n")
     );
 }
+
+/// Compares the batch's own abbreviation tables, DIE walker and line program decoder
+/// with gimli's, unit by unit; returns how much they answered.
+fn fast_vs_gimli(path: &Path) -> unit_batch::FastCoverage {
+    let search = elf::DebugSearch {
+        target_root: Path::new("/"),
+        display_root: Path::new("/"),
+        debug_root: Path::new("/usr/lib/debug"),
+        binary_path: path.to_str().unwrap(),
+        binary_id: None,
+    };
+    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &search).unwrap();
+    let (dwarf, offsets) = elf.units_for_tests().expect("DWARF");
+    match unit_batch::compare_fast_with_gimli(&dwarf, &offsets) {
+        Ok(c) => c,
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
+/// The fast paths answer as gimli on the fixtures (DWARF 4 and 5, -O0 and -O2, C++,
+/// nested functions); LTO units refer into each other and are left to gimli.
+#[test]
+fn fast_paths_match_gimli_on_fixtures() {
+    let dir = TempDir::new("fast");
+    let d = dir.path();
+    std::fs::write(d.join("fixture.cpp"), source(FIXTURE_CPP)).unwrap();
+    sh(d, "g++", &["-g", "-O2", "-o", "cpp", "fixture.cpp"]);
+    std::fs::write(d.join("nested.c"), NESTED_C).unwrap();
+    sh(d, "gcc", &["-g", "-O1", "-o", "nested", "nested.c"]);
+    let mut bins = vec![(d.join("cpp"), true), (d.join("nested"), true)];
+    for (out, flags, all_fast) in [
+        ("o2", &["-g", "-O2"][..], true),
+        ("o0", &["-g", "-O0"], true),
+        ("dwarf4", &["-gdwarf-4", "-O2"], true),
+        ("lto", &["-g", "-O2", "-flto"], false),
+    ] {
+        bins.push((build_c(d, out, flags), all_fast));
+    }
+    for (bin, all_fast) in bins {
+        let c = fast_vs_gimli(&bin);
+        assert!(c.units > 0 && c.probes > 0, "{}: {c:?}", bin.display());
+        assert_eq!(
+            c.fast_line_tables,
+            c.line_tables,
+            "{}: {c:?}",
+            bin.display()
+        );
+        if all_fast {
+            assert_eq!(c.fast_units, c.units, "{}: {c:?}", bin.display());
+        }
+    }
+}
+
+/// The same on every unit of glibc (libc6-dbg), all of which the fast paths answer.
+#[test]
+fn fast_paths_match_gimli_on_glibc() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let c = fast_vs_gimli(Path::new(&libc_mod.path));
+    eprintln!("{c:?}");
+    assert!(c.units > 1000, "{c:?}");
+    assert_eq!(c.fast_units, c.units, "{c:?}");
+    assert_eq!(c.fast_line_tables, c.line_tables, "{c:?}");
+}
+
+/// An address given several times gets the same frames each time (they are moved out
+/// of the batch's results at the last occurrence only).
+#[test]
+fn symbolize_file_repeats_addresses() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let libc_mod = own_libc(&pm, libc::malloc as *const () as usize as u64);
+    let vaddrs = libc_function_vaddrs(&pm, libc_mod, |start, size| vec![start + size / 2]);
+    let some: Vec<u64> = vaddrs.iter().step_by(50).copied().take(300).collect();
+    // Each address three times, in a shuffled-looking order.
+    let mut input: Vec<u64> = some.iter().chain(some.iter().rev()).copied().collect();
+    input.extend(some.iter().step_by(2));
+    input.extend(some.iter().skip(1).step_by(2));
+    let file = Path::new(&libc_mod.path);
+    let frames = Symbolizer::new().symbolize_file(file, &input).unwrap();
+    let once = Symbolizer::new().symbolize_file(file, &some).unwrap();
+    let expected: HashMap<u64, &Vec<Frame>> = some.iter().copied().zip(&once).collect();
+    assert_eq!(frames.len(), input.len());
+    for (v, f) in input.iter().zip(&frames) {
+        assert_eq!(f, expected[v], "{v:#x}");
+        assert!(f.iter().any(|f| f.function.is_some()), "{v:#x}: {f:?}");
+    }
+}

@@ -22,6 +22,7 @@ use std::num::NonZeroU64;
 
 use super::FrameInfo;
 use super::demangle::demangle_lang;
+use super::dies::{Abbrev, Cursor, Table};
 use super::elf::Reader;
 
 type Dwarf = gimli::Dwarf<Reader>;
@@ -94,7 +95,7 @@ struct FunctionAddress {
 }
 
 /// A row of the line table, as addr2line keeps it.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Row {
     address: u64,
     file_index: u64,
@@ -102,6 +103,7 @@ struct Row {
 }
 
 /// In the layout of addr2line's `LineSequence` (32 bytes): rows `first..first + len`.
+#[derive(Debug, PartialEq)]
 struct Sequence {
     start: u64,
     end: u64,
@@ -148,10 +150,99 @@ struct Function {
 /// innermost first, as `resolve_frames` builds them from addr2line (empty where addr2line
 /// finds nothing or fails).
 pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<Vec<FrameInfo>> {
+    match load_unit(dwarf, offset) {
+        None => vec![Vec::new(); probes.len()],
+        Some(unit) => {
+            frames_in(&Gimli, dwarf, unit, probes).expect("only the strict walker gives up")
+        }
+    }
+}
+
+/// What [`unit_frames`] answers, from this module's own abbreviation tables and DIE
+/// walker ([`super::dies`]); `None` when the unit is not one it takes or anything fails
+/// to parse, and [`unit_frames`] must answer. libc's units all pass.
+pub(crate) fn fast_unit_frames(
+    dwarf: &Dwarf,
+    offset: usize,
+    probes: &[u64],
+    scratch: &mut Scratch,
+) -> Option<Vec<Vec<FrameInfo>>> {
+    let unit = fast_load_unit(dwarf, offset, scratch)?;
+    frames_in(&Fast(&scratch.table), dwarf, unit, probes)
+}
+
+/// Buffers reused from unit to unit by [`fast_unit_frames`].
+pub(crate) struct Scratch {
+    table: Table,
+    attrs: Vec<gimli::Attribute<Reader>>,
+    /// The `Unit`s built here have no gimli abbreviations: `Table` is read instead.
+    no_abbreviations: std::sync::Arc<gimli::Abbreviations>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            table: Table::default(),
+            attrs: Vec::new(),
+            no_abbreviations: std::sync::Arc::new(gimli::Abbreviations::default()),
+        }
+    }
+}
+
+/// How a unit's DIEs are read: by gimli (errors are part of the answer, as in
+/// addr2line), or by [`super::dies`] (`STRICT`: any error means "ask gimli").
+trait Walker {
+    const STRICT: bool;
+    fn functions(
+        &self,
+        unit: UnitRef<'_>,
+        is_c: bool,
+        bodies: bool,
+    ) -> Result<Vec<FunctionAddress>, Error>;
+    fn function(&self, unit: UnitRef<'_>, die: Offset) -> Result<Function, Error>;
+}
+
+struct Gimli;
+
+impl Walker for Gimli {
+    const STRICT: bool = false;
+    fn functions(
+        &self,
+        unit: UnitRef<'_>,
+        is_c: bool,
+        bodies: bool,
+    ) -> Result<Vec<FunctionAddress>, Error> {
+        parse_functions(unit, is_c, bodies)
+    }
+    fn function(&self, unit: UnitRef<'_>, die: Offset) -> Result<Function, Error> {
+        parse_function(unit, die)
+    }
+}
+
+struct Fast<'t>(&'t Table);
+
+impl Walker for Fast<'_> {
+    const STRICT: bool = true;
+    fn functions(
+        &self,
+        unit: UnitRef<'_>,
+        is_c: bool,
+        bodies: bool,
+    ) -> Result<Vec<FunctionAddress>, Error> {
+        fast_parse_functions(unit, self.0, is_c, bodies)
+    }
+    fn function(&self, unit: UnitRef<'_>, die: Offset) -> Result<Function, Error> {
+        fast_parse_function(unit, self.0, die)
+    }
+}
+
+fn frames_in<W: Walker>(
+    walker: &W,
+    dwarf: &Dwarf,
+    unit: LoadedUnit,
+    probes: &[u64],
+) -> Option<Vec<Vec<FrameInfo>>> {
     let mut out = vec![Vec::new(); probes.len()];
-    let Some(unit) = load_unit(dwarf, offset) else {
-        return out;
-    };
     let unit_ref = unit.unit.unit_ref(dwarf);
     let mut lines = None;
     let ranges = match unit.ranges {
@@ -192,22 +283,23 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
         // In C, only a GNU nested function is defined inside another one, and its code
         // is never inside its parent's: a probe in a function found without reading
         // any function's children is in that function. Anywhere else, all of them are read.
-        let in_top_level = is_c
-            .then(|| {
-                top_level
-                    .get_or_insert_with(|| parse_functions(unit_ref, true, false))
-                    .as_ref()
-                    .ok()
-                    .and_then(|a| find_function(a, probe))
-            })
-            .flatten();
+        let in_top_level = if is_c {
+            let top = top_level.get_or_insert_with(|| walker.functions(unit_ref, true, false));
+            if W::STRICT && top.is_err() {
+                return None;
+            }
+            top.as_ref().ok().and_then(|a| find_function(a, probe))
+        } else {
+            None
+        };
         let found = match in_top_level {
             Some(die) => Some(die),
             None => {
-                let Ok(addresses) = functions
-                    .get_or_insert_with(|| parse_functions(unit_ref, is_c, true))
-                    .as_ref()
-                else {
+                let all = functions.get_or_insert_with(|| walker.functions(unit_ref, is_c, true));
+                let Ok(addresses) = all.as_ref() else {
+                    if W::STRICT {
+                        return None;
+                    }
                     continue;
                 };
                 find_function(addresses, probe)
@@ -217,9 +309,10 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
             None => None,
             Some(die) => match parsed
                 .entry(die)
-                .or_insert_with(|| parse_function(unit_ref, die))
+                .or_insert_with(|| walker.function(unit_ref, die))
             {
                 Ok(f) => Some(&*f),
+                Err(_) if W::STRICT => return None,
                 Err(_) => continue,
             },
         };
@@ -249,7 +342,7 @@ pub(crate) fn unit_frames(dwarf: &Dwarf, offset: usize, probes: &[u64]) -> Vec<V
             out.push(frame(unit_ref, &mut lines, function.name, unit.lang, loc));
         }
     }
-    out
+    Some(out)
 }
 
 /// The unit's line table, parsed on first use (addr2line keeps the error too).
@@ -328,6 +421,351 @@ fn load_unit(dwarf: &Dwarf, offset: usize) -> Option<LoadedUnit> {
         ranges: any.then_some(ranges),
         unit,
     })
+}
+
+/// [`load_unit`] with the unit's abbreviations read into `scratch.table`, and a gimli
+/// `Unit` built as `Unit::new` builds it but without gimli's abbreviations. `None` if
+/// the unit is not a plain compilation unit with a plain table, or anything fails.
+fn fast_load_unit(dwarf: &Dwarf, offset: usize, scratch: &mut Scratch) -> Option<LoadedUnit> {
+    use gimli::Section as _;
+    let header = dwarf
+        .debug_info
+        .header_from_offset(gimli::DebugInfoOffset(offset))
+        .ok()?;
+    if header.type_() != gimli::UnitType::Compilation {
+        return None;
+    }
+    let encoding = header.encoding();
+    let abbrev = dwarf.debug_abbrev.reader();
+    let table = abbrev.slice().get(header.debug_abbrev_offset().0..)?;
+    if !scratch.table.parse(table, encoding) {
+        return None;
+    }
+    let file = dwarf.file_type;
+    let mut unit = gimli::Unit {
+        abbreviations: scratch.no_abbreviations.clone(),
+        name: None,
+        comp_dir: None,
+        low_pc: 0,
+        str_offsets_base: gimli::DebugStrOffsetsBase::default_for_encoding_and_file(encoding, file),
+        addr_base: gimli::DebugAddrBase(0),
+        loclists_base: gimli::DebugLocListsBase::default_for_encoding_and_file(encoding, file),
+        rnglists_base: gimli::DebugRngListsBase::default_for_encoding_and_file(encoding, file),
+        line_program: None,
+        dwo_id: None,
+        header,
+    };
+    // The root DIE, as `Unit::new` reads it.
+    let mut entries = Cursor::new(&unit.header, unit.header.root_offset().0).ok()?;
+    let root = entries.read_abbrev(&scratch.table).ok()??;
+    let attrs = &mut scratch.attrs;
+    attrs.clear();
+    entries
+        .read_attrs(&unit, &scratch.table, root, |a| {
+            attrs.push(a);
+            Ok(())
+        })
+        .ok()?;
+    let (mut name, mut comp_dir, mut line_offset, mut low_pc) = (None, None, None, None);
+    for attr in attrs.iter() {
+        use gimli::AttributeValue as V;
+        match (attr.name(), attr.value()) {
+            (gimli::DW_AT_name, v) => name = Some(v),
+            (gimli::DW_AT_comp_dir, v) => comp_dir = Some(v),
+            (gimli::DW_AT_low_pc, v) => low_pc = Some(v),
+            (gimli::DW_AT_stmt_list, V::DebugLineRef(o)) => line_offset = Some(o),
+            (gimli::DW_AT_str_offsets_base, V::DebugStrOffsetsBase(b)) => unit.str_offsets_base = b,
+            (gimli::DW_AT_addr_base | gimli::DW_AT_GNU_addr_base, V::DebugAddrBase(b)) => {
+                unit.addr_base = b
+            }
+            (gimli::DW_AT_loclists_base, V::DebugLocListsBase(b)) => unit.loclists_base = b,
+            (
+                gimli::DW_AT_rnglists_base | gimli::DW_AT_GNU_ranges_base,
+                V::DebugRngListsBase(b),
+            ) => unit.rnglists_base = b,
+            (gimli::DW_AT_GNU_dwo_id, V::DwoId(id)) if unit.dwo_id.is_none() => {
+                unit.dwo_id = Some(id)
+            }
+            _ => {}
+        }
+    }
+    unit.name = name.and_then(|v| dwarf.attr_string(&unit, v).ok());
+    unit.comp_dir = comp_dir.and_then(|v| dwarf.attr_string(&unit, v).ok());
+    if let Some(o) = line_offset {
+        unit.line_program = Some(
+            dwarf
+                .debug_line
+                .program(o, unit.header.address_size(), unit.comp_dir, unit.name)
+                .ok()?,
+        );
+    }
+    if let Some(v) = low_pc
+        && let Some(addr) = dwarf.attr_address(&unit, v).ok()?
+    {
+        unit.low_pc = addr;
+    }
+    // The rest as in `load_unit`.
+    let unit_ref = unit.unit_ref(dwarf);
+    let mut ranges = RangeAttrs::default();
+    let mut lang = None;
+    for attr in attrs.iter() {
+        if !ranges.take(unit_ref, attr).ok()?
+            && let (gimli::DW_AT_language, gimli::AttributeValue::Language(l)) =
+                (attr.name(), attr.value())
+        {
+            lang = Some(l);
+        }
+    }
+    let mut list = Vec::new();
+    let any = ranges.for_each(unit_ref, |r| list.push(r)).ok()?;
+    Some(LoadedUnit {
+        lang,
+        ranges: any.then_some(list),
+        unit,
+    })
+}
+
+/// [`parse_functions`] with a [`Cursor`]. A DIE that cannot add a range or jump to a
+/// sibling is skipped without reading its attributes: a subprogram without address
+/// attributes (a declaration) adds nothing, and reading the others cannot fail where
+/// skipping them does not.
+fn fast_parse_functions(
+    unit: UnitRef<'_>,
+    table: &Table,
+    is_c: bool,
+    bodies: bool,
+) -> Result<Vec<FunctionAddress>, Error> {
+    let mut addresses = Vec::new();
+    let mut entries = Cursor::new(&unit.header, unit.header.root_offset().0)?;
+    while !entries.is_empty() {
+        let die = gimli::UnitOffset(entries.offset());
+        let Some(abbrev) = entries.read_abbrev(table)? else {
+            continue;
+        };
+        let tag = abbrev.tag;
+        let skip_children = abbrev.has_children
+            && match tag {
+                gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_union_type
+                | gimli::DW_TAG_enumeration_type => is_c,
+                gimli::DW_TAG_subprogram => !bodies,
+                _ => false,
+            };
+        let function = tag == gimli::DW_TAG_subprogram && abbrev.has_pc;
+        if !(function || skip_children && abbrev.has_sibling) {
+            entries.skip(table, abbrev)?;
+            continue;
+        }
+        // A C aggregate: only its sibling is needed, usually at a fixed place.
+        if !function && let Some(o) = entries.skip_to_sibling(table, abbrev)? {
+            if o > die {
+                entries = Cursor::new(&unit.header, o.0)?;
+            }
+            continue;
+        }
+        let mut attrs = RangeAttrs::default();
+        let mut sibling = None;
+        entries.read_attrs(&unit, table, abbrev, |attr| {
+            if let (gimli::DW_AT_sibling, gimli::AttributeValue::UnitRef(o)) =
+                (attr.name(), attr.value())
+            {
+                sibling = Some(o);
+            } else if tag == gimli::DW_TAG_subprogram {
+                attrs.take(unit, &attr)?;
+            }
+            Ok(())
+        })?;
+        if tag == gimli::DW_TAG_subprogram {
+            attrs.for_each(unit, |range| addresses.push(FunctionAddress { range, die }))?;
+        }
+        if skip_children && let Some(next) = sibling.filter(|&o| o > die) {
+            entries = Cursor::new(&unit.header, next.0)?;
+        }
+    }
+    addresses.sort_unstable_by_key(|a| a.range.begin);
+    Ok(addresses)
+}
+
+/// [`parse_function`] with a [`Cursor`].
+fn fast_parse_function(unit: UnitRef<'_>, table: &Table, die: Offset) -> Result<Function, Error> {
+    let mut entries = Cursor::new(&unit.header, die.0)?;
+    let depth = entries.depth;
+    let abbrev = entries
+        .read_abbrev(table)?
+        .ok_or(Error::NoEntryAtGivenOffset(die.0 as u64))?;
+    let mut name = None;
+    entries.read_attrs(&unit, table, abbrev, |attr| {
+        fast_take_name(unit, table, &attr, &mut name)
+    })?;
+    let mut f = Function {
+        name,
+        inlined: Vec::new(),
+        addresses: Vec::new(),
+    };
+    fast_parse_children(unit, table, &mut entries, &mut f, depth, 0)?;
+    f.addresses
+        .sort_unstable_by_key(|a| (a.call_depth, a.range.begin));
+    Ok(f)
+}
+
+/// [`take_name`] with a [`Cursor`].
+fn fast_take_name(
+    unit: UnitRef<'_>,
+    table: &Table,
+    attr: &gimli::Attribute<Reader>,
+    name: &mut Option<Reader>,
+) -> Result<(), Error> {
+    match attr.name() {
+        gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+            if let Ok(v) = unit.attr_string(attr.value()) {
+                *name = Some(v);
+            }
+        }
+        gimli::DW_AT_name if name.is_none() => *name = unit.attr_string(attr.value()).ok(),
+        gimli::DW_AT_abstract_origin | gimli::DW_AT_specification if name.is_none() => {
+            *name = fast_name_attr(unit, table, attr.value(), 16)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// [`parse_children`] with a [`Cursor`].
+fn fast_parse_children(
+    unit: UnitRef<'_>,
+    table: &Table,
+    entries: &mut Cursor,
+    f: &mut Function,
+    depth: isize,
+    inlined_depth: usize,
+) -> Result<(), Error> {
+    loop {
+        let next_depth = entries.depth;
+        if next_depth <= depth {
+            return Ok(());
+        }
+        let Some(abbrev) = entries.read_abbrev(table)? else {
+            continue;
+        };
+        match abbrev.tag {
+            gimli::DW_TAG_subprogram => {
+                entries.skip(table, abbrev)?;
+                while entries.depth > next_depth {
+                    if let Some(a) = entries.read_abbrev(table)? {
+                        entries.skip(table, a)?;
+                    }
+                }
+            }
+            gimli::DW_TAG_inlined_subroutine => {
+                fast_parse_inlined(unit, table, entries, f, abbrev, next_depth, inlined_depth)?
+            }
+            _ => entries.skip(table, abbrev)?,
+        }
+    }
+}
+
+/// [`parse_inlined`] with a [`Cursor`].
+fn fast_parse_inlined(
+    unit: UnitRef<'_>,
+    table: &Table,
+    entries: &mut Cursor,
+    f: &mut Function,
+    abbrev: &Abbrev,
+    depth: isize,
+    inlined_depth: usize,
+) -> Result<(), Error> {
+    let mut attrs = RangeAttrs::default();
+    let mut name = None;
+    let mut call_file = None;
+    let mut call_line = 0;
+    entries.read_attrs(&unit, table, abbrev, |attr| {
+        if attrs.take(unit, &attr)? {
+            return Ok(());
+        }
+        match attr.name() {
+            gimli::DW_AT_call_file => {
+                if let gimli::AttributeValue::FileIndex(i) = attr.value()
+                    && (i > 0 || unit.header.version() >= 5)
+                {
+                    call_file = Some(i);
+                }
+            }
+            gimli::DW_AT_call_line => call_line = attr.udata_value().unwrap_or(0) as u32,
+            _ => fast_take_name(unit, table, &attr, &mut name)?,
+        }
+        Ok(())
+    })?;
+    let function = f.inlined.len();
+    f.inlined.push(Inlined {
+        name,
+        call_file,
+        call_line,
+    });
+    attrs.for_each(unit, |range| {
+        f.addresses.push(InlinedAddress {
+            range,
+            call_depth: inlined_depth,
+            function,
+        })
+    })?;
+    fast_parse_children(unit, table, entries, f, depth, inlined_depth + 1)
+}
+
+/// [`name_attr`] with a [`Cursor`]; reads all attributes of each DIE it visits (an
+/// error in one the gimli version would not have reached only means "ask gimli").
+fn fast_name_attr(
+    unit: UnitRef<'_>,
+    table: &Table,
+    value: gimli::AttributeValue<Reader>,
+    limit: usize,
+) -> Result<Option<Reader>, Error> {
+    if limit == 0 {
+        return Ok(None);
+    }
+    let offset = match value {
+        gimli::AttributeValue::UnitRef(o) => o,
+        gimli::AttributeValue::DebugInfoRef(r) => match r.to_unit_offset(&unit.header) {
+            Some(o) => o,
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let mut entries = Cursor::new(&unit.header, offset.0)?;
+    let abbrev = entries
+        .read_abbrev(table)?
+        .ok_or(Error::NoEntryAtGivenOffset(offset.0 as u64))?;
+    let mut linkage = None;
+    let mut name = None;
+    let mut next = None;
+    entries.read_attrs(&unit, table, abbrev, |attr| {
+        match attr.name() {
+            gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+                if linkage.is_none()
+                    && let Ok(v) = unit.attr_string(attr.value())
+                {
+                    linkage = Some(v);
+                }
+            }
+            gimli::DW_AT_name if linkage.is_none() => {
+                if let Ok(v) = unit.attr_string(attr.value()) {
+                    name = Some(v);
+                }
+            }
+            gimli::DW_AT_abstract_origin | gimli::DW_AT_specification if linkage.is_none() => {
+                next = Some(attr.value())
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    if linkage.is_some() {
+        return Ok(linkage);
+    }
+    match (name, next) {
+        (Some(n), _) => Ok(Some(n)),
+        (None, Some(next)) => fast_name_attr(unit, table, next, limit - 1),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Every subprogram with code in the unit, sorted by start (addr2line's `Functions`),
@@ -601,65 +1039,270 @@ fn name_attr(
 
 /// The unit's line table (addr2line's `Lines::parse`), `None` without one.
 fn parse_lines(unit: UnitRef<'_>) -> Result<Option<Lines>, Error> {
+    match fast_parse_lines(unit) {
+        Some(lines) => lines,
+        None => gimli_parse_lines(unit),
+    }
+}
+
+/// The rows of a line program as addr2line keeps them, fed one by one.
+#[derive(Default)]
+struct LinesBuilder {
+    rows: Vec<Row>,
+    sequences: Vec<Sequence>,
+    first: usize,
+}
+
+impl LinesBuilder {
+    fn row(&mut self, r: Row) {
+        match self.rows[self.first..].last_mut() {
+            Some(last) if last.address == r.address => *last = r,
+            _ => self.rows.push(r),
+        }
+    }
+
+    fn end_sequence(&mut self, end: u64) {
+        let first = self.first;
+        let len = self.rows.len() - first;
+        if len > 0 {
+            let start = self.rows[first].address;
+            if start < end {
+                self.sequences.push(Sequence {
+                    start,
+                    end,
+                    first,
+                    len,
+                });
+                self.first = self.rows.len();
+            } else {
+                self.rows.truncate(first);
+            }
+        }
+    }
+
+    fn finish(mut self, unit: UnitRef<'_>, header: &LineHeader) -> Result<Lines, Error> {
+        // Rows after the last end of sequence belong to no sequence.
+        self.rows.truncate(self.first);
+        self.sequences.sort_unstable_by_key(|s| s.start);
+        // addr2line renders every file up front and fails the table if one cannot be;
+        // here they are only checked, and rendered when printed.
+        // Before DWARF 5, file 0 is the unit's own file, and the table's files follow.
+        let n = header.file_names().len();
+        let count = if header.version() < 5 {
+            n + 1
+        } else {
+            n.max(1)
+        };
+        for i in 0..count as u64 {
+            if let Some(f) = header.file(i) {
+                check_file(unit, f, header)?;
+            }
+        }
+        Ok(Lines {
+            rows: self.rows,
+            sequences: self.sequences,
+            files: vec![None; count],
+        })
+    }
+}
+
+/// [`parse_lines`] with gimli's line program state machine.
+fn gimli_parse_lines(unit: UnitRef<'_>) -> Result<Option<Lines>, Error> {
     let Some(program) = unit.line_program.clone() else {
         return Ok(None);
     };
-    let mut rows: Vec<Row> = Vec::new();
-    let mut sequences = Vec::new();
-    let mut first = 0;
+    let mut b = LinesBuilder::default();
     let mut program = program.rows();
     while let Some((_, row)) = program.next_row()? {
         if row.end_sequence() {
-            let len = rows.len() - first;
-            if len > 0 {
-                let (start, end) = (rows[first].address, row.address());
-                if start < end {
-                    sequences.push(Sequence {
-                        start,
-                        end,
-                        first,
-                        len,
-                    });
-                    first = rows.len();
-                } else {
-                    rows.truncate(first);
-                }
-            }
+            b.end_sequence(row.address());
             continue;
         }
-        let r = Row {
+        b.row(Row {
             address: row.address(),
             file_index: row.file_index(),
             line: row.line().map_or(0, NonZeroU64::get) as u32,
-        };
-        match rows[first..].last_mut() {
-            Some(last) if last.address == r.address => *last = r,
-            _ => rows.push(r),
-        }
+        });
     }
-    // Rows after the last end of sequence belong to no sequence.
-    rows.truncate(first);
-    sequences.sort_unstable_by_key(|s| s.start);
-    // addr2line renders every file up front and fails the table if one cannot be;
-    // here they are only checked, and rendered when printed.
-    let header = program.header();
-    // Before DWARF 5, file 0 is the unit's own file, and the table's files follow.
-    let n = header.file_names().len();
-    let count = if header.version() < 5 {
-        n + 1
-    } else {
-        n.max(1)
+    b.finish(unit, program.header()).map(Some)
+}
+
+type SpecialOpcodes = [(u8, u8); 256];
+
+/// For each special opcode (`opcode_base..=255`), its line advance and operation
+/// advance: `(opcode - opcode_base) % line_range` and `/ line_range`. Two divisions per
+/// row were most of the time spent decoding libc's line programs; all its units share
+/// one `(opcode_base, line_range)`, so the table is kept (per thread) until another
+/// pair comes.
+fn special_opcodes(opcode_base: u8, line_range: u8) -> SpecialOpcodes {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<Option<(u8, u8, SpecialOpcodes)>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        if let Some((b, r, t)) = last.get()
+            && (b, r) == (opcode_base, line_range)
+        {
+            return t;
+        }
+        let mut t = [(0, 0); 256];
+        for (op, e) in t.iter_mut().enumerate().skip(usize::from(opcode_base)) {
+            let adjusted = op as u8 - opcode_base;
+            *e = (adjusted % line_range, adjusted / line_range);
+        }
+        last.set(Some((opcode_base, line_range, t)));
+        t
+    })
+}
+
+/// [`gimli_parse_lines`] with the state machine of gimli's `LineRows` written out for
+/// the registers addr2line uses (address, file, line; gimli's tombstone rule for
+/// `DW_LNE_set_address` included). `None` when gimli must run it instead: a VLIW
+/// program (several operations per instruction), a file defined by the program
+/// (`DW_LNE_define_file`, DWARF 4 and older), or anything that fails to decode.
+fn fast_parse_lines(unit: UnitRef<'_>) -> Option<Result<Option<Lines>, Error>> {
+    use gimli::Reader as _;
+    let Some(program) = unit.line_program.as_ref() else {
+        return Some(Ok(None));
     };
-    for i in 0..count as u64 {
-        if let Some(f) = header.file(i) {
-            check_file(unit, f, header)?;
-        }
+    let header = program.header();
+    let enc = header.line_encoding();
+    let address_size = header.address_size();
+    if enc.maximum_operations_per_instruction != 1
+        || enc.line_range == 0
+        || !matches!(address_size, 4 | 8)
+    {
+        return None;
     }
-    Ok(Some(Lines {
-        rows,
-        sequences,
-        files: vec![None; count],
-    }))
+    let mask = if address_size == 8 {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX)
+    };
+    let min_tombstone = mask - 1;
+    let (opcode_base, line_range) = (header.opcode_base(), enc.line_range);
+    let line_base = i64::from(enc.line_base);
+    let min_length = u64::from(enc.minimum_instruction_length);
+    let special = special_opcodes(opcode_base, line_range);
+    let version = header.version();
+    let mut input = header.raw_program_buf();
+    let mut b = LinesBuilder::default();
+    let mut run = || -> gimli::Result<Option<()>> {
+        // Registers at the start of a sequence.
+        let (mut address, mut file, mut line, mut tombstone) = (0u64, 1u64, 1u64, false);
+        let advance_line = |line: &mut u64, by: i64| {
+            if by < 0 {
+                let down = by.unsigned_abs();
+                *line = line.checked_sub(down).unwrap_or(0);
+            } else {
+                *line = line.wrapping_add(by as u64);
+            }
+        };
+        let add = |address: u64, by: u64| -> gimli::Result<u64> {
+            match address.checked_add(by) {
+                Some(a) if a & !mask == 0 => Ok(a),
+                _ => Err(gimli::Error::AddressOverflow),
+            }
+        };
+        while !input.is_empty() {
+            let opcode = input.read_u8()?;
+            // Whether the instruction appends a row (and which kind).
+            let mut row = false;
+            let mut end = false;
+            if opcode == 0 {
+                let len = usize::try_from(input.read_uleb128()?)
+                    .map_err(|_| gimli::Error::BadUnsignedLeb128)?;
+                let mut rest = input.split(len)?;
+                match gimli::DwLne(rest.read_u8()?) {
+                    gimli::DW_LNE_end_sequence => (row, end) = (true, true),
+                    gimli::DW_LNE_set_address => {
+                        let a = rest.read_address(address_size)?;
+                        tombstone = a < address || a >= min_tombstone;
+                        if !tombstone {
+                            address = a;
+                        }
+                    }
+                    gimli::DW_LNE_define_file if version <= 4 => return Ok(None),
+                    gimli::DW_LNE_set_discriminator => {
+                        rest.read_uleb128()?;
+                    }
+                    _ => {}
+                }
+            } else if opcode >= opcode_base {
+                let (line_advance, operation_advance) = special[usize::from(opcode)];
+                advance_line(&mut line, line_base + i64::from(line_advance));
+                if !tombstone {
+                    let by = u64::from(operation_advance);
+                    address = add(address, min_length.wrapping_mul(by))?;
+                }
+                row = true;
+            } else {
+                match gimli::DwLns(opcode) {
+                    gimli::DW_LNS_copy => row = true,
+                    gimli::DW_LNS_advance_pc => {
+                        let by = input.read_uleb128()?;
+                        if !tombstone {
+                            address = add(address, min_length.wrapping_mul(by))?;
+                        }
+                    }
+                    gimli::DW_LNS_advance_line => {
+                        let by = input.read_sleb128()?;
+                        advance_line(&mut line, by);
+                    }
+                    gimli::DW_LNS_set_file => file = input.read_uleb128()?,
+                    gimli::DW_LNS_set_column | gimli::DW_LNS_set_isa => {
+                        input.read_uleb128()?;
+                    }
+                    gimli::DW_LNS_negate_stmt
+                    | gimli::DW_LNS_set_basic_block
+                    | gimli::DW_LNS_set_prologue_end
+                    | gimli::DW_LNS_set_epilogue_begin => {}
+                    gimli::DW_LNS_const_add_pc => {
+                        if !tombstone {
+                            let by = u64::from((255 - opcode_base) / line_range);
+                            address = add(address, min_length.wrapping_mul(by))?;
+                        }
+                    }
+                    gimli::DW_LNS_fixed_advance_pc => {
+                        let by = input.read_u16()?;
+                        if !tombstone {
+                            address = add(address, u64::from(by))?;
+                        }
+                    }
+                    _ => {
+                        // An opcode this version does not define: skip its operands.
+                        let mut lengths = *header.standard_opcode_lengths();
+                        lengths.skip(usize::from(opcode - 1))?;
+                        for _ in 0..lengths.read_u8()? {
+                            input.read_uleb128()?;
+                        }
+                    }
+                }
+            }
+            if !row {
+                continue;
+            }
+            if !tombstone {
+                if end {
+                    b.end_sequence(address);
+                } else {
+                    b.row(Row {
+                        address,
+                        file_index: file,
+                        line: line as u32,
+                    });
+                }
+            }
+            if end {
+                (address, file, line, tombstone) = (0, 1, 1, false);
+            }
+        }
+        Ok(Some(()))
+    };
+    match run() {
+        Ok(Some(())) => Some(b.finish(unit, header).map(Some)),
+        _ => None,
+    }
 }
 
 impl Lines {
@@ -751,4 +1394,100 @@ fn path_push(path: &mut String, p: &str) {
         path.push(sep);
     }
     path.push_str(p);
+}
+
+/// How much of a file the fast paths ([`fast_unit_frames`], [`fast_parse_lines`])
+/// answered in [`compare_fast_with_gimli`].
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct FastCoverage {
+    pub units: usize,
+    pub fast_units: usize,
+    pub line_tables: usize,
+    pub fast_line_tables: usize,
+    pub probes: usize,
+}
+
+/// Checks, unit by unit, that the fast paths answer what gimli's parsing answers: the
+/// abbreviation tables, the line tables row for row, and the frames of every row's
+/// address and the byte after it.
+#[cfg(test)]
+pub(crate) fn compare_fast_with_gimli(
+    dwarf: &Dwarf,
+    offsets: &[usize],
+) -> Result<FastCoverage, String> {
+    let mut c = FastCoverage::default();
+    let mut scratch = Scratch::default();
+    for &off in offsets {
+        let Some(unit) = load_unit(dwarf, off) else {
+            continue;
+        };
+        c.units += 1;
+        let unit_ref = unit.unit.unit_ref(dwarf);
+        // Abbreviations.
+        let table = gimli::Section::reader(&dwarf.debug_abbrev)
+            .slice()
+            .get(unit.unit.header.debug_abbrev_offset().0..)
+            .unwrap_or(&[]);
+        if scratch.table.parse(table, unit.unit.encoding()) {
+            for code in 1..=scratch.table.len() as u64 {
+                let (mine, theirs) = (
+                    scratch.table.get(code).unwrap(),
+                    unit.unit
+                        .abbreviations
+                        .get(code)
+                        .ok_or("code missing in gimli")?,
+                );
+                if mine.tag != theirs.tag()
+                    || mine.has_children != theirs.has_children()
+                    || scratch.table.specs(mine) != theirs.attributes()
+                {
+                    return Err(format!("unit {off:#x}: abbreviation {code} differs"));
+                }
+            }
+        }
+        // Line tables.
+        let slow = gimli_parse_lines(unit_ref);
+        if unit.unit.line_program.is_some() {
+            c.line_tables += 1;
+        }
+        if let Some(fast) = fast_parse_lines(unit_ref) {
+            if unit.unit.line_program.is_some() {
+                c.fast_line_tables += 1;
+            }
+            let same = match (&fast, &slow) {
+                (Ok(None), Ok(None)) | (Err(_), Err(_)) => true,
+                (Ok(Some(a)), Ok(Some(b))) => {
+                    a.rows == b.rows && a.sequences == b.sequences && a.files.len() == b.files.len()
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(format!("unit {off:#x}: line tables differ"));
+            }
+        }
+        // Frames.
+        let mut probes: Vec<u64> = match &slow {
+            Ok(Some(l)) => l
+                .rows
+                .iter()
+                .flat_map(|r| [r.address, r.address.wrapping_add(1)])
+                .collect(),
+            _ => Vec::new(),
+        };
+        probes.sort_unstable();
+        probes.dedup();
+        c.probes += probes.len();
+        if let Some(fast) = fast_unit_frames(dwarf, off, &probes, &mut scratch) {
+            c.fast_units += 1;
+            let slow = unit_frames(dwarf, off, &probes);
+            if let Some(i) = (0..probes.len()).find(|&i| fast[i] != slow[i]) {
+                return Err(format!(
+                    "unit {off:#x}, {:#x}: fast {:?}\n  gimli {:?}",
+                    probes[i], fast[i], slow[i]
+                ));
+            }
+        }
+    }
+    Ok(c)
 }
