@@ -320,21 +320,23 @@ impl Collector {
     }
 
     fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32)> {
-        if !self.stacks.contains_key(&stack_id) {
-            let entry = if stack_id == NO_STACK {
-                (Vec::new(), 0)
-            } else {
-                let st = self
-                    .maps
-                    .stacks
-                    .get(&stack_id, 0)
-                    .context("reading STACKS")?;
-                let len = (st.len as usize).min(st.frames.len());
-                (st.frames[..len].to_vec(), st.flags)
-            };
-            self.stacks.insert(stack_id, entry);
+        match self.stacks.entry(stack_id) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let entry = if stack_id == NO_STACK {
+                    (Vec::new(), 0)
+                } else {
+                    let st = self
+                        .maps
+                        .stacks
+                        .get(&stack_id, 0)
+                        .context("reading STACKS")?;
+                    let len = (st.len as usize).min(st.frames.len());
+                    (st.frames[..len].to_vec(), st.flags)
+                };
+                Ok(e.insert(entry))
+            }
         }
-        Ok(&self.stacks[&stack_id])
     }
 
     /// Removes calls in flight for too long and counts them as missed returns.

@@ -1,9 +1,8 @@
 //! The final report: its data (schema `memtrace-report/1`) and its renderings.
-use std::{cell::RefCell, fmt::Write as _, sync::Arc};
+use std::{fmt::Write as _, sync::Arc};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 pub use crate::symbolize::Frame;
 use crate::{
@@ -329,14 +328,9 @@ impl From<Vec<Frame>> for Frames {
     }
 }
 
-/// The JSON of one address's frames, by the address of the shared slice.
-type FrameJsonCache = FxHashMap<usize, Vec<Box<RawValue>>>;
-
-thread_local! {
-    /// While `write_json` runs: the JSON of every address's frames written so
-    /// far, so that each is escaped and formatted once per report.
-    static FRAME_JSON: RefCell<Option<FrameJsonCache>> = const { RefCell::new(None) };
-}
+/// The JSON of one address's frames (comma-separated), by the address of the
+/// shared slice, made once per report.
+type FrameJsonCache = FxHashMap<usize, Vec<u8>>;
 
 thread_local! {
     /// While `write_json` serializes the rest of the report: `sites` is
@@ -356,7 +350,11 @@ fn serialize_sites<S: serde::Serializer>(sites: &[Site], s: S) -> Result<S::Ok, 
 /// escaping of every key: ten thousand sites have about half a million keys,
 /// all plain ASCII. The unit test `sites_are_written_as_serde_writes_them`
 /// holds the two to the same bytes.
-fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()> {
+fn write_site_json<W: std::io::Write>(
+    w: &mut W,
+    s: &Site,
+    frames: &mut FrameJsonCache,
+) -> std::io::Result<()> {
     use serde_json::ser::{CompactFormatter, Formatter as _};
     let f = &mut CompactFormatter;
     // serde_json writes non-finite floats as null.
@@ -404,7 +402,7 @@ fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()
         serde_json::to_writer(&mut *w, r)?;
     }
     w.write_all(b",\"frames\":")?;
-    serde_json::to_writer(&mut *w, &s.frames)?;
+    write_frames_json(w, &s.frames, frames)?;
     let t = &s.trend;
     w.write_all(b",\"trend\":{\"samples\":")?;
     f.write_u64(w, t.samples as u64)?;
@@ -448,39 +446,95 @@ fn write_site_json<W: std::io::Write>(w: &mut W, s: &Site) -> std::io::Result<()
 
 impl Serialize for Frames {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{Error as _, SerializeSeq as _};
-        FRAME_JSON.with_borrow_mut(|cache| {
-            let Some(cache) = cache else {
-                return s.collect_seq(self.iter());
-            };
-            let mut seq = s.serialize_seq(Some(self.len()))?;
-            for group in &self.0 {
-                // A group of one site only is written once anyway: as it is.
-                if Arc::strong_count(group) == 1 {
-                    for f in group.iter() {
-                        seq.serialize_element(f)?;
-                    }
-                    continue;
-                }
-                // The slice is alive (held by this report) while the cache is:
-                // its address names it.
-                let raw = match cache.entry(group.as_ptr() as usize) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                        group
-                            .iter()
-                            .map(serde_json::value::to_raw_value)
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(S::Error::custom)?,
-                    ),
-                };
-                for raw in raw.iter() {
-                    seq.serialize_element(raw)?;
-                }
-            }
-            seq.end()
-        })
+        s.collect_seq(self.iter())
     }
+}
+
+/// A frame as serde writes it (`Frame`'s derive, compact), keys unescaped.
+fn write_frame_json<W: std::io::Write>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    // The address in hex, on the stack: a report can hold hundreds of
+    // thousands of frames.
+    let mut buf = [0u8; 32];
+    let head = b"{\"address\":\"0x";
+    let mut n = f.address;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = i - head.len();
+    buf[start..i].copy_from_slice(head);
+    w.write_all(&buf[start..])?;
+    let strings: [(&[u8], &Option<String>); 3] = [
+        (b"\",\"module\":", &f.module),
+        (b",\"function\":", &f.function),
+        (b",\"file\":", &f.file),
+    ];
+    for (key, v) in strings {
+        w.write_all(key)?;
+        match v {
+            Some(v) => serde_json::to_writer(&mut *w, v)?,
+            None => w.write_all(b"null")?,
+        }
+    }
+    w.write_all(b",\"line\":")?;
+    match f.line {
+        Some(l) => {
+            serde_json::ser::Formatter::write_u32(&mut serde_json::ser::CompactFormatter, w, l)?
+        }
+        None => w.write_all(b"null")?,
+    }
+    w.write_all(if f.inlined {
+        b",\"inlined\":true}"
+    } else {
+        b",\"inlined\":false}"
+    })
+}
+
+/// A site's frames as a JSON array. The frames of an address shared by
+/// several sites are made once per report (`cache`, keyed by the address of
+/// the shared slice, which the report holds while the cache lives).
+fn write_frames_json<W: std::io::Write>(
+    w: &mut W,
+    frames: &Frames,
+    cache: &mut FrameJsonCache,
+) -> std::io::Result<()> {
+    fn group<W: std::io::Write>(w: &mut W, frames: &[Frame]) -> std::io::Result<()> {
+        for (i, f) in frames.iter().enumerate() {
+            if i > 0 {
+                w.write_all(b",")?;
+            }
+            write_frame_json(w, f)?;
+        }
+        Ok(())
+    }
+    w.write_all(b"[")?;
+    let mut first = true;
+    for g in frames.0.iter().filter(|g| !g.is_empty()) {
+        if !first {
+            w.write_all(b",")?;
+        }
+        first = false;
+        // A group of one site only is written once anyway: as it is.
+        if Arc::strong_count(g) == 1 {
+            group(w, g)?;
+            continue;
+        }
+        let raw = match cache.entry(g.as_ptr() as usize) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut raw = Vec::new();
+                group(&mut raw, g)?;
+                e.insert(raw)
+            }
+        };
+        w.write_all(raw)?;
+    }
+    w.write_all(b"]")
 }
 
 fn secs(s: f64) -> String {
@@ -580,15 +634,13 @@ impl Report {
             .expect("sites are the report's last field");
         w.write_all(head)?;
         w.write_all(b"[")?;
-        FRAME_JSON.set(Some(FxHashMap::default()));
-        let written = self.sites.iter().enumerate().try_for_each(|(i, site)| {
+        let mut frames = FrameJsonCache::default();
+        for (i, site) in self.sites.iter().enumerate() {
             if i > 0 {
                 w.write_all(b",")?;
             }
-            write_site_json(&mut w, site)
-        });
-        FRAME_JSON.take();
-        written?;
+            write_site_json(&mut w, site, &mut frames)?;
+        }
         w.write_all(b"]}\n")?;
         w.flush()
     }
@@ -1195,6 +1247,8 @@ mod tests {
         let plain = serde_json::to_value(&r).unwrap();
         let written: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(written, plain);
+        // Byte for byte, too.
+        assert_eq!(r.to_json(), serde_json::to_string(&r).unwrap() + "\n");
         let frames = &written["sites"][1]["frames"];
         assert_eq!(frames[0]["function"], "other_leaf");
         assert_eq!(frames[1]["function"], "helper");
