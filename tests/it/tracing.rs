@@ -674,7 +674,15 @@ fn threads_before_attach_counts_exact() {
         t.0,
         r.summary()
     );
-    assert_eq!(r.total("free_unknown"), 0, "{}", r.summary());
+    // (The drops say how a free could miss its block: address_reused,
+    // unmatched_returns. Seen once in a fresh-clone CI run, never again.)
+    assert_eq!(
+        r.total("free_unknown"),
+        0,
+        "drops: {}\n{}",
+        r.0["drops"],
+        r.summary()
+    );
 }
 
 #[test]
