@@ -452,23 +452,9 @@ impl Serialize for Frames {
 
 /// A frame as serde writes it (`Frame`'s derive, compact), keys unescaped.
 fn write_frame_json<W: std::io::Write>(w: &mut W, f: &Frame) -> std::io::Result<()> {
-    // The address in hex, on the stack: a report can hold hundreds of
-    // thousands of frames.
-    let mut buf = [0u8; 32];
-    let head = b"{\"address\":\"0x";
-    let mut n = f.address;
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[(n & 0xf) as usize];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    let start = i - head.len();
-    buf[start..i].copy_from_slice(head);
-    w.write_all(&buf[start..])?;
+    let mut buf = [0u8; 18];
+    w.write_all(b"{\"address\":\"")?;
+    w.write_all(crate::symbolize::hex_str(f.address, &mut buf).as_bytes())?;
     let strings: [(&[u8], &Option<String>); 3] = [
         (b"\",\"module\":", &f.module),
         (b",\"function\":", &f.function),

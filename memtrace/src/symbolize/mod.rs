@@ -74,9 +74,14 @@ pub struct Frame {
 }
 
 fn hex_address<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-    // Written on the stack: a report can hold hundreds of thousands of frames.
     let mut buf = [0u8; 18];
-    let mut n = *v;
+    s.serialize_str(hex_str(*v, &mut buf))
+}
+
+/// `v` as `0x` and lowercase hex digits, written in `buf`: on the stack, as a
+/// report can hold hundreds of thousands of frames.
+pub(crate) fn hex_str(v: u64, buf: &mut [u8; 18]) -> &str {
+    let mut n = v;
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -87,7 +92,7 @@ fn hex_address<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
         }
     }
     buf[i - 2..i].copy_from_slice(b"0x");
-    s.serialize_str(std::str::from_utf8(&buf[i - 2..]).expect("hex digits are ASCII"))
+    std::str::from_utf8(&buf[i - 2..]).expect("hex digits are ASCII")
 }
 
 /// The address-independent part of a frame, as cached per (module, offset).
