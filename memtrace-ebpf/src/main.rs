@@ -1007,7 +1007,9 @@ mod probes {
 
     /// An allocating call's entry. Returns KEEP_RETURN if its return must be seen.
     /// `session`: called from the uprobe session program, whose skipped calls
-    /// have no return probe at all.
+    /// have no return probe at all. `cookie`: the session's per-call cookie
+    /// when the function may keep its call there (`SITE_CALL_IN_COOKIE`), else
+    /// null; a call that needs only its size is then kept there, not in PENDING.
     #[inline(always)]
     fn enter<C: EbpfContext>(
         ctx: &C,
