@@ -147,6 +147,52 @@ pub enum AllocKind {
 /// may keep a call's state in the session's own cookie instead of `PENDING`.
 pub const SITE_CALL_IN_COOKIE: u64 = 0x80;
 
+/// Attach cookie kinds (in place of an `AllocKind`) of the probes on the
+/// allocator's own calls and jumps into its probed functions (see `CallMarkState`):
+/// a `call` (the callee's entry sees sp - 8) and a `jmp` (a tail call: the same sp).
+pub const SITE_MARK_CALL: u64 = 0x7e;
+pub const SITE_MARK_JUMP: u64 = 0x7d;
+/// A jump into a probed function from code outside them that they call: the
+/// callee's entry checks its return address as with `CALL_MARKS_BY_SP`.
+pub const SITE_MARK_CHECK: u64 = 0x7c;
+
+/// How the BPF side tells a call made by the allocator itself (glibc's
+/// realloc(p, 0) calls free) from a user's call: `CALL_MARKS_BY_SP` reads the
+/// return address at [sp] at every entry and looks for the function it is in;
+/// `CALL_MARKS_BY_SITE` relies on probes on every such call and jump in the
+/// allocator's code (found in its code by userspace), each leaving a mark for
+/// its thread that the callee's entry takes. With no mark in flight, an entry
+/// needs no user-memory read and no map lookup to know it is a user's call.
+pub const CALL_MARKS_BY_SP: u64 = 0;
+pub const CALL_MARKS_BY_SITE: u64 = 1;
+
+/// The one entry of `CALL_MARK_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallMarkState {
+    /// `CALL_MARKS_BY_SP` or `CALL_MARKS_BY_SITE` (written by userspace before attaching).
+    pub mode: u64,
+    /// Marks left and not yet taken (all threads).
+    pub in_flight: u64,
+    /// Calls put in `PENDING` and not yet taken out by their return (at least:
+    /// entries userspace expires are not subtracted). While it is 0, no entry
+    /// can be a tail call of a pending call, and needs no `PENDING` lookup.
+    pub pending: u64,
+}
+
+/// A thread's mark: the entry expected next on it, by its stack pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallMark {
+    /// The callee's rsp at its probe.
+    pub sp: u64,
+    /// 1 for a tail call (`jmp`): the call is the caller's, which its entry accounted for.
+    pub tail: u64,
+}
+
+/// Threads that may be between an allocator-internal call and its callee's probe at once.
+pub const MAX_CALL_MARKS: u32 = 1 << 12;
+
 /// Stand-in helper numbers the session program calls; userspace rewrites each
 /// such call into a call of the kernel function (kfunc) of that name, found in
 /// the kernel's BTF, before loading (aya's toolchain cannot emit kfunc calls).
@@ -364,6 +410,8 @@ mod pod {
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::TextRange {}
+    unsafe impl aya::Pod for super::CallMarkState {}
+    unsafe impl aya::Pod for super::CallMark {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::PageKey {}
     unsafe impl aya::Pod for super::PageRows {}

@@ -34,13 +34,14 @@ mod probes {
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
-        AllocKind, Allocation, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter,
-        DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS,
-        DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, KFUNC_SESSION_COOKIE,
-        KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_ROWS_PER_PAGE_LOG2,
-        MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PENDING_KIND_MASK,
-        PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
-        SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, SITE_CALL_IN_COOKIE, STACK_FP_ONLY,
+        AllocKind, Allocation, CALL_MARKS_BY_SITE, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP,
+        CallMarkState, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
+        DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, KFUNC_SESSION_COOKIE,
+        KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
+        MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT,
+        PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey,
+        RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
+        SITE_CALL_IN_COOKIE, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP, STACK_FP_ONLY,
         STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
         STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange,
         UnwindRow,
@@ -82,6 +83,16 @@ mod probes {
 
     #[map]
     static ALLOCATOR_TEXT: Array<TextRange> = Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
+
+    /// How the allocator's own calls are told from users' (see
+    /// `memtrace_common::CALL_MARKS_BY_SITE`), and how many marks are in flight.
+    #[map]
+    static CALL_MARK_STATE: Array<CallMarkState> = Array::with_max_entries(1, 0);
+
+    /// Marks left by the probes on the allocator's own calls: (thread, the
+    /// callee's rsp at its probe) → MARK_CALL, MARK_TAIL or MARK_CHECK.
+    #[map]
+    static CALL_MARKS: HashMap<PendingKey, u64> = HashMap::with_max_entries(MAX_CALL_MARKS, 0);
 
     /// Every module's unwind rows, each module's a sorted run (see ExecMapping).
     #[map]
@@ -920,6 +931,110 @@ mod probes {
         }
     }
 
+    /// A mark's value: a probed function's `call`, its `jmp`, or a jump in
+    /// code it called (the callee checks its return address).
+    const MARK_CALL: u64 = 0;
+    const MARK_TAIL: u64 = 1;
+    const MARK_CHECK: u64 = 2;
+
+    /// Who made the call being entered, as far as the allocator's own calls go.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Caller {
+        /// A user's call.
+        User,
+        /// A call made by a probed allocator function: part of its own call.
+        Allocator,
+        /// A probed allocator function jumped here: still its call.
+        TailCall,
+        /// Unknown from marks (`CALL_MARKS_BY_SP`): look at [sp] and PENDING.
+        BySp,
+    }
+
+    /// The caller of the entry of thread `tid` at stack pointer `sp`, by the
+    /// marks the allocator's own call sites leave. With no mark in flight,
+    /// this is one array read. (`User` may still be a tail call of a pending
+    /// call made through code that is not probed: see `may_be_tail_call`.)
+    #[inline(always)]
+    fn marked_caller(tid: u32, sp: u64) -> Caller {
+        let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) else {
+            return Caller::BySp;
+        };
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*st).mode) != CALL_MARKS_BY_SITE {
+                return Caller::BySp;
+            }
+            if core::ptr::read_volatile(&raw const (*st).in_flight) == 0 {
+                return Caller::User;
+            }
+        }
+        let key = PendingKey { tid, _pad: 0, sp };
+        let Some(&mark) = (unsafe { CALL_MARKS.get(&key) }) else {
+            return Caller::User;
+        };
+        if CALL_MARKS.remove(&key).is_ok() {
+            unsafe { add(&raw mut (*st).in_flight, u64::MAX) };
+        }
+        match mark {
+            MARK_CALL => Caller::Allocator,
+            MARK_TAIL => Caller::TailCall,
+            _ => Caller::BySp,
+        }
+    }
+
+    /// Whether any call is in PENDING: only then can an entry be the tail call
+    /// of a pending call (glibc's memalign jumps to `_mid_memalign`, which
+    /// jumps to malloc: neither jump is in a function memtrace marks).
+    #[inline(always)]
+    fn may_be_tail_call() -> bool {
+        match CALL_MARK_STATE.get_ptr_mut(0) {
+            Some(st) => unsafe { core::ptr::read_volatile(&raw const (*st).pending) != 0 },
+            None => true,
+        }
+    }
+
+    /// Counts a call into or out of PENDING (see `CallMarkState::pending`).
+    #[inline(always)]
+    fn count_pending(delta: u64) {
+        if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+            unsafe { add(&raw mut (*st).pending, delta) };
+        }
+    }
+
+    /// A probe on one of the allocator's own calls or jumps into a probed
+    /// function (`mark`: MARK_*): marks the callee's coming entry on this thread.
+    #[inline(always)]
+    fn leave_mark<C: EbpfContext>(ctx: &C, mark: u64) -> u32 {
+        if !is_target() {
+            return SKIP_RETURN;
+        }
+        let sp = regs_sp(ctx);
+        let key = PendingKey {
+            tid: bpf_get_current_pid_tgid() as u32,
+            _pad: 0,
+            // A call pushes the return address before the callee's probe.
+            sp: if mark == MARK_CALL {
+                sp.wrapping_sub(8)
+            } else {
+                sp
+            },
+        };
+        let value = mark;
+        match CALL_MARKS.insert(&key, &value, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+                    unsafe { add(&raw mut (*st).in_flight, 1) };
+                }
+            }
+            // The same mark, never taken: keep one.
+            Err(e) if e == -17 => {
+                let _ = CALL_MARKS.insert(&key, &value, BPF_ANY as u64);
+            }
+            // The callee will count as a user's call: say so.
+            Err(_) => count(Counter::DroppedPendingFull, 1),
+        }
+        SKIP_RETURN
+    }
+
     // ---- sampling (--sample-bytes) -------------------------------------------
     // Byte-weighted Poisson sampling, as tcmalloc and jemalloc do it: each
     // thread's allocated bytes are a line on which sample points fall at
@@ -1028,19 +1143,36 @@ mod probes {
             _pad: 0,
             sp: regs_sp(ctx),
         };
-        if let Some(p) = PENDING.get_ptr_mut(&key) {
-            // A tail call from one allocator entry point into another (same stack
-            // pointer, the first call not returned): one call, two probe pairs.
-            // In a session the inner return probe is skipped and the outer one
-            // reports the call; classic return probes both run and must pair up.
-            if !session {
-                unsafe { (*p).refs += 1 };
+        match marked_caller(key.tid, key.sp) {
+            Caller::User => {
+                // (Marks are used only with sessions, which skip the inner
+                // return: the outer one reports the call.)
+                if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
+                    return SKIP_RETURN;
+                }
             }
-            return SKIP_RETURN;
-        }
-        if called_by_allocator(key.sp) {
-            count(Counter::InternalCalls, 1);
-            return SKIP_RETURN;
+            Caller::TailCall => return SKIP_RETURN,
+            Caller::Allocator => {
+                count(Counter::InternalCalls, 1);
+                return SKIP_RETURN;
+            }
+            Caller::BySp => {
+                if let Some(p) = PENDING.get_ptr_mut(&key) {
+                    // A tail call from one allocator entry point into another
+                    // (same stack pointer, the first call not returned): one
+                    // call, two probe pairs. In a session the inner return probe
+                    // is skipped and the outer one reports the call; classic
+                    // return probes both run and must pair up.
+                    if !session {
+                        unsafe { (*p).refs += 1 };
+                    }
+                    return SKIP_RETURN;
+                }
+                if called_by_allocator(key.sp) {
+                    count(Counter::InternalCalls, 1);
+                    return SKIP_RETURN;
+                }
+            }
         }
         // realloc: whether memtrace knows the old block now. Another thread may
         // be handed (and even free) that address before this call's return
@@ -1080,6 +1212,7 @@ mod probes {
             count(Counter::DroppedPendingFull, 1);
             return SKIP_RETURN;
         }
+        count_pending(1);
         KEEP_RETURN
     }
 
@@ -1210,7 +1343,9 @@ mod probes {
                 }
                 *p
             };
-            let _ = PENDING.remove(&key);
+            if PENDING.remove(&key).is_ok() {
+                count_pending(u64::MAX);
+            }
             call
         };
         let sampled = call.kind & PENDING_UNSAMPLED == 0;
@@ -1337,6 +1472,12 @@ mod probes {
             return 0;
         }
         let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        match site & 0x7f {
+            SITE_MARK_CALL => return leave_mark(&ctx, MARK_CALL),
+            SITE_MARK_JUMP => return leave_mark(&ctx, MARK_TAIL),
+            SITE_MARK_CHECK => return leave_mark(&ctx, MARK_CHECK),
+            _ => {}
+        }
         let Some(kind) = AllocKind::from_u32((site & 0x7f) as u32) else {
             return SKIP_RETURN;
         };
@@ -1368,7 +1509,12 @@ mod probes {
         };
         // A free made by the allocator (glibc's realloc(p, 0) frees p): the
         // return probe of the outer call accounts for it.
-        if PENDING.get_ptr(&key).is_some() || called_by_allocator(key.sp) {
+        let internal = match marked_caller(key.tid, key.sp) {
+            Caller::User => may_be_tail_call() && PENDING.get_ptr(&key).is_some(),
+            Caller::Allocator | Caller::TailCall => true,
+            Caller::BySp => PENDING.get_ptr(&key).is_some() || called_by_allocator(key.sp),
+        };
+        if internal {
             count(Counter::InternalCalls, 1);
             return 0;
         }

@@ -92,8 +92,38 @@ pub struct Allocator {
     /// A path through which the kernel can open that very file from here.
     pub open_path: PathBuf,
     pub points: Vec<AttachPoint>,
+    /// The probed functions' own calls and jumps into probed functions, or why
+    /// they are not all known (see [`internal_calls`]).
+    pub internal_calls: Result<Vec<InternalCall>, String>,
     /// Start of the module's executable mapping in the target (to notice exec).
     pub text_start: u64,
+}
+
+/// What a mark says about the callee's entry (see `memtrace_common::CallMark`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkKind {
+    /// A probed function's `call`: the allocator's own call.
+    Call,
+    /// A probed function's `jmp`: a tail call, the caller's call.
+    Jump,
+    /// A jump in code a probed function called or jumped to: the callee's
+    /// return address says whose call it is.
+    Check,
+}
+
+/// A call or jump in a probed function's code to a probed function (glibc's
+/// realloc(NULL, n) jumps to malloc, realloc(p, 0) calls free), or a jump to
+/// one in code they call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InternalCall {
+    /// Offset in the file of the `call` or `jmp` instruction.
+    pub file_offset: u64,
+    pub kind: MarkKind,
+    /// E.g. `realloc+0x40 (jmp malloc)`.
+    pub describe: String,
+    /// Made through a PLT stub or a GOT slot: the slot's address in the file
+    /// and the callee's, which the slot must hold in the process.
+    pub via_slot: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Error)]
@@ -111,20 +141,28 @@ pub enum AllocatorError {
 }
 
 /// Symbols of one ELF file that matter to memtrace.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EntrySymbols {
     pub points: Vec<AttachPoint>,
     pub has_malloc: bool,
     pub has_free: bool,
     /// The file has no symbol table at all (stripped static binary).
     pub no_symbols: bool,
+    /// See [`Allocator::internal_calls`].
+    pub internal_calls: Result<Vec<InternalCall>, String>,
 }
 
 /// Finds the allocator entry points defined (not just imported) in an ELF image.
 pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
     let file = object::File::parse(data)?;
     let mut by_addr: BTreeMap<u64, AttachPoint> = BTreeMap::new();
-    let mut out = EntrySymbols::default();
+    let mut out = EntrySymbols {
+        points: Vec::new(),
+        has_malloc: false,
+        has_free: false,
+        no_symbols: false,
+        internal_calls: Ok(Vec::new()),
+    };
     let mut seen_any = false;
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         seen_any = true;
@@ -185,7 +223,270 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
     }
     out.no_symbols = !seen_any;
     out.points = by_addr.into_values().collect();
+    out.internal_calls = if out.has_malloc && out.has_free {
+        internal_calls(&file, data, &out.points)
+    } else {
+        Err("not an allocator".into())
+    };
     Ok(out)
+}
+
+/// Every call and jump in the probed functions' code into a probed function,
+/// directly, through a PLT stub or through a GOT slot; and every jump into a
+/// probed function in the code those functions call or jump to outside
+/// themselves, followed through its jumps (glibc's posix_memalign calls
+/// `_mid_memalign`, which jumps to malloc: malloc's return address is in
+/// posix_memalign). Each gets a probe that marks the callee's coming entry
+/// (see `memtrace_common::CALL_MARKS_BY_SITE`), so that no other entry needs
+/// to look at its caller.
+///
+/// Fails unless every such branch is known: a probed function of unknown
+/// size, code that does not decode, an indirect branch (its target could be a
+/// probed function), a conditional jump into a probed function (a probe on it
+/// would fire whether or not it is taken), a branch sitting where a probe
+/// already is, or more code to follow than [`MAX_FOLLOWED_INSNS`]. The BPF
+/// side then tells the allocator's calls by their return address.
+pub fn internal_calls(
+    file: &object::File<'_>,
+    data: &[u8],
+    points: &[AttachPoint],
+) -> Result<Vec<InternalCall>, String> {
+    use object::{ObjectSection, ObjectSymbolTable, RelocationTarget};
+    // GOT slot → the name of the symbol the dynamic linker puts there.
+    let dynsyms = file.dynamic_symbol_table();
+    let slot_name = |slot: u64| -> Option<String> {
+        let (_, reloc) = file.dynamic_relocations()?.find(|(at, _)| *at == slot)?;
+        let RelocationTarget::Symbol(index) = reloc.target() else {
+            return None;
+        };
+        let sym = dynsyms.as_ref()?.symbol_by_index(index).ok()?;
+        sym.name().ok().map(str::to_string)
+    };
+    let plt: Vec<_> = file
+        .sections()
+        .filter(|s| matches!(s.name(), Ok(".plt" | ".plt.sec" | ".plt.got")))
+        .filter_map(|s| Some((s.address(), s.data().ok()?)))
+        .collect();
+    let by_name = |name: &str| points.iter().find(|q| q.names.contains(&name));
+    // What a branch to `target` (through memory at `target` if
+    // `through_memory`) enters: a probed function (and the GOT slot it goes
+    // through), Ok(None) for anything else.
+    let callee = |target: u64, through_memory: bool| -> Result<Option<Entered<'_>>, String> {
+        let slot = if through_memory {
+            Some(target)
+        } else if let Some((start, bytes)) = plt
+            .iter()
+            .find(|(start, bytes)| target >= *start && target < start + bytes.len() as u64)
+        {
+            let stub = &bytes[(target - start) as usize..];
+            Some(
+                placement::plt_stub_slot(stub, target)
+                    .ok_or_else(|| format!("a PLT stub at {target:#x} it cannot read"))?,
+            )
+        } else {
+            None
+        };
+        match slot {
+            Some(slot) => {
+                let Some(name) = slot_name(slot) else {
+                    return Ok(None);
+                };
+                if !ENTRY_POINTS.iter().any(|(n, _)| *n == name) {
+                    return Ok(None);
+                }
+                let q = by_name(&name)
+                    .ok_or_else(|| format!("reaches {name} through the GOT, defined elsewhere"))?;
+                Ok(Some((q, Some((slot, q.vaddr)))))
+            }
+            // At its first instruction, or in those its probe site comes after.
+            None => Ok(points
+                .iter()
+                .find(|q| target >= q.vaddr && target <= q.vaddr + q.probe_delta())
+                .map(|q| (q, None))),
+        }
+    };
+    let mut out = Vec::new();
+    let mut add = |at: u64, here: String, kind: MarkKind, q: &AttachPoint, via_slot| {
+        let file_offset =
+            vaddr_to_file_offset(file, at).ok_or_else(|| format!("{here}: not in the file"))?;
+        if points.iter().any(|p| p.probe_offset == file_offset) {
+            return Err(format!("{here}: a probe site already"));
+        }
+        let insn = if kind == MarkKind::Call {
+            "call"
+        } else {
+            "jmp"
+        };
+        out.push(InternalCall {
+            file_offset,
+            kind,
+            describe: format!("{here} ({insn} {})", q.names[0]),
+            via_slot,
+        });
+        Ok(())
+    };
+    // Code outside the probed functions that they branch to.
+    let mut outside = Vec::new();
+    for p in points {
+        let code = whole_function(data, p.file_offset, p.size)
+            .ok_or_else(|| format!("the size of {} is unknown", p.names[0]))?;
+        let branches = placement::direct_branches(code, p.vaddr)
+            .map_err(|e| format!("{}: {e}", p.names[0]))?;
+        for (b, through_memory) in branches {
+            let here = || format!("{}+{:#x}", p.names[0], b.offset);
+            let Some((q, via_slot)) =
+                callee(b.target, through_memory).map_err(|e| format!("{}: {e}", here()))?
+            else {
+                let inside = b.target >= p.vaddr && b.target < p.vaddr + p.size;
+                if !through_memory && !inside {
+                    outside.push(b.target);
+                }
+                continue;
+            };
+            let kind = match b.kind {
+                placement::BranchKind::Call => MarkKind::Call,
+                placement::BranchKind::Jump => MarkKind::Jump,
+                placement::BranchKind::ConditionalJump => {
+                    return Err(format!(
+                        "{}: a conditional jump into {}",
+                        here(),
+                        q.names[0]
+                    ));
+                }
+            };
+            add(p.vaddr + b.offset, here(), kind, q, via_slot)?;
+        }
+    }
+    // That code, followed through its jumps (not into what it calls: a call
+    // made there has its return address there, outside the probed functions).
+    let mut seen = std::collections::HashSet::new();
+    let mut decoded = 0;
+    while let Some(start) = outside.pop() {
+        let mut at = start;
+        loop {
+            if !seen.insert(at) {
+                break;
+            }
+            decoded += 1;
+            if decoded > MAX_FOLLOWED_INSNS {
+                return Err(format!(
+                    "more than {MAX_FOLLOWED_INSNS} instructions of code the allocator calls"
+                ));
+            }
+            let here = || format!("{at:#x}");
+            let code = vaddr_to_file_offset(file, at)
+                .and_then(|o| data.get(o as usize..))
+                .ok_or_else(|| format!("{}: code the allocator calls, not in the file", here()))?;
+            let mut decoder =
+                iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+            let insn = decoder.decode();
+            if insn.is_invalid() {
+                return Err(format!("{}: undecodable code the allocator calls", here()));
+            }
+            let next = insn.next_ip();
+            use iced_x86::FlowControl as F;
+            match insn.flow_control() {
+                F::Next | F::Call | F::IndirectCall => at = next,
+                F::Return | F::Interrupt | F::Exception => break,
+                F::UnconditionalBranch | F::ConditionalBranch => {
+                    let target = insn.near_branch_target();
+                    let conditional = insn.flow_control() == F::ConditionalBranch;
+                    match callee(target, false).map_err(|e| format!("{}: {e}", here()))? {
+                        Some((q, _)) if conditional => {
+                            return Err(format!(
+                                "{}: a conditional jump into {}",
+                                here(),
+                                q.names[0]
+                            ));
+                        }
+                        Some((q, via_slot)) => add(at, here(), MarkKind::Check, q, via_slot)?,
+                        None => outside.push(target),
+                    }
+                    if !conditional {
+                        break;
+                    }
+                    at = next;
+                }
+                F::IndirectBranch if insn.is_ip_rel_memory_operand() => {
+                    // A tail call through a GOT slot.
+                    let slot = insn.ip_rel_memory_address();
+                    if let Some((q, via_slot)) =
+                        callee(slot, true).map_err(|e| format!("{}: {e}", here()))?
+                    {
+                        add(at, here(), MarkKind::Check, q, via_slot)?;
+                    }
+                    break;
+                }
+                _ => {
+                    return Err(format!(
+                        "{}: {:?} in code the allocator calls",
+                        here(),
+                        insn.mnemonic()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A probed function a branch enters, and the GOT slot it goes through (the
+/// slot's address and the function's).
+type Entered<'a> = (&'a AttachPoint, Option<(u64, u64)>);
+
+/// Instructions of code outside the probed functions that [`internal_calls`]
+/// follows at most.
+pub const MAX_FOLLOWED_INSNS: usize = 200_000;
+
+/// Checks that every GOT slot an internal call goes through reaches the probed
+/// function in the target: a slot bound to another module's function would
+/// leave a mark no entry takes. `read_word(address)` reads the target's
+/// memory. A slot not bound yet (lazy binding: it still points into the
+/// module's own PLT) will be bound to the first definition of the name in
+/// lookup order; `defined_elsewhere(name)` says whether a module other than
+/// the allocator's defines it.
+pub fn check_slots(
+    alloc: &Allocator,
+    maps: &[MapEntry],
+    read_word: impl Fn(u64) -> Option<u64>,
+    defined_elsewhere: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    let calls = alloc.internal_calls.as_ref().map_err(Clone::clone)?;
+    // Every segment of a module is mapped at its address plus one bias.
+    let bias = alloc
+        .points
+        .first()
+        .and_then(|p| Some(vaddr(alloc, maps, p.file_offset)?.wrapping_sub(p.vaddr)))
+        .ok_or("the allocator is not mapped")?;
+    for c in calls {
+        let Some((slot, callee)) = c.via_slot else {
+            continue;
+        };
+        let want = callee.wrapping_add(bias);
+        let in_module = |v: u64| {
+            maps.iter().any(|m| {
+                m.path.as_deref() == Some(alloc.module.as_str()) && v >= m.start && v < m.end
+            })
+        };
+        let name = alloc
+            .points
+            .iter()
+            .find(|p| p.vaddr == callee)
+            .map_or("?", |p| p.names[0]);
+        match read_word(slot.wrapping_add(bias)) {
+            Some(v) if v == want => {}
+            Some(v) if in_module(v) && !defined_elsewhere(name) => {}
+            Some(v) => {
+                return Err(format!(
+                    "{}: its GOT slot holds {v:#x}, not the probed function ({want:#x}), \
+                     and may be bound to another module's {name}",
+                    c.describe
+                ));
+            }
+            None => return Err(format!("{}: its GOT slot cannot be read", c.describe)),
+        }
+    }
+    Ok(())
 }
 
 /// The code of a function of known size, if `data` holds all of it.
@@ -287,6 +588,22 @@ pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
     out
 }
 
+/// Whether the ELF file at `path` defines (exports) the function `name`.
+pub fn defines(path: &Path, name: &str) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    // SAFETY: as in find_allocator.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return false;
+    };
+    let Ok(elf) = object::File::parse(&*data) else {
+        return false;
+    };
+    elf.dynamic_symbols()
+        .any(|s| !s.is_undefined() && s.kind() == SymbolKind::Text && s.name() == Ok(name))
+}
+
 /// Picks the module whose allocator the process uses and its probe points.
 pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, AllocatorError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
@@ -328,6 +645,7 @@ pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, Allocato
                 module: m.path.clone().unwrap_or_default(),
                 open_path: path,
                 points: syms.points,
+                internal_calls: syms.internal_calls,
                 text_start: m.start,
             });
         }
@@ -378,6 +696,67 @@ mod tests {
         assert_eq!(addrs.len(), syms.points.len());
         // libc's text is mapped at its file offset.
         assert!(syms.points.iter().all(|p| p.file_offset == p.vaddr));
+    }
+
+    /// Debian 12's glibc: realloc jumps to malloc (realloc(NULL, n)), calls
+    /// free (realloc(p, 0)) and malloc (moving an mmapped block), reallocarray
+    /// jumps to realloc through its PLT stub, and `_mid_memalign` (called by
+    /// posix_memalign, jumped to by memalign, valloc and pvalloc) jumps to
+    /// malloc for small alignments. Nothing else in the probed functions, or
+    /// in what they call, enters one of them (their other calls go to
+    /// `_int_malloc`, locks, `memcpy@plt` and the like).
+    #[test]
+    fn glibc_internal_calls() {
+        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("glibc");
+        let syms = entry_symbols(&data).unwrap();
+        let calls = syms.internal_calls.expect("every branch known");
+        let mut got: Vec<_> = calls
+            .iter()
+            .map(|c| {
+                // The function and the branch, without this build's offsets
+                // (code outside the probed functions is named by its address).
+                let (func, branch) = match c.describe.split_once('+') {
+                    Some((func, rest)) => (func, rest.split_once(' ').unwrap().1),
+                    None => ("outside", c.describe.split_once(' ').unwrap().1),
+                };
+                format!("{func} {branch} {}", c.via_slot.is_some())
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "outside (jmp malloc) false",
+                "realloc (call free) false",
+                "realloc (call malloc) false",
+                "realloc (call malloc) false",
+                "realloc (jmp malloc) false",
+                "reallocarray (jmp realloc) true",
+            ],
+            "{calls:#?}"
+        );
+        for c in &calls {
+            let at = c.file_offset as usize;
+            // The probe goes on the call (e8) or jmp (e9/eb) itself.
+            assert!(
+                matches!(data[at], 0xe8 | 0xe9 | 0xeb),
+                "{c:?}: {:x?}",
+                &data[at..at + 5]
+            );
+            let kind = match data[at] {
+                0xe8 => MarkKind::Call,
+                _ if c.describe.starts_with("0x") => MarkKind::Check,
+                _ => MarkKind::Jump,
+            };
+            assert_eq!(c.kind, kind, "{c:?}");
+        }
+        let realloc = syms
+            .points
+            .iter()
+            .find(|p| p.names.contains(&"realloc"))
+            .unwrap();
+        let (_, callee) = calls.iter().find_map(|c| c.via_slot).unwrap();
+        assert_eq!(callee, realloc.vaddr);
     }
 
     /// The probe sites chosen in Debian 12's glibc. Each is checked against a

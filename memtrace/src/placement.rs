@@ -322,6 +322,111 @@ pub fn never_jumps_out(code: &[u8]) -> bool {
     true
 }
 
+/// A direct branch in a function's code (see [`direct_branches`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// Offset of the instruction in the function.
+    pub offset: u64,
+    /// Where it goes, as an address in the same space as the function's `vaddr`.
+    pub target: u64,
+    pub kind: BranchKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchKind {
+    Call,
+    Jump,
+    ConditionalJump,
+}
+
+/// Every direct call and jump in `code`, a whole function whose first byte is
+/// at `vaddr`, with its target; a call through memory at a rip-relative
+/// address (`call *x(%rip)`, a GOT slot) is a `Call` whose target is that
+/// slot's address, flagged by `through_memory`. Fails on code that does not
+/// decode, or on an indirect branch through a register or a computed address,
+/// whose target the code does not say.
+pub fn direct_branches(code: &[u8], vaddr: u64) -> Result<Vec<(Branch, bool)>, String> {
+    if code.is_empty() || code.len() > MAX_BODY_BYTES {
+        return Err(format!("{} bytes of code", code.len()));
+    }
+    let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            return Err(format!("undecodable code at +{:#x}", insn.ip() - vaddr));
+        }
+        let offset = insn.ip() - vaddr;
+        let kind = match insn.flow_control() {
+            FlowControl::Call => BranchKind::Call,
+            FlowControl::UnconditionalBranch => BranchKind::Jump,
+            FlowControl::ConditionalBranch => BranchKind::ConditionalJump,
+            FlowControl::IndirectCall | FlowControl::IndirectBranch => {
+                if insn.is_ip_rel_memory_operand() {
+                    let kind = if insn.flow_control() == FlowControl::IndirectCall {
+                        BranchKind::Call
+                    } else {
+                        BranchKind::Jump
+                    };
+                    let target = insn.ip_rel_memory_address();
+                    out.push((
+                        Branch {
+                            offset,
+                            target,
+                            kind,
+                        },
+                        true,
+                    ));
+                    continue;
+                }
+                return Err(format!(
+                    "indirect {} at +{offset:#x}",
+                    format!("{:?}", insn.mnemonic()).to_lowercase()
+                ));
+            }
+            FlowControl::XbeginXabortXend => {
+                return Err(format!(
+                    "{} at +{offset:#x}",
+                    format!("{:?}", insn.mnemonic()).to_lowercase()
+                ));
+            }
+            _ => continue,
+        };
+        out.push((
+            Branch {
+                offset,
+                target: insn.near_branch_target(),
+                kind,
+            },
+            false,
+        ));
+    }
+    Ok(out)
+}
+
+/// The indirect branch a PLT stub makes through its GOT slot: the slot's
+/// address, if `code` (the stub, at `vaddr`) starts with one, after at most
+/// an `endbr64` (`jmp *x(%rip)`, `bnd jmp *x(%rip)`).
+pub fn plt_stub_slot(code: &[u8], vaddr: u64) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    for _ in 0..2 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        decoder.decode_out(&mut insn);
+        match insn.mnemonic() {
+            Mnemonic::Endbr64 => continue,
+            Mnemonic::Jmp if insn.is_ip_rel_memory_operand() => {
+                return Some(insn.ip_rel_memory_address());
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,5 +594,53 @@ mod tests {
         // calloc tail-calls memset through the PLT; reallocarray jumps to realloc.
         assert!(!never_jumps_out(&body("calloc")));
         assert!(!never_jumps_out(&body("reallocarray")));
+    }
+
+    #[test]
+    fn direct_branches_and_their_targets() {
+        let code = [
+            0xe8, 0x0b, 0x00, 0x00, 0x00, // +0: call +0x10
+            0x74, 0x02, // +5: je +9
+            0x90, 0x90, // +7: nops
+            0xff, 0x15, 0x10, 0x00, 0x00, 0x00, // +9: call *0x10(%rip) (a GOT slot)
+            0xe9, 0xec, 0xff, 0xff, 0xff, // +0xf: jmp +0 (back to the start)
+            0xc3, // +0x14: ret
+        ];
+        let got = direct_branches(&code, 0x1000).unwrap();
+        let b = |offset, target, kind| Branch {
+            offset,
+            target,
+            kind,
+        };
+        assert_eq!(
+            got,
+            [
+                (b(0, 0x1010, BranchKind::Call), false),
+                (b(5, 0x1009, BranchKind::ConditionalJump), false),
+                (b(9, 0x100f + 0x10, BranchKind::Call), true),
+                (b(0xf, 0x1000, BranchKind::Jump), false),
+            ]
+        );
+        // A call through a register: its target is unknown.
+        let err = direct_branches(&[0xff, 0xd0, 0xc3], 0).unwrap_err();
+        assert!(err.contains("indirect call"), "{err}");
+        // A jump through a table.
+        let err = direct_branches(&[0xff, 0x24, 0xc5, 0, 0, 0, 0], 0).unwrap_err();
+        assert!(err.contains("indirect jmp"), "{err}");
+    }
+
+    #[test]
+    fn plt_stubs_give_their_got_slot() {
+        // .plt.sec with IBT: endbr64; bnd jmp *0x2fe2(%rip)
+        let sec = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0xf2, 0xff, 0x25, 0xe2, 0x2f, 0x00, 0x00,
+        ];
+        assert_eq!(plt_stub_slot(&sec, 0x1000), Some(0x100b + 0x2fe2));
+        // Lazy .plt: jmp *0x2fe2(%rip); push $0; jmp .plt
+        let lazy = [0xff, 0x25, 0xe2, 0x2f, 0x00, 0x00, 0x68, 0, 0, 0, 0];
+        assert_eq!(plt_stub_slot(&lazy, 0x2000), Some(0x2006 + 0x2fe2));
+        // Anything else is not a stub memtrace reads.
+        assert_eq!(plt_stub_slot(&[0x55, 0xc3], 0), None);
+        assert_eq!(plt_stub_slot(&[0xff, 0xe0], 0), None);
     }
 }

@@ -25,8 +25,9 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocKind, Allocation, Epoch, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows,
-    PendingCall, PendingKey, SiteKey, SiteStats, StackTrace, TextRange, UnwindRow,
+    AllocKind, Allocation, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
+    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
+    SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::{
@@ -57,6 +58,7 @@ pub struct TraceMaps {
     pub sample_log2: Array<MapData, u32>,
     /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
     pub tables_generation: Array<MapData, u64>,
+    pub call_mark_state: Array<MapData, CallMarkState>,
 }
 
 impl TraceMaps {
@@ -82,6 +84,28 @@ impl TraceMaps {
         Ok(out)
     }
 
+    /// How the BPF side tells the allocator's own calls from users' (see
+    /// `memtrace_common::CALL_MARKS_BY_SITE`): by the probes on its call
+    /// sites, or by return address. Set before the probes are attached.
+    fn set_call_marks(&mut self, by_site: bool) -> Result<()> {
+        let mode = if by_site {
+            CALL_MARKS_BY_SITE
+        } else {
+            CALL_MARKS_BY_SP
+        };
+        self.call_mark_state
+            .set(
+                0,
+                CallMarkState {
+                    mode,
+                    in_flight: 0,
+                    pending: 0,
+                },
+                0,
+            )
+            .context("writing CALL_MARK_STATE")
+    }
+
     /// Tells the BPF side where the probed allocator functions are (see
     /// `allocator::text_ranges`). Must happen before the probes are attached.
     pub fn set_allocator_text(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
@@ -100,6 +124,42 @@ impl TraceMaps {
                 .context("writing ALLOCATOR_TEXT")?;
         }
         Ok(())
+    }
+}
+
+/// The allocator's own calls into its probed functions, if they are all known
+/// and every one made through a GOT slot reaches the probed function in `pid`:
+/// then marks at those calls tell the BPF side which entries are the
+/// allocator's own. Else None (logged): it looks at each entry's return address.
+fn marked_calls(
+    alloc: &Allocator,
+    pid: u32,
+    maps: &[MapEntry],
+) -> Option<Vec<allocator::InternalCall>> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"));
+    let read_word = |addr: u64| {
+        let mut b = [0u8; 8];
+        let mem = mem.as_ref().ok()?;
+        mem.read_exact_at(&mut b, addr).ok()?;
+        Some(u64::from_ne_bytes(b))
+    };
+    let defined_elsewhere = |name: &str| {
+        let mut seen = std::collections::HashSet::new();
+        maps.iter()
+            .filter(|m| m.is_exec() && m.is_file_backed())
+            .filter(|m| m.path.as_deref() != Some(alloc.module.as_str()))
+            .filter(|m| seen.insert(m.path.clone()))
+            .any(|m| allocator::defines(&allocator::open_path(pid, m), name))
+    };
+    match allocator::check_slots(alloc, maps, read_word, defined_elsewhere) {
+        Ok(()) => alloc.internal_calls.clone().ok(),
+        Err(e) => {
+            log::info!(
+                "telling the allocator's own calls by their return address, not by marks: {e}"
+            );
+            None
+        }
     }
 }
 
@@ -155,6 +215,10 @@ pub struct Probes {
     /// uprobe_multi links (closing one detaches all of its probes).
     multi_links: Vec<OwnedFd>,
     mechanism: Mechanism,
+    /// The allocator's own calls probed to mark their callees (see
+    /// `allocator::internal_calls`), as `realloc+0x40 (jmp malloc)`; None when
+    /// the BPF side tells them by return address.
+    marked_calls: Option<Vec<String>>,
 }
 
 fn entry_program(role: Role) -> &'static str {
@@ -183,9 +247,13 @@ const PROGRAMS: &[&str] = &[
     "valloc_enter",
     "pvalloc_enter",
     "free_enter",
-    "alloc_return",
     "loader_breakpoint",
 ];
+
+/// The classic return probe, loaded only when classic probes are attached:
+/// it holds the stack walk, and the verifier takes seconds over it (as over
+/// the session program, which has the same walk).
+const RETURN_PROGRAM: &str = "alloc_return";
 
 /// Loads the programs for target `tgid` and returns them with their maps.
 /// Capacities of the kernel maps (entries), from `--max-blocks`/`--max-stacks`.
@@ -285,6 +353,16 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
             }
         }
     };
+    if multi.is_none() {
+        // Refused now rather than at attach.
+        let prog: &mut UProbe = ebpf
+            .program_mut(RETURN_PROGRAM)
+            .context("BPF program alloc_return missing from the embedded object")?
+            .try_into()?;
+        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+            format!("the kernel refused BPF program {RETURN_PROGRAM} (verifier or permissions)")
+        })?;
+    }
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .with_context(|| format!("BPF map {name} missing from the object"))
@@ -302,6 +380,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
         sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
         tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
+        call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,
     };
     let mut maps = maps;
     maps.epoch
@@ -334,18 +413,26 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
             },
             multi,
             multi_links: Vec::new(),
+            marked_calls: None,
         },
         maps,
     ))
 }
 
 impl Probes {
+    /// The classic program `name`, loaded into the kernel if it is not yet.
     fn program(&mut self, name: &str) -> Result<&mut UProbe> {
         let ebpf = self.ebpf.as_mut().context("probes already detached")?;
-        Ok(ebpf
+        let prog: &mut UProbe = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?
-            .try_into()?)
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+                format!("the kernel refused BPF program {name} (verifier or permissions)")
+            })?;
+        }
+        Ok(prog)
     }
 
     fn attach_one(
@@ -382,7 +469,10 @@ impl Probes {
         alloc: &Allocator,
         pid: u32,
         maps: &[MapEntry],
+        trace: &mut TraceMaps,
     ) -> Result<usize> {
+        self.marked_calls = None;
+        trace.set_call_marks(false)?;
         if self.mechanism == Mechanism::Session {
             // The session program tells a call made by the allocator from a user's
             // call by the ranges in ALLOCATOR_TEXT: every function must have one.
@@ -398,19 +488,28 @@ impl Probes {
                 );
                 self.mechanism = Mechanism::Classic;
             } else {
-                match self.attach_multi(alloc, pid, maps) {
+                let marks = marked_calls(alloc, pid, maps);
+                trace.set_call_marks(marks.is_some())?;
+                match self.attach_multi(alloc, pid, maps, marks) {
                     Ok(n) => return Ok(n),
                     Err(e) => {
                         log::warn!(
                             "uprobe_multi links refused ({e:#}); falling back to one uprobe per function"
                         );
                         self.multi_links.clear();
+                        self.marked_calls = None;
                         self.mechanism = Mechanism::Classic;
+                        trace.set_call_marks(false)?;
                     }
                 }
             }
         }
         self.attach_classic(alloc, pid)
+    }
+
+    /// See `marked_calls` in `Probes`.
+    pub fn marked_calls(&self) -> Option<&[String]> {
+        self.marked_calls.as_deref()
     }
 
     /// One session link for the allocating functions, one uprobe_multi link
@@ -420,7 +519,13 @@ impl Probes {
     /// process, shifted left by 8, with its `AllocKind` in the low byte: the
     /// session program knows its entry from its return by the instruction
     /// pointer being at the probe.
-    fn attach_multi(&mut self, alloc: &Allocator, pid: u32, maps: &[MapEntry]) -> Result<usize> {
+    fn attach_multi(
+        &mut self,
+        alloc: &Allocator,
+        pid: u32,
+        maps: &[MapEntry],
+        marks: Option<Vec<allocator::InternalCall>>,
+    ) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         // (offsets, cookies) of the allocating functions, then of free.
         let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
@@ -446,6 +551,20 @@ impl Probes {
                     frees.1.push(0);
                 }
             }
+        }
+        // The allocator's own calls into its probed functions, in the session
+        // link (their entries return at once and skip the return).
+        for call in marks.iter().flatten() {
+            let at = allocator::vaddr(alloc, maps, call.file_offset)
+                .with_context(|| format!("{} is not mapped", call.describe))?;
+            let kind = match call.kind {
+                allocator::MarkKind::Call => memtrace_common::SITE_MARK_CALL,
+                allocator::MarkKind::Jump => memtrace_common::SITE_MARK_JUMP,
+                allocator::MarkKind::Check => memtrace_common::SITE_MARK_CHECK,
+            };
+            log::debug!("marking the allocator's own call at {}", call.describe);
+            allocs.0.push(call.file_offset);
+            allocs.1.push(at << 8 | kind);
         }
         let mut links = Vec::new();
         for (prog, attach_type, (offsets, cookies), what) in [
@@ -477,6 +596,7 @@ impl Probes {
             links.push(link);
         }
         self.multi_links.extend(links);
+        self.marked_calls = marks.map(|m| m.into_iter().map(|c| c.describe).collect());
         Ok(allocs.0.len() + frees.0.len())
     }
 
@@ -504,9 +624,9 @@ impl Probes {
             self.links.push((prog, link));
             if matches!(point.role, Role::Alloc(_)) {
                 let link = self
-                    .attach_one("alloc_return", &alloc.open_path, point.probe_offset, pid)
+                    .attach_one(RETURN_PROGRAM, &alloc.open_path, point.probe_offset, pid)
                     .with_context(what)?;
-                self.links.push(("alloc_return", link));
+                self.links.push((RETURN_PROGRAM, link));
             }
         }
         Ok(self.links.len() - before)

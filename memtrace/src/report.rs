@@ -238,6 +238,15 @@ pub struct AllocatorInfo {
     /// cookie instead of a map entry (they never jump out of their code, so
     /// no call is handed over to another allocator function).
     pub calls_in_session_cookie: Vec<String>,
+    /// How calls the allocator makes itself (glibc's realloc(p, 0) calls
+    /// free) are told from users' calls: `call-site probes` (each of its own
+    /// calls and jumps into a probed function has a probe that marks the
+    /// callee's entry; no other entry looks at its caller) or `return address`
+    /// (every entry reads its return address and checks whether it lies in a
+    /// probed function).
+    pub own_calls_told_by: &'static str,
+    /// The probed call sites, e.g. `realloc+0x40 (jmp malloc)`.
+    pub own_call_sites: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1038,6 +1047,8 @@ mod tests {
                 probe_mechanism: "uprobe-session",
                 return_probes: 10,
                 calls_in_session_cookie: vec!["malloc".into()],
+                own_calls_told_by: "call-site probes",
+                own_call_sites: vec!["realloc+0x40 (jmp malloc)".into()],
             },
             min_age_s: 0.0,
             ages_from: "blocks",

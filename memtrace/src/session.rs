@@ -342,7 +342,7 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Resu
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
     let nprobes = probes
-        .attach_allocator(&allocator, pid, &maps)
+        .attach_allocator(&allocator, pid, &maps, &mut trace_maps)
         .map_err(|e| exited_during_attach(pid, e))?;
     if !alive(pid) {
         bail!("target process {pid} exited while memtrace was attaching");
@@ -414,9 +414,9 @@ fn launch_new(
                         Ok(a) => {
                             debug_attach_delay();
                             let text = allocator::text_ranges(&a, &maps);
-                            let attached = trace_maps
-                                .set_allocator_text(&text)
-                                .and_then(|_| probes.attach_allocator(&a, pid, &maps));
+                            let attached = trace_maps.set_allocator_text(&text).and_then(|_| {
+                                probes.attach_allocator(&a, pid, &maps, &mut trace_maps)
+                            });
                             match attached {
                                 Ok(n) => found = Some((a, n)),
                                 Err(e) => {
@@ -1332,6 +1332,11 @@ fn build_report(
                     .collect(),
                 _ => Vec::new(),
             },
+            own_calls_told_by: match at.probes.marked_calls() {
+                Some(_) => "call-site probes",
+                None => "return address",
+            },
+            own_call_sites: at.probes.marked_calls().unwrap_or_default().to_vec(),
         },
         min_age_s: cli.min_age.as_secs_f64(),
         ages_from: if scan_all { "blocks" } else { "epochs" },
