@@ -41,10 +41,10 @@ mod probes {
         MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT,
         PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey,
         RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
-        SITE_CALL_IN_COOKIE, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP, STACK_FP_ONLY,
-        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange,
-        UnwindRow,
+        SITE_CALL_IN_COOKIE, SITE_KIND_MASK, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP,
+        SITE_UNSAMPLED_PENDING, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
+        STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats,
+        StackTrace, TextRange, UnwindRow,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -1134,6 +1134,7 @@ mod probes {
         out_ptr: u64,
         session: bool,
         cookie: *mut u64,
+        unsampled_pending: bool,
     ) -> u32 {
         if !is_target() {
             return SKIP_RETURN;
@@ -1189,10 +1190,15 @@ mod probes {
                 if old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
                 }
-                return SKIP_RETURN;
+                // A function that reaches another probed one by jumping
+                // through code memtrace does not mark (`SITE_UNSAMPLED_PENDING`)
+                // stays in PENDING, where that entry finds it: one call.
+                if !unsampled_pending {
+                    return SKIP_RETURN;
+                }
             }
             // The new block is not sampled, but the return must still retire
-            // the sampled old one.
+            // a sampled old one (realloc), or take the call out of PENDING.
             flags = PENDING_UNSAMPLED;
         }
         if !cookie.is_null() && flags == 0 && old_ptr == 0 && out_ptr == 0 {
@@ -1258,6 +1264,7 @@ mod probes {
             out_ptr,
             false,
             core::ptr::null_mut(),
+            false,
         )
     }
 
@@ -1352,6 +1359,14 @@ mod probes {
         // One record_alloc for every kind: it holds the stack walk, which the
         // verifier would otherwise check once per call site.
         let ptr = match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
+            // Unsampled, kept only to be taken out of PENDING (its call was
+            // counted at its entry).
+            Some(AllocKind::PosixMemalign | AllocKind::Malloc | AllocKind::Calloc)
+            | Some(AllocKind::Memalign | AllocKind::Valloc | AllocKind::Pvalloc)
+                if !sampled =>
+            {
+                return;
+            }
             Some(AllocKind::PosixMemalign) => {
                 if ret as u32 != 0 {
                     count(Counter::FailedAllocs, 1);
@@ -1478,7 +1493,7 @@ mod probes {
             SITE_MARK_CHECK => return leave_mark(&ctx, MARK_CHECK),
             _ => {}
         }
-        let Some(kind) = AllocKind::from_u32((site & 0x7f) as u32) else {
+        let Some(kind) = AllocKind::from_u32((site & SITE_KIND_MASK) as u32) else {
             return SKIP_RETURN;
         };
         if !cookie.is_null() {
@@ -1490,7 +1505,17 @@ mod probes {
             core::ptr::null_mut()
         };
         let (size, old_ptr, out_ptr) = call_args(&ctx, kind);
-        enter(&ctx, kind, size, old_ptr, out_ptr, true, keep_in)
+        let unsampled_pending = site & SITE_UNSAMPLED_PENDING != 0;
+        enter(
+            &ctx,
+            kind,
+            size,
+            old_ptr,
+            out_ptr,
+            true,
+            keep_in,
+            unsampled_pending,
+        )
     }
 
     #[uprobe]

@@ -124,6 +124,12 @@ pub struct InternalCall {
     /// Made through a PLT stub or a GOT slot: the slot's address in the file
     /// and the callee's, which the slot must hold in the process.
     pub via_slot: Option<(u64, u64)>,
+    /// Its address in the file's address space.
+    pub site_vaddr: u64,
+    /// A `Check` site: the probed functions (their addresses) that reach it
+    /// by jumping out of their code (glibc's memalign jumps to `_mid_memalign`,
+    /// which jumps to malloc). Their calls are still theirs in malloc.
+    pub tail_of: Vec<u64>,
 }
 
 #[derive(Debug, Error)]
@@ -306,7 +312,12 @@ pub fn internal_calls(
         }
     };
     let mut out = Vec::new();
-    let mut add = |at: u64, here: String, kind: MarkKind, q: &AttachPoint, via_slot| {
+    let add = |out: &mut Vec<InternalCall>,
+               at: u64,
+               here: String,
+               kind: MarkKind,
+               q: &AttachPoint,
+               via_slot| {
         let file_offset =
             vaddr_to_file_offset(file, at).ok_or_else(|| format!("{here}: not in the file"))?;
         if points.iter().any(|p| p.probe_offset == file_offset) {
@@ -319,14 +330,17 @@ pub fn internal_calls(
         };
         out.push(InternalCall {
             file_offset,
+            site_vaddr: at,
             kind,
             describe: format!("{here} ({insn} {})", q.names[0]),
             via_slot,
+            tail_of: Vec::new(),
         });
         Ok(())
     };
-    // Code outside the probed functions that they branch to.
-    let mut outside = Vec::new();
+    // Code outside the probed functions that they branch to, and the probed
+    // function that jumped there (rather than called it).
+    let mut outside: Vec<(u64, Option<u64>)> = Vec::new();
     for p in points {
         let code = whole_function(data, p.file_offset, p.size)
             .ok_or_else(|| format!("the size of {} is unknown", p.names[0]))?;
@@ -339,7 +353,8 @@ pub fn internal_calls(
             else {
                 let inside = b.target >= p.vaddr && b.target < p.vaddr + p.size;
                 if !through_memory && !inside {
-                    outside.push(b.target);
+                    let jumped = b.kind != placement::BranchKind::Call;
+                    outside.push((b.target, jumped.then_some(p.vaddr)));
                 }
                 continue;
             };
@@ -354,75 +369,117 @@ pub fn internal_calls(
                     ));
                 }
             };
-            add(p.vaddr + b.offset, here(), kind, q, via_slot)?;
+            add(&mut out, p.vaddr + b.offset, here(), kind, q, via_slot)?;
         }
     }
     // That code, followed through its jumps (not into what it calls: a call
-    // made there has its return address there, outside the probed functions).
-    let mut seen = std::collections::HashSet::new();
-    let mut decoded = 0;
-    while let Some(start) = outside.pop() {
-        let mut at = start;
-        loop {
-            if !seen.insert(at) {
-                break;
-            }
-            decoded += 1;
-            if decoded > MAX_FOLLOWED_INSNS {
-                return Err(format!(
-                    "more than {MAX_FOLLOWED_INSNS} instructions of code the allocator calls"
-                ));
-            }
-            let here = || format!("{at:#x}");
-            let code = vaddr_to_file_offset(file, at)
-                .and_then(|o| data.get(o as usize..))
-                .ok_or_else(|| format!("{}: code the allocator calls, not in the file", here()))?;
-            let mut decoder =
-                iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
-            let insn = decoder.decode();
-            if insn.is_invalid() {
-                return Err(format!("{}: undecodable code the allocator calls", here()));
-            }
-            let next = insn.next_ip();
-            use iced_x86::FlowControl as F;
-            match insn.flow_control() {
-                F::Next | F::Call | F::IndirectCall => at = next,
-                F::Return | F::Interrupt | F::Exception => break,
-                F::UnconditionalBranch | F::ConditionalBranch => {
-                    let target = insn.near_branch_target();
-                    let conditional = insn.flow_control() == F::ConditionalBranch;
-                    match callee(target, false).map_err(|e| format!("{}: {e}", here()))? {
-                        Some((q, _)) if conditional => {
-                            return Err(format!(
-                                "{}: a conditional jump into {}",
-                                here(),
-                                q.names[0]
-                            ));
-                        }
-                        Some((q, via_slot)) => add(at, here(), MarkKind::Check, q, via_slot)?,
-                        None => outside.push(target),
-                    }
-                    if !conditional {
-                        break;
-                    }
-                    at = next;
-                }
-                F::IndirectBranch if insn.is_ip_rel_memory_operand() => {
-                    // A tail call through a GOT slot.
-                    let slot = insn.ip_rel_memory_address();
-                    if let Some((q, via_slot)) =
-                        callee(slot, true).map_err(|e| format!("{}: {e}", here()))?
-                    {
-                        add(at, here(), MarkKind::Check, q, via_slot)?;
-                    }
+    // made there has its return address there, outside the probed functions),
+    // once from every start that a probed function called, and once from
+    // those each one jumped to.
+    let mut starts: Vec<(Vec<u64>, Option<u64>)> =
+        vec![(outside.iter().map(|&(t, _)| t).collect(), None)];
+    for p in points {
+        let jumped: Vec<u64> = outside
+            .iter()
+            .filter(|&&(_, from)| from == Some(p.vaddr))
+            .map(|&(t, _)| t)
+            .collect();
+        if !jumped.is_empty() {
+            starts.push((jumped, Some(p.vaddr)));
+        }
+    }
+    for (mut todo, jumped_from) in starts {
+        let mut seen = std::collections::HashSet::new();
+        let mut decoded = 0;
+        let mut found = Vec::new();
+        while let Some(start) = todo.pop() {
+            let mut at = start;
+            loop {
+                if !seen.insert(at) {
                     break;
                 }
-                _ => {
+                decoded += 1;
+                if decoded > MAX_FOLLOWED_INSNS {
                     return Err(format!(
-                        "{}: {:?} in code the allocator calls",
-                        here(),
-                        insn.mnemonic()
+                        "more than {MAX_FOLLOWED_INSNS} instructions of code the allocator calls"
                     ));
+                }
+                let here = || format!("{at:#x}");
+                let code = vaddr_to_file_offset(file, at)
+                    .and_then(|o| data.get(o as usize..))
+                    .ok_or_else(|| {
+                        format!("{}: code the allocator calls, not in the file", here())
+                    })?;
+                let mut decoder =
+                    iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+                let insn = decoder.decode();
+                if insn.is_invalid() {
+                    return Err(format!("{}: undecodable code the allocator calls", here()));
+                }
+                let next = insn.next_ip();
+                use iced_x86::FlowControl as F;
+                match insn.flow_control() {
+                    F::Next | F::Call | F::IndirectCall => at = next,
+                    F::Return | F::Interrupt | F::Exception => break,
+                    F::UnconditionalBranch | F::ConditionalBranch => {
+                        let target = insn.near_branch_target();
+                        let conditional = insn.flow_control() == F::ConditionalBranch;
+                        match callee(target, false).map_err(|e| format!("{}: {e}", here()))? {
+                            Some((q, _)) if conditional => {
+                                return Err(format!(
+                                    "{}: a conditional jump into {}",
+                                    here(),
+                                    q.names[0]
+                                ));
+                            }
+                            Some((q, via_slot)) => found.push((at, q, via_slot)),
+                            None => todo.push(target),
+                        }
+                        if !conditional {
+                            break;
+                        }
+                        at = next;
+                    }
+                    F::IndirectBranch if insn.is_ip_rel_memory_operand() => {
+                        // A tail call through a GOT slot.
+                        let slot = insn.ip_rel_memory_address();
+                        if let Some((q, via_slot)) =
+                            callee(slot, true).map_err(|e| format!("{}: {e}", here()))?
+                        {
+                            found.push((at, q, via_slot));
+                        }
+                        break;
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{}: {:?} in code the allocator calls",
+                            here(),
+                            insn.mnemonic()
+                        ));
+                    }
+                }
+            }
+        }
+        match jumped_from {
+            // Every site, once.
+            None => {
+                for (at, q, via_slot) in found {
+                    add(
+                        &mut out,
+                        at,
+                        format!("{at:#x}"),
+                        MarkKind::Check,
+                        q,
+                        via_slot,
+                    )?;
+                }
+            }
+            // The sites the probed function at `from` reaches by jumping.
+            Some(from) => {
+                for (at, _, _) in found {
+                    for c in out.iter_mut().filter(|c| c.site_vaddr == at) {
+                        c.tail_of.push(from);
+                    }
                 }
             }
         }
@@ -750,6 +807,16 @@ mod tests {
             };
             assert_eq!(c.kind, kind, "{c:?}");
         }
+        // memalign (aligned_alloc), valloc and pvalloc jump to
+        // `_mid_memalign`; posix_memalign calls it.
+        let check = calls.iter().find(|c| c.kind == MarkKind::Check).unwrap();
+        let mut tail_of: Vec<&str> = check
+            .tail_of
+            .iter()
+            .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().names[0])
+            .collect();
+        tail_of.sort();
+        assert_eq!(tail_of, ["memalign", "pvalloc", "valloc"], "{check:?}");
         let realloc = syms
             .points
             .iter()

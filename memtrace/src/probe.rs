@@ -529,6 +529,12 @@ impl Probes {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         // (offsets, cookies) of the allocating functions, then of free.
         let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        // Functions whose jumps reach a probed function through other code.
+        let tails: Vec<u64> = marks
+            .iter()
+            .flatten()
+            .flat_map(|c| c.tail_of.iter().copied())
+            .collect();
         for point in &alloc.points {
             log_probe(alloc, point);
             match point.role {
@@ -541,6 +547,11 @@ impl Probes {
                             | kind as u64
                             | if call_in_cookie(point) {
                                 memtrace_common::SITE_CALL_IN_COOKIE
+                            } else {
+                                0
+                            }
+                            | if tails.contains(&point.vaddr) {
+                                memtrace_common::SITE_UNSAMPLED_PENDING
                             } else {
                                 0
                             },
