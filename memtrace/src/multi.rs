@@ -192,14 +192,26 @@ impl RawLoader {
                 }
             }
             if !log.is_empty() {
-                a.log_level = 1;
+                // A small buffer gets the verifier's statistics only
+                // (BPF_LOG_STATS); a large one its whole log.
+                a.log_level = if log.len() <= STATS_LOG_BYTES { 4 } else { 1 };
                 a.log_size = log.len() as u32;
                 a.log_buf = log.as_mut_ptr() as u64;
             }
             sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(owned)
         };
-        let first = match try_load(&mut []) {
-            Ok(fd) => return Ok(fd),
+        let mut stats = vec![0u8; STATS_LOG_BYTES];
+        let started = std::time::Instant::now();
+        let first = match try_load(&mut stats) {
+            Ok(fd) => {
+                let text = String::from_utf8_lossy(&stats);
+                log::debug!(
+                    "BPF program {name} verified in {:?}: {}",
+                    started.elapsed(),
+                    text.trim_end_matches('\0').trim().replace('\n', "; ")
+                );
+                return Ok(fd);
+            }
             Err(e) => e,
         };
         // Again with the verifier's log. An empty log means the verifier never
@@ -224,6 +236,9 @@ impl RawLoader {
         }
     }
 }
+
+/// Size of the log buffer that asks the verifier for its statistics only.
+const STATS_LOG_BYTES: usize = 1024;
 
 impl RawLoader {
     /// `insns` with every call of a stand-in helper number made a call of its
