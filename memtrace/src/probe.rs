@@ -137,6 +137,12 @@ fn marked_calls(
     maps: &[MapEntry],
 ) -> Option<Vec<allocator::InternalCall>> {
     use std::os::unix::fs::FileExt;
+    if std::env::var_os("MEMTRACE_OWN_CALLS").is_some_and(|v| v == "return-address") {
+        log::info!(
+            "telling the allocator's own calls by their return address (MEMTRACE_OWN_CALLS)"
+        );
+        return None;
+    }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"));
     let read_word = |addr: u64| {
         let mut b = [0u8; 8];

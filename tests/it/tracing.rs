@@ -955,6 +955,66 @@ fn leaks_launch_classic() -> &'static Shared {
     })
 }
 
+/// Sessions with the allocator's own calls told by return address, as when
+/// its code has a branch memtrace cannot follow.
+fn leaks_launch_by_return_address() -> &'static Shared {
+    static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
+    shared(&CELL, || {
+        let bin = build_fixture("leaks", Variant::FramePointers);
+        let run = run_launch_env(
+            &[],
+            &[bin.to_str().unwrap(), "launch"],
+            &[("MEMTRACE_OWN_CALLS", "return-address")],
+        );
+        let tally = run.fixture_tally();
+        Shared { run, tally }
+    })
+}
+
+#[test]
+fn own_calls_by_marks_and_by_return_address_agree_exactly() {
+    let marks = &leaks_launch(Variant::FramePointers).run.report;
+    let by_ra = &leaks_launch_by_return_address().run.report;
+    let told_by = |r: &Report| r.0["allocator"]["own_calls_told_by"].clone();
+    assert_eq!(
+        told_by(marks),
+        "call-site probes",
+        "{}",
+        marks.0["allocator"]
+    );
+    assert_eq!(told_by(by_ra), "return address", "{}", by_ra.0["allocator"]);
+    assert_eq!(
+        by_ra.0["allocator"]["probe_mechanism"], "uprobe-session",
+        "{}",
+        by_ra.0["allocator"]
+    );
+    check_leaks_sites(by_ra, true);
+    let (blocks, bytes) = leaks::total();
+    check_totals_exact(by_ra, blocks, bytes);
+    for key in [
+        "alloc_calls",
+        "free_calls",
+        "alloc_bytes",
+        "outstanding_blocks",
+        "outstanding_bytes",
+        "failed_allocs",
+        "allocator_internal_calls",
+        "dropped_events",
+        "stack_errors",
+    ] {
+        assert_eq!(
+            marks.total(key),
+            by_ra.total(key),
+            "totals.{key}: marks vs return address\n{}\n{}",
+            marks.summary(),
+            by_ra.summary()
+        );
+    }
+    // The same return probes: only the way internal calls are found differs.
+    let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
+    assert_eq!(returns(marks), returns(by_ra), "{}", by_ra.0["allocator"]);
+}
+
 #[test]
 fn session_and_classic_probes_agree_exactly() {
     let session = &leaks_launch(Variant::FramePointers).run.report;
