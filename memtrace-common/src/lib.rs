@@ -189,16 +189,6 @@ pub struct CallMarkState {
     pub pending: u64,
 }
 
-/// A thread's mark: the entry expected next on it, by its stack pointer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CallMark {
-    /// The callee's rsp at its probe.
-    pub sp: u64,
-    /// 1 for a tail call (`jmp`): the call is the caller's, which its entry accounted for.
-    pub tail: u64,
-}
-
 /// Threads that may be between an allocator-internal call and its callee's probe at once.
 pub const MAX_CALL_MARKS: u32 = 1 << 12;
 
@@ -420,7 +410,6 @@ mod pod {
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::TextRange {}
     unsafe impl aya::Pod for super::CallMarkState {}
-    unsafe impl aya::Pod for super::CallMark {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::PageKey {}
     unsafe impl aya::Pod for super::PageRows {}

@@ -952,8 +952,8 @@ mod probes {
 
     /// The caller of the entry of thread `tid` at stack pointer `sp`, by the
     /// marks the allocator's own call sites leave. With no mark in flight,
-    /// this is one array read. (`User` may still be a tail call of a pending
-    /// call made through code that is not probed: see `may_be_tail_call`.)
+    /// this is one array read. (`User` and `BySp` may still be a tail call of
+    /// a pending call: see `may_be_tail_call`.)
     #[inline(always)]
     fn marked_caller(tid: u32, sp: u64) -> Caller {
         let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) else {
@@ -983,7 +983,8 @@ mod probes {
 
     /// Whether any call is in PENDING: only then can an entry be the tail call
     /// of a pending call (glibc's memalign jumps to `_mid_memalign`, which
-    /// jumps to malloc: neither jump is in a function memtrace marks).
+    /// jumps to malloc: that jump is not in a probed function). Counted with
+    /// marks or without.
     #[inline(always)]
     fn may_be_tail_call() -> bool {
         match CALL_MARK_STATE.get_ptr_mut(0) {
@@ -1144,36 +1145,32 @@ mod probes {
             _pad: 0,
             sp: regs_sp(ctx),
         };
-        match marked_caller(key.tid, key.sp) {
-            Caller::User => {
-                // (Marks are used only with sessions, which skip the inner
-                // return: the outer one reports the call.)
-                if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
-                    return SKIP_RETURN;
-                }
-            }
+        let caller = marked_caller(key.tid, key.sp);
+        match caller {
+            // (Marks are used only with sessions, which skip the inner return.)
             Caller::TailCall => return SKIP_RETURN,
             Caller::Allocator => {
                 count(Counter::InternalCalls, 1);
                 return SKIP_RETURN;
             }
-            Caller::BySp => {
-                if let Some(p) = PENDING.get_ptr_mut(&key) {
-                    // A tail call from one allocator entry point into another
-                    // (same stack pointer, the first call not returned): one
-                    // call, two probe pairs. In a session the inner return probe
-                    // is skipped and the outer one reports the call; classic
-                    // return probes both run and must pair up.
-                    if !session {
-                        unsafe { (*p).refs += 1 };
-                    }
-                    return SKIP_RETURN;
+            Caller::User | Caller::BySp => {}
+        }
+        if may_be_tail_call() {
+            if let Some(p) = PENDING.get_ptr_mut(&key) {
+                // A tail call from one allocator entry point into another (same
+                // stack pointer, the first call not returned): one call, two
+                // probe pairs. In a session the inner return probe is skipped
+                // and the outer one reports the call; classic return probes
+                // both run and must pair up.
+                if !session {
+                    unsafe { (*p).refs += 1 };
                 }
-                if called_by_allocator(key.sp) {
-                    count(Counter::InternalCalls, 1);
-                    return SKIP_RETURN;
-                }
+                return SKIP_RETURN;
             }
+        }
+        if caller == Caller::BySp && called_by_allocator(key.sp) {
+            count(Counter::InternalCalls, 1);
+            return SKIP_RETURN;
         }
         // realloc: whether memtrace knows the old block now. Another thread may
         // be handed (and even free) that address before this call's return
@@ -1535,9 +1532,11 @@ mod probes {
         // A free made by the allocator (glibc's realloc(p, 0) frees p): the
         // return probe of the outer call accounts for it.
         let internal = match marked_caller(key.tid, key.sp) {
-            Caller::User => may_be_tail_call() && PENDING.get_ptr(&key).is_some(),
             Caller::Allocator | Caller::TailCall => true,
-            Caller::BySp => PENDING.get_ptr(&key).is_some() || called_by_allocator(key.sp),
+            caller => {
+                (may_be_tail_call() && PENDING.get_ptr(&key).is_some())
+                    || (caller == Caller::BySp && called_by_allocator(key.sp))
+            }
         };
         if internal {
             count(Counter::InternalCalls, 1);

@@ -99,7 +99,7 @@ pub struct Allocator {
     pub text_start: u64,
 }
 
-/// What a mark says about the callee's entry (see `memtrace_common::CallMark`).
+/// What a mark says about the callee's entry (see `memtrace_common::SITE_MARK_CALL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MarkKind {
     /// A probed function's `call`: the allocator's own call.

@@ -151,11 +151,9 @@ fn marked_calls(
         Some(u64::from_ne_bytes(b))
     };
     let defined_elsewhere = |name: &str| {
-        let mut seen = std::collections::HashSet::new();
-        maps.iter()
-            .filter(|m| m.is_exec() && m.is_file_backed())
+        allocator::candidate_modules(maps, None)
+            .into_iter()
             .filter(|m| m.path.as_deref() != Some(alloc.module.as_str()))
-            .filter(|m| seen.insert(m.path.clone()))
             .any(|m| allocator::defines(&allocator::open_path(pid, m), name))
     };
     match allocator::check_slots(alloc, maps, read_word, defined_elsewhere) {

@@ -943,32 +943,53 @@ fn fp_cpp_stack_goes_through_operator_new_to_its_caller() {
 /// per function instead of the uprobe session.
 fn leaks_launch_classic() -> &'static Shared {
     static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
-    shared(&CELL, || {
+    leaks_launch_env(&CELL, ("MEMTRACE_PROBES", "classic"))
+}
+
+/// leaks.c launched (frame pointers) with one environment variable set for memtrace.
+fn leaks_launch_env(
+    cell: &'static OnceLock<Result<Shared, String>>,
+    env: (&'static str, &'static str),
+) -> &'static Shared {
+    shared(cell, move || {
         let bin = build_fixture("leaks", Variant::FramePointers);
-        let run = run_launch_env(
-            &[],
-            &[bin.to_str().unwrap(), "launch"],
-            &[("MEMTRACE_PROBES", "classic")],
-        );
+        let run = run_launch_env(&[], &[bin.to_str().unwrap(), "launch"], &[env]);
         let tally = run.fixture_tally();
         Shared { run, tally }
     })
+}
+
+/// `other` holds leaks.c's sites and exact totals, and every total `reference` has.
+fn check_same_leaks_totals(reference: &Report, other: &Report, what: &str) {
+    check_leaks_sites(other, true);
+    let (blocks, bytes) = leaks::total();
+    check_totals_exact(other, blocks, bytes);
+    for key in [
+        "alloc_calls",
+        "free_calls",
+        "alloc_bytes",
+        "outstanding_blocks",
+        "outstanding_bytes",
+        "failed_allocs",
+        "allocator_internal_calls",
+        "dropped_events",
+        "stack_errors",
+    ] {
+        assert_eq!(
+            reference.total(key),
+            other.total(key),
+            "totals.{key}: {what}\n{}\n{}",
+            reference.summary(),
+            other.summary()
+        );
+    }
 }
 
 /// Sessions with the allocator's own calls told by return address, as when
 /// its code has a branch memtrace cannot follow.
 fn leaks_launch_by_return_address() -> &'static Shared {
     static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
-    shared(&CELL, || {
-        let bin = build_fixture("leaks", Variant::FramePointers);
-        let run = run_launch_env(
-            &[],
-            &[bin.to_str().unwrap(), "launch"],
-            &[("MEMTRACE_OWN_CALLS", "return-address")],
-        );
-        let tally = run.fixture_tally();
-        Shared { run, tally }
-    })
+    leaks_launch_env(&CELL, ("MEMTRACE_OWN_CALLS", "return-address"))
 }
 
 #[test]
@@ -988,28 +1009,7 @@ fn own_calls_by_marks_and_by_return_address_agree_exactly() {
         "{}",
         by_ra.0["allocator"]
     );
-    check_leaks_sites(by_ra, true);
-    let (blocks, bytes) = leaks::total();
-    check_totals_exact(by_ra, blocks, bytes);
-    for key in [
-        "alloc_calls",
-        "free_calls",
-        "alloc_bytes",
-        "outstanding_blocks",
-        "outstanding_bytes",
-        "failed_allocs",
-        "allocator_internal_calls",
-        "dropped_events",
-        "stack_errors",
-    ] {
-        assert_eq!(
-            marks.total(key),
-            by_ra.total(key),
-            "totals.{key}: marks vs return address\n{}\n{}",
-            marks.summary(),
-            by_ra.summary()
-        );
-    }
+    check_same_leaks_totals(marks, by_ra, "marks vs return address");
     // The same return probes: only the way internal calls are found differs.
     let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
     assert_eq!(returns(marks), returns(by_ra), "{}", by_ra.0["allocator"]);
@@ -1028,28 +1028,7 @@ fn session_and_classic_probes_agree_exactly() {
         session.summary()
     );
     assert_eq!(mechanism(classic), "uprobe", "{}", classic.summary());
-    check_leaks_sites(classic, true);
-    let (blocks, bytes) = leaks::total();
-    check_totals_exact(classic, blocks, bytes);
-    for key in [
-        "alloc_calls",
-        "free_calls",
-        "alloc_bytes",
-        "outstanding_blocks",
-        "outstanding_bytes",
-        "failed_allocs",
-        "allocator_internal_calls",
-        "dropped_events",
-        "stack_errors",
-    ] {
-        assert_eq!(
-            session.total(key),
-            classic.total(key),
-            "totals.{key}: session vs classic\n{}\n{}",
-            session.summary(),
-            classic.summary()
-        );
-    }
+    check_same_leaks_totals(session, classic, "session vs classic");
     // One link per kind of program instead of one per probe.
     let probes = |r: &Report| u64_field(&r.0["allocator"], "probes");
     let functions = session.0["allocator"]["probe_sites"]
