@@ -187,6 +187,11 @@ pub struct CallMarkState {
     /// entries userspace expires are not subtracted). While it is 0, no entry
     /// can be a tail call of a pending call, and needs no `PENDING` lookup.
     pub pending: u64,
+    /// Bit `1 << kind` for each `AllocKind` whose function may reach another
+    /// probed function by jumping (a tail call: glibc's realloc(NULL, n)
+    /// jumps to malloc), for classic entry probes, which have no attach
+    /// cookie to say so (see `SITE_UNSAMPLED_PENDING`).
+    pub tail_kinds: u64,
 }
 
 /// Threads that may be between an allocator-internal call and its callee's probe at once.

@@ -704,20 +704,25 @@ mod probes {
         let window = read_window(win, sp);
         // The slot records this walk's reads from now on.
         cached.check = 0;
+        // Every field a step changes starts from a value the verifier does not
+        // know (`opaque_zero`): it compares the loop's states exactly, and a
+        // known 0 counted up by each frame-pointer step (or flags or'ed in)
+        // gave it a new state per frame: 760,000 instructions to check
+        // instead of 70,000.
         let mut w = Walk {
             pc,
             sp,
             bp,
             sp0: sp,
             tgid,
-            flags: 0,
+            flags: opaque_zero(),
             len: opaque_zero(),
             window,
             slot,
             cacheable: 1,
             words: opaque_zero(),
-            extent: 0,
-            fp_frames: 0,
+            extent: opaque_zero(),
+            fp_frames: opaque_zero(),
             stop: 0,
         };
         unsafe {
@@ -1126,6 +1131,8 @@ mod probes {
     /// have no return probe at all. `cookie`: the session's per-call cookie
     /// when the function may keep its call there (`SITE_CALL_IN_COOKIE`), else
     /// null; a call that needs only its size is then kept there, not in PENDING.
+    /// `keep_unsampled`: an unsampled call is kept to its return all the same
+    /// (see below).
     #[inline(always)]
     fn enter<C: EbpfContext>(
         ctx: &C,
@@ -1135,7 +1142,7 @@ mod probes {
         out_ptr: u64,
         session: bool,
         cookie: *mut u64,
-        unsampled_pending: bool,
+        keep_unsampled: bool,
     ) -> u32 {
         if !is_target() {
             return SKIP_RETURN;
@@ -1179,23 +1186,25 @@ mod probes {
         let mut flags = 0;
         let mean = sample_mean();
         if mean != 0 && !sample(mean, size) {
-            count(Counter::UnsampledCalls, 1);
-            if !old_known {
+            // Its return is still needed to retire a sampled old block
+            // (realloc); for a realloc(p, 0), which glibc turns into a free
+            // (returning NULL), to count it as a free and not an allocation;
+            // for a call that may well fail (`keep_unsampled`, see
+            // `result_in_doubt`), to count it as failed; and for a function
+            // that reaches another probed one by jumping through code memtrace
+            // does not mark (`keep_unsampled`, `SITE_UNSAMPLED_PENDING`), to
+            // stay in PENDING, where that entry finds it: one call. The return
+            // counts the call then.
+            if !old_known && !keep_unsampled && !(old_ptr != 0 && size == 0) {
+                count(Counter::UnsampledCalls, 1);
                 // realloc of a block memtrace never saw: the free it makes is
                 // counted here, as its return is not seen (so free_calls stays
                 // exact; it counts a rare failed realloc too).
                 if old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
                 }
-                // A function that reaches another probed one by jumping
-                // through code memtrace does not mark (`SITE_UNSAMPLED_PENDING`)
-                // stays in PENDING, where that entry finds it: one call.
-                if !unsampled_pending {
-                    return SKIP_RETURN;
-                }
+                return SKIP_RETURN;
             }
-            // The new block is not sampled, but the return must still retire
-            // a sampled old one (realloc), or take the call out of PENDING.
             flags = PENDING_UNSAMPLED;
         }
         if !cookie.is_null() && flags == 0 && old_ptr == 0 && out_ptr == 0 {
@@ -1250,9 +1259,34 @@ mod probes {
         }
     }
 
+    /// Whether a call may fail for its arguments alone, whatever the memory:
+    /// posix_memalign with an alignment that is not a power of two multiple of
+    /// 8 (EINVAL, by POSIX), memalign/aligned_alloc with one that is not a
+    /// power of two (allocators differ). Unsampled, such a rare call still has
+    /// its return seen, so that a failure is not counted as an allocation.
+    #[inline(always)]
+    fn result_in_doubt(ctx: &ProbeContext, kind: AllocKind) -> bool {
+        let pow2 = |a: u64| a != 0 && a & (a - 1) == 0;
+        match kind {
+            AllocKind::PosixMemalign => {
+                let a = arg(ctx, 1);
+                !pow2(a) || a % 8 != 0
+            }
+            AllocKind::Memalign => !pow2(arg(ctx, 0)),
+            _ => false,
+        }
+    }
+
+    /// A classic entry probe's call.
     #[inline(always)]
     fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
         let (size, old_ptr, out_ptr) = call_args(ctx, kind);
+        // No attach cookie here: whether the function may tail-call is in
+        // CALL_MARK_STATE.
+        let tail_kinds = match CALL_MARK_STATE.get_ptr(0) {
+            Some(st) => unsafe { core::ptr::read_volatile(&raw const (*st).tail_kinds) },
+            None => u64::MAX,
+        };
         enter(
             ctx,
             kind,
@@ -1261,7 +1295,7 @@ mod probes {
             out_ptr,
             false,
             core::ptr::null_mut(),
-            false,
+            (tail_kinds >> (kind as u32 & 63)) & 1 != 0 || result_in_doubt(ctx, kind),
         )
     }
 
@@ -1356,17 +1390,13 @@ mod probes {
         // One record_alloc for every kind: it holds the stack walk, which the
         // verifier would otherwise check once per call site.
         let ptr = match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
-            // Unsampled, kept only to be taken out of PENDING (its call was
-            // counted at its entry).
-            Some(AllocKind::PosixMemalign | AllocKind::Malloc | AllocKind::Calloc)
-            | Some(AllocKind::Memalign | AllocKind::Valloc | AllocKind::Pvalloc)
-                if !sampled =>
-            {
-                return;
-            }
             Some(AllocKind::PosixMemalign) => {
                 if ret as u32 != 0 {
                     count(Counter::FailedAllocs, 1);
+                    return;
+                }
+                if !sampled {
+                    count(Counter::UnsampledCalls, 1);
                     return;
                 }
                 match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
@@ -1404,6 +1434,7 @@ mod probes {
                     }
                 }
                 if !sampled {
+                    count(Counter::UnsampledCalls, 1);
                     if retire(ret, u64::MAX) {
                         // The unsampled new block took an address memtrace still
                         // held (its free was missed): not outstanding any more.
@@ -1416,6 +1447,10 @@ mod probes {
             Some(_) => {
                 if ret == 0 {
                     count(Counter::FailedAllocs, 1);
+                    return;
+                }
+                if !sampled {
+                    count(Counter::UnsampledCalls, 1);
                     return;
                 }
                 ret
@@ -1502,7 +1537,7 @@ mod probes {
             core::ptr::null_mut()
         };
         let (size, old_ptr, out_ptr) = call_args(&ctx, kind);
-        let unsampled_pending = site & SITE_UNSAMPLED_PENDING != 0;
+        let keep_unsampled = site & SITE_UNSAMPLED_PENDING != 0 || result_in_doubt(&ctx, kind);
         enter(
             &ctx,
             kind,
@@ -1511,7 +1546,7 @@ mod probes {
             out_ptr,
             true,
             keep_in,
-            unsampled_pending,
+            keep_unsampled,
         )
     }
 

@@ -631,6 +631,51 @@ pub fn vaddr(alloc: &Allocator, maps: &[MapEntry], file_offset: u64) -> Option<u
     Some(m.start + (file_offset - m.offset))
 }
 
+/// The probed functions (their addresses) whose calls may reach another
+/// probed function by jumping: glibc's realloc(NULL, n) jumps to malloc,
+/// memalign to `_mid_memalign`, which jumps to malloc. Such a tail call is one
+/// call, two entries. When calls are told by their return address (no marks),
+/// an unsampled call of these functions must stay in PENDING for the inner
+/// entry to know it (see `memtrace_common::SITE_UNSAMPLED_PENDING`).
+///
+/// From the internal calls when they are known; else every function that
+/// jumps out of its code at all (`placement::never_jumps_out`).
+pub fn tail_callers(
+    points: &[AttachPoint],
+    internal_calls: &Result<Vec<InternalCall>, String>,
+) -> Vec<u64> {
+    let jumps_out = || -> Vec<u64> {
+        points
+            .iter()
+            .filter(|p| !p.never_jumps_out && matches!(p.role, Role::Alloc(_)))
+            .map(|p| p.vaddr)
+            .collect()
+    };
+    let Ok(calls) = internal_calls else {
+        return jumps_out();
+    };
+    let mut out = Vec::new();
+    for call in calls {
+        match call.kind {
+            MarkKind::Call => {}
+            MarkKind::Check => out.extend_from_slice(&call.tail_of),
+            MarkKind::Jump => {
+                let from = points
+                    .iter()
+                    .find(|p| p.size > 0 && (p.vaddr..p.vaddr + p.size).contains(&call.site_vaddr));
+                match from {
+                    Some(p) => out.push(p.vaddr),
+                    // (internal_calls finds jumps only in functions of known extent.)
+                    None => return jumps_out(),
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = alloc
         .points
@@ -824,6 +869,30 @@ mod tests {
             .unwrap();
         let (_, callee) = calls.iter().find_map(|c| c.via_slot).unwrap();
         assert_eq!(callee, realloc.vaddr);
+
+        // Told by return address, an unsampled call of these stays in PENDING.
+        let names = |vaddrs: Vec<u64>| -> Vec<&str> {
+            let mut v: Vec<&str> = vaddrs
+                .iter()
+                .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().names[0])
+                .collect();
+            v.sort();
+            v
+        };
+        let tails = tail_callers(&syms.points, &Ok(calls.clone()));
+        assert_eq!(
+            names(tails),
+            ["memalign", "pvalloc", "realloc", "reallocarray", "valloc"]
+        );
+        // Without the internal calls: every allocating function that jumps
+        // out of its code (calloc tail-calls memset), never malloc or free.
+        let unknown = names(tail_callers(&syms.points, &Err("unknown".into())));
+        for name in ["calloc", "memalign", "realloc", "reallocarray", "valloc"] {
+            assert!(unknown.contains(&name), "{unknown:?}");
+        }
+        for name in ["malloc", "free"] {
+            assert!(!unknown.contains(&name), "{unknown:?}");
+        }
     }
 
     /// The probe sites chosen in Debian 12's glibc. Each is checked against a

@@ -193,13 +193,34 @@ impl RawLoader {
             }
             if !log.is_empty() {
                 // A small buffer gets the verifier's statistics only
-                // (BPF_LOG_STATS); a large one its whole log.
-                a.log_level = if log.len() <= STATS_LOG_BYTES { 4 } else { 1 };
+                // (BPF_LOG_STATS); a large one its log; the largest (1 GiB,
+                // the kernel's limit) every state too.
+                a.log_level = match log.len() {
+                    n if n <= STATS_LOG_BYTES => 4,
+                    FULL_LOG_BYTES => 2,
+                    _ => 1,
+                };
                 a.log_size = log.len() as u32;
                 a.log_buf = log.as_mut_ptr() as u64;
             }
             sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(owned)
         };
+        // MEMTRACE_VERIFIER_LOG=DIR: the verifier's whole log (level 2, every
+        // instruction it processed with its state: hundreds of MB) in
+        // DIR/NAME.log, to see where it spends its budget.
+        if let Some(dir) = std::env::var_os("MEMTRACE_VERIFIER_LOG") {
+            let mut log = vec![0u8; FULL_LOG_BYTES];
+            let loaded = try_load(&mut log);
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let path = std::path::Path::new(&dir).join(format!("{name}.log"));
+            match std::fs::write(&path, &log[..end]) {
+                Ok(()) => log::info!("verifier log of {name} written to {}", path.display()),
+                Err(e) => log::warn!("writing {}: {e}", path.display()),
+            }
+            if let Ok(fd) = loaded {
+                return Ok(fd);
+            }
+        }
         let mut stats = vec![0u8; STATS_LOG_BYTES];
         let started = std::time::Instant::now();
         let first = match try_load(&mut stats) {
@@ -239,6 +260,8 @@ impl RawLoader {
 
 /// Size of the log buffer that asks the verifier for its statistics only.
 const STATS_LOG_BYTES: usize = 1024;
+/// The largest log buffer the kernel takes (`UINT_MAX >> 2`), for level 2.
+const FULL_LOG_BYTES: usize = (1 << 30) - 1;
 
 impl RawLoader {
     /// `insns` with every call of a stand-in helper number made a call of its

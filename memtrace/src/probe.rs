@@ -87,7 +87,9 @@ impl TraceMaps {
     /// How the BPF side tells the allocator's own calls from users' (see
     /// `memtrace_common::CALL_MARKS_BY_SITE`): by the probes on its call
     /// sites, or by return address. Set before the probes are attached.
-    fn set_call_marks(&mut self, by_site: bool) -> Result<()> {
+    ///
+    /// `tail_kinds`: see `CallMarkState::tail_kinds`.
+    fn set_call_marks(&mut self, by_site: bool, tail_kinds: u64) -> Result<()> {
         let mode = if by_site {
             CALL_MARKS_BY_SITE
         } else {
@@ -100,6 +102,7 @@ impl TraceMaps {
                     mode,
                     in_flight: 0,
                     pending: 0,
+                    tail_kinds,
                 },
                 0,
             )
@@ -476,7 +479,20 @@ impl Probes {
         trace: &mut TraceMaps,
     ) -> Result<usize> {
         self.marked_calls = None;
-        trace.set_call_marks(false)?;
+        // Told by return address, an unsampled call of a function that may
+        // tail-call stays in PENDING, where the inner entry finds it. Classic
+        // entries read which ones from CALL_MARK_STATE (sessions: the cookie).
+        let tails = allocator::tail_callers(&alloc.points, &alloc.internal_calls);
+        let tail_kinds = alloc
+            .points
+            .iter()
+            .filter(|p| tails.contains(&p.vaddr))
+            .filter_map(|p| match p.role {
+                Role::Alloc(kind) => Some(1u64 << kind as u32),
+                Role::Free => None,
+            })
+            .fold(0, |a, b| a | b);
+        trace.set_call_marks(false, tail_kinds)?;
         if self.mechanism == Mechanism::Session {
             // The session program tells a call made by the allocator from a user's
             // call by the ranges in ALLOCATOR_TEXT: every function must have one.
@@ -493,8 +509,8 @@ impl Probes {
                 self.mechanism = Mechanism::Classic;
             } else {
                 let marks = marked_calls(alloc, pid, maps);
-                trace.set_call_marks(marks.is_some())?;
-                match self.attach_multi(alloc, pid, maps, marks) {
+                trace.set_call_marks(marks.is_some(), tail_kinds)?;
+                match self.attach_multi(alloc, pid, maps, marks, &tails) {
                     Ok(n) => return Ok(n),
                     Err(e) => {
                         log::warn!(
@@ -503,7 +519,7 @@ impl Probes {
                         self.multi_links.clear();
                         self.marked_calls = None;
                         self.mechanism = Mechanism::Classic;
-                        trace.set_call_marks(false)?;
+                        trace.set_call_marks(false, tail_kinds)?;
                     }
                 }
             }
@@ -529,16 +545,21 @@ impl Probes {
         pid: u32,
         maps: &[MapEntry],
         marks: Option<Vec<allocator::InternalCall>>,
+        tail_callers: &[u64],
     ) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         // (offsets, cookies) of the allocating functions, then of free.
         let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-        // Functions whose jumps reach a probed function through other code.
-        let tails: Vec<u64> = marks
-            .iter()
-            .flatten()
-            .flat_map(|c| c.tail_of.iter().copied())
-            .collect();
+        // Functions whose unsampled calls stay in PENDING: with marks, those
+        // whose jumps reach a probed function through other code (a jump
+        // in a probed function is marked); else every tail caller.
+        let tails: Vec<u64> = match &marks {
+            Some(marks) => marks
+                .iter()
+                .flat_map(|c| c.tail_of.iter().copied())
+                .collect(),
+            None => tail_callers.to_vec(),
+        };
         for point in &alloc.points {
             log_probe(alloc, point);
             match point.role {
