@@ -491,6 +491,10 @@ mod probes {
         0
     }
 
+    /// Words of a remembered walk that `walk_check` checks in a bounded loop
+    /// rather than with bpf_loop.
+    const UNROLLED_WORDS: usize = 16;
+
     /// The mix of the remembered walk in `slot` (never 0), and whether its
     /// words still hold (when `compare`).
     #[inline(always)]
@@ -502,6 +506,23 @@ mod probes {
         h = mix(h, ((c.tgid as u64) << 32) | c.words as u64);
         h = mix(h, ((c.extent as u64) << 32) | c.fp_frames as u64);
         h = mix(h, c.stop as u64);
+        let words = c.words as usize;
+        if words <= UNROLLED_WORDS {
+            // Most walks depend on a few words (two per frame at most): a
+            // bounded loop, with no callback call per word.
+            let win = STACK_WINDOW.get_ptr(0)?;
+            let mut k = 0;
+            while k < UNROLLED_WORDS && k < words {
+                let (index, value) = (c.index[k], c.value[k]);
+                if compare && unsafe { (*win).words[index as usize & (WINDOW_WORDS - 1)] } != value
+                {
+                    return None;
+                }
+                h = mix(h, ((index as u64) << 32) ^ value);
+                k += 1;
+            }
+            return Some(h | 1);
+        }
         let mut s = CheckWords {
             slot,
             compare: compare as u32,
