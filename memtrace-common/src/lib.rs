@@ -149,10 +149,11 @@ pub const SITE_CALL_IN_COOKIE: u64 = 0x80;
 
 /// In the attach cookie of an allocating function's uprobe session: the
 /// function jumps out of its code into code that jumps to a probed function
-/// (glibc's memalign into `_mid_memalign`, then malloc). With sampling, an
-/// unsampled call of it is kept in `PENDING` too (`PENDING_UNSAMPLED`), so that
-/// the inner entry knows the call is counted. The `AllocKind` is then
-/// `cookie & SITE_KIND_MASK`.
+/// (glibc's memalign into `_mid_memalign`, then malloc), or, when calls are
+/// told by return address (no marks), it may tail-call a probed function at
+/// all. With sampling, an unsampled call of it is kept in `PENDING` too
+/// (`PENDING_UNSAMPLED`), so that the inner entry knows the call is counted.
+/// The `AllocKind` is then `cookie & SITE_KIND_MASK`.
 pub const SITE_UNSAMPLED_PENDING: u64 = 0x40;
 pub const SITE_KIND_MASK: u64 = 0x3f;
 

@@ -18,6 +18,49 @@ const SITES: &[(&str, &str, u64)] = &[
     ("grow", "grow_realloc", 20_000 * 6000),
 ];
 
+/// (report total, fixture tally key) of the calls, counted exactly.
+const CALLS: &[(&str, &str)] = &[("alloc_calls", "alloc_calls"), ("free_calls", "free_calls")];
+
+/// Calls are counted whether sampled or not: `(report key, tally key)` exact,
+/// and no drop or unknown free (frees of unsampled blocks are expected).
+fn check_calls_exact(run: &Run, keys: &[(&str, &str)]) {
+    let r = &run.report;
+    let tally = run.fixture_tally().expect("the fixture's tally line");
+    for &(key, tally_key) in keys {
+        assert_eq!(
+            r.total(key),
+            tally.get(tally_key),
+            "totals.{key}\n{}",
+            r.summary()
+        );
+    }
+    for key in ["dropped_events", "free_unknown"] {
+        assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());
+    }
+}
+
+/// Each large site's estimated outstanding bytes within ±10% of the truth;
+/// returns them in `SITES` order.
+fn check_site_estimates(r: &Report, what: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    for &(function, marker, bytes) in SITES {
+        let line = source_line("sampled", marker);
+        let sites = r.sites_at(function, line);
+        assert_eq!(sites.len(), 1, "{function}:{line}\n{}", r.summary());
+        let got = u64_field(sites[0], "outstanding_bytes");
+        let err = got as f64 / bytes as f64 - 1.0;
+        assert!(
+            err.abs() < 0.10,
+            "{what}: {function}:{line} estimated {got} bytes outstanding, \
+             {bytes} in truth ({:+.1}%)\n{}",
+            err * 100.0,
+            r.summary()
+        );
+        out.push(got as f64);
+    }
+    out
+}
+
 #[test]
 fn sampled_estimates_are_unbiased() {
     require_root();
@@ -34,16 +77,7 @@ fn sampled_estimates_are_unbiased() {
             "{}",
             r.summary()
         );
-        // Calls are counted whether sampled or not: exact.
-        let tally = run.fixture_tally().expect("the fixture's tally line");
-        for key in ["alloc_calls", "free_calls"] {
-            assert_eq!(
-                r.total(key),
-                tally.get(key),
-                "totals.{key}\n{}",
-                r.summary()
-            );
-        }
+        check_calls_exact(&run, CALLS);
         // Unsampled calls pay no return probe: about one call in a hundred
         // here is sampled (each malloc(64) with probability 1/1000).
         let returns = u64_field(&r.0["allocator"], "return_probes");
@@ -54,24 +88,9 @@ fn sampled_estimates_are_unbiased() {
             r.total("alloc_calls"),
             r.0["allocator"]
         );
-        // Frees of unsampled blocks are expected, not "unknown".
-        for key in ["dropped_events", "free_unknown"] {
-            assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());
-        }
-        for (i, &(function, marker, bytes)) in SITES.iter().enumerate() {
-            let line = source_line("sampled", marker);
-            let sites = r.sites_at(function, line);
-            assert_eq!(sites.len(), 1, "{function}:{line}\n{}", r.summary());
-            let got = u64_field(sites[0], "outstanding_bytes");
-            let err = got as f64 / bytes as f64 - 1.0;
-            assert!(
-                err.abs() < 0.10,
-                "run {run_no}: {function}:{line} estimated {got} bytes outstanding, \
-                 {bytes} in truth ({:+.1}%)\n{}",
-                err * 100.0,
-                r.summary()
-            );
-            estimates[i].push(got as f64);
+        let run_estimates = check_site_estimates(r, &format!("run {run_no}"));
+        for (est, got) in estimates.iter_mut().zip(run_estimates) {
+            est.push(got);
         }
         // Freed blocks (and the blocks realloc moved) are not outstanding.
         for (function, marker) in [("churn", "churn"), ("grow", "grow_first")] {
@@ -124,31 +143,8 @@ fn check_sampled_by_return_address(env: (&str, &str), mechanism: &str) {
         Some("return address"),
         "{allocator}"
     );
-    let tally = run.fixture_tally().expect("the fixture's tally line");
-    for key in ["alloc_calls", "free_calls"] {
-        assert_eq!(
-            r.total(key),
-            tally.get(key),
-            "totals.{key}\n{}",
-            r.summary()
-        );
-    }
-    for key in ["dropped_events", "free_unknown"] {
-        assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());
-    }
-    for &(function, marker, bytes) in SITES {
-        let line = source_line("sampled", marker);
-        let sites = r.sites_at(function, line);
-        assert_eq!(sites.len(), 1, "{function}:{line}\n{}", r.summary());
-        let got = u64_field(sites[0], "outstanding_bytes");
-        let err = got as f64 / bytes as f64 - 1.0;
-        assert!(
-            err.abs() < 0.10,
-            "{function}:{line} estimated {got} bytes outstanding, {bytes} in truth ({:+.1}%)\n{}",
-            err * 100.0,
-            r.summary()
-        );
-    }
+    check_calls_exact(&run, CALLS);
+    check_site_estimates(r, mechanism);
 }
 
 #[test]
@@ -176,21 +172,12 @@ fn sampled_calls_are_counted_exactly() {
         &[bin.to_str().unwrap(), "launch", "0"],
     );
     run.assert_exit(0);
-    let r = &run.report;
-    let tally = run.fixture_tally().expect("the fixture's tally line");
-    for (key, tally_key) in [
-        ("alloc_calls", "alloc_calls"),
-        ("free_calls", "free_calls"),
-        ("failed_allocs", "failed"),
-    ] {
-        assert_eq!(
-            r.total(key),
-            tally.get(tally_key),
-            "totals.{key}\n{}",
-            r.summary()
-        );
-    }
-    for key in ["dropped_events", "free_unknown"] {
-        assert_eq!(r.total(key), 0, "totals.{key}\n{}", r.summary());
-    }
+    check_calls_exact(
+        &run,
+        &[
+            ("alloc_calls", "alloc_calls"),
+            ("free_calls", "free_calls"),
+            ("failed_allocs", "failed"),
+        ],
+    );
 }
