@@ -479,16 +479,37 @@ mod probes {
             return 1;
         };
         let k = k as usize;
-        if k >= CACHE_WORDS || k >= unsafe { (*c).words } as usize {
+        let (c, win) = unsafe { (&*c, &*win) };
+        if k >= CACHE_WORDS || k >= c.words as usize {
             return 1;
         }
-        let (index, value) = unsafe { ((*c).index[k], (*c).value[k]) };
-        if s.compare != 0 && unsafe { (*win).words[index as usize & (WINDOW_WORDS - 1)] } != value {
-            s.mismatch = 1;
-            return 1;
+        match check_word(c, win, k, s.compare != 0, s.hash) {
+            Some(h) => {
+                s.hash = h;
+                0
+            }
+            None => {
+                s.mismatch = 1;
+                1
+            }
         }
-        s.hash = mix(s.hash, ((index as u64) << 32) ^ value);
-        0
+    }
+
+    /// `h` with word `k` (< CACHE_WORDS) of remembered walk `c` mixed in; None
+    /// if `compare` and the window no longer holds it.
+    #[inline(always)]
+    fn check_word(
+        c: &CachedWalk,
+        win: &StackWindow,
+        k: usize,
+        compare: bool,
+        h: u64,
+    ) -> Option<u64> {
+        let (index, value) = (c.index[k], c.value[k]);
+        if compare && win.words[index as usize & (WINDOW_WORDS - 1)] != value {
+            return None;
+        }
+        Some(mix(h, ((index as u64) << 32) ^ value))
     }
 
     /// Words of a remembered walk that `walk_check` checks in a bounded loop
@@ -510,15 +531,10 @@ mod probes {
         if words <= UNROLLED_WORDS {
             // Most walks depend on a few words (two per frame at most): a
             // bounded loop, with no callback call per word.
-            let win = STACK_WINDOW.get_ptr(0)?;
+            let win = unsafe { &*STACK_WINDOW.get_ptr(0)? };
             let mut k = 0;
             while k < UNROLLED_WORDS && k < words {
-                let (index, value) = (c.index[k], c.value[k]);
-                if compare && unsafe { (*win).words[index as usize & (WINDOW_WORDS - 1)] } != value
-                {
-                    return None;
-                }
-                h = mix(h, ((index as u64) << 32) ^ value);
+                h = check_word(c, win, k, compare, h)?;
                 k += 1;
             }
             return Some(h | 1);

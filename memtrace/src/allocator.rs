@@ -126,9 +126,11 @@ pub struct InternalCall {
     pub via_slot: Option<(u64, u64)>,
     /// Its address in the file's address space.
     pub site_vaddr: u64,
-    /// A `Check` site: the probed functions (their addresses) that reach it
-    /// by jumping out of their code (glibc's memalign jumps to `_mid_memalign`,
-    /// which jumps to malloc). Their calls are still theirs in malloc.
+    /// The probed functions (their addresses) whose calls go on into the
+    /// callee by jumping: for a `Jump`, the function it is in; for a `Check`
+    /// site, those that jump out of their code into code that reaches it
+    /// (glibc's memalign jumps to `_mid_memalign`, which jumps to malloc).
+    /// Their calls are still theirs in the callee.
     pub tail_of: Vec<u64>,
 }
 
@@ -317,7 +319,8 @@ pub fn internal_calls(
                here: String,
                kind: MarkKind,
                q: &AttachPoint,
-               via_slot| {
+               via_slot,
+               tail_of: Vec<u64>| {
         let file_offset =
             vaddr_to_file_offset(file, at).ok_or_else(|| format!("{here}: not in the file"))?;
         if points.iter().any(|p| p.probe_offset == file_offset) {
@@ -334,7 +337,7 @@ pub fn internal_calls(
             kind,
             describe: format!("{here} ({insn} {})", q.names[0]),
             via_slot,
-            tail_of: Vec::new(),
+            tail_of,
         });
         Ok(())
     };
@@ -358,9 +361,9 @@ pub fn internal_calls(
                 }
                 continue;
             };
-            let kind = match b.kind {
-                placement::BranchKind::Call => MarkKind::Call,
-                placement::BranchKind::Jump => MarkKind::Jump,
+            let (kind, tail_of) = match b.kind {
+                placement::BranchKind::Call => (MarkKind::Call, Vec::new()),
+                placement::BranchKind::Jump => (MarkKind::Jump, vec![p.vaddr]),
                 placement::BranchKind::ConditionalJump => {
                     return Err(format!(
                         "{}: a conditional jump into {}",
@@ -369,7 +372,15 @@ pub fn internal_calls(
                     ));
                 }
             };
-            add(&mut out, p.vaddr + b.offset, here(), kind, q, via_slot)?;
+            add(
+                &mut out,
+                p.vaddr + b.offset,
+                here(),
+                kind,
+                q,
+                via_slot,
+                tail_of,
+            )?;
         }
     }
     // That code, followed through its jumps (not into what it calls: a call
@@ -471,6 +482,7 @@ pub fn internal_calls(
                         MarkKind::Check,
                         q,
                         via_slot,
+                        Vec::new(),
                     )?;
                 }
             }
@@ -638,39 +650,23 @@ pub fn vaddr(alloc: &Allocator, maps: &[MapEntry], file_offset: u64) -> Option<u
 /// an unsampled call of these functions must stay in PENDING for the inner
 /// entry to know it (see `memtrace_common::SITE_UNSAMPLED_PENDING`).
 ///
-/// From the internal calls when they are known; else every function that
-/// jumps out of its code at all (`placement::never_jumps_out`).
+/// From the internal calls' `tail_of` when they are known; else every
+/// function that jumps out of its code at all (`placement::never_jumps_out`).
 pub fn tail_callers(
     points: &[AttachPoint],
     internal_calls: &Result<Vec<InternalCall>, String>,
 ) -> Vec<u64> {
-    let jumps_out = || -> Vec<u64> {
-        points
+    let mut out: Vec<u64> = match internal_calls {
+        Ok(calls) => calls
+            .iter()
+            .flat_map(|c| c.tail_of.iter().copied())
+            .collect(),
+        Err(_) => points
             .iter()
             .filter(|p| !p.never_jumps_out && matches!(p.role, Role::Alloc(_)))
             .map(|p| p.vaddr)
-            .collect()
+            .collect(),
     };
-    let Ok(calls) = internal_calls else {
-        return jumps_out();
-    };
-    let mut out = Vec::new();
-    for call in calls {
-        match call.kind {
-            MarkKind::Call => {}
-            MarkKind::Check => out.extend_from_slice(&call.tail_of),
-            MarkKind::Jump => {
-                let from = points
-                    .iter()
-                    .find(|p| p.size > 0 && (p.vaddr..p.vaddr + p.size).contains(&call.site_vaddr));
-                match from {
-                    Some(p) => out.push(p.vaddr),
-                    // (internal_calls finds jumps only in functions of known extent.)
-                    None => return jumps_out(),
-                }
-            }
-        }
-    }
     out.sort_unstable();
     out.dedup();
     out

@@ -556,6 +556,7 @@ impl Probes {
         let tails: Vec<u64> = match &marks {
             Some(marks) => marks
                 .iter()
+                .filter(|c| c.kind == allocator::MarkKind::Check)
                 .flat_map(|c| c.tail_of.iter().copied())
                 .collect(),
             None => tail_callers.to_vec(),
