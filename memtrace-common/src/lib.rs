@@ -226,7 +226,7 @@ impl AllocKind {
     }
 }
 
-/// One outstanding allocation. Map `ALLOCS`: block address (u64) → `Allocation`.
+/// One outstanding allocation, in a slot of an [`AllocBucket`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Allocation {
@@ -241,6 +241,64 @@ pub struct Allocation {
     /// Birth time after the epoch's start, in [`EPOCH_TIME_SHIFT`] units
     /// (saturated): what the block added to its aggregate's `birth_sum`.
     pub birth_offset: u32,
+}
+
+// ---- the table of outstanding blocks ---------------------------------------
+// ALLOCS is a hash table in two arrays of buckets, not a BPF hash map: a block
+// has two candidate buckets (two hashes of its address), and lives in a free
+// slot of one of them. A lookup reads one 64-byte line of keys per bucket,
+// an insert claims a slot with one compare-and-swap: no lock, no allocation,
+// no RCU-deferred free (a BPF hash map's insert + delete cost ~550 ns per
+// block on the reference VM, this ~60 ns). Both arrays are mmapable, so
+// userspace scans them without a syscall per entry.
+
+/// Slots per bucket: 8 keys fill one cache line.
+pub const ALLOC_BUCKET_SLOTS: usize = 8;
+
+/// A slot's key: empty, claimed by an insert still writing its block, or the
+/// block's address (never 0 or 1: allocators align to at least 8).
+pub const ALLOC_KEY_EMPTY: u64 = 0;
+pub const ALLOC_KEY_BUSY: u64 = 1;
+
+/// Map `ALLOC_KEYS` (array, one entry per bucket): the addresses in a bucket.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocKeys {
+    pub keys: [u64; ALLOC_BUCKET_SLOTS],
+}
+
+/// Map `ALLOCS` (array, one entry per bucket): the blocks of a bucket, slot
+/// `i` belonging to `AllocKeys::keys[i]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocBucket {
+    pub blocks: [Allocation; ALLOC_BUCKET_SLOTS],
+}
+
+/// Buckets for room for `max_blocks` blocks: 1.4 slots per block. With two
+/// choices of 8-slot buckets, a table loaded to 1/1.4 of its slots by random
+/// addresses turns away about one insert in a million (both buckets full, counted as
+/// `DroppedAllocMapFull`); real heaps' regular addresses spread better.
+pub const fn alloc_buckets(max_blocks: u32) -> u32 {
+    let slots = (max_blocks as u64 * 7).div_ceil(5);
+    let b = slots.div_ceil(ALLOC_BUCKET_SLOTS as u64);
+    if b == 0 { 1 } else { b as u32 }
+}
+
+/// The two candidate buckets of the block at `addr` in a table of `buckets`
+/// buckets: two multiplicative hashes, each mapped onto `0..buckets` by a
+/// multiply-shift (no power of two needed). Both are below `buckets`.
+#[inline(always)]
+pub const fn alloc_bucket_choices(addr: u64, buckets: u32) -> (u32, u32) {
+    // Blocks are 16-byte aligned (glibc; at least 8 elsewhere): the low bits
+    // carry nothing.
+    let x = addr >> 3;
+    let h1 = x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    let h2 = x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32;
+    (
+        ((h1 * buckets as u64) >> 32) as u32,
+        ((h2 * buckets as u64) >> 32) as u32,
+    )
 }
 
 /// Key of the per-site aggregates: a site (allocation stack) and the epoch its
@@ -408,6 +466,8 @@ pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding.
     unsafe impl aya::Pod for super::Allocation {}
+    unsafe impl aya::Pod for super::AllocKeys {}
+    unsafe impl aya::Pod for super::AllocBucket {}
     unsafe impl aya::Pod for super::SiteStats {}
     unsafe impl aya::Pod for super::SiteKey {}
     unsafe impl aya::Pod for super::Epoch {}
@@ -426,6 +486,8 @@ const _: () = {
     assert!(core::mem::size_of::<PageKey>() == 16);
     assert!(core::mem::size_of::<PageRows>() == 16);
     assert!(core::mem::size_of::<Allocation>() == 32);
+    assert!(core::mem::size_of::<AllocKeys>() == 64);
+    assert!(core::mem::size_of::<AllocBucket>() == 256);
     assert!(core::mem::size_of::<SiteStats>() == 40);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);
@@ -446,5 +508,45 @@ mod tests {
             assert_eq!(AllocKind::from_u32(k as u32), Some(k));
         }
         assert_eq!(AllocKind::from_u32(8), None);
+    }
+
+    #[test]
+    fn alloc_table_sizes() {
+        // 1.4 slots per block, rounded up to whole buckets; never empty.
+        assert_eq!(alloc_buckets(1), 1);
+        assert_eq!(alloc_buckets(5), 1);
+        assert_eq!(alloc_buckets(6), 2);
+        assert_eq!(alloc_buckets(100), 18);
+        assert_eq!(alloc_buckets(DEFAULT_MAX_OUTSTANDING), 183_501);
+        assert_eq!(alloc_buckets(1 << 27), 23_488_103);
+    }
+
+    #[test]
+    fn alloc_bucket_choices_spread_and_stay_in_range() {
+        for buckets in [1u32, 2, 18, 183_501, u32::MAX] {
+            for i in 0..10_000u64 {
+                let (a, b) = alloc_bucket_choices(0x5555_0000_1000 + i * 48, buckets);
+                assert!(a < buckets && b < buckets, "{buckets}: {a} {b}");
+            }
+        }
+        // Consecutive 80-byte blocks (64-byte mallocs) fill 1000 buckets evenly:
+        // no bucket gets more than a few times its share from either hash.
+        let buckets = 1000u32;
+        let (mut first, mut second) = ([0u32; 1000], [0u32; 1000]);
+        let mut differ = 0;
+        for i in 0..100_000u64 {
+            let (a, b) = alloc_bucket_choices(0x55d0_c0a0_0000 + i * 80, buckets);
+            first[a as usize] += 1;
+            second[b as usize] += 1;
+            differ += (a != b) as u32;
+        }
+        for (name, h) in [("first", &first), ("second", &second)] {
+            let (min, max) = (h.iter().min().unwrap(), h.iter().max().unwrap());
+            assert!(
+                *min >= 50 && *max <= 200,
+                "{name} hash: {min}..{max} per bucket, 100 expected"
+            );
+        }
+        assert!(differ > 99_000, "the two choices are independent: {differ}");
     }
 }

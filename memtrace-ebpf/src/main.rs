@@ -2,8 +2,9 @@
 //!
 //! Entry probes remember each call in `PENDING` (keyed by thread and stack
 //! pointer, so nested and recursive calls on one thread do not clobber each
-//! other); the shared return probe turns a successful call into an entry of
-//! `ALLOCS` (address → size, stack, time) and updates the per-stack aggregate in
+//! other); the shared return probe turns a successful call into a slot of the
+//! block table `ALLOC_KEYS`/`ALLOCS` (address → size, stack, time; see
+//! `memtrace_common::AllocKeys`) and updates the per-stack aggregate in
 //! `SITES`; the free probe retires blocks. Every event that cannot be recorded is
 //! counted in `COUNTERS`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -20,11 +21,12 @@
 
 #[cfg(target_arch = "bpf")]
 mod probes {
-    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+    use core::ptr::{read_volatile, write_volatile};
 
     use aya_ebpf::{
         EbpfContext,
-        bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+        bindings::{BPF_ANY, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
         helpers::{
             bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
             bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_send_signal,
@@ -34,7 +36,8 @@ mod probes {
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
-        AllocKind, Allocation, CALL_MARKS_BY_SITE, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP,
+        ALLOC_BUCKET_SLOTS, ALLOC_KEY_BUSY, ALLOC_KEY_EMPTY, AllocBucket, AllocKeys, AllocKind,
+        Allocation, CALL_MARKS_BY_SITE, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP,
         CallMarkState, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
         DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, KFUNC_SESSION_COOKIE,
         KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
@@ -44,7 +47,7 @@ mod probes {
         SITE_CALL_IN_COOKIE, SITE_KIND_MASK, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP,
         SITE_UNSAMPLED_PENDING, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
         STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats,
-        StackTrace, TextRange, UnwindRow,
+        StackTrace, TextRange, UnwindRow, alloc_bucket_choices, alloc_buckets,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -58,9 +61,18 @@ mod probes {
     #[unsafe(no_mangle)]
     static SAMPLE_MEAN_BYTES: u64 = 0;
 
+    /// Buckets of the block table (set by userspace before load: the entries
+    /// of `ALLOC_KEYS` and `ALLOCS`).
+    #[unsafe(no_mangle)]
+    static ALLOC_BUCKETS: u32 = alloc_buckets(DEFAULT_MAX_OUTSTANDING);
+
+    /// The block table: each bucket's addresses, and its blocks.
     #[map]
-    static ALLOCS: HashMap<u64, Allocation> =
-        HashMap::with_max_entries(DEFAULT_MAX_OUTSTANDING, BPF_F_NO_PREALLOC);
+    static ALLOC_KEYS: Array<AllocKeys> =
+        Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
+    #[map]
+    static ALLOCS: Array<AllocBucket> =
+        Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
 
     #[map]
     static SITES: HashMap<SiteKey, SiteStats> =
@@ -863,6 +875,125 @@ mod probes {
         }
     }
 
+    /// A slot of the block table: its key and its block.
+    #[derive(Clone, Copy)]
+    struct Slot {
+        key: *mut u64,
+        block: *mut Allocation,
+    }
+
+    #[inline(always)]
+    fn cas(p: *mut u64, old: u64, new: u64) -> bool {
+        unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+                .1
+        }
+    }
+
+    /// Looks `addr` up in bucket `b`: the slot holding it, and how many slots
+    /// are empty.
+    #[inline(always)]
+    fn scan_bucket(b: u32, addr: u64) -> (Option<Slot>, u32) {
+        let (Some(keys), Some(blocks)) = (ALLOC_KEYS.get_ptr_mut(b), ALLOCS.get_ptr_mut(b)) else {
+            return (None, 0);
+        };
+        let mut empty = 0;
+        let mut i = 0;
+        while i < ALLOC_BUCKET_SLOTS {
+            let key = unsafe { (&raw mut (*keys).keys).cast::<u64>().add(i) };
+            let k = unsafe { read_volatile(key) };
+            if k == addr {
+                let block = unsafe { (&raw mut (*blocks).blocks).cast::<Allocation>().add(i) };
+                return (Some(Slot { key, block }), empty);
+            }
+            empty += (k == ALLOC_KEY_EMPTY) as u32;
+            i += 1;
+        }
+        (None, empty)
+    }
+
+    /// Claims an empty slot of bucket `b` (marked busy until its block is written).
+    #[inline(always)]
+    fn claim_in(b: u32) -> Option<Slot> {
+        let keys = ALLOC_KEYS.get_ptr_mut(b)?;
+        let blocks = ALLOCS.get_ptr_mut(b)?;
+        let mut i = 0;
+        while i < ALLOC_BUCKET_SLOTS {
+            let key = unsafe { (&raw mut (*keys).keys).cast::<u64>().add(i) };
+            if unsafe { read_volatile(key) } == ALLOC_KEY_EMPTY
+                && cas(key, ALLOC_KEY_EMPTY, ALLOC_KEY_BUSY)
+            {
+                let block = unsafe { (&raw mut (*blocks).blocks).cast::<Allocation>().add(i) };
+                return Some(Slot { key, block });
+            }
+            i += 1;
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn table_buckets() -> u32 {
+        unsafe { read_volatile(&ALLOC_BUCKETS) }
+    }
+
+    /// The slot of the outstanding block at `addr`, if memtrace holds one.
+    #[inline(always)]
+    fn find_block(addr: u64) -> Option<Slot> {
+        if addr <= ALLOC_KEY_BUSY {
+            return None;
+        }
+        let (b1, b2) = alloc_bucket_choices(addr, table_buckets());
+        if let (Some(s), _) = scan_bucket(b1, addr) {
+            return Some(s);
+        }
+        if b2 == b1 {
+            return None;
+        }
+        scan_bucket(b2, addr).0
+    }
+
+    /// Takes the block in `slot` (at `addr`) out of the table and its
+    /// aggregate. Of two CPUs retiring one block (a double free), one does.
+    #[inline(always)]
+    fn retire_slot(slot: Slot, addr: u64, a: &Allocation) -> bool {
+        if cas(slot.key, addr, ALLOC_KEY_EMPTY) {
+            site_sub(a);
+            return true;
+        }
+        false
+    }
+
+    /// Enters block `a` at `addr` into the table, in the emptier of its two
+    /// buckets; the slot, or None if both are full. A block still held at
+    /// `addr` (its free was missed) is retired first and counted.
+    #[inline(always)]
+    fn insert_block(addr: u64, a: &Allocation) -> Option<Slot> {
+        if addr <= ALLOC_KEY_BUSY {
+            return None;
+        }
+        let (b1, b2) = alloc_bucket_choices(addr, table_buckets());
+        let (mut held, empty1) = scan_bucket(b1, addr);
+        let mut empty2 = 0;
+        if held.is_none() && b2 != b1 {
+            (held, empty2) = scan_bucket(b2, addr);
+        }
+        if let Some(old) = held {
+            // (Read before the slot is given up: another insert may take it then.)
+            let prev = unsafe { read_volatile(old.block) };
+            if retire_slot(old, addr, &prev) {
+                count(Counter::AddressReused, 1);
+            }
+        }
+        let (first, second) = if empty2 > empty1 { (b2, b1) } else { (b1, b2) };
+        let slot = claim_in(first).or_else(|| claim_in(second))?;
+        // The block before its key: a reader that sees the key sees the block.
+        unsafe {
+            write_volatile(slot.block, *a);
+            write_volatile(slot.key, addr);
+        }
+        Some(slot)
+    }
+
     /// Retires the outstanding block at `ptr`; false if memtrace never saw it.
     /// `not_after_ns` protects realloc: between realloc's entry and its return
     /// probe another thread may already have been handed the old address by
@@ -870,16 +1001,14 @@ mod probes {
     /// newer allocation retired it when it took the address (AddressReused).
     #[inline(always)]
     fn retire(ptr: u64, not_after_ns: u64) -> bool {
-        let Some(a) = (unsafe { ALLOCS.get(&ptr) }) else {
+        let Some(slot) = find_block(ptr) else {
             return false;
         };
+        let a = unsafe { read_volatile(slot.block) };
         if a.timestamp_ns > not_after_ns {
             return true;
         }
-        let a = *a;
-        if ALLOCS.remove(&ptr).is_ok() {
-            site_sub(&a);
-        }
+        retire_slot(slot, ptr, &a);
         true
     }
 
@@ -897,27 +1026,12 @@ mod probes {
         };
         // (No free can come between the two updates: the caller has not been
         // given the address yet.)
-        match ALLOCS.insert(&ptr, &a, BPF_NOEXIST as u64) {
-            Ok(()) => {}
-            // The address is still outstanding: its free was not seen. Retire
-            // that block so its bytes are not counted twice. (Inserting first
-            // saves a lookup on every allocation.)
-            Err(e) if e == -17 => {
-                if retire(ptr, u64::MAX) {
-                    count(Counter::AddressReused, 1);
-                }
-                if ALLOCS.insert(&ptr, &a, BPF_ANY as u64).is_err() {
-                    count(Counter::DroppedAllocMapFull, 1);
-                    return;
-                }
-            }
-            Err(_) => {
-                count(Counter::DroppedAllocMapFull, 1);
-                return;
-            }
-        }
+        let Some(slot) = insert_block(ptr, &a) else {
+            count(Counter::DroppedAllocMapFull, 1);
+            return;
+        };
         if !site_add(&a) {
-            let _ = ALLOCS.remove(&ptr);
+            let _ = cas(slot.key, ptr, ALLOC_KEY_EMPTY);
             count(Counter::DroppedSiteMapFull, 1);
             return;
         }
@@ -1219,7 +1333,7 @@ mod probes {
         // realloc: whether memtrace knows the old block now. Another thread may
         // be handed (and even free) that address before this call's return
         // probe runs; the old block then is gone, but it was not unknown.
-        let old_known = old_ptr != 0 && unsafe { ALLOCS.get(&old_ptr) }.is_some();
+        let old_known = old_ptr != 0 && find_block(old_ptr).is_some();
         let mut flags = 0;
         let mean = sample_mean();
         if mean != 0 && !sample(mean, size) {

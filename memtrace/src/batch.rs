@@ -251,7 +251,8 @@ pub struct ReadStats {
     pub entries: u64,
     /// Syscalls made (for the per-entry path: two per entry, plus the last get_next_key).
     pub calls: u64,
-    pub batched: bool,
+    /// How the map was read: "batch", "per entry" or "mmap".
+    pub how: &'static str,
     pub wall: Duration,
     /// CPU (user + system) of the reading thread.
     pub cpu: Duration,
@@ -307,7 +308,7 @@ pub fn for_each_entry<K: Pod, V: Pod>(
     let done = |entries: u64, calls: u64, batched: bool| ReadStats {
         entries,
         calls,
-        batched,
+        how: if batched { "batch" } else { "per entry" },
         wall: t0.elapsed(),
         cpu: thread_cpu().saturating_sub(cpu0),
     };

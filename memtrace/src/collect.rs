@@ -377,10 +377,11 @@ impl Collector {
         sampling: Sampling,
     ) -> Result<HashMap<u64, SiteBlocks>> {
         let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
-        let read = batch::for_each_entry(&self.maps.allocs, |_addr, a| {
-            g.add(a.stack_id, a.timestamp_ns, a.size)
-        })
-        .context("reading ALLOCS")?;
+        let read = self
+            .maps
+            .allocs
+            .for_each(|_addr, a| g.add(a.stack_id, a.timestamp_ns, a.size))
+            .context("reading ALLOCS")?;
         log_read("ALLOCS", &read);
         Ok(g.finish())
     }
@@ -402,7 +403,7 @@ fn log_read(map: &str, r: &batch::ReadStats) {
         "read {map}: {} entries, {} syscalls ({}), {:.3} ms wall, {:.3} ms cpu",
         r.entries,
         r.calls,
-        if r.batched { "batch" } else { "per entry" },
+        r.how,
         r.wall.as_secs_f64() * 1e3,
         r.cpu.as_secs_f64() * 1e3,
     );

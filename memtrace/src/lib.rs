@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod analyze;
 pub mod batch;
+pub mod blocks;
 pub mod cli;
 pub mod collect;
 pub mod diff;

@@ -25,13 +25,14 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocKind, Allocation, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
-    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
-    SiteStats, StackTrace, TextRange, UnwindRow,
+    AllocKind, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch, MAX_ALLOCATOR_FUNCTIONS,
+    NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey, SiteStats, StackTrace,
+    TextRange, UnwindRow,
 };
 
 use crate::{
     allocator::{self, Allocator, AttachPoint, Role},
+    blocks::BlockTable,
     multi,
     procmaps::MapEntry,
     sampling,
@@ -45,7 +46,7 @@ static BPF_OBJECT: &[u8] =
 /// probes can be detached (the programs dropped) while the maps stay readable
 /// for the final report.
 pub struct TraceMaps {
-    pub allocs: HashMap<MapData, u64, Allocation>,
+    pub allocs: BlockTable,
     pub sites: HashMap<MapData, SiteKey, SiteStats>,
     pub epoch: Array<MapData, Epoch>,
     pub stacks: HashMap<MapData, u64, StackTrace>,
@@ -266,13 +267,18 @@ const RETURN_PROGRAM: &str = "alloc_return";
 /// Capacities of the kernel maps (entries), from `--max-blocks`/`--max-stacks`.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
-    /// Outstanding blocks (map ALLOCS).
+    /// Outstanding blocks (the block table ALLOC_KEYS/ALLOCS).
     pub blocks: u32,
     /// Distinct stacks, i.e. sites (maps STACKS and SITES).
     pub stacks: u32,
 }
 
 impl MapSizes {
+    /// Buckets of the block table (ALLOC_KEYS and ALLOCS): room for `blocks`.
+    pub fn block_buckets(&self) -> u32 {
+        memtrace_common::alloc_buckets(self.blocks)
+    }
+
     /// Entries of SITES: one per site and birth epoch that holds blocks. There
     /// are never more of those than blocks, and in practice far fewer: room for
     /// half as many aggregates as blocks, or 4 per site, whichever is more (a
@@ -333,7 +339,9 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
-        .map_max_entries("ALLOCS", sizes.blocks)
+        .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
+        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
+        .map_max_entries("ALLOCS", sizes.block_buckets())
         .map_max_entries("STACKS", sizes.stacks)
         .map_max_entries("SITES", sizes.site_entries())
         .load(BPF_OBJECT)
@@ -375,7 +383,10 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
             .with_context(|| format!("BPF map {name} missing from the object"))
     };
     let maps = TraceMaps {
-        allocs: HashMap::try_from(take("ALLOCS")?)?,
+        allocs: BlockTable::new(
+            Array::try_from(take("ALLOC_KEYS")?)?,
+            Array::try_from(take("ALLOCS")?)?,
+        )?,
         sites: HashMap::try_from(take("SITES")?)?,
         epoch: Array::try_from(take("EPOCH")?)?,
         stacks: HashMap::try_from(take("STACKS")?)?,

@@ -64,7 +64,7 @@ impl MapRead {
             map: map.to_string(),
             entries: num(" entries")? as u64,
             syscalls: num(" syscalls")? as u64,
-            batched: rest.contains("(batch)"),
+            batched: rest.contains("(batch)") || rest.contains("(mmap)"),
             wall_ms: num(" ms wall")?,
             cpu_ms: num(" ms cpu")?,
         })
