@@ -43,7 +43,7 @@ pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The kernel's internal ENOTSUPP (not EOPNOTSUPP), which `bpf(2)` leaks to
 /// userspace for a map type without the batch operation.
 pub const ENOTSUPP: i32 = 524;
-/// Entries asked for per call: 16384 × (8 + 24) bytes = 512 KiB for ALLOCS.
+/// Entries asked for per call: 16384 × (16 + 40) bytes = 896 KiB for SITES.
 pub const CHUNK: usize = 16384;
 /// The most entries one call may be given room for after ENOSPC retries (a
 /// single bucket that large means something else is wrong).

@@ -94,8 +94,8 @@ pub struct Cli {
     #[arg(short, long, value_name = "DUR", value_parser = parse_duration_arg)]
     pub duration: Option<Duration>,
 
-    /// Most outstanding blocks tracked at once; beyond it allocations are counted
-    /// as dropped (kernel memory grows with use: about 80 bytes per block)
+    /// Outstanding blocks to make room for; beyond it allocations are counted as
+    /// dropped (kernel memory, taken at start: about 68 bytes per block)
     #[arg(long, value_name = "N", default_value_t = memtrace_common::DEFAULT_MAX_OUTSTANDING,
           value_parser = clap::value_parser!(u32).range(1..=(1 << 27)))]
     pub max_blocks: u32,

@@ -159,7 +159,8 @@ struct Measured {
     sites_read: String,
 }
 
-fn trace_scale(fixture: &Path, no_batch: bool) -> Measured {
+/// `ages`: MEMTRACE_AGES for the run (None: memtrace's own choice).
+fn trace_scale(fixture: &Path, no_batch: bool, ages: Option<&str>) -> Measured {
     let mut target = TestProcess::spawn_ready(fixture, &[]);
     let out = unique_path("json");
     let log = unique_path("log");
@@ -179,6 +180,10 @@ fn trace_scale(fixture: &Path, no_batch: bool) -> Measured {
     } else {
         cmd.env_remove("MEMTRACE_NO_BATCH");
     }
+    match ages {
+        Some(a) => cmd.env("MEMTRACE_AGES", a),
+        None => cmd.env_remove("MEMTRACE_AGES"),
+    };
     let mut m = Traced {
         child: cmd.spawn().expect("spawning memtrace"),
         reaped: false,
@@ -309,7 +314,7 @@ fn million_blocks_over_ten_thousand_stacks() {
     require_memtrace();
     let fixture = build_fixture("scale", Variant::FramePointers);
 
-    let batched = trace_scale(&fixture, false);
+    let batched = trace_scale(&fixture, false, None);
     print("batch", &batched);
     check_totals(&batched.report, "batch");
     assert!(
@@ -320,7 +325,7 @@ fn million_blocks_over_ten_thousand_stacks() {
     check_epoch_ages(&batched);
 
     if std::env::var_os("MEMTRACE_SCALE_COMPARE").is_some_and(|v| v != "0") {
-        let per_entry = trace_scale(&fixture, true);
+        let per_entry = trace_scale(&fixture, true, None);
         print("per entry", &per_entry);
         check_totals(&per_entry.report, "per entry");
         assert!(
@@ -329,5 +334,37 @@ fn million_blocks_over_ten_thousand_stacks() {
             per_entry.sites_read
         );
         check_epoch_ages(&per_entry);
+    }
+}
+
+/// The same million blocks with every block scanned for the ages (as the
+/// live samples do below 200,000 blocks): the scan reads the block table
+/// through windows of its mapped arrays, and must find each block once.
+#[test]
+fn a_scan_of_a_million_blocks_finds_each_once() {
+    require_root();
+    require_memtrace();
+    let fixture = build_fixture("scale", Variant::FramePointers);
+    let m = trace_scale(&fixture, false, Some("blocks"));
+    print("scan", &m);
+    check_totals(&m.report, "scan");
+    assert_eq!(m.report.0["ages_from"], "blocks", "{}", m.report.totals());
+    assert!(
+        m.allocs_read
+            .starts_with(&format!("read ALLOCS: {BLOCKS} entries")),
+        "the final scan read every block once: {}",
+        m.allocs_read
+    );
+    assert!(m.allocs_read.contains("(mmap)"), "{}", m.allocs_read);
+    let duration = m.report.0["duration_s"].as_f64().unwrap();
+    for s in m.report.sites() {
+        let (oldest, median) = (
+            s["oldest_age_s"].as_f64().unwrap(),
+            s["median_age_s"].as_f64().unwrap(),
+        );
+        assert!(
+            oldest > 0.0 && median > 0.0 && median <= oldest && oldest <= duration + 0.1,
+            "ages from the blocks: median {median} s <= oldest {oldest} s <= the run ({duration} s)"
+        );
     }
 }
