@@ -52,7 +52,7 @@ over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
 symbolization against binutils `addr2line -f -i -C`. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
-52 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took about 57 s on
+52 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took about 60 s on
 the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
 0.5-1.5 s, dominate each run), so the default takes about 9 minutes, plus
 about two minutes for the report at scale and the symbolization figure.
