@@ -408,7 +408,8 @@ pub enum Counter {
     FreeUnknown = 3,
     /// Allocator calls that failed (returned NULL / an error).
     FailedAllocs = 4,
-    /// Allocations not recorded because `ALLOCS` was full.
+    /// Allocations not recorded because both of their buckets in the block
+    /// table (`ALLOC_KEYS`/`ALLOCS`) were full.
     DroppedAllocMapFull = 5,
     /// Allocations not recorded because `PENDING` was full at entry.
     DroppedPendingFull = 6,
