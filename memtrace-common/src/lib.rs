@@ -464,8 +464,21 @@ pub const SAMPLE_LOG2_ENTRIES: u32 = 1025;
 pub const SAMPLE_LOG2_SHIFT: u32 = 26;
 /// ln 2 in units of 2^-16.
 pub const LN2_Q16: u64 = 45426;
-/// Threads whose sampling countdowns are kept at once (LRU).
+/// Slots of the sampling countdowns, one thread's each (thread id modulo this:
+/// ids are handed out in sequence, so up to this many live threads rarely share).
 pub const SAMPLE_THREADS: u32 = 1 << 14;
+
+/// A thread's sampling countdown (map `COUNTDOWN`, an array indexed by thread
+/// id modulo [`SAMPLE_THREADS`]): bytes left until its next sampled allocation.
+/// A slot found holding another thread's countdown is taken over with a fresh
+/// gap: the exponential's lack of memory makes that harmless.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Countdown {
+    pub tid: u32,
+    pub _pad: u32,
+    pub left: i64,
+}
 /// Largest `--sample-bytes`: keeps the BPF side's fixed-point product in 64 bits.
 pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 
@@ -495,6 +508,7 @@ const _: () = {
     assert!(core::mem::size_of::<Allocation>() == 32);
     assert!(core::mem::size_of::<AllocKeys>() == 64);
     assert!(core::mem::size_of::<AllocBucket>() == 256);
+    assert!(core::mem::size_of::<Countdown>() == 16);
     assert!(core::mem::size_of::<SiteStats>() == 40);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);

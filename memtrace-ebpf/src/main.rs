@@ -32,18 +32,18 @@ mod probes {
             bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_send_signal,
         },
         macros::{map, uprobe, uretprobe},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        maps::{Array, HashMap, PerCpuArray},
         programs::{ProbeContext, RetProbeContext},
     };
     use memtrace_common::{
         ALLOC_BUCKET_SLOTS, ALLOC_KEY_BUSY, ALLOC_KEY_EMPTY, AllocBucket, AllocKeys, AllocKind,
         Allocation, CALL_MARKS_BY_SITE, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP,
-        CallMarkState, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
-        DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch, KFUNC_SESSION_COOKIE,
-        KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
-        MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT,
-        PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey,
-        RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
+        CallMarkState, Countdown, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES,
+        DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch,
+        KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS,
+        MAX_CALL_MARKS, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS,
+        PC_PAGE_SHIFT, PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall,
+        PendingKey, RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
         SITE_CALL_IN_COOKIE, SITE_KIND_MASK, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP,
         SITE_UNSAMPLED_PENDING, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
         STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats,
@@ -125,11 +125,11 @@ mod probes {
     #[map]
     static SAMPLE_LOG2: Array<u32> = Array::with_max_entries(SAMPLE_LOG2_ENTRIES, 0);
 
-    /// Sampling: per thread, bytes left until the next sampled allocation. An
-    /// evicted thread draws a fresh gap, which the exponential's lack of memory
-    /// makes harmless.
+    /// Sampling: per thread, bytes left until the next sampled allocation
+    /// (see `memtrace_common::Countdown`). An array, not an LRU hash: one
+    /// inlined lookup, ~70 ns less per sampled-mode allocation call.
     #[map]
-    static COUNTDOWN: LruHashMap<u32, i64> = LruHashMap::with_max_entries(SAMPLE_THREADS, 0);
+    static COUNTDOWN: Array<Countdown> = Array::with_max_entries(SAMPLE_THREADS, 0);
 
     /// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
     #[map]
@@ -1252,27 +1252,24 @@ mod probes {
     fn sample(mean: u64, size: u64) -> bool {
         let tid = bpf_get_current_pid_tgid() as u32;
         let size = size.min(i64::MAX as u64) as i64;
-        if let Some(left) = COUNTDOWN.get_ptr_mut(&tid) {
-            unsafe {
-                if *left > size {
-                    *left -= size;
-                    return false;
-                }
-                // Sampled. By the exponential's lack of memory, the next point
-                // is a fresh gap beyond the end of this allocation.
-                *left = draw_gap(mean);
-            }
-            return true;
-        }
-        // The thread's first allocation (or its countdown was evicted).
-        let gap = draw_gap(mean);
-        let (sampled, left) = if gap > size {
-            (false, gap - size)
-        } else {
-            (true, draw_gap(mean))
+        let Some(c) = COUNTDOWN.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) else {
+            return false;
         };
-        let _ = COUNTDOWN.insert(&tid, &left, BPF_ANY as u64);
-        sampled
+        unsafe {
+            if (*c).tid != tid {
+                // The thread's first allocation (or another thread had the slot).
+                (*c).tid = tid;
+                (*c).left = draw_gap(mean);
+            }
+            if (*c).left > size {
+                (*c).left -= size;
+                return false;
+            }
+            // Sampled. By the exponential's lack of memory, the next point is a
+            // fresh gap beyond the end of this allocation.
+            (*c).left = draw_gap(mean);
+        }
+        true
     }
 
     // ---- entry and return ----------------------------------------------------
