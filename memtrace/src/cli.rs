@@ -96,9 +96,10 @@ pub struct Cli {
 
     /// Outstanding blocks to make room for; beyond it allocations are counted as
     /// dropped (kernel memory, taken at start: about 68 bytes per block)
-    #[arg(long, value_name = "N", default_value_t = memtrace_common::DEFAULT_MAX_OUTSTANDING,
-          value_parser = clap::value_parser!(u32).range(1..=(1 << 27)))]
-    pub max_blocks: u32,
+    /// [default: 1048576; with --sample-bytes SIZE, room for 64 GiB of small
+    /// blocks: 64GiB/SIZE, from 65536 to 1048576]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=(1 << 27)))]
+    pub max_blocks: Option<u32>,
 
     /// Most distinct allocation stacks (sites); beyond it allocations are recorded
     /// without their stack and counted (about 1.1 KiB of kernel memory per stack)
@@ -282,6 +283,21 @@ pub struct DiffArgs {
 }
 
 /// What to trace.
+/// `--max-blocks` when not given. Sampling records about one small block per
+/// `mean` bytes allocated, so it needs room for far fewer: enough for a heap
+/// of 64 GiB of blocks much smaller than the mean (blocks near or above it are
+/// nearly all sampled, and count one each), within 65,536 and the exact
+/// default. At 512 KiB: 131,072 blocks, 8.5 MiB of kernel memory instead of
+/// 68 MiB.
+pub fn default_max_blocks(sample_bytes: Option<u64>) -> u32 {
+    const HEAP: u64 = 64 << 30;
+    let exact = memtrace_common::DEFAULT_MAX_OUTSTANDING;
+    match sample_bytes {
+        Some(mean) if mean > 0 => (HEAP / mean).clamp(1 << 16, exact as u64) as u32,
+        _ => exact,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Target {
     Attach(u32),
@@ -292,7 +308,9 @@ impl Cli {
     /// The kernel map capacities asked for.
     pub fn map_sizes(&self) -> crate::probe::MapSizes {
         crate::probe::MapSizes {
-            blocks: self.max_blocks,
+            blocks: self
+                .max_blocks
+                .unwrap_or_else(|| default_max_blocks(self.sample_bytes)),
             stacks: self.max_stacks,
         }
     }
@@ -392,6 +410,36 @@ mod tests {
             c.verdict_config(),
             VerdictConfig::for_interval(Duration::from_secs(10))
         );
+    }
+
+    #[test]
+    fn block_table_sizes_follow_the_mode() {
+        let blocks = |args: &[&str]| parse(args).unwrap().map_sizes().blocks;
+        assert_eq!(blocks(&["-p", "7"]), 1 << 20);
+        assert_eq!(blocks(&["-p", "7", "--sample-bytes", "512KiB"]), 1 << 17);
+        assert_eq!(
+            blocks(&["-p", "7", "--sample-bytes", "64MiB"]),
+            1 << 16,
+            "at least"
+        );
+        assert_eq!(
+            blocks(&["-p", "7", "--sample-bytes", "4KiB"]),
+            1 << 20,
+            "at most"
+        );
+        assert_eq!(
+            blocks(&[
+                "-p",
+                "7",
+                "--sample-bytes",
+                "512KiB",
+                "--max-blocks",
+                "5000"
+            ]),
+            5000,
+            "as given"
+        );
+        assert_eq!(blocks(&["-p", "7", "--max-blocks", "5000"]), 5000);
     }
 
     #[test]

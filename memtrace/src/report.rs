@@ -200,9 +200,12 @@ impl Drops {
 
     fn nonzero(&self) -> Vec<(&'static str, u64)> {
         [
-            ("allocation map full", self.alloc_map_full),
+            (
+                "allocation map full: raise --max-blocks",
+                self.alloc_map_full,
+            ),
             ("in-flight map full", self.pending_map_full),
-            ("site map full", self.site_map_full),
+            ("site map full: raise --max-blocks", self.site_map_full),
             (
                 "posix_memalign result unreadable",
                 self.out_pointer_read_errors,
@@ -210,7 +213,7 @@ impl Drops {
             ("return without entry", self.unmatched_returns),
             ("return never seen", self.missed_returns),
             ("stack unreadable", self.stack_read_errors),
-            ("stack map full", self.stack_map_full),
+            ("stack map full: raise --max-stacks", self.stack_map_full),
             ("stack hash collision", self.stack_hash_collisions),
         ]
         .into_iter()
@@ -1349,6 +1352,14 @@ mod tests {
         let t = r.to_text(10);
         assert!(t.contains("NOT COMPLETE: 3 events dropped"), "{t}");
         assert!(t.contains("3 return never seen"), "{t}");
+        // A full map names the option that makes room.
+        r.drops.alloc_map_full = 2;
+        r.totals.dropped_events = 5;
+        let t = r.to_text(10);
+        assert!(
+            t.contains("(2 allocation map full: raise --max-blocks, 3 return never seen)"),
+            "{t}"
+        );
     }
 
     /// The sample with a stable site (the larger) and a leak, a history and a process view.
