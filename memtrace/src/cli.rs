@@ -287,8 +287,8 @@ pub struct DiffArgs {
 /// `mean` bytes allocated, so it needs room for far fewer: enough for a heap
 /// of 64 GiB of blocks much smaller than the mean (blocks near or above it are
 /// nearly all sampled, and count one each), within 65,536 and the exact
-/// default. At 512 KiB: 131,072 blocks, 8.5 MiB of kernel memory instead of
-/// 68 MiB.
+/// default. At 512 KiB: 131,072 blocks, a block table of 7.5 MiB instead of
+/// 60 MiB.
 pub fn default_max_blocks(sample_bytes: Option<u64>) -> u32 {
     const HEAP: u64 = 64 << 30;
     let exact = memtrace_common::DEFAULT_MAX_OUTSTANDING;
