@@ -56,13 +56,14 @@ impl BlockTable {
         let mut live = Vec::new();
         for first in (0..n).step_by(WINDOW_BUCKETS) {
             let len = WINDOW_BUCKETS.min(n - first);
-            let keys = Mapping::<AllocKeys>::new(self.keys.map(), first, len)
+            let keys_map = Mapping::<AllocKeys>::new(self.keys.map(), first, len)
                 .context("mapping ALLOC_KEYS")?;
             calls += 2;
-            let keys = keys.ptr.as_ptr();
+            let keys = keys_map.ptr.as_ptr();
             live.clear();
             // SAFETY (here and below): the mappings hold `len` entries of
-            // their types, and outlive these reads.
+            // their types, and live (keys_map, blocks_map) until the end of
+            // this window's iteration.
             live.extend((0..len).filter(|&b| unsafe { holds_blocks(keys, b) }));
             if live.len() <= SPARSE_BUCKETS {
                 for &b in &live {
@@ -75,10 +76,10 @@ impl BlockTable {
                 }
                 continue;
             }
-            let blocks = Mapping::<AllocBucket>::new(self.blocks.map(), first, len)
+            let blocks_map = Mapping::<AllocBucket>::new(self.blocks.map(), first, len)
                 .context("mapping ALLOCS")?;
             calls += 2;
-            let blocks = blocks.ptr.as_ptr();
+            let blocks = blocks_map.ptr.as_ptr();
             for &b in &live {
                 let block_of = |i: usize| unsafe {
                     (&raw const (*blocks.add(b)).blocks)
