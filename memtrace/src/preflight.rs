@@ -29,6 +29,59 @@ pub enum PreflightError {
          missing): memtrace needs CONFIG_BPF_SYSCALL"
     )]
     NoBpf,
+    #[error(
+        "--max-blocks {blocks} would take {need} of kernel memory at start (the block table and \
+         the per-epoch aggregates), more than half of the {available} this machine has \
+         available: lower --max-blocks (about 68 bytes each)"
+    )]
+    MapsTooLarge {
+        blocks: u32,
+        need: String,
+        available: String,
+    },
+}
+
+/// Refuses map sizes whose memory, taken at load, would be more than half of
+/// what the machine has available (`/proc/meminfo` MemAvailable; no check if
+/// it cannot be read): a typo in `--max-blocks` must not push a production
+/// host into reclaim or the OOM killer.
+pub fn check_map_memory(sizes: &crate::probe::MapSizes) -> Result<(), PreflightError> {
+    let Some(available) = mem_available() else {
+        return Ok(());
+    };
+    let need = sizes.kernel_bytes_at_start();
+    if maps_fit(need, available) {
+        return Ok(());
+    }
+    let fmt = |b: u64| crate::units::format_bytes(b.min(i64::MAX as u64) as i64);
+    Err(PreflightError::MapsTooLarge {
+        blocks: sizes.blocks,
+        need: fmt(need),
+        available: fmt(available),
+    })
+}
+
+/// Whether `need` bytes of maps leave at least half of `available`.
+pub fn maps_fit(need: u64, available: u64) -> bool {
+    need <= available / 2
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -120,6 +173,31 @@ pub fn check_target(pid: u32) -> Result<ProcStat, PreflightError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_memory_is_checked_against_what_is_available() {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\n\
+                       MemAvailable:   20000000 kB\nBuffers: 1 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
+        let sizes = |blocks| crate::probe::MapSizes {
+            blocks,
+            stacks: 1 << 15,
+        };
+        // The default: a 60 MiB table and 8 MiB of aggregate buckets.
+        assert_eq!(
+            sizes(1 << 20).kernel_bytes_at_start(),
+            (60 << 20) + (8 << 20)
+        );
+        assert!(maps_fit(68 << 20, 20 << 30));
+        assert!(maps_fit(10 << 30, 20 << 30), "half is allowed");
+        assert!(!maps_fit((10 << 30) + 1, 20 << 30));
+        // The largest --max-blocks: ~7.5 GiB of table, 1 GiB of buckets.
+        let most = sizes(1 << 27).kernel_bytes_at_start();
+        assert_eq!(most, 25_165_824 * 320 + (1 << 30));
+        assert!(!maps_fit(most, 16 << 30));
+    }
 
     #[test]
     fn parses_stat_with_odd_names() {

@@ -25,9 +25,9 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocKind, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch, MAX_ALLOCATOR_FUNCTIONS,
-    NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey, SiteStats, StackTrace,
-    TextRange, UnwindRow,
+    AllocBucket, AllocKeys, AllocKind, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
+    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
+    SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use crate::{
@@ -278,6 +278,15 @@ impl MapSizes {
     /// Buckets of the block table (ALLOC_KEYS and ALLOCS): room for `blocks`.
     pub fn block_buckets(&self) -> u32 {
         memtrace_common::alloc_buckets(self.blocks)
+    }
+
+    /// Kernel memory the two large maps take at load: the block table, and
+    /// the hash buckets of SITES (16 bytes each, a power of two of them).
+    pub fn kernel_bytes_at_start(&self) -> u64 {
+        let bucket = (size_of::<AllocKeys>() + size_of::<AllocBucket>()) as u64;
+        let table = self.block_buckets() as u64 * bucket;
+        let sites = (self.site_entries() as u64).next_power_of_two() * 16;
+        table + sites
     }
 
     /// Entries of SITES: one per site and birth epoch that holds blocks. There

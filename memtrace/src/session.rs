@@ -485,6 +485,7 @@ fn launch_new(
 pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     preflight::check_privileges()?;
     preflight::check_kernel()?;
+    preflight::check_map_memory(&cli.map_sizes())?;
     let mut output = ReportFile::open(&cli.output)?;
     let signals = Signals::block()?;
     let started_at = SystemTime::now();
