@@ -115,11 +115,10 @@ mod probes {
     static PC_PAGES: HashMap<PageKey, PageRows> =
         HashMap::with_max_entries(DEFAULT_MAX_PC_PAGES, BPF_F_NO_PREALLOC);
 
-    /// The process whose unwind tables are loaded (its tgid; 0: none yet).
-    /// Others are walked with frame pointers (bpf_get_stack). One entry, as
-    /// memtrace traces one process: an inlined array read on every stack.
+    /// Processes whose unwind tables are loaded (tgid → 1). Others are walked
+    /// with frame pointers (bpf_get_stack).
     #[map]
-    static PROC_TABLES: Array<u32> = Array::with_max_entries(1, 0);
+    static PROC_TABLES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
     /// Sampling: log2(1 + i/1024), written by userspace (see
     /// `memtrace_common::SAMPLE_LOG2_ENTRIES`): BPF has no floating point.
@@ -720,7 +719,7 @@ mod probes {
         };
         let scratch = unsafe { &mut *scratch };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if PROC_TABLES.get(0).copied() != Some(tgid) {
+        if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
             let n = unsafe {
                 bpf_get_stack(
                     ctx.as_ptr(),

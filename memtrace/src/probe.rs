@@ -55,8 +55,7 @@ pub struct TraceMaps {
     pub allocator_text: Array<MapData, TextRange>,
     pub unwind_rows: Array<MapData, UnwindRow>,
     pub pc_pages: HashMap<MapData, PageKey, PageRows>,
-    /// The tgid whose unwind tables are loaded (one entry; 0: none).
-    pub proc_tables: Array<MapData, u32>,
+    pub proc_tables: HashMap<MapData, u32, u32>,
     pub sample_log2: Array<MapData, u32>,
     /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
     pub tables_generation: Array<MapData, u64>,
@@ -405,7 +404,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
         unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
         pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
-        proc_tables: Array::try_from(take("PROC_TABLES")?)?,
+        proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
         sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
         tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
         call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,

@@ -94,7 +94,7 @@ impl UnwindTables {
             self.stats.mappings += 1;
         }
         maps.proc_tables
-            .set(0, pid, 0)
+            .insert(pid, 1, 0)
             .context("writing PROC_TABLES")?;
         maps.bump_tables_generation()
     }
