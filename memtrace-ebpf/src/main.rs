@@ -890,21 +890,52 @@ mod probes {
         }
     }
 
+    /// A bucket of the table: its keys and its blocks.
+    #[derive(Clone, Copy)]
+    struct Bucket {
+        keys: *mut AllocKeys,
+        blocks: *mut AllocBucket,
+    }
+
+    impl Bucket {
+        /// Bucket `b`, None past the table's end.
+        #[inline(always)]
+        fn get(b: u32) -> Option<Bucket> {
+            Some(Bucket {
+                keys: ALLOC_KEYS.get_ptr_mut(b)?,
+                blocks: ALLOCS.get_ptr_mut(b)?,
+            })
+        }
+
+        /// The key of slot `i` (< ALLOC_BUCKET_SLOTS).
+        #[inline(always)]
+        fn key(self, i: usize) -> *mut u64 {
+            unsafe { (&raw mut (*self.keys).keys).cast::<u64>().add(i) }
+        }
+
+        /// Slot `i` (< ALLOC_BUCKET_SLOTS).
+        #[inline(always)]
+        fn slot(self, i: usize) -> Slot {
+            Slot {
+                key: self.key(i),
+                block: unsafe { (&raw mut (*self.blocks).blocks).cast::<Allocation>().add(i) },
+            }
+        }
+    }
+
     /// Looks `addr` up in bucket `b`: the slot holding it, and how many slots
     /// are empty.
     #[inline(always)]
     fn scan_bucket(b: u32, addr: u64) -> (Option<Slot>, u32) {
-        let (Some(keys), Some(blocks)) = (ALLOC_KEYS.get_ptr_mut(b), ALLOCS.get_ptr_mut(b)) else {
+        let Some(bucket) = Bucket::get(b) else {
             return (None, 0);
         };
         let mut empty = 0;
         let mut i = 0;
         while i < ALLOC_BUCKET_SLOTS {
-            let key = unsafe { (&raw mut (*keys).keys).cast::<u64>().add(i) };
-            let k = unsafe { read_volatile(key) };
+            let k = unsafe { read_volatile(bucket.key(i)) };
             if k == addr {
-                let block = unsafe { (&raw mut (*blocks).blocks).cast::<Allocation>().add(i) };
-                return (Some(Slot { key, block }), empty);
+                return (Some(bucket.slot(i)), empty);
             }
             empty += (k == ALLOC_KEY_EMPTY) as u32;
             i += 1;
@@ -915,16 +946,14 @@ mod probes {
     /// Claims an empty slot of bucket `b` (marked busy until its block is written).
     #[inline(always)]
     fn claim_in(b: u32) -> Option<Slot> {
-        let keys = ALLOC_KEYS.get_ptr_mut(b)?;
-        let blocks = ALLOCS.get_ptr_mut(b)?;
+        let bucket = Bucket::get(b)?;
         let mut i = 0;
         while i < ALLOC_BUCKET_SLOTS {
-            let key = unsafe { (&raw mut (*keys).keys).cast::<u64>().add(i) };
+            let key = bucket.key(i);
             if unsafe { read_volatile(key) } == ALLOC_KEY_EMPTY
                 && cas(key, ALLOC_KEY_EMPTY, ALLOC_KEY_BUSY)
             {
-                let block = unsafe { (&raw mut (*blocks).blocks).cast::<Allocation>().add(i) };
-                return Some(Slot { key, block });
+                return Some(bucket.slot(i));
             }
             i += 1;
         }
@@ -936,20 +965,38 @@ mod probes {
         unsafe { read_volatile(&ALLOC_BUCKETS) }
     }
 
-    /// The slot of the outstanding block at `addr`, if memtrace holds one.
+    /// Where `addr` stands in the table: its two buckets, how many empty
+    /// slots each has, and the slot holding it (the second bucket is not
+    /// scanned once the first holds it: its count stays 0).
+    struct Lookup {
+        held: Option<Slot>,
+        buckets: (u32, u32),
+        empty: (u32, u32),
+    }
+
+    /// None for an address no block can have (a key's reserved values).
     #[inline(always)]
-    fn find_block(addr: u64) -> Option<Slot> {
+    fn lookup(addr: u64) -> Option<Lookup> {
         if addr <= ALLOC_KEY_BUSY {
             return None;
         }
         let (b1, b2) = alloc_bucket_choices(addr, table_buckets());
-        if let (Some(s), _) = scan_bucket(b1, addr) {
-            return Some(s);
+        let (mut held, empty1) = scan_bucket(b1, addr);
+        let mut empty2 = 0;
+        if held.is_none() && b2 != b1 {
+            (held, empty2) = scan_bucket(b2, addr);
         }
-        if b2 == b1 {
-            return None;
-        }
-        scan_bucket(b2, addr).0
+        Some(Lookup {
+            held,
+            buckets: (b1, b2),
+            empty: (empty1, empty2),
+        })
+    }
+
+    /// The slot of the outstanding block at `addr`, if memtrace holds one.
+    #[inline(always)]
+    fn find_block(addr: u64) -> Option<Slot> {
+        lookup(addr)?.held
     }
 
     /// Takes the block in `slot` (at `addr`) out of the table and its
@@ -968,15 +1015,11 @@ mod probes {
     /// `addr` (its free was missed) is retired first and counted.
     #[inline(always)]
     fn insert_block(addr: u64, a: &Allocation) -> Option<Slot> {
-        if addr <= ALLOC_KEY_BUSY {
-            return None;
-        }
-        let (b1, b2) = alloc_bucket_choices(addr, table_buckets());
-        let (mut held, empty1) = scan_bucket(b1, addr);
-        let mut empty2 = 0;
-        if held.is_none() && b2 != b1 {
-            (held, empty2) = scan_bucket(b2, addr);
-        }
+        let Lookup {
+            held,
+            buckets: (b1, b2),
+            empty: (empty1, empty2),
+        } = lookup(addr)?;
         if let Some(old) = held {
             // (Read before the slot is given up: another insert may take it then.)
             let prev = unsafe { read_volatile(old.block) };
