@@ -282,7 +282,6 @@ pub struct DiffArgs {
     pub top: usize,
 }
 
-/// What to trace.
 /// `--max-blocks` when not given. Sampling records about one small block per
 /// `mean` bytes allocated, so it needs room for far fewer: enough for a heap
 /// of 64 GiB of blocks much smaller than the mean (blocks near or above it are
@@ -298,6 +297,7 @@ pub fn default_max_blocks(sample_bytes: Option<u64>) -> u32 {
     }
 }
 
+/// What to trace.
 #[derive(Debug, Clone)]
 pub enum Target {
     Attach(u32),
