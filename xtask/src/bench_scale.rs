@@ -32,13 +32,14 @@ const TARGET_RSS_MIB: f64 = 100.0;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// One `read MAP: N entries, C syscalls (batch), W ms wall, U ms cpu` line.
+/// One `read MAP: N entries, C syscalls (HOW), W ms wall, U ms cpu` line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MapRead {
     pub map: String,
     pub entries: u64,
     pub syscalls: u64,
-    pub batched: bool,
+    /// How memtrace read the map: "batch", "per entry" or "mmap".
+    pub how: String,
     pub wall_ms: f64,
     pub cpu_ms: f64,
 }
@@ -64,7 +65,10 @@ impl MapRead {
             map: map.to_string(),
             entries: num(" entries")? as u64,
             syscalls: num(" syscalls")? as u64,
-            batched: rest.contains("(batch)") || rest.contains("(mmap)"),
+            how: rest[rest.find(" syscalls (")? + " syscalls (".len()..]
+                .split_once(')')?
+                .0
+                .to_string(),
             wall_ms: num(" ms wall")?,
             cpu_ms: num(" ms cpu")?,
         })
@@ -530,7 +534,11 @@ impl Scale {
                             x.cpu_ms,
                             crate::bench::group_thousands(x.entries),
                             x.syscalls,
-                            if x.batched { ", batch" } else { "" }
+                            if x.how == "per entry" {
+                                String::new()
+                            } else {
+                                format!(", {}", x.how)
+                            }
                         )
                     })
                     .collect();
@@ -592,7 +600,7 @@ mod tests {
                 map: "ALLOCS".into(),
                 entries: 1_000_000,
                 syscalls: 4,
-                batched: true,
+                how: "batch".into(),
                 wall_ms: 81.25,
                 cpu_ms: 79.9,
             })
@@ -601,7 +609,11 @@ mod tests {
             "read SITES: 10 entries, 11 syscalls (per entry), 1.5 ms wall, 0.000 ms cpu",
         )
         .unwrap();
-        assert!(!per.batched);
+        assert_eq!(per.how, "per entry");
+        let mapped =
+            MapRead::parse("read ALLOCS: 5 entries, 180 syscalls (mmap), 2.0 ms wall, 1.9 ms cpu")
+                .unwrap();
+        assert_eq!((mapped.how.as_str(), mapped.syscalls), ("mmap", 180));
         assert_eq!((per.entries, per.syscalls), (10, 11));
         assert_eq!(MapRead::parse("memtrace: read /proc/1/maps: denied"), None);
         assert_eq!(MapRead::parse("read ALLOCS: garbage"), None);
