@@ -33,11 +33,11 @@ use crate::{
 /// At each sample the ages of a site's blocks (oldest, median) are read by
 /// scanning every outstanding block: only while there are fewer than this many,
 /// and while the scan is expected to take at most [`AGE_SCAN_BUDGET`] of the
-/// sampling period (~0.07 µs per block, after ~4 ms for the block table's keys
-/// at the default `--max-blocks`; a block cost 0.5-3 µs when the table was a BPF
-/// hash map read in batches, and the limits date from then). Otherwise they come from the
-/// kernel's per-site aggregates of the blocks born in each epoch (one epoch per
-/// sample), which cost one step per aggregate. The final report scans every
+/// sampling period (~0.07-0.3 µs per block, after ~4 ms for the block table's
+/// keys at the default `--max-blocks`; a block cost 0.5-3 µs when the table was
+/// a BPF hash map read in batches, and the limits date from then). Otherwise
+/// they come from the kernel's per-site aggregates of the blocks born in each
+/// epoch (one epoch per sample), which cost one step per aggregate. The final report scans every
 /// block up to [`REPORT_SCAN_MAX_BLOCKS`].
 const AGE_SCAN_MAX_BLOCKS: i64 = 200_000;
 const AGE_SCAN_BUDGET: f64 = 0.1;
