@@ -157,7 +157,10 @@ unsafe fn visit(
     n
 }
 
-/// A read-only shared mapping of a BPF array's values (BPF_F_MMAPABLE).
+/// A read-only shared mapping of a BPF array's values (BPF_F_MMAPABLE). Not
+/// a `memmap2::Mmap`, as the symbolizer uses for files: that hands out a
+/// `&[u8]`, which promises the bytes do not change, and the kernel writes
+/// these while they are mapped; they are read only through raw pointers.
 struct Mapping<T> {
     ptr: NonNull<T>,
     len: usize,
