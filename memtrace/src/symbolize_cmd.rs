@@ -6,7 +6,38 @@ use std::io::{BufRead, Write};
 use anyhow::{Context, Result};
 
 use crate::cli::SymbolizeArgs;
-use crate::symbolize::{Frame, Symbolizer};
+use crate::symbolize::{Frame, FrameInfo, Symbolizer};
+
+/// What the binutils layout prints of a frame.
+pub trait FrameText {
+    fn function(&self) -> Option<&str>;
+    fn file(&self) -> Option<&str>;
+    fn line(&self) -> Option<u32>;
+}
+
+impl FrameText for Frame {
+    fn function(&self) -> Option<&str> {
+        self.function.as_deref()
+    }
+    fn file(&self) -> Option<&str> {
+        self.file.as_deref()
+    }
+    fn line(&self) -> Option<u32> {
+        self.line
+    }
+}
+
+impl FrameText for FrameInfo {
+    fn function(&self) -> Option<&str> {
+        self.function.as_deref()
+    }
+    fn file(&self) -> Option<&str> {
+        self.file.as_deref()
+    }
+    fn line(&self) -> Option<u32> {
+        self.line
+    }
+}
 
 /// Parses an address as binutils does (`bfd_scan_vma`, base 16): an optional `0x`, then
 /// hex digits up to the first other character; nothing valid reads as 0.
@@ -28,18 +59,22 @@ pub fn parse_address(s: &str) -> u64 {
 /// function line and a `file:line` line per frame, innermost first. Unknown parts are
 /// `??`; an unknown line is `?`, or `0` when nothing at all was found (binutils prints
 /// `??:0` only then).
-pub fn write_address(out: &mut impl Write, addr: u64, frames: &[Frame]) -> std::io::Result<()> {
+pub fn write_address(
+    out: &mut impl Write,
+    addr: u64,
+    frames: &[impl FrameText],
+) -> std::io::Result<()> {
     writeln!(out, "0x{addr:016x}")?;
     let nothing = frames
         .iter()
-        .all(|f| f.function.is_none() && f.file.is_none() && f.line.is_none());
+        .all(|f| f.function().is_none() && f.file().is_none() && f.line().is_none());
     if nothing {
         return out.write_all(b"??\n??:0\n");
     }
     for f in frames {
-        let function = f.function.as_deref().unwrap_or("??");
-        let file = f.file.as_deref().unwrap_or("??");
-        match f.line {
+        let function = f.function().unwrap_or("??");
+        let file = f.file().unwrap_or("??");
+        match f.line() {
             Some(line) => writeln!(out, "{function}\n{file}:{line}")?,
             None => writeln!(out, "{function}\n{file}:?")?,
         }
@@ -47,15 +82,24 @@ pub fn write_address(out: &mut impl Write, addr: u64, frames: &[Frame]) -> std::
     Ok(())
 }
 
+/// Prints the frames of `addrs`. With `last`, the process exits right after: the
+/// frames are not freed one by one (thousands of strings for a big batch).
 fn symbolize_batch(
     sym: &mut Symbolizer,
     args: &SymbolizeArgs,
     addrs: &[u64],
     out: &mut impl Write,
+    last: bool,
 ) -> Result<()> {
-    let results = sym.symbolize_file(&args.exe, addrs)?;
-    for (&a, frames) in addrs.iter().zip(&results) {
-        write_address(out, a, frames)?;
+    let (unique, results) = sym.symbolize_file_unique(&args.exe, addrs)?;
+    for &a in addrs {
+        let i = unique
+            .binary_search(&a)
+            .expect("every address is in `unique`");
+        write_address(out, a, &results[i])?;
+    }
+    if last {
+        std::mem::forget(results);
     }
     Ok(())
 }
@@ -79,7 +123,7 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     if !args.addresses.is_empty() {
         let addrs: Vec<u64> = args.addresses.iter().map(|a| parse_address(a)).collect();
-        symbolize_batch(&mut sym, args, &addrs, &mut out)?;
+        symbolize_batch(&mut sym, args, &addrs, &mut out, true)?;
         out.flush()?;
         exit_without_drop(sym);
         return Ok(0);
@@ -91,7 +135,7 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
     let mut input = stdin.lock();
     // Parse the file before the first line arrives, as binutils does: a bad file is
     // reported even with empty input.
-    symbolize_batch(&mut sym, args, &[], &mut out)?;
+    symbolize_batch(&mut sym, args, &[], &mut out, false)?;
     let mut pending: Vec<u8> = Vec::new();
     loop {
         let buf = input.fill_buf().context("reading addresses from stdin")?;
@@ -115,7 +159,7 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
             .map(parse_address)
             .collect();
         pending.drain(..complete);
-        symbolize_batch(&mut sym, args, &addrs, &mut out)?;
+        symbolize_batch(&mut sym, args, &addrs, &mut out, eof)?;
         out.flush()?;
         if eof {
             break;

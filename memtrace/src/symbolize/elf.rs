@@ -10,6 +10,7 @@ use memmap2::Mmap;
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
 
 use super::demangle::demangle_lang;
+use super::stream::StreamedSection;
 use super::unit_batch;
 use super::{FrameInfo, Unresolved};
 
@@ -312,7 +313,11 @@ impl std::fmt::Display for LoadError {
 /// borrowing is dropped before `backing`, and no `'static` reference escapes this module: all
 /// results are copied into owned `String`s.
 pub(crate) struct ElfModule {
-    dwarf: Option<DwarfState>,
+    /// Set at once, unless `.debug_info` is still being inflated (`pending`).
+    dwarf: std::cell::OnceCell<Option<DwarfState>>,
+    /// The DWARF sections while `.debug_info` is inflated on its own thread; taken by
+    /// the first use that needs all of it ([`ElfModule::dwarf`]).
+    pending: std::cell::RefCell<Option<PendingDwarf>>,
     symtab: SymbolTable,
     dynsym: SymbolTable,
     segments: Vec<Segment>,
@@ -321,9 +326,38 @@ pub(crate) struct ElfModule {
     pub debug_file: Option<PathBuf>,
     /// Supplementary (dwz) file in use, if any.
     pub sup_file: Option<PathBuf>,
-    /// Why DWARF is unavailable or partial (diagnostics only).
-    pub dwarf_note: Option<String>,
+    /// Why DWARF is unavailable or partial (diagnostics only), as found while loading.
+    dwarf_note: Option<String>,
+    /// Why DWARF is unavailable, as found when `.debug_info` finished inflating.
+    late_note: std::cell::OnceCell<String>,
     backing: Backing,
+}
+
+/// A module's DWARF as loading leaves it.
+enum Loaded {
+    Ready(Option<DwarfState>),
+    Pending(PendingDwarf),
+}
+
+/// A module's DWARF while `.debug_info` is being inflated: the other sections are ready.
+struct PendingDwarf {
+    /// Everything but `.debug_info`.
+    sections: Sections,
+    info: StreamedSection,
+}
+
+impl PendingDwarf {
+    fn finish(self) -> Result<DwarfState, String> {
+        let (info, keep) = self
+            .info
+            .finish()
+            .map_err(|e| format!("{}: {e}", gimli::SectionId::DebugInfo.name()))?;
+        let mut sections = self.sections;
+        sections.data.insert(gimli::SectionId::DebugInfo, info);
+        let mut state = DwarfState::new(sections, None)?;
+        state.info_map = Some(keep);
+        Ok(state)
+    }
 }
 
 fn is_debug_info_present(obj: &object::File<'_>) -> bool {
@@ -429,7 +463,14 @@ fn inflate_zlib(data: &[u8], size: u64) -> Result<memmap2::MmapMut, String> {
     Ok(out)
 }
 
-fn load_sections(obj: &object::File<'static>, backing: &mut Backing) -> Result<Sections, String> {
+/// Loads the DWARF sections. With `stream_min`, a zlib-compressed `.debug_info` of at
+/// least that many bytes is not inflated here but on its own thread, returned apart
+/// (and missing from the sections).
+fn load_sections(
+    obj: &object::File<'static>,
+    backing: &mut Backing,
+    stream_min: Option<usize>,
+) -> Result<(Sections, Option<StreamedSection>), String> {
     let endian = if obj.is_little_endian() {
         gimli::RunTimeEndian::Little
     } else {
@@ -445,6 +486,19 @@ fn load_sections(obj: &object::File<'static>, backing: &mut Backing) -> Result<S
                 .map_err(|e| format!("{}: {e}", id.name()))?;
             pending.push((id, c));
         }
+    }
+    let mut streamed = None;
+    if let Some(min) = stream_min
+        && let Some(i) = pending.iter().position(|(id, c)| {
+            *id == gimli::SectionId::DebugInfo
+                && c.format == object::CompressionFormat::Zlib
+                && c.data.len() >= min
+                && plausible_size(c)
+        })
+    {
+        let (_, c) = pending.swap_remove(i);
+        let size = usize::try_from(c.uncompressed_size).map_err(|_| "section too large")?;
+        streamed = Some(StreamedSection::start(c.data, size)?);
     }
     let (big, small): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, c)| {
         c.format != object::CompressionFormat::None && c.data.len() >= PARALLEL_THRESHOLD
@@ -476,7 +530,7 @@ fn load_sections(obj: &object::File<'static>, backing: &mut Backing) -> Result<S
         };
         data.insert(id, bytes);
     }
-    Ok(Sections { data, endian })
+    Ok((Sections { data, endian }, streamed))
 }
 
 /// A file's DWARF sections after decompression, to build [`gimli::Dwarf`]s from.
@@ -489,6 +543,13 @@ struct Sections {
 impl Sections {
     fn get(&self, id: gimli::SectionId) -> &'static [u8] {
         self.data.get(&id).copied().unwrap_or(&[])
+    }
+
+    /// All sections, with `info` as `.debug_info` (a prefix of it while it is inflated).
+    fn dwarf_with_info(&self, info: &'static [u8]) -> gimli::Dwarf<Reader> {
+        let mut d = self.dwarf(None);
+        d.debug_info = gimli::DebugInfo::from(gimli::EndianSlice::new(info, self.endian));
+        d
     }
 
     /// All sections, or with `info` one unit's bytes as `.debug_info` (and no
@@ -568,47 +629,21 @@ impl UnitIndex {
         if headers.next().is_err() || units.is_empty() {
             return None;
         }
-        let mut raw = Vec::new();
         let mut listed = vec![false; units.len()];
-        let mut aranges = dwarf.debug_aranges.headers();
-        while let Ok(Some(h)) = aranges.next() {
-            let off = h.debug_info_offset().0;
+        let raw = arange_entries(&dwarf, |off| {
             let unit = units.binary_search_by_key(&off, |u| u.start).ok()?;
             listed[unit] = true;
-            let mut entries = h.entries();
-            while let Some(e) = entries.next().transpose() {
-                // As in addr2line: a bad entry is skipped (the iterator ends on errors
-                // that cannot be skipped).
-                if let Ok(e) = e
-                    && e.length() != 0
-                {
-                    let r = e.range();
-                    raw.push((r.begin, r.end, unit as u32));
-                }
-            }
-        }
+            Some(unit as u32)
+        })?;
         // A unit missing from .debug_aranges (clang does not write it, and other tools
         // may skip units) could cover addresses only the whole-file context finds.
-        if aranges.next().is_err() || raw.is_empty() || listed.contains(&false) {
+        if listed.contains(&false) {
             return None;
         }
-        raw.sort_unstable();
-        let mut ranges: Vec<(u64, u64, Covered)> = Vec::with_capacity(raw.len());
-        for (begin, end, unit) in raw {
-            if end <= begin {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(last) if begin < last.1 => {
-                    if last.2 != Covered::Unit(unit) {
-                        last.2 = Covered::Ambiguous;
-                    }
-                    last.1 = last.1.max(end);
-                }
-                _ => ranges.push((begin, end, Covered::Unit(unit))),
-            }
-        }
-        Some(UnitIndex { ranges, units })
+        Some(UnitIndex {
+            ranges: merged_ranges(raw)?,
+            units,
+        })
     }
 
     fn lookup(&self, vaddr: u64) -> Covered {
@@ -618,6 +653,60 @@ impl UnitIndex {
             _ => Covered::Nothing,
         }
     }
+}
+
+/// The address ranges of `.debug_aranges`, each with its unit as `unit_of` names it
+/// from the unit's offset in `.debug_info`. `None` if a set names no unit (`unit_of`
+/// answers `None`) or the section does not parse to its end.
+fn arange_entries(
+    dwarf: &gimli::Dwarf<Reader>,
+    mut unit_of: impl FnMut(usize) -> Option<u32>,
+) -> Option<Vec<(u64, u64, u32)>> {
+    let mut raw = Vec::new();
+    let mut aranges = dwarf.debug_aranges.headers();
+    while let Ok(Some(h)) = aranges.next() {
+        let unit = unit_of(h.debug_info_offset().0)?;
+        let mut entries = h.entries();
+        while let Some(e) = entries.next().transpose() {
+            // As in addr2line: a bad entry is skipped (the iterator ends on errors
+            // that cannot be skipped).
+            if let Ok(e) = e
+                && e.length() != 0
+            {
+                let r = e.range();
+                raw.push((r.begin, r.end, unit));
+            }
+        }
+    }
+    if aranges.next().is_err() {
+        return None;
+    }
+    Some(raw)
+}
+
+/// Disjoint sorted ranges from possibly overlapping ones: where units overlap, the
+/// range is `Ambiguous`. `None` when there is no range at all.
+fn merged_ranges(mut raw: Vec<(u64, u64, u32)>) -> Option<Vec<(u64, u64, Covered)>> {
+    if raw.is_empty() {
+        return None;
+    }
+    raw.sort_unstable();
+    let mut ranges: Vec<(u64, u64, Covered)> = Vec::with_capacity(raw.len());
+    for (begin, end, unit) in raw {
+        if end <= begin {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if begin < last.1 => {
+                if last.2 != Covered::Unit(unit) {
+                    last.2 = Covered::Ambiguous;
+                }
+                last.1 = last.1.max(end);
+            }
+            _ => ranges.push((begin, end, Covered::Unit(unit))),
+        }
+    }
+    Some(ranges)
 }
 
 /// Whether no attribute in the abbreviation table at the start of `table` is a reference
@@ -685,7 +774,7 @@ impl ElfModule {
     pub fn from_image(image: Vec<u8>) -> Result<Self, LoadError> {
         let mut backing = Backing::default();
         let data = backing.own(image);
-        Self::build(data, backing, None).map_err(LoadError::malformed)
+        Self::build(data, backing, None, None).map_err(LoadError::malformed)
     }
 
     /// Parse an opened file and locate its debug information.
@@ -695,13 +784,28 @@ impl ElfModule {
             reason: Unresolved::FileUnavailable,
             msg,
         })?;
-        Self::build(data, backing, Some(search)).map_err(LoadError::malformed)
+        Self::build(data, backing, Some(search), Some(PARALLEL_THRESHOLD))
+            .map_err(LoadError::malformed)
     }
 
+    /// [`Self::from_file`], inflating `.debug_info` on its own thread whenever it is
+    /// zlib-compressed, however small (tests of the streamed lookups on fixtures).
+    #[cfg(test)]
+    pub fn from_file_streamed(file: &File, search: &DebugSearch<'_>) -> Result<Self, LoadError> {
+        let mut backing = Backing::default();
+        let data = backing.map(file).map_err(|msg| LoadError {
+            reason: Unresolved::FileUnavailable,
+            msg,
+        })?;
+        Self::build(data, backing, Some(search), Some(0)).map_err(LoadError::malformed)
+    }
+
+    /// `stream_min`: see [`load_sections`].
     fn build(
         data: &'static [u8],
         mut backing: Backing,
         search: Option<&DebugSearch<'_>>,
+        stream_min: Option<usize>,
     ) -> Result<Self, String> {
         let obj = parse_elf(data)?;
         let segments: Vec<Segment> = obj
@@ -764,7 +868,8 @@ impl ElfModule {
         let Some(dobj) = dwarf_obj else {
             let (symtab, dynsym) = symbol_tables();
             return Ok(ElfModule {
-                dwarf: None,
+                dwarf: std::cell::OnceCell::from(None),
+                pending: std::cell::RefCell::new(None),
                 symtab,
                 dynsym,
                 segments,
@@ -772,6 +877,7 @@ impl ElfModule {
                 debug_file,
                 sup_file: None,
                 dwarf_note,
+                late_note: std::cell::OnceCell::new(),
                 backing,
             });
         };
@@ -779,11 +885,22 @@ impl ElfModule {
         std::thread::scope(|scope| {
             let tables = scope.spawn(symbol_tables);
             let mut sup_file = None;
-            let dwarf =
-                Self::load_dwarf(dobj, &mut backing, search, &mut sup_file, &mut dwarf_note);
+            let dwarf = Self::load_dwarf(
+                dobj,
+                &mut backing,
+                search,
+                stream_min,
+                &mut sup_file,
+                &mut dwarf_note,
+            );
             let (symtab, dynsym) = tables.join().unwrap_or_default();
+            let (dwarf, pending) = match dwarf {
+                Loaded::Ready(d) => (std::cell::OnceCell::from(d), None),
+                Loaded::Pending(p) => (std::cell::OnceCell::new(), Some(p)),
+            };
             Ok(ElfModule {
                 dwarf,
+                pending: std::cell::RefCell::new(pending),
                 symtab,
                 dynsym,
                 segments,
@@ -791,6 +908,7 @@ impl ElfModule {
                 debug_file,
                 sup_file,
                 dwarf_note,
+                late_note: std::cell::OnceCell::new(),
                 backing,
             })
         })
@@ -800,12 +918,19 @@ impl ElfModule {
         dobj: &object::File<'static>,
         backing: &mut Backing,
         search: Option<&DebugSearch<'_>>,
+        stream_min: Option<usize>,
         sup_file: &mut Option<PathBuf>,
         dwarf_note: &mut Option<String>,
-    ) -> Option<DwarfState> {
+    ) -> Loaded {
         let t = std::time::Instant::now();
-        let res = load_sections(dobj, backing).and_then(|sections| {
+        // With a supplementary file, units are not looked up one by one (`UnitIndex`),
+        // so nothing could start before `.debug_info` is complete.
+        let stream_min = stream_min.filter(|_| matches!(dobj.gnu_debugaltlink(), Ok(None)));
+        let res = load_sections(dobj, backing, stream_min).and_then(|(sections, streamed)| {
             log::debug!("DWARF sections loaded in {:?}", t.elapsed());
+            if let Some(info) = streamed {
+                return Ok(Loaded::Pending(PendingDwarf { sections, info }));
+            }
             let mut sup = None;
             if let Some(search) = search
                 && let Ok(Some((alt_path, alt_id))) = dobj.gnu_debugaltlink()
@@ -813,8 +938,9 @@ impl ElfModule {
                 match find_sup_file(alt_path, alt_id, search, backing) {
                     Some((p, sup_obj)) => {
                         sup = Some(
-                            load_sections(&sup_obj, backing)
-                                .map_err(|e| format!("supplementary file: {e}"))?,
+                            load_sections(&sup_obj, backing, None)
+                                .map_err(|e| format!("supplementary file: {e}"))?
+                                .0,
                         );
                         *sup_file = Some(p);
                     }
@@ -827,26 +953,61 @@ impl ElfModule {
                     }
                 }
             }
-            DwarfState::new(sections, sup)
+            DwarfState::new(sections, sup).map(|d| Loaded::Ready(Some(d)))
         });
         log::debug!("DWARF ready {:?} after loading began", t.elapsed());
         match res {
-            Ok(c) => Some(c),
+            Ok(l) => l,
             Err(e) => {
                 *dwarf_note = Some(e);
-                None
+                Loaded::Ready(None)
             }
         }
     }
 
+    /// The module's DWARF, once `.debug_info` is complete (this waits for it).
+    fn dwarf(&self) -> Option<&DwarfState> {
+        self.dwarf
+            .get_or_init(|| {
+                let pending = self.pending.borrow_mut().take()?;
+                let t = std::time::Instant::now();
+                let r = pending.finish();
+                log::debug!("waited {:?} for .debug_info", t.elapsed());
+                r.map_err(|e| {
+                    let _ = self.late_note.set(e);
+                })
+                .ok()
+            })
+            .as_ref()
+    }
+
+    /// Whether `.debug_info` is still being inflated, or waits for its first use.
+    #[cfg(test)]
+    pub fn dwarf_pending(&self) -> bool {
+        self.pending.borrow().is_some()
+    }
+
+    /// [`Self::resolve_sorted`] by the streamed path only: `None` where that path gives
+    /// up (nothing pending, or its unit runs were discarded).
+    #[cfg(test)]
+    pub fn resolve_sorted_streamed(&self, sorted: &[u64]) -> Option<Vec<Vec<FrameInfo>>> {
+        self.resolve_streaming(sorted)
+    }
+
     pub fn has_dwarf(&self) -> bool {
-        self.dwarf.is_some()
+        self.dwarf().is_some()
+    }
+
+    /// Why DWARF is unavailable or partial (diagnostics only).
+    pub fn dwarf_note(&self) -> Option<String> {
+        self.dwarf();
+        self.late_note.get().or(self.dwarf_note.as_ref()).cloned()
     }
 
     /// The whole-file DWARF and the offsets of its units in `.debug_info`.
     #[cfg(test)]
     pub(crate) fn units_for_tests(&self) -> Option<(gimli::Dwarf<Reader>, Vec<usize>)> {
-        let d = self.dwarf.as_ref()?;
+        let d = self.dwarf()?;
         let dwarf = d.sections.dwarf(None);
         let mut offsets = Vec::new();
         let mut headers = dwarf.units();
@@ -873,7 +1034,7 @@ impl ElfModule {
     /// Resolve one ELF virtual address: inlined frames first, the real function last.
     /// Always returns at least one frame.
     pub fn resolve(&self, vaddr: u64) -> Vec<FrameInfo> {
-        let ctx = self.dwarf.as_ref().and_then(|d| d.context_for(vaddr));
+        let ctx = self.dwarf().and_then(|d| d.context_for(vaddr));
         resolve_frames(ctx, &mut self.symbol_names(), vaddr)
     }
 
@@ -906,15 +1067,21 @@ impl ElfModule {
     /// Resolves sorted addresses, in order. A large batch is resolved on two threads:
     /// the addresses are grouped into runs of one unit each, which the threads take in
     /// turn, reading each unit once for all its addresses (see [`super::unit_batch`]); nothing
-    /// is kept for later lookups.
+    /// is kept for later lookups. While `.debug_info` is still being inflated, the units
+    /// are read as they arrive ([`Self::resolve_streaming`]).
     pub fn resolve_sorted(&self, sorted: &[u64]) -> Vec<Vec<FrameInfo>> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        const PARALLEL_MIN: usize = 256;
-        let index = self
-            .dwarf
-            .as_ref()
-            .and_then(|d| Some((d, d.index.as_ref()?)));
-        if self.dwarf.is_none() && sorted.len() >= PARALLEL_MIN {
+        if sorted.is_empty() {
+            return Vec::new();
+        }
+        if sorted.len() >= PARALLEL_MIN
+            && self.dwarf.get().is_none()
+            && let Some(out) = self.resolve_streaming(sorted)
+        {
+            return out;
+        }
+        let dwarf = self.dwarf();
+        let index = dwarf.and_then(|d| Some((d, d.index.as_ref()?)));
+        if dwarf.is_none() && sorted.len() >= PARALLEL_MIN {
             return self.resolve_sorted_symbols(sorted);
         }
         let Some((dwarf, index)) = index.filter(|_| sorted.len() >= PARALLEL_MIN) else {
@@ -922,53 +1089,72 @@ impl ElfModule {
             return sorted
                 .iter()
                 .map(|&v| {
-                    let ctx = self.dwarf.as_ref().and_then(|d| d.context_for(v));
+                    let ctx = dwarf.and_then(|d| d.context_for(v));
                     resolve_frames(ctx, &mut names, v)
                 })
                 .collect();
         };
-        // Runs of consecutive addresses covered by the same unit (or by nothing).
-        let mut runs: Vec<(usize, usize, Covered)> = Vec::new();
-        for (i, &v) in sorted.iter().enumerate() {
-            let c = index.lookup(v);
-            match runs.last_mut() {
-                Some(last) if last.2 == c => last.1 = i + 1,
-                _ => runs.push((i, i + 1, c)),
-            }
-        }
-        let (symtab, dynsym, sections) = (&self.symtab, &self.dynsym, &dwarf.sections);
+        let runs = unit_runs(sorted, |v| index.lookup(v));
+        let sections = &dwarf.sections;
         let whole = sections.dwarf(None);
         let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
+        let order: Vec<usize> = (0..runs.len()).collect();
+        let per_run = self.resolve_runs(&runs, &order, sorted, |covered, probes, scratch| {
+            run_frames(index, &whole, abbrev, covered, probes, scratch)
+        });
+        self.finish_runs(dwarf, &runs, per_run, sorted)
+    }
+
+    /// `per_run`'s frames in address order; a run left out is answered by lookups in
+    /// `dwarf`'s contexts (the whole-file context for what several units claim).
+    fn finish_runs(
+        &self,
+        dwarf: &DwarfState,
+        runs: &[(usize, usize, Covered)],
+        per_run: Vec<Option<Vec<Vec<FrameInfo>>>>,
+        sorted: &[u64],
+    ) -> Vec<Vec<FrameInfo>> {
+        let mut out = Vec::with_capacity(sorted.len());
+        for (&(start, end, _), frames) in runs.iter().zip(per_run) {
+            match frames {
+                Some(f) => out.extend(f),
+                None => {
+                    let mut names = self.symbol_names();
+                    out.extend(sorted[start..end].iter().map(|&v| {
+                        let ctx = dwarf.context_for(v);
+                        resolve_frames(ctx, &mut names, v)
+                    }))
+                }
+            }
+        }
+        out
+    }
+
+    /// Resolves `runs` (taken in the order `order` gives) on two threads with
+    /// `frames_of(covered, addresses, scratch)`, then finishes each address's frames
+    /// from the symbol tables. A run for which `frames_of` answers `None` is left out.
+    fn resolve_runs<F>(
+        &self,
+        runs: &[(usize, usize, Covered)],
+        order: &[usize],
+        sorted: &[u64],
+        frames_of: F,
+    ) -> Vec<Option<Vec<Vec<FrameInfo>>>>
+    where
+        F: Fn(Covered, &[u64], &mut unit_batch::Scratch) -> Option<Vec<Vec<FrameInfo>>> + Sync,
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (symtab, dynsym) = (&self.symtab, &self.dynsym);
         let next = AtomicUsize::new(0);
         let work = || -> Vec<(usize, Vec<Vec<FrameInfo>>)> {
             let mut scratch = unit_batch::Scratch::default();
             let mut done = Vec::new();
             let mut names = SymbolNames::new(symtab, dynsym);
-            loop {
-                let r = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(start, end, covered)) = runs.get(r) else {
-                    break;
-                };
+            while let Some(&r) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let (start, end, covered) = runs[r];
                 let probes = &sorted[start..end];
-                let frames = match covered {
-                    Covered::Nothing => vec![Vec::new(); probes.len()],
-                    // Left to the caller, which has the whole-file context.
-                    Covered::Ambiguous => continue,
-                    Covered::Unit(u) => {
-                        let u = index.units[u as usize];
-                        match unit_batch::fast_unit_frames(&whole, u.start, probes, &mut scratch) {
-                            Some(frames) => frames,
-                            None => {
-                                if !abbrev
-                                    .get(u.abbrev_offset..)
-                                    .is_some_and(abbrev_table_is_self_contained)
-                                {
-                                    continue;
-                                }
-                                unit_batch::unit_frames(&whole, u.start, probes)
-                            }
-                        }
-                    }
+                let Some(frames) = frames_of(covered, probes, &mut scratch) else {
+                    continue;
                 };
                 let frames = frames
                     .into_iter()
@@ -988,21 +1174,170 @@ impl ElfModule {
         for (r, frames) in results.into_iter().flatten().flatten() {
             per_run[r] = Some(frames);
         }
-        let mut out = Vec::with_capacity(sorted.len());
-        for (&(start, end, _), frames) in runs.iter().zip(per_run) {
-            match frames {
-                Some(f) => out.extend(f),
-                None => {
-                    let mut names = self.symbol_names();
-                    out.extend(sorted[start..end].iter().map(|&v| {
-                        let ctx = dwarf.context_for(v);
-                        resolve_frames(ctx, &mut names, v)
-                    }))
+        per_run
+    }
+
+    /// [`Self::resolve_sorted`] while `.debug_info` is still being inflated: the units
+    /// `.debug_aranges` names for the addresses are read as soon as their bytes are
+    /// there, in the order of the section. Once it is complete, the unit index is built
+    /// as usual, and the runs are kept only if it groups the addresses into the same
+    /// units (it always does when `.debug_aranges` lists every unit); otherwise, and for
+    /// the runs that need more than one unit's bytes, the usual path answers. `None`
+    /// when nothing is pending or `.debug_aranges` is unusable.
+    fn resolve_streaming(&self, sorted: &[u64]) -> Option<Vec<Vec<FrameInfo>>> {
+        let guard = self.pending.borrow();
+        let pending = guard.as_ref()?;
+        let sections = &pending.sections;
+        let t = std::time::Instant::now();
+        // Units named by their offsets in .debug_info.
+        let ranges = merged_ranges(arange_entries(&sections.dwarf(None), |off| {
+            u32::try_from(off).ok()
+        })?)?;
+        let lookup = |v: u64| -> Covered {
+            let i = ranges.partition_point(|r| r.0 <= v);
+            match i.checked_sub(1).map(|i| ranges[i]) {
+                Some((_, end, c)) if v < end => c,
+                _ => Covered::Nothing,
+            }
+        };
+        let runs = unit_runs(sorted, lookup);
+        // Runs needing no DWARF first, then by where their unit starts.
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by_key(|&r| match runs[r].2 {
+            Covered::Nothing => 0,
+            Covered::Unit(off) => u64::from(off) + 1,
+            Covered::Ambiguous => u64::MAX,
+        });
+        let info = &pending.info;
+        let abbrev = sections.get(gimli::SectionId::DebugAbbrev);
+        let per_run = self.resolve_runs(&runs, &order, sorted, |covered, probes, scratch| {
+            let off = match covered {
+                Covered::Nothing => return Some(vec![Vec::new(); probes.len()]),
+                Covered::Ambiguous => return None,
+                Covered::Unit(off) => off as usize,
+            };
+            // The unit's length: 4 bytes, or 0xffffffff and 8 bytes (64-bit DWARF).
+            let head = info.wait_for(off.checked_add(12)?)?;
+            let word = |at: usize, n: usize| -> Option<u64> {
+                let b = head.get(at..at + n)?;
+                Some(match (sections.endian, n) {
+                    (gimli::RunTimeEndian::Little, 4) => {
+                        u64::from(u32::from_le_bytes(b.try_into().ok()?))
+                    }
+                    (gimli::RunTimeEndian::Big, 4) => {
+                        u64::from(u32::from_be_bytes(b.try_into().ok()?))
+                    }
+                    (gimli::RunTimeEndian::Little, _) => u64::from_le_bytes(b.try_into().ok()?),
+                    (gimli::RunTimeEndian::Big, _) => u64::from_be_bytes(b.try_into().ok()?),
+                })
+            };
+            let end = match word(off, 4)? {
+                0xffff_ffff => word(off + 4, 8)?.checked_add(12)?,
+                n => n + 4,
+            };
+            let end = off.checked_add(usize::try_from(end).ok()?)?;
+            let bytes = info.wait_for(end)?;
+            // SAFETY: inflated bytes are never written again, and the section outlives
+            // this call (`pending` is borrowed until it returns); nothing borrowed from
+            // them is kept, the frames own their strings.
+            let bytes: &'static [u8] = unsafe { extend(bytes) };
+            let prefix = sections.dwarf_with_info(bytes);
+            let header = prefix
+                .debug_info
+                .header_from_offset(gimli::DebugInfoOffset(off))
+                .ok()?;
+            // A unit that may refer into others needs all of .debug_info.
+            if !abbrev
+                .get(header.debug_abbrev_offset().0..)
+                .is_some_and(abbrev_table_is_self_contained)
+            {
+                return None;
+            }
+            unit_batch::fast_unit_frames(&prefix, off, probes, scratch)
+                .or_else(|| Some(unit_batch::unit_frames(&prefix, off, probes)))
+        });
+        log::debug!(
+            "{} addresses read while .debug_info inflated: {:?}",
+            sorted.len(),
+            t.elapsed()
+        );
+        drop(guard);
+        let dwarf = self.dwarf()?;
+        let index = dwarf.index.as_ref()?;
+        // The same grouping, with units named by their offsets, or nothing is kept.
+        let real = unit_runs(sorted, |v| index.lookup(v));
+        let same = real.len() == runs.len()
+            && real.iter().zip(&runs).all(|(a, b)| {
+                (a.0, a.1) == (b.0, b.1)
+                    && match (a.2, b.2) {
+                        (Covered::Unit(u), Covered::Unit(off)) => {
+                            index.units[u as usize].start == off as usize
+                        }
+                        (x, y) => x == y,
+                    }
+            });
+        if !same {
+            log::debug!("unit index disagrees with .debug_aranges: results discarded");
+            return None;
+        }
+        // What was left out is answered as `resolve_sorted` answers it.
+        let left: Vec<usize> = (0..real.len()).filter(|&r| per_run[r].is_none()).collect();
+        let mut per_run = per_run;
+        if !left.is_empty() {
+            let whole = dwarf.sections.dwarf(None);
+            let abbrev = dwarf.sections.get(gimli::SectionId::DebugAbbrev);
+            let more = self.resolve_runs(&real, &left, sorted, |covered, probes, scratch| {
+                run_frames(index, &whole, abbrev, covered, probes, scratch)
+            });
+            for (r, frames) in more.into_iter().enumerate() {
+                if frames.is_some() {
+                    per_run[r] = frames;
                 }
             }
         }
-        out
+        Some(self.finish_runs(dwarf, &real, per_run, sorted))
     }
+}
+
+/// The frames of one run of addresses that `index` says `covered` covers; `None` for
+/// a run only the whole-file context can answer.
+fn run_frames(
+    index: &UnitIndex,
+    whole: &gimli::Dwarf<Reader>,
+    abbrev: &[u8],
+    covered: Covered,
+    probes: &[u64],
+    scratch: &mut unit_batch::Scratch,
+) -> Option<Vec<Vec<FrameInfo>>> {
+    match covered {
+        Covered::Nothing => Some(vec![Vec::new(); probes.len()]),
+        Covered::Ambiguous => None,
+        Covered::Unit(u) => {
+            let u = index.units[u as usize];
+            unit_batch::fast_unit_frames(whole, u.start, probes, scratch).or_else(|| {
+                abbrev
+                    .get(u.abbrev_offset..)
+                    .is_some_and(abbrev_table_is_self_contained)
+                    .then(|| unit_batch::unit_frames(whole, u.start, probes))
+            })
+        }
+    }
+}
+
+/// Below this many addresses a batch is looked up one address at a time.
+const PARALLEL_MIN: usize = 256;
+
+/// Runs of consecutive addresses covered by the same unit (or by nothing).
+fn unit_runs(sorted: &[u64], lookup: impl Fn(u64) -> Covered) -> Vec<(usize, usize, Covered)> {
+    let mut runs: Vec<(usize, usize, Covered)> = Vec::new();
+    for (i, &v) in sorted.iter().enumerate() {
+        let c = lookup(v);
+        match runs.last_mut() {
+            Some(last) if last.2 == c => last.1 = i + 1,
+            _ => runs.push((i, i + 1, c)),
+        }
+    }
+    runs
 }
 
 type Context = addr2line::Context<Reader>;
@@ -1017,6 +1352,9 @@ struct DwarfState {
     full: std::cell::OnceCell<Option<Context>>,
     sections: Sections,
     sup: Option<Sections>,
+    /// The mapping of a `.debug_info` inflated on its own thread ([`PendingDwarf`]),
+    /// which `sections` borrows: declared last, so dropped last.
+    info_map: Option<std::sync::Arc<dyn Send + Sync>>,
 }
 
 impl DwarfState {
@@ -1041,6 +1379,7 @@ impl DwarfState {
             full: std::cell::OnceCell::new(),
             sections,
             sup,
+            info_map: None,
         };
         if state.index.is_none() {
             let ctx = state.full_context()?;

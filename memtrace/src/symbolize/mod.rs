@@ -15,6 +15,7 @@ mod demangle;
 mod dies;
 mod elf;
 mod process;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod unit_batch;
@@ -142,8 +143,20 @@ impl SymbolizeStats {
     }
 
     fn count(&mut self, frame: &Frame) {
+        self.count_unresolved(frame.unresolved);
+    }
+
+    /// One address of a batch and its frames.
+    fn count_address(&mut self, frames: &[FrameInfo]) {
+        self.addresses += 1;
+        for f in frames {
+            self.count_unresolved(f.unresolved);
+        }
+    }
+
+    fn count_unresolved(&mut self, unresolved: Option<Unresolved>) {
         self.frames += 1;
-        match frame.unresolved {
+        match unresolved {
             None => {}
             Some(Unresolved::Unmapped) => self.unmapped += 1,
             Some(Unresolved::FileUnavailable) => self.file_unavailable += 1,
@@ -329,6 +342,49 @@ impl Symbolizer {
         path: &Path,
         vaddrs: &[u64],
     ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
+        let shown = path.display().to_string();
+        let (unique, mut infos) = self.symbolize_file_unique(path, vaddrs)?;
+        // The frames of an address are moved out at its last occurrence, copied before.
+        let at: Vec<usize> = vaddrs
+            .iter()
+            .map(|v| {
+                unique
+                    .binary_search(v)
+                    .expect("every address is in `unique`")
+            })
+            .collect();
+        let mut uses = vec![0u32; unique.len()];
+        for &i in &at {
+            uses[i] += 1;
+        }
+        let mut out = Vec::with_capacity(vaddrs.len());
+        for (&v, &i) in vaddrs.iter().zip(&at) {
+            uses[i] -= 1;
+            let frames: Vec<Frame> = if uses[i] == 0 {
+                std::mem::take(&mut infos[i])
+                    .into_iter()
+                    .map(|fi| to_frame(v, Some(&shown), fi))
+                    .collect()
+            } else {
+                infos[i]
+                    .iter()
+                    .map(|fi| to_frame(v, Some(&shown), fi.clone()))
+                    .collect()
+            };
+            out.push(frames);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::symbolize_file`] without the copies: the addresses sorted and
+    /// deduplicated, and the frames of each (`memtrace symbolize` prints them by
+    /// looking each address up, with no [`Frame`] built per frame). The statistics count
+    /// every address of `vaddrs`, repeats included, as `symbolize_file` returns them.
+    pub(crate) fn symbolize_file_unique(
+        &mut self,
+        path: &Path,
+        vaddrs: &[u64],
+    ) -> Result<(Vec<u64>, Vec<Vec<FrameInfo>>), SymbolizeError> {
         use std::os::unix::fs::MetadataExt;
         let open_err = |err| SymbolizeError::Open {
             path: path.to_owned(),
@@ -343,7 +399,6 @@ impl Symbolizer {
             dev: md.dev(),
             ino: md.ino(),
         };
-        let shown = path.display().to_string();
         if !self.modules.contains_key(&key) {
             // A debuglink is searched next to the binary: that needs its absolute path.
             let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
@@ -378,42 +433,21 @@ impl Symbolizer {
         unique.sort_unstable();
         unique.dedup();
         let t = std::time::Instant::now();
-        let mut infos = elf.resolve_sorted(&unique);
+        let infos = elf.resolve_sorted(&unique);
         log::debug!("{} addresses resolved in {:?}", unique.len(), t.elapsed());
-        // The frames of an address are moved out at its last occurrence, copied before.
-        let at: Vec<usize> = vaddrs
-            .iter()
-            .map(|v| {
-                unique
-                    .binary_search(v)
-                    .expect("every address is in `unique`")
-            })
-            .collect();
-        let mut uses = vec![0u32; unique.len()];
-        for &i in &at {
-            uses[i] += 1;
-        }
-        let mut out = Vec::with_capacity(vaddrs.len());
-        for (&v, &i) in vaddrs.iter().zip(&at) {
-            uses[i] -= 1;
-            let frames: Vec<Frame> = if uses[i] == 0 {
-                std::mem::take(&mut infos[i])
-                    .into_iter()
-                    .map(|fi| to_frame(v, Some(&shown), fi))
-                    .collect()
-            } else {
-                infos[i]
-                    .iter()
-                    .map(|fi| to_frame(v, Some(&shown), fi.clone()))
-                    .collect()
-            };
-            self.stats.addresses += 1;
-            for f in &frames {
-                self.stats.count(f);
+        if unique.len() == vaddrs.len() {
+            for frames in &infos {
+                self.stats.count_address(frames);
             }
-            out.push(frames);
+        } else {
+            for v in vaddrs {
+                let i = unique
+                    .binary_search(v)
+                    .expect("every address is in `unique`");
+                self.stats.count_address(&infos[i]);
+            }
         }
-        Ok(out)
+        Ok((unique, infos))
     }
 
     /// Parses every module of `modules` that is not cached yet, several at a time.
@@ -498,7 +532,7 @@ impl Symbolizer {
                 s.has_dwarf = elf.has_dwarf();
                 s.symbols = elf.symbol_count();
                 s.data_bytes = elf.mapped_bytes();
-                s.error = elf.dwarf_note.clone();
+                s.error = elf.dwarf_note();
             }
         }
         s
