@@ -17,6 +17,42 @@ use std::sync::{Arc, Condvar, Mutex};
 /// large enough that waking them costs nothing (libc: 23 publications).
 const CHUNK: usize = 256 * 1024;
 
+/// Inflater threads running at once, at most one per CPU: loading a process's modules
+/// starts one per module with a big compressed `.debug_info`, and inflating them one
+/// per core finishes each sooner than all at once (the later ones wait to start).
+struct Permits {
+    running: Mutex<usize>,
+    freed: Condvar,
+}
+
+static PERMITS: Permits = Permits {
+    running: Mutex::new(0),
+    freed: Condvar::new(),
+};
+
+impl Permits {
+    fn acquire(&'static self) -> PermitGuard {
+        let limit = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= limit {
+            running = self.freed.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        PermitGuard(self)
+    }
+}
+
+struct PermitGuard(&'static Permits);
+
+impl Drop for PermitGuard {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        drop(running);
+        self.0.freed.notify_one();
+    }
+}
+
 /// How far the inflater has got.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Progress {
@@ -153,7 +189,9 @@ unsafe impl Send for Writer {}
 
 impl Writer {
     fn run(self, data: &'static [u8]) -> Result<(), String> {
+        let permit = PERMITS.acquire();
         let r = self.inflate(data);
+        drop(permit);
         let mut p = self
             .shared
             .progress
@@ -265,6 +303,23 @@ mod tests {
             StreamedSection::start(Vec::leak(vec![0x78, 0x9c, 0xff, 0xff, 0xff]), 4096).unwrap();
         assert!(s.wait_for(1).is_none());
         assert!(s.finish().is_err());
+    }
+
+    #[test]
+    fn more_sections_than_cpus_all_finish() {
+        let n = 3 * std::thread::available_parallelism().map_or(1, |n| n.get());
+        let plains: Vec<Vec<u8>> = (0..n).map(|i| sample(CHUNK + 1000 * i)).collect();
+        let sections: Vec<StreamedSection> = plains
+            .iter()
+            .map(|p| StreamedSection::start(zlib(p), p.len()).unwrap())
+            .collect();
+        // The last ones wait for a permit; waiting for their bytes must not hang.
+        for (s, p) in sections.iter().zip(&plains).rev() {
+            assert_eq!(s.wait_for(p.len()).unwrap(), &p[..]);
+        }
+        for (s, p) in sections.into_iter().zip(&plains) {
+            assert_eq!(s.finish().unwrap().0, &p[..]);
+        }
     }
 
     #[test]
