@@ -777,27 +777,38 @@ impl ElfModule {
         Self::build(data, backing, None, None).map_err(LoadError::malformed)
     }
 
-    /// Parse an opened file and locate its debug information.
+    /// Parse an opened file and locate its debug information, all of it inflated
+    /// before this returns (with libdeflate: the fastest way to the whole section).
     pub fn from_file(file: &File, search: &DebugSearch<'_>) -> Result<Self, LoadError> {
-        let mut backing = Backing::default();
-        let data = backing.map(file).map_err(|msg| LoadError {
-            reason: Unresolved::FileUnavailable,
-            msg,
-        })?;
-        Self::build(data, backing, Some(search), Some(PARALLEL_THRESHOLD))
-            .map_err(LoadError::malformed)
+        Self::open(file, search, None)
     }
 
-    /// [`Self::from_file`], inflating `.debug_info` on its own thread whenever it is
-    /// zlib-compressed, however small (tests of the streamed lookups on fixtures).
+    /// [`Self::from_file`] for a batch known up front ([`Self::resolve_sorted`]): a big
+    /// zlib-compressed `.debug_info` is inflated on its own thread by a streaming
+    /// inflater (~20% slower than libdeflate), and the batch reads each unit as soon as
+    /// its bytes are there. Lookups one address at a time would only wait for it.
+    pub fn for_batch(file: &File, search: &DebugSearch<'_>) -> Result<Self, LoadError> {
+        Self::open(file, search, Some(PARALLEL_THRESHOLD))
+    }
+
+    /// [`Self::for_batch`], streaming `.debug_info` whenever it is zlib-compressed,
+    /// however small (tests of the streamed lookups on fixtures).
     #[cfg(test)]
     pub fn from_file_streamed(file: &File, search: &DebugSearch<'_>) -> Result<Self, LoadError> {
+        Self::open(file, search, Some(0))
+    }
+
+    fn open(
+        file: &File,
+        search: &DebugSearch<'_>,
+        stream_min: Option<usize>,
+    ) -> Result<Self, LoadError> {
         let mut backing = Backing::default();
         let data = backing.map(file).map_err(|msg| LoadError {
             reason: Unresolved::FileUnavailable,
             msg,
         })?;
-        Self::build(data, backing, Some(search), Some(0)).map_err(LoadError::malformed)
+        Self::build(data, backing, Some(search), stream_min).map_err(LoadError::malformed)
     }
 
     /// `stream_min`: see [`load_sections`].

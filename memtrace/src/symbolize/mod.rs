@@ -411,7 +411,7 @@ impl Symbolizer {
                 binary_id: Some((md.dev(), md.ino())),
             };
             let t = std::time::Instant::now();
-            let res = ElfModule::from_file(&file, &search);
+            let res = ElfModule::for_batch(&file, &search);
             log::debug!("{}: loaded in {:?}", path.display(), t.elapsed());
             match &res {
                 Ok(_) => self.stats.modules_loaded += 1,

@@ -1323,7 +1323,7 @@ fn streamed_batch_matches_the_complete_one_on_glibc() {
         vec![start, start + size / 2, start + size - 1]
     });
     let (differ, kept) = streamed_vs_complete(Path::new(&libc_mod.path), &vaddrs, |f, s| {
-        elf::ElfModule::from_file(f, s).unwrap()
+        elf::ElfModule::for_batch(f, s).unwrap()
     });
     assert!(
         differ.is_empty(),
