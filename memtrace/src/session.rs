@@ -513,6 +513,17 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     );
 
     let mut symbolizer = Symbolizer::new();
+    // Nearly every stack has frames in the program and in the allocator's library
+    // (libc: the bottom of every thread's stack): their debug info is loaded while
+    // tracing, so that the report does not wait for it (libc with libc6-dbg: ~30 ms).
+    let exe = proc_exe(pid);
+    symbolizer.load_modules_in_background(
+        &at.modules,
+        at.modules
+            .modules()
+            .iter()
+            .filter(|m| Some(&m.path) == exe.as_ref() || m.path == at.allocator.module),
+    );
     let trace_start = Instant::now();
     let vcfg = cli.verdict_config();
     let mut history = History::new(HISTORY_CAPACITY, monotonic_ns(), cli.interval);
@@ -748,8 +759,19 @@ fn live_summary(
             .map(|s| s.stack_id),
         STACK_READ_AHEAD,
     )?;
-    if ahead > 0 {
-        log::debug!("{ahead} new stacks read");
+    if !ahead.is_empty() {
+        log::debug!("{} new stacks read", ahead.len());
+        // And the debug info of the modules they go through.
+        let mut addrs = Vec::new();
+        for &id in &ahead {
+            addrs.extend_from_slice(at.collector.stack(id)?);
+        }
+        addrs.sort_unstable();
+        addrs.dedup();
+        let n = sym.load_in_background(&at.modules, addrs);
+        if n > 0 {
+            log::debug!("{n} modules of those stacks loading in the background");
+        }
     }
     let process = procstat::read(at.pid).ok();
     // The history keeps the sampled figures; the line shows the estimates.

@@ -189,6 +189,67 @@ pub struct Symbolizer {
     modules: HashMap<ModuleKey, Result<ElfModule, LoadError>>,
     results: HashMap<(ModuleKey, u64), Vec<FrameInfo>>,
     stats: SymbolizeStats,
+    /// Modules being loaded on background threads ([`Self::load_in_background`]).
+    background: Vec<Background>,
+}
+
+/// One background thread's modules: those not received yet, and its channel.
+struct Background {
+    loading: std::collections::HashSet<ModuleKey>,
+    results: std::sync::mpsc::Receiver<(ModuleKey, Result<ElfModule, LoadError>)>,
+}
+
+/// What loading one module needs, owned, to be done on another thread.
+struct LoadJob {
+    key: ModuleKey,
+    path: String,
+    file: Option<std::sync::Arc<std::fs::File>>,
+    image: Option<std::sync::Arc<Vec<u8>>>,
+    open_error: Option<String>,
+    target_root: PathBuf,
+    display_root: PathBuf,
+    /// Keeps `target_root` (a `/proc/self/fd/N` path) valid.
+    _root_fd: Option<std::fs::File>,
+}
+
+impl LoadJob {
+    fn new(modules: &ProcessModules, m: &MappedModule, key: ModuleKey) -> Self {
+        let (target_root, root_fd) = modules.lookup_root_owned();
+        LoadJob {
+            key,
+            path: m.path.clone(),
+            file: m.file.clone(),
+            image: m.image.clone(),
+            open_error: m.open_error.clone(),
+            target_root,
+            display_root: modules.root().to_owned(),
+            _root_fd: root_fd,
+        }
+    }
+
+    fn load(&self, debug_root: &Path) -> Result<ElfModule, LoadError> {
+        if let Some(image) = &self.image {
+            return ElfModule::from_image(image.as_ref().clone());
+        }
+        let Some(file) = &self.file else {
+            return Err(LoadError {
+                reason: Unresolved::FileUnavailable,
+                msg: self.open_error.clone().unwrap_or_else(|| "no file".into()),
+            });
+        };
+        let binary_id = match self.key {
+            ModuleKey::File { dev, ino } => Some((dev, ino)),
+            _ => None,
+        };
+        let search = DebugSearch {
+            target_root: &self.target_root,
+            display_root: &self.display_root,
+            debug_root,
+            binary_path: &self.path,
+            binary_id,
+        };
+        ElfModule::from_file(file, &search)
+    }
 }
 
 impl Default for Symbolizer {
@@ -209,6 +270,113 @@ impl Symbolizer {
             modules: HashMap::new(),
             results: HashMap::new(),
             stats: SymbolizeStats::default(),
+            background: Vec::new(),
+        }
+    }
+
+    /// Starts loading, on a background thread, the modules that hold `addrs` (return
+    /// addresses: each is looked up at `addr - 1`, as [`Self::symbolize`] does) and are
+    /// neither loaded nor being loaded, so that a later report only pays for lookups.
+    /// A lookup that needs one of them waits for it. Returns how many were started.
+    pub fn load_in_background(
+        &mut self,
+        modules: &ProcessModules,
+        addrs: impl IntoIterator<Item = u64>,
+    ) -> usize {
+        let ms = addrs
+            .into_iter()
+            .filter_map(|a| modules.module_for(a.saturating_sub(1)));
+        self.load_modules_in_background(modules, ms)
+    }
+
+    /// [`Self::load_in_background`] for the given modules of `modules`.
+    pub fn load_modules_in_background<'m>(
+        &mut self,
+        modules: &ProcessModules,
+        ms: impl IntoIterator<Item = &'m MappedModule>,
+    ) -> usize {
+        self.receive_background(None);
+        let mut loading = std::collections::HashSet::new();
+        let mut jobs = Vec::new();
+        for m in ms {
+            let Some(key) = m.key else { continue };
+            if self.modules.contains_key(&key)
+                || self.background.iter().any(|b| b.loading.contains(&key))
+                || !loading.insert(key)
+            {
+                continue;
+            }
+            jobs.push(LoadJob::new(modules, m, key));
+        }
+        if jobs.is_empty() {
+            return 0;
+        }
+        let n = jobs.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let debug_root = self.debug_root.clone();
+        let started = std::thread::Builder::new()
+            .name("symbolize-load".into())
+            .spawn(move || {
+                for job in jobs {
+                    let t = std::time::Instant::now();
+                    let r = job.load(&debug_root);
+                    log::debug!(
+                        "{}: loaded in the background in {:?}",
+                        job.path,
+                        t.elapsed()
+                    );
+                    if tx.send((job.key, r)).is_err() {
+                        break;
+                    }
+                }
+            });
+        if started.is_err() {
+            return 0; // loaded when first needed instead
+        }
+        self.background.push(Background {
+            loading,
+            results: rx,
+        });
+        n
+    }
+
+    /// Takes the modules background threads have loaded; with `want`, first waits for
+    /// that module if one of them is loading it.
+    fn receive_background(&mut self, want: Option<ModuleKey>) {
+        use std::sync::mpsc::TryRecvError;
+        let mut i = 0;
+        while i < self.background.len() {
+            let b = &mut self.background[i];
+            let wait = want.is_some_and(|k| b.loading.contains(&k));
+            loop {
+                let got = if wait && want.is_some_and(|k| b.loading.contains(&k)) {
+                    b.results.recv().map_err(|_| TryRecvError::Disconnected)
+                } else {
+                    b.results.try_recv()
+                };
+                match got {
+                    Ok((key, r)) => {
+                        b.loading.remove(&key);
+                        match &r {
+                            Ok(_) => self.stats.modules_loaded += 1,
+                            Err(_) => self.stats.module_load_failures += 1,
+                        }
+                        self.modules.entry(key).or_insert(r);
+                    }
+                    // A thread that ended (or died) without sending the rest: those are
+                    // loaded when first needed.
+                    Err(TryRecvError::Disconnected) => {
+                        b.loading.clear();
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if b.loading.is_empty() {
+                self.background.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -319,6 +487,9 @@ impl Symbolizer {
         m: &MappedModule,
         key: ModuleKey,
     ) -> &Result<ElfModule, LoadError> {
+        if !self.background.is_empty() && !self.modules.contains_key(&key) {
+            self.receive_background(Some(key));
+        }
         let debug_root = &self.debug_root;
         let stats = &mut self.stats;
         self.modules.entry(key).or_insert_with(|| {
@@ -544,28 +715,14 @@ fn load_module(
     m: &MappedModule,
     debug_root: &Path,
 ) -> Result<ElfModule, LoadError> {
-    if let Some(image) = &m.image {
-        return ElfModule::from_image(image.as_ref().clone());
-    }
-    let Some(file) = &m.file else {
-        return Err(LoadError {
+    match m.key {
+        Some(key) => LoadJob::new(modules, m, key).load(debug_root),
+        // Only a module that could not be opened has no key.
+        None => Err(LoadError {
             reason: Unresolved::FileUnavailable,
             msg: m.open_error.clone().unwrap_or_else(|| "no file".into()),
-        });
-    };
-    let target_root = modules.lookup_root();
-    let binary_id = match m.key {
-        Some(ModuleKey::File { dev, ino }) => Some((dev, ino)),
-        _ => None,
-    };
-    let search = DebugSearch {
-        target_root: &target_root,
-        display_root: modules.root(),
-        debug_root,
-        binary_path: &m.path,
-        binary_id,
-    };
-    ElfModule::from_file(file, &search)
+        }),
+    }
 }
 
 fn to_frame(address: u64, module: Option<&str>, fi: FrameInfo) -> Frame {

@@ -281,6 +281,22 @@ impl ProcessModules {
         }
     }
 
+    /// [`Self::lookup_root`] for work on another thread: with a duplicate of the root's
+    /// descriptor, which the returned file keeps open for as long as the path is used.
+    pub(crate) fn lookup_root_owned(&self) -> (PathBuf, Option<File>) {
+        use std::os::fd::AsRawFd;
+        match self.root_dir.as_ref().filter(|_| !self.root_is_host) {
+            Some(d) => match d.try_clone() {
+                Ok(dup) => (
+                    PathBuf::from(format!("/proc/self/fd/{}", dup.as_raw_fd())),
+                    Some(dup),
+                ),
+                Err(_) => (self.root.clone(), None),
+            },
+            None => (self.lookup_root(), None),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.pid
     }

@@ -909,6 +909,43 @@ fn preload_parses_each_file_once() {
     assert_eq!(s.stats().modules_loaded, loaded, "no parse after preload");
 }
 
+/// Modules loaded in the background answer as those loaded on first use: a lookup
+/// right after the start waits for its module, nothing is parsed twice, and a module
+/// loading or loaded is not started again.
+#[test]
+fn background_loads_answer_as_loads_on_first_use() {
+    let pm = ProcessModules::capture(std::process::id()).unwrap();
+    let malloc = libc::malloc as *const () as usize as u64;
+    let own = rust_function_in_own_process as fn() as usize as u64;
+    // Return addresses are looked up at addr - 1.
+    let addrs = [malloc + 1, own + 1];
+    let libc_key = pm.module_for(malloc).unwrap().key;
+    let own_key = pm.module_for(own).unwrap().key;
+    assert_ne!(libc_key, own_key);
+
+    let mut s = Symbolizer::new();
+    assert_eq!(s.load_in_background(&pm, addrs), 2);
+    assert_eq!(
+        s.load_in_background(&pm, addrs),
+        0,
+        "already loading or loaded"
+    );
+    let got = s.symbolize(&pm, &addrs, true);
+    assert_eq!(s.stats().modules_loaded, 2);
+    assert_eq!(s.stats().module_load_failures, 0);
+    assert_eq!(s.load_in_background(&pm, addrs), 0, "loaded");
+    assert!(s.background.is_empty());
+
+    let mut fresh = Symbolizer::new();
+    let want = fresh.symbolize(&pm, &addrs, true);
+    assert_eq!(got, want);
+    assert!(
+        got[0].iter().any(|f| f.file.is_some()),
+        "libc from its debug file: {got:?}"
+    );
+    assert_eq!(fresh.stats().modules_loaded, 2);
+}
+
 /// Rust names come out demangled without the hash, from the test binary's own DWARF.
 #[test]
 fn rust_function_in_own_process() {
