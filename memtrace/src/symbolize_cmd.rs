@@ -15,29 +15,24 @@ pub trait FrameText {
     fn line(&self) -> Option<u32>;
 }
 
-impl FrameText for Frame {
-    fn function(&self) -> Option<&str> {
-        self.function.as_deref()
-    }
-    fn file(&self) -> Option<&str> {
-        self.file.as_deref()
-    }
-    fn line(&self) -> Option<u32> {
-        self.line
-    }
+/// Both frame types have the three fields under the same names.
+macro_rules! frame_text {
+    ($($t:ty),*) => {$(
+        impl FrameText for $t {
+            fn function(&self) -> Option<&str> {
+                self.function.as_deref()
+            }
+            fn file(&self) -> Option<&str> {
+                self.file.as_deref()
+            }
+            fn line(&self) -> Option<u32> {
+                self.line
+            }
+        }
+    )*};
 }
 
-impl FrameText for FrameInfo {
-    fn function(&self) -> Option<&str> {
-        self.function.as_deref()
-    }
-    fn file(&self) -> Option<&str> {
-        self.file.as_deref()
-    }
-    fn line(&self) -> Option<u32> {
-        self.line
-    }
-}
+frame_text!(Frame, FrameInfo);
 
 /// Parses an address as binutils does (`bfd_scan_vma`, base 16): an optional `0x`, then
 /// hex digits up to the first other character; nothing valid reads as 0.

@@ -1204,16 +1204,42 @@ fn symbolize_command_matches_binutils_on_glibc() {
 /// read once for all its addresses) and one at a time (addr2line's contexts); returns
 /// where they differ.
 fn batch_vs_single(path: &Path, vaddrs: &[u64]) -> Vec<String> {
-    let search = elf::DebugSearch {
+    batch_vs_single_with(path, vaddrs, |f, s| {
+        elf::ElfModule::from_file(f, s).unwrap()
+    })
+}
+
+/// How this crate's tests search debug files: on this host, under `/usr/lib/debug`.
+fn host_search(path: &Path) -> elf::DebugSearch<'_> {
+    elf::DebugSearch {
         target_root: Path::new("/"),
         display_root: Path::new("/"),
         debug_root: Path::new("/usr/lib/debug"),
         binary_path: path.to_str().unwrap(),
         binary_id: None,
-    };
-    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &search).unwrap();
-    assert!(elf.has_dwarf(), "{}", path.display());
+    }
+}
+
+/// Panics naming the first few of `differ` unless it is empty.
+fn assert_none_differ(differ: &[String], of: usize, what: &str) {
+    assert!(
+        differ.is_empty(),
+        "{what}: {} of {of} differ:\n{}",
+        differ.len(),
+        differ[..differ.len().min(5)].join("\n")
+    );
+}
+
+/// [`batch_vs_single`] with the module opened by `open`.
+fn batch_vs_single_with(
+    path: &Path,
+    vaddrs: &[u64],
+    open: impl Fn(&File, &elf::DebugSearch<'_>) -> elf::ElfModule,
+) -> Vec<String> {
+    let elf = open(&File::open(path).unwrap(), &host_search(path));
+    // (After the batch: asking first would wait for a streamed `.debug_info`.)
     let batch = elf.resolve_sorted(vaddrs);
+    assert!(elf.has_dwarf(), "{}", path.display());
     assert_eq!(batch.len(), vaddrs.len());
     vaddrs
         .iter()
@@ -1280,14 +1306,7 @@ fn batch_lookups_match_contexts_on_fixtures() {
         let vaddrs = text_vaddrs(&bin);
         assert!(vaddrs.len() > 256, "a batch large enough for the unit runs");
         let differ = batch_vs_single(&bin, &vaddrs);
-        assert!(
-            differ.is_empty(),
-            "{}: {} of {} differ:\n{}",
-            bin.display(),
-            differ.len(),
-            vaddrs.len(),
-            differ[..differ.len().min(5)].join("\n")
-        );
+        assert_none_differ(&differ, vaddrs.len(), &bin.display().to_string());
     }
 }
 
@@ -1301,13 +1320,7 @@ fn batch_lookups_match_contexts_on_glibc() {
         vec![start, start + size / 2, start + size - 1]
     });
     let differ = batch_vs_single(Path::new(&libc_mod.path), &vaddrs);
-    assert!(
-        differ.is_empty(),
-        "{} of {} differ:\n{}",
-        differ.len(),
-        vaddrs.len(),
-        differ[..differ.len().min(5)].join("\n")
-    );
+    assert_none_differ(&differ, vaddrs.len(), "libc");
 }
 
 /// Resolves `vaddrs` (sorted, unique) of `path` twice: while `.debug_info` is still
@@ -1319,13 +1332,7 @@ fn streamed_vs_complete(
     vaddrs: &[u64],
     open: impl Fn(&File, &elf::DebugSearch<'_>) -> elf::ElfModule,
 ) -> (Vec<String>, bool) {
-    let search = elf::DebugSearch {
-        target_root: Path::new("/"),
-        display_root: Path::new("/"),
-        debug_root: Path::new("/usr/lib/debug"),
-        binary_path: path.to_str().unwrap(),
-        binary_id: None,
-    };
+    let search = host_search(path);
     let streamed = open(&File::open(path).unwrap(), &search);
     assert!(
         streamed.dwarf_pending(),
@@ -1362,13 +1369,7 @@ fn streamed_batch_matches_the_complete_one_on_glibc() {
     let (differ, kept) = streamed_vs_complete(Path::new(&libc_mod.path), &vaddrs, |f, s| {
         elf::ElfModule::for_batch(f, s).unwrap()
     });
-    assert!(
-        differ.is_empty(),
-        "{} of {} differ:\n{}",
-        differ.len(),
-        vaddrs.len(),
-        differ[..differ.len().min(5)].join("\n")
-    );
+    assert_none_differ(&differ, vaddrs.len(), "libc");
     assert!(kept, "the streamed results were discarded");
 }
 
@@ -1402,48 +1403,22 @@ fn streamed_batch_matches_the_complete_one_on_fixtures() {
     }
     for (bin, keeps) in bins {
         let vaddrs = text_vaddrs(&bin);
-        let (differ, kept) = streamed_vs_complete(&bin, &vaddrs, |f, s| {
-            elf::ElfModule::from_file_streamed(f, s).unwrap()
-        });
-        assert!(
-            differ.is_empty(),
-            "{}: {} of {} differ:\n{}",
-            bin.display(),
-            differ.len(),
-            vaddrs.len(),
-            differ[..differ.len().min(5)].join("\n")
-        );
-        assert_eq!(kept, keeps, "{}: streamed results kept", bin.display());
+        let streamed =
+            |f: &File, s: &elf::DebugSearch<'_>| elf::ElfModule::from_file_streamed(f, s).unwrap();
+        let (differ, kept) = streamed_vs_complete(&bin, &vaddrs, streamed);
+        let what = bin.display().to_string();
+        assert_none_differ(&differ, vaddrs.len(), &what);
+        assert_eq!(kept, keeps, "{what}: streamed results kept");
         // And against addr2line's contexts, as the usual batch is checked.
-        let search = elf::DebugSearch {
-            target_root: Path::new("/"),
-            display_root: Path::new("/"),
-            debug_root: Path::new("/usr/lib/debug"),
-            binary_path: bin.to_str().unwrap(),
-            binary_id: None,
-        };
-        let elf = elf::ElfModule::from_file_streamed(&File::open(&bin).unwrap(), &search).unwrap();
-        let batch = elf.resolve_sorted(&vaddrs);
-        let wrong = vaddrs
-            .iter()
-            .zip(&batch)
-            .filter(|&(&v, b)| elf.resolve(v) != *b)
-            .count();
-        assert_eq!(wrong, 0, "{}", bin.display());
+        let differ = batch_vs_single_with(&bin, &vaddrs, streamed);
+        assert_none_differ(&differ, vaddrs.len(), &what);
     }
 }
 
 /// Compares the batch's own abbreviation tables, DIE walker and line program decoder
 /// with gimli's, unit by unit; returns how much they answered.
 fn fast_vs_gimli(path: &Path) -> unit_batch::FastCoverage {
-    let search = elf::DebugSearch {
-        target_root: Path::new("/"),
-        display_root: Path::new("/"),
-        debug_root: Path::new("/usr/lib/debug"),
-        binary_path: path.to_str().unwrap(),
-        binary_id: None,
-    };
-    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &search).unwrap();
+    let elf = elf::ElfModule::from_file(&File::open(path).unwrap(), &host_search(path)).unwrap();
     let (dwarf, offsets) = elf.units_for_tests().expect("DWARF");
     match unit_batch::compare_fast_with_gimli(&dwarf, &offsets) {
         Ok(c) => c,
