@@ -631,6 +631,10 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     }
 
     let cpu_report = crate::batch::process_cpu();
+    log::debug!(
+        "report begins at {:.3} ms of process cpu",
+        cpu_report.as_secs_f64() * 1e3
+    );
     let report = build_report(
         cli,
         &mut at,
