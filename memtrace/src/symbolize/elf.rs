@@ -647,11 +647,16 @@ impl UnitIndex {
     }
 
     fn lookup(&self, vaddr: u64) -> Covered {
-        let i = self.ranges.partition_point(|r| r.0 <= vaddr);
-        match i.checked_sub(1).map(|i| self.ranges[i]) {
-            Some((_, end, c)) if vaddr < end => c,
-            _ => Covered::Nothing,
-        }
+        covered_at(&self.ranges, vaddr)
+    }
+}
+
+/// What covers `vaddr` in disjoint sorted ranges ([`merged_ranges`]).
+fn covered_at(ranges: &[(u64, u64, Covered)], vaddr: u64) -> Covered {
+    let i = ranges.partition_point(|r| r.0 <= vaddr);
+    match i.checked_sub(1).map(|i| ranges[i]) {
+        Some((_, end, c)) if vaddr < end => c,
+        _ => Covered::Nothing,
     }
 }
 
@@ -1204,14 +1209,7 @@ impl ElfModule {
         let ranges = merged_ranges(arange_entries(&sections.dwarf(None), |off| {
             u32::try_from(off).ok()
         })?)?;
-        let lookup = |v: u64| -> Covered {
-            let i = ranges.partition_point(|r| r.0 <= v);
-            match i.checked_sub(1).map(|i| ranges[i]) {
-                Some((_, end, c)) if v < end => c,
-                _ => Covered::Nothing,
-            }
-        };
-        let runs = unit_runs(sorted, lookup);
+        let runs = unit_runs(sorted, |v| covered_at(&ranges, v));
         // Runs needing no DWARF first, then by where their unit starts.
         let mut order: Vec<usize> = (0..runs.len()).collect();
         order.sort_by_key(|&r| match runs[r].2 {
@@ -1227,26 +1225,13 @@ impl ElfModule {
                 Covered::Ambiguous => return None,
                 Covered::Unit(off) => off as usize,
             };
-            // The unit's length: 4 bytes, or 0xffffffff and 8 bytes (64-bit DWARF).
+            // The unit's length comes first: 4 bytes, or 12 in 64-bit DWARF.
             let head = info.wait_for(off.checked_add(12)?)?;
-            let word = |at: usize, n: usize| -> Option<u64> {
-                let b = head.get(at..at + n)?;
-                Some(match (sections.endian, n) {
-                    (gimli::RunTimeEndian::Little, 4) => {
-                        u64::from(u32::from_le_bytes(b.try_into().ok()?))
-                    }
-                    (gimli::RunTimeEndian::Big, 4) => {
-                        u64::from(u32::from_be_bytes(b.try_into().ok()?))
-                    }
-                    (gimli::RunTimeEndian::Little, _) => u64::from_le_bytes(b.try_into().ok()?),
-                    (gimli::RunTimeEndian::Big, _) => u64::from_be_bytes(b.try_into().ok()?),
-                })
-            };
-            let end = match word(off, 4)? {
-                0xffff_ffff => word(off + 4, 8)?.checked_add(12)?,
-                n => n + 4,
-            };
-            let end = off.checked_add(usize::try_from(end).ok()?)?;
+            let mut r = gimli::EndianSlice::new(head.get(off..)?, sections.endian);
+            let (len, format) = gimli::Reader::read_initial_length(&mut r).ok()?;
+            let end = off
+                .checked_add(usize::from(format.initial_length_size()))?
+                .checked_add(len)?;
             let bytes = info.wait_for(end)?;
             // SAFETY: inflated bytes are never written again, and the section outlives
             // this call (`pending` is borrowed until it returns); nothing borrowed from

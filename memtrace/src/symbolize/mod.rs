@@ -142,6 +142,17 @@ impl SymbolizeStats {
         }
     }
 
+    /// One module load, as it ended.
+    fn count_load(&mut self, r: &Result<ElfModule, LoadError>, path: &str) {
+        match r {
+            Ok(_) => self.modules_loaded += 1,
+            Err(e) => {
+                self.module_load_failures += 1;
+                log::debug!("{path}: {e}");
+            }
+        }
+    }
+
     fn count(&mut self, frame: &Frame) {
         self.count_unresolved(frame.unresolved);
     }
@@ -196,7 +207,8 @@ pub struct Symbolizer {
 /// One background thread's modules: those not received yet, and its channel.
 struct Background {
     loading: std::collections::HashSet<ModuleKey>,
-    results: std::sync::mpsc::Receiver<(ModuleKey, Result<ElfModule, LoadError>)>,
+    /// Each module with its path (for the log).
+    results: std::sync::mpsc::Receiver<(ModuleKey, String, Result<ElfModule, LoadError>)>,
 }
 
 /// What loading one module needs, owned, to be done on another thread.
@@ -325,7 +337,7 @@ impl Symbolizer {
                         job.path,
                         t.elapsed()
                     );
-                    if tx.send((job.key, r)).is_err() {
+                    if tx.send((job.key, job.path, r)).is_err() {
                         break;
                     }
                 }
@@ -347,20 +359,17 @@ impl Symbolizer {
         let mut i = 0;
         while i < self.background.len() {
             let b = &mut self.background[i];
-            let wait = want.is_some_and(|k| b.loading.contains(&k));
             loop {
-                let got = if wait && want.is_some_and(|k| b.loading.contains(&k)) {
+                // Blocks only while the module wanted is still this thread's to load.
+                let got = if want.is_some_and(|k| b.loading.contains(&k)) {
                     b.results.recv().map_err(|_| TryRecvError::Disconnected)
                 } else {
                     b.results.try_recv()
                 };
                 match got {
-                    Ok((key, r)) => {
+                    Ok((key, path, r)) => {
                         b.loading.remove(&key);
-                        match &r {
-                            Ok(_) => self.stats.modules_loaded += 1,
-                            Err(_) => self.stats.module_load_failures += 1,
-                        }
+                        self.stats.count_load(&r, &path);
                         self.modules.entry(key).or_insert(r);
                     }
                     // A thread that ended (or died) without sending the rest: those are
@@ -494,13 +503,7 @@ impl Symbolizer {
         let stats = &mut self.stats;
         self.modules.entry(key).or_insert_with(|| {
             let res = load_module(modules, m, debug_root);
-            match &res {
-                Ok(_) => stats.modules_loaded += 1,
-                Err(e) => {
-                    stats.module_load_failures += 1;
-                    log::debug!("{}: {e}", m.path);
-                }
-            }
+            stats.count_load(&res, &m.path);
             res
         })
     }
@@ -584,10 +587,7 @@ impl Symbolizer {
             let t = std::time::Instant::now();
             let res = ElfModule::for_batch(&file, &search);
             log::debug!("{}: loaded in {:?}", path.display(), t.elapsed());
-            match &res {
-                Ok(_) => self.stats.modules_loaded += 1,
-                Err(_) => self.stats.module_load_failures += 1,
-            }
+            self.stats.count_load(&res, &path.display().to_string());
             self.modules.insert(key, res);
         }
         let elf = match &self.modules[&key] {
@@ -621,59 +621,17 @@ impl Symbolizer {
         Ok((unique, infos))
     }
 
-    /// Parses every module of `modules` that is not cached yet, several at a time.
-    ///
-    /// Loading is the expensive part (libc with libc6-dbg: ~20 ms, mostly inflating its
-    /// compressed DWARF); afterwards the first lookup in a unit parses that unit (~0.1 ms),
-    /// later ones take microseconds.
-    /// A tracer can call this from a background thread right after attaching (`Symbolizer`
-    /// is `Send`) so that reports only pay for lookups. Returns how many modules were parsed.
+    /// Parses every module of `modules` that is not cached yet (on the background
+    /// loader, see [`Self::load_in_background`]) and waits for them. Returns how many
+    /// were parsed.
     pub fn preload(&mut self, modules: &ProcessModules) -> usize {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let mut seen = std::collections::HashSet::new();
-        let todo: Vec<(&MappedModule, ModuleKey)> = modules
-            .modules()
-            .iter()
-            .filter_map(|m| Some((m, m.key?)))
-            .filter(|(_, k)| !self.modules.contains_key(k) && seen.insert(*k))
-            .collect();
-        if todo.is_empty() {
-            return 0;
-        }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(todo.len());
-        let next = AtomicUsize::new(0);
-        let debug_root = self.debug_root.as_path();
-        let loaded: Vec<(ModuleKey, Result<ElfModule, LoadError>)> = std::thread::scope(|sc| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    sc.spawn(|| {
-                        let mut out = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(&(m, k)) = todo.get(i) else { break };
-                            out.push((k, load_module(modules, m, debug_root)));
-                        }
-                        out
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
-        let n = loaded.len();
-        for (k, r) in loaded {
-            match &r {
-                Ok(_) => self.stats.modules_loaded += 1,
-                Err(e) => {
-                    self.stats.module_load_failures += 1;
-                    log::debug!("module {k:?}: {e}");
-                }
-            }
-            self.modules.insert(k, r);
+        let n = self.load_modules_in_background(modules, modules.modules());
+        while let Some(&key) = self
+            .background
+            .first()
+            .and_then(|b| b.loading.iter().next())
+        {
+            self.receive_background(Some(key));
         }
         n
     }
