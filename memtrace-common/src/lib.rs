@@ -166,6 +166,84 @@ pub const SITE_MARK_JUMP: u64 = 0x7d;
 /// callee's entry checks its return address as with `CALL_MARKS_BY_SP`.
 pub const SITE_MARK_CHECK: u64 = 0x7c;
 
+/// Attach cookie kind of a result site (`index << 8 | SITE_RESULT`): a probe
+/// inside an allocating function where its outcome is known, configured by
+/// entry `index` of `RESULT_SITES` (see memtrace/src/exits.rs).
+pub const SITE_RESULT: u64 = 0x7b;
+
+/// A result site's `cond` when it applies whatever the flags.
+pub const RESULT_ALWAYS: u8 = 0xff;
+/// What a result site reports for the edge about to be taken.
+pub const RESULT_NOTHING: u8 = 0;
+/// The call returns rax.
+pub const RESULT_RECORD: u8 = 1;
+/// The call returns NULL.
+pub const RESULT_NULL: u8 = 2;
+/// The padding after a call taken never to return: reached, it did return
+/// (`Counter::UnforeseenReturns`).
+pub const RESULT_GUARD: u8 = 3;
+/// Where a result site finds a value: nowhere, in a register (`PtRegs`
+/// index, see `PT_REGS_*`), or at rsp + `off` in the stack.
+pub const LOC_NONE: u8 = 0;
+pub const LOC_REG: u8 = 1;
+pub const LOC_STACK: u8 = 2;
+/// Indexes of x86-64 `struct pt_regs`'s general registers (its field order).
+pub const PT_REGS_R15: u8 = 0;
+pub const PT_REGS_R14: u8 = 1;
+pub const PT_REGS_R13: u8 = 2;
+pub const PT_REGS_R12: u8 = 3;
+pub const PT_REGS_RBP: u8 = 4;
+pub const PT_REGS_RBX: u8 = 5;
+pub const PT_REGS_R11: u8 = 6;
+pub const PT_REGS_R10: u8 = 7;
+pub const PT_REGS_R9: u8 = 8;
+pub const PT_REGS_R8: u8 = 9;
+pub const PT_REGS_RAX: u8 = 10;
+pub const PT_REGS_RCX: u8 = 11;
+pub const PT_REGS_RDX: u8 = 12;
+pub const PT_REGS_RSI: u8 = 13;
+pub const PT_REGS_RDI: u8 = 14;
+/// Entries of `RESULT_SITES`.
+pub const MAX_RESULT_SITES: u32 = 64;
+
+/// One result site. Map `RESULT_SITES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResultSite {
+    /// A conditional jump's condition code (its opcode's low nibble), or
+    /// `RESULT_ALWAYS`.
+    pub cond: u8,
+    /// `RESULT_*` when the condition holds (or always), and when it does not.
+    pub taken: u8,
+    pub not_taken: u8,
+    /// 1: store the size for a later site of the same call (`CAPTURES`).
+    pub capture: u8,
+    /// `LOC_*` and register of the size and of the caller's rbp.
+    pub size_loc: u8,
+    pub size_reg: u8,
+    pub rbp_loc: u8,
+    pub rbp_reg: u8,
+    /// Their offsets from rsp, for `LOC_STACK`.
+    pub size_off: i32,
+    pub rbp_off: i32,
+    /// rsp at the function's entry - rsp here.
+    pub entry_sp_delta: u32,
+    /// The function's `AllocKind`.
+    pub kind: u32,
+}
+
+/// A size a result site captured for a later one of the same call. Map
+/// `CAPTURES`, indexed by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capture {
+    pub tid: u32,
+    pub _pad: u32,
+    /// rsp at the call's entry.
+    pub sp: u64,
+    pub size: u64,
+}
+
 /// How the BPF side tells a call made by the allocator itself (glibc's
 /// realloc(p, 0) calls free) from a user's call: `CALL_MARKS_BY_SP` reads the
 /// return address at [sp] at every entry and looks for the function it is in;
@@ -411,7 +489,8 @@ pub enum Counter {
     /// Allocations not recorded because both of their buckets in the block
     /// table (`ALLOC_KEYS`/`ALLOCS`) were full.
     DroppedAllocMapFull = 5,
-    /// Allocations not recorded because `PENDING` was full at entry.
+    /// Allocations not recorded because `PENDING` was full at entry (or, for a
+    /// result site, because the size captured earlier in the call was lost).
     DroppedPendingFull = 6,
     /// Allocations not recorded because `SITES` was full.
     DroppedSiteMapFull = 7,
@@ -445,9 +524,14 @@ pub enum Counter {
     /// Return probes that ran for an allocating call (uprobe sessions run one
     /// only for calls whose entry asked for it).
     ReturnProbes = 21,
+    /// Calls that came back from a function a result-site plan took as never
+    /// returning (the padding after the call was reached): that call of the
+    /// allocator went where the plan did not look, and may be missed or have
+    /// a wrong size.
+    UnforeseenReturns = 22,
 }
 
-pub const NUM_COUNTERS: u32 = 22;
+pub const NUM_COUNTERS: u32 = 23;
 
 // ---- sampling (--sample-bytes) ------------------------------------------------
 
@@ -495,6 +579,8 @@ mod pod {
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::TextRange {}
+    unsafe impl aya::Pod for super::ResultSite {}
+    unsafe impl aya::Pod for super::Capture {}
     unsafe impl aya::Pod for super::CallMarkState {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::PageKey {}
@@ -509,6 +595,8 @@ const _: () = {
     assert!(core::mem::size_of::<AllocKeys>() == 64);
     assert!(core::mem::size_of::<AllocBucket>() == 256);
     assert!(core::mem::size_of::<Countdown>() == 16);
+    assert!(core::mem::size_of::<ResultSite>() == 24);
+    assert!(core::mem::size_of::<Capture>() == 24);
     assert!(core::mem::size_of::<SiteStats>() == 40);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);

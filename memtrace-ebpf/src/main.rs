@@ -38,16 +38,18 @@ mod probes {
     use memtrace_common::{
         ALLOC_BUCKET_SLOTS, ALLOC_KEY_BUSY, ALLOC_KEY_EMPTY, AllocBucket, AllocKeys, AllocKind,
         Allocation, CALL_MARKS_BY_SITE, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP,
-        CallMarkState, Countdown, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES,
+        CallMarkState, Capture, Countdown, Counter, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES,
         DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, EPOCH_TIME_SHIFT, Epoch,
-        KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, LN2_Q16, MAX_ALLOCATOR_FUNCTIONS,
-        MAX_CALL_MARKS, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS,
-        PC_PAGE_SHIFT, PENDING_KIND_MASK, PENDING_UNSAMPLED, PageKey, PageRows, PendingCall,
-        PendingKey, RBP_AT_CFA, RBP_SAME, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS,
-        SITE_CALL_IN_COOKIE, SITE_KIND_MASK, SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP,
-        SITE_UNSAMPLED_PENDING, STACK_FP_ONLY, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP,
-        STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats,
-        StackTrace, TextRange, UnwindRow, alloc_bucket_choices, alloc_buckets,
+        KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, LN2_Q16, LOC_REG, LOC_STACK,
+        MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS, MAX_RESULT_SITES, MAX_ROWS_PER_PAGE_LOG2,
+        MAX_STACK_DEPTH, NO_STACK, NUM_COUNTERS, PC_PAGE_SHIFT, PENDING_KIND_MASK,
+        PENDING_UNSAMPLED, PageKey, PageRows, PendingCall, PendingKey, RBP_AT_CFA, RBP_SAME,
+        RESULT_ALWAYS, RESULT_GUARD, RESULT_NOTHING, RESULT_NULL, ResultSite, SAMPLE_LOG2_ENTRIES,
+        SAMPLE_LOG2_SHIFT, SAMPLE_THREADS, SITE_CALL_IN_COOKIE, SITE_KIND_MASK, SITE_MARK_CALL,
+        SITE_MARK_CHECK, SITE_MARK_JUMP, SITE_UNSAMPLED_PENDING, STACK_FP_ONLY,
+        STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, SiteKey, SiteStats, StackTrace, TextRange,
+        UnwindRow, alloc_bucket_choices, alloc_buckets,
     };
 
     /// Process being traced (set by userspace before load). The probes are
@@ -93,6 +95,10 @@ mod probes {
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 
+    /// From the lowest start to the highest end of ALLOCATOR_TEXT.
+    #[map]
+    static ALLOCATOR_HULL: Array<TextRange> = Array::with_max_entries(1, 0);
+
     #[map]
     static ALLOCATOR_TEXT: Array<TextRange> = Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
 
@@ -130,6 +136,16 @@ mod probes {
     /// inlined lookup, ~70 ns less per sampled-mode allocation call.
     #[map]
     static COUNTDOWN: Array<Countdown> = Array::with_max_entries(SAMPLE_THREADS, 0);
+
+    /// Result sites (see `memtrace_common::ResultSite`), by the index in
+    /// their attach cookie. Written by userspace before attaching.
+    #[map]
+    static RESULT_SITES: Array<ResultSite> = Array::with_max_entries(MAX_RESULT_SITES, 0);
+
+    /// Sizes captured by result sites for a later site of the same call, per
+    /// thread (as COUNTDOWN).
+    #[map]
+    static CAPTURES: Array<Capture> = Array::with_max_entries(SAMPLE_THREADS, 0);
 
     /// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
     #[map]
@@ -711,15 +727,18 @@ mod probes {
     /// them for this process (a walk that only read its stack window is
     /// remembered, and repeated by checking those words), else with frame
     /// pointers.
+    /// `at`: the (pc, sp, rbp) to walk from instead of the context's registers
+    /// (a result site inside the allocator starts at its caller's frame).
     #[inline(always)]
-    fn capture_stack<C: EbpfContext>(ctx: &C) -> u64 {
+    fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<(u64, u64, u64)>) -> u64 {
         let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
             count(Counter::StackReadErrors, 1);
             return NO_STACK;
         };
         let scratch = unsafe { &mut *scratch };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
+        let no_tables = unsafe { PROC_TABLES.get(&tgid) }.is_none();
+        if no_tables && at.is_none() {
             let n = unsafe {
                 bpf_get_stack(
                     ctx.as_ptr(),
@@ -737,7 +756,12 @@ mod probes {
             return store_stack(scratch);
         }
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
-        let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+        // With no tables, the walk below finds no rows and follows frame
+        // pointers, as bpf_get_stack does.
+        let (pc, sp, bp) = match at {
+            Some(at) => at,
+            None => unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) },
+        };
         let generation = TABLES_GENERATION.get(0).copied().unwrap_or(0);
         let slot = (mix(pc, sp) as u32) & (CACHE_SLOTS - 1);
         let (Some(win), Some(cached)) = (STACK_WINDOW.get_ptr_mut(0), WALK_CACHE.get_ptr_mut(slot))
@@ -783,7 +807,7 @@ mod probes {
             )
         };
         scratch.len = w.len;
-        scratch.flags = w.flags;
+        scratch.flags = w.flags | if no_tables { STACK_FP_ONLY } else { 0 };
         count_walk(w.fp_frames, w.stop);
         if w.len == 0 {
             count(Counter::StackReadErrors, 1);
@@ -1056,9 +1080,9 @@ mod probes {
     }
 
     #[inline(always)]
-    fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64) {
+    fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Option<(u64, u64, u64)>) {
         let now = unsafe { bpf_ktime_get_ns() };
-        let stack_id = capture_stack(ctx);
+        let stack_id = capture_stack(ctx, at);
         let (epoch, birth_offset) = epoch_at(now);
         let a = Allocation {
             size,
@@ -1105,6 +1129,13 @@ mod probes {
     /// Whether `addr` is inside one of the probed allocator functions.
     #[inline(always)]
     fn in_allocator(addr: u64) -> bool {
+        // Most addresses (users' return addresses) are outside the span of
+        // them all: one comparison.
+        if let Some(hull) = ALLOCATOR_HULL.get(0) {
+            if hull.end != 0 && (addr < hull.start || addr >= hull.end) {
+                return false;
+            }
+        }
         let mut i = 0;
         while i < MAX_ALLOCATOR_FUNCTIONS {
             match ALLOCATOR_TEXT.get(i) {
@@ -1534,9 +1565,9 @@ mod probes {
     #[inline(always)]
     /// `in_cookie`: the call as its session's cookie holds it (see `enter`),
     /// or 0 for a call in PENDING.
-    fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) {
+    fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<(u64, u64)> {
         if !is_target() {
-            return;
+            return None;
         }
         count(Counter::ReturnProbes, 1);
         // With sampling, most blocks are unknown to memtrace: not worth a count.
@@ -1563,12 +1594,12 @@ mod probes {
                 if mean == 0 {
                     count(Counter::UnmatchedReturns, 1);
                 }
-                return;
+                return None;
             };
             let call = unsafe {
                 if (*p).refs > 1 {
                     (*p).refs -= 1;
-                    return;
+                    return None;
                 }
                 *p
             };
@@ -1584,17 +1615,17 @@ mod probes {
             Some(AllocKind::PosixMemalign) => {
                 if ret as u32 != 0 {
                     count(Counter::FailedAllocs, 1);
-                    return;
+                    return None;
                 }
                 if !sampled {
                     count(Counter::UnsampledCalls, 1);
-                    return;
+                    return None;
                 }
                 match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
                     Ok(ptr) => ptr,
                     Err(_) => {
                         count(Counter::OutPointerReadErrors, 1);
-                        return;
+                        return None;
                     }
                 }
             }
@@ -1613,7 +1644,7 @@ mod probes {
                         // Failure: the old block is untouched.
                         count(Counter::FailedAllocs, 1);
                     }
-                    return;
+                    return None;
                 }
                 if call.old_ptr != 0 {
                     count(Counter::FreeCalls, 1);
@@ -1631,30 +1662,32 @@ mod probes {
                         // held (its free was missed): not outstanding any more.
                         count(Counter::AddressReused, 1);
                     }
-                    return;
+                    return None;
                 }
                 ret
             }
             Some(_) => {
                 if ret == 0 {
                     count(Counter::FailedAllocs, 1);
-                    return;
+                    return None;
                 }
                 if !sampled {
                     count(Counter::UnsampledCalls, 1);
-                    return;
+                    return None;
                 }
                 ret
             }
-            None => return,
+            None => return None,
         };
-        record_alloc(ctx, ptr, call.size);
+        Some((ptr, call.size))
     }
 
     /// Return probe shared by every allocating entry point (classic probes).
     #[uretprobe]
     pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-        exit(&ctx, regs_ret(&ctx), 0);
+        if let Some((ptr, size)) = exit(&ctx, regs_ret(&ctx), 0) {
+            record_alloc(&ctx, ptr, size, None);
+        }
         0
     }
 
@@ -1700,20 +1733,44 @@ mod probes {
     #[inline(always)]
     fn session_step(ctx: ProbeContext) -> u32 {
         let cookie = session_cookie();
-        if session_is_return() {
-            let in_cookie = if cookie.is_null() {
-                0
-            } else {
-                unsafe { *cookie }
-            };
-            exit(&ctx, regs_ret(&ctx), in_cookie);
-            return 0;
+        if !session_is_return() {
+            let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+            return session_entry(&ctx, cookie, site);
         }
+        let in_cookie = if cookie.is_null() {
+            0
+        } else {
+            unsafe { *cookie }
+        };
+        if let Some((ptr, size)) = exit(&ctx, regs_ret(&ctx), in_cookie) {
+            record_alloc(&ctx, ptr, size, None);
+        }
+        0
+    }
+
+    /// The result sites' program (see `result_site`), attached with a plain
+    /// uprobe_multi link, bound to the target. Not part of the session: a
+    /// session consumer that returns 0 for another process's hit (as every
+    /// pid-bound one does) makes the kernel arm a return probe, which
+    /// replaces the word at [rsp] with its trampoline: the return address at
+    /// a function's entry, but a live stack slot inside the function.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "uprobe")]
+    pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
+        let ctx = ProbeContext::new(ctx);
         let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        if let Some((ptr, size, at)) = result_site(&ctx, (site >> 8) as u32) {
+            record_alloc(&ctx, ptr, size, Some(at));
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: u64) -> u32 {
         match site & 0x7f {
-            SITE_MARK_CALL => return leave_mark(&ctx, MARK_CALL),
-            SITE_MARK_JUMP => return leave_mark(&ctx, MARK_TAIL),
-            SITE_MARK_CHECK => return leave_mark(&ctx, MARK_CHECK),
+            SITE_MARK_CALL => return leave_mark(ctx, MARK_CALL),
+            SITE_MARK_JUMP => return leave_mark(ctx, MARK_TAIL),
+            SITE_MARK_CHECK => return leave_mark(ctx, MARK_CHECK),
             _ => {}
         }
         let Some(kind) = AllocKind::from_u32((site & SITE_KIND_MASK) as u32) else {
@@ -1727,10 +1784,10 @@ mod probes {
         } else {
             core::ptr::null_mut()
         };
-        let (size, old_ptr, out_ptr) = call_args(&ctx, kind);
-        let keep_unsampled = site & SITE_UNSAMPLED_PENDING != 0 || result_in_doubt(&ctx, kind);
+        let (size, old_ptr, out_ptr) = call_args(ctx, kind);
+        let keep_unsampled = site & SITE_UNSAMPLED_PENDING != 0 || result_in_doubt(ctx, kind);
         enter(
-            &ctx,
+            ctx,
             kind,
             size,
             old_ptr,
@@ -1739,6 +1796,163 @@ mod probes {
             keep_in,
             keep_unsampled,
         )
+    }
+
+    // ---- result sites --------------------------------------------------------
+    // Probes inside an allocating function where its outcome is already known
+    // (memtrace/src/exits.rs): one trap per call instead of an entry and a
+    // return probe.
+
+    /// A general register of `struct pt_regs` by its index (`PT_REGS_*`).
+    /// Every register is loaded at its own constant offset first: the
+    /// verifier refuses a context load at a computed offset, which a match
+    /// over the fields compiles to.
+    #[inline(always)]
+    fn reg_at(regs: *const aya_ebpf::bindings::pt_regs, r: u8) -> u64 {
+        let all: [u64; 16] = unsafe {
+            [
+                read_volatile(&(*regs).r15),
+                read_volatile(&(*regs).r14),
+                read_volatile(&(*regs).r13),
+                read_volatile(&(*regs).r12),
+                read_volatile(&(*regs).rbp),
+                read_volatile(&(*regs).rbx),
+                read_volatile(&(*regs).r11),
+                read_volatile(&(*regs).r10),
+                read_volatile(&(*regs).r9),
+                read_volatile(&(*regs).r8),
+                read_volatile(&(*regs).rax),
+                read_volatile(&(*regs).rcx),
+                read_volatile(&(*regs).rdx),
+                read_volatile(&(*regs).rsi),
+                read_volatile(&(*regs).rdi),
+                0,
+            ]
+        };
+        all[(r & 15) as usize]
+    }
+
+    #[inline(always)]
+    fn read_loc(
+        regs: *const aya_ebpf::bindings::pt_regs,
+        loc: u8,
+        reg: u8,
+        off: i32,
+        sp: u64,
+    ) -> Option<u64> {
+        match loc {
+            LOC_REG => Some(reg_at(regs, reg)),
+            LOC_STACK => read_user(sp.wrapping_add(off as i64 as u64)),
+            _ => None,
+        }
+    }
+
+    /// Whether the condition `cc` of a jcc (its opcode's low nibble) holds
+    /// for `flags` (rflags), as the CPU (and the kernel's emulation) decides.
+    #[inline(always)]
+    fn cond_holds(cc: u8, flags: u64) -> bool {
+        let cf = flags & 1 != 0;
+        let pf = flags & (1 << 2) != 0;
+        let zf = flags & (1 << 6) != 0;
+        let sf = flags & (1 << 7) != 0;
+        let of = flags & (1 << 11) != 0;
+        let base = match (cc >> 1) & 7 {
+            0 => of,
+            1 => cf,
+            2 => zf,
+            3 => cf || zf,
+            4 => sf,
+            5 => pf,
+            6 => sf != of,
+            _ => zf || sf != of,
+        };
+        base != (cc & 1 != 0)
+    }
+
+    /// A result site's probe: Some((ptr, size, (pc, sp, rbp) of the caller))
+    /// when the call returns a block to record.
+    #[inline(always)]
+    fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, (u64, u64, u64))> {
+        if !is_target() {
+            return None;
+        }
+        let site = *RESULT_SITES.get(index)?;
+        let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        let (sp, flags) = unsafe { ((*regs).rsp, (*regs).eflags) };
+        let entry_sp = sp.wrapping_add(site.entry_sp_delta as u64);
+        let tid = bpf_get_current_pid_tgid() as u32;
+        if site.capture != 0 {
+            if let (Some(size), Some(c)) = (
+                read_loc(regs, site.size_loc, site.size_reg, site.size_off, sp),
+                CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)),
+            ) {
+                unsafe {
+                    *c = Capture {
+                        tid,
+                        _pad: 0,
+                        sp: entry_sp,
+                        size,
+                    }
+                };
+            }
+        }
+        let outcome = if site.cond == RESULT_ALWAYS || cond_holds(site.cond, flags) {
+            site.taken
+        } else {
+            site.not_taken
+        };
+        if outcome == RESULT_NOTHING {
+            return None;
+        }
+        if outcome == RESULT_GUARD {
+            count(Counter::UnforeseenReturns, 1);
+            return None;
+        }
+        // Whose call this is. No marks are left for a function probed at its
+        // result sites (a failure on a path no site sees would leave one
+        // behind): a call of the allocator's own is told by its return
+        // address, a tail call from another entry point by its PENDING entry
+        // (such a function keeps even its unsampled calls there).
+        let key = PendingKey {
+            tid,
+            _pad: 0,
+            sp: entry_sp,
+        };
+        if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
+            return None;
+        }
+        let Some(ra) = read_user(entry_sp) else {
+            count(Counter::DroppedPendingFull, 1);
+            return None;
+        };
+        if in_allocator(ra) {
+            count(Counter::InternalCalls, 1);
+            return None;
+        }
+        let ptr = unsafe { (*regs).rax };
+        if outcome == RESULT_NULL || ptr == 0 {
+            count(Counter::FailedAllocs, 1);
+            return None;
+        }
+        let size = match read_loc(regs, site.size_loc, site.size_reg, site.size_off, sp) {
+            Some(size) => size,
+            None => {
+                let c = CAPTURES.get(tid & (SAMPLE_THREADS - 1))?;
+                if c.tid != tid || c.sp != entry_sp {
+                    // Another thread took the slot, or a nested call.
+                    count(Counter::DroppedPendingFull, 1);
+                    return None;
+                }
+                c.size
+            }
+        };
+        let mean = sample_mean();
+        if mean != 0 && !sample(mean, size) {
+            count(Counter::UnsampledCalls, 1);
+            return None;
+        }
+        let bp = read_loc(regs, site.rbp_loc, site.rbp_reg, site.rbp_off, sp).unwrap_or(0);
+        Some((ptr, size, (ra, entry_sp.wrapping_add(8), bp)))
     }
 
     #[uprobe]

@@ -66,6 +66,10 @@ pub struct AttachPoint {
     pub probe_offset: u64,
     /// That instruction's mnemonic (`je`, `push`, ...), for logs and reports.
     pub probe_insn: String,
+    /// Where the function's outcome can be read inside it, so that a call
+    /// costs one probe instead of an entry and a return probe (malloc only,
+    /// see `exits`); None when there is no such plan (or not looked for).
+    pub results: Option<crate::exits::ExitPlan>,
 }
 
 impl AttachPoint {
@@ -126,6 +130,8 @@ pub struct InternalCall {
     pub via_slot: Option<(u64, u64)>,
     /// Its address in the file's address space.
     pub site_vaddr: u64,
+    /// The probed function it reaches (its address in the file).
+    pub callee: u64,
     /// The probed functions (their addresses) whose calls go on into the
     /// callee by jumping: for a `Jump`, the function it is in; for a `Check`
     /// site, those that jump out of their code into code that reaches it
@@ -200,6 +206,27 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
             }
             None => {
                 let site = probe_site(data, file_offset, sym.size(), role);
+                let code = whole_function(data, file_offset, sym.size());
+                let never_jumps_out = code.is_some_and(placement::never_jumps_out);
+                let results = match (role, code) {
+                    (Role::Alloc(AllocKind::Malloc), Some(code))
+                        if never_jumps_out && !crate::exits::disabled() =>
+                    {
+                        match crate::exits::plan_exits(code) {
+                            Ok(plan) => {
+                                log::debug!("{name}: result sites {}", plan.describe());
+                                Some(plan)
+                            }
+                            Err(why) => {
+                                log::debug!(
+                                    "{name}: no result sites ({why}): entry and return probes"
+                                );
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 log::debug!(
                     "{name}: probe site +{:#x} ({}, {:?}): {}",
                     site.delta,
@@ -215,10 +242,10 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                         vaddr,
                         file_offset,
                         size: sym.size(),
-                        never_jumps_out: whole_function(data, file_offset, sym.size())
-                            .is_some_and(placement::never_jumps_out),
+                        never_jumps_out,
                         probe_offset: file_offset + site.delta,
                         probe_insn: site.mnemonic,
+                        results,
                     },
                 );
             }
@@ -336,6 +363,7 @@ pub fn internal_calls(
             site_vaddr: at,
             kind,
             describe: format!("{here} ({insn} {})", q.names[0]),
+            callee: q.vaddr,
             via_slot,
             tail_of,
         });

@@ -39,6 +39,9 @@ pub struct Counters {
     pub unsampled_calls: u64,
     /// Return probes that ran (sessions skip those of calls not needing one).
     pub return_probes: u64,
+    /// Calls that came back from a function a result-site plan took as
+    /// never returning (`Counter::UnforeseenReturns`).
+    pub unforeseen_returns: u64,
     /// Frames stepped over with frame pointers (no unwind row covered them).
     pub unwind_fp_fallback: u64,
     /// Stack walks that stopped early, by cause.
@@ -75,6 +78,7 @@ impl Counters {
             internal_calls: c(Counter::InternalCalls),
             unsampled_calls: c(Counter::UnsampledCalls),
             return_probes: c(Counter::ReturnProbes),
+            unforeseen_returns: c(Counter::UnforeseenReturns),
         }
     }
 

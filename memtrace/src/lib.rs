@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod cli;
 pub mod collect;
 pub mod diff;
+pub mod exits;
 pub mod launch;
 pub mod multi;
 pub mod placement;

@@ -53,6 +53,7 @@ pub struct TraceMaps {
     pub pending: HashMap<MapData, PendingKey, PendingCall>,
     pub counters: PerCpuArray<MapData, u64>,
     pub allocator_text: Array<MapData, TextRange>,
+    pub allocator_hull: Array<MapData, TextRange>,
     pub unwind_rows: Array<MapData, UnwindRow>,
     pub pc_pages: HashMap<MapData, PageKey, PageRows>,
     pub proc_tables: HashMap<MapData, u32, u32>,
@@ -127,6 +128,17 @@ impl TraceMaps {
                 .set(i as u32, TextRange { start, end }, 0)
                 .context("writing ALLOCATOR_TEXT")?;
         }
+        let kept = &ranges[..ranges.len().min(MAX_ALLOCATOR_FUNCTIONS as usize)];
+        let hull = match (
+            kept.iter().map(|r| r.0).min(),
+            kept.iter().map(|r| r.1).max(),
+        ) {
+            (Some(start), Some(end)) => TextRange { start, end },
+            _ => TextRange { start: 0, end: 0 },
+        };
+        self.allocator_hull
+            .set(0, hull, 0)
+            .context("writing ALLOCATOR_HULL")?;
         Ok(())
     }
 }
@@ -212,6 +224,8 @@ impl Mechanism {
 struct MultiPrograms {
     session: OwnedFd,
     free: OwnedFd,
+    /// The result sites' program (None with sampling, or if refused).
+    result: Option<OwnedFd>,
 }
 
 pub struct Probes {
@@ -227,6 +241,10 @@ pub struct Probes {
     /// `allocator::internal_calls`), as `realloc+0x40 (jmp malloc)`; None when
     /// the BPF side tells them by return address.
     marked_calls: Option<Vec<String>>,
+    /// Result sites attached (see `exits`), as `malloc+0x157 (jne)`.
+    result_sites: Vec<String>,
+    /// --sample-bytes is on.
+    sampled: bool,
 }
 
 fn entry_program(role: Role) -> &'static str {
@@ -328,11 +346,24 @@ fn classic_forced() -> bool {
 }
 
 /// Loads the programs for uprobe_multi links, or says why not.
-fn load_multi(ebpf: &Ebpf) -> Result<MultiPrograms> {
+fn load_multi(ebpf: &Ebpf, sampled: bool) -> Result<MultiPrograms> {
     let raw = multi::RawLoader::new(BPF_OBJECT, ebpf)?;
     Ok(MultiPrograms {
         session: raw.load("alloc_session", multi::BPF_TRACE_UPROBE_SESSION)?,
         free: raw.load("free_enter", multi::BPF_TRACE_UPROBE_MULTI)?,
+        // Exact mode only (see `attach_multi`); its verification is
+        // another stack walk's.
+        result: if sampled {
+            None
+        } else {
+            match raw.load("alloc_result", multi::BPF_TRACE_UPROBE_MULTI) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    log::info!("no result sites: {e:#}");
+                    None
+                }
+            }
+        },
     })
 }
 
@@ -369,7 +400,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
     let multi = if classic_forced() {
         None
     } else {
-        match load_multi(&ebpf) {
+        match load_multi(&ebpf, sample_mean_bytes != 0) {
             Ok(m) => Some(m),
             Err(e) => {
                 log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
@@ -402,6 +433,7 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
         pending: HashMap::try_from(take("PENDING")?)?,
         counters: PerCpuArray::try_from(take("COUNTERS")?)?,
         allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
+        allocator_hull: Array::try_from(take("ALLOCATOR_HULL")?)?,
         unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
         pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
         proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
@@ -441,6 +473,8 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
             multi,
             multi_links: Vec::new(),
             marked_calls: None,
+            result_sites: Vec::new(),
+            sampled: sample_mean_bytes != 0,
         },
         maps,
     ))
@@ -537,6 +571,7 @@ impl Probes {
                             "uprobe_multi links refused ({e:#}); falling back to one uprobe per function"
                         );
                         self.multi_links.clear();
+                        self.result_sites.clear();
                         self.marked_calls = None;
                         self.mechanism = Mechanism::Classic;
                         trace.set_call_marks(false, tail_kinds)?;
@@ -545,6 +580,11 @@ impl Probes {
             }
         }
         self.attach_classic(alloc, pid)
+    }
+
+    /// See `result_sites` in `Probes`.
+    pub fn result_sites(&self) -> &[String] {
+        &self.result_sites
     }
 
     /// See `marked_calls` in `Probes`.
@@ -570,6 +610,49 @@ impl Probes {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         // (offsets, cookies) of the allocating functions, then of free.
         let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        // Functions probed at their result sites (see `exits`). Their probes
+        // tell the allocator's calls by return address and by PENDING, not
+        // by marks: a call failing on a path no site sees would leave its
+        // mark behind. So no mark is left for them, and the functions that
+        // jump into them keep even their unsampled calls in PENDING.
+        let result_fns: Vec<u64> = alloc
+            .points
+            .iter()
+            // Exact mode only: with sampling, an unsampled call costs one
+            // probe already (its session entry skips the return).
+            .filter(|_| !self.sampled && progs.result.is_some())
+            .filter(|p| p.results.is_some() && matches!(p.role, Role::Alloc(_)))
+            .filter(|p| {
+                let offsets: Vec<u64> = p
+                    .results
+                    .iter()
+                    .flat_map(|plan| {
+                        plan.sites
+                            .iter()
+                            .map(|s| s.delta)
+                            .chain(plan.guards.iter().copied())
+                    })
+                    .map(|d| p.file_offset + d)
+                    .collect();
+                !marks
+                    .iter()
+                    .flatten()
+                    .any(|c| offsets.contains(&c.file_offset))
+            })
+            .map(|p| p.vaddr)
+            .collect();
+        let mut jump_in: Vec<u64> = Vec::new();
+        let marks: Option<Vec<allocator::InternalCall>> = marks.map(|m| {
+            m.into_iter()
+                .filter(|c| {
+                    let keep = !result_fns.contains(&c.callee);
+                    if !keep && c.kind != allocator::MarkKind::Call {
+                        jump_in.extend(c.tail_of.iter().copied());
+                    }
+                    keep
+                })
+                .collect()
+        });
         // Functions whose unsampled calls stay in PENDING: with marks, those
         // whose jumps reach a probed function through other code (a jump
         // in a probed function is marked); else every tail caller.
@@ -578,10 +661,50 @@ impl Probes {
                 .iter()
                 .filter(|c| c.kind == allocator::MarkKind::Check)
                 .flat_map(|c| c.tail_of.iter().copied())
+                .chain(jump_in)
                 .collect(),
             None => tail_callers.to_vec(),
         };
+        let mut result_sites: Vec<(u64, memtrace_common::ResultSite)> = Vec::new();
+        self.result_sites.clear();
         for point in &alloc.points {
+            if let (Role::Alloc(kind), Some(plan), true) = (
+                point.role,
+                &point.results,
+                result_fns.contains(&point.vaddr),
+            ) {
+                let offsets: Vec<u64> = plan
+                    .sites
+                    .iter()
+                    .map(|s| s.delta)
+                    .chain(plan.guards.iter().copied())
+                    .map(|d| point.file_offset + d)
+                    .collect();
+                if result_sites.len() + offsets.len() <= memtrace_common::MAX_RESULT_SITES as usize
+                {
+                    let name = point.names.first().copied().unwrap_or("?");
+                    for s in &plan.sites {
+                        result_sites.push((point.file_offset + s.delta, s.conf(kind)));
+                        self.result_sites
+                            .push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
+                    }
+                    for &g in &plan.guards {
+                        result_sites.push((point.file_offset + g, crate::exits::guard_conf(kind)));
+                        self.result_sites.push(format!("{name}+{g:#x} (guard)"));
+                    }
+                    log::debug!(
+                        "{}:{name}: one probe per call, at its result sites: {}",
+                        alloc.module,
+                        plan.describe()
+                    );
+                    continue;
+                }
+                log::debug!(
+                    "{}:{}: result sites left out (table full, or a mark on one)",
+                    alloc.module,
+                    point.names.join("/")
+                );
+            }
             log_probe(alloc, point);
             match point.role {
                 Role::Alloc(kind) => {
@@ -609,6 +732,23 @@ impl Probes {
                 }
             }
         }
+        if !result_sites.is_empty() {
+            let ebpf = self.ebpf.as_mut().context("BPF object already dropped")?;
+            let mut table: Array<&mut MapData, memtrace_common::ResultSite> = Array::try_from(
+                ebpf.map_mut("RESULT_SITES")
+                    .context("BPF map RESULT_SITES missing from the object")?,
+            )?;
+            for (i, (_, conf)) in result_sites.iter().enumerate() {
+                table
+                    .set(i as u32, *conf, 0)
+                    .context("writing RESULT_SITES")?;
+            }
+        }
+        let results: (Vec<u64>, Vec<u64>) = result_sites
+            .iter()
+            .enumerate()
+            .map(|(i, (offset, _))| (*offset, (i as u64) << 8 | memtrace_common::SITE_RESULT))
+            .unzip();
         // The allocator's own calls into its probed functions, in the session
         // link (their entries return at once and skip the return).
         for call in marks.iter().flatten() {
@@ -624,6 +764,23 @@ impl Probes {
             allocs.1.push(at << 8 | kind);
         }
         let mut links = Vec::new();
+        if let (false, Some(prog)) = (results.0.is_empty(), progs.result.as_ref()) {
+            let link = multi::attach(
+                prog.as_fd(),
+                multi::BPF_TRACE_UPROBE_MULTI,
+                &alloc.open_path,
+                &results.0,
+                &results.1,
+                pid,
+            )
+            .with_context(|| {
+                format!(
+                    "a uprobe_multi link for the result sites on {}",
+                    alloc.module
+                )
+            })?;
+            links.push(link);
+        }
         for (prog, attach_type, (offsets, cookies), what) in [
             (
                 &progs.session,
@@ -654,7 +811,7 @@ impl Probes {
         }
         self.multi_links.extend(links);
         self.marked_calls = marks.map(|m| m.into_iter().map(|c| c.describe).collect());
-        Ok(allocs.0.len() + frees.0.len())
+        Ok(allocs.0.len() + frees.0.len() + results.0.len())
     }
 
     /// Entry probes on every allocator function, a return probe on each one that

@@ -164,6 +164,11 @@ pub struct Drops {
     pub stack_map_full: u64,
     pub stack_hash_collisions: u64,
     pub address_reused: u64,
+    /// Calls that came back from a function that memtrace, reading the
+    /// allocator's code for its result sites, took as never returning (an
+    /// assertion's message): such a call went where no site looks, and may
+    /// be missing or have a wrong size. Expected to stay 0.
+    pub unforeseen_returns: u64,
     /// Stack walks that stopped before the outermost frame, by cause (their
     /// sites are marked `truncated`).
     pub unwind_bad_read: u64,
@@ -189,6 +194,7 @@ impl Drops {
             stack_map_full: c.stack_map_full,
             stack_hash_collisions: c.stack_hash_collisions,
             address_reused: c.address_reused,
+            unforeseen_returns: c.unforeseen_returns,
             unwind_bad_read: c.unwind_bad_read,
             unwind_depth_limit: c.unwind_depth_limit,
             unwind_unsupported: c.unwind_unsupported,
@@ -215,6 +221,10 @@ impl Drops {
             ("stack unreadable", self.stack_read_errors),
             ("stack map full: raise --max-stacks", self.stack_map_full),
             ("stack hash collision", self.stack_hash_collisions),
+            (
+                "allocator call that should not have returned",
+                self.unforeseen_returns,
+            ),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -250,6 +260,14 @@ pub struct AllocatorInfo {
     pub own_calls_told_by: &'static str,
     /// The probed call sites, e.g. `realloc+0x40 (jmp malloc)`.
     pub own_call_sites: Vec<String>,
+    /// Probes inside an allocating function where its result is known, so
+    /// that a call costs one probe, not an entry and a return probe: e.g.
+    /// `malloc+0x157 (jne)`, and the guards after calls taken as never
+    /// returning, `malloc+0x20a (guard)` (see README, "Overhead and
+    /// sampling"). Such a function has no entry probe, though
+    /// `probe_sites` still names where it would be. Empty when every
+    /// function has entry and return probes.
+    pub result_sites: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1052,6 +1070,7 @@ mod tests {
                 calls_in_session_cookie: vec!["malloc".into()],
                 own_calls_told_by: "call-site probes",
                 own_call_sites: vec!["realloc+0x40 (jmp malloc)".into()],
+                result_sites: vec!["malloc+0x157 (jne)".into()],
             },
             min_age_s: 0.0,
             ages_from: "blocks",

@@ -1366,6 +1366,7 @@ fn build_report(
                 None => "return address",
             },
             own_call_sites: at.probes.marked_calls().unwrap_or_default().to_vec(),
+            result_sites: at.probes.result_sites().to_vec(),
         },
         min_age_s: cli.min_age.as_secs_f64(),
         ages_from: if scan_all { "blocks" } else { "epochs" },

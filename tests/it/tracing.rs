@@ -946,6 +946,11 @@ fn leaks_launch_classic() -> &'static Shared {
     leaks_launch_env(&CELL, ("MEMTRACE_PROBES", "classic"))
 }
 
+fn leaks_launch_entry() -> &'static Shared {
+    static CELL: OnceLock<Result<Shared, String>> = OnceLock::new();
+    leaks_launch_env(&CELL, ("MEMTRACE_PROBES", "entry"))
+}
+
 /// leaks.c launched (frame pointers) with one environment variable set for memtrace.
 fn leaks_launch_env(
     cell: &'static OnceLock<Result<Shared, String>>,
@@ -1057,8 +1062,25 @@ fn session_and_classic_probes_agree_exactly() {
         v.sort();
         v
     };
+    // malloc is probed at its result sites, which tell the allocator's calls
+    // of it by their return address: no mark is left for it.
+    let result_sites = session.0["allocator"]["result_sites"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
+    assert!(result_sites > 0, "{}", session.0["allocator"]);
     assert_eq!(
         own_sites(session),
+        ["realloc (call free)", "reallocarray (jmp realloc)"],
+        "{}",
+        session.0["allocator"]
+    );
+    // With MEMTRACE_PROBES=entry, malloc has an entry probe and its callers
+    // their marks.
+    let entry = &leaks_launch_entry().run.report;
+    check_same_leaks_totals(session, entry, "result sites vs entry probes");
+    assert_eq!(
+        own_sites(entry),
         [
             "outside (jmp malloc)",
             "realloc (call free)",
@@ -1068,7 +1090,7 @@ fn session_and_classic_probes_agree_exactly() {
             "reallocarray (jmp realloc)"
         ],
         "{}",
-        session.0["allocator"]
+        entry.0["allocator"]
     );
     assert_eq!(
         session.0["allocator"]["own_calls_told_by"], "call-site probes",
@@ -1083,9 +1105,15 @@ fn session_and_classic_probes_agree_exactly() {
     assert!(own_sites(classic).is_empty(), "{}", classic.0["allocator"]);
     assert_eq!(
         probes(session),
-        functions + own_sites(session).len() as u64,
+        functions - 1 + own_sites(session).len() as u64 + result_sites,
         "{}",
         session.0["allocator"]
+    );
+    assert_eq!(
+        probes(entry),
+        functions + own_sites(entry).len() as u64,
+        "{}",
+        entry.0["allocator"]
     );
     assert!(probes(classic) > functions, "{}", classic.0["allocator"]);
     // A session runs a return probe only for the calls whose result is needed:
@@ -1111,11 +1139,18 @@ fn session_and_classic_probes_agree_exactly() {
     );
     let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
     assert_eq!(
-        returns(session),
-        session.total("alloc_calls") + session.total("failed_allocs") + 509,
+        returns(entry),
+        entry.total("alloc_calls") + entry.total("failed_allocs") + 509,
+        "{}\n{}",
+        entry.0["allocator"],
+        entry.summary()
+    );
+    // With result sites, malloc's calls pay none (churn alone: 30,000).
+    assert!(
+        returns(session) + 30_000 <= returns(entry),
         "{}\n{}",
         session.0["allocator"],
-        session.summary()
+        entry.0["allocator"]
     );
     assert!(
         returns(classic) > returns(session) + session.total("allocator_internal_calls"),

@@ -1,0 +1,126 @@
+//! malloc probed at its result sites (memtrace/src/exits.rs): one probe per
+//! call, inside the function, at a different site on each of glibc's paths.
+//! Over tests/fixtures/result_sites.c, which calls malloc down each path a
+//! known number of times, every leak is in the report with its exact blocks,
+//! bytes and line, every failure is counted once, and the whole report agrees
+//! with one made with entry and return probes (`MEMTRACE_PROBES=entry`).
+
+use memtrace_tests::*;
+use serde_json::Value;
+
+/// (function, marker, blocks, bytes per block) of the fixture's leaks.
+const LEAKS: &[(&str, &str, u64, u64)] = &[
+    ("leak_tcache", "tcache", 9, 40),
+    ("leak_large", "large", 7, 5000),
+    ("leak_mmapped", "mmapped", 3, 300000),
+    ("leak_realloc_null", "realloc_null", 4, 72),
+    ("leak_thread_tcache", "thread_tcache", 5, 56),
+    ("leak_thread_large", "thread_large", 6, 3000),
+];
+const FAILED: u64 = 8;
+
+fn check_leaks(r: &Report) {
+    for &(function, marker, blocks, size) in LEAKS {
+        let line = source_line("result_sites", marker);
+        // (An unrolled loop calls it from several places: one site each.)
+        let sites = r.sites_at(function, line);
+        let got = sites.iter().fold((0, 0), |(b, n), s| {
+            (b + Report::blocks(s), n + Report::bytes(s))
+        });
+        assert_eq!(
+            got,
+            (blocks, blocks * size),
+            "{function}:{line}\n{}",
+            r.summary()
+        );
+    }
+    assert_eq!(r.total("failed_allocs"), FAILED, "{}", r.summary());
+    assert_eq!(r.total("dropped_events"), 0, "{}", r.summary());
+    assert_eq!(r.total("stack_errors"), 0, "{}", r.summary());
+    assert_eq!(u64_field(&r.0["drops"], "unforeseen_returns"), 0);
+}
+
+/// The sites of a report as (frames, blocks, bytes, calls), sorted.
+fn site_list(r: &Report) -> Vec<(String, u64, u64, u64)> {
+    let mut v: Vec<_> = r
+        .sites()
+        .iter()
+        .map(|s: &Value| {
+            let frames: Vec<String> = Report::frames(s)
+                .iter()
+                .map(|f| format!("{}:{}", f.function(), f.line.unwrap_or(0)))
+                .collect();
+            (
+                frames.join(" < "),
+                Report::blocks(s),
+                Report::bytes(s),
+                u64_field(s, "alloc_calls"),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn each_malloc_path_is_reported_once_with_its_size() {
+    require_root();
+    require_memtrace();
+    for variant in [Variant::FramePointers, Variant::NoFramePointers] {
+        let bin = build_fixture("result_sites", variant);
+        let run = run_launch(&[], &[bin.to_str().unwrap()]);
+        run.assert_exit(0);
+        let r = &run.report;
+        let sites = r.0["allocator"]["result_sites"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            sites
+                .iter()
+                .any(|s| s.as_str().is_some_and(|s| s.starts_with("malloc+"))),
+            "malloc has no result sites: {}",
+            r.0["allocator"]
+        );
+        check_leaks(r);
+
+        // The same run with an entry and a return probe on malloc.
+        let entry = run_launch_env(
+            &[],
+            &[bin.to_str().unwrap()],
+            &[("MEMTRACE_PROBES", "entry")],
+        );
+        entry.assert_exit(0);
+        let e = &entry.report;
+        assert!(
+            e.0["allocator"]["result_sites"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        );
+        check_leaks(e);
+        for key in [
+            "alloc_calls",
+            "free_calls",
+            "alloc_bytes",
+            "outstanding_blocks",
+            "outstanding_bytes",
+        ] {
+            assert_eq!(
+                r.total(key),
+                e.total(key),
+                "totals.{key}\n{}\n{}",
+                r.summary(),
+                e.summary()
+            );
+        }
+        assert_eq!(site_list(r), site_list(e));
+        // malloc's calls paid no return probe: CHURN + the leaks' calls at least.
+        let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
+        assert!(
+            returns(r) + 20_000 <= returns(e),
+            "return probes: {} with result sites, {} without",
+            returns(r),
+            returns(e)
+        );
+    }
+}
