@@ -1932,18 +1932,32 @@ mod probes {
         let ptr = unsafe { (*regs).rax };
         if outcome == RESULT_NULL || ptr == 0 {
             count(Counter::FailedAllocs, 1);
+            // A size this call captured is not for the next one.
+            if let Some(c) = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) {
+                unsafe {
+                    if (*c).tid == tid && (*c).sp == entry_sp {
+                        (*c).sp = 0;
+                    }
+                }
+            }
             return None;
         }
         let size = match read_loc(regs, site.size_loc, site.size_reg, site.size_off, sp) {
             Some(size) => size,
             None => {
-                let c = CAPTURES.get(tid & (SAMPLE_THREADS - 1))?;
-                if c.tid != tid || c.sp != entry_sp {
-                    // Another thread took the slot, or a nested call.
-                    count(Counter::DroppedPendingFull, 1);
-                    return None;
+                // Used once: a later call at the same stack pointer whose
+                // capture was missed (attached in between) finds none.
+                let c = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1))?;
+                unsafe {
+                    if (*c).tid != tid || (*c).sp != entry_sp {
+                        // Another thread took the slot, a nested call, or
+                        // the capture came before the probes were all in.
+                        count(Counter::DroppedPendingFull, 1);
+                        return None;
+                    }
+                    (*c).sp = 0;
+                    (*c).size
                 }
-                c.size
             }
         };
         let mean = sample_mean();

@@ -234,17 +234,8 @@ pub fn guard_conf(kind: memtrace_common::AllocKind) -> memtrace_common::ResultSi
     }
 }
 
-const CALLER_SAVED: [Register; 9] = [
-    Register::RAX,
-    Register::RCX,
-    Register::RDX,
-    Register::RSI,
-    Register::RDI,
-    Register::R8,
-    Register::R9,
-    Register::R10,
-    Register::R11,
-];
+/// The caller-saved general registers: a call clobbers them.
+use crate::placement::SCRATCH as CALLER_SAVED;
 
 struct Insn {
     insn: Instruction,

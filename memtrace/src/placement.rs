@@ -122,7 +122,7 @@ pub fn probe_args(role: Role) -> &'static [Register] {
 
 /// Caller-saved general registers: a function may overwrite them before doing
 /// anything else without a trace in what its caller or an unwinder sees.
-const SCRATCH: [Register; 9] = [
+pub(crate) const SCRATCH: [Register; 9] = [
     Register::RAX,
     Register::RCX,
     Register::RDX,
