@@ -619,7 +619,11 @@ impl Probes {
             .points
             .iter()
             // Exact mode only: with sampling, an unsampled call costs one
-            // probe already (its session entry skips the return).
+            // probe already (its session entry skips the return). (Were it
+            // extended to sampling, `jump_in` below would have to be closed
+            // over chains of tail calls: glibc's reallocarray jumps to
+            // realloc, which jumps to malloc; an unsampled reallocarray(NULL,
+            // ..) not kept in PENDING is then counted again by malloc's site.)
             .filter(|_| !self.sampled && progs.result.is_some())
             .filter(|p| p.results.is_some() && matches!(p.role, Role::Alloc(_)))
             .filter(|p| {
