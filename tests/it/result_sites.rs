@@ -3,7 +3,8 @@
 //! Over tests/fixtures/result_sites.c, which calls malloc down each path a
 //! known number of times, every leak is in the report with its exact blocks,
 //! bytes and line, every failure is counted once, and the whole report agrees
-//! with one made with entry and return probes (`MEMTRACE_PROBES=entry`).
+//! with one made with entry and return probes (`MEMTRACE_PROBES=entry`). So
+//! does a program's own allocator's, whose malloc has a path the guards see.
 
 use memtrace_tests::*;
 use serde_json::Value;
@@ -123,4 +124,62 @@ fn each_malloc_path_is_reported_once_with_its_size() {
             returns(e)
         );
     }
+}
+
+/// A program's own allocator (tests/fixtures/own_allocator.c, malloc in
+/// assembly) is read at its result sites too. Its malloc calls, on one path,
+/// a function followed by padding (taken as never returning) that returns:
+/// the guard on the padding counts each such call, and the call is still
+/// recorded, with its size.
+#[test]
+fn a_call_that_should_not_return_is_counted_and_still_recorded() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("own_allocator", Variant::FramePointers);
+    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let module = r.0["allocator"]["module"].as_str().unwrap_or("");
+    assert!(
+        module.ends_with("own_allocator"),
+        "traced allocator: {module}"
+    );
+    let sites: Vec<&str> = r.0["allocator"]["result_sites"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        sites
+            .iter()
+            .any(|s| s.starts_with("malloc+") && s.ends_with("(je)"))
+            && sites.iter().any(|s| s.ends_with("(guard)")),
+        "{sites:?}"
+    );
+    for (function, marker, blocks, size) in [
+        ("leak_small", "small", 5, 100),
+        ("leak_odd", "odd", 3, 12345),
+    ] {
+        let line = source_line("own_allocator", marker);
+        let site = r.site_at(function, line);
+        assert_eq!(
+            (Report::blocks(site), Report::bytes(site)),
+            (blocks, blocks * size),
+            "{function}:{line}\n{}",
+            r.summary()
+        );
+    }
+    assert_eq!(
+        u64_field(&r.0["drops"], "unforeseen_returns"),
+        3,
+        "{}",
+        r.0["drops"]
+    );
+    let entry = run_launch_env(
+        &[],
+        &[bin.to_str().unwrap()],
+        &[("MEMTRACE_PROBES", "entry")],
+    );
+    entry.assert_exit(0);
+    assert_eq!(site_list(r), site_list(&entry.report));
+    assert_eq!(u64_field(&entry.report.0["drops"], "unforeseen_returns"), 0);
 }
