@@ -1909,10 +1909,10 @@ mod probes {
             return None;
         }
         // Whose call this is. No marks are left for a function probed at its
-        // result sites (a failure on a path no site sees would leave one
-        // behind): a call of the allocator's own is told by its return
-        // address, a tail call from another entry point by its PENDING entry
-        // (such a function keeps even its unsampled calls there).
+        // result sites (it has no entry probe to take them): a call of the
+        // allocator's own is told by its return address, a tail call from
+        // another entry point by its PENDING entry (such a function keeps
+        // even its unsampled calls there).
         let key = PendingKey {
             tid,
             _pad: 0,

@@ -612,9 +612,11 @@ impl Probes {
         let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         // Functions probed at their result sites (see `exits`). Their probes
         // tell the allocator's calls by return address and by PENDING, not
-        // by marks: a call failing on a path no site sees would leave its
-        // mark behind. So no mark is left for them, and the functions that
-        // jump into them keep even their unsampled calls in PENDING.
+        // by marks: a mark is taken by its callee's entry probe, and these
+        // have none (a mark left to a later site would need every path of
+        // the callee, even those to an abort, to take it). So no mark is
+        // left for them, and the functions that jump into them keep even
+        // their unsampled calls in PENDING.
         let result_fns: Vec<u64> = alloc
             .points
             .iter()
