@@ -2158,6 +2158,19 @@ struct Report<'a> {
     elapsed: Duration,
 }
 
+/// A cell is unstable when its slowest run takes more than this many times
+/// its fastest.
+const UNSTABLE_SPREAD: f64 = 4.0;
+
+/// max/min of a cell's ns/pair values when over `UNSTABLE_SPREAD` (two runs
+/// at least; the untraced loop's ~15 ns excluded: a timer tick alone can
+/// spread it).
+fn unstable_spread(values: &[f64]) -> Option<f64> {
+    let st = stats(values)?;
+    (values.len() >= 2 && st.min >= 100.0 && st.max > UNSTABLE_SPREAD * st.min)
+        .then(|| st.max / st.min)
+}
+
 /// What the targets compare, from one set of runs.
 #[derive(Debug, PartialEq)]
 struct TargetLine {
@@ -2390,6 +2403,27 @@ impl<'a> Report<'a> {
                 let _ = write!(s, " {} |", v.unwrap_or_else(|| "-".into()));
             }
             let _ = writeln!(s);
+        }
+
+        // Cells whose runs disagree wildly: a few runs far slower than the
+        // rest (seen on this VM: runs at 20x in every config, heaptrack
+        // included, so something outside the tracers) can move a median.
+        let mut unstable = Vec::new();
+        for cell in o.plan() {
+            let r = self.of_scenario(cell.scenario);
+            let v = r.values(cell.workload, cell.config);
+            if let Some(spread) = unstable_spread(&v) {
+                unstable.push(format!("{} ({spread:.0}x)", cell.name()));
+            }
+        }
+        if !unstable.is_empty() {
+            let _ = writeln!(
+                s,
+                "
+**Unstable cells** (slowest run over {UNSTABLE_SPREAD}x the fastest: their medians may \
+                 be off, rerun before trusting them): {}",
+                unstable.join(", ")
+            );
         }
 
         self.sanity(&mut s);
@@ -3119,6 +3153,17 @@ mod tests {
         p.send(b"x").unwrap();
         let st = p.stop(Duration::from_secs(10)).unwrap();
         assert!(!st.killed && st.status.success());
+    }
+
+    #[test]
+    fn unstable_cells_are_flagged() {
+        // The headline cell of a noisy run: 3 of 5 runs at ~20x.
+        let noisy = [44_061.0, 2_194.0, 2_332.0, 15_692.0, 40_746.0];
+        assert_eq!(unstable_spread(&noisy).map(|x| x.round()), Some(20.0));
+        assert_eq!(unstable_spread(&[2_060.0, 2_100.0, 2_400.0]), None);
+        // One run, or the untraced loop (tens of ns): never.
+        assert_eq!(unstable_spread(&[44_061.0]), None);
+        assert_eq!(unstable_spread(&[13.6, 409.0]), None);
     }
 
     #[test]
