@@ -64,7 +64,7 @@ use iced_x86::{
     Register,
 };
 
-use crate::placement::kernel_emulates;
+use crate::placement::{is_write, kernel_emulates};
 
 /// At most this many probe sites in one plan.
 pub const MAX_EXIT_SITES: usize = 24;
@@ -124,6 +124,14 @@ pub struct ExitPlan {
 }
 
 impl ExitPlan {
+    /// Offsets in the function of every probe of the plan: sites, then guards.
+    pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sites
+            .iter()
+            .map(|s| s.delta)
+            .chain(self.guards.iter().copied())
+    }
+
     /// Sites as `+0x157 jne`, for logs.
     pub fn describe(&self) -> String {
         self.sites
@@ -249,15 +257,6 @@ struct Insn {
     zeroes_rax: bool,
     /// A call taken not to return: the padding after it gets a guard.
     guarded: bool,
-}
-
-fn is_write(a: iced_x86::OpAccess) -> bool {
-    use iced_x86::OpAccess::*;
-    matches!(a, Write | CondWrite | ReadWrite | ReadCondWrite)
-}
-
-fn is_gpr64(r: Register) -> bool {
-    r.is_gpr64()
 }
 
 /// Decodes `code` (a whole function at offset 0) into a graph; Err if it
@@ -522,7 +521,7 @@ fn transfer(x: &Insn, factory: &mut InstructionInfoFactory, s: &State) -> State 
     let op = |i: u32| insn.op_kind(i);
     let reg_val = |s: &State, r: Register| s.regs.get(&r).copied();
     match insn.mnemonic() {
-        Mnemonic::Push if op(0) == OpKind::Register && is_gpr64(insn.op0_register()) => {
+        Mnemonic::Push if op(0) == OpKind::Register && insn.op0_register().is_gpr64() => {
             let v = reg_val(&s, insn.op0_register());
             if let Some(sp) = s.sp.as_mut() {
                 *sp -= 8;
@@ -534,7 +533,7 @@ fn transfer(x: &Insn, factory: &mut InstructionInfoFactory, s: &State) -> State 
             }
             return s;
         }
-        Mnemonic::Pop if op(0) == OpKind::Register && is_gpr64(insn.op0_register()) => {
+        Mnemonic::Pop if op(0) == OpKind::Register && insn.op0_register().is_gpr64() => {
             let r = insn.op0_register();
             s.regs.remove(&r);
             if let Some(sp) = s.sp.as_mut() {
@@ -583,7 +582,7 @@ fn transfer(x: &Insn, factory: &mut InstructionInfoFactory, s: &State) -> State 
         }
         Mnemonic::Mov if insn.op_count() == 2 => match (op(0), op(1)) {
             (OpKind::Register, OpKind::Register)
-                if is_gpr64(insn.op0_register()) && is_gpr64(insn.op1_register()) =>
+                if insn.op0_register().is_gpr64() && insn.op1_register().is_gpr64() =>
             {
                 let (dst, src) = (insn.op0_register(), insn.op1_register());
                 if src == Register::RSP {
@@ -604,7 +603,7 @@ fn transfer(x: &Insn, factory: &mut InstructionInfoFactory, s: &State) -> State 
                 }
                 return s;
             }
-            (OpKind::Memory, OpKind::Register) if is_gpr64(insn.op1_register()) => {
+            (OpKind::Memory, OpKind::Register) if insn.op1_register().is_gpr64() => {
                 if let (Some(d), Some(sp)) = (rsp_slot(insn, true), s.sp) {
                     let at = sp + d;
                     s.clobber_slots(at, 8);
@@ -614,7 +613,7 @@ fn transfer(x: &Insn, factory: &mut InstructionInfoFactory, s: &State) -> State 
                     return s;
                 }
             }
-            (OpKind::Register, OpKind::Memory) if is_gpr64(insn.op0_register()) => {
+            (OpKind::Register, OpKind::Memory) if insn.op0_register().is_gpr64() => {
                 let dst = insn.op0_register();
                 if let (Some(d), Some(sp)) = (rsp_slot(insn, true), s.sp) {
                     match s.slots.get(&(sp + d)).copied() {
@@ -735,9 +734,20 @@ fn data_flow(g: &[Insn]) -> Vec<Option<State>> {
     states
 }
 
+/// Every instruction's predecessors in the graph.
+fn predecessors(g: &[Insn]) -> Vec<Vec<usize>> {
+    let mut preds = vec![Vec::new(); g.len()];
+    for (v, x) in g.iter().enumerate() {
+        for &t in &x.succs {
+            preds[t].push(v);
+        }
+    }
+    preds
+}
+
 /// Immediate dominators (Cooper, Harvey and Kennedy), None for the entry and
 /// for what is never reached.
-fn dominators(g: &[Insn]) -> Vec<Option<usize>> {
+fn dominators(g: &[Insn], preds: &[Vec<usize>]) -> Vec<Option<usize>> {
     let n = g.len();
     // Reverse postorder.
     let mut order = Vec::with_capacity(n);
@@ -762,12 +772,6 @@ fn dominators(g: &[Insn]) -> Vec<Option<usize>> {
     let mut rpo = vec![usize::MAX; n];
     for (i, &v) in order.iter().enumerate() {
         rpo[v] = i;
-    }
-    let mut preds = vec![Vec::new(); n];
-    for (v, x) in g.iter().enumerate() {
-        for &t in &x.succs {
-            preds[t].push(v);
-        }
     }
     let mut idom: Vec<Option<usize>> = vec![None; n];
     if n == 0 {
@@ -837,12 +841,7 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
         return Err("the result is known at the entry".into());
     }
     let n = g.len();
-    let mut preds = vec![Vec::new(); n];
-    for (v, x) in g.iter().enumerate() {
-        for &s in &x.succs {
-            preds[s].push(v);
-        }
-    }
+    let preds = predecessors(&g);
     let states = data_flow(&g);
     let outcome = |i: usize| {
         if f[i] {
@@ -853,6 +852,10 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
             Outcome::Nothing
         }
     };
+    // Whether every edge into v is a crossing (none from inside T, but
+    // those from what never returns, which no path takes to a ret).
+    let only_crossings = |v: usize| preds[v].iter().all(|&p| !t(p) || never[p]);
+    let live_t = |v: usize| t(v) && !never[v];
     // site index in g -> (cond, taken, not_taken)
     let mut sites: HashMap<usize, (Option<u8>, Outcome, Outcome)> = HashMap::new();
     for s in 0..n {
@@ -860,7 +863,6 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
             continue;
         }
         let x = &g[s];
-        let live_t = |v: usize| t(v) && !never[v];
         if x.is_jcc && x.bytes_emulated && x.succs.iter().all(|&v| live_t(v)) {
             // Both edges cross (one to a result, one to NULL): the jump
             // decides the outcome, one probe for both.
@@ -873,7 +875,7 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
                 continue;
             }
             // (a) The target, when every edge into it is a crossing.
-            if g[v].bytes_emulated && preds[v].iter().all(|&p| !t(p) || never[p]) {
+            if g[v].bytes_emulated && only_crossings(v) {
                 sites.insert(v, (None, outcome(v), Outcome::Nothing));
                 continue;
             }
@@ -897,18 +899,17 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
                 sites.insert(w, (None, outcome(v), Outcome::Nothing));
                 continue;
             }
-            // (c) The conditional jump itself. It fires on every path through
-            // it: worth it for a result; a NULL is better seen on its own
-            // path, even single-stepped (glibc's check for a size above
+            // A failure path: a probe on its target, single-stepped if need
+            // be, costs only the calls that fail; the jump below would cost
+            // every call through it (glibc's check for a size above
             // PTRDIFF_MAX is made by every call).
+            let o = outcome(v);
+            if o == Outcome::Null && only_crossings(v) {
+                sites.insert(v, (None, Outcome::Null, Outcome::Nothing));
+                continue;
+            }
+            // (c) The conditional jump itself, evaluated from the flags.
             if x.is_jcc && x.bytes_emulated {
-                let o = outcome(v);
-                if o == Outcome::Null && preds[v].iter().all(|&p| !t(p) || never[p]) {
-                    // Not on every path through the jump: on the failing
-                    // target, single-stepped, but paid only by failures.
-                    sites.insert(v, (None, Outcome::Null, Outcome::Nothing));
-                    continue;
-                }
                 let byte = jcc_cond(code, &x.insn);
                 let e = sites
                     .entry(s)
@@ -918,12 +919,6 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
                 } else {
                     e.2 = o;
                 }
-                continue;
-            }
-            if outcome(v) == Outcome::Null && preds[v].iter().all(|&p| !t(p) || never[p]) {
-                // A failure path: a probe single-stepped there costs only
-                // the calls that fail.
-                sites.insert(v, (None, Outcome::Null, Outcome::Nothing));
                 continue;
             }
             return Err(format!(
@@ -937,7 +932,7 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
         return Err("no path returns".into());
     }
     // Sizes, and the captures for the sites that record without one.
-    let idom = dominators(&g);
+    let idom = dominators(&g, &preds);
     let knows_size = |c: usize| {
         g[c].bytes_emulated
             && states[c]

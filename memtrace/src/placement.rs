@@ -152,7 +152,7 @@ fn mnemonic_name(m: Mnemonic) -> String {
     format!("{m:?}").to_lowercase()
 }
 
-fn is_write(a: OpAccess) -> bool {
+pub(crate) fn is_write(a: OpAccess) -> bool {
     matches!(
         a,
         OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite

@@ -617,6 +617,9 @@ impl Probes {
         // the callee, even those to an abort, to take it). So no mark is
         // left for them, and the functions that jump into them keep even
         // their unsampled calls in PENDING.
+        // Each function's plan must fit in RESULT_SITES with the ones before
+        // it, and no mark may sit on one of its probes.
+        let mut room = memtrace_common::MAX_RESULT_SITES as usize;
         let result_fns: Vec<u64> = alloc
             .points
             .iter()
@@ -627,23 +630,31 @@ impl Probes {
             // realloc, which jumps to malloc; an unsampled reallocarray(NULL,
             // ..) not kept in PENDING is then counted again by malloc's site.)
             .filter(|_| !self.sampled && progs.result.is_some())
-            .filter(|p| p.results.is_some() && matches!(p.role, Role::Alloc(_)))
+            .filter(|p| matches!(p.role, Role::Alloc(_)))
             .filter(|p| {
-                let offsets: Vec<u64> = p
-                    .results
-                    .iter()
-                    .flat_map(|plan| {
-                        plan.sites
-                            .iter()
-                            .map(|s| s.delta)
-                            .chain(plan.guards.iter().copied())
-                    })
-                    .map(|d| p.file_offset + d)
-                    .collect();
-                !marks
+                let Some(plan) = &p.results else {
+                    return false;
+                };
+                let offsets: Vec<u64> = plan.offsets().map(|d| p.file_offset + d).collect();
+                let marked = marks
                     .iter()
                     .flatten()
-                    .any(|c| offsets.contains(&c.file_offset))
+                    .any(|c| offsets.contains(&c.file_offset));
+                if marked || offsets.len() > room {
+                    log::debug!(
+                        "{}:{}: result sites left out ({})",
+                        alloc.module,
+                        p.names.join("/"),
+                        if marked {
+                            "a mark on one"
+                        } else {
+                            "no room left"
+                        }
+                    );
+                    return false;
+                }
+                room -= offsets.len();
+                true
             })
             .map(|p| p.vaddr)
             .collect();
@@ -679,37 +690,22 @@ impl Probes {
                 &point.results,
                 result_fns.contains(&point.vaddr),
             ) {
-                let offsets: Vec<u64> = plan
-                    .sites
-                    .iter()
-                    .map(|s| s.delta)
-                    .chain(plan.guards.iter().copied())
-                    .map(|d| point.file_offset + d)
-                    .collect();
-                if result_sites.len() + offsets.len() <= memtrace_common::MAX_RESULT_SITES as usize
-                {
-                    let name = point.names.first().copied().unwrap_or("?");
-                    for s in &plan.sites {
-                        result_sites.push((point.file_offset + s.delta, s.conf(kind)));
-                        self.result_sites
-                            .push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
-                    }
-                    for &g in &plan.guards {
-                        result_sites.push((point.file_offset + g, crate::exits::guard_conf(kind)));
-                        self.result_sites.push(format!("{name}+{g:#x} (guard)"));
-                    }
-                    log::debug!(
-                        "{}:{name}: one probe per call, at its result sites: {}",
-                        alloc.module,
-                        plan.describe()
-                    );
-                    continue;
+                let name = point.names.first().copied().unwrap_or("?");
+                for s in &plan.sites {
+                    result_sites.push((point.file_offset + s.delta, s.conf(kind)));
+                    self.result_sites
+                        .push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
+                }
+                for &g in &plan.guards {
+                    result_sites.push((point.file_offset + g, crate::exits::guard_conf(kind)));
+                    self.result_sites.push(format!("{name}+{g:#x} (guard)"));
                 }
                 log::debug!(
-                    "{}:{}: result sites left out (table full, or a mark on one)",
+                    "{}:{name}: one probe per call, at its result sites: {}",
                     alloc.module,
-                    point.names.join("/")
+                    plan.describe()
                 );
+                continue;
             }
             log_probe(alloc, point);
             match point.role {

@@ -17,11 +17,6 @@ fn libc_function(name: &str) -> Option<Vec<u8>> {
 /// once. Independent of `check_plan`.
 fn walk_check(code: &[u8], plan: &ExitPlan, walks: usize) -> usize {
     let g = build_graph(code).unwrap();
-    let at: HashMap<u64, usize> = g
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (x.insn.ip(), i))
-        .collect();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut rand = || {
         seed ^= seed << 13;
@@ -59,7 +54,6 @@ fn walk_check(code: &[u8], plan: &ExitPlan, walks: usize) -> usize {
             i = next;
         }
     }
-    let _ = at;
     returned
 }
 
