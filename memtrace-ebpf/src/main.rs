@@ -225,6 +225,10 @@ mod probes {
         pc: u64,
         sp: u64,
         bp: u64,
+        /// The window's first byte: `sp`, or below it for a walk that starts
+        /// at a result site's caller (the window then holds the allocator's
+        /// frame too).
+        base: u64,
         stack_id: u64,
         tgid: u32,
         words: u32,
@@ -551,6 +555,7 @@ mod probes {
         let mut h = mix(c.generation, c.pc);
         h = mix(h, c.sp);
         h = mix(h, c.bp);
+        h = mix(h, c.base);
         h = mix(h, c.stack_id);
         h = mix(h, ((c.tgid as u64) << 32) | c.words as u64);
         h = mix(h, ((c.extent as u64) << 32) | c.fp_frames as u64);
@@ -589,19 +594,18 @@ mod probes {
     /// words it read still hold the same values.
     #[inline(always)]
     fn remembered_walk(
-        slot: u32,
         c: &CachedWalk,
         win: *mut StackWindow,
         generation: u64,
         tgid: u32,
-        regs: (u64, u64, u64),
+        start: &WalkStart,
     ) -> Option<u64> {
-        let (pc, sp, bp) = regs;
         if c.check == 0
             || c.generation != generation
-            || c.pc != pc
-            || c.sp != sp
-            || c.bp != bp
+            || c.pc != start.pc
+            || c.sp != start.sp
+            || c.bp != start.bp
+            || c.base != start.base
             || c.tgid != tgid
         {
             return None;
@@ -610,13 +614,45 @@ mod probes {
         if extent == 0 || extent > WINDOW_BYTES {
             return None;
         }
-        let rc = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(win.cast(), extent, sp as *const _)
-        };
-        if rc != 0 || walk_check(slot, c, true)? != c.check {
+        // A result site has read the window already.
+        if start.window < extent {
+            let rc = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_user(
+                    win.cast(),
+                    extent,
+                    start.base as *const _,
+                )
+            };
+            if rc != 0 {
+                return None;
+            }
+        }
+        if walk_check(start.slot, c, true)? != c.check {
             return None;
         }
         Some(c.stack_id)
+    }
+
+    /// Where a stack walk starts: the first frame's pc, sp and rbp, and the
+    /// window of stack memory from `base` (`window` bytes of it already read
+    /// into STACK_WINDOW, 0 if none yet).
+    struct WalkStart {
+        pc: u64,
+        sp: u64,
+        bp: u64,
+        base: u64,
+        window: u32,
+        /// 1: `window` is all `read_window` could read (else a remembered
+        /// walk's extent, to be read in full if the walk must be redone).
+        whole: u32,
+        /// WALK_CACHE slot, from the probe's own rip and rsp (known before
+        /// anything is read).
+        slot: u32,
+    }
+
+    #[inline(always)]
+    fn cache_slot(rip: u64, rsp: u64) -> u32 {
+        (mix(rip, rsp) as u32) & (CACHE_SLOTS - 1)
     }
 
     /// Reads the window at `sp`: WINDOW_BYTES, or up to the end of sp's page
@@ -727,54 +763,71 @@ mod probes {
     /// them for this process (a walk that only read its stack window is
     /// remembered, and repeated by checking those words), else with frame
     /// pointers.
-    /// `at`: the (pc, sp, rbp) to walk from instead of the context's registers
-    /// (a result site inside the allocator starts at its caller's frame).
+    /// `at`: where to walk from instead of the context's registers (a result
+    /// site inside the allocator starts at its caller's frame, with the
+    /// window it read from its own rsp).
     #[inline(always)]
-    fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<(u64, u64, u64)>) -> u64 {
+    fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u64 {
         let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
             count(Counter::StackReadErrors, 1);
             return NO_STACK;
         };
         let scratch = unsafe { &mut *scratch };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let no_tables = unsafe { PROC_TABLES.get(&tgid) }.is_none();
-        if no_tables && at.is_none() {
-            let n = unsafe {
-                bpf_get_stack(
-                    ctx.as_ptr(),
-                    scratch.frames.as_mut_ptr() as *mut _,
-                    (MAX_STACK_DEPTH * 8) as u32,
-                    BPF_F_USER_STACK as u64,
-                )
-            };
-            if n <= 0 {
-                count(Counter::StackReadErrors, 1);
-                return NO_STACK;
-            }
-            scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
-            scratch.flags = STACK_FP_ONLY;
-            return store_stack(scratch);
-        }
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
-        // With no tables, the walk below finds no rows and follows frame
-        // pointers, as bpf_get_stack does.
-        let (pc, sp, bp) = match at {
+        let start = match at {
             Some(at) => at,
-            None => unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) },
+            None => {
+                if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
+                    let n = unsafe {
+                        bpf_get_stack(
+                            ctx.as_ptr(),
+                            scratch.frames.as_mut_ptr() as *mut _,
+                            (MAX_STACK_DEPTH * 8) as u32,
+                            BPF_F_USER_STACK as u64,
+                        )
+                    };
+                    if n <= 0 {
+                        count(Counter::StackReadErrors, 1);
+                        return NO_STACK;
+                    }
+                    scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
+                    scratch.flags = STACK_FP_ONLY;
+                    return store_stack(scratch);
+                }
+                let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+                WalkStart {
+                    pc,
+                    sp,
+                    bp,
+                    base: sp,
+                    window: 0,
+                    whole: 0,
+                    slot: cache_slot(pc, sp),
+                }
+            }
         };
         let generation = TABLES_GENERATION.get(0).copied().unwrap_or(0);
-        let slot = (mix(pc, sp) as u32) & (CACHE_SLOTS - 1);
-        let (Some(win), Some(cached)) = (STACK_WINDOW.get_ptr_mut(0), WALK_CACHE.get_ptr_mut(slot))
-        else {
+        let (Some(win), Some(cached)) = (
+            STACK_WINDOW.get_ptr_mut(0),
+            WALK_CACHE.get_ptr_mut(start.slot),
+        ) else {
             count(Counter::StackReadErrors, 1);
             return NO_STACK;
         };
         let cached = unsafe { &mut *cached };
-        if let Some(id) = remembered_walk(slot, cached, win, generation, tgid, (pc, sp, bp)) {
+        if let Some(id) = remembered_walk(cached, win, generation, tgid, &start) {
             count_walk(cached.fp_frames, cached.stop);
             return id;
         }
-        let window = read_window(win, sp);
+        // With no tables (a result site's caller) the walk below finds no
+        // rows and follows frame pointers, as bpf_get_stack does.
+        let no_tables = unsafe { PROC_TABLES.get(&tgid) }.is_none();
+        let window = if start.whole != 0 {
+            start.window
+        } else {
+            read_window(win, start.base)
+        };
         // The slot records this walk's reads from now on.
         cached.check = 0;
         // Every field a step changes starts from a value the verifier does not
@@ -783,15 +836,15 @@ mod probes {
         // gave it a new state per frame: 760,000 instructions to check
         // instead of 70,000.
         let mut w = Walk {
-            pc,
-            sp,
-            bp,
-            sp0: sp,
+            pc: start.pc,
+            sp: start.sp,
+            bp: start.bp,
+            sp0: start.base,
             tgid,
             flags: opaque_zero(),
             len: opaque_zero(),
             window,
-            slot,
+            slot: start.slot,
             cacheable: 1,
             words: opaque_zero(),
             extent: opaque_zero(),
@@ -816,16 +869,17 @@ mod probes {
         let id = store_stack(scratch);
         if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
             cached.generation = generation;
-            cached.pc = pc;
-            cached.sp = sp;
-            cached.bp = bp;
+            cached.pc = start.pc;
+            cached.sp = start.sp;
+            cached.bp = start.bp;
+            cached.base = start.base;
             cached.stack_id = id;
             cached.tgid = tgid;
             cached.words = w.words;
             cached.extent = w.extent;
             cached.fp_frames = w.fp_frames;
             cached.stop = w.stop;
-            cached.check = walk_check(slot, cached, false).unwrap_or(0);
+            cached.check = walk_check(start.slot, cached, false).unwrap_or(0);
         }
         id
     }
@@ -1080,7 +1134,7 @@ mod probes {
     }
 
     #[inline(always)]
-    fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Option<(u64, u64, u64)>) {
+    fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Option<WalkStart>) {
         let now = unsafe { bpf_ktime_get_ns() };
         let stack_id = capture_stack(ctx, at);
         let (epoch, birth_offset) = epoch_at(now);
@@ -1869,10 +1923,10 @@ mod probes {
         base != (cc & 1 != 0)
     }
 
-    /// A result site's probe: Some((ptr, size, (pc, sp, rbp) of the caller))
+    /// A result site's probe: Some((ptr, size, where the walk from its caller starts))
     /// when the call returns a block to record.
     #[inline(always)]
-    fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, (u64, u64, u64))> {
+    fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> {
         if !is_target() {
             return None;
         }
@@ -1921,7 +1975,59 @@ mod probes {
         if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
             return None;
         }
-        let Some(ra) = read_user(entry_sp) else {
+        // One read of the stack from here gives the return address, the
+        // caller's rbp if it is saved, and the caller's frames for the walk:
+        // as much as the walk remembered for this site last time, else a
+        // whole window. (Each read of user memory costs more than the rest
+        // of the lookups together.)
+        let win = STACK_WINDOW.get_ptr_mut(0)?;
+        let slot = cache_slot(unsafe { (*regs).rip }, sp);
+        let mut need = site.entry_sp_delta.wrapping_add(8);
+        if site.rbp_loc == LOC_STACK && site.rbp_off >= 0 {
+            need = need.max(site.rbp_off as u32 + 8);
+        }
+        let remembered = match WALK_CACHE.get(slot) {
+            Some(c)
+                if c.check != 0
+                    && c.base == sp
+                    && c.tgid == (bpf_get_current_pid_tgid() >> 32) as u32 =>
+            {
+                c.extent.max(need)
+            }
+            _ => 0,
+        };
+        // (The mask, on a value the compiler cannot see through, keeps the
+        // length bounded for the verifier wherever the comparison ends up.)
+        let (window, whole) = if remembered != 0
+            && remembered < WINDOW_BYTES
+            && unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_user(
+                    win.cast(),
+                    read_volatile(&remembered) & (WINDOW_BYTES - 1),
+                    sp as *const _,
+                )
+            } == 0
+        {
+            (remembered, 0)
+        } else {
+            (read_window(win, sp), 1)
+        };
+        let at_sp = |off: i32| -> Option<u64> {
+            if off >= 0 {
+                let o = off as u32;
+                let i = (o >> 3) as usize;
+                if o & 7 == 0 && o.wrapping_add(8) <= window && i < WINDOW_WORDS {
+                    return Some(unsafe { (*win).words[i] });
+                }
+            }
+            read_user(sp.wrapping_add(off as i64 as u64))
+        };
+        let loc = |l: u8, reg: u8, off: i32| match l {
+            LOC_REG => Some(reg_at(regs, reg)),
+            LOC_STACK => at_sp(off),
+            _ => None,
+        };
+        let Some(ra) = at_sp(site.entry_sp_delta as i32) else {
             count(Counter::DroppedPendingFull, 1);
             return None;
         };
@@ -1942,7 +2048,7 @@ mod probes {
             }
             return None;
         }
-        let size = match read_loc(regs, site.size_loc, site.size_reg, site.size_off, sp) {
+        let size = match loc(site.size_loc, site.size_reg, site.size_off) {
             Some(size) => size,
             None => {
                 // Used once: a later call at the same stack pointer whose
@@ -1965,8 +2071,20 @@ mod probes {
             count(Counter::UnsampledCalls, 1);
             return None;
         }
-        let bp = read_loc(regs, site.rbp_loc, site.rbp_reg, site.rbp_off, sp).unwrap_or(0);
-        Some((ptr, size, (ra, entry_sp.wrapping_add(8), bp)))
+        let bp = loc(site.rbp_loc, site.rbp_reg, site.rbp_off).unwrap_or(0);
+        Some((
+            ptr,
+            size,
+            WalkStart {
+                pc: ra,
+                sp: entry_sp.wrapping_add(8),
+                bp,
+                base: sp,
+                window,
+                whole,
+                slot,
+            },
+        ))
     }
 
     #[uprobe]
