@@ -63,6 +63,17 @@ mod probes {
     #[unsafe(no_mangle)]
     static SAMPLE_MEAN_BYTES: u64 = 0;
 
+    /// 1: every program returns at once (`MEMTRACE_EMPTY_PROGRAMS=1`, for the
+    /// benchmark's floor: the cost of the traps alone at memtrace's probe
+    /// sites). A read-only global: the verifier drops the branch when it is 0.
+    #[unsafe(no_mangle)]
+    static EMPTY_PROGRAMS: u32 = 0;
+
+    #[inline(always)]
+    fn empty_programs() -> bool {
+        unsafe { core::ptr::read_volatile(&EMPTY_PROGRAMS) != 0 }
+    }
+
     /// Buckets of the block table (set by userspace before load: the entries
     /// of `ALLOC_KEYS` and `ALLOCS`).
     #[unsafe(no_mangle)]
@@ -1556,6 +1567,9 @@ mod probes {
     /// A classic entry probe's call.
     #[inline(always)]
     fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
+        if empty_programs() {
+            return SKIP_RETURN;
+        }
         let (size, old_ptr, out_ptr) = call_args(ctx, kind);
         // No attach cookie here: whether the function may tail-call is in
         // CALL_MARK_STATE.
@@ -1739,6 +1753,9 @@ mod probes {
     /// Return probe shared by every allocating entry point (classic probes).
     #[uretprobe]
     pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+        if empty_programs() {
+            return 0;
+        }
         if let Some((ptr, size)) = exit(&ctx, regs_ret(&ctx), 0) {
             record_alloc(&ctx, ptr, size, None);
         }
@@ -1763,6 +1780,9 @@ mod probes {
     #[unsafe(no_mangle)]
     #[unsafe(link_section = "uprobe")]
     pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+        if empty_programs() {
+            return SKIP_RETURN;
+        }
         session_step(ProbeContext::new(ctx))
     }
 
@@ -1811,6 +1831,9 @@ mod probes {
     #[unsafe(no_mangle)]
     #[unsafe(link_section = "uprobe")]
     pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
+        if empty_programs() {
+            return 0;
+        }
         let ctx = ProbeContext::new(ctx);
         let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
         if let Some((ptr, size, at)) = result_site(&ctx, (site >> 8) as u32) {
@@ -2089,6 +2112,9 @@ mod probes {
 
     #[uprobe]
     pub fn free_enter(ctx: ProbeContext) -> u32 {
+        if empty_programs() {
+            return 0;
+        }
         if !is_target() {
             return 0;
         }

@@ -367,6 +367,13 @@ fn load_multi(ebpf: &Ebpf, sampled: bool) -> Result<MultiPrograms> {
     })
 }
 
+/// `MEMTRACE_EMPTY_PROGRAMS=1`: the same probes at the same sites, with
+/// programs that return at once: what the traps alone cost (`cargo xtask
+/// bench`'s floor config). Nothing is recorded.
+fn empty_programs() -> bool {
+    std::env::var_os("MEMTRACE_EMPTY_PROGRAMS").is_some_and(|v| v == "1")
+}
+
 /// Loads the programs for target `tgid`, sampling one allocation every
 /// `sample_mean_bytes` bytes on average (0: every allocation).
 pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probes, TraceMaps)> {
@@ -376,8 +383,16 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
              `cargo xtask build` (it leaves target/release/memtrace)"
         );
     }
+    let empty = empty_programs();
+    if empty {
+        eprintln!(
+            "memtrace: MEMTRACE_EMPTY_PROGRAMS=1: the probes return at once and record \
+             nothing (the benchmark's floor)"
+        );
+    }
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
+        .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
         .map_max_entries("ALLOC_KEYS", sizes.block_buckets())

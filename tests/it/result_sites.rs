@@ -5,6 +5,8 @@
 //! bytes and line, every failure is counted once, and the whole report agrees
 //! with one made with entry and return probes (`MEMTRACE_PROBES=entry`). So
 //! does a program's own allocator's, whose malloc has a path the guards see.
+//! With `MEMTRACE_EMPTY_PROGRAMS=1` (the benchmark's floor) the same probes
+//! record nothing.
 
 use memtrace_tests::*;
 use serde_json::Value;
@@ -123,6 +125,33 @@ fn each_malloc_path_is_reported_once_with_its_size() {
             returns(r),
             returns(e)
         );
+
+        // The benchmark's floor: the same probes, programs that return at
+        // once, nothing recorded.
+        let empty = run_launch_env(
+            &[],
+            &[bin.to_str().unwrap()],
+            &[("MEMTRACE_EMPTY_PROGRAMS", "1")],
+        );
+        empty.assert_exit(0);
+        let z = &empty.report;
+        assert!(
+            empty.stderr.contains("MEMTRACE_EMPTY_PROGRAMS=1"),
+            "{}",
+            empty.stderr
+        );
+        for key in ["probe_sites", "result_sites"] {
+            assert_eq!(z.0["allocator"][key], r.0["allocator"][key], "{key}");
+        }
+        for key in [
+            "alloc_calls",
+            "free_calls",
+            "failed_allocs",
+            "outstanding_blocks",
+        ] {
+            assert_eq!(z.total(key), 0, "totals.{key}\n{}", z.summary());
+        }
+        assert!(z.sites().is_empty(), "{}", z.summary());
     }
 }
 

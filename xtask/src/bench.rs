@@ -52,9 +52,9 @@ over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
 symbolization against binutils `addr2line -f -i -C`. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
-52 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took about 60 s on
+56 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took about 65 s on
 the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
-0.5-1.5 s, dominate each run), so the default takes about 9 minutes, plus
+0.5-1.5 s, dominate each run), so the default takes about 10 minutes, plus
 about two minutes for the report at scale and the symbolization figure.
 
 options:
@@ -70,9 +70,11 @@ options:
   --omit-frame-pointer same as --workloads nofp
   --configs LIST       comma-separated subset of: untraced, bpftrace-empty,
                        bpftrace-memleak, heaptrack, memtrace-exact (also
-                       memtrace-dwarf, memtrace), memtrace-sampled, memtrace-fp;
+                       memtrace-dwarf, memtrace), memtrace-sampled, memtrace-fp,
+                       memtrace-floor (memtrace's exact-mode probes with
+                       programs that return at once: the traps alone);
                        run for every build [default: all for fp, all but
-                       bpftrace-empty for nofp]
+                       bpftrace-empty and memtrace-floor for nofp]
   --memtrace PATH      the memtrace binary to bench [target/release/memtrace]
   --seed N             seed of the per-repetition shuffle [from the clock]
   --scale-reps N       report-at-scale measurements (0: skip) [3]
@@ -117,10 +119,11 @@ enum Config {
     MemtraceExact,
     MemtraceSampled,
     MemtraceFp,
+    MemtraceFloor,
 }
 
 impl Config {
-    const ALL: [Config; 7] = [
+    const ALL: [Config; 8] = [
         Config::Untraced,
         Config::BpftraceEmpty,
         Config::BpftraceMemleak,
@@ -128,6 +131,7 @@ impl Config {
         Config::MemtraceExact,
         Config::MemtraceSampled,
         Config::MemtraceFp,
+        Config::MemtraceFloor,
     ];
 
     /// The name used by --configs and in file names.
@@ -140,6 +144,7 @@ impl Config {
             Config::MemtraceExact => "memtrace-exact",
             Config::MemtraceSampled => "memtrace-sampled",
             Config::MemtraceFp => "memtrace-fp",
+            Config::MemtraceFloor => "memtrace-floor",
         }
     }
 
@@ -152,6 +157,7 @@ impl Config {
             Config::MemtraceExact => "memtrace exact",
             Config::MemtraceSampled => "memtrace sampled 512 KiB",
             Config::MemtraceFp => "memtrace exact, fp stacks",
+            Config::MemtraceFloor => "memtrace's probes, empty programs",
         }
     }
 
@@ -166,8 +172,17 @@ impl Config {
     fn is_memtrace(self) -> bool {
         matches!(
             self,
-            Config::MemtraceExact | Config::MemtraceSampled | Config::MemtraceFp
+            Config::MemtraceExact
+                | Config::MemtraceSampled
+                | Config::MemtraceFp
+                | Config::MemtraceFloor
         )
+    }
+
+    /// Whether memtrace's report of this config counts every call (the
+    /// sanity check compares it with the workload's own count).
+    fn records_every_call(self) -> bool {
+        matches!(self, Config::MemtraceExact | Config::MemtraceFp)
     }
 
     /// The value of MEMTRACE_STACKS for this config; None: unset (the
@@ -325,15 +340,15 @@ impl Workload {
         }
     }
 
-    /// The configs a build runs unless --configs says otherwise: empty.bt
-    /// neither walks stacks nor depends on the build, so the no-frame-pointer
-    /// build leaves it out.
+    /// The configs a build runs unless --configs says otherwise: empty.bt and
+    /// memtrace's floor neither walk stacks nor depend on the build, so the
+    /// no-frame-pointer build leaves them out.
     fn default_configs(self) -> Vec<Config> {
         match self {
             Workload::Fp => Config::ALL.to_vec(),
             Workload::NoFp => Config::ALL
                 .into_iter()
-                .filter(|&c| c != Config::BpftraceEmpty)
+                .filter(|&c| c != Config::BpftraceEmpty && c != Config::MemtraceFloor)
                 .collect(),
         }
     }
@@ -1352,7 +1367,10 @@ fn run_one(env: &Env, opts: &Options, cell: Cell, rep: usize) -> Result<Run> {
             })?;
             Some(p)
         }
-        Config::MemtraceExact | Config::MemtraceSampled | Config::MemtraceFp => {
+        Config::MemtraceExact
+        | Config::MemtraceSampled
+        | Config::MemtraceFp
+        | Config::MemtraceFloor => {
             let _ = fs::remove_file(&json_path);
             let mut c = Command::new(env.memtrace.as_ref().expect("memtrace prepared"));
             c.args(["--pid", &pid.to_string(), "-f", "json", "-o"])
@@ -1364,6 +1382,11 @@ fn run_one(env: &Env, opts: &Options, cell: Cell, rep: usize) -> Result<Run> {
                 // caller's environment says.
                 None => c.env_remove("MEMTRACE_STACKS"),
             };
+            if config == Config::MemtraceFloor {
+                c.env("MEMTRACE_EMPTY_PROGRAMS", "1");
+            } else {
+                c.env_remove("MEMTRACE_EMPTY_PROGRAMS");
+            }
             let mut p = Proc::spawn("memtrace", c, false, true)?;
             let line = p.wait_line(ATTACH_TIMEOUT, "`memtrace: attached`", |s, l| {
                 s == Stream::Stderr && l.starts_with("memtrace: attached")
@@ -1410,7 +1433,8 @@ fn run_one(env: &Env, opts: &Options, cell: Cell, rep: usize) -> Result<Run> {
         }
         let log = t.log_text();
         let _ = fs::write(&log_path, &log);
-        if config.is_memtrace() {
+        // The floor's report is empty by design: nothing to read.
+        if config.is_memtrace() && config != Config::MemtraceFloor {
             let json = fs::read_to_string(&json_path).with_context(|| {
                 format!(
                     "memtrace wrote no report at {}:\n{}",
@@ -2282,7 +2306,30 @@ impl<'a> Report<'a> {
     }
 
     fn targets(&self) -> Vec<String> {
-        self.target_lines().iter().map(TargetLine::render).collect()
+        let mut t: Vec<String> = self.target_lines().iter().map(TargetLine::render).collect();
+        t.extend(self.floor_line());
+        t
+    }
+
+    /// What memtrace's own probe sites cost with programs that do nothing
+    /// (the headline cell, fp build), as a ratio to memleak.bt: the least any
+    /// BPF program at those sites can cost on this machine.
+    fn floor_line(&self) -> Option<String> {
+        let sc = self
+            .opts
+            .scenarios()
+            .into_iter()
+            .find(|s| s.is_headline())?;
+        let r = self.of_scenario(sc);
+        let floor = r.median(Workload::Fp, Config::MemtraceFloor)?;
+        let base = r.median(Workload::Fp, Config::BpftraceMemleak)?;
+        Some(format!(
+            "floor (not a target): {} (1 thread, 64 B, fp build) {} ns = {:.3}x memleak.bt; \
+             no program at these probe sites costs less on this machine",
+            Config::MemtraceFloor.label(),
+            group_thousands(floor.round() as u64),
+            floor / base
+        ))
     }
 
     fn markdown(&self) -> String {
@@ -2747,7 +2794,7 @@ impl<'a> Report<'a> {
 
     fn sanity(&self, s: &mut String) {
         // Sampled runs record only some allocations: nothing exact to check.
-        let checked = |r: &&&Run| r.memtrace.is_some() && r.config != Config::MemtraceSampled;
+        let checked = |r: &&&Run| r.memtrace.is_some() && r.config.records_every_call();
         let ok = |r: &Run| {
             r.memtrace
                 .as_ref()
@@ -2767,7 +2814,7 @@ impl<'a> Report<'a> {
             mem.len()
         );
         for cell in self.opts.plan() {
-            if !cell.config.is_memtrace() || cell.config == Config::MemtraceSampled {
+            if !cell.config.records_every_call() {
                 continue;
             }
             let runs: Vec<&Run> = mem
@@ -2925,13 +2972,13 @@ mod tests {
         }
 
         // Default: the whole matrix. Every config on the fp build, all but
-        // empty.bt on nofp; 13 cells per shape, 4 shapes.
+        // empty.bt and the floor on nofp; 14 cells per shape, 4 shapes.
         let o = a(&[]).unwrap().unwrap();
         assert_eq!((o.reps, o.iters, o.scale_reps), (9, 100_000, 3));
         assert_eq!(o.threads, vec![1, 2]);
         assert_eq!(o.sizes, vec![Sizes::Fixed, Sizes::Mixed]);
         let plan = o.plan();
-        assert_eq!(plan.len(), 4 * 13);
+        assert_eq!(plan.len(), 4 * 14);
         let has = |t, sizes, workload, config| {
             plan.contains(&Cell {
                 scenario: Scenario { threads: t, sizes },
@@ -2941,9 +2988,11 @@ mod tests {
         };
         assert!(has(1, Sizes::Fixed, Workload::Fp, Config::BpftraceEmpty));
         assert!(!has(1, Sizes::Fixed, Workload::NoFp, Config::BpftraceEmpty));
+        assert!(has(2, Sizes::Mixed, Workload::Fp, Config::MemtraceFloor));
+        assert!(!has(2, Sizes::Mixed, Workload::NoFp, Config::MemtraceFloor));
         for c in Config::ALL
             .into_iter()
-            .filter(|&c| c != Config::BpftraceEmpty)
+            .filter(|&c| c != Config::BpftraceEmpty && c != Config::MemtraceFloor)
         {
             assert!(has(2, Sizes::Mixed, Workload::NoFp, c), "{c:?}");
         }
@@ -3071,6 +3120,13 @@ mod tests {
                 rep + 1,
                 1e9,
             ));
+            runs.push(fake_run(
+                head,
+                Workload::Fp,
+                Config::MemtraceFloor,
+                rep + 1,
+                e / 2.0,
+            ));
         }
         let env = fake_env(vec![(Config::MemtraceSampled, "no --sample-bytes".into())]);
         let r = Report {
@@ -3099,6 +3155,13 @@ mod tests {
         );
         assert!(md.contains("2,000 (0.167x)"), "{md}");
         assert_eq!(pass(0.21, 0.2), "**miss**");
+        // The floor: median 1000 of the empty programs / 12000.
+        let floor = r.targets().pop().unwrap();
+        assert!(
+            floor.starts_with("floor (not a target): memtrace's probes, empty programs")
+                && floor.contains(" 1,000 ns = 0.083x memleak.bt"),
+            "{floor}"
+        );
     }
 
     #[test]
