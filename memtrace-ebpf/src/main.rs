@@ -171,9 +171,22 @@ mod probes {
     }
 
     #[inline(always)]
+    fn target_tgid() -> u32 {
+        unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+    }
+
+    /// Whether the current task is the target's. Every program checks this
+    /// first, so past it the current tgid is `target_tgid()`.
+    #[inline(always)]
     fn is_target() -> bool {
-        let tgid = unsafe { core::ptr::read_volatile(&TARGET_TGID) };
-        (bpf_get_current_pid_tgid() >> 32) as u32 == tgid
+        target_thread().is_some()
+    }
+
+    /// The current thread's id, if it is one of the target's.
+    #[inline(always)]
+    fn target_thread() -> Option<u32> {
+        let id = bpf_get_current_pid_tgid();
+        ((id >> 32) as u32 == target_tgid()).then_some(id as u32)
     }
 
     #[inline(always)]
@@ -784,7 +797,8 @@ mod probes {
             return NO_STACK;
         };
         let scratch = unsafe { &mut *scratch };
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // (Only the target's tasks get here: see `is_target`.)
+        let tgid = target_tgid();
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
         let start = match at {
             Some(at) => at,
@@ -1300,12 +1314,12 @@ mod probes {
     /// function (`mark`: MARK_*): marks the callee's coming entry on this thread.
     #[inline(always)]
     fn leave_mark<C: EbpfContext>(ctx: &C, mark: u64) -> u32 {
-        if !is_target() {
+        let Some(tid) = target_thread() else {
             return SKIP_RETURN;
-        }
+        };
         let sp = regs_sp(ctx);
         let key = PendingKey {
-            tid: bpf_get_current_pid_tgid() as u32,
+            tid,
             _pad: 0,
             // A call pushes the return address before the callee's probe.
             sp: if mark == MARK_CALL {
@@ -1386,10 +1400,9 @@ mod probes {
         ((((mean * neg_log2) >> 16) * LN2_Q16) >> 16).max(1) as i64
     }
 
-    /// Whether this thread's allocation of `size` bytes is sampled.
+    /// Whether thread `tid`'s allocation of `size` bytes is sampled.
     #[inline(always)]
-    fn sample(mean: u64, size: u64) -> bool {
-        let tid = bpf_get_current_pid_tgid() as u32;
+    fn sample(tid: u32, mean: u64, size: u64) -> bool {
         let size = size.min(i64::MAX as u64) as i64;
         let Some(c) = COUNTDOWN.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) else {
             return false;
@@ -1431,11 +1444,11 @@ mod probes {
         cookie: *mut u64,
         keep_unsampled: bool,
     ) -> u32 {
-        if !is_target() {
+        let Some(tid) = target_thread() else {
             return SKIP_RETURN;
-        }
+        };
         let key = PendingKey {
-            tid: bpf_get_current_pid_tgid() as u32,
+            tid,
             _pad: 0,
             sp: regs_sp(ctx),
         };
@@ -1472,7 +1485,7 @@ mod probes {
         let old_known = old_ptr != 0 && find_block(old_ptr).is_some();
         let mut flags = 0;
         let mean = sample_mean();
-        if mean != 0 && !sample(mean, size) {
+        if mean != 0 && !sample(tid, mean, size) {
             // Its return is still needed to retire a sampled old block
             // (realloc); for a realloc(p, 0), which glibc turns into a free
             // (returning NULL), to count it as a free and not an allocation;
@@ -1634,9 +1647,7 @@ mod probes {
     /// `in_cookie`: the call as its session's cookie holds it (see `enter`),
     /// or 0 for a call in PENDING.
     fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<(u64, u64)> {
-        if !is_target() {
-            return None;
-        }
+        let tid = target_thread()?;
         count(Counter::ReturnProbes, 1);
         // With sampling, most blocks are unknown to memtrace: not worth a count.
         let mean = sample_mean();
@@ -1652,7 +1663,7 @@ mod probes {
         } else {
             // The return popped the return address: the entry saw sp - 8.
             let key = PendingKey {
-                tid: bpf_get_current_pid_tgid() as u32,
+                tid,
                 _pad: 0,
                 sp: regs_sp(ctx).wrapping_sub(8),
             };
@@ -1909,17 +1920,35 @@ mod probes {
         all[(r & 15) as usize]
     }
 
+    /// The stack word at `sp + off`: from the first `window` bytes of `win`
+    /// (read at `sp`) when it lies there, else read from the target.
+    #[inline(always)]
+    fn stack_at(win: *const StackWindow, window: u32, sp: u64, off: i32) -> Option<u64> {
+        // (u32 offsets and the explicit index bound: the verifier could not
+        // follow the single unsigned compare LLVM made of a signed test.)
+        if off >= 0 {
+            let o = off as u32;
+            let i = (o >> 3) as usize;
+            if o & 7 == 0 && o.wrapping_add(8) <= window && i < WINDOW_WORDS {
+                return Some(unsafe { (*win).words[i] });
+            }
+        }
+        read_user(sp.wrapping_add(off as i64 as u64))
+    }
+
+    /// The value at a result site's location: a register, or a stack word
+    /// relative to the site's rsp (see `stack_at`; `window` 0 reads it).
     #[inline(always)]
     fn read_loc(
         regs: *const aya_ebpf::bindings::pt_regs,
-        loc: u8,
-        reg: u8,
-        off: i32,
+        (loc, reg, off): (u8, u8, i32),
+        win: *const StackWindow,
+        window: u32,
         sp: u64,
     ) -> Option<u64> {
         match loc {
             LOC_REG => Some(reg_at(regs, reg)),
-            LOC_STACK => read_user(sp.wrapping_add(off as i64 as u64)),
+            LOC_STACK => stack_at(win, window, sp, off),
             _ => None,
         }
     }
@@ -1950,17 +1979,17 @@ mod probes {
     /// when the call returns a block to record.
     #[inline(always)]
     fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> {
-        if !is_target() {
-            return None;
-        }
+        let tid = target_thread()?;
         let site = *RESULT_SITES.get(index)?;
+        let win = STACK_WINDOW.get_ptr_mut(0)?;
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
         let (sp, flags) = unsafe { ((*regs).rsp, (*regs).eflags) };
         let entry_sp = sp.wrapping_add(site.entry_sp_delta as u64);
-        let tid = bpf_get_current_pid_tgid() as u32;
+        let tgid = target_tgid();
+        let size_at = (site.size_loc, site.size_reg, site.size_off);
         if site.capture != 0 {
             if let (Some(size), Some(c)) = (
-                read_loc(regs, site.size_loc, site.size_reg, site.size_off, sp),
+                read_loc(regs, size_at, win, 0, sp),
                 CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)),
             ) {
                 unsafe {
@@ -2003,20 +2032,13 @@ mod probes {
         // as much as the walk remembered for this site last time, else a
         // whole window. (Each read of user memory costs more than the rest
         // of the lookups together.)
-        let win = STACK_WINDOW.get_ptr_mut(0)?;
         let slot = cache_slot(unsafe { (*regs).rip }, sp);
         let mut need = site.entry_sp_delta.wrapping_add(8);
         if site.rbp_loc == LOC_STACK && site.rbp_off >= 0 {
             need = need.max(site.rbp_off as u32 + 8);
         }
         let remembered = match WALK_CACHE.get(slot) {
-            Some(c)
-                if c.check != 0
-                    && c.base == sp
-                    && c.tgid == (bpf_get_current_pid_tgid() >> 32) as u32 =>
-            {
-                c.extent.max(need)
-            }
+            Some(c) if c.check != 0 && c.base == sp && c.tgid == tgid => c.extent.max(need),
             _ => 0,
         };
         // (The mask, on a value the compiler cannot see through, keeps the
@@ -2035,22 +2057,8 @@ mod probes {
         } else {
             (read_window(win, sp), 1)
         };
-        let at_sp = |off: i32| -> Option<u64> {
-            if off >= 0 {
-                let o = off as u32;
-                let i = (o >> 3) as usize;
-                if o & 7 == 0 && o.wrapping_add(8) <= window && i < WINDOW_WORDS {
-                    return Some(unsafe { (*win).words[i] });
-                }
-            }
-            read_user(sp.wrapping_add(off as i64 as u64))
-        };
-        let loc = |l: u8, reg: u8, off: i32| match l {
-            LOC_REG => Some(reg_at(regs, reg)),
-            LOC_STACK => at_sp(off),
-            _ => None,
-        };
-        let Some(ra) = at_sp(site.entry_sp_delta as i32) else {
+        let loc = |at: (u8, u8, i32)| read_loc(regs, at, win, window, sp);
+        let Some(ra) = stack_at(win, window, sp, site.entry_sp_delta as i32) else {
             count(Counter::DroppedPendingFull, 1);
             return None;
         };
@@ -2071,7 +2079,7 @@ mod probes {
             }
             return None;
         }
-        let size = match loc(site.size_loc, site.size_reg, site.size_off) {
+        let size = match loc(size_at) {
             Some(size) => size,
             None => {
                 // Used once: a later call at the same stack pointer whose
@@ -2090,11 +2098,11 @@ mod probes {
             }
         };
         let mean = sample_mean();
-        if mean != 0 && !sample(mean, size) {
+        if mean != 0 && !sample(tid, mean, size) {
             count(Counter::UnsampledCalls, 1);
             return None;
         }
-        let bp = loc(site.rbp_loc, site.rbp_reg, site.rbp_off).unwrap_or(0);
+        let bp = loc((site.rbp_loc, site.rbp_reg, site.rbp_off)).unwrap_or(0);
         Some((
             ptr,
             size,
@@ -2115,15 +2123,15 @@ mod probes {
         if empty_programs() {
             return 0;
         }
-        if !is_target() {
+        let Some(tid) = target_thread() else {
             return 0;
-        }
+        };
         let ptr = arg(&ctx, 0);
         if ptr == 0 {
             return 0;
         }
         let key = PendingKey {
-            tid: bpf_get_current_pid_tgid() as u32,
+            tid,
             _pad: 0,
             sp: regs_sp(&ctx),
         };
