@@ -800,6 +800,9 @@ mod probes {
         // (Only the target's tasks get here: see `is_target`.)
         let tgid = target_tgid();
         let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+        // A walk from the context's registers has its tables checked here; a
+        // result site's only if its walk is not remembered (below).
+        let tables_known = at.is_none();
         let start = match at {
             Some(at) => at,
             None => {
@@ -847,7 +850,7 @@ mod probes {
         }
         // With no tables (a result site's caller) the walk below finds no
         // rows and follows frame pointers, as bpf_get_stack does.
-        let no_tables = unsafe { PROC_TABLES.get(&tgid) }.is_none();
+        let no_tables = !tables_known && unsafe { PROC_TABLES.get(&tgid) }.is_none();
         let window = if start.whole != 0 {
             start.window
         } else {
