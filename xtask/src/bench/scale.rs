@@ -22,7 +22,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Json, Proc, SIGINT, Stream, die_with_parent, field, kill, pass, stats};
+use super::fmt::group_thousands;
+use super::json::Json;
+use super::proc::{Proc, SIGINT, Stream, die_with_parent, kill};
+use super::run::field;
+use super::stats::stats;
+use super::targets::pass;
 
 const BLOCKS: u64 = 1_000_000;
 const SITES: u64 = 10_000;
@@ -212,7 +217,7 @@ pub struct Scale {
 pub fn run(root: &Path, bench_dir: &Path, memtrace: &Path, reps: usize) -> Result<Scale> {
     let src = root.join("tests/fixtures/scale.c");
     let exe = bench_dir.join("scale");
-    crate::output(
+    crate::util::output(
         Command::new("gcc")
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall"])
             .arg(format!("-I{}", root.join("tests/fixtures").display()))
@@ -243,6 +248,9 @@ pub fn run(root: &Path, bench_dir: &Path, memtrace: &Path, reps: usize) -> Resul
     })
 }
 
+/// One report: the fixture allocates its blocks under memtrace, which is
+/// stopped after its next live summary; what memtrace spends from the
+/// signal on is the report's cost.
 fn measure(
     exe: &Path,
     bench_dir: &Path,
@@ -255,14 +263,72 @@ fn measure(
         s == Stream::Stdout && l == "ready"
     })?;
     let format = if json { "json" } else { "text" };
-    let json_path = bench_dir.join(format!("scale-{i}.{format}"));
+    let report_path = bench_dir.join(format!("scale-{i}.{format}"));
     let log = bench_dir.join(format!("scale-{i}-{format}.log"));
-    let _ = fs::remove_file(&json_path);
+    let mut m = start_memtrace(memtrace, target.pid(), format, &report_path, log)?;
+    let alloc_phase = allocate(&mut target)?;
+    wait_live_summary(&mut m)?;
+    let ended = stop(&mut m)?;
+
+    let log = m.log_text();
+    if ended.status & 0x7f != 0 || (ended.status >> 8) & 0xff != 0 {
+        bail!(
+            "memtrace ended with wait status {:#x}:\n{log}",
+            ended.status
+        );
+    }
+    let total_cpu = tv(&ended.ru.ru_utime) + tv(&ended.ru.ru_stime);
+    let after = log.get(ended.log_before..).unwrap_or("");
+    let reads = after.lines().filter_map(MapRead::parse).collect();
+    let symbolize_ms = symbolize_ms(after);
+    // memtrace's own CPU when the signal ended tracing (getrusage, µs), more
+    // precise than the 10 ms ticks of /proc/PID/stat read before the signal.
+    let cpu_before = ended_cpu_ms(after)
+        .map(|ms| Duration::from_secs_f64(ms / 1e3))
+        .unwrap_or(ended.cpu_before);
+
+    let text = fs::read_to_string(&report_path)
+        .with_context(|| format!("memtrace wrote no report at {}", report_path.display()))?;
+    let _ = fs::remove_file(&report_path);
+    let contents = if json {
+        Contents::of_json(&text)?
+    } else {
+        Contents::of_text(&text)
+    };
+    let _ = target.send(b"g");
+    let _ = target.finish(Duration::from_secs(10));
+    Ok(ScaleRun {
+        alloc_phase,
+        report_wall: ended.report_wall,
+        report_cpu: total_cpu.saturating_sub(cpu_before),
+        total_cpu,
+        max_rss_kib: ended.peak_kib,
+        traced_rss_kib: ended.traced_rss_kib,
+        reads,
+        sites: contents.sites,
+        outstanding_blocks: contents.outstanding_blocks,
+        symbolize_ms,
+        ages_from: contents.ages_from,
+        format,
+        rep: i,
+    })
+}
+
+/// memtrace attached by pid to the fixture, with its debug log in `log`;
+/// returns once it says it is attached.
+fn start_memtrace(
+    memtrace: &Path,
+    pid: u32,
+    format: &str,
+    report_path: &Path,
+    log: PathBuf,
+) -> Result<Traced> {
+    let _ = fs::remove_file(report_path);
     let mut cmd = Command::new(memtrace);
     cmd.args(["-f", format, "-o"])
-        .arg(&json_path)
+        .arg(report_path)
         .arg("--pid")
-        .arg(target.pid().to_string())
+        .arg(pid.to_string())
         .env("MEMTRACE_LOG", "debug")
         .env_remove("MEMTRACE_NO_BATCH")
         .env_remove("MEMTRACE_STACKS")
@@ -289,7 +355,11 @@ fn measure(
         }
         thread::sleep(Duration::from_millis(10));
     }
+    Ok(m)
+}
 
+/// Lets the fixture allocate its blocks; how long that took.
+fn allocate(target: &mut Proc) -> Result<Duration> {
     let go = Instant::now();
     target.send(b"g")?;
     let done = target.wait_line(Duration::from_secs(600), "done", |s, l| {
@@ -301,10 +371,13 @@ fn measure(
     {
         bail!("the fixture did not allocate {BLOCKS} blocks over {SITES} sites: {done}");
     }
+    Ok(alloc_phase)
+}
 
-    // A service is traced for longer than one interval: let the first live
-    // sample after the allocations run (it reads the new sites' stacks ahead,
-    // as it would over any trace longer than one interval).
+/// A service is traced for longer than one interval: lets the first live
+/// sample after the allocations run (it reads the new sites' stacks ahead,
+/// as it would over any trace longer than one interval).
+fn wait_live_summary(m: &mut Traced) -> Result<()> {
     let log_done = m.log_text().len();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !m.log_text()[log_done..]
@@ -319,7 +392,27 @@ fn measure(
         }
         thread::sleep(Duration::from_millis(10));
     }
+    Ok(())
+}
 
+/// How memtrace ended after SIGINT.
+struct Ended {
+    /// wait4's status and rusage.
+    status: i32,
+    ru: Rusage,
+    /// From the signal to its exit.
+    report_wall: Duration,
+    /// memtrace's CPU before the signal, from /proc/PID/stat.
+    cpu_before: Duration,
+    /// VmHWM before the signal and at its highest until the exit.
+    traced_rss_kib: u64,
+    peak_kib: u64,
+    /// Length of the log before the signal: what follows is the report's.
+    log_before: usize,
+}
+
+/// Sends SIGINT and reaps memtrace, reading its peak RSS until it is gone.
+fn stop(m: &mut Traced) -> Result<Ended> {
     let pid = m.child.id();
     let hz = unsafe { sysconf(SC_CLK_TCK) }.max(1) as u64;
     let ticks = stat_ticks(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
@@ -353,44 +446,48 @@ fn measure(
         }
         thread::sleep(Duration::from_millis(2));
     };
-    let report_wall = stop.elapsed();
-    let log = m.log_text();
-    if status & 0x7f != 0 || (status >> 8) & 0xff != 0 {
-        bail!("memtrace ended with wait status {status:#x}:\n{log}");
-    }
-    let total_cpu = tv(&ru.ru_utime) + tv(&ru.ru_stime);
-    let after = log.get(log_before..).unwrap_or("");
-    let reads = after.lines().filter_map(MapRead::parse).collect();
-    let symbolize_ms = symbolize_ms(after);
-    // memtrace's own CPU when the signal ended tracing (getrusage, µs), more
-    // precise than the 10 ms ticks of /proc/PID/stat read before the signal.
-    let cpu_before = ended_cpu_ms(after)
-        .map(|ms| Duration::from_secs_f64(ms / 1e3))
-        .unwrap_or(cpu_before);
+    Ok(Ended {
+        status,
+        ru,
+        report_wall: stop.elapsed(),
+        cpu_before,
+        traced_rss_kib,
+        peak_kib,
+        log_before,
+    })
+}
 
-    let text = fs::read_to_string(&json_path)
-        .with_context(|| format!("memtrace wrote no report at {}", json_path.display()))?;
-    let _ = fs::remove_file(&json_path);
-    let (sites, outstanding_blocks, ages_from) = if json {
-        let json = Json::parse(&text)?;
-        let sites = json
-            .get("sites")
-            .and_then(Json::as_array)
-            .map(|s| s.len())
-            .unwrap_or(0);
-        let blocks = json
-            .get("totals")
-            .and_then(|t| t.get("outstanding_blocks"))
-            .and_then(Json::as_u64);
-        let ages = json
-            .get("ages_from")
-            .and_then(Json::as_str)
-            .unwrap_or("?")
-            .to_string();
-        (sites, blocks, ages)
-    } else {
-        // `top 10 of 10000 sites by ...`: the sites shown.
-        let shown = text.lines().filter(|l| l.starts_with('#')).count();
+/// What a report holds: sites shown, outstanding blocks, where ages came
+/// from.
+struct Contents {
+    sites: usize,
+    outstanding_blocks: Option<u64>,
+    ages_from: String,
+}
+
+impl Contents {
+    fn of_json(text: &str) -> Result<Contents> {
+        let json = Json::parse(text)?;
+        Ok(Contents {
+            sites: json
+                .get("sites")
+                .and_then(Json::as_array)
+                .map(|s| s.len())
+                .unwrap_or(0),
+            outstanding_blocks: json
+                .get("totals")
+                .and_then(|t| t.get("outstanding_blocks"))
+                .and_then(Json::as_u64),
+            ages_from: json
+                .get("ages_from")
+                .and_then(Json::as_str)
+                .unwrap_or("?")
+                .to_string(),
+        })
+    }
+
+    /// The text report: `top 10 of 10000 sites by ...`, the sites shown.
+    fn of_text(text: &str) -> Contents {
         let blocks = text
             .lines()
             .find_map(|l| l.strip_prefix("outstanding: "))
@@ -402,25 +499,12 @@ fn measure(
         } else {
             "blocks"
         };
-        (shown, blocks, ages.to_string())
-    };
-    let _ = target.send(b"g");
-    let _ = target.finish(Duration::from_secs(10));
-    Ok(ScaleRun {
-        alloc_phase,
-        report_wall,
-        report_cpu: total_cpu.saturating_sub(cpu_before),
-        total_cpu,
-        max_rss_kib: peak_kib,
-        traced_rss_kib,
-        reads,
-        sites,
-        outstanding_blocks,
-        symbolize_ms,
-        ages_from,
-        format,
-        rep: i,
-    })
+        Contents {
+            sites: text.lines().filter(|l| l.starts_with('#')).count(),
+            outstanding_blocks: blocks,
+            ages_from: ages.to_string(),
+        }
+    }
 }
 
 fn unsymbolized_ms(r: &ScaleRun) -> f64 {
@@ -507,8 +591,8 @@ impl Scale {
              symbolized` debug line (CPU of the symbolize call, all threads: loading the new modules' debug \
              info and resolving every frame). Ages: `ages_from` of the report (`epochs`: from the \
              kernel's per-site aggregates, no block read).\n",
-            crate::bench::group_thousands(BLOCKS),
-            crate::bench::group_thousands(SITES),
+            group_thousands(BLOCKS),
+            group_thousands(SITES),
             self.memtrace.display()
         );
         let _ = writeln!(
@@ -532,7 +616,7 @@ impl Scale {
                             "{} {:.1} ms ({}, {}{})",
                             x.map,
                             x.cpu_ms,
-                            crate::bench::group_thousands(x.entries),
+                            group_thousands(x.entries),
                             x.syscalls,
                             if x.how == "per entry" {
                                 String::new()
@@ -559,12 +643,12 @@ impl Scale {
                 r.total_cpu.as_secs_f64(),
                 r.max_rss_kib as f64 / 1024.0,
                 r.traced_rss_kib as f64 / 1024.0,
-                crate::bench::group_thousands(r.sites as u64),
+                group_thousands(r.sites as u64),
                 match r.outstanding_blocks {
                     Some(b) if b != BLOCKS => format!(
                         " (**{} blocks, not {}**)",
-                        crate::bench::group_thousands(b),
-                        crate::bench::group_thousands(BLOCKS)
+                        group_thousands(b),
+                        group_thousands(BLOCKS)
                     ),
                     _ => String::new(),
                 },

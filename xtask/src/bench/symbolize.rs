@@ -19,6 +19,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use super::run::XorShift;
+use super::stats::stats;
+use crate::util;
+
 const FILES: [&str; 2] = [
     "/lib/x86_64-linux-gnu/libc.so.6",
     "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
@@ -36,6 +40,19 @@ struct Row {
     /// Same inline depth and the same line numbers (files or names may differ).
     agree_lines: usize,
     first_disagreement: Option<String>,
+}
+
+/// `cargo xtask bench-symbolize` (hidden): this figure alone, which needs
+/// neither root nor the BPF build.
+pub fn command() -> Result<()> {
+    util::status(
+        util::clean_command("cargo")
+            .current_dir(util::root())
+            .args(["build", "--release", "-p", "memtrace"]),
+    )?;
+    let md = run(&util::target_dir().join("release/memtrace"))?;
+    println!("{md}");
+    Ok(())
 }
 
 /// Runs the benchmark with the given memtrace binary; returns a Markdown section.
@@ -111,8 +128,8 @@ fn measure(memtrace_bin: &Path, file: &Path) -> Result<Row> {
     Ok(Row {
         file: file.display().to_string(),
         addresses: addrs.len(),
-        addr2line_ms: median(&mut t_binutils),
-        memtrace_ms: median(&mut t_memtrace),
+        addr2line_ms: median(&t_binutils),
+        memtrace_ms: median(&t_memtrace),
         agree,
         agree_lines,
         first_disagreement,
@@ -155,14 +172,8 @@ fn address_set(file: &Path) -> Result<Vec<u64>> {
     }
     addrs.sort_unstable();
     addrs.dedup();
-    // Fisher-Yates with xorshift64: the same order on every run.
-    let mut x = SEED;
-    for i in (1..addrs.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        addrs.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    // A fixed seed: the same order on every run.
+    XorShift(SEED).shuffle(&mut addrs);
     Ok(addrs)
 }
 
@@ -238,14 +249,8 @@ fn undouble_dir(l: &str) -> String {
     l.to_owned()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+fn median(v: &[f64]) -> f64 {
+    stats(v).map_or(f64::NAN, |s| s.median)
 }
 
 fn render(rows: &[Row]) -> String {

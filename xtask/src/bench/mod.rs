@@ -1,0 +1,185 @@
+//! `cargo xtask bench`: memtrace's overhead next to bpftrace's memleak and
+//! heaptrack, the cost of one report at scale, and symbolization speed.
+//!
+//! One workload (xtask/bench/workload.c with workload_cxx.cc: malloc+free
+//! pairs, timed inside the process; it links libstdc++) runs under each
+//! configuration: untraced, bpftrace with empty probes (the floor of the
+//! uprobe mechanism), bpftrace memleak.bt, heaptrack (an LD_PRELOAD tracer, so
+//! it launches the workload), memtrace exact (every allocation, attached by
+//! --pid, walking stacks with its .eh_frame unwind tables), memtrace sampled
+//! (`--sample-bytes 512KiB`, when the binary has the option) and memtrace
+//! exact with the kernel's frame-pointer walk (`MEMTRACE_STACKS=fp`). The
+//! matrix is threads {1, 2} x sizes {fixed 64 B, mixed} x builds {with, without
+//! frame pointers}. Every repetition runs each cell once, all in one freshly
+//! shuffled order, so that drift on a shared machine (other builds, frequency
+//! changes) spreads over all of them instead of biasing one. Results are
+//! medians of ns per malloc+free pair, and ratios to memleak.bt.
+//!
+//! Per run: start the workload (it warms up and prints READY), attach the
+//! tracer to its pid, wait for the tracer's own ready line, release the
+//! workload (one byte on its stdin), read its RESULT line, stop the tracer
+//! with SIGINT (SIGKILL after a grace period), then close the workload's stdin
+//! so it exits. Every child sits in a [`Proc`] whose Drop does the same
+//! teardown, so an error never leaves a process (or an attached probe) behind.
+//!
+//! The workload keeps one block, allocated through a fixed call chain after
+//! the timed loop; memtrace reports it as the run's one site, and the length
+//! of that site's stack shows how far each stack walk got.
+//!
+//! After the overhead runs come the report at scale ([`scale`]) and
+//! symbolization against addr2line ([`symbolize`]).
+//!
+//! This module runs those steps in order; the parts live in:
+//! - [`options`]: the command line, the configs and the matrix of cells;
+//! - [`env`]: what the runs need (binaries, scripts, tracefs) and the machine;
+//! - [`run`]: one run of one cell, and every repetition of the matrix;
+//! - [`proc`]: child processes that are always torn down;
+//! - [`memtrace_out`] and [`json`]: what memtrace reports about a run;
+//! - [`stats`]: medians, ratios and unstable cells over a set of runs;
+//! - [`targets`]: the pass/miss lines;
+//! - [`markdown`], [`unwinding`] and [`fmt`]: the results' tables;
+//! - [`document`]: BENCHMARKS.md, whose generated part is rewritten in place.
+
+use std::{fmt::Write as _, fs, path::Path, process::Command, time::Instant};
+
+use anyhow::{Context, Result};
+
+use crate::{build, util};
+use env::{Env, loadavg};
+use options::Options;
+use stats::Report;
+
+mod document;
+mod env;
+mod fmt;
+mod json;
+mod markdown;
+mod memtrace_out;
+mod options;
+mod proc;
+mod run;
+mod scale;
+mod stats;
+pub mod symbolize;
+mod targets;
+mod unwinding;
+
+/// `cargo xtask bench [OPTIONS]`: builds everything, then benches.
+pub fn command(args: &[String]) -> Result<()> {
+    // --help teaches without a build first.
+    if !args.iter().any(|a| a == "-h" || a == "--help") {
+        build::build()?;
+    }
+    run(&util::root(), args)
+}
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    let Some(opts) = Options::parse(args)? else {
+        return Ok(());
+    };
+    let env = Env::prepare(root, &opts)?;
+    let benchmarks = root.join("BENCHMARKS.md");
+    if opts.write_benchmarks {
+        // Before the runs, not after them: a file whose generated part
+        // cannot be found would otherwise cost a whole run.
+        document::check(&benchmarks)?;
+    }
+    let started = Instant::now();
+    let date = util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let load_before = loadavg();
+    let (runs, failures) = run::matrix(&env, &opts, started);
+    let overhead_s = started.elapsed();
+    let load_after = loadavg();
+    let extra = Extra::measure(root, &env, &opts);
+
+    let report = Report {
+        opts: &opts,
+        env: &env,
+        runs: runs.iter().collect(),
+        failures: &failures,
+        load_before,
+        load_after,
+        elapsed: overhead_s,
+    };
+    let results = results_md(&report, &extra);
+    println!("\n{results}");
+    let out = env.bench_dir.join("results.md");
+    fs::write(&out, &results).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "bench: wrote {} (total {:.0} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if opts.write_benchmarks {
+        let generated = document::generated(&opts, &env, &date, started.elapsed(), &results);
+        document::write(&benchmarks, &generated)?;
+        eprintln!("bench: wrote {}", benchmarks.display());
+    }
+    Ok(())
+}
+
+/// The figures after the overhead runs; None: skipped.
+struct Extra {
+    scale: Option<Result<scale::Scale>>,
+    symbolize: Option<Result<String>>,
+}
+
+impl Extra {
+    fn measure(root: &Path, env: &Env, opts: &Options) -> Extra {
+        let scale = match (&env.memtrace, opts.scale_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: report at scale ({n} run(s))");
+                Some(scale::run(root, &env.bench_dir, bin, n).context("the report-at-scale figure"))
+            }
+            _ => None,
+        };
+        let symbolize = match (&env.memtrace, opts.symbolize) {
+            (Some(bin), true) => {
+                eprintln!("bench: symbolization against addr2line");
+                Some(symbolize::run(bin).context("the symbolization figure"))
+            }
+            _ => None,
+        };
+        Extra { scale, symbolize }
+    }
+}
+
+/// The results: the target lines first, then the overhead tables, the
+/// report at scale and symbolization.
+fn results_md(report: &Report, extra: &Extra) -> String {
+    let mut text = report.markdown();
+    let mut targets = report.targets();
+    match &extra.scale {
+        Some(Ok(sc)) => {
+            text.push('\n');
+            text.push_str(&sc.markdown());
+            targets.extend(sc.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Report at scale\n\nnot measured: {e:#}");
+            targets.push(format!("report at scale: not measured ({e:#})"));
+        }
+        None => targets.push("report at scale: not measured (skipped)".into()),
+    }
+    match &extra.symbolize {
+        Some(Ok(md)) => {
+            let _ = writeln!(text, "\n## Symbolization\n\n{}", md.trim_end());
+            targets.push(targets::symbolize_target(md));
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Symbolization\n\nnot measured: {e:#}");
+            targets.push(format!("symbolization: not measured ({e:#})"));
+        }
+        None => targets.push("symbolization: not measured (skipped)".into()),
+    }
+    let mut results = String::new();
+    let _ = writeln!(results, "## Targets\n");
+    for t in &targets {
+        let _ = writeln!(results, "- {t}");
+    }
+    results.push('\n');
+    results.push_str(&text);
+    results
+}

@@ -1,0 +1,67 @@
+//! Paths and child-process helpers that every command shares.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// A command with cargo's own variables removed: the outer `cargo xtask` sets
+/// RUSTC, RUSTUP_TOOLCHAIN and CARGO_* for the stable toolchain, and a nightly
+/// build that inherits RUSTC looks for rust-src in the stable toolchain.
+pub fn clean_command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    for (k, _) in env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        let cargo_var = k.starts_with("CARGO") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR";
+        if cargo_var || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+            c.env_remove(&k);
+        }
+    }
+    c
+}
+
+pub fn status(c: &mut Command) -> Result<()> {
+    let what = format!("{c:?}");
+    let st = c.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed with {st}");
+    }
+    Ok(())
+}
+
+pub fn output(c: &mut Command) -> Result<String> {
+    let what = format!("{c:?}");
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The effective uid, from /proc (xtask has no libc dependency for one
+/// syscall).
+pub fn geteuid() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}
