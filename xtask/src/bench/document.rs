@@ -245,3 +245,108 @@ fn generated_span(doc: &str) -> Result<std::ops::Range<usize>> {
         (_, None) => bail!("no line `{END}` after `{BEGIN}`"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file whose hand-written parts hold what a careless splice would
+    /// damage: a quoted marker, CRLF line ends, trailing blanks, no final
+    /// newline.
+    fn doc(generated: &str) -> String {
+        format!(
+            "# memtrace benchmarks\n\n## Notes (written by hand)\n\n\
+             - a note that quotes `{BEGIN}` inside a line  \r\n\
+             - µs, ≈, ← and a table:\n\n  | a | b |\n  |---|---:|\n\n\
+             {BEGIN}\n{generated}{END}\n\n## More notes\n\ntrailing, no newline"
+        )
+    }
+
+    fn hand_parts(doc: &str) -> (&str, &str) {
+        let span = generated_span(doc).unwrap();
+        (&doc[..span.start], &doc[span.end..])
+    }
+
+    #[test]
+    fn regenerating_keeps_the_hand_written_part() {
+        let old = doc("\n## This run\n\nold figures\n\n");
+        let new = splice(Some(&old), "## This run\n\nnew figures\n").unwrap();
+        assert_eq!(hand_parts(&new), hand_parts(&old));
+        assert!(new.contains(&format!("{BEGIN}\n\n## This run\n\nnew figures\n\n{END}\n")));
+        assert!(!new.contains("old figures"));
+        // The same figures again: the same file, byte for byte.
+        assert_eq!(
+            splice(Some(&new), "## This run\n\nnew figures\n").unwrap(),
+            new
+        );
+        // Trailing newlines of the generated text do not pile up.
+        assert_eq!(
+            splice(Some(&new), "## This run\n\nnew figures\n\n\n").unwrap(),
+            new
+        );
+    }
+
+    #[test]
+    fn the_repository_file_keeps_its_notes() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+        let old = fs::read_to_string(&path).unwrap();
+        let (head, tail) = hand_parts(&old);
+        assert!(head.contains("\n## Notes (written by hand)\n"), "{head}");
+        let new = splice(Some(&old), "## This run\n\nregenerated\n").unwrap();
+        assert_eq!(hand_parts(&new), (head, tail));
+    }
+
+    #[test]
+    fn a_new_file_has_room_for_notes() {
+        let new = splice(None, "## This run\n\nfigures\n").unwrap();
+        assert!(new.starts_with("# memtrace benchmarks\n\n## Notes (written by hand)\n"));
+        assert!(new.ends_with(&format!("{BEGIN}\n\n## This run\n\nfigures\n\n{END}\n")));
+        let again = splice(Some(&new), "## This run\n\nother figures\n").unwrap();
+        assert_eq!(hand_parts(&again), hand_parts(&new));
+    }
+
+    #[test]
+    fn damaged_markers_are_refused() {
+        let ok = doc("\nx\n\n");
+        for (what, bad) in [
+            ("no start", ok.replace(&format!("\n{BEGIN}\n"), "\n")),
+            ("no end", ok.replace(&format!("\n{END}\n"), "\n")),
+            ("two starts", ok.replace("## More notes", BEGIN)),
+            ("two ends", ok.replace("## More notes", END)),
+            (
+                "reversed",
+                ok.replace(&format!("\n{BEGIN}\n"), "\nSTART\n")
+                    .replace(&format!("\n{END}\n"), &format!("\n{BEGIN}\n"))
+                    .replace("\nSTART\n", &format!("\n{END}\n")),
+            ),
+        ] {
+            assert!(generated_span(&bad).is_err(), "{what}: {bad}");
+            assert!(splice(Some(&bad), "y\n").is_err(), "{what}");
+        }
+        // Generated text must not carry a marker line into the file.
+        assert!(splice(Some(&ok), &format!("a\n{END}\nb\n")).is_err());
+    }
+
+    #[test]
+    fn check_and_write_a_file() {
+        let dir = std::env::temp_dir().join(format!("memtrace-doc-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("BENCHMARKS.md");
+        let _ = fs::remove_file(&path);
+        // Missing: fine, and created.
+        check(&path).unwrap();
+        write(&path, "## This run\n\none\n").unwrap();
+        let first = fs::read_to_string(&path).unwrap();
+        // Notes added by hand survive the next run.
+        fs::write(&path, first.replacen("None yet.", "A hand note.", 1)).unwrap();
+        write(&path, "## This run\n\ntwo\n").unwrap();
+        let second = fs::read_to_string(&path).unwrap();
+        assert!(second.contains("A hand note.") && second.contains("\ntwo\n"));
+        // No markers: refused before a run, and the file left alone.
+        fs::write(&path, "# hand-written only\n").unwrap();
+        assert!(check(&path).is_err());
+        assert!(write(&path, "x\n").is_err());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "# hand-written only\n");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
