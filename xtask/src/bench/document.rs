@@ -305,6 +305,40 @@ mod tests {
         assert_eq!(hand_parts(&again), hand_parts(&new));
     }
 
+    /// The generated part starts with its own heading (the notes above it
+    /// end where it begins) and has the sections BENCHMARKS.md has.
+    #[test]
+    fn generated_part_sections() {
+        let env = Env {
+            bench_dir: Default::default(),
+            workloads: vec![],
+            scripts_dir: Default::default(),
+            bpftrace: None,
+            bpftrace_version: None,
+            heaptrack: None,
+            heaptrack_version: None,
+            memtrace: None,
+            memtrace_version: None,
+            unavailable: vec![],
+        };
+        let opts = Options::parse(&["--quick".to_string()]).unwrap().unwrap();
+        let g = generated(&opts, &env, "today", Duration::ZERO, "## Targets\n\n- x\n");
+        assert!(g.starts_with("## This run\n\nMeasured today with `cargo xtask bench --quick`"));
+        let headings: Vec<&str> = g.lines().filter(|l| l.starts_with("## ")).collect();
+        assert_eq!(
+            headings,
+            [
+                "## This run",
+                "## Machine",
+                "## Caveats",
+                "## Methodology",
+                "## Targets"
+            ]
+        );
+        let doc = splice(None, &g).unwrap();
+        assert_eq!(&doc[generated_span(&doc).unwrap()], format!("\n{g}\n"));
+    }
+
     #[test]
     fn damaged_markers_are_refused() {
         let ok = doc("\nx\n\n");

@@ -11,6 +11,14 @@
 //! symbolizing, analyzing and writing the JSON. Peak RSS is memtrace's VmHWM, read until it exits.
 //! memtrace's `read MAP:` and `report symbolized` debug lines printed after the
 //! signal give the parts spent reading the kernel maps and symbolizing.
+//!
+//! What the log parsing relies on: the messages' own words (`read MAP: ...`,
+//! `tracing ended (...) at X ms of process cpu`, `report symbolized ... in X
+//! ms cpu`, found anywhere in a line), and the `memtrace: attached` and
+//! `memtrace: ... outstanding ...` lines memtrace prints to stderr itself. Not
+//! the logger's prefix, nor a log target: memtrace logs without one
+//! (`format_target(false)`), and a module path there, wherever the module
+//! lives, would not change what is found.
 use std::{
     fmt::Write as _,
     fs,
@@ -50,10 +58,17 @@ pub struct MapRead {
 }
 
 impl MapRead {
-    /// The line's `read MAP: ...` part, wherever the log prefix ends.
+    /// The line's `read MAP: ...` part, wherever the log prefix ends: the
+    /// first `read ` that starts a well-formed message, so no prefix
+    /// (timestamp, level, a module path if the logger ever prints one) can
+    /// hide or fake it.
     pub fn parse(line: &str) -> Option<MapRead> {
-        let at = line.find("read ")?;
-        let rest = &line[at + "read ".len()..];
+        line.match_indices("read ")
+            .find_map(|(at, _)| MapRead::parse_message(&line[at + "read ".len()..]))
+    }
+
+    /// `MAP: N entries, C syscalls (HOW), W ms wall, U ms cpu`.
+    fn parse_message(rest: &str) -> Option<MapRead> {
         let (map, rest) = rest.split_once(": ")?;
         if map.is_empty() || !map.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
             return None;
@@ -701,6 +716,30 @@ mod tests {
         assert_eq!((per.entries, per.syscalls), (10, 11));
         assert_eq!(MapRead::parse("memtrace: read /proc/1/maps: denied"), None);
         assert_eq!(MapRead::parse("read ALLOCS: garbage"), None);
+    }
+
+    /// The same messages with no log target (memtrace's format), and with
+    /// module paths from before and after userspace moved into folders.
+    #[test]
+    fn lines_do_not_depend_on_the_log_target() {
+        let msg = "read SITES: 10000 entries, 1 syscalls (batch), 3.1 ms wall, 3.0 ms cpu";
+        let ended = "tracing ended (signal) at 812.5 ms of process cpu";
+        let symbolized = "report symbolized 6 frames (3 addresses) in 12.0 ms cpu";
+        for prefix in [
+            "[2026-12-01T10:00:00Z DEBUG] ",
+            "[2026-12-01T10:00:00Z DEBUG memtrace::collect] ",
+            "[2026-12-01T10:00:00Z DEBUG memtrace::kernel::collect] ",
+            "[2026-12-01T10:00:00Z DEBUG memtrace::report::read ahead] ",
+            "",
+        ] {
+            let r = MapRead::parse(&format!("{prefix}{msg}")).unwrap();
+            assert_eq!(
+                (r.map.as_str(), r.entries, r.cpu_ms),
+                ("SITES", 10_000, 3.0)
+            );
+            assert_eq!(ended_cpu_ms(&format!("{prefix}{ended}")), Some(812.5));
+            assert_eq!(symbolize_ms(&format!("{prefix}{symbolized}")), Some(12.0));
+        }
     }
 
     #[test]
