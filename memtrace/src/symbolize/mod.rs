@@ -11,10 +11,10 @@
 //! fallback → demangling. Parsed modules are cached per file identity and results per
 //! (module, offset), so a `Symbolizer` should live as long as the tracer.
 
+pub mod addr2line;
 mod demangle;
 mod dies;
 mod elf;
-mod process;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -23,16 +23,15 @@ mod unit_batch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use demangle::{demangle, demangle_lang};
-pub use process::{MappedModule, ProcessModules};
+pub use crate::process::modules::{MappedModule, ProcessModules};
 
+use crate::process::modules::ModuleKey;
 use elf::{DebugSearch, ElfModule, LoadError};
-use process::ModuleKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolizeError {
     #[error(transparent)]
-    Maps(#[from] crate::procmaps::MapsError),
+    Maps(#[from] crate::process::maps::MapsError),
     /// The file cannot be opened (not a `#[source]`: the message already says it all).
     #[error("{}: {err}", path.display())]
     Open { path: PathBuf, err: std::io::Error },

@@ -9,7 +9,7 @@
 //! * each row of the FDE's CFI program, as gimli evaluates it, becomes one [`UnwindRow`]:
 //!   - return address (r16) undefined → [`CFA_END`] (the outermost frame, e.g. `_start`);
 //!   - CFA = rsp + n / rbp + n → [`CFA_RSP`] / [`CFA_RBP`];
-//!   - the `.plt` expression (see [`plt_threshold`]) → [`CFA_PLT`];
+//!   - the `.plt` expression (see `cfi::plt_threshold`) → [`CFA_PLT`];
 //!   - anything else → [`CFA_UNSUPPORTED`]: another DWARF expression, a CFA based on another
 //!     register, a return address not saved at CFA − 8 (`DW_CFA_register rip, rdi` in
 //!     `vfork`), a CIE whose return-address register is not 16, a signal trampoline (CIE
@@ -31,6 +31,9 @@
 //! [`TableStats::parse_error`]).
 
 mod cfi;
+/// The userspace model of the BPF walker, run by the tests against real
+/// processes.
+#[cfg(test)]
 mod walk;
 
 #[cfg(test)]
@@ -45,7 +48,9 @@ use memtrace_common::{
 };
 use object::{Object, ObjectSection, ObjectSegment, SectionKind};
 
+#[cfg(test)]
 pub use cfi::plt_threshold;
+#[cfg(test)]
 pub use walk::{EndReason, Regs, WalkResult, walk};
 
 /// Size of one row as the BPF map stores it.

@@ -26,10 +26,7 @@ use std::{
     io,
     mem::{MaybeUninit, offset_of, size_of},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{
-        OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -264,10 +261,7 @@ static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// `MEMTRACE_NO_BATCH=1` (or any value but "0" and ""): always the per-entry path.
 pub fn batch_disabled() -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| {
-        std::env::var_os("MEMTRACE_NO_BATCH").is_some_and(|v| !v.is_empty() && v != "0")
-    })
+    crate::knobs::get().no_batch
 }
 
 /// CPU time (user + system) used by the calling thread so far.

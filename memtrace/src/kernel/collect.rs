@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use crate::{
     analyze::{BlockGrouper, SiteBlocks},
-    batch,
-    probe::TraceMaps,
-    sampling::Sampling,
+    kernel::batch,
+    kernel::maps::TraceMaps,
+    kernel::sampling::Sampling,
 };
 
 /// Every counter, with names in the user's terms.

@@ -14,8 +14,8 @@ use memtrace_common::{MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, 
 use object::{Object, ObjectSegment};
 
 use crate::{
-    probe::TraceMaps,
-    procmaps::read_maps,
+    kernel::maps::TraceMaps,
+    process::maps::read_maps,
     symbolize::{MappedModule, ProcessModules},
     unwind,
 };

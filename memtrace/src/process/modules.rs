@@ -5,8 +5,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::SymbolizeError;
-use crate::procmaps::{self, MapEntry};
+use super::maps::{self, MapEntry, MapsError};
 
 /// Identity of a parsed module, used as cache key by the symbolizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -182,7 +181,7 @@ impl ProcessModules {
     /// Reads `/proc/PID/maps` and opens every executable file-backed mapping (via
     /// `/proc/PID/map_files/<start>-<end>`, falling back to `/proc/PID/root/<path>`), keeping
     /// the files open so stacks can be symbolized after the process exited.
-    pub fn capture(pid: u32) -> Result<Self, SymbolizeError> {
+    pub fn capture(pid: u32) -> Result<Self, MapsError> {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let root_dir = std::fs::OpenOptions::new()
             .read(true)
@@ -210,12 +209,12 @@ impl ProcessModules {
     /// are kept so addresses captured before a dlclose still resolve, unless a new mapping
     /// now occupies their range. Returns whether modules were added; when the maps text is
     /// byte-identical to the last read nothing is parsed.
-    pub fn refresh(&mut self, pid: u32) -> Result<bool, SymbolizeError> {
-        let text = procmaps::read_maps_text(pid)?;
+    pub fn refresh(&mut self, pid: u32) -> Result<bool, MapsError> {
+        let text = maps::read_maps_text(pid)?;
         if self.last_maps.as_deref() == Some(text.as_str()) {
             return Ok(false);
         }
-        let entries = procmaps::parse_maps(&text)?;
+        let entries = maps::parse_maps(&text)?;
         let root = self.root.clone();
         let changed = self.merge(entries, |e| {
             if e.is_file_backed() {
@@ -338,7 +337,7 @@ mod tests {
     use super::*;
 
     fn entries(text: &str) -> Vec<MapEntry> {
-        procmaps::parse_maps(text).unwrap()
+        maps::parse_maps(text).unwrap()
     }
 
     #[test]

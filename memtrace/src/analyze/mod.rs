@@ -28,8 +28,8 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::{
-    procstat::ProcStat,
-    sampling::{Estimate, Sampling},
+    kernel::sampling::{Estimate, Sampling},
+    process::stat::ProcStat,
     units::{format_bytes, format_duration},
 };
 
