@@ -110,6 +110,7 @@ pub struct ExitSite {
 }
 
 impl ExitSite {
+    #[cfg(test)]
     pub fn records(&self) -> bool {
         self.taken == Outcome::Record || self.not_taken == Outcome::Record
     }

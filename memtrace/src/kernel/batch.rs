@@ -88,10 +88,12 @@ pub struct Cursor(pub [u8; 8]);
 
 impl Cursor {
     /// The `u32` a hash map stores (tests, debugging).
+    #[cfg(test)]
     pub fn bucket(&self) -> u32 {
         u32::from_ne_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
     }
 
+    #[cfg(test)]
     pub fn from_bucket(b: u32) -> Cursor {
         let mut c = Cursor::default();
         c.0[..4].copy_from_slice(&b.to_ne_bytes());

@@ -16,7 +16,7 @@ use object::{Object, ObjectSegment};
 use crate::{
     kernel::maps::TraceMaps,
     process::maps::read_maps,
-    symbolize::{MappedModule, ProcessModules},
+    process::modules::{MappedModule, ProcessModules},
     unwind,
 };
 

@@ -27,6 +27,10 @@ pub struct MappedModule {
     /// File offset of `start`.
     pub offset: u64,
     pub inode: u64,
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "shown by the tests' module listings")
+    )]
     pub deleted: bool,
     /// The opened file; `None` when it could not be opened (see `open_error`).
     pub file: Option<Arc<File>>,
@@ -105,7 +109,6 @@ impl MappedModule {
 /// Executable mappings of one process, sorted by address, non-overlapping.
 #[derive(Debug)]
 pub struct ProcessModules {
-    pid: Option<u32>,
     root: PathBuf,
     /// `O_PATH` handle on the target's root directory. Paths are resolved through
     /// `/proc/self/fd/N/…`, which keeps working after the target exited (the fd pins its
@@ -194,7 +197,6 @@ impl ProcessModules {
             _ => false,
         };
         let mut pm = ProcessModules {
-            pid: Some(pid),
             root,
             root_dir,
             root_is_host,
@@ -230,12 +232,12 @@ impl ProcessModules {
     /// Build from already parsed entries (tests, or maps captured elsewhere); `open` is
     /// called for each executable file-backed entry. The root is `/` (see [`Self::with_root`]).
     /// The vdso cannot be read this way and resolves as unavailable.
+    #[cfg(test)]
     pub fn from_entries(
         entries: Vec<MapEntry>,
         mut open: impl FnMut(&MapEntry) -> std::io::Result<File>,
     ) -> Self {
         let mut pm = ProcessModules {
-            pid: None,
             root: PathBuf::from("/"),
             root_dir: None,
             root_is_host: true,
@@ -253,15 +255,6 @@ impl ProcessModules {
             }
         });
         pm
-    }
-
-    /// Where the target's filesystem is visible from here; separate debug files are
-    /// searched under it first.
-    pub fn with_root(mut self, root: PathBuf) -> Self {
-        self.root_is_host = root == Path::new("/");
-        self.root = root;
-        self.root_dir = None;
-        self
     }
 
     pub fn root(&self) -> &Path {
@@ -294,10 +287,6 @@ impl ProcessModules {
             },
             None => (self.lookup_root(), None),
         }
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.pid
     }
 
     pub fn modules(&self) -> &[MappedModule] {

@@ -313,10 +313,12 @@ impl Frames {
         self.0.iter().flat_map(|g| g.iter())
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.iter().map(|g| g.len()).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|g| g.is_empty())
     }
@@ -663,6 +665,7 @@ impl Report {
         w.flush()
     }
 
+    #[cfg(test)]
     pub fn to_json(&self) -> String {
         let mut out = Vec::new();
         self.write_json(&mut out)

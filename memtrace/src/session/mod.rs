@@ -18,7 +18,10 @@ mod preflight;
 use launch::{ChildState, Loading};
 
 use crate::{
-    analyze::{self, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, Verdict, VerdictConfig},
+    analyze::{
+        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, Verdict,
+        VerdictConfig,
+    },
     attach::allocator::{self, Allocator, AllocatorError},
     attach::links::Probes,
     kernel::collect::{Collector, SiteSample, monotonic_ns},
@@ -72,11 +75,17 @@ fn site_blocks(
     sampling: Sampling,
     scan_all: bool,
 ) -> Result<HashMap<u64, SiteBlocks>> {
+    let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
     if scan_all {
-        at.collector.group_blocks(now_ns, min_age_ns, sampling)
+        at.collector
+            .for_each_block(|stack_id, birth, size| g.add(stack_id, birth, size))?;
     } else {
-        Ok(at.collector.epoch_ages(now_ns, min_age_ns, sampling))
+        at.collector
+            .for_each_epoch_group(now_ns, |stack_id, birth, blocks, bytes| {
+                g.add_group(stack_id, birth, blocks, bytes)
+            });
     }
+    Ok(g.finish())
 }
 
 /// At most this many new stacks are read per live sample (~3 µs each).
