@@ -1,29 +1,26 @@
-//! memtrace's userspace side. The data flows one way:
-//! probe (load and attach the BPF programs) → collect (read counters, sites,
-//! stacks) → symbolize → report. Everything but `probe`, `session` and `launch`
-//! is pure and tested without privileges.
-pub mod allocator;
-pub mod analyze;
-pub mod batch;
-pub mod blocks;
-pub mod cli;
-pub mod collect;
-pub mod diff;
-pub mod exits;
-pub mod launch;
-pub mod multi;
-pub mod placement;
-pub mod preflight;
-pub mod probe;
-pub mod procmaps;
-pub mod procstat;
-pub mod report;
-pub mod sampling;
-pub mod session;
-pub mod symbolize;
-pub mod symbolize_cmd;
-pub mod tables;
+//! memtrace's userspace side. Each folder is one stage of the pipeline, in the
+//! order data flows; a stage imports only the stages listed before it (and the
+//! leaf utilities `units` and `knobs`). See docs/design.md.
+//!
+//! - [`process`]: /proc readers and one snapshot of the target's modules.
+//! - [`unwind`]: `.eh_frame` compiled to unwind rows; the userspace model of the walker.
+//! - [`symbolize`]: ELF/DWARF symbolization, debug-info search, demangling.
+//! - [`kernel`]: the BPF object and its maps: loading, reading, uploading tables.
+//! - [`attach`]: allocator discovery, probe placement, result sites, links.
+//! - [`analyze`]: history, verdicts, ages, sampling estimates.
+//! - [`report`]: the report model and its writers (text, JSON), and diff.
+//! - [`session`]: one tracing run: setup → watch → finish.
+//! - [`cmd`]: the command line and the entry of each command.
+mod analyze;
+mod attach;
+pub mod cmd;
+mod kernel;
+mod knobs;
+mod process;
+mod report;
+mod session;
+mod symbolize;
 #[cfg(test)]
 mod testutil;
-pub mod units;
-pub mod unwind;
+mod units;
+mod unwind;

@@ -23,6 +23,7 @@ pub fn demangle_lang(name: &str, lang: Option<gimli::DwLang>) -> Cow<'_, str> {
 }
 
 /// Demangle with no language hint (ELF symbol table names).
+#[cfg(test)]
 pub fn demangle(name: &str) -> Cow<'_, str> {
     demangle_lang(name, None)
 }

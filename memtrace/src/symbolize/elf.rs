@@ -130,6 +130,7 @@ impl SymbolTable {
         (vaddr < s.end).then_some(s)
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -321,15 +322,50 @@ pub(crate) struct ElfModule {
     symtab: SymbolTable,
     dynsym: SymbolTable,
     segments: Vec<Segment>,
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by Symbolizer::module_summary, for the tests"
+        )
+    )]
     pub build_id: Option<Vec<u8>>,
     /// Separate debug file in use, if any.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by Symbolizer::module_summary, for the tests"
+        )
+    )]
     pub debug_file: Option<PathBuf>,
     /// Supplementary (dwz) file in use, if any.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by Symbolizer::module_summary, for the tests"
+        )
+    )]
     pub sup_file: Option<PathBuf>,
     /// Why DWARF is unavailable or partial (diagnostics only), as found while loading.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by Symbolizer::module_summary, for the tests"
+        )
+    )]
     dwarf_note: Option<String>,
     /// Why DWARF is unavailable, as found when `.debug_info` finished inflating.
     late_note: std::cell::OnceCell<String>,
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by Symbolizer::module_summary, for the tests"
+        )
+    )]
     backing: Backing,
 }
 
@@ -1010,11 +1046,13 @@ impl ElfModule {
         self.resolve_streaming(sorted)
     }
 
+    #[cfg(test)]
     pub fn has_dwarf(&self) -> bool {
         self.dwarf().is_some()
     }
 
     /// Why DWARF is unavailable or partial (diagnostics only).
+    #[cfg(test)]
     pub fn dwarf_note(&self) -> Option<String> {
         self.dwarf();
         self.late_note.get().or(self.dwarf_note.as_ref()).cloned()
@@ -1033,10 +1071,12 @@ impl ElfModule {
         Some((dwarf, offsets))
     }
 
+    #[cfg(test)]
     pub fn symbol_count(&self) -> usize {
         self.symtab.len() + self.dynsym.len()
     }
 
+    #[cfg(test)]
     pub fn mapped_bytes(&self) -> usize {
         self.backing.maps.iter().map(|m| m.len()).sum::<usize>()
             + self.backing.anon.iter().map(|m| m.len()).sum::<usize>()

@@ -11,10 +11,10 @@
 //! fallback → demangling. Parsed modules are cached per file identity and results per
 //! (module, offset), so a `Symbolizer` should live as long as the tracer.
 
+pub mod addr2line;
 mod demangle;
 mod dies;
 mod elf;
-mod process;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -23,16 +23,15 @@ mod unit_batch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use demangle::{demangle, demangle_lang};
-pub use process::{MappedModule, ProcessModules};
+pub use crate::process::modules::{MappedModule, ProcessModules};
 
+use crate::process::modules::ModuleKey;
 use elf::{DebugSearch, ElfModule, LoadError};
-use process::ModuleKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolizeError {
     #[error(transparent)]
-    Maps(#[from] crate::procmaps::MapsError),
+    Maps(#[from] crate::process::maps::MapsError),
     /// The file cannot be opened (not a `#[source]`: the message already says it all).
     #[error("{}: {err}", path.display())]
     Open { path: PathBuf, err: std::io::Error },
@@ -132,6 +131,7 @@ pub struct SymbolizeStats {
 }
 
 impl SymbolizeStats {
+    #[cfg(test)]
     pub fn unresolved(&self, reason: Unresolved) -> u64 {
         match reason {
             Unresolved::Unmapped => self.unmapped,
@@ -180,6 +180,7 @@ impl SymbolizeStats {
 
 /// What was found for one module (diagnostics, `--verbose` output, tests).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg(test)]
 pub struct ModuleSummary {
     pub path: String,
     /// Lowercase hex GNU build id.
@@ -389,17 +390,9 @@ impl Symbolizer {
         }
     }
 
-    pub fn debug_root(&self) -> &Path {
-        &self.debug_root
-    }
-
+    #[cfg(test)]
     pub fn stats(&self) -> &SymbolizeStats {
         &self.stats
-    }
-
-    /// Drops cached results (not parsed modules).
-    pub fn clear_result_cache(&mut self) {
-        self.results.clear();
     }
 
     /// One result per address, each with at least one frame: innermost inlined function
@@ -420,6 +413,7 @@ impl Symbolizer {
     /// For a `bpf_get_stack` user stack as captured: entry 0 is the interrupted instruction
     /// pointer (for a uprobe on `malloc` it is `malloc` itself — looking up `ip - 1` would
     /// name the preceding function), all others are return addresses.
+    #[cfg(test)]
     pub fn symbolize_stack(
         &mut self,
         modules: &ProcessModules,
@@ -511,6 +505,7 @@ impl Symbolizer {
     /// Symbolizes ELF virtual addresses of one file, as binutils `addr2line -e FILE` takes
     /// them (no process involved); its separate debug file is searched as for a process
     /// whose root is ours. One result per address, as [`Self::symbolize`] returns them.
+    #[cfg(test)]
     pub fn symbolize_file(
         &mut self,
         path: &Path,
@@ -624,6 +619,7 @@ impl Symbolizer {
     /// Parses every module of `modules` that is not cached yet (on the background
     /// loader, see [`Self::load_in_background`]) and waits for them. Returns how many
     /// were parsed.
+    #[cfg(test)]
     pub fn preload(&mut self, modules: &ProcessModules) -> usize {
         let n = self.load_modules_in_background(modules, modules.modules());
         while let Some(&key) = self
@@ -637,6 +633,7 @@ impl Symbolizer {
     }
 
     /// Parses (or reuses) the module and reports what debug information was found.
+    #[cfg(test)]
     pub fn module_summary(&mut self, modules: &ProcessModules, m: &MappedModule) -> ModuleSummary {
         let mut s = ModuleSummary {
             path: m.path.clone(),

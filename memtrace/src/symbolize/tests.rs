@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::*;
-use crate::procmaps::{MapEntry, parse_maps};
+use crate::process::maps::{MapEntry, parse_maps};
 
 use crate::testutil::{TempDir, sh};
 
@@ -950,7 +950,7 @@ fn background_loads_answer_as_loads_on_first_use() {
 #[test]
 fn rust_function_in_own_process() {
     let pm = ProcessModules::capture(std::process::id()).unwrap();
-    let f = crate::procmaps::parse_maps as fn(&str) -> _ as usize as u64;
+    let f = crate::process::maps::parse_maps as fn(&str) -> _ as usize as u64;
     let mut s = Symbolizer::new();
     let t = std::time::Instant::now();
     let r = one(&mut s, &pm, f, false);
@@ -1125,7 +1125,7 @@ fn symbolize_command_matches_binutils_on_glibc() {
     let frames = Symbolizer::new().symbolize_file(file, &vaddrs).unwrap();
     let mut ours = Vec::new();
     for (v, f) in vaddrs.iter().zip(&frames) {
-        crate::symbolize_cmd::write_address(&mut ours, *v, f).unwrap();
+        super::addr2line::write_address(&mut ours, *v, f).unwrap();
     }
     let ours = String::from_utf8(ours).unwrap();
 

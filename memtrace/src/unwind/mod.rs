@@ -9,7 +9,7 @@
 //! * each row of the FDE's CFI program, as gimli evaluates it, becomes one [`UnwindRow`]:
 //!   - return address (r16) undefined → [`CFA_END`] (the outermost frame, e.g. `_start`);
 //!   - CFA = rsp + n / rbp + n → [`CFA_RSP`] / [`CFA_RBP`];
-//!   - the `.plt` expression (see [`plt_threshold`]) → [`CFA_PLT`];
+//!   - the `.plt` expression (see `cfi::plt_threshold`) → [`CFA_PLT`];
 //!   - anything else → [`CFA_UNSUPPORTED`]: another DWARF expression, a CFA based on another
 //!     register, a return address not saved at CFA − 8 (`DW_CFA_register rip, rdi` in
 //!     `vfork`), a CIE whose return-address register is not 16, a signal trampoline (CIE
@@ -31,13 +31,16 @@
 //! [`TableStats::parse_error`]).
 
 mod cfi;
+/// The userspace model of the BPF walker, run by the tests against real
+/// processes.
+#[cfg(test)]
 mod walk;
 
 #[cfg(test)]
 mod tests;
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use memtrace_common::{
     CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED, RBP_SAME, RBP_UNSUPPORTED,
@@ -45,10 +48,13 @@ use memtrace_common::{
 };
 use object::{Object, ObjectSection, ObjectSegment, SectionKind};
 
+#[cfg(test)]
 pub use cfi::plt_threshold;
-pub use walk::{EndReason, Regs, WalkResult, walk};
+#[cfg(test)]
+pub use walk::{EndReason, Regs, walk};
 
 /// Size of one row as the BPF map stores it.
+#[cfg(test)]
 pub const ROW_BYTES: usize = std::mem::size_of::<UnwindRow>();
 
 /// Which section(s) the rows came from.
@@ -83,18 +89,6 @@ pub struct UnsupportedCounts {
     pub signal_frame: usize,
     /// FDEs whose CFI program failed to evaluate (one each, the rest of their range).
     pub eval_error: usize,
-}
-
-impl UnsupportedCounts {
-    pub fn total(&self) -> usize {
-        self.cfa_expression
-            + self.cfa_register
-            + self.cfa_offset_range
-            + self.ra_register
-            + self.ra_rule
-            + self.signal_frame
-            + self.eval_error
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,11 +136,13 @@ pub struct UnwindTable {
 
 impl UnwindTable {
     /// Bytes the rows take in a BPF map.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.rows.len() * ROW_BYTES
     }
 
     /// The row for an ELF virtual address (see [`lookup`]).
+    #[cfg(test)]
     pub fn lookup_vaddr(&self, vaddr: u64) -> Option<&UnwindRow> {
         let rel = u32::try_from(vaddr.checked_sub(self.base)?).ok()?;
         lookup(&self.rows, rel)
@@ -156,6 +152,10 @@ impl UnwindTable {
 #[derive(Debug, thiserror::Error)]
 pub enum UnwindError {
     #[error("cannot read {}: {source}", path.display())]
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "made by compile_file, which only the tests use")
+    )]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -172,13 +172,15 @@ pub enum UnwindError {
 
 /// The row covering `pc` (relative to the table's base): the last row with `row.pc <= pc`,
 /// `None` before the first row. The BPF side does the same binary search.
+#[cfg(test)]
 pub fn lookup(rows: &[UnwindRow], pc: u32) -> Option<&UnwindRow> {
     let i = rows.partition_point(|r| r.pc <= pc);
     if i == 0 { None } else { rows.get(i - 1) }
 }
 
 /// Maps the file and compiles it (see [`compile`]).
-pub fn compile_file(path: &Path) -> Result<UnwindTable, UnwindError> {
+#[cfg(test)]
+pub fn compile_file(path: &std::path::Path) -> Result<UnwindTable, UnwindError> {
     let io = |source| UnwindError::Io {
         path: path.to_owned(),
         source,

@@ -1172,7 +1172,7 @@ impl Module {
 
 fn modules_of(pid: i32) -> Vec<Module> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let maps = crate::procmaps::parse_maps(&maps).unwrap();
+    let maps = crate::process::maps::parse_maps(&maps).unwrap();
     let mut out: Vec<Module> = Vec::new();
     for m in maps.iter().filter(|m| m.is_file_backed()) {
         let path = m.path.clone().unwrap();

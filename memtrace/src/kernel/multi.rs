@@ -208,7 +208,7 @@ impl RawLoader {
         // MEMTRACE_VERIFIER_LOG=DIR: the verifier's whole log (level 2, every
         // instruction it processed with its state: hundreds of MB) in
         // DIR/NAME.log, to see where it spends its budget.
-        if let Some(dir) = std::env::var_os("MEMTRACE_VERIFIER_LOG") {
+        if let Some(dir) = &crate::knobs::get().verifier_log {
             let mut log = vec![0u8; FULL_LOG_BYTES];
             let loaded = try_load(&mut log);
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());

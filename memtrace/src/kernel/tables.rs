@@ -14,9 +14,9 @@ use memtrace_common::{MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, 
 use object::{Object, ObjectSegment};
 
 use crate::{
-    probe::TraceMaps,
-    procmaps::read_maps,
-    symbolize::{MappedModule, ProcessModules},
+    kernel::maps::TraceMaps,
+    process::maps::read_maps,
+    process::modules::{MappedModule, ProcessModules},
     unwind,
 };
 

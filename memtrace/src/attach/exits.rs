@@ -64,7 +64,7 @@ use iced_x86::{
     Register,
 };
 
-use crate::placement::{is_write, kernel_emulates};
+use crate::attach::placement::{is_write, kernel_emulates};
 
 /// At most this many probe sites in one plan.
 pub const MAX_EXIT_SITES: usize = 24;
@@ -110,6 +110,7 @@ pub struct ExitSite {
 }
 
 impl ExitSite {
+    #[cfg(test)]
     pub fn records(&self) -> bool {
         self.taken == Outcome::Record || self.not_taken == Outcome::Record
     }
@@ -163,7 +164,7 @@ impl ExitPlan {
 /// `MEMTRACE_PROBES=entry` (or `classic`): no result sites; every
 /// allocating function keeps its entry and return probes (for comparison).
 pub fn disabled() -> bool {
-    std::env::var_os("MEMTRACE_PROBES").is_some_and(|v| v == "entry" || v == "classic")
+    crate::knobs::get().probes != crate::knobs::Probes::Auto
 }
 
 /// The `PT_REGS_*` index of a general register.
@@ -243,7 +244,7 @@ pub fn guard_conf(kind: memtrace_common::AllocKind) -> memtrace_common::ResultSi
 }
 
 /// The caller-saved general registers: a call clobbers them.
-use crate::placement::SCRATCH as CALLER_SAVED;
+use crate::attach::placement::SCRATCH as CALLER_SAVED;
 
 struct Insn {
     insn: Instruction,
@@ -831,7 +832,7 @@ fn mnemonic_name(insn: &Instruction) -> String {
 /// size argument is rdi (malloc's) and whose result is rax; Err says why
 /// there is none.
 pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
-    if code.is_empty() || code.len() > crate::placement::MAX_BODY_BYTES {
+    if code.is_empty() || code.len() > crate::attach::placement::MAX_BODY_BYTES {
         return Err(format!("{} bytes of code", code.len()));
     }
     let g = build_graph(code)?;

@@ -9,7 +9,7 @@
 //! `1/p(s)` blocks and `s/p(s)` bytes: unbiased estimates of the totals.
 //! Everything memtrace measures in the kernel (counts, bytes, ages) is of the
 //! sampled blocks; the scaling happens when figures are shown.
-use memtrace_common::{LN2_Q16, SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT};
+use memtrace_common::{SAMPLE_LOG2_ENTRIES, SAMPLE_LOG2_SHIFT};
 use serde::Serialize;
 
 /// The table BPF draws exponential gaps with: entry `i` is `log2(1 + i/1024)`
@@ -24,6 +24,7 @@ pub fn log2_table() -> Vec<u32> {
 
 /// The BPF side's gap draw (memtrace-ebpf `draw_gap`), step for step, from the
 /// 32-bit random number `r`: for its tests.
+#[cfg(test)]
 pub fn draw_gap(table: &[u32], mean: u64, r: u32) -> i64 {
     let r = r | 1;
     let msb = 31 - r.leading_zeros();
@@ -34,7 +35,7 @@ pub fn draw_gap(table: &[u32], mean: u64, r: u32) -> i64 {
     let log2_mantissa = lo + ((hi.saturating_sub(lo) * frac) >> 16);
     let neg_log2 = ((((32 - msb) as u64) << SAMPLE_LOG2_SHIFT).saturating_sub(log2_mantissa))
         >> (SAMPLE_LOG2_SHIFT - 16);
-    ((((mean * neg_log2) >> 16) * LN2_Q16) >> 16).max(1) as i64
+    ((((mean * neg_log2) >> 16) * memtrace_common::LN2_Q16) >> 16).max(1) as i64
 }
 
 /// How the allocations were recorded; in JSON as the report's `sampling`.

@@ -12,21 +12,31 @@ use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 // Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
+mod launch;
+mod preflight;
+
+use launch::{ChildState, Loading};
+
 use crate::{
-    allocator::{self, Allocator, AllocatorError},
-    analyze::{self, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, Verdict, VerdictConfig},
-    cli::{Cli, Format, Target},
-    collect::{Collector, SiteSample, monotonic_ns},
-    launch::{self, ChildState, Loading},
-    preflight, probe,
-    procmaps::read_maps,
-    procstat::{self, ProcStat},
+    analyze::{
+        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, Verdict,
+        VerdictConfig,
+    },
+    attach::allocator::{self, Allocator, AllocatorError},
+    attach::links::Probes,
+    kernel::collect::{Collector, SiteSample, monotonic_ns},
+    kernel::tables::UnwindTables,
+    kernel::{
+        maps::{MapSizes, TraceMaps},
+        object,
+    },
+    process::maps::read_maps,
+    process::stat::{self as procstat, ProcStat},
     report::{
         self, AllocatorInfo, Drops, HistoryPoint, ProcessReport, ProcessSample, Report, Sampling,
         Site, TargetInfo, Timeline, Totals, VerdictCounts,
     },
     symbolize::{ProcessModules, Symbolizer, Unresolved},
-    tables::UnwindTables,
     units::{format_bytes, format_count, format_duration, format_rate},
 };
 
@@ -49,10 +59,10 @@ const AGE_SCAN_NS_PER_BLOCK: f64 = 3000.0;
 /// aggregates): `scan_if` unless `MEMTRACE_AGES=epochs` (or `blocks`) says
 /// otherwise, for tests and comparisons.
 fn scan_every_block(scan_if: bool) -> bool {
-    match std::env::var("MEMTRACE_AGES").as_deref() {
-        Ok("epochs") => false,
-        Ok("blocks") => true,
-        _ => scan_if,
+    match crate::knobs::get().ages {
+        crate::knobs::Ages::Epochs => false,
+        crate::knobs::Ages::Blocks => true,
+        crate::knobs::Ages::Auto => scan_if,
     }
 }
 
@@ -65,11 +75,17 @@ fn site_blocks(
     sampling: Sampling,
     scan_all: bool,
 ) -> Result<HashMap<u64, SiteBlocks>> {
+    let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
     if scan_all {
-        at.collector.group_blocks(now_ns, min_age_ns, sampling)
+        at.collector
+            .for_each_block(|stack_id, birth, size| g.add(stack_id, birth, size))?;
     } else {
-        Ok(at.collector.epoch_ages(now_ns, min_age_ns, sampling))
+        at.collector
+            .for_each_epoch_group(now_ns, |stack_id, birth, blocks, bytes| {
+                g.add_group(stack_id, birth, blocks, bytes)
+            });
     }
+    Ok(g.finish())
 }
 
 /// At most this many new stacks are read per live sample (~3 µs each).
@@ -263,11 +279,8 @@ fn alive(pid: u32) -> bool {
 /// Test hook: pause between finding the allocator and attaching, so a test can
 /// make the target exit in that window.
 fn debug_attach_delay() {
-    if let Some(ms) = std::env::var("MEMTRACE_DEBUG_ATTACH_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        std::thread::sleep(Duration::from_millis(ms));
+    if let Some(delay) = crate::knobs::get().debug_attach_delay {
+        std::thread::sleep(delay);
     }
 }
 
@@ -278,7 +291,7 @@ struct Attached {
     exe: Option<String>,
     cmdline: Vec<String>,
     allocator: Allocator,
-    probes: probe::Probes,
+    probes: Probes,
     collector: Collector,
     modules: ProcessModules,
     /// Launch mode: we are the parent and reap the child.
@@ -306,11 +319,11 @@ fn called_exec(pid: u32, allocator: &Allocator) -> bool {
 /// side walks frame pointers, so a failure costs stack quality, not the run.
 fn load_tables(
     tables: &mut UnwindTables,
-    maps: &mut crate::probe::TraceMaps,
+    maps: &mut TraceMaps,
     pid: u32,
     modules: &ProcessModules,
 ) {
-    if std::env::var_os("MEMTRACE_STACKS").is_some_and(|v| v == "fp") {
+    if crate::knobs::get().frame_pointers_only {
         return;
     }
     if let Err(e) = tables.load_process(maps, pid, modules) {
@@ -328,7 +341,7 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Result<Attached> {
+fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let modules = ProcessModules::capture(pid).map_err(|e| {
@@ -339,7 +352,8 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Resu
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
-    let (mut probes, mut trace_maps) = probe::load(pid, sizes, sampling.mean_bytes())?;
+    let (programs, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes())?;
+    let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
@@ -364,11 +378,7 @@ fn attach_existing(pid: u32, sizes: probe::MapSizes, sampling: Sampling) -> Resu
     })
 }
 
-fn launch_new(
-    cmd: &[std::ffi::OsString],
-    sizes: probe::MapSizes,
-    sampling: Sampling,
-) -> Result<Attached> {
+fn launch_new(cmd: &[std::ffi::OsString], sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = match &loading {
@@ -380,7 +390,8 @@ fn launch_new(
     };
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
-    let loaded = probe::load(pid, sizes, sampling.mean_bytes()).and_then(|(mut probes, maps)| {
+    let loaded = object::load(pid, sizes, sampling.mean_bytes()).and_then(|(programs, maps)| {
+        let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
         Ok((probes, maps))
     });
@@ -482,18 +493,50 @@ fn launch_new(
     })
 }
 
-pub fn run(cli: &Cli, target: Target) -> Result<i32> {
+/// What to trace.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Attach(u32),
+    Launch(Vec<std::ffi::OsString>),
+}
+
+/// What one tracing run is asked to do (the command line's options).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Period of the live summary and of the history's samples.
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub min_age: Duration,
+    /// Sites in the text report.
+    pub top: usize,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub fail_on_leak: bool,
+    pub alert_growth: Option<crate::units::Rate>,
+    pub map_sizes: MapSizes,
+    pub sampling: Sampling,
+    pub verdicts: VerdictConfig,
+}
+
+/// The final report's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+pub fn run(opts: &Options, target: Target) -> Result<i32> {
     preflight::check_privileges()?;
     preflight::check_kernel()?;
-    preflight::check_map_memory(&cli.map_sizes())?;
-    let mut output = ReportFile::open(&cli.output)?;
+    preflight::check_map_memory(&opts.map_sizes)?;
+    let mut output = ReportFile::open(&opts.output)?;
     let signals = Signals::block()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
 
     let mut at = match &target {
-        Target::Attach(pid) => attach_existing(*pid, cli.map_sizes(), cli.sampling())?,
-        Target::Launch(cmd) => launch_new(cmd, cli.map_sizes(), cli.sampling())?,
+        Target::Attach(pid) => attach_existing(*pid, opts.map_sizes, opts.sampling)?,
+        Target::Launch(cmd) => launch_new(cmd, opts.map_sizes, opts.sampling)?,
     };
     let pid = at.pid;
     let pidfd = pidfd_open(pid)?;
@@ -525,10 +568,10 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             .filter(|m| Some(&m.path) == exe.as_ref() || m.path == at.allocator.module),
     );
     let trace_start = Instant::now();
-    let vcfg = cli.verdict_config();
-    let mut history = History::new(HISTORY_CAPACITY, monotonic_ns(), cli.interval);
-    let deadline = cli.duration.map(|d| trace_start + d);
-    let mut next_summary = trace_start + cli.interval;
+    let vcfg = opts.verdicts.clone();
+    let mut history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
+    let deadline = opts.duration.map(|d| trace_start + d);
+    let mut next_summary = trace_start + opts.interval;
     let mut next_refresh = trace_start + MODULE_REFRESH;
     let mut last = Summary::default();
     let mut exit_state: Option<ChildState> = None;
@@ -564,14 +607,14 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             }
         }
         if now >= next_summary {
-            next_summary += cli.interval;
+            next_summary += opts.interval;
             let work = live_summary(
                 &mut at,
                 &mut symbolizer,
                 &mut last,
                 trace_start,
                 &mut history,
-                cli,
+                opts,
             );
             if let Err(e) = work {
                 log::warn!("live summary failed: {e:#}");
@@ -586,7 +629,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     log::debug!(
         "tracing ended ({}) at {:.3} ms of process cpu",
         end.as_str(),
-        crate::batch::process_cpu().as_secs_f64() * 1e3
+        crate::kernel::batch::process_cpu().as_secs_f64() * 1e3
     );
     let ended_at = SystemTime::now();
     let duration = trace_start.elapsed();
@@ -630,13 +673,13 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
         let _ = at.modules.refresh(pid);
     }
 
-    let cpu_report = crate::batch::process_cpu();
+    let cpu_report = crate::kernel::batch::process_cpu();
     log::debug!(
         "report begins at {:.3} ms of process cpu",
         cpu_report.as_secs_f64() * 1e3
     );
     let report = build_report(
-        cli,
+        opts,
         &mut at,
         &mut symbolizer,
         &mut history,
@@ -652,11 +695,11 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             exit_status: exit_state.and_then(|s| s.exit_code()),
         },
     )?;
-    let cpu_written = crate::batch::process_cpu();
+    let cpu_written = crate::kernel::batch::process_cpu();
     // JSON is streamed out: for ten thousand sites it is tens of megabytes.
-    let emit = |w: &mut dyn Write| match cli.format {
+    let emit = |w: &mut dyn Write| match opts.format {
         Format::Json => report.write_json(w),
-        Format::Text => w.write_all(report.to_text(cli.top).as_bytes()),
+        Format::Text => w.write_all(report.to_text(opts.top).as_bytes()),
     };
     match output.as_mut() {
         Some(f) => f.write(emit)?,
@@ -666,13 +709,13 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
             out.flush().ok();
         }
     }
-    let cpu_end = crate::batch::process_cpu();
+    let cpu_end = crate::kernel::batch::process_cpu();
     log::debug!(
         "report built in {:.1} ms cpu, written in {:.1} ms cpu",
         cpu_written.saturating_sub(cpu_report).as_secs_f64() * 1e3,
         cpu_end.saturating_sub(cpu_written).as_secs_f64() * 1e3,
     );
-    if let Some(path) = &cli.output {
+    if let Some(path) = &opts.output {
         eprintln!("memtrace: report written to {}", path.display());
     }
     let status = if at.launched {
@@ -686,7 +729,7 @@ pub fn run(cli: &Cli, target: Target) -> Result<i32> {
     std::mem::forget(report);
     std::mem::forget(symbolizer);
     std::mem::forget(history);
-    if cli.fail_on_leak && leaks > 0 {
+    if opts.fail_on_leak && leaks > 0 {
         if status == 0 {
             eprintln!(
                 "memtrace: {leaks} site{} got the leak verdict: exit status 3 (--fail-on-leak)",
@@ -748,7 +791,7 @@ fn live_summary(
     last: &mut Summary,
     start: Instant,
     history: &mut History,
-    cli: &Cli,
+    opts: &Options,
 ) -> Result<()> {
     let now = Instant::now();
     let now_ns = monotonic_ns();
@@ -779,7 +822,7 @@ fn live_summary(
     }
     let process = procstat::read(at.pid).ok();
     // The history keeps the sampled figures; the line shows the estimates.
-    let sampling = cli.sampling();
+    let sampling = opts.sampling;
     let est = if sampling.is_sampled() { "~" } else { "" };
     let sites: Vec<SiteSample> = raw_sites.iter().map(|s| s.estimated(sampling)).collect();
     // Blocks in the kernel's map: what an age scan reads.
@@ -799,7 +842,7 @@ fn live_summary(
             AGE_SCAN_NS_PER_BLOCK
         };
         let budget_ns =
-            AGE_SCAN_BUDGET * (cli.interval.as_nanos() as f64) * history.stride() as f64;
+            AGE_SCAN_BUDGET * (opts.interval.as_nanos() as f64) * history.stride() as f64;
         let scan_all = scan_every_block(
             scanned < AGE_SCAN_MAX_BLOCKS && scanned as f64 * per_block <= budget_ns,
         );
@@ -877,7 +920,7 @@ fn live_summary(
             String::new()
         },
     );
-    if let Some(limit) = cli.alert_growth {
+    if let Some(limit) = opts.alert_growth {
         let over = |rate: f64| format!("{} (> {limit})", format_rate(rate, limit.per));
         let window = format_duration(Duration::from_secs_f64(secs));
         if let Some(rate) =
@@ -1077,13 +1120,13 @@ struct Laps {
 impl Laps {
     fn start() -> Self {
         Laps {
-            last: crate::batch::process_cpu(),
+            last: crate::kernel::batch::process_cpu(),
             laps: Vec::new(),
         }
     }
     /// Ends the current phase; returns its CPU time.
     fn mark(&mut self, name: &'static str) -> Duration {
-        let now = crate::batch::process_cpu();
+        let now = crate::kernel::batch::process_cpu();
         let lap = now.saturating_sub(self.last);
         self.laps.push((name, lap));
         self.last = now;
@@ -1100,7 +1143,7 @@ impl Laps {
 }
 
 fn build_report(
-    cli: &Cli,
+    opts: &Options,
     at: &mut Attached,
     sym: &mut Symbolizer,
     history: &mut History,
@@ -1114,10 +1157,10 @@ fn build_report(
     let samples = at.collector.sites()?;
     lap.mark("read");
     let now_ns = meta.end_ns;
-    let min_age_ns = cli.min_age.as_nanos() as u64;
+    let min_age_ns = opts.min_age.as_nanos() as u64;
     // Ages, and which blocks outlived the run: one scan of every block, or the
     // per-epoch aggregates when there are too many blocks for that.
-    let sampling = cli.sampling();
+    let sampling = opts.sampling;
     let scanned: i64 = samples.iter().map(|s| s.outstanding_blocks).sum();
     let scan_all = scan_every_block(scanned <= REPORT_SCAN_MAX_BLOCKS);
     let ages = site_blocks(at, now_ns, min_age_ns, sampling, scan_all)?;
@@ -1239,11 +1282,11 @@ fn build_report(
     lap.mark("sites built");
     // The stacks of the sites the report shows (JSON: all of them), symbolized
     // in one batch.
-    let shown: Vec<usize> = match cli.format {
+    let shown: Vec<usize> = match opts.format {
         Format::Json => (0..sites.len()).collect(),
         Format::Text => report::text_order(&sites)
             .into_iter()
-            .take(cli.top)
+            .take(opts.top)
             .collect(),
     };
     // Each distinct address is symbolized once; the sites holding it share
@@ -1336,7 +1379,7 @@ fn build_report(
         ended_at: report::rfc3339(meta.ended_at),
         duration_s: meta.duration.as_secs_f64(),
         end_reason: meta.end.as_str(),
-        sampling: cli.sampling(),
+        sampling: opts.sampling,
         totals,
         drops,
         allocator: AllocatorInfo {
@@ -1352,11 +1395,11 @@ fn build_report(
             probe_mechanism: at.probes.mechanism().name(),
             return_probes: counters.return_probes,
             calls_in_session_cookie: match at.probes.mechanism() {
-                probe::Mechanism::Session => at
+                crate::attach::links::Mechanism::Session => at
                     .allocator
                     .points
                     .iter()
-                    .filter(|p| probe::call_in_cookie(p))
+                    .filter(|p| crate::attach::links::call_in_cookie(p))
                     .flat_map(|p| p.names.iter().map(|n| n.to_string()))
                     .collect(),
                 _ => Vec::new(),
@@ -1368,11 +1411,11 @@ fn build_report(
             own_call_sites: at.probes.marked_calls().unwrap_or_default().to_vec(),
             result_sites: at.probes.result_sites().to_vec(),
         },
-        min_age_s: cli.min_age.as_secs_f64(),
+        min_age_s: opts.min_age.as_secs_f64(),
         ages_from: if scan_all { "blocks" } else { "epochs" },
         verdict_config: vcfg.clone(),
         timeline: Timeline {
-            interval_s: cli.interval.as_secs_f64(),
+            interval_s: opts.interval.as_secs_f64(),
             samples: history.len(),
             capacity: history.capacity(),
             stride_intervals: history.stride(),

@@ -56,10 +56,6 @@ impl MapEntry {
         self.inode != 0 && self.path.as_deref().is_some_and(|p| p.starts_with('/'))
     }
 
-    pub fn contains(&self, addr: u64) -> bool {
-        self.start <= addr && addr < self.end
-    }
-
     pub fn len(&self) -> u64 {
         self.end - self.start
     }
@@ -69,6 +65,7 @@ impl MapEntry {
     }
 
     /// The file offset that `addr` (inside this mapping) corresponds to.
+    #[cfg(test)]
     pub fn file_offset(&self, addr: u64) -> u64 {
         addr.wrapping_sub(self.start).wrapping_add(self.offset)
     }

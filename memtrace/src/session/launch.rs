@@ -83,7 +83,7 @@ pub fn loading(exe: &Path) -> Result<Loading> {
         bail!("{}: only 64-bit ELF programs are supported", exe.display());
     }
     let entry = file.entry();
-    let entry_offset = crate::allocator::vaddr_to_file_offset(&file, entry)
+    let entry_offset = crate::attach::allocator::vaddr_to_file_offset(&file, entry)
         .context("the entry point is outside every loadable segment")?;
     Ok(Loading::Static { entry_offset })
 }
@@ -103,7 +103,7 @@ pub fn loader_breakpoint_offset(ldso: &Path) -> Result<u64> {
                 ldso.display()
             )
         })?;
-    crate::allocator::vaddr_to_file_offset(&file, sym.address())
+    crate::attach::allocator::vaddr_to_file_offset(&file, sym.address())
         .context("_dl_debug_state is outside every loadable segment")
 }
 

@@ -45,7 +45,7 @@ pub enum PreflightError {
 /// what the machine has available (`/proc/meminfo` MemAvailable; no check if
 /// it cannot be read): a typo in `--max-blocks` must not push a production
 /// host into reclaim or the OOM killer.
-pub fn check_map_memory(sizes: &crate::probe::MapSizes) -> Result<(), PreflightError> {
+pub fn check_map_memory(sizes: &crate::kernel::maps::MapSizes) -> Result<(), PreflightError> {
     let Some(available) = mem_available() else {
         return Ok(());
     };
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(parse_mem_available(meminfo), Some(20_000_000 * 1024));
         assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
         assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
-        let sizes = |blocks| crate::probe::MapSizes {
+        let sizes = |blocks| crate::kernel::maps::MapSizes {
             blocks,
             stacks: 1 << 15,
         };

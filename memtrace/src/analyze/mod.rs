@@ -28,8 +28,8 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::{
-    procstat::ProcStat,
-    sampling::{Estimate, Sampling},
+    kernel::sampling::{Estimate, Sampling},
+    process::stat::ProcStat,
     units::{format_bytes, format_duration},
 };
 
@@ -52,26 +52,6 @@ pub enum Verdict {
     Transient,
     /// Too few samples to say (fewer than `min_samples`).
     Unknown,
-}
-
-impl Verdict {
-    pub const ALL: [Verdict; 5] = [
-        Verdict::Leak,
-        Verdict::Growing,
-        Verdict::Stable,
-        Verdict::Transient,
-        Verdict::Unknown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Leak => "leak",
-            Verdict::Growing => "growing",
-            Verdict::Stable => "stable",
-            Verdict::Transient => "transient",
-            Verdict::Unknown => "unknown",
-        }
-    }
 }
 
 /// The thresholds of the verdict rules (see [`assess`]). In the JSON report as
@@ -242,6 +222,7 @@ impl BlockGrouper {
 }
 
 /// Groups scanned blocks `(stack id, birth ns, size)` by site.
+#[cfg(test)]
 pub fn group_blocks(
     blocks: impl IntoIterator<Item = (u64, u64, u64)>,
     now_ns: u64,
@@ -286,6 +267,10 @@ pub struct ProcessPoint {
 #[derive(Clone, Copy, Debug)]
 pub enum SampleAges<'a> {
     /// No ages at this sample.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the history's tests record samples without ages")
+    )]
     None,
     /// From a scan of every outstanding block.
     Blocks(&'a HashMap<u64, SiteBlocks>),
@@ -365,16 +350,13 @@ impl History {
         self.start_ns
     }
 
+    #[cfg(test)]
     pub fn times(&self) -> &[u64] {
         &self.times
     }
 
     pub fn len(&self) -> usize {
         self.times.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.times.is_empty()
     }
 
     pub fn capacity(&self) -> usize {
@@ -515,6 +497,7 @@ impl History {
     }
 
     /// Total outstanding (bytes, blocks) at each sample.
+    #[cfg(test)]
     pub fn totals(&self) -> &[(i64, i64)] {
         &self.totals
     }

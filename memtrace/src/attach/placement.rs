@@ -54,7 +54,7 @@ use iced_x86::{
     Register,
 };
 
-use crate::allocator::Role;
+use crate::attach::allocator::Role;
 use memtrace_common::AllocKind;
 
 /// Instructions decoded from the start of a function looking for a site.

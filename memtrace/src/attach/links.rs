@@ -1,4 +1,4 @@
-//! Loading memtrace's BPF programs and attaching them to one process.
+//! Attaching memtrace's programs to one process's allocator.
 //!
 //! Every probe is attached bound to the target pid (a perf event with that pid):
 //! a global probe filtered in BPF would make every process on the host that
@@ -15,133 +15,26 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    Ebpf,
+    maps::{Array, MapData},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
-use memtrace_common::{
-    AllocBucket, AllocKeys, AllocKind, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
-    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
-    SiteStats, StackTrace, TextRange, UnwindRow,
-};
+use memtrace_common::{AllocKind, MAX_ALLOCATOR_FUNCTIONS};
 
+use super::allocator::{self, Allocator, AttachPoint, Role};
 use crate::{
-    allocator::{self, Allocator, AttachPoint, Role},
-    blocks::BlockTable,
-    multi,
-    procmaps::MapEntry,
-    sampling,
+    kernel::{
+        maps::TraceMaps,
+        multi,
+        object::{MultiPrograms, Programs, RETURN_PROGRAM},
+    },
+    process::maps::MapEntry,
 };
-
-/// The BPF object built by `cargo xtask build`, embedded at compile time.
-static BPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace-ebpf.o"));
-
-/// The kernel-side state memtrace reads. Owned apart from the programs so the
-/// probes can be detached (the programs dropped) while the maps stay readable
-/// for the final report.
-pub struct TraceMaps {
-    pub allocs: BlockTable,
-    pub sites: HashMap<MapData, SiteKey, SiteStats>,
-    pub epoch: Array<MapData, Epoch>,
-    pub stacks: HashMap<MapData, u64, StackTrace>,
-    pub pending: HashMap<MapData, PendingKey, PendingCall>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub allocator_text: Array<MapData, TextRange>,
-    pub allocator_hull: Array<MapData, TextRange>,
-    pub unwind_rows: Array<MapData, UnwindRow>,
-    pub pc_pages: HashMap<MapData, PageKey, PageRows>,
-    pub proc_tables: HashMap<MapData, u32, u32>,
-    pub sample_log2: Array<MapData, u32>,
-    /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
-    pub tables_generation: Array<MapData, u64>,
-    pub call_mark_state: Array<MapData, CallMarkState>,
-}
-
-impl TraceMaps {
-    /// Tells the BPF walker that the unwind tables changed: the walks it
-    /// remembers (by registers and the stack words they read) are stale.
-    pub fn bump_tables_generation(&mut self) -> Result<()> {
-        let g = self.tables_generation.get(&0, 0).unwrap_or(0);
-        self.tables_generation
-            .set(0, g.wrapping_add(1), 0)
-            .context("writing TABLES_GENERATION")
-    }
-
-    /// Sum over CPUs of every counter, indexed by `memtrace_common::Counter`.
-    pub fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize]> {
-        let mut out = [0u64; NUM_COUNTERS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(i as u32), 0)
-                .context("reading counters")?;
-            *slot = per_cpu.iter().sum();
-        }
-        Ok(out)
-    }
-
-    /// How the BPF side tells the allocator's own calls from users' (see
-    /// `memtrace_common::CALL_MARKS_BY_SITE`): by the probes on its call
-    /// sites, or by return address. Set before the probes are attached.
-    ///
-    /// `tail_kinds`: see `CallMarkState::tail_kinds`.
-    fn set_call_marks(&mut self, by_site: bool, tail_kinds: u64) -> Result<()> {
-        let mode = if by_site {
-            CALL_MARKS_BY_SITE
-        } else {
-            CALL_MARKS_BY_SP
-        };
-        self.call_mark_state
-            .set(
-                0,
-                CallMarkState {
-                    mode,
-                    in_flight: 0,
-                    pending: 0,
-                    tail_kinds,
-                },
-                0,
-            )
-            .context("writing CALL_MARK_STATE")
-    }
-
-    /// Tells the BPF side where the probed allocator functions are (see
-    /// `allocator::text_ranges`). Must happen before the probes are attached.
-    pub fn set_allocator_text(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
-        if ranges.len() > MAX_ALLOCATOR_FUNCTIONS as usize {
-            log::warn!(
-                "only the first {MAX_ALLOCATOR_FUNCTIONS} allocator functions are told apart from their callers"
-            );
-        }
-        for (i, &(start, end)) in ranges
-            .iter()
-            .take(MAX_ALLOCATOR_FUNCTIONS as usize)
-            .enumerate()
-        {
-            self.allocator_text
-                .set(i as u32, TextRange { start, end }, 0)
-                .context("writing ALLOCATOR_TEXT")?;
-        }
-        let kept = &ranges[..ranges.len().min(MAX_ALLOCATOR_FUNCTIONS as usize)];
-        let hull = match (
-            kept.iter().map(|r| r.0).min(),
-            kept.iter().map(|r| r.1).max(),
-        ) {
-            (Some(start), Some(end)) => TextRange { start, end },
-            _ => TextRange { start: 0, end: 0 },
-        };
-        self.allocator_hull
-            .set(0, hull, 0)
-            .context("writing ALLOCATOR_HULL")?;
-        Ok(())
-    }
-}
 
 /// The allocator's own calls into its probed functions, if they are all known
 /// and every one made through a GOT slot reaches the probed function in `pid`:
@@ -153,7 +46,7 @@ fn marked_calls(
     maps: &[MapEntry],
 ) -> Option<Vec<allocator::InternalCall>> {
     use std::os::unix::fs::FileExt;
-    if std::env::var_os("MEMTRACE_OWN_CALLS").is_some_and(|v| v == "return-address") {
+    if crate::knobs::get().own_calls_by_return_address {
         log::info!(
             "telling the allocator's own calls by their return address (MEMTRACE_OWN_CALLS)"
         );
@@ -220,14 +113,6 @@ impl Mechanism {
     }
 }
 
-/// The programs loaded with the expected attach types of uprobe_multi links.
-struct MultiPrograms {
-    session: OwnedFd,
-    free: OwnedFd,
-    /// The result sites' program (None with sampling, or if refused).
-    result: Option<OwnedFd>,
-}
-
 pub struct Probes {
     ebpf: Option<Ebpf>,
     loader_link: Option<UProbeLinkId>,
@@ -263,72 +148,6 @@ fn entry_program(role: Role) -> &'static str {
     }
 }
 
-const PROGRAMS: &[&str] = &[
-    "malloc_enter",
-    "calloc_enter",
-    "realloc_enter",
-    "reallocarray_enter",
-    "memalign_enter",
-    "posix_memalign_enter",
-    "valloc_enter",
-    "pvalloc_enter",
-    "free_enter",
-    "loader_breakpoint",
-];
-
-/// The classic return probe, loaded only when classic probes are attached:
-/// it holds the stack walk, and the verifier takes seconds over it (as over
-/// the session program, which has the same walk).
-const RETURN_PROGRAM: &str = "alloc_return";
-
-/// Loads the programs for target `tgid` and returns them with their maps.
-/// Capacities of the kernel maps (entries), from `--max-blocks`/`--max-stacks`.
-#[derive(Clone, Copy, Debug)]
-pub struct MapSizes {
-    /// Outstanding blocks (the block table ALLOC_KEYS/ALLOCS).
-    pub blocks: u32,
-    /// Distinct stacks, i.e. sites (maps STACKS and SITES).
-    pub stacks: u32,
-}
-
-impl MapSizes {
-    /// Buckets of the block table (ALLOC_KEYS and ALLOCS): room for `blocks`.
-    pub fn block_buckets(&self) -> u32 {
-        memtrace_common::alloc_buckets(self.blocks)
-    }
-
-    /// Kernel memory the two large maps take at load: the block table, and
-    /// the hash buckets of SITES (16 bytes each, a power of two of them).
-    pub fn kernel_bytes_at_start(&self) -> u64 {
-        let bucket = (size_of::<AllocKeys>() + size_of::<AllocBucket>()) as u64;
-        let table = self.block_buckets() as u64 * bucket;
-        let sites = (self.site_entries() as u64).next_power_of_two() * 16;
-        table + sites
-    }
-
-    /// Entries of SITES: one per site and birth epoch that holds blocks. There
-    /// are never more of those than blocks, and in practice far fewer: room for
-    /// half as many aggregates as blocks, or 4 per site, whichever is more (a
-    /// power of two at the defaults: the kernel allocates 16 bytes of hash
-    /// buckets per entry, rounded up to one, at load). A full map is counted
-    /// (`drops.site_map_full`).
-    pub fn site_entries(&self) -> u32 {
-        (self.blocks / 2)
-            .max(self.stacks.saturating_mul(4))
-            .max(self.stacks.saturating_add(1))
-            .min(1 << 28)
-    }
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            blocks: memtrace_common::DEFAULT_MAX_OUTSTANDING,
-            stacks: memtrace_common::DEFAULT_MAX_STACKS,
-        }
-    }
-}
-
 fn log_probe(alloc: &Allocator, point: &allocator::AttachPoint) {
     log::debug!(
         "probing {}:{} at file offset {:#x} (function at {:#x})",
@@ -339,143 +158,10 @@ fn log_probe(alloc: &Allocator, point: &allocator::AttachPoint) {
     );
 }
 
-/// `MEMTRACE_PROBES=classic`: never use uprobe sessions (for comparison, and
-/// for tests of the fall back).
-fn classic_forced() -> bool {
-    std::env::var_os("MEMTRACE_PROBES").is_some_and(|v| v == "classic")
-}
-
-/// Loads the programs for uprobe_multi links, or says why not.
-fn load_multi(ebpf: &Ebpf, sampled: bool) -> Result<MultiPrograms> {
-    let raw = multi::RawLoader::new(BPF_OBJECT, ebpf)?;
-    Ok(MultiPrograms {
-        session: raw.load("alloc_session", multi::BPF_TRACE_UPROBE_SESSION)?,
-        free: raw.load("free_enter", multi::BPF_TRACE_UPROBE_MULTI)?,
-        // Exact mode only (see `attach_multi`); its verification is
-        // another stack walk's.
-        result: if sampled {
-            None
-        } else {
-            match raw.load("alloc_result", multi::BPF_TRACE_UPROBE_MULTI) {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    log::info!("no result sites: {e:#}");
-                    None
-                }
-            }
-        },
-    })
-}
-
-/// `MEMTRACE_EMPTY_PROGRAMS=1`: the same probes at the same sites, with
-/// programs that return at once: what the traps alone cost (`cargo xtask
-/// bench`'s floor config). Nothing is recorded.
-fn empty_programs() -> bool {
-    std::env::var_os("MEMTRACE_EMPTY_PROGRAMS").is_some_and(|v| v == "1")
-}
-
-/// Loads the programs for target `tgid`, sampling one allocation every
-/// `sample_mean_bytes` bytes on average (0: every allocation).
-pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probes, TraceMaps)> {
-    if BPF_OBJECT.is_empty() {
-        bail!(
-            "this memtrace binary was built without its BPF programs; build it with \
-             `cargo xtask build` (it leaves target/release/memtrace)"
-        );
-    }
-    let empty = empty_programs();
-    if empty {
-        eprintln!(
-            "memtrace: MEMTRACE_EMPTY_PROGRAMS=1: the probes return at once and record \
-             nothing (the benchmark's floor)"
-        );
-    }
-    let mut ebpf = EbpfLoader::new()
-        .override_global("TARGET_TGID", &tgid, true)
-        .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
-        .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
-        .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
-        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
-        .map_max_entries("ALLOCS", sizes.block_buckets())
-        .map_max_entries("STACKS", sizes.stacks)
-        .map_max_entries("SITES", sizes.site_entries())
-        .load(BPF_OBJECT)
-        .map_err(|e| anyhow!(e))
-        .context("loading the BPF maps and programs into the kernel")?;
-    for name in PROGRAMS {
-        let prog: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("BPF program {name} missing from the embedded object"))?
-            .try_into()
-            .with_context(|| format!("BPF program {name} is not a uprobe"))?;
-        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
-            format!("the kernel refused BPF program {name} (verifier or permissions)")
-        })?;
-    }
-    let multi = if classic_forced() {
-        None
-    } else {
-        match load_multi(&ebpf, sample_mean_bytes != 0) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
-                None
-            }
-        }
-    };
-    if multi.is_none() {
-        // Refused now rather than at attach.
-        let prog: &mut UProbe = ebpf
-            .program_mut(RETURN_PROGRAM)
-            .context("BPF program alloc_return missing from the embedded object")?
-            .try_into()?;
-        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
-            format!("the kernel refused BPF program {RETURN_PROGRAM} (verifier or permissions)")
-        })?;
-    }
-    let mut take = |name: &str| {
-        ebpf.take_map(name)
-            .with_context(|| format!("BPF map {name} missing from the object"))
-    };
-    let maps = TraceMaps {
-        allocs: BlockTable::new(
-            Array::try_from(take("ALLOC_KEYS")?)?,
-            Array::try_from(take("ALLOCS")?)?,
-        )?,
-        sites: HashMap::try_from(take("SITES")?)?,
-        epoch: Array::try_from(take("EPOCH")?)?,
-        stacks: HashMap::try_from(take("STACKS")?)?,
-        pending: HashMap::try_from(take("PENDING")?)?,
-        counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-        allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
-        allocator_hull: Array::try_from(take("ALLOCATOR_HULL")?)?,
-        unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
-        pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
-        proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
-        sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
-        tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
-        call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,
-    };
-    let mut maps = maps;
-    maps.epoch
-        .set(
-            0,
-            Epoch {
-                id: 0,
-                _pad: 0,
-                start_ns: crate::collect::monotonic_ns(),
-            },
-            0,
-        )
-        .context("writing EPOCH")?;
-    if sample_mean_bytes != 0 {
-        for (i, q) in sampling::log2_table().into_iter().enumerate() {
-            maps.sample_log2
-                .set(i as u32, q, 0)
-                .context("writing SAMPLE_LOG2")?;
-        }
-    }
-    Ok((
+impl Probes {
+    /// Probes to be attached with `programs`; `sampled`: --sample-bytes is on.
+    pub fn new(programs: Programs, sampled: bool) -> Self {
+        let Programs { ebpf, multi } = programs;
         Probes {
             ebpf: Some(ebpf),
             loader_link: None,
@@ -489,13 +175,10 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Probe
             multi_links: Vec::new(),
             marked_calls: None,
             result_sites: Vec::new(),
-            sampled: sample_mean_bytes != 0,
-        },
-        maps,
-    ))
-}
+            sampled,
+        }
+    }
 
-impl Probes {
     /// The classic program `name`, loaded into the kernel if it is not yet.
     fn program(&mut self, name: &str) -> Result<&mut UProbe> {
         let ebpf = self.ebpf.as_mut().context("probes already detached")?;
@@ -712,7 +395,10 @@ impl Probes {
                         .push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
                 }
                 for &g in &plan.guards {
-                    result_sites.push((point.file_offset + g, crate::exits::guard_conf(kind)));
+                    result_sites.push((
+                        point.file_offset + g,
+                        crate::attach::exits::guard_conf(kind),
+                    ));
                     self.result_sites.push(format!("{name}+{g:#x} (guard)"));
                 }
                 log::debug!(
@@ -909,21 +595,5 @@ impl Probes {
             t.elapsed()
         );
         self.loader_link = None;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::MapSizes;
-
-    #[test]
-    fn site_map_capacity() {
-        // Defaults: half the blocks, a power of two.
-        assert_eq!(MapSizes::default().site_entries(), 1 << 19);
-        let m = |blocks, stacks| MapSizes { blocks, stacks }.site_entries();
-        assert_eq!(m(1000, 1000), 4000, "at least 4 aggregates per stack");
-        assert_eq!(m(1, 1), 4);
-        assert_eq!(m(1 << 27, 1 << 22), 1 << 26);
-        assert_eq!(m(u32::MAX, u32::MAX), 1 << 28);
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, IterableMap, MapData};
 use memtrace_common::{ALLOC_BUCKET_SLOTS, ALLOC_KEY_BUSY, AllocBucket, AllocKeys, Allocation};
 
-use crate::batch::ReadStats;
+use crate::kernel::batch::ReadStats;
 
 /// The block table's two maps.
 pub struct BlockTable {
@@ -50,7 +50,7 @@ impl BlockTable {
     /// the stats: mmap and munmap, and lookups of single buckets.)
     pub fn for_each(&self, mut f: impl FnMut(u64, &Allocation)) -> Result<ReadStats> {
         let start = Instant::now();
-        let cpu0 = crate::batch::thread_cpu();
+        let cpu0 = crate::kernel::batch::thread_cpu();
         let n = self.buckets() as usize;
         let (mut entries, mut calls) = (0, 0);
         let mut live = Vec::new();
@@ -95,7 +95,7 @@ impl BlockTable {
             calls,
             how: "mmap",
             wall: start.elapsed(),
-            cpu: crate::batch::thread_cpu().saturating_sub(cpu0),
+            cpu: crate::kernel::batch::thread_cpu().saturating_sub(cpu0),
         })
     }
 }

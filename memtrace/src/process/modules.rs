@@ -5,8 +5,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::SymbolizeError;
-use crate::procmaps::{self, MapEntry};
+use super::maps::{self, MapEntry, MapsError};
 
 /// Identity of a parsed module, used as cache key by the symbolizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +27,10 @@ pub struct MappedModule {
     /// File offset of `start`.
     pub offset: u64,
     pub inode: u64,
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "shown by the tests' module listings")
+    )]
     pub deleted: bool,
     /// The opened file; `None` when it could not be opened (see `open_error`).
     pub file: Option<Arc<File>>,
@@ -106,7 +109,6 @@ impl MappedModule {
 /// Executable mappings of one process, sorted by address, non-overlapping.
 #[derive(Debug)]
 pub struct ProcessModules {
-    pid: Option<u32>,
     root: PathBuf,
     /// `O_PATH` handle on the target's root directory. Paths are resolved through
     /// `/proc/self/fd/N/…`, which keeps working after the target exited (the fd pins its
@@ -182,7 +184,7 @@ impl ProcessModules {
     /// Reads `/proc/PID/maps` and opens every executable file-backed mapping (via
     /// `/proc/PID/map_files/<start>-<end>`, falling back to `/proc/PID/root/<path>`), keeping
     /// the files open so stacks can be symbolized after the process exited.
-    pub fn capture(pid: u32) -> Result<Self, SymbolizeError> {
+    pub fn capture(pid: u32) -> Result<Self, MapsError> {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let root_dir = std::fs::OpenOptions::new()
             .read(true)
@@ -195,7 +197,6 @@ impl ProcessModules {
             _ => false,
         };
         let mut pm = ProcessModules {
-            pid: Some(pid),
             root,
             root_dir,
             root_is_host,
@@ -210,12 +211,12 @@ impl ProcessModules {
     /// are kept so addresses captured before a dlclose still resolve, unless a new mapping
     /// now occupies their range. Returns whether modules were added; when the maps text is
     /// byte-identical to the last read nothing is parsed.
-    pub fn refresh(&mut self, pid: u32) -> Result<bool, SymbolizeError> {
-        let text = procmaps::read_maps_text(pid)?;
+    pub fn refresh(&mut self, pid: u32) -> Result<bool, MapsError> {
+        let text = maps::read_maps_text(pid)?;
         if self.last_maps.as_deref() == Some(text.as_str()) {
             return Ok(false);
         }
-        let entries = procmaps::parse_maps(&text)?;
+        let entries = maps::parse_maps(&text)?;
         let root = self.root.clone();
         let changed = self.merge(entries, |e| {
             if e.is_file_backed() {
@@ -231,12 +232,12 @@ impl ProcessModules {
     /// Build from already parsed entries (tests, or maps captured elsewhere); `open` is
     /// called for each executable file-backed entry. The root is `/` (see [`Self::with_root`]).
     /// The vdso cannot be read this way and resolves as unavailable.
+    #[cfg(test)]
     pub fn from_entries(
         entries: Vec<MapEntry>,
         mut open: impl FnMut(&MapEntry) -> std::io::Result<File>,
     ) -> Self {
         let mut pm = ProcessModules {
-            pid: None,
             root: PathBuf::from("/"),
             root_dir: None,
             root_is_host: true,
@@ -254,15 +255,6 @@ impl ProcessModules {
             }
         });
         pm
-    }
-
-    /// Where the target's filesystem is visible from here; separate debug files are
-    /// searched under it first.
-    pub fn with_root(mut self, root: PathBuf) -> Self {
-        self.root_is_host = root == Path::new("/");
-        self.root = root;
-        self.root_dir = None;
-        self
     }
 
     pub fn root(&self) -> &Path {
@@ -295,10 +287,6 @@ impl ProcessModules {
             },
             None => (self.lookup_root(), None),
         }
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.pid
     }
 
     pub fn modules(&self) -> &[MappedModule] {
@@ -338,7 +326,7 @@ mod tests {
     use super::*;
 
     fn entries(text: &str) -> Vec<MapEntry> {
-        procmaps::parse_maps(text).unwrap()
+        maps::parse_maps(text).unwrap()
     }
 
     #[test]

@@ -9,12 +9,7 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use crate::{
-    analyze::{BlockGrouper, SiteBlocks},
-    batch,
-    probe::TraceMaps,
-    sampling::Sampling,
-};
+use crate::{kernel::batch, kernel::maps::TraceMaps, kernel::sampling::Sampling};
 
 /// Every counter, with names in the user's terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -264,31 +259,20 @@ impl Collector {
         Ok(out)
     }
 
-    /// The outstanding blocks by site from the aggregates read by the last
-    /// `sites()`: each epoch's blocks taken as born at their mean birth time.
-    /// Costs one step per aggregate, however many blocks there are; ages are
-    /// those of the epochs' mean births (born_by a history sample is exact).
-    pub fn epoch_ages(
-        &self,
-        now_ns: u64,
-        min_age_ns: u64,
-        sampling: Sampling,
-    ) -> HashMap<u64, SiteBlocks> {
-        let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
+    /// The outstanding blocks of the aggregates read by the last `sites()`, as
+    /// `(stack id, birth, blocks, bytes)`: each epoch's blocks taken as born at
+    /// their mean birth time (never after `now_ns`). One step per aggregate,
+    /// however many blocks there are.
+    pub fn for_each_epoch_group(&self, now_ns: u64, mut f: impl FnMut(u64, u64, u64, u64)) {
         for e in &self.epoch_blocks {
             let start = self
                 .epoch_starts
                 .get(e.epoch as usize)
                 .copied()
                 .unwrap_or(0);
-            g.add_group(
-                e.stack_id,
-                mean_birth(start, e.birth_sum, e.blocks).min(now_ns),
-                e.blocks,
-                e.bytes,
-            );
+            let birth = mean_birth(start, e.birth_sum, e.blocks).min(now_ns);
+            f(e.stack_id, birth, e.blocks, e.bytes);
         }
-        g.finish()
     }
 
     /// The frames (return addresses, innermost first) of a stack; cached, since
@@ -372,22 +356,16 @@ impl Collector {
         Ok(())
     }
 
-    /// Every outstanding block, grouped by site (leak analysis: ages and which
-    /// blocks outlive the run, see `analyze`): one map entry per block, streamed.
-    pub fn group_blocks(
-        &self,
-        now_ns: u64,
-        min_age_ns: u64,
-        sampling: Sampling,
-    ) -> Result<HashMap<u64, SiteBlocks>> {
-        let mut g = BlockGrouper::new(now_ns, min_age_ns, sampling);
+    /// Every outstanding block as `(stack id, birth, size)`: one map entry per
+    /// block, streamed.
+    pub fn for_each_block(&self, mut f: impl FnMut(u64, u64, u64)) -> Result<()> {
         let read = self
             .maps
             .allocs
-            .for_each(|_addr, a| g.add(a.stack_id, a.timestamp_ns, a.size))
+            .for_each(|_addr, a| f(a.stack_id, a.timestamp_ns, a.size))
             .context("reading ALLOCS")?;
         log_read("ALLOCS", &read);
-        Ok(g.finish())
+        Ok(())
     }
 }
 

@@ -1,4 +1,6 @@
 //! The final report: its data (schema `memtrace-report/1`) and its renderings.
+pub mod diff;
+
 use std::{fmt::Write as _, sync::Arc};
 
 use rustc_hash::FxHashMap;
@@ -7,8 +9,8 @@ use serde::Serialize;
 pub use crate::symbolize::Frame;
 use crate::{
     analyze::{ProcessSummary, Trend, Verdict, VerdictConfig},
-    collect::Counters,
-    procstat::ProcStat,
+    kernel::collect::Counters,
+    process::stat::ProcStat,
     units::{format_bytes, format_count, format_duration, format_rate},
 };
 
@@ -43,7 +45,7 @@ pub struct Report {
     /// The target's memory as the kernel sees it, every interval.
     pub process: ProcessReport,
     /// The unwind tables memtrace loaded into the kernel for the stack walker.
-    pub unwind: crate::tables::TableStats,
+    pub unwind: crate::kernel::tables::TableStats,
     /// Attach mode: blocks allocated before memtrace attached are not traced.
     #[serde(skip)]
     pub attached: bool,
@@ -130,7 +132,7 @@ pub struct TargetInfo {
     pub exit_status: Option<i32>,
 }
 
-pub use crate::sampling::Sampling;
+pub use crate::kernel::sampling::Sampling;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Totals {
@@ -311,10 +313,12 @@ impl Frames {
         self.0.iter().flat_map(|g| g.iter())
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.iter().map(|g| g.len()).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|g| g.is_empty())
     }
@@ -661,6 +665,7 @@ impl Report {
         w.flush()
     }
 
+    #[cfg(test)]
     pub fn to_json(&self) -> String {
         let mut out = Vec::new();
         self.write_json(&mut out)

@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    cli::{DiffArgs, DiffFormat},
     report::SCHEMA,
     units::{format_bytes, format_count, format_duration, format_rate},
 };
@@ -490,23 +489,6 @@ impl Diff {
         }
         o
     }
-}
-
-/// `memtrace diff`: returns the exit status.
-pub fn run(args: &DiffArgs) -> Result<i32> {
-    let old = Snapshot::load(&args.old)?;
-    let new = Snapshot::load(&args.new)?;
-    let d = compare(&old, &new);
-    let text = match args.format {
-        DiffFormat::Json => d.to_json(),
-        DiffFormat::Text => d.to_text(args.top),
-    };
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .context("writing the diff to stdout")?;
-    out.flush().ok();
-    Ok(0)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     analyze::VerdictConfig,
+    session::Target,
     units::{Rate, parse_duration, parse_rate},
 };
 
@@ -297,17 +298,10 @@ pub fn default_max_blocks(sample_bytes: Option<u64>) -> u32 {
     }
 }
 
-/// What to trace.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Attach(u32),
-    Launch(Vec<OsString>),
-}
-
 impl Cli {
     /// The kernel map capacities asked for.
-    pub fn map_sizes(&self) -> crate::probe::MapSizes {
-        crate::probe::MapSizes {
+    pub fn map_sizes(&self) -> crate::kernel::maps::MapSizes {
+        crate::kernel::maps::MapSizes {
             blocks: self
                 .max_blocks
                 .unwrap_or_else(|| default_max_blocks(self.sample_bytes)),
@@ -316,8 +310,8 @@ impl Cli {
     }
 
     /// Exact, or `--sample-bytes`.
-    pub fn sampling(&self) -> crate::sampling::Sampling {
-        crate::sampling::Sampling::from_mean(self.sample_bytes.unwrap_or(0))
+    pub fn sampling(&self) -> crate::kernel::sampling::Sampling {
+        crate::kernel::sampling::Sampling::from_mean(self.sample_bytes.unwrap_or(0))
     }
 
     /// The verdict thresholds from the options.
@@ -379,7 +373,7 @@ mod tests {
 
     #[test]
     fn sample_bytes() {
-        use crate::sampling::Sampling;
+        use crate::kernel::sampling::Sampling;
         assert_eq!(parse(&["-p", "7"]).unwrap().sampling(), Sampling::Exact);
         let c = parse(&["-p", "7", "--sample-bytes", "512KiB"]).unwrap();
         assert_eq!(

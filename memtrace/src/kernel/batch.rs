@@ -26,10 +26,7 @@ use std::{
     io,
     mem::{MaybeUninit, offset_of, size_of},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{
-        OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -91,10 +88,12 @@ pub struct Cursor(pub [u8; 8]);
 
 impl Cursor {
     /// The `u32` a hash map stores (tests, debugging).
+    #[cfg(test)]
     pub fn bucket(&self) -> u32 {
         u32::from_ne_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
     }
 
+    #[cfg(test)]
     pub fn from_bucket(b: u32) -> Cursor {
         let mut c = Cursor::default();
         c.0[..4].copy_from_slice(&b.to_ne_bytes());
@@ -264,10 +263,7 @@ static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// `MEMTRACE_NO_BATCH=1` (or any value but "0" and ""): always the per-entry path.
 pub fn batch_disabled() -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| {
-        std::env::var_os("MEMTRACE_NO_BATCH").is_some_and(|v| !v.is_empty() && v != "0")
-    })
+    crate::knobs::get().no_batch
 }
 
 /// CPU time (user + system) used by the calling thread so far.

@@ -18,8 +18,8 @@ use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
 use crate::{
-    placement::{self, Placement, choose_probe_site, probe_args},
-    procmaps::MapEntry,
+    attach::placement::{self, Placement, choose_probe_site, probe_args},
+    process::maps::MapEntry,
 };
 
 /// What a probe at an entry point does.
@@ -69,7 +69,7 @@ pub struct AttachPoint {
     /// Where the function's outcome can be read inside it, so that a call
     /// costs one probe instead of an entry and a return probe (malloc only,
     /// see `exits`); None when there is no such plan (or not looked for).
-    pub results: Option<crate::exits::ExitPlan>,
+    pub results: Option<crate::attach::exits::ExitPlan>,
 }
 
 impl AttachPoint {
@@ -210,9 +210,9 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                 let never_jumps_out = code.is_some_and(placement::never_jumps_out);
                 let results = match (role, code) {
                     (Role::Alloc(AllocKind::Malloc), Some(code))
-                        if never_jumps_out && !crate::exits::disabled() =>
+                        if never_jumps_out && !crate::attach::exits::disabled() =>
                     {
-                        match crate::exits::plan_exits(code) {
+                        match crate::attach::exits::plan_exits(code) {
                             Ok(plan) => {
                                 log::debug!("{name}: result sites {}", plan.describe());
                                 Some(plan)
@@ -1010,7 +1010,7 @@ mod tests {
 
     #[test]
     fn libc_is_searched_last() {
-        let maps = crate::procmaps::parse_maps(
+        let maps = crate::process::maps::parse_maps(
             "55d0c0000000-55d0c0001000 r-xp 00000000 08:01 10 /usr/bin/app\n\
              7f0000000000-7f0000100000 r-xp 00028000 08:01 11 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
              7f0000200000-7f0000300000 r-xp 00010000 08:01 12 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n\

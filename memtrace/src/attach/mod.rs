@@ -1,0 +1,7 @@
+//! Where and how the allocator is probed: finding its functions in the
+//! target, placing each probe on an instruction the kernel emulates, planning
+//! result sites, and attaching the links.
+pub mod allocator;
+pub mod exits;
+pub mod links;
+pub mod placement;

@@ -1,0 +1,56 @@
+//! The command line: its definition, and the entry of each command.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub mod cli;
+mod diff;
+mod symbolize;
+mod trace;
+
+use cli::{Cli, Command};
+
+/// memtrace's `main`: parses the command line and runs the command. Usage
+/// errors exit with 2, runtime errors with 1, each as one `memtrace: error:`
+/// line.
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("MEMTRACE_LOG", "warn"))
+        .format_target(false)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let result = match &cli.subcommand {
+        Some(Command::Diff(args)) => diff::run(args),
+        Some(Command::Symbolize(args)) => symbolize::run(args),
+        None => match cli.target() {
+            Ok(target) => trace::run(&cli, target),
+            Err(msg) => {
+                eprintln!("memtrace: error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("memtrace: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `--help` and `--version` go to stdout with status 0; a usage error is one
+/// `memtrace: error:` message with clap's hint, status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let msg = e.render().to_string();
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    eprint!("memtrace: error: {msg}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,174 @@
+//! The maps memtrace reads and writes from userspace, and their sizes.
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use memtrace_common::{
+    AllocBucket, AllocKeys, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
+    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
+    SiteStats, StackTrace, TextRange, UnwindRow,
+};
+
+use super::blocks::BlockTable;
+
+/// The kernel-side state memtrace reads. Owned apart from the programs so the
+/// probes can be detached (the programs dropped) while the maps stay readable
+/// for the final report.
+pub struct TraceMaps {
+    pub allocs: BlockTable,
+    pub sites: HashMap<MapData, SiteKey, SiteStats>,
+    pub epoch: Array<MapData, Epoch>,
+    pub stacks: HashMap<MapData, u64, StackTrace>,
+    pub pending: HashMap<MapData, PendingKey, PendingCall>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub allocator_text: Array<MapData, TextRange>,
+    pub allocator_hull: Array<MapData, TextRange>,
+    pub unwind_rows: Array<MapData, UnwindRow>,
+    pub pc_pages: HashMap<MapData, PageKey, PageRows>,
+    pub proc_tables: HashMap<MapData, u32, u32>,
+    pub sample_log2: Array<MapData, u32>,
+    /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
+    pub tables_generation: Array<MapData, u64>,
+    pub call_mark_state: Array<MapData, CallMarkState>,
+}
+
+impl TraceMaps {
+    /// Tells the BPF walker that the unwind tables changed: the walks it
+    /// remembers (by registers and the stack words they read) are stale.
+    pub fn bump_tables_generation(&mut self) -> Result<()> {
+        let g = self.tables_generation.get(&0, 0).unwrap_or(0);
+        self.tables_generation
+            .set(0, g.wrapping_add(1), 0)
+            .context("writing TABLES_GENERATION")
+    }
+
+    /// Sum over CPUs of every counter, indexed by `memtrace_common::Counter`.
+    pub fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize]> {
+        let mut out = [0u64; NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .context("reading counters")?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// How the BPF side tells the allocator's own calls from users' (see
+    /// `memtrace_common::CALL_MARKS_BY_SITE`): by the probes on its call
+    /// sites, or by return address. Set before the probes are attached.
+    ///
+    /// `tail_kinds`: see `CallMarkState::tail_kinds`.
+    pub fn set_call_marks(&mut self, by_site: bool, tail_kinds: u64) -> Result<()> {
+        let mode = if by_site {
+            CALL_MARKS_BY_SITE
+        } else {
+            CALL_MARKS_BY_SP
+        };
+        self.call_mark_state
+            .set(
+                0,
+                CallMarkState {
+                    mode,
+                    in_flight: 0,
+                    pending: 0,
+                    tail_kinds,
+                },
+                0,
+            )
+            .context("writing CALL_MARK_STATE")
+    }
+
+    /// Tells the BPF side where the probed allocator functions are (see
+    /// `allocator::text_ranges`). Must happen before the probes are attached.
+    pub fn set_allocator_text(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        if ranges.len() > MAX_ALLOCATOR_FUNCTIONS as usize {
+            log::warn!(
+                "only the first {MAX_ALLOCATOR_FUNCTIONS} allocator functions are told apart from their callers"
+            );
+        }
+        for (i, &(start, end)) in ranges
+            .iter()
+            .take(MAX_ALLOCATOR_FUNCTIONS as usize)
+            .enumerate()
+        {
+            self.allocator_text
+                .set(i as u32, TextRange { start, end }, 0)
+                .context("writing ALLOCATOR_TEXT")?;
+        }
+        let kept = &ranges[..ranges.len().min(MAX_ALLOCATOR_FUNCTIONS as usize)];
+        let hull = match (
+            kept.iter().map(|r| r.0).min(),
+            kept.iter().map(|r| r.1).max(),
+        ) {
+            (Some(start), Some(end)) => TextRange { start, end },
+            _ => TextRange { start: 0, end: 0 },
+        };
+        self.allocator_hull
+            .set(0, hull, 0)
+            .context("writing ALLOCATOR_HULL")?;
+        Ok(())
+    }
+}
+
+/// Capacities of the kernel maps (entries), from `--max-blocks`/`--max-stacks`.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Outstanding blocks (the block table ALLOC_KEYS/ALLOCS).
+    pub blocks: u32,
+    /// Distinct stacks, i.e. sites (maps STACKS and SITES).
+    pub stacks: u32,
+}
+
+impl MapSizes {
+    /// Buckets of the block table (ALLOC_KEYS and ALLOCS): room for `blocks`.
+    pub fn block_buckets(&self) -> u32 {
+        memtrace_common::alloc_buckets(self.blocks)
+    }
+
+    /// Kernel memory the two large maps take at load: the block table, and
+    /// the hash buckets of SITES (16 bytes each, a power of two of them).
+    pub fn kernel_bytes_at_start(&self) -> u64 {
+        let bucket = (size_of::<AllocKeys>() + size_of::<AllocBucket>()) as u64;
+        let table = self.block_buckets() as u64 * bucket;
+        let sites = (self.site_entries() as u64).next_power_of_two() * 16;
+        table + sites
+    }
+
+    /// Entries of SITES: one per site and birth epoch that holds blocks. There
+    /// are never more of those than blocks, and in practice far fewer: room for
+    /// half as many aggregates as blocks, or 4 per site, whichever is more (a
+    /// power of two at the defaults: the kernel allocates 16 bytes of hash
+    /// buckets per entry, rounded up to one, at load). A full map is counted
+    /// (`drops.site_map_full`).
+    pub fn site_entries(&self) -> u32 {
+        (self.blocks / 2)
+            .max(self.stacks.saturating_mul(4))
+            .max(self.stacks.saturating_add(1))
+            .min(1 << 28)
+    }
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            blocks: memtrace_common::DEFAULT_MAX_OUTSTANDING,
+            stacks: memtrace_common::DEFAULT_MAX_STACKS,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MapSizes;
+
+    #[test]
+    fn site_map_capacity() {
+        // Defaults: half the blocks, a power of two.
+        assert_eq!(MapSizes::default().site_entries(), 1 << 19);
+        let m = |blocks, stacks| MapSizes { blocks, stacks }.site_entries();
+        assert_eq!(m(1000, 1000), 4000, "at least 4 aggregates per stack");
+        assert_eq!(m(1, 1), 4);
+        assert_eq!(m(1 << 27, 1 << 22), 1 << 26);
+        assert_eq!(m(u32::MAX, u32::MAX), 1 << 28);
+    }
+}

@@ -1,0 +1,11 @@
+//! The BPF object and its maps: loading it, sizing and reading the maps
+//! (batched where the kernel allows), the block table, the unwind tables
+//! uploaded for the walker, and the counters and sites collected from them.
+pub mod batch;
+pub mod blocks;
+pub mod collect;
+pub mod maps;
+pub mod multi;
+pub mod object;
+pub mod sampling;
+pub mod tables;

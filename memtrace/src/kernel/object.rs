@@ -1,0 +1,192 @@
+//! The embedded BPF object: loading its maps and programs for one target.
+use std::os::fd::OwnedFd;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, PerCpuArray},
+    programs::UProbe,
+};
+use memtrace_common::Epoch;
+
+use super::{
+    blocks::BlockTable,
+    maps::{MapSizes, TraceMaps},
+    multi, sampling,
+};
+
+/// The BPF object built by `cargo xtask build`, embedded at compile time.
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace-ebpf.o"));
+
+/// The programs loaded with the expected attach types of uprobe_multi links.
+pub struct MultiPrograms {
+    pub session: OwnedFd,
+    pub free: OwnedFd,
+    /// The result sites' program (None with sampling, or if refused).
+    pub result: Option<OwnedFd>,
+}
+
+const PROGRAMS: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "reallocarray_enter",
+    "memalign_enter",
+    "posix_memalign_enter",
+    "valloc_enter",
+    "pvalloc_enter",
+    "free_enter",
+    "loader_breakpoint",
+];
+
+/// The classic return probe, loaded only when classic probes are attached:
+/// it holds the stack walk, and the verifier takes seconds over it (as over
+/// the session program, which has the same walk).
+pub const RETURN_PROGRAM: &str = "alloc_return";
+
+/// The loaded programs: the classic ones in `ebpf`, and those loaded for
+/// uprobe_multi links where the kernel has them.
+pub struct Programs {
+    pub ebpf: Ebpf,
+    pub multi: Option<MultiPrograms>,
+}
+
+/// `MEMTRACE_PROBES=classic`: never use uprobe sessions (for comparison, and
+/// for tests of the fall back).
+fn classic_forced() -> bool {
+    crate::knobs::get().probes == crate::knobs::Probes::Classic
+}
+
+/// Loads the programs for uprobe_multi links, or says why not.
+fn load_multi(ebpf: &Ebpf, sampled: bool) -> Result<MultiPrograms> {
+    let raw = multi::RawLoader::new(BPF_OBJECT, ebpf)?;
+    Ok(MultiPrograms {
+        session: raw.load("alloc_session", multi::BPF_TRACE_UPROBE_SESSION)?,
+        free: raw.load("free_enter", multi::BPF_TRACE_UPROBE_MULTI)?,
+        // Exact mode only (see `attach_multi`); its verification is
+        // another stack walk's.
+        result: if sampled {
+            None
+        } else {
+            match raw.load("alloc_result", multi::BPF_TRACE_UPROBE_MULTI) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    log::info!("no result sites: {e:#}");
+                    None
+                }
+            }
+        },
+    })
+}
+
+/// `MEMTRACE_EMPTY_PROGRAMS=1`: the same probes at the same sites, with
+/// programs that return at once: what the traps alone cost (`cargo xtask
+/// bench`'s floor config). Nothing is recorded.
+fn empty_programs() -> bool {
+    crate::knobs::get().empty_programs
+}
+
+/// Loads the programs for target `tgid`, sampling one allocation every
+/// `sample_mean_bytes` bytes on average (0: every allocation).
+pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Programs, TraceMaps)> {
+    if BPF_OBJECT.is_empty() {
+        bail!(
+            "this memtrace binary was built without its BPF programs; build it with \
+             `cargo xtask build` (it leaves target/release/memtrace)"
+        );
+    }
+    let empty = empty_programs();
+    if empty {
+        eprintln!(
+            "memtrace: MEMTRACE_EMPTY_PROGRAMS=1: the probes return at once and record \
+             nothing (the benchmark's floor)"
+        );
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TARGET_TGID", &tgid, true)
+        .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
+        .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
+        .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
+        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
+        .map_max_entries("ALLOCS", sizes.block_buckets())
+        .map_max_entries("STACKS", sizes.stacks)
+        .map_max_entries("SITES", sizes.site_entries())
+        .load(BPF_OBJECT)
+        .map_err(|e| anyhow!(e))
+        .context("loading the BPF maps and programs into the kernel")?;
+    for name in PROGRAMS {
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("BPF program {name} missing from the embedded object"))?
+            .try_into()
+            .with_context(|| format!("BPF program {name} is not a uprobe"))?;
+        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+            format!("the kernel refused BPF program {name} (verifier or permissions)")
+        })?;
+    }
+    let multi = if classic_forced() {
+        None
+    } else {
+        match load_multi(&ebpf, sample_mean_bytes != 0) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
+                None
+            }
+        }
+    };
+    if multi.is_none() {
+        // Refused now rather than at attach.
+        let prog: &mut UProbe = ebpf
+            .program_mut(RETURN_PROGRAM)
+            .context("BPF program alloc_return missing from the embedded object")?
+            .try_into()?;
+        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+            format!("the kernel refused BPF program {RETURN_PROGRAM} (verifier or permissions)")
+        })?;
+    }
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .with_context(|| format!("BPF map {name} missing from the object"))
+    };
+    let maps = TraceMaps {
+        allocs: BlockTable::new(
+            Array::try_from(take("ALLOC_KEYS")?)?,
+            Array::try_from(take("ALLOCS")?)?,
+        )?,
+        sites: HashMap::try_from(take("SITES")?)?,
+        epoch: Array::try_from(take("EPOCH")?)?,
+        stacks: HashMap::try_from(take("STACKS")?)?,
+        pending: HashMap::try_from(take("PENDING")?)?,
+        counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+        allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
+        allocator_hull: Array::try_from(take("ALLOCATOR_HULL")?)?,
+        unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
+        pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
+        proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
+        sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
+        tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
+        call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,
+    };
+    let mut maps = maps;
+    maps.epoch
+        .set(
+            0,
+            Epoch {
+                id: 0,
+                _pad: 0,
+                start_ns: super::collect::monotonic_ns(),
+            },
+            0,
+        )
+        .context("writing EPOCH")?;
+    if sample_mean_bytes != 0 {
+        for (i, q) in sampling::log2_table().into_iter().enumerate() {
+            maps.sample_log2
+                .set(i as u32, q, 0)
+                .context("writing SAMPLE_LOG2")?;
+        }
+    }
+    Ok((Programs { ebpf, multi }, maps))
+}
