@@ -74,6 +74,7 @@ pub fn require_memtrace() -> PathBuf {
 /// Panics unless running as root: these tests load BPF programs and must not
 /// silently pass without doing so.
 pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert!(
         euid == 0,
@@ -306,6 +307,7 @@ fn kill_and_reap(child: &mut Child) {
 }
 
 pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill takes plain integers; a bad pid or signal is an error return.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert!(
         rc == 0,

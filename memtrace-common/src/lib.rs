@@ -566,25 +566,34 @@ pub struct Countdown {
 /// Largest `--sample-bytes`: keeps the BPF side's fixed-point product in 64 bits.
 pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 
+/// aya reads and writes map values as plain bytes.
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding.
-    unsafe impl aya::Pod for super::Allocation {}
-    unsafe impl aya::Pod for super::AllocKeys {}
-    unsafe impl aya::Pod for super::AllocBucket {}
-    unsafe impl aya::Pod for super::SiteStats {}
-    unsafe impl aya::Pod for super::SiteKey {}
-    unsafe impl aya::Pod for super::Epoch {}
-    unsafe impl aya::Pod for super::StackTrace {}
-    unsafe impl aya::Pod for super::PendingKey {}
-    unsafe impl aya::Pod for super::PendingCall {}
-    unsafe impl aya::Pod for super::TextRange {}
-    unsafe impl aya::Pod for super::ResultSite {}
-    unsafe impl aya::Pod for super::Capture {}
-    unsafe impl aya::Pod for super::CallMarkState {}
-    unsafe impl aya::Pod for super::UnwindRow {}
-    unsafe impl aya::Pod for super::PageKey {}
-    unsafe impl aya::Pod for super::PageRows {}
+    macro_rules! pod {
+        ($($t:ident),* $(,)?) => {$(
+            // SAFETY: #[repr(C)], made only of integers, with explicit padding
+            // (sizes asserted below): every byte pattern is a valid value.
+            unsafe impl aya::Pod for super::$t {}
+        )*};
+    }
+    pod!(
+        Allocation,
+        AllocKeys,
+        AllocBucket,
+        SiteStats,
+        SiteKey,
+        Epoch,
+        StackTrace,
+        PendingKey,
+        PendingCall,
+        TextRange,
+        ResultSite,
+        Capture,
+        CallMarkState,
+        UnwindRow,
+        PageKey,
+        PageRows,
+    );
 }
 
 const _: () = {

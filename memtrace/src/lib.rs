@@ -21,6 +21,8 @@ mod report;
 mod session;
 mod symbolize;
 #[cfg(test)]
+mod layers;
+#[cfg(test)]
 mod testutil;
 mod units;
 mod unwind;

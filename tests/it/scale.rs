@@ -39,6 +39,7 @@ impl Traced {
         // SAFETY: zeroed rusage is a valid out-value.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let pid = self.child.id() as libc::pid_t;
+        // SAFETY: valid out-pointers for the status and rusage; our own child.
         let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
         assert!(rc >= 0, "wait4: {}", std::io::Error::last_os_error());
         if rc == pid {
@@ -118,6 +119,7 @@ fn proc_cpu(pid: u32) -> Duration {
     let rest = &stat[stat.rfind(')').expect("comm") + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf takes a plain name and has no other preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }

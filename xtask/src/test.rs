@@ -2,7 +2,7 @@
 //! BPF programs.
 use std::{env, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
 use crate::util::{geteuid, root, status};
@@ -10,6 +10,7 @@ use crate::util::{geteuid, root, status};
 pub fn test(extra: &[String]) -> Result<()> {
     build()?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    checks(&cargo)?;
     // Unit tests: no root, no BPF.
     status(
         Command::new(&cargo)
@@ -32,4 +33,37 @@ pub fn test(extra: &[String]) -> Result<()> {
         c.arg("--").args(extra);
     }
     status(&mut c)
+}
+
+/// The checks that keep the code as it is: formatted, and clippy-clean with
+/// the workspace's lints (Cargo.toml `[workspace.lints]`), warnings denied.
+/// The BPF crate builds only for the BPF target and is left out.
+fn checks(cargo: &str) -> Result<()> {
+    // Both come with rustup's default profile; a minimal one lacks them.
+    for (tool, component) in [("cargo-fmt", "rustfmt"), ("cargo-clippy", "clippy")] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!("xtask: installing {component} (cargo xtask test runs it)");
+            status(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    status(
+        Command::new(cargo)
+            .current_dir(root())
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("cargo fmt --check found unformatted code: run `cargo fmt --all`")?;
+    status(
+        Command::new(cargo)
+            .current_dir(root())
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("MEMTRACE_BPF_OBJECT", bpf_object()),
+    )
+    .context("cargo clippy found warnings")
 }

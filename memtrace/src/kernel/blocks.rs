@@ -61,9 +61,10 @@ impl BlockTable {
             calls += 2;
             let keys = keys_map.ptr.as_ptr();
             live.clear();
-            // SAFETY (here and below): the mappings hold `len` entries of
-            // their types, and live (keys_map, blocks_map) until the end of
-            // this window's iteration.
+            // The mappings hold `len` entries of their types, and live
+            // (keys_map, blocks_map) until the end of this window's iteration:
+            // that is what makes each unsafe call below sound.
+            // SAFETY: b < len entries of the keys mapping.
             live.extend((0..len).filter(|&b| unsafe { holds_blocks(keys, b) }));
             if live.len() <= SPARSE_BUCKETS {
                 for &b in &live {
@@ -72,6 +73,7 @@ impl BlockTable {
                         .get(&((first + b) as u32), 0)
                         .context("reading ALLOCS")?;
                     calls += 1;
+                    // SAFETY: b < len entries of the keys mapping.
                     entries += unsafe { visit(keys, b, |i| bucket.blocks[i], &mut f) };
                 }
                 continue;
@@ -81,12 +83,15 @@ impl BlockTable {
             calls += 2;
             let blocks = blocks_map.ptr.as_ptr();
             for &b in &live {
+                // SAFETY: b < len buckets of the blocks mapping, and i is a
+                // slot of that bucket (visit passes i < ALLOC_BUCKET_SLOTS).
                 let block_of = |i: usize| unsafe {
                     (&raw const (*blocks.add(b)).blocks)
                         .cast::<Allocation>()
                         .add(i)
                         .read_volatile()
                 };
+                // SAFETY: b < len entries of the keys mapping.
                 entries += unsafe { visit(keys, b, block_of, &mut f) };
             }
         }
@@ -116,6 +121,7 @@ const SPARSE_BUCKETS: usize = 128;
 /// # Safety
 /// `keys` must point to more than `b` readable entries.
 unsafe fn bucket_keys(keys: *const AllocKeys, b: usize) -> [u64; ALLOC_BUCKET_SLOTS] {
+    // SAFETY: the caller guarantees entry b is readable.
     unsafe { (&raw const (*keys.add(b)).keys).read_volatile() }
 }
 
@@ -124,6 +130,7 @@ unsafe fn bucket_keys(keys: *const AllocKeys, b: usize) -> [u64; ALLOC_BUCKET_SL
 /// # Safety
 /// As for [`bucket_keys`].
 unsafe fn holds_blocks(keys: *const AllocKeys, b: usize) -> bool {
+    // SAFETY: the caller's guarantee, passed on.
     unsafe { bucket_keys(keys, b) }
         .iter()
         .any(|&k| k > ALLOC_KEY_BUSY)
@@ -143,11 +150,13 @@ unsafe fn visit(
     f: &mut impl FnMut(u64, &Allocation),
 ) -> u64 {
     let mut n = 0;
+    // SAFETY: the caller's guarantee, passed on (also below).
     for (i, &k) in unsafe { bucket_keys(keys, b) }.iter().enumerate() {
         if k <= ALLOC_KEY_BUSY {
             continue;
         }
         let block = block_of(i);
+        // SAFETY: as above.
         if unsafe { bucket_keys(keys, b) }[i] != k {
             continue;
         }
@@ -244,10 +253,13 @@ mod tests {
         let mut record = |a, b: &Allocation| seen.push((a, b.size, b.stack_id));
         let mut n = 0;
         for (b, bucket) in blocks.iter().enumerate() {
+            // SAFETY: b indexes `keys`, which is as long as `blocks`.
             if unsafe { holds_blocks(keys.as_ptr(), b) } {
+                // SAFETY: as above.
                 n += unsafe { visit(keys.as_ptr(), b, |i| bucket.blocks[i], &mut record) };
             }
         }
+        // SAFETY: `keys` has more than one entry.
         assert!(!unsafe { holds_blocks(keys.as_ptr(), 1) });
         assert_eq!(n, 2);
         assert_eq!(seen, [(0x1000, 16, 7), (0x2000, 32, 8)]);
