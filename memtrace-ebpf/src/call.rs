@@ -183,10 +183,11 @@ pub(crate) fn result_in_doubt(ctx: &ProbeContext, kind: AllocKind) -> bool {
     }
 }
 
-/// An allocating call's return, with its return value `ret`.
-#[inline(always)]
+/// An allocating call's return, with its return value `ret`: the block to
+/// record, as (address, size), if there is one.
 /// `in_cookie`: the call as its session's cookie holds it (see `enter`),
 /// or 0 for a call in PENDING.
+#[inline(always)]
 pub(crate) fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<(u64, u64)> {
     let tid = target_thread()?;
     count(Counter::ReturnProbes, 1);
@@ -202,89 +203,15 @@ pub(crate) fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<
             timestamp_ns: 0,
         }
     } else {
-        // The return popped the return address: the entry saw sp - 8.
-        let key = PendingKey {
-            tid,
-            _pad: 0,
-            sp: regs_sp(ctx).wrapping_sub(8),
-        };
-        let Some(p) = PENDING.get_ptr_mut(&key) else {
-            // Sampling with classic return probes: every unsampled call's
-            // return probe runs, with nothing pending.
-            if mean == 0 {
-                count(Counter::UnmatchedReturns, 1);
-            }
-            return None;
-        };
-        let call = unsafe {
-            if (*p).refs > 1 {
-                (*p).refs -= 1;
-                return None;
-            }
-            *p
-        };
-        if PENDING.remove(&key).is_ok() {
-            count_pending(u64::MAX);
-        }
-        call
+        take_pending(ctx, tid, mean)?
     };
     let sampled = call.kind & PENDING_UNSAMPLED == 0;
     // One record_alloc for every kind: it holds the stack walk, which the
     // verifier would otherwise check once per call site.
     let ptr = match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
-        Some(AllocKind::PosixMemalign) => {
-            if ret as u32 != 0 {
-                count(Counter::FailedAllocs, 1);
-                return None;
-            }
-            if !sampled {
-                count(Counter::UnsampledCalls, 1);
-                return None;
-            }
-            match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
-                Ok(ptr) => ptr,
-                Err(_) => {
-                    count(Counter::OutPointerReadErrors, 1);
-                    return None;
-                }
-            }
-        }
+        Some(AllocKind::PosixMemalign) => posix_memalign_block(&call, ret, sampled)?,
         Some(AllocKind::Realloc | AllocKind::ReallocArray) => {
-            if ret == 0 {
-                if call.old_ptr != 0 && call.size == 0 {
-                    // realloc(p, 0): glibc frees p and returns NULL.
-                    count(Counter::FreeCalls, 1);
-                    if !retire(call.old_ptr, call.timestamp_ns)
-                        && call.out_ptr != OLD_BLOCK_KNOWN
-                        && mean == 0
-                    {
-                        count(Counter::FreeUnknown, 1);
-                    }
-                } else {
-                    // Failure: the old block is untouched.
-                    count(Counter::FailedAllocs, 1);
-                }
-                return None;
-            }
-            if call.old_ptr != 0 {
-                count(Counter::FreeCalls, 1);
-                if !retire(call.old_ptr, call.timestamp_ns)
-                    && call.out_ptr != OLD_BLOCK_KNOWN
-                    && mean == 0
-                {
-                    count(Counter::FreeUnknown, 1);
-                }
-            }
-            if !sampled {
-                count(Counter::UnsampledCalls, 1);
-                if retire(ret, u64::MAX) {
-                    // The unsampled new block took an address memtrace still
-                    // held (its free was missed): not outstanding any more.
-                    count(Counter::AddressReused, 1);
-                }
-                return None;
-            }
-            ret
+            realloc_block(&call, ret, sampled, mean)?
         }
         Some(_) => {
             if ret == 0 {
@@ -300,4 +227,95 @@ pub(crate) fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<
         None => return None,
     };
     Some((ptr, call.size))
+}
+
+/// The pending call of thread `tid` that is returning, taken out of
+/// PENDING; None if there is none, or if an inner call of a tail call
+/// returns (the outer one reports the call).
+#[inline(always)]
+fn take_pending<C: EbpfContext>(ctx: &C, tid: u32, mean: u64) -> Option<PendingCall> {
+    // The return popped the return address: the entry saw sp - 8.
+    let key = PendingKey {
+        tid,
+        _pad: 0,
+        sp: regs_sp(ctx).wrapping_sub(8),
+    };
+    let Some(p) = PENDING.get_ptr_mut(&key) else {
+        // Sampling with classic return probes: every unsampled call's
+        // return probe runs, with nothing pending.
+        if mean == 0 {
+            count(Counter::UnmatchedReturns, 1);
+        }
+        return None;
+    };
+    let call = unsafe {
+        if (*p).refs > 1 {
+            (*p).refs -= 1;
+            return None;
+        }
+        *p
+    };
+    if PENDING.remove(&key).is_ok() {
+        count_pending(u64::MAX);
+    }
+    Some(call)
+}
+
+/// The block a returning posix_memalign stored through its out pointer, if
+/// it succeeded and was sampled.
+#[inline(always)]
+fn posix_memalign_block(call: &PendingCall, ret: u64, sampled: bool) -> Option<u64> {
+    if ret as u32 != 0 {
+        count(Counter::FailedAllocs, 1);
+        return None;
+    }
+    if !sampled {
+        count(Counter::UnsampledCalls, 1);
+        return None;
+    }
+    match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
+        Ok(ptr) => Some(ptr),
+        Err(_) => {
+            count(Counter::OutPointerReadErrors, 1);
+            None
+        }
+    }
+}
+
+/// A returning realloc or reallocarray: retires its old block, and gives
+/// the new one if it was sampled.
+#[inline(always)]
+fn realloc_block(call: &PendingCall, ret: u64, sampled: bool, mean: u64) -> Option<u64> {
+    if ret == 0 {
+        if call.old_ptr != 0 && call.size == 0 {
+            // realloc(p, 0): glibc frees p and returns NULL.
+            retire_old_block(call, mean);
+        } else {
+            // Failure: the old block is untouched.
+            count(Counter::FailedAllocs, 1);
+        }
+        return None;
+    }
+    if call.old_ptr != 0 {
+        retire_old_block(call, mean);
+    }
+    if !sampled {
+        count(Counter::UnsampledCalls, 1);
+        if retire(ret, u64::MAX) {
+            // The unsampled new block took an address memtrace still
+            // held (its free was missed): not outstanding any more.
+            count(Counter::AddressReused, 1);
+        }
+        return None;
+    }
+    Some(ret)
+}
+
+/// Counts the free a realloc made of its old block, and retires the block.
+#[inline(always)]
+fn retire_old_block(call: &PendingCall, mean: u64) {
+    count(Counter::FreeCalls, 1);
+    if !retire(call.old_ptr, call.timestamp_ns) && call.out_ptr != OLD_BLOCK_KNOWN && mean == 0 {
+        count(Counter::FreeUnknown, 1);
+    }
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_attach_cookie, programs::ProbeConte
 use core::ptr::read_volatile;
 use memtrace_common::{
     Capture, Counter, LOC_REG, LOC_STACK, PendingKey, RESULT_ALWAYS, RESULT_GUARD, RESULT_NOTHING,
-    RESULT_NULL, SAMPLE_THREADS,
+    RESULT_NULL, ResultSite, SAMPLE_THREADS,
 };
 
 /// The result sites' program (see `result_site`), attached with a plain
@@ -134,25 +134,9 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     let tgid = target_tgid();
     let size_at = (site.size_loc, site.size_reg, site.size_off);
     if site.capture != 0 {
-        if let (Some(size), Some(c)) = (
-            read_loc(regs, size_at, win, 0, sp),
-            CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)),
-        ) {
-            unsafe {
-                *c = Capture {
-                    tid,
-                    _pad: 0,
-                    sp: entry_sp,
-                    size,
-                }
-            };
-        }
+        capture_size(regs, size_at, win, tid, sp, entry_sp);
     }
-    let outcome = if site.cond == RESULT_ALWAYS || cond_holds(site.cond, flags) {
-        site.taken
-    } else {
-        site.not_taken
-    };
+    let outcome = site_outcome(&site, flags);
     if outcome == RESULT_NOTHING {
         return None;
     }
@@ -173,36 +157,8 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
         return None;
     }
-    // One read of the stack from here gives the return address, the
-    // caller's rbp if it is saved, and the caller's frames for the walk:
-    // as much as the walk remembered for this site last time, else a
-    // whole window. (Each read of user memory costs more than the rest
-    // of the lookups together.)
     let slot = cache_slot(unsafe { (*regs).rip }, sp);
-    let mut need = site.entry_sp_delta.wrapping_add(8);
-    if site.rbp_loc == LOC_STACK && site.rbp_off >= 0 {
-        need = need.max(site.rbp_off as u32 + 8);
-    }
-    let remembered = match WALK_CACHE.get(slot) {
-        Some(c) if c.check != 0 && c.base == sp && c.tgid == tgid => c.extent.max(need),
-        _ => 0,
-    };
-    // (The mask, on a value the compiler cannot see through, keeps the
-    // length bounded for the verifier wherever the comparison ends up.)
-    let (window, whole) = if remembered != 0
-        && remembered < WINDOW_BYTES
-        && unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(
-                win.cast(),
-                read_volatile(&remembered) & (WINDOW_BYTES - 1),
-                sp as *const _,
-            )
-        } == 0
-    {
-        (remembered, 0)
-    } else {
-        (read_window(win, sp), 1)
-    };
+    let (window, whole) = read_site_window(&site, win, sp, slot, tgid);
     let loc = |at: (u8, u8, i32)| read_loc(regs, at, win, window, sp);
     let Some(ra) = stack_at(win, window, sp, site.entry_sp_delta as i32) else {
         count(Counter::DroppedPendingFull, 1);
@@ -215,33 +171,12 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     let ptr = unsafe { (*regs).rax };
     if outcome == RESULT_NULL || ptr == 0 {
         count(Counter::FailedAllocs, 1);
-        // A size this call captured is not for the next one.
-        if let Some(c) = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) {
-            unsafe {
-                if (*c).tid == tid && (*c).sp == entry_sp {
-                    (*c).sp = 0;
-                }
-            }
-        }
+        forget_capture(tid, entry_sp);
         return None;
     }
     let size = match loc(size_at) {
         Some(size) => size,
-        None => {
-            // Used once: a later call at the same stack pointer whose
-            // capture was missed (attached in between) finds none.
-            let c = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1))?;
-            unsafe {
-                if (*c).tid != tid || (*c).sp != entry_sp {
-                    // Another thread took the slot, a nested call, or
-                    // the capture came before the probes were all in.
-                    count(Counter::DroppedPendingFull, 1);
-                    return None;
-                }
-                (*c).sp = 0;
-                (*c).size
-            }
-        }
+        None => captured_size(tid, entry_sp)?,
     };
     let mean = sample_mean();
     if mean != 0 && !sample(tid, mean, size) {
@@ -262,4 +197,110 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
             slot,
         },
     ))
+}
+
+/// What the call does at this site, by the jcc's condition on `flags`:
+/// RESULT_NOTHING, RESULT_GUARD, RESULT_NULL or the block is returned.
+#[inline(always)]
+fn site_outcome(site: &ResultSite, flags: u64) -> u8 {
+    if site.cond == RESULT_ALWAYS || cond_holds(site.cond, flags) {
+        site.taken
+    } else {
+        site.not_taken
+    }
+}
+
+/// Keeps the size at `size_at` for a later site of the same call on thread
+/// `tid`, where it may no longer be at hand.
+#[inline(always)]
+fn capture_size(
+    regs: *const aya_ebpf::bindings::pt_regs,
+    size_at: (u8, u8, i32),
+    win: *const StackWindow,
+    tid: u32,
+    sp: u64,
+    entry_sp: u64,
+) {
+    if let (Some(size), Some(c)) = (
+        read_loc(regs, size_at, win, 0, sp),
+        CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)),
+    ) {
+        unsafe {
+            *c = Capture {
+                tid,
+                _pad: 0,
+                sp: entry_sp,
+                size,
+            }
+        };
+    }
+}
+
+/// Reads the stack window at `sp`: (bytes read, 1 if that is a whole window).
+/// One read of the stack from here gives the return address, the caller's
+/// rbp if it is saved, and the caller's frames for the walk: as much as the
+/// walk remembered for this site last time, else a whole window. (Each
+/// read of user memory costs more than the rest of the lookups together.)
+#[inline(always)]
+fn read_site_window(
+    site: &ResultSite,
+    win: *mut StackWindow,
+    sp: u64,
+    slot: u32,
+    tgid: u32,
+) -> (u32, u32) {
+    let mut need = site.entry_sp_delta.wrapping_add(8);
+    if site.rbp_loc == LOC_STACK && site.rbp_off >= 0 {
+        need = need.max(site.rbp_off as u32 + 8);
+    }
+    let remembered = match WALK_CACHE.get(slot) {
+        Some(c) if c.check != 0 && c.base == sp && c.tgid == tgid => c.extent.max(need),
+        _ => 0,
+    };
+    // (The mask, on a value the compiler cannot see through, keeps the
+    // length bounded for the verifier wherever the comparison ends up.)
+    if remembered != 0
+        && remembered < WINDOW_BYTES
+        && unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                win.cast(),
+                read_volatile(&remembered) & (WINDOW_BYTES - 1),
+                sp as *const _,
+            )
+        } == 0
+    {
+        (remembered, 0)
+    } else {
+        (read_window(win, sp), 1)
+    }
+}
+
+/// A failed call: a size it captured is not for the next one.
+#[inline(always)]
+fn forget_capture(tid: u32, entry_sp: u64) {
+    if let Some(c) = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) {
+        unsafe {
+            if (*c).tid == tid && (*c).sp == entry_sp {
+                (*c).sp = 0;
+            }
+        }
+    }
+}
+
+/// The size an earlier site of this call captured, taken: used once, so a
+/// later call at the same stack pointer whose capture was missed (attached
+/// in between) finds none.
+#[inline(always)]
+fn captured_size(tid: u32, entry_sp: u64) -> Option<u64> {
+    let c = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1))?;
+    unsafe {
+        if (*c).tid != tid || (*c).sp != entry_sp {
+            // Another thread took the slot, a nested call, or
+            // the capture came before the probes were all in.
+            count(Counter::DroppedPendingFull, 1);
+            return None;
+        }
+        (*c).sp = 0;
+        Some((*c).size)
+    }
 }

@@ -2,6 +2,7 @@
 //! repeated by checking the words it depended on.
 
 use crate::maps::{STACK_WINDOW, WALK_CACHE};
+use crate::walk::step::Walk;
 use crate::walk::{CACHE_WORDS, StackWindow, WINDOW_BYTES, WINDOW_WORDS, WalkStart, mix};
 use aya_ebpf::helpers::bpf_loop;
 
@@ -169,4 +170,29 @@ pub(crate) fn remembered_walk(
         return None;
     }
     Some(c.stack_id)
+}
+
+/// Remembers in `cached` the walk `w` from `start`, which gave stack `id`
+/// and read only its window.
+#[inline(always)]
+pub(crate) fn remember(
+    cached: &mut CachedWalk,
+    start: &WalkStart,
+    w: &Walk,
+    generation: u64,
+    tgid: u32,
+    id: u64,
+) {
+    cached.generation = generation;
+    cached.pc = start.pc;
+    cached.sp = start.sp;
+    cached.bp = start.bp;
+    cached.base = start.base;
+    cached.stack_id = id;
+    cached.tgid = tgid;
+    cached.words = w.words;
+    cached.extent = w.extent;
+    cached.fp_frames = w.fp_frames;
+    cached.stop = w.stop;
+    cached.check = walk_check(start.slot, cached, false).unwrap_or(0);
 }

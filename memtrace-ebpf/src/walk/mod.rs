@@ -7,15 +7,13 @@ pub(crate) mod step;
 pub(crate) mod store;
 
 use crate::counters::count;
-use crate::globals::{opaque_zero, target_tgid};
+use crate::globals::target_tgid;
 use crate::maps::{PROC_TABLES, STACK_SCRATCH, STACK_WINDOW, TABLES_GENERATION, WALK_CACHE};
-use crate::walk::cache::{remembered_walk, walk_check};
-use crate::walk::step::{Walk, count_walk, walk_step};
+use crate::walk::cache::{remember, remembered_walk};
+use crate::walk::step::{Walk, count_walk, walk};
 use crate::walk::store::store_stack;
-use aya_ebpf::{
-    EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack, helpers::bpf_loop,
-};
-use memtrace_common::{Counter, MAX_STACK_DEPTH, NO_STACK, STACK_FP_ONLY};
+use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
+use memtrace_common::{Counter, MAX_STACK_DEPTH, NO_STACK, STACK_FP_ONLY, StackTrace};
 
 #[inline(always)]
 pub(crate) fn mix(h: u64, v: u64) -> u64 {
@@ -101,7 +99,6 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     let scratch = unsafe { &mut *scratch };
     // (Only the target's tasks get here: see `is_target`.)
     let tgid = target_tgid();
-    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
     // A walk from the context's registers has its tables checked here; a
     // result site's only if its walk is not remembered (below).
     let tables_known = at.is_none();
@@ -109,32 +106,9 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
         Some(at) => at,
         None => {
             if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
-                let n = unsafe {
-                    bpf_get_stack(
-                        ctx.as_ptr(),
-                        scratch.frames.as_mut_ptr() as *mut _,
-                        (MAX_STACK_DEPTH * 8) as u32,
-                        BPF_F_USER_STACK as u64,
-                    )
-                };
-                if n <= 0 {
-                    count(Counter::StackReadErrors, 1);
-                    return NO_STACK;
-                }
-                scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
-                scratch.flags = STACK_FP_ONLY;
-                return store_stack(scratch);
+                return frame_pointer_stack(ctx, scratch);
             }
-            let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-            WalkStart {
-                pc,
-                sp,
-                bp,
-                base: sp,
-                window: 0,
-                whole: 0,
-                slot: cache_slot(pc, sp),
-            }
+            start_at_registers(ctx)
         }
     };
     let generation = TABLES_GENERATION.get(0).copied().unwrap_or(0);
@@ -160,35 +134,8 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     };
     // The slot records this walk's reads from now on.
     cached.check = 0;
-    // Every field a step changes starts from a value the verifier does not
-    // know (`opaque_zero`): it compares the loop's states exactly, and a
-    // known 0 counted up by each frame-pointer step (or flags or'ed in)
-    // gave it a new state per frame: 760,000 instructions to check
-    // instead of 70,000.
-    let mut w = Walk {
-        pc: start.pc,
-        sp: start.sp,
-        bp: start.bp,
-        sp0: start.base,
-        tgid,
-        flags: opaque_zero(),
-        len: opaque_zero(),
-        window,
-        slot: start.slot,
-        cacheable: 1,
-        words: opaque_zero(),
-        extent: opaque_zero(),
-        fp_frames: opaque_zero(),
-        stop: 0,
-    };
-    unsafe {
-        bpf_loop(
-            MAX_STACK_DEPTH as u32 + 1,
-            walk_step as *mut core::ffi::c_void,
-            (&raw mut w).cast(),
-            0,
-        )
-    };
+    let mut w = Walk::new(&start, tgid, window);
+    walk(&mut w);
     scratch.len = w.len;
     scratch.flags = w.flags | if no_tables { STACK_FP_ONLY } else { 0 };
     count_walk(w.fp_frames, w.stop);
@@ -198,18 +145,45 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     }
     let id = store_stack(scratch);
     if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
-        cached.generation = generation;
-        cached.pc = start.pc;
-        cached.sp = start.sp;
-        cached.bp = start.bp;
-        cached.base = start.base;
-        cached.stack_id = id;
-        cached.tgid = tgid;
-        cached.words = w.words;
-        cached.extent = w.extent;
-        cached.fp_frames = w.fp_frames;
-        cached.stop = w.stop;
-        cached.check = walk_check(start.slot, cached, false).unwrap_or(0);
+        remember(cached, &start, &w, generation, tgid, id);
     }
     id
+}
+
+/// The stack from the context's registers by frame pointers
+/// (bpf_get_stack), for a process with no unwind tables: its key in
+/// STACKS, or NO_STACK.
+#[inline(always)]
+fn frame_pointer_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> u64 {
+    let n = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            scratch.frames.as_mut_ptr() as *mut _,
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if n <= 0 {
+        count(Counter::StackReadErrors, 1);
+        return NO_STACK;
+    }
+    scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
+    scratch.flags = STACK_FP_ONLY;
+    store_stack(scratch)
+}
+
+/// A walk from the context's registers, with no window read yet.
+#[inline(always)]
+fn start_at_registers<C: EbpfContext>(ctx: &C) -> WalkStart {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    WalkStart {
+        pc,
+        sp,
+        bp,
+        base: sp,
+        window: 0,
+        whole: 0,
+        slot: cache_slot(pc, sp),
+    }
 }
