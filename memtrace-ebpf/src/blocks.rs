@@ -39,6 +39,8 @@ impl Bucket {
     /// The key of slot `i` (< ALLOC_BUCKET_SLOTS).
     #[inline(always)]
     fn key(self, i: usize) -> *mut u64 {
+        // SAFETY: `keys` points to a live ALLOC_KEYS element and `i` < ALLOC_BUCKET_SLOTS, so
+        // the offset stays inside its array.
         unsafe { (&raw mut (*self.keys).keys).cast::<u64>().add(i) }
     }
 
@@ -47,6 +49,8 @@ impl Bucket {
     fn slot(self, i: usize) -> Slot {
         Slot {
             key: self.key(i),
+            // SAFETY: `blocks` points to a live ALLOCS element and `i` < ALLOC_BUCKET_SLOTS, so
+            // the offset stays inside its array.
             block: unsafe { (&raw mut (*self.blocks).blocks).cast::<Allocation>().add(i) },
         }
     }
@@ -62,6 +66,7 @@ fn scan_bucket(b: u32, addr: u64) -> (Option<Slot>, u32) {
     let mut empty = 0;
     let mut i = 0;
     while i < ALLOC_BUCKET_SLOTS {
+        // SAFETY: a key inside a live ALLOC_KEYS element (`i` < ALLOC_BUCKET_SLOTS), aligned.
         let k = unsafe { read_volatile(bucket.key(i)) };
         if k == addr {
             return (Some(bucket.slot(i)), empty);
@@ -79,6 +84,7 @@ fn claim_in(b: u32) -> Option<Slot> {
     let mut i = 0;
     while i < ALLOC_BUCKET_SLOTS {
         let key = bucket.key(i);
+        // SAFETY: a key inside a live ALLOC_KEYS element (`i` < ALLOC_BUCKET_SLOTS), aligned.
         if unsafe { read_volatile(key) } == ALLOC_KEY_EMPTY
             && cas(key, ALLOC_KEY_EMPTY, ALLOC_KEY_BUSY)
         {
@@ -146,6 +152,8 @@ pub(crate) fn insert_block(addr: u64, a: &Allocation) -> Option<Slot> {
     } = lookup(addr)?;
     if let Some(old) = held {
         // (Read before the slot is given up: another insert may take it then.)
+        // SAFETY: a block inside a live ALLOCS element; a concurrent writer can at worst tear
+        // the copy.
         let prev = unsafe { read_volatile(old.block) };
         if retire_slot(old, addr, &prev) {
             count(Counter::AddressReused, 1);
@@ -154,6 +162,8 @@ pub(crate) fn insert_block(addr: u64, a: &Allocation) -> Option<Slot> {
     let (first, second) = if empty2 > empty1 { (b2, b1) } else { (b1, b2) };
     let slot = claim_in(first).or_else(|| claim_in(second))?;
     // The block before its key: a reader that sees the key sees the block.
+    // SAFETY: the slot lies in live map elements, and this CPU claimed it (ALLOC_KEY_BUSY): no
+    // other program writes it until its key is published.
     unsafe {
         write_volatile(slot.block, *a);
         write_volatile(slot.key, addr);
@@ -171,6 +181,8 @@ pub(crate) fn retire(ptr: u64, not_after_ns: u64) -> bool {
     let Some(slot) = find_block(ptr) else {
         return false;
     };
+    // SAFETY: a block inside a live ALLOCS element; a concurrent writer can at worst tear the
+    // copy.
     let a = unsafe { read_volatile(slot.block) };
     if a.timestamp_ns > not_after_ns {
         return true;

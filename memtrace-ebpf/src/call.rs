@@ -76,6 +76,8 @@ pub(crate) fn enter<C: EbpfContext>(
             // and the outer one reports the call; classic return probes
             // both run and must pair up.
             if !session {
+                // SAFETY: `p` comes from a PENDING lookup: the kernel keeps the element's
+                // memory until the program ends (RCU), and only this thread uses its own key.
                 unsafe { (*p).refs += 1 };
             }
             return SKIP_RETURN;
@@ -115,6 +117,8 @@ pub(crate) fn enter<C: EbpfContext>(
     }
     if !cookie.is_null() && flags == 0 && old_ptr == 0 && out_ptr == 0 {
         // The session keeps the call: nothing to store, look up or expire.
+        // SAFETY: `cookie` is this call's session cookie (8 bytes from bpf_session_cookie),
+        // checked non-null.
         unsafe { *cookie = COOKIE_CALL | (size.min(COOKIE_SIZE_MAX) << 8) | kind as u64 };
         return KEEP_RETURN;
     }
@@ -124,6 +128,7 @@ pub(crate) fn enter<C: EbpfContext>(
         size,
         old_ptr,
         out_ptr: if old_known { OLD_BLOCK_KNOWN } else { out_ptr },
+        // SAFETY: a helper with no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
     if PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
@@ -248,6 +253,8 @@ fn take_pending<C: EbpfContext>(ctx: &C, tid: u32, mean: u64) -> Option<PendingC
         }
         return None;
     };
+    // SAFETY: `p` comes from a PENDING lookup: the kernel keeps the element's memory until the
+    // program ends (RCU), and only this thread uses its own key.
     let call = unsafe {
         if (*p).refs > 1 {
             (*p).refs -= 1;
@@ -273,6 +280,8 @@ fn posix_memalign_block(call: &PendingCall, ret: u64, sampled: bool) -> Option<u
         count(Counter::UnsampledCalls, 1);
         return None;
     }
+    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
     match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
         Ok(ptr) => Some(ptr),
         Err(_) => {

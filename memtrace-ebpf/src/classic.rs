@@ -21,6 +21,8 @@ fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
     // No attach cookie here: whether the function may tail-call is in
     // CALL_MARK_STATE.
     let tail_kinds = match CALL_MARK_STATE.get_ptr(0) {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run.
         Some(st) => unsafe { core::ptr::read_volatile(&raw const (*st).tail_kinds) },
         None => u64::MAX,
     };

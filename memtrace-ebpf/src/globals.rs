@@ -1,4 +1,5 @@
-//! The read-only globals userspace sets before load, and their readers.
+//! The globals: the read-only ones userspace sets before load, OPAQUE_ZERO,
+//! and their readers (always volatile reads).
 
 use core::ptr::read_volatile;
 use memtrace_common::{DEFAULT_MAX_OUTSTANDING, alloc_buckets};
@@ -22,7 +23,9 @@ static EMPTY_PROGRAMS: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn empty_programs() -> bool {
-    unsafe { core::ptr::read_volatile(&EMPTY_PROGRAMS) != 0 }
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&EMPTY_PROGRAMS) != 0 }
 }
 
 /// Buckets of the block table (set by userspace before load: the entries
@@ -32,7 +35,9 @@ static ALLOC_BUCKETS: u32 = alloc_buckets(DEFAULT_MAX_OUTSTANDING);
 
 #[inline(always)]
 pub(crate) fn target_tgid() -> u32 {
-    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&TARGET_TGID) }
 }
 
 /// Zero, but unknown to the verifier: counters of a bpf_loop state that
@@ -44,15 +49,21 @@ static mut OPAQUE_ZERO: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn opaque_zero() -> u32 {
-    unsafe { core::ptr::read_volatile(&raw const OPAQUE_ZERO) }
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&raw const OPAQUE_ZERO) }
 }
 
 #[inline(always)]
 pub(crate) fn table_buckets() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
     unsafe { read_volatile(&ALLOC_BUCKETS) }
 }
 
 #[inline(always)]
 pub(crate) fn sample_mean() -> u64 {
-    unsafe { core::ptr::read_volatile(&SAMPLE_MEAN_BYTES) }
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&SAMPLE_MEAN_BYTES) }
 }

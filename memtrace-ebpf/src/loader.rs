@@ -10,6 +10,8 @@ use aya_ebpf::{helpers::bpf_send_signal, macros::uprobe, programs::ProbeContext}
 #[uprobe]
 pub fn loader_breakpoint(_ctx: ProbeContext) -> u32 {
     if is_target() {
+        // SAFETY: bpf_send_signal only signals the current task, the target's (checked just
+        // above).
         unsafe {
             bpf_send_signal(19 /* SIGSTOP */)
         };

@@ -20,10 +20,13 @@ use memtrace_common::{
 pub(crate) static ALLOC_KEYS: Array<AllocKeys> =
     Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
 
+/// The block table's blocks: bucket → one `Allocation` per slot of its
+/// ALLOC_KEYS bucket. Sized by userspace (`ALLOC_BUCKETS`).
 #[map]
 pub(crate) static ALLOCS: Array<AllocBucket> =
     Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
 
+/// Per-stack aggregates, by (stack, birth epoch). Sized by userspace.
 #[map]
 pub(crate) static SITES: HashMap<SiteKey, SiteStats> =
     HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
@@ -32,14 +35,18 @@ pub(crate) static SITES: HashMap<SiteKey, SiteStats> =
 #[map]
 pub(crate) static EPOCH: Array<Epoch> = Array::with_max_entries(1, 0);
 
+/// Walked stacks by the hash of their frames. Sized by userspace
+/// (`--max-stacks`).
 #[map]
 pub(crate) static STACKS: HashMap<u64, StackTrace> =
     HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
+/// Calls between their entry and their return: (thread, sp at entry) → call.
 #[map]
 pub(crate) static PENDING: HashMap<PendingKey, PendingCall> =
     HashMap::with_max_entries(DEFAULT_MAX_PENDING, 0);
 
+/// Event counters (`Counter`), per CPU; userspace sums them.
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 
@@ -47,6 +54,7 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM
 #[map]
 pub(crate) static ALLOCATOR_HULL: Array<TextRange> = Array::with_max_entries(1, 0);
 
+/// The probed allocator functions' code ranges (end 0: no more).
 #[map]
 pub(crate) static ALLOCATOR_TEXT: Array<TextRange> =
     Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
@@ -106,6 +114,7 @@ pub(crate) static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max
 #[map]
 pub(crate) static STACK_WINDOW: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
 
+/// Remembered walks, per CPU, by a hash of (rip, rsp) at the walk's start.
 #[map]
 pub(crate) static WALK_CACHE: PerCpuArray<CachedWalk> =
     PerCpuArray::with_max_entries(CACHE_SLOTS, 0);

@@ -40,6 +40,8 @@ pub(crate) fn in_allocator(addr: u64) -> bool {
 /// function: its return address (at [sp] on entry) is in one of their ranges.
 #[inline(always)]
 pub(crate) fn called_by_allocator(sp: u64) -> bool {
+    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
     match unsafe { bpf_probe_read_user(sp as *const u64) } {
         Ok(ret) => in_allocator(ret),
         Err(_) => false,
@@ -76,6 +78,8 @@ pub(crate) fn marked_caller(tid: u32, sp: u64) -> Caller {
     let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) else {
         return Caller::BySp;
     };
+    // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+    // run; volatile, as userspace and other CPUs change it.
     unsafe {
         if core::ptr::read_volatile(&raw const (*st).mode) != CALL_MARKS_BY_SITE {
             return Caller::BySp;
@@ -85,10 +89,14 @@ pub(crate) fn marked_caller(tid: u32, sp: u64) -> Caller {
         }
     }
     let key = PendingKey { tid, _pad: 0, sp };
+    // SAFETY: the u64 is copied at once; a deleted element stays readable until the program
+    // ends (RCU).
     let Some(&mark) = (unsafe { CALL_MARKS.get(&key) }) else {
         return Caller::User;
     };
     if CALL_MARKS.remove(&key).is_ok() {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run; an aligned u64 updated atomically.
         unsafe { add(&raw mut (*st).in_flight, u64::MAX) };
     }
     match mark {
@@ -105,6 +113,8 @@ pub(crate) fn marked_caller(tid: u32, sp: u64) -> Caller {
 #[inline(always)]
 pub(crate) fn may_be_tail_call() -> bool {
     match CALL_MARK_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run.
         Some(st) => unsafe { core::ptr::read_volatile(&raw const (*st).pending) != 0 },
         None => true,
     }
@@ -114,6 +124,8 @@ pub(crate) fn may_be_tail_call() -> bool {
 #[inline(always)]
 pub(crate) fn count_pending(delta: u64) {
     if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run; an aligned u64 updated atomically.
         unsafe { add(&raw mut (*st).pending, delta) };
     }
 }
@@ -140,6 +152,8 @@ pub(crate) fn leave_mark<C: EbpfContext>(ctx: &C, mark: u64) -> u32 {
     match CALL_MARKS.insert(&key, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+                // SAFETY: a pointer from an array map lookup: the element stays valid for the
+                // program's run; an aligned u64 updated atomically.
                 unsafe { add(&raw mut (*st).in_flight, 1) };
             }
         }

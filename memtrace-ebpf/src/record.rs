@@ -11,6 +11,7 @@ use memtrace_common::{ALLOC_KEY_EMPTY, Allocation, Counter};
 
 #[inline(always)]
 pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Option<WalkStart>) {
+    // SAFETY: a helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let stack_id = capture_stack(ctx, at);
     let (epoch, birth_offset) = epoch_at(now);

@@ -30,6 +30,7 @@ pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
         return 0;
     }
     let ctx = ProbeContext::new(ctx);
+    // SAFETY: the program's own context, as the helper expects.
     let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     if let Some((ptr, size, at)) = result_site(&ctx, (site >> 8) as u32) {
         record_alloc(&ctx, ptr, size, Some(at));
@@ -43,6 +44,8 @@ pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
 /// over the fields compiles to.
 #[inline(always)]
 fn reg_at(regs: *const aya_ebpf::bindings::pt_regs, r: u8) -> u64 {
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run; each field is read at its own constant offset.
     let all: [u64; 16] = unsafe {
         [
             read_volatile(&(*regs).r15),
@@ -76,6 +79,8 @@ fn stack_at(win: *const StackWindow, window: u32, sp: u64, off: i32) -> Option<u
         let o = off as u32;
         let i = (o >> 3) as usize;
         if o & 7 == 0 && o.wrapping_add(8) <= window && i < WINDOW_WORDS {
+            // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; `i` <
+            // WINDOW_WORDS was checked.
             return Some(unsafe { (*win).words[i] });
         }
     }
@@ -129,6 +134,8 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     let site = *RESULT_SITES.get(index)?;
     let win = STACK_WINDOW.get_ptr_mut(0)?;
     let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
     let (sp, flags) = unsafe { ((*regs).rsp, (*regs).eflags) };
     let entry_sp = sp.wrapping_add(site.entry_sp_delta as u64);
     let tgid = target_tgid();
@@ -157,6 +164,8 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     if may_be_tail_call() && PENDING.get_ptr(&key).is_some() {
         return None;
     }
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
     let slot = cache_slot(unsafe { (*regs).rip }, sp);
     let (window, whole) = read_site_window(&site, win, sp, slot, tgid);
     let loc = |at: (u8, u8, i32)| read_loc(regs, at, win, window, sp);
@@ -168,6 +177,8 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
         count(Counter::InternalCalls, 1);
         return None;
     }
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
     let ptr = unsafe { (*regs).rax };
     if outcome == RESULT_NULL || ptr == 0 {
         count(Counter::FailedAllocs, 1);
@@ -225,6 +236,9 @@ fn capture_size(
         read_loc(regs, size_at, win, 0, sp),
         CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)),
     ) {
+        // SAFETY: `c` is an element of the CAPTURES array, valid for the program's run; a
+        // thread sharing its slot can at worst overwrite the capture, which the tid/sp check on
+        // use catches.
         unsafe {
             *c = Capture {
                 tid,
@@ -261,6 +275,9 @@ fn read_site_window(
     // length bounded for the verifier wherever the comparison ends up.)
     if remembered != 0
         && remembered < WINDOW_BYTES
+        // SAFETY: `win` is this CPU's StackWindow and the length is masked below WINDOW_BYTES,
+        // its size; bpf_probe_read_user is fault-tolerant: a bad user address gives an error,
+        // not a fault.
         && unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
                 win.cast(),
@@ -279,6 +296,7 @@ fn read_site_window(
 #[inline(always)]
 fn forget_capture(tid: u32, entry_sp: u64) {
     if let Some(c) = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) {
+        // SAFETY: `c` is an element of the CAPTURES array, valid for the program's run.
         unsafe {
             if (*c).tid == tid && (*c).sp == entry_sp {
                 (*c).sp = 0;
@@ -293,6 +311,7 @@ fn forget_capture(tid: u32, entry_sp: u64) {
 #[inline(always)]
 fn captured_size(tid: u32, entry_sp: u64) -> Option<u64> {
     let c = CAPTURES.get_ptr_mut(tid & (SAMPLE_THREADS - 1))?;
+    // SAFETY: `c` is an element of the CAPTURES array, valid for the program's run.
     unsafe {
         if (*c).tid != tid || (*c).sp != entry_sp {
             // Another thread took the slot, a nested call, or

@@ -17,6 +17,7 @@ use memtrace_common::{LN2_Q16, SAMPLE_LOG2_SHIFT, SAMPLE_THREADS};
 /// check it).
 #[inline(always)]
 fn draw_gap(mean: u64) -> i64 {
+    // SAFETY: a helper with no preconditions.
     let r = unsafe { bpf_get_prandom_u32() } | 1;
     // msb = floor(log2 r), by halving.
     let (mut v, mut msb) = (r, 0u32);
@@ -60,6 +61,9 @@ pub(crate) fn sample(tid: u32, mean: u64, size: u64) -> bool {
     let Some(c) = COUNTDOWN.get_ptr_mut(tid & (SAMPLE_THREADS - 1)) else {
         return false;
     };
+    // SAFETY: `c` is an element of the COUNTDOWN array, valid for the program's run; two
+    // threads sharing a slot can at worst disturb each other's countdown, i.e. the sampling,
+    // not memory.
     unsafe {
         if (*c).tid != tid {
             // The thread's first allocation (or another thread had the slot).

@@ -41,16 +41,24 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
 /// `memtrace_common::KFUNCS`).
 #[inline(always)]
 fn session_cookie() -> *mut u64 {
+    // SAFETY: a stand-in helper number, never called as such: userspace
+    // rewrites the call into one of the bpf_session_cookie kfunc, whose
+    // signature this is.
     let f: unsafe extern "C" fn() -> *mut u64 =
         unsafe { core::mem::transmute(KFUNC_SESSION_COOKIE as usize) };
+    // SAFETY: the kfunc bpf_session_cookie (see above) takes no argument.
     unsafe { f() }
 }
 
 /// `bpf_session_is_return()`.
 #[inline(always)]
 fn session_is_return() -> bool {
+    // SAFETY: a stand-in helper number, never called as such: userspace
+    // rewrites the call into one of the bpf_session_is_return kfunc, whose
+    // signature this is.
     let f: unsafe extern "C" fn() -> u64 =
         unsafe { core::mem::transmute(KFUNC_SESSION_IS_RETURN as usize) };
+    // SAFETY: the kfunc bpf_session_is_return (see above) takes no argument.
     unsafe { f() & 1 != 0 }
 }
 
@@ -58,12 +66,14 @@ fn session_is_return() -> bool {
 fn session_step(ctx: ProbeContext) -> u32 {
     let cookie = session_cookie();
     if !session_is_return() {
+        // SAFETY: the program's own context, as the helper expects.
         let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
         return session_entry(&ctx, cookie, site);
     }
     let in_cookie = if cookie.is_null() {
         0
     } else {
+        // SAFETY: `cookie` is this call's session cookie (8 bytes), checked non-null.
         unsafe { *cookie }
     };
     if let Some((ptr, size)) = exit(&ctx, regs_ret(&ctx), in_cookie) {
@@ -84,6 +94,7 @@ fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: u64) -> u32 {
         return SKIP_RETURN;
     };
     if !cookie.is_null() {
+        // SAFETY: `cookie` is this call's session cookie (8 bytes), checked non-null.
         unsafe { *cookie = 0 };
     }
     let keep_in = if site & SITE_CALL_IN_COOKIE != 0 {

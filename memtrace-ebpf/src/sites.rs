@@ -41,6 +41,9 @@ pub(crate) fn site_add(a: &Allocation) -> bool {
         site = SITES.get_ptr_mut(&key);
     }
     let Some(site) = site else { return false };
+    // SAFETY: `site` comes from a hash map lookup: the kernel keeps the element's memory until
+    // the programs that may hold it end (RCU); the fields are u64/i64, aligned, and updated
+    // atomically.
     unsafe {
         add(&raw mut (*site).outstanding_blocks, 1);
         add(&raw mut (*site).outstanding_bytes, a.size as i64);
@@ -56,6 +59,8 @@ pub(crate) fn site_add(a: &Allocation) -> bool {
 pub(crate) fn site_sub(a: &Allocation) {
     let key = site_key(a);
     if let Some(site) = SITES.get_ptr_mut(&key) {
+        // SAFETY: as in `site_add`: an element from a lookup, valid for the program's run;
+        // atomic updates of aligned fields.
         unsafe {
             add(&raw mut (*site).outstanding_blocks, -1);
             add(&raw mut (*site).outstanding_bytes, -(a.size as i64));

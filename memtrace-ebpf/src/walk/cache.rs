@@ -50,12 +50,16 @@ struct CheckWords {
 /// comparing, checked against the window. (A bpf_loop callback: the
 /// verifier checks it once, not once per word.)
 extern "C" fn check_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `walk_check`'s pointer to its CheckWords, which lives on its
+    // stack for the whole loop and is used by nothing else meanwhile.
     let s = unsafe { &mut *(ctx as *mut CheckWords) };
     let (Some(c), Some(win)) = (WALK_CACHE.get_ptr(s.slot), STACK_WINDOW.get_ptr(0)) else {
         s.mismatch = 1;
         return 1;
     };
     let k = k as usize;
+    // SAFETY: both pointers come from per-CPU array lookups just made: valid for the program's
+    // run.
     let (c, win) = unsafe { (&*c, &*win) };
     if k >= CACHE_WORDS || k >= c.words as usize {
         return 1;
@@ -103,6 +107,7 @@ pub(crate) fn walk_check(slot: u32, c: &CachedWalk, compare: bool) -> Option<u64
     if words <= UNROLLED_WORDS {
         // Most walks depend on a few words (two per frame at most): a
         // bounded loop, with no callback call per word.
+        // SAFETY: this CPU's element of a per-CPU array, valid for the program's run.
         let win = unsafe { &*STACK_WINDOW.get_ptr(0)? };
         let mut k = 0;
         while k < UNROLLED_WORDS && k < words {
@@ -118,6 +123,7 @@ pub(crate) fn walk_check(slot: u32, c: &CachedWalk, compare: bool) -> Option<u64
         mismatch: 0,
         _pad: 0,
     };
+    // SAFETY: `s` outlives the loop, and check_step takes exactly this context type.
     unsafe {
         bpf_loop(
             CACHE_WORDS as u32,
@@ -155,6 +161,9 @@ pub(crate) fn remembered_walk(
     }
     // A result site has read the window already.
     if start.window < extent {
+        // SAFETY: `win` is this CPU's StackWindow (WINDOW_BYTES) and `extent` <= WINDOW_BYTES
+        // was checked above; bpf_probe_read_user is fault-tolerant: a bad user address gives an
+        // error, not a fault.
         let rc = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
                 win.cast(),

@@ -69,6 +69,9 @@ pub(crate) fn cache_slot(rip: u64, rsp: u64) -> u32 {
 /// when the stack ends sooner. Returns the bytes read.
 #[inline(always)]
 pub(crate) fn read_window(win: *mut StackWindow, sp: u64) -> u32 {
+    // SAFETY: `win` is this CPU's StackWindow and every `len` is at most WINDOW_BYTES, its
+    // size; bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
     let read = |len: u32| unsafe {
         aya_ebpf::helpers::generated::bpf_probe_read_user(win.cast(), len, sp as *const _) == 0
     };
@@ -96,6 +99,8 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
     };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; nothing else
+    // in this program refers to it.
     let scratch = unsafe { &mut *scratch };
     // (Only the target's tasks get here: see `is_target`.)
     let tgid = target_tgid();
@@ -105,6 +110,7 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     let start = match at {
         Some(at) => at,
         None => {
+            // SAFETY: only the presence of the key is used, not the value.
             if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
                 return frame_pointer_stack(ctx, scratch);
             }
@@ -119,6 +125,9 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
     };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run. (Another
+    // program preempting this one may write the same slot: `check` then fails to match, see
+    // CachedWalk.)
     let cached = unsafe { &mut *cached };
     if let Some(id) = remembered_walk(cached, win, generation, tgid, &start) {
         count_walk(cached.fp_frames, cached.stop);
@@ -126,6 +135,7 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     }
     // With no tables (a result site's caller) the walk below finds no
     // rows and follows frame pointers, as bpf_get_stack does.
+    // SAFETY: only the presence of the key is used, not the value.
     let no_tables = !tables_known && unsafe { PROC_TABLES.get(&tgid) }.is_none();
     let window = if start.whole != 0 {
         start.window
@@ -155,6 +165,8 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
 /// STACKS, or NO_STACK.
 #[inline(always)]
 fn frame_pointer_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> u64 {
+    // SAFETY: the buffer is the scratch stack's `frames`, MAX_STACK_DEPTH u64s: exactly the
+    // size passed; bpf_get_stack reads user memory fault-tolerantly.
     let n = unsafe {
         bpf_get_stack(
             ctx.as_ptr(),
@@ -176,6 +188,8 @@ fn frame_pointer_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> u64
 #[inline(always)]
 fn start_at_registers<C: EbpfContext>(ctx: &C) -> WalkStart {
     let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
     let (pc, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     WalkStart {
         pc,

@@ -67,6 +67,7 @@ impl Walk {
 /// Walks the stack from `w` into STACK_SCRATCH, one `walk_step` per frame.
 #[inline(always)]
 pub(crate) fn walk(w: &mut Walk) {
+    // SAFETY: `w` outlives the loop, and walk_step takes exactly this context type.
     unsafe {
         bpf_loop(
             MAX_STACK_DEPTH as u32 + 1,
@@ -86,6 +87,9 @@ fn find_row(tgid: u32, pc: u64) -> Option<UnwindRow> {
         _pad: 0,
         page: pc >> PC_PAGE_SHIFT,
     };
+    // SAFETY: a hash map element stays readable until the program ends even if userspace
+    // deletes it (RCU); a concurrent update can at worst give a torn row range, and
+    // UNWIND_ROWS.get bounds every index.
     let page = unsafe { PC_PAGES.get(&key) }?;
     if page.row_count == 0 {
         return None;
@@ -119,11 +123,15 @@ fn window_word(w: &mut Walk, addr: u64, record: bool) -> Option<u64> {
         return None;
     }
     let win = STACK_WINDOW.get_ptr(0)?;
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; `i` <
+    // WINDOW_WORDS was checked.
     let v = unsafe { (*win).words[i] };
     if record && w.cacheable != 0 {
         let n = w.words as usize;
         match WALK_CACHE.get_ptr_mut(w.slot) {
             Some(c) if n < CACHE_WORDS => {
+                // SAFETY: this CPU's element of a per-CPU array, valid for the program's run;
+                // `n` < CACHE_WORDS was checked.
                 unsafe {
                     (*c).index[n] = i as u32;
                     (*c).value[n] = v;
@@ -177,10 +185,14 @@ pub(crate) fn stop(w: &mut Walk, flag: u32, reason: Counter) -> i64 {
 /// One step of the walk: records `w.pc`, then moves to the caller.
 /// Returns 1 to stop (bpf_loop's convention).
 pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `walk`'s pointer to the Walk on its caller's stack, live for
+    // the whole loop and used by nothing else meanwhile.
     let w = unsafe { &mut *(ctx as *mut Walk) };
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; nothing else
+    // in this program refers to it during the step.
     let scratch = unsafe { &mut *scratch };
     let n = w.len as usize;
     if n >= MAX_STACK_DEPTH {
@@ -268,6 +280,7 @@ pub(crate) fn count_walk(fp_frames: u32, stop: u32) {
     }
     if stop != 0 && stop <= NUM_COUNTERS {
         if let Some(p) = COUNTERS.get_ptr_mut(stop - 1) {
+            // SAFETY: this CPU's counter, valid for the program's run (see `count`).
             unsafe { *p += 1 };
         }
     }

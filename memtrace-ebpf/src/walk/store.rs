@@ -21,6 +21,8 @@ struct FramesLoop {
 /// One frame of STACK_SCRATCH: mixed into the hash, or compared with the
 /// stored stack. (A bpf_loop callback: verified once, whatever the length.)
 extern "C" fn frames_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `store_stack`'s pointer to its FramesLoop, which lives on
+    // its stack for the whole loop and is used by nothing else meanwhile.
     let s = unsafe { &mut *(ctx as *mut FramesLoop) };
     let i = i as usize;
     if i >= MAX_STACK_DEPTH || i >= s.len as usize {
@@ -30,11 +32,15 @@ extern "C" fn frames_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         s.differ = 1;
         return 1;
     };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; `i` <
+    // MAX_STACK_DEPTH was checked.
     let pc = unsafe { (*scratch).frames[i] };
     if s.compare == 0 {
         s.hash = mix(s.hash, pc);
         return 0;
     }
+    // SAFETY: STACKS entries are never updated in place, and a deleted one stays readable until
+    // the program ends (RCU).
     match unsafe { STACKS.get(&s.stacks_key) } {
         Some(existing) if existing.frames[i] == pc => 0,
         _ => {
@@ -57,6 +63,7 @@ pub(crate) fn store_stack(scratch: &StackTrace) -> u64 {
         differ: 0,
         _pad: 0,
     };
+    // SAFETY: `s` outlives the loop, and frames_step takes exactly this context type.
     let frames_loop = |s: &mut FramesLoop| unsafe {
         bpf_loop(
             MAX_STACK_DEPTH as u32,
@@ -67,6 +74,8 @@ pub(crate) fn store_stack(scratch: &StackTrace) -> u64 {
     };
     frames_loop(&mut s);
     let h = if s.hash == NO_STACK { 1 } else { s.hash };
+    // SAFETY: STACKS entries are never updated in place, and a deleted one stays readable until
+    // the program ends (RCU).
     match unsafe { STACKS.get(&h) } {
         Some(existing) => {
             s.compare = 1;
