@@ -1,12 +1,47 @@
-//! memtrace's kernel side: uprobes on the target's allocator entry points.
+//! memtrace's kernel side: uprobes on the target's allocator that keep every
+//! outstanding block, and the stack that allocated it, in BPF maps.
 //!
-//! Entry probes remember each call in `PENDING` (keyed by thread and stack
-//! pointer, so nested and recursive calls on one thread do not clobber each
-//! other); the shared return probe turns a successful call into a slot of the
-//! block table `ALLOC_KEYS`/`ALLOCS` (address → size, stack, time; see
-//! `memtrace_common::AllocKeys`) and updates the per-stack aggregate in
-//! `SITES`; the free probe retires blocks. Every event that cannot be recorded is
-//! counted in `COUNTERS`.
+//! **Programs, by hook family.** An allocating call is seen in one of three
+//! ways, chosen by userspace: classic probes (`classic`: one entry uprobe per
+//! allocating function, `malloc_enter` … `pvalloc_enter`, and the shared
+//! return probe `alloc_return`); a uprobe session (`session`:
+//! `alloc_session` runs at the entry and at the return of every allocating
+//! function through one uprobe_multi link, and also at the allocator's own
+//! call sites, where it leaves call marks, see `marks`); or result sites
+//! (`result_site`: `alloc_result` runs inside an allocating function where
+//! its outcome is already known, one trap per call). `free_enter` (`free`)
+//! retires blocks; `loader_breakpoint` (`loader`) stops a launched child at
+//! the dynamic loader's breakpoint so that userspace can attach first.
+//!
+//! **How an allocation flows.** The entry (`call::enter`) drops the
+//! allocator's own calls and tail calls (`marks`), draws the sampling
+//! decision (`sampling`) and keeps the call, by thread and stack pointer, in
+//! `PENDING` (or in the session's cookie when only its size is needed). The
+//! return (`call::exit`) takes the call back, works out the block (the
+//! return value, posix_memalign's out pointer, realloc's old block retired),
+//! and `record::record_alloc` walks the stack into `STACKS`, enters the block
+//! in the block table `ALLOC_KEYS`/`ALLOCS` (`blocks`: address → size, stack,
+//! time) and adds it to its site's aggregate for its birth epoch in `SITES`
+//! (`sites`). A result site goes straight to `record_alloc` with the size it
+//! reads (or captured earlier in `CAPTURES`). `free_enter` finds the block
+//! by address, clears its slot and takes it out of its aggregate. Every event
+//! that cannot be recorded is counted in `COUNTERS` (`counters`).
+//!
+//! **The stack walk** (`walk`) uses the unwind rows userspace compiled from
+//! each module's `.eh_frame` (`UNWIND_ROWS`, indexed by code page in
+//! `PC_PAGES`), one frame per `bpf_loop` iteration (`walk::step`), falling
+//! back to the frame pointer where a pc has no row; a process without
+//! tables is walked by `bpf_get_stack`. The first 1 KiB of stack is read in
+//! one go (`STACK_WINDOW`); a walk that read only that window is remembered
+//! in `WALK_CACHE` (`walk::cache`) and repeated by checking the words it
+//! depended on. Stacks are stored once, by hash (`walk::store`).
+//!
+//! **Sampling** (`--sample-bytes`, `SAMPLE_MEAN_BYTES` != 0) is
+//! byte-weighted: each thread counts down the bytes to its next sample point
+//! (`COUNTDOWN`), drawn from an exponential distribution with the help of
+//! the `SAMPLE_LOG2` table; unsampled calls skip their return where they can.
+//!
+//! Every map, program and global, with who writes and reads it: docs/bpf.md.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // The BPF target has no atomic types with fetch_add; the intrinsic lowers to the
 // BPF atomic add instruction.
