@@ -1,0 +1,49 @@
+//! The free probe: retires a block.
+
+use crate::blocks::retire;
+use crate::call::arg;
+use crate::counters::count;
+use crate::globals::{empty_programs, sample_mean};
+use crate::maps::PENDING;
+use crate::marks::{Caller, called_by_allocator, marked_caller, may_be_tail_call};
+use crate::target::{regs_sp, target_thread};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use memtrace_common::{Counter, PendingKey};
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    if empty_programs() {
+        return 0;
+    }
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    let ptr = arg(&ctx, 0);
+    if ptr == 0 {
+        return 0;
+    }
+    let key = PendingKey {
+        tid,
+        _pad: 0,
+        sp: regs_sp(&ctx),
+    };
+    // A free made by the allocator (glibc's realloc(p, 0) frees p): the
+    // return probe of the outer call accounts for it.
+    let internal = match marked_caller(key.tid, key.sp) {
+        Caller::Allocator | Caller::TailCall => true,
+        caller => {
+            (may_be_tail_call() && PENDING.get_ptr(&key).is_some())
+                || (caller == Caller::BySp && called_by_allocator(key.sp))
+        }
+    };
+    if internal {
+        count(Counter::InternalCalls, 1);
+        return 0;
+    }
+    count(Counter::FreeCalls, 1);
+    // With sampling, most freed blocks were never recorded.
+    if !retire(ptr, u64::MAX) && sample_mean() == 0 {
+        count(Counter::FreeUnknown, 1);
+    }
+    0
+}

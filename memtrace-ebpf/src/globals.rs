@@ -1,0 +1,69 @@
+//! The globals: the read-only ones userspace sets before load, OPAQUE_ZERO,
+//! and their readers (always volatile reads).
+
+use core::ptr::read_volatile;
+use memtrace_common::{DEFAULT_MAX_OUTSTANDING, alloc_buckets};
+
+/// Process being traced (set by userspace before load). The probes are
+/// attached bound to this pid already; the check guards against anything
+/// else that shares the mapped file's inode reaching our programs.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+
+/// `--sample-bytes`: mean distance in bytes between sampled allocations
+/// (0: exact, every allocation is recorded). Set by userspace before load.
+#[unsafe(no_mangle)]
+static SAMPLE_MEAN_BYTES: u64 = 0;
+
+/// 1: every program returns at once (`MEMTRACE_EMPTY_PROGRAMS=1`, for the
+/// benchmark's floor: the cost of the traps alone at memtrace's probe
+/// sites). A read-only global: the verifier drops the branch when it is 0.
+#[unsafe(no_mangle)]
+static EMPTY_PROGRAMS: u32 = 0;
+
+#[inline(always)]
+pub(crate) fn empty_programs() -> bool {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&EMPTY_PROGRAMS) != 0 }
+}
+
+/// Buckets of the block table (set by userspace before load: the entries
+/// of `ALLOC_KEYS` and `ALLOCS`).
+#[unsafe(no_mangle)]
+static ALLOC_BUCKETS: u32 = alloc_buckets(DEFAULT_MAX_OUTSTANDING);
+
+#[inline(always)]
+pub(crate) fn target_tgid() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&TARGET_TGID) }
+}
+
+/// Zero, but unknown to the verifier: counters of a bpf_loop state that
+/// start from it have no exact value, so the verifier's states of two
+/// iterations compare equal and it checks the callback a few times instead
+/// of once per possible iteration (which runs out of its budget).
+#[unsafe(no_mangle)]
+static mut OPAQUE_ZERO: u32 = 0;
+
+#[inline(always)]
+pub(crate) fn opaque_zero() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&raw const OPAQUE_ZERO) }
+}
+
+#[inline(always)]
+pub(crate) fn table_buckets() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&ALLOC_BUCKETS) }
+}
+
+#[inline(always)]
+pub(crate) fn sample_mean() -> u64 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&SAMPLE_MEAN_BYTES) }
+}

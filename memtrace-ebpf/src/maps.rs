@@ -1,0 +1,125 @@
+//! Every map of the BPF object, in one place (see docs/bpf.md for who
+//! writes and reads each).
+
+use crate::walk::cache::CachedWalk;
+use crate::walk::{CACHE_SLOTS, StackWindow};
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE, bindings::BPF_F_NO_PREALLOC, macros::map, maps::Array, maps::HashMap,
+    maps::PerCpuArray,
+};
+use memtrace_common::{
+    AllocBucket, AllocKeys, CallMarkState, Capture, Countdown, DEFAULT_MAX_OUTSTANDING,
+    DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch,
+    MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS, MAX_RESULT_SITES, NUM_COUNTERS, PageKey, PageRows,
+    PendingCall, PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats,
+    StackTrace, TextRange, UnwindRow, alloc_buckets,
+};
+
+/// The block table: each bucket's addresses, and its blocks.
+#[map]
+pub(crate) static ALLOC_KEYS: Array<AllocKeys> =
+    Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
+
+/// The block table's blocks: bucket → one `Allocation` per slot of its
+/// ALLOC_KEYS bucket. Sized by userspace (`ALLOC_BUCKETS`).
+#[map]
+pub(crate) static ALLOCS: Array<AllocBucket> =
+    Array::with_max_entries(alloc_buckets(DEFAULT_MAX_OUTSTANDING), BPF_F_MMAPABLE);
+
+/// Per-stack aggregates, by (stack, birth epoch). Sized by userspace.
+#[map]
+pub(crate) static SITES: HashMap<SiteKey, SiteStats> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+/// The current birth epoch (one entry, written by userspace).
+#[map]
+pub(crate) static EPOCH: Array<Epoch> = Array::with_max_entries(1, 0);
+
+/// Walked stacks by the hash of their frames. Sized by userspace
+/// (`--max-stacks`).
+#[map]
+pub(crate) static STACKS: HashMap<u64, StackTrace> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+/// Calls between their entry and their return: (thread, sp at entry) → call.
+#[map]
+pub(crate) static PENDING: HashMap<PendingKey, PendingCall> =
+    HashMap::with_max_entries(DEFAULT_MAX_PENDING, 0);
+
+/// Event counters (`Counter`), per CPU; userspace sums them.
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// From the lowest start to the highest end of ALLOCATOR_TEXT.
+#[map]
+pub(crate) static ALLOCATOR_HULL: Array<TextRange> = Array::with_max_entries(1, 0);
+
+/// The probed allocator functions' code ranges (end 0: no more).
+#[map]
+pub(crate) static ALLOCATOR_TEXT: Array<TextRange> =
+    Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
+
+/// How the allocator's own calls are told from users' (see
+/// `memtrace_common::CALL_MARKS_BY_SITE`), and how many marks are in flight.
+#[map]
+pub(crate) static CALL_MARK_STATE: Array<CallMarkState> = Array::with_max_entries(1, 0);
+
+/// Marks left by the probes on the allocator's own calls: (thread, the
+/// callee's rsp at its probe) → MARK_CALL, MARK_TAIL or MARK_CHECK.
+#[map]
+pub(crate) static CALL_MARKS: HashMap<PendingKey, u64> =
+    HashMap::with_max_entries(MAX_CALL_MARKS, 0);
+
+/// Every module's unwind rows, each module's a sorted run (see ExecMapping).
+#[map]
+pub(crate) static UNWIND_ROWS: Array<UnwindRow> =
+    Array::with_max_entries(DEFAULT_MAX_UNWIND_ROWS, 0);
+
+/// (tgid, code page) → the rows covering that page.
+#[map]
+pub(crate) static PC_PAGES: HashMap<PageKey, PageRows> =
+    HashMap::with_max_entries(DEFAULT_MAX_PC_PAGES, BPF_F_NO_PREALLOC);
+
+/// Processes whose unwind tables are loaded (tgid → 1). Others are walked
+/// with frame pointers (bpf_get_stack).
+#[map]
+pub(crate) static PROC_TABLES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Sampling: log2(1 + i/1024), written by userspace (see
+/// `memtrace_common::SAMPLE_LOG2_ENTRIES`): BPF has no floating point.
+#[map]
+pub(crate) static SAMPLE_LOG2: Array<u32> = Array::with_max_entries(SAMPLE_LOG2_ENTRIES, 0);
+
+/// Sampling: per thread, bytes left until the next sampled allocation
+/// (see `memtrace_common::Countdown`). An array, not an LRU hash: one
+/// inlined lookup, ~70 ns less per sampled-mode allocation call.
+#[map]
+pub(crate) static COUNTDOWN: Array<Countdown> = Array::with_max_entries(SAMPLE_THREADS, 0);
+
+/// Result sites (see `memtrace_common::ResultSite`), by the index in
+/// their attach cookie. Written by userspace before attaching.
+#[map]
+pub(crate) static RESULT_SITES: Array<ResultSite> = Array::with_max_entries(MAX_RESULT_SITES, 0);
+
+/// Sizes captured by result sites for a later site of the same call, per
+/// thread (as COUNTDOWN).
+#[map]
+pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(SAMPLE_THREADS, 0);
+
+/// Scratch space for one stack, per CPU: too big for the 512-byte BPF stack.
+#[map]
+pub(crate) static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// The stack window of the current walk, per CPU.
+#[map]
+pub(crate) static STACK_WINDOW: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Remembered walks, per CPU, by a hash of (rip, rsp) at the walk's start.
+#[map]
+pub(crate) static WALK_CACHE: PerCpuArray<CachedWalk> =
+    PerCpuArray::with_max_entries(CACHE_SLOTS, 0);
+
+/// Bumped by userspace after every change to the unwind tables: remembered
+/// walks of an older generation are not used.
+#[map]
+pub(crate) static TABLES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);

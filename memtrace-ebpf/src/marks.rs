@@ -1,0 +1,168 @@
+//! Telling the allocator's own calls from users': call marks, return
+//! addresses, tail calls of pending calls.
+
+use crate::atomic::add;
+use crate::call::SKIP_RETURN;
+use crate::counters::count;
+use crate::maps::{ALLOCATOR_HULL, ALLOCATOR_TEXT, CALL_MARK_STATE, CALL_MARKS};
+use crate::target::{regs_sp, target_thread};
+use aya_ebpf::{
+    EbpfContext, bindings::BPF_ANY, bindings::BPF_NOEXIST, helpers::bpf_probe_read_user,
+};
+use memtrace_common::{CALL_MARKS_BY_SITE, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
+
+/// Whether `addr` is inside one of the probed allocator functions.
+#[inline(always)]
+pub(crate) fn in_allocator(addr: u64) -> bool {
+    // Most addresses (users' return addresses) are outside the span of
+    // them all: one comparison.
+    if let Some(hull) = ALLOCATOR_HULL.get(0) {
+        if hull.end != 0 && (addr < hull.start || addr >= hull.end) {
+            return false;
+        }
+    }
+    let mut i = 0;
+    while i < MAX_ALLOCATOR_FUNCTIONS {
+        match ALLOCATOR_TEXT.get(i) {
+            Some(r) if r.end != 0 => {
+                if addr >= r.start && addr < r.end {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether the call being entered was made from inside a probed allocator
+/// function: its return address (at [sp] on entry) is in one of their ranges.
+#[inline(always)]
+pub(crate) fn called_by_allocator(sp: u64) -> bool {
+    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
+    match unsafe { bpf_probe_read_user(sp as *const u64) } {
+        Ok(ret) => in_allocator(ret),
+        Err(_) => false,
+    }
+}
+
+/// A mark's value: a probed function's `call`, its `jmp`, or a jump in
+/// code it called (the callee checks its return address).
+pub(crate) const MARK_CALL: u64 = 0;
+
+pub(crate) const MARK_TAIL: u64 = 1;
+
+pub(crate) const MARK_CHECK: u64 = 2;
+
+/// Who made the call being entered, as far as the allocator's own calls go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// A user's call.
+    User,
+    /// A call made by a probed allocator function: part of its own call.
+    Allocator,
+    /// A probed allocator function jumped here: still its call.
+    TailCall,
+    /// Unknown from marks (`CALL_MARKS_BY_SP`): look at [sp] and PENDING.
+    BySp,
+}
+
+/// The caller of the entry of thread `tid` at stack pointer `sp`, by the
+/// marks the allocator's own call sites leave. With no mark in flight,
+/// this is one array read. (`User` and `BySp` may still be a tail call of
+/// a pending call: see `may_be_tail_call`.)
+#[inline(always)]
+pub(crate) fn marked_caller(tid: u32, sp: u64) -> Caller {
+    let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) else {
+        return Caller::BySp;
+    };
+    // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+    // run; volatile, as userspace and other CPUs change it.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*st).mode) != CALL_MARKS_BY_SITE {
+            return Caller::BySp;
+        }
+        if core::ptr::read_volatile(&raw const (*st).in_flight) == 0 {
+            return Caller::User;
+        }
+    }
+    let key = PendingKey { tid, _pad: 0, sp };
+    // SAFETY: the u64 is copied at once; a deleted element stays readable until the program
+    // ends (RCU).
+    let Some(&mark) = (unsafe { CALL_MARKS.get(&key) }) else {
+        return Caller::User;
+    };
+    if CALL_MARKS.remove(&key).is_ok() {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run; an aligned u64 updated atomically.
+        unsafe { add(&raw mut (*st).in_flight, u64::MAX) };
+    }
+    match mark {
+        MARK_CALL => Caller::Allocator,
+        MARK_TAIL => Caller::TailCall,
+        _ => Caller::BySp,
+    }
+}
+
+/// Whether any call is in PENDING: only then can an entry be the tail call
+/// of a pending call (glibc's memalign jumps to `_mid_memalign`, which
+/// jumps to malloc: that jump is not in a probed function). Counted with
+/// marks or without.
+#[inline(always)]
+pub(crate) fn may_be_tail_call() -> bool {
+    match CALL_MARK_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run.
+        Some(st) => unsafe { core::ptr::read_volatile(&raw const (*st).pending) != 0 },
+        None => true,
+    }
+}
+
+/// Counts a call into or out of PENDING (see `CallMarkState::pending`).
+#[inline(always)]
+pub(crate) fn count_pending(delta: u64) {
+    if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
+        // run; an aligned u64 updated atomically.
+        unsafe { add(&raw mut (*st).pending, delta) };
+    }
+}
+
+/// A probe on one of the allocator's own calls or jumps into a probed
+/// function (`mark`: MARK_*): marks the callee's coming entry on this thread.
+#[inline(always)]
+pub(crate) fn leave_mark<C: EbpfContext>(ctx: &C, mark: u64) -> u32 {
+    let Some(tid) = target_thread() else {
+        return SKIP_RETURN;
+    };
+    let sp = regs_sp(ctx);
+    let key = PendingKey {
+        tid,
+        _pad: 0,
+        // A call pushes the return address before the callee's probe.
+        sp: if mark == MARK_CALL {
+            sp.wrapping_sub(8)
+        } else {
+            sp
+        },
+    };
+    let value = mark;
+    match CALL_MARKS.insert(&key, &value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(st) = CALL_MARK_STATE.get_ptr_mut(0) {
+                // SAFETY: a pointer from an array map lookup: the element stays valid for the
+                // program's run; an aligned u64 updated atomically.
+                unsafe { add(&raw mut (*st).in_flight, 1) };
+            }
+        }
+        // The same mark, never taken: keep one.
+        Err(e) if e == -17 => {
+            let _ = CALL_MARKS.insert(&key, &value, BPF_ANY as u64);
+        }
+        // The callee will count as a user's call: say so.
+        Err(_) => count(Counter::DroppedPendingFull, 1),
+    }
+    SKIP_RETURN
+}

@@ -1,0 +1,38 @@
+//! Recording a returned block: its stack, its slot in the block table and
+//! its site's aggregate.
+
+use crate::atomic::cas;
+use crate::blocks::insert_block;
+use crate::counters::count;
+use crate::sites::{epoch_at, site_add};
+use crate::walk::{WalkStart, capture_stack};
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
+use memtrace_common::{ALLOC_KEY_EMPTY, Allocation, Counter};
+
+#[inline(always)]
+pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Option<WalkStart>) {
+    // SAFETY: a helper with no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let stack_id = capture_stack(ctx, at);
+    let (epoch, birth_offset) = epoch_at(now);
+    let a = Allocation {
+        size,
+        stack_id,
+        timestamp_ns: now,
+        epoch,
+        birth_offset,
+    };
+    // (No free can come between the two updates: the caller has not been
+    // given the address yet.)
+    let Some(slot) = insert_block(ptr, &a) else {
+        count(Counter::DroppedAllocMapFull, 1);
+        return;
+    };
+    if !site_add(&a) {
+        let _ = cas(slot.key, ptr, ALLOC_KEY_EMPTY);
+        count(Counter::DroppedSiteMapFull, 1);
+        return;
+    }
+    count(Counter::AllocCalls, 1);
+    count(Counter::AllocBytes, size);
+}

@@ -1,0 +1,51 @@
+//! The target check, the probe context's registers and reads of the
+//! target's memory.
+
+use crate::globals::target_tgid;
+use aya_ebpf::{EbpfContext, helpers::bpf_get_current_pid_tgid, helpers::bpf_probe_read_user};
+
+/// Whether the current task is the target's. Every program checks this
+/// first, so past it the current tgid is `target_tgid()`.
+#[inline(always)]
+pub(crate) fn is_target() -> bool {
+    target_thread().is_some()
+}
+
+/// The current thread's id, if it is one of the target's.
+#[inline(always)]
+pub(crate) fn target_thread() -> Option<u32> {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32 == target_tgid()).then_some(id as u32)
+}
+
+#[inline(always)]
+pub(crate) fn regs_sp<C: EbpfContext>(ctx: &C) -> u64 {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
+    unsafe { (*regs).rsp }
+}
+
+/// Reads two consecutive u64s of the target's memory.
+#[inline(always)]
+pub(crate) fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
+}
+
+/// Reads one u64 of the target's memory.
+#[inline(always)]
+pub(crate) fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
+    // fault.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+#[inline(always)]
+pub(crate) fn regs_ret<C: EbpfContext>(ctx: &C) -> u64 {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
+    // run.
+    unsafe { (*regs).rax }
+}

@@ -1,0 +1,102 @@
+//! Storing a walked stack in STACKS, keyed by the hash of its frames.
+
+use crate::counters::count;
+use crate::maps::{STACK_SCRATCH, STACKS};
+use crate::walk::mix;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_loop};
+use memtrace_common::{Counter, MAX_STACK_DEPTH, NO_STACK, StackTrace};
+
+/// State of `frames_step`'s loop over the frames in STACK_SCRATCH.
+#[repr(C)]
+struct FramesLoop {
+    len: u32,
+    /// 0: hash the frames; 1: compare them with `stacks_key`'s entry.
+    compare: u32,
+    hash: u64,
+    stacks_key: u64,
+    differ: u32,
+    _pad: u32,
+}
+
+/// One frame of STACK_SCRATCH: mixed into the hash, or compared with the
+/// stored stack. (A bpf_loop callback: verified once, whatever the length.)
+extern "C" fn frames_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `store_stack`'s pointer to its FramesLoop, which lives on
+    // its stack for the whole loop and is used by nothing else meanwhile.
+    let s = unsafe { &mut *(ctx as *mut FramesLoop) };
+    let i = i as usize;
+    if i >= MAX_STACK_DEPTH || i >= s.len as usize {
+        return 1;
+    }
+    let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
+        s.differ = 1;
+        return 1;
+    };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; `i` <
+    // MAX_STACK_DEPTH was checked.
+    let pc = unsafe { (*scratch).frames[i] };
+    if s.compare == 0 {
+        s.hash = mix(s.hash, pc);
+        return 0;
+    }
+    // SAFETY: STACKS entries are never updated in place, and a deleted one stays readable until
+    // the program ends (RCU).
+    match unsafe { STACKS.get(&s.stacks_key) } {
+        Some(existing) if existing.frames[i] == pc => 0,
+        _ => {
+            s.differ = 1;
+            1
+        }
+    }
+}
+
+/// The key in STACKS of the stack in STACK_SCRATCH (stored if new), or
+/// NO_STACK with the reason counted.
+#[inline(always)]
+pub(crate) fn store_stack(scratch: &StackTrace) -> u64 {
+    let len = scratch.len.min(MAX_STACK_DEPTH as u32);
+    let mut s = FramesLoop {
+        len,
+        compare: 0,
+        hash: 0x6d65_6d74_7261_6365 ^ len as u64,
+        stacks_key: 0,
+        differ: 0,
+        _pad: 0,
+    };
+    // SAFETY: `s` outlives the loop, and frames_step takes exactly this context type.
+    let frames_loop = |s: &mut FramesLoop| unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32,
+            frames_step as *mut core::ffi::c_void,
+            (s as *mut FramesLoop).cast(),
+            0,
+        )
+    };
+    frames_loop(&mut s);
+    let h = if s.hash == NO_STACK { 1 } else { s.hash };
+    // SAFETY: STACKS entries are never updated in place, and a deleted one stays readable until
+    // the program ends (RCU).
+    match unsafe { STACKS.get(&h) } {
+        Some(existing) => {
+            s.compare = 1;
+            s.stacks_key = h;
+            if existing.len != len || {
+                frames_loop(&mut s);
+                s.differ != 0
+            } {
+                count(Counter::StackHashCollisions, 1);
+                return NO_STACK;
+            }
+            h
+        }
+        None => match STACKS.insert(&h, scratch, BPF_NOEXIST as u64) {
+            Ok(()) => h,
+            // Another CPU stored the same stack first: fine.
+            Err(e) if e == -17 => h,
+            Err(_) => {
+                count(Counter::StackMapFull, 1);
+                NO_STACK
+            }
+        },
+    }
+}
