@@ -18,7 +18,7 @@ const STAGES: &[&str] = &[
 ];
 
 /// Importable from anywhere.
-const LEAVES: &[&str] = &["units", "knobs"];
+const LEAVES: &[&str] = &["units", "knobs", "escape"];
 
 /// The stage that `crate::NAME` names, if NAME is one.
 fn stage(name: &str) -> Option<usize> {
