@@ -810,6 +810,66 @@ fn file_id(f: &File) -> Option<(u64, u64)> {
     f.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The `PT_LOAD` headers, for [`file_offset_to_vaddr`].
+fn load_segments(obj: &object::File<'_>) -> Vec<Segment> {
+    obj.segments()
+        .map(|s| {
+            let (offset, filesz) = s.file_range();
+            let exec = match s.flags() {
+                object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
+                _ => false,
+            };
+            Segment {
+                offset,
+                filesz,
+                vaddr: s.address(),
+                exec,
+            }
+        })
+        .collect()
+}
+
+/// The separate debug file of a module without `.debug_info` of its own (its path as
+/// printed, and the file), and why DWARF will be missing if it is.
+fn separate_debug_file(
+    obj: &object::File<'static>,
+    build_id: Option<&[u8]>,
+    search: Option<&DebugSearch<'_>>,
+    backing: &mut Backing,
+) -> (Option<(PathBuf, object::File<'static>)>, Option<String>) {
+    let Some(search) = search else {
+        return (None, Some("no DWARF".into()));
+    };
+    match find_debug_file(obj, build_id, search, backing) {
+        Some((path, dobj)) => {
+            let note = (!is_debug_info_present(&dobj))
+                .then(|| "debug file has no .debug_info".to_string());
+            (Some((path, dobj)), note)
+        }
+        None => (
+            None,
+            Some("no DWARF and no separate debug file found".into()),
+        ),
+    }
+}
+
+/// The module's `.symtab` (with the debug file's) and `.dynsym`, sorted for lookups.
+fn read_symbol_tables(
+    obj: &object::File<'static>,
+    debug_obj: Option<&object::File<'static>>,
+) -> (SymbolTable, SymbolTable) {
+    let mut symtab = SymbolTable::default();
+    let mut dynsym = SymbolTable::default();
+    symtab.add_from(obj, false);
+    dynsym.add_from(obj, true);
+    if let Some(dobj) = debug_obj {
+        symtab.add_from(dobj, false);
+    }
+    symtab.finish();
+    dynsym.finish();
+    (symtab, dynsym)
+}
+
 impl ElfModule {
     /// Parse an ELF image held in memory (the vdso).
     pub fn from_image(image: Vec<u8>) -> Result<Self, LoadError> {
@@ -860,109 +920,54 @@ impl ElfModule {
         stream_min: Option<usize>,
     ) -> Result<Self, String> {
         let obj = parse_elf(data)?;
-        let segments: Vec<Segment> = obj
-            .segments()
-            .map(|s| {
-                let (offset, filesz) = s.file_range();
-                let exec = match s.flags() {
-                    object::SegmentFlags::Elf { p_flags, .. } => {
-                        p_flags.contains(object::elf::PF_X)
-                    }
-                    _ => false,
-                };
-                Segment {
-                    offset,
-                    filesz,
-                    vaddr: s.address(),
-                    exec,
-                }
-            })
-            .collect();
+        let segments = load_segments(&obj);
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
-
-        let mut debug_file = None;
-        let mut debug_obj: Option<object::File<'static>> = None;
-        let mut dwarf_note = None;
         let dwarf_in_file = is_debug_info_present(&obj);
-        match search {
-            _ if dwarf_in_file => {}
-            None => dwarf_note = Some("no DWARF".into()),
-            Some(search) => {
-                match find_debug_file(&obj, build_id.as_deref(), search, &mut backing) {
-                    Some((path, dobj)) => {
-                        debug_file = Some(path);
-                        if !is_debug_info_present(&dobj) {
-                            dwarf_note = Some("debug file has no .debug_info".into());
-                        }
-                        debug_obj = Some(dobj);
-                    }
-                    None => dwarf_note = Some("no DWARF and no separate debug file found".into()),
-                }
-            }
-        }
+        let (debug, mut dwarf_note) = if dwarf_in_file {
+            (None, None)
+        } else {
+            separate_debug_file(&obj, build_id.as_deref(), search, &mut backing)
+        };
+        let (debug_file, debug_obj) = debug.unzip();
         let dwarf_obj = if dwarf_in_file {
             Some(&obj)
         } else {
             debug_obj.as_ref().filter(|d| is_debug_info_present(d))
         };
-        let symbol_tables = || {
-            let mut symtab = SymbolTable::default();
-            let mut dynsym = SymbolTable::default();
-            symtab.add_from(&obj, false);
-            dynsym.add_from(&obj, true);
-            if let Some(dobj) = &debug_obj {
-                symtab.add_from(dobj, false);
-            }
-            symtab.finish();
-            dynsym.finish();
-            (symtab, dynsym)
+        let symbol_tables = || read_symbol_tables(&obj, debug_obj.as_ref());
+        let (loaded, (symtab, dynsym), sup_file) = match dwarf_obj {
+            None => (Loaded::Ready(None), symbol_tables(), None),
+            // The symbol tables (libc's debug file: ~3 ms) are read while DWARF is inflated.
+            Some(dobj) => std::thread::scope(|scope| {
+                let tables = scope.spawn(symbol_tables);
+                let mut sup_file = None;
+                let dwarf = Self::load_dwarf(
+                    dobj,
+                    &mut backing,
+                    search,
+                    stream_min,
+                    &mut sup_file,
+                    &mut dwarf_note,
+                );
+                (dwarf, tables.join().unwrap_or_default(), sup_file)
+            }),
         };
-        let Some(dobj) = dwarf_obj else {
-            let (symtab, dynsym) = symbol_tables();
-            return Ok(ElfModule {
-                dwarf: std::cell::OnceCell::from(None),
-                pending: std::cell::RefCell::new(None),
-                symtab,
-                dynsym,
-                segments,
-                build_id,
-                debug_file,
-                sup_file: None,
-                dwarf_note,
-                late_note: std::cell::OnceCell::new(),
-                backing,
-            });
+        let (dwarf, pending) = match loaded {
+            Loaded::Ready(d) => (std::cell::OnceCell::from(d), None),
+            Loaded::Pending(p) => (std::cell::OnceCell::new(), Some(p)),
         };
-        // The symbol tables (libc's debug file: ~3 ms) are read while DWARF is inflated.
-        std::thread::scope(|scope| {
-            let tables = scope.spawn(symbol_tables);
-            let mut sup_file = None;
-            let dwarf = Self::load_dwarf(
-                dobj,
-                &mut backing,
-                search,
-                stream_min,
-                &mut sup_file,
-                &mut dwarf_note,
-            );
-            let (symtab, dynsym) = tables.join().unwrap_or_default();
-            let (dwarf, pending) = match dwarf {
-                Loaded::Ready(d) => (std::cell::OnceCell::from(d), None),
-                Loaded::Pending(p) => (std::cell::OnceCell::new(), Some(p)),
-            };
-            Ok(ElfModule {
-                dwarf,
-                pending: std::cell::RefCell::new(pending),
-                symtab,
-                dynsym,
-                segments,
-                build_id,
-                debug_file,
-                sup_file,
-                dwarf_note,
-                late_note: std::cell::OnceCell::new(),
-                backing,
-            })
+        Ok(ElfModule {
+            dwarf,
+            pending: std::cell::RefCell::new(pending),
+            symtab,
+            dynsym,
+            segments,
+            build_id,
+            debug_file,
+            sup_file,
+            dwarf_note,
+            late_note: std::cell::OnceCell::new(),
+            backing,
         })
     }
 
