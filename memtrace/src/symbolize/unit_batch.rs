@@ -236,6 +236,19 @@ impl Walker for Fast<'_> {
     }
 }
 
+/// Why a probe gets no frames from [`frames_in`]: `Skip` leaves it without frames (as
+/// addr2line does when a DIE fails to parse), `GiveUp` leaves the whole unit to gimli
+/// (the strict walker's answer to any error).
+enum Miss {
+    Skip,
+    GiveUp,
+}
+
+/// `Skip`, or `GiveUp` from a strict walker.
+fn miss<W: Walker>() -> Miss {
+    if W::STRICT { Miss::GiveUp } else { Miss::Skip }
+}
+
 fn frames_in<W: Walker>(
     walker: &W,
     dwarf: &Dwarf,
@@ -245,34 +258,8 @@ fn frames_in<W: Walker>(
     let mut out = vec![Vec::new(); probes.len()];
     let unit_ref = unit.unit.unit_ref(dwarf);
     let mut lines = None;
-    let ranges = match unit.ranges {
-        Some(r) => r,
-        // No address attributes: the line table's sequences are the unit's ranges.
-        None => match parsed_lines(&mut lines, unit_ref) {
-            Ok(Some(l)) => l
-                .sequences
-                .iter()
-                .map(|s| gimli::Range {
-                    begin: s.start,
-                    end: s.end,
-                })
-                .collect(),
-            _ => Vec::new(),
-        },
-    };
-    let is_c = matches!(
-        unit.lang,
-        Some(
-            gimli::DW_LANG_C89
-                | gimli::DW_LANG_C
-                | gimli::DW_LANG_C99
-                | gimli::DW_LANG_C11
-                | gimli::DW_LANG_C17
-        )
-    );
-    let mut top_level = None;
-    let mut functions = None;
-    let mut parsed: HashMap<Offset, Result<Function, Error>> = HashMap::new();
+    let ranges = unit_ranges(unit.ranges, &mut lines, unit_ref);
+    let mut functions = FunctionsFound::new(walker, unit_ref, is_c(unit.lang));
     for (&probe, out) in probes.iter().zip(&mut out) {
         let covered = ranges
             .iter()
@@ -280,69 +267,158 @@ fn frames_in<W: Walker>(
         if !covered {
             continue;
         }
-        // In C, only a GNU nested function is defined inside another one, and its code
-        // is never inside its parent's: a probe in a function found without reading
-        // any function's children is in that function. Anywhere else, all of them are read.
-        let in_top_level = if is_c {
-            let top = top_level.get_or_insert_with(|| walker.functions(unit_ref, true, false));
-            if W::STRICT && top.is_err() {
-                return None;
-            }
-            top.as_ref().ok().and_then(|a| find_function(a, probe))
-        } else {
-            None
-        };
-        let found = match in_top_level {
-            Some(die) => Some(die),
-            None => {
-                let all = functions.get_or_insert_with(|| walker.functions(unit_ref, is_c, true));
-                let Ok(addresses) = all.as_ref() else {
-                    if W::STRICT {
-                        return None;
-                    }
-                    continue;
-                };
-                find_function(addresses, probe)
-            }
-        };
-        let function = match found {
-            None => None,
-            Some(die) => match parsed
-                .entry(die)
-                .or_insert_with(|| walker.function(unit_ref, die))
-            {
-                Ok(f) => Some(&*f),
-                Err(_) if W::STRICT => return None,
-                Err(_) => continue,
-            },
+        let function = match functions.containing(probe) {
+            Ok(f) => f,
+            Err(Miss::Skip) => continue,
+            Err(Miss::GiveUp) => return None,
         };
         let Ok(mut lines) = parsed_lines(&mut lines, unit_ref) else {
             continue;
         };
-        let location = lines.as_ref().and_then(|l| l.find_location(probe));
-        let Some(function) = function else {
-            if let Some(loc) = location {
-                out.push(frame(unit_ref, &mut lines, None, unit.lang, Some(loc)));
-            }
-            continue;
-        };
-        let mut loc = location;
-        for f in function.find_inlined(probe).into_iter().rev() {
-            let here = loc.take();
-            out.push(frame(unit_ref, &mut lines, f.name, unit.lang, here));
-            loc = Some(Location {
-                file: f.call_file,
-                line: (f.call_line != 0).then_some(f.call_line),
-            });
-            if out.len() > 256 {
-                break; // as resolve_frames: corrupt inline chains
-            }
-        }
-        if out.len() <= 256 {
-            out.push(frame(unit_ref, &mut lines, function.name, unit.lang, loc));
-        }
+        push_frames(out, unit_ref, &mut lines, unit.lang, function, probe);
     }
     Some(out)
+}
+
+/// The unit's address ranges: its root DIE's, or without address attributes there, the
+/// sequences of its line table (parsed into `lines`).
+fn unit_ranges(
+    root: Option<Vec<gimli::Range>>,
+    lines: &mut Option<Result<Option<Lines>, Error>>,
+    unit: UnitRef<'_>,
+) -> Vec<gimli::Range> {
+    if let Some(r) = root {
+        return r;
+    }
+    match parsed_lines(lines, unit) {
+        Ok(Some(l)) => l
+            .sequences
+            .iter()
+            .map(|s| gimli::Range {
+                begin: s.start,
+                end: s.end,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_c(lang: Option<gimli::DwLang>) -> bool {
+    matches!(
+        lang,
+        Some(
+            gimli::DW_LANG_C89
+                | gimli::DW_LANG_C
+                | gimli::DW_LANG_C99
+                | gimli::DW_LANG_C11
+                | gimli::DW_LANG_C17
+        )
+    )
+}
+
+/// The functions of one unit that [`frames_in`] has read so far, shared by its probes:
+/// each list of function ranges is read once, each function's inline tree once.
+struct FunctionsFound<'a, W> {
+    walker: &'a W,
+    unit: UnitRef<'a>,
+    is_c: bool,
+    /// Functions not defined inside another one (C units only).
+    top_level: Option<Result<Vec<FunctionAddress>, Error>>,
+    /// Every function.
+    all: Option<Result<Vec<FunctionAddress>, Error>>,
+    parsed: HashMap<Offset, Result<Function, Error>>,
+}
+
+impl<'a, W: Walker> FunctionsFound<'a, W> {
+    fn new(walker: &'a W, unit: UnitRef<'a>, is_c: bool) -> Self {
+        FunctionsFound {
+            walker,
+            unit,
+            is_c,
+            top_level: None,
+            all: None,
+            parsed: HashMap::new(),
+        }
+    }
+
+    /// The function whose code contains `probe`, with its inline tree; `Ok(None)` when
+    /// no function's ranges do.
+    fn containing(&mut self, probe: u64) -> Result<Option<&Function>, Miss> {
+        let Some(die) = self.die_containing(probe)? else {
+            return Ok(None);
+        };
+        let (walker, unit) = (self.walker, self.unit);
+        match self
+            .parsed
+            .entry(die)
+            .or_insert_with(|| walker.function(unit, die))
+        {
+            Ok(f) => Ok(Some(&*f)),
+            Err(_) => Err(miss::<W>()),
+        }
+    }
+
+    fn die_containing(&mut self, probe: u64) -> Result<Option<Offset>, Miss> {
+        let (walker, unit, is_c) = (self.walker, self.unit, self.is_c);
+        // In C, only a GNU nested function is defined inside another one, and its code
+        // is never inside its parent's: a probe in a function found without reading
+        // any function's children is in that function. Anywhere else, all of them are read.
+        if is_c {
+            match self
+                .top_level
+                .get_or_insert_with(|| walker.functions(unit, true, false))
+            {
+                Ok(top) => {
+                    if let Some(die) = find_function(top, probe) {
+                        return Ok(Some(die));
+                    }
+                }
+                Err(_) if W::STRICT => return Err(Miss::GiveUp),
+                Err(_) => {}
+            }
+        }
+        match self
+            .all
+            .get_or_insert_with(|| walker.functions(unit, is_c, true))
+        {
+            Ok(all) => Ok(find_function(all, probe)),
+            Err(_) => Err(miss::<W>()),
+        }
+    }
+}
+
+/// Appends the frames of `probe` to `out`: the inlined calls containing it innermost
+/// first, then `function`; without a function, only the line table's location.
+fn push_frames(
+    out: &mut Vec<FrameInfo>,
+    unit: UnitRef<'_>,
+    lines: &mut Option<&mut Lines>,
+    lang: Option<gimli::DwLang>,
+    function: Option<&Function>,
+    probe: u64,
+) {
+    let location = lines.as_ref().and_then(|l| l.find_location(probe));
+    let Some(function) = function else {
+        if let Some(loc) = location {
+            out.push(frame(unit, lines, None, lang, Some(loc)));
+        }
+        return;
+    };
+    let mut loc = location;
+    for f in function.find_inlined(probe).into_iter().rev() {
+        let here = loc.take();
+        out.push(frame(unit, lines, f.name, lang, here));
+        loc = Some(Location {
+            file: f.call_file,
+            line: (f.call_line != 0).then_some(f.call_line),
+        });
+        if out.len() > 256 {
+            break; // as resolve_frames: corrupt inline chains
+        }
+    }
+    if out.len() <= 256 {
+        out.push(frame(unit, lines, function.name, lang, loc));
+    }
 }
 
 /// The unit's line table, parsed on first use (addr2line keeps the error too).
@@ -1161,147 +1237,253 @@ fn special_opcodes(opcode_base: u8, line_range: u8) -> SpecialOpcodes {
 /// program (several operations per instruction), a file defined by the program
 /// (`DW_LNE_define_file`, DWARF 4 and older), or anything that fails to decode.
 fn fast_parse_lines(unit: UnitRef<'_>) -> Option<Result<Option<Lines>, Error>> {
-    use gimli::Reader as _;
     let Some(program) = unit.line_program.as_ref() else {
         return Some(Ok(None));
     };
     let header = program.header();
-    let enc = header.line_encoding();
-    let address_size = header.address_size();
-    if enc.maximum_operations_per_instruction != 1
-        || enc.line_range == 0
-        || !matches!(address_size, 4 | 8)
-    {
-        return None;
-    }
-    let mask = if address_size == 8 {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX)
-    };
-    let min_tombstone = mask - 1;
-    let (opcode_base, line_range) = (header.opcode_base(), enc.line_range);
-    let line_base = i64::from(enc.line_base);
-    let min_length = u64::from(enc.minimum_instruction_length);
-    let special = special_opcodes(opcode_base, line_range);
-    let version = header.version();
-    let mut input = header.raw_program_buf();
     let mut b = LinesBuilder::default();
-    let mut run = || -> gimli::Result<Option<()>> {
-        // Registers at the start of a sequence.
-        let (mut address, mut file, mut line, mut tombstone) = (0u64, 1u64, 1u64, false);
-        let advance_line = |line: &mut u64, by: i64| {
-            if by < 0 {
-                let down = by.unsigned_abs();
-                *line = line.checked_sub(down).unwrap_or(0);
-            } else {
-                *line = line.wrapping_add(by as u64);
-            }
-        };
-        let add = |address: u64, by: u64| -> gimli::Result<u64> {
-            match address.checked_add(by) {
-                Some(a) if a & !mask == 0 => Ok(a),
-                _ => Err(gimli::Error::AddressOverflow),
-            }
-        };
-        while !input.is_empty() {
-            let opcode = input.read_u8()?;
-            // Whether the instruction appends a row (and which kind).
-            let mut row = false;
-            let mut end = false;
-            if opcode == 0 {
-                let len = usize::try_from(input.read_uleb128()?)
-                    .map_err(|_| gimli::Error::BadUnsignedLeb128)?;
-                let mut rest = input.split(len)?;
-                match gimli::DwLne(rest.read_u8()?) {
-                    gimli::DW_LNE_end_sequence => (row, end) = (true, true),
-                    gimli::DW_LNE_set_address => {
-                        let a = rest.read_address(address_size)?;
-                        tombstone = a < address || a >= min_tombstone;
-                        if !tombstone {
-                            address = a;
-                        }
-                    }
-                    gimli::DW_LNE_define_file if version <= 4 => return Ok(None),
-                    gimli::DW_LNE_set_discriminator => {
-                        rest.read_uleb128()?;
-                    }
-                    _ => {}
-                }
-            } else if opcode >= opcode_base {
-                let (line_advance, operation_advance) = special[usize::from(opcode)];
-                advance_line(&mut line, line_base + i64::from(line_advance));
-                if !tombstone {
-                    let by = u64::from(operation_advance);
-                    address = add(address, min_length.wrapping_mul(by))?;
-                }
-                row = true;
-            } else {
-                match gimli::DwLns(opcode) {
-                    gimli::DW_LNS_copy => row = true,
-                    gimli::DW_LNS_advance_pc => {
-                        let by = input.read_uleb128()?;
-                        if !tombstone {
-                            address = add(address, min_length.wrapping_mul(by))?;
-                        }
-                    }
-                    gimli::DW_LNS_advance_line => {
-                        let by = input.read_sleb128()?;
-                        advance_line(&mut line, by);
-                    }
-                    gimli::DW_LNS_set_file => file = input.read_uleb128()?,
-                    gimli::DW_LNS_set_column | gimli::DW_LNS_set_isa => {
-                        input.read_uleb128()?;
-                    }
-                    gimli::DW_LNS_negate_stmt
-                    | gimli::DW_LNS_set_basic_block
-                    | gimli::DW_LNS_set_prologue_end
-                    | gimli::DW_LNS_set_epilogue_begin => {}
-                    gimli::DW_LNS_const_add_pc => {
-                        if !tombstone {
-                            let by = u64::from((255 - opcode_base) / line_range);
-                            address = add(address, min_length.wrapping_mul(by))?;
-                        }
-                    }
-                    gimli::DW_LNS_fixed_advance_pc => {
-                        let by = input.read_u16()?;
-                        if !tombstone {
-                            address = add(address, u64::from(by))?;
-                        }
-                    }
-                    _ => {
-                        // An opcode this version does not define: skip its operands.
-                        let mut lengths = *header.standard_opcode_lengths();
-                        lengths.skip(usize::from(opcode - 1))?;
-                        for _ in 0..lengths.read_u8()? {
-                            input.read_uleb128()?;
-                        }
-                    }
-                }
-            }
-            if !row {
-                continue;
-            }
-            if !tombstone {
-                if end {
-                    b.end_sequence(address);
-                } else {
-                    b.row(Row {
-                        address,
-                        file_index: file,
-                        line: line as u32,
-                    });
-                }
-            }
+    LineProgram::new(header)?.run(&mut b).ok()?;
+    Some(b.finish(unit, header).map(Some))
+}
+
+/// Whatever [`fast_parse_lines`] cannot decode, failures included: gimli decodes the
+/// program instead, and its answer (errors too) is the one kept.
+struct AskGimli;
+
+impl From<gimli::Error> for AskGimli {
+    fn from(_: gimli::Error) -> Self {
+        AskGimli
+    }
+}
+
+/// What an instruction adds to the line table, besides setting registers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Emit {
+    Nothing,
+    Row,
+    EndSequence,
+}
+
+/// The registers of the line state machine that addr2line uses.
+#[derive(Clone, Copy)]
+struct Registers {
+    address: u64,
+    file: u64,
+    line: u64,
+    /// In a sequence whose `DW_LNE_set_address` was a tombstone: no rows, no advances.
+    tombstone: bool,
+}
+
+impl Registers {
+    /// At the start of each sequence.
+    const START: Registers = Registers {
+        address: 0,
+        file: 1,
+        line: 1,
+        tombstone: false,
+    };
+
+    #[inline]
+    fn advance_line(&mut self, by: i64) {
+        if by < 0 {
+            self.line = self.line.checked_sub(by.unsigned_abs()).unwrap_or(0);
+        } else {
+            self.line = self.line.wrapping_add(by as u64);
+        }
+    }
+
+    /// Appends what `emit` says to `b`, and starts a new sequence after its end.
+    #[inline]
+    fn emit(&mut self, emit: Emit, b: &mut LinesBuilder) {
+        let end = emit == Emit::EndSequence;
+        if !self.tombstone {
             if end {
-                (address, file, line, tombstone) = (0, 1, 1, false);
+                b.end_sequence(self.address);
+            } else {
+                b.row(Row {
+                    address: self.address,
+                    file_index: self.file,
+                    line: self.line as u32,
+                });
             }
         }
-        Ok(Some(()))
-    };
-    match run() {
-        Ok(Some(())) => Some(b.finish(unit, header).map(Some)),
-        _ => None,
+        if end {
+            *self = Registers::START;
+        }
+    }
+}
+
+/// A line program's header, decoded once for [`LineProgram::run`]. The opcode
+/// handlers are `#[inline]`: they run once per instruction of every line table a
+/// batch reads, the hottest loop of `memtrace symbolize`, and are meant to compile
+/// into that loop as the single function they were split from did.
+struct LineProgram<'h> {
+    header: &'h LineHeader,
+    version: u16,
+    address_size: u8,
+    /// The bits an address may have: an advance past them is an error, as in gimli.
+    mask: u64,
+    /// `DW_LNE_set_address` to this or above is a tombstone (-1 or -2).
+    min_tombstone: u64,
+    opcode_base: u8,
+    line_range: u8,
+    line_base: i64,
+    min_length: u64,
+    special: SpecialOpcodes,
+}
+
+impl<'h> LineProgram<'h> {
+    /// `None` for a program only gimli decodes (VLIW, odd address sizes, no line range).
+    fn new(header: &'h LineHeader) -> Option<Self> {
+        let enc = header.line_encoding();
+        let address_size = header.address_size();
+        if enc.maximum_operations_per_instruction != 1
+            || enc.line_range == 0
+            || !matches!(address_size, 4 | 8)
+        {
+            return None;
+        }
+        let mask = if address_size == 8 {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        Some(LineProgram {
+            header,
+            version: header.version(),
+            address_size,
+            mask,
+            min_tombstone: mask - 1,
+            opcode_base: header.opcode_base(),
+            line_range: enc.line_range,
+            line_base: i64::from(enc.line_base),
+            min_length: u64::from(enc.minimum_instruction_length),
+            special: special_opcodes(header.opcode_base(), enc.line_range),
+        })
+    }
+
+    /// Decodes the whole program into `b`.
+    fn run(&self, b: &mut LinesBuilder) -> Result<(), AskGimli> {
+        use gimli::Reader as _;
+        let mut input = self.header.raw_program_buf();
+        let mut regs = Registers::START;
+        while !input.is_empty() {
+            let opcode = input.read_u8()?;
+            let emit = if opcode == 0 {
+                self.extended(&mut regs, &mut input)?
+            } else if opcode >= self.opcode_base {
+                self.special(&mut regs, opcode)?
+            } else {
+                self.standard(&mut regs, opcode, &mut input)?
+            };
+            if emit != Emit::Nothing {
+                regs.emit(emit, b);
+            }
+        }
+        Ok(())
+    }
+
+    /// An extended opcode (after its 0 byte): its length, then the opcode.
+    #[inline]
+    fn extended(&self, regs: &mut Registers, input: &mut Reader) -> Result<Emit, AskGimli> {
+        use gimli::Reader as _;
+        let len = usize::try_from(input.read_uleb128()?).map_err(|_| AskGimli)?;
+        let mut rest = input.split(len)?;
+        match gimli::DwLne(rest.read_u8()?) {
+            gimli::DW_LNE_end_sequence => return Ok(Emit::EndSequence),
+            gimli::DW_LNE_set_address => {
+                let a = rest.read_address(self.address_size)?;
+                regs.tombstone = a < regs.address || a >= self.min_tombstone;
+                if !regs.tombstone {
+                    regs.address = a;
+                }
+            }
+            // The file would have to be added to the header's.
+            gimli::DW_LNE_define_file if self.version <= 4 => return Err(AskGimli),
+            gimli::DW_LNE_set_discriminator => {
+                rest.read_uleb128()?;
+            }
+            _ => {}
+        }
+        Ok(Emit::Nothing)
+    }
+
+    /// A special opcode: advances line and address by the table, and appends a row.
+    #[inline]
+    fn special(&self, regs: &mut Registers, opcode: u8) -> Result<Emit, AskGimli> {
+        let (line_advance, operation_advance) = self.special[usize::from(opcode)];
+        regs.advance_line(self.line_base + i64::from(line_advance));
+        self.advance_operations(regs, u64::from(operation_advance))?;
+        Ok(Emit::Row)
+    }
+
+    /// A standard opcode (below `opcode_base`).
+    #[inline]
+    fn standard(
+        &self,
+        regs: &mut Registers,
+        opcode: u8,
+        input: &mut Reader,
+    ) -> Result<Emit, AskGimli> {
+        use gimli::Reader as _;
+        match gimli::DwLns(opcode) {
+            gimli::DW_LNS_copy => return Ok(Emit::Row),
+            gimli::DW_LNS_advance_pc => {
+                let by = input.read_uleb128()?;
+                self.advance_operations(regs, by)?;
+            }
+            gimli::DW_LNS_advance_line => regs.advance_line(input.read_sleb128()?),
+            gimli::DW_LNS_set_file => regs.file = input.read_uleb128()?,
+            gimli::DW_LNS_set_column | gimli::DW_LNS_set_isa => {
+                input.read_uleb128()?;
+            }
+            gimli::DW_LNS_negate_stmt
+            | gimli::DW_LNS_set_basic_block
+            | gimli::DW_LNS_set_prologue_end
+            | gimli::DW_LNS_set_epilogue_begin => {}
+            gimli::DW_LNS_const_add_pc => {
+                let by = u64::from((255 - self.opcode_base) / self.line_range);
+                self.advance_operations(regs, by)?;
+            }
+            gimli::DW_LNS_fixed_advance_pc => {
+                let by = input.read_u16()?;
+                self.advance_address(regs, u64::from(by))?;
+            }
+            _ => self.skip_operands(opcode, input)?,
+        }
+        Ok(Emit::Nothing)
+    }
+
+    /// An opcode this version does not define: skips the operands the header counts.
+    #[cold]
+    fn skip_operands(&self, opcode: u8, input: &mut Reader) -> Result<(), AskGimli> {
+        use gimli::Reader as _;
+        let mut lengths = *self.header.standard_opcode_lengths();
+        lengths.skip(usize::from(opcode - 1))?;
+        for _ in 0..lengths.read_u8()? {
+            input.read_uleb128()?;
+        }
+        Ok(())
+    }
+
+    /// Advances the address by `operations` instructions.
+    #[inline]
+    fn advance_operations(&self, regs: &mut Registers, operations: u64) -> Result<(), AskGimli> {
+        self.advance_address(regs, self.min_length.wrapping_mul(operations))
+    }
+
+    /// Advances the address by `by` bytes, except in a tombstoned sequence; past the
+    /// address size is an error, as in gimli.
+    #[inline]
+    fn advance_address(&self, regs: &mut Registers, by: u64) -> Result<(), AskGimli> {
+        if regs.tombstone {
+            return Ok(());
+        }
+        match regs.address.checked_add(by) {
+            Some(a) if a & !self.mask == 0 => regs.address = a,
+            _ => return Err(AskGimli),
+        }
+        Ok(())
     }
 }
 
