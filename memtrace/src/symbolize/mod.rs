@@ -15,6 +15,7 @@ pub mod addr2line;
 mod demangle;
 mod dies;
 mod elf;
+mod lines;
 mod stream;
 #[cfg(test)]
 mod tests;
