@@ -1,18 +1,27 @@
-//! One parsed ELF module: program headers for address translation, function symbols, and
-//! an addr2line context over its DWARF (from the file itself or a separate debug file).
+//! One parsed ELF module: program headers for address translation, function symbols
+//! ([`super::symtab`]), and addr2line contexts over its DWARF, from the file itself or a
+//! separate debug file ([`super::debug_search`]), its sections loaded by
+//! [`super::sections`] and indexed by unit ([`super::unit_index`]).
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use memmap2::Mmap;
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, SectionKind};
 
+use super::debug_search::{find_sup_file, separate_debug_file};
 use super::demangle::demangle_lang;
+use super::sections::{PARALLEL_THRESHOLD, Sections, load_sections};
 use super::stream::StreamedSection;
+use super::symtab::{SymbolNames, SymbolTable, read_symbol_tables};
 use super::unit_batch;
+use super::unit_index::{
+    Covered, UnitIndex, abbrev_table_is_self_contained, arange_entries, covered_at, merged_ranges,
+};
 use super::{FrameInfo, Unresolved};
+
+/// Part of [`ElfModule`]'s interface (its constructors take one).
+pub(crate) use super::debug_search::DebugSearch;
 
 /// DWARF reader over bytes owned by [`Backing`]; see the safety note on [`ElfModule`].
 pub(crate) type Reader = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
@@ -49,96 +58,9 @@ pub(crate) fn file_offset_to_vaddr(segments: &[Segment], off: u64) -> Option<u64
     found.map(|s| s.vaddr.wrapping_add(off - s.offset))
 }
 
-/// A function symbol; `name` borrows from [`Backing`].
-#[derive(Clone, Copy, Debug)]
-struct Sym {
-    addr: u64,
-    /// Exclusive end: `addr + st_size`, or the end of the containing section for symbols
-    /// without a size (hand-written assembly), so they do not swallow unrelated code.
-    end: u64,
-    name: &'static str,
-    /// 0 global, 1 weak, 2 local: with aliases at one address prefer the exported name.
-    rank: u8,
-}
-
-#[derive(Default)]
-struct SymbolTable(Vec<Sym>);
-
-impl SymbolTable {
-    fn add_from(&mut self, obj: &object::File<'static>, dynamic: bool) {
-        let iter = if dynamic {
-            obj.dynamic_symbols()
-        } else {
-            obj.symbols()
-        };
-        for s in iter {
-            if s.kind() != SymbolKind::Text || !s.is_definition() || s.address() == 0 {
-                continue;
-            }
-            let Ok(name) = s.name() else { continue };
-            // Static symbol tables can contain versioned names such as `memcpy@GLIBC_2.2.5`.
-            let name = name.split_once('@').map_or(name, |(n, _)| n);
-            if name.is_empty() {
-                continue;
-            }
-            let addr = s.address();
-            let end = if s.size() > 0 {
-                addr.saturating_add(s.size())
-            } else {
-                s.section_index()
-                    .and_then(|i| obj.section_by_index(i).ok())
-                    .map(|sec| sec.address().saturating_add(sec.size()))
-                    .filter(|&e| e > addr)
-                    .unwrap_or(addr.saturating_add(1))
-            };
-            let rank = if s.is_global() {
-                0
-            } else if s.is_weak() {
-                1
-            } else {
-                2
-            };
-            self.0.push(Sym {
-                addr,
-                end,
-                name,
-                rank,
-            });
-        }
-    }
-
-    /// Sort and collapse aliases (same address) into one entry: best-ranked name, widest end.
-    fn finish(&mut self) {
-        let v = &mut self.0;
-        v.sort_by(|a, b| {
-            (a.addr, a.rank, a.name.len(), a.name).cmp(&(b.addr, b.rank, b.name.len(), b.name))
-        });
-        let mut out: Vec<Sym> = Vec::with_capacity(v.len());
-        for s in v.drain(..) {
-            match out.last_mut() {
-                Some(last) if last.addr == s.addr => last.end = last.end.max(s.end),
-                _ => out.push(s),
-            }
-        }
-        *v = out;
-    }
-
-    /// Nearest preceding symbol, only if the address is inside it.
-    fn lookup(&self, vaddr: u64) -> Option<&Sym> {
-        let i = self.0.partition_point(|s| s.addr <= vaddr);
-        let s = self.0.get(i.checked_sub(1)?)?;
-        (vaddr < s.end).then_some(s)
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
 /// Owner of all bytes the parsed structures borrow.
 #[derive(Default)]
-struct Backing {
+pub(super) struct Backing {
     maps: Vec<Mmap>,
     /// Inflated sections. Left writable: making them read-only (mprotect) cost ~1 ms
     /// on libc's `.debug_info`, at the end of the longest step of loading it.
@@ -149,7 +71,7 @@ struct Backing {
 }
 
 impl Backing {
-    fn map(&mut self, file: &File) -> Result<&'static [u8], String> {
+    pub(super) fn map(&mut self, file: &File) -> Result<&'static [u8], String> {
         // SAFETY (mmap): the file may be modified by someone else while mapped. Deleted files
         // are fine (the open file keeps the inode alive); in-place truncation of a mapped
         // binary would also break the traced process itself, so it is not defended against.
@@ -160,7 +82,7 @@ impl Backing {
         Ok(unsafe { extend(m) })
     }
 
-    fn keep_anon(&mut self, m: memmap2::MmapMut) -> &'static [u8] {
+    pub(super) fn keep_anon(&mut self, m: memmap2::MmapMut) -> &'static [u8] {
         self.anon.push(m);
         let m = self.anon.last().expect("just pushed");
         // SAFETY: the mapping lives until `Backing` is dropped and is never written
@@ -169,11 +91,11 @@ impl Backing {
     }
 
     /// Drops the most recent mapping; only valid once nothing derived from it is alive.
-    fn unmap_last(&mut self) {
+    pub(super) fn unmap_last(&mut self) {
         self.maps.pop();
     }
 
-    fn own(&mut self, v: Vec<u8>) -> &'static [u8] {
+    pub(super) fn own(&mut self, v: Vec<u8>) -> &'static [u8] {
         self.owned.push(v);
         let v = self.owned.last().expect("just pushed");
         // SAFETY: heap buffer owned by `Backing`, never mutated, see `ElfModule`.
@@ -187,102 +109,6 @@ impl Backing {
 unsafe fn extend(b: &[u8]) -> &'static [u8] {
     // SAFETY: forwarded to the caller.
     unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
-}
-
-/// Where to look for separate debug files of one module.
-pub(crate) struct DebugSearch<'a> {
-    /// Target's root as seen from here (`/proc/PID/root`, or `/`), used first.
-    pub target_root: &'a Path,
-    /// How to print paths under `target_root` (`/proc/PID/root` rather than the
-    /// `/proc/self/fd/N` actually used).
-    pub display_root: &'a Path,
-    /// Host debug directory (`/usr/lib/debug`).
-    pub debug_root: &'a Path,
-    /// Path of the binary as the target sees it (from its maps).
-    pub binary_path: &'a str,
-    /// `(st_dev, st_ino)` of the binary, to never take the binary itself as its debug file.
-    pub binary_id: Option<(u64, u64)>,
-}
-
-impl DebugSearch<'_> {
-    fn display(&self, p: PathBuf) -> PathBuf {
-        if self.target_is_host() {
-            return p;
-        }
-        match p.strip_prefix(self.target_root) {
-            Ok(rel) => self.display_root.join(rel),
-            Err(_) => p,
-        }
-    }
-
-    fn in_root(&self, abs: &Path) -> PathBuf {
-        let rel = abs.strip_prefix("/").unwrap_or(abs);
-        self.target_root.join(rel)
-    }
-
-    fn target_is_host(&self) -> bool {
-        self.target_root == Path::new("/")
-    }
-
-    fn build_id_candidates(&self, id: &[u8], suffix: &str) -> Vec<PathBuf> {
-        if id.len() < 2 {
-            return Vec::new();
-        }
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let rel = format!(".build-id/{}/{}{suffix}", &hex[..2], &hex[2..]);
-        let mut v = Vec::new();
-        if !self.target_is_host() {
-            v.push(self.in_root(Path::new("/usr/lib/debug")).join(&rel));
-        }
-        v.push(self.debug_root.join(&rel));
-        v
-    }
-
-    /// GDB's documented search order for `.gnu_debuglink`: next to the binary, in `.debug/`
-    /// next to it, then under the global debug directory mirroring the binary's directory.
-    fn debuglink_candidates(&self, name: &str) -> Vec<PathBuf> {
-        let bin = Path::new(self.binary_path);
-        let dir = bin.parent().unwrap_or(Path::new("/"));
-        let dir_rel = dir.strip_prefix("/").unwrap_or(dir);
-        let mut v = vec![
-            self.in_root(dir).join(name),
-            self.in_root(dir).join(".debug").join(name),
-        ];
-        if !self.target_is_host() {
-            v.push(
-                self.in_root(Path::new("/usr/lib/debug"))
-                    .join(dir_rel)
-                    .join(name),
-            );
-        }
-        v.push(self.debug_root.join(dir_rel).join(name));
-        v
-    }
-}
-
-/// Standard CRC-32 (IEEE 802.3, reflected), which is what `.gnu_debuglink` stores.
-pub(crate) fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let t = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    let mut c = !0u32;
-    for &b in data {
-        c = t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
 }
 
 /// Why a module could not be loaded.
@@ -396,12 +222,12 @@ impl PendingDwarf {
     }
 }
 
-fn is_debug_info_present(obj: &object::File<'_>) -> bool {
+pub(super) fn is_debug_info_present(obj: &object::File<'_>) -> bool {
     obj.section_by_name(".debug_info")
         .is_some_and(|s| s.kind() != SectionKind::UninitializedData && s.size() > 0)
 }
 
-fn parse_elf(data: &'static [u8]) -> Result<object::File<'static>, String> {
+pub(super) fn parse_elf(data: &'static [u8]) -> Result<object::File<'static>, String> {
     let obj = object::File::parse(data).map_err(|e| format!("not a valid object file: {e}"))?;
     if obj.format() != object::BinaryFormat::Elf {
         return Err(format!("not ELF ({:?})", obj.format()));
@@ -409,405 +235,23 @@ fn parse_elf(data: &'static [u8]) -> Result<object::File<'static>, String> {
     Ok(obj)
 }
 
-/// The sections addr2line reads. Variable locations, macros and name indexes are never
-/// used, and not loading them avoids decompressing megabytes of `.debug_loclists` in distro
-/// debug files.
-const DWARF_SECTIONS: [gimli::SectionId; 11] = {
-    use gimli::SectionId::*;
-    [
-        DebugAbbrev,
-        DebugAddr,
-        DebugAranges,
-        DebugInfo,
-        DebugLine,
-        DebugLineStr,
-        DebugStr,
-        DebugStrOffsets,
-        DebugTypes,
-        DebugRanges,
-        DebugRngLists,
-    ]
-};
-
-/// Decompressing is most of the cost of loading a distro debug file (libc: 8.6 MB from
-/// 3.6 MB of zlib); sections are independent streams, so big ones are inflated on their own
-/// threads.
-const PARALLEL_THRESHOLD: usize = 256 * 1024;
-
-/// Refuse absurd compression headers before allocating: deflate cannot exceed ~1032:1,
-/// and a debug section above 4 GiB is not something we can map anyway.
-fn plausible_size(c: &object::CompressedData<'_>) -> bool {
-    let limit = (c.data.len() as u64).saturating_mul(2048).max(1 << 20);
-    c.uncompressed_size <= limit.min(4 << 30)
-}
-
-/// A section's bytes after decompression.
-enum SectionBytes {
-    /// Stored uncompressed: straight from the file's mapping.
-    Borrowed(&'static [u8]),
-    /// Inflated into an anonymous mapping (zlib, Debian's format).
-    Map(memmap2::MmapMut),
-    Owned(Vec<u8>),
-}
-
-fn decompress(
-    id: gimli::SectionId,
-    c: object::CompressedData<'static>,
-) -> Result<SectionBytes, String> {
-    if c.format != object::CompressionFormat::None && !plausible_size(&c) {
-        return Err(format!(
-            "{}: implausible uncompressed size {}",
-            id.name(),
-            c.uncompressed_size
-        ));
-    }
-    let t = std::time::Instant::now();
-    let r = match c.format {
-        object::CompressionFormat::Zlib if c.uncompressed_size > 0 => {
-            inflate_zlib(c.data, c.uncompressed_size).map(SectionBytes::Map)
-        }
-        _ => c
-            .decompress()
-            .map(|b| match b {
-                Cow::Borrowed(b) => SectionBytes::Borrowed(b),
-                Cow::Owned(v) => SectionBytes::Owned(v),
-            })
-            .map_err(|e| e.to_string()),
-    };
-    log::trace!("{} inflated in {:?}", id.name(), t.elapsed());
-    r.map_err(|e| format!("{}: {e}", id.name()))
-}
-
-/// Inflates a zlib stream of known size into an anonymous mapping. Not a `Vec`: the kernel
-/// can back a mapping with huge pages (a few faults instead of one per 4 KiB page, which
-/// was a fifth of the time spent loading libc's debug info), and it is zeroed lazily.
-fn inflate_zlib(data: &[u8], size: u64) -> Result<memmap2::MmapMut, String> {
-    let size = usize::try_from(size).map_err(|_| "section too large".to_string())?;
-    let mut out = memmap2::MmapMut::map_anon(size).map_err(|e| format!("mmap: {e}"))?;
-    // Only hints: without transparent huge pages the mapping works the same, and
-    // without MADV_POPULATE_WRITE (Linux 5.14) the pages fault in as they are written.
-    // Faulting them all in one call saves ~2 ms of page faults on libc's sections.
-    let _ = out.advise(memmap2::Advice::HugePage);
-    let _ = out.advise(memmap2::Advice::PopulateWrite);
-    // libdeflate inflates a whole buffer of known size about twice as fast as a streaming
-    // inflater, and inflating .debug_info is the longest single step of loading libc.
-    match libdeflater::Decompressor::new().zlib_decompress(data, &mut out) {
-        Ok(n) if n == size => {}
-        Ok(_) => return Err("zlib data shorter than its header says".into()),
-        Err(e) => return Err(format!("invalid zlib compressed data: {e:?}")),
-    }
-    Ok(out)
-}
-
-/// Loads the DWARF sections. With `stream_min`, a zlib-compressed `.debug_info` of at
-/// least that many bytes is not inflated here but on its own thread, returned apart
-/// (and missing from the sections).
-fn load_sections(
-    obj: &object::File<'static>,
-    backing: &mut Backing,
-    stream_min: Option<usize>,
-) -> Result<(Sections, Option<StreamedSection>), String> {
-    let endian = if obj.is_little_endian() {
-        gimli::RunTimeEndian::Little
-    } else {
-        gimli::RunTimeEndian::Big
-    };
-    // `compressed_data` understands SHF_COMPRESSED (zlib and zstd: object's "compression"
-    // feature brings flate2 and ruzstd) and legacy `.zdebug_*` (section_by_name finds those).
-    let mut pending = Vec::new();
-    for id in DWARF_SECTIONS {
-        if let Some(sec) = obj.section_by_name(id.name()) {
-            let c = sec
-                .compressed_data()
-                .map_err(|e| format!("{}: {e}", id.name()))?;
-            pending.push((id, c));
-        }
-    }
-    let mut streamed = None;
-    if let Some(min) = stream_min
-        && let Some(i) = pending.iter().position(|(id, c)| {
-            *id == gimli::SectionId::DebugInfo
-                && c.format == object::CompressionFormat::Zlib
-                && c.data.len() >= min
-                && plausible_size(c)
-        })
-    {
-        let (_, c) = pending.swap_remove(i);
-        let size = usize::try_from(c.uncompressed_size).map_err(|_| "section too large")?;
-        streamed = Some(StreamedSection::start(c.data, size)?);
-    }
-    let (big, small): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, c)| {
-        c.format != object::CompressionFormat::None && c.data.len() >= PARALLEL_THRESHOLD
-    });
-    type Decompressed = Result<SectionBytes, String>;
-    let mut done: Vec<(gimli::SectionId, Decompressed)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = big
-            .into_iter()
-            .map(|(id, c)| (id, scope.spawn(move || decompress(id, c))))
-            .collect();
-        let mut done: Vec<_> = small
-            .into_iter()
-            .map(|(id, c)| (id, decompress(id, c)))
-            .collect();
-        for (id, h) in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(format!("{}: decompressor panicked", id.name())));
-            done.push((id, r));
-        }
-        done
-    });
-    let mut data: HashMap<gimli::SectionId, &'static [u8]> = HashMap::new();
-    for (id, r) in done.drain(..) {
-        let bytes = match r? {
-            SectionBytes::Borrowed(b) => b,
-            SectionBytes::Owned(v) => backing.own(v),
-            SectionBytes::Map(m) => backing.keep_anon(m),
-        };
-        data.insert(id, bytes);
-    }
-    Ok((Sections { data, endian }, streamed))
-}
-
-/// A file's DWARF sections after decompression, to build [`gimli::Dwarf`]s from.
-#[derive(Clone)]
-struct Sections {
-    data: HashMap<gimli::SectionId, &'static [u8]>,
-    endian: gimli::RunTimeEndian,
-}
-
-impl Sections {
-    fn get(&self, id: gimli::SectionId) -> &'static [u8] {
-        self.data.get(&id).copied().unwrap_or(&[])
-    }
-
-    /// All sections, with `info` as `.debug_info` (a prefix of it while it is inflated).
-    fn dwarf_with_info(&self, info: &'static [u8]) -> gimli::Dwarf<Reader> {
-        let mut d = self.dwarf(None);
-        d.debug_info = gimli::DebugInfo::from(gimli::EndianSlice::new(info, self.endian));
-        d
-    }
-
-    /// All sections, or with `info` one unit's bytes as `.debug_info` (and no
-    /// `.debug_aranges`, whose offsets point into the whole section).
-    fn dwarf(&self, info: Option<&'static [u8]>) -> gimli::Dwarf<Reader> {
-        let load = |id: gimli::SectionId| -> Result<Reader, ()> {
-            let bytes = match (id, info) {
-                (gimli::SectionId::DebugInfo, Some(unit)) => unit,
-                (gimli::SectionId::DebugAranges, Some(_)) => &[],
-                _ => self.get(id),
+/// The `PT_LOAD` headers, for [`file_offset_to_vaddr`].
+fn load_segments(obj: &object::File<'_>) -> Vec<Segment> {
+    obj.segments()
+        .map(|s| {
+            let (offset, filesz) = s.file_range();
+            let exec = match s.flags() {
+                object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
+                _ => false,
             };
-            Ok(gimli::EndianSlice::new(bytes, self.endian))
-        };
-        match gimli::Dwarf::load(load) {
-            Ok(d) => d,
-            Err(()) => unreachable!("the loader does not fail"),
-        }
-    }
-}
-
-/// What `.debug_aranges` says covers an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Covered {
-    Nothing,
-    Unit(u32),
-    /// Several units: only the whole-file context decides as addr2line does.
-    Ambiguous,
-}
-
-/// Which unit covers which code, from `.debug_aranges` and the unit headers, so that
-/// only the units an address needs are parsed.
-///
-/// addr2line's context parses every unit's header, abbreviations and root DIE up front
-/// (libc: 2063 units, ~1 MB of abbreviations, ~40 ms) before the first lookup. A unit
-/// without section-relative references to other units (`DW_FORM_ref_addr`, which dwz
-/// and LTO produce) means the same on its own, so it gets its own small context over
-/// its bytes of `.debug_info`, built when an address first needs it; a unit whose
-/// abbreviations allow such references is answered by the whole-file context.
-struct UnitIndex {
-    /// Disjoint, sorted `[begin, end)` ranges.
-    ranges: Vec<(u64, u64, Covered)>,
-    /// Each unit's bytes in `.debug_info`.
-    units: Vec<IndexedUnit>,
-}
-
-#[derive(Clone, Copy)]
-struct IndexedUnit {
-    start: usize,
-    end: usize,
-    abbrev_offset: usize,
-}
-
-/// A unit's own context, once asked for.
-enum UnitContext {
-    Own(Box<Context>),
-    /// The unit could refer into other units: the whole-file context answers for it.
-    UseFull,
-    /// addr2line could not read the unit: symbol tables only.
-    Failed,
-}
-
-impl UnitIndex {
-    /// `None` when the address ranges do not name units by their offsets: then the
-    /// whole-file context is used.
-    fn build(sections: &Sections) -> Option<UnitIndex> {
-        let dwarf = sections.dwarf(None);
-        let mut units = Vec::new();
-        let mut headers = dwarf.units();
-        while let Ok(Some(h)) = headers.next() {
-            let start = h.debug_info_offset()?.0;
-            units.push(IndexedUnit {
-                start,
-                end: start + h.length_including_self(),
-                abbrev_offset: h.debug_abbrev_offset().0,
-            });
-        }
-        if headers.next().is_err() || units.is_empty() {
-            return None;
-        }
-        let mut listed = vec![false; units.len()];
-        let raw = arange_entries(&dwarf, |off| {
-            let unit = units.binary_search_by_key(&off, |u| u.start).ok()?;
-            listed[unit] = true;
-            Some(unit as u32)
-        })?;
-        // A unit missing from .debug_aranges (clang does not write it, and other tools
-        // may skip units) could cover addresses only the whole-file context finds.
-        if listed.contains(&false) {
-            return None;
-        }
-        Some(UnitIndex {
-            ranges: merged_ranges(raw)?,
-            units,
+            Segment {
+                offset,
+                filesz,
+                vaddr: s.address(),
+                exec,
+            }
         })
-    }
-
-    fn lookup(&self, vaddr: u64) -> Covered {
-        covered_at(&self.ranges, vaddr)
-    }
-}
-
-/// What covers `vaddr` in disjoint sorted ranges ([`merged_ranges`]).
-fn covered_at(ranges: &[(u64, u64, Covered)], vaddr: u64) -> Covered {
-    let i = ranges.partition_point(|r| r.0 <= vaddr);
-    match i.checked_sub(1).map(|i| ranges[i]) {
-        Some((_, end, c)) if vaddr < end => c,
-        _ => Covered::Nothing,
-    }
-}
-
-/// The address ranges of `.debug_aranges`, each with its unit as `unit_of` names it
-/// from the unit's offset in `.debug_info`. `None` if a set names no unit (`unit_of`
-/// answers `None`) or the section does not parse to its end.
-fn arange_entries(
-    dwarf: &gimli::Dwarf<Reader>,
-    mut unit_of: impl FnMut(usize) -> Option<u32>,
-) -> Option<Vec<(u64, u64, u32)>> {
-    let mut raw = Vec::new();
-    let mut aranges = dwarf.debug_aranges.headers();
-    while let Ok(Some(h)) = aranges.next() {
-        let unit = unit_of(h.debug_info_offset().0)?;
-        let mut entries = h.entries();
-        while let Some(e) = entries.next().transpose() {
-            // As in addr2line: a bad entry is skipped (the iterator ends on errors
-            // that cannot be skipped).
-            if let Ok(e) = e
-                && e.length() != 0
-            {
-                let r = e.range();
-                raw.push((r.begin, r.end, unit));
-            }
-        }
-    }
-    if aranges.next().is_err() {
-        return None;
-    }
-    Some(raw)
-}
-
-/// Disjoint sorted ranges from possibly overlapping ones: where units overlap, the
-/// range is `Ambiguous`. `None` when there is no range at all.
-fn merged_ranges(mut raw: Vec<(u64, u64, u32)>) -> Option<Vec<(u64, u64, Covered)>> {
-    if raw.is_empty() {
-        return None;
-    }
-    raw.sort_unstable();
-    let mut ranges: Vec<(u64, u64, Covered)> = Vec::with_capacity(raw.len());
-    for (begin, end, unit) in raw {
-        if end <= begin {
-            continue;
-        }
-        match ranges.last_mut() {
-            Some(last) if begin < last.1 => {
-                if last.2 != Covered::Unit(unit) {
-                    last.2 = Covered::Ambiguous;
-                }
-                last.1 = last.1.max(end);
-            }
-            _ => ranges.push((begin, end, Covered::Unit(unit))),
-        }
-    }
-    Some(ranges)
-}
-
-/// Whether no attribute in the abbreviation table at the start of `table` is a reference
-/// relative to the whole `.debug_info` (`DW_FORM_ref_addr`). A table that does not parse
-/// counts as not self-contained.
-fn abbrev_table_is_self_contained(table: &[u8]) -> bool {
-    fn uleb(b: &[u8], pos: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        let mut shift = 0;
-        loop {
-            let byte = *b.get(*pos)?;
-            *pos += 1;
-            if shift < 64 {
-                v |= u64::from(byte & 0x7f) << shift;
-            }
-            shift += 7;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-    }
-    let mut pos = 0;
-    let mut scan = || -> Option<bool> {
-        loop {
-            if uleb(table, &mut pos)? == 0 {
-                return Some(true);
-            }
-            uleb(table, &mut pos)?; // tag
-            pos += 1; // children flag
-            loop {
-                let name = uleb(table, &mut pos)?;
-                let form = uleb(table, &mut pos)?;
-                if name == 0 && form == 0 {
-                    break;
-                }
-                match gimli::DwForm(form as u16) {
-                    gimli::DW_FORM_ref_addr | gimli::DW_FORM_indirect => return Some(false),
-                    gimli::DW_FORM_implicit_const => {
-                        uleb(table, &mut pos)?; // an SLEB128: same length rules
-                    }
-                    _ => {}
-                }
-            }
-        }
-    };
-    scan().unwrap_or(false)
-}
-
-fn open_and_map(path: &Path, backing: &mut Backing) -> Option<(File, &'static [u8])> {
-    let f = File::open(path).ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
-    let data = backing.map(&f).ok()?;
-    Some((f, data))
-}
-
-fn file_id(f: &File) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    f.metadata().ok().map(|m| (m.dev(), m.ino()))
+        .collect()
 }
 
 impl ElfModule {
@@ -860,109 +304,54 @@ impl ElfModule {
         stream_min: Option<usize>,
     ) -> Result<Self, String> {
         let obj = parse_elf(data)?;
-        let segments: Vec<Segment> = obj
-            .segments()
-            .map(|s| {
-                let (offset, filesz) = s.file_range();
-                let exec = match s.flags() {
-                    object::SegmentFlags::Elf { p_flags, .. } => {
-                        p_flags.contains(object::elf::PF_X)
-                    }
-                    _ => false,
-                };
-                Segment {
-                    offset,
-                    filesz,
-                    vaddr: s.address(),
-                    exec,
-                }
-            })
-            .collect();
+        let segments = load_segments(&obj);
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
-
-        let mut debug_file = None;
-        let mut debug_obj: Option<object::File<'static>> = None;
-        let mut dwarf_note = None;
         let dwarf_in_file = is_debug_info_present(&obj);
-        match search {
-            _ if dwarf_in_file => {}
-            None => dwarf_note = Some("no DWARF".into()),
-            Some(search) => {
-                match find_debug_file(&obj, build_id.as_deref(), search, &mut backing) {
-                    Some((path, dobj)) => {
-                        debug_file = Some(path);
-                        if !is_debug_info_present(&dobj) {
-                            dwarf_note = Some("debug file has no .debug_info".into());
-                        }
-                        debug_obj = Some(dobj);
-                    }
-                    None => dwarf_note = Some("no DWARF and no separate debug file found".into()),
-                }
-            }
-        }
+        let (debug, mut dwarf_note) = if dwarf_in_file {
+            (None, None)
+        } else {
+            separate_debug_file(&obj, build_id.as_deref(), search, &mut backing)
+        };
+        let (debug_file, debug_obj) = debug.unzip();
         let dwarf_obj = if dwarf_in_file {
             Some(&obj)
         } else {
             debug_obj.as_ref().filter(|d| is_debug_info_present(d))
         };
-        let symbol_tables = || {
-            let mut symtab = SymbolTable::default();
-            let mut dynsym = SymbolTable::default();
-            symtab.add_from(&obj, false);
-            dynsym.add_from(&obj, true);
-            if let Some(dobj) = &debug_obj {
-                symtab.add_from(dobj, false);
-            }
-            symtab.finish();
-            dynsym.finish();
-            (symtab, dynsym)
+        let symbol_tables = || read_symbol_tables(&obj, debug_obj.as_ref());
+        let (loaded, (symtab, dynsym), sup_file) = match dwarf_obj {
+            None => (Loaded::Ready(None), symbol_tables(), None),
+            // The symbol tables (libc's debug file: ~3 ms) are read while DWARF is inflated.
+            Some(dobj) => std::thread::scope(|scope| {
+                let tables = scope.spawn(symbol_tables);
+                let mut sup_file = None;
+                let dwarf = Self::load_dwarf(
+                    dobj,
+                    &mut backing,
+                    search,
+                    stream_min,
+                    &mut sup_file,
+                    &mut dwarf_note,
+                );
+                (dwarf, tables.join().unwrap_or_default(), sup_file)
+            }),
         };
-        let Some(dobj) = dwarf_obj else {
-            let (symtab, dynsym) = symbol_tables();
-            return Ok(ElfModule {
-                dwarf: std::cell::OnceCell::from(None),
-                pending: std::cell::RefCell::new(None),
-                symtab,
-                dynsym,
-                segments,
-                build_id,
-                debug_file,
-                sup_file: None,
-                dwarf_note,
-                late_note: std::cell::OnceCell::new(),
-                backing,
-            });
+        let (dwarf, pending) = match loaded {
+            Loaded::Ready(d) => (std::cell::OnceCell::from(d), None),
+            Loaded::Pending(p) => (std::cell::OnceCell::new(), Some(p)),
         };
-        // The symbol tables (libc's debug file: ~3 ms) are read while DWARF is inflated.
-        std::thread::scope(|scope| {
-            let tables = scope.spawn(symbol_tables);
-            let mut sup_file = None;
-            let dwarf = Self::load_dwarf(
-                dobj,
-                &mut backing,
-                search,
-                stream_min,
-                &mut sup_file,
-                &mut dwarf_note,
-            );
-            let (symtab, dynsym) = tables.join().unwrap_or_default();
-            let (dwarf, pending) = match dwarf {
-                Loaded::Ready(d) => (std::cell::OnceCell::from(d), None),
-                Loaded::Pending(p) => (std::cell::OnceCell::new(), Some(p)),
-            };
-            Ok(ElfModule {
-                dwarf,
-                pending: std::cell::RefCell::new(pending),
-                symtab,
-                dynsym,
-                segments,
-                build_id,
-                debug_file,
-                sup_file,
-                dwarf_note,
-                late_note: std::cell::OnceCell::new(),
-                backing,
-            })
+        Ok(ElfModule {
+            dwarf,
+            pending: std::cell::RefCell::new(pending),
+            symtab,
+            dynsym,
+            segments,
+            build_id,
+            debug_file,
+            sup_file,
+            dwarf_note,
+            late_note: std::cell::OnceCell::new(),
+            backing,
         })
     }
 
@@ -1451,6 +840,15 @@ impl DwarfState {
     }
 }
 
+/// A unit's own context, once asked for.
+enum UnitContext {
+    Own(Box<Context>),
+    /// The unit could refer into other units: the whole-file context answers for it.
+    UseFull,
+    /// addr2line could not read the unit: symbol tables only.
+    Failed,
+}
+
 /// A context over one unit's bytes of `.debug_info` (see [`UnitIndex`]), unless the unit
 /// can refer into other units.
 fn unit_context(sections: &Sections, index: &UnitIndex, unit: u32) -> UnitContext {
@@ -1471,45 +869,6 @@ fn unit_context(sections: &Sections, index: &UnitIndex, unit: u32) -> UnitContex
     match Context::from_dwarf(sections.dwarf(Some(info))) {
         Ok(c) => UnitContext::Own(Box::new(c)),
         Err(_) => UnitContext::Failed,
-    }
-}
-
-/// Demangled names from the symbol tables, remembering the last symbol's: sorted
-/// addresses often fall in one function one after the other (a function's first byte
-/// and its middle), and demangling C++ names is most of the time spent on a module
-/// without DWARF.
-struct SymbolNames<'a> {
-    symtab: &'a SymbolTable,
-    dynsym: &'a SymbolTable,
-    /// (symbol address, from `.symtab`), and its name.
-    last: Option<((u64, bool), Option<String>)>,
-}
-
-impl<'a> SymbolNames<'a> {
-    fn new(symtab: &'a SymbolTable, dynsym: &'a SymbolTable) -> Self {
-        SymbolNames {
-            symtab,
-            dynsym,
-            last: None,
-        }
-    }
-
-    fn name(&mut self, vaddr: u64) -> Option<String> {
-        let (sym, key) = match self.symtab.lookup(vaddr) {
-            Some(s) => (s, (s.addr, true)),
-            None => {
-                let s = self.dynsym.lookup(vaddr)?;
-                (s, (s.addr, false))
-            }
-        };
-        match &self.last {
-            Some((k, name)) if *k == key => name.clone(),
-            _ => {
-                let name = Some(demangle_lang(sym.name, None).into_owned());
-                self.last = Some((key, name.clone()));
-                name
-            }
-        }
     }
 }
 
@@ -1580,103 +939,6 @@ fn finish_frames(
     frames
 }
 
-/// Checks that `dobj` belongs to the binary: build ids must match when both have one;
-/// otherwise, for debuglink matches, the CRC must match.
-fn debug_file_matches(
-    bin_build_id: Option<&[u8]>,
-    dobj: &object::File<'_>,
-    data: &[u8],
-    crc: Option<u32>,
-) -> bool {
-    let dbg_id = dobj.build_id().ok().flatten();
-    match (bin_build_id, dbg_id) {
-        (Some(a), Some(b)) => a == b,
-        _ => match crc {
-            Some(crc) => crc32(data) == crc,
-            None => true,
-        },
-    }
-}
-
-fn find_debug_file(
-    obj: &object::File<'static>,
-    build_id: Option<&[u8]>,
-    search: &DebugSearch<'_>,
-    backing: &mut Backing,
-) -> Option<(PathBuf, object::File<'static>)> {
-    let mut candidates: Vec<(PathBuf, Option<u32>)> = Vec::new();
-    if let Some(id) = build_id {
-        for p in search.build_id_candidates(id, ".debug") {
-            candidates.push((p, None));
-        }
-    }
-    // A debuglink is a bare file name; refuse anything that walks elsewhere.
-    if let Ok(Some((name, crc))) = obj.gnu_debuglink()
-        && let Ok(name) = std::str::from_utf8(name)
-        && !name.is_empty()
-        && !name.contains('/')
-    {
-        for p in search.debuglink_candidates(name) {
-            candidates.push((p, Some(crc)));
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (path, crc) in candidates {
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        let Ok(f) = File::open(&path) else { continue };
-        if search.binary_id.is_some() && file_id(&f) == search.binary_id {
-            continue;
-        }
-        let Ok(md) = f.metadata() else { continue };
-        if !md.is_file() {
-            continue;
-        }
-        let Ok(data) = backing.map(&f) else { continue };
-        match parse_elf(data) {
-            Ok(dobj) if debug_file_matches(build_id, &dobj, data, crc) => {
-                return Some((search.display(path), dobj));
-            }
-            _ => log::debug!("{}: not a matching debug file", path.display()),
-        }
-        // Nothing borrows the rejected candidate any more.
-        backing.unmap_last();
-    }
-    None
-}
-
-/// `.gnu_debugaltlink` (written by dwz) names a supplementary file holding DWARF shared
-/// between several debug files, plus its build id. Debian installs these under
-/// `/usr/lib/debug/.dwz/` and also registers them in `.build-id/`.
-fn find_sup_file(
-    alt_path: &[u8],
-    alt_id: &[u8],
-    search: &DebugSearch<'_>,
-    backing: &mut Backing,
-) -> Option<(PathBuf, object::File<'static>)> {
-    let mut candidates = search.build_id_candidates(alt_id, ".debug");
-    if let Ok(p) = std::str::from_utf8(alt_path) {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            candidates.push(search.in_root(p));
-            candidates.push(p.to_path_buf());
-        }
-    }
-    for path in candidates {
-        let Some((_, data)) = open_and_map(&path, backing) else {
-            continue;
-        };
-        if let Ok(sobj) = parse_elf(data)
-            && sobj.build_id().ok().flatten() == Some(alt_id)
-        {
-            return Some((search.display(path), sobj));
-        }
-        backing.unmap_last();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1743,84 +1005,6 @@ mod tests {
         ];
         assert_eq!(file_offset_to_vaddr(&s, 0x1010), Some(0x5010));
         assert_eq!(file_offset_to_vaddr(&s, 0x10), Some(0x10));
-    }
-
-    #[test]
-    fn crc32_known_values() {
-        assert_eq!(crc32(b""), 0);
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
-
-    #[test]
-    fn symbol_table_lookup() {
-        let mut t = SymbolTable::default();
-        let sym = |addr, end, name, rank| Sym {
-            addr,
-            end,
-            name,
-            rank,
-        };
-        t.0 = vec![
-            sym(0x2000, 0x2100, "b", 0),
-            sym(0x1000, 0x1010, "__GI_a", 2),
-            sym(0x1000, 0x1080, "a", 0),
-            sym(0x1000, 0x1020, "a_weak", 1),
-        ];
-        t.finish();
-        assert_eq!(t.len(), 2);
-        assert_eq!(t.lookup(0x1000).map(|s| s.name), Some("a"));
-        assert_eq!(t.lookup(0x107f).map(|s| s.name), Some("a"));
-        assert!(t.lookup(0x1080).is_none(), "size checked");
-        assert!(t.lookup(0xfff).is_none());
-        assert_eq!(t.lookup(0x20ff).map(|s| s.name), Some("b"));
-        assert!(t.lookup(0x2100).is_none());
-    }
-
-    #[test]
-    fn remembered_symbol_names_follow_the_symbol() {
-        let sym = |addr, end, name| Sym {
-            addr,
-            end,
-            name,
-            rank: 0,
-        };
-        let mut symtab = SymbolTable(vec![
-            sym(0x1000, 0x1010, "_ZN1a1fEv"),
-            sym(0x1010, 0x1020, "g"),
-        ]);
-        symtab.finish();
-        // Same address as in .symtab, other name: the key tells the tables apart.
-        let mut dynsym = SymbolTable(vec![sym(0x1000, 0x1100, "h")]);
-        dynsym.finish();
-        let mut names = SymbolNames::new(&symtab, &dynsym);
-        let got: Vec<Option<String>> = [0x1000, 0x1008, 0x1010, 0x1000, 0x1030, 0x1200]
-            .iter()
-            .map(|&v| names.name(v))
-            .collect();
-        let want = [
-            Some("a::f()"),
-            Some("a::f()"),
-            Some("g"),
-            Some("a::f()"),
-            Some("h"),
-            None,
-        ];
-        assert_eq!(got, want.map(|n| n.map(str::to_owned)));
-    }
-
-    #[test]
-    fn abbreviation_tables_with_cross_unit_references() {
-        // code 1, DW_TAG_compile_unit, children; DW_AT_name strp; end; end of table.
-        let plain = [1, 0x11, 1, 0x03, 0x0e, 0, 0, 0];
-        assert!(abbrev_table_is_self_contained(&plain));
-        // code 2, DW_TAG_subprogram, no children; DW_AT_abstract_origin ref_addr.
-        let mut cross = plain[..7].to_vec();
-        cross.extend_from_slice(&[2, 0x2e, 0, 0x31, 0x10, 0, 0, 0]);
-        assert!(!abbrev_table_is_self_contained(&cross));
-        // An implicit_const value (here 0x10) is not a form.
-        let implicit = [1, 0x11, 0, 0x3a, 0x21, 0x10, 0, 0, 0];
-        assert!(abbrev_table_is_self_contained(&implicit));
-        assert!(!abbrev_table_is_self_contained(&plain[..4]), "truncated");
     }
 
     #[test]

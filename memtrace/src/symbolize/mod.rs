@@ -12,13 +12,18 @@
 //! (module, offset), so a `Symbolizer` should live as long as the tracer.
 
 pub mod addr2line;
+mod debug_search;
 mod demangle;
 mod dies;
 mod elf;
+mod lines;
+mod sections;
 mod stream;
+mod symtab;
 #[cfg(test)]
 mod tests;
 mod unit_batch;
+mod unit_index;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -18,12 +18,12 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::num::NonZeroU64;
 
 use super::FrameInfo;
 use super::demangle::demangle_lang;
 use super::dies::{Abbrev, Cursor, Table};
 use super::elf::Reader;
+use super::lines::{Lines, Location, parse_lines};
 
 type Dwarf = gimli::Dwarf<Reader>;
 type Unit = gimli::Unit<Reader>;
@@ -92,37 +92,6 @@ impl RangeAttrs {
 struct FunctionAddress {
     range: gimli::Range,
     die: Offset,
-}
-
-/// A row of the line table, as addr2line keeps it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Row {
-    address: u64,
-    file_index: u64,
-    line: u32,
-}
-
-/// In the layout of addr2line's `LineSequence` (32 bytes): rows `first..first + len`.
-#[derive(Debug, PartialEq)]
-struct Sequence {
-    start: u64,
-    end: u64,
-    first: usize,
-    len: usize,
-}
-
-/// The unit's line table: its rows, and file names rendered when first printed.
-struct Lines {
-    rows: Vec<Row>,
-    sequences: Vec<Sequence>,
-    files: Vec<Option<String>>,
-}
-
-/// A source location (addr2line's `Location` without the column).
-#[derive(Clone, Copy, Default)]
-struct Location {
-    file: Option<u64>,
-    line: Option<u32>,
 }
 
 struct Inlined {
@@ -236,6 +205,19 @@ impl Walker for Fast<'_> {
     }
 }
 
+/// Why a probe gets no frames from [`frames_in`]: `Skip` leaves it without frames (as
+/// addr2line does when a DIE fails to parse), `GiveUp` leaves the whole unit to gimli
+/// (the strict walker's answer to any error).
+enum Miss {
+    Skip,
+    GiveUp,
+}
+
+/// `Skip`, or `GiveUp` from a strict walker.
+fn miss<W: Walker>() -> Miss {
+    if W::STRICT { Miss::GiveUp } else { Miss::Skip }
+}
+
 fn frames_in<W: Walker>(
     walker: &W,
     dwarf: &Dwarf,
@@ -245,34 +227,8 @@ fn frames_in<W: Walker>(
     let mut out = vec![Vec::new(); probes.len()];
     let unit_ref = unit.unit.unit_ref(dwarf);
     let mut lines = None;
-    let ranges = match unit.ranges {
-        Some(r) => r,
-        // No address attributes: the line table's sequences are the unit's ranges.
-        None => match parsed_lines(&mut lines, unit_ref) {
-            Ok(Some(l)) => l
-                .sequences
-                .iter()
-                .map(|s| gimli::Range {
-                    begin: s.start,
-                    end: s.end,
-                })
-                .collect(),
-            _ => Vec::new(),
-        },
-    };
-    let is_c = matches!(
-        unit.lang,
-        Some(
-            gimli::DW_LANG_C89
-                | gimli::DW_LANG_C
-                | gimli::DW_LANG_C99
-                | gimli::DW_LANG_C11
-                | gimli::DW_LANG_C17
-        )
-    );
-    let mut top_level = None;
-    let mut functions = None;
-    let mut parsed: HashMap<Offset, Result<Function, Error>> = HashMap::new();
+    let ranges = unit_ranges(unit.ranges, &mut lines, unit_ref);
+    let mut functions = FunctionsFound::new(walker, unit_ref, is_c(unit.lang));
     for (&probe, out) in probes.iter().zip(&mut out) {
         let covered = ranges
             .iter()
@@ -280,69 +236,158 @@ fn frames_in<W: Walker>(
         if !covered {
             continue;
         }
-        // In C, only a GNU nested function is defined inside another one, and its code
-        // is never inside its parent's: a probe in a function found without reading
-        // any function's children is in that function. Anywhere else, all of them are read.
-        let in_top_level = if is_c {
-            let top = top_level.get_or_insert_with(|| walker.functions(unit_ref, true, false));
-            if W::STRICT && top.is_err() {
-                return None;
-            }
-            top.as_ref().ok().and_then(|a| find_function(a, probe))
-        } else {
-            None
-        };
-        let found = match in_top_level {
-            Some(die) => Some(die),
-            None => {
-                let all = functions.get_or_insert_with(|| walker.functions(unit_ref, is_c, true));
-                let Ok(addresses) = all.as_ref() else {
-                    if W::STRICT {
-                        return None;
-                    }
-                    continue;
-                };
-                find_function(addresses, probe)
-            }
-        };
-        let function = match found {
-            None => None,
-            Some(die) => match parsed
-                .entry(die)
-                .or_insert_with(|| walker.function(unit_ref, die))
-            {
-                Ok(f) => Some(&*f),
-                Err(_) if W::STRICT => return None,
-                Err(_) => continue,
-            },
+        let function = match functions.containing(probe) {
+            Ok(f) => f,
+            Err(Miss::Skip) => continue,
+            Err(Miss::GiveUp) => return None,
         };
         let Ok(mut lines) = parsed_lines(&mut lines, unit_ref) else {
             continue;
         };
-        let location = lines.as_ref().and_then(|l| l.find_location(probe));
-        let Some(function) = function else {
-            if let Some(loc) = location {
-                out.push(frame(unit_ref, &mut lines, None, unit.lang, Some(loc)));
-            }
-            continue;
-        };
-        let mut loc = location;
-        for f in function.find_inlined(probe).into_iter().rev() {
-            let here = loc.take();
-            out.push(frame(unit_ref, &mut lines, f.name, unit.lang, here));
-            loc = Some(Location {
-                file: f.call_file,
-                line: (f.call_line != 0).then_some(f.call_line),
-            });
-            if out.len() > 256 {
-                break; // as resolve_frames: corrupt inline chains
-            }
-        }
-        if out.len() <= 256 {
-            out.push(frame(unit_ref, &mut lines, function.name, unit.lang, loc));
-        }
+        push_frames(out, unit_ref, &mut lines, unit.lang, function, probe);
     }
     Some(out)
+}
+
+/// The unit's address ranges: its root DIE's, or without address attributes there, the
+/// sequences of its line table (parsed into `lines`).
+fn unit_ranges(
+    root: Option<Vec<gimli::Range>>,
+    lines: &mut Option<Result<Option<Lines>, Error>>,
+    unit: UnitRef<'_>,
+) -> Vec<gimli::Range> {
+    if let Some(r) = root {
+        return r;
+    }
+    match parsed_lines(lines, unit) {
+        Ok(Some(l)) => l
+            .sequences
+            .iter()
+            .map(|s| gimli::Range {
+                begin: s.start,
+                end: s.end,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_c(lang: Option<gimli::DwLang>) -> bool {
+    matches!(
+        lang,
+        Some(
+            gimli::DW_LANG_C89
+                | gimli::DW_LANG_C
+                | gimli::DW_LANG_C99
+                | gimli::DW_LANG_C11
+                | gimli::DW_LANG_C17
+        )
+    )
+}
+
+/// The functions of one unit that [`frames_in`] has read so far, shared by its probes:
+/// each list of function ranges is read once, each function's inline tree once.
+struct FunctionsFound<'a, W> {
+    walker: &'a W,
+    unit: UnitRef<'a>,
+    is_c: bool,
+    /// Functions not defined inside another one (C units only).
+    top_level: Option<Result<Vec<FunctionAddress>, Error>>,
+    /// Every function.
+    all: Option<Result<Vec<FunctionAddress>, Error>>,
+    parsed: HashMap<Offset, Result<Function, Error>>,
+}
+
+impl<'a, W: Walker> FunctionsFound<'a, W> {
+    fn new(walker: &'a W, unit: UnitRef<'a>, is_c: bool) -> Self {
+        FunctionsFound {
+            walker,
+            unit,
+            is_c,
+            top_level: None,
+            all: None,
+            parsed: HashMap::new(),
+        }
+    }
+
+    /// The function whose code contains `probe`, with its inline tree; `Ok(None)` when
+    /// no function's ranges do.
+    fn containing(&mut self, probe: u64) -> Result<Option<&Function>, Miss> {
+        let Some(die) = self.die_containing(probe)? else {
+            return Ok(None);
+        };
+        let (walker, unit) = (self.walker, self.unit);
+        match self
+            .parsed
+            .entry(die)
+            .or_insert_with(|| walker.function(unit, die))
+        {
+            Ok(f) => Ok(Some(&*f)),
+            Err(_) => Err(miss::<W>()),
+        }
+    }
+
+    fn die_containing(&mut self, probe: u64) -> Result<Option<Offset>, Miss> {
+        let (walker, unit, is_c) = (self.walker, self.unit, self.is_c);
+        // In C, only a GNU nested function is defined inside another one, and its code
+        // is never inside its parent's: a probe in a function found without reading
+        // any function's children is in that function. Anywhere else, all of them are read.
+        if is_c {
+            match self
+                .top_level
+                .get_or_insert_with(|| walker.functions(unit, true, false))
+            {
+                Ok(top) => {
+                    if let Some(die) = find_function(top, probe) {
+                        return Ok(Some(die));
+                    }
+                }
+                Err(_) if W::STRICT => return Err(Miss::GiveUp),
+                Err(_) => {}
+            }
+        }
+        match self
+            .all
+            .get_or_insert_with(|| walker.functions(unit, is_c, true))
+        {
+            Ok(all) => Ok(find_function(all, probe)),
+            Err(_) => Err(miss::<W>()),
+        }
+    }
+}
+
+/// Appends the frames of `probe` to `out`: the inlined calls containing it innermost
+/// first, then `function`; without a function, only the line table's location.
+fn push_frames(
+    out: &mut Vec<FrameInfo>,
+    unit: UnitRef<'_>,
+    lines: &mut Option<&mut Lines>,
+    lang: Option<gimli::DwLang>,
+    function: Option<&Function>,
+    probe: u64,
+) {
+    let location = lines.as_ref().and_then(|l| l.find_location(probe));
+    let Some(function) = function else {
+        if let Some(loc) = location {
+            out.push(frame(unit, lines, None, lang, Some(loc)));
+        }
+        return;
+    };
+    let mut loc = location;
+    for f in function.find_inlined(probe).into_iter().rev() {
+        let here = loc.take();
+        out.push(frame(unit, lines, f.name, lang, here));
+        loc = Some(Location {
+            file: f.call_file,
+            line: (f.call_line != 0).then_some(f.call_line),
+        });
+        if out.len() > 256 {
+            break; // as resolve_frames: corrupt inline chains
+        }
+    }
+    if out.len() <= 256 {
+        out.push(frame(unit, lines, function.name, lang, loc));
+    }
 }
 
 /// The unit's line table, parsed on first use (addr2line keeps the error too).
@@ -1037,366 +1082,8 @@ fn name_attr(
     }
 }
 
-/// The unit's line table (addr2line's `Lines::parse`), `None` without one.
-fn parse_lines(unit: UnitRef<'_>) -> Result<Option<Lines>, Error> {
-    match fast_parse_lines(unit) {
-        Some(lines) => lines,
-        None => gimli_parse_lines(unit),
-    }
-}
-
-/// The rows of a line program as addr2line keeps them, fed one by one.
-#[derive(Default)]
-struct LinesBuilder {
-    rows: Vec<Row>,
-    sequences: Vec<Sequence>,
-    first: usize,
-}
-
-impl LinesBuilder {
-    fn row(&mut self, r: Row) {
-        match self.rows[self.first..].last_mut() {
-            Some(last) if last.address == r.address => *last = r,
-            _ => self.rows.push(r),
-        }
-    }
-
-    fn end_sequence(&mut self, end: u64) {
-        let first = self.first;
-        let len = self.rows.len() - first;
-        if len > 0 {
-            let start = self.rows[first].address;
-            if start < end {
-                self.sequences.push(Sequence {
-                    start,
-                    end,
-                    first,
-                    len,
-                });
-                self.first = self.rows.len();
-            } else {
-                self.rows.truncate(first);
-            }
-        }
-    }
-
-    fn finish(mut self, unit: UnitRef<'_>, header: &LineHeader) -> Result<Lines, Error> {
-        // Rows after the last end of sequence belong to no sequence.
-        self.rows.truncate(self.first);
-        self.sequences.sort_unstable_by_key(|s| s.start);
-        // addr2line renders every file up front and fails the table if one cannot be;
-        // here they are only checked, and rendered when printed.
-        // Before DWARF 5, file 0 is the unit's own file, and the table's files follow.
-        let n = header.file_names().len();
-        let count = if header.version() < 5 {
-            n + 1
-        } else {
-            n.max(1)
-        };
-        for i in 0..count as u64 {
-            if let Some(f) = header.file(i) {
-                check_file(unit, f, header)?;
-            }
-        }
-        Ok(Lines {
-            rows: self.rows,
-            sequences: self.sequences,
-            files: vec![None; count],
-        })
-    }
-}
-
-/// [`parse_lines`] with gimli's line program state machine.
-fn gimli_parse_lines(unit: UnitRef<'_>) -> Result<Option<Lines>, Error> {
-    let Some(program) = unit.line_program.clone() else {
-        return Ok(None);
-    };
-    let mut b = LinesBuilder::default();
-    let mut program = program.rows();
-    while let Some((_, row)) = program.next_row()? {
-        if row.end_sequence() {
-            b.end_sequence(row.address());
-            continue;
-        }
-        b.row(Row {
-            address: row.address(),
-            file_index: row.file_index(),
-            line: row.line().map_or(0, NonZeroU64::get) as u32,
-        });
-    }
-    b.finish(unit, program.header()).map(Some)
-}
-
-type SpecialOpcodes = [(u8, u8); 256];
-
-/// For each special opcode (`opcode_base..=255`), its line advance and operation
-/// advance: `(opcode - opcode_base) % line_range` and `/ line_range`. Two divisions per
-/// row were most of the time spent decoding libc's line programs; all its units share
-/// one `(opcode_base, line_range)`, so the table is kept (per thread) until another
-/// pair comes.
-fn special_opcodes(opcode_base: u8, line_range: u8) -> SpecialOpcodes {
-    use std::cell::Cell;
-    thread_local! {
-        static LAST: Cell<Option<(u8, u8, SpecialOpcodes)>> = const { Cell::new(None) };
-    }
-    LAST.with(|last| {
-        if let Some((b, r, t)) = last.get()
-            && (b, r) == (opcode_base, line_range)
-        {
-            return t;
-        }
-        let mut t = [(0, 0); 256];
-        for (op, e) in t.iter_mut().enumerate().skip(usize::from(opcode_base)) {
-            let adjusted = op as u8 - opcode_base;
-            *e = (adjusted % line_range, adjusted / line_range);
-        }
-        last.set(Some((opcode_base, line_range, t)));
-        t
-    })
-}
-
-/// [`gimli_parse_lines`] with the state machine of gimli's `LineRows` written out for
-/// the registers addr2line uses (address, file, line; gimli's tombstone rule for
-/// `DW_LNE_set_address` included). `None` when gimli must run it instead: a VLIW
-/// program (several operations per instruction), a file defined by the program
-/// (`DW_LNE_define_file`, DWARF 4 and older), or anything that fails to decode.
-fn fast_parse_lines(unit: UnitRef<'_>) -> Option<Result<Option<Lines>, Error>> {
-    use gimli::Reader as _;
-    let Some(program) = unit.line_program.as_ref() else {
-        return Some(Ok(None));
-    };
-    let header = program.header();
-    let enc = header.line_encoding();
-    let address_size = header.address_size();
-    if enc.maximum_operations_per_instruction != 1
-        || enc.line_range == 0
-        || !matches!(address_size, 4 | 8)
-    {
-        return None;
-    }
-    let mask = if address_size == 8 {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX)
-    };
-    let min_tombstone = mask - 1;
-    let (opcode_base, line_range) = (header.opcode_base(), enc.line_range);
-    let line_base = i64::from(enc.line_base);
-    let min_length = u64::from(enc.minimum_instruction_length);
-    let special = special_opcodes(opcode_base, line_range);
-    let version = header.version();
-    let mut input = header.raw_program_buf();
-    let mut b = LinesBuilder::default();
-    let mut run = || -> gimli::Result<Option<()>> {
-        // Registers at the start of a sequence.
-        let (mut address, mut file, mut line, mut tombstone) = (0u64, 1u64, 1u64, false);
-        let advance_line = |line: &mut u64, by: i64| {
-            if by < 0 {
-                let down = by.unsigned_abs();
-                *line = line.checked_sub(down).unwrap_or(0);
-            } else {
-                *line = line.wrapping_add(by as u64);
-            }
-        };
-        let add = |address: u64, by: u64| -> gimli::Result<u64> {
-            match address.checked_add(by) {
-                Some(a) if a & !mask == 0 => Ok(a),
-                _ => Err(gimli::Error::AddressOverflow),
-            }
-        };
-        while !input.is_empty() {
-            let opcode = input.read_u8()?;
-            // Whether the instruction appends a row (and which kind).
-            let mut row = false;
-            let mut end = false;
-            if opcode == 0 {
-                let len = usize::try_from(input.read_uleb128()?)
-                    .map_err(|_| gimli::Error::BadUnsignedLeb128)?;
-                let mut rest = input.split(len)?;
-                match gimli::DwLne(rest.read_u8()?) {
-                    gimli::DW_LNE_end_sequence => (row, end) = (true, true),
-                    gimli::DW_LNE_set_address => {
-                        let a = rest.read_address(address_size)?;
-                        tombstone = a < address || a >= min_tombstone;
-                        if !tombstone {
-                            address = a;
-                        }
-                    }
-                    gimli::DW_LNE_define_file if version <= 4 => return Ok(None),
-                    gimli::DW_LNE_set_discriminator => {
-                        rest.read_uleb128()?;
-                    }
-                    _ => {}
-                }
-            } else if opcode >= opcode_base {
-                let (line_advance, operation_advance) = special[usize::from(opcode)];
-                advance_line(&mut line, line_base + i64::from(line_advance));
-                if !tombstone {
-                    let by = u64::from(operation_advance);
-                    address = add(address, min_length.wrapping_mul(by))?;
-                }
-                row = true;
-            } else {
-                match gimli::DwLns(opcode) {
-                    gimli::DW_LNS_copy => row = true,
-                    gimli::DW_LNS_advance_pc => {
-                        let by = input.read_uleb128()?;
-                        if !tombstone {
-                            address = add(address, min_length.wrapping_mul(by))?;
-                        }
-                    }
-                    gimli::DW_LNS_advance_line => {
-                        let by = input.read_sleb128()?;
-                        advance_line(&mut line, by);
-                    }
-                    gimli::DW_LNS_set_file => file = input.read_uleb128()?,
-                    gimli::DW_LNS_set_column | gimli::DW_LNS_set_isa => {
-                        input.read_uleb128()?;
-                    }
-                    gimli::DW_LNS_negate_stmt
-                    | gimli::DW_LNS_set_basic_block
-                    | gimli::DW_LNS_set_prologue_end
-                    | gimli::DW_LNS_set_epilogue_begin => {}
-                    gimli::DW_LNS_const_add_pc => {
-                        if !tombstone {
-                            let by = u64::from((255 - opcode_base) / line_range);
-                            address = add(address, min_length.wrapping_mul(by))?;
-                        }
-                    }
-                    gimli::DW_LNS_fixed_advance_pc => {
-                        let by = input.read_u16()?;
-                        if !tombstone {
-                            address = add(address, u64::from(by))?;
-                        }
-                    }
-                    _ => {
-                        // An opcode this version does not define: skip its operands.
-                        let mut lengths = *header.standard_opcode_lengths();
-                        lengths.skip(usize::from(opcode - 1))?;
-                        for _ in 0..lengths.read_u8()? {
-                            input.read_uleb128()?;
-                        }
-                    }
-                }
-            }
-            if !row {
-                continue;
-            }
-            if !tombstone {
-                if end {
-                    b.end_sequence(address);
-                } else {
-                    b.row(Row {
-                        address,
-                        file_index: file,
-                        line: line as u32,
-                    });
-                }
-            }
-            if end {
-                (address, file, line, tombstone) = (0, 1, 1, false);
-            }
-        }
-        Ok(Some(()))
-    };
-    match run() {
-        Ok(Some(())) => Some(b.finish(unit, header).map(Some)),
-        _ => None,
-    }
-}
-
-impl Lines {
-    fn find_location(&self, probe: u64) -> Option<Location> {
-        let s = self
-            .sequences
-            .binary_search_by(|s| {
-                if probe < s.start {
-                    Ordering::Greater
-                } else if probe >= s.end {
-                    Ordering::Less
-                } else {
-                    Ordering::Equal
-                }
-            })
-            .ok()?;
-        let s = &self.sequences[s];
-        let rows = &self.rows[s.first..s.first + s.len];
-        let i = match rows.binary_search_by(|r| r.address.cmp(&probe)) {
-            Ok(i) => i,
-            Err(0) => return None,
-            Err(i) => i - 1,
-        };
-        let row = rows[i];
-        Some(Location {
-            file: Some(row.file_index),
-            line: (row.line != 0).then_some(row.line),
-        })
-    }
-
-    /// The path of file `index`, as addr2line renders it.
-    fn file(&mut self, unit: UnitRef<'_>, index: u64) -> Option<String> {
-        let slot = self.files.get_mut(usize::try_from(index).ok()?)?;
-        if slot.is_none() {
-            let program = unit.line_program.as_ref()?;
-            let header = program.header();
-            // DWARF 4 and older have no file 0: addr2line names it "".
-            *slot = Some(match header.file(index) {
-                Some(f) => render_file(unit, f, header).ok()?,
-                None => String::new(),
-            });
-        }
-        slot.clone()
-    }
-}
-
-type FileEntry = gimli::FileEntry<Reader, usize>;
-type LineHeader = gimli::LineProgramHeader<Reader, usize>;
-
-fn check_file(unit: UnitRef<'_>, file: &FileEntry, header: &LineHeader) -> Result<(), Error> {
-    if file.directory_index() != 0
-        && let Some(dir) = file.directory(header)
-    {
-        unit.attr_string(dir)?;
-    }
-    unit.attr_string(file.path_name())?;
-    Ok(())
-}
-
-/// addr2line's `render_file`: the compilation directory, the file's directory (unless it
-/// is entry 0, the compilation directory again), the file name; an absolute part
-/// replaces what came before.
-fn render_file(unit: UnitRef<'_>, file: &FileEntry, header: &LineHeader) -> Result<String, Error> {
-    let mut path = match &unit.comp_dir {
-        Some(d) => d.to_string_lossy().into_owned(),
-        None => String::new(),
-    };
-    if file.directory_index() != 0
-        && let Some(dir) = file.directory(header)
-    {
-        path_push(&mut path, &unit.attr_string(dir)?.to_string_lossy());
-    }
-    path_push(
-        &mut path,
-        &unit.attr_string(file.path_name())?.to_string_lossy(),
-    );
-    Ok(path)
-}
-
-fn path_push(path: &mut String, p: &str) {
-    let forward_root = |p: &str| p.starts_with('/') || p.get(1..3) == Some(":/");
-    let backward_root = |p: &str| p.starts_with('\\') || p.get(1..3) == Some(":\\");
-    if forward_root(p) || backward_root(p) {
-        *path = p.to_owned();
-        return;
-    }
-    let sep = if backward_root(path) { '\\' } else { '/' };
-    if !path.is_empty() && !path.ends_with(sep) {
-        path.push(sep);
-    }
-    path.push_str(p);
-}
-
-/// How much of a file the fast paths ([`fast_unit_frames`], [`fast_parse_lines`])
+/// How much of a file the fast paths ([`fast_unit_frames`],
+/// [`super::lines::fast_parse_lines`])
 /// answered in [`compare_fast_with_gimli`].
 #[cfg(test)]
 #[derive(Debug, Default)]
@@ -1416,6 +1103,7 @@ pub(crate) fn compare_fast_with_gimli(
     dwarf: &Dwarf,
     offsets: &[usize],
 ) -> Result<FastCoverage, String> {
+    use super::lines::{fast_parse_lines, gimli_parse_lines};
     let mut c = FastCoverage::default();
     let mut scratch = Scratch::default();
     for &off in offsets {
