@@ -958,13 +958,13 @@ fn rust_function_in_own_process() {
     let last = r.last().unwrap();
     assert_eq!(
         last.function.as_deref(),
-        Some("memtrace::procmaps::parse_maps"),
+        Some("memtrace::process::maps::parse_maps"),
         "{r:#?}"
     );
     assert!(
         last.file
             .as_deref()
-            .is_some_and(|p| p.ends_with("src/procmaps.rs")),
+            .is_some_and(|p| p.ends_with("src/process/maps.rs")),
         "{r:#?}"
     );
     assert!(last.line.is_some());
