@@ -54,7 +54,13 @@ mod tests {
 
     #[test]
     fn plain_names_are_unchanged() {
-        for s in ["main", "std::vector<int>::push_back", "/usr/lib/libc.so.6", "café", "日本"] {
+        for s in [
+            "main",
+            "std::vector<int>::push_back",
+            "/usr/lib/libc.so.6",
+            "café",
+            "日本",
+        ] {
             assert_eq!(escaped(s), s);
         }
     }

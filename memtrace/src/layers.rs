@@ -98,7 +98,10 @@ fn every_folder_is_a_stage_or_a_leaf() {
         let known = stage(&name).is_some()
             || LEAVES.contains(&name.as_str())
             || ["lib", "main", "layers", "testutil"].contains(&name.as_str());
-        assert!(known, "{name} is neither a stage nor a leaf: add it to STAGES or LEAVES");
+        assert!(
+            known,
+            "{name} is neither a stage nor a leaf: add it to STAGES or LEAVES"
+        );
     }
 }
 

@@ -17,12 +17,12 @@ pub mod cmd;
 mod escape;
 mod kernel;
 mod knobs;
+#[cfg(test)]
+mod layers;
 mod process;
 mod report;
 mod session;
 mod symbolize;
-#[cfg(test)]
-mod layers;
 #[cfg(test)]
 mod testutil;
 mod units;

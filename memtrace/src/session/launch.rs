@@ -33,6 +33,7 @@ pub fn resolve_command(cmd: &OsStr) -> Result<PathBuf> {
         let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
             return false;
         };
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
         p.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
     };
     if cmd.as_bytes().contains(&b'/') {

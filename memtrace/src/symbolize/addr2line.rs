@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use super::{Frame, FrameInfo};
+use crate::escape::Escaped;
 
 /// What the binutils layout prints of a frame.
 pub trait FrameText {
@@ -63,8 +64,9 @@ pub fn write_address(
         return out.write_all(b"??\n??:0\n");
     }
     for f in frames {
-        let function = f.function().unwrap_or("??");
-        let file = f.file().unwrap_or("??");
+        // Names come from the file: escaped, so that they cannot drive a terminal.
+        let function = Escaped(f.function().unwrap_or("??"));
+        let file = Escaped(f.file().unwrap_or("??"));
         match f.line() {
             Some(line) => writeln!(out, "{function}\n{file}:{line}")?,
             None => writeln!(out, "{function}\n{file}:?")?,
@@ -115,6 +117,25 @@ mod tests {
             "0x0000000000000010\n??\n??:0\n\
              0x0000000000000020\ninner\na.c:3\nouter\nb.c:9\n\
              0x0000000000000030\nasm\n??:?\n"
+        );
+    }
+
+    #[test]
+    fn names_from_the_file_are_escaped() {
+        let f = Frame {
+            address: 0x10,
+            module: None,
+            function: Some("evil\x1b[2J\nmemtrace: error: forged".to_owned()),
+            file: Some("a\rb.c".to_owned()),
+            line: Some(3),
+            inlined: false,
+            unresolved: None,
+        };
+        let mut out = Vec::new();
+        write_address(&mut out, 0x10, &[f]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "0x0000000000000010\nevil\\x1b[2J\\x0amemtrace: error: forged\na\\x0db.c:3\n"
         );
     }
 }

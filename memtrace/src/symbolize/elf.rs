@@ -72,7 +72,7 @@ pub(super) struct Backing {
 
 impl Backing {
     pub(super) fn map(&mut self, file: &File) -> Result<&'static [u8], String> {
-        // SAFETY (mmap): the file may be modified by someone else while mapped. Deleted files
+        // SAFETY: the file may be modified by someone else while mapped. Deleted files
         // are fine (the open file keeps the inode alive); in-place truncation of a mapped
         // binary would also break the traced process itself, so it is not defended against.
         let m = unsafe { Mmap::map(file) }.map_err(|e| format!("mmap: {e}"))?;

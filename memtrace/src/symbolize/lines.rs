@@ -216,7 +216,7 @@ impl Registers {
     #[inline]
     fn advance_line(&mut self, by: i64) {
         if by < 0 {
-            self.line = self.line.checked_sub(by.unsigned_abs()).unwrap_or(0);
+            self.line = self.line.saturating_sub(by.unsigned_abs());
         } else {
             self.line = self.line.wrapping_add(by as u64);
         }

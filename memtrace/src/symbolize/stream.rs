@@ -91,6 +91,7 @@ pub(crate) struct StreamedSection {
 // `wait_for`, which reads only published bytes; the thread handle is touched only by
 // `finish` and `drop`, which own the section.
 unsafe impl Send for StreamedSection {}
+// SAFETY: as for Send, just above.
 unsafe impl Sync for StreamedSection {}
 
 impl StreamedSection {
