@@ -1,0 +1,179 @@
+//! The end of a session: detach the probes, settle the target (reap a launched
+//! child), build and write the report, and choose memtrace's exit status.
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+
+use super::{
+    Options, Session,
+    build::{ReportMeta, build_report},
+    launch::{self, ChildState},
+    output::write_report,
+    target::{Attached, alive},
+    watch::End,
+};
+use crate::{
+    kernel::batch::process_cpu,
+    kernel::collect::monotonic_ns,
+    process::stat::{self as procstat, ProcStat},
+};
+
+/// The moment tracing ended, and the target's own figures then.
+struct Stopped {
+    end_ns: u64,
+    ended_at: SystemTime,
+    duration: Duration,
+    end_process: Option<ProcStat>,
+}
+
+/// How the target ended up: whether it exited, and a launched child's state.
+struct Outcome {
+    exited: bool,
+    state: Option<ChildState>,
+}
+
+impl Outcome {
+    fn exit_code(&self) -> Option<i32> {
+        self.state.and_then(|s| s.exit_code())
+    }
+}
+
+/// Detaches, reports, and returns memtrace's exit status.
+pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
+    let stopped = stop_tracing(&mut s, end);
+    let outcome = settle_target(&mut s.at, end)?;
+    let cpu_report = process_cpu();
+    log::debug!(
+        "report begins at {:.3} ms of process cpu",
+        cpu_report.as_secs_f64() * 1e3
+    );
+    let meta = ReportMeta {
+        started_at: s.started_at,
+        ended_at: stopped.ended_at,
+        duration: stopped.duration,
+        end,
+        end_ns: stopped.end_ns,
+        exited: outcome.exited,
+        exit_status: outcome.exit_code(),
+        end_process: stopped.end_process,
+    };
+    let report = build_report(opts, &mut s.at, &mut s.symbolizer, &mut s.history, meta)?;
+    let cpu_written = process_cpu();
+    write_report(&report, opts.format, opts.top, s.output.as_mut())?;
+    let cpu_end = process_cpu();
+    log::debug!(
+        "report built in {:.1} ms cpu, written in {:.1} ms cpu",
+        cpu_written.saturating_sub(cpu_report).as_secs_f64() * 1e3,
+        cpu_end.saturating_sub(cpu_written).as_secs_f64() * 1e3,
+    );
+    if let Some(path) = &opts.output {
+        eprintln!("memtrace: report written to {}", path.display());
+    }
+    // Only a launched child's status is passed on: an attached process is not ours.
+    let status = if s.at.launched {
+        outcome.exit_code().unwrap_or(0)
+    } else {
+        0
+    };
+    let leaks = report.verdicts.leak;
+    // The process ends next: freeing a report of ten thousand sites and the
+    // symbolizer's debug info piece by piece would cost tens of milliseconds.
+    std::mem::forget(report);
+    std::mem::forget(s.symbolizer);
+    std::mem::forget(s.history);
+    Ok(exit_status(opts, status, leaks))
+}
+
+/// Takes the end of tracing and removes the probes.
+fn stop_tracing(s: &mut Session, end: End) -> Stopped {
+    // Ages and the duration are taken at the end of tracing: detaching can take
+    // a second. Then the probes go: the target runs at full speed again, and the
+    // figures no longer move while they are read.
+    let end_ns = monotonic_ns();
+    log::debug!(
+        "tracing ended ({}) at {:.3} ms of process cpu",
+        end.as_str(),
+        process_cpu().as_secs_f64() * 1e3
+    );
+    let ended_at = SystemTime::now();
+    let duration = s.trace_start.elapsed();
+    s.at.probes.detach_all();
+    Stopped {
+        end_ns,
+        ended_at,
+        duration,
+        // The process's own view at the end (not while the probes are still in).
+        end_process: procstat::read(s.at.pid).ok(),
+    }
+}
+
+/// Whether the target exited; a launched child is reaped, an attached
+/// process that lives on has its newest modules captured for the report.
+fn settle_target(at: &mut Attached, end: End) -> Result<Outcome> {
+    let pid = at.pid;
+    let exited = end == End::TargetExited || !alive(pid);
+    if at.launched {
+        return reap_child(pid, end, exited);
+    }
+    if !exited {
+        // The target lives on: pick up libraries it loaded since the last refresh.
+        let _ = at.modules.refresh(pid);
+    }
+    Ok(Outcome {
+        exited,
+        state: None,
+    })
+}
+
+/// Reaps the launched child if it has ended, for its exit status.
+fn reap_child(pid: u32, end: End, exited: bool) -> Result<Outcome> {
+    // Ctrl-C reaches the whole foreground process group: give the child a
+    // moment to exit on the same signal, so its status can be reported.
+    let wait_until = Instant::now()
+        + if end == End::Signal {
+            Duration::from_millis(300)
+        } else {
+            Duration::ZERO
+        };
+    loop {
+        match launch::wait_child(pid, true)? {
+            Some(s @ (ChildState::Exited(_) | ChildState::Signaled(_))) => {
+                return Ok(Outcome {
+                    exited: true,
+                    state: Some(s),
+                });
+            }
+            Some(ChildState::Stopped(_)) => launch::continue_child(pid),
+            None if exited => {
+                // pidfd said it exited: reap it.
+                let state = launch::wait_child(pid, false)?;
+                return Ok(Outcome { exited, state });
+            }
+            None if Instant::now() < wait_until => std::thread::sleep(Duration::from_millis(10)),
+            None => {
+                return Ok(Outcome {
+                    exited,
+                    state: None,
+                });
+            }
+        }
+    }
+}
+
+/// The child's status (0 when attached), unless `--fail-on-leak` found leaks
+/// in a run that would otherwise succeed: then 3.
+fn exit_status(opts: &Options, status: i32, leaks: u64) -> i32 {
+    if !opts.fail_on_leak || leaks == 0 {
+        return status;
+    }
+    let s = if leaks == 1 { "" } else { "s" };
+    if status == 0 {
+        eprintln!("memtrace: {leaks} site{s} got the leak verdict: exit status 3 (--fail-on-leak)");
+        return 3;
+    }
+    eprintln!(
+        "memtrace: {leaks} site{s} got the leak verdict, but the program exited with status \
+         {status}: that status is memtrace's"
+    );
+    status
+}

@@ -1,0 +1,200 @@
+//! Watching the target while it is traced: signals, its pidfd, the schedule of
+//! live summaries and module refreshes, and why tracing ended.
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::{
+    Options, Session,
+    summary::{self, Summary},
+    target::{self, Attached},
+};
+
+/// How often the target's mappings are re-read, so that a library it loads with
+/// dlopen is captured (and kept open) soon after, whatever --interval is.
+const MODULE_REFRESH: Duration = Duration::from_secs(1);
+
+/// Why tracing stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum End {
+    Signal,
+    Duration,
+    TargetExited,
+    /// The target called exec: the program memtrace attached to is gone.
+    TargetExec,
+}
+
+impl End {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            End::Signal => "signal",
+            End::Duration => "duration",
+            End::TargetExited => "target-exited",
+            End::TargetExec => "target-exec",
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, blocked and read from a signalfd, so that Ctrl-C ends
+/// tracing cleanly (report written, probes removed) at any point.
+pub(super) struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    pub(super) fn block() -> Result<Self> {
+        // SAFETY: plain sigset manipulation and signalfd creation.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                bail!("blocking SIGINT/SIGTERM failed");
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                bail!("signalfd: {}", std::io::Error::last_os_error());
+            }
+            Ok(Signals {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    fn pending(&self) -> bool {
+        let mut info = [0u8; 128];
+        // SAFETY: reading one signalfd_siginfo into a buffer of its size.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        n > 0
+    }
+}
+
+pub(super) fn pidfd_open(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: the pidfd_open syscall returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(anyhow!(std::io::Error::last_os_error()))
+            .with_context(|| format!("watching pid {pid}"));
+    }
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until a signal, the target's exit, or the timeout. Returns (signal, exited).
+fn wait_events(signals: &Signals, pidfd: &OwnedFd, timeout: Duration) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: signals.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: fds is a valid array of two pollfds.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    let sig = fds[0].revents & libc::POLLIN != 0 && signals.pending();
+    (sig, fds[1].revents != 0)
+}
+
+/// When the next live summary, module refresh and the end of `--duration` are due.
+struct Schedule {
+    deadline: Option<Instant>,
+    next_summary: Instant,
+    next_refresh: Instant,
+}
+
+impl Schedule {
+    fn new(start: Instant, opts: &Options) -> Self {
+        Schedule {
+            deadline: opts.duration.map(|d| start + d),
+            next_summary: start + opts.interval,
+            next_refresh: start + MODULE_REFRESH,
+        }
+    }
+
+    /// The next moment something is due.
+    fn next(&self) -> Instant {
+        let until = self.next_summary.min(self.next_refresh);
+        match self.deadline {
+            Some(d) => until.min(d),
+            None => until,
+        }
+    }
+}
+
+/// Traces until a signal, the target's end or exec, or `--duration`: a live
+/// summary every interval, the target's new modules every [`MODULE_REFRESH`].
+pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
+    let mut schedule = Schedule::new(s.trace_start, opts);
+    let mut last = Summary::default();
+    loop {
+        let now = Instant::now();
+        if schedule.deadline.is_some_and(|d| now >= d) {
+            return End::Duration;
+        }
+        let timeout = schedule.next().saturating_duration_since(now);
+        let (sig, exited) = wait_events(&s.signals, &s.pidfd, timeout);
+        if exited {
+            return End::TargetExited;
+        }
+        if sig {
+            return End::Signal;
+        }
+        let now = Instant::now();
+        if now >= schedule.next_refresh {
+            schedule.next_refresh = now + MODULE_REFRESH;
+            if called_exec(&s.at) {
+                return End::TargetExec;
+            }
+            refresh_modules(&mut s.at);
+        }
+        if now >= schedule.next_summary {
+            schedule.next_summary += opts.interval;
+            let work = summary::live_summary(
+                &mut s.at,
+                &mut s.symbolizer,
+                &mut last,
+                s.trace_start,
+                &mut s.history,
+                opts,
+            );
+            if let Err(e) = work {
+                log::warn!("live summary failed: {e:#}");
+            }
+        }
+    }
+}
+
+/// Whether the target called exec, which ends tracing; says so if it did.
+fn called_exec(at: &Attached) -> bool {
+    let pid = at.pid;
+    if !target::called_exec(pid, &at.allocator) {
+        return false;
+    }
+    eprintln!(
+        "memtrace: pid {pid} called exec (it now runs {}): the new program is not \
+         traced; reporting what the old one did",
+        target::proc_exe(pid).unwrap_or_else(|| "?".into())
+    );
+    true
+}
+
+/// Captures the modules the target mapped since the last look (dlopen) and
+/// loads their unwind tables.
+fn refresh_modules(at: &mut Attached) {
+    if let Ok(true) = at.modules.refresh(at.pid) {
+        target::load_tables(&mut at.tables, &mut at.collector.maps, at.pid, &at.modules);
+    }
+}
