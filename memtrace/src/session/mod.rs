@@ -31,6 +31,7 @@ use output::ReportFile;
 use target::Attached;
 use watch::Signals;
 
+use crate::escape::Escaped;
 use crate::{
     analyze::{HISTORY_CAPACITY, History, VerdictConfig},
     kernel::{collect::monotonic_ns, maps::MapSizes},
@@ -107,9 +108,9 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     eprintln!(
         "memtrace: attached to pid {} ({}): {} probes on {} ({}) in {}",
         at.pid,
-        at.comm,
+        Escaped(&at.comm),
         at.nprobes,
-        at.allocator.module,
+        Escaped(&at.allocator.module),
         at.function_names().join(", "),
         format_duration(t0.elapsed()),
     );

@@ -14,6 +14,7 @@ use super::{
     },
     target::Attached,
 };
+use crate::escape::{Escaped, escaped};
 use crate::{
     analyze::{self, History, SampleAges},
     kernel::collect::{Counters, SiteSample, monotonic_ns},
@@ -241,10 +242,13 @@ fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<S
     let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
     Ok(match f {
         Some(f) => {
-            let func = f.function.unwrap_or_else(|| format!("{a:#x}"));
+            // Names from the target's files: escaped for the terminal.
+            let func = f
+                .function
+                .map_or_else(|| format!("{a:#x}"), |n| escaped(&n));
             match (f.file, f.line) {
                 (Some(file), Some(line)) => {
-                    let base = file.rsplit('/').next().unwrap_or(&file).to_string();
+                    let base = Escaped(file.rsplit('/').next().unwrap_or(&file));
                     format!("{func} ({base}:{line})")
                 }
                 _ => func,

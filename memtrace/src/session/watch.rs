@@ -1,5 +1,6 @@
 //! Watching the target while it is traced: signals, its pidfd, the schedule of
 //! live summaries and module refreshes, and why tracing ended.
+use crate::escape::Escaped;
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
@@ -186,7 +187,7 @@ fn called_exec(at: &Attached) -> bool {
     eprintln!(
         "memtrace: pid {pid} called exec (it now runs {}): the new program is not \
          traced; reporting what the old one did",
-        target::proc_exe(pid).unwrap_or_else(|| "?".into())
+        Escaped(&target::proc_exe(pid).unwrap_or_else(|| "?".into()))
     );
     true
 }
