@@ -205,49 +205,8 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
                 }
             }
             None => {
-                let site = probe_site(data, file_offset, sym.size(), role);
-                let code = whole_function(data, file_offset, sym.size());
-                let never_jumps_out = code.is_some_and(placement::never_jumps_out);
-                let results = match (role, code) {
-                    (Role::Alloc(AllocKind::Malloc), Some(code))
-                        if never_jumps_out && !crate::attach::exits::disabled() =>
-                    {
-                        match crate::attach::exits::plan_exits(code) {
-                            Ok(plan) => {
-                                log::debug!("{name}: result sites {}", plan.describe());
-                                Some(plan)
-                            }
-                            Err(why) => {
-                                log::debug!(
-                                    "{name}: no result sites ({why}): entry and return probes"
-                                );
-                                None
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                log::debug!(
-                    "{name}: probe site +{:#x} ({}, {:?}): {}",
-                    site.delta,
-                    site.mnemonic,
-                    site.emulated,
-                    site.reason
-                );
-                by_addr.insert(
-                    vaddr,
-                    AttachPoint {
-                        role,
-                        names: vec![name],
-                        vaddr,
-                        file_offset,
-                        size: sym.size(),
-                        never_jumps_out,
-                        probe_offset: file_offset + site.delta,
-                        probe_insn: site.mnemonic,
-                        results,
-                    },
-                );
+                let p = new_point(data, name, role, vaddr, file_offset, sym.size());
+                by_addr.insert(vaddr, p);
             }
         }
         match name {
@@ -264,6 +223,63 @@ pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
         Err("not an allocator".into())
     };
     Ok(out)
+}
+
+/// The point probing the function `name` at `vaddr` (`file_offset` in
+/// `data`, `size` bytes, 0 if unknown): its probe site and, for malloc, its
+/// result sites.
+fn new_point(
+    data: &[u8],
+    name: &'static str,
+    role: Role,
+    vaddr: u64,
+    file_offset: u64,
+    size: u64,
+) -> AttachPoint {
+    let site = probe_site(data, file_offset, size, role);
+    let code = whole_function(data, file_offset, size);
+    let never_jumps_out = code.is_some_and(placement::never_jumps_out);
+    let results = match (role, code) {
+        (Role::Alloc(AllocKind::Malloc), Some(code))
+            if never_jumps_out && !crate::attach::exits::disabled() =>
+        {
+            result_plan(name, code)
+        }
+        _ => None,
+    };
+    log::debug!(
+        "{name}: probe site +{:#x} ({}, {:?}): {}",
+        site.delta,
+        site.mnemonic,
+        site.emulated,
+        site.reason
+    );
+    AttachPoint {
+        role,
+        names: vec![name],
+        vaddr,
+        file_offset,
+        size,
+        never_jumps_out,
+        probe_offset: file_offset + site.delta,
+        probe_insn: site.mnemonic,
+        results,
+    }
+}
+
+/// Where malloc's result can be read (`exits`), logged either way: None
+/// when it keeps its entry and return probes.
+fn result_plan(name: &str, code: &[u8]) -> Option<crate::attach::exits::ExitPlan> {
+    match crate::attach::exits::plan_exits(code) {
+        Ok(plan) => {
+            log::debug!("{name}: result sites {}", plan.describe());
+            Some(plan)
+        }
+        Err(why) => {
+            log::debug!("{name}: no result sites ({why}): entry and return probes");
+            None
+        }
+    }
 }
 
 /// Every call and jump in the probed functions' code into a probed function,
@@ -286,30 +302,116 @@ pub fn internal_calls(
     data: &[u8],
     points: &[AttachPoint],
 ) -> Result<Vec<InternalCall>, String> {
-    use object::{ObjectSection, ObjectSymbolTable, RelocationTarget};
-    // GOT slot → the name of the symbol the dynamic linker puts there.
-    let dynsyms = file.dynamic_symbol_table();
-    let slot_name = |slot: u64| -> Option<String> {
-        let (_, reloc) = file.dynamic_relocations()?.find(|(at, _)| *at == slot)?;
+    let finder = CallFinder::new(file, data, points);
+    let mut out = Vec::new();
+    // Code outside the probed functions that they branch to, and the probed
+    // function that jumped there (rather than called it).
+    let mut outside: Vec<(u64, Option<u64>)> = Vec::new();
+    for p in points {
+        finder.in_function(p, &mut out, &mut outside)?;
+    }
+    for (todo, jumped_from) in outside_starts(points, &outside) {
+        let found = finder.follow_outside(todo)?;
+        match jumped_from {
+            // Every site, once.
+            None => {
+                for (at, entered) in found {
+                    finder.mark(
+                        &mut out,
+                        at,
+                        format!("{at:#x}"),
+                        MarkKind::Check,
+                        entered,
+                        Vec::new(),
+                    )?;
+                }
+            }
+            // The sites the probed function at `from` reaches by jumping.
+            Some(from) => {
+                for (at, _) in found {
+                    for c in out.iter_mut().filter(|c| c.site_vaddr == at) {
+                        c.tail_of.push(from);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where to follow the code outside the probed functions from: through its
+/// jumps (not into what it calls: a call made there has its return address
+/// there, outside the probed functions), once from every start that a
+/// probed function called, and once from those each one jumped to (with
+/// that function's address).
+fn outside_starts(
+    points: &[AttachPoint],
+    outside: &[(u64, Option<u64>)],
+) -> Vec<(Vec<u64>, Option<u64>)> {
+    let mut starts: Vec<(Vec<u64>, Option<u64>)> =
+        vec![(outside.iter().map(|&(t, _)| t).collect(), None)];
+    for p in points {
+        let jumped: Vec<u64> = outside
+            .iter()
+            .filter(|&&(_, from)| from == Some(p.vaddr))
+            .map(|&(t, _)| t)
+            .collect();
+        if !jumped.is_empty() {
+            starts.push((jumped, Some(p.vaddr)));
+        }
+    }
+    starts
+}
+
+/// What [`internal_calls`] reads of the allocator's file.
+struct CallFinder<'a> {
+    file: &'a object::File<'a>,
+    data: &'a [u8],
+    points: &'a [AttachPoint],
+    /// The PLT sections: (address, contents).
+    plt: Vec<(u64, &'a [u8])>,
+}
+
+impl<'a> CallFinder<'a> {
+    fn new(file: &'a object::File<'a>, data: &'a [u8], points: &'a [AttachPoint]) -> Self {
+        use object::ObjectSection;
+        let plt = file
+            .sections()
+            .filter(|s| matches!(s.name(), Ok(".plt" | ".plt.sec" | ".plt.got")))
+            .filter_map(|s| Some((s.address(), s.data().ok()?)))
+            .collect();
+        CallFinder {
+            file,
+            data,
+            points,
+            plt,
+        }
+    }
+
+    /// The name of the symbol the dynamic linker puts in the GOT slot at
+    /// `slot`.
+    fn slot_name(&self, slot: u64) -> Option<String> {
+        use object::{ObjectSymbolTable, RelocationTarget};
+        let (_, reloc) = self
+            .file
+            .dynamic_relocations()?
+            .find(|(at, _)| *at == slot)?;
         let RelocationTarget::Symbol(index) = reloc.target() else {
             return None;
         };
+        let dynsyms = self.file.dynamic_symbol_table();
         let sym = dynsyms.as_ref()?.symbol_by_index(index).ok()?;
         sym.name().ok().map(str::to_string)
-    };
-    let plt: Vec<_> = file
-        .sections()
-        .filter(|s| matches!(s.name(), Ok(".plt" | ".plt.sec" | ".plt.got")))
-        .filter_map(|s| Some((s.address(), s.data().ok()?)))
-        .collect();
-    let by_name = |name: &str| points.iter().find(|q| q.names.contains(&name));
-    // What a branch to `target` (through memory at `target` if
-    // `through_memory`) enters: a probed function (and the GOT slot it goes
-    // through), Ok(None) for anything else.
-    let callee = |target: u64, through_memory: bool| -> Result<Option<Entered<'_>>, String> {
+    }
+
+    /// What a branch to `target` (through memory at `target` if
+    /// `through_memory`) enters: a probed function (and the GOT slot it goes
+    /// through), Ok(None) for anything else.
+    fn callee(&self, target: u64, through_memory: bool) -> Result<Option<Entered<'a>>, String> {
         let slot = if through_memory {
             Some(target)
-        } else if let Some((start, bytes)) = plt
+        } else if let Some((start, bytes)) = self
+            .plt
             .iter()
             .find(|(start, bytes)| target >= *start && target < start + bytes.len() as u64)
         {
@@ -321,36 +423,42 @@ pub fn internal_calls(
         } else {
             None
         };
-        match slot {
-            Some(slot) => {
-                let Some(name) = slot_name(slot) else {
-                    return Ok(None);
-                };
-                if !ENTRY_POINTS.iter().any(|(n, _)| *n == name) {
-                    return Ok(None);
-                }
-                let q = by_name(&name)
-                    .ok_or_else(|| format!("reaches {name} through the GOT, defined elsewhere"))?;
-                Ok(Some((q, Some((slot, q.vaddr)))))
-            }
+        let Some(slot) = slot else {
             // At its first instruction, or in those its probe site comes after.
-            None => Ok(points
+            return Ok(self
+                .points
                 .iter()
                 .find(|q| target >= q.vaddr && target <= q.vaddr + q.probe_delta())
-                .map(|q| (q, None))),
+                .map(|q| (q, None)));
+        };
+        let Some(name) = self.slot_name(slot) else {
+            return Ok(None);
+        };
+        if !ENTRY_POINTS.iter().any(|(n, _)| *n == name) {
+            return Ok(None);
         }
-    };
-    let mut out = Vec::new();
-    let add = |out: &mut Vec<InternalCall>,
-               at: u64,
-               here: String,
-               kind: MarkKind,
-               q: &AttachPoint,
-               via_slot,
-               tail_of: Vec<u64>| {
-        let file_offset =
-            vaddr_to_file_offset(file, at).ok_or_else(|| format!("{here}: not in the file"))?;
-        if points.iter().any(|p| p.probe_offset == file_offset) {
+        let q = self
+            .points
+            .iter()
+            .find(|q| q.names.contains(&name.as_str()))
+            .ok_or_else(|| format!("reaches {name} through the GOT, defined elsewhere"))?;
+        Ok(Some((q, Some((slot, q.vaddr)))))
+    }
+
+    /// Adds the branch at `at` (`here` in messages) into `entered` to `out`;
+    /// Err if no probe can go on it.
+    fn mark(
+        &self,
+        out: &mut Vec<InternalCall>,
+        at: u64,
+        here: String,
+        kind: MarkKind,
+        (q, via_slot): Entered<'_>,
+        tail_of: Vec<u64>,
+    ) -> Result<(), String> {
+        let file_offset = vaddr_to_file_offset(self.file, at)
+            .ok_or_else(|| format!("{here}: not in the file"))?;
+        if self.points.iter().any(|p| p.probe_offset == file_offset) {
             return Err(format!("{here}: a probe site already"));
         }
         let insn = if kind == MarkKind::Call {
@@ -368,19 +476,25 @@ pub fn internal_calls(
             tail_of,
         });
         Ok(())
-    };
-    // Code outside the probed functions that they branch to, and the probed
-    // function that jumped there (rather than called it).
-    let mut outside: Vec<(u64, Option<u64>)> = Vec::new();
-    for p in points {
-        let code = whole_function(data, p.file_offset, p.size)
+    }
+
+    /// Marks the branches in `p`'s code into probed functions, and adds
+    /// those out of the probed functions' code to `outside`.
+    fn in_function(
+        &self,
+        p: &AttachPoint,
+        out: &mut Vec<InternalCall>,
+        outside: &mut Vec<(u64, Option<u64>)>,
+    ) -> Result<(), String> {
+        let code = whole_function(self.data, p.file_offset, p.size)
             .ok_or_else(|| format!("the size of {} is unknown", p.names[0]))?;
         let branches = placement::direct_branches(code, p.vaddr)
             .map_err(|e| format!("{}: {e}", p.names[0]))?;
         for (b, through_memory) in branches {
             let here = || format!("{}+{:#x}", p.names[0], b.offset);
-            let Some((q, via_slot)) =
-                callee(b.target, through_memory).map_err(|e| format!("{}: {e}", here()))?
+            let Some(entered) = self
+                .callee(b.target, through_memory)
+                .map_err(|e| format!("{}: {e}", here()))?
             else {
                 let inside = b.target >= p.vaddr && b.target < p.vaddr + p.size;
                 if !through_memory && !inside {
@@ -396,38 +510,18 @@ pub fn internal_calls(
                     return Err(format!(
                         "{}: a conditional jump into {}",
                         here(),
-                        q.names[0]
+                        entered.0.names[0]
                     ));
                 }
             };
-            add(
-                &mut out,
-                p.vaddr + b.offset,
-                here(),
-                kind,
-                q,
-                via_slot,
-                tail_of,
-            )?;
+            self.mark(out, p.vaddr + b.offset, here(), kind, entered, tail_of)?;
         }
+        Ok(())
     }
-    // That code, followed through its jumps (not into what it calls: a call
-    // made there has its return address there, outside the probed functions),
-    // once from every start that a probed function called, and once from
-    // those each one jumped to.
-    let mut starts: Vec<(Vec<u64>, Option<u64>)> =
-        vec![(outside.iter().map(|&(t, _)| t).collect(), None)];
-    for p in points {
-        let jumped: Vec<u64> = outside
-            .iter()
-            .filter(|&&(_, from)| from == Some(p.vaddr))
-            .map(|&(t, _)| t)
-            .collect();
-        if !jumped.is_empty() {
-            starts.push((jumped, Some(p.vaddr)));
-        }
-    }
-    for (mut todo, jumped_from) in starts {
+
+    /// The jumps into probed functions in the code reached from `todo`
+    /// through jumps, by their addresses.
+    fn follow_outside(&self, mut todo: Vec<u64>) -> Result<Vec<(u64, Entered<'a>)>, String> {
         let mut seen = std::collections::HashSet::new();
         let mut decoded = 0;
         let mut found = Vec::new();
@@ -443,88 +537,75 @@ pub fn internal_calls(
                         "more than {MAX_FOLLOWED_INSNS} instructions of code the allocator calls"
                     ));
                 }
-                let here = || format!("{at:#x}");
-                let code = vaddr_to_file_offset(file, at)
-                    .and_then(|o| data.get(o as usize..))
-                    .ok_or_else(|| {
-                        format!("{}: code the allocator calls, not in the file", here())
-                    })?;
-                let mut decoder =
-                    iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
-                let insn = decoder.decode();
-                if insn.is_invalid() {
-                    return Err(format!("{}: undecodable code the allocator calls", here()));
+                match self.follow_insn(at, &mut todo, &mut found)? {
+                    Some(next) => at = next,
+                    None => break,
                 }
-                let next = insn.next_ip();
-                use iced_x86::FlowControl as F;
-                match insn.flow_control() {
-                    F::Next | F::Call | F::IndirectCall => at = next,
-                    F::Return | F::Interrupt | F::Exception => break,
-                    F::UnconditionalBranch | F::ConditionalBranch => {
-                        let target = insn.near_branch_target();
-                        let conditional = insn.flow_control() == F::ConditionalBranch;
-                        match callee(target, false).map_err(|e| format!("{}: {e}", here()))? {
-                            Some((q, _)) if conditional => {
-                                return Err(format!(
-                                    "{}: a conditional jump into {}",
-                                    here(),
-                                    q.names[0]
-                                ));
-                            }
-                            Some((q, via_slot)) => found.push((at, q, via_slot)),
-                            None => todo.push(target),
-                        }
-                        if !conditional {
-                            break;
-                        }
-                        at = next;
-                    }
-                    F::IndirectBranch if insn.is_ip_rel_memory_operand() => {
-                        // A tail call through a GOT slot.
-                        let slot = insn.ip_rel_memory_address();
-                        if let Some((q, via_slot)) =
-                            callee(slot, true).map_err(|e| format!("{}: {e}", here()))?
-                        {
-                            found.push((at, q, via_slot));
-                        }
-                        break;
-                    }
-                    _ => {
+            }
+        }
+        Ok(found)
+    }
+
+    /// Follows the instruction at `at`: a jump into a probed function goes
+    /// to `found`, one elsewhere to `todo`. The next instruction to follow in
+    /// line, None where the line ends.
+    fn follow_insn(
+        &self,
+        at: u64,
+        todo: &mut Vec<u64>,
+        found: &mut Vec<(u64, Entered<'a>)>,
+    ) -> Result<Option<u64>, String> {
+        use iced_x86::FlowControl as F;
+        let here = || format!("{at:#x}");
+        let code = vaddr_to_file_offset(self.file, at)
+            .and_then(|o| self.data.get(o as usize..))
+            .ok_or_else(|| format!("{}: code the allocator calls, not in the file", here()))?;
+        let mut decoder = iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return Err(format!("{}: undecodable code the allocator calls", here()));
+        }
+        let next = insn.next_ip();
+        match insn.flow_control() {
+            F::Next | F::Call | F::IndirectCall => Ok(Some(next)),
+            F::Return | F::Interrupt | F::Exception => Ok(None),
+            F::UnconditionalBranch | F::ConditionalBranch => {
+                let target = insn.near_branch_target();
+                let conditional = insn.flow_control() == F::ConditionalBranch;
+                match self
+                    .callee(target, false)
+                    .map_err(|e| format!("{}: {e}", here()))?
+                {
+                    Some((q, _)) if conditional => {
                         return Err(format!(
-                            "{}: {:?} in code the allocator calls",
+                            "{}: a conditional jump into {}",
                             here(),
-                            insn.mnemonic()
+                            q.names[0]
                         ));
                     }
+                    Some(entered) => found.push((at, entered)),
+                    None => todo.push(target),
                 }
+                Ok(conditional.then_some(next))
             }
-        }
-        match jumped_from {
-            // Every site, once.
-            None => {
-                for (at, q, via_slot) in found {
-                    add(
-                        &mut out,
-                        at,
-                        format!("{at:#x}"),
-                        MarkKind::Check,
-                        q,
-                        via_slot,
-                        Vec::new(),
-                    )?;
+            F::IndirectBranch if insn.is_ip_rel_memory_operand() => {
+                // A tail call through a GOT slot.
+                let slot = insn.ip_rel_memory_address();
+                if let Some(entered) = self
+                    .callee(slot, true)
+                    .map_err(|e| format!("{}: {e}", here()))?
+                {
+                    found.push((at, entered));
                 }
+                Ok(None)
             }
-            // The sites the probed function at `from` reaches by jumping.
-            Some(from) => {
-                for (at, _, _) in found {
-                    for c in out.iter_mut().filter(|c| c.site_vaddr == at) {
-                        c.tail_of.push(from);
-                    }
-                }
-            }
+            _ => Err(format!(
+                "{}: {:?} in code the allocator calls",
+                here(),
+                insn.mnemonic()
+            )),
         }
     }
-    Ok(out)
 }
 
 /// A probed function a branch enters, and the GOT slot it goes through (the
@@ -656,10 +737,6 @@ pub fn open_path(pid: u32, m: &MapEntry) -> PathBuf {
     }
 }
 
-/// Where the probed functions' code is in the target's address space. An
-/// allocator call made from inside one of them is part of the outer call (glibc's
-/// realloc(p, 0) calls free; posix_memalign calls malloc), and the BPF side must
-/// not count it again.
 /// Where `file_offset` of the allocator's module is mapped in the process.
 pub fn vaddr(alloc: &Allocator, maps: &[MapEntry], file_offset: u64) -> Option<u64> {
     let m = maps.iter().find(|m| {
@@ -700,6 +777,10 @@ pub fn tail_callers(
     out
 }
 
+/// Where the probed functions' code is in the target's address space. An
+/// allocator call made from inside one of them is part of the outer call (glibc's
+/// realloc(p, 0) calls free; posix_memalign calls malloc), and the BPF side must
+/// not count it again.
 pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = alloc
         .points

@@ -221,7 +221,6 @@ impl Probes {
     /// where the kernel has them, else classic uprobes. Returns the number of
     /// probe sites.
     ///
-    ///
     /// `maps`: the target's mappings, where the allocator's module is mapped.
     pub fn attach_allocator(
         &mut self,
@@ -306,215 +305,120 @@ impl Probes {
         tail_callers: &[u64],
     ) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
-        // (offsets, cookies) of the allocating functions, then of free.
-        let (mut allocs, mut frees) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-        // Functions probed at their result sites (see `exits`). Their probes
-        // tell the allocator's calls by return address and by PENDING, not
-        // by marks: a mark is taken by its callee's entry probe, and these
-        // have none (a mark left to a later site would need every path of
-        // the callee, even those to an abort, to take it). So no mark is
-        // left for them, and the functions that jump into them keep even
-        // their unsampled calls in PENDING.
-        // Each function's plan must fit in RESULT_SITES with the ones before
-        // it, and no mark may sit on one of its probes.
-        let mut room = memtrace_common::MAX_RESULT_SITES as usize;
-        let result_fns: Vec<u64> = alloc
-            .points
-            .iter()
-            // Exact mode only: with sampling, an unsampled call costs one
-            // probe already (its session entry skips the return). (Were it
-            // extended to sampling, `jump_in` below would have to be closed
-            // over chains of tail calls: glibc's reallocarray jumps to
-            // realloc, which jumps to malloc; an unsampled reallocarray(NULL,
-            // ..) not kept in PENDING is then counted again by malloc's site.)
-            .filter(|_| !self.sampled && progs.result.is_some())
-            .filter(|p| matches!(p.role, Role::Alloc(_)))
-            .filter(|p| {
-                let Some(plan) = &p.results else {
-                    return false;
-                };
-                let offsets: Vec<u64> = plan.offsets().map(|d| p.file_offset + d).collect();
-                let marked = marks
-                    .iter()
-                    .flatten()
-                    .any(|c| offsets.contains(&c.file_offset));
-                if marked || offsets.len() > room {
-                    log::debug!(
-                        "{}:{}: result sites left out ({})",
-                        alloc.module,
-                        p.names.join("/"),
-                        if marked {
-                            "a mark on one"
-                        } else {
-                            "no room left"
-                        }
-                    );
-                    return false;
-                }
-                room -= offsets.len();
-                true
-            })
-            .map(|p| p.vaddr)
-            .collect();
-        let mut jump_in: Vec<u64> = Vec::new();
-        let marks: Option<Vec<allocator::InternalCall>> = marks.map(|m| {
-            m.into_iter()
-                .filter(|c| {
-                    let keep = !result_fns.contains(&c.callee);
-                    if !keep && c.kind != allocator::MarkKind::Call {
-                        jump_in.extend(c.tail_of.iter().copied());
-                    }
-                    keep
-                })
-                .collect()
-        });
-        // Functions whose unsampled calls stay in PENDING: with marks, those
-        // whose jumps reach a probed function through other code (a jump
-        // in a probed function is marked); else every tail caller.
-        let tails: Vec<u64> = match &marks {
-            Some(marks) => marks
-                .iter()
-                .filter(|c| c.kind == allocator::MarkKind::Check)
-                .flat_map(|c| c.tail_of.iter().copied())
-                .chain(jump_in)
-                .collect(),
-            None => tail_callers.to_vec(),
-        };
+        // Exact mode only: with sampling, an unsampled call costs one probe
+        // already (its session entry skips the return). (Were it extended to
+        // sampling, `jump_in` in `marks_left` would have to be closed over
+        // chains of tail calls: glibc's reallocarray jumps to realloc, which
+        // jumps to malloc; an unsampled reallocarray(NULL, ..) not kept in
+        // PENDING is then counted again by malloc's site.)
+        let with_results = !self.sampled && progs.result.is_some();
+        let result_fns = result_functions(alloc, marks.as_deref(), with_results);
+        let (marks, jump_in) = marks_left(marks, &result_fns);
+        let tails = pending_tails(marks.as_deref(), jump_in, tail_callers);
+        let (mut allocs, mut frees) = (LinkSites::default(), LinkSites::default());
+        // Each result site's offset and configuration, in RESULT_SITES order.
         let mut result_sites: Vec<(u64, memtrace_common::ResultSite)> = Vec::new();
         self.result_sites.clear();
         for point in &alloc.points {
-            if let (Role::Alloc(kind), Some(plan), true) = (
-                point.role,
-                &point.results,
-                result_fns.contains(&point.vaddr),
-            ) {
-                let name = point.names.first().copied().unwrap_or("?");
-                for s in &plan.sites {
-                    result_sites.push((point.file_offset + s.delta, s.conf(kind)));
-                    self.result_sites
-                        .push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
+            match (point.role, &point.results) {
+                (Role::Alloc(kind), Some(plan)) if result_fns.contains(&point.vaddr) => {
+                    let names = add_result_sites(alloc, point, kind, plan, &mut result_sites);
+                    self.result_sites.extend(names);
                 }
-                for &g in &plan.guards {
-                    result_sites.push((
-                        point.file_offset + g,
-                        crate::attach::exits::guard_conf(kind),
-                    ));
-                    self.result_sites.push(format!("{name}+{g:#x} (guard)"));
+                (Role::Alloc(kind), _) => {
+                    log_probe(alloc, point);
+                    let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
+                    allocs.push(point.probe_offset, cookie);
                 }
-                log::debug!(
-                    "{}:{name}: one probe per call, at its result sites: {}",
-                    alloc.module,
-                    plan.describe()
-                );
-                continue;
-            }
-            log_probe(alloc, point);
-            match point.role {
-                Role::Alloc(kind) => {
-                    let at = allocator::vaddr(alloc, maps, point.probe_offset)
-                        .with_context(|| format!("{} is not mapped", point.probe_site()))?;
-                    allocs.0.push(point.probe_offset);
-                    allocs.1.push(
-                        at << 8
-                            | kind as u64
-                            | if call_in_cookie(point) {
-                                memtrace_common::SITE_CALL_IN_COOKIE
-                            } else {
-                                0
-                            }
-                            | if tails.contains(&point.vaddr) {
-                                memtrace_common::SITE_UNSAMPLED_PENDING
-                            } else {
-                                0
-                            },
-                    );
-                }
-                Role::Free => {
-                    frees.0.push(point.probe_offset);
-                    frees.1.push(0);
+                (Role::Free, _) => {
+                    log_probe(alloc, point);
+                    frees.push(point.probe_offset, 0);
                 }
             }
         }
-        if !result_sites.is_empty() {
-            let ebpf = self.ebpf.as_mut().context("BPF object already dropped")?;
-            let mut table: Array<&mut MapData, memtrace_common::ResultSite> = Array::try_from(
-                ebpf.map_mut("RESULT_SITES")
-                    .context("BPF map RESULT_SITES missing from the object")?,
-            )?;
-            for (i, (_, conf)) in result_sites.iter().enumerate() {
-                table
-                    .set(i as u32, *conf, 0)
-                    .context("writing RESULT_SITES")?;
-            }
+        self.fill_result_sites(&result_sites)?;
+        let mut results = LinkSites::default();
+        for (i, (offset, _)) in result_sites.iter().enumerate() {
+            results.push(*offset, (i as u64) << 8 | memtrace_common::SITE_RESULT);
         }
-        let results: (Vec<u64>, Vec<u64>) = result_sites
-            .iter()
-            .enumerate()
-            .map(|(i, (offset, _))| (*offset, (i as u64) << 8 | memtrace_common::SITE_RESULT))
-            .unzip();
         // The allocator's own calls into its probed functions, in the session
         // link (their entries return at once and skip the return).
         for call in marks.iter().flatten() {
-            let at = allocator::vaddr(alloc, maps, call.file_offset)
-                .with_context(|| format!("{} is not mapped", call.describe))?;
-            let kind = match call.kind {
-                allocator::MarkKind::Call => memtrace_common::SITE_MARK_CALL,
-                allocator::MarkKind::Jump => memtrace_common::SITE_MARK_JUMP,
-                allocator::MarkKind::Check => memtrace_common::SITE_MARK_CHECK,
-            };
-            log::debug!("marking the allocator's own call at {}", call.describe);
-            allocs.0.push(call.file_offset);
-            allocs.1.push(at << 8 | kind);
+            allocs.push(call.file_offset, mark_cookie(alloc, maps, call)?);
         }
+        let links = self.create_links(alloc, pid, &results, &allocs, &frees)?;
+        self.multi_links.extend(links);
+        self.marked_calls = marks.map(|m| m.into_iter().map(|c| c.describe).collect());
+        Ok(allocs.len() + frees.len() + results.len())
+    }
+
+    /// Writes each result site's configuration at its index in RESULT_SITES.
+    fn fill_result_sites(
+        &mut self,
+        result_sites: &[(u64, memtrace_common::ResultSite)],
+    ) -> Result<()> {
+        if result_sites.is_empty() {
+            return Ok(());
+        }
+        let ebpf = self.ebpf.as_mut().context("BPF object already dropped")?;
+        let mut table: Array<&mut MapData, memtrace_common::ResultSite> = Array::try_from(
+            ebpf.map_mut("RESULT_SITES")
+                .context("BPF map RESULT_SITES missing from the object")?,
+        )?;
+        for (i, (_, conf)) in result_sites.iter().enumerate() {
+            table
+                .set(i as u32, *conf, 0)
+                .context("writing RESULT_SITES")?;
+        }
+        Ok(())
+    }
+
+    /// The uprobe_multi links: the result sites', the session and free's,
+    /// each only if it has a probe.
+    fn create_links(
+        &self,
+        alloc: &Allocator,
+        pid: u32,
+        results: &LinkSites,
+        allocs: &LinkSites,
+        frees: &LinkSites,
+    ) -> Result<Vec<OwnedFd>> {
+        let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         let mut links = Vec::new();
-        if let (false, Some(prog)) = (results.0.is_empty(), progs.result.as_ref()) {
-            let link = multi::attach(
-                prog.as_fd(),
-                multi::BPF_TRACE_UPROBE_MULTI,
-                &alloc.open_path,
-                &results.0,
-                &results.1,
-                pid,
-            )
-            .with_context(|| {
-                format!(
-                    "a uprobe_multi link for the result sites on {}",
-                    alloc.module
-                )
-            })?;
+        if let (false, Some(prog)) = (results.is_empty(), progs.result.as_ref()) {
+            let link = results
+                .attach(prog, multi::BPF_TRACE_UPROBE_MULTI, alloc, pid)
+                .with_context(|| {
+                    format!(
+                        "a uprobe_multi link for the result sites on {}",
+                        alloc.module
+                    )
+                })?;
             links.push(link);
         }
-        for (prog, attach_type, (offsets, cookies), what) in [
+        for (prog, attach_type, sites, what) in [
             (
                 &progs.session,
                 multi::BPF_TRACE_UPROBE_SESSION,
-                &allocs,
+                allocs,
                 "a uprobe session",
             ),
             (
                 &progs.free,
                 multi::BPF_TRACE_UPROBE_MULTI,
-                &frees,
+                frees,
                 "a uprobe_multi link for free",
             ),
         ] {
-            if offsets.is_empty() {
+            if sites.is_empty() {
                 continue;
             }
-            let link = multi::attach(
-                prog.as_fd(),
-                attach_type,
-                &alloc.open_path,
-                offsets,
-                cookies,
-                pid,
-            )
-            .with_context(|| format!("{what} on {}", alloc.module))?;
+            let link = sites
+                .attach(prog, attach_type, alloc, pid)
+                .with_context(|| format!("{what} on {}", alloc.module))?;
             links.push(link);
         }
-        self.multi_links.extend(links);
-        self.marked_calls = marks.map(|m| m.into_iter().map(|c| c.describe).collect());
-        Ok(allocs.0.len() + frees.0.len() + results.0.len())
+        Ok(links)
     }
 
     /// Entry probes on every allocator function, a return probe on each one that
@@ -596,4 +500,212 @@ impl Probes {
         );
         self.loader_link = None;
     }
+}
+
+/// The probes of one uprobe_multi link: offsets in the allocator's file, and
+/// a cookie for each.
+#[derive(Default)]
+struct LinkSites {
+    offsets: Vec<u64>,
+    cookies: Vec<u64>,
+}
+
+impl LinkSites {
+    fn push(&mut self, offset: u64, cookie: u64) {
+        self.offsets.push(offset);
+        self.cookies.push(cookie);
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// A link of `prog` (loaded for `attach_type`) at these sites, bound to
+    /// `pid`.
+    fn attach(
+        &self,
+        prog: &OwnedFd,
+        attach_type: u32,
+        alloc: &Allocator,
+        pid: u32,
+    ) -> std::io::Result<OwnedFd> {
+        multi::attach(
+            prog.as_fd(),
+            attach_type,
+            &alloc.open_path,
+            &self.offsets,
+            &self.cookies,
+            pid,
+        )
+    }
+}
+
+/// The functions probed at their result sites (see `exits`), by address.
+///
+/// Their probes tell the allocator's calls by return address and by
+/// PENDING, not by marks: a mark is taken by its callee's entry probe, and
+/// these have none (a mark left to a later site would need every path of
+/// the callee, even those to an abort, to take it). So no mark is left for
+/// them (`marks_left`), and the functions that jump into them keep even
+/// their unsampled calls in PENDING (`pending_tails`).
+///
+/// Each function's plan must fit in RESULT_SITES with the ones before it,
+/// and no mark may sit on one of its probes. None unless `with_results`.
+fn result_functions(
+    alloc: &Allocator,
+    marks: Option<&[allocator::InternalCall]>,
+    with_results: bool,
+) -> Vec<u64> {
+    let mut room = memtrace_common::MAX_RESULT_SITES as usize;
+    alloc
+        .points
+        .iter()
+        .filter(|_| with_results)
+        .filter(|p| matches!(p.role, Role::Alloc(_)))
+        .filter(|p| {
+            let Some(plan) = &p.results else {
+                return false;
+            };
+            let offsets: Vec<u64> = plan.offsets().map(|d| p.file_offset + d).collect();
+            let marked = marks
+                .iter()
+                .copied()
+                .flatten()
+                .any(|c| offsets.contains(&c.file_offset));
+            if marked || offsets.len() > room {
+                log::debug!(
+                    "{}:{}: result sites left out ({})",
+                    alloc.module,
+                    p.names.join("/"),
+                    if marked {
+                        "a mark on one"
+                    } else {
+                        "no room left"
+                    }
+                );
+                return false;
+            }
+            room -= offsets.len();
+            true
+        })
+        .map(|p| p.vaddr)
+        .collect()
+}
+
+/// The marks left once those into `result_fns` are dropped, and the
+/// functions that jump into one of those (the `tail_of` of a dropped jump).
+fn marks_left(
+    marks: Option<Vec<allocator::InternalCall>>,
+    result_fns: &[u64],
+) -> (Option<Vec<allocator::InternalCall>>, Vec<u64>) {
+    let mut jump_in: Vec<u64> = Vec::new();
+    let marks = marks.map(|m| {
+        m.into_iter()
+            .filter(|c| {
+                let keep = !result_fns.contains(&c.callee);
+                if !keep && c.kind != allocator::MarkKind::Call {
+                    jump_in.extend(c.tail_of.iter().copied());
+                }
+                keep
+            })
+            .collect()
+    });
+    (marks, jump_in)
+}
+
+/// Functions whose unsampled calls stay in PENDING: with marks, those whose
+/// jumps reach a probed function through other code (a jump in a probed
+/// function is marked), and those that jump into a function probed at its
+/// result sites (`jump_in`); else every tail caller.
+fn pending_tails(
+    marks: Option<&[allocator::InternalCall]>,
+    jump_in: Vec<u64>,
+    tail_callers: &[u64],
+) -> Vec<u64> {
+    match marks {
+        Some(marks) => marks
+            .iter()
+            .filter(|c| c.kind == allocator::MarkKind::Check)
+            .flat_map(|c| c.tail_of.iter().copied())
+            .chain(jump_in)
+            .collect(),
+        None => tail_callers.to_vec(),
+    }
+}
+
+/// Adds the sites and guards of `point`'s plan to `result_sites`; their
+/// names, as `malloc+0x157 (jne)`.
+fn add_result_sites(
+    alloc: &Allocator,
+    point: &AttachPoint,
+    kind: AllocKind,
+    plan: &crate::attach::exits::ExitPlan,
+    result_sites: &mut Vec<(u64, memtrace_common::ResultSite)>,
+) -> Vec<String> {
+    let name = point.names.first().copied().unwrap_or("?");
+    let mut names = Vec::new();
+    for s in &plan.sites {
+        result_sites.push((point.file_offset + s.delta, s.conf(kind)));
+        names.push(format!("{name}+{:#x} ({})", s.delta, s.mnemonic));
+    }
+    for &g in &plan.guards {
+        result_sites.push((
+            point.file_offset + g,
+            crate::attach::exits::guard_conf(kind),
+        ));
+        names.push(format!("{name}+{g:#x} (guard)"));
+    }
+    log::debug!(
+        "{}:{name}: one probe per call, at its result sites: {}",
+        alloc.module,
+        plan.describe()
+    );
+    names
+}
+
+/// The session cookie of an allocating function's entry probe (see
+/// `attach_multi`), with the flags that say where its calls are kept.
+fn entry_cookie(
+    alloc: &Allocator,
+    maps: &[MapEntry],
+    point: &AttachPoint,
+    kind: AllocKind,
+    tails: &[u64],
+) -> Result<u64> {
+    let at = allocator::vaddr(alloc, maps, point.probe_offset)
+        .with_context(|| format!("{} is not mapped", point.probe_site()))?;
+    Ok(at << 8
+        | kind as u64
+        | if call_in_cookie(point) {
+            memtrace_common::SITE_CALL_IN_COOKIE
+        } else {
+            0
+        }
+        | if tails.contains(&point.vaddr) {
+            memtrace_common::SITE_UNSAMPLED_PENDING
+        } else {
+            0
+        })
+}
+
+/// The session cookie of a mark on the allocator's own call: its address in
+/// the process and what it says about the callee's entry.
+fn mark_cookie(
+    alloc: &Allocator,
+    maps: &[MapEntry],
+    call: &allocator::InternalCall,
+) -> Result<u64> {
+    let at = allocator::vaddr(alloc, maps, call.file_offset)
+        .with_context(|| format!("{} is not mapped", call.describe))?;
+    let kind = match call.kind {
+        allocator::MarkKind::Call => memtrace_common::SITE_MARK_CALL,
+        allocator::MarkKind::Jump => memtrace_common::SITE_MARK_JUMP,
+        allocator::MarkKind::Check => memtrace_common::SITE_MARK_CHECK,
+    };
+    log::debug!("marking the allocator's own call at {}", call.describe);
+    Ok(at << 8 | kind)
 }

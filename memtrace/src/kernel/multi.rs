@@ -18,7 +18,7 @@
 //! in the kernel's BTF.
 use std::{
     collections::{HashMap, HashSet},
-    ffi::CString,
+    ffi::{CStr, CString},
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     os::unix::ffi::OsStrExt,
@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{Ebpf, maps::Map};
 use aya_obj::{
-    Object,
+    Function, Object,
     btf::{Btf, BtfFeatures, BtfKind},
     generated::{
         BPF_CALL, BPF_JMP, BPF_PSEUDO_KFUNC_CALL, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type,
@@ -160,85 +160,130 @@ impl RawLoader {
             .get(&prog.function_key())
             .with_context(|| format!("BPF program {name} has no code"))?;
         let insns = self.with_kfunc_calls(&func.instructions)?;
-        let insns: &[bpf_insn] = &insns;
-        let func_info = func.func_info.func_info_bytes();
-        let line_info = func.line_info.line_info_bytes();
-        let try_load = |log: &mut [u8]| {
-            // SAFETY: bpf_attr is plain old data; all zeroes is its default.
-            let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-            // SAFETY: writing the BPF_PROG_LOAD member of the zeroed union.
-            let a = unsafe { &mut attr.__bindgen_anon_3 };
-            a.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
-            a.insn_cnt = insns.len() as u32;
-            a.insns = insns.as_ptr() as u64;
-            a.license = prog.license.as_ptr() as u64;
-            a.expected_attach_type = expected_attach_type;
-            for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
-                *dst = src as libc::c_char;
-            }
-            if let Some(btf) = &self.btf_fd {
-                a.prog_btf_fd = btf.as_raw_fd() as u32;
-                // (`num_info` is what the object had; linking appends the
-                // records of the functions it pulled in: count those.)
-                if func.func_info_rec_size > 0 {
-                    a.func_info_rec_size = func.func_info_rec_size as u32;
-                    a.func_info = func_info.as_ptr() as u64;
-                    a.func_info_cnt = func.func_info.len() as u32;
-                }
-                if func.line_info_rec_size > 0 {
-                    a.line_info_rec_size = func.line_info_rec_size as u32;
-                    a.line_info = line_info.as_ptr() as u64;
-                    a.line_info_cnt = func.line_info.len() as u32;
-                }
-            }
-            if !log.is_empty() {
-                // A small buffer gets the verifier's statistics only
-                // (BPF_LOG_STATS); a large one its log; the largest (1 GiB,
-                // the kernel's limit) every state too.
-                a.log_level = match log.len() {
-                    n if n <= STATS_LOG_BYTES => 4,
-                    FULL_LOG_BYTES => 2,
-                    _ => 1,
-                };
-                a.log_size = log.len() as u32;
-                a.log_buf = log.as_mut_ptr() as u64;
-            }
-            sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(owned)
+        let load = ProgLoad {
+            name,
+            insns: &insns,
+            license: &prog.license,
+            expected_attach_type,
+            btf_fd: self.btf_fd.as_ref(),
+            func,
+            func_info: func.func_info.func_info_bytes(),
+            line_info: func.line_info.line_info_bytes(),
         };
-        // MEMTRACE_VERIFIER_LOG=DIR: the verifier's whole log (level 2, every
-        // instruction it processed with its state: hundreds of MB) in
-        // DIR/NAME.log, to see where it spends its budget.
-        if let Some(dir) = &crate::knobs::get().verifier_log {
-            let mut log = vec![0u8; FULL_LOG_BYTES];
-            let loaded = try_load(&mut log);
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            let path = std::path::Path::new(&dir).join(format!("{name}.log"));
-            match std::fs::write(&path, &log[..end]) {
-                Ok(()) => log::info!("verifier log of {name} written to {}", path.display()),
-                Err(e) => log::warn!("writing {}: {e}", path.display()),
+        if let Some(dir) = &crate::knobs::get().verifier_log
+            && let Some(fd) = load.with_full_log(Path::new(dir))
+        {
+            return Ok(fd);
+        }
+        load.with_stats()
+    }
+}
+
+/// One program's BPF_PROG_LOAD, to be tried with log buffers of several
+/// sizes.
+struct ProgLoad<'a> {
+    name: &'a str,
+    insns: &'a [bpf_insn],
+    license: &'a CStr,
+    expected_attach_type: u32,
+    btf_fd: Option<&'a OwnedFd>,
+    func: &'a Function,
+    func_info: Vec<u8>,
+    line_info: Vec<u8>,
+}
+
+impl ProgLoad<'_> {
+    /// Loads the program, with the verifier writing to `log` unless it is
+    /// empty.
+    fn try_load(&self, log: &mut [u8]) -> io::Result<OwnedFd> {
+        let func = self.func;
+        // SAFETY: bpf_attr is plain old data; all zeroes is its default.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing the BPF_PROG_LOAD member of the zeroed union.
+        let a = unsafe { &mut attr.__bindgen_anon_3 };
+        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
+        a.insn_cnt = self.insns.len() as u32;
+        a.insns = self.insns.as_ptr() as u64;
+        a.license = self.license.as_ptr() as u64;
+        a.expected_attach_type = self.expected_attach_type;
+        for (dst, src) in a.prog_name.iter_mut().zip(self.name.bytes().take(15)) {
+            *dst = src as libc::c_char;
+        }
+        if let Some(btf) = self.btf_fd {
+            a.prog_btf_fd = btf.as_raw_fd() as u32;
+            // (`num_info` is what the object had; linking appends the
+            // records of the functions it pulled in: count those.)
+            if func.func_info_rec_size > 0 {
+                a.func_info_rec_size = func.func_info_rec_size as u32;
+                a.func_info = self.func_info.as_ptr() as u64;
+                a.func_info_cnt = func.func_info.len() as u32;
             }
-            if let Ok(fd) = loaded {
-                return Ok(fd);
+            if func.line_info_rec_size > 0 {
+                a.line_info_rec_size = func.line_info_rec_size as u32;
+                a.line_info = self.line_info.as_ptr() as u64;
+                a.line_info_cnt = func.line_info.len() as u32;
             }
         }
+        if !log.is_empty() {
+            // A small buffer gets the verifier's statistics only
+            // (BPF_LOG_STATS); a large one its log; the largest (1 GiB,
+            // the kernel's limit) every state too.
+            a.log_level = match log.len() {
+                n if n <= STATS_LOG_BYTES => 4,
+                FULL_LOG_BYTES => 2,
+                _ => 1,
+            };
+            a.log_size = log.len() as u32;
+            a.log_buf = log.as_mut_ptr() as u64;
+        }
+        sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(owned)
+    }
+
+    /// MEMTRACE_VERIFIER_LOG=DIR: the verifier's whole log (level 2, every
+    /// instruction it processed with its state: hundreds of MB) in
+    /// DIR/NAME.log, to see where it spends its budget. The program if it
+    /// loaded.
+    fn with_full_log(&self, dir: &Path) -> Option<OwnedFd> {
+        let name = self.name;
+        let mut log = vec![0u8; FULL_LOG_BYTES];
+        let loaded = self.try_load(&mut log);
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let path = dir.join(format!("{name}.log"));
+        match std::fs::write(&path, &log[..end]) {
+            Ok(()) => log::info!("verifier log of {name} written to {}", path.display()),
+            Err(e) => log::warn!("writing {}: {e}", path.display()),
+        }
+        loaded.ok()
+    }
+
+    /// Loads the program, logging the verifier's statistics; if it is
+    /// refused, says why.
+    fn with_stats(&self) -> Result<OwnedFd> {
         let mut stats = vec![0u8; STATS_LOG_BYTES];
         let started = std::time::Instant::now();
-        let first = match try_load(&mut stats) {
+        match self.try_load(&mut stats) {
             Ok(fd) => {
                 let text = String::from_utf8_lossy(&stats);
                 log::debug!(
-                    "BPF program {name} verified in {:?}: {}",
+                    "BPF program {} verified in {:?}: {}",
+                    self.name,
                     started.elapsed(),
                     text.trim_end_matches('\0').trim().replace('\n', "; ")
                 );
-                return Ok(fd);
+                Ok(fd)
             }
-            Err(e) => e,
-        };
-        // Again with the verifier's log. An empty log means the verifier never
-        // ran: the kernel refused the program type or attach type itself.
+            Err(first) => self.explain_refusal(first),
+        }
+    }
+
+    /// Loads the program again with the verifier's log, after it was refused
+    /// with `first`: the end of the log says why. An empty log means the
+    /// verifier never ran: the kernel refused the program type or attach
+    /// type itself.
+    fn explain_refusal(&self, first: io::Error) -> Result<OwnedFd> {
+        let name = self.name;
         let mut log = vec![0u8; 4 << 20];
-        let retry = try_load(&mut log);
+        let retry = self.try_load(&mut log);
         let text = String::from_utf8_lossy(&log);
         let text = text.trim_end_matches('\0').trim_end();
         match retry {

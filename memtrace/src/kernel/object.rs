@@ -96,34 +96,9 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Progr
              `cargo xtask build` (it leaves target/release/memtrace)"
         );
     }
-    let empty = empty_programs();
-    if empty {
-        eprintln!(
-            "memtrace: MEMTRACE_EMPTY_PROGRAMS=1: the probes return at once and record \
-             nothing (the benchmark's floor)"
-        );
-    }
-    let mut ebpf = EbpfLoader::new()
-        .override_global("TARGET_TGID", &tgid, true)
-        .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
-        .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
-        .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
-        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
-        .map_max_entries("ALLOCS", sizes.block_buckets())
-        .map_max_entries("STACKS", sizes.stacks)
-        .map_max_entries("SITES", sizes.site_entries())
-        .load(BPF_OBJECT)
-        .map_err(|e| anyhow!(e))
-        .context("loading the BPF maps and programs into the kernel")?;
+    let mut ebpf = load_object(tgid, &sizes, sample_mean_bytes)?;
     for name in PROGRAMS {
-        let prog: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("BPF program {name} missing from the embedded object"))?
-            .try_into()
-            .with_context(|| format!("BPF program {name} is not a uprobe"))?;
-        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
-            format!("the kernel refused BPF program {name} (verifier or permissions)")
-        })?;
+        load_uprobe(&mut ebpf, name)?;
     }
     let multi = if classic_forced() {
         None
@@ -146,11 +121,54 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Progr
             format!("the kernel refused BPF program {RETURN_PROGRAM} (verifier or permissions)")
         })?;
     }
+    let mut maps = take_maps(&mut ebpf)?;
+    init_maps(&mut maps, sample_mean_bytes)?;
+    Ok((Programs { ebpf, multi }, maps))
+}
+
+/// The embedded object with its globals set and its maps sized and created.
+fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Ebpf> {
+    let empty = empty_programs();
+    if empty {
+        eprintln!(
+            "memtrace: MEMTRACE_EMPTY_PROGRAMS=1: the probes return at once and record \
+             nothing (the benchmark's floor)"
+        );
+    }
+    EbpfLoader::new()
+        .override_global("TARGET_TGID", &tgid, true)
+        .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
+        .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
+        .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
+        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
+        .map_max_entries("ALLOCS", sizes.block_buckets())
+        .map_max_entries("STACKS", sizes.stacks)
+        .map_max_entries("SITES", sizes.site_entries())
+        .load(BPF_OBJECT)
+        .map_err(|e| anyhow!(e))
+        .context("loading the BPF maps and programs into the kernel")
+}
+
+/// Loads the classic program `name` into the kernel.
+fn load_uprobe(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .with_context(|| format!("BPF program {name} missing from the embedded object"))?
+        .try_into()
+        .with_context(|| format!("BPF program {name} is not a uprobe"))?;
+    prog.load()
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("the kernel refused BPF program {name} (verifier or permissions)"))
+}
+
+/// The maps userspace reads and writes, taken out of `ebpf` (the programs
+/// keep them).
+fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .with_context(|| format!("BPF map {name} missing from the object"))
     };
-    let maps = TraceMaps {
+    Ok(TraceMaps {
         allocs: BlockTable::new(
             Array::try_from(take("ALLOC_KEYS")?)?,
             Array::try_from(take("ALLOCS")?)?,
@@ -168,8 +186,12 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Progr
         sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
         tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
         call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,
-    };
-    let mut maps = maps;
+    })
+}
+
+/// The maps' first contents: epoch 0 starting now, and the sampler's
+/// log2 table when sampling.
+fn init_maps(maps: &mut TraceMaps, sample_mean_bytes: u64) -> Result<()> {
     maps.epoch
         .set(
             0,
@@ -188,5 +210,5 @@ pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Progr
                 .context("writing SAMPLE_LOG2")?;
         }
     }
-    Ok((Programs { ebpf, multi }, maps))
+    Ok(())
 }
