@@ -31,7 +31,7 @@ mod stats;
 mod verdict;
 
 pub use blocks::{BlockGrouper, SiteBlocks};
-pub use history::{HISTORY_CAPACITY, History, SampleAges};
+pub use history::{HISTORY_CAPACITY, History, SampleAges, SiteHistory};
 pub use process::{ProcessSummary, summarize_process};
 pub use stats::over_rate;
 pub use verdict::{Trend, Verdict, VerdictConfig, assess};
