@@ -11,6 +11,7 @@
 //!
 //! Reports are read as plain JSON: any `memtrace-report/1` document, from
 //! this version or an older one (fields it lacks, such as `verdict`, are left out).
+use crate::escape::{Escaped, escaped};
 use std::{collections::HashMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result, bail};
@@ -336,18 +337,19 @@ fn held(bytes: i64, blocks: i64) -> String {
 
 /// A frame without its address (addresses differ between runs).
 fn frame_line(f: &Value) -> String {
+    // A report holds the target's names: escaped for the terminal.
     let func = str_field(f, "function").unwrap_or_else(|| "??".into());
-    let mut s = func;
+    let mut s = escaped(&func);
     match (str_field(f, "file"), f.get("line").and_then(Value::as_u64)) {
         (Some(file), Some(line)) => {
-            let _ = write!(s, " at {file}:{line}");
+            let _ = write!(s, " at {}:{line}", Escaped(&file));
         }
         (Some(file), None) => {
-            let _ = write!(s, " at {file}");
+            let _ = write!(s, " at {}", Escaped(&file));
         }
         _ => {
             if let Some(m) = str_field(f, "module") {
-                let _ = write!(s, " in {m}");
+                let _ = write!(s, " in {}", Escaped(&m));
             }
         }
     }
@@ -358,14 +360,14 @@ fn frame_line(f: &Value) -> String {
 }
 
 fn info_line(label: &str, i: &SnapInfo) -> String {
-    let mut s = format!("{label}: {}", i.path);
+    let mut s = format!("{label}: {}", Escaped(&i.path));
     let mut about = Vec::new();
     if let Some(pid) = i.pid {
         about.push(format!(
             "pid {pid}{}",
             i.exe
                 .as_deref()
-                .map(|e| format!(" ({e})"))
+                .map(|e| format!(" ({})", Escaped(e)))
                 .unwrap_or_default()
         ));
     }
@@ -376,7 +378,7 @@ fn info_line(label: &str, i: &SnapInfo) -> String {
         ));
     }
     if let Some(e) = &i.ended_at {
-        about.push(format!("ended {e}"));
+        about.push(format!("ended {}", Escaped(e)));
     }
     if !about.is_empty() {
         let _ = write!(s, " ({})", about.join(", "));
@@ -394,7 +396,7 @@ fn info_line(label: &str, i: &SnapInfo) -> String {
 fn entry_text(o: &mut String, rank: usize, e: &Entry) {
     let mut verdict = String::new();
     if let Some(v) = &e.verdict {
-        verdict = format!(" [{v}");
+        verdict = format!(" [{}", Escaped(v));
         if let Some(g) = e.growth_bytes_per_s
             && (v == "leak" || v == "growing")
         {

@@ -1,5 +1,6 @@
 //! A site's frames, grouped by the address of the stack they come from, and
 //! their text form.
+use crate::escape::Escaped;
 use std::{fmt::Write as _, sync::Arc};
 
 use crate::symbolize::Frame;
@@ -72,18 +73,19 @@ impl From<Vec<Frame>> for Frames {
 
 /// One frame of the text report: address, function, where.
 pub fn frame_text(f: &Frame) -> String {
-    let func = f.function.as_deref().unwrap_or("??");
+    // Names and paths come from the target's files: escaped.
+    let func = Escaped(f.function.as_deref().unwrap_or("??"));
     let mut s = format!("{:#014x} {func}", f.address);
     match (&f.file, f.line) {
         (Some(file), Some(line)) => {
-            let _ = write!(s, " at {file}:{line}");
+            let _ = write!(s, " at {}:{line}", Escaped(file));
         }
         (Some(file), None) => {
-            let _ = write!(s, " at {file}");
+            let _ = write!(s, " at {}", Escaped(file));
         }
         _ => {
             if let Some(m) = &f.module {
-                let _ = write!(s, " in {m}");
+                let _ = write!(s, " in {}", Escaped(m));
             }
         }
     }
@@ -124,5 +126,18 @@ mod tests {
         assert_eq!(cut.len(), 3);
         cut.truncate(0);
         assert!(cut.is_empty());
+    }
+
+    #[test]
+    fn names_that_would_drive_a_terminal_are_escaped() {
+        let mut f = frame(0x1000, "f\x1b[2J", 3);
+        f.file = Some("/src/a\nmemtrace: error: x.c".into());
+        f.module = Some("/lib/\x07.so".into());
+        assert_eq!(
+            frame_text(&f),
+            "0x000000001000 f\\x1b[2J at /src/a\\x0amemtrace: error: x.c:3"
+        );
+        f.file = None;
+        assert_eq!(frame_text(&f), "0x000000001000 f\\x1b[2J in /lib/\\x07.so");
     }
 }

@@ -1,5 +1,6 @@
 //! The text form of a report: a header, the totals, how the stacks and ages
 //! were got, the process, the verdicts, then the top sites, leaks first.
+use crate::escape::Escaped;
 use std::fmt::Write as _;
 
 use super::{Drops, Report, Sampling, Site, frames::frame_text};
@@ -137,7 +138,7 @@ impl Report {
     /// What was traced, for how long, how it ended, and how it was sampled.
     fn header_text(&self, o: &mut String) {
         let t = &self.target;
-        let exe = t.exe.as_deref().unwrap_or("?");
+        let exe = Escaped(t.exe.as_deref().unwrap_or("?"));
         let _ = write!(
             o,
             "memtrace report: pid {} ({exe}), traced for {}",
