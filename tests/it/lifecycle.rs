@@ -130,3 +130,58 @@ fn an_existing_report_file_is_replaced_whole() {
     );
     deep_site().assert_in(&report);
 }
+
+/// Attaching verifies each program once: a successful attach makes one
+/// `BPF_PROG_LOAD` per program and attach type (a retry with a log, after a
+/// first load that asked for one the verifier could not fit, doubled the
+/// time to attach). free_enter is two programs: a classic uprobe's and a
+/// uprobe_multi link's. The kernel feature probes aya makes have their own
+/// names (or none) and are not memtrace's programs.
+#[test]
+fn each_program_is_verified_once() {
+    require_root();
+    let trace = unique_path("strace");
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=bpf", "-e", "signal=none", "-o"])
+        .arg(&trace)
+        .arg(require_memtrace())
+        .args(["-d", "1s", "-f", "json", "--", "sleep", "3"]);
+    let out = run_memtrace(cmd);
+    assert_no_panic(&out.stderr);
+    assert_eq!(out.code(), Some(0), "memtrace under strace: {}", out.stderr);
+    let log = std::fs::read_to_string(&trace).expect("strace's output");
+    let mut loads: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in log.lines().filter(|l| l.contains("BPF_PROG_LOAD")) {
+        let Some(name) = line
+            .split("prog_name=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        let attach_type = line
+            .split("expected_attach_type=")
+            .nth(1)
+            .and_then(|r| r.split([',', '}']).next())
+            .unwrap_or("");
+        let result = line.rsplit("= ").next().unwrap_or("").to_string();
+        loads
+            .entry(format!("{name} ({attach_type})"))
+            .or_default()
+            .push(result);
+    }
+    let ours: Vec<_> = loads
+        .iter()
+        .filter(|(name, _)| !name.starts_with(' ') && !name.starts_with("aya_"))
+        .collect();
+    // malloc_enter ... free_enter, the loader breakpoint, and the session's
+    // programs: well over ten, each loaded once and accepted.
+    assert!(ours.len() >= 10, "programs loaded: {loads:?}");
+    for (name, results) in ours {
+        assert_eq!(results.len(), 1, "{name} was loaded {results:?}");
+        assert!(
+            !results[0].starts_with('-'),
+            "{name} was refused: {results:?}"
+        );
+    }
+}

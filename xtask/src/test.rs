@@ -5,7 +5,7 @@ use std::{env, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
-use crate::util::{geteuid, root, status};
+use crate::util::{ensure_apt, geteuid, root, status};
 
 pub fn test(extra: &[String]) -> Result<()> {
     build()?;
@@ -24,6 +24,8 @@ pub fn test(extra: &[String]) -> Result<()> {
             "the integration tests load BPF programs and must run as root (sudo cargo xtask test)"
         );
     }
+    // A test counts the programs memtrace loads by tracing its bpf(2) calls.
+    ensure_apt("strace", "strace", "how a test sees each BPF_PROG_LOAD")?;
     let mut c = Command::new(&cargo);
     c.current_dir(root())
         .args(["test", "-p", "memtrace-tests"])

@@ -2,7 +2,7 @@
 use std::{
     env, fs,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -64,4 +64,28 @@ pub fn geteuid() -> u32 {
                 .and_then(|v| v.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
         })
         .unwrap_or(u32::MAX)
+}
+
+/// `bin` on PATH, else installed with apt-get from `package` (a fresh
+/// Debian machine has neither bpftrace, heaptrack nor strace).
+pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
+    let works = || output(Command::new(bin).arg("--version")).is_ok();
+    if works() {
+        return Ok(bin.into());
+    }
+    eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
+    let apt = |args: &[&str]| {
+        status(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(Stdio::null()),
+        )
+    };
+    apt(&["update", "-q"])?;
+    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
+    if !works() {
+        bail!("{package} was installed but `{bin} --version` still fails");
+    }
+    Ok(bin.into())
 }

@@ -31,7 +31,8 @@ use aya_obj::{
     Function, Object,
     btf::{Btf, BtfFeatures, BtfKind},
     generated::{
-        BPF_CALL, BPF_JMP, BPF_PSEUDO_KFUNC_CALL, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type,
+        BPF_CALL, BPF_JMP, BPF_PSEUDO_KFUNC_CALL, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_info,
+        bpf_prog_type,
     },
 };
 
@@ -225,14 +226,9 @@ impl ProgLoad<'_> {
             }
         }
         if !log.is_empty() {
-            // A small buffer gets the verifier's statistics only
-            // (BPF_LOG_STATS); a large one its log; the largest (1 GiB,
-            // the kernel's limit) every state too.
-            a.log_level = match log.len() {
-                n if n <= STATS_LOG_BYTES => 4,
-                FULL_LOG_BYTES => 2,
-                _ => 1,
-            };
+            // A buffer gets the verifier's log; the largest (1 GiB, the
+            // kernel's limit) every state too.
+            a.log_level = if log.len() == FULL_LOG_BYTES { 2 } else { 1 };
             a.log_size = log.len() as u32;
             a.log_buf = log.as_mut_ptr() as u64;
         }
@@ -256,19 +252,21 @@ impl ProgLoad<'_> {
         loaded.ok()
     }
 
-    /// Loads the program, logging the verifier's statistics; if it is
-    /// refused, says why.
+    /// Loads the program once, with no verifier log, and logs the work the
+    /// verifier did (from the program's info); if it is refused, says why.
+    /// (Asking for the verifier's statistics instead does not work for the
+    /// large programs: the kernel pads that log past any buffer, and the
+    /// load fails with ENOSPC after all the verifier's work.)
     fn with_stats(&self) -> Result<OwnedFd> {
-        let mut stats = vec![0u8; STATS_LOG_BYTES];
         let started = std::time::Instant::now();
-        match self.try_load(&mut stats) {
+        match self.try_load(&mut []) {
             Ok(fd) => {
-                let text = String::from_utf8_lossy(&stats);
                 log::debug!(
-                    "BPF program {} verified in {:?}: {}",
+                    "BPF program {} verified in {:?}: processed {} insns",
                     self.name,
                     started.elapsed(),
-                    text.trim_end_matches('\0').trim().replace('\n', "; ")
+                    verified_insns(fd.as_fd())
+                        .map_or_else(|e| format!("? ({e})"), |n| n.to_string())
                 );
                 Ok(fd)
             }
@@ -303,8 +301,22 @@ impl ProgLoad<'_> {
     }
 }
 
-/// Size of the log buffer that asks the verifier for its statistics only.
-const STATS_LOG_BYTES: usize = 1024;
+/// Instructions the verifier processed to accept the program `fd`
+/// (`bpf_prog_info::verified_insns`, Linux 5.16+).
+pub fn verified_insns(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: bpf_prog_info is plain old data; all zeroes is its default.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, for bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_OBJ_GET_INFO_BY_FD member of the zeroed union;
+    // `info` outlives the call, and the kernel writes at most `info_len` bytes.
+    let a = unsafe { &mut attr.info };
+    a.bpf_fd = fd.as_raw_fd() as u32;
+    a.info_len = size_of::<bpf_prog_info>() as u32;
+    a.info = (&raw mut info) as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| info.verified_insns)
+}
+
 /// The largest log buffer the kernel takes (`UINT_MAX >> 2`), for level 2.
 const FULL_LOG_BYTES: usize = (1 << 30) - 1;
 

@@ -156,9 +156,22 @@ fn load_uprobe(ebpf: &mut Ebpf, name: &str) -> Result<()> {
         .with_context(|| format!("BPF program {name} missing from the embedded object"))?
         .try_into()
         .with_context(|| format!("BPF program {name} is not a uprobe"))?;
-    prog.load()
-        .map_err(|e| anyhow!(e))
-        .with_context(|| format!("the kernel refused BPF program {name} (verifier or permissions)"))
+    let started = std::time::Instant::now();
+    prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+        format!("the kernel refused BPF program {name} (verifier or permissions)")
+    })?;
+    if log::log_enabled!(log::Level::Debug) {
+        let insns = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
+        log::debug!(
+            "BPF program {name} verified in {:?}: processed {} insns",
+            started.elapsed(),
+            insns.map_or_else(|| "?".to_string(), |n| n.to_string())
+        );
+    }
+    Ok(())
 }
 
 /// The maps userspace reads and writes, taken out of `ebpf` (the programs

@@ -3,7 +3,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context, Result, bail};
@@ -66,14 +66,14 @@ impl Env {
         let wants_bpftrace = configs.iter().any(|c| c.script().is_some());
         let (bpftrace, bpftrace_version) = if wants_bpftrace {
             ensure_tracefs()?;
-            let bin = ensure_apt("bpftrace", "bpftrace", "the reference tracer")?;
+            let bin = util::ensure_apt("bpftrace", "bpftrace", "the reference tracer")?;
             let v = version(&bin);
             (Some(bin), v)
         } else {
             (None, None)
         };
         let (heaptrack, heaptrack_version) = if configs.contains(&Config::Heaptrack) {
-            let bin = ensure_apt("heaptrack", "heaptrack", "the LD_PRELOAD comparison")?;
+            let bin = util::ensure_apt("heaptrack", "heaptrack", "the LD_PRELOAD comparison")?;
             let v = version(&bin);
             (Some(bin), v)
         } else {
@@ -196,30 +196,6 @@ pub(super) fn ensure_tracefs() -> Result<()> {
     eprintln!("bench: mounting tracefs at /sys/kernel/tracing (bpftrace needs it)");
     util::status(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
         .context("mounting tracefs at /sys/kernel/tracing")
-}
-
-/// `bin` on PATH, else installed with apt-get from `package` (as a fresh
-/// Debian machine has neither bpftrace nor heaptrack).
-pub(super) fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
-    let works = || util::output(Command::new(bin).arg("--version")).is_ok();
-    if works() {
-        return Ok(bin.into());
-    }
-    eprintln!("bench: {bin} not found; installing {package} with apt-get ({bin} is {why})");
-    let apt = |args: &[&str]| {
-        util::status(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdin(Stdio::null()),
-        )
-    };
-    apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
-    if !works() {
-        bail!("{package} was installed but `{bin} --version` still fails");
-    }
-    Ok(bin.into())
 }
 
 pub(super) fn loadavg() -> String {
