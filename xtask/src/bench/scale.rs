@@ -429,6 +429,7 @@ struct Ended {
 /// Sends SIGINT and reaps memtrace, reading its peak RSS until it is gone.
 fn stop(m: &mut Traced) -> Result<Ended> {
     let pid = m.child.id();
+    // SAFETY: sysconf takes a plain name and has no other preconditions.
     let hz = unsafe { sysconf(SC_CLK_TCK) }.max(1) as u64;
     let ticks = stat_ticks(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
         .context("parsing /proc/PID/stat")?;
