@@ -105,8 +105,21 @@ pub struct Snapshot {
     pub sites: HashMap<Vec<FrameKey>, SnapSite>,
 }
 
-fn int(v: &Value, k: &str) -> i64 {
-    v.get(k).and_then(Value::as_i64).unwrap_or(0)
+/// Largest report `memtrace diff` reads. A report of ten thousand sites is
+/// tens of MB; parsing takes about ten times the file's size in memory, so a
+/// bound keeps a wrong argument (a device, a huge file) from exhausting it.
+pub const MAX_REPORT_BYTES: u64 = 512 << 20;
+
+/// Count `k` of `v` (a byte or block count, 0 when absent): refused unless it
+/// is an integer from 0 to i64::MAX, which is all memtrace writes.
+fn count(v: &Value, k: &str, path: &str, what: &str) -> Result<i64> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(0),
+        Some(n) => match n.as_u64() {
+            Some(c) if c <= i64::MAX as u64 => Ok(c as i64),
+            _ => bail!("{path}: {what} `{k}` is {n}: not a count memtrace writes"),
+        },
+    }
 }
 
 impl Snapshot {
@@ -127,7 +140,10 @@ impl Snapshot {
             bail!("{path} is not a complete memtrace report: it has no `sites` list");
         };
         let mut sites: HashMap<Vec<FrameKey>, SnapSite> = HashMap::new();
-        for s in list {
+        for (i, s) in list.iter().enumerate() {
+            let what = format!("site {}", i + 1);
+            let bytes = count(s, "outstanding_bytes", path, &what)?;
+            let blocks = count(s, "outstanding_blocks", path, &what)?;
             let e = sites.entry(site_key(s)).or_insert_with(|| SnapSite {
                 bytes: 0,
                 blocks: 0,
@@ -135,8 +151,15 @@ impl Snapshot {
                 growth_bytes_per_s: s.get("growth_bytes_per_s").and_then(Value::as_f64),
                 frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
             });
-            e.bytes += int(s, "outstanding_bytes");
-            e.blocks += int(s, "outstanding_blocks");
+            // Sites with one key add up; a sum past i64 is no real report.
+            e.bytes = e
+                .bytes
+                .checked_add(bytes)
+                .context("outstanding bytes overflow")?;
+            e.blocks = e
+                .blocks
+                .checked_add(blocks)
+                .context("outstanding blocks overflow")?;
         }
         let target = v.get("target").cloned().unwrap_or(Value::Null);
         let totals = v.get("totals").cloned().unwrap_or(Value::Null);
@@ -147,24 +170,54 @@ impl Snapshot {
                 exe: str_field(&target, "exe"),
                 duration_s: v.get("duration_s").and_then(Value::as_f64),
                 ended_at: str_field(v, "ended_at"),
-                outstanding_bytes: int(&totals, "outstanding_bytes"),
-                outstanding_blocks: int(&totals, "outstanding_blocks"),
+                outstanding_bytes: count(&totals, "outstanding_bytes", path, "totals")?,
+                outstanding_blocks: count(&totals, "outstanding_blocks", path, "totals")?,
                 sites: list.len(),
             },
             sites,
         })
     }
 
-    /// Reads a report file.
+    /// Reads a report file: a regular file of at most [`MAX_REPORT_BYTES`].
     pub fn load(path: &Path) -> Result<Snapshot> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the report {name}"))?;
+        let text = read_bounded(path).with_context(|| format!("cannot read the report {name}"))?;
         let v: Value = serde_json::from_str(&text).with_context(|| {
             format!("{name} is not a JSON report (write reports with --format json)")
         })?;
         Snapshot::from_json(&name, &v)
     }
+}
+
+/// The text of `path` if it is a regular file no larger than
+/// [`MAX_REPORT_BYTES`]: opened without blocking (a FIFO), and read no further
+/// than the bound (a file that grows while read).
+fn read_bounded(path: &Path) -> Result<String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let md = f.metadata()?;
+    if !md.is_file() {
+        bail!("not a regular file");
+    }
+    if md.len() > MAX_REPORT_BYTES {
+        bail!(
+            "{} is larger than memtrace diff reads ({}): not a memtrace report?",
+            crate::units::format_bytes(md.len() as i64),
+            crate::units::format_bytes(MAX_REPORT_BYTES as i64)
+        );
+    }
+    let mut text = String::new();
+    f.take(MAX_REPORT_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_REPORT_BYTES {
+        bail!(
+            "it grew past {} while being read",
+            crate::units::format_bytes(MAX_REPORT_BYTES as i64)
+        );
+    }
+    Ok(text)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -733,5 +786,58 @@ mod tests {
             {"outstanding_bytes": 5, "outstanding_blocks": 1, "frames": []}]});
         let s = Snapshot::from_json("old.json", &old).unwrap();
         assert_eq!(s.sites[&Vec::new()].verdict, None);
+    }
+
+    #[test]
+    fn counts_that_no_report_holds_are_refused() {
+        let frames = vec![frame("0x10", "/usr/bin/app", Some("f"), 1)];
+        for bad in [json!(-5), json!(u64::MAX), json!(1.5), json!("12")] {
+            let mut v = report(1, vec![site(10, 1, "leak", frames.clone())]);
+            v["sites"][0]["outstanding_bytes"] = bad.clone();
+            let e = Snapshot::from_json("r.json", &v).unwrap_err().to_string();
+            assert!(
+                e.contains("site 1") && e.contains("outstanding_bytes"),
+                "{bad}: {e}"
+            );
+        }
+        let mut v = report(1, vec![site(10, 1, "leak", frames.clone())]);
+        v["totals"]["outstanding_blocks"] = json!(-1);
+        assert!(Snapshot::from_json("r.json", &v).is_err());
+        // Two sites of one key whose sum passes i64: refused, not wrapped.
+        let big = i64::MAX;
+        let v = report(1, vec![site(10, 1, "leak", frames.clone())]);
+        let mut v2 = v.clone();
+        v2["sites"] = json!([
+            site(big, 1, "leak", frames.clone()),
+            site(big, 1, "leak", frames)
+        ]);
+        v2["totals"]["outstanding_bytes"] = json!(0);
+        assert!(Snapshot::from_json("r.json", &v2).is_err());
+        assert!(Snapshot::from_json("r.json", &v).is_ok());
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("memtrace-diff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A character device that never ends.
+        let e = format!("{:#}", Snapshot::load(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        // A FIFO with no writer: opening it must not block.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = format!("{:#}", Snapshot::load(&fifo).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        // A sparse file past the bound: refused from its size, not read.
+        let big = dir.join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_REPORT_BYTES + 1)
+            .unwrap();
+        let e = format!("{:#}", Snapshot::load(&big).unwrap_err());
+        assert!(e.contains("larger than memtrace diff reads"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
