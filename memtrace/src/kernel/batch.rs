@@ -1,8 +1,8 @@
 //! Reading a whole BPF hash map with `BPF_MAP_LOOKUP_BATCH`.
 //!
 //! aya iterates a map with two syscalls per entry (`BPF_MAP_GET_NEXT_KEY`, then
-//! `BPF_MAP_LOOKUP_ELEM`), about 2.3 µs an entry: a million outstanding blocks
-//! cost seconds. Since Linux 5.6 one `BPF_MAP_LOOKUP_BATCH` returns thousands of
+//! `BPF_MAP_LOOKUP_ELEM`), each a syscall with its copies: a million outstanding
+//! blocks cost seconds. Since Linux 5.6 one `BPF_MAP_LOOKUP_BATCH` returns thousands of
 //! entries of a hash map. aya 0.14 has no batch operations, so this module
 //! issues the command itself, and falls back to aya's iteration where the
 //! kernel lacks it (or `MEMTRACE_NO_BATCH=1` asks for the fall back).
@@ -277,7 +277,8 @@ pub fn process_cpu() -> Duration {
 }
 
 /// A CPU-time clock. Not getrusage: it leaves out the running thread's time
-/// since its last scheduler tick (up to 4 ms here), which clock_gettime counts.
+/// since its last scheduler tick (up to a tick, milliseconds), which
+/// clock_gettime counts.
 fn cpu_clock(clock: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,

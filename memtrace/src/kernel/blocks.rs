@@ -112,7 +112,8 @@ impl BlockTable {
 const WINDOW_BUCKETS: usize = 4096;
 
 /// A window with at most this many buckets in use has them read one by one
-/// (a syscall each, ~2 µs) rather than its 1 MiB of blocks mapped (~0.5 ms).
+/// (a syscall each) rather than its 1 MiB of blocks mapped (mapping and
+/// faulting in 256 pages costs as much as a hundred or so syscalls).
 const SPARSE_BUCKETS: usize = 128;
 
 /// Bucket `b`'s keys, its whole line at once (volatile: the kernel writes

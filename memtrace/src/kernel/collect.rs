@@ -282,8 +282,9 @@ impl Collector {
     }
 
     /// Reads ahead, at most `max` of them, the stacks not read yet among `ids`,
-    /// so that the final report does not read every site's stack at once (a
-    /// lookup costs ~3 µs: 30 ms for 10,000 sites). Returns the ids it read.
+    /// so that the final report does not read every site's stack at once (one
+    /// syscall each: at ten thousand sites, tens of milliseconds). Returns the
+    /// ids it read.
     pub fn read_ahead_stacks(
         &mut self,
         ids: impl IntoIterator<Item = u64>,
