@@ -97,7 +97,7 @@ fn every_folder_is_a_stage_or_a_leaf() {
         let name = p.file_stem().unwrap().to_string_lossy().to_string();
         let known = stage(&name).is_some()
             || LEAVES.contains(&name.as_str())
-            || ["lib", "main", "layers", "testutil"].contains(&name.as_str());
+            || ["lib", "main", "layers", "testutil", "fuzzing"].contains(&name.as_str());
         assert!(
             known,
             "{name} is neither a stage nor a leaf: add it to STAGES or LEAVES"

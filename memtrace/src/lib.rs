@@ -11,10 +11,15 @@
 //! - [`report`]: the report model and its writers (text, JSON), and diff.
 //! - [`session`]: one tracing run: setup → watch → finish.
 //! - [`cmd`]: the command line and the entry of each command.
+//!
+//! Outside the pipeline, `fuzzing` gives the fuzz targets (`fuzz/`) one entry per parser.
 mod analyze;
 mod attach;
 pub mod cmd;
 mod escape;
+/// Entry points of the fuzz targets (`fuzz/`, `cargo xtask fuzz`); not an interface.
+#[doc(hidden)]
+pub mod fuzzing;
 mod kernel;
 mod knobs;
 #[cfg(test)]

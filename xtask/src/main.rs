@@ -1,4 +1,4 @@
-//! memtrace's build driver: `cargo xtask <bootstrap|build|test|demo|bench>`.
+//! memtrace's build driver: `cargo xtask <bootstrap|build|test|demo|bench|fuzz>`.
 //! This file only reads the command and hands it to its module.
 use std::env;
 
@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod test;
 mod util;
 
@@ -26,7 +27,9 @@ commands:
   test        build, then run every test: unit tests, and the root tests that load real BPF
   demo        build, then trace a bundled leaky example and print its report
   bench       build, then measure memtrace's overhead (against bpftrace memleak.bt and heaptrack),
-              a report at scale and symbolization; `cargo xtask bench --help` for options"
+              a report at scale and symbolization; `cargo xtask bench --help` for options
+  fuzz        fuzz the ELF, .eh_frame, DWARF and JSON-report parsers (cargo-fuzz, nightly), each
+              for --seconds N (default 60); not part of `test`; `cargo xtask fuzz --help` for options"
 }
 
 fn run() -> Result<()> {
@@ -46,6 +49,7 @@ fn run() -> Result<()> {
         "test" => test::test(rest),
         "demo" => demo::demo(),
         "bench" => bench::command(rest),
+        "fuzz" => fuzz::command(rest),
         // Hidden: the symbolizer part of `bench` alone (needs no root and no BPF build).
         "bench-symbolize" => bench::symbolize::command(),
         "help" | "-h" | "--help" => {

@@ -285,7 +285,7 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
     for (k, n) in &new.sites {
         let o = old.sites.get(k);
         let (ob, oc) = o.map_or((0, 0), |o| (o.bytes, o.blocks));
-        let (sd, cd) = (n.bytes - ob, n.blocks - oc);
+        let (sd, cd) = (n.bytes.saturating_sub(ob), n.blocks.saturating_sub(oc));
         let status = match o {
             None => Status::New,
             Some(_) if (sd, cd) > (0, 0) => Status::Grew,
@@ -316,8 +316,8 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
             k.clone(),
             Entry {
                 status: Status::Vanished,
-                size_diff: -o.bytes,
-                count_diff: -o.blocks,
+                size_diff: o.bytes.saturating_neg(),
+                count_diff: o.blocks.saturating_neg(),
                 old_bytes: o.bytes,
                 old_blocks: o.blocks,
                 new_bytes: 0,
@@ -336,8 +336,14 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
             .then(ka.cmp(kb))
     });
     let mut totals = DiffTotals {
-        size_diff: new.info.outstanding_bytes - old.info.outstanding_bytes,
-        count_diff: new.info.outstanding_blocks - old.info.outstanding_blocks,
+        size_diff: new
+            .info
+            .outstanding_bytes
+            .saturating_sub(old.info.outstanding_bytes),
+        count_diff: new
+            .info
+            .outstanding_blocks
+            .saturating_sub(old.info.outstanding_blocks),
         ..Default::default()
     };
     for (_, e) in &keyed {
@@ -427,7 +433,10 @@ fn info_line(label: &str, i: &SnapInfo) -> String {
     if let Some(d) = i.duration_s {
         about.push(format!(
             "traced {}",
-            format_duration(std::time::Duration::from_secs_f64(d.max(0.0)))
+            format_duration(
+                std::time::Duration::try_from_secs_f64(d.max(0.0))
+                    .unwrap_or(std::time::Duration::MAX)
+            )
         ));
     }
     if let Some(e) = &i.ended_at {
@@ -839,5 +848,33 @@ mod tests {
         let e = format!("{:#}", Snapshot::load(&big).unwrap_err());
         assert!(e.contains("larger than memtrace diff reads"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Inputs the fuzz target `report_json` panicked on (overflow checks,
+    /// Duration): now each is read or refused, never a panic.
+    #[test]
+    fn extreme_numbers_do_not_panic() {
+        let max = i64::MAX;
+        let min_totals = json!({"schema": "memtrace-report/1",
+            "totals": {"outstanding_bytes": i64::MIN, "outstanding_blocks": i64::MIN},
+            "sites": []});
+        assert!(Snapshot::from_json("min.json", &min_totals).is_err());
+        let summed = json!({"schema": "memtrace-report/1",
+            "sites": [{"outstanding_bytes": max, "outstanding_blocks": max, "frames": []},
+                      {"outstanding_bytes": max, "outstanding_blocks": max, "frames": []}]});
+        assert!(Snapshot::from_json("summed.json", &summed).is_err());
+        let huge = json!({"schema": "memtrace-report/1", "duration_s": 1e300,
+            "totals": {"outstanding_bytes": max, "outstanding_blocks": max},
+            "sites": [{"outstanding_bytes": max, "outstanding_blocks": max, "frames": []}]});
+        let s = Snapshot::from_json("huge.json", &huge).unwrap();
+        assert_eq!(s.sites[&Vec::new()].bytes, max);
+        let empty = json!({"schema": "memtrace-report/1", "sites": []});
+        let e = Snapshot::from_json("empty.json", &empty).unwrap();
+        for (old, new) in [(&s, &e), (&e, &s), (&s, &s)] {
+            let d = compare(old, new);
+            let _ = d.to_text(10);
+            let _ = d.to_json();
+        }
+        assert_eq!(compare(&s, &e).sites[0].size_diff, -max);
     }
 }

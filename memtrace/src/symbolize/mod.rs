@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 pub use crate::process::modules::{MappedModule, ProcessModules};
 
 use crate::process::modules::ModuleKey;
-use elf::{DebugSearch, ElfModule, LoadError};
+/// One parsed module; outside this stage only `crate::fuzzing` loads one directly.
+pub(crate) use elf::ElfModule;
+use elf::{DebugSearch, LoadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolizeError {
