@@ -4,6 +4,69 @@
 //! explicitly, and checked by the const assertions at the bottom.
 #![no_std]
 
+/// Declares a fieldless enum of codes that cross the BPF boundary (in a map, a
+/// cookie, a counter index), from one list of variants with explicit values:
+///
+/// * the enum itself, `#[repr($int)]` (written `enum Name: $int`, as
+///   `bitflags!` does), deriving `Clone, Copy, Debug, PartialEq, Eq, Hash`
+///   (more derives and attributes may be given, on the enum and on each
+///   variant);
+/// * `ALL`: every variant in declaration order;
+/// * `TryFrom<$int>`, the unknown value as the error, and `From<Self> for $int`.
+///
+/// A value read back from a map or a cookie must go through `try_from`: the
+/// struct field holding it stays an integer, since a byte that is no
+/// discriminant would make the enum itself undefined behaviour. `try_from` is a
+/// plain `match` on the literals, which LLVM turns into a range check for
+/// consecutive values: no table, no loop, fine for the verifier.
+///
+/// ```text
+/// codes! {
+///     /// Docs.
+///     pub enum Color: u8 { Red = 0, Green = 1 }
+/// }
+/// ```
+macro_rules! codes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident: $int:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($int)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$(stringify!($variant)),+].len()] = [$($name::$variant),+];
+        }
+
+        impl TryFrom<$int> for $name {
+            /// The value that is no code.
+            type Error = $int;
+
+            #[inline(always)]
+            fn try_from(v: $int) -> Result<Self, $int> {
+                match v {
+                    $($value => Ok($name::$variant),)+
+                    _ => Err(v),
+                }
+            }
+        }
+
+        impl From<$name> for $int {
+            #[inline(always)]
+            fn from(v: $name) -> $int {
+                v as $int
+            }
+        }
+    };
+}
+
 /// Deepest user stack memtrace records. 127 is the kernel's default
 /// `perf_event_max_stack`, the most `bpf_get_stack` will walk.
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -37,28 +100,38 @@ pub struct TextRange {
 // the BPF unwinder walks the stack with them. The return address is always at
 // CFA - 8 on x86-64, so a row says how to find the CFA and the caller's rbp.
 
-/// No unwind information for this range: the BPF side falls back to frame pointers.
-pub const CFA_NONE: u8 = 0;
-/// CFA = rsp + cfa_offset
-pub const CFA_RSP: u8 = 1;
-/// CFA = rbp + cfa_offset
-pub const CFA_RBP: u8 = 2;
-/// The expression every .plt section uses:
-/// CFA = rsp + 8 + ((rip & 15) >= cfa_offset ? 8 : 0)
-pub const CFA_PLT: u8 = 3;
-/// The outermost frame (the return address is undefined, e.g. `_start`,
-/// `clone`'s child): the stack is complete here.
-pub const CFA_END: u8 = 4;
-/// A rule the BPF unwinder cannot follow (another DWARF expression, a CFA
-/// based on another register): the walk stops, counted and marked truncated.
-pub const CFA_UNSUPPORTED: u8 = 5;
+codes! {
+    /// How a row finds the CFA ([`UnwindRow::cfa_rule`]).
+    pub enum CfaRule: u8 {
+        /// No unwind information for this range: the BPF side falls back to frame pointers.
+        None = 0,
+        /// CFA = rsp + cfa_offset
+        Rsp = 1,
+        /// CFA = rbp + cfa_offset
+        Rbp = 2,
+        /// The expression every .plt section uses:
+        /// CFA = rsp + 8 + ((rip & 15) >= cfa_offset ? 8 : 0)
+        Plt = 3,
+        /// The outermost frame (the return address is undefined, e.g. `_start`,
+        /// `clone`'s child): the stack is complete here.
+        End = 4,
+        /// A rule the BPF unwinder cannot follow (another DWARF expression, a CFA
+        /// based on another register): the walk stops, counted and marked truncated.
+        Unsupported = 5,
+    }
+}
 
-/// The caller's rbp is the same as this frame's (not saved here).
-pub const RBP_SAME: u8 = 0;
-/// The caller's rbp is saved at CFA + rbp_offset.
-pub const RBP_AT_CFA: u8 = 1;
-/// Any other rule for rbp: the walk continues with rbp unknown (0).
-pub const RBP_UNSUPPORTED: u8 = 2;
+codes! {
+    /// Where a row finds the caller's rbp ([`UnwindRow::rbp_rule`]).
+    pub enum RbpRule: u8 {
+        /// The caller's rbp is the same as this frame's (not saved here).
+        Same = 0,
+        /// The caller's rbp is saved at CFA + rbp_offset.
+        AtCfa = 1,
+        /// Any other rule for rbp: the walk continues with rbp unknown (0).
+        Unsupported = 2,
+    }
+}
 
 /// One row: from `pc` up to the next row's `pc`. `pc` is the ELF virtual
 /// address minus the module's lowest PT_LOAD virtual address, so it fits 32 bits.
@@ -68,8 +141,43 @@ pub struct UnwindRow {
     pub pc: u32,
     pub cfa_offset: i32,
     pub rbp_offset: i16,
+    /// A [`CfaRule`], kept as a byte: the row is read from a map, where any byte may
+    /// be found and only a `u8` is valid for every one (see [`UnwindRow::cfa`]).
     pub cfa_rule: u8,
+    /// A [`RbpRule`], kept as a byte as `cfa_rule` is (see [`UnwindRow::rbp`]).
     pub rbp_rule: u8,
+}
+
+impl UnwindRow {
+    /// A row from typed rules (the only way userspace makes one).
+    #[inline(always)]
+    pub const fn new(
+        pc: u32,
+        cfa: CfaRule,
+        cfa_offset: i32,
+        rbp: RbpRule,
+        rbp_offset: i16,
+    ) -> Self {
+        UnwindRow {
+            pc,
+            cfa_offset,
+            rbp_offset,
+            cfa_rule: cfa as u8,
+            rbp_rule: rbp as u8,
+        }
+    }
+
+    /// The CFA rule, or the unknown byte found instead.
+    #[inline(always)]
+    pub fn cfa(&self) -> Result<CfaRule, u8> {
+        CfaRule::try_from(self.cfa_rule)
+    }
+
+    /// The rbp rule, or the unknown byte found instead.
+    #[inline(always)]
+    pub fn rbp(&self) -> Result<RbpRule, u8> {
+        RbpRule::try_from(self.rbp_rule)
+    }
 }
 
 /// Default capacity of `UNWIND_ROWS` (12 bytes each).
@@ -621,6 +729,40 @@ mod tests {
     extern crate std;
 
     use super::*;
+
+    #[test]
+    fn unwind_codes_round_trip() {
+        // The values are the wire format: 0, 1, 2... in declaration order.
+        for (i, r) in CfaRule::ALL.into_iter().enumerate() {
+            assert_eq!(u8::from(r), i as u8, "{r:?}");
+            assert_eq!(CfaRule::try_from(r as u8), Ok(r));
+            let row = UnwindRow::new(7, r, -8, RbpRule::Same, 0);
+            assert_eq!(row.cfa(), Ok(r));
+        }
+        for (i, r) in RbpRule::ALL.into_iter().enumerate() {
+            assert_eq!(u8::from(r), i as u8, "{r:?}");
+            assert_eq!(RbpRule::try_from(r as u8), Ok(r));
+            let row = UnwindRow::new(7, CfaRule::Rsp, 8, r, -16);
+            assert_eq!(row.rbp(), Ok(r));
+        }
+        assert_eq!(CfaRule::ALL.len(), 6);
+        assert_eq!(RbpRule::ALL.len(), 3);
+        for v in [6u8, 0x7f, 0xff] {
+            assert_eq!(CfaRule::try_from(v), Err(v));
+        }
+        for v in [3u8, 0xff] {
+            assert_eq!(RbpRule::try_from(v), Err(v));
+        }
+        let bad = UnwindRow {
+            cfa_rule: 9,
+            rbp_rule: 200,
+            ..UnwindRow::default()
+        };
+        assert_eq!((bad.cfa(), bad.rbp()), (Err(9), Err(200)));
+        // The default row (an all-zero map slot) is the frame-pointer fallback.
+        assert_eq!(UnwindRow::default().cfa(), Ok(CfaRule::None));
+        assert_eq!(UnwindRow::default().rbp(), Ok(RbpRule::Same));
+    }
 
     #[test]
     fn alloc_kind_round_trips() {
