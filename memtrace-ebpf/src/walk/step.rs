@@ -282,7 +282,7 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
 #[inline(always)]
 pub(crate) fn count_walk(fp_frames: u32, stop: u32) {
     if fp_frames != 0 {
-        count(Counter::UnwindFpFallback, fp_frames as u64);
+        count(Counter::UnwindFpFallbackFrames, fp_frames as u64);
     }
     if stop != 0 && stop <= NUM_COUNTERS {
         if let Some(p) = COUNTERS.get_ptr_mut(stop - 1) {
