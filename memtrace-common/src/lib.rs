@@ -4,6 +4,198 @@
 //! explicitly, and checked by the const assertions at the bottom.
 #![no_std]
 
+/// Declares a fieldless enum of codes that cross the BPF boundary (in a map, a
+/// cookie, a counter index), from one list of variants with explicit values:
+///
+/// * the enum itself, `#[repr($int)]` (written `enum Name: $int`, as
+///   `bitflags!` does), deriving `Clone, Copy, Debug, PartialEq, Eq, Hash`
+///   (more derives and attributes may be given, on the enum and on each
+///   variant);
+/// * `ALL`: every variant in declaration order;
+/// * `TryFrom<$int>`, the unknown value as the error, and `From<Self> for $int`.
+///
+/// A value read back from a map or a cookie must go through `try_from`: the
+/// struct field holding it stays an integer, since a byte that is no
+/// discriminant would make the enum itself undefined behaviour. `try_from` is a
+/// plain `match` on the literals, which LLVM turns into a range check for
+/// consecutive values: no table, no loop, fine for the verifier.
+///
+/// ```text
+/// codes! {
+///     /// Docs.
+///     pub enum Color: u8 { Red = 0, Green = 1 }
+/// }
+/// ```
+macro_rules! codes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident: $int:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($int)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$(stringify!($variant)),+].len()] = [$($name::$variant),+];
+        }
+
+        impl TryFrom<$int> for $name {
+            /// The value that is no code.
+            type Error = $int;
+
+            #[inline(always)]
+            fn try_from(v: $int) -> Result<Self, $int> {
+                match v {
+                    $($value => Ok($name::$variant),)+
+                    _ => Err(v),
+                }
+            }
+        }
+
+        impl From<$name> for $int {
+            #[inline(always)]
+            fn from(v: $name) -> $int {
+                v as $int
+            }
+        }
+    };
+}
+
+/// Declares the event counters from one table: each line gives a counter's
+/// variant, its slot in the per-CPU array `COUNTERS` and its name, which is the
+/// name of its field in the report's JSON (`drops.pending_map_full`...):
+///
+/// * the enum of slots (via [`codes!`], `#[repr(u32)]`), `NUM_COUNTERS`, and
+///   `name()`, the counter's name;
+/// * behind the `user` feature, a struct with one `u64` field per counter, named
+///   so, and `from_raw`, which fills it from the slots as userspace reads them.
+///
+/// The slots must be 0, 1, 2... in declaration order (asserted at compile
+/// time), so that `ALL[i]` is slot `i`.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident;
+        $(#[$smeta:meta])*
+        struct $values:ident;
+        {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal => $field:ident),+ $(,)?
+        }
+    ) => {
+        codes! {
+            $(#[$meta])*
+            $vis enum $name: u32 {
+                $($(#[$vmeta])* $variant = $value),+
+            }
+        }
+
+        /// Slots of `COUNTERS`: one per [`Counter`].
+        pub const NUM_COUNTERS: u32 = $name::ALL.len() as u32;
+
+        const _: () = {
+            let mut i = 0;
+            while i < $name::ALL.len() {
+                assert!($name::ALL[i] as usize == i, "counter slots must be 0, 1, 2...");
+                i += 1;
+            }
+        };
+
+        impl $name {
+            /// The counter's name: its field in the struct of counter values and
+            /// in the report's JSON.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => stringify!($field)),+
+                }
+            }
+        }
+
+        $(#[$smeta])*
+        #[cfg(feature = "user")]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $values {
+            $($(#[$vmeta])* pub $field: u64),+
+        }
+
+        #[cfg(feature = "user")]
+        impl $values {
+            /// The counters from `COUNTERS`' slots (summed over the CPUs).
+            pub fn from_raw(raw: &[u64; NUM_COUNTERS as usize]) -> Self {
+                $values {
+                    $($field: raw[$name::$variant as usize]),+
+                }
+            }
+
+            /// The value of counter `c`.
+            pub fn get(&self, c: $name) -> u64 {
+                match c {
+                    $($name::$variant => self.$field),+
+                }
+            }
+        }
+    };
+}
+
+/// The name of every map of the BPF object: the BPF side's `#[map]` statics
+/// are named so (memtrace's unit tests check that the object holds exactly
+/// these), and userspace opens them by these constants.
+pub mod map_names {
+    pub const ALLOC_KEYS: &str = "ALLOC_KEYS";
+    pub const ALLOCS: &str = "ALLOCS";
+    pub const SITES: &str = "SITES";
+    pub const EPOCH: &str = "EPOCH";
+    pub const STACKS: &str = "STACKS";
+    pub const PENDING: &str = "PENDING";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALLOCATOR_HULL: &str = "ALLOCATOR_HULL";
+    pub const ALLOCATOR_TEXT: &str = "ALLOCATOR_TEXT";
+    pub const CALL_MARK_STATE: &str = "CALL_MARK_STATE";
+    pub const CALL_MARKS: &str = "CALL_MARKS";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const PC_PAGES: &str = "PC_PAGES";
+    pub const PROC_TABLES: &str = "PROC_TABLES";
+    pub const SAMPLE_LOG2: &str = "SAMPLE_LOG2";
+    pub const COUNTDOWN: &str = "COUNTDOWN";
+    pub const RESULT_SITES: &str = "RESULT_SITES";
+    pub const CAPTURES: &str = "CAPTURES";
+    pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
+    pub const STACK_WINDOW: &str = "STACK_WINDOW";
+    pub const WALK_CACHE: &str = "WALK_CACHE";
+    pub const TABLES_GENERATION: &str = "TABLES_GENERATION";
+
+    /// Every map, in the order of `memtrace-ebpf/src/maps.rs`.
+    pub const ALL: [&str; 22] = [
+        ALLOC_KEYS,
+        ALLOCS,
+        SITES,
+        EPOCH,
+        STACKS,
+        PENDING,
+        COUNTERS,
+        ALLOCATOR_HULL,
+        ALLOCATOR_TEXT,
+        CALL_MARK_STATE,
+        CALL_MARKS,
+        UNWIND_ROWS,
+        PC_PAGES,
+        PROC_TABLES,
+        SAMPLE_LOG2,
+        COUNTDOWN,
+        RESULT_SITES,
+        CAPTURES,
+        STACK_SCRATCH,
+        STACK_WINDOW,
+        WALK_CACHE,
+        TABLES_GENERATION,
+    ];
+}
+
 /// Deepest user stack memtrace records. 127 is the kernel's default
 /// `perf_event_max_stack`, the most `bpf_get_stack` will walk.
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -37,28 +229,38 @@ pub struct TextRange {
 // the BPF unwinder walks the stack with them. The return address is always at
 // CFA - 8 on x86-64, so a row says how to find the CFA and the caller's rbp.
 
-/// No unwind information for this range: the BPF side falls back to frame pointers.
-pub const CFA_NONE: u8 = 0;
-/// CFA = rsp + cfa_offset
-pub const CFA_RSP: u8 = 1;
-/// CFA = rbp + cfa_offset
-pub const CFA_RBP: u8 = 2;
-/// The expression every .plt section uses:
-/// CFA = rsp + 8 + ((rip & 15) >= cfa_offset ? 8 : 0)
-pub const CFA_PLT: u8 = 3;
-/// The outermost frame (the return address is undefined, e.g. `_start`,
-/// `clone`'s child): the stack is complete here.
-pub const CFA_END: u8 = 4;
-/// A rule the BPF unwinder cannot follow (another DWARF expression, a CFA
-/// based on another register): the walk stops, counted and marked truncated.
-pub const CFA_UNSUPPORTED: u8 = 5;
+codes! {
+    /// How a row finds the CFA ([`UnwindRow::cfa_rule`]).
+    pub enum CfaRule: u8 {
+        /// No unwind information for this range: the BPF side falls back to frame pointers.
+        None = 0,
+        /// CFA = rsp + cfa_offset
+        Rsp = 1,
+        /// CFA = rbp + cfa_offset
+        Rbp = 2,
+        /// The expression every .plt section uses:
+        /// CFA = rsp + 8 + ((rip & 15) >= cfa_offset ? 8 : 0)
+        Plt = 3,
+        /// The outermost frame (the return address is undefined, e.g. `_start`,
+        /// `clone`'s child): the stack is complete here.
+        End = 4,
+        /// A rule the BPF unwinder cannot follow (another DWARF expression, a CFA
+        /// based on another register): the walk stops, counted and marked truncated.
+        Unsupported = 5,
+    }
+}
 
-/// The caller's rbp is the same as this frame's (not saved here).
-pub const RBP_SAME: u8 = 0;
-/// The caller's rbp is saved at CFA + rbp_offset.
-pub const RBP_AT_CFA: u8 = 1;
-/// Any other rule for rbp: the walk continues with rbp unknown (0).
-pub const RBP_UNSUPPORTED: u8 = 2;
+codes! {
+    /// Where a row finds the caller's rbp ([`UnwindRow::rbp_rule`]).
+    pub enum RbpRule: u8 {
+        /// The caller's rbp is the same as this frame's (not saved here).
+        Same = 0,
+        /// The caller's rbp is saved at CFA + rbp_offset.
+        AtCfa = 1,
+        /// Any other rule for rbp: the walk continues with rbp unknown (0).
+        Unsupported = 2,
+    }
+}
 
 /// One row: from `pc` up to the next row's `pc`. `pc` is the ELF virtual
 /// address minus the module's lowest PT_LOAD virtual address, so it fits 32 bits.
@@ -68,8 +270,43 @@ pub struct UnwindRow {
     pub pc: u32,
     pub cfa_offset: i32,
     pub rbp_offset: i16,
+    /// A [`CfaRule`], kept as a byte: the row is read from a map, where any byte may
+    /// be found and only a `u8` is valid for every one (see [`UnwindRow::cfa`]).
     pub cfa_rule: u8,
+    /// A [`RbpRule`], kept as a byte as `cfa_rule` is (see [`UnwindRow::rbp`]).
     pub rbp_rule: u8,
+}
+
+impl UnwindRow {
+    /// A row from typed rules (the only way userspace makes one).
+    #[inline(always)]
+    pub const fn new(
+        pc: u32,
+        cfa: CfaRule,
+        cfa_offset: i32,
+        rbp: RbpRule,
+        rbp_offset: i16,
+    ) -> Self {
+        UnwindRow {
+            pc,
+            cfa_offset,
+            rbp_offset,
+            cfa_rule: cfa as u8,
+            rbp_rule: rbp as u8,
+        }
+    }
+
+    /// The CFA rule, or the unknown byte found instead.
+    #[inline(always)]
+    pub fn cfa(&self) -> Result<CfaRule, u8> {
+        CfaRule::try_from(self.cfa_rule)
+    }
+
+    /// The rbp rule, or the unknown byte found instead.
+    #[inline(always)]
+    pub fn rbp(&self) -> Result<RbpRule, u8> {
+        RbpRule::try_from(self.rbp_rule)
+    }
 }
 
 /// Default capacity of `UNWIND_ROWS` (12 bytes each).
@@ -141,6 +378,13 @@ pub enum AllocKind {
     Pvalloc = 7,
 }
 
+// ---- attach cookies -----------------------------------------------------------
+// Each probe of the session and result-site links carries a 64-bit attach
+// cookie: the site's address (or a result site's index) << 8, and in the low
+// byte what the probe is (an `AllocKind`, a `MarkKind`, `SITE_RESULT`) with,
+// for an allocating function's entry, two flags. [`SiteCookie`] makes and
+// reads them; the masks are what it is made of.
+
 /// In the attach cookie of an allocating function's uprobe session (its
 /// address << 8 | its `AllocKind` | this bit): the function never jumps out of
 /// its own code (no tail call into another allocator function), so the session
@@ -156,53 +400,156 @@ pub const SITE_CALL_IN_COOKIE: u64 = 0x80;
 /// The `AllocKind` is then `cookie & SITE_KIND_MASK`.
 pub const SITE_UNSAMPLED_PENDING: u64 = 0x40;
 pub const SITE_KIND_MASK: u64 = 0x3f;
+/// The low bits that say what a probe is when it is not an allocating
+/// function's entry: a [`MarkKind`] or `SITE_RESULT` (these overlap
+/// `SITE_UNSAMPLED_PENDING`, which only an entry's cookie has).
+pub const SITE_TAG_MASK: u64 = 0x7f;
 
-/// Attach cookie kinds (in place of an `AllocKind`) of the probes on the
-/// allocator's own calls and jumps into its probed functions (see `CallMarkState`):
-/// a `call` (the callee's entry sees sp - 8) and a `jmp` (a tail call: the same sp).
-pub const SITE_MARK_CALL: u64 = 0x7e;
-pub const SITE_MARK_JUMP: u64 = 0x7d;
-/// A jump into a probed function from code outside them that they call: the
-/// callee's entry checks its return address as with `CALL_MARKS_BY_SP`.
-pub const SITE_MARK_CHECK: u64 = 0x7c;
+codes! {
+    /// What a probe on the allocator's own call or jump into one of its probed
+    /// functions tells the callee's entry (see `CallMarkState`); its cookie's
+    /// low byte.
+    pub enum MarkKind: u8 {
+        /// A jump into a probed function from code outside them that they
+        /// call: the callee's entry checks its return address as with
+        /// `CallMarks::BySp`.
+        Check = 0x7c,
+        /// A `jmp` (a tail call: the callee's entry sees the same sp).
+        Jump = 0x7d,
+        /// A `call` (the callee's entry sees sp - 8).
+        Call = 0x7e,
+    }
+}
 
-/// Attach cookie kind of a result site (`index << 8 | SITE_RESULT`): a probe
+/// Attach cookie tag of a result site (`index << 8 | SITE_RESULT`): a probe
 /// inside an allocating function where its outcome is known, configured by
-/// entry `index` of `RESULT_SITES` (see memtrace/src/exits.rs).
+/// entry `index` of `RESULT_SITES` (see memtrace/src/attach/exits/).
 pub const SITE_RESULT: u64 = 0x7b;
 
-/// A result site's `cond` when it applies whatever the flags.
+/// An attach cookie (see the masks above): made by userspace with
+/// [`SiteCookie::entry`], [`SiteCookie::mark`] or [`SiteCookie::result`],
+/// read by the BPF side with the other methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteCookie(pub u64);
+
+impl SiteCookie {
+    /// An allocating function's entry at `addr`, of `kind`, with its flags
+    /// (`SITE_CALL_IN_COOKIE`, `SITE_UNSAMPLED_PENDING`).
+    #[inline(always)]
+    pub const fn entry(
+        addr: u64,
+        kind: AllocKind,
+        call_in_cookie: bool,
+        unsampled_pending: bool,
+    ) -> Self {
+        let mut c = addr << 8 | kind as u64;
+        if call_in_cookie {
+            c |= SITE_CALL_IN_COOKIE;
+        }
+        if unsampled_pending {
+            c |= SITE_UNSAMPLED_PENDING;
+        }
+        SiteCookie(c)
+    }
+
+    /// A mark site at `addr`.
+    #[inline(always)]
+    pub const fn mark(addr: u64, kind: MarkKind) -> Self {
+        SiteCookie(addr << 8 | kind as u64)
+    }
+
+    /// Result site number `index` (its entry in `RESULT_SITES`).
+    #[inline(always)]
+    pub const fn result(index: u32) -> Self {
+        SiteCookie((index as u64) << 8 | SITE_RESULT)
+    }
+
+    /// The mark, if this is a mark site's cookie.
+    #[inline(always)]
+    pub fn mark_kind(self) -> Option<MarkKind> {
+        MarkKind::try_from((self.0 & SITE_TAG_MASK) as u8).ok()
+    }
+
+    /// The allocating function's kind, for an entry's cookie (and for any
+    /// other whose low bits happen to be one: ask [`Self::mark_kind`] first).
+    #[inline(always)]
+    pub fn alloc_kind(self) -> Option<AllocKind> {
+        AllocKind::from_u32((self.0 & SITE_KIND_MASK) as u32)
+    }
+
+    /// An entry's `SITE_CALL_IN_COOKIE` flag.
+    #[inline(always)]
+    pub const fn call_in_cookie(self) -> bool {
+        self.0 & SITE_CALL_IN_COOKIE != 0
+    }
+
+    /// An entry's `SITE_UNSAMPLED_PENDING` flag.
+    #[inline(always)]
+    pub const fn unsampled_pending(self) -> bool {
+        self.0 & SITE_UNSAMPLED_PENDING != 0
+    }
+
+    /// A result site's index in `RESULT_SITES`.
+    #[inline(always)]
+    pub const fn result_index(self) -> u32 {
+        (self.0 >> 8) as u32
+    }
+}
+
+/// A result site's `cond` when it applies whatever the flags (any other
+/// `cond` is a jcc's condition code, 0..=15).
 pub const RESULT_ALWAYS: u8 = 0xff;
-/// What a result site reports for the edge about to be taken.
-pub const RESULT_NOTHING: u8 = 0;
-/// The call returns rax.
-pub const RESULT_RECORD: u8 = 1;
-/// The call returns NULL.
-pub const RESULT_NULL: u8 = 2;
-/// The padding after a call taken never to return: reached, it did return
-/// (`Counter::UnforeseenReturns`).
-pub const RESULT_GUARD: u8 = 3;
-/// Where a result site finds a value: nowhere, in a register (`PtRegs`
-/// index, see `PT_REGS_*`), or at rsp + `off` in the stack.
-pub const LOC_NONE: u8 = 0;
-pub const LOC_REG: u8 = 1;
-pub const LOC_STACK: u8 = 2;
-/// Indexes of x86-64 `struct pt_regs`'s general registers (its field order).
-pub const PT_REGS_R15: u8 = 0;
-pub const PT_REGS_R14: u8 = 1;
-pub const PT_REGS_R13: u8 = 2;
-pub const PT_REGS_R12: u8 = 3;
-pub const PT_REGS_RBP: u8 = 4;
-pub const PT_REGS_RBX: u8 = 5;
-pub const PT_REGS_R11: u8 = 6;
-pub const PT_REGS_R10: u8 = 7;
-pub const PT_REGS_R9: u8 = 8;
-pub const PT_REGS_R8: u8 = 9;
-pub const PT_REGS_RAX: u8 = 10;
-pub const PT_REGS_RCX: u8 = 11;
-pub const PT_REGS_RDX: u8 = 12;
-pub const PT_REGS_RSI: u8 = 13;
-pub const PT_REGS_RDI: u8 = 14;
+
+codes! {
+    /// What a result site reports for the edge about to be taken
+    /// ([`ResultSite::taken`], [`ResultSite::not_taken`]).
+    pub enum SiteOutcome: u8 {
+        /// Nothing: the call goes on (or was not foreseen here).
+        Nothing = 0,
+        /// The call returns rax.
+        Record = 1,
+        /// The call returns NULL.
+        Null = 2,
+        /// The padding after a call taken never to return: reached, it did
+        /// return (`Counter::UnforeseenReturns`).
+        Guard = 3,
+    }
+}
+
+codes! {
+    /// Where a result site finds a value ([`ResultSite::size_loc`],
+    /// [`ResultSite::rbp_loc`]).
+    pub enum ValueLoc: u8 {
+        /// Nowhere.
+        None = 0,
+        /// In a register (its [`PtReg`] index).
+        Reg = 1,
+        /// At rsp + `off` in the stack.
+        Stack = 2,
+    }
+}
+
+codes! {
+    /// Indexes of x86-64 `struct pt_regs`'s general registers (its field order).
+    pub enum PtReg: u8 {
+        R15 = 0,
+        R14 = 1,
+        R13 = 2,
+        R12 = 3,
+        Rbp = 4,
+        Rbx = 5,
+        R11 = 6,
+        R10 = 7,
+        R9 = 8,
+        R8 = 9,
+        Rax = 10,
+        Rcx = 11,
+        Rdx = 12,
+        Rsi = 13,
+        Rdi = 14,
+    }
+}
+
 /// Entries of `RESULT_SITES`.
 pub const MAX_RESULT_SITES: u32 = 64;
 
@@ -213,23 +560,38 @@ pub struct ResultSite {
     /// A conditional jump's condition code (its opcode's low nibble), or
     /// `RESULT_ALWAYS`.
     pub cond: u8,
-    /// `RESULT_*` when the condition holds (or always), and when it does not.
+    /// A [`SiteOutcome`] when the condition holds (or always), and when it
+    /// does not; bytes, as every code read from a map (see [`UnwindRow`]).
     pub taken: u8,
     pub not_taken: u8,
     /// 1: store the size for a later site of the same call (`CAPTURES`).
     pub capture: u8,
-    /// `LOC_*` and register of the size and of the caller's rbp.
+    /// A [`ValueLoc`] and a [`PtReg`], for the size and for the caller's rbp.
     pub size_loc: u8,
     pub size_reg: u8,
     pub rbp_loc: u8,
     pub rbp_reg: u8,
-    /// Their offsets from rsp, for `LOC_STACK`.
+    /// Their offsets from rsp, for `ValueLoc::Stack`.
     pub size_off: i32,
     pub rbp_off: i32,
     /// rsp at the function's entry - rsp here.
     pub entry_sp_delta: u32,
     /// The function's `AllocKind`.
     pub kind: u32,
+}
+
+impl ResultSite {
+    /// The outcome when the site's condition holds, or the byte found instead.
+    #[inline(always)]
+    pub fn taken(&self) -> Result<SiteOutcome, u8> {
+        SiteOutcome::try_from(self.taken)
+    }
+
+    /// The outcome when it does not, or the byte found instead.
+    #[inline(always)]
+    pub fn not_taken(&self) -> Result<SiteOutcome, u8> {
+        SiteOutcome::try_from(self.not_taken)
+    }
 }
 
 /// A size a result site captured for a later one of the same call. Map
@@ -244,21 +606,28 @@ pub struct Capture {
     pub size: u64,
 }
 
-/// How the BPF side tells a call made by the allocator itself (glibc's
-/// realloc(p, 0) calls free) from a user's call: `CALL_MARKS_BY_SP` reads the
-/// return address at [sp] at every entry and looks for the function it is in;
-/// `CALL_MARKS_BY_SITE` relies on probes on every such call and jump in the
-/// allocator's code (found in its code by userspace), each leaving a mark for
-/// its thread that the callee's entry takes. With no mark in flight, an entry
-/// needs no user-memory read and no map lookup to know it is a user's call.
-pub const CALL_MARKS_BY_SP: u64 = 0;
-pub const CALL_MARKS_BY_SITE: u64 = 1;
+codes! {
+    /// How the BPF side tells a call made by the allocator itself (glibc's
+    /// realloc(p, 0) calls free) from a user's call ([`CallMarkState::mode`]).
+    pub enum CallMarks: u64 {
+        /// Read the return address at [sp] at every entry and look for the
+        /// function it is in.
+        BySp = 0,
+        /// Rely on probes on every such call and jump in the allocator's code
+        /// (found in its code by userspace), each leaving a mark for its thread
+        /// that the callee's entry takes. With no mark in flight, an entry
+        /// needs no user-memory read and no map lookup to know it is a user's
+        /// call.
+        BySite = 1,
+    }
+}
 
 /// The one entry of `CALL_MARK_STATE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CallMarkState {
-    /// `CALL_MARKS_BY_SP` or `CALL_MARKS_BY_SITE` (written by userspace before attaching).
+    /// A [`CallMarks`] (written by userspace before attaching), kept as a
+    /// `u64` as every code read from a map.
     pub mode: u64,
     /// Marks left and not yet taken (all threads).
     pub in_flight: u64,
@@ -358,7 +727,7 @@ pub struct AllocBucket {
 /// choices of 8-slot buckets, placing as many random addresses as the table is
 /// sized for turned none away in 50 runs of 2^20 (at 1.4 slots per block,
 /// about one per run: the failure rate falls off a cliff between the two).
-/// A block whose two buckets are full is counted (`DroppedAllocMapFull`).
+/// A block whose two buckets are full is counted (`Counter::AllocMapFull`).
 pub const fn alloc_buckets(max_blocks: u32) -> u32 {
     let slots = (max_blocks as u64 * 3).div_ceil(2);
     let b = slots.div_ceil(ALLOC_BUCKET_SLOTS as u64);
@@ -472,66 +841,71 @@ pub struct PendingCall {
     pub timestamp_ns: u64,
 }
 
-/// Event counters, one slot each in the per-CPU array `COUNTERS`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Successful allocations (realloc counts as one).
-    AllocCalls = 0,
-    /// Bytes requested by successful allocations.
-    AllocBytes = 1,
-    /// free() calls with a non-NULL pointer, plus the frees done by realloc.
-    FreeCalls = 2,
-    /// Frees of a block memtrace never saw allocated (allocated before attach).
-    FreeUnknown = 3,
-    /// Allocator calls that failed (returned NULL / an error).
-    FailedAllocs = 4,
-    /// Allocations not recorded because both of their buckets in the block
-    /// table (`ALLOC_KEYS`/`ALLOCS`) were full.
-    DroppedAllocMapFull = 5,
-    /// Allocations not recorded because `PENDING` was full at entry (or, for a
-    /// result site, because the size captured earlier in the call was lost).
-    DroppedPendingFull = 6,
-    /// Allocations not recorded because `SITES` was full.
-    DroppedSiteMapFull = 7,
-    /// Stacks that could not be read (`bpf_get_stack` failed or returned nothing).
-    StackReadErrors = 8,
-    /// Stacks not stored because `STACKS` was full.
-    StackMapFull = 9,
-    /// Two different stacks with one hash: the second is recorded without a stack.
-    StackHashCollisions = 10,
-    /// posix_memalign succeeded but its out-pointer could not be read.
-    OutPointerReadErrors = 11,
-    /// A return probe with no matching entry (entry lost or expired).
-    UnmatchedReturns = 12,
-    /// An allocator returned an address memtrace still had outstanding: the
-    /// earlier block's free was not seen. The earlier block is retired.
-    AddressReused = 13,
-    /// Allocator calls made by the allocator itself, not counted on their own.
-    InternalCalls = 14,
-    /// Frames stepped over with the frame pointer because no unwind row covered them.
-    UnwindFpFallback = 15,
-    /// Walks stopped because the stack could not be read.
-    UnwindBadRead = 16,
-    /// Walks stopped at the depth limit.
-    UnwindDepthLimit = 17,
-    /// Walks stopped at a rule the BPF unwinder cannot follow.
-    UnwindUnsupported = 18,
-    /// Walks stopped where neither a row nor a frame pointer led on.
-    UnwindNoFramePointer = 19,
-    /// Allocations seen but not sampled (`--sample-bytes`).
-    UnsampledCalls = 20,
-    /// Return probes that ran for an allocating call (uprobe sessions run one
-    /// only for calls whose entry asked for it).
-    ReturnProbes = 21,
-    /// Calls that came back from a function a result-site plan took as never
-    /// returning (the padding after the call was reached): that call of the
-    /// allocator went where the plan did not look, and may be missed or have
-    /// a wrong size.
-    UnforeseenReturns = 22,
+counters! {
+    /// Event counters, one slot each in the per-CPU array `COUNTERS`. Each
+    /// counter's name is its field in the report's JSON, under `totals`,
+    /// `drops` or `allocator` (`unsampled_calls` only adds to `alloc_calls`).
+    pub enum Counter;
+    /// Every counter, by name (summed over the CPUs): what userspace reads.
+    struct CounterValues;
+    {
+        /// Successful allocations (realloc counts as one).
+        AllocCalls = 0 => alloc_calls,
+        /// Bytes requested by successful allocations.
+        AllocBytes = 1 => alloc_bytes,
+        /// free() calls with a non-NULL pointer, plus the frees done by realloc.
+        FreeCalls = 2 => free_calls,
+        /// Frees of a block memtrace never saw allocated (allocated before attach).
+        FreeUnknown = 3 => free_unknown,
+        /// Allocator calls that failed (returned NULL / an error).
+        FailedAllocs = 4 => failed_allocs,
+        /// Allocations not recorded because both of their buckets in the block
+        /// table (`ALLOC_KEYS`/`ALLOCS`) were full.
+        AllocMapFull = 5 => alloc_map_full,
+        /// Allocations not recorded because `PENDING` was full at entry (or, for a
+        /// result site, because the size captured earlier in the call was lost).
+        PendingMapFull = 6 => pending_map_full,
+        /// Allocations not recorded because `SITES` was full.
+        SiteMapFull = 7 => site_map_full,
+        /// Stacks that could not be read (`bpf_get_stack` failed or returned nothing).
+        StackReadErrors = 8 => stack_read_errors,
+        /// Stacks not stored because `STACKS` was full.
+        StackMapFull = 9 => stack_map_full,
+        /// Two different stacks with one hash: the second is recorded without a stack.
+        StackHashCollisions = 10 => stack_hash_collisions,
+        /// posix_memalign succeeded but its out-pointer could not be read.
+        OutPointerReadErrors = 11 => out_pointer_read_errors,
+        /// A return probe with no matching entry (entry lost or expired).
+        UnmatchedReturns = 12 => unmatched_returns,
+        /// An allocator returned an address memtrace still had outstanding: the
+        /// earlier block's free was not seen. The earlier block is retired.
+        AddressReused = 13 => address_reused,
+        /// Allocator calls made by the allocator itself (glibc's realloc(p, 0)
+        /// calls free), not counted on their own.
+        AllocatorInternalCalls = 14 => allocator_internal_calls,
+        /// Frames stepped over with the frame pointer because no unwind row covered them.
+        UnwindFpFallbackFrames = 15 => unwind_fp_fallback_frames,
+        /// Walks stopped because the stack could not be read.
+        UnwindBadRead = 16 => unwind_bad_read,
+        /// Walks stopped at the depth limit.
+        UnwindDepthLimit = 17 => unwind_depth_limit,
+        /// Walks stopped at a rule the BPF unwinder cannot follow.
+        UnwindUnsupported = 18 => unwind_unsupported,
+        /// Walks stopped where neither a row nor a frame pointer led on.
+        UnwindNoFramePointer = 19 => unwind_no_frame_pointer,
+        /// Allocations seen but not sampled (`--sample-bytes`; `alloc_calls`
+        /// counts the sampled ones).
+        UnsampledCalls = 20 => unsampled_calls,
+        /// Return probes that ran for an allocating call (uprobe sessions run one
+        /// only for calls whose entry asked for it).
+        ReturnProbes = 21 => return_probes,
+        /// Calls that came back from a function a result-site plan took as never
+        /// returning (the padding after the call was reached): that call of the
+        /// allocator went where the plan did not look, and may be missed or have
+        /// a wrong size.
+        UnforeseenReturns = 22 => unforeseen_returns,
+    }
 }
-
-pub const NUM_COUNTERS: u32 = 23;
 
 // ---- sampling (--sample-bytes) ------------------------------------------------
 
@@ -621,6 +995,134 @@ mod tests {
     extern crate std;
 
     use super::*;
+
+    #[test]
+    fn unwind_codes_round_trip() {
+        // The values are the wire format: 0, 1, 2... in declaration order.
+        for (i, r) in CfaRule::ALL.into_iter().enumerate() {
+            assert_eq!(u8::from(r), i as u8, "{r:?}");
+            assert_eq!(CfaRule::try_from(r as u8), Ok(r));
+            let row = UnwindRow::new(7, r, -8, RbpRule::Same, 0);
+            assert_eq!(row.cfa(), Ok(r));
+        }
+        for (i, r) in RbpRule::ALL.into_iter().enumerate() {
+            assert_eq!(u8::from(r), i as u8, "{r:?}");
+            assert_eq!(RbpRule::try_from(r as u8), Ok(r));
+            let row = UnwindRow::new(7, CfaRule::Rsp, 8, r, -16);
+            assert_eq!(row.rbp(), Ok(r));
+        }
+        assert_eq!(CfaRule::ALL.len(), 6);
+        assert_eq!(RbpRule::ALL.len(), 3);
+        for v in [6u8, 0x7f, 0xff] {
+            assert_eq!(CfaRule::try_from(v), Err(v));
+        }
+        for v in [3u8, 0xff] {
+            assert_eq!(RbpRule::try_from(v), Err(v));
+        }
+        let bad = UnwindRow {
+            cfa_rule: 9,
+            rbp_rule: 200,
+            ..UnwindRow::default()
+        };
+        assert_eq!((bad.cfa(), bad.rbp()), (Err(9), Err(200)));
+        // The default row (an all-zero map slot) is the frame-pointer fallback.
+        assert_eq!(UnwindRow::default().cfa(), Ok(CfaRule::None));
+        assert_eq!(UnwindRow::default().rbp(), Ok(RbpRule::Same));
+    }
+
+    #[test]
+    fn counters_have_their_json_names() {
+        assert_eq!(NUM_COUNTERS, 23);
+        for (i, c) in Counter::ALL.into_iter().enumerate() {
+            assert_eq!(c as usize, i);
+            assert_eq!(Counter::try_from(i as u32), Ok(c));
+        }
+        assert_eq!(Counter::PendingMapFull.name(), "pending_map_full");
+        assert_eq!(
+            Counter::AllocatorInternalCalls.name(),
+            "allocator_internal_calls"
+        );
+        assert_eq!(
+            Counter::UnwindFpFallbackFrames.name(),
+            "unwind_fp_fallback_frames"
+        );
+        let mut names: std::vec::Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Counter::ALL.len());
+    }
+
+    #[test]
+    fn result_site_codes_round_trip() {
+        for (i, o) in SiteOutcome::ALL.into_iter().enumerate() {
+            assert_eq!(u8::from(o), i as u8);
+            let site = ResultSite {
+                taken: o as u8,
+                not_taken: o as u8,
+                ..ResultSite::default()
+            };
+            assert_eq!((site.taken(), site.not_taken()), (Ok(o), Ok(o)));
+        }
+        assert_eq!(SiteOutcome::try_from(4), Err(4));
+        assert_eq!(SiteOutcome::try_from(RESULT_ALWAYS), Err(RESULT_ALWAYS));
+        for (i, l) in ValueLoc::ALL.into_iter().enumerate() {
+            assert_eq!(ValueLoc::try_from(i as u8), Ok(l));
+        }
+        assert_eq!(ValueLoc::try_from(3), Err(3));
+        for (i, r) in PtReg::ALL.into_iter().enumerate() {
+            assert_eq!(PtReg::try_from(i as u8), Ok(r));
+        }
+        assert_eq!(PtReg::ALL.len(), 15);
+        assert_eq!(PtReg::try_from(15), Err(15));
+        assert_eq!(CallMarks::try_from(0u64), Ok(CallMarks::BySp));
+        assert_eq!(CallMarks::try_from(1u64), Ok(CallMarks::BySite));
+        assert_eq!(CallMarks::try_from(2u64), Err(2));
+    }
+
+    #[test]
+    fn site_cookies_round_trip() {
+        let addr = 0x7f12_3456_7890u64;
+        for kind in AllocKind::ALL {
+            for (in_cookie, unsampled) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let c = SiteCookie::entry(addr, kind, in_cookie, unsampled);
+                assert_eq!(c.0 >> 8, addr);
+                assert_eq!(c.mark_kind(), None, "{c:?}");
+                assert_eq!(c.alloc_kind(), Some(kind));
+                assert_eq!(
+                    (c.call_in_cookie(), c.unsampled_pending()),
+                    (in_cookie, unsampled)
+                );
+            }
+        }
+        for m in MarkKind::ALL {
+            let c = SiteCookie::mark(addr, m);
+            assert_eq!(c.0 >> 8, addr);
+            assert_eq!(c.mark_kind(), Some(m));
+            assert!(!c.call_in_cookie());
+        }
+        // The values before SiteCookie: entries keep them, marks too.
+        assert_eq!(SiteCookie::mark(1, MarkKind::Call).0, 0x17e);
+        assert_eq!(SiteCookie::mark(1, MarkKind::Jump).0, 0x17d);
+        assert_eq!(SiteCookie::mark(1, MarkKind::Check).0, 0x17c);
+        assert_eq!(
+            SiteCookie::entry(1, AllocKind::Memalign, true, true).0,
+            0x100 | 4 | 0x80 | 0x40
+        );
+        let r = SiteCookie::result(9);
+        assert_eq!(r.0, 9 << 8 | 0x7b);
+        assert_eq!(r.result_index(), 9);
+        assert_eq!(r.mark_kind(), None);
+    }
+
+    #[test]
+    fn map_names_are_distinct() {
+        let mut names = map_names::ALL.to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), map_names::ALL.len());
+    }
 
     #[test]
     fn alloc_kind_round_trips() {

@@ -63,7 +63,7 @@ pub(crate) fn enter<C: EbpfContext>(
         // (Marks are used only with sessions, which skip the inner return.)
         Caller::TailCall => return SKIP_RETURN,
         Caller::Allocator => {
-            count(Counter::InternalCalls, 1);
+            count(Counter::AllocatorInternalCalls, 1);
             return SKIP_RETURN;
         }
         Caller::User | Caller::BySp => {}
@@ -84,7 +84,7 @@ pub(crate) fn enter<C: EbpfContext>(
         }
     }
     if caller == Caller::BySp && called_by_allocator(key.sp) {
-        count(Counter::InternalCalls, 1);
+        count(Counter::AllocatorInternalCalls, 1);
         return SKIP_RETURN;
     }
     // realloc: whether memtrace knows the old block now. Another thread may
@@ -132,7 +132,7 @@ pub(crate) fn enter<C: EbpfContext>(
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
     if PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
-        count(Counter::DroppedPendingFull, 1);
+        count(Counter::PendingMapFull, 1);
         return SKIP_RETURN;
     }
     count_pending(1);

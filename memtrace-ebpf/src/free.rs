@@ -37,7 +37,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         }
     };
     if internal {
-        count(Counter::InternalCalls, 1);
+        count(Counter::AllocatorInternalCalls, 1);
         return 0;
     }
     count(Counter::FreeCalls, 1);

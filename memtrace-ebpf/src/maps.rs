@@ -1,5 +1,7 @@
-//! Every map of the BPF object, in one place (see docs/bpf.md for who
-//! writes and reads each).
+//! Every map of the BPF object, in one place; each static is named as in
+//! `memtrace_common::map_names`, which userspace uses (memtrace's unit tests
+//! check the object against that list). (See docs/bpf.md for who
+//! writes and reads each.)
 
 use crate::walk::cache::CachedWalk;
 use crate::walk::{CACHE_SLOTS, StackWindow};
@@ -60,7 +62,7 @@ pub(crate) static ALLOCATOR_TEXT: Array<TextRange> =
     Array::with_max_entries(MAX_ALLOCATOR_FUNCTIONS, 0);
 
 /// How the allocator's own calls are told from users' (see
-/// `memtrace_common::CALL_MARKS_BY_SITE`), and how many marks are in flight.
+/// `memtrace_common::CallMarks`), and how many marks are in flight.
 #[map]
 pub(crate) static CALL_MARK_STATE: Array<CallMarkState> = Array::with_max_entries(1, 0);
 

@@ -9,7 +9,7 @@ use crate::target::{regs_sp, target_thread};
 use aya_ebpf::{
     EbpfContext, bindings::BPF_ANY, bindings::BPF_NOEXIST, helpers::bpf_probe_read_user,
 };
-use memtrace_common::{CALL_MARKS_BY_SITE, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
+use memtrace_common::{CallMarks, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
 
 /// Whether `addr` is inside one of the probed allocator functions.
 #[inline(always)]
@@ -48,8 +48,9 @@ pub(crate) fn called_by_allocator(sp: u64) -> bool {
     }
 }
 
-/// A mark's value: a probed function's `call`, its `jmp`, or a jump in
-/// code it called (the callee checks its return address).
+/// A mark's value in `CALL_MARKS` (BPF-only state): a probed function's
+/// `call`, its `jmp`, or a jump in code it called (the callee checks its
+/// return address); left for a `MarkKind` of the same names.
 pub(crate) const MARK_CALL: u64 = 0;
 
 pub(crate) const MARK_TAIL: u64 = 1;
@@ -65,7 +66,7 @@ pub(crate) enum Caller {
     Allocator,
     /// A probed allocator function jumped here: still its call.
     TailCall,
-    /// Unknown from marks (`CALL_MARKS_BY_SP`): look at [sp] and PENDING.
+    /// Unknown from marks (`CallMarks::BySp`): look at [sp] and PENDING.
     BySp,
 }
 
@@ -81,7 +82,8 @@ pub(crate) fn marked_caller(tid: u32, sp: u64) -> Caller {
     // SAFETY: a pointer from an array map lookup: the element stays valid for the program's
     // run; volatile, as userspace and other CPUs change it.
     unsafe {
-        if core::ptr::read_volatile(&raw const (*st).mode) != CALL_MARKS_BY_SITE {
+        let mode = core::ptr::read_volatile(&raw const (*st).mode);
+        if !matches!(CallMarks::try_from(mode), Ok(CallMarks::BySite)) {
             return Caller::BySp;
         }
         if core::ptr::read_volatile(&raw const (*st).in_flight) == 0 {
@@ -162,7 +164,7 @@ pub(crate) fn leave_mark<C: EbpfContext>(ctx: &C, mark: u64) -> u32 {
             let _ = CALL_MARKS.insert(&key, &value, BPF_ANY as u64);
         }
         // The callee will count as a user's call: say so.
-        Err(_) => count(Counter::DroppedPendingFull, 1),
+        Err(_) => count(Counter::PendingMapFull, 1),
     }
     SKIP_RETURN
 }

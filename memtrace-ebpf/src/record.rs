@@ -25,12 +25,12 @@ pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Opt
     // (No free can come between the two updates: the caller has not been
     // given the address yet.)
     let Some(slot) = insert_block(ptr, &a) else {
-        count(Counter::DroppedAllocMapFull, 1);
+        count(Counter::AllocMapFull, 1);
         return;
     };
     if !site_add(&a) {
         let _ = cas(slot.key, ptr, ALLOC_KEY_EMPTY);
-        count(Counter::DroppedSiteMapFull, 1);
+        count(Counter::SiteMapFull, 1);
         return;
     }
     count(Counter::AllocCalls, 1);

@@ -13,8 +13,8 @@ use crate::walk::{StackWindow, WINDOW_BYTES, WINDOW_WORDS, WalkStart, cache_slot
 use aya_ebpf::{EbpfContext, helpers::bpf_get_attach_cookie, programs::ProbeContext};
 use core::ptr::read_volatile;
 use memtrace_common::{
-    Capture, Counter, LOC_REG, LOC_STACK, PendingKey, RESULT_ALWAYS, RESULT_GUARD, RESULT_NOTHING,
-    RESULT_NULL, ResultSite, SAMPLE_THREADS,
+    Capture, Counter, PendingKey, RESULT_ALWAYS, ResultSite, SAMPLE_THREADS, SiteCookie,
+    SiteOutcome, ValueLoc,
 };
 
 /// The result sites' program (see `result_site`), attached with a plain
@@ -31,14 +31,14 @@ pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
     }
     let ctx = ProbeContext::new(ctx);
     // SAFETY: the program's own context, as the helper expects.
-    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    if let Some((ptr, size, at)) = result_site(&ctx, (site >> 8) as u32) {
+    let site = SiteCookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    if let Some((ptr, size, at)) = result_site(&ctx, site.result_index()) {
         record_alloc(&ctx, ptr, size, Some(at));
     }
     0
 }
 
-/// A general register of `struct pt_regs` by its index (`PT_REGS_*`).
+/// A general register of `struct pt_regs` by its index (a `PtReg`).
 /// Every register is loaded at its own constant offset first: the
 /// verifier refuses a context load at a computed offset, which a match
 /// over the fields compiles to.
@@ -97,10 +97,10 @@ fn read_loc(
     window: u32,
     sp: u64,
 ) -> Option<u64> {
-    match loc {
-        LOC_REG => Some(reg_at(regs, reg)),
-        LOC_STACK => stack_at(win, window, sp, off),
-        _ => None,
+    match ValueLoc::try_from(loc) {
+        Ok(ValueLoc::Reg) => Some(reg_at(regs, reg)),
+        Ok(ValueLoc::Stack) => stack_at(win, window, sp, off),
+        Ok(ValueLoc::None) | Err(_) => None,
     }
 }
 
@@ -143,14 +143,16 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     if site.capture != 0 {
         capture_size(regs, size_at, win, tid, sp, entry_sp);
     }
-    let outcome = site_outcome(&site, flags);
-    if outcome == RESULT_NOTHING {
-        return None;
-    }
-    if outcome == RESULT_GUARD {
-        count(Counter::UnforeseenReturns, 1);
-        return None;
-    }
+    let null = match site_outcome(&site, flags) {
+        Ok(SiteOutcome::Record) => false,
+        Ok(SiteOutcome::Null) => true,
+        Ok(SiteOutcome::Guard) => {
+            count(Counter::UnforeseenReturns, 1);
+            return None;
+        }
+        // (A byte that is no outcome: as nothing, userspace writes none.)
+        Ok(SiteOutcome::Nothing) | Err(_) => return None,
+    };
     // Whose call this is. No marks are left for a function probed at its
     // result sites (it has no entry probe to take them): a call of the
     // allocator's own is told by its return address, a tail call from
@@ -170,17 +172,17 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     let (window, whole) = read_site_window(&site, win, sp, slot, tgid);
     let loc = |at: (u8, u8, i32)| read_loc(regs, at, win, window, sp);
     let Some(ra) = stack_at(win, window, sp, site.entry_sp_delta as i32) else {
-        count(Counter::DroppedPendingFull, 1);
+        count(Counter::PendingMapFull, 1);
         return None;
     };
     if in_allocator(ra) {
-        count(Counter::InternalCalls, 1);
+        count(Counter::AllocatorInternalCalls, 1);
         return None;
     }
     // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
     // run.
     let ptr = unsafe { (*regs).rax };
-    if outcome == RESULT_NULL || ptr == 0 {
+    if null || ptr == 0 {
         count(Counter::FailedAllocs, 1);
         forget_capture(tid, entry_sp);
         return None;
@@ -210,14 +212,13 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     ))
 }
 
-/// What the call does at this site, by the jcc's condition on `flags`:
-/// RESULT_NOTHING, RESULT_GUARD, RESULT_NULL or the block is returned.
+/// What the call does at this site, by the jcc's condition on `flags`.
 #[inline(always)]
-fn site_outcome(site: &ResultSite, flags: u64) -> u8 {
+fn site_outcome(site: &ResultSite, flags: u64) -> Result<SiteOutcome, u8> {
     if site.cond == RESULT_ALWAYS || cond_holds(site.cond, flags) {
-        site.taken
+        site.taken()
     } else {
-        site.not_taken
+        site.not_taken()
     }
 }
 
@@ -264,7 +265,7 @@ fn read_site_window(
     tgid: u32,
 ) -> (u32, u32) {
     let mut need = site.entry_sp_delta.wrapping_add(8);
-    if site.rbp_loc == LOC_STACK && site.rbp_off >= 0 {
+    if matches!(ValueLoc::try_from(site.rbp_loc), Ok(ValueLoc::Stack)) && site.rbp_off >= 0 {
         need = need.max(site.rbp_off as u32 + 8);
     }
     let remembered = match WALK_CACHE.get(slot) {
@@ -316,7 +317,7 @@ fn captured_size(tid: u32, entry_sp: u64) -> Option<u64> {
         if (*c).tid != tid || (*c).sp != entry_sp {
             // Another thread took the slot, a nested call, or
             // the capture came before the probes were all in.
-            count(Counter::DroppedPendingFull, 1);
+            count(Counter::PendingMapFull, 1);
             return None;
         }
         (*c).sp = 0;

@@ -7,10 +7,7 @@ use crate::marks::{MARK_CALL, MARK_CHECK, MARK_TAIL, leave_mark};
 use crate::record::record_alloc;
 use crate::target::regs_ret;
 use aya_ebpf::{EbpfContext, helpers::bpf_get_attach_cookie, programs::ProbeContext};
-use memtrace_common::{
-    AllocKind, KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, SITE_CALL_IN_COOKIE, SITE_KIND_MASK,
-    SITE_MARK_CALL, SITE_MARK_CHECK, SITE_MARK_JUMP, SITE_UNSAMPLED_PENDING,
-};
+use memtrace_common::{KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, MarkKind, SiteCookie};
 
 /// Entry and return of every allocating function as one uprobe session:
 /// userspace loads this program with the expected attach type
@@ -22,7 +19,8 @@ use memtrace_common::{
 /// (`bpf_session_is_return` tells which). Each site's attach cookie is its
 /// address in the process (<< 8) and its `AllocKind` (low bits), with
 /// `SITE_CALL_IN_COOKIE` for a function that never jumps out of its code:
-/// such a call is kept in the session's own cookie, not in PENDING.
+/// such a call is kept in the session's own cookie, not in PENDING; or,
+/// for a mark site, its `MarkKind` (see `SiteCookie`).
 ///
 /// Written without `#[uprobe]`: that macro's wrapper discards the
 /// function's value and returns 0, which in a session keeps every return
@@ -67,7 +65,7 @@ fn session_step(ctx: ProbeContext) -> u32 {
     let cookie = session_cookie();
     if !session_is_return() {
         // SAFETY: the program's own context, as the helper expects.
-        let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let site = SiteCookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
         return session_entry(&ctx, cookie, site);
     }
     let in_cookie = if cookie.is_null() {
@@ -83,27 +81,27 @@ fn session_step(ctx: ProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: u64) -> u32 {
-    match site & 0x7f {
-        SITE_MARK_CALL => return leave_mark(ctx, MARK_CALL),
-        SITE_MARK_JUMP => return leave_mark(ctx, MARK_TAIL),
-        SITE_MARK_CHECK => return leave_mark(ctx, MARK_CHECK),
-        _ => {}
+fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: SiteCookie) -> u32 {
+    match site.mark_kind() {
+        Some(MarkKind::Call) => return leave_mark(ctx, MARK_CALL),
+        Some(MarkKind::Jump) => return leave_mark(ctx, MARK_TAIL),
+        Some(MarkKind::Check) => return leave_mark(ctx, MARK_CHECK),
+        None => {}
     }
-    let Some(kind) = AllocKind::from_u32((site & SITE_KIND_MASK) as u32) else {
+    let Some(kind) = site.alloc_kind() else {
         return SKIP_RETURN;
     };
     if !cookie.is_null() {
         // SAFETY: `cookie` is this call's session cookie (8 bytes), checked non-null.
         unsafe { *cookie = 0 };
     }
-    let keep_in = if site & SITE_CALL_IN_COOKIE != 0 {
+    let keep_in = if site.call_in_cookie() {
         cookie
     } else {
         core::ptr::null_mut()
     };
     let (size, old_ptr, out_ptr) = call_args(ctx, kind);
-    let keep_unsampled = site & SITE_UNSAMPLED_PENDING != 0 || result_in_doubt(ctx, kind);
+    let keep_unsampled = site.unsampled_pending() || result_in_doubt(ctx, kind);
     enter(
         ctx,
         kind,

@@ -8,10 +8,9 @@ use crate::target::{read_user, read_user_pair};
 use crate::walk::{CACHE_WORDS, WINDOW_WORDS, WalkStart};
 use aya_ebpf::helpers::bpf_loop;
 use memtrace_common::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, Counter, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH,
-    NUM_COUNTERS, PC_PAGE_SHIFT, PageKey, RBP_AT_CFA, RBP_SAME, STACK_TRUNCATED_DEPTH,
-    STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ, STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP,
-    UnwindRow,
+    CfaRule, Counter, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NUM_COUNTERS, PC_PAGE_SHIFT,
+    PageKey, RbpRule, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
+    STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, UnwindRow,
 };
 
 /// State of a stack walk, on the BPF stack (bpf_loop's context must be).
@@ -206,19 +205,21 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
     // of the caller).
     let lookup = w.pc.wrapping_sub(1);
     let row = find_row(w.tgid, lookup);
-    let cfa_rule = row.map_or(CFA_NONE, |r| r.cfa_rule);
+    // No row: the frame-pointer fallback, as for a `CfaRule::None` row.
+    let cfa_rule = row.map_or(Ok(CfaRule::None), |r| r.cfa());
     let (cfa, ra, bp) = match cfa_rule {
-        CFA_END => return 1,
-        CFA_RSP | CFA_RBP | CFA_PLT => {
+        Ok(CfaRule::End) => return 1,
+        Ok(rule @ (CfaRule::Rsp | CfaRule::Rbp | CfaRule::Plt)) => {
             let r = row.unwrap_or_default();
-            let cfa = match cfa_rule {
-                CFA_RSP => w.sp.wrapping_add(r.cfa_offset as i64 as u64),
-                CFA_RBP => {
+            let cfa = match rule {
+                CfaRule::Rsp => w.sp.wrapping_add(r.cfa_offset as i64 as u64),
+                CfaRule::Rbp => {
                     if w.bp == 0 {
                         return stop(w, STACK_TRUNCATED_UNSUPPORTED, Counter::UnwindUnsupported);
                     }
                     w.bp.wrapping_add(r.cfa_offset as i64 as u64)
                 }
+                // CfaRule::Plt, the one left (the outer match took the others).
                 _ => {
                     let extra = if (w.pc & 15) >= r.cfa_offset as u64 {
                         8
@@ -229,25 +230,29 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
                 }
             };
             // The return address and the word below it, where the usual
-            // frame saves rbp.
-            let below_used = r.rbp_rule == RBP_AT_CFA && r.rbp_offset == -16;
+            // frame saves rbp. (`matches!` and `r.rbp()` twice, not a
+            // `Result` compared with `==`: that compiled to other code, which
+            // cost the verifier 30% more work in alloc_result.)
+            let below_used = matches!(r.rbp(), Ok(RbpRule::AtCfa)) && r.rbp_offset == -16;
             let Some([below, ra]) = stack_pair(w, cfa.wrapping_sub(16), below_used) else {
                 return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
             };
-            let bp = match r.rbp_rule {
-                RBP_SAME => w.bp,
-                RBP_AT_CFA if r.rbp_offset == -16 => below,
-                RBP_AT_CFA => match stack_word(w, cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
-                    Some(bp) => bp,
-                    None => {
-                        return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
+            let bp = match r.rbp() {
+                Ok(RbpRule::Same) => w.bp,
+                Ok(RbpRule::AtCfa) if r.rbp_offset == -16 => below,
+                Ok(RbpRule::AtCfa) => {
+                    match stack_word(w, cfa.wrapping_add(r.rbp_offset as i64 as u64)) {
+                        Some(bp) => bp,
+                        None => {
+                            return stop(w, STACK_TRUNCATED_READ, Counter::UnwindBadRead);
+                        }
                     }
-                },
-                _ => 0,
+                }
+                Ok(RbpRule::Unsupported) | Err(_) => 0,
             };
             (cfa, ra, bp)
         }
-        CFA_NONE => {
+        Ok(CfaRule::None) => {
             // No unwind information here: follow the frame pointer.
             if w.bp == 0 || w.bp < w.sp {
                 return stop(w, STACK_TRUNCATED_NO_FP, Counter::UnwindNoFramePointer);
@@ -259,7 +264,8 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
             w.fp_frames += 1;
             (w.bp + 16, ra, bp)
         }
-        _ => {
+        // A rule the walk cannot follow, or a byte that is no rule.
+        Ok(CfaRule::Unsupported) | Err(_) => {
             return stop(w, STACK_TRUNCATED_UNSUPPORTED, Counter::UnwindUnsupported);
         }
     };
@@ -276,7 +282,7 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
 #[inline(always)]
 pub(crate) fn count_walk(fp_frames: u32, stop: u32) {
     if fp_frames != 0 {
-        count(Counter::UnwindFpFallback, fp_frames as u64);
+        count(Counter::UnwindFpFallbackFrames, fp_frames as u64);
     }
     if stop != 0 && stop <= NUM_COUNTERS {
         if let Some(p) = COUNTERS.get_ptr_mut(stop - 1) {

@@ -103,17 +103,12 @@ pub struct Allocator {
     pub text_start: u64,
 }
 
-/// What a mark says about the callee's entry (see `memtrace_common::SITE_MARK_CALL`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MarkKind {
-    /// A probed function's `call`: the allocator's own call.
-    Call,
-    /// A probed function's `jmp`: a tail call, the caller's call.
-    Jump,
-    /// A jump in code a probed function called or jumped to: the callee's
-    /// return address says whose call it is.
-    Check,
-}
+/// What a mark says about the callee's entry: a probed function's `call`
+/// (the allocator's own call), its `jmp` (a tail call, the caller's call), or
+/// a jump in code a probed function called or jumped to (the callee's return
+/// address says whose call it is). The BPF side reads it from the mark
+/// site's attach cookie.
+pub use memtrace_common::MarkKind;
 
 /// A call or jump in a probed function's code to a probed function (glibc's
 /// realloc(NULL, n) jumps to malloc, realloc(p, 0) calls free), or a jump to
@@ -288,7 +283,7 @@ fn result_plan(name: &str, code: &[u8]) -> Option<crate::attach::exits::ExitPlan
 /// themselves, followed through its jumps (glibc's posix_memalign calls
 /// `_mid_memalign`, which jumps to malloc: malloc's return address is in
 /// posix_memalign). Each gets a probe that marks the callee's coming entry
-/// (see `memtrace_common::CALL_MARKS_BY_SITE`), so that no other entry needs
+/// (see `memtrace_common::CallMarks::BySite`), so that no other entry needs
 /// to look at its caller.
 ///
 /// Fails unless every such branch is known: a probed function of unknown

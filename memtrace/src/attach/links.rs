@@ -24,7 +24,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
-use memtrace_common::{AllocKind, MAX_ALLOCATOR_FUNCTIONS};
+use memtrace_common::{AllocKind, MAX_ALLOCATOR_FUNCTIONS, SiteCookie, map_names};
 
 use super::allocator::{self, Allocator, AttachPoint, Role};
 use crate::{
@@ -339,7 +339,7 @@ impl Probes {
         self.fill_result_sites(&result_sites)?;
         let mut results = LinkSites::default();
         for (i, (offset, _)) in result_sites.iter().enumerate() {
-            results.push(*offset, (i as u64) << 8 | memtrace_common::SITE_RESULT);
+            results.push(*offset, SiteCookie::result(i as u32).0);
         }
         // The allocator's own calls into its probed functions, in the session
         // link (their entries return at once and skip the return).
@@ -362,7 +362,7 @@ impl Probes {
         }
         let ebpf = self.ebpf.as_mut().context("BPF object already dropped")?;
         let mut table: Array<&mut MapData, memtrace_common::ResultSite> = Array::try_from(
-            ebpf.map_mut("RESULT_SITES")
+            ebpf.map_mut(map_names::RESULT_SITES)
                 .context("BPF map RESULT_SITES missing from the object")?,
         )?;
         for (i, (_, conf)) in result_sites.iter().enumerate() {
@@ -678,18 +678,13 @@ fn entry_cookie(
 ) -> Result<u64> {
     let at = allocator::vaddr(alloc, maps, point.probe_offset)
         .with_context(|| format!("{} is not mapped", point.probe_site()))?;
-    Ok(at << 8
-        | kind as u64
-        | if call_in_cookie(point) {
-            memtrace_common::SITE_CALL_IN_COOKIE
-        } else {
-            0
-        }
-        | if tails.contains(&point.vaddr) {
-            memtrace_common::SITE_UNSAMPLED_PENDING
-        } else {
-            0
-        })
+    Ok(SiteCookie::entry(
+        at,
+        kind,
+        call_in_cookie(point),
+        tails.contains(&point.vaddr),
+    )
+    .0)
 }
 
 /// The session cookie of a mark on the allocator's own call: its address in
@@ -701,11 +696,6 @@ fn mark_cookie(
 ) -> Result<u64> {
     let at = allocator::vaddr(alloc, maps, call.file_offset)
         .with_context(|| format!("{} is not mapped", call.describe))?;
-    let kind = match call.kind {
-        allocator::MarkKind::Call => memtrace_common::SITE_MARK_CALL,
-        allocator::MarkKind::Jump => memtrace_common::SITE_MARK_JUMP,
-        allocator::MarkKind::Check => memtrace_common::SITE_MARK_CHECK,
-    };
     log::debug!("marking the allocator's own call at {}", call.describe);
-    Ok(at << 8 | kind)
+    Ok(SiteCookie::mark(at, call.kind).0)
 }

@@ -5,75 +5,37 @@ use rustc_hash::FxHashMap as HashMap;
 
 use anyhow::{Context, Result};
 use memtrace_common::{
-    Counter, EPOCH_TIME_SHIFT, Epoch, NO_STACK, NUM_COUNTERS, SiteKey, SiteStats,
+    CounterValues, EPOCH_TIME_SHIFT, Epoch, NO_STACK, NUM_COUNTERS, SiteKey, SiteStats, map_names,
 };
-use serde::Serialize;
 
 use crate::{kernel::batch, kernel::maps::TraceMaps, kernel::sampling::Sampling};
 
-/// Every counter, with names in the user's terms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// Every counter: the kernel's (`CounterValues`, one field per `Counter`,
+/// named as in the report) and the one userspace keeps itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    pub alloc_calls: u64,
-    pub alloc_bytes: u64,
-    pub free_calls: u64,
-    pub free_unknown: u64,
-    pub failed_allocs: u64,
-    pub dropped_alloc_map_full: u64,
-    pub dropped_pending_map_full: u64,
-    pub dropped_site_map_full: u64,
-    pub stack_read_errors: u64,
-    pub stack_map_full: u64,
-    pub stack_hash_collisions: u64,
-    pub out_pointer_read_errors: u64,
-    pub unmatched_returns: u64,
+    /// The kernel's counters, summed over the CPUs.
+    pub kernel: CounterValues,
+    /// Calls whose return never came: expired from `PENDING`, or still there
+    /// when tracing ended.
     pub missed_returns: u64,
-    pub address_reused: u64,
-    pub internal_calls: u64,
-    /// `--sample-bytes`: allocations seen but not sampled (`alloc_calls` counts the sampled).
-    pub unsampled_calls: u64,
-    /// Return probes that ran (sessions skip those of calls not needing one).
-    pub return_probes: u64,
-    /// Calls that came back from a function a result-site plan took as
-    /// never returning (`Counter::UnforeseenReturns`).
-    pub unforeseen_returns: u64,
-    /// Frames stepped over with frame pointers (no unwind row covered them).
-    pub unwind_fp_fallback: u64,
-    /// Stack walks that stopped early, by cause.
-    pub unwind_bad_read: u64,
-    pub unwind_depth_limit: u64,
-    pub unwind_unsupported: u64,
-    pub unwind_no_frame_pointer: u64,
+}
+
+/// The kernel's counters are read as fields of `Counters` itself
+/// (`counters.alloc_calls`), beside `missed_returns`.
+impl std::ops::Deref for Counters {
+    type Target = CounterValues;
+
+    fn deref(&self) -> &CounterValues {
+        &self.kernel
+    }
 }
 
 impl Counters {
     pub fn from_raw(raw: &[u64; NUM_COUNTERS as usize], missed_returns: u64) -> Self {
-        let c = |c: Counter| raw[c as usize];
         Counters {
-            alloc_calls: c(Counter::AllocCalls),
-            alloc_bytes: c(Counter::AllocBytes),
-            free_calls: c(Counter::FreeCalls),
-            free_unknown: c(Counter::FreeUnknown),
-            failed_allocs: c(Counter::FailedAllocs),
-            dropped_alloc_map_full: c(Counter::DroppedAllocMapFull),
-            dropped_pending_map_full: c(Counter::DroppedPendingFull),
-            dropped_site_map_full: c(Counter::DroppedSiteMapFull),
-            stack_read_errors: c(Counter::StackReadErrors),
-            stack_map_full: c(Counter::StackMapFull),
-            stack_hash_collisions: c(Counter::StackHashCollisions),
-            out_pointer_read_errors: c(Counter::OutPointerReadErrors),
-            unmatched_returns: c(Counter::UnmatchedReturns),
+            kernel: CounterValues::from_raw(raw),
             missed_returns,
-            address_reused: c(Counter::AddressReused),
-            unwind_fp_fallback: c(Counter::UnwindFpFallback),
-            unwind_bad_read: c(Counter::UnwindBadRead),
-            unwind_depth_limit: c(Counter::UnwindDepthLimit),
-            unwind_unsupported: c(Counter::UnwindUnsupported),
-            unwind_no_frame_pointer: c(Counter::UnwindNoFramePointer),
-            internal_calls: c(Counter::InternalCalls),
-            unsampled_calls: c(Counter::UnsampledCalls),
-            return_probes: c(Counter::ReturnProbes),
-            unforeseen_returns: c(Counter::UnforeseenReturns),
         }
     }
 
@@ -81,9 +43,9 @@ impl Counters {
     /// its entry is not added: its entry was already counted as dropped, as a
     /// full PENDING map or an expired call.)
     pub fn dropped_events(&self) -> u64 {
-        self.dropped_alloc_map_full
-            + self.dropped_pending_map_full
-            + self.dropped_site_map_full
+        self.alloc_map_full
+            + self.pending_map_full
+            + self.site_map_full
             + self.out_pointer_read_errors
             + self.missed_returns
     }
@@ -250,7 +212,7 @@ impl Collector {
             }
         })
         .context("reading SITES")?;
-        log_read("SITES", &read);
+        log_read(map_names::SITES, &read);
         let mut out: Vec<SiteSample> = by_site
             .into_iter()
             .map(|(stack_id, s)| SiteSample { stack_id, ..s })
@@ -365,7 +327,7 @@ impl Collector {
             .allocs
             .for_each(|_addr, a| f(a.stack_id, a.timestamp_ns, a.size))
             .context("reading ALLOCS")?;
-        log_read("ALLOCS", &read);
+        log_read(map_names::ALLOCS, &read);
         Ok(())
     }
 }

@@ -2,9 +2,9 @@
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use memtrace_common::{
-    AllocBucket, AllocKeys, CALL_MARKS_BY_SITE, CALL_MARKS_BY_SP, CallMarkState, Epoch,
-    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
-    SiteStats, StackTrace, TextRange, UnwindRow,
+    AllocBucket, AllocKeys, CallMarkState, CallMarks, Epoch, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS,
+    PageKey, PageRows, PendingCall, PendingKey, SiteKey, SiteStats, StackTrace, TextRange,
+    UnwindRow,
 };
 
 use super::blocks::BlockTable;
@@ -54,21 +54,21 @@ impl TraceMaps {
     }
 
     /// How the BPF side tells the allocator's own calls from users' (see
-    /// `memtrace_common::CALL_MARKS_BY_SITE`): by the probes on its call
+    /// `memtrace_common::CallMarks`): by the probes on its call
     /// sites, or by return address. Set before the probes are attached.
     ///
     /// `tail_kinds`: see `CallMarkState::tail_kinds`.
     pub fn set_call_marks(&mut self, by_site: bool, tail_kinds: u64) -> Result<()> {
         let mode = if by_site {
-            CALL_MARKS_BY_SITE
+            CallMarks::BySite
         } else {
-            CALL_MARKS_BY_SP
+            CallMarks::BySp
         };
         self.call_mark_state
             .set(
                 0,
                 CallMarkState {
-                    mode,
+                    mode: mode.into(),
                     in_flight: 0,
                     pending: 0,
                     tail_kinds,

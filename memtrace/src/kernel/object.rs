@@ -7,7 +7,7 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray},
     programs::UProbe,
 };
-use memtrace_common::Epoch;
+use memtrace_common::{Epoch, map_names};
 
 use super::{
     blocks::BlockTable,
@@ -140,10 +140,10 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
-        .map_max_entries("ALLOC_KEYS", sizes.block_buckets())
-        .map_max_entries("ALLOCS", sizes.block_buckets())
-        .map_max_entries("STACKS", sizes.stacks)
-        .map_max_entries("SITES", sizes.site_entries())
+        .map_max_entries(map_names::ALLOC_KEYS, sizes.block_buckets())
+        .map_max_entries(map_names::ALLOCS, sizes.block_buckets())
+        .map_max_entries(map_names::STACKS, sizes.stacks)
+        .map_max_entries(map_names::SITES, sizes.site_entries())
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")
@@ -183,22 +183,22 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
     };
     Ok(TraceMaps {
         allocs: BlockTable::new(
-            Array::try_from(take("ALLOC_KEYS")?)?,
-            Array::try_from(take("ALLOCS")?)?,
+            Array::try_from(take(map_names::ALLOC_KEYS)?)?,
+            Array::try_from(take(map_names::ALLOCS)?)?,
         )?,
-        sites: HashMap::try_from(take("SITES")?)?,
-        epoch: Array::try_from(take("EPOCH")?)?,
-        stacks: HashMap::try_from(take("STACKS")?)?,
-        pending: HashMap::try_from(take("PENDING")?)?,
-        counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-        allocator_text: Array::try_from(take("ALLOCATOR_TEXT")?)?,
-        allocator_hull: Array::try_from(take("ALLOCATOR_HULL")?)?,
-        unwind_rows: Array::try_from(take("UNWIND_ROWS")?)?,
-        pc_pages: HashMap::try_from(take("PC_PAGES")?)?,
-        proc_tables: HashMap::try_from(take("PROC_TABLES")?)?,
-        sample_log2: Array::try_from(take("SAMPLE_LOG2")?)?,
-        tables_generation: Array::try_from(take("TABLES_GENERATION")?)?,
-        call_mark_state: Array::try_from(take("CALL_MARK_STATE")?)?,
+        sites: HashMap::try_from(take(map_names::SITES)?)?,
+        epoch: Array::try_from(take(map_names::EPOCH)?)?,
+        stacks: HashMap::try_from(take(map_names::STACKS)?)?,
+        pending: HashMap::try_from(take(map_names::PENDING)?)?,
+        counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)?,
+        allocator_text: Array::try_from(take(map_names::ALLOCATOR_TEXT)?)?,
+        allocator_hull: Array::try_from(take(map_names::ALLOCATOR_HULL)?)?,
+        unwind_rows: Array::try_from(take(map_names::UNWIND_ROWS)?)?,
+        pc_pages: HashMap::try_from(take(map_names::PC_PAGES)?)?,
+        proc_tables: HashMap::try_from(take(map_names::PROC_TABLES)?)?,
+        sample_log2: Array::try_from(take(map_names::SAMPLE_LOG2)?)?,
+        tables_generation: Array::try_from(take(map_names::TABLES_GENERATION)?)?,
+        call_mark_state: Array::try_from(take(map_names::CALL_MARK_STATE)?)?,
     })
 }
 
@@ -224,4 +224,34 @@ fn init_maps(maps: &mut TraceMaps, sample_mean_bytes: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The BPF side's `#[map]` statics are named by hand: they must be exactly
+    /// the names userspace opens them by (`memtrace_common::map_names`).
+    #[test]
+    fn the_object_has_exactly_the_shared_map_names() {
+        if BPF_OBJECT.is_empty() {
+            eprintln!(
+                "skipped: no BPF object embedded (a plain `cargo test`; \
+                 `cargo xtask test` builds and embeds one)"
+            );
+            return;
+        }
+        let obj = aya_obj::Object::parse(BPF_OBJECT).expect("parsing the embedded BPF object");
+        let mut found: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            // Globals are maps of their sections (.rodata, .bss...), not ours.
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        found.sort_unstable();
+        let mut shared = map_names::ALL.to_vec();
+        shared.sort_unstable();
+        assert_eq!(found, shared);
+    }
 }

@@ -190,27 +190,54 @@ pub struct Drops {
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
 }
 
+/// `$ty { f: c.f, ... , rest }`: fields that are counters take the counter of
+/// the same name (see `memtrace_common::Counter`), so a counter's name is the
+/// same in the kernel, in `Counters` and in the report.
+macro_rules! counters_by_name {
+    ($ty:ident from $c:ident { $($f:ident),+ $(,)? } $($rest:tt)*) => {
+        $ty { $($f: $c.$f,)+ $($rest)* }
+    };
+}
+
 impl Drops {
     pub fn from_counters(c: &Counters) -> Self {
-        Drops {
-            alloc_map_full: c.dropped_alloc_map_full,
-            pending_map_full: c.dropped_pending_map_full,
-            site_map_full: c.dropped_site_map_full,
-            out_pointer_read_errors: c.out_pointer_read_errors,
-            unmatched_returns: c.unmatched_returns,
-            missed_returns: c.missed_returns,
-            stack_read_errors: c.stack_read_errors,
-            stack_map_full: c.stack_map_full,
-            stack_hash_collisions: c.stack_hash_collisions,
-            address_reused: c.address_reused,
-            unforeseen_returns: c.unforeseen_returns,
-            unwind_bad_read: c.unwind_bad_read,
-            unwind_depth_limit: c.unwind_depth_limit,
-            unwind_unsupported: c.unwind_unsupported,
-            unwind_no_frame_pointer: c.unwind_no_frame_pointer,
-            unwind_fp_fallback_frames: c.unwind_fp_fallback,
-            unresolved_frames: Default::default(),
+        counters_by_name!(Drops from c {
+            alloc_map_full,
+            pending_map_full,
+            site_map_full,
+            out_pointer_read_errors,
+            unmatched_returns,
+            missed_returns,
+            stack_read_errors,
+            stack_map_full,
+            stack_hash_collisions,
+            address_reused,
+            unforeseen_returns,
+            unwind_bad_read,
+            unwind_depth_limit,
+            unwind_unsupported,
+            unwind_no_frame_pointer,
+            unwind_fp_fallback_frames,
+        } unresolved_frames: Default::default())
+    }
+}
+
+impl Totals {
+    /// The totals that are counters (`alloc_calls` counts sampled and
+    /// unsampled calls); the caller fills in the rest.
+    pub fn from_counters(c: &Counters) -> Self {
+        counters_by_name!(Totals from c {
+            free_calls,
+            alloc_bytes,
+            free_unknown,
+            failed_allocs,
+            allocator_internal_calls,
         }
+            alloc_calls: c.alloc_calls + c.unsampled_calls,
+            dropped_events: c.dropped_events(),
+            stack_errors: c.stack_errors(),
+            ..Default::default()
+        )
     }
 }
 
@@ -310,6 +337,41 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_keep_their_names_in_the_json() {
+        use memtrace_common::{Counter, NUM_COUNTERS};
+        // Every counter a distinct value: each one shown under its own name.
+        let mut raw = [0u64; NUM_COUNTERS as usize];
+        for (i, v) in raw.iter_mut().enumerate() {
+            *v = 1000 + i as u64;
+        }
+        let c = Counters::from_raw(&raw, 7);
+        let drops = serde_json::to_value(Drops::from_counters(&c)).unwrap();
+        let totals = serde_json::to_value(Totals::from_counters(&c)).unwrap();
+        assert_eq!(drops["missed_returns"], 7);
+        for k in Counter::ALL {
+            let name = k.name();
+            let shown = [&drops[name], &totals[name]];
+            match k {
+                // Shown inside alloc_calls; return_probes is in `allocator`.
+                Counter::UnsampledCalls | Counter::ReturnProbes => {
+                    assert!(shown.iter().all(|v| v.is_null()), "{name}")
+                }
+                Counter::AllocCalls => {
+                    assert_eq!(totals[name], c.alloc_calls + c.unsampled_calls, "{name}")
+                }
+                _ => {
+                    let want = serde_json::Value::from(raw[k as usize]);
+                    assert!(shown.contains(&&want), "{name}: {shown:?}")
+                }
+            }
+        }
+        assert_eq!(
+            c.get(Counter::ReturnProbes),
+            raw[Counter::ReturnProbes as usize]
+        );
+    }
 
     #[test]
     fn times_are_rfc3339() {

@@ -175,9 +175,6 @@ impl Final {
 fn totals(fin: &Final, sampling: Sampling) -> (Totals, f64) {
     let counters = &fin.counters;
     let mut totals = Totals {
-        // Every call is counted, sampled or not.
-        alloc_calls: counters.alloc_calls + counters.unsampled_calls,
-        free_calls: counters.free_calls,
         alloc_bytes: if sampling.is_sampled() {
             fin.samples
                 .iter()
@@ -186,13 +183,8 @@ fn totals(fin: &Final, sampling: Sampling) -> (Totals, f64) {
         } else {
             counters.alloc_bytes
         },
-        dropped_events: counters.dropped_events(),
-        stack_errors: counters.stack_errors(),
-        free_unknown: counters.free_unknown,
-        failed_allocs: counters.failed_allocs,
         sites_seen: fin.samples.len() as u64,
-        allocator_internal_calls: counters.internal_calls,
-        ..Default::default()
+        ..Totals::from_counters(counters)
     };
     let (mut est_blocks, mut est_bytes) = (0.0, 0.0);
     for a in fin.ages.values() {

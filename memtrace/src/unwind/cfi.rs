@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, CommonInformationEntry, EndianSlice, FrameDescriptionEntry,
+    BaseAddresses, CieOrFde, CommonInformationEntry, EndianSlice, FrameDescriptionEntry,
     LittleEndian, RegisterRule, UnwindContext, UnwindOffset, UnwindSection, UnwindTableRow, X86_64,
 };
-use memtrace_common::{CFA_PLT, CFA_RBP, CFA_RSP, RBP_AT_CFA, RBP_SAME, RBP_UNSUPPORTED};
+use memtrace_common::{CfaRule, RbpRule};
 
 use super::{FdeSpan, Layout, Rule, TableStats, UnsupportedCounts};
 
@@ -183,10 +183,10 @@ fn translate<'a, S: UnwindSection<R<'a>>>(
         }
     }
     let (cfa_rule, cfa_offset) = match row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } => {
+        gimli::CfaRule::RegisterAndOffset { register, offset } => {
             let rule = match *register {
-                X86_64::RSP => CFA_RSP,
-                X86_64::RBP => CFA_RBP,
+                X86_64::RSP => CfaRule::Rsp,
+                X86_64::RBP => CfaRule::Rbp,
                 _ => {
                     why.cfa_register += 1;
                     return Rule::UNSUPPORTED;
@@ -198,13 +198,13 @@ fn translate<'a, S: UnwindSection<R<'a>>>(
             };
             (rule, offset)
         }
-        CfaRule::Expression(e) => {
+        gimli::CfaRule::Expression(e) => {
             let threshold = e
                 .get(section)
                 .ok()
                 .and_then(|x: gimli::Expression<R<'a>>| plt_threshold(x.0.slice()));
             match threshold {
-                Some(t) => (CFA_PLT, i32::from(t)),
+                Some(t) => (CfaRule::Plt, i32::from(t)),
                 None => {
                     why.cfa_expression += 1;
                     return Rule::UNSUPPORTED;
@@ -213,12 +213,12 @@ fn translate<'a, S: UnwindSection<R<'a>>>(
         }
     };
     let (rbp_rule, rbp_offset) = match row.register(X86_64::RBP) {
-        None | Some(RegisterRule::SameValue) => (RBP_SAME, 0),
+        None | Some(RegisterRule::SameValue) => (RbpRule::Same, 0),
         Some(RegisterRule::Offset(n)) => match i16::try_from(n) {
-            Ok(n) => (RBP_AT_CFA, n),
-            Err(_) => (RBP_UNSUPPORTED, 0),
+            Ok(n) => (RbpRule::AtCfa, n),
+            Err(_) => (RbpRule::Unsupported, 0),
         },
-        Some(_) => (RBP_UNSUPPORTED, 0),
+        Some(_) => (RbpRule::Unsupported, 0),
     };
     Rule {
         cfa_rule,
@@ -248,7 +248,7 @@ enum Op {
 ///
 /// The operations are decoded (LEB128 operands, `DW_OP_bregx` too), so a non-minimal
 /// encoding still matches; every other expression, even one more operation, does not. Any
-/// literal `t` (0–31) is accepted: [`memtrace_common::CFA_PLT`]'s formula is exact for all.
+/// literal `t` (0–31) is accepted: [`CfaRule::Plt`]'s formula is exact for all.
 pub fn plt_threshold(expr: &[u8]) -> Option<u8> {
     let mut ops = [Op::And; 9];
     let mut n = 0;

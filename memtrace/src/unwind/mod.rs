@@ -7,17 +7,18 @@
 //! What is compiled, per FDE (in `.eh_frame` section order, `.eh_frame_hdr` is not used):
 //!
 //! * each row of the FDE's CFI program, as gimli evaluates it, becomes one [`UnwindRow`]:
-//!   - return address (r16) undefined → [`CFA_END`] (the outermost frame, e.g. `_start`);
-//!   - CFA = rsp + n / rbp + n → [`CFA_RSP`] / [`CFA_RBP`];
-//!   - the `.plt` expression (see `cfi::plt_threshold`) → [`CFA_PLT`];
-//!   - anything else → [`CFA_UNSUPPORTED`]: another DWARF expression, a CFA based on another
+//!   - return address (r16) undefined → [`CfaRule::End`] (the outermost frame, e.g.
+//!     `_start`);
+//!   - CFA = rsp + n / rbp + n → [`CfaRule::Rsp`] / [`CfaRule::Rbp`];
+//!   - the `.plt` expression (see `cfi::plt_threshold`) → [`CfaRule::Plt`];
+//!   - anything else → [`CfaRule::Unsupported`]: another DWARF expression, a CFA based on another
 //!     register, a return address not saved at CFA − 8 (`DW_CFA_register rip, rdi` in
 //!     `vfork`), a CIE whose return-address register is not 16, a signal trampoline (CIE
 //!     augmentation `S`: the interrupted frame's pc is exact, not a return address, which a
 //!     row cannot say), or the part of an FDE after a CFI evaluation error;
-//!   - the caller's rbp: not mentioned / same value → [`RBP_SAME`], saved at CFA + n (n fits
-//!     i16) → [`RBP_AT_CFA`], anything else → [`RBP_UNSUPPORTED`];
-//! * a [`CFA_NONE`] row at the end of each FDE, so a pc in the gap before the next FDE does
+//!   - the caller's rbp: not mentioned / same value → [`RbpRule::Same`], saved at CFA + n
+//!     (n fits i16) → [`RbpRule::AtCfa`], anything else → [`RbpRule::Unsupported`];
+//! * a [`CfaRule::None`] row at the end of each FDE, so a pc in the gap before the next FDE does
 //!   not inherit the last rule (the BPF side falls back to frame pointers there);
 //! * FDEs outside the module's executable `PT_LOAD` segments are skipped (the linker's
 //!   tombstones for discarded functions in `.debug_frame` are 0 or −1), FDEs are sorted by
@@ -42,10 +43,7 @@ mod tests;
 use std::borrow::Cow;
 use std::path::PathBuf;
 
-use memtrace_common::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED, RBP_SAME, RBP_UNSUPPORTED,
-    UnwindRow,
-};
+use memtrace_common::{CfaRule, RbpRule, UnwindRow};
 use object::{Object, ObjectSection, ObjectSegment, SectionKind};
 
 #[cfg(test)]
@@ -71,7 +69,7 @@ pub enum Source {
     Both,
 }
 
-/// Why CFI rows became [`CFA_UNSUPPORTED`], counted per row of the CFI programs (before
+/// Why CFI rows became [`CfaRule::Unsupported`], counted per row of the CFI programs (before
 /// merging, so one FDE can count several times).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnsupportedCounts {
@@ -108,7 +106,7 @@ pub struct TableStats {
     pub signal_frames: usize,
     /// Rows of the CFI programs as gimli evaluated them.
     pub cfi_rows: usize,
-    /// Rows after clipping and adding the CFA_NONE end-of-FDE rows, before merging.
+    /// Rows after clipping and adding the [`CfaRule::None`] end-of-FDE rows, before merging.
     pub rows_before_merge: usize,
     /// Final rows per rule.
     pub unsupported_rows: usize,
@@ -341,47 +339,38 @@ fn section_data<'a>(
 }
 
 /// The rule part of a row (everything but the pc).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Rule {
-    pub cfa_rule: u8,
+    pub cfa_rule: CfaRule,
     pub cfa_offset: i32,
-    pub rbp_rule: u8,
+    pub rbp_rule: RbpRule,
     pub rbp_offset: i16,
 }
 
 impl Rule {
     pub const NONE: Rule = Rule {
-        cfa_rule: CFA_NONE,
+        cfa_rule: CfaRule::None,
         cfa_offset: 0,
-        rbp_rule: RBP_SAME,
+        rbp_rule: RbpRule::Same,
         rbp_offset: 0,
     };
     pub const END: Rule = Rule {
-        cfa_rule: CFA_END,
+        cfa_rule: CfaRule::End,
         ..Rule::NONE
     };
     pub const UNSUPPORTED: Rule = Rule {
-        cfa_rule: CFA_UNSUPPORTED,
+        cfa_rule: CfaRule::Unsupported,
         ..Rule::NONE
     };
 
     fn at(self, pc: u32) -> UnwindRow {
-        UnwindRow {
+        UnwindRow::new(
             pc,
-            cfa_offset: self.cfa_offset,
-            rbp_offset: self.rbp_offset,
-            cfa_rule: self.cfa_rule,
-            rbp_rule: self.rbp_rule,
-        }
-    }
-
-    fn of(row: &UnwindRow) -> Rule {
-        Rule {
-            cfa_rule: row.cfa_rule,
-            cfa_offset: row.cfa_offset,
-            rbp_rule: row.rbp_rule,
-            rbp_offset: row.rbp_offset,
-        }
+            self.cfa_rule,
+            self.cfa_offset,
+            self.rbp_rule,
+            self.rbp_offset,
+        )
     }
 }
 
@@ -399,7 +388,7 @@ pub(crate) struct FdeSpan {
     pub len: usize,
 }
 
-/// Sorts the FDEs, clips overlaps, adds the CFA_NONE end rows, converts to base-relative
+/// Sorts the FDEs, clips overlaps, adds the [`CfaRule::None`] end rows, converts to base-relative
 /// pcs and merges equal neighbours. Every address is inside [`Layout::text`], so the
 /// conversions to u32 are exact.
 pub(crate) fn assemble(
@@ -410,12 +399,12 @@ pub(crate) fn assemble(
 ) -> Vec<UnwindRow> {
     fdes.sort_unstable_by_key(|f| (f.start, f.priority, f.order));
     let rel = |a: u64| u32::try_from(a.saturating_sub(base)).unwrap_or(u32::MAX);
-    let mut out: Vec<UnwindRow> = Vec::with_capacity(rows.len() + fdes.len());
+    let mut out: Vec<(u32, Rule)> = Vec::with_capacity(rows.len() + fdes.len());
     // Replaces the previous row when it starts at the same pc: that one covers nothing
-    // (only ever an end-of-FDE CFA_NONE row followed by the next FDE's first row).
-    let push = |out: &mut Vec<UnwindRow>, pc: u32, rule: Rule| match out.last_mut() {
-        Some(last) if last.pc == pc => *last = rule.at(pc),
-        _ => out.push(rule.at(pc)),
+    // (only ever an end-of-FDE `CfaRule::None` row followed by the next FDE's first row).
+    let push = |out: &mut Vec<(u32, Rule)>, pc: u32, rule: Rule| match out.last_mut() {
+        Some(last) if last.0 == pc => *last = (pc, rule),
+        _ => out.push((pc, rule)),
     };
     let mut covered = 0u64; // everything below is taken by earlier FDEs
     for f in fdes.iter() {
@@ -438,17 +427,20 @@ pub(crate) fn assemble(
         }
     }
     stats.rows_before_merge = out.len();
-    out.dedup_by(|next, prev| Rule::of(next) == Rule::of(prev));
-    for r in &out {
+    out.dedup_by(|next, prev| next.1 == prev.1);
+    for (_, r) in &out {
         match r.cfa_rule {
-            CFA_UNSUPPORTED => stats.unsupported_rows += 1,
-            CFA_PLT => stats.plt_rows += 1,
-            CFA_END => stats.end_rows += 1,
-            CFA_NONE => stats.none_rows += 1,
-            CFA_RSP | CFA_RBP if r.rbp_rule == RBP_UNSUPPORTED => stats.rbp_unsupported_rows += 1,
-            _ => {}
+            CfaRule::Unsupported => stats.unsupported_rows += 1,
+            CfaRule::Plt => stats.plt_rows += 1,
+            CfaRule::End => stats.end_rows += 1,
+            CfaRule::None => stats.none_rows += 1,
+            CfaRule::Rsp | CfaRule::Rbp => {
+                if r.rbp_rule == RbpRule::Unsupported {
+                    stats.rbp_unsupported_rows += 1;
+                }
+            }
         }
     }
-    debug_assert!(out.windows(2).all(|w| w[0].pc < w[1].pc));
-    out
+    debug_assert!(out.windows(2).all(|w| w[0].0 < w[1].0));
+    out.into_iter().map(|(pc, r)| r.at(pc)).collect()
 }

@@ -8,10 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gimli::UnwindSection;
-use memtrace_common::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED, RBP_AT_CFA, RBP_SAME,
-    RBP_UNSUPPORTED, UnwindRow,
-};
+use memtrace_common::{CfaRule, RbpRule, UnwindRow};
 use object::{Object, ObjectSection};
 
 use super::*;
@@ -67,48 +64,55 @@ fn check_invariants(t: &UnwindTable) {
     let rows = &t.rows;
     for w in rows.windows(2) {
         assert!(w[0].pc < w[1].pc, "not strictly sorted: {w:?}");
-        assert_ne!(Rule::of(&w[0]), Rule::of(&w[1]), "not merged: {w:?}");
+        assert_ne!(rule_of(&w[0]), rule_of(&w[1]), "not merged: {w:?}");
     }
     if let Some(last) = rows.last() {
-        assert_eq!(last.cfa_rule, CFA_NONE, "last row {last:?}");
+        assert_eq!(last.cfa(), Ok(CfaRule::None), "last row {last:?}");
     }
     for r in rows {
-        assert!(
-            r.cfa_rule <= CFA_UNSUPPORTED && r.rbp_rule <= RBP_UNSUPPORTED,
-            "{r:?}"
-        );
-        if !matches!(r.cfa_rule, CFA_RSP | CFA_RBP | CFA_PLT) {
+        let (cfa, _, rbp, _) = rule_of(r);
+        if !matches!(cfa, CfaRule::Rsp | CfaRule::Rbp | CfaRule::Plt) {
             assert_eq!(
-                (r.cfa_offset, r.rbp_rule, r.rbp_offset),
-                (0, RBP_SAME, 0),
+                (r.cfa_offset, rbp, r.rbp_offset),
+                (0, RbpRule::Same, 0),
                 "{r:?}"
             );
         }
-        if r.rbp_rule != RBP_AT_CFA {
+        if rbp != RbpRule::AtCfa {
             assert_eq!(r.rbp_offset, 0, "{r:?}");
         }
     }
     assert_eq!(
         t.stats.unsupported_rows,
         rows.iter()
-            .filter(|r| r.cfa_rule == CFA_UNSUPPORTED)
+            .filter(|r| r.cfa() == Ok(CfaRule::Unsupported))
             .count()
     );
     assert!(t.stats.rows_before_merge >= rows.len());
 }
 
-/// (cfa_rule, cfa_offset, rbp_rule, rbp_offset) of the row at an ELF virtual address.
-fn rule_at(t: &UnwindTable, vaddr: u64) -> (u8, i32, u8, i16) {
+/// A row's (cfa rule, cfa_offset, rbp rule, rbp_offset); its rules must be known ones.
+type RuleTuple = (CfaRule, i32, RbpRule, i16);
+
+fn rule_of(r: &UnwindRow) -> RuleTuple {
+    let (Ok(cfa), Ok(rbp)) = (r.cfa(), r.rbp()) else {
+        panic!("a rule byte that is no rule: {r:?}");
+    };
+    (cfa, r.cfa_offset, rbp, r.rbp_offset)
+}
+
+/// The rule of the row at an ELF virtual address.
+fn rule_at(t: &UnwindTable, vaddr: u64) -> RuleTuple {
     let r = t
         .lookup_vaddr(vaddr)
         .unwrap_or_else(|| panic!("no row for {vaddr:#x}"));
-    (r.cfa_rule, r.cfa_offset, r.rbp_rule, r.rbp_offset)
+    rule_of(r)
 }
 
-const RSP8: (u8, i32, u8, i16) = (CFA_RSP, 8, RBP_SAME, 0);
-const NONE: (u8, i32, u8, i16) = (CFA_NONE, 0, RBP_SAME, 0);
-const UNSUP: (u8, i32, u8, i16) = (CFA_UNSUPPORTED, 0, RBP_SAME, 0);
-const END: (u8, i32, u8, i16) = (CFA_END, 0, RBP_SAME, 0);
+const RSP8: RuleTuple = (CfaRule::Rsp, 8, RbpRule::Same, 0);
+const NONE: RuleTuple = (CfaRule::None, 0, RbpRule::Same, 0);
+const UNSUP: RuleTuple = (CfaRule::Unsupported, 0, RbpRule::Same, 0);
+const END: RuleTuple = (CfaRule::End, 0, RbpRule::Same, 0);
 
 // ---- pure pieces -----------------------------------------------------------------------
 
@@ -154,12 +158,12 @@ fn plt_expression_is_recognized_exactly() {
 
 #[test]
 fn lookup_is_last_row_at_or_below() {
-    let row = |pc, cfa_rule| UnwindRow {
-        pc,
-        cfa_rule,
-        ..Default::default()
-    };
-    let rows = [row(10, CFA_RSP), row(20, CFA_END), row(30, CFA_NONE)];
+    let row = |pc, cfa| UnwindRow::new(pc, cfa, 0, RbpRule::Same, 0);
+    let rows = [
+        row(10, CfaRule::Rsp),
+        row(20, CfaRule::End),
+        row(30, CfaRule::None),
+    ];
     assert_eq!(lookup(&rows, 0), None);
     assert_eq!(lookup(&rows, 9), None);
     assert_eq!(lookup(&rows, 10).unwrap().pc, 10);
@@ -172,7 +176,7 @@ fn lookup_is_last_row_at_or_below() {
 
 fn rsp(n: i32) -> Rule {
     Rule {
-        cfa_rule: CFA_RSP,
+        cfa_rule: CfaRule::Rsp,
         cfa_offset: n,
         ..Rule::NONE
     }
@@ -210,21 +214,21 @@ fn assemble_sorts_fills_gaps_clips_overlaps_and_merges() {
     ];
     let mut st = TableStats::default();
     let out = assemble(&mut fdes, &rows, 0x1000, &mut st);
-    let got: Vec<(u32, u8, i32)> = out
+    let got: Vec<(u32, CfaRule, i32)> = out
         .iter()
-        .map(|r| (r.pc, r.cfa_rule, r.cfa_offset))
+        .map(|r| (r.pc, rule_of(r).0, r.cfa_offset))
         .collect();
     assert_eq!(
         got,
         vec![
-            (0x000, CFA_RSP, 8),
-            (0x001, CFA_RSP, 16),
-            (0x00c, CFA_RSP, 8), // A's last row and all of C merge
-            (0x020, CFA_NONE, 0),
-            (0x100, CFA_RSP, 8),
-            (0x104, CFA_RSP, 16),
-            (0x110, CFA_RSP, 40), // D's first row clipped away, its second starts at B's end
-            (0x120, CFA_NONE, 0),
+            (0x000, CfaRule::Rsp, 8),
+            (0x001, CfaRule::Rsp, 16),
+            (0x00c, CfaRule::Rsp, 8), // A's last row and all of C merge
+            (0x020, CfaRule::None, 0),
+            (0x100, CfaRule::Rsp, 8),
+            (0x104, CfaRule::Rsp, 16),
+            (0x110, CfaRule::Rsp, 40), // D's first row clipped away, its second starts at B's end
+            (0x120, CfaRule::None, 0),
         ]
     );
     assert_eq!(st.overlapping_fdes, 2);
@@ -245,6 +249,39 @@ fn assemble_sorts_fills_gaps_clips_overlaps_and_merges() {
     assert_eq!(got, vec![(0x10, 8), (0x18, 24), (0x20, 0)]);
 }
 
+#[test]
+fn walk_stops_at_unknown_cfa_byte_and_forgets_rbp_at_unknown_rbp_byte() {
+    // As a map could hold: rule bytes that are no rule. +0x100: CFA byte 9; +0x200:
+    // rsp+8 with rbp byte 7; +0x300: rbp+16.
+    let rows = [
+        UnwindRow {
+            cfa_rule: 9,
+            ..UnwindRow::new(0x100, CfaRule::Rsp, 8, RbpRule::Same, 0)
+        },
+        UnwindRow::new(0x180, CfaRule::None, 0, RbpRule::Same, 0),
+        UnwindRow {
+            rbp_rule: 7,
+            ..UnwindRow::new(0x200, CfaRule::Rsp, 8, RbpRule::Same, 0)
+        },
+        UnwindRow::new(0x280, CfaRule::None, 0, RbpRule::Same, 0),
+        UnwindRow::new(0x300, CfaRule::Rbp, 16, RbpRule::AtCfa, -16),
+        UnwindRow::new(0x380, CfaRule::None, 0, RbpRule::Same, 0),
+    ];
+    let m = 0x40_0000u64;
+    let find = |pc: u64| (m..m + 0x1000).contains(&pc).then_some((&rows[..], m));
+    let at = |rip| Regs {
+        rip: m + rip,
+        rsp: 0x7000,
+        rbp: 0x7100,
+    };
+    let r = walk(memory(&[]), at(0x110), find, 8);
+    assert_eq!((r.frames.len(), r.end_reason), (1, EndReason::Unsupported));
+    // The step through +0x210 works, but leaves rbp unknown: +0x310 then cannot step.
+    let r = walk(memory(&[(0x7000, m + 0x310)]), at(0x210), find, 8);
+    assert_eq!(r.frames, vec![m + 0x210, m + 0x310]);
+    assert_eq!(r.end_reason, EndReason::RbpUnknown);
+}
+
 /// A fake address space: words by address.
 fn memory(words: &[(u64, u64)]) -> impl Fn(u64) -> Option<u64> + '_ {
     move |a| words.iter().find(|w| w.0 == a).map(|w| w.1)
@@ -252,26 +289,20 @@ fn memory(words: &[(u64, u64)]) -> impl Fn(u64) -> Option<u64> + '_ {
 
 #[test]
 fn walk_follows_each_rule() {
-    let row = |pc, cfa_rule, cfa_offset, rbp_rule, rbp_offset| UnwindRow {
-        pc,
-        cfa_offset,
-        rbp_offset,
-        cfa_rule,
-        rbp_rule,
-    };
+    let row = UnwindRow::new;
     // One module at runtime 0x40_0000: functions at +0x100 (rsp+24), +0x200 (rbp+16, rbp
     // saved at CFA-16), +0x300 (plt), +0x400 (end), +0x500 (no info), +0x600 unsupported.
     let rows = vec![
-        row(0x100, CFA_RSP, 24, RBP_SAME, 0),
-        row(0x180, CFA_NONE, 0, RBP_SAME, 0),
-        row(0x200, CFA_RBP, 16, RBP_AT_CFA, -16),
-        row(0x280, CFA_NONE, 0, RBP_SAME, 0),
-        row(0x300, CFA_PLT, 11, RBP_SAME, 0),
-        row(0x310, CFA_NONE, 0, RBP_SAME, 0),
-        row(0x400, CFA_END, 0, RBP_SAME, 0),
-        row(0x480, CFA_NONE, 0, RBP_SAME, 0),
-        row(0x600, CFA_UNSUPPORTED, 0, RBP_SAME, 0),
-        row(0x680, CFA_NONE, 0, RBP_SAME, 0),
+        row(0x100, CfaRule::Rsp, 24, RbpRule::Same, 0),
+        row(0x180, CfaRule::None, 0, RbpRule::Same, 0),
+        row(0x200, CfaRule::Rbp, 16, RbpRule::AtCfa, -16),
+        row(0x280, CfaRule::None, 0, RbpRule::Same, 0),
+        row(0x300, CfaRule::Plt, 11, RbpRule::Same, 0),
+        row(0x310, CfaRule::None, 0, RbpRule::Same, 0),
+        row(0x400, CfaRule::End, 0, RbpRule::Same, 0),
+        row(0x480, CfaRule::None, 0, RbpRule::Same, 0),
+        row(0x600, CfaRule::Unsupported, 0, RbpRule::Same, 0),
+        row(0x680, CfaRule::None, 0, RbpRule::Same, 0),
     ];
     let m = 0x40_0000u64;
     let find = |pc: u64| (m..m + 0x1000).contains(&pc).then_some((&rows[..], m));
@@ -281,7 +312,7 @@ fn walk_follows_each_rule() {
     // Frame 2: rsp 0x7110 → CFA 0x7120, ra at 0x7118 → +0x501 (no info: fp fallback,
     //   lookup at +0x500).
     // Frame 3: rbp 0x7300 → CFA 0x7310, ra at 0x7308 → +0x410, caller rbp [0x7300] = 0.
-    // Frame 4: +0x410 is CFA_END.
+    // Frame 4: +0x410 is CfaRule::End.
     let mem = [
         (0x7010, m + 0x250),
         (0x7108, m + 0x30c),
@@ -421,7 +452,11 @@ int main(int argc, char **argv) {
 /// The rows of the asm functions, relative to their symbols.
 fn check_asm_functions(t: &UnwindTable, syms: &HashMap<String, (u64, u64)>) {
     let f = sym(syms, "f_push");
-    let want = [RSP8, (CFA_RSP, 16, RBP_SAME, 0), (CFA_RSP, 48, RBP_SAME, 0)];
+    let want = [
+        RSP8,
+        (CfaRule::Rsp, 16, RbpRule::Same, 0),
+        (CfaRule::Rsp, 48, RbpRule::Same, 0),
+    ];
     for (off, w) in [
         (0, want[0]),
         (1, want[1]),
@@ -440,12 +475,12 @@ fn check_asm_functions(t: &UnwindTable, syms: &HashMap<String, (u64, u64)>) {
     let f = sym(syms, "f_fp");
     assert_eq!(rule_at(t, f), RSP8);
     for off in 1..4 {
-        assert_eq!(rule_at(t, f + off), (CFA_RSP, 16, RBP_AT_CFA, -16));
+        assert_eq!(rule_at(t, f + off), (CfaRule::Rsp, 16, RbpRule::AtCfa, -16));
     }
     for off in 4..9 {
-        assert_eq!(rule_at(t, f + off), (CFA_RBP, 16, RBP_AT_CFA, -16));
+        assert_eq!(rule_at(t, f + off), (CfaRule::Rbp, 16, RbpRule::AtCfa, -16));
     }
-    assert_eq!(rule_at(t, f + 9), (CFA_RSP, 8, RBP_AT_CFA, -16));
+    assert_eq!(rule_at(t, f + 9), (CfaRule::Rsp, 8, RbpRule::AtCfa, -16));
     assert_eq!(rule_at(t, f + 10), NONE);
 
     let f = sym(syms, "f_end");
@@ -457,13 +492,13 @@ fn check_asm_functions(t: &UnwindTable, syms: &HashMap<String, (u64, u64)>) {
     let f = sym(syms, "f_expr");
     let want = [
         RSP8,
-        (CFA_PLT, 11, RBP_SAME, 0),
-        (CFA_PLT, 10, RBP_SAME, 0),
+        (CfaRule::Plt, 11, RbpRule::Same, 0),
+        (CfaRule::Plt, 10, RbpRule::Same, 0),
         UNSUP,
         UNSUP,
         UNSUP,
-        (CFA_RSP, 8, RBP_AT_CFA, -24),
-        (CFA_RSP, 8, RBP_UNSUPPORTED, 0),
+        (CfaRule::Rsp, 8, RbpRule::AtCfa, -24),
+        (CfaRule::Rsp, 8, RbpRule::Unsupported, 0),
         NONE,
     ];
     for (off, w) in want.iter().enumerate() {
@@ -528,17 +563,17 @@ fn asm_fixture_rows_eh_frame() {
     let plt = obj.section_by_name(".plt").expect("a .plt");
     let (start, size) = (plt.address(), plt.size());
     assert!(size >= 48, "main calls two libc functions: {size}");
-    assert_eq!(rule_at(&t, start), (CFA_RSP, 16, RBP_SAME, 0));
-    assert_eq!(rule_at(&t, start + 6), (CFA_RSP, 24, RBP_SAME, 0));
+    assert_eq!(rule_at(&t, start), (CfaRule::Rsp, 16, RbpRule::Same, 0));
+    assert_eq!(rule_at(&t, start + 6), (CfaRule::Rsp, 24, RbpRule::Same, 0));
     for a in start + 16..start + size {
         let (rule, lit, ..) = rule_at(&t, a);
-        assert_eq!(rule, CFA_PLT, "{a:#x}");
+        assert_eq!(rule, CfaRule::Plt, "{a:#x}");
         assert!(lit == 11 || lit == 10, "{lit}");
     }
     assert!(t.stats.plt_rows >= 1);
-    assert_eq!(rule_at(&t, start + size - 1).0, CFA_PLT);
+    assert_eq!(rule_at(&t, start + size - 1).0, CfaRule::Plt);
     // A pc past the last FDE: NONE (the last row).
-    assert_eq!(t.rows.last().unwrap().cfa_rule, CFA_NONE);
+    assert_eq!(t.rows.last().unwrap().cfa(), Ok(CfaRule::None));
     assert!(t.lookup_vaddr(u64::from(u32::MAX)).is_some());
     assert_eq!(t.lookup_vaddr(u64::MAX), None);
     assert_eq!(t.bytes(), t.rows.len() * 12);
@@ -552,8 +587,8 @@ fn asm_fixture_rows_eh_frame() {
     check_asm_functions(&t, &syms);
     let f = sym(&syms, "f_push");
     assert_eq!(
-        lookup(&t.rows, (f - 0x40_0000) as u32).unwrap().cfa_rule,
-        CFA_RSP
+        lookup(&t.rows, (f - 0x40_0000) as u32).unwrap().cfa(),
+        Ok(CfaRule::Rsp)
     );
 }
 
@@ -703,7 +738,7 @@ fn c_fixture_o0_frame_pointer_prologue() {
             .unwrap_or_else(|| panic!("{func}: no push %rbp"));
         assert_eq!(
             rule_at(&t, next(push)),
-            (CFA_RSP, 16, RBP_AT_CFA, -16),
+            (CfaRule::Rsp, 16, RbpRule::AtCfa, -16),
             "{func} after push"
         );
         let mov = insns
@@ -717,12 +752,12 @@ fn c_fixture_o0_frame_pointer_prologue() {
         for (addr, ..) in &insns[mov + 1..=leave] {
             assert_eq!(
                 rule_at(&t, *addr),
-                (CFA_RBP, 16, RBP_AT_CFA, -16),
+                (CfaRule::Rbp, 16, RbpRule::AtCfa, -16),
                 "{func} body {addr:#x}"
             );
         }
         let (rule, off, ..) = rule_at(&t, next(leave));
-        assert_eq!((rule, off), (CFA_RSP, 8), "{func} after leave");
+        assert_eq!((rule, off), (CfaRule::Rsp, 8), "{func} after leave");
         assert_eq!(insns[leave + 1].1, "ret");
     }
 }
@@ -745,12 +780,12 @@ fn c_fixture_o2_omit_frame_pointer_prologue() {
     let insns = disassemble(&bin, "work");
     // Straight-line code up to the first call (work calls ext unconditionally first): the
     // CFA offset follows every push/pop and rsp adjustment exactly.
-    let (mut cfa, mut rbp) = (8, (RBP_SAME, 0));
+    let (mut cfa, mut rbp) = (8, (RbpRule::Same, 0));
     let (mut pushes, mut subs) = (0, 0);
     for (i, (addr, mn, ops)) in insns.iter().enumerate() {
         assert_eq!(
             rule_at(&t, *addr),
-            (CFA_RSP, cfa, rbp.0, rbp.1),
+            (CfaRule::Rsp, cfa, rbp.0, rbp.1),
             "work insn {i} {mn} {ops}: {insns:?}"
         );
         let imm = || {
@@ -762,7 +797,7 @@ fn c_fixture_o2_omit_frame_pointer_prologue() {
                 cfa += 8;
                 pushes += 1;
                 if ops == "%rbp" {
-                    rbp = (RBP_AT_CFA, -(cfa as i16));
+                    rbp = (RbpRule::AtCfa, -(cfa as i16));
                 }
             }
             "pop" => cfa -= 8,
@@ -782,7 +817,7 @@ fn c_fixture_o2_omit_frame_pointer_prologue() {
     for (addr, mn, _) in &insns {
         if mn == "ret" {
             let (rule, off, ..) = rule_at(&t, *addr);
-            assert_eq!((rule, off), (CFA_RSP, 8), "ret at {addr:#x}");
+            assert_eq!((rule, off), (CfaRule::Rsp, 8), "ret at {addr:#x}");
         }
     }
     let leaf = disassemble(&bin, "leaf");
@@ -799,8 +834,8 @@ fn gimli_rule<'a, S: UnwindSection<gimli::EndianSlice<'a, gimli::LittleEndian>>>
     section: &S,
     row: &gimli::UnwindTableRow<usize>,
     signal: bool,
-) -> (u8, i32, u8, i16) {
-    use gimli::{CfaRule, RegisterRule, X86_64};
+) -> RuleTuple {
+    use gimli::{RegisterRule, X86_64};
     if signal {
         return UNSUP;
     }
@@ -810,27 +845,27 @@ fn gimli_rule<'a, S: UnwindSection<gimli::EndianSlice<'a, gimli::LittleEndian>>>
         _ => return UNSUP,
     }
     let (cfa, off) = match row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
-            (CFA_RSP, *offset as i32)
+        gimli::CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
+            (CfaRule::Rsp, *offset as i32)
         }
-        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => {
-            (CFA_RBP, *offset as i32)
+        gimli::CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => {
+            (CfaRule::Rbp, *offset as i32)
         }
-        CfaRule::RegisterAndOffset { .. } => return UNSUP,
-        CfaRule::Expression(e) => {
+        gimli::CfaRule::RegisterAndOffset { .. } => return UNSUP,
+        gimli::CfaRule::Expression(e) => {
             let bytes = e.get(section).unwrap().0.slice();
             let (a, b) = (&PLT_EXPR[..6], &PLT_EXPR[7..11]);
             if bytes.len() == 11 && &bytes[..6] == a && &bytes[7..] == b {
-                (CFA_PLT, i32::from(bytes[6]) - 0x30)
+                (CfaRule::Plt, i32::from(bytes[6]) - 0x30)
             } else {
                 return UNSUP;
             }
         }
     };
     let (rbp, rbp_off) = match row.register(X86_64::RBP) {
-        None | Some(RegisterRule::SameValue) => (RBP_SAME, 0),
-        Some(RegisterRule::Offset(n)) => (RBP_AT_CFA, n as i16),
-        Some(_) => (RBP_UNSUPPORTED, 0),
+        None | Some(RegisterRule::SameValue) => (RbpRule::Same, 0),
+        Some(RegisterRule::Offset(n)) => (RbpRule::AtCfa, n as i16),
+        Some(_) => (RbpRule::Unsupported, 0),
     };
     (cfa, off, rbp, rbp_off)
 }
@@ -876,9 +911,7 @@ fn libc_agrees_with_gimli() {
     let mut checked = 0;
     let mut mismatches = Vec::new();
     for &pc in &pcs {
-        let ours = t.lookup_vaddr(pc).map_or(NONE, |r| {
-            (r.cfa_rule, r.cfa_offset, r.rbp_rule, r.rbp_offset)
-        });
+        let ours = t.lookup_vaddr(pc).map_or(NONE, rule_of);
         let fde = table.fde_for_address(&eh, &bases, pc, gimli::EhFrame::cie_from_offset);
         let theirs = match fde {
             Ok(fde) if fde.contains(pc) => {
@@ -914,9 +947,7 @@ fn libc_agrees_with_gimli() {
                 Err(gimli::Error::NoUnwindInfoForAddress) => NONE,
                 Err(e) => panic!("{pc:#x}: {e}"),
             };
-        let ours = t.lookup_vaddr(pc).map_or(NONE, |r| {
-            (r.cfa_rule, r.cfa_offset, r.rbp_rule, r.rbp_offset)
-        });
+        let ours = t.lookup_vaddr(pc).map_or(NONE, rule_of);
         assert_eq!(ours, theirs, "{pc:#x}");
         sampled += 1;
     }
@@ -936,7 +967,7 @@ fn libc_agrees_with_gimli() {
 fn unsupported_code_bytes(t: &UnwindTable) -> u64 {
     t.rows
         .windows(2)
-        .filter(|w| w[0].cfa_rule == CFA_UNSUPPORTED)
+        .filter(|w| w[0].cfa() == Ok(CfaRule::Unsupported))
         .map(|w| u64::from(w[1].pc - w[0].pc))
         .sum()
 }
@@ -970,7 +1001,7 @@ fn real_libraries() {
         let code: u64 = t
             .rows
             .windows(2)
-            .filter(|w| w[0].cfa_rule != CFA_NONE)
+            .filter(|w| w[0].cfa() != Ok(CfaRule::None))
             .map(|w| u64::from(w[1].pc - w[0].pc))
             .sum();
         let frac = st.unsupported_rows as f64 / t.rows.len() as f64;
@@ -1335,6 +1366,6 @@ fn walks_a_stopped_process() {
     // b really used its frame pointer: its row at the return into c is rbp-based.
     let ret_b = result.frames[2];
     let r = lookup(&exe.table.rows, (ret_b - 1 - exe.pc_base) as u32).unwrap();
-    assert_eq!((r.cfa_rule, r.cfa_offset), (CFA_RBP, 16), "{r:?}");
+    assert_eq!((r.cfa(), r.cfa_offset), (Ok(CfaRule::Rbp), 16), "{r:?}");
     drop(guard);
 }

@@ -1,9 +1,7 @@
 //! The reference stack walker: exactly the steps the BPF unwinder takes with the rows, so
 //! the two can be compared and the tables tested against real processes.
 
-use memtrace_common::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, RBP_AT_CFA, RBP_SAME, UnwindRow,
-};
+use memtrace_common::{CfaRule, RbpRule, UnwindRow};
 
 use super::lookup;
 
@@ -19,17 +17,17 @@ pub struct Regs {
 /// Why a walk stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndReason {
-    /// A [`CFA_END`] row: the outermost frame (`_start`, a thread's start), the stack is
+    /// A [`CfaRule::End`] row: the outermost frame (`_start`, a thread's start), the stack is
     /// complete.
     Outermost,
     /// `max` frames were collected.
     MaxDepth,
-    /// A [`memtrace_common::CFA_UNSUPPORTED`] row (or an unknown rule value).
+    /// A [`CfaRule::Unsupported`] row (or an unknown rule value).
     Unsupported,
     /// No row for the pc (no module, a gap between FDEs) and rbp is 0: no frame pointer to
     /// fall back on.
     NoFramePointer,
-    /// A [`CFA_RBP`] row while rbp is unknown (an earlier frame's rbp rule was unsupported).
+    /// A [`CfaRule::Rbp`] row while rbp is unknown (an earlier frame's rbp rule was unsupported).
     RbpUnknown,
     /// Reading the return address or the saved rbp failed.
     ReadFailed,
@@ -45,7 +43,7 @@ pub struct WalkResult {
     /// The first frame's pc, then each caller's return address (as read, not minus one).
     pub frames: Vec<u64>,
     pub end_reason: EndReason,
-    /// Frames found by the frame-pointer fallback (no row, or a [`CFA_NONE`] row).
+    /// Frames found by the frame-pointer fallback (no row, or a [`CfaRule::None`] row).
     pub fp_frames: usize,
 }
 
@@ -56,14 +54,16 @@ pub struct WalkResult {
 /// call's function.
 ///
 /// One step, for the frame at (rip, rsp, rbp):
-/// * no row or [`CFA_NONE`]: frame pointers, CFA = rbp + 16, the caller's rbp at CFA − 16
-///   (stops if rbp is 0);
-/// * [`CFA_RSP`]: CFA = rsp + off; [`CFA_RBP`]: CFA = rbp + off (stops if rbp is unknown);
-/// * [`CFA_PLT`]: CFA = rsp + 8 + ((rip & 15) >= off ? 8 : 0);
-/// * [`CFA_END`]: the walk is complete; anything else stops it as unsupported;
+/// * no row or [`CfaRule::None`]: frame pointers, CFA = rbp + 16, the caller's rbp at
+///   CFA − 16 (stops if rbp is 0);
+/// * [`CfaRule::Rsp`]: CFA = rsp + off; [`CfaRule::Rbp`]: CFA = rbp + off (stops if rbp is
+///   unknown);
+/// * [`CfaRule::Plt`]: CFA = rsp + 8 + ((rip & 15) >= off ? 8 : 0);
+/// * [`CfaRule::End`]: the walk is complete; [`CfaRule::Unsupported`] or a byte that is no
+///   rule stops it as unsupported;
 /// * the return address is at CFA − 8 (0 stops the walk); the caller's rsp is the CFA; the
-///   caller's rbp is this frame's ([`RBP_SAME`]), read from CFA + off ([`RBP_AT_CFA`]) or
-///   unknown, 0 (anything else).
+///   caller's rbp is this frame's ([`RbpRule::Same`]), read from CFA + off
+///   ([`RbpRule::AtCfa`]) or unknown, 0 ([`RbpRule::Unsupported`] or no rule).
 pub fn walk<'t>(
     read: impl Fn(u64) -> Option<u64>,
     regs: Regs,
@@ -88,29 +88,28 @@ pub fn walk<'t>(
             let rel = u32::try_from(pc.checked_sub(pc_base)?).ok()?;
             lookup(rows, rel)
         });
-        let (cfa, rbp_rule, rbp_offset) = match row {
-            None
-            | Some(UnwindRow {
-                cfa_rule: CFA_NONE, ..
-            }) => {
+        // No row is the frame-pointer fallback, as a `CfaRule::None` row is.
+        let rule = row.map_or(Ok(CfaRule::None), UnwindRow::cfa);
+        let r = row.copied().unwrap_or_default();
+        let off = i64::from(r.cfa_offset);
+        let saved = (r.rbp(), r.rbp_offset);
+        let (cfa, (rbp_rule, rbp_offset)) = match rule {
+            Ok(CfaRule::None) => {
                 if rbp == 0 {
                     break EndReason::NoFramePointer;
                 }
                 fp_frames += 1;
-                (rbp.wrapping_add(16), RBP_AT_CFA, -16)
+                (rbp.wrapping_add(16), (Ok(RbpRule::AtCfa), -16))
             }
-            Some(r) => {
-                let off = i64::from(r.cfa_offset);
-                let cfa = match r.cfa_rule {
-                    CFA_RSP => rsp.wrapping_add_signed(off),
-                    CFA_RBP if rbp == 0 => break EndReason::RbpUnknown,
-                    CFA_RBP => rbp.wrapping_add_signed(off),
-                    CFA_PLT => rsp.wrapping_add(if (rip & 15) as i64 >= off { 16 } else { 8 }),
-                    CFA_END => break EndReason::Outermost,
-                    _ => break EndReason::Unsupported,
-                };
-                (cfa, r.rbp_rule, r.rbp_offset)
+            Ok(CfaRule::Rsp) => (rsp.wrapping_add_signed(off), saved),
+            Ok(CfaRule::Rbp) if rbp == 0 => break EndReason::RbpUnknown,
+            Ok(CfaRule::Rbp) => (rbp.wrapping_add_signed(off), saved),
+            Ok(CfaRule::Plt) => {
+                let cfa = rsp.wrapping_add(if (rip & 15) as i64 >= off { 16 } else { 8 });
+                (cfa, saved)
             }
+            Ok(CfaRule::End) => break EndReason::Outermost,
+            Ok(CfaRule::Unsupported) | Err(_) => break EndReason::Unsupported,
         };
         if cfa <= rsp {
             break EndReason::BadCfa;
@@ -119,12 +118,12 @@ pub fn walk<'t>(
             break EndReason::ReadFailed;
         };
         rbp = match rbp_rule {
-            RBP_SAME => rbp,
-            RBP_AT_CFA => match read(cfa.wrapping_add_signed(i64::from(rbp_offset))) {
+            Ok(RbpRule::Same) => rbp,
+            Ok(RbpRule::AtCfa) => match read(cfa.wrapping_add_signed(i64::from(rbp_offset))) {
                 Some(v) => v,
                 None => break EndReason::ReadFailed,
             },
-            _ => 0,
+            Ok(RbpRule::Unsupported) | Err(_) => 0,
         };
         if ra == 0 {
             break EndReason::ZeroReturnAddress;

@@ -1,54 +1,56 @@
 //! The BPF side's configuration of a plan's probes (`memtrace_common::ResultSite`).
 use iced_x86::Register;
+use memtrace_common::{PtReg, RESULT_ALWAYS, SiteOutcome, ValueLoc};
 
 use super::{ExitSite, Loc, Outcome};
 
-/// The `PT_REGS_*` index of a general register.
-fn pt_regs_index(r: Register) -> Option<u8> {
-    use memtrace_common::*;
+/// The `struct pt_regs` index of a general register.
+fn pt_reg(r: Register) -> Option<PtReg> {
     Some(match r {
-        Register::R15 => PT_REGS_R15,
-        Register::R14 => PT_REGS_R14,
-        Register::R13 => PT_REGS_R13,
-        Register::R12 => PT_REGS_R12,
-        Register::RBP => PT_REGS_RBP,
-        Register::RBX => PT_REGS_RBX,
-        Register::R11 => PT_REGS_R11,
-        Register::R10 => PT_REGS_R10,
-        Register::R9 => PT_REGS_R9,
-        Register::R8 => PT_REGS_R8,
-        Register::RAX => PT_REGS_RAX,
-        Register::RCX => PT_REGS_RCX,
-        Register::RDX => PT_REGS_RDX,
-        Register::RSI => PT_REGS_RSI,
-        Register::RDI => PT_REGS_RDI,
+        Register::R15 => PtReg::R15,
+        Register::R14 => PtReg::R14,
+        Register::R13 => PtReg::R13,
+        Register::R12 => PtReg::R12,
+        Register::RBP => PtReg::Rbp,
+        Register::RBX => PtReg::Rbx,
+        Register::R11 => PtReg::R11,
+        Register::R10 => PtReg::R10,
+        Register::R9 => PtReg::R9,
+        Register::R8 => PtReg::R8,
+        Register::RAX => PtReg::Rax,
+        Register::RCX => PtReg::Rcx,
+        Register::RDX => PtReg::Rdx,
+        Register::RSI => PtReg::Rsi,
+        Register::RDI => PtReg::Rdi,
         _ => return None,
     })
 }
 
+/// A location's (`ValueLoc`, register, stack offset) bytes.
 fn loc_conf(loc: Option<Loc>) -> (u8, u8, i32) {
-    use memtrace_common::{LOC_NONE, LOC_REG, LOC_STACK};
-    match loc {
-        Some(Loc::Reg(r)) => match pt_regs_index(r) {
-            Some(i) => (LOC_REG, i, 0),
-            None => (LOC_NONE, 0, 0),
+    let (loc, reg, off) = match loc {
+        Some(Loc::Reg(r)) => match pt_reg(r) {
+            Some(r) => (ValueLoc::Reg, r as u8, 0),
+            None => (ValueLoc::None, 0, 0),
         },
         Some(Loc::Stack(off)) => match i32::try_from(off) {
-            Ok(off) => (LOC_STACK, 0, off),
-            Err(_) => (LOC_NONE, 0, 0),
+            Ok(off) => (ValueLoc::Stack, 0, off),
+            Err(_) => (ValueLoc::None, 0, 0),
         },
-        None => (LOC_NONE, 0, 0),
-    }
+        None => (ValueLoc::None, 0, 0),
+    };
+    (loc.into(), reg, off)
 }
 
 impl ExitSite {
     /// The BPF side's configuration of this site, for a function of `kind`.
     pub fn conf(&self, kind: memtrace_common::AllocKind) -> memtrace_common::ResultSite {
-        use memtrace_common::{RESULT_ALWAYS, RESULT_NOTHING, RESULT_NULL, RESULT_RECORD};
-        let o = |o: Outcome| match o {
-            Outcome::Nothing => RESULT_NOTHING,
-            Outcome::Record => RESULT_RECORD,
-            Outcome::Null => RESULT_NULL,
+        let o = |o: Outcome| {
+            u8::from(match o {
+                Outcome::Nothing => SiteOutcome::Nothing,
+                Outcome::Record => SiteOutcome::Record,
+                Outcome::Null => SiteOutcome::Null,
+            })
         };
         let (size_loc, size_reg, size_off) = loc_conf(self.size);
         let (rbp_loc, rbp_reg, rbp_off) = loc_conf(self.rbp);
@@ -72,8 +74,8 @@ impl ExitSite {
 /// The configuration of a guard (see `ExitPlan::guards`).
 pub fn guard_conf(kind: memtrace_common::AllocKind) -> memtrace_common::ResultSite {
     memtrace_common::ResultSite {
-        cond: memtrace_common::RESULT_ALWAYS,
-        taken: memtrace_common::RESULT_GUARD,
+        cond: RESULT_ALWAYS,
+        taken: SiteOutcome::Guard.into(),
         kind: kind as u32,
         ..Default::default()
     }
