@@ -27,9 +27,9 @@ pub fn eh_frame(data: &[u8]) {
     );
     if let Some(last) = rows.last() {
         assert_eq!(
-            last.cfa_rule,
-            memtrace_common::CFA_NONE,
-            "the last row is not CFA_NONE"
+            last.cfa(),
+            Ok(memtrace_common::CfaRule::None),
+            "the last row is not CfaRule::None"
         );
     }
 }
