@@ -181,6 +181,9 @@ pub struct Drops {
     pub unwind_fp_fallback_frames: u64,
     /// Frames whose function or line could not be resolved, by reason.
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
+    /// Debug files named by the target's ELF files (or found where it could
+    /// write) that memtrace refused to open or read, by reason.
+    pub debug_files_refused: std::collections::BTreeMap<String, u64>,
 }
 
 impl Drops {
@@ -203,6 +206,7 @@ impl Drops {
             unwind_no_frame_pointer: c.unwind_no_frame_pointer,
             unwind_fp_fallback_frames: c.unwind_fp_fallback,
             unresolved_frames: Default::default(),
+            debug_files_refused: Default::default(),
         }
     }
 
