@@ -15,6 +15,11 @@
 //!   above; the named path only if it lies under `/usr/lib/debug` (lexically, no
 //!   `..`), resolved inside the target's root, or in ours under our debug directory.
 //!
+//! Paths under our own debug directory are built from what the target names only
+//! after the checks above (hex build ids, a bare file name, the module's directory
+//! as the kernel prints it, a relative path without `..`), so they stay in it;
+//! symbolic links there are root's own and are followed.
+//!
 //! Each candidate refused (rather than simply missing) is counted by reason
 //! ([`DebugSearch::refused`]) and logged at debug level.
 
@@ -51,10 +56,13 @@ pub(crate) struct DebugSearch<'a> {
     /// could not be had (nothing of the target's tree is searched then).
     pub target_root: Option<Root>,
     /// Whether the target's own `/usr/lib/debug` is searched (not when its root is
-    /// ours: `host_debug` is that directory then).
+    /// ours: `host_debug_dir` is that directory then).
     pub target_debug: bool,
-    /// Our debug directory (`/usr/lib/debug`), itself the root its paths resolve in.
-    pub host_debug: Option<Root>,
+    /// Our own `/`, where our debug directory's paths resolve (symbolic links in
+    /// it are ours, root's: followed, absolute ones included).
+    pub host_root: Option<Root>,
+    /// Our debug directory (`/usr/lib/debug`).
+    pub host_debug_dir: PathBuf,
     /// Path of the binary as the target sees it (from its maps).
     pub binary_path: &'a str,
     /// `(st_dev, st_ino)` of the binary, to never take the binary itself as its debug file.
@@ -83,7 +91,8 @@ impl<'a> DebugSearch<'a> {
         DebugSearch {
             target_root,
             target_debug,
-            host_debug: Root::open(host_debug_dir, host_debug_dir).ok(),
+            host_root: Root::host().ok(),
+            host_debug_dir: host_debug_dir.to_owned(),
             binary_path,
             binary_id,
             refused: Mutex::new(BTreeMap::new()),
@@ -140,10 +149,10 @@ impl<'a> DebugSearch<'a> {
                 crc,
             });
         }
-        if let Some(root) = &self.host_debug {
+        if let Some(root) = &self.host_root {
             v.push(Candidate {
                 root,
-                path: rel.to_owned(),
+                path: self.host_debug_dir.join(rel),
                 links: Links::InRoot,
                 crc,
             });
