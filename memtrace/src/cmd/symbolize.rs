@@ -101,6 +101,17 @@ pub fn run(args: &SymbolizeArgs) -> Result<i32> {
 
 /// The process ends right after: freeing a big module's parsed DWARF piece by piece
 /// (thousands of units, their functions and line tables) would only delay the exit.
+/// Says first which debug files the file named were refused.
 fn exit_without_drop(sym: Symbolizer) {
+    let refused = &sym.stats().debug_files_refused;
+    let total: u64 = refused.values().sum();
+    if total > 0 {
+        let parts: Vec<String> = refused.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        eprintln!(
+            "memtrace: refused {total} debug file{} the file named ({})",
+            if total == 1 { "" } else { "s" },
+            parts.join(", ")
+        );
+    }
     std::mem::forget(sym);
 }

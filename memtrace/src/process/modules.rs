@@ -1,11 +1,12 @@
 //! Snapshot of a process's executable mappings with the backing files held open.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::maps::{self, MapEntry, MapsError};
+use super::open::{Links, OpenError, Root, open_regular};
 
 /// Identity of a parsed module, used as cache key by the symbolizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,11 +110,10 @@ impl MappedModule {
 /// Executable mappings of one process, sorted by address, non-overlapping.
 #[derive(Debug)]
 pub struct ProcessModules {
-    root: PathBuf,
-    /// `O_PATH` handle on the target's root directory. Paths are resolved through
-    /// `/proc/self/fd/N/…`, which keeps working after the target exited (the fd pins its
-    /// root mount), unlike `/proc/PID/root`.
-    root_dir: Option<File>,
+    /// The target's root directory, held open: paths are resolved inside it (never
+    /// out of it), and it keeps working after the target exited (the fd pins its root
+    /// mount), unlike `/proc/PID/root`.
+    root_dir: Option<Root>,
     /// The target's root is our own `/` (same directory inode), the common non-container
     /// case: search debug files directly, once.
     root_is_host: bool,
@@ -124,12 +124,16 @@ pub struct ProcessModules {
 /// Kernel quirk: `/proc/PID/map_files/*` can only be *opened* with CAP_SYS_ADMIN (or
 /// CAP_CHECKPOINT_RESTORE) in the initial user namespace; readlink works for less. It is the
 /// only way to reach deleted files and files of other mount namespaces reliably, so try it
-/// first and fall back to the path under the target's root.
-fn open_mapping(pid: u32, root: &Path, e: &MapEntry) -> std::io::Result<File> {
+/// first and fall back to the path resolved inside the target's root. Either way the file
+/// is opened by [`open`](super::open): without blocking, and only if it is a regular file.
+fn open_mapping(pid: u32, root: Option<&Root>, e: &MapEntry) -> std::io::Result<File> {
     let mf = format!("/proc/{pid}/map_files/{}", e.map_files_name());
-    match File::open(&mf) {
+    match open_regular(Path::new(&mf)) {
         Ok(f) => Ok(f),
-        Err(mf_err) => {
+        // What the mapping is, is not a regular file (a device mapped executable):
+        // the path would lead to the same.
+        Err(err @ OpenError::Refused(_)) => Err(std::io::Error::other(format!("{mf}: {err}"))),
+        Err(OpenError::Io(mf_err)) => {
             // A deleted file's path may now name a different file (package upgrades):
             // never substitute it.
             if e.deleted {
@@ -138,12 +142,19 @@ fn open_mapping(pid: u32, root: &Path, e: &MapEntry) -> std::io::Result<File> {
                     format!("{mf}: {mf_err} (file deleted, no fallback)"),
                 ));
             }
-            let path = e.path.as_deref().unwrap_or("");
-            let p = root.join(path.trim_start_matches('/'));
-            let f = File::open(&p).map_err(|err| {
+            let path = Path::new(e.path.as_deref().unwrap_or(""));
+            let Some(root) = root else {
+                return Err(std::io::Error::new(
+                    mf_err.kind(),
+                    format!("{mf}: {mf_err}; the target's root is gone"),
+                ));
+            };
+            let shown = root.display(path);
+            let f = root.open_file(path, Links::InRoot).map_err(|err| {
+                let err = std::io::Error::from(err);
                 std::io::Error::new(
                     err.kind(),
-                    format!("{mf}: {mf_err}; {}: {err}", p.display()),
+                    format!("{mf}: {mf_err}; {}: {err}", shown.display()),
                 )
             })?;
             // overlayfs/FUSE can report other inode numbers through the path than in maps,
@@ -153,7 +164,7 @@ fn open_mapping(pid: u32, root: &Path, e: &MapEntry) -> std::io::Result<File> {
             {
                 log::debug!(
                     "{}: inode {} differs from maps inode {}",
-                    p.display(),
+                    shown.display(),
                     md.ino(),
                     e.inode
                 );
@@ -170,7 +181,7 @@ fn read_vdso(pid: u32, e: &MapEntry) -> std::io::Result<Vec<u8>> {
     if len > 1 << 20 {
         return Err(std::io::Error::other("vdso mapping implausibly large"));
     }
-    let mem = File::open(format!("/proc/{pid}/mem"))?;
+    let mem = open_regular(Path::new(&format!("/proc/{pid}/mem")))?;
     let mut buf = vec![0u8; len];
     mem.read_exact_at(&mut buf, e.start)?;
     Ok(buf)
@@ -186,18 +197,9 @@ impl ProcessModules {
     /// the files open so stacks can be symbolized after the process exited.
     pub fn capture(pid: u32) -> Result<Self, MapsError> {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let root_dir = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(&root)
-            .ok();
-        let dir_id = |md: std::fs::Metadata| (md.dev(), md.ino());
-        let root_is_host = match (&root_dir, std::fs::metadata("/")) {
-            (Some(d), Ok(host)) => d.metadata().ok().map(dir_id) == Some(dir_id(host)),
-            _ => false,
-        };
+        let root_dir = Root::open(&root, &root).ok();
+        let root_is_host = root_dir.as_ref().is_some_and(Root::is_host);
         let mut pm = ProcessModules {
-            root,
             root_dir,
             root_is_host,
             modules: Vec::new(),
@@ -217,14 +219,15 @@ impl ProcessModules {
             return Ok(false);
         }
         let entries = maps::parse_maps(&text)?;
-        let root = self.root.clone();
+        let root = self.root_dir.take();
         let changed = self.merge(entries, |e| {
             if e.is_file_backed() {
-                MappedModule::from_file(e.clone(), open_mapping(pid, &root, e))
+                MappedModule::from_file(e.clone(), open_mapping(pid, root.as_ref(), e))
             } else {
                 MappedModule::from_image(e.clone(), read_vdso(pid, e))
             }
         });
+        self.root_dir = root;
         self.last_maps = Some(text);
         Ok(changed)
     }
@@ -238,7 +241,6 @@ impl ProcessModules {
         mut open: impl FnMut(&MapEntry) -> std::io::Result<File>,
     ) -> Self {
         let mut pm = ProcessModules {
-            root: PathBuf::from("/"),
             root_dir: None,
             root_is_host: true,
             modules: Vec::new(),
@@ -257,36 +259,25 @@ impl ProcessModules {
         pm
     }
 
+    /// The target's root, as printed (`/proc/PID/root`).
+    #[cfg(test)]
     pub fn root(&self) -> &Path {
-        &self.root
+        self.root_dir.as_ref().map_or(Path::new("/"), Root::shown)
     }
 
-    /// The root to use for lookups now (may differ from [`Self::root`], see `root_dir`).
-    pub(crate) fn lookup_root(&self) -> PathBuf {
-        use std::os::fd::AsRawFd;
+    /// The root that debug files of the target are searched in, for work on another
+    /// thread (a duplicate of the held handle, or our `/` when it is the target's);
+    /// `None` once it cannot be had (the target's root could not be opened).
+    pub(crate) fn search_root(&self) -> Option<Root> {
         if self.root_is_host {
-            return PathBuf::from("/");
+            return Root::host().ok();
         }
-        match &self.root_dir {
-            Some(d) => PathBuf::from(format!("/proc/self/fd/{}", d.as_raw_fd())),
-            None => self.root.clone(),
-        }
+        self.root_dir.as_ref().and_then(|r| r.try_clone().ok())
     }
 
-    /// [`Self::lookup_root`] for work on another thread: with a duplicate of the root's
-    /// descriptor, which the returned file keeps open for as long as the path is used.
-    pub(crate) fn lookup_root_owned(&self) -> (PathBuf, Option<File>) {
-        use std::os::fd::AsRawFd;
-        match self.root_dir.as_ref().filter(|_| !self.root_is_host) {
-            Some(d) => match d.try_clone() {
-                Ok(dup) => (
-                    PathBuf::from(format!("/proc/self/fd/{}", dup.as_raw_fd())),
-                    Some(dup),
-                ),
-                Err(_) => (self.root.clone(), None),
-            },
-            None => (self.lookup_root(), None),
-        }
+    /// Whether the target's root is our own `/` (its debug directory is ours).
+    pub(crate) fn root_is_host(&self) -> bool {
+        self.root_is_host
     }
 
     pub fn modules(&self) -> &[MappedModule] {

@@ -188,6 +188,9 @@ pub struct Drops {
     pub unwind_fp_fallback_frames: u64,
     /// Frames whose function or line could not be resolved, by reason.
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
+    /// Debug files named by the target's ELF files (or found where it could
+    /// write) that memtrace refused to open or read, by reason.
+    pub debug_files_refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// `$ty { f: c.f, ... , rest }`: fields that are counters take the counter of
@@ -218,7 +221,7 @@ impl Drops {
             unwind_unsupported,
             unwind_no_frame_pointer,
             unwind_fp_fallback_frames,
-        } unresolved_frames: Default::default())
+        } unresolved_frames: Default::default(), debug_files_refused: Default::default())
     }
 }
 

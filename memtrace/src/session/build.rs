@@ -3,7 +3,7 @@
 //! the process's figures → the assembled `Report`.
 use std::{
     collections::BTreeMap,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
@@ -16,7 +16,7 @@ use super::{
     ages::{REPORT_SCAN_MAX_BLOCKS, blocks_in_map, scan_every_block, site_blocks, site_tuples},
     frames::{self, AddressFrames, truncated_reason},
     target::Attached,
-    watch::End,
+    watch::{End, Signals},
 };
 use crate::{
     analyze::{self, History, SampleAges, SiteBlocks, SiteHistory, Trend, Verdict, VerdictConfig},
@@ -103,12 +103,22 @@ struct Figures {
     sites: Vec<Site>,
 }
 
+/// The longest the report waits for debug info still being loaded in the
+/// background (the probes are out by then); a second SIGINT or SIGTERM ends the
+/// wait at once. The frames of modules not loaded by then are unresolved, counted
+/// as `debug_info_not_loaded_in_time` in `drops.unresolved_frames`.
+const REPORT_LOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// How often the wait for debug info looks at the signals.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
 pub(super) fn build_report(
     opts: &Options,
     at: &mut Attached,
     sym: &mut Symbolizer,
     history: &mut History,
     meta: ReportMeta,
+    signals: &Signals,
 ) -> Result<Report> {
     let mut lap = Laps::start();
     let fin = Final::read(opts, at, history, &meta, &mut lap)?;
@@ -119,10 +129,11 @@ pub(super) fn build_report(
         sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
     }
     lap.mark("sites built");
-    let unresolved = symbolize_sites(opts, at, sym, &chosen, &mut sites, &mut lap)?;
+    let unresolved = symbolize_sites(opts, at, sym, &chosen, &mut sites, &mut lap, signals)?;
     let process = process_report(history, traced_scale, &opts.verdicts);
     let mut drops = Drops::from_counters(&fin.counters);
     drops.unresolved_frames = unresolved;
+    drops.debug_files_refused = debug_files_refused(sym);
     lap.mark("process");
     lap.log();
     let figures = Figures {
@@ -315,12 +326,17 @@ fn symbolize_sites(
     chosen: &[Candidate],
     sites: &mut [Site],
     lap: &mut Laps,
+    signals: &Signals,
 ) -> Result<BTreeMap<String, u64>> {
     let shown = frames::shown(opts.format, opts.top, sites);
     let stack_ids: Vec<u64> = shown.iter().map(|&i| chosen[i].sample.stack_id).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
+    wait_for_debug_info(at, sym, &addrs, signals);
+    // Waited above: what is still loading now is not waited for again.
+    sym.set_deadline(Some(Instant::now()));
     let resolved = sym.symbolize(&at.modules, &addrs, true);
+    sym.set_deadline(None);
     // CPU of all threads (laps are): large batches are resolved on two.
     let cpu_sym = lap.mark("symbolize");
     log::debug!(
@@ -338,6 +354,54 @@ fn symbolize_sites(
     }
     lap.mark("frames");
     Ok(unresolved)
+}
+
+/// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
+/// info of the modules `addrs` go through to be loaded in the background.
+fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[u64], signals: &Signals) {
+    sym.load_in_background(&at.modules, addrs.iter().copied());
+    let deadline = Instant::now() + REPORT_LOAD_WAIT;
+    while sym.loading_any(&at.modules, addrs) {
+        let now = Instant::now();
+        if now >= deadline {
+            eprintln!(
+                "memtrace: debug info still loading after {}s: the report names what is \
+                 loaded (drops.unresolved_frames.debug_info_not_loaded_in_time)",
+                REPORT_LOAD_WAIT.as_secs()
+            );
+            return;
+        }
+        if signals.pending() {
+            eprintln!(
+                "memtrace: signal: not waiting for debug info still loading; the report \
+                 names what is loaded (drops.unresolved_frames.debug_info_not_loaded_in_time)"
+            );
+            return;
+        }
+        sym.wait_for_any_load((now + SIGNAL_POLL).min(deadline));
+    }
+}
+
+/// The debug-file candidates the symbolizer refused over the run, by reason;
+/// said on stderr too, since a target named them.
+fn debug_files_refused(sym: &Symbolizer) -> BTreeMap<String, u64> {
+    let refused: BTreeMap<String, u64> = sym
+        .stats()
+        .debug_files_refused
+        .iter()
+        .map(|(&k, &n)| (k.to_string(), n))
+        .collect();
+    let total: u64 = refused.values().sum();
+    if total > 0 {
+        let parts: Vec<String> = refused.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        eprintln!(
+            "memtrace: refused {total} debug file{} the target's files named or placed ({}); \
+             see drops.debug_files_refused",
+            if total == 1 { "" } else { "s" },
+            parts.join(", ")
+        );
+    }
+    refused
 }
 
 /// The process's own figures over the run, with the traced bytes scaled back

@@ -57,7 +57,14 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         exit_status: outcome.exit_code(),
         end_process: stopped.end_process,
     };
-    let report = build_report(opts, &mut s.at, &mut s.symbolizer, &mut s.history, meta)?;
+    let report = build_report(
+        opts,
+        &mut s.at,
+        &mut s.symbolizer,
+        &mut s.history,
+        meta,
+        &s.signals,
+    )?;
     let cpu_written = process_cpu();
     write_report(&report, opts.format, opts.top, s.output.as_mut())?;
     let cpu_end = process_cpu();

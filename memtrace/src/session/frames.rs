@@ -198,6 +198,7 @@ fn unresolved_name(r: Unresolved) -> &'static str {
         Unresolved::Malformed => "malformed_file",
         Unresolved::NoSymbol => "no_symbol",
         Unresolved::NoLineInfo => "no_line_info",
+        Unresolved::NotLoadedInTime => "debug_info_not_loaded_in_time",
     }
 }
 

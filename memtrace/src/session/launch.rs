@@ -56,9 +56,21 @@ pub fn resolve_command(cmd: &OsStr) -> Result<PathBuf> {
     bail!("{}: command not found in $PATH", cmd.to_string_lossy())
 }
 
+/// The whole of a program file: opened without blocking and only if it is a
+/// regular file (the interpreter's path comes from the program's PT_INTERP).
+fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    crate::process::open::open_regular(path)
+        .map_err(std::io::Error::from)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
+}
+
 /// Reads how `exe` is loaded.
 pub fn loading(exe: &Path) -> Result<Loading> {
-    let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    let data = read_regular(exe)?;
     let file = object::File::parse(&*data).with_context(|| {
         format!(
             "{} is not an ELF executable memtrace can read",
@@ -91,7 +103,7 @@ pub fn loading(exe: &Path) -> Result<Loading> {
 
 /// File offset of `_dl_debug_state` in glibc's dynamic loader.
 pub fn loader_breakpoint_offset(ldso: &Path) -> Result<u64> {
-    let data = std::fs::read(ldso).with_context(|| format!("reading {}", ldso.display()))?;
+    let data = read_regular(ldso)?;
     let file = object::File::parse(&*data)?;
     let sym = file
         .dynamic_symbols()

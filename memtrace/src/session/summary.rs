@@ -27,6 +27,12 @@ use crate::{
 /// new sites cannot stretch one interval's work (~3 µs a stack).
 const STACK_READ_AHEAD: usize = 20_000;
 
+/// The longest one summary line waits for debug info being loaded in the
+/// background to name its sites (a site of a module not loaded by then is named
+/// by its address): a loader stuck on a file must not hold the watch loop, which
+/// acts on signals and `--duration` between summaries.
+const SUMMARY_LOAD_WAIT: Duration = Duration::from_millis(200);
+
 /// The figures of the previous summary line, that this one shows changes from.
 #[derive(Default)]
 pub(super) struct Summary {
@@ -82,7 +88,10 @@ pub(super) fn live_summary(
     if history.tick() {
         sample_history(at, history, last, opts, &r)?;
     }
-    let growing = fastest_growing(at, sym, &line.sites, last)?;
+    sym.set_deadline(Some(Instant::now() + SUMMARY_LOAD_WAIT));
+    let growing = fastest_growing(at, sym, &line.sites, last);
+    sym.set_deadline(None);
+    let growing = growing?;
     print_line(&r, &line, last, start, &growing, opts);
     if let Some(limit) = opts.alert_growth {
         alert(limit, &line, last, &growing);

@@ -66,7 +66,8 @@ impl Signals {
         }
     }
 
-    fn pending(&self) -> bool {
+    /// Whether SIGINT or SIGTERM arrived (and takes it), without waiting.
+    pub(super) fn pending(&self) -> bool {
         let mut info = [0u8; 128];
         // SAFETY: reading one signalfd_siginfo into a buffer of its size.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };

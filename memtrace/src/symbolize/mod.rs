@@ -25,8 +25,9 @@ mod tests;
 mod unit_batch;
 mod unit_index;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub use crate::process::modules::{MappedModule, ProcessModules};
 
@@ -34,6 +35,8 @@ use crate::process::modules::ModuleKey;
 /// One parsed module; outside this stage only `crate::fuzzing` loads one directly.
 pub(crate) use elf::ElfModule;
 use elf::{DebugSearch, LoadError};
+
+use crate::process::open::{Root, open_regular};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolizeError {
@@ -62,6 +65,9 @@ pub enum Unresolved {
     NoSymbol,
     /// The function is known but there is no line information.
     NoLineInfo,
+    /// The module's debug info was still loading (on a background thread) when the
+    /// lookup's deadline passed: nothing of it is known.
+    NotLoadedInTime,
 }
 
 /// One symbolized frame. Inlined frames share the `address` of the physical frame.
@@ -135,6 +141,13 @@ pub struct SymbolizeStats {
     pub malformed: u64,
     pub no_symbol: u64,
     pub no_line_info: u64,
+    /// Frames of modules whose debug info was not loaded by the lookup's deadline.
+    pub not_loaded_in_time: u64,
+    /// Lookups that gave up waiting for a module loading in the background.
+    pub load_waits_timed_out: u64,
+    /// Debug-file candidates refused (not opened, or not read), by reason: see
+    /// `debug_search::refusal` for the keys.
+    pub debug_files_refused: BTreeMap<&'static str, u64>,
 }
 
 impl SymbolizeStats {
@@ -146,6 +159,13 @@ impl SymbolizeStats {
             Unresolved::Malformed => self.malformed,
             Unresolved::NoSymbol => self.no_symbol,
             Unresolved::NoLineInfo => self.no_line_info,
+            Unresolved::NotLoadedInTime => self.not_loaded_in_time,
+        }
+    }
+
+    fn add_refusals(&mut self, refused: &BTreeMap<&'static str, u64>) {
+        for (&k, &n) in refused {
+            *self.debug_files_refused.entry(k).or_insert(0) += n;
         }
     }
 
@@ -181,6 +201,7 @@ impl SymbolizeStats {
             Some(Unresolved::Malformed) => self.malformed += 1,
             Some(Unresolved::NoSymbol) => self.no_symbol += 1,
             Some(Unresolved::NoLineInfo) => self.no_line_info += 1,
+            Some(Unresolved::NotLoadedInTime) => self.not_loaded_in_time += 1,
         }
     }
 }
@@ -210,13 +231,29 @@ pub struct Symbolizer {
     stats: SymbolizeStats,
     /// Modules being loaded on background threads ([`Self::load_in_background`]).
     background: Vec<Background>,
+    /// Until when a lookup may wait for a module being loaded in the background
+    /// ([`Self::set_deadline`]); without one, each wait is at most [`LOAD_WAIT_LIMIT`].
+    deadline: Option<Instant>,
 }
+
+/// The longest a lookup waits for a module loading in the background when no
+/// deadline was set: a loader stuck for good (a file that never answers) must not
+/// stop the caller for good.
+pub const LOAD_WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// One module as a background thread loaded it: its key, its path (for the log), the
+/// module, and the debug-file candidates refused while searching for its debug info.
+type Loaded = (
+    ModuleKey,
+    String,
+    Result<ElfModule, LoadError>,
+    BTreeMap<&'static str, u64>,
+);
 
 /// One background thread's modules: those not received yet, and its channel.
 struct Background {
     loading: std::collections::HashSet<ModuleKey>,
-    /// Each module with its path (for the log).
-    results: std::sync::mpsc::Receiver<(ModuleKey, String, Result<ElfModule, LoadError>)>,
+    results: std::sync::mpsc::Receiver<Loaded>,
 }
 
 /// What loading one module needs, owned, to be done on another thread.
@@ -226,49 +263,56 @@ struct LoadJob {
     file: Option<std::sync::Arc<std::fs::File>>,
     image: Option<std::sync::Arc<Vec<u8>>>,
     open_error: Option<String>,
-    target_root: PathBuf,
-    display_root: PathBuf,
-    /// Keeps `target_root` (a `/proc/self/fd/N` path) valid.
-    _root_fd: Option<std::fs::File>,
+    /// The target's root (a handle of its own), that its paths resolve in.
+    root: Option<Root>,
+    /// Whether the target's root is not ours: its own debug directory is searched too.
+    target_debug: bool,
 }
 
 impl LoadJob {
     fn new(modules: &ProcessModules, m: &MappedModule, key: ModuleKey) -> Self {
-        let (target_root, root_fd) = modules.lookup_root_owned();
         LoadJob {
             key,
             path: m.path.clone(),
             file: m.file.clone(),
             image: m.image.clone(),
             open_error: m.open_error.clone(),
-            target_root,
-            display_root: modules.root().to_owned(),
-            _root_fd: root_fd,
+            root: modules.search_root(),
+            target_debug: !modules.root_is_host(),
         }
     }
 
-    fn load(&self, debug_root: &Path) -> Result<ElfModule, LoadError> {
+    /// The module, and the debug-file candidates refused on the way.
+    fn load(
+        self,
+        debug_root: &Path,
+    ) -> (Result<ElfModule, LoadError>, BTreeMap<&'static str, u64>) {
         if let Some(image) = &self.image {
-            return ElfModule::from_image(image.as_ref().clone());
+            return (
+                ElfModule::from_image(image.as_ref().clone()),
+                BTreeMap::new(),
+            );
         }
         let Some(file) = &self.file else {
-            return Err(LoadError {
+            let err = LoadError {
                 reason: Unresolved::FileUnavailable,
                 msg: self.open_error.clone().unwrap_or_else(|| "no file".into()),
-            });
+            };
+            return (Err(err), BTreeMap::new());
         };
         let binary_id = match self.key {
             ModuleKey::File { dev, ino } => Some((dev, ino)),
             _ => None,
         };
-        let search = DebugSearch {
-            target_root: &self.target_root,
-            display_root: &self.display_root,
+        let search = DebugSearch::new(
+            self.root,
+            self.target_debug,
             debug_root,
-            binary_path: &self.path,
+            &self.path,
             binary_id,
-        };
-        ElfModule::from_file(file, &search)
+        );
+        let r = ElfModule::from_file(file, &search);
+        (r, search.refused())
     }
 }
 
@@ -291,7 +335,51 @@ impl Symbolizer {
             results: HashMap::new(),
             stats: SymbolizeStats::default(),
             background: Vec::new(),
+            deadline: None,
         }
+    }
+
+    /// Lookups from now on wait for modules loading in the background at most until
+    /// `deadline` (with `None`: each at most [`LOAD_WAIT_LIMIT`]). A module not loaded
+    /// by then resolves as [`Unresolved::NotLoadedInTime`], and is used once it is.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// The moment the wait that starts now must end.
+    fn wait_end(&self) -> Instant {
+        self.deadline
+            .unwrap_or_else(|| Instant::now() + LOAD_WAIT_LIMIT)
+    }
+
+    /// Whether any of the modules holding `addrs` (return addresses, as for
+    /// [`Self::load_in_background`]) is still being loaded in the background.
+    pub fn loading_any(&mut self, modules: &ProcessModules, addrs: &[u64]) -> bool {
+        self.receive_background(None, Instant::now());
+        if self.background.is_empty() {
+            return false;
+        }
+        addrs.iter().any(|&a| {
+            modules
+                .module_for(a.saturating_sub(1))
+                .and_then(|m| m.key)
+                .is_some_and(|k| self.background.iter().any(|b| b.loading.contains(&k)))
+        })
+    }
+
+    /// Waits until a module loading in the background arrives, or `until`.
+    pub fn wait_for_any_load(&mut self, until: Instant) {
+        let Some(b) = self.background.first() else {
+            return;
+        };
+        let Some(&key) = b.loading.iter().next() else {
+            return;
+        };
+        self.receive_background(Some(key), until);
+    }
+
+    pub fn stats(&self) -> &SymbolizeStats {
+        &self.stats
     }
 
     /// Starts loading, on a background thread, the modules that hold `addrs` (return
@@ -315,7 +403,7 @@ impl Symbolizer {
         modules: &ProcessModules,
         ms: impl IntoIterator<Item = &'m MappedModule>,
     ) -> usize {
-        self.receive_background(None);
+        self.receive_background(None, Instant::now());
         let mut loading = std::collections::HashSet::new();
         let mut jobs = Vec::new();
         for m in ms {
@@ -339,13 +427,10 @@ impl Symbolizer {
             .spawn(move || {
                 for job in jobs {
                     let t = std::time::Instant::now();
-                    let r = job.load(&debug_root);
-                    log::debug!(
-                        "{}: loaded in the background in {:?}",
-                        job.path,
-                        t.elapsed()
-                    );
-                    if tx.send((job.key, job.path, r)).is_err() {
+                    let (key, path) = (job.key, job.path.clone());
+                    let (r, refused) = job.load(&debug_root);
+                    log::debug!("{path}: loaded in the background in {:?}", t.elapsed());
+                    if tx.send((key, path, r, refused)).is_err() {
                         break;
                     }
                 }
@@ -361,32 +446,40 @@ impl Symbolizer {
     }
 
     /// Takes the modules background threads have loaded; with `want`, first waits for
-    /// that module if one of them is loading it.
-    fn receive_background(&mut self, want: Option<ModuleKey>) {
-        use std::sync::mpsc::TryRecvError;
+    /// that module if one of them is loading it, until `until` at the latest (the
+    /// caller then finds it still loading).
+    fn receive_background(&mut self, want: Option<ModuleKey>, until: Instant) {
+        use std::sync::mpsc::RecvTimeoutError;
         let mut i = 0;
         while i < self.background.len() {
             let b = &mut self.background[i];
             loop {
-                // Blocks only while the module wanted is still this thread's to load.
+                // Waits only while the module wanted is still this thread's to load.
                 let got = if want.is_some_and(|k| b.loading.contains(&k)) {
-                    b.results.recv().map_err(|_| TryRecvError::Disconnected)
+                    let left = until.saturating_duration_since(Instant::now());
+                    b.results.recv_timeout(left)
                 } else {
-                    b.results.try_recv()
+                    b.results.try_recv().map_err(|e| match e {
+                        std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        std::sync::mpsc::TryRecvError::Disconnected => {
+                            RecvTimeoutError::Disconnected
+                        }
+                    })
                 };
                 match got {
-                    Ok((key, path, r)) => {
+                    Ok((key, path, r, refused)) => {
                         b.loading.remove(&key);
                         self.stats.count_load(&r, &path);
+                        self.stats.add_refusals(&refused);
                         self.modules.entry(key).or_insert(r);
                     }
                     // A thread that ended (or died) without sending the rest: those are
                     // loaded when first needed.
-                    Err(TryRecvError::Disconnected) => {
+                    Err(RecvTimeoutError::Disconnected) => {
                         b.loading.clear();
                         break;
                     }
-                    Err(TryRecvError::Empty) => break,
+                    Err(RecvTimeoutError::Timeout) => break,
                 }
             }
             if b.loading.is_empty() {
@@ -395,11 +488,6 @@ impl Symbolizer {
                 i += 1;
             }
         }
-    }
-
-    #[cfg(test)]
-    pub fn stats(&self) -> &SymbolizeStats {
-        &self.stats
     }
 
     /// One result per address, each with at least one frame: innermost inlined function
@@ -411,6 +499,16 @@ impl Symbolizer {
         addrs: &[u64],
         return_addresses: bool,
     ) -> Vec<Vec<Frame>> {
+        // Every module these need and nobody loads yet is loaded on one background
+        // thread, so that no lookup waits for a file without a deadline.
+        let probes = addrs.iter().map(|&a| {
+            if return_addresses {
+                a
+            } else {
+                a.saturating_add(1)
+            }
+        });
+        self.load_in_background(modules, probes);
         addrs
             .iter()
             .map(|&a| self.symbolize_one(modules, a, return_addresses))
@@ -487,7 +585,10 @@ impl Symbolizer {
                 Some(vaddr) => elf.resolve(vaddr),
             },
         };
-        self.results.insert((key, off), infos.clone());
+        // Not cached while the module is still loading: a later lookup gets it.
+        if infos[0].unresolved != Some(Unresolved::NotLoadedInTime) {
+            self.results.insert((key, off), infos.clone());
+        }
         infos
     }
 
@@ -496,17 +597,34 @@ impl Symbolizer {
         modules: &ProcessModules,
         m: &MappedModule,
         key: ModuleKey,
-    ) -> &Result<ElfModule, LoadError> {
-        if !self.background.is_empty() && !self.modules.contains_key(&key) {
-            self.receive_background(Some(key));
+    ) -> Result<&ElfModule, LoadError> {
+        if !self.modules.contains_key(&key) {
+            // Loaded on a background thread, never here: a file that never answers
+            // (a FIFO's open, a stalled FUSE read) stops that thread, not the caller.
+            self.load_modules_in_background(modules, [m]);
+            if !self.background.is_empty() {
+                self.receive_background(Some(key), self.wait_end());
+            }
         }
-        let debug_root = &self.debug_root;
-        let stats = &mut self.stats;
-        self.modules.entry(key).or_insert_with(|| {
-            let res = load_module(modules, m, debug_root);
-            stats.count_load(&res, &m.path);
-            res
-        })
+        if !self.modules.contains_key(&key) {
+            if self.background.iter().any(|b| b.loading.contains(&key)) {
+                self.stats.load_waits_timed_out += 1;
+                log::debug!("{}: debug info not loaded in time", m.path);
+                return Err(LoadError {
+                    reason: Unresolved::NotLoadedInTime,
+                    msg: "debug info not loaded in time".into(),
+                });
+            }
+            // The loader thread could not be started, or ended without it.
+            let (res, refused) = load_module(modules, m, &self.debug_root);
+            self.stats.count_load(&res, &m.path);
+            self.stats.add_refusals(&refused);
+            self.modules.insert(key, res);
+        }
+        match &self.modules[&key] {
+            Ok(elf) => Ok(elf),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     /// Symbolizes ELF virtual addresses of one file, as binutils `addr2line -e FILE` takes
@@ -566,30 +684,26 @@ impl Symbolizer {
             path: path.to_owned(),
             err,
         };
-        let file = std::fs::File::open(path).map_err(open_err)?;
+        // Without blocking, and only a regular file: a FIFO named here must not hang.
+        let file = open_regular(path).map_err(|e| open_err(e.into()))?;
         let md = file.metadata().map_err(open_err)?;
-        if !md.is_file() {
-            return Err(open_err(std::io::Error::other("not a regular file")));
-        }
         let key = ModuleKey::File {
             dev: md.dev(),
             ino: md.ino(),
         };
         if !self.modules.contains_key(&key) {
-            // A debuglink is searched next to the binary: that needs its absolute path.
-            let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            // A debuglink is searched next to the binary: that needs its real path (no
+            // symbolic link is followed next to it).
+            let abs = std::fs::canonicalize(path)
+                .or_else(|_| std::path::absolute(path))
+                .unwrap_or_else(|_| path.to_owned());
             let abs = abs.to_string_lossy();
-            let search = DebugSearch {
-                target_root: Path::new("/"),
-                display_root: Path::new("/"),
-                debug_root: &self.debug_root,
-                binary_path: &abs,
-                binary_id: Some((md.dev(), md.ino())),
-            };
+            let search = DebugSearch::host(&self.debug_root, &abs, Some((md.dev(), md.ino())));
             let t = std::time::Instant::now();
             let res = ElfModule::for_batch(&file, &search);
             log::debug!("{}: loaded in {:?}", path.display(), t.elapsed());
             self.stats.count_load(&res, &path.display().to_string());
+            self.stats.add_refusals(&search.refused());
             self.modules.insert(key, res);
         }
         let elf = match &self.modules[&key] {
@@ -634,7 +748,7 @@ impl Symbolizer {
             .first()
             .and_then(|b| b.loading.iter().next())
         {
-            self.receive_background(Some(key));
+            self.receive_background(Some(key), self.wait_end());
         }
         n
     }
@@ -654,7 +768,7 @@ impl Symbolizer {
         };
         let Some(key) = m.key else { return s };
         match self.module(modules, m, key) {
-            Err(e) => s.error = Some(e.msg.clone()),
+            Err(e) => s.error = Some(e.msg),
             Ok(elf) => {
                 s.build_id = elf
                     .build_id
@@ -676,14 +790,17 @@ fn load_module(
     modules: &ProcessModules,
     m: &MappedModule,
     debug_root: &Path,
-) -> Result<ElfModule, LoadError> {
+) -> (Result<ElfModule, LoadError>, BTreeMap<&'static str, u64>) {
     match m.key {
         Some(key) => LoadJob::new(modules, m, key).load(debug_root),
         // Only a module that could not be opened has no key.
-        None => Err(LoadError {
-            reason: Unresolved::FileUnavailable,
-            msg: m.open_error.clone().unwrap_or_else(|| "no file".into()),
-        }),
+        None => (
+            Err(LoadError {
+                reason: Unresolved::FileUnavailable,
+                msg: m.open_error.clone().unwrap_or_else(|| "no file".into()),
+            }),
+            BTreeMap::new(),
+        ),
     }
 }
 

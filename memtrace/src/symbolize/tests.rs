@@ -118,6 +118,7 @@ fn line_of(src: &str, marker: &str) -> u32 {
     i as u32 + 1
 }
 
+#[derive(Clone)]
 struct Run {
     addrs: HashMap<String, u64>,
     maps: Vec<MapEntry>,
@@ -1211,13 +1212,7 @@ fn batch_vs_single(path: &Path, vaddrs: &[u64]) -> Vec<String> {
 
 /// How this crate's tests search debug files: on this host, under `/usr/lib/debug`.
 fn host_search(path: &Path) -> elf::DebugSearch<'_> {
-    elf::DebugSearch {
-        target_root: Path::new("/"),
-        display_root: Path::new("/"),
-        debug_root: Path::new("/usr/lib/debug"),
-        binary_path: path.to_str().unwrap(),
-        binary_id: None,
-    }
+    elf::DebugSearch::host(Path::new("/usr/lib/debug"), path.to_str().unwrap(), None)
 }
 
 /// Panics naming the first few of `differ` unless it is empty.
@@ -1493,4 +1488,263 @@ fn symbolize_file_repeats_addresses() {
         assert_eq!(f, expected[v], "{v:#x}");
         assert!(f.iter().any(|f| f.function.is_some()), "{v:#x}: {f:?}");
     }
+}
+
+// ---- files the target names: refused, never blocking ---------------------------------
+
+fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Runs `f` on a thread; fails if it takes more than 20 s (opening a FIFO for
+/// reading would block for good).
+fn without_hanging<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what}: hung (a FIFO opened?)"))
+}
+
+/// `.gnu_debugaltlink` contents: the path, NUL, then a 20-byte build id.
+fn altlink_section(dir: &Path, named: &str) -> PathBuf {
+    let mut data = named.as_bytes().to_vec();
+    data.push(0);
+    data.extend_from_slice(&[0x42; 20]);
+    let p = dir.join("alt.bin");
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// A binary with DWARF whose `.gnu_debugaltlink` names `named`.
+fn with_altlink(d: &Path, named: &str) -> PathBuf {
+    build_c(d, "full", &["-g", "-O0"]);
+    let alt = altlink_section(d, named);
+    let arg = format!(".gnu_debugaltlink={}", alt.display());
+    sh(d, "objcopy", &["--add-section", &arg, "full", "prog_alt"]);
+    d.join("prog_alt")
+}
+
+fn refused(s: &Symbolizer, reason: &str) -> u64 {
+    s.stats()
+        .debug_files_refused
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The reproduction: an altlink naming a FIFO (any absolute path). It is
+/// never opened: the module loads (its own DWARF), the refusal is counted.
+#[test]
+fn altlink_naming_a_fifo_is_refused_without_opening_it() {
+    let dir = TempDir::new("altfifo");
+    let d = dir.path();
+    let fifo = d.join("F");
+    mkfifo(&fifo);
+    let bin = with_altlink(d, fifo.to_str().unwrap());
+    let run = run_fixture(&bin);
+    let empty = TempDir::new("empty-debug-root");
+    let empty_path = empty.path().to_owned();
+    let (names_got, alt, stats) = without_hanging("altlink FIFO", move || {
+        let pm = modules(&run, None);
+        let mut s = Symbolizer::with_debug_root(&empty_path);
+        let f = one(&mut s, &pm, run.addrs["direct"], true);
+        let alt = refused(&s, debug_search::refusal::ALTLINK_OUTSIDE);
+        (
+            f[0].function.clone(),
+            alt,
+            s.stats().debug_files_refused.clone(),
+        )
+    });
+    assert_eq!(names_got.as_deref(), Some("main"));
+    assert_eq!(alt, 1, "{stats:?}");
+    // `memtrace symbolize` on it: the same.
+    let (r, stats) = without_hanging("symbolize_file", move || {
+        let mut s = Symbolizer::with_debug_root("/nonexistent");
+        let r = s.symbolize_file(&bin, &[0]).map(|_| ());
+        (r.is_ok(), s.stats().debug_files_refused.clone())
+    });
+    assert!(r);
+    assert_eq!(stats.get(debug_search::refusal::ALTLINK_OUTSIDE), Some(&1));
+    drop(empty);
+}
+
+/// The altlink's named path is taken only under /usr/lib/debug; `..` or anything
+/// else is refused without a look.
+#[test]
+fn altlink_candidate_rules() {
+    let debug = TempDir::new("alt-rules");
+    std::fs::create_dir_all(debug.path().join(".dwz")).unwrap();
+    let search = DebugSearch::host(debug.path(), "/bin/x", None);
+    for (named, places) in [
+        ("/usr/lib/debug/.dwz/x86_64-linux-gnu/libc6.debug", 1),
+        ("/usr/lib/debug/x.debug", 1),
+        ("/etc/shadow", 0),
+        ("/dev/zero", 0),
+        ("/usr/lib/debug/../../../etc/shadow", 0),
+        ("../.dwz/x.debug", 0),
+        ("/usr/lib/debugger/x", 0),
+        ("", 0),
+    ] {
+        let c = debug_search::altlink_candidates(named.as_bytes(), &search);
+        assert_eq!(c.len(), places, "{named}");
+        for c in &c {
+            assert!(
+                search.display_for_tests(c).starts_with(debug.path()),
+                "{named}: {:?}",
+                search.display_for_tests(c)
+            );
+        }
+    }
+    assert_eq!(
+        search.refused().get(debug_search::refusal::ALTLINK_OUTSIDE),
+        Some(&6)
+    );
+}
+
+/// A debuglink is a bare name, looked for next to the module, in `.debug/`, and
+/// under the debug directory; next to the module no symbolic link is taken.
+#[test]
+fn debuglink_candidate_rules() {
+    let debug = TempDir::new("link-rules");
+    let search = DebugSearch::host(debug.path(), "/opt/app/lib/libx.so", None);
+    let shown: Vec<PathBuf> = debug_search::debuglink_candidates_for_tests(&search, "libx.debug");
+    assert_eq!(
+        shown,
+        [
+            PathBuf::from("/opt/app/lib/libx.debug"),
+            PathBuf::from("/opt/app/lib/.debug/libx.debug"),
+            debug.path().join("opt/app/lib/libx.debug"),
+        ]
+    );
+    for bad in ["", ".", "..", "../x.debug", "a/b", "/etc/shadow"] {
+        assert!(!debug_search::is_file_name(bad), "{bad:?}");
+    }
+    assert!(debug_search::is_file_name("libc.so.6.debug"));
+}
+
+/// A stripped binary whose debuglink names `prog.debug`, built in `d`.
+fn with_debuglink(d: &Path) -> PathBuf {
+    build_c(d, "full", &["-g", "-O2"]);
+    sh(d, "objcopy", &["--only-keep-debug", "full", "prog.debug"]);
+    sh(
+        d,
+        "objcopy",
+        &[
+            "--strip-all",
+            "--add-gnu-debuglink=prog.debug",
+            "full",
+            "prog",
+        ],
+    );
+    d.join("prog")
+}
+
+/// The debuglink's name next to the module: a FIFO, or a symlink (to a FIFO, to
+/// a real debug file, to /etc/shadow) is refused, each counted; nothing hangs.
+#[test]
+fn debuglink_fifo_and_symlinks_next_to_the_module_are_refused() {
+    let dir = TempDir::new("linkfifo");
+    let d = dir.path().to_owned();
+    let bin = with_debuglink(&d);
+    let run = run_fixture(&bin);
+    std::fs::rename(d.join("prog.debug"), d.join("real.debug")).unwrap();
+    let empty = TempDir::new("empty-debug-root");
+    let check = |what: &'static str, reason: &'static str| {
+        let (run, root) = (run.clone(), empty.path().to_owned());
+        let (f, n) = without_hanging(what, move || {
+            let pm = modules(&run, None);
+            let mut s = Symbolizer::with_debug_root(&root);
+            let f = one(&mut s, &pm, run.addrs["inner"], true);
+            (f, refused(&s, reason))
+        });
+        assert_eq!(f[0].unresolved, Some(Unresolved::NoSymbol), "{what}: {f:?}");
+        assert_eq!(n, 1, "{what}: refusals for {reason}");
+    };
+    mkfifo(&d.join("prog.debug"));
+    check("a FIFO", debug_search::refusal::NOT_REGULAR);
+    std::fs::remove_file(d.join("prog.debug")).unwrap();
+    mkfifo(&d.join("fifo"));
+    std::os::unix::fs::symlink(d.join("fifo"), d.join("prog.debug")).unwrap();
+    check("a symlink to a FIFO", debug_search::refusal::SYMLINK);
+    std::fs::remove_file(d.join("prog.debug")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", d.join("prog.debug")).unwrap();
+    check("a symlink to /etc/shadow", debug_search::refusal::SYMLINK);
+    std::fs::remove_file(d.join("prog.debug")).unwrap();
+    std::os::unix::fs::symlink("real.debug", d.join("prog.debug")).unwrap();
+    check("a symlink to the real file", debug_search::refusal::SYMLINK);
+    // The file itself is taken.
+    std::fs::remove_file(d.join("prog.debug")).unwrap();
+    std::fs::rename(d.join("real.debug"), d.join("prog.debug")).unwrap();
+    let pm = modules(&run, None);
+    let mut s = Symbolizer::with_debug_root(empty.path());
+    let f = one(&mut s, &pm, run.addrs["inner"], true);
+    assert_eq!(f[0].function.as_deref(), Some("inlined_helper"), "{f:?}");
+    assert!(s.stats().debug_files_refused.is_empty());
+}
+
+/// `memtrace symbolize -e FIFO`: an error, at once.
+#[test]
+fn symbolize_file_refuses_a_fifo() {
+    let dir = TempDir::new("efifo");
+    let fifo = dir.path().join("F");
+    mkfifo(&fifo);
+    let err = without_hanging("symbolize -e FIFO", move || {
+        let mut s = Symbolizer::new();
+        s.symbolize_file(&fifo, &[0x1000])
+            .err()
+            .map(|e| e.to_string())
+    });
+    let err = err.expect("an error");
+    assert!(
+        err.contains("not a regular file") && err.contains("FIFO"),
+        "{err}"
+    );
+}
+
+/// A module whose loader never answers: a lookup waits until its deadline, then
+/// resolves as NotLoadedInTime (counted, not cached); once the module arrives, it
+/// is used.
+#[test]
+fn a_stuck_loader_is_waited_for_until_the_deadline_only() {
+    use std::time::{Duration, Instant};
+    let dir = TempDir::new("stuck");
+    let bin = build_c(dir.path(), "prog", &["-g", "-O0"]);
+    let run = run_fixture(&bin);
+    let pm = modules(&run, None);
+    let m = pm.module_for(run.addrs["direct"] - 1).unwrap();
+    let key = m.key.unwrap();
+    let mut s = Symbolizer::new();
+    // A background thread that took the module and never sends it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.background.push(Background {
+        loading: [key].into_iter().collect(),
+        results: rx,
+    });
+    let t = Instant::now();
+    s.set_deadline(Some(t + Duration::from_millis(300)));
+    let f = one(&mut s, &pm, run.addrs["direct"], true);
+    let waited = t.elapsed();
+    assert_eq!(f[0].unresolved, Some(Unresolved::NotLoadedInTime), "{f:?}");
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(s.stats().not_loaded_in_time, 1);
+    assert_eq!(s.stats().load_waits_timed_out, 1);
+    assert!(s.loading_any(&pm, &[run.addrs["direct"]]));
+    // Past the deadline: no wait at all.
+    let t = Instant::now();
+    let f = one(&mut s, &pm, run.addrs["direct"], true);
+    assert_eq!(f[0].unresolved, Some(Unresolved::NotLoadedInTime));
+    assert!(t.elapsed() < Duration::from_millis(100));
+    // The loader delivers: the next lookup names the function.
+    let job = LoadJob::new(&pm, m, key);
+    let (r, refused) = job.load(Path::new("/usr/lib/debug"));
+    tx.send((key, m.path.clone(), r, refused)).unwrap();
+    s.set_deadline(None);
+    let f = one(&mut s, &pm, run.addrs["direct"], true);
+    assert_eq!(f[0].function.as_deref(), Some("main"), "{f:?}");
 }
