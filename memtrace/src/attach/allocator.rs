@@ -9,7 +9,6 @@
 //! module in that order that defines both `malloc` and `free`.
 use std::{
     collections::BTreeMap,
-    fs::File,
     path::{Path, PathBuf},
 };
 
@@ -20,6 +19,7 @@ use thiserror::Error;
 use crate::{
     attach::placement::{self, Placement, choose_probe_site, probe_args},
     process::maps::MapEntry,
+    process::open::open_regular,
 };
 
 /// What a probe at an entry point does.
@@ -792,7 +792,8 @@ pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
 
 /// Whether the ELF file at `path` defines (exports) the function `name`.
 pub fn defines(path: &Path, name: &str) -> bool {
-    let Ok(file) = File::open(path) else {
+    // The target names this file: a regular file only, opened without blocking.
+    let Ok(file) = open_regular(path) else {
         return false;
     };
     // SAFETY: as in find_allocator.
@@ -819,9 +820,9 @@ pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, Allocato
     let mut stripped = Vec::new();
     for m in &mods {
         let path = open_path(pid, m);
-        let file = File::open(&path).map_err(|source| AllocatorError::Io {
+        let file = open_regular(&path).map_err(|e| AllocatorError::Io {
             path: path.display().to_string(),
-            source,
+            source: e.into(),
         })?;
         // SAFETY: read-only private mapping; a concurrent truncation of a mapped
         // library would crash the target before it crashed us.

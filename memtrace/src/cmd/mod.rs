@@ -10,6 +10,8 @@ mod trace;
 
 use cli::{Cli, Command};
 
+use crate::escape::Escaped;
+
 /// memtrace's `main`: parses the command line and runs the command. Usage
 /// errors exit with 2, runtime errors with 1, each as one `memtrace: error:`
 /// line.
@@ -35,7 +37,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("memtrace: error: {e:#}");
+            eprintln!("memtrace: error: {}", error_text(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }
@@ -53,4 +55,36 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
     eprint!("memtrace: error: {msg}");
     ExitCode::from(2)
+}
+
+/// An error's text for stderr. It may hold paths and names the target
+/// chose: each line is escaped, and every line after the first is indented,
+/// so that no line of it can pass for one of memtrace's own.
+fn error_text(text: &str) -> String {
+    let mut lines = text.lines().map(|l| Escaped(l).to_string());
+    let first = lines.next().unwrap_or_default();
+    lines.fold(first, |mut out, line| {
+        out.push_str("\n  ");
+        out.push_str(&line);
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn an_error_cannot_forge_a_line_or_a_terminal_escape() {
+        assert_eq!(error_text("cannot open /x"), "cannot open /x");
+        assert_eq!(
+            error_text("no allocator in /lib/a\nmemtrace: attached\x1b[2J"),
+            "no allocator in /lib/a\n  memtrace: attached\\x1b[2J"
+        );
+        // The verifier's log keeps its lines, indented.
+        assert_eq!(
+            error_text("refused; end of its log:\n1: r0 = 0\n"),
+            "refused; end of its log:\n  1: r0 = 0"
+        );
+    }
 }
