@@ -471,8 +471,8 @@ impl Probes {
 
     /// Removes every probe from the target. The maps stay readable.
     ///
-    /// Removing a uprobe waits for the kernel to quiesce (about 0.1 s per probe
-    /// on the development VM, 1.7 s for 17 probes). Each link is closed from a
+    /// Removing a uprobe waits for the kernel to quiesce (an RCU grace period
+    /// per probe: a tenth of a second or so each). Each link is closed from a
     /// thread of its own in case the kernel lets the waits overlap; on 6.18 they
     /// still run one after the other. A uprobe_multi link waits once for all
     /// of its probes, which is why they are used where the kernel has them.

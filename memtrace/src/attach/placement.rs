@@ -3,8 +3,8 @@
 //!
 //! A uprobe replaces one instruction with int3. After the trap the kernel either
 //! emulates that instruction or single-steps a copy of it out of line (a second
-//! trap, #DB). On the development VM the first costs ~0.75 µs and the second
-//! ~11 µs (shared/notes/uprobe-cost.md), and glibc's `free` starts with
+//! trap, #DB), which costs an order of magnitude more than the first (figures
+//! per host in BENCHMARKS.md and docs/overhead.md), and glibc's `free` starts with
 //! `test %rdi,%rdi`, which is single-stepped, followed by a `je`, which is
 //! emulated. So memtrace probes the earliest instruction of the function that the
 //! kernel emulates, provided nothing before it can change what the probe sees.
