@@ -357,19 +357,7 @@ fn debuglink_resolution() {
     let dir = TempDir::new("dbglink");
     let d = dir.path();
     let src = source(FIXTURE_C);
-    build_c(d, "full", &["-g", "-O2"]);
-    sh(d, "objcopy", &["--only-keep-debug", "full", "prog.debug"]);
-    sh(
-        d,
-        "objcopy",
-        &[
-            "--strip-all",
-            "--add-gnu-debuglink=prog.debug",
-            "full",
-            "prog",
-        ],
-    );
-    let run = run_fixture(&d.join("prog"));
+    let run = run_fixture(&with_debuglink(d));
     let pm = modules(&run, None);
     let empty = TempDir::new("empty-debug-root");
     let expect = [
