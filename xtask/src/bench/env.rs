@@ -81,8 +81,10 @@ impl Env {
         };
 
         let mut unavailable = Vec::new();
-        let wants_memtrace =
-            configs.iter().any(|c| c.is_memtrace()) || opts.scale_reps > 0 || opts.symbolize;
+        let wants_memtrace = configs.iter().any(|c| c.is_memtrace())
+            || opts.scale_reps > 0
+            || opts.redis_reps > 0
+            || opts.symbolize;
         let (memtrace, memtrace_version) = if wants_memtrace {
             let bin = opts.memtrace.clone().unwrap_or_else(build::memtrace_bin);
             if !bin.exists() {

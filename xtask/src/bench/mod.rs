@@ -26,8 +26,9 @@
 //! the timed loop; memtrace reports it as the run's one site, and the length
 //! of that site's stack shows how far each stack walk got.
 //!
-//! After the overhead runs come the report at scale ([`scale`]) and
-//! symbolization against addr2line ([`symbolize`]).
+//! After the overhead runs come the report at scale ([`scale`]),
+//! symbolization against addr2line ([`symbolize`]) and a real server,
+//! redis-server on jemalloc ([`redis`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -57,6 +58,7 @@ mod markdown;
 mod memtrace_out;
 mod options;
 mod proc;
+mod redis;
 mod run;
 mod scale;
 mod stats;
@@ -124,6 +126,7 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
 struct Extra {
     scale: Option<Result<scale::Scale>>,
     symbolize: Option<Result<String>>,
+    redis: Option<Result<redis::Redis>>,
 }
 
 impl Extra {
@@ -142,7 +145,18 @@ impl Extra {
             }
             _ => None,
         };
-        Extra { scale, symbolize }
+        let redis = match (&env.memtrace, opts.redis_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: redis-server under redis-benchmark ({n} rep(s))");
+                Some(redis::run(env, bin, n, opts.seed).context("the real-server figure"))
+            }
+            _ => None,
+        };
+        Extra {
+            scale,
+            symbolize,
+            redis,
+        }
     }
 }
 
@@ -173,6 +187,21 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("symbolization: not measured ({e:#})"));
         }
         None => targets.push("symbolization: not measured (skipped)".into()),
+    }
+    match &extra.redis {
+        Some(Ok(r)) => {
+            text.push('\n');
+            text.push_str(&r.markdown());
+            targets.extend(r.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                text,
+                "\n## A real server: redis-server\n\nnot measured: {e:#}"
+            );
+            targets.push(format!("redis-server: not measured ({e:#})"));
+        }
+        None => targets.push("redis-server: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");
