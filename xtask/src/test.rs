@@ -5,7 +5,7 @@ use std::{env, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
-use crate::util::{ensure_apt, geteuid, root, status};
+use crate::util::{ensure_apt, ensure_apt_file, geteuid, root, status};
 
 pub fn test(extra: &[String]) -> Result<()> {
     build()?;
@@ -26,6 +26,17 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
     // A test counts the programs memtrace loads by tracing its bpf(2) calls.
     ensure_apt("strace", "strace", "how a test sees each BPF_PROG_LOAD")?;
+    // The real readers of the exports: a pprof profile and an SVG flame graph.
+    ensure_apt_file(
+        "/usr/bin/go",
+        "golang-go",
+        "go tool pprof reads the pprof export",
+    )?;
+    ensure_apt(
+        "chromium",
+        "chromium",
+        "a browser renders the SVG flame graph",
+    )?;
     let mut c = Command::new(&cargo);
     c.current_dir(root())
         .args(["test", "-p", "memtrace-tests"])

@@ -66,14 +66,21 @@ pub fn geteuid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-/// `bin` on PATH, else installed with apt-get from `package` (a fresh
-/// Debian machine has neither bpftrace, heaptrack nor strace).
-pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
-    let works = || output(Command::new(bin).arg("--version")).is_ok();
-    if works() {
-        return Ok(bin.into());
+/// `path` if it exists, else installed with apt-get from `package`: for
+/// tools without a `--version` (go) and for libraries.
+pub fn ensure_apt_file(path: &str, package: &str, why: &str) -> Result<()> {
+    if Path::new(path).exists() {
+        return Ok(());
     }
-    eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
+    eprintln!("xtask: {path} not found; installing {package} with apt-get ({why})");
+    apt_install(package)?;
+    if !Path::new(path).exists() {
+        bail!("{package} was installed but {path} is still missing");
+    }
+    Ok(())
+}
+
+fn apt_install(package: &str) -> Result<()> {
     let apt = |args: &[&str]| {
         status(
             Command::new("apt-get")
@@ -83,7 +90,18 @@ pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
         )
     };
     apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
+    apt(&["install", "-y", "-q", "--no-install-recommends", package])
+}
+
+/// `bin` on PATH, else installed with apt-get from `package` (a fresh
+/// Debian machine has neither bpftrace, heaptrack nor strace).
+pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
+    let works = || output(Command::new(bin).arg("--version")).is_ok();
+    if works() {
+        return Ok(bin.into());
+    }
+    eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
+    apt_install(package)?;
     if !works() {
         bail!("{package} was installed but `{bin} --version` still fails");
     }

@@ -28,6 +28,19 @@ pub enum Verdict {
     Unknown,
 }
 
+impl Verdict {
+    /// Its name in the reports (the JSON's, lowercase).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Leak => "leak",
+            Verdict::Growing => "growing",
+            Verdict::Stable => "stable",
+            Verdict::Transient => "transient",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
 /// The thresholds of the verdict rules (see [`assess`]). In the JSON report as
 /// `verdict_config`.
 #[derive(Clone, Debug, PartialEq, Serialize)]

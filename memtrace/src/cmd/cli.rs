@@ -67,6 +67,14 @@ pub enum Format {
     Text,
     /// Schema memtrace-report/1: every site, for scripts and later diffs.
     Json,
+    /// A gzipped pprof heap profile (go tool pprof, Pyroscope, Parca):
+    /// inuse_space/objects and alloc_space/objects per stack; binary, so
+    /// written to -o FILE or a pipe, not a terminal.
+    Pprof,
+    /// Folded stacks, `root;...;leaf BYTES` per line (flamegraph.pl, inferno).
+    Folded,
+    /// A flame graph of outstanding bytes: one SVG file with zoom and search.
+    Svg,
 }
 
 #[derive(Debug, Parser)]
@@ -123,13 +131,15 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
     pub top: usize,
 
-    /// Format of the final report
-    #[arg(short, long, value_name = "FMT", value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Format of the final report [default: text]. Repeat it with one -o each
+    /// to write several from one run: -f json -o r.json -f svg -o r.svg
+    #[arg(short, long, value_name = "FMT", value_enum, action = clap::ArgAction::Append)]
+    pub format: Vec<Format>,
 
-    /// Write the final report to FILE instead of stdout
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    /// Write the final report to FILE instead of stdout (one per -f when -f is
+    /// repeated)
+    #[arg(short, long, value_name = "FILE", action = clap::ArgAction::Append)]
+    pub output: Vec<PathBuf>,
 
     /// Exit with status 3 if any site gets the leak verdict (after writing the report)
     #[arg(long)]
@@ -326,6 +336,41 @@ impl Cli {
     }
 
     /// The target, or a usage error for neither/both.
+    /// Each report to write: its format and its file (None: stdout).
+    pub fn reports(&self) -> Result<Vec<(Format, Option<PathBuf>)>, String> {
+        use std::io::IsTerminal;
+        let formats = if self.format.is_empty() {
+            vec![Format::Text]
+        } else {
+            self.format.clone()
+        };
+        let reports: Vec<(Format, Option<PathBuf>)> = match (formats.len(), self.output.len()) {
+            (1, 0) => vec![(formats[0], None)],
+            (f, o) if f == o => formats
+                .into_iter()
+                .zip(self.output.iter().cloned().map(Some))
+                .collect(),
+            (f, o) => {
+                return Err(format!(
+                    "{f} formats (-f) and {o} output files (-o): give one -o FILE per -f FORMAT \
+                     (a single -f may go to stdout)"
+                ));
+            }
+        };
+        let mut paths: Vec<&PathBuf> = self.output.iter().collect();
+        paths.sort();
+        if paths.windows(2).any(|w| w[0] == w[1]) {
+            return Err("two reports to one file: give each -o its own FILE".into());
+        }
+        if reports[..] == [(Format::Pprof, None)] && std::io::stdout().is_terminal() {
+            return Err(
+                "-f pprof writes a binary profile: give -o FILE (e.g. heap.pb.gz) or pipe stdout"
+                    .into(),
+            );
+        }
+        Ok(reports)
+    }
+
     pub fn target(&self) -> Result<Target, String> {
         match (self.pid, self.command.is_empty()) {
             (Some(_), false) => Err("give either --pid or a command after `--`, not both".into()),
@@ -353,13 +398,38 @@ mod tests {
         let c = parse(&["--pid", "42", "-i", "500ms", "-f", "json"]).unwrap();
         assert!(matches!(c.target(), Ok(Target::Attach(42))));
         assert_eq!(c.interval, Duration::from_millis(500));
-        assert_eq!(c.format, Format::Json);
+        assert_eq!(c.reports(), Ok(vec![(Format::Json, None)]));
         let c = parse(&["-d", "1m", "--", "ls", "-l"]).unwrap();
         match c.target() {
             Ok(Target::Launch(cmd)) => assert_eq!(cmd, vec![OsString::from("ls"), "-l".into()]),
             other => panic!("{other:?}"),
         }
         assert_eq!(c.duration, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn one_run_writes_several_reports() {
+        let c = parse(&[
+            "-f", "json", "-o", "r.json", "-f", "svg", "-o", "r.svg", "--", "x",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.reports(),
+            Ok(vec![
+                (Format::Json, Some("r.json".into())),
+                (Format::Svg, Some("r.svg".into()))
+            ])
+        );
+        let c = parse(&["-f", "folded", "--", "x"]).unwrap();
+        assert_eq!(c.reports(), Ok(vec![(Format::Folded, None)]));
+        for bad in [
+            &["-f", "json", "-f", "svg", "-o", "r.svg", "--", "x"][..],
+            &["-o", "a", "-o", "b", "--", "x"],
+            &["-f", "json", "-o", "a", "-f", "svg", "-o", "a", "--", "x"],
+        ] {
+            let c = parse(bad).unwrap();
+            assert!(c.reports().is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -397,8 +467,8 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(10));
         assert_eq!(c.min_age, Duration::ZERO);
         assert_eq!(c.top, 10);
-        assert_eq!(c.format, Format::Text);
-        assert!(c.duration.is_none() && c.output.is_none());
+        assert_eq!(c.reports(), Ok(vec![(Format::Text, None)]));
+        assert!(c.duration.is_none());
         assert!(!c.fail_on_leak && c.alert_growth.is_none() && c.subcommand.is_none());
         assert_eq!(
             c.verdict_config(),

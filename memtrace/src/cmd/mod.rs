@@ -26,8 +26,8 @@ pub fn main() -> ExitCode {
     let result = match &cli.subcommand {
         Some(Command::Diff(args)) => diff::run(args),
         Some(Command::Symbolize(args)) => symbolize::run(args),
-        None => match cli.target() {
-            Ok(target) => trace::run(&cli, target),
+        None => match cli.target().and_then(|t| Ok((t, cli.reports()?))) {
+            Ok((target, reports)) => trace::run(&cli, target, reports),
             Err(msg) => {
                 eprintln!("memtrace: error: {msg}");
                 return ExitCode::from(2);

@@ -1,27 +1,37 @@
 //! `memtrace --pid PID` and `memtrace -- CMD`: the options of a tracing run,
 //! handed to the session.
+use std::path::PathBuf;
+
 use anyhow::Result;
 
 use super::cli::{Cli, Format};
 use crate::session::{self, Options, Target};
 
 /// Runs the session; returns the exit status.
-pub fn run(cli: &Cli, target: Target) -> Result<i32> {
-    session::run(&options(cli), target)
+pub fn run(cli: &Cli, target: Target, reports: Vec<(Format, Option<PathBuf>)>) -> Result<i32> {
+    session::run(&options(cli, reports), target)
 }
 
 /// The session's options from the command line.
-fn options(cli: &Cli) -> Options {
+fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
     Options {
         interval: cli.interval,
         duration: cli.duration,
         min_age: cli.min_age,
         top: cli.top,
-        format: match cli.format {
-            Format::Text => session::Format::Text,
-            Format::Json => session::Format::Json,
-        },
-        output: cli.output.clone(),
+        reports: reports
+            .into_iter()
+            .map(|(format, path)| {
+                let format = match format {
+                    Format::Text => session::Format::Text,
+                    Format::Json => session::Format::Json,
+                    Format::Pprof => session::Format::Pprof,
+                    Format::Folded => session::Format::Folded,
+                    Format::Svg => session::Format::Svg,
+                };
+                (format, path)
+            })
+            .collect(),
         fail_on_leak: cli.fail_on_leak,
         alert_growth: cli.alert_growth,
         map_sizes: cli.map_sizes(),

@@ -81,6 +81,13 @@ pub fn sample() -> Report {
         process: ProcessReport::default(),
         unwind: Default::default(),
         attached: false,
+        modules: vec![super::ModuleInfo {
+            path: "/usr/bin/app".into(),
+            start: 0x400000,
+            limit: 0x402000,
+            file_offset: 0,
+            build_id: Some("0123abcd".into()),
+        }],
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
@@ -481,6 +488,7 @@ pub fn varied(sampling: Sampling) -> Report {
             capacity_rows: 1 << 20,
         },
         attached: true,
+        modules: Vec::new(),
         sites,
     }
 }

@@ -162,6 +162,8 @@ impl<W: Write> ReportWriter<W> {
             process,
             unwind,
             attached: _,
+            // Not in the JSON: exports that name mappings (pprof) use them.
+            modules: _,
             sites,
         } = r;
         let w = &mut self.w;

@@ -1,12 +1,21 @@
 //! The final report: its data (schema `memtrace-report/1`) and its renderings:
-//! [`json`] (the one writer of the JSON form), [`text`], and [`diff`] (two
-//! JSON reports compared).
+//! [`json`] (the one writer of the JSON form), [`text`], [`pprof`] (a heap
+//! profile for pprof, Pyroscope and Parca), and [`diff`] (two JSON reports
+//! compared).
 pub mod diff;
 #[cfg(test)]
 mod fixture;
+mod flame;
+mod folded;
 mod frames;
 mod json;
+mod pprof;
+mod proto;
 mod text;
+
+pub use flame::write_flame_graph;
+pub use folded::write_folded;
+pub use pprof::write_pprof;
 
 pub use frames::Frames;
 pub use text::text_order;
@@ -58,7 +67,24 @@ pub struct Report {
     /// Attach mode: blocks allocated before memtrace attached are not traced.
     /// Not in the JSON.
     pub attached: bool,
+    /// The target's executable mappings (for exports that name them: pprof).
+    /// Not in the JSON.
+    pub modules: Vec<ModuleInfo>,
     pub sites: Vec<Site>,
+}
+
+/// One executable mapping of the target.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleInfo {
+    /// As the target sees it (its maps).
+    pub path: String,
+    pub start: u64,
+    /// The first address past the mapping.
+    pub limit: u64,
+    /// File offset of `start`.
+    pub file_offset: u64,
+    /// GNU build id, lowercase hex, when the file has one (and was read).
+    pub build_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

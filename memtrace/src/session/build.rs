@@ -24,8 +24,8 @@ use crate::{
     kernel::collect::{Counters, SiteSample},
     process::stat::ProcStat,
     report::{
-        self, AllocatorInfo, Drops, HistoryPoint, ProcessReport, ProcessSample, Report, Sampling,
-        Site, TargetInfo, Timeline, Totals, VerdictCounts,
+        self, AllocatorInfo, Drops, HistoryPoint, ModuleInfo, ProcessReport, ProcessSample, Report,
+        Sampling, Site, TargetInfo, Timeline, Totals, VerdictCounts,
     },
     symbolize::Symbolizer,
 };
@@ -100,6 +100,7 @@ struct Figures {
     totals: Totals,
     drops: Drops,
     process: ProcessReport,
+    modules: Vec<ModuleInfo>,
     sites: Vec<Site>,
 }
 
@@ -140,6 +141,7 @@ pub(super) fn build_report(
         totals,
         drops,
         process,
+        modules: module_infos(at, sym),
         sites,
     };
     Ok(assemble(opts, at, history, &fin, meta, figures))
@@ -328,7 +330,7 @@ fn symbolize_sites(
     lap: &mut Laps,
     signals: &Signals,
 ) -> Result<BTreeMap<String, u64>> {
-    let shown = frames::shown(opts.format, opts.top, sites);
+    let shown = frames::shown(opts.shows_every_site(), opts.top, sites);
     let stack_ids: Vec<u64> = shown.iter().map(|&i| chosen[i].sample.stack_id).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
@@ -465,8 +467,25 @@ fn assemble(
         process: figures.process,
         unwind: at.tables.stats.clone(),
         attached: !at.launched,
+        modules: figures.modules,
         sites: figures.sites,
     }
+}
+
+/// The target's executable mappings, with the build ids of the files the
+/// symbolizer has read (those of every module a reported stack is in).
+fn module_infos(at: &Attached, sym: &Symbolizer) -> Vec<ModuleInfo> {
+    at.modules
+        .modules()
+        .iter()
+        .map(|m| ModuleInfo {
+            path: m.path.clone(),
+            start: m.start,
+            limit: m.end,
+            file_offset: m.offset,
+            build_id: sym.loaded_build_id(m),
+        })
+        .collect()
 }
 
 /// The allocator and how it was probed.

@@ -66,15 +66,19 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         &s.signals,
     )?;
     let cpu_written = process_cpu();
-    write_report(&report, opts.format, opts.top, s.output.as_mut())?;
+    for (format, file) in &mut s.outputs {
+        write_report(&report, *format, opts.top, file.as_mut())?;
+    }
     let cpu_end = process_cpu();
     log::debug!(
         "report built in {:.1} ms cpu, written in {:.1} ms cpu",
         cpu_written.saturating_sub(cpu_report).as_secs_f64() * 1e3,
         cpu_end.saturating_sub(cpu_written).as_secs_f64() * 1e3,
     );
-    if let Some(path) = &opts.output {
-        eprintln!("memtrace: report written to {}", path.display());
+    for (_, path) in &opts.reports {
+        if let Some(path) = path {
+            eprintln!("memtrace: report written to {}", path.display());
+        }
     }
     // Only a launched child's status is passed on: an attached process is not ours.
     let status = if s.at.launched {

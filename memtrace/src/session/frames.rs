@@ -6,7 +6,6 @@ use anyhow::Result;
 // Keyed by addresses: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
-use super::Format;
 use crate::{
     kernel::collect::Collector,
     report::{self, Frame, Frames, Site},
@@ -14,10 +13,11 @@ use crate::{
 };
 
 /// The sites whose stacks the report shows (JSON: all of them), by index.
-pub(super) fn shown(format: Format, top: usize, sites: &[Site]) -> Vec<usize> {
-    match format {
-        Format::Json => (0..sites.len()).collect(),
-        Format::Text => report::text_order(sites).into_iter().take(top).collect(),
+pub(super) fn shown(every_site: bool, top: usize, sites: &[Site]) -> Vec<usize> {
+    if every_site {
+        (0..sites.len()).collect()
+    } else {
+        report::text_order(sites).into_iter().take(top).collect()
     }
 }
 

@@ -56,8 +56,8 @@ pub struct Options {
     pub min_age: Duration,
     /// Sites in the text report.
     pub top: usize,
-    pub format: Format,
-    pub output: Option<PathBuf>,
+    /// Each report to write, in its format, to its file (None: stdout).
+    pub reports: Vec<(Format, Option<PathBuf>)>,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
     pub map_sizes: MapSizes,
@@ -70,6 +70,23 @@ pub struct Options {
 pub enum Format {
     Text,
     Json,
+    Pprof,
+    Folded,
+    Svg,
+}
+
+impl Format {
+    /// Whether the report shows every site (else the top `--top` only).
+    fn shows_every_site(self) -> bool {
+        self != Format::Text
+    }
+}
+
+impl Options {
+    /// Whether some report shows every site (else only the text report's top).
+    fn shows_every_site(&self) -> bool {
+        self.reports.iter().any(|(f, _)| f.shows_every_site())
+    }
 }
 
 /// Traces `target` as `opts` say; returns memtrace's exit status.
@@ -88,7 +105,8 @@ struct Session {
     pidfd: OwnedFd,
     at: Attached,
     signals: Signals,
-    output: Option<ReportFile>,
+    /// Each report's format and its `--output` file (None: stdout).
+    outputs: Vec<(Format, Option<ReportFile>)>,
     started_at: SystemTime,
     /// When tracing began: the start of the summary schedule and the duration.
     trace_start: Instant,
@@ -99,7 +117,11 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     preflight::check_privileges()?;
     preflight::check_kernel()?;
     preflight::check_map_memory(&opts.map_sizes)?;
-    let output = ReportFile::open(&opts.output)?;
+    let outputs = opts
+        .reports
+        .iter()
+        .map(|(f, path)| Ok((*f, ReportFile::open(path)?)))
+        .collect::<Result<Vec<_>>>()?;
     let signals = Signals::block()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
@@ -123,7 +145,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         pidfd,
         at,
         signals,
-        output,
+        outputs,
         started_at,
         trace_start,
     })

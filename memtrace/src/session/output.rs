@@ -4,7 +4,7 @@ use std::{fs::File, io::Write, path::PathBuf};
 use anyhow::{Context, Result};
 
 use super::Format;
-use crate::report::Report;
+use crate::report::{self, Report};
 
 /// The `--output` file, opened before attaching so an unwritable path fails
 /// early. An existing report is only replaced once the new one is ready, and a
@@ -79,6 +79,9 @@ pub(super) fn write_report(
     let emit = |w: &mut dyn Write| match format {
         Format::Json => report.write_json(w),
         Format::Text => w.write_all(report.to_text(top).as_bytes()),
+        Format::Pprof => report::write_pprof(report, w),
+        Format::Folded => report::write_folded(report, w),
+        Format::Svg => report::write_flame_graph(report, w),
     };
     match output {
         Some(f) => f.write(emit),

@@ -148,13 +148,7 @@ pub(crate) struct ElfModule {
     symtab: SymbolTable,
     dynsym: SymbolTable,
     segments: Vec<Segment>,
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "read by Symbolizer::module_summary, for the tests"
-        )
-    )]
+    /// GNU build id (pprof mappings name it).
     pub build_id: Option<Vec<u8>>,
     /// Separate debug file in use, if any.
     #[cfg_attr(

@@ -753,6 +753,14 @@ impl Symbolizer {
         n
     }
 
+    /// The GNU build id (lowercase hex) of module `m`, if the symbolizer has
+    /// already read its file (never waits for it) and it has one.
+    pub fn loaded_build_id(&self, m: &MappedModule) -> Option<String> {
+        let elf = self.modules.get(&m.key?)?.as_ref().ok()?;
+        let id = elf.build_id.as_ref()?;
+        Some(id.iter().map(|x| format!("{x:02x}")).collect())
+    }
+
     /// Parses (or reuses) the module and reports what debug information was found.
     #[cfg(test)]
     pub fn module_summary(&mut self, modules: &ProcessModules, m: &MappedModule) -> ModuleSummary {
