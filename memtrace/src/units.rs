@@ -120,6 +120,16 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// `1234567` → `1,234,567`.
+/// `n` things with the noun in the right number: `1 block`, `2,000 blocks`
+/// (`noun` takes an `s` in the plural).
+pub fn counted(n: u64, noun: &str) -> String {
+    format!(
+        "{} {noun}{}",
+        format_count(n),
+        if n == 1 { "" } else { "s" }
+    )
+}
+
 pub fn format_count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);

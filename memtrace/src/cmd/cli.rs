@@ -96,11 +96,11 @@ pub struct Cli {
     pub pid: Option<u32>,
 
     /// Period of the live summary on stderr (500ms, 10s, 5m, ...)
-    #[arg(short, long, value_name = "DUR", default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(short, long, value_name = "DUR", default_value = "10s", value_parser = parse_positive_duration)]
     pub interval: Duration,
 
     /// Stop after DUR and write the report [default: until Ctrl-C or the target exits]
-    #[arg(short, long, value_name = "DUR", value_parser = parse_duration_arg)]
+    #[arg(short, long, value_name = "DUR", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
 
     /// Outstanding blocks to make room for; beyond it allocations are counted as
@@ -176,6 +176,15 @@ pub struct Cli {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// A duration that must not be zero: an interval of 0 would print summaries
+/// in a busy loop, a --duration of 0 would trace nothing.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration_arg(s)? {
+        d if d.is_zero() => Err("must be longer than 0 (e.g. 500ms, 10s)".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_sample_bytes(s: &str) -> Result<u64, String> {
@@ -435,6 +444,9 @@ mod tests {
     #[test]
     fn usage_errors() {
         assert!(parse(&["--pid", "1", "--interval", "5x"]).is_err());
+        assert!(parse(&["--pid", "1", "--interval", "0s"]).is_err());
+        assert!(parse(&["--pid", "1", "-d", "0ms"]).is_err());
+        assert!(parse(&["--pid", "1", "--min-age", "0s"]).is_ok());
         assert!(parse(&["--pid", "x"]).is_err());
         assert!(parse(&["--pid", "1", "--", "ls"]).is_err());
         assert!(parse(&[]).unwrap().target().is_err());

@@ -37,7 +37,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("memtrace: error: {}", error_text(&format!("{e:#}")));
+            eprintln!("memtrace: error: {}", error_text(&causes(&e)));
             ExitCode::from(1)
         }
     }
@@ -57,6 +57,23 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// An error and its causes, `context: cause: cause`, each said once: a
+/// context that already quotes its cause (`opening x: Permission denied (os
+/// error 13)`) is not followed by that cause again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if out.contains(&cause) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause);
+    }
+    out
+}
+
 /// An error's text for stderr. It may hold paths and names the target
 /// chose: each line is escaped, and every line after the first is indented,
 /// so that no line of it can pass for one of memtrace's own.
@@ -72,7 +89,21 @@ fn error_text(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::error_text;
+    use super::{causes, error_text};
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let e = anyhow::Error::new(io)
+            .context("reading /proc/1/maps: Permission denied (os error 13)")
+            .context("attaching to pid 1");
+        assert_eq!(
+            causes(&e),
+            "attaching to pid 1: reading /proc/1/maps: Permission denied (os error 13)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(causes(&e), "outer: inner");
+    }
 
     #[test]
     fn an_error_cannot_forge_a_line_or_a_terminal_escape() {

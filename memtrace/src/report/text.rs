@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::{Drops, Report, Sampling, Site, frames::frame_text};
 use crate::{
     analyze::{Verdict, VerdictConfig},
-    units::{format_bytes, format_count, format_duration, format_rate},
+    units::{counted, format_bytes, format_count, format_duration, format_rate},
 };
 
 fn secs(s: f64) -> String {
@@ -172,12 +172,12 @@ impl Report {
         let tot = &self.totals;
         let _ = writeln!(
             o,
-            "outstanding: {est}{} in {est}{} blocks, from {} allocations ({est}{}) and {} frees while traced",
+            "outstanding: {est}{} in {est}{}, from {} ({est}{}) and {} while traced",
             format_bytes(tot.outstanding_bytes as i64),
-            format_count(tot.outstanding_blocks),
-            format_count(tot.alloc_calls),
+            counted(tot.outstanding_blocks, "block"),
+            counted(tot.alloc_calls, "allocation"),
             format_bytes(tot.alloc_bytes as i64),
-            format_count(tot.free_calls),
+            counted(tot.free_calls, "free"),
         );
         if tot.free_unknown > 0 {
             let _ = writeln!(
@@ -441,10 +441,10 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "\n#{rank} {est}{} in {est}{} blocks ({est}{} allocations, {est}{} in all{extra})",
+            "\n#{rank} {est}{} in {est}{} ({est}{}, {est}{} in all{extra})",
             format_bytes(site.outstanding_bytes as i64),
-            format_count(site.outstanding_blocks),
-            format_count(site.alloc_calls),
+            counted(site.outstanding_blocks, "block"),
+            counted(site.alloc_calls, "allocation"),
             format_bytes(site.alloc_bytes as i64),
         );
         let _ = writeln!(o, "    {}", site.verdict_text(&self.verdict_config));
