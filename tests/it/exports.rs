@@ -349,3 +349,154 @@ fn svg_flame_graph_zooms_and_searches_in_a_browser() {
     let _ = fs::remove_file(&e.pprof);
     let _ = fs::remove_file(&e.svg);
 }
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A process that is killed and reaped when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET url` over plain HTTP/1.0 with std: the body, if the status is 200.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// The value of a PromQL instant query with one result, polled until it
+/// equals `want` (a scrape comes every second, the first after about 6 s).
+fn prometheus_until(prom: &str, query: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        let q: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        if let Some(body) = http_get(prom, &format!("/api/v1/query?query={q}")) {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
+                last = value.to_string();
+                if last == want {
+                    return last;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    panic!("prometheus: `{query}` = {last:?}, want {want}");
+}
+
+#[test]
+fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
+    require_root();
+    require_memtrace();
+    let exe = build_fixture("leaks", Variant::FramePointers);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut target = TestProcess::spawn_ready(&exe, &["attach"]);
+    let mut session = AttachSession::spawn(
+        target.pid(),
+        &["--listen", &listen, "--metrics-top-sites", "3", "-i", "1s"],
+        &[],
+    );
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    // A real Prometheus (Debian's) scraping memtrace every second.
+    let dir = scratch_dir().join(format!("prometheus-{port}"));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+             - job_name: memtrace\n    static_configs:\n      - targets: ['{listen}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_addr = format!("127.0.0.1:{}", free_port());
+    let _prom = Reaped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian's; cargo xtask test installs it)"),
+    );
+    // memtrace's own figure, once an interval after the work has shown it.
+    let metric = |name: &str| -> Option<String> {
+        let body = http_get(&listen, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.to_string())
+    };
+    let mut live = String::new();
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let now = metric("memtrace_outstanding_bytes").unwrap_or_default();
+        if !now.is_empty() && now != "0" && now == live {
+            break;
+        }
+        live = now;
+    }
+    // Prometheus stores what memtrace serves.
+    assert_eq!(
+        prometheus_until(&prom_addr, "memtrace_outstanding_bytes", &live),
+        live
+    );
+    // The fixture talks to the test over pipes: memtrace counts them by kind.
+    let body = http_get(&listen, "/metrics").unwrap();
+    let pipes = body
+        .lines()
+        .find(|l| l.starts_with("memtrace_process_open_fds{") && l.contains("kind=\"pipe\""))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| panic!("no pipe fds:\n{body}"));
+    prometheus_until(
+        &prom_addr,
+        "memtrace_process_open_fds{kind=\"pipe\"}",
+        &pipes,
+    );
+    // The live profile, read by go tool pprof from the endpoint Parca scrapes.
+    let url = format!("http://{listen}/debug/pprof/heap");
+    let top = go_pprof(&["-top", "-unit=B"], Path::new(&url));
+    assert!(top.contains(&format!("Total samples = {live}B")), "{top}");
+    assert!(top.contains("leak_realloc_chain"), "{top}");
+    // And the report at the end says the same (the fixture is idle since its
+    // work was done: nothing moves).
+    let run = session.stop(libc::SIGINT);
+    run.assert_exit(0);
+    assert_eq!(run.report.total("outstanding_bytes").to_string(), live);
+    target.finish_unharmed();
+}

@@ -141,6 +141,19 @@ pub struct Cli {
     #[arg(short, long, value_name = "FILE", action = clap::ArgAction::Append)]
     pub output: Vec<PathBuf>,
 
+    /// While tracing, serve /metrics (Prometheus, OpenMetrics) and
+    /// /debug/pprof/heap (pprof, the endpoint Parca scrapes) over HTTP on ADDR:
+    /// HOST:PORT, or a PORT on 127.0.0.1 (stacks name the target's code: bind
+    /// beyond loopback only on purpose)
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<std::net::SocketAddr>,
+
+    /// With --listen: per-site series for the top N sites by outstanding
+    /// bytes (at most 50; stacks belong in the profile, not in labels)
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "listen",
+          value_parser = parse_top_sites)]
+    pub metrics_top_sites: usize,
+
     /// Exit with status 3 if any site gets the leak verdict (after writing the report)
     #[arg(long)]
     pub fail_on_leak: bool,
@@ -176,6 +189,26 @@ pub struct Cli {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `--listen`: `HOST:PORT`, `[V6]:PORT`, or a bare port on loopback.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("`{s}` is not HOST:PORT or a port (e.g. 127.0.0.1:9464, 9464)"))
+}
+
+fn parse_top_sites(s: &str) -> Result<usize, String> {
+    let max = crate::report::metrics::MAX_TOP_SITES;
+    match s.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        Ok(_) => Err(format!(
+            "at most {max}: more series per site belong in the profile (/debug/pprof/heap)"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A duration that must not be zero: an interval of 0 would print summaries
@@ -447,6 +480,21 @@ mod tests {
         assert!(parse(&["--pid", "1", "--interval", "0s"]).is_err());
         assert!(parse(&["--pid", "1", "-d", "0ms"]).is_err());
         assert!(parse(&["--pid", "1", "--min-age", "0s"]).is_ok());
+        assert!(parse(&["--pid", "1", "--metrics-top-sites", "5"]).is_err());
+        assert!(
+            parse(&[
+                "--pid",
+                "1",
+                "--listen",
+                "9464",
+                "--metrics-top-sites",
+                "51"
+            ])
+            .is_err()
+        );
+        let c = parse(&["--pid", "1", "--listen", "9464", "--metrics-top-sites", "5"]).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(parse(&["--pid", "1", "--listen", "x:y"]).is_err());
         assert!(parse(&["--pid", "x"]).is_err());
         assert!(parse(&["--pid", "1", "--", "ls"]).is_err());
         assert!(parse(&[]).unwrap().target().is_err());

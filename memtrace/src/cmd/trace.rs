@@ -32,6 +32,8 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
                 (format, path)
             })
             .collect(),
+        listen: cli.listen,
+        metrics_top_sites: cli.metrics_top_sites,
         fail_on_leak: cli.fail_on_leak,
         alert_growth: cli.alert_growth,
         map_sizes: cli.map_sizes(),

@@ -15,7 +15,8 @@ mod text;
 
 pub use flame::write_flame_graph;
 pub use folded::write_folded;
-pub use pprof::write_pprof;
+pub mod metrics;
+pub use pprof::{Profile, ProfileSample, write_pprof};
 
 pub use frames::Frames;
 pub use text::text_order;

@@ -17,14 +17,63 @@ use std::{collections::HashMap, io, io::Write, sync::Arc};
 use flate2::{Compression, write::GzEncoder};
 
 use super::proto::Message;
-use super::{Frame, ModuleInfo, Report, Sampling};
+use super::{Frame, Frames, ModuleInfo, Report, Sampling};
+use crate::analyze::Verdict;
+
+/// What a profile is made of: the final report's sites, or the live ones
+/// that `--listen` serves.
+pub struct Profile<'a> {
+    pub samples: Vec<ProfileSample<'a>>,
+    pub modules: &'a [ModuleInfo],
+    pub sampling: Sampling,
+    pub duration_s: f64,
+    pub comments: Vec<String>,
+}
+
+/// One site: its figures in `SAMPLE_TYPES` order, its stack, its verdict.
+pub struct ProfileSample<'a> {
+    pub values: [u64; 4],
+    pub frames: &'a Frames,
+    /// None while tracing (verdicts come at the end).
+    pub verdict: Option<Verdict>,
+}
+
+impl<'a> Profile<'a> {
+    /// The final report's profile: every site it holds.
+    pub fn of_report(report: &'a Report) -> Self {
+        Profile {
+            samples: report
+                .sites
+                .iter()
+                .map(|s| ProfileSample {
+                    values: [
+                        s.alloc_calls,
+                        s.alloc_bytes,
+                        s.outstanding_blocks,
+                        s.outstanding_bytes,
+                    ],
+                    frames: &s.frames,
+                    verdict: Some(s.verdict),
+                })
+                .collect(),
+            modules: &report.modules,
+            sampling: report.sampling,
+            duration_s: report.duration_s,
+            comments: comments(report),
+        }
+    }
+
+    /// Gzipped, as pprof files and endpoints are.
+    pub fn gzipped(&self) -> io::Result<Vec<u8>> {
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        gz.write_all(&encode(self))?;
+        gz.finish()
+    }
+}
 
 /// Writes `report` as a gzipped pprof profile.
 pub fn write_pprof(report: &Report, w: &mut dyn Write) -> io::Result<()> {
-    let mut gz = GzEncoder::new(w, Compression::default());
-    gz.write_all(&encode(report))?;
-    gz.finish()?;
-    Ok(())
+    w.write_all(&Profile::of_report(report).gzipped()?)
 }
 
 /// The sample types, in Go's order: the last is the default.
@@ -36,45 +85,36 @@ const SAMPLE_TYPES: [(&str, &str); 4] = [
 ];
 
 /// The uncompressed `Profile` message.
-pub(super) fn encode(report: &Report) -> Vec<u8> {
-    let mut t = Tables::new(&report.modules);
+fn encode(p: &Profile) -> Vec<u8> {
+    let mut t = Tables::new(p.modules);
     let mut profile = Message::new();
     for (ty, unit) in SAMPLE_TYPES {
         profile.message(1, t.value_type(ty, unit));
     }
     let verdict_key = t.string("verdict");
-    for site in &report.sites {
+    for site in &p.samples {
         let locations: Vec<u64> = site.frames.groups().iter().map(|g| t.location(g)).collect();
         let mut sample = Message::new();
         sample.packed(1, locations);
-        sample.packed(
-            2,
-            [
-                site.alloc_calls,
-                site.alloc_bytes,
-                site.outstanding_blocks,
-                site.outstanding_bytes,
-            ],
-        );
-        let mut label = Message::new();
-        label.int(1, verdict_key);
-        label.int(2, t.string(site.verdict.as_str()));
-        sample.message(3, label);
+        sample.packed(2, site.values);
+        if let Some(v) = site.verdict {
+            let mut label = Message::new();
+            label.int(1, verdict_key);
+            label.int(2, t.string(v.as_str()));
+            sample.message(3, label);
+        }
         profile.message(2, sample);
     }
-    profile.int(10, (report.duration_s * 1e9) as i64);
+    profile.int(10, (p.duration_s * 1e9) as i64);
     profile.message(11, t.value_type("space", "bytes"));
     profile.int(
         12,
-        match report.sampling {
+        match p.sampling {
             Sampling::Bytes { mean_bytes } => mean_bytes as i64,
             _ => 1,
         },
     );
-    let comments: Vec<u64> = comments(report)
-        .iter()
-        .map(|c| t.string(c) as u64)
-        .collect();
+    let comments: Vec<u64> = p.comments.iter().map(|c| t.string(c) as u64).collect();
     profile.packed(13, comments);
     profile.int(14, t.string("inuse_space"));
     t.finish(profile)

@@ -474,7 +474,7 @@ fn assemble(
 
 /// The target's executable mappings, with the build ids of the files the
 /// symbolizer has read (those of every module a reported stack is in).
-fn module_infos(at: &Attached, sym: &Symbolizer) -> Vec<ModuleInfo> {
+pub(super) fn module_infos(at: &Attached, sym: &Symbolizer) -> Vec<ModuleInfo> {
     at.modules
         .modules()
         .iter()

@@ -21,8 +21,10 @@ mod build;
 mod finish;
 mod frames;
 mod launch;
+mod live;
 mod output;
 mod preflight;
+mod serve;
 mod summary;
 mod target;
 mod watch;
@@ -58,6 +60,10 @@ pub struct Options {
     pub top: usize,
     /// Each report to write, in its format, to its file (None: stdout).
     pub reports: Vec<(Format, Option<PathBuf>)>,
+    /// `--listen`: where to serve /metrics and /debug/pprof/heap.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Per-site series in /metrics: the top N sites by outstanding bytes.
+    pub metrics_top_sites: usize,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
     pub map_sizes: MapSizes,
@@ -107,6 +113,8 @@ struct Session {
     signals: Signals,
     /// Each report's format and its `--output` file (None: stdout).
     outputs: Vec<(Format, Option<ReportFile>)>,
+    /// `--listen`'s server, when asked for.
+    server: Option<serve::Server>,
     started_at: SystemTime,
     /// When tracing began: the start of the summary schedule and the duration.
     trace_start: Instant,
@@ -123,6 +131,10 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         .map(|(f, path)| Ok((*f, ReportFile::open(path)?)))
         .collect::<Result<Vec<_>>>()?;
     let signals = Signals::block()?;
+    // After blocking the signals (its thread inherits the mask: a SIGINT must
+    // reach the watch loop, not kill memtrace), and before attaching (a taken
+    // port fails before any probe goes in).
+    let server = opts.listen.map(serve::start).transpose()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
     let at = target::attach(target, opts.map_sizes, opts.sampling)?;
@@ -136,6 +148,18 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         at.function_names().join(", "),
         format_duration(t0.elapsed()),
     );
+    if let Some(srv) = &server {
+        // Until the first interval: the target, and nothing counted yet.
+        srv.published.set_metrics(crate::report::metrics::Metrics {
+            pid: at.pid,
+            sampling_mean_bytes: opts.sampling.mean_bytes(),
+            ..Default::default()
+        });
+        eprintln!(
+            "memtrace: serving http://{}/metrics and /debug/pprof/heap",
+            srv.addr
+        );
+    }
     let symbolizer = preload_symbolizer(&at);
     let trace_start = Instant::now();
     let history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
@@ -146,6 +170,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         at,
         signals,
         outputs,
+        server,
         started_at,
         trace_start,
     })

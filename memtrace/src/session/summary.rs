@@ -14,6 +14,10 @@ use super::{
     },
     target::Attached,
 };
+use super::{
+    live::{self, Interval},
+    serve::Published,
+};
 use crate::escape::{Escaped, escaped};
 use crate::{
     analyze::{self, History, SampleAges},
@@ -81,6 +85,7 @@ pub(super) fn live_summary(
     start: Instant,
     history: &mut History,
     opts: &Options,
+    published: Option<&Published>,
 ) -> Result<()> {
     let r = read(at, sym)?;
     // The history keeps the sampled figures; the line shows the estimates.
@@ -95,6 +100,19 @@ pub(super) fn live_summary(
     print_line(&r, &line, last, start, &growing, opts);
     if let Some(limit) = opts.alert_growth {
         alert(limit, &line, last, &growing);
+    }
+    if let Some(p) = published {
+        let interval = Interval {
+            counters: &r.counters,
+            sites: &line.sites,
+            blocks: line.blocks,
+            bytes: line.bytes,
+            process: r.process,
+        };
+        sym.set_deadline(Some(Instant::now() + SUMMARY_LOAD_WAIT));
+        let m = live::metrics(at, sym, &interval, opts, start);
+        sym.set_deadline(None);
+        p.set_metrics(m?);
     }
     last.update(r, line);
     Ok(())
@@ -242,7 +260,7 @@ fn fastest_growing(
 }
 
 /// `function (file.c:line)` of a stack's innermost frame, for summary lines.
-fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
+pub(super) fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
     let addrs = at.collector.stack(stack_id)?.to_vec();
     let Some(&a) = addrs.first() else {
         return Ok("[stack not captured]".to_string());

@@ -171,9 +171,18 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
                 s.trace_start,
                 &mut s.history,
                 opts,
+                s.server.as_ref().map(|srv| &*srv.published),
             );
             if let Err(e) = work {
                 log::warn!("live summary failed: {e:#}");
+            }
+        }
+        if let Some(srv) = &s.server
+            && srv.published.want_profile()
+        {
+            match super::live::profile(&mut s.at, &mut s.symbolizer, opts, s.trace_start) {
+                Ok(p) => srv.published.set_profile(p),
+                Err(e) => log::warn!("--listen: live profile failed: {e:#}"),
             }
         }
     }
