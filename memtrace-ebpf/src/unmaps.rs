@@ -13,15 +13,21 @@ use core::ffi::c_void;
 use core::ptr::write_volatile;
 
 use crate::atomic::fetch_inc;
-use crate::globals::vma_flags_offset;
-use crate::maps::{CODE_STATE, CODE_UNMAP_LOG, UNMAPPED_CODE};
+use crate::globals::{target_tgid, vma_flags_offset};
+use crate::maps::{CODE_STATE, CODE_UNMAP_LOG, PC_PAGES, UNMAPPED_CODE};
 use crate::target::is_target;
 use aya_ebpf::{
-    helpers::generated::{bpf_find_vma, bpf_get_current_task_btf, bpf_probe_read_kernel},
+    helpers::{
+        bpf_loop,
+        generated::{bpf_find_vma, bpf_get_current_task_btf, bpf_probe_read_kernel},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
-use memtrace_common::{CODE_UNMAP_LOG_ENTRIES, CodeState, CodeUnmap, MAX_UNMAPPED_RANGES, VM_EXEC};
+use memtrace_common::{
+    CODE_UNMAP_LOG_ENTRIES, CodeState, CodeUnmap, MAX_UNMAPPED_RANGES, PC_PAGE_SHIFT, PageKey,
+    VM_EXEC,
+};
 
 /// The arguments in a `syscalls:sys_enter_*` record (after the common
 /// header and `__syscall_nr`): unsigned longs from offset 16.
@@ -90,10 +96,71 @@ pub fn unmap_mremap(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn unmapping(addr: u64, len: u64) {
     let end = addr.saturating_add(len).saturating_add(4095) & !4095;
-    if len == 0 || holds_code(addr, end) == Some(false) {
+    if len == 0 {
         return;
     }
-    record(addr, end);
+    match holds_code(addr, end) {
+        Some(false) => {}
+        Some(true) => {
+            record(addr, end);
+            forget_pages(addr, end);
+        }
+        // Maybe code: a new generation all the same, but no pages removed
+        // (this may be a large range of data, each page a lookup).
+        None => record(addr, end),
+    }
+}
+
+/// Pages of code removed from PC_PAGES at most per unmapping (64 MiB of
+/// code); userspace removes what is left at its next read of the maps.
+const MAX_FORGOTTEN_PAGES: u32 = 1 << 16;
+
+/// The code pages of `forget_page`'s loop.
+#[repr(C)]
+struct Pages {
+    tgid: u32,
+    _pad: u32,
+    first: u64,
+    count: u64,
+}
+
+/// One page's unwind rows removed. (A bpf_loop callback.)
+extern "C" fn forget_page(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `forget_pages`'s Pages, on its stack, used by nothing else
+    // meanwhile.
+    let p = unsafe { &*(ctx as *const Pages) };
+    if i >= p.count {
+        return 1;
+    }
+    let key = PageKey {
+        tgid: p.tgid,
+        _pad: 0,
+        page: p.first + i,
+    };
+    let _ = PC_PAGES.remove(&key);
+    0
+}
+
+/// The unwind rows of the code in `[start, end)` are removed: code mapped
+/// there next is walked with frame pointers until userspace loads its own
+/// rows, never with those of the code unmapped.
+#[inline(always)]
+fn forget_pages(start: u64, end: u64) {
+    let mut p = Pages {
+        tgid: target_tgid(),
+        _pad: 0,
+        first: start >> PC_PAGE_SHIFT,
+        count: (end >> PC_PAGE_SHIFT).saturating_sub(start >> PC_PAGE_SHIFT),
+    };
+    // SAFETY: `p` outlives the loop, and forget_page takes exactly this context type.
+    unsafe {
+        bpf_loop(
+            MAX_FORGOTTEN_PAGES,
+            forget_page as *mut c_void,
+            (&raw mut p).cast(),
+            0,
+        )
+    };
 }
 
 /// The walk of the mappings over a range, one `bpf_find_vma` at a time.
