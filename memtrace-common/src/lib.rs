@@ -168,9 +168,12 @@ pub mod map_names {
     pub const STACK_WINDOW: &str = "STACK_WINDOW";
     pub const WALK_CACHE: &str = "WALK_CACHE";
     pub const TABLES_GENERATION: &str = "TABLES_GENERATION";
+    pub const CODE_STATE: &str = "CODE_STATE";
+    pub const CODE_UNMAP_LOG: &str = "CODE_UNMAP_LOG";
+    pub const UNMAPPED_CODE: &str = "UNMAPPED_CODE";
 
     /// Every map, in the order of `memtrace-ebpf/src/maps.rs`.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 25] = [
         ALLOC_KEYS,
         ALLOCS,
         SITES,
@@ -193,6 +196,9 @@ pub mod map_names {
         STACK_WINDOW,
         WALK_CACHE,
         TABLES_GENERATION,
+        CODE_STATE,
+        CODE_UNMAP_LOG,
+        UNMAPPED_CODE,
     ];
 }
 
@@ -794,8 +800,9 @@ pub struct Epoch {
 pub const EPOCH_TIME_SHIFT: u32 = 20;
 
 /// A user stack, innermost return address first. Map `STACKS`: stack id → `StackTrace`.
-/// The id is a 64-bit hash of the frames; a different stack with the same hash is
-/// detected (the frames are compared) and counted, never merged.
+/// The id is a 64-bit hash of the frames, and of the code generation of each frame that
+/// lies in code unmapped while traced (see [`CodeState`]); a different stack with the
+/// same hash is detected (the frames are compared) and counted, never merged.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StackTrace {
@@ -803,7 +810,61 @@ pub struct StackTrace {
     /// `STACK_*` bits: how the walk went.
     pub flags: u32,
     pub frames: [u64; MAX_STACK_DEPTH],
+    /// The code generation ([`CodeState::generation`]) when the stack was first stored:
+    /// its frames are in the code that was mapped then.
+    pub generation: u64,
 }
+
+// ---- code unmapped while traced ------------------------------------------------
+
+/// The target's code that was unmapped while traced, for telling the stacks
+/// taken in a library from those taken in one loaded at its address later. Map
+/// `CODE_STATE`, one entry, written by the BPF side only.
+///
+/// Every unmapping of code (munmap, or a mapping replaced by mmap MAP_FIXED or
+/// mremap, of a range holding an executable mapping) is seen at the syscall's entry
+/// and makes a new code *generation*: `generation` is bumped, the range is logged in
+/// `CODE_UNMAP_LOG` under it (for userspace, which resolves each stack's frames in
+/// the mappings of its generation), and merged into `UNMAPPED_CODE`, whose
+/// generations are mixed into the id of every stack with a frame in their range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeState {
+    /// Code unmappings so far.
+    pub generation: u64,
+    /// Entries of `UNMAPPED_CODE` claimed (those in use: at most
+    /// [`MAX_UNMAPPED_RANGES`]).
+    pub ranges: u64,
+    /// The lowest start and highest end of those ranges: a frame outside needs no
+    /// look at them.
+    pub lo: u64,
+    pub hi: u64,
+}
+
+/// A range of code unmapped while traced, and the code generation it began.
+/// `CODE_UNMAP_LOG` entries (by generation) and `UNMAPPED_CODE` entries (merged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeUnmap {
+    pub start: u64,
+    pub end: u64,
+    /// Written last: a log entry is complete once it holds its own generation.
+    pub generation: u64,
+}
+
+/// Entries of `UNMAPPED_CODE`. A range overlapping an entry is merged into it; when
+/// all are taken, a range is merged into one of them (its generation then changes the
+/// ids of more stacks than needed: a site may be split in two, never two merged).
+pub const MAX_UNMAPPED_RANGES: u32 = 32;
+
+/// Entries of `CODE_UNMAP_LOG`, a ring indexed by generation: userspace reads it once
+/// a second, so that many unmappings of code in a second are needed to lose one
+/// (which userspace notices, and resolves nothing across it).
+pub const CODE_UNMAP_LOG_ENTRIES: u32 = 4096;
+
+/// The flag of an executable mapping in `struct vm_area_struct`'s `vm_flags` (where
+/// that field is, userspace reads from the kernel's BTF: global `VMA_FLAGS_OFFSET`).
+pub const VM_EXEC: u64 = 0x4;
 
 /// Key of an allocator call in flight: the thread and its stack pointer at entry.
 /// A nested call on the same thread (a signal handler that allocates, a recursive
@@ -966,6 +1027,8 @@ mod pod {
         UnwindRow,
         PageKey,
         PageRows,
+        CodeState,
+        CodeUnmap,
     );
 }
 
@@ -982,7 +1045,9 @@ const _: () = {
     assert!(core::mem::size_of::<SiteStats>() == 40);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);
-    assert!(core::mem::size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
+    assert!(core::mem::size_of::<StackTrace>() == 16 + 8 * MAX_STACK_DEPTH);
+    assert!(core::mem::size_of::<CodeState>() == 32);
+    assert!(core::mem::size_of::<CodeUnmap>() == 24);
     assert!(core::mem::size_of::<PendingKey>() == 16);
     assert!(core::mem::size_of::<PendingCall>() == 40);
     assert!(core::mem::offset_of!(PendingCall, size) == 8);

@@ -54,6 +54,19 @@ pub(crate) fn opaque_zero() -> u32 {
     unsafe { read_volatile(&raw const OPAQUE_ZERO) }
 }
 
+/// Where `vm_flags` is in the kernel's `struct vm_area_struct`, from its
+/// BTF (set by userspace before load; 0: unknown, every unmapping of the
+/// target is taken as one of code).
+#[unsafe(no_mangle)]
+static VMA_FLAGS_OFFSET: u32 = 0;
+
+#[inline(always)]
+pub(crate) fn vma_flags_offset() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&VMA_FLAGS_OFFSET) }
+}
+
 #[inline(always)]
 pub(crate) fn table_buckets() -> u32 {
     // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial

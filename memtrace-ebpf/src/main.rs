@@ -11,7 +11,10 @@
 //! (`result_site`: `alloc_result` runs inside an allocating function where
 //! its outcome is already known, one trap per call). `free_enter` (`free`)
 //! retires blocks; `loader_breakpoint` (`loader`) stops a launched child at
-//! the dynamic loader's breakpoint so that userspace can attach first.
+//! the dynamic loader's breakpoint so that userspace can attach first. The
+//! tracepoints `unmap_munmap`, `unmap_mmap` and `unmap_mremap` (`unmaps`)
+//! watch the target unmap code: each time, a new code generation, which
+//! stacks are stored with (and keyed by, for frames in the code unmapped).
 //!
 //! **How an allocation flows.** The entry (`call::enter`) drops the
 //! allocator's own calls and tail calls (`marks`), draws the sampling
@@ -86,6 +89,8 @@ mod session;
 mod sites;
 #[cfg(target_arch = "bpf")]
 mod target;
+#[cfg(target_arch = "bpf")]
+mod unmaps;
 #[cfg(target_arch = "bpf")]
 mod walk;
 

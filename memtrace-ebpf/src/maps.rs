@@ -10,11 +10,12 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 use memtrace_common::{
-    AllocBucket, AllocKeys, CallMarkState, Capture, Countdown, DEFAULT_MAX_OUTSTANDING,
-    DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch,
-    MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS, MAX_RESULT_SITES, NUM_COUNTERS, PageKey, PageRows,
-    PendingCall, PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats,
-    StackTrace, TextRange, UnwindRow, alloc_buckets,
+    AllocBucket, AllocKeys, CODE_UNMAP_LOG_ENTRIES, CallMarkState, Capture, CodeState, CodeUnmap,
+    Countdown, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
+    MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS, PageKey, PageRows, PendingCall,
+    PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats, StackTrace,
+    TextRange, UnwindRow, alloc_buckets,
 };
 
 /// The block table: each bucket's addresses, and its blocks.
@@ -126,3 +127,18 @@ pub(crate) static WALK_CACHE: PerCpuArray<CachedWalk> =
 /// walks of an older generation are not used.
 #[map]
 pub(crate) static TABLES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The code generation and the use of UNMAPPED_CODE (see
+/// `memtrace_common::CodeState`), written by the unmapping tracepoints.
+#[map]
+pub(crate) static CODE_STATE: Array<CodeState> = Array::with_max_entries(1, 0);
+
+/// Every code unmapping, by generation (a ring), for userspace.
+#[map]
+pub(crate) static CODE_UNMAP_LOG: Array<CodeUnmap> =
+    Array::with_max_entries(CODE_UNMAP_LOG_ENTRIES, 0);
+
+/// The ranges of code unmapped so far, merged, with the generation of the
+/// last unmapping in each: mixed into the ids of stacks with frames there.
+#[map]
+pub(crate) static UNMAPPED_CODE: Array<CodeUnmap> = Array::with_max_entries(MAX_UNMAPPED_RANGES, 0);

@@ -8,7 +8,9 @@ pub(crate) mod store;
 
 use crate::counters::count;
 use crate::globals::target_tgid;
-use crate::maps::{PROC_TABLES, STACK_SCRATCH, STACK_WINDOW, TABLES_GENERATION, WALK_CACHE};
+use crate::maps::{
+    CODE_STATE, PROC_TABLES, STACK_SCRATCH, STACK_WINDOW, TABLES_GENERATION, WALK_CACHE,
+};
 use crate::walk::cache::{remember, remembered_walk};
 use crate::walk::step::{Walk, count_walk, walk};
 use crate::walk::store::store_stack;
@@ -117,7 +119,14 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
             start_at_registers(ctx)
         }
     };
-    let generation = TABLES_GENERATION.get(0).copied().unwrap_or(0);
+    // A remembered walk is stale once the tables change, or code is
+    // unmapped (its stack id may then be another, see `store`).
+    let code_generation = CODE_STATE.get(0).map_or(0, |c| c.generation);
+    let generation = TABLES_GENERATION
+        .get(0)
+        .copied()
+        .unwrap_or(0)
+        .wrapping_add(code_generation << 32);
     let (Some(win), Some(cached)) = (
         STACK_WINDOW.get_ptr_mut(0),
         WALK_CACHE.get_ptr_mut(start.slot),

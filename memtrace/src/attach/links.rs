@@ -20,7 +20,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
     programs::{
-        UProbe,
+        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
@@ -131,6 +131,14 @@ pub struct Probes {
     /// --sample-bytes is on.
     sampled: bool,
 }
+
+/// The watch on code the target unmaps (the BPF object's `unmaps`): a program
+/// at the entry of each syscall that can unmap or map over code.
+const UNMAP_WATCH: [(&str, &str); 3] = [
+    ("unmap_munmap", "sys_enter_munmap"),
+    ("unmap_mmap", "sys_enter_mmap"),
+    ("unmap_mremap", "sys_enter_mremap"),
+];
 
 fn entry_program(role: Role) -> &'static str {
     match role {
@@ -451,6 +459,27 @@ impl Probes {
             }
         }
         Ok(self.links.len() - before)
+    }
+
+    /// Watches the code the target unmaps (dlclose), so that each stack is
+    /// resolved in the mappings of its time. Tracepoints cannot be bound to a
+    /// process: these run at every munmap, mmap and mremap on the host, and
+    /// return at once unless the caller is the target.
+    pub fn attach_unmap_watch(&mut self) -> Result<()> {
+        let ebpf = self.ebpf.as_mut().context("probes already detached")?;
+        for (name, syscall) in UNMAP_WATCH {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+                format!("the kernel refused BPF program {name} (verifier or permissions)")
+            })?;
+            prog.attach("syscalls", syscall)
+                .map_err(|e| anyhow!(e))
+                .with_context(|| format!("attaching {name} to syscalls:{syscall}"))?;
+        }
+        Ok(())
     }
 
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.

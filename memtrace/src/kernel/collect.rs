@@ -102,7 +102,8 @@ pub struct EpochBlocks {
 
 pub struct Collector {
     pub maps: TraceMaps,
-    stacks: HashMap<u64, (Vec<u64>, u32)>,
+    /// Stacks read: frames, `STACK_*` flags, code generation.
+    stacks: HashMap<u64, (Vec<u64>, u32, u64)>,
     missed_returns: u64,
     /// Start (CLOCK_MONOTONIC ns) of each birth epoch, by id.
     epoch_starts: Vec<u64>,
@@ -270,12 +271,18 @@ impl Collector {
         Ok(self.stack_entry(stack_id)?.1)
     }
 
-    fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32)> {
+    /// The code generation the stack was taken in: its frames are in the
+    /// code mapped then (see `process::modules::ProcessModules::module_at`).
+    pub fn stack_generation(&mut self, stack_id: u64) -> Result<u64> {
+        Ok(self.stack_entry(stack_id)?.2)
+    }
+
+    fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32, u64)> {
         match self.stacks.entry(stack_id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let entry = if stack_id == NO_STACK {
-                    (Vec::new(), 0)
+                    (Vec::new(), 0, 0)
                 } else {
                     let st = self
                         .maps
@@ -283,7 +290,7 @@ impl Collector {
                         .get(&stack_id, 0)
                         .context("reading STACKS")?;
                     let len = (st.len as usize).min(st.frames.len());
-                    (st.frames[..len].to_vec(), st.flags)
+                    (st.frames[..len].to_vec(), st.flags, st.generation)
                 };
                 Ok(e.insert(entry))
             }

@@ -2,9 +2,9 @@
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use memtrace_common::{
-    AllocBucket, AllocKeys, CallMarkState, CallMarks, Epoch, MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS,
-    PageKey, PageRows, PendingCall, PendingKey, SiteKey, SiteStats, StackTrace, TextRange,
-    UnwindRow,
+    AllocBucket, AllocKeys, CallMarkState, CallMarks, CodeState, CodeUnmap, Epoch,
+    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
+    SiteStats, StackTrace, TextRange, UnwindRow,
 };
 
 use super::blocks::BlockTable;
@@ -28,6 +28,10 @@ pub struct TraceMaps {
     /// Bumped after every change to the unwind tables (see `bump_tables_generation`).
     pub tables_generation: Array<MapData, u64>,
     pub call_mark_state: Array<MapData, CallMarkState>,
+    /// The code generation (see `memtrace_common::CodeState`).
+    pub code_state: Array<MapData, CodeState>,
+    /// Code unmapped while traced, by generation (see `unmaps`).
+    pub code_unmap_log: Array<MapData, CodeUnmap>,
 }
 
 impl TraceMaps {

@@ -1,6 +1,7 @@
 //! The BPF object and its maps: loading it, sizing and reading the maps
 //! (batched where the kernel allows), the block table, the unwind tables
-//! uploaded for the walker, and the counters and sites collected from them.
+//! uploaded for the walker, the counters and sites collected from them, and
+//! the log of code the target unmapped.
 pub mod batch;
 pub mod blocks;
 pub mod collect;
@@ -9,3 +10,4 @@ pub mod multi;
 pub mod object;
 pub mod sampling;
 pub mod tables;
+pub mod unmaps;

@@ -137,6 +137,7 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
     }
     EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
+        .override_global("VMA_FLAGS_OFFSET", &vma_flags_offset(), true)
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
@@ -147,6 +148,18 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")
+}
+
+/// Where the kernel's mappings keep their flags, for the watch on code
+/// unmapped (0: not known; every unmapping then counts as one of code).
+fn vma_flags_offset() -> u32 {
+    match super::unmaps::vma_flags_offset() {
+        Ok(off) => off,
+        Err(e) => {
+            log::info!("every unmapping counts as one of code: {e:#}");
+            0
+        }
+    }
 }
 
 /// Loads the classic program `name` into the kernel.
@@ -199,6 +212,8 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         sample_log2: Array::try_from(take(map_names::SAMPLE_LOG2)?)?,
         tables_generation: Array::try_from(take(map_names::TABLES_GENERATION)?)?,
         call_mark_state: Array::try_from(take(map_names::CALL_MARK_STATE)?)?,
+        code_state: Array::try_from(take(map_names::CODE_STATE)?)?,
+        code_unmap_log: Array::try_from(take(map_names::CODE_UNMAP_LOG)?)?,
     })
 }
 

@@ -15,7 +15,7 @@ use object::{Object, ObjectSegment};
 
 use crate::{
     kernel::maps::TraceMaps,
-    process::maps::read_maps,
+    process::maps::{MapEntry, read_maps},
     process::modules::{MappedModule, ProcessModules},
     unwind,
 };
@@ -78,6 +78,7 @@ impl UnwindTables {
         modules: &ProcessModules,
     ) -> Result<()> {
         let current = read_maps(pid).map_err(|e| anyhow::anyhow!(e))?;
+        self.forget_unmapped(maps, pid, &current);
         for m in modules.modules() {
             // Only what is mapped now: ProcessModules also keeps unmapped modules
             // for symbolization, and their ranges may have been reused.
@@ -97,6 +98,39 @@ impl UnwindTables {
             .insert(pid, 1, 0)
             .context("writing PROC_TABLES")?;
         maps.bump_tables_generation()
+    }
+
+    /// Removes the pages of the mappings indexed before and gone now (dlclose):
+    /// code mapped there later must not be walked with their rows, and the same
+    /// module mapped there again is indexed again. (The BPF side removes them
+    /// already when it sees code unmapped; this covers the rest.)
+    fn forget_unmapped(&mut self, maps: &mut TraceMaps, pid: u32, current: &[MapEntry]) {
+        let gone: Vec<(u64, u64, u64)> = self
+            .indexed
+            .iter()
+            .filter(|&&(start, end, inode)| {
+                !current
+                    .iter()
+                    .any(|e| e.start == start && e.end == end && e.inode == inode)
+            })
+            .copied()
+            .collect();
+        for (start, end, inode) in gone {
+            self.indexed.remove(&(start, end, inode));
+            self.stats.mappings = self.stats.mappings.saturating_sub(1);
+            let mut page = start >> PC_PAGE_SHIFT;
+            while page << PC_PAGE_SHIFT < end {
+                let key = PageKey {
+                    tgid: pid,
+                    _pad: 0,
+                    page,
+                };
+                if maps.pc_pages.remove(&key).is_ok() {
+                    self.stats.pages = self.stats.pages.saturating_sub(1);
+                }
+                page += 1;
+            }
+        }
     }
 
     /// One PC_PAGES entry per page of the mapping: the rows that cover it.

@@ -1,4 +1,7 @@
-//! Snapshot of a process's executable mappings with the backing files held open.
+//! A process's executable mappings with the backing files held open, and when
+//! each was seen: a stack is resolved in the mappings of the code generation it
+//! was taken in (see [`ProcessModules::module_at`]), never in whatever is mapped
+//! at its addresses now.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -41,6 +44,65 @@ pub struct MappedModule {
     pub(crate) image: Option<Arc<Vec<u8>>>,
     /// The maps line this came from, to recognise it on refresh.
     entry: MapEntry,
+    /// The reads of the maps that saw it, one per era of its range (a read in
+    /// the same era as the last one adds nothing).
+    sightings: Vec<Sighting>,
+}
+
+/// A read of the target's maps: the code generations before and after it.
+/// What it saw was mapped at some moment of generation `lo..=hi`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sighting {
+    pub lo: Generation,
+    pub hi: Generation,
+}
+
+/// A code generation: how many times code of the target was unmapped (as the
+/// kernel side counts them, see `memtrace_common::CodeState`) when a stack
+/// was taken or the maps were read.
+pub type Generation = u64;
+
+/// Code of the target unmapped while traced: from `generation` on, what was
+/// mapped in `start..end` is gone (something else may be mapped there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unmapped {
+    pub generation: Generation,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Unmapped {
+    /// An unmapping whose range is not known (its log entry was lost): it
+    /// may have been anything.
+    pub fn anything(generation: Generation) -> Self {
+        Unmapped {
+            generation,
+            start: 0,
+            end: u64::MAX,
+        }
+    }
+
+    fn covers(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
+/// Which mapping held an address when a stack was taken.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Module(&'a MappedModule),
+    /// No mapping memtrace saw ever held it.
+    Unmapped,
+    /// A mapping memtrace never saw held it: other mappings were seen there, but
+    /// not in the stack's generation (loaded and unloaded between two reads).
+    Unseen,
+    /// Mappings of different files were seen there in the stack's generation
+    /// (the unmappings between them were not all seen).
+    Ambiguous,
 }
 
 impl MappedModule {
@@ -83,7 +145,20 @@ impl MappedModule {
             key,
             image: None,
             entry,
+            sightings: Vec::new(),
         }
+    }
+
+    /// What this mapping holds at `addr`: its file (as opened, and as the maps
+    /// name it) or image, and the offset in it. Two mappings with the same
+    /// identity at an address resolve alike.
+    fn identity_at(&self, addr: u64) -> (Option<ModuleKey>, (u32, u32, u64), u64) {
+        let e = &self.entry;
+        (
+            self.key,
+            (e.dev_major, e.dev_minor, e.inode),
+            self.file_offset(addr),
+        )
     }
 
     fn from_image(entry: MapEntry, image: std::io::Result<Vec<u8>>) -> Self {
@@ -107,7 +182,10 @@ impl MappedModule {
     }
 }
 
-/// Executable mappings of one process, sorted by address, non-overlapping.
+/// Executable mappings of one process: those mapped at the last read of its
+/// maps, sorted by address, non-overlapping; those gone since (kept, with their
+/// files open, for the stacks taken in them); and the code unmapped while
+/// traced, which tells which of them each stack was taken in.
 #[derive(Debug)]
 pub struct ProcessModules {
     /// The target's root directory, held open: paths are resolved inside it (never
@@ -118,6 +196,13 @@ pub struct ProcessModules {
     /// case: search debug files directly, once.
     root_is_host: bool,
     modules: Vec<MappedModule>,
+    /// Mappings seen once and not in the last read of the maps.
+    gone: Vec<MappedModule>,
+    /// Code unmapped while traced, by generation.
+    unmapped: Vec<Unmapped>,
+    /// Every unmapping up to this generation is in `unmapped` (those whose range
+    /// is not known, as [`Unmapped::anything`]).
+    known_through: Generation,
     last_maps: Option<String>,
 }
 
@@ -195,7 +280,16 @@ impl ProcessModules {
     /// Reads `/proc/PID/maps` and opens every executable file-backed mapping (via
     /// `/proc/PID/map_files/<start>-<end>`, falling back to `/proc/PID/root/<path>`), keeping
     /// the files open so stacks can be symbolized after the process exited.
+    #[cfg(test)]
     pub fn capture(pid: u32) -> Result<Self, MapsError> {
+        Self::capture_at(pid, &mut || 0)
+    }
+
+    /// [`Self::capture`], with `generation` the kernel's code generation now.
+    pub fn capture_at(
+        pid: u32,
+        generation: &mut dyn FnMut() -> Generation,
+    ) -> Result<Self, MapsError> {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let root_dir = Root::open(&root, &root).ok();
         let root_is_host = root_dir.as_ref().is_some_and(Root::is_host);
@@ -203,24 +297,46 @@ impl ProcessModules {
             root_dir,
             root_is_host,
             modules: Vec::new(),
+            gone: Vec::new(),
+            unmapped: Vec::new(),
+            known_through: 0,
             last_maps: None,
         };
-        pm.refresh(pid)?;
+        pm.refresh_at(pid, generation)?;
         Ok(pm)
     }
 
-    /// Re-reads the maps and adds mappings that are new (dlopen). Mappings that disappeared
-    /// are kept so addresses captured before a dlclose still resolve, unless a new mapping
-    /// now occupies their range. Returns whether modules were added; when the maps text is
-    /// byte-identical to the last read nothing is parsed.
+    /// Re-reads the maps and adds mappings that are new (dlopen); those that
+    /// disappeared are kept aside for the stacks taken in them. Returns whether
+    /// modules were added; when the maps text is byte-identical to the last
+    /// read nothing is parsed.
+    #[cfg(test)]
     pub fn refresh(&mut self, pid: u32) -> Result<bool, MapsError> {
-        let text = maps::read_maps_text(pid)?;
+        self.refresh_at(pid, &mut || 0)
+    }
+
+    /// How many times the maps are read while code is being unmapped, for a
+    /// read that no unmapping overlaps.
+    const READ_TRIES: usize = 3;
+
+    /// [`Self::refresh`], with `generation` the kernel's code generation now.
+    /// Unmappings up to the generation before the read should be noted first
+    /// ([`Self::note_unmapped`]) for the sightings to be compact.
+    pub fn refresh_at(
+        &mut self,
+        pid: u32,
+        generation: &mut dyn FnMut() -> Generation,
+    ) -> Result<bool, MapsError> {
+        let (text, seen) = Self::read_between(pid, generation)?;
         if self.last_maps.as_deref() == Some(text.as_str()) {
+            for i in 0..self.modules.len() {
+                self.saw(i, seen);
+            }
             return Ok(false);
         }
         let entries = maps::parse_maps(&text)?;
         let root = self.root_dir.take();
-        let changed = self.merge(entries, |e| {
+        let changed = self.merge(entries, seen, |e| {
             if e.is_file_backed() {
                 MappedModule::from_file(e.clone(), open_mapping(pid, root.as_ref(), e))
             } else {
@@ -230,6 +346,111 @@ impl ProcessModules {
         self.root_dir = root;
         self.last_maps = Some(text);
         Ok(changed)
+    }
+
+    /// The maps' text, read between two looks at the code generation; again
+    /// (a few times) while code is unmapped meanwhile.
+    fn read_between(
+        pid: u32,
+        generation: &mut dyn FnMut() -> Generation,
+    ) -> Result<(String, Sighting), MapsError> {
+        let mut tries = 0;
+        loop {
+            let lo = generation();
+            let text = maps::read_maps_text(pid)?;
+            let hi = generation();
+            tries += 1;
+            if lo == hi || tries == Self::READ_TRIES {
+                return Ok((text, Sighting { lo, hi }));
+            }
+        }
+    }
+
+    /// Code unmapped while traced, in the order of its generations, up to
+    /// `through` (every generation up to it is in `unmapped`, lost ones as
+    /// [`Unmapped::anything`]).
+    pub fn note_unmapped(
+        &mut self,
+        unmapped: impl IntoIterator<Item = Unmapped>,
+        through: Generation,
+    ) {
+        self.unmapped.extend(unmapped);
+        self.unmapped.sort_by_key(|u| u.generation);
+        self.known_through = self.known_through.max(through);
+    }
+
+    /// Whether an unmapping that `hits` may have happened in generations
+    /// `after + 1 ..= upto` (one not known yet may have been anything).
+    fn unmapped_between(
+        &self,
+        hits: impl Fn(&Unmapped) -> bool,
+        after: Generation,
+        upto: Generation,
+    ) -> bool {
+        if upto <= after {
+            return false;
+        }
+        if upto > self.known_through {
+            return true;
+        }
+        let from = self.unmapped.partition_point(|u| u.generation <= after);
+        self.unmapped[from..]
+            .iter()
+            .take_while(|u| u.generation <= upto)
+            .any(hits)
+    }
+
+    /// Module `i` (of the mapped ones) was in a read of the maps.
+    fn saw(&mut self, i: usize, seen: Sighting) {
+        let m = &self.modules[i];
+        // The last sighting stands for this one if nothing of its range was
+        // unmapped between them: both are in one era.
+        let same_era = m.sightings.last().is_some_and(|last| {
+            !self.unmapped_between(|u| u.overlaps(m.start, m.end), last.lo, seen.hi)
+        });
+        if !same_era {
+            self.modules[i].sightings.push(seen);
+        }
+    }
+
+    /// Which mapping held `addr` when generation `generation` began or during it: one
+    /// seen in a read of the maps with no unmapping of `addr` between that read and
+    /// the generation. Mappings that agree on the file and offset at `addr` are one.
+    pub fn module_at(&self, addr: u64, generation: Generation) -> Lookup<'_> {
+        let mut found: Option<&MappedModule> = None;
+        let mut held = false;
+        for m in self
+            .modules
+            .iter()
+            .chain(&self.gone)
+            .filter(|m| m.contains(addr))
+        {
+            held = true;
+            if !m
+                .sightings
+                .iter()
+                .any(|s| self.held_then(addr, s, generation))
+            {
+                continue;
+            }
+            match found {
+                Some(f) if f.identity_at(addr) != m.identity_at(addr) => return Lookup::Ambiguous,
+                Some(_) => {}
+                None => found = Some(m),
+            }
+        }
+        match found {
+            Some(m) => Lookup::Module(m),
+            None if held => Lookup::Unseen,
+            None => Lookup::Unmapped,
+        }
+    }
+
+    /// Whether what a read saw at `addr` was still (or already) there in
+    /// `generation`: nothing at `addr` unmapped from the earlier to the later.
+    fn held_then(&self, addr: u64, seen: &Sighting, generation: Generation) -> bool {
+        let (after, upto) = (generation.min(seen.lo), generation.max(seen.hi));
+        !self.unmapped_between(|u| u.covers(addr), after, upto)
     }
 
     /// Build from already parsed entries (tests, or maps captured elsewhere); `open` is
@@ -244,9 +465,12 @@ impl ProcessModules {
             root_dir: None,
             root_is_host: true,
             modules: Vec::new(),
+            gone: Vec::new(),
+            unmapped: Vec::new(),
+            known_through: 0,
             last_maps: None,
         };
-        pm.merge(entries, |e| {
+        pm.merge(entries, Sighting::default(), |e| {
             if e.is_file_backed() {
                 MappedModule::from_file(e.clone(), open(e))
             } else {
@@ -280,8 +504,15 @@ impl ProcessModules {
         self.root_is_host
     }
 
+    /// The mappings of the last read of the maps.
     pub fn modules(&self) -> &[MappedModule] {
         &self.modules
+    }
+
+    /// Every mapping seen, those gone since included.
+    #[cfg(test)]
+    pub fn all_modules(&self) -> impl Iterator<Item = &MappedModule> {
+        self.modules.iter().chain(&self.gone)
     }
 
     pub fn module_for(&self, addr: u64) -> Option<&MappedModule> {
@@ -290,23 +521,40 @@ impl ProcessModules {
         m.contains(addr).then_some(m)
     }
 
+    /// The mappings of a new read of the maps (`seen`) become the mapped ones;
+    /// those no longer there go aside. Returns whether any is new (or back).
     fn merge(
         &mut self,
         entries: Vec<MapEntry>,
+        seen: Sighting,
         mut make: impl FnMut(&MapEntry) -> MappedModule,
     ) -> bool {
+        let mut now: Vec<MapEntry> = entries
+            .into_iter()
+            .filter(|e| wanted(e) && !e.is_empty())
+            .collect();
+        now.sort_by_key(|e| e.start);
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.modules)
+            .into_iter()
+            .partition(|m| now.contains(&m.entry));
+        self.gone.extend(gone);
+        self.modules = kept;
         let mut changed = false;
-        for e in entries.into_iter().filter(wanted) {
-            if e.is_empty() || self.modules.iter().any(|m| m.entry == e) {
+        for e in now {
+            if self.modules.iter().any(|m| m.entry == e) {
                 continue;
             }
-            let m = make(&e);
-            // A new mapping over an old range (dlclose + dlopen): the new one wins.
-            self.modules
-                .retain(|o| o.end <= m.start || o.start >= m.end);
+            // Mapped again as it was (the same file at the same place): the same module.
+            let m = match self.gone.iter().position(|m| m.entry == e) {
+                Some(i) => self.gone.swap_remove(i),
+                None => make(&e),
+            };
+            changed = true;
             let i = self.modules.partition_point(|o| o.start < m.start);
             self.modules.insert(i, m);
-            changed = true;
+        }
+        for i in 0..self.modules.len() {
+            self.saw(i, seen);
         }
         changed
     }
@@ -354,8 +602,12 @@ mod tests {
         assert!(pm.module_for(0x9000).unwrap().is_vdso());
     }
 
+    fn no_file(e: &MapEntry) -> MappedModule {
+        MappedModule::from_file(e.clone(), Err(std::io::Error::other("x")))
+    }
+
     #[test]
-    fn merge_keeps_old_and_replaces_overlaps() {
+    fn a_new_read_sets_mappings_aside_and_takes_back_those_mapped_again() {
         let mut pm = ProcessModules::from_entries(
             entries("2000-3000 r-xp 00001000 08:01 10 /bin/a\n7000-8000 r-xp 0 08:01 11 /lib/b.so"),
             |_| Err(std::io::Error::other("x")),
@@ -367,17 +619,153 @@ mod tests {
                  7800-9000 r-xp 0 08:01 12 /lib/c.so\n\
                  b000-c000 r-xp 0 08:01 13 /lib/d.so",
             ),
-            |e| MappedModule::from_file(e.clone(), Err(std::io::Error::other("x"))),
+            Sighting::default(),
+            no_file,
         );
         assert!(changed);
         let paths: Vec<_> = pm.modules().iter().map(|m| m.path.as_str()).collect();
         assert_eq!(paths, ["/bin/a", "/lib/c.so", "/lib/d.so"]);
         assert_eq!(pm.module_for(0x7900).unwrap().path, "/lib/c.so");
+        assert_eq!(pm.all_modules().count(), 4, "b.so is kept aside");
         // Unchanged input: nothing added.
-        let again = pm.merge(entries("2000-3000 r-xp 00001000 08:01 10 /bin/a"), |e| {
-            MappedModule::from_file(e.clone(), Err(std::io::Error::other("x")))
-        });
+        let again = pm.merge(
+            entries(
+                "2000-3000 r-xp 00001000 08:01 10 /bin/a\n\
+                 7800-9000 r-xp 0 08:01 12 /lib/c.so\n\
+                 b000-c000 r-xp 0 08:01 13 /lib/d.so",
+            ),
+            Sighting::default(),
+            no_file,
+        );
         assert!(!again);
-        assert_eq!(pm.modules().len(), 3, "vanished mappings are kept");
+        // c.so and d.so unloaded, b.so back where it was: the module kept aside.
+        let back = pm.merge(
+            entries("2000-3000 r-xp 00001000 08:01 10 /bin/a\n7000-8000 r-xp 0 08:01 11 /lib/b.so"),
+            Sighting::default(),
+            |_| panic!("b.so is not opened again"),
+        );
+        assert!(back);
+        let paths: Vec<_> = pm.modules().iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths, ["/bin/a", "/lib/b.so"]);
+        assert_eq!(pm.all_modules().count(), 4);
+    }
+
+    const MAIN: &str = "1000-2000 r-xp 00001000 08:01 10 /bin/main\n";
+    const ALPHA: &str = "7000-8000 r-xp 00001000 08:01 11 /lib/alpha.so\n";
+    const BETA: &str = "7000-8000 r-xp 00001000 08:01 12 /lib/beta.so\n";
+
+    /// The modules after reads of the maps at the given generations, with
+    /// code unmapped as given, all known.
+    fn timeline(reads: &[(&str, Generation, Generation)], unmapped: &[Unmapped]) -> ProcessModules {
+        let mut pm = ProcessModules::from_entries(Vec::new(), |_| unreachable!());
+        let last = unmapped.iter().map(|u| u.generation).max().unwrap_or(0);
+        let last = reads.iter().map(|r| r.2).max().unwrap_or(0).max(last);
+        pm.note_unmapped(unmapped.iter().copied(), last);
+        for &(text, lo, hi) in reads {
+            pm.merge(entries(text), Sighting { lo, hi }, no_file);
+        }
+        pm
+    }
+
+    fn path(l: Lookup) -> String {
+        match l {
+            Lookup::Module(m) => m.path.clone(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn alpha_unloaded(generation: Generation) -> Unmapped {
+        Unmapped {
+            generation,
+            start: 0x6000,
+            end: 0x9000,
+        }
+    }
+
+    #[test]
+    fn a_stack_resolves_in_the_mapping_of_its_generation() {
+        let main_alpha = format!("{MAIN}{ALPHA}");
+        let main_beta = format!("{MAIN}{BETA}");
+        let mut pm = timeline(
+            &[(&main_alpha, 0, 0), (&main_beta, 1, 1)],
+            &[alpha_unloaded(1)],
+        );
+        assert_eq!(path(pm.module_at(0x7100, 0)), "/lib/alpha.so");
+        assert_eq!(path(pm.module_at(0x7100, 1)), "/lib/beta.so");
+        assert_eq!(path(pm.module_at(0x7100, 2)), "Unseen", "not known yet");
+        pm.note_unmapped([], 7);
+        assert_eq!(path(pm.module_at(0x7100, 7)), "/lib/beta.so");
+        // Nothing of main was unmapped: it is main's whatever the generation.
+        assert_eq!(path(pm.module_at(0x1100, 0)), "/bin/main");
+        assert_eq!(path(pm.module_at(0x1100, 7)), "/bin/main");
+        assert_eq!(path(pm.module_at(0x5000, 0)), "Unmapped");
+        // Only what is mapped now, by address.
+        assert_eq!(pm.module_for(0x7100).unwrap().path, "/lib/beta.so");
+    }
+
+    #[test]
+    fn a_mapping_no_read_saw_is_never_its_successor() {
+        // alpha.so loaded, used and unloaded between two reads (generation 2),
+        // beta.so loaded there and seen.
+        let main_beta = format!("{MAIN}{BETA}");
+        let pm = timeline(&[(MAIN, 0, 0), (&main_beta, 2, 2)], &[alpha_unloaded(2)]);
+        assert_eq!(path(pm.module_at(0x7100, 1)), "Unseen");
+        assert_eq!(path(pm.module_at(0x7100, 2)), "/lib/beta.so");
+        assert_eq!(path(pm.module_at(0x1100, 1)), "/bin/main");
+    }
+
+    #[test]
+    fn without_the_unmappings_two_files_at_one_address_are_ambiguous() {
+        // No unmapping known (the kernel side could not watch them): alpha.so
+        // and beta.so were both seen at one address, in one generation.
+        let main_alpha = format!("{MAIN}{ALPHA}");
+        let main_beta = format!("{MAIN}{BETA}");
+        let pm = timeline(&[(&main_alpha, 0, 0), (&main_beta, 0, 0)], &[]);
+        assert_eq!(path(pm.module_at(0x7100, 0)), "Ambiguous");
+        assert_eq!(path(pm.module_at(0x1100, 0)), "/bin/main");
+    }
+
+    #[test]
+    fn an_unmapping_not_known_may_have_been_anything() {
+        let main_alpha = format!("{MAIN}{ALPHA}");
+        let mut pm = timeline(&[(&main_alpha, 0, 0)], &[]);
+        // Generation 1 is known, 2 was lost, 3 not read yet.
+        pm.note_unmapped([alpha_unloaded(1), Unmapped::anything(2)], 2);
+        assert_eq!(path(pm.module_at(0x1100, 0)), "/bin/main");
+        assert_eq!(path(pm.module_at(0x1100, 1)), "/bin/main");
+        assert_eq!(path(pm.module_at(0x1100, 2)), "Unseen");
+        assert_eq!(path(pm.module_at(0x1100, 3)), "Unseen");
+        assert_eq!(path(pm.module_at(0x7100, 1)), "Unseen");
+    }
+
+    #[test]
+    fn a_read_during_an_unmapping_tells_nothing_of_that_address() {
+        // The read began in generation 0 and ended in 1: alpha.so may have
+        // been seen before or after its range was unmapped.
+        let main_alpha = format!("{MAIN}{ALPHA}");
+        let pm = timeline(&[(&main_alpha, 0, 1)], &[alpha_unloaded(1)]);
+        assert_eq!(path(pm.module_at(0x7100, 0)), "Unseen");
+        assert_eq!(path(pm.module_at(0x1100, 0)), "/bin/main");
+    }
+
+    #[test]
+    fn reads_in_one_era_are_one_sighting() {
+        let main_alpha = format!("{MAIN}{ALPHA}");
+        let mut pm = timeline(&[(&main_alpha, 0, 0)], &[]);
+        pm.note_unmapped([alpha_unloaded(1), alpha_unloaded(2)], 2);
+        for g in 0..3 {
+            pm.merge(entries(&main_alpha), Sighting { lo: g, hi: g }, no_file);
+        }
+        let sightings = |p: &str| {
+            pm.all_modules()
+                .find(|m| m.path == p)
+                .map(|m| m.sightings.len())
+        };
+        assert_eq!(sightings("/bin/main"), Some(1));
+        assert_eq!(sightings("/lib/alpha.so"), Some(3), "one per era");
+        // alpha.so seen again in each era: it was there in each.
+        for g in 0..3 {
+            assert_eq!(path(pm.module_at(0x7100, g)), "/lib/alpha.so");
+        }
     }
 }

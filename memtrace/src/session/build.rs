@@ -27,7 +27,7 @@ use crate::{
         self, AllocatorInfo, Drops, HistoryPoint, ModuleInfo, ProcessReport, ProcessSample, Report,
         Sampling, Site, TargetInfo, Timeline, Totals, VerdictCounts,
     },
-    symbolize::Symbolizer,
+    symbolize::{Symbolizer, Taken},
 };
 
 /// When and how tracing ended, and how the target did.
@@ -334,10 +334,11 @@ fn symbolize_sites(
     let stack_ids: Vec<u64> = shown.iter().map(|&i| chosen[i].sample.stack_id).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
+    at.note_unmaps();
     wait_for_debug_info(at, sym, &addrs, signals);
     // Waited above: what is still loading now is not waited for again.
     sym.set_deadline(Some(Instant::now()));
-    let resolved = sym.symbolize(&at.modules, &addrs, true);
+    let resolved = sym.symbolize_taken(&at.modules, &addrs, true);
     sym.set_deadline(None);
     // CPU of all threads (laps are): large batches are resolved on two.
     let cpu_sym = lap.mark("symbolize");
@@ -351,8 +352,9 @@ fn symbolize_sites(
     lap.mark("groups");
     let mut unresolved = BTreeMap::new();
     for (&i, &stack_id) in shown.iter().zip(&stack_ids) {
+        let generation = at.collector.stack_generation(stack_id)?;
         let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, &mut sites[i].frames, &mut unresolved);
+        groups.fill(stack, generation, &mut sites[i].frames, &mut unresolved);
     }
     lap.mark("frames");
     Ok(unresolved)
@@ -360,10 +362,10 @@ fn symbolize_sites(
 
 /// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
 /// info of the modules `addrs` go through to be loaded in the background.
-fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[u64], signals: &Signals) {
-    sym.load_in_background(&at.modules, addrs.iter().copied());
+fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[Taken], signals: &Signals) {
+    sym.load_taken_in_background(&at.modules, addrs.iter().copied());
     let deadline = Instant::now() + REPORT_LOAD_WAIT;
-    while sym.loading_any(&at.modules, addrs) {
+    while sym.loading_any_taken(&at.modules, addrs) {
         let now = Instant::now();
         if now >= deadline {
             eprintln!(

@@ -128,7 +128,7 @@ fn settle_target(at: &mut Attached, end: End) -> Result<Outcome> {
     }
     if !exited {
         // The target lives on: pick up libraries it loaded since the last refresh.
-        let _ = at.modules.refresh(pid);
+        let _ = at.refresh_modules();
     }
     Ok(Outcome {
         exited,

@@ -1,5 +1,6 @@
-//! A report's stacks as frames: each address symbolized once and its frames
-//! shared, stacks cut at the thread's entry code, and why a walk stopped early.
+//! A report's stacks as frames: each address symbolized once (per code
+//! generation its stacks were taken in) and its frames shared, stacks cut at
+//! the thread's entry code, and why a walk stopped early.
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::Result;
@@ -9,7 +10,7 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::{
     kernel::collect::Collector,
     report::{self, Frame, Frames, Site},
-    symbolize::Unresolved,
+    symbolize::{Taken, Unresolved},
 };
 
 /// The sites whose stacks the report shows (JSON: all of them), by index.
@@ -21,15 +22,17 @@ pub(super) fn shown(every_site: bool, top: usize, sites: &[Site]) -> Vec<usize> 
     }
 }
 
-/// The distinct addresses of these stacks, sorted, so that each is symbolized
-/// once; and how many frames the stacks have in all.
+/// The distinct addresses of these stacks with the code generation each was
+/// taken in, sorted, so that each is symbolized once; and how many frames the
+/// stacks have in all.
 pub(super) fn distinct_addresses(
     collector: &mut Collector,
     stack_ids: &[u64],
-) -> Result<(Vec<u64>, usize)> {
-    let mut addrs: Vec<u64> = Vec::new();
+) -> Result<(Vec<Taken>, usize)> {
+    let mut addrs: Vec<Taken> = Vec::new();
     for &id in stack_ids {
-        addrs.extend_from_slice(collector.stack(id)?);
+        let generation = collector.stack_generation(id)?;
+        addrs.extend(collector.stack(id)?.iter().map(|&a| (a, generation)));
     }
     let occurrences = addrs.len();
     addrs.sort_unstable();
@@ -45,12 +48,12 @@ struct Group {
     bottoms: Bottoms,
 }
 
-/// The frames of each distinct address.
-pub(super) struct AddressFrames(HashMap<u64, Group>);
+/// The frames of each distinct address (and generation).
+pub(super) struct AddressFrames(HashMap<Taken, Group>);
 
 impl AddressFrames {
     /// `resolved`: the frames of each of `addrs`, in the same order.
-    pub(super) fn of(addrs: &[u64], resolved: Vec<Vec<Frame>>) -> Self {
+    pub(super) fn of(addrs: &[Taken], resolved: Vec<Vec<Frame>>) -> Self {
         AddressFrames(
             addrs
                 .iter()
@@ -69,18 +72,20 @@ impl AddressFrames {
         )
     }
 
-    /// Fills a site's `frames` from its stack, down to the thread's entry
-    /// code, and counts its unresolved frames by reason.
+    /// Fills a site's `frames` from its stack, taken in code generation
+    /// `generation`, down to the thread's entry code, and counts its
+    /// unresolved frames by reason.
     pub(super) fn fill(
         &self,
         stack: &[u64],
+        generation: u64,
         frames: &mut Frames,
         unresolved: &mut BTreeMap<String, u64>,
     ) {
         frames.reserve(stack.len());
         let mut keep = KeepAboveEntry::default();
-        for addr in stack {
-            let Some(group) = self.0.get(addr) else {
+        for &addr in stack {
+            let Some(group) = self.0.get(&(addr, generation)) else {
                 continue;
             };
             for &reason in &group.unresolved {
@@ -199,6 +204,8 @@ fn unresolved_name(r: Unresolved) -> &'static str {
         Unresolved::NoSymbol => "no_symbol",
         Unresolved::NoLineInfo => "no_line_info",
         Unresolved::NotLoadedInTime => "debug_info_not_loaded_in_time",
+        Unresolved::ModuleUnseen => "module_unseen",
+        Unresolved::ModuleAmbiguous => "module_ambiguous",
     }
 }
 

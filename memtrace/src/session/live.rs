@@ -94,16 +94,23 @@ pub(super) fn profile(
         .collect();
     let stack_ids: Vec<u64> = sites.iter().map(|s| s.stack_id).collect();
     let (addrs, _) = super::frames::distinct_addresses(&mut at.collector, &stack_ids)?;
-    sym.load_in_background(&at.modules, addrs.iter().copied());
+    at.note_unmaps();
+    sym.load_taken_in_background(&at.modules, addrs.iter().copied());
     sym.set_deadline(Some(Instant::now() + PROFILE_LOAD_WAIT));
-    let resolved = sym.symbolize(&at.modules, &addrs, true);
+    let resolved = sym.symbolize_taken(&at.modules, &addrs, true);
     sym.set_deadline(None);
     let groups = AddressFrames::of(&addrs, resolved);
     let mut unresolved = BTreeMap::new();
     let mut frames = Vec::with_capacity(sites.len());
     for s in &sites {
         let mut f = Frames::default();
-        groups.fill(at.collector.stack(s.stack_id)?, &mut f, &mut unresolved);
+        let generation = at.collector.stack_generation(s.stack_id)?;
+        groups.fill(
+            at.collector.stack(s.stack_id)?,
+            generation,
+            &mut f,
+            &mut unresolved,
+        );
         frames.push(f);
     }
     let modules = super::build::module_infos(at, sym);

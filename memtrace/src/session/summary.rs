@@ -149,13 +149,15 @@ fn read_ahead(at: &mut Attached, sym: &mut Symbolizer, raw_sites: &[SiteSample])
         return Ok(());
     }
     log::debug!("{} new stacks read", ahead.len());
+    at.note_unmaps();
     let mut addrs = Vec::new();
     for &id in &ahead {
-        addrs.extend_from_slice(at.collector.stack(id)?);
+        let generation = at.collector.stack_generation(id)?;
+        addrs.extend(at.collector.stack(id)?.iter().map(|&a| (a, generation)));
     }
     addrs.sort_unstable();
     addrs.dedup();
-    let n = sym.load_in_background(&at.modules, addrs);
+    let n = sym.load_taken_in_background(&at.modules, addrs);
     if n > 0 {
         log::debug!("{n} modules of those stacks loading in the background");
     }
@@ -261,11 +263,11 @@ fn fastest_growing(
 
 /// `function (file.c:line)` of a stack's innermost frame, for summary lines.
 pub(super) fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
-    let addrs = at.collector.stack(stack_id)?.to_vec();
-    let Some(&a) = addrs.first() else {
+    let generation = at.collector.stack_generation(stack_id)?;
+    let Some(&a) = at.collector.stack(stack_id)?.first() else {
         return Ok("[stack not captured]".to_string());
     };
-    let frames = sym.symbolize(&at.modules, &[a], true);
+    let frames = sym.symbolize_taken(&at.modules, &[(a, generation)], true);
     let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
     Ok(match f {
         Some(f) => {

@@ -18,7 +18,8 @@ use crate::{
         maps::{MapSizes, TraceMaps},
         object,
     },
-    process::maps::read_maps,
+    process::maps::{MapsError, read_maps},
+    process::modules::Generation,
     report::Sampling,
     symbolize::ProcessModules,
 };
@@ -38,6 +39,8 @@ pub(super) struct Attached {
     pub(super) nprobes: usize,
     /// Unwind tables loaded into the kernel for this process.
     pub(super) tables: UnwindTables,
+    /// The code unmapped while traced is in `modules` up to this generation.
+    pub(super) unmaps_read: Generation,
 }
 
 impl Attached {
@@ -48,6 +51,46 @@ impl Attached {
             .iter()
             .flat_map(|p| p.names.iter().map(|n| n.to_string()))
             .collect()
+    }
+
+    /// Takes the code the target unmapped since the last look into its
+    /// modules' timeline (for the stacks to be resolved in the code of their
+    /// time; a log that cannot be read leaves them as they are).
+    pub(super) fn note_unmaps(&mut self) {
+        match self.collector.maps.code_unmaps(self.unmaps_read) {
+            Ok(log) => {
+                if !log.unmapped.is_empty() {
+                    log::debug!(
+                        "{} code unmappings, through generation {}",
+                        log.unmapped.len(),
+                        log.through
+                    );
+                }
+                self.modules.note_unmapped(log.unmapped, log.through);
+                self.unmaps_read = log.through;
+            }
+            Err(e) => log::warn!("reading the code unmapped: {e:#}"),
+        }
+    }
+
+    /// Re-reads the target's mappings (after taking in the code unmapped);
+    /// whether modules were added.
+    pub(super) fn refresh_modules(&mut self) -> Result<bool, MapsError> {
+        self.note_unmaps();
+        let maps = &self.collector.maps;
+        self.modules
+            .refresh_at(self.pid, &mut || maps.code_generation())
+    }
+}
+
+/// Starts the watch on code the target unmaps; without it a stack in a library
+/// unloaded and replaced is left unresolved (`module_ambiguous`).
+fn watch_unmaps(probes: &mut Probes) {
+    if let Err(e) = probes.attach_unmap_watch() {
+        log::warn!(
+            "code the target unmaps is not watched ({e:#}): frames in a library \
+             replaced by another at its address are left unresolved"
+        );
     }
 }
 
@@ -138,9 +181,6 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
 fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
-    let modules = ProcessModules::capture(pid).map_err(|e| {
-        exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
-    })?;
     let allocator =
         allocator::find_allocator(pid, &maps).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
@@ -148,6 +188,12 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     debug_attach_delay();
     let (programs, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes())?;
     let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
+    // Watched from before the modules are read: no unmapping goes unseen.
+    watch_unmaps(&mut probes);
+    let modules =
+        ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
+            exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
+        })?;
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
@@ -169,6 +215,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         launched: false,
         nprobes,
         tables,
+        unmaps_read: 0,
     })
 }
 
@@ -200,6 +247,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let loaded = object::load(pid, sizes, sampling.mean_bytes()).and_then(|(programs, maps)| {
         let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
+        watch_unmaps(&mut probes);
         Ok((probes, maps))
     });
     let (mut probes, mut trace_maps) = match loaded {
@@ -215,9 +263,10 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let dynamic = matches!(loading, Loading::Dynamic { .. });
     let (allocator, nprobes) =
         attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)?;
-    let modules = probes
-        .detach_loader_breakpoint()
-        .and_then(|_| ProcessModules::capture(pid).map_err(|e| anyhow!(e)));
+    let modules = probes.detach_loader_breakpoint().and_then(|_| {
+        ProcessModules::capture_at(pid, &mut || trace_maps.code_generation())
+            .map_err(|e| anyhow!(e))
+    });
     let modules = match modules {
         Ok(m) => m,
         Err(e) => {
@@ -245,6 +294,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         launched: true,
         nprobes,
         tables,
+        unmaps_read: 0,
     })
 }
 

@@ -205,7 +205,7 @@ fn called_exec(at: &Attached) -> bool {
 /// Captures the modules the target mapped since the last look (dlopen) and
 /// loads their unwind tables.
 fn refresh_modules(at: &mut Attached) {
-    if let Ok(true) = at.modules.refresh(at.pid) {
+    if let Ok(true) = at.refresh_modules() {
         target::load_tables(&mut at.tables, &mut at.collector.maps, at.pid, &at.modules);
     }
 }

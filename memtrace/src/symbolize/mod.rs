@@ -29,9 +29,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use crate::process::modules::{MappedModule, ProcessModules};
+pub use crate::process::modules::{Generation, MappedModule, ProcessModules};
 
-use crate::process::modules::ModuleKey;
+use crate::process::modules::{Lookup, ModuleKey};
+
+/// An address of a stack, and the code generation the stack was taken in:
+/// the address is resolved in the mapping that held it then (see
+/// [`ProcessModules::module_at`]); [`NOW`], in what holds it now.
+pub type Taken = (u64, Generation);
+
+/// The generation of addresses to resolve in what is mapped now.
+pub const NOW: Generation = Generation::MAX;
 /// One parsed module; outside this stage only `crate::fuzzing` loads one directly.
 pub(crate) use elf::ElfModule;
 use elf::{DebugSearch, LoadError};
@@ -68,6 +76,13 @@ pub enum Unresolved {
     /// The module's debug info was still loading (on a background thread) when the
     /// lookup's deadline passed: nothing of it is known.
     NotLoadedInTime,
+    /// The address was in a mapping memtrace never saw: mapped and unmapped again
+    /// between two reads of the target's maps (a library loaded and unloaded within a
+    /// second). What was mapped there before or after is not used.
+    ModuleUnseen,
+    /// Mappings of different files were seen at the address and memtrace cannot tell
+    /// which the stack was taken in (the unmappings between them were not watched).
+    ModuleAmbiguous,
 }
 
 /// One symbolized frame. Inlined frames share the `address` of the physical frame.
@@ -143,6 +158,9 @@ pub struct SymbolizeStats {
     pub no_line_info: u64,
     /// Frames of modules whose debug info was not loaded by the lookup's deadline.
     pub not_loaded_in_time: u64,
+    /// Frames in a mapping never seen, or of two that cannot be told apart.
+    pub module_unseen: u64,
+    pub module_ambiguous: u64,
     /// Lookups that gave up waiting for a module loading in the background.
     pub load_waits_timed_out: u64,
     /// Debug-file candidates refused (not opened, or not read), by reason: see
@@ -160,6 +178,8 @@ impl SymbolizeStats {
             Unresolved::NoSymbol => self.no_symbol,
             Unresolved::NoLineInfo => self.no_line_info,
             Unresolved::NotLoadedInTime => self.not_loaded_in_time,
+            Unresolved::ModuleUnseen => self.module_unseen,
+            Unresolved::ModuleAmbiguous => self.module_ambiguous,
         }
     }
 
@@ -202,6 +222,8 @@ impl SymbolizeStats {
             Some(Unresolved::NoSymbol) => self.no_symbol += 1,
             Some(Unresolved::NoLineInfo) => self.no_line_info += 1,
             Some(Unresolved::NotLoadedInTime) => self.not_loaded_in_time += 1,
+            Some(Unresolved::ModuleUnseen) => self.module_unseen += 1,
+            Some(Unresolved::ModuleAmbiguous) => self.module_ambiguous += 1,
         }
     }
 }
@@ -354,14 +376,21 @@ impl Symbolizer {
 
     /// Whether any of the modules holding `addrs` (return addresses, as for
     /// [`Self::load_in_background`]) is still being loaded in the background.
+    #[cfg(test)]
     pub fn loading_any(&mut self, modules: &ProcessModules, addrs: &[u64]) -> bool {
+        let taken: Vec<Taken> = addrs.iter().map(|&a| (a, NOW)).collect();
+        self.loading_any_taken(modules, &taken)
+    }
+
+    /// [`Self::loading_any`] for addresses of stacks taken in given generations.
+    pub fn loading_any_taken(&mut self, modules: &ProcessModules, addrs: &[Taken]) -> bool {
         self.receive_background(None, Instant::now());
         if self.background.is_empty() {
             return false;
         }
-        addrs.iter().any(|&a| {
-            modules
-                .module_for(a.saturating_sub(1))
+        addrs.iter().any(|&(a, g)| {
+            mapping(modules, a.saturating_sub(1), g)
+                .ok()
                 .and_then(|m| m.key)
                 .is_some_and(|k| self.background.iter().any(|b| b.loading.contains(&k)))
         })
@@ -386,14 +415,25 @@ impl Symbolizer {
     /// addresses: each is looked up at `addr - 1`, as [`Self::symbolize`] does) and are
     /// neither loaded nor being loaded, so that a later report only pays for lookups.
     /// A lookup that needs one of them waits for it. Returns how many were started.
+    #[cfg(test)]
     pub fn load_in_background(
         &mut self,
         modules: &ProcessModules,
         addrs: impl IntoIterator<Item = u64>,
     ) -> usize {
+        self.load_taken_in_background(modules, addrs.into_iter().map(|a| (a, NOW)))
+    }
+
+    /// [`Self::load_in_background`] for addresses of stacks taken in given
+    /// generations.
+    pub fn load_taken_in_background(
+        &mut self,
+        modules: &ProcessModules,
+        addrs: impl IntoIterator<Item = Taken>,
+    ) -> usize {
         let ms = addrs
             .into_iter()
-            .filter_map(|a| modules.module_for(a.saturating_sub(1)));
+            .filter_map(|(a, g)| mapping(modules, a.saturating_sub(1), g).ok());
         self.load_modules_in_background(modules, ms)
     }
 
@@ -493,25 +533,38 @@ impl Symbolizer {
     /// One result per address, each with at least one frame: innermost inlined function
     /// first (`inlined: true`), the real function last. With `return_addresses`, every
     /// address is looked up at `addr - 1`.
+    #[cfg(test)]
     pub fn symbolize(
         &mut self,
         modules: &ProcessModules,
         addrs: &[u64],
         return_addresses: bool,
     ) -> Vec<Vec<Frame>> {
+        let taken: Vec<Taken> = addrs.iter().map(|&a| (a, NOW)).collect();
+        self.symbolize_taken(modules, &taken, return_addresses)
+    }
+
+    /// [`Self::symbolize`] for addresses of stacks taken in given generations:
+    /// each is resolved in the mapping that held it then.
+    pub fn symbolize_taken(
+        &mut self,
+        modules: &ProcessModules,
+        addrs: &[Taken],
+        return_addresses: bool,
+    ) -> Vec<Vec<Frame>> {
         // Every module these need and nobody loads yet is loaded on one background
         // thread, so that no lookup waits for a file without a deadline.
-        let probes = addrs.iter().map(|&a| {
+        let probes = addrs.iter().map(|&(a, g)| {
             if return_addresses {
-                a
+                (a, g)
             } else {
-                a.saturating_add(1)
+                (a.saturating_add(1), g)
             }
         });
-        self.load_in_background(modules, probes);
+        self.load_taken_in_background(modules, probes);
         addrs
             .iter()
-            .map(|&a| self.symbolize_one(modules, a, return_addresses))
+            .map(|&(a, g)| self.symbolize_one(modules, a, g, return_addresses))
             .collect()
     }
 
@@ -528,7 +581,7 @@ impl Symbolizer {
         stack
             .iter()
             .enumerate()
-            .map(|(i, &a)| self.symbolize_one(modules, a, !(i == 0 && first_is_ip)))
+            .map(|(i, &a)| self.symbolize_one(modules, a, NOW, !(i == 0 && first_is_ip)))
             .collect()
     }
 
@@ -536,6 +589,7 @@ impl Symbolizer {
         &mut self,
         modules: &ProcessModules,
         addr: u64,
+        generation: Generation,
         return_address: bool,
     ) -> Vec<Frame> {
         self.stats.addresses += 1;
@@ -544,13 +598,9 @@ impl Symbolizer {
         } else {
             addr
         };
-        let frames = match modules.module_for(probe) {
-            None => vec![to_frame(
-                addr,
-                None,
-                FrameInfo::unresolved(Unresolved::Unmapped),
-            )],
-            Some(m) => {
+        let frames = match mapping(modules, probe, generation) {
+            Err(reason) => vec![to_frame(addr, None, FrameInfo::unresolved(reason))],
+            Ok(m) => {
                 let infos = self.resolve_in(modules, m, probe);
                 infos
                     .into_iter()
@@ -791,6 +841,24 @@ impl Symbolizer {
             }
         }
         s
+    }
+}
+
+/// The mapping that held `addr` in `generation` ([`NOW`]: holds it now), or
+/// why there is none to resolve it in.
+fn mapping(
+    modules: &ProcessModules,
+    addr: u64,
+    generation: Generation,
+) -> Result<&MappedModule, Unresolved> {
+    if generation == NOW {
+        return modules.module_for(addr).ok_or(Unresolved::Unmapped);
+    }
+    match modules.module_at(addr, generation) {
+        Lookup::Module(m) => Ok(m),
+        Lookup::Unmapped => Err(Unresolved::Unmapped),
+        Lookup::Unseen => Err(Unresolved::ModuleUnseen),
+        Lookup::Ambiguous => Err(Unresolved::ModuleAmbiguous),
     }
 }
 
