@@ -87,6 +87,8 @@ mod sites;
 #[cfg(target_arch = "bpf")]
 mod target;
 #[cfg(target_arch = "bpf")]
+mod uretprobe;
+#[cfg(target_arch = "bpf")]
 mod walk;
 
 #[cfg(target_arch = "bpf")]

@@ -14,7 +14,7 @@ use memtrace_common::{
     DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING, DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch,
     MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS, MAX_RESULT_SITES, NUM_COUNTERS, PageKey, PageRows,
     PendingCall, PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats,
-    StackTrace, TextRange, UnwindRow, alloc_buckets,
+    StackTrace, TextRange, TraceState, UnwindRow, alloc_buckets,
 };
 
 /// The block table: each bucket's addresses, and its blocks.
@@ -126,3 +126,8 @@ pub(crate) static WALK_CACHE: PerCpuArray<CachedWalk> =
 /// walks of an older generation are not used.
 #[map]
 pub(crate) static TABLES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether tracing has ended, and the uretprobe trampoline's address (see
+/// `TraceState`).
+#[map]
+pub(crate) static TRACE_STATE: Array<TraceState> = Array::with_max_entries(1, 0);

@@ -9,3 +9,4 @@ pub mod multi;
 pub mod object;
 pub mod sampling;
 pub mod tables;
+pub mod uprobe_offsets;

@@ -140,6 +140,11 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
+        .override_global(
+            "UPROBE_OFFSETS",
+            &super::uprobe_offsets::running_kernel(),
+            true,
+        )
         .map_max_entries(map_names::ALLOC_KEYS, sizes.block_buckets())
         .map_max_entries(map_names::ALLOCS, sizes.block_buckets())
         .map_max_entries(map_names::STACKS, sizes.stacks)
@@ -199,6 +204,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         sample_log2: Array::try_from(take(map_names::SAMPLE_LOG2)?)?,
         tables_generation: Array::try_from(take(map_names::TABLES_GENERATION)?)?,
         call_mark_state: Array::try_from(take(map_names::CALL_MARK_STATE)?)?,
+        trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
     })
 }
 
