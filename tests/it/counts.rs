@@ -55,7 +55,12 @@ fn another_tracers_return_probe_is_not_a_frame() {
     let line = source_line("verdicts", "steady_leak");
     r.assert_outstanding(&[At("steady_leak", Some(line))], 100, 100 * 256);
     assert_eq!(r.total("stack_errors"), 0, "{}", r.summary());
-    assert_eq!(r.total("alloc_calls"), tally.get("alloc_calls"), "{}", r.summary());
+    assert_eq!(
+        r.total("alloc_calls"),
+        tally.get("alloc_calls"),
+        "{}",
+        r.summary()
+    );
     // The trampoline was met, and replaced by the real return address.
     assert!(
         u64_field(&r.0["drops"], "unwind_uretprobe_frames") > 0,
@@ -87,7 +92,10 @@ fn frees_while_the_probes_are_removed_are_not_counted() {
     assert_eq!(r.total("dropped_events"), 0, "{}", r.summary());
     // Only the kept blocks are outstanding: no churned block lost its free.
     r.assert_outstanding(
-        &[At("keep", Some(source_line("churn", "kept"))), At("main", None)],
+        &[
+            At("keep", Some(source_line("churn", "kept"))),
+            At("main", None),
+        ],
         16,
         16 * 40,
     );

@@ -70,7 +70,7 @@ fn member(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
     if bits % 8 != 0 {
         bail!("{name}.{} is a bitfield", path.join("."));
     }
-    u32::try_from(bits / 8).context("offset out of range")
+    Ok(bits / 8)
 }
 
 /// Member `field` of struct or union `ty`: its bit offset and its type,
