@@ -90,7 +90,9 @@ fn frees_while_the_probes_are_removed_are_not_counted() {
     // fixture was idle until "go".
     assert_eq!(r.total("free_unknown"), 0, "{}", r.summary());
     assert_eq!(r.total("dropped_events"), 0, "{}", r.summary());
-    // Only the kept blocks are outstanding: no churned block lost its free.
+    // Only the kept blocks are outstanding, and at most the one churned block
+    // that was between its malloc and its free when tracing ended: no
+    // churned block lost its free.
     r.assert_outstanding(
         &[
             At("keep", Some(source_line("churn", "kept"))),
@@ -99,10 +101,11 @@ fn frees_while_the_probes_are_removed_are_not_counted() {
         16,
         16 * 40,
     );
-    assert_eq!(r.total("outstanding_blocks"), 16, "{}", r.summary());
+    let outstanding = r.total("outstanding_blocks");
+    assert!((16..=17).contains(&outstanding), "{}", r.summary());
     assert!(r.total("alloc_calls") >= tally.get("alloc_calls"));
     assert_eq!(
-        r.total("alloc_calls") - 16,
+        r.total("alloc_calls") - outstanding,
         r.total("free_calls"),
         "every churned block's free was seen: {}",
         r.summary()
