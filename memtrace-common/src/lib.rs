@@ -172,8 +172,10 @@ pub mod map_names {
     pub const CODE_UNMAP_LOG: &str = "CODE_UNMAP_LOG";
     pub const UNMAPPED_CODE: &str = "UNMAPPED_CODE";
 
+    pub const TRACE_STATE: &str = "TRACE_STATE";
+
     /// Every map, in the order of `memtrace-ebpf/src/maps.rs`.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         ALLOC_KEYS,
         ALLOCS,
         SITES,
@@ -199,6 +201,7 @@ pub mod map_names {
         CODE_STATE,
         CODE_UNMAP_LOG,
         UNMAPPED_CODE,
+        TRACE_STATE,
     ];
 }
 
@@ -355,7 +358,10 @@ pub const STACK_TRUNCATED_READ: u32 = 1;
 pub const STACK_TRUNCATED_DEPTH: u32 = 2;
 pub const STACK_TRUNCATED_UNSUPPORTED: u32 = 4;
 pub const STACK_TRUNCATED_NO_FP: u32 = 8;
-pub const STACK_TRUNCATED_MASK: u32 = 15;
+/// A return address was the uretprobe trampoline (another probe's pending
+/// return) and the kernel's record of the real one was not found.
+pub const STACK_TRUNCATED_URETPROBE: u32 = 64;
+pub const STACK_TRUNCATED_MASK: u32 = 15 | STACK_TRUNCATED_URETPROBE;
 /// Some frame had no unwind row and was stepped over with its frame pointer.
 pub const STACK_USED_FP: u32 = 16;
 /// Frame-pointer walk (bpf_get_stack), no unwind tables for this process.
@@ -648,6 +654,62 @@ pub struct CallMarkState {
     pub tail_kinds: u64,
 }
 
+/// The one entry of `TRACE_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceState {
+    /// 1 once tracing has ended (written by userspace before it detaches):
+    /// every program then returns at once, so that nothing the target does
+    /// while the probes are being removed (which takes a while) is counted.
+    pub ended: u32,
+    pub _pad: u32,
+    /// The uretprobe trampoline's address in the target (see `UprobeOffsets`),
+    /// once the BPF side has found it; 0 before.
+    pub uretprobe_trampoline: u64,
+}
+
+/// Offsets in the kernel's own structures (from its BTF, set by userspace
+/// before load; 0: unknown) through which the BPF side finds the return
+/// address a pending return probe replaced. A uretprobe (or a uprobe session
+/// that keeps its return) overwrites the return address on the stack with
+/// its trampoline, the first word of the `[uprobes]` page, and keeps the
+/// real one in `current->utask->return_instances`, innermost first, each
+/// with the stack address it overwrote (`stack`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UprobeOffsets {
+    /// `task_struct.mm`, `task_struct.utask`.
+    pub task_mm: u32,
+    pub task_utask: u32,
+    /// `mm_struct.uprobes_state.xol_area`, `xol_area.vaddr`: the trampoline.
+    pub mm_xol_area: u32,
+    pub xol_area_vaddr: u32,
+    /// `uprobe_task.return_instances`.
+    pub utask_return_instances: u32,
+    /// `return_instance.stack`, `.orig_ret_vaddr`, `.next`.
+    pub ri_stack: u32,
+    pub ri_orig_ret_vaddr: u32,
+    pub ri_next: u32,
+}
+
+impl UprobeOffsets {
+    /// Whether every offset is known (none of these fields is at offset 0).
+    pub fn complete(&self) -> bool {
+        self.task_mm != 0
+            && self.task_utask != 0
+            && self.mm_xol_area != 0
+            && self.xol_area_vaddr != 0
+            && self.utask_return_instances != 0
+            && self.ri_stack != 0
+            && self.ri_orig_ret_vaddr != 0
+            && self.ri_next != 0
+    }
+}
+
+/// Most pending return probes of one thread the kernel keeps
+/// (`MAX_URETPROBE_DEPTH`): the longest list the BPF side looks through.
+pub const MAX_URETPROBE_DEPTH: u32 = 64;
+
 /// Threads that may be between an allocator-internal call and its callee's probe at once.
 pub const MAX_CALL_MARKS: u32 = 1 << 12;
 
@@ -783,6 +845,9 @@ pub struct SiteStats {
     pub alloc_bytes: u64,
     /// Sum of the outstanding blocks' `birth_offset`s: their mean birth time.
     pub birth_sum: u64,
+    /// Allocations of this stack not recorded because the block table was
+    /// full (`Counter::AllocMapFull`): its figures miss them.
+    pub dropped_blocks: u64,
 }
 
 /// The current epoch (map `EPOCH`, one entry), written by userspace at every
@@ -915,7 +980,8 @@ counters! {
         AllocBytes = 1 => alloc_bytes,
         /// free() calls with a non-NULL pointer, plus the frees done by realloc.
         FreeCalls = 2 => free_calls,
-        /// Frees of a block memtrace never saw allocated (allocated before attach).
+        /// Frees by the program of a block memtrace never saw allocated
+        /// (allocated before attach, or its allocation was dropped).
         FreeUnknown = 3 => free_unknown,
         /// Allocator calls that failed (returned NULL / an error).
         FailedAllocs = 4 => failed_allocs,
@@ -964,6 +1030,20 @@ counters! {
         /// allocator went where the plan did not look, and may be missed or have
         /// a wrong size.
         UnforeseenReturns = 22 => unforeseen_returns,
+        /// Return addresses that were the uretprobe trampoline (a return
+        /// probe pending on that frame, often another tool's) and were
+        /// replaced with the real one, kept by the kernel.
+        UnwindUretprobeFrames = 23 => unwind_uretprobe_frames,
+        /// The same, where the kernel's record of the real return address was
+        /// not found: the walk stopped there (a result site's block is kept
+        /// without its stack).
+        UnwindUretprobeUnresolved = 24 => unwind_uretprobe_unresolved,
+        /// Frees made by the allocator's own code (outside the functions
+        /// memtrace probes) of blocks memtrace did not hold: glibc hands a
+        /// thread's cache of freed blocks (tcache), and the cache itself, back
+        /// to the heap when the thread exits. Not frees of the program: not
+        /// in `free_calls`.
+        AllocatorOwnFrees = 25 => allocator_own_frees,
     }
 }
 
@@ -1029,6 +1109,8 @@ mod pod {
         PageRows,
         CodeState,
         CodeUnmap,
+        TraceState,
+        UprobeOffsets,
     );
 }
 
@@ -1042,7 +1124,9 @@ const _: () = {
     assert!(core::mem::size_of::<Countdown>() == 16);
     assert!(core::mem::size_of::<ResultSite>() == 24);
     assert!(core::mem::size_of::<Capture>() == 24);
-    assert!(core::mem::size_of::<SiteStats>() == 40);
+    assert!(core::mem::size_of::<SiteStats>() == 48);
+    assert!(core::mem::size_of::<TraceState>() == 16);
+    assert!(core::mem::size_of::<UprobeOffsets>() == 32);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);
     assert!(core::mem::size_of::<StackTrace>() == 16 + 8 * MAX_STACK_DEPTH);
@@ -1096,7 +1180,7 @@ mod tests {
 
     #[test]
     fn counters_have_their_json_names() {
-        assert_eq!(NUM_COUNTERS, 23);
+        assert_eq!(NUM_COUNTERS, 26);
         for (i, c) in Counter::ALL.into_iter().enumerate() {
             assert_eq!(c as usize, i);
             assert_eq!(Counter::try_from(i as u32), Ok(c));

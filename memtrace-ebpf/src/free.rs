@@ -5,7 +5,9 @@ use crate::call::arg;
 use crate::counters::count;
 use crate::globals::{empty_programs, sample_mean};
 use crate::maps::PENDING;
-use crate::marks::{Caller, called_by_allocator, marked_caller, may_be_tail_call};
+use crate::marks::{
+    Caller, called_by_allocator, called_from_allocator_code, marked_caller, may_be_tail_call,
+};
 use crate::target::{regs_sp, target_thread};
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use memtrace_common::{Counter, PendingKey};
@@ -40,9 +42,20 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         count(Counter::AllocatorInternalCalls, 1);
         return 0;
     }
+    if retire(ptr, u64::MAX) {
+        count(Counter::FreeCalls, 1);
+        return 0;
+    }
+    // A block memtrace does not hold. The allocator's own code frees such
+    // blocks too: glibc gives a thread's cache of blocks the program freed
+    // (and the cache itself) back to the heap when the thread exits.
+    if called_from_allocator_code(key.sp) {
+        count(Counter::AllocatorOwnFrees, 1);
+        return 0;
+    }
     count(Counter::FreeCalls, 1);
     // With sampling, most freed blocks were never recorded.
-    if !retire(ptr, u64::MAX) && sample_mean() == 0 {
+    if sample_mean() == 0 {
         count(Counter::FreeUnknown, 1);
     }
     0

@@ -2,7 +2,7 @@
 //! and their readers (always volatile reads).
 
 use core::ptr::read_volatile;
-use memtrace_common::{DEFAULT_MAX_OUTSTANDING, alloc_buckets};
+use memtrace_common::{DEFAULT_MAX_OUTSTANDING, UprobeOffsets, alloc_buckets};
 
 /// Process being traced (set by userspace before load). The probes are
 /// attached bound to this pid already; the check guards against anything
@@ -79,4 +79,26 @@ pub(crate) fn sample_mean() -> u64 {
     // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
     // value (userspace sets it before load).
     unsafe { read_volatile(&SAMPLE_MEAN_BYTES) }
+}
+
+/// The kernel's structure offsets the BPF side reads pending return probes
+/// with (see `memtrace_common::UprobeOffsets`; set by userspace before load,
+/// all 0 when unknown).
+#[unsafe(no_mangle)]
+static UPROBE_OFFSETS: UprobeOffsets = UprobeOffsets {
+    task_mm: 0,
+    task_utask: 0,
+    mm_xol_area: 0,
+    xol_area_vaddr: 0,
+    utask_return_instances: 0,
+    ri_stack: 0,
+    ri_orig_ret_vaddr: 0,
+    ri_next: 0,
+};
+
+#[inline(always)]
+pub(crate) fn uprobe_offsets() -> UprobeOffsets {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value (userspace sets it before load).
+    unsafe { read_volatile(&UPROBE_OFFSETS) }
 }

@@ -92,6 +92,8 @@ mod target;
 #[cfg(target_arch = "bpf")]
 mod unmaps;
 #[cfg(target_arch = "bpf")]
+mod uretprobe;
+#[cfg(target_arch = "bpf")]
 mod walk;
 
 #[cfg(target_arch = "bpf")]

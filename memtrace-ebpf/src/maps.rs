@@ -15,7 +15,7 @@ use memtrace_common::{
     DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
     MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS, PageKey, PageRows, PendingCall,
     PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats, StackTrace,
-    TextRange, UnwindRow, alloc_buckets,
+    TextRange, TraceState, UnwindRow, alloc_buckets,
 };
 
 /// The block table: each bucket's addresses, and its blocks.
@@ -142,3 +142,7 @@ pub(crate) static CODE_UNMAP_LOG: Array<CodeUnmap> =
 /// last unmapping in each: mixed into the ids of stacks with frames there.
 #[map]
 pub(crate) static UNMAPPED_CODE: Array<CodeUnmap> = Array::with_max_entries(MAX_UNMAPPED_RANGES, 0);
+/// Whether tracing has ended, and the uretprobe trampoline's address (see
+/// `TraceState`).
+#[map]
+pub(crate) static TRACE_STATE: Array<TraceState> = Array::with_max_entries(1, 0);

@@ -5,7 +5,7 @@ use crate::atomic::add;
 use crate::call::SKIP_RETURN;
 use crate::counters::count;
 use crate::maps::{ALLOCATOR_HULL, ALLOCATOR_TEXT, CALL_MARK_STATE, CALL_MARKS};
-use crate::target::{regs_sp, target_thread};
+use crate::target::{read_user, regs_sp, target_thread};
 use aya_ebpf::{
     EbpfContext, bindings::BPF_ANY, bindings::BPF_NOEXIST, helpers::bpf_probe_read_user,
 };
@@ -34,6 +34,19 @@ pub(crate) fn in_allocator(addr: u64) -> bool {
         i += 1;
     }
     false
+}
+
+/// Whether the call being entered was made by the allocator's own code:
+/// its return address (at [sp] on entry) lies between the first and the
+/// last of the probed functions, where an allocator keeps its housekeeping
+/// (glibc: all of malloc.c, such as the cache it empties when a thread
+/// exits).
+#[inline(always)]
+pub(crate) fn called_from_allocator_code(sp: u64) -> bool {
+    let (Some(hull), Some(ret)) = (ALLOCATOR_HULL.get(0), read_user(sp)) else {
+        return false;
+    };
+    hull.end != 0 && ret >= hull.start && ret < hull.end
 }
 
 /// Whether the call being entered was made from inside a probed allocator

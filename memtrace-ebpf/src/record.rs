@@ -4,7 +4,7 @@
 use crate::atomic::cas;
 use crate::blocks::insert_block;
 use crate::counters::count;
-use crate::sites::{epoch_at, site_add};
+use crate::sites::{epoch_at, site_add, site_dropped};
 use crate::walk::{WalkStart, capture_stack};
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use memtrace_common::{ALLOC_KEY_EMPTY, Allocation, Counter};
@@ -26,6 +26,7 @@ pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Opt
     // given the address yet.)
     let Some(slot) = insert_block(ptr, &a) else {
         count(Counter::AllocMapFull, 1);
+        site_dropped(&a);
         return;
     };
     if !site_add(&a) {

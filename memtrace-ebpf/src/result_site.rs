@@ -9,6 +9,7 @@ use crate::marks::{in_allocator, may_be_tail_call};
 use crate::record::record_alloc;
 use crate::sampling::sample;
 use crate::target::{read_user, target_thread};
+use crate::uretprobe::{original_return, trampoline};
 use crate::walk::{StackWindow, WINDOW_BYTES, WINDOW_WORDS, WalkStart, cache_slot, read_window};
 use aya_ebpf::{EbpfContext, helpers::bpf_get_attach_cookie, programs::ProbeContext};
 use core::ptr::read_volatile;
@@ -175,6 +176,7 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
         count(Counter::PendingMapFull, 1);
         return None;
     };
+    let ra = caller_of(ra, entry_sp);
     if in_allocator(ra) {
         count(Counter::AllocatorInternalCalls, 1);
         return None;
@@ -210,6 +212,27 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
             slot,
         },
     ))
+}
+
+/// The caller's return address `ra`, read at `entry_sp`, unless it is the
+/// uretprobe trampoline (a return probe on this call, another tool's): then
+/// the real one the kernel kept, or 0 if it has none (the block is then
+/// recorded without its stack, counted in `stack_read_errors`).
+#[inline(always)]
+fn caller_of(ra: u64, entry_sp: u64) -> u64 {
+    if ra != trampoline() {
+        return ra;
+    }
+    match original_return(entry_sp) {
+        Some(real) => {
+            count(Counter::UnwindUretprobeFrames, 1);
+            real
+        }
+        None => {
+            count(Counter::StackReadErrors, 1);
+            0
+        }
+    }
 }
 
 /// What the call does at this site, by the jcc's condition on `flags`.

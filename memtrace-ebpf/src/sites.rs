@@ -26,21 +26,36 @@ fn site_key(a: &Allocation) -> SiteKey {
     }
 }
 
+/// The aggregate of block `a`'s site and epoch, made if new; None if SITES is full.
+#[inline(always)]
+fn site_of(a: &Allocation) -> Option<*mut SiteStats> {
+    let key = site_key(a);
+    if let Some(site) = SITES.get_ptr_mut(&key) {
+        return Some(site);
+    }
+    let zero = SiteStats::default();
+    match SITES.insert(&key, &zero, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == -17 => {}
+        Err(_) => return None,
+    }
+    SITES.get_ptr_mut(&key)
+}
+
+/// Counts block `a`, which the block table had no room for, against its
+/// site: its figures miss it (the global count is `AllocMapFull`).
+#[inline(always)]
+pub(crate) fn site_dropped(a: &Allocation) {
+    if let Some(site) = site_of(a) {
+        // SAFETY: as in `site_add`.
+        unsafe { add(&raw mut (*site).dropped_blocks, 1) };
+    }
+}
+
 /// Adds a new block to its site's aggregate for its epoch; false if SITES is full.
 #[inline(always)]
 pub(crate) fn site_add(a: &Allocation) -> bool {
-    let key = site_key(a);
-    let mut site = SITES.get_ptr_mut(&key);
-    if site.is_none() {
-        let zero = SiteStats::default();
-        match SITES.insert(&key, &zero, BPF_NOEXIST as u64) {
-            Ok(()) => {}
-            Err(e) if e == -17 => {}
-            Err(_) => return false,
-        }
-        site = SITES.get_ptr_mut(&key);
-    }
-    let Some(site) = site else { return false };
+    let Some(site) = site_of(a) else { return false };
     // SAFETY: `site` comes from a hash map lookup: the kernel keeps the element's memory until
     // the programs that may hold it end (RCU); the fields are u64/i64, aligned, and updated
     // atomically.

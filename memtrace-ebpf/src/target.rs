@@ -2,6 +2,7 @@
 //! target's memory.
 
 use crate::globals::target_tgid;
+use crate::maps::TRACE_STATE;
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_pid_tgid, helpers::bpf_probe_read_user};
 
 /// Whether the current task is the target's. Every program checks this
@@ -11,11 +12,26 @@ pub(crate) fn is_target() -> bool {
     target_thread().is_some()
 }
 
-/// The current thread's id, if it is one of the target's.
+/// The current thread's id, if it is one of the target's and tracing has
+/// not ended.
 #[inline(always)]
 pub(crate) fn target_thread() -> Option<u32> {
     let id = bpf_get_current_pid_tgid();
-    ((id >> 32) as u32 == target_tgid()).then_some(id as u32)
+    ((id >> 32) as u32 == target_tgid() && !tracing_ended()).then_some(id as u32)
+}
+
+/// Whether tracing has ended: userspace sets it before it removes the
+/// probes, which takes a while (an RCU grace period per link), so that
+/// what the target does meanwhile is not half counted (frees whose
+/// allocations are no longer seen, say).
+#[inline(always)]
+fn tracing_ended() -> bool {
+    match TRACE_STATE.get(0) {
+        // SAFETY: an aligned u32 of an array map's element, valid for the program's run;
+        // volatile, as userspace changes it.
+        Some(s) => (unsafe { core::ptr::read_volatile(&s.ended) }) != 0,
+        None => false,
+    }
 }
 
 #[inline(always)]

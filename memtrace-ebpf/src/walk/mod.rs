@@ -11,6 +11,7 @@ use crate::globals::target_tgid;
 use crate::maps::{
     CODE_STATE, PROC_TABLES, STACK_SCRATCH, STACK_WINDOW, TABLES_GENERATION, WALK_CACHE,
 };
+use crate::uretprobe::trampoline;
 use crate::walk::cache::{remember, remembered_walk};
 use crate::walk::step::{Walk, count_walk, walk};
 use crate::walk::store::store_stack;
@@ -94,7 +95,8 @@ pub(crate) fn read_window(win: *mut StackWindow, sp: u64) -> u32 {
 /// pointers.
 /// `at`: where to walk from instead of the context's registers (a result
 /// site inside the allocator starts at its caller's frame, with the
-/// window it read from its own rsp).
+/// window it read from its own rsp); a pc of 0 there: the caller is
+/// unknown, no stack (counted by the caller).
 #[inline(always)]
 pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u64 {
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -110,6 +112,7 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     // result site's only if its walk is not remembered (below).
     let tables_known = at.is_none();
     let start = match at {
+        Some(at) if at.pc == 0 => return NO_STACK,
         Some(at) => at,
         None => {
             // SAFETY: only the presence of the key is used, not the value.
@@ -153,6 +156,8 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     };
     // The slot records this walk's reads from now on.
     cached.check = 0;
+    // (Found before the walk, which then only compares with it.)
+    trampoline();
     let mut w = Walk::new(&start, tgid, window);
     walk(&mut w);
     scratch.len = w.len;

@@ -5,12 +5,13 @@ use crate::counters::count;
 use crate::globals::opaque_zero;
 use crate::maps::{COUNTERS, PC_PAGES, STACK_SCRATCH, STACK_WINDOW, UNWIND_ROWS, WALK_CACHE};
 use crate::target::{read_user, read_user_pair};
+use crate::uretprobe::known_trampoline;
 use crate::walk::{CACHE_WORDS, WINDOW_WORDS, WalkStart};
 use aya_ebpf::helpers::bpf_loop;
 use memtrace_common::{
     CfaRule, Counter, MAX_ROWS_PER_PAGE_LOG2, MAX_STACK_DEPTH, NUM_COUNTERS, PC_PAGE_SHIFT,
     PageKey, RbpRule, STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-    STACK_TRUNCATED_UNSUPPORTED, STACK_USED_FP, UnwindRow,
+    STACK_TRUNCATED_UNSUPPORTED, STACK_TRUNCATED_URETPROBE, STACK_USED_FP, UnwindRow,
 };
 
 /// State of a stack walk, on the BPF stack (bpf_loop's context must be).
@@ -253,6 +254,21 @@ pub(crate) extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> 
             (cfa, ra, bp)
         }
         Ok(CfaRule::None) => {
+            if w.pc == known_trampoline() {
+                // Not a frame: a return probe pending on this one (another
+                // tool's uretprobe on a function of the program) replaced the
+                // return address the last step read. (The trampoline has no
+                // row, so it always comes here.) The kernel keeps the real
+                // one, but looking it up in this loop costs the verifier too
+                // much; a result site's caller, the usual case, is looked up
+                // (`caller_of`).
+                w.len -= 1;
+                return stop(
+                    w,
+                    STACK_TRUNCATED_URETPROBE,
+                    Counter::UnwindUretprobeUnresolved,
+                );
+            }
             // No unwind information here: follow the frame pointer.
             if w.bp == 0 || w.bp < w.sp {
                 return stop(w, STACK_TRUNCATED_NO_FP, Counter::UnwindNoFramePointer);

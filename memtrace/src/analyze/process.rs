@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{VerdictConfig, history::ProcessPoint, stats::theil_sen};
 use crate::{
     process::stat::ProcStat,
-    units::{format_bytes, format_duration},
+    units::{format_bytes, format_count, format_duration},
 };
 
 /// RSS growth worth a remark: at least this much ...
@@ -38,7 +38,14 @@ pub struct ProcessSummary {
 /// samples, RSS grew (Theil–Sen slope × span) by at least
 /// [`RSS_NOTE_MIN_GROWTH`] and [`RSS_NOTE_MIN_RELATIVE`] of its first value,
 /// and the traced heap grew by less than [`RSS_NOTE_MAX_EXPLAINED`] of that.
-pub fn summarize_process(samples: &[ProcessPoint], cfg: &VerdictConfig) -> ProcessSummary {
+/// `unrecorded`: allocations memtrace had no room for (a full block table):
+/// the traced heap misses them, so the note names them as a likely place of
+/// the growth instead of sending the reader outside the heap.
+pub fn summarize_process(
+    samples: &[ProcessPoint],
+    cfg: &VerdictConfig,
+    unrecorded: u64,
+) -> ProcessSummary {
     let mut s = ProcessSummary {
         samples: samples.len(),
         first: samples.first().map(|p| p.stat),
@@ -72,14 +79,26 @@ pub fn summarize_process(samples: &[ProcessPoint], cfg: &VerdictConfig) -> Proce
             && rss_growth >= RSS_NOTE_MIN_RELATIVE * first_rss
             && heap_growth < RSS_NOTE_MAX_EXPLAINED * rss_growth
         {
-            s.note = Some(format!(
-                "RSS grew {} in {} while the traced heap grew {}: the growth is outside the \
-                 traced heap: memory not from malloc (mmap, thread stacks, another allocator) \
-                 or fragmentation (freed memory the allocator does not give back)",
+            let grew = format!(
+                "RSS grew {} in {} while the traced heap grew {}",
                 format_bytes(rss_growth as i64),
                 format_duration(Duration::from_secs_f64(span)),
                 format_bytes(heap_growth as i64),
-            ));
+            );
+            s.note = Some(if unrecorded > 0 {
+                format!(
+                    "{grew}, but {} allocations were not recorded (memtrace's tables were \
+                     full: raise --max-blocks): the traced heap misses them, and the growth \
+                     may well be theirs",
+                    format_count(unrecorded)
+                )
+            } else {
+                format!(
+                    "{grew}: the growth is outside the traced heap: memory not from malloc \
+                     (mmap, thread stacks, another allocator) or fragmentation (freed memory \
+                     the allocator does not give back)"
+                )
+            });
         }
     }
     s
@@ -109,7 +128,7 @@ mod tests {
         let cfg = VerdictConfig::default();
         // RSS +1 MiB/s, traced heap flat.
         let samples: Vec<_> = (0..10).map(|i| proc_at(i, 10 + i, 1 << 20)).collect();
-        let s = summarize_process(&samples, &cfg);
+        let s = summarize_process(&samples, &cfg, 0);
         assert_eq!(s.rss_growth_bytes_per_s, Some((1 << 20) as f64));
         assert_eq!(s.traced_growth_bytes_per_s, Some(0.0));
         assert_eq!(s.traced_share_of_rss, Some(1.0 / 19.0));
@@ -118,16 +137,26 @@ mod tests {
         let note = s.note.expect("a note");
         assert!(note.contains("RSS grew 9.0 MiB"), "{note}");
         assert!(note.contains("fragmentation"), "{note}");
+        // Allocations memtrace had no room for: named, not sent elsewhere.
+        let note = summarize_process(&samples, &cfg, 1234)
+            .note
+            .expect("a note");
+        assert!(
+            note.contains("1,234 allocations were not recorded"),
+            "{note}"
+        );
+        assert!(note.contains("--max-blocks"), "{note}");
+        assert!(!note.contains("outside the traced heap"), "{note}");
         // The traced heap grows with RSS: explained, no note.
         let samples: Vec<_> = (0..10)
             .map(|i| proc_at(i, 10 + i, (i as i64) << 20))
             .collect();
-        assert_eq!(summarize_process(&samples, &cfg).note, None);
+        assert_eq!(summarize_process(&samples, &cfg, 0).note, None);
         // RSS flat: no note. Too few samples: no note.
         let samples: Vec<_> = (0..10).map(|i| proc_at(i, 10, 0)).collect();
-        assert_eq!(summarize_process(&samples, &cfg).note, None);
+        assert_eq!(summarize_process(&samples, &cfg, 0).note, None);
         let samples: Vec<_> = (0..3).map(|i| proc_at(i, 10 + 10 * i, 0)).collect();
-        assert_eq!(summarize_process(&samples, &cfg).note, None);
-        assert_eq!(summarize_process(&[], &cfg), ProcessSummary::default());
+        assert_eq!(summarize_process(&samples, &cfg, 0).note, None);
+        assert_eq!(summarize_process(&[], &cfg, 0), ProcessSummary::default());
     }
 }

@@ -381,8 +381,11 @@ impl Probes {
         Ok(())
     }
 
-    /// The uprobe_multi links: the result sites', the session and free's,
-    /// each only if it has a probe.
+    /// The uprobe_multi links: free's, the result sites' and the session,
+    /// each only if it has a probe. Free's first: a block allocated while
+    /// the allocating probes are in must have its free seen, or it would stay
+    /// outstanding for good (a free seen without its allocation is only a
+    /// free of a block allocated before, as it is).
     fn create_links(
         &self,
         alloc: &Allocator,
@@ -393,6 +396,12 @@ impl Probes {
     ) -> Result<Vec<OwnedFd>> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         let mut links = Vec::new();
+        if !frees.is_empty() {
+            let link = frees
+                .attach(&progs.free, multi::BPF_TRACE_UPROBE_MULTI, alloc, pid)
+                .with_context(|| format!("a uprobe_multi link for free on {}", alloc.module))?;
+            links.push(link);
+        }
         if let (false, Some(prog)) = (results.is_empty(), progs.result.as_ref()) {
             let link = results
                 .attach(prog, multi::BPF_TRACE_UPROBE_MULTI, alloc, pid)
@@ -404,26 +413,10 @@ impl Probes {
                 })?;
             links.push(link);
         }
-        for (prog, attach_type, sites, what) in [
-            (
-                &progs.session,
-                multi::BPF_TRACE_UPROBE_SESSION,
-                allocs,
-                "a uprobe session",
-            ),
-            (
-                &progs.free,
-                multi::BPF_TRACE_UPROBE_MULTI,
-                frees,
-                "a uprobe_multi link for free",
-            ),
-        ] {
-            if sites.is_empty() {
-                continue;
-            }
-            let link = sites
-                .attach(prog, attach_type, alloc, pid)
-                .with_context(|| format!("{what} on {}", alloc.module))?;
+        if !allocs.is_empty() {
+            let link = allocs
+                .attach(&progs.session, multi::BPF_TRACE_UPROBE_SESSION, alloc, pid)
+                .with_context(|| format!("a uprobe session on {}", alloc.module))?;
             links.push(link);
         }
         Ok(links)
@@ -433,7 +426,12 @@ impl Probes {
     /// allocates.
     fn attach_classic(&mut self, alloc: &Allocator, pid: u32) -> Result<usize> {
         let before = self.links.len();
-        for point in &alloc.points {
+        // free first, as in `create_links`.
+        let (frees, allocs): (Vec<_>, Vec<_>) = alloc
+            .points
+            .iter()
+            .partition(|p| matches!(p.role, Role::Free));
+        for point in frees.into_iter().chain(allocs) {
             let what = || {
                 format!(
                     "attaching a uprobe to {}:{}",

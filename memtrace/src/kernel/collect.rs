@@ -65,6 +65,9 @@ pub struct SiteSample {
     pub outstanding_bytes: i64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
+    /// Allocations not recorded: the block table was full (of the sampled
+    /// ones, with sampling: not scaled).
+    pub dropped_blocks: u64,
 }
 
 impl SiteSample {
@@ -80,6 +83,7 @@ impl SiteSample {
             outstanding_bytes,
             alloc_calls: calls as u64,
             alloc_bytes: bytes as u64,
+            dropped_blocks: self.dropped_blocks,
         }
     }
 }
@@ -107,9 +111,9 @@ pub struct Collector {
     missed_returns: u64,
     /// Start (CLOCK_MONOTONIC ns) of each birth epoch, by id.
     epoch_starts: Vec<u64>,
-    /// Calls and bytes of the kernel aggregates removed by `new_epoch` (they
-    /// held no block any more), by site.
-    retired: HashMap<u64, (u64, u64)>,
+    /// Calls, bytes and dropped blocks of the kernel aggregates removed by
+    /// `new_epoch` (they held no block any more), by site.
+    retired: HashMap<u64, (u64, u64, u64)>,
     /// The aggregates as of the last `sites()`, with blocks.
     epoch_blocks: Vec<EpochBlocks>,
     /// The aggregates of the last `sites()` that held nothing, as read.
@@ -169,6 +173,7 @@ impl Collector {
             let r = self.retired.entry(key.stack_id).or_default();
             r.0 += v.alloc_calls;
             r.1 += v.alloc_bytes;
+            r.2 += v.dropped_blocks;
             removed += 1;
         }
         log::debug!("epoch {id} began; {removed} empty aggregates of past epochs removed");
@@ -186,10 +191,11 @@ impl Collector {
     /// up. Keeps the aggregates for `epoch_ages`.
     pub fn sites(&mut self) -> Result<Vec<SiteSample>> {
         let mut by_site: HashMap<u64, SiteSample> = HashMap::default();
-        for (&stack_id, &(calls, bytes)) in &self.retired {
+        for (&stack_id, &(calls, bytes, dropped)) in &self.retired {
             let s = by_site.entry(stack_id).or_default();
             s.alloc_calls += calls;
             s.alloc_bytes += bytes;
+            s.dropped_blocks += dropped;
         }
         self.epoch_blocks.clear();
         self.empty.clear();
@@ -200,6 +206,7 @@ impl Collector {
             s.outstanding_bytes += v.outstanding_bytes;
             s.alloc_calls += v.alloc_calls;
             s.alloc_bytes += v.alloc_bytes;
+            s.dropped_blocks += v.dropped_blocks;
             if v.outstanding_blocks > 0 {
                 epoch_blocks.push(EpochBlocks {
                     stack_id: key.stack_id,

@@ -4,7 +4,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use memtrace_common::{
     AllocBucket, AllocKeys, CallMarkState, CallMarks, CodeState, CodeUnmap, Epoch,
     MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
-    SiteStats, StackTrace, TextRange, UnwindRow,
+    SiteStats, StackTrace, TextRange, TraceState, UnwindRow,
 };
 
 use super::blocks::BlockTable;
@@ -32,9 +32,20 @@ pub struct TraceMaps {
     pub code_state: Array<MapData, CodeState>,
     /// Code unmapped while traced, by generation (see `unmaps`).
     pub code_unmap_log: Array<MapData, CodeUnmap>,
+    pub trace_state: Array<MapData, TraceState>,
 }
 
 impl TraceMaps {
+    /// Ends tracing: from now on every program returns at once, whatever the
+    /// target does while its probes are being removed.
+    pub fn end_tracing(&mut self) -> Result<()> {
+        let mut st = self.trace_state.get(&0, 0).unwrap_or_default();
+        st.ended = 1;
+        self.trace_state
+            .set(0, st, 0)
+            .context("writing TRACE_STATE")
+    }
+
     /// Tells the BPF walker that the unwind tables changed: the walks it
     /// remembers (by registers and the stack words they read) are stale.
     pub fn bump_tables_generation(&mut self) -> Result<()> {

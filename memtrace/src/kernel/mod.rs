@@ -11,3 +11,4 @@ pub mod object;
 pub mod sampling;
 pub mod tables;
 pub mod unmaps;
+pub mod uprobe_offsets;

@@ -141,6 +141,11 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
+        .override_global(
+            "UPROBE_OFFSETS",
+            &super::uprobe_offsets::running_kernel(),
+            true,
+        )
         .map_max_entries(map_names::ALLOC_KEYS, sizes.block_buckets())
         .map_max_entries(map_names::ALLOCS, sizes.block_buckets())
         .map_max_entries(map_names::STACKS, sizes.stacks)
@@ -214,6 +219,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         call_mark_state: Array::try_from(take(map_names::CALL_MARK_STATE)?)?,
         code_state: Array::try_from(take(map_names::CODE_STATE)?)?,
         code_unmap_log: Array::try_from(take(map_names::CODE_UNMAP_LOG)?)?,
+        trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
     })
 }
 

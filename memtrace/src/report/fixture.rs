@@ -92,6 +92,7 @@ pub fn sample() -> Report {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
             alloc_calls: 10,
+            dropped_blocks: 0,
             alloc_bytes: 1000,
             oldest_age_s: Some(3.2),
             median_age_s: None,
@@ -274,6 +275,7 @@ fn varied_sites() -> Vec<Site> {
         outstanding_blocks: bytes / 16,
         outstanding_bytes: bytes,
         alloc_calls: bytes / 8,
+        dropped_blocks: 0,
         alloc_bytes: bytes * 3,
         oldest_age_s: Some(3.25),
         median_age_s: None,
@@ -427,6 +429,7 @@ pub fn varied(sampling: Sampling) -> Report {
             failed_allocs: 1,
             sites_seen: 9,
             allocator_internal_calls: 4,
+            allocator_own_frees: 0,
         },
         drops,
         allocator: AllocatorInfo {

@@ -202,6 +202,7 @@ impl<W: Write> ReportWriter<W> {
             outstanding_bytes,
             alloc_calls,
             alloc_bytes,
+            dropped_blocks,
             oldest_age_s,
             median_age_s,
             verdict,
@@ -219,6 +220,9 @@ impl<W: Write> ReportWriter<W> {
         w.put_u64(key!("outstanding_bytes"), *outstanding_bytes)?;
         w.put_u64(key!("alloc_calls"), *alloc_calls)?;
         w.put_u64(key!("alloc_bytes"), *alloc_bytes)?;
+        if *dropped_blocks > 0 {
+            w.put_u64(key!("dropped_blocks"), *dropped_blocks)?;
+        }
         w.put_opt_f64(key!("oldest_age_s"), *oldest_age_s)?;
         if let Some(m) = *median_age_s {
             w.put_f64(key!("median_age_s"), m)?;

@@ -177,7 +177,8 @@ pub struct Totals {
     pub outstanding_bytes: u64,
     pub dropped_events: u64,
     pub stack_errors: u64,
-    /// Frees of blocks allocated before memtrace attached (normal in attach mode).
+    /// Frees by the program of blocks memtrace did not see allocated:
+    /// allocated before it attached (normal in attach mode), or dropped.
     pub free_unknown: u64,
     /// Allocator calls that returned NULL or an error.
     pub failed_allocs: u64,
@@ -186,6 +187,10 @@ pub struct Totals {
     /// Allocator calls made by the allocator itself (glibc's realloc(p, 0) calls
     /// free): part of the user's call, not counted on their own.
     pub allocator_internal_calls: u64,
+    /// Frees the allocator's own code made of blocks memtrace did not hold
+    /// (glibc empties a thread's cache into the heap when the thread exits):
+    /// not the program's, not in `free_calls`.
+    pub allocator_own_frees: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -213,6 +218,13 @@ pub struct Drops {
     pub unwind_no_frame_pointer: u64,
     /// Frames the unwinder stepped over with the frame pointer (no unwind row).
     pub unwind_fp_fallback_frames: u64,
+    /// Return addresses that were a uretprobe's trampoline (a return probe,
+    /// often another tool's, pending on that frame), replaced with the real
+    /// one the kernel kept.
+    pub unwind_uretprobe_frames: u64,
+    /// The same, where the kernel had no record of the real one: the walk
+    /// stopped there (its site is `truncated`).
+    pub unwind_uretprobe_unresolved: u64,
     /// Frames whose function or line could not be resolved, by reason.
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
     /// Debug files named by the target's ELF files (or found where it could
@@ -248,6 +260,8 @@ impl Drops {
             unwind_unsupported,
             unwind_no_frame_pointer,
             unwind_fp_fallback_frames,
+            unwind_uretprobe_frames,
+            unwind_uretprobe_unresolved,
         } unresolved_frames: Default::default(), debug_files_refused: Default::default())
     }
 }
@@ -262,6 +276,7 @@ impl Totals {
             free_unknown,
             failed_allocs,
             allocator_internal_calls,
+            allocator_own_frees,
         }
             alloc_calls: c.alloc_calls + c.unsampled_calls,
             dropped_events: c.dropped_events(),
@@ -315,6 +330,11 @@ pub struct Site {
     pub outstanding_bytes: u64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
+    /// Allocations of this stack that were not recorded: the block table
+    /// was full (`drops.alloc_map_full`, `--max-blocks`). Absent from the
+    /// JSON when 0. Its figures miss them, so it gets no verdict they could
+    /// contradict (`stable` or `transient` becomes `unknown`).
+    pub dropped_blocks: u64,
     pub oldest_age_s: Option<f64>,
     /// Age of the median outstanding block (absent from the JSON when `None`).
     pub median_age_s: Option<f64>,

@@ -85,6 +85,16 @@ impl Site {
                     format!(", {rate} {over}")
                 }
             ),
+            Verdict::Unknown if self.dropped_blocks > 0 => format!(
+                "unknown: {} of its allocations were not recorded (the block table was full: \
+                 raise --max-blocks), so what it holds does not tell whether it grows{}",
+                format_count(self.dropped_blocks),
+                if rate.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (recorded ones: {rate} {over})")
+                }
+            ),
             Verdict::Unknown => format!(
                 "unknown: {} sample{}, a verdict needs {}{}",
                 t.samples,
@@ -182,8 +192,14 @@ impl Report {
         if tot.free_unknown > 0 {
             let _ = writeln!(
                 o,
-                "{} frees were of blocks allocated before memtrace attached",
-                format_count(tot.free_unknown)
+                "{} frees were of blocks memtrace did not see allocated{}",
+                format_count(tot.free_unknown),
+                match (self.attached, tot.dropped_events > 0) {
+                    (true, false) => " (allocated before it attached)",
+                    (true, true) => " (allocated before it attached, or dropped)",
+                    (false, true) => " (dropped)",
+                    (false, false) => "",
+                }
             );
         }
         let drops = self.drops.nonzero();
@@ -228,6 +244,10 @@ impl Report {
                 ("depth limit", d.unwind_depth_limit),
                 ("unsupported unwind rule", d.unwind_unsupported),
                 ("no row and no frame pointer", d.unwind_no_frame_pointer),
+                (
+                    "return probe's trampoline not resolved",
+                    d.unwind_uretprobe_unresolved,
+                ),
             ]
             .iter()
             .filter(|(_, n)| *n > 0)
@@ -438,6 +458,13 @@ impl Report {
             .unwrap_or_default();
         if let Some(m) = site.median_age_s {
             let _ = write!(extra, ", median age {}", secs(m));
+        }
+        if site.dropped_blocks > 0 {
+            let _ = write!(
+                extra,
+                "; {} more not recorded: block table full",
+                format_count(site.dropped_blocks)
+            );
         }
         let _ = writeln!(
             o,

@@ -131,7 +131,8 @@ pub(super) fn build_report(
     }
     lap.mark("sites built");
     let unresolved = symbolize_sites(opts, at, sym, &chosen, &mut sites, &mut lap, signals)?;
-    let process = process_report(history, traced_scale, &opts.verdicts);
+    let unrecorded = fin.counters.alloc_map_full + fin.counters.site_map_full;
+    let process = process_report(history, traced_scale, &opts.verdicts, unrecorded);
     let mut drops = Drops::from_counters(&fin.counters);
     drops.unresolved_frames = unresolved;
     drops.debug_files_refused = debug_files_refused(sym);
@@ -253,6 +254,13 @@ fn site(
     let flags = at.collector.stack_flags(stack_id)?;
     let end_blocks = fin.ages.get(&stack_id);
     let (verdict, trend, hist) = assess_site(history, stack_id, end_blocks, &opts.verdicts);
+    let dropped_blocks = c.sample.dropped_blocks;
+    // Blocks the table had no room for could be what a stable or passing
+    // site is missing; growth seen in the blocks kept is growth all the same.
+    let verdict = match verdict {
+        Verdict::Stable | Verdict::Transient if dropped_blocks > 0 => Verdict::Unknown,
+        v => v,
+    };
     let est = c.sample.estimated(opts.sampling);
     let age_s = |t: u64| now_ns.saturating_sub(t) as f64 / 1e9;
     Ok(Site {
@@ -260,6 +268,7 @@ fn site(
         outstanding_bytes: c.bytes,
         alloc_calls: est.alloc_calls,
         alloc_bytes: est.alloc_bytes,
+        dropped_blocks,
         oldest_age_s: c.oldest_ns.map(age_s),
         median_age_s: end_blocks.and_then(SiteBlocks::median_birth_ns).map(age_s),
         verdict,
@@ -410,7 +419,12 @@ fn debug_files_refused(sym: &Symbolizer) -> BTreeMap<String, u64> {
 
 /// The process's own figures over the run, with the traced bytes scaled back
 /// to what they stand for.
-fn process_report(history: &History, traced_scale: f64, vcfg: &VerdictConfig) -> ProcessReport {
+fn process_report(
+    history: &History,
+    traced_scale: f64,
+    vcfg: &VerdictConfig,
+    unrecorded: u64,
+) -> ProcessReport {
     let mut points = history.process();
     for p in &mut points {
         p.traced_bytes = (p.traced_bytes as f64 * traced_scale).round() as i64;
@@ -424,7 +438,7 @@ fn process_report(history: &History, traced_scale: f64, vcfg: &VerdictConfig) ->
                 traced_bytes: p.traced_bytes,
             })
             .collect(),
-        summary: analyze::summarize_process(&points, vcfg),
+        summary: analyze::summarize_process(&points, vcfg, unrecorded),
     }
 }
 

@@ -108,6 +108,12 @@ fn stop_tracing(s: &mut Session, end: End) -> Stopped {
     );
     let ended_at = SystemTime::now();
     let duration = s.trace_start.elapsed();
+    // The programs stop recording first: removing the probes takes a while,
+    // and the allocation probes go before free's, so frees of blocks
+    // allocated meanwhile would count as frees of blocks never seen.
+    if let Err(e) = s.at.collector.maps.end_tracing() {
+        log::warn!("{e:#}: what the target does while the probes are removed is counted too");
+    }
     s.at.probes.detach_all();
     Stopped {
         end_ns,

@@ -180,7 +180,7 @@ impl KeepAboveEntry {
 pub(super) fn truncated_reason(flags: u32) -> Option<&'static str> {
     use memtrace_common::{
         STACK_TRUNCATED_DEPTH, STACK_TRUNCATED_NO_FP, STACK_TRUNCATED_READ,
-        STACK_TRUNCATED_UNSUPPORTED,
+        STACK_TRUNCATED_UNSUPPORTED, STACK_TRUNCATED_URETPROBE,
     };
     [
         (STACK_TRUNCATED_READ, "stack memory unreadable"),
@@ -190,6 +190,10 @@ pub(super) fn truncated_reason(flags: u32) -> Option<&'static str> {
             "an unwind rule the BPF walker does not follow",
         ),
         (STACK_TRUNCATED_NO_FP, "no unwind row and no frame pointer"),
+        (
+            STACK_TRUNCATED_URETPROBE,
+            "a return probe's trampoline whose real return address the kernel did not have",
+        ),
     ]
     .into_iter()
     .find(|(bit, _)| flags & bit != 0)
