@@ -24,8 +24,8 @@ use crate::{
     kernel::collect::{Counters, SiteSample},
     process::stat::ProcStat,
     report::{
-        self, AllocatorInfo, Drops, HistoryPoint, ProcessReport, ProcessSample, Report, Sampling,
-        Site, TargetInfo, Timeline, Totals, VerdictCounts,
+        self, AllocatorInfo, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES, ProcessReport,
+        ProcessSample, Report, Sampling, Site, TargetInfo, Timeline, Totals, VerdictCounts,
     },
     symbolize::Symbolizer,
 };
@@ -101,6 +101,8 @@ struct Figures {
     drops: Drops,
     process: ProcessReport,
     sites: Vec<Site>,
+    freed_sites: Vec<Site>,
+    freed_left_out: LeftOut,
 }
 
 /// The longest the report waits for debug info still being loaded in the
@@ -124,15 +126,41 @@ pub(super) fn build_report(
     let fin = Final::read(opts, at, history, &meta, &mut lap)?;
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
+    let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
     let mut sites = Vec::with_capacity(chosen.len());
     for c in &chosen {
         sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
     }
+    let mut freed_sites = Vec::with_capacity(freed.len());
+    for c in &freed {
+        freed_sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
+    }
     lap.mark("sites built");
-    let unresolved = symbolize_sites(opts, at, sym, &chosen, &mut sites, &mut lap, signals)?;
+    let mut targets = frames::shown(opts.format, opts.top, &sites)
+        .into_iter()
+        .map(|i| (chosen[i].sample.stack_id, i))
+        .collect::<Vec<_>>();
+    let mut stack_ids: Vec<u64> = targets.iter().map(|t| t.0).collect();
+    // The freed sites are listed in the JSON only.
+    if opts.format == super::Format::Json {
+        stack_ids.extend(freed.iter().map(|c| c.sample.stack_id));
+    }
+    let groups = symbolize_stacks(at, sym, &stack_ids, &mut lap, signals)?;
+    let mut unresolved_frames = BTreeMap::new();
+    for (stack_id, i) in targets.drain(..) {
+        let stack = at.collector.stack(stack_id)?;
+        groups.fill(stack, &mut sites[i].frames, &mut unresolved_frames);
+    }
+    if opts.format == super::Format::Json {
+        for (c, s) in freed.iter().zip(&mut freed_sites) {
+            let stack = at.collector.stack(c.sample.stack_id)?;
+            groups.fill(stack, &mut s.frames, &mut unresolved_frames);
+        }
+    }
+    lap.mark("frames");
     let process = process_report(history, traced_scale, &opts.verdicts);
     let mut drops = Drops::from_counters(&fin.counters);
-    drops.unresolved_frames = unresolved;
+    drops.unresolved_frames = unresolved_frames;
     drops.debug_files_refused = debug_files_refused(sym);
     lap.mark("process");
     lap.log();
@@ -141,6 +169,8 @@ pub(super) fn build_report(
         drops,
         process,
         sites,
+        freed_sites,
+        freed_left_out,
     };
     Ok(assemble(opts, at, history, &fin, meta, figures))
 }
@@ -238,6 +268,44 @@ fn leak_candidates(fin: &Final) -> Vec<Candidate<'_>> {
     chosen
 }
 
+/// The sites that allocated while traced but hold no block older than
+/// `--min-age`, most bytes allocated first (then most calls, then by stack
+/// id), at most [`MAX_FREED_SITES`]; and what the rest add up to.
+fn freed_candidates(fin: &Final, sampling: Sampling) -> (Vec<Candidate<'_>>, LeftOut) {
+    let mut freed: Vec<(Candidate, SiteSample)> = fin
+        .samples
+        .iter()
+        .filter(|s| s.alloc_calls > 0)
+        .filter_map(|s| {
+            let a = fin.ages.get(&s.stack_id);
+            if a.is_some_and(|a| a.old_blocks > 0) {
+                return None;
+            }
+            let c = Candidate {
+                sample: s,
+                blocks: a.map_or(0, |a| a.est.blocks()),
+                bytes: a.map_or(0, |a| a.est.bytes()),
+                oldest_ns: a.and_then(SiteBlocks::oldest_ns),
+            };
+            Some((c, s.estimated(sampling)))
+        })
+        .collect();
+    freed.sort_by(|(a, ea), (b, eb)| {
+        eb.alloc_bytes
+            .cmp(&ea.alloc_bytes)
+            .then(eb.alloc_calls.cmp(&ea.alloc_calls))
+            .then(a.sample.stack_id.cmp(&b.sample.stack_id))
+    });
+    let mut left_out = LeftOut::default();
+    for (_, e) in freed.iter().skip(MAX_FREED_SITES) {
+        left_out.sites += 1;
+        left_out.alloc_calls += e.alloc_calls;
+        left_out.alloc_bytes += e.alloc_bytes;
+    }
+    freed.truncate(MAX_FREED_SITES);
+    (freed.into_iter().map(|(c, _)| c).collect(), left_out)
+}
+
 /// One candidate's entry in the report, without its frames yet.
 fn site(
     opts: &Options,
@@ -317,20 +385,15 @@ fn history_points(
         .collect()
 }
 
-/// Gives the sites the report shows their frames, symbolized in one batch;
-/// returns the count of unresolved frames by reason.
-fn symbolize_sites(
-    opts: &Options,
+/// The frames of every address of these stacks, symbolized in one batch.
+fn symbolize_stacks(
     at: &mut Attached,
     sym: &mut Symbolizer,
-    chosen: &[Candidate],
-    sites: &mut [Site],
+    stack_ids: &[u64],
     lap: &mut Laps,
     signals: &Signals,
-) -> Result<BTreeMap<String, u64>> {
-    let shown = frames::shown(opts.format, opts.top, sites);
-    let stack_ids: Vec<u64> = shown.iter().map(|&i| chosen[i].sample.stack_id).collect();
-    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
+) -> Result<AddressFrames> {
+    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, stack_ids)?;
     lap.mark("stacks");
     wait_for_debug_info(at, sym, &addrs, signals);
     // Waited above: what is still loading now is not waited for again.
@@ -347,13 +410,7 @@ fn symbolize_sites(
     );
     let groups = AddressFrames::of(&addrs, resolved);
     lap.mark("groups");
-    let mut unresolved = BTreeMap::new();
-    for (&i, &stack_id) in shown.iter().zip(&stack_ids) {
-        let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, &mut sites[i].frames, &mut unresolved);
-    }
-    lap.mark("frames");
-    Ok(unresolved)
+    Ok(groups)
 }
 
 /// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
@@ -466,6 +523,9 @@ fn assemble(
         unwind: at.tables.stats.clone(),
         attached: !at.launched,
         sites: figures.sites,
+        freed_sites: figures.freed_sites,
+        freed_sites_left_out: figures.freed_left_out,
+        cut_short: Vec::new(),
     }
 }
 
