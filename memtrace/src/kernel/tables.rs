@@ -15,7 +15,7 @@ use object::{Object, ObjectSegment};
 
 use crate::{
     kernel::maps::TraceMaps,
-    process::maps::read_maps,
+    process::{mapped::MappedFile, maps::read_maps},
     process::modules::{MappedModule, ProcessModules},
     unwind,
 };
@@ -156,8 +156,7 @@ impl UnwindTables {
         } else {
             let file = m.file.as_ref()?;
             let meta = file.metadata().ok()?;
-            // SAFETY: read-only private mapping of a file the target maps itself.
-            map = unsafe { memmap2::Mmap::map(&**file) }.ok()?;
+            map = MappedFile::map(file).ok()?;
             (&map[..], (meta.dev(), meta.ino()))
         };
         let loaded = match self.modules.get(&key) {

@@ -1,6 +1,7 @@
 //! What memtrace reads of the target through /proc: its mappings, its
 //! resource use, and its executable modules held open; and the one way any file
 //! a target can influence is opened ([`open`]).
+pub mod mapped;
 pub mod maps;
 pub mod modules;
 pub mod open;
