@@ -12,11 +12,12 @@ use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{
-    Options,
+    Format, Options, Session,
     ages::{REPORT_SCAN_MAX_BLOCKS, blocks_in_map, scan_every_block, site_blocks, site_tuples},
     frames::{self, AddressFrames, truncated_reason},
     target::Attached,
     watch::{End, Signals},
+    watchdog::Fallback,
 };
 use crate::{
     analyze::{self, History, SampleAges, SiteBlocks, SiteHistory, Trend, Verdict, VerdictConfig},
@@ -42,6 +43,8 @@ pub(super) struct ReportMeta {
     pub(super) exit_status: Option<i32>,
     /// The process's own figures at the end, read once the probes were out.
     pub(super) end_process: Option<ProcStat>,
+    /// What was cut short while tracing, and why.
+    pub(super) cut_short: Vec<String>,
 }
 
 /// CPU time of a phase sequence, for the debug log.
@@ -96,6 +99,7 @@ struct Candidate<'a> {
 }
 
 /// The report's figures that the stages computed, ready to be assembled.
+#[derive(Clone)]
 struct Figures {
     totals: Totals,
     drops: Drops,
@@ -114,15 +118,21 @@ const REPORT_LOAD_WAIT: Duration = Duration::from_secs(10);
 /// How often the wait for debug info looks at the signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
+/// Where the report goes if the watchdog has to write it (see `Fallback`).
+pub(super) struct FallbackOut {
+    pub(super) out: std::fs::File,
+    pub(super) truncate: bool,
+}
+
 pub(super) fn build_report(
     opts: &Options,
-    at: &mut Attached,
-    sym: &mut Symbolizer,
-    history: &mut History,
+    s: &mut Session,
     meta: ReportMeta,
-    signals: &Signals,
+    fallback: Option<FallbackOut>,
 ) -> Result<Report> {
+    let (at, sym, history) = (&mut s.at, &mut s.symbolizer, &mut s.history);
     let mut lap = Laps::start();
+    s.watchdog.doing("reading the final figures");
     let fin = Final::read(opts, at, history, &meta, &mut lap)?;
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
@@ -136,43 +146,81 @@ pub(super) fn build_report(
         freed_sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
     }
     lap.mark("sites built");
-    let mut targets = frames::shown(opts.format, opts.top, &sites)
+    // The sites whose frames the report shows: the text's top sites, or every
+    // site in JSON, freed ones too.
+    let mut shown: Vec<(u64, Which)> = frames::shown(opts.format, opts.top, &sites)
         .into_iter()
-        .map(|i| (chosen[i].sample.stack_id, i))
-        .collect::<Vec<_>>();
-    let mut stack_ids: Vec<u64> = targets.iter().map(|t| t.0).collect();
-    // The freed sites are listed in the JSON only.
-    if opts.format == super::Format::Json {
-        stack_ids.extend(freed.iter().map(|c| c.sample.stack_id));
+        .map(|i| (chosen[i].sample.stack_id, Which::Site(i)))
+        .collect();
+    if opts.format == Format::Json {
+        shown.extend(
+            freed
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.sample.stack_id, Which::Freed(i))),
+        );
     }
-    let groups = symbolize_stacks(at, sym, &stack_ids, &mut lap, signals)?;
-    let mut unresolved_frames = BTreeMap::new();
-    for (stack_id, i) in targets.drain(..) {
-        let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, &mut sites[i].frames, &mut unresolved_frames);
-    }
-    if opts.format == super::Format::Json {
-        for (c, s) in freed.iter().zip(&mut freed_sites) {
-            let stack = at.collector.stack(c.sample.stack_id)?;
-            groups.fill(stack, &mut s.frames, &mut unresolved_frames);
-        }
-    }
-    lap.mark("frames");
-    let process = process_report(history, traced_scale, &opts.verdicts);
-    let mut drops = Drops::from_counters(&fin.counters);
-    drops.unresolved_frames = unresolved_frames;
-    drops.debug_files_refused = debug_files_refused(sym);
-    lap.mark("process");
-    lap.log();
-    let figures = Figures {
+    let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
+    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
+    lap.mark("stacks");
+    let mut figures = Figures {
         totals,
-        drops,
-        process,
+        drops: Drops::from_counters(&fin.counters),
+        process: process_report(history, traced_scale, &opts.verdicts),
         sites,
         freed_sites,
         freed_left_out,
     };
-    Ok(assemble(opts, at, history, &fin, meta, figures))
+    if let Some(out) = fallback {
+        // The report with frames unnamed, for the watchdog to write should
+        // symbolizing block for good (a file that does not answer).
+        let unnamed = AddressFrames::of(&addrs, frames::unnamed(&at.modules, &addrs));
+        let mut f = figures.clone();
+        f.drops.unresolved_frames = fill_frames(at, &unnamed, &shown, &mut f)?;
+        s.watchdog.set_fallback(Some(Fallback {
+            report: assemble(opts, at, history, &fin, &meta, f),
+            format: opts.format,
+            top: opts.top,
+            out: out.out,
+            truncate: out.truncate,
+        }));
+    }
+    s.watchdog.doing("symbolizing the report's stacks");
+    crate::knobs::debug_stall("symbolize");
+    let groups = symbolize(at, sym, &addrs, occurrences, &mut lap, &s.signals);
+    figures.drops.unresolved_frames = fill_frames(at, &groups, &shown, &mut figures)?;
+    figures.drops.debug_files_refused = debug_files_refused(sym);
+    lap.mark("frames");
+    lap.log();
+    Ok(assemble(opts, at, history, &fin, &meta, figures))
+}
+
+/// A site of the report: of `sites` or of `freed_sites`, by index.
+#[derive(Clone, Copy)]
+enum Which {
+    Site(usize),
+    Freed(usize),
+}
+
+/// Gives the `shown` sites their frames; returns the count of unresolved
+/// frames by reason.
+fn fill_frames(
+    at: &mut Attached,
+    groups: &AddressFrames,
+    shown: &[(u64, Which)],
+    figures: &mut Figures,
+) -> Result<BTreeMap<String, u64>> {
+    let mut unresolved = BTreeMap::new();
+    for &(stack_id, which) in shown {
+        let site = match which {
+            Which::Site(i) => &mut figures.sites[i],
+            Which::Freed(i) => &mut figures.freed_sites[i],
+        };
+        site.frames = Default::default();
+        let stack = at.collector.stack(stack_id)?;
+        groups.fill(stack, &mut site.frames, &mut unresolved);
+    }
+    Ok(unresolved)
 }
 
 impl Final {
@@ -385,20 +433,19 @@ fn history_points(
         .collect()
 }
 
-/// The frames of every address of these stacks, symbolized in one batch.
-fn symbolize_stacks(
-    at: &mut Attached,
+/// The frames of every address of the report's stacks, symbolized in one batch.
+fn symbolize(
+    at: &Attached,
     sym: &mut Symbolizer,
-    stack_ids: &[u64],
+    addrs: &[u64],
+    occurrences: usize,
     lap: &mut Laps,
     signals: &Signals,
-) -> Result<AddressFrames> {
-    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, stack_ids)?;
-    lap.mark("stacks");
-    wait_for_debug_info(at, sym, &addrs, signals);
+) -> AddressFrames {
+    wait_for_debug_info(at, sym, addrs, signals);
     // Waited above: what is still loading now is not waited for again.
     sym.set_deadline(Some(Instant::now()));
-    let resolved = sym.symbolize(&at.modules, &addrs, true);
+    let resolved = sym.symbolize(&at.modules, addrs, true);
     sym.set_deadline(None);
     // CPU of all threads (laps are): large batches are resolved on two.
     let cpu_sym = lap.mark("symbolize");
@@ -408,9 +455,9 @@ fn symbolize_stacks(
         addrs.len(),
         cpu_sym.as_secs_f64() * 1e3
     );
-    let groups = AddressFrames::of(&addrs, resolved);
+    let groups = AddressFrames::of(addrs, resolved);
     lap.mark("groups");
-    Ok(groups)
+    groups
 }
 
 /// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
@@ -486,7 +533,7 @@ fn assemble(
     at: &Attached,
     history: &History,
     fin: &Final,
-    meta: ReportMeta,
+    meta: &ReportMeta,
     figures: Figures,
 ) -> Report {
     Report {
@@ -525,7 +572,7 @@ fn assemble(
         sites: figures.sites,
         freed_sites: figures.freed_sites,
         freed_sites_left_out: figures.freed_left_out,
-        cut_short: Vec::new(),
+        cut_short: meta.cut_short.clone(),
     }
 }
 

@@ -14,10 +14,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 mod ages;
 mod build;
+mod capture;
 mod finish;
 mod frames;
 mod launch;
@@ -26,10 +27,12 @@ mod preflight;
 mod summary;
 mod target;
 mod watch;
+mod watchdog;
 
 use output::ReportFile;
 use target::Attached;
 use watch::Signals;
+use watchdog::Watchdog;
 
 use crate::escape::Escaped;
 use crate::{
@@ -87,11 +90,17 @@ struct Session {
     symbolizer: Symbolizer,
     pidfd: OwnedFd,
     at: Attached,
+    /// Polls `signals` and `pidfd`: declared before them, so it is dropped first.
+    watchdog: Watchdog,
     signals: Signals,
     output: Option<ReportFile>,
     started_at: SystemTime,
     /// When tracing began: the start of the summary schedule and the duration.
     trace_start: Instant,
+    /// What was cut short while tracing (for the report's `cut_short`).
+    cut_short: Vec<String>,
+    /// The capture of new modules under way.
+    capture: capture::Capture,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -101,6 +110,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     preflight::check_map_memory(&opts.map_sizes)?;
     let output = ReportFile::open(&opts.output)?;
     let signals = Signals::block()?;
+    let watchdog = Watchdog::start(signals.as_fd()).context("starting the watchdog thread")?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
     let at = target::attach(target, opts.map_sizes, opts.sampling)?;
@@ -122,10 +132,13 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         symbolizer,
         pidfd,
         at,
+        watchdog,
         signals,
         output,
         started_at,
         trace_start,
+        cut_short: Vec::new(),
+        capture: Default::default(),
     })
 }
 

@@ -39,6 +39,11 @@ impl ReportFile {
         }))
     }
 
+    /// The file, through a descriptor of its own (for the watchdog).
+    pub(super) fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     fn write(&mut self, emit: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
         // Only a file with content is truncated: on ext4, truncating to 0 also
         // makes closing the file write it out (its replace-by-truncate safety),

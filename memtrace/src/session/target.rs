@@ -146,6 +146,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
+    crate::knobs::debug_stall("attach");
     let (programs, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes())?;
     let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;

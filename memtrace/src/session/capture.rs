@@ -1,0 +1,128 @@
+//! Capturing the modules the target maps while it is traced (dlopen), on a
+//! worker thread: opening a new module's file and reading it can block for as
+//! long as its filesystem wants (a FUSE file the target serves), and the main
+//! thread must stay free to end tracing, detach and report.
+use std::{
+    sync::mpsc::{Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use super::target::Attached;
+use crate::{process::maps::read_maps_text, symbolize::ProcessModules};
+
+/// How long a capture may take before the report says it was cut short.
+const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The capture under way, if any, and the maps it was started for.
+#[derive(Default)]
+pub(super) struct Capture {
+    running: Option<Running>,
+    /// The maps text of the last capture started: an unchanged one needs none.
+    maps: Option<String>,
+}
+
+struct Running {
+    since: Instant,
+    result: Receiver<ProcessModules>,
+    /// Said in the report already.
+    noted: bool,
+}
+
+impl Running {
+    /// Says once, on stderr and in the report, that this capture is late.
+    fn note(&mut self, cut_short: &mut Vec<String>) {
+        if self.noted {
+            return;
+        }
+        self.noted = true;
+        let note = format!(
+            "modules: capturing the modules the target mapped had not finished after {:.1}s \
+             (one of their files does not answer): frames in them are unresolved, and their \
+             stacks were walked without unwind tables",
+            self.since.elapsed().as_secs_f64()
+        );
+        eprintln!("memtrace: {note}");
+        cut_short.push(note);
+    }
+}
+
+impl Capture {
+    /// Starts capturing the target's new modules if its maps changed and no
+    /// capture is under way, and waits for the capture at most `wait`.
+    /// Returns whether `at.modules` now holds new modules; pushes to
+    /// `cut_short` a capture that outlived [`CAPTURE_DEADLINE`].
+    pub(super) fn poll(
+        &mut self,
+        at: &mut Attached,
+        wait: Duration,
+        cut_short: &mut Vec<String>,
+    ) -> bool {
+        if self.running.is_none() && !self.start(at) {
+            return false;
+        }
+        let Some(r) = &mut self.running else {
+            return false;
+        };
+        match r.result.recv_timeout(wait) {
+            Ok(modules) => {
+                at.modules = modules;
+                self.running = None;
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if r.since.elapsed() >= CAPTURE_DEADLINE {
+                    r.note(cut_short);
+                }
+                false
+            }
+            // The capture failed (the target exited): tried again at the next change.
+            Err(RecvTimeoutError::Disconnected) => {
+                self.running = None;
+                false
+            }
+        }
+    }
+
+    /// Tracing ended: a capture still under way is cut short.
+    pub(super) fn end(&mut self, cut_short: &mut Vec<String>) {
+        if let Some(r) = &mut self.running {
+            r.note(cut_short);
+        }
+    }
+
+    /// Starts a capture on a worker thread if the maps changed.
+    fn start(&mut self, at: &Attached) -> bool {
+        let pid = at.pid;
+        let Ok(text) = read_maps_text(pid) else {
+            return false;
+        };
+        if self.maps.as_deref() == Some(text.as_str()) {
+            return false;
+        }
+        let mut modules = match at.modules.try_clone() {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("cannot capture new modules: {e}");
+                return false;
+            }
+        };
+        self.maps = Some(text);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || {
+                if let Ok(true) = modules.refresh(pid) {
+                    let _ = tx.send(modules);
+                }
+            });
+        if started.is_err() {
+            return false;
+        }
+        self.running = Some(Running {
+            since: Instant::now(),
+            result: rx,
+            noted: false,
+        });
+        true
+    }
+}
