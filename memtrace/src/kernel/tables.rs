@@ -15,8 +15,8 @@ use object::{Object, ObjectSegment};
 
 use crate::{
     kernel::maps::TraceMaps,
-    process::{mapped::MappedFile, maps::read_maps},
     process::modules::{MappedModule, ProcessModules},
+    process::{mapped::MappedFile, maps::read_maps},
     unwind,
 };
 

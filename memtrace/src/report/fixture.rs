@@ -490,9 +490,7 @@ pub fn varied(sampling: Sampling) -> Report {
             alloc_calls: 30,
             alloc_bytes: 4000,
         },
-        cut_short: vec![
-            "module capture: /mnt/\"slow\"\n.so did not answer in 2s".into(),
-        ],
+        cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
         sites,
     }
 }

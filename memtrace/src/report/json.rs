@@ -190,7 +190,8 @@ impl<W: Write> ReportWriter<W> {
         self.sites(sites, false)?;
         self.w.write_all(key!("freed_sites"))?;
         self.sites(freed_sites, true)?;
-        self.w.put(key!("freed_sites_left_out"), freed_sites_left_out)?;
+        self.w
+            .put(key!("freed_sites_left_out"), freed_sites_left_out)?;
         self.w.put(key!("cut_short"), cut_short)?;
         self.w.write_all(b"}")
     }
@@ -435,7 +436,10 @@ mod tests {
             v["freed_sites_left_out"],
             serde_json::json!({"sites": 2, "alloc_calls": 30, "alloc_bytes": 4000})
         );
-        assert_eq!(v["cut_short"][0], "module capture: /mnt/\"slow\"\n.so did not answer in 2s");
+        assert_eq!(
+            v["cut_short"][0],
+            "module capture: /mnt/\"slow\"\n.so did not answer in 2s"
+        );
     }
 
     #[test]
