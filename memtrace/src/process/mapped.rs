@@ -32,8 +32,9 @@ impl MappedFile {
         // SAFETY: a read-only private mapping. Someone may change or truncate the
         // file while it is mapped: changed bytes are read like any other input,
         // and a truncated page is replaced with zeros by the SIGBUS handler once
-        // the mapping is registered below, before any byte is read.
-        let map = unsafe { memmap2::Mmap::map(file) }?;
+        // the mapping is registered below, before any byte is read. (Private:
+        // FUSE refuses a shared mapping of a file opened for direct I/O.)
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(file) }?;
         let slot = match map.len() {
             0 => None,
             len => Some(register(map.as_ptr() as usize, len)?),

@@ -1,14 +1,21 @@
-//! Capturing the modules the target maps while it is traced (dlopen), on a
-//! worker thread: opening a new module's file and reading it can block for as
-//! long as its filesystem wants (a FUSE file the target serves), and the main
-//! thread must stay free to end tracing, detach and report.
+//! Capturing the modules the target maps while it is traced (dlopen), and
+//! reading their unwind tables, on a worker thread: opening a new module's
+//! file and reading it can block for as long as its filesystem wants (a FUSE
+//! file the target serves), and the main thread must stay free to end
+//! tracing, detach and report.
 use std::{
     sync::mpsc::{Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
-use super::target::Attached;
-use crate::{process::maps::read_maps_text, symbolize::ProcessModules};
+use std::collections::{HashMap, HashSet};
+
+use super::target::{self, Attached};
+use crate::{
+    kernel::tables::{FileKey, ModuleUnwind},
+    process::maps::read_maps_text,
+    symbolize::ProcessModules,
+};
 
 /// How long a capture may take before the report says it was cut short.
 const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
@@ -21,9 +28,12 @@ pub(super) struct Capture {
     maps: Option<String>,
 }
 
+/// A capture: the modules, and the unwind tables of the new ones' files.
+type Captured = (ProcessModules, HashMap<FileKey, ModuleUnwind>);
+
 struct Running {
     since: Instant,
-    result: Receiver<ProcessModules>,
+    result: Receiver<Captured>,
     /// Said in the report already.
     noted: bool,
 }
@@ -48,38 +58,31 @@ impl Running {
 
 impl Capture {
     /// Starts capturing the target's new modules if its maps changed and no
-    /// capture is under way, and waits for the capture at most `wait`.
-    /// Returns whether `at.modules` now holds new modules; pushes to
-    /// `cut_short` a capture that outlived [`CAPTURE_DEADLINE`].
-    pub(super) fn poll(
-        &mut self,
-        at: &mut Attached,
-        wait: Duration,
-        cut_short: &mut Vec<String>,
-    ) -> bool {
+    /// capture is under way, and waits for the capture at most `wait`. A
+    /// capture that came is taken: `at.modules` and the unwind tables get the
+    /// new modules. Pushes to `cut_short` a capture that outlived
+    /// [`CAPTURE_DEADLINE`].
+    pub(super) fn poll(&mut self, at: &mut Attached, wait: Duration, cut_short: &mut Vec<String>) {
         if self.running.is_none() && !self.start(at) {
-            return false;
+            return;
         }
         let Some(r) = &mut self.running else {
-            return false;
+            return;
         };
         match r.result.recv_timeout(wait) {
-            Ok(modules) => {
+            Ok((modules, read)) => {
                 at.modules = modules;
                 self.running = None;
-                true
+                let (tables, maps) = (&mut at.tables, &mut at.collector.maps);
+                target::load_tables(tables, maps, at.pid, &at.modules, read);
             }
             Err(RecvTimeoutError::Timeout) => {
                 if r.since.elapsed() >= CAPTURE_DEADLINE {
                     r.note(cut_short);
                 }
-                false
             }
             // The capture failed (the target exited): tried again at the next change.
-            Err(RecvTimeoutError::Disconnected) => {
-                self.running = None;
-                false
-            }
+            Err(RecvTimeoutError::Disconnected) => self.running = None,
         }
     }
 
@@ -107,12 +110,25 @@ impl Capture {
             }
         };
         self.maps = Some(text);
+        let known: HashSet<(u64, u64)> = at
+            .modules
+            .modules()
+            .iter()
+            .map(|m| (m.start, m.inode))
+            .collect();
+        let tables = !crate::knobs::get().frame_pointers_only;
         let (tx, rx) = std::sync::mpsc::channel();
         let started = std::thread::Builder::new()
             .name("capture".into())
             .spawn(move || {
                 if let Ok(true) = modules.refresh(pid) {
-                    let _ = tx.send(modules);
+                    let read = modules
+                        .modules()
+                        .iter()
+                        .filter(|m| tables && !known.contains(&(m.start, m.inode)))
+                        .filter_map(ModuleUnwind::of_module)
+                        .collect();
+                    let _ = tx.send((modules, read));
                 }
             });
         if started.is_err() {

@@ -1,6 +1,6 @@
 //! The target process: attach to a running pid or launch a command, the state
 //! kept once the probes are in, and the /proc helpers (exe, cmdline, alive, exec).
-use std::{ffi::OsString, path::Path, path::PathBuf};
+use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -13,7 +13,7 @@ use crate::{
     attach::allocator::{self, Allocator, AllocatorError},
     attach::links::Probes,
     kernel::collect::Collector,
-    kernel::tables::UnwindTables,
+    kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
         maps::{MapSizes, TraceMaps},
         object,
@@ -109,18 +109,20 @@ pub(super) fn called_exec(pid: u32, allocator: &Allocator) -> bool {
     }
 }
 
-/// Loads the unwind tables of every module `pid` maps. Without them the BPF
-/// side walks frame pointers, so a failure costs stack quality, not the run.
+/// Loads the unwind tables of every module `pid` maps (those of `read` as
+/// read already). Without them the BPF side walks frame pointers, so a
+/// failure costs stack quality, not the run.
 pub(super) fn load_tables(
     tables: &mut UnwindTables,
     maps: &mut TraceMaps,
     pid: u32,
     modules: &ProcessModules,
+    read: HashMap<FileKey, ModuleUnwind>,
 ) {
     if crate::knobs::get().frame_pointers_only {
         return;
     }
-    if let Err(e) = tables.load_process(maps, pid, modules) {
+    if let Err(e) = tables.load_process(maps, pid, modules, read) {
         log::warn!("unwind tables not loaded, stacks will use frame pointers: {e:#}");
     }
 }
@@ -151,7 +153,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
-    load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     let nprobes = probes
         .attach_allocator(&allocator, pid, &maps, &mut trace_maps)
         .map_err(|e| exited_during_attach(pid, e))?;
@@ -232,7 +234,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
-    load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     launch::continue_child(pid);
     Ok(Attached {
         pid,

@@ -175,14 +175,7 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             if called_exec(&s.at) {
                 return End::TargetExec;
             }
-            if s.capture.poll(&mut s.at, CAPTURE_WAIT, &mut s.cut_short) {
-                target::load_tables(
-                    &mut s.at.tables,
-                    &mut s.at.collector.maps,
-                    s.at.pid,
-                    &s.at.modules,
-                );
-            }
+            s.capture.poll(&mut s.at, CAPTURE_WAIT, &mut s.cut_short);
         }
         if now >= schedule.next_summary {
             schedule.next_summary += opts.interval;
