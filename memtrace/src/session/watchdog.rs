@@ -42,8 +42,9 @@ const STUCK_AFTER: Duration = Duration::from_secs(20);
 /// listening, and the user wants memtrace to end.
 const SIGNAL_UNREAD: Duration = Duration::from_secs(3);
 
-/// How long setup may go on after a signal while attaching.
-const SETUP_GRACE: Duration = Duration::from_secs(3);
+/// How long setup may go on after a signal while attaching: loading and
+/// verifying the BPF programs alone can take seconds on a busy machine.
+const SETUP_GRACE: Duration = Duration::from_secs(30);
 
 /// How often the thread looks at the signals and the state.
 const TICK: Duration = Duration::from_millis(50);
