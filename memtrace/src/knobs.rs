@@ -56,6 +56,10 @@ pub struct Knobs {
     /// `MEMTRACE_DEBUG_ATTACH_DELAY_MS=N`: pause N ms between finding the
     /// allocator and attaching (a test makes the target exit in that window).
     pub debug_attach_delay: Option<Duration>,
+    /// `MEMTRACE_DEBUG_STALL=POINT`: the main thread blocks for good at POINT
+    /// (`attach`, `summary`, `symbolize`), as in a read of a file that never
+    /// answers (tests of the watchdog).
+    pub debug_stall: Option<String>,
 }
 
 impl Knobs {
@@ -82,6 +86,18 @@ impl Knobs {
             debug_attach_delay: text("MEMTRACE_DEBUG_ATTACH_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            debug_stall: text("MEMTRACE_DEBUG_STALL"),
+        }
+    }
+}
+
+/// Test hook: blocks the calling thread for good if `MEMTRACE_DEBUG_STALL`
+/// names `point`.
+pub fn debug_stall(point: &str) {
+    if get().debug_stall.as_deref() == Some(point) {
+        log::debug!("MEMTRACE_DEBUG_STALL: blocking at {point}");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
         }
     }
 }

@@ -183,3 +183,67 @@ fn a_full_stack_map_keeps_the_blocks_without_their_stack() {
         500,
     );
 }
+
+/// A site whose blocks were all freed is not a leak candidate (`sites`), but
+/// the JSON still lists it, in `freed_sites`, with exactly what it allocated.
+#[test]
+fn freed_sites_list_the_sites_whose_blocks_were_all_freed() {
+    require_root();
+    let AttachRun {
+        run,
+        tally: _,
+        mut target,
+    } = run_attach(
+        &build_fixture("leaks", Variant::FramePointers),
+        &["attach"],
+        &[],
+    );
+    run.assert_exit(0);
+    let r = &run.report;
+    let line = source_line("leaks", "churn_single");
+    assert!(
+        r.sites_at("churn_malloc", line).is_empty(),
+        "{}",
+        r.summary()
+    );
+    let freed = r.0["freed_sites"].as_array().expect("freed_sites");
+    let at: Vec<&serde_json::Value> = freed
+        .iter()
+        .filter(|s| {
+            Report::frames(s)
+                .first()
+                .is_some_and(|f| f.is("churn_malloc", line))
+        })
+        .collect();
+    assert_eq!(at.len(), 1, "one freed site at churn_malloc:{line}");
+    // The fixture's loop: 20,000 blocks of 16 + (i * 37) % 2000 bytes, each
+    // freed at once.
+    let bytes: u64 = (0..20_000u64).map(|i| 16 + (i * 37) % 2000).sum();
+    let s = at[0];
+    assert_eq!(
+        (
+            &s["alloc_calls"],
+            &s["alloc_bytes"],
+            &s["freed_blocks"],
+            &s["outstanding_blocks"],
+            &s["outstanding_bytes"]
+        ),
+        (
+            &20_000.into(),
+            &bytes.into(),
+            &20_000.into(),
+            &0.into(),
+            &0.into()
+        ),
+        "{s}"
+    );
+    // Every site seen is in one of the two lists.
+    assert_eq!(r.0["freed_sites_left_out"]["sites"], 0);
+    assert_eq!(
+        (r.sites().len() + freed.len()) as u64,
+        r.total("sites_seen"),
+        "{}",
+        r.summary()
+    );
+    target.finish_unharmed();
+}

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::{
     attach::placement::{self, Placement, choose_probe_site, probe_args},
+    process::mapped::MappedFile,
     process::maps::MapEntry,
     process::open::open_regular,
 };
@@ -796,8 +797,7 @@ pub fn defines(path: &Path, name: &str) -> bool {
     let Ok(file) = open_regular(path) else {
         return false;
     };
-    // SAFETY: as in find_allocator.
-    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+    let Ok(data) = MappedFile::map(&file) else {
         return false;
     };
     let Ok(elf) = object::File::parse(&*data) else {
@@ -824,9 +824,7 @@ pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, Allocato
             path: path.display().to_string(),
             source: e.into(),
         })?;
-        // SAFETY: read-only private mapping; a concurrent truncation of a mapped
-        // library would crash the target before it crashed us.
-        let data = match unsafe { memmap2::Mmap::map(&file) } {
+        let data = match MappedFile::map(&file) {
             Ok(d) => d,
             Err(e) => {
                 log::debug!("cannot map {}: {e}", path.display());

@@ -4,10 +4,7 @@
 //! its `.eh_frame` and its rows appended to `UNWIND_ROWS`; each code page of a
 //! process then points at the rows that cover it in `PC_PAGES`. A process not
 //! in `PROC_TABLES` is walked with frame pointers.
-use std::{
-    collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt,
-};
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use memtrace_common::{MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, UnwindRow};
@@ -15,8 +12,11 @@ use object::{Object, ObjectSegment};
 
 use crate::{
     kernel::maps::TraceMaps,
-    process::maps::{MapEntry, read_maps},
-    process::modules::{MappedModule, ProcessModules},
+    process::modules::{MappedModule, ModuleKey, ProcessModules},
+    process::{
+        mapped::MappedFile,
+        maps::{MapEntry, read_maps},
+    },
     unwind,
 };
 
@@ -26,6 +26,49 @@ struct LoadedModule {
     first_row: u32,
     /// Lowest PT_LOAD vaddr: rows are keyed by `vaddr - base`.
     base: u64,
+}
+
+/// A module's file identity, `(st_dev, st_ino)`, or `(u64::MAX, start)` for
+/// the vdso.
+pub type FileKey = (u64, u64);
+
+/// What loading one module file's rows needs, read from the file. Reading it
+/// can block (a FUSE file that does not answer), so [`ModuleUnwind::of`] can
+/// run on another thread, and [`UnwindTables::load_process`] take the result.
+pub struct ModuleUnwind {
+    table: Result<unwind::UnwindTable, String>,
+    /// The executable PT_LOAD segments: (file offset, file size, vaddr).
+    exec_segments: Vec<(u64, u64, u64)>,
+}
+
+impl ModuleUnwind {
+    /// The table and segments of the ELF file `data`.
+    pub fn of(data: &[u8]) -> Self {
+        ModuleUnwind {
+            table: unwind::compile(data).map_err(|e| e.to_string()),
+            exec_segments: exec_segments(data),
+        }
+    }
+
+    /// The module of a mapping, read from its file (`None` for one without a
+    /// file or image).
+    pub fn of_module(m: &MappedModule) -> Option<(FileKey, Self)> {
+        if m.is_vdso() {
+            return Some(((u64::MAX, m.start), Self::of(m.image.as_ref()?)));
+        }
+        let key = file_key(m)?;
+        let map = MappedFile::map(m.file.as_ref()?).ok()?;
+        Some((key, Self::of(&map)))
+    }
+}
+
+/// The identity of a mapping's file, as captured (no syscall: a FUSE file may
+/// not answer one).
+fn file_key(m: &MappedModule) -> Option<FileKey> {
+    match m.key? {
+        ModuleKey::File { dev, ino } => Some((dev, ino)),
+        ModuleKey::Image { .. } => None,
+    }
 }
 
 /// What the tables cost and cover, for the report.
@@ -44,7 +87,9 @@ pub struct TableStats {
 }
 
 pub struct UnwindTables {
-    modules: HashMap<(u64, u64), Option<LoadedModule>>,
+    modules: HashMap<FileKey, Option<LoadedModule>>,
+    /// Each module's executable segments, for the load bias of each mapping.
+    segments: HashMap<FileKey, Vec<(u64, u64, u64)>>,
     /// Each loaded module's rows, by first row index (to index pages).
     rows: HashMap<u32, Vec<UnwindRow>>,
     /// Mappings already indexed: (start, end, inode).
@@ -58,6 +103,7 @@ impl UnwindTables {
     pub fn new(capacity: u32) -> Self {
         UnwindTables {
             modules: HashMap::new(),
+            segments: HashMap::new(),
             rows: HashMap::new(),
             indexed: HashSet::new(),
             next_row: 0,
@@ -70,12 +116,14 @@ impl UnwindTables {
     }
 
     /// Compiles (once per file) and loads the rows of every executable mapping
-    /// of `pid`, then indexes its code pages. Mappings already indexed are skipped.
+    /// of `pid`, then indexes its code pages. Mappings already indexed are
+    /// skipped. The files in `read` are not read again.
     pub fn load_process(
         &mut self,
         maps: &mut TraceMaps,
         pid: u32,
         modules: &ProcessModules,
+        mut read: HashMap<FileKey, ModuleUnwind>,
     ) -> Result<()> {
         let current = read_maps(pid).map_err(|e| anyhow::anyhow!(e))?;
         self.forget_unmapped(maps, pid, &current);
@@ -88,7 +136,7 @@ impl UnwindTables {
             if !mapped || !self.indexed.insert((m.start, m.end, m.inode)) {
                 continue;
             }
-            let Some((loaded, pc_base)) = self.module(maps, m) else {
+            let Some((loaded, pc_base)) = self.module(maps, m, &mut read) else {
                 continue;
             };
             self.index_pages(maps, pid, m.start, m.end, pc_base, loaded)?;
@@ -183,26 +231,28 @@ impl UnwindTables {
     }
 
     /// The rows of one mapped module (loading them if new) and its pc_base.
-    fn module(&mut self, maps: &mut TraceMaps, m: &MappedModule) -> Option<(LoadedModule, u64)> {
-        let map;
-        let (data, key): (&[u8], (u64, u64)) = if m.is_vdso() {
-            (&m.image.as_ref()?[..], (u64::MAX, m.start))
+    fn module(
+        &mut self,
+        maps: &mut TraceMaps,
+        m: &MappedModule,
+        read: &mut HashMap<FileKey, ModuleUnwind>,
+    ) -> Option<(LoadedModule, u64)> {
+        let key = if m.is_vdso() {
+            (u64::MAX, m.start)
         } else {
-            let file = m.file.as_ref()?;
-            let meta = file.metadata().ok()?;
-            // SAFETY: read-only private mapping of a file the target maps itself.
-            map = unsafe { memmap2::Mmap::map(&**file) }.ok()?;
-            (&map[..], (meta.dev(), meta.ino()))
+            file_key(m)?
         };
-        let loaded = match self.modules.get(&key) {
-            Some(l) => *l,
-            None => {
-                let l = self.compile_and_load(maps, &m.path, data);
-                self.modules.insert(key, l);
-                l
-            }
-        }?;
-        let pc_base = load_bias(data, m.start, m.offset)?.wrapping_add(loaded.base);
+        if !self.modules.contains_key(&key) {
+            let unwind = match read.remove(&key) {
+                Some(u) => u,
+                None => ModuleUnwind::of_module(m)?.1,
+            };
+            let l = self.compile_and_load(maps, &m.path, unwind.table);
+            self.modules.insert(key, l);
+            self.segments.insert(key, unwind.exec_segments);
+        }
+        let loaded = self.modules.get(&key).copied().flatten()?;
+        let pc_base = bias(self.segments.get(&key)?, m.start, m.offset)?.wrapping_add(loaded.base);
         Some((loaded, pc_base))
     }
 
@@ -210,9 +260,9 @@ impl UnwindTables {
         &mut self,
         maps: &mut TraceMaps,
         path: &str,
-        data: &[u8],
+        table: Result<unwind::UnwindTable, String>,
     ) -> Option<LoadedModule> {
-        let table = match unwind::compile(data) {
+        let table = match table {
             Ok(t) if !t.rows.is_empty() => t,
             Ok(_) => {
                 self.stats.modules_without_tables.push(path.to_string());
@@ -252,21 +302,38 @@ impl UnwindTables {
     }
 }
 
+/// [`bias`] of the ELF file `data`.
+#[cfg(test)]
+pub fn load_bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
+    bias(&exec_segments(data), start, offset)
+}
+
+/// The executable PT_LOAD segments of an ELF file: (file offset, file size, vaddr).
+fn exec_segments(data: &[u8]) -> Vec<(u64, u64, u64)> {
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    file.segments()
+        .filter(|seg| match seg.flags() {
+            object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
+            _ => true,
+        })
+        .map(|seg| {
+            let (off, size) = seg.file_range();
+            (off, size, seg.address())
+        })
+        .collect()
+}
+
 /// Runtime address minus ELF vaddr for an executable mapping at `start` of
 /// file offset `offset`, from the executable PT_LOAD segment that covers that
 /// offset. (Mappings start at page boundaries, so the page at `offset` may also
 /// hold the end of the segment before: lld puts .text right after .rodata.)
-pub fn load_bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
-    let file = object::File::parse(data).ok()?;
-    file.segments().find_map(|seg| {
-        let exec = match seg.flags() {
-            object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
-            _ => true,
-        };
-        let (off, size) = seg.file_range();
+fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
+    segments.iter().find_map(|&(off, size, address)| {
         let page_off = off & !0xfff;
-        (exec && offset >= page_off && offset < off + size.max(1)).then(|| {
-            let vaddr = seg.address().wrapping_sub(off).wrapping_add(offset);
+        (offset >= page_off && offset < off + size.max(1)).then(|| {
+            let vaddr = address.wrapping_sub(off).wrapping_add(offset);
             start.wrapping_sub(vaddr)
         })
     })

@@ -2,6 +2,7 @@
 //! resource use and open fds by kind, and its executable modules held open;
 //! and the one way any file a target can influence is opened ([`open`]).
 pub mod fds;
+pub mod mapped;
 pub mod maps;
 pub mod modules;
 pub mod open;

@@ -22,7 +22,7 @@ pub(crate) enum ModuleKey {
 }
 
 /// One executable mapping of the target.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct MappedModule {
     /// Path as the target sees it (`/proc/PID/maps`, ` (deleted)` stripped), or `[vdso]`.
     pub path: String,
@@ -304,6 +304,20 @@ impl ProcessModules {
         };
         pm.refresh_at(pid, generation)?;
         Ok(pm)
+    }
+
+    /// A copy that holds the same files (and a root handle of its own), to be
+    /// refreshed on another thread.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(ProcessModules {
+            root_dir: self.root_dir.as_ref().map(Root::try_clone).transpose()?,
+            root_is_host: self.root_is_host,
+            modules: self.modules.clone(),
+            gone: self.gone.clone(),
+            unmapped: self.unmapped.clone(),
+            known_through: self.known_through,
+            last_maps: self.last_maps.clone(),
+        })
     }
 
     /// Re-reads the maps and adds mappings that are new (dlopen); those that

@@ -88,6 +88,9 @@ pub fn sample() -> Report {
             file_offset: 0,
             build_id: Some("0123abcd".into()),
         }],
+        freed_sites: vec![],
+        freed_sites_left_out: LeftOut::default(),
+        cut_short: vec![],
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
@@ -492,8 +495,36 @@ pub fn varied(sampling: Sampling) -> Report {
         },
         attached: true,
         modules: Vec::new(),
+        freed_sites: varied_freed_sites(&sites),
+        freed_sites_left_out: LeftOut {
+            sites: 2,
+            alloc_calls: 30,
+            alloc_bytes: 4000,
+        },
+        cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
         sites,
     }
+}
+
+/// Freed sites like those of a real report: one whose blocks were all freed,
+/// with a history, and one that still holds blocks younger than --min-age.
+fn varied_freed_sites(sites: &[Site]) -> Vec<Site> {
+    let mut all_freed = sites[0].clone();
+    all_freed.outstanding_blocks = 0;
+    all_freed.outstanding_bytes = 0;
+    all_freed.alloc_calls = 500;
+    all_freed.alloc_bytes = 51200;
+    all_freed.oldest_age_s = None;
+    all_freed.median_age_s = None;
+    all_freed.verdict = Verdict::Transient;
+    let mut young = sites[1].clone();
+    young.outstanding_blocks = 3;
+    young.outstanding_bytes = 96;
+    young.alloc_calls = 40;
+    young.alloc_bytes = 1280;
+    young.oldest_age_s = Some(0.05);
+    young.history.clear();
+    vec![all_freed, young]
 }
 
 /// A report of `n` sites shaped like the report at scale: each site a leaf

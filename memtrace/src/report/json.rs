@@ -165,6 +165,9 @@ impl<W: Write> ReportWriter<W> {
             // Not in the JSON: exports that name mappings (pprof) use them.
             modules: _,
             sites,
+            freed_sites,
+            freed_sites_left_out,
+            cut_short,
         } = r;
         let w = &mut self.w;
         w.put_str(key!(first "schema"), schema)?;
@@ -186,17 +189,29 @@ impl<W: Write> ReportWriter<W> {
         w.put(key!("process"), process)?;
         w.put(key!("unwind"), unwind)?;
         w.write_all(key!("sites"))?;
-        w.write_all(b"[")?;
+        self.sites(sites, false)?;
+        self.w.write_all(key!("freed_sites"))?;
+        self.sites(freed_sites, true)?;
+        self.w
+            .put(key!("freed_sites_left_out"), freed_sites_left_out)?;
+        self.w.put(key!("cut_short"), cut_short)?;
+        self.w.write_all(b"}")
+    }
+
+    /// A list of sites; `freed`: of `freed_sites`, whose entries also say how
+    /// many of their blocks were freed.
+    fn sites(&mut self, sites: &[Site], freed: bool) -> io::Result<()> {
+        self.w.write_all(b"[")?;
         for (i, site) in sites.iter().enumerate() {
             if i > 0 {
                 self.w.write_all(b",")?;
             }
-            self.site(site)?;
+            self.site(site, freed)?;
         }
-        self.w.write_all(b"]}")
+        self.w.write_all(b"]")
     }
 
-    fn site(&mut self, s: &Site) -> io::Result<()> {
+    fn site(&mut self, s: &Site, freed: bool) -> io::Result<()> {
         let Site {
             outstanding_blocks,
             outstanding_bytes,
@@ -222,6 +237,13 @@ impl<W: Write> ReportWriter<W> {
         w.put_u64(key!("alloc_bytes"), *alloc_bytes)?;
         if *dropped_blocks > 0 {
             w.put_u64(key!("dropped_blocks"), *dropped_blocks)?;
+        }
+        if freed {
+            // Blocks dropped from a full table were neither held nor seen freed.
+            let freed_blocks = alloc_calls
+                .saturating_sub(*outstanding_blocks)
+                .saturating_sub(*dropped_blocks);
+            w.put_u64(key!("freed_blocks"), freed_blocks)?;
         }
         w.put_opt_f64(key!("oldest_age_s"), *oldest_age_s)?;
         if let Some(m) = *median_age_s {
@@ -404,6 +426,29 @@ mod tests {
             assert_eq!(r.to_json(), want);
             assert_eq!(unshared(&r).to_json(), want);
         }
+    }
+
+    #[test]
+    fn freed_sites_say_what_was_freed_and_what_was_left_out() {
+        let v: serde_json::Value =
+            serde_json::from_str(&fixture::varied(Sampling::Exact).to_json()).unwrap();
+        let freed = &v["freed_sites"];
+        assert_eq!(freed[0]["alloc_calls"], 500);
+        assert_eq!(freed[0]["freed_blocks"], 500);
+        assert_eq!(freed[0]["outstanding_blocks"], 0);
+        assert_eq!(freed[0]["frames"][0]["function"], "leaky");
+        // Blocks younger than --min-age: outstanding, not freed.
+        assert_eq!(freed[1]["freed_blocks"], 37);
+        assert_eq!(freed[1]["outstanding_blocks"], 3);
+        assert!(v["sites"][0].get("freed_blocks").is_none());
+        assert_eq!(
+            v["freed_sites_left_out"],
+            serde_json::json!({"sites": 2, "alloc_calls": 30, "alloc_bytes": 4000})
+        );
+        assert_eq!(
+            v["cut_short"][0],
+            "module capture: /mnt/\"slow\"\n.so did not answer in 2s"
+        );
     }
 
     #[test]

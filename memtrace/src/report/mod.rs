@@ -72,6 +72,28 @@ pub struct Report {
     /// Not in the JSON.
     pub modules: Vec<ModuleInfo>,
     pub sites: Vec<Site>,
+    /// Every other site that allocated while traced: its blocks were all
+    /// freed, or those left are younger than `--min-age` (`outstanding_*`
+    /// count them). Most bytes allocated first, at most [`MAX_FREED_SITES`].
+    pub freed_sites: Vec<Site>,
+    /// The sites past [`MAX_FREED_SITES`], not in `freed_sites`.
+    pub freed_sites_left_out: LeftOut,
+    /// What memtrace could not finish, and why (a file the target named that
+    /// did not answer, ...): each a sentence. Empty when nothing was cut short.
+    pub cut_short: Vec<String>,
+}
+
+/// The most sites `freed_sites` lists: each costs its frames in the report
+/// (symbolized, a few hundred bytes of JSON each), and a program can go
+/// through every stack the map holds (`--max-stacks`).
+pub const MAX_FREED_SITES: usize = 10_000;
+
+/// What a capped list left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LeftOut {
+    pub sites: u64,
+    pub alloc_calls: u64,
+    pub alloc_bytes: u64,
 }
 
 /// One executable mapping of the target.

@@ -137,7 +137,38 @@ impl Report {
         self.process_text(&mut o);
         self.verdicts_text(&mut o);
         self.sites_text(&mut o, top);
+        self.freed_text(&mut o);
         o
+    }
+
+    /// What the sites that hold no old block allocated (listed in the JSON).
+    fn freed_text(&self, o: &mut String) {
+        let left = &self.freed_sites_left_out;
+        let n = self.freed_sites.len() as u64 + left.sites;
+        if n == 0 {
+            return;
+        }
+        let calls: u64 =
+            self.freed_sites.iter().map(|s| s.alloc_calls).sum::<u64>() + left.alloc_calls;
+        let bytes: u64 =
+            self.freed_sites.iter().map(|s| s.alloc_bytes).sum::<u64>() + left.alloc_bytes;
+        let _ = writeln!(
+            o,
+            "\n{} other site{} allocated {}{} blocks ({}{}) while traced and {} no block{} \
+             (in --format json: freed_sites)",
+            format_count(n),
+            if n == 1 { "" } else { "s" },
+            self.est(),
+            format_count(calls),
+            self.est(),
+            format_bytes(bytes as i64),
+            if n == 1 { "holds" } else { "hold" },
+            if self.min_age_s > 0.0 {
+                " older than --min-age"
+            } else {
+                ""
+            },
+        );
     }
 
     /// The mark of an estimate: with sampling every byte and block figure is one.
@@ -217,6 +248,9 @@ impl Report {
                 format_count(tot.stack_errors),
                 parts.join(", ")
             );
+        }
+        for what in &self.cut_short {
+            let _ = writeln!(o, "CUT SHORT: {}", Escaped(what));
         }
     }
 

@@ -12,11 +12,12 @@ use memtrace_common::{NO_STACK, STACK_FP_ONLY};
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{
-    Options,
+    Format, Options, Session,
     ages::{REPORT_SCAN_MAX_BLOCKS, blocks_in_map, scan_every_block, site_blocks, site_tuples},
     frames::{self, AddressFrames, truncated_reason},
     target::Attached,
     watch::{End, Signals},
+    watchdog::Fallback,
 };
 use crate::{
     analyze::{self, History, SampleAges, SiteBlocks, SiteHistory, Trend, Verdict, VerdictConfig},
@@ -24,8 +25,9 @@ use crate::{
     kernel::collect::{Counters, SiteSample},
     process::stat::ProcStat,
     report::{
-        self, AllocatorInfo, Drops, HistoryPoint, ModuleInfo, ProcessReport, ProcessSample, Report,
-        Sampling, Site, TargetInfo, Timeline, Totals, VerdictCounts,
+        self, AllocatorInfo, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES, ModuleInfo,
+        ProcessReport, ProcessSample, Report, Sampling, Site, TargetInfo, Timeline, Totals,
+        VerdictCounts,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -42,6 +44,8 @@ pub(super) struct ReportMeta {
     pub(super) exit_status: Option<i32>,
     /// The process's own figures at the end, read once the probes were out.
     pub(super) end_process: Option<ProcStat>,
+    /// What was cut short while tracing, and why.
+    pub(super) cut_short: Vec<String>,
 }
 
 /// CPU time of a phase sequence, for the debug log.
@@ -96,12 +100,15 @@ struct Candidate<'a> {
 }
 
 /// The report's figures that the stages computed, ready to be assembled.
+#[derive(Clone)]
 struct Figures {
     totals: Totals,
     drops: Drops,
     process: ProcessReport,
     modules: Vec<ModuleInfo>,
     sites: Vec<Site>,
+    freed_sites: Vec<Site>,
+    freed_left_out: LeftOut,
 }
 
 /// The longest the report waits for debug info still being loaded in the
@@ -113,39 +120,120 @@ const REPORT_LOAD_WAIT: Duration = Duration::from_secs(10);
 /// How often the wait for debug info looks at the signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
+/// Where the report goes if the watchdog has to write it (see `Fallback`).
+pub(super) struct FallbackOut {
+    pub(super) out: std::fs::File,
+    pub(super) truncate: bool,
+    /// The format of the report it goes to (the first, when there are several).
+    pub(super) format: Format,
+}
+
 pub(super) fn build_report(
     opts: &Options,
-    at: &mut Attached,
-    sym: &mut Symbolizer,
-    history: &mut History,
+    s: &mut Session,
     meta: ReportMeta,
-    signals: &Signals,
+    fallback: Option<FallbackOut>,
 ) -> Result<Report> {
+    let (at, sym, history) = (&mut s.at, &mut s.symbolizer, &mut s.history);
     let mut lap = Laps::start();
+    s.watchdog.doing("reading the final figures");
     let fin = Final::read(opts, at, history, &meta, &mut lap)?;
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
+    let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
     let mut sites = Vec::with_capacity(chosen.len());
     for c in &chosen {
         sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
     }
+    let mut freed_sites = Vec::with_capacity(freed.len());
+    for c in &freed {
+        freed_sites.push(site(opts, at, history, &fin, c, meta.end_ns)?);
+    }
     lap.mark("sites built");
-    let unresolved = symbolize_sites(opts, at, sym, &chosen, &mut sites, &mut lap, signals)?;
-    let unrecorded = fin.counters.alloc_map_full + fin.counters.site_map_full;
-    let process = process_report(history, traced_scale, &opts.verdicts, unrecorded);
-    let mut drops = Drops::from_counters(&fin.counters);
-    drops.unresolved_frames = unresolved;
-    drops.debug_files_refused = debug_files_refused(sym);
-    lap.mark("process");
-    lap.log();
-    let figures = Figures {
+    // The sites whose frames the report shows: the text's top sites, or every
+    // site in JSON, freed ones too.
+    let mut shown: Vec<(u64, Which)> = frames::shown(opts.shows_every_site(), opts.top, &sites)
+        .into_iter()
+        .map(|i| (chosen[i].sample.stack_id, Which::Site(i)))
+        .collect();
+    if opts.shows_every_site() {
+        shown.extend(
+            freed
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.sample.stack_id, Which::Freed(i))),
+        );
+    }
+    let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
+    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
+    lap.mark("stacks");
+    let mut figures = Figures {
         totals,
-        drops,
-        process,
-        modules: module_infos(at, sym),
+        drops: Drops::from_counters(&fin.counters),
+        process: process_report(
+            history,
+            traced_scale,
+            &opts.verdicts,
+            fin.counters.alloc_map_full + fin.counters.site_map_full,
+        ),
+        modules: Vec::new(),
         sites,
+        freed_sites,
+        freed_left_out,
     };
-    Ok(assemble(opts, at, history, &fin, meta, figures))
+    if let Some(out) = fallback {
+        // The report with frames unnamed, for the watchdog to write should
+        // symbolizing block for good (a file that does not answer).
+        let unnamed = AddressFrames::of(&addrs, frames::unnamed(&at.modules, &addrs));
+        let mut f = figures.clone();
+        f.drops.unresolved_frames = fill_frames(at, &unnamed, &shown, &mut f)?;
+        s.watchdog.set_fallback(Some(Fallback {
+            report: assemble(opts, at, history, &fin, &meta, f),
+            format: out.format,
+            top: opts.top,
+            out: out.out,
+            truncate: out.truncate,
+        }));
+    }
+    s.watchdog.doing("symbolizing the report's stacks");
+    crate::knobs::debug_stall("symbolize");
+    let groups = symbolize(at, sym, &addrs, occurrences, &mut lap, &s.signals);
+    figures.drops.unresolved_frames = fill_frames(at, &groups, &shown, &mut figures)?;
+    figures.drops.debug_files_refused = debug_files_refused(sym);
+    // After symbolizing: the build ids of the files read for it.
+    figures.modules = module_infos(at, sym);
+    lap.mark("frames");
+    lap.log();
+    Ok(assemble(opts, at, history, &fin, &meta, figures))
+}
+
+/// A site of the report: of `sites` or of `freed_sites`, by index.
+#[derive(Clone, Copy)]
+enum Which {
+    Site(usize),
+    Freed(usize),
+}
+
+/// Gives the `shown` sites their frames; returns the count of unresolved
+/// frames by reason.
+fn fill_frames(
+    at: &mut Attached,
+    groups: &AddressFrames,
+    shown: &[(u64, Which)],
+    figures: &mut Figures,
+) -> Result<BTreeMap<String, u64>> {
+    let mut unresolved = BTreeMap::new();
+    for &(stack_id, which) in shown {
+        let site = match which {
+            Which::Site(i) => &mut figures.sites[i],
+            Which::Freed(i) => &mut figures.freed_sites[i],
+        };
+        site.frames = Default::default();
+        let generation = at.collector.stack_generation(stack_id)?;
+        let stack = at.collector.stack(stack_id)?;
+        groups.fill(stack, generation, &mut site.frames, &mut unresolved);
+    }
+    Ok(unresolved)
 }
 
 impl Final {
@@ -241,6 +329,44 @@ fn leak_candidates(fin: &Final) -> Vec<Candidate<'_>> {
     chosen
 }
 
+/// The sites that allocated while traced but hold no block older than
+/// `--min-age`, most bytes allocated first (then most calls, then by stack
+/// id), at most [`MAX_FREED_SITES`]; and what the rest add up to.
+fn freed_candidates(fin: &Final, sampling: Sampling) -> (Vec<Candidate<'_>>, LeftOut) {
+    let mut freed: Vec<(Candidate, SiteSample)> = fin
+        .samples
+        .iter()
+        .filter(|s| s.alloc_calls > 0)
+        .filter_map(|s| {
+            let a = fin.ages.get(&s.stack_id);
+            if a.is_some_and(|a| a.old_blocks > 0) {
+                return None;
+            }
+            let c = Candidate {
+                sample: s,
+                blocks: a.map_or(0, |a| a.est.blocks()),
+                bytes: a.map_or(0, |a| a.est.bytes()),
+                oldest_ns: a.and_then(SiteBlocks::oldest_ns),
+            };
+            Some((c, s.estimated(sampling)))
+        })
+        .collect();
+    freed.sort_by(|(a, ea), (b, eb)| {
+        eb.alloc_bytes
+            .cmp(&ea.alloc_bytes)
+            .then(eb.alloc_calls.cmp(&ea.alloc_calls))
+            .then(a.sample.stack_id.cmp(&b.sample.stack_id))
+    });
+    let mut left_out = LeftOut::default();
+    for (_, e) in freed.iter().skip(MAX_FREED_SITES) {
+        left_out.sites += 1;
+        left_out.alloc_calls += e.alloc_calls;
+        left_out.alloc_bytes += e.alloc_bytes;
+    }
+    freed.truncate(MAX_FREED_SITES);
+    (freed.into_iter().map(|(c, _)| c).collect(), left_out)
+}
+
 /// One candidate's entry in the report, without its frames yet.
 fn site(
     opts: &Options,
@@ -328,26 +454,20 @@ fn history_points(
         .collect()
 }
 
-/// Gives the sites the report shows their frames, symbolized in one batch;
-/// returns the count of unresolved frames by reason.
-fn symbolize_sites(
-    opts: &Options,
+/// The frames of every address of the report's stacks, symbolized in one batch.
+fn symbolize(
     at: &mut Attached,
     sym: &mut Symbolizer,
-    chosen: &[Candidate],
-    sites: &mut [Site],
+    addrs: &[Taken],
+    occurrences: usize,
     lap: &mut Laps,
     signals: &Signals,
-) -> Result<BTreeMap<String, u64>> {
-    let shown = frames::shown(opts.shows_every_site(), opts.top, sites);
-    let stack_ids: Vec<u64> = shown.iter().map(|&i| chosen[i].sample.stack_id).collect();
-    let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
-    lap.mark("stacks");
+) -> AddressFrames {
     at.note_unmaps();
-    wait_for_debug_info(at, sym, &addrs, signals);
+    wait_for_debug_info(at, sym, addrs, signals);
     // Waited above: what is still loading now is not waited for again.
     sym.set_deadline(Some(Instant::now()));
-    let resolved = sym.symbolize_taken(&at.modules, &addrs, true);
+    let resolved = sym.symbolize_taken(&at.modules, addrs, true);
     sym.set_deadline(None);
     // CPU of all threads (laps are): large batches are resolved on two.
     let cpu_sym = lap.mark("symbolize");
@@ -357,16 +477,9 @@ fn symbolize_sites(
         addrs.len(),
         cpu_sym.as_secs_f64() * 1e3
     );
-    let groups = AddressFrames::of(&addrs, resolved);
+    let groups = AddressFrames::of(addrs, resolved);
     lap.mark("groups");
-    let mut unresolved = BTreeMap::new();
-    for (&i, &stack_id) in shown.iter().zip(&stack_ids) {
-        let generation = at.collector.stack_generation(stack_id)?;
-        let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, generation, &mut sites[i].frames, &mut unresolved);
-    }
-    lap.mark("frames");
-    Ok(unresolved)
+    groups
 }
 
 /// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
@@ -419,6 +532,8 @@ fn debug_files_refused(sym: &Symbolizer) -> BTreeMap<String, u64> {
 
 /// The process's own figures over the run, with the traced bytes scaled back
 /// to what they stand for.
+/// `unrecorded`: allocations the kernel's tables had no room for, which the
+/// note about growth outside the traced heap must name.
 fn process_report(
     history: &History,
     traced_scale: f64,
@@ -447,7 +562,7 @@ fn assemble(
     at: &Attached,
     history: &History,
     fin: &Final,
-    meta: ReportMeta,
+    meta: &ReportMeta,
     figures: Figures,
 ) -> Report {
     Report {
@@ -485,6 +600,9 @@ fn assemble(
         attached: !at.launched,
         modules: figures.modules,
         sites: figures.sites,
+        freed_sites: figures.freed_sites,
+        freed_sites_left_out: figures.freed_left_out,
+        cut_short: meta.cut_short.clone(),
     }
 }
 

@@ -6,17 +6,22 @@ use anyhow::Result;
 
 use super::{
     Options, Session,
-    build::{ReportMeta, build_report},
+    build::{FallbackOut, ReportMeta, build_report},
     launch::{self, ChildState},
     output::write_report,
-    target::{Attached, alive},
+    target::alive,
     watch::End,
 };
 use crate::{
     kernel::batch::process_cpu,
     kernel::collect::monotonic_ns,
+    process::mapped::truncated_pages,
     process::stat::{self as procstat, ProcStat},
 };
+
+/// How long the end of tracing waits for the capture of the target's newest
+/// modules.
+const FINAL_CAPTURE_WAIT: Duration = Duration::from_secs(1);
 
 /// The moment tracing ended, and the target's own figures then.
 struct Stopped {
@@ -41,7 +46,9 @@ impl Outcome {
 /// Detaches, reports, and returns memtrace's exit status.
 pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     let stopped = stop_tracing(&mut s, end);
-    let outcome = settle_target(&mut s.at, end)?;
+    s.watchdog.doing("settling the target");
+    let outcome = settle_target(&mut s, end)?;
+    s.capture.end(&mut s.cut_short);
     let cpu_report = process_cpu();
     log::debug!(
         "report begins at {:.3} ms of process cpu",
@@ -56,19 +63,16 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         exited: outcome.exited,
         exit_status: outcome.exit_code(),
         end_process: stopped.end_process,
+        cut_short: cut_short(&s),
     };
-    let report = build_report(
-        opts,
-        &mut s.at,
-        &mut s.symbolizer,
-        &mut s.history,
-        meta,
-        &s.signals,
-    )?;
+    let fallback = fallback_out(&s);
+    let report = build_report(opts, &mut s, meta, fallback)?;
+    s.watchdog.doing("writing the report");
     let cpu_written = process_cpu();
     for (format, file) in &mut s.outputs {
         write_report(&report, *format, opts.top, file.as_mut())?;
     }
+    s.watchdog.done();
     let cpu_end = process_cpu();
     log::debug!(
         "report built in {:.1} ms cpu, written in {:.1} ms cpu",
@@ -95,6 +99,49 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     Ok(exit_status(opts, status, leaks))
 }
 
+/// What was cut short, for the report: said while tracing, by the watchdog,
+/// and the pages of truncated files read as zeros.
+fn cut_short(s: &Session) -> Vec<String> {
+    let mut notes = s.cut_short.clone();
+    notes.extend(s.watchdog.notes());
+    let pages = truncated_pages();
+    if pages > 0 {
+        notes.push(format!(
+            "files: {pages} pages of files truncated while memtrace read them were read as \
+             zeros; frames in those files may be unresolved"
+        ));
+    }
+    notes
+}
+
+/// Where the watchdog writes the report if the main thread cannot: the
+/// first report's `--output` file or stdout, through descriptors of its own.
+fn fallback_out(s: &Session) -> Option<FallbackOut> {
+    use std::os::fd::AsFd;
+    let (format, file) = s.outputs.first()?;
+    let (out, truncate) = match file {
+        Some(f) => (f.try_clone_file(), true),
+        None => (
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(std::fs::File::from),
+            false,
+        ),
+    };
+    match out {
+        Ok(out) => Some(FallbackOut {
+            out,
+            truncate,
+            format: *format,
+        }),
+        Err(e) => {
+            log::warn!("no descriptor for the watchdog's report: {e}");
+            None
+        }
+    }
+}
+
 /// Takes the end of tracing and removes the probes.
 fn stop_tracing(s: &mut Session, end: End) -> Stopped {
     // Ages and the duration are taken at the end of tracing: detaching can take
@@ -114,7 +161,9 @@ fn stop_tracing(s: &mut Session, end: End) -> Stopped {
     if let Err(e) = s.at.collector.maps.end_tracing() {
         log::warn!("{e:#}: what the target does while the probes are removed is counted too");
     }
+    s.watchdog.detaching();
     s.at.probes.detach_all();
+    s.watchdog.detached();
     Stopped {
         end_ns,
         ended_at,
@@ -126,15 +175,17 @@ fn stop_tracing(s: &mut Session, end: End) -> Stopped {
 
 /// Whether the target exited; a launched child is reaped, an attached
 /// process that lives on has its newest modules captured for the report.
-fn settle_target(at: &mut Attached, end: End) -> Result<Outcome> {
+fn settle_target(s: &mut Session, end: End) -> Result<Outcome> {
+    let at = &mut s.at;
     let pid = at.pid;
     let exited = end == End::TargetExited || !alive(pid);
     if at.launched {
         return reap_child(pid, end, exited);
     }
     if !exited {
-        // The target lives on: pick up libraries it loaded since the last refresh.
-        let _ = at.refresh_modules();
+        // The target lives on: pick up libraries it loaded since the last
+        // capture, waiting for it a moment only (a file may not answer).
+        s.capture.poll(at, FINAL_CAPTURE_WAIT, &mut s.cut_short);
     }
     Ok(Outcome {
         exited,

@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::{
     kernel::collect::Collector,
     report::{self, Frame, Frames, Site},
-    symbolize::{Taken, Unresolved},
+    symbolize::{ProcessModules, Taken, Unresolved},
 };
 
 /// The sites whose stacks the report shows (JSON: all of them), by index.
@@ -38,6 +38,26 @@ pub(super) fn distinct_addresses(
     addrs.sort_unstable();
     addrs.dedup();
     Ok((addrs, occurrences))
+}
+
+/// Each address as a frame without a name (its module only), as the report
+/// has it when symbolizing did not finish.
+pub(super) fn unnamed(modules: &ProcessModules, addrs: &[Taken]) -> Vec<Vec<Frame>> {
+    addrs
+        .iter()
+        .map(|&(address, _)| {
+            let m = modules.module_for(address.saturating_sub(1));
+            vec![Frame {
+                address,
+                module: m.map(|m| m.path.clone()),
+                function: None,
+                file: None,
+                line: None,
+                inlined: false,
+                unresolved: Some(Unresolved::NotLoadedInTime),
+            }]
+        })
+        .collect()
 }
 
 /// One address's frames (shared by every site holding it), the reasons of

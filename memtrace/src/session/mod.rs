@@ -14,10 +14,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 mod ages;
 mod build;
+mod capture;
 mod finish;
 mod frames;
 mod launch;
@@ -28,10 +29,12 @@ mod serve;
 mod summary;
 mod target;
 mod watch;
+mod watchdog;
 
 use output::ReportFile;
 use target::Attached;
 use watch::Signals;
+use watchdog::Watchdog;
 
 use crate::escape::Escaped;
 use crate::{
@@ -110,6 +113,8 @@ struct Session {
     symbolizer: Symbolizer,
     pidfd: OwnedFd,
     at: Attached,
+    /// Polls `signals` and `pidfd`: declared before them, so it is dropped first.
+    watchdog: Watchdog,
     signals: Signals,
     /// Each report's format and its `--output` file (None: stdout).
     outputs: Vec<(Format, Option<ReportFile>)>,
@@ -118,6 +123,10 @@ struct Session {
     started_at: SystemTime,
     /// When tracing began: the start of the summary schedule and the duration.
     trace_start: Instant,
+    /// What was cut short while tracing (for the report's `cut_short`).
+    cut_short: Vec<String>,
+    /// The capture of new modules under way.
+    capture: capture::Capture,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -131,6 +140,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         .map(|(f, path)| Ok((*f, ReportFile::open(path)?)))
         .collect::<Result<Vec<_>>>()?;
     let signals = Signals::block()?;
+    let watchdog = Watchdog::start(signals.as_fd()).context("starting the watchdog thread")?;
     // After blocking the signals (its thread inherits the mask: a SIGINT must
     // reach the watch loop, not kill memtrace), and before attaching (a taken
     // port fails before any probe goes in).
@@ -168,11 +178,14 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         symbolizer,
         pidfd,
         at,
+        watchdog,
         signals,
         outputs,
         server,
         started_at,
         trace_start,
+        cut_short: Vec::new(),
+        capture: Default::default(),
     })
 }
 

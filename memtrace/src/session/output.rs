@@ -39,6 +39,11 @@ impl ReportFile {
         }))
     }
 
+    /// The file, through a descriptor of its own (for the watchdog).
+    pub(super) fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     fn write(&mut self, emit: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
         // Only a file with content is truncated: on ext4, truncating to 0 also
         // makes closing the file write it out (its replace-by-truncate safety),
@@ -75,14 +80,7 @@ pub(super) fn write_report(
     top: usize,
     output: Option<&mut ReportFile>,
 ) -> Result<()> {
-    // JSON is streamed out: for ten thousand sites it is tens of megabytes.
-    let emit = |w: &mut dyn Write| match format {
-        Format::Json => report.write_json(w),
-        Format::Text => w.write_all(report.to_text(top).as_bytes()),
-        Format::Pprof => report::write_pprof(report, w),
-        Format::Folded => report::write_folded(report, w),
-        Format::Svg => report::write_flame_graph(report, w),
-    };
+    let emit = |w: &mut dyn Write| emit(report, format, top, w);
     match output {
         Some(f) => f.write(emit),
         None => {
@@ -91,5 +89,22 @@ pub(super) fn write_report(
             out.flush().ok();
             Ok(())
         }
+    }
+}
+
+/// Writes `report` in `format` to `w`.
+pub(super) fn emit(
+    report: &Report,
+    format: Format,
+    top: usize,
+    w: &mut dyn Write,
+) -> std::io::Result<()> {
+    // JSON is streamed out: for ten thousand sites it is tens of megabytes.
+    match format {
+        Format::Json => report.write_json(w),
+        Format::Text => w.write_all(report.to_text(top).as_bytes()),
+        Format::Pprof => report::write_pprof(report, w),
+        Format::Folded => report::write_folded(report, w),
+        Format::Svg => report::write_flame_graph(report, w),
     }
 }

@@ -1,6 +1,6 @@
 //! The target process: attach to a running pid or launch a command, the state
 //! kept once the probes are in, and the /proc helpers (exe, cmdline, alive, exec).
-use std::{ffi::OsString, path::Path, path::PathBuf};
+use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -13,12 +13,12 @@ use crate::{
     attach::allocator::{self, Allocator, AllocatorError},
     attach::links::Probes,
     kernel::collect::Collector,
-    kernel::tables::UnwindTables,
+    kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
         maps::{MapSizes, TraceMaps},
         object,
     },
-    process::maps::{MapsError, read_maps},
+    process::maps::read_maps,
     process::modules::Generation,
     report::Sampling,
     symbolize::ProcessModules,
@@ -71,15 +71,6 @@ impl Attached {
             }
             Err(e) => log::warn!("reading the code unmapped: {e:#}"),
         }
-    }
-
-    /// Re-reads the target's mappings (after taking in the code unmapped);
-    /// whether modules were added.
-    pub(super) fn refresh_modules(&mut self) -> Result<bool, MapsError> {
-        self.note_unmaps();
-        let maps = &self.collector.maps;
-        self.modules
-            .refresh_at(self.pid, &mut || maps.code_generation())
     }
 }
 
@@ -152,18 +143,20 @@ pub(super) fn called_exec(pid: u32, allocator: &Allocator) -> bool {
     }
 }
 
-/// Loads the unwind tables of every module `pid` maps. Without them the BPF
-/// side walks frame pointers, so a failure costs stack quality, not the run.
+/// Loads the unwind tables of every module `pid` maps (those of `read` as
+/// read already). Without them the BPF side walks frame pointers, so a
+/// failure costs stack quality, not the run.
 pub(super) fn load_tables(
     tables: &mut UnwindTables,
     maps: &mut TraceMaps,
     pid: u32,
     modules: &ProcessModules,
+    read: HashMap<FileKey, ModuleUnwind>,
 ) {
     if crate::knobs::get().frame_pointers_only {
         return;
     }
-    if let Err(e) = tables.load_process(maps, pid, modules) {
+    if let Err(e) = tables.load_process(maps, pid, modules, read) {
         log::warn!("unwind tables not loaded, stacks will use frame pointers: {e:#}");
     }
 }
@@ -186,6 +179,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
+    crate::knobs::debug_stall("attach");
     let (programs, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes())?;
     let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
@@ -196,7 +190,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         })?;
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
-    load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     let nprobes = probes
         .attach_allocator(&allocator, pid, &maps, &mut trace_maps)
         .map_err(|e| exited_during_attach(pid, e))?;
@@ -280,7 +274,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
-    load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     launch::continue_child(pid);
     Ok(Attached {
         pid,

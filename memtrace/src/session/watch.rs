@@ -18,6 +18,10 @@ use super::{
 /// dlopen is captured (and kept open) soon after, whatever --interval is.
 const MODULE_REFRESH: Duration = Duration::from_secs(1);
 
+/// How long the watch loop waits for a capture of new modules it started
+/// (it goes on without it after that, and takes it when it comes).
+const CAPTURE_WAIT: Duration = Duration::from_millis(200);
+
 /// Why tracing stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum End {
@@ -67,6 +71,11 @@ impl Signals {
     }
 
     /// Whether SIGINT or SIGTERM arrived (and takes it), without waiting.
+    pub(super) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     pub(super) fn pending(&self) -> bool {
         let mut info = [0u8; 128];
         // SAFETY: reading one signalfd_siginfo into a buffer of its size.
@@ -140,8 +149,13 @@ impl Schedule {
 /// summary every interval, the target's new modules every [`MODULE_REFRESH`].
 pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
     let mut schedule = Schedule::new(s.trace_start, opts);
+    {
+        use std::os::fd::AsFd;
+        s.watchdog.tracing(s.pidfd.as_fd(), schedule.deadline);
+    }
     let mut last = Summary::default();
     loop {
+        s.watchdog.doing("tracing");
         let now = Instant::now();
         if schedule.deadline.is_some_and(|d| now >= d) {
             return End::Duration;
@@ -157,13 +171,16 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
         let now = Instant::now();
         if now >= schedule.next_refresh {
             schedule.next_refresh = now + MODULE_REFRESH;
+            s.watchdog.doing("capturing the target's new modules");
             if called_exec(&s.at) {
                 return End::TargetExec;
             }
-            refresh_modules(&mut s.at);
+            s.capture.poll(&mut s.at, CAPTURE_WAIT, &mut s.cut_short);
         }
         if now >= schedule.next_summary {
             schedule.next_summary += opts.interval;
+            s.watchdog.doing("making the live summary");
+            crate::knobs::debug_stall("summary");
             let work = summary::live_summary(
                 &mut s.at,
                 &mut s.symbolizer,
@@ -200,12 +217,4 @@ fn called_exec(at: &Attached) -> bool {
         Escaped(&target::proc_exe(pid).unwrap_or_else(|| "?".into()))
     );
     true
-}
-
-/// Captures the modules the target mapped since the last look (dlopen) and
-/// loads their unwind tables.
-fn refresh_modules(at: &mut Attached) {
-    if let Ok(true) = at.refresh_modules() {
-        target::load_tables(&mut at.tables, &mut at.collector.maps, at.pid, &at.modules);
-    }
 }

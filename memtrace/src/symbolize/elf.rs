@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use memmap2::Mmap;
+use crate::process::mapped::MappedFile;
 use object::{Object, ObjectSection, ObjectSegment, SectionKind};
 
 use super::debug_search::{find_sup_file, separate_debug_file};
@@ -61,7 +61,7 @@ pub(crate) fn file_offset_to_vaddr(segments: &[Segment], off: u64) -> Option<u64
 /// Owner of all bytes the parsed structures borrow.
 #[derive(Default)]
 pub(super) struct Backing {
-    maps: Vec<Mmap>,
+    maps: Vec<MappedFile>,
     /// Inflated sections. Left writable: making them read-only (mprotect) cost ~1 ms
     /// on libc's `.debug_info`, at the end of the longest step of loading it.
     anon: Vec<memmap2::MmapMut>,
@@ -72,10 +72,9 @@ pub(super) struct Backing {
 
 impl Backing {
     pub(super) fn map(&mut self, file: &File) -> Result<&'static [u8], String> {
-        // SAFETY: the file may be modified by someone else while mapped. Deleted files
-        // are fine (the open file keeps the inode alive); in-place truncation of a mapped
-        // binary would also break the traced process itself, so it is not defended against.
-        let m = unsafe { Mmap::map(file) }.map_err(|e| format!("mmap: {e}"))?;
+        // Deleted files are fine (the open file keeps the inode alive); a page of a file
+        // truncated while mapped reads as zeros (see `MappedFile`).
+        let m = MappedFile::map(file).map_err(|e| format!("mmap: {e}"))?;
         self.maps.push(m);
         let m = self.maps.last().expect("just pushed");
         // SAFETY: the mapping lives until `Backing` is dropped, see `ElfModule`.

@@ -184,9 +184,7 @@ pub fn compile_file(path: &std::path::Path) -> Result<UnwindTable, UnwindError> 
         source,
     };
     let file = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the mapping is read-only and private; a file truncated underneath us could
-    // fault, which every mmap-based ELF reader accepts (binaries are replaced by rename).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let map = crate::process::mapped::MappedFile::map(&file).map_err(io)?;
     compile(&map)
 }
 
