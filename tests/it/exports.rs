@@ -56,9 +56,11 @@ fn run_all_formats(extra: &[&str]) -> Exports {
 /// frames included, as pprof's location lines are).
 type Stack = Vec<String>;
 
+/// Every site of the JSON report, freed ones too, by stack.
 fn json_sites(json: &Value) -> BTreeMap<Stack, [u64; 4]> {
     let mut sites = BTreeMap::new();
-    for s in json["sites"].as_array().unwrap() {
+    let freed = json["freed_sites"].as_array().unwrap();
+    for s in json["sites"].as_array().unwrap().iter().chain(freed) {
         let stack: Stack = s["frames"]
             .as_array()
             .unwrap()
@@ -170,6 +172,8 @@ fn pprof_is_read_by_go_tool_pprof_and_agrees_with_the_json() {
     let e = run_all_formats(&[]);
     let want = json_sites(&e.json);
     assert!(want.len() >= 15, "leaks.c has 20 sites: {want:#?}");
+    // The churn sites: every block freed, every allocation in alloc_space.
+    assert!(want.values().any(|v| v[3] == 0 && v[0] > 1000), "{want:#?}");
     let raw = go_pprof(&["-raw"], &e.pprof);
     assert!(
         raw.contains("inuse_space/bytes[dflt]"),

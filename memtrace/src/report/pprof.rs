@@ -6,6 +6,7 @@
 //!   `inuse_objects/count`, `inuse_space/bytes` (the default), period type
 //!   `space/bytes`;
 //! - one sample per site, its stack leaf first, labelled with its verdict;
+//!   the freed sites too (no bytes in use; their allocations count);
 //! - one location per address of a stack, with an inlined call as several
 //!   lines of that location, innermost first;
 //! - one mapping per module, with its build id when the file has one.
@@ -42,9 +43,11 @@ impl<'a> Profile<'a> {
     /// The final report's profile: every site it holds.
     pub fn of_report(report: &'a Report) -> Self {
         Profile {
+            // Freed sites too: the alloc_* figures cover every allocation.
             samples: report
                 .sites
                 .iter()
+                .chain(&report.freed_sites)
                 .map(|s| ProfileSample {
                     values: [
                         s.alloc_calls,
