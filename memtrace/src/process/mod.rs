@@ -1,6 +1,8 @@
 //! What memtrace reads of the target through /proc: its mappings, its
-//! resource use, and its executable modules held open; and the one way any file
-//! a target can influence is opened ([`open`]).
+//! resource use, its executable modules held open, the order symbol lookup
+//! searches them in; and the one way any file a target can influence is
+//! opened ([`open`]).
+pub mod link_map;
 pub mod maps;
 pub mod modules;
 pub mod open;
