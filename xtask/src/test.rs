@@ -5,12 +5,41 @@ use std::{env, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
-use crate::util::{ensure_apt, geteuid, root, status};
+use crate::util::{ensure_apt, ensure_apt_files, geteuid, root, status};
+
+/// The allocators the tests trace besides glibc (their libraries and
+/// headers), and what builds the Rust fixture's static jemalloc.
+const TEST_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "/usr/include/jemalloc/jemalloc.h",
+        "libjemalloc-dev",
+        "the jemalloc the tests link against",
+    ),
+    (
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so",
+        "libgoogle-perftools-dev",
+        "the tcmalloc the tests link against",
+    ),
+    (
+        "/usr/include/mimalloc.h",
+        "libmimalloc-dev",
+        "the mimalloc the tests link against",
+    ),
+    (
+        "/usr/bin/make",
+        "make",
+        "what builds tikv-jemalloc-sys's jemalloc for the Rust fixture",
+    ),
+];
 
 pub fn test(extra: &[String]) -> Result<()> {
     build()?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     checks(&cargo)?;
+    // The unit tests read the allocators' libraries too.
+    if geteuid() == 0 {
+        ensure_apt_files(TEST_PACKAGES)?;
+    }
     // Unit tests: no root, no BPF.
     status(
         Command::new(&cargo)

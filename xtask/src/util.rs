@@ -74,6 +74,40 @@ pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
         return Ok(bin.into());
     }
     eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
+    apt_install(&[package])?;
+    if !works() {
+        bail!("{package} was installed but `{bin} --version` still fails");
+    }
+    Ok(bin.into())
+}
+
+/// Each `(file, package, why)` whose file is missing is installed with
+/// apt-get, all at once (libraries and headers: the -dev packages of the
+/// allocators the tests link against).
+pub fn ensure_apt_files(wanted: &[(&str, &str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str, &str)> = wanted
+        .iter()
+        .filter(|(file, _, _)| !std::path::Path::new(file).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (file, package, why) in &missing {
+        eprintln!("xtask: {file} not found; installing {package} with apt-get ({why})");
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, p, _)| *p).collect();
+    apt_install(&packages)?;
+    if let Some((file, package, _)) = missing
+        .iter()
+        .find(|(file, _, _)| !std::path::Path::new(file).exists())
+    {
+        bail!("{package} was installed but {file} is still missing");
+    }
+    Ok(())
+}
+
+/// `apt-get update`, then `apt-get install` of `packages`.
+fn apt_install(packages: &[&str]) -> Result<()> {
     let apt = |args: &[&str]| {
         status(
             Command::new("apt-get")
@@ -83,9 +117,7 @@ pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
         )
     };
     apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
-    if !works() {
-        bail!("{package} was installed but `{bin} --version` still fails");
-    }
-    Ok(bin.into())
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    apt(&args)
 }
