@@ -195,13 +195,27 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 /// newer than the binary or the command line changed; compiled to a temporary
 /// name and renamed, so parallel tests (and test binaries) never see half a file.
 pub fn build_fixture(name: &str, variant: Variant) -> PathBuf {
+    build_fixture_with(name, variant, None, &[])
+}
+
+/// [`build_fixture`] with `extra` compiler arguments (`-ljemalloc`,
+/// `-DLEAKS_NO_PVALLOC`), into `target/fixtures/<variant>-<tag>/<name>`
+/// when `tag` is given.
+pub fn build_fixture_with(
+    name: &str,
+    variant: Variant,
+    tag: Option<&str>,
+    extra: &[&str],
+) -> PathBuf {
     let src = fixture_source(name);
     let text =
         fs::read_to_string(&src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
     let cpp = src.extension() == Some(OsStr::new("cpp"));
-    let out_dir = workspace_root()
-        .join("target/fixtures")
-        .join(variant.dir_name());
+    let dir = match tag {
+        Some(tag) => format!("{}-{tag}", variant.dir_name()),
+        None => variant.dir_name().to_string(),
+    };
+    let out_dir = workspace_root().join("target/fixtures").join(dir);
     fs::create_dir_all(&out_dir).unwrap_or_else(|e| panic!("creating {}: {e}", out_dir.display()));
     let out = out_dir.join(name);
     let stamp = out_dir.join(format!("{name}.cmd"));
@@ -211,6 +225,7 @@ pub fn build_fixture(name: &str, variant: Variant) -> PathBuf {
     args.extend(["-Wall", "-Wno-deprecated-declarations"].map(String::from));
     args.push(format!("-I{}", fixtures_dir().display()));
     args.extend(own_cflags(&text));
+    args.extend(extra.iter().map(|a| a.to_string()));
     let cmdline = format!("{compiler} {} {}", args.join(" "), src.display());
 
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,11 +249,15 @@ pub fn build_fixture(name: &str, variant: Variant) -> PathBuf {
 
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
     let tmp = out_dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    // The source before the libraries (`-l`) it links with.
+    let (libs, flags): (Vec<&String>, Vec<&String>) =
+        args.iter().partition(|a| a.starts_with("-l"));
     let output = Command::new(compiler)
-        .args(&args)
+        .args(&flags)
         .arg("-o")
         .arg(&tmp)
         .arg(&src)
+        .args(&libs)
         .output()
         .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
     if !output.status.success() {
@@ -362,8 +381,14 @@ pub struct TestProcess {
 
 impl TestProcess {
     pub fn spawn(path: &Path, args: &[&str]) -> TestProcess {
+        TestProcess::spawn_env(path, args, &[])
+    }
+
+    /// [`TestProcess::spawn`] with `env` set (`LD_PRELOAD`).
+    pub fn spawn_env(path: &Path, args: &[&str], env: &[(&str, &str)]) -> TestProcess {
         let mut child = Command::new(path)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -897,7 +922,18 @@ pub struct AttachRun {
 /// `["attach"]`), wait for "ready", attach memtrace, release the fixture, wait
 /// for "done", stop memtrace with SIGINT, parse the report.
 pub fn run_attach(fixture: &Path, fixture_args: &[&str], memtrace_args: &[&str]) -> AttachRun {
-    let mut target = TestProcess::spawn_ready(fixture, fixture_args);
+    run_attach_env(fixture, fixture_args, memtrace_args, &[])
+}
+
+/// [`run_attach`] with the fixture started with `env` set (`LD_PRELOAD`).
+pub fn run_attach_env(
+    fixture: &Path,
+    fixture_args: &[&str],
+    memtrace_args: &[&str],
+    env: &[(&str, &str)],
+) -> AttachRun {
+    let mut target = TestProcess::spawn_env(fixture, fixture_args, env);
+    target.wait_ready();
     let session = attach(&target, memtrace_args);
     target.go();
     let tally = target.wait_done();

@@ -218,11 +218,17 @@ pub const DEFAULT_MAX_OUTSTANDING: u32 = 1 << 20;
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
 pub const DEFAULT_MAX_PENDING: u32 = 1 << 14;
 
-/// Most allocator functions whose code ranges the BPF side knows (see [`TextRange`]).
-pub const MAX_ALLOCATOR_FUNCTIONS: u32 = 16;
+/// Most allocator functions whose code ranges the BPF side knows (see
+/// [`TextRange`]): every allocator of a process together (mimalloc alone
+/// has some forty). A power of two.
+pub const MAX_ALLOCATOR_FUNCTIONS: u32 = 128;
+
+const _: () = assert!(MAX_ALLOCATOR_FUNCTIONS.is_power_of_two());
 
 /// The code of one probed allocator function in the target's address space.
-/// Map `ALLOCATOR_TEXT` (array; unused slots are all zero). An allocator call
+/// Map `ALLOCATOR_TEXT` (array), sorted by start; the unused slots after
+/// them hold [`TextRange::UNUSED`], so that a binary search over every slot
+/// finds the last range starting at or before an address. An allocator call
 /// whose return address lies in one of these was made by the allocator itself
 /// (glibc's realloc(p, 0) calls free, posix_memalign calls malloc): it is part of
 /// the user's call, not a call of its own, and is not counted again.
@@ -231,6 +237,14 @@ pub const MAX_ALLOCATOR_FUNCTIONS: u32 = 16;
 pub struct TextRange {
     pub start: u64,
     pub end: u64,
+}
+
+impl TextRange {
+    /// An unused slot of `ALLOCATOR_TEXT`: it starts past every address.
+    pub const UNUSED: TextRange = TextRange {
+        start: u64::MAX,
+        end: u64::MAX,
+    };
 }
 
 // ---- unwind tables ---------------------------------------------------------
@@ -367,8 +381,11 @@ pub const STACK_USED_FP: u32 = 16;
 /// Frame-pointer walk (bpf_get_stack), no unwind tables for this process.
 pub const STACK_FP_ONLY: u32 = 32;
 
-/// The allocator entry points memtrace understands. The value is stored in
-/// [`PendingCall::kind`]; the names are the glibc functions with that signature.
+/// The argument layouts of the allocator entry points memtrace probes. The
+/// value is stored in [`PendingCall::kind`]; each variant is named after the
+/// glibc (or allocator) function that has that layout, and every function
+/// with the same layout shares it (`mi_malloc`, `mallocx`, `operator new`
+/// are `Malloc`). [`AllocKind::args`] says which argument is which.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllocKind {
@@ -388,6 +405,61 @@ pub enum AllocKind {
     Valloc = 6,
     /// `pvalloc(size)`
     Pvalloc = 7,
+    /// `mi_heap_malloc(heap, size)`
+    HeapMalloc = 8,
+    /// `mi_heap_calloc(heap, nmemb, size)`
+    HeapCalloc = 9,
+    /// `mi_heap_realloc(heap, ptr, size)`
+    HeapRealloc = 10,
+    /// `mi_heap_reallocn(heap, ptr, nmemb, size)`
+    HeapReallocArray = 11,
+    /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes the block in
+    /// place (the pointer stays) and returns its usable size, which is below
+    /// `size` when it could not.
+    Xallocx = 12,
+}
+
+/// Where an allocating function's arguments are: indexes of its integer
+/// arguments (0 is rdi on x86-64), for [`AllocKind::args`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArgLayout {
+    /// The requested size (the element size for an array).
+    pub size: u8,
+    /// The element count, for an array (`calloc`): the size is their product.
+    pub count: Option<u8>,
+    /// The block being resized (`realloc`).
+    pub old_ptr: Option<u8>,
+    /// Where the new block's address is stored (`posix_memalign`).
+    pub out_ptr: Option<u8>,
+    /// The alignment, when the call fails for some values (`memalign`).
+    pub align: Option<u8>,
+    /// Bytes wanted beyond `size` if they come cheap (`xallocx`).
+    pub extra: Option<u8>,
+}
+
+impl ArgLayout {
+    const fn size(size: u8) -> Self {
+        ArgLayout {
+            size,
+            count: None,
+            old_ptr: None,
+            out_ptr: None,
+            align: None,
+            extra: None,
+        }
+    }
+
+    /// Every argument the layout names (at most four).
+    pub const fn used(&self) -> [Option<u8>; 6] {
+        [
+            Some(self.size),
+            self.count,
+            self.old_ptr,
+            self.out_ptr,
+            self.align,
+            self.extra,
+        ]
+    }
 }
 
 // ---- attach cookies -----------------------------------------------------------
@@ -725,7 +797,7 @@ pub const KFUNCS: [(i32, &str); 2] = [
 ];
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 8] = [
+    pub const ALL: [AllocKind; 13] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -734,10 +806,74 @@ impl AllocKind {
         AllocKind::PosixMemalign,
         AllocKind::Valloc,
         AllocKind::Pvalloc,
+        AllocKind::HeapMalloc,
+        AllocKind::HeapCalloc,
+        AllocKind::HeapRealloc,
+        AllocKind::HeapReallocArray,
+        AllocKind::Xallocx,
     ];
 
     pub fn from_u32(v: u32) -> Option<AllocKind> {
         Self::ALL.get(v as usize).copied()
+    }
+
+    /// Where the function's arguments are: what the BPF side reads at its
+    /// entry, and what probe placement must not see overwritten before the
+    /// probe (memtrace/src/attach/placement.rs).
+    #[inline(always)]
+    pub const fn args(self) -> ArgLayout {
+        let base = ArgLayout::size(0);
+        match self {
+            AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => base,
+            AllocKind::Calloc => ArgLayout {
+                count: Some(0),
+                ..ArgLayout::size(1)
+            },
+            AllocKind::Realloc => ArgLayout {
+                old_ptr: Some(0),
+                ..ArgLayout::size(1)
+            },
+            AllocKind::ReallocArray => ArgLayout {
+                old_ptr: Some(0),
+                count: Some(1),
+                ..ArgLayout::size(2)
+            },
+            AllocKind::Memalign => ArgLayout {
+                align: Some(0),
+                ..ArgLayout::size(1)
+            },
+            AllocKind::PosixMemalign => ArgLayout {
+                out_ptr: Some(0),
+                align: Some(1),
+                ..ArgLayout::size(2)
+            },
+            AllocKind::HeapMalloc => ArgLayout::size(1),
+            AllocKind::HeapCalloc => ArgLayout {
+                count: Some(1),
+                ..ArgLayout::size(2)
+            },
+            AllocKind::HeapRealloc => ArgLayout {
+                old_ptr: Some(1),
+                ..ArgLayout::size(2)
+            },
+            AllocKind::HeapReallocArray => ArgLayout {
+                old_ptr: Some(1),
+                count: Some(2),
+                ..ArgLayout::size(3)
+            },
+            AllocKind::Xallocx => ArgLayout {
+                old_ptr: Some(0),
+                extra: Some(2),
+                ..ArgLayout::size(1)
+            },
+        }
+    }
+
+    /// The call resizes a block (`args().old_ptr` is set): its return
+    /// retires the old block.
+    #[inline(always)]
+    pub const fn resizes(self) -> bool {
+        self.args().old_ptr.is_some()
     }
 }
 
@@ -964,6 +1100,9 @@ pub struct PendingCall {
     /// `bpf_ktime_get_ns()` at entry. Lets userspace expire calls whose return
     /// never came (longjmp out of a signal handler, a thread killed inside malloc).
     pub timestamp_ns: u64,
+    /// xallocx: `size + extra` (saturated), the most the call asks for; the
+    /// resized block's size is the usable size it returns, up to this.
+    pub limit: u64,
 }
 
 counters! {
@@ -1133,7 +1272,7 @@ const _: () = {
     assert!(core::mem::size_of::<CodeState>() == 32);
     assert!(core::mem::size_of::<CodeUnmap>() == 24);
     assert!(core::mem::size_of::<PendingKey>() == 16);
-    assert!(core::mem::size_of::<PendingCall>() == 40);
+    assert!(core::mem::size_of::<PendingCall>() == 48);
     assert!(core::mem::offset_of!(PendingCall, size) == 8);
     assert!(core::mem::offset_of!(StackTrace, frames) == 8);
 };
@@ -1277,7 +1416,27 @@ mod tests {
         for k in AllocKind::ALL {
             assert_eq!(AllocKind::from_u32(k as u32), Some(k));
         }
-        assert_eq!(AllocKind::from_u32(8), None);
+        assert_eq!(AllocKind::from_u32(AllocKind::ALL.len() as u32), None);
+        // Every kind fits the attach cookie's kind bits.
+        assert!(AllocKind::ALL.iter().all(|&k| (k as u64) <= SITE_KIND_MASK));
+    }
+
+    #[test]
+    fn arg_layouts() {
+        // The size is always named; an argument has one meaning.
+        for k in AllocKind::ALL {
+            let mut used: std::vec::Vec<u8> = k.args().used().into_iter().flatten().collect();
+            let n = used.len();
+            used.sort_unstable();
+            used.dedup();
+            assert_eq!(used.len(), n, "{k:?}");
+            assert!(used.iter().all(|&a| a < 6), "{k:?}");
+        }
+        let heap = |k: AllocKind| k.args();
+        assert_eq!(heap(AllocKind::HeapMalloc).size, 1);
+        assert_eq!(heap(AllocKind::HeapReallocArray).old_ptr, Some(1));
+        assert_eq!(AllocKind::Xallocx.args().extra, Some(2));
+        assert!(AllocKind::Xallocx.resizes() && !AllocKind::PosixMemalign.resizes());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use memtrace_common::{
-    AllocKind, Counter, PENDING_KIND_MASK, PENDING_UNSAMPLED, PendingCall, PendingKey,
+    AllocKind, ArgLayout, Counter, PENDING_KIND_MASK, PENDING_UNSAMPLED, PendingCall, PendingKey,
 };
 
 /// A session cookie holding a call (see `enter`): this bit, the size
@@ -43,13 +43,17 @@ pub(crate) const SKIP_RETURN: u32 = 1;
 pub(crate) fn enter<C: EbpfContext>(
     ctx: &C,
     kind: AllocKind,
-    size: u64,
-    old_ptr: u64,
-    out_ptr: u64,
+    args: CallArgs,
     session: bool,
     cookie: *mut u64,
     keep_unsampled: bool,
 ) -> u32 {
+    let CallArgs {
+        size,
+        old_ptr,
+        out_ptr,
+        limit,
+    } = args;
     let Some(tid) = target_thread() else {
         return SKIP_RETURN;
     };
@@ -130,6 +134,7 @@ pub(crate) fn enter<C: EbpfContext>(
         out_ptr: if old_known { OLD_BLOCK_KNOWN } else { out_ptr },
         // SAFETY: a helper with no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        limit,
     };
     if PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
         count(Counter::PendingMapFull, 1);
@@ -157,16 +162,72 @@ fn array_size(nmemb: u64, size: u64) -> u64 {
     }
 }
 
-/// (size, old pointer, out pointer) of a call to an allocator function.
+/// What an allocating call's entry keeps of its arguments (see
+/// `AllocKind::args`): the size requested, the block it resizes and where
+/// it stores its result (0 for none), and the most it asks for (xallocx's
+/// `size + extra`; else the size).
+#[derive(Clone, Copy)]
+pub(crate) struct CallArgs {
+    pub(crate) size: u64,
+    pub(crate) old_ptr: u64,
+    pub(crate) out_ptr: u64,
+    pub(crate) limit: u64,
+}
+
+/// The arguments of a call to an allocator function of `kind`, read where
+/// `AllocKind::args` says they are.
 #[inline(always)]
-pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind) -> (u64, u64, u64) {
-    match kind {
-        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0, 0),
-        AllocKind::Calloc => (array_size(arg(ctx, 0), arg(ctx, 1)), 0, 0),
-        AllocKind::Realloc => (arg(ctx, 1), arg(ctx, 0), 0),
-        AllocKind::ReallocArray => (array_size(arg(ctx, 1), arg(ctx, 2)), arg(ctx, 0), 0),
-        AllocKind::Memalign => (arg(ctx, 1), 0, 0),
-        AllocKind::PosixMemalign => (arg(ctx, 2), 0, arg(ctx, 0)),
+pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind) -> CallArgs {
+    // One arm per kind, each with its layout a constant: the registers are
+    // read at constant places in pt_regs (the verifier refuses a read at an
+    // offset computed from a kind known only at run time).
+    macro_rules! by_kind {
+        ($($k:ident),+) => {
+            match kind {
+                $(AllocKind::$k => {
+                    const LAYOUT: ArgLayout = AllocKind::$k.args();
+                    read_args(ctx, LAYOUT)
+                })+
+            }
+        };
+    }
+    by_kind!(
+        Malloc,
+        Calloc,
+        Realloc,
+        ReallocArray,
+        Memalign,
+        PosixMemalign,
+        Valloc,
+        Pvalloc,
+        HeapMalloc,
+        HeapCalloc,
+        HeapRealloc,
+        HeapReallocArray,
+        Xallocx
+    )
+}
+
+/// The arguments where `layout` says they are.
+#[inline(always)]
+fn read_args(ctx: &ProbeContext, layout: ArgLayout) -> CallArgs {
+    let nth = |a: Option<u8>| match a {
+        Some(a) => arg(ctx, a as usize),
+        None => 0,
+    };
+    let size = match layout.count {
+        Some(count) => array_size(arg(ctx, count as usize), arg(ctx, layout.size as usize)),
+        None => arg(ctx, layout.size as usize),
+    };
+    let limit = match layout.extra {
+        Some(extra) => size.saturating_add(arg(ctx, extra as usize)),
+        None => size,
+    };
+    CallArgs {
+        size,
+        old_ptr: nth(layout.old_ptr),
+        out_ptr: nth(layout.out_ptr),
+        limit,
     }
 }
 
@@ -199,13 +260,15 @@ pub(crate) fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<
     // With sampling, most blocks are unknown to memtrace: not worth a count.
     let mean = sample_mean();
     let call = if in_cookie & COOKIE_CALL != 0 {
+        let size = (in_cookie & !COOKIE_CALL) >> 8;
         PendingCall {
             kind: (in_cookie & 0xff) as u32,
             refs: 1,
-            size: (in_cookie & !COOKIE_CALL) >> 8,
+            size,
             old_ptr: 0,
             out_ptr: 0,
             timestamp_ns: 0,
+            limit: size,
         }
     } else {
         take_pending(ctx, tid, mean)?
@@ -215,9 +278,11 @@ pub(crate) fn exit<C: EbpfContext>(ctx: &C, ret: u64, in_cookie: u64) -> Option<
     // verifier would otherwise check once per call site.
     let ptr = match AllocKind::from_u32(call.kind & PENDING_KIND_MASK) {
         Some(AllocKind::PosixMemalign) => posix_memalign_block(&call, ret, sampled)?,
-        Some(AllocKind::Realloc | AllocKind::ReallocArray) => {
-            realloc_block(&call, ret, sampled, mean)?
+        Some(AllocKind::Xallocx) => {
+            let ptr = xallocx_block(&call, ret, sampled, mean)?;
+            return Some((ptr, if ret < call.limit { ret } else { call.limit }));
         }
+        Some(kind) if kind.resizes() => realloc_block(&call, ret, sampled, mean)?,
         Some(_) => {
             if ret == 0 {
                 count(Counter::FailedAllocs, 1);
@@ -318,6 +383,25 @@ fn realloc_block(call: &PendingCall, ret: u64, sampled: bool, mean: u64) -> Opti
         return None;
     }
     Some(ret)
+}
+
+/// A returning xallocx (its return value `ret` is the block's usable size):
+/// if it resized the block to at least the size asked for, it is a realloc
+/// that kept its address: the old block is retired, and the block is given
+/// again (with its new size) if sampled. Else nothing changed: the call
+/// failed, the block stays as it was.
+#[inline(always)]
+fn xallocx_block(call: &PendingCall, ret: u64, sampled: bool, mean: u64) -> Option<u64> {
+    if ret < call.size || call.old_ptr == 0 {
+        count(Counter::FailedAllocs, 1);
+        return None;
+    }
+    retire_old_block(call, mean);
+    if !sampled {
+        count(Counter::UnsampledCalls, 1);
+        return None;
+    }
+    Some(call.old_ptr)
 }
 
 /// Counts the free a realloc made of its old block, and retires the block.

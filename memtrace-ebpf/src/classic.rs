@@ -1,5 +1,5 @@
-//! Classic probes: one entry uprobe per allocating function and the shared
-//! return probe.
+//! Classic probes: one entry uprobe per argument layout of an allocating
+//! function (`AllocKind`) and the shared return probe.
 
 use crate::call::{SKIP_RETURN, call_args, enter, exit, result_in_doubt};
 use crate::globals::empty_programs;
@@ -17,7 +17,7 @@ fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
     if empty_programs() {
         return SKIP_RETURN;
     }
-    let (size, old_ptr, out_ptr) = call_args(ctx, kind);
+    let args = call_args(ctx, kind);
     // No attach cookie here: whether the function may tail-call is in
     // CALL_MARK_STATE.
     let tail_kinds = match CALL_MARK_STATE.get_ptr(0) {
@@ -29,9 +29,7 @@ fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
     enter(
         ctx,
         kind,
-        size,
-        old_ptr,
-        out_ptr,
+        args,
         false,
         core::ptr::null_mut(),
         (tail_kinds >> (kind as u32 & 63)) & 1 != 0 || result_in_doubt(ctx, kind),
@@ -76,6 +74,31 @@ pub fn valloc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     enter_kind(&ctx, AllocKind::Pvalloc)
+}
+
+#[uprobe]
+pub fn heap_malloc_enter(ctx: ProbeContext) -> u32 {
+    enter_kind(&ctx, AllocKind::HeapMalloc)
+}
+
+#[uprobe]
+pub fn heap_calloc_enter(ctx: ProbeContext) -> u32 {
+    enter_kind(&ctx, AllocKind::HeapCalloc)
+}
+
+#[uprobe]
+pub fn heap_realloc_enter(ctx: ProbeContext) -> u32 {
+    enter_kind(&ctx, AllocKind::HeapRealloc)
+}
+
+#[uprobe]
+pub fn heap_reallocarray_enter(ctx: ProbeContext) -> u32 {
+    enter_kind(&ctx, AllocKind::HeapReallocArray)
+}
+
+#[uprobe]
+pub fn xallocx_enter(ctx: ProbeContext) -> u32 {
+    enter_kind(&ctx, AllocKind::Xallocx)
 }
 
 /// Return probe shared by every allocating entry point (classic probes).

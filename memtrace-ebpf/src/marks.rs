@@ -7,7 +7,10 @@ use crate::counters::count;
 use crate::maps::{ALLOCATOR_HULL, ALLOCATOR_TEXT, CALL_MARK_STATE, CALL_MARKS};
 use crate::target::{read_user, regs_sp, target_thread};
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_ANY, bindings::BPF_NOEXIST, helpers::bpf_probe_read_user,
+    EbpfContext,
+    bindings::BPF_ANY,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_loop, bpf_probe_read_user},
 };
 use memtrace_common::{CallMarks, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
 
@@ -21,19 +24,57 @@ pub(crate) fn in_allocator(addr: u64) -> bool {
             return false;
         }
     }
-    let mut i = 0;
-    while i < MAX_ALLOCATOR_FUNCTIONS {
-        match ALLOCATOR_TEXT.get(i) {
-            Some(r) if r.end != 0 => {
-                if addr >= r.start && addr < r.end {
-                    return true;
-                }
-            }
-            _ => return false,
-        }
-        i += 1;
+    // The ranges are sorted by start, unused slots padded with ranges that
+    // start past every address: a binary search for the last range that
+    // starts at or before `addr`. (A bpf_loop callback: the verifier checks
+    // one halving, not every path through all of them.)
+    let mut s = TextSearch {
+        addr,
+        lo: 0,
+        hi: MAX_ALLOCATOR_FUNCTIONS,
+    };
+    // SAFETY: `s` outlives the loop, and text_search_step takes exactly this context type.
+    unsafe {
+        bpf_loop(
+            TEXT_SEARCH_STEPS,
+            text_search_step as *mut core::ffi::c_void,
+            (&raw mut s).cast(),
+            0,
+        )
+    };
+    match ALLOCATOR_TEXT.get(s.lo) {
+        Some(r) => addr >= r.start && addr < r.end,
+        None => false,
     }
-    false
+}
+
+/// Halvings that narrow `MAX_ALLOCATOR_FUNCTIONS` slots down to one.
+const TEXT_SEARCH_STEPS: u32 = MAX_ALLOCATOR_FUNCTIONS.ilog2() + 1;
+
+/// A binary search of ALLOCATOR_TEXT: the range at `lo` is the last known to
+/// start at or before `addr` (if any does), the one at `hi` the first known
+/// to start after it.
+#[repr(C)]
+struct TextSearch {
+    addr: u64,
+    lo: u32,
+    hi: u32,
+}
+
+/// One halving of a [`TextSearch`].
+extern "C" fn text_search_step(_k: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back `in_allocator`'s pointer to its TextSearch, which lives on its
+    // stack for the whole loop and is used by nothing else meanwhile.
+    let s = unsafe { &mut *(ctx as *mut TextSearch) };
+    if s.hi <= s.lo + 1 {
+        return 1;
+    }
+    let mid = s.lo + (s.hi - s.lo) / 2;
+    match ALLOCATOR_TEXT.get(mid) {
+        Some(r) if r.start <= s.addr => s.lo = mid,
+        _ => s.hi = mid,
+    }
+    0
 }
 
 /// Whether the call being entered was made by the allocator's own code:

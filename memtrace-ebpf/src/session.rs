@@ -100,16 +100,7 @@ fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: SiteCookie) -> u32 
     } else {
         core::ptr::null_mut()
     };
-    let (size, old_ptr, out_ptr) = call_args(ctx, kind);
+    let args = call_args(ctx, kind);
     let keep_unsampled = site.unsampled_pending() || result_in_doubt(ctx, kind);
-    enter(
-        ctx,
-        kind,
-        size,
-        old_ptr,
-        out_ptr,
-        true,
-        keep_in,
-        keep_unsampled,
-    )
+    enter(ctx, kind, args, true, keep_in, keep_unsampled)
 }

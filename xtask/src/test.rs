@@ -5,12 +5,57 @@ use std::{env, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
-use crate::util::{ensure_apt, ensure_apt_file, geteuid, root, status};
+use crate::util::{ensure_apt, ensure_apt_files, geteuid, root, status};
+
+/// The allocators the tests trace besides glibc (their libraries and
+/// headers), and what builds the Rust fixture's static jemalloc.
+const TEST_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "/usr/include/jemalloc/jemalloc.h",
+        "libjemalloc-dev",
+        "the jemalloc the tests link against",
+    ),
+    (
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so",
+        "libgoogle-perftools-dev",
+        "the tcmalloc the tests link against",
+    ),
+    (
+        "/usr/include/mimalloc.h",
+        "libmimalloc-dev",
+        "the mimalloc the tests link against",
+    ),
+    (
+        "/usr/bin/make",
+        "make",
+        "what builds tikv-jemalloc-sys's jemalloc for the Rust fixture",
+    ),
+    // The real readers of the exports.
+    (
+        "/usr/bin/go",
+        "golang-go",
+        "go tool pprof reads the pprof export",
+    ),
+    (
+        "/usr/bin/chromium",
+        "chromium",
+        "a browser renders the SVG flame graph",
+    ),
+    (
+        "/usr/bin/prometheus",
+        "prometheus",
+        "Prometheus scrapes --listen's /metrics",
+    ),
+];
 
 pub fn test(extra: &[String]) -> Result<()> {
     build()?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     checks(&cargo)?;
+    // The unit tests read the allocators' libraries too.
+    if geteuid() == 0 {
+        ensure_apt_files(TEST_PACKAGES)?;
+    }
     // Unit tests: no root, no BPF.
     status(
         Command::new(&cargo)
@@ -26,17 +71,6 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
     // A test counts the programs memtrace loads by tracing its bpf(2) calls.
     ensure_apt("strace", "strace", "how a test sees each BPF_PROG_LOAD")?;
-    // The real readers of the exports: a pprof profile and an SVG flame graph.
-    ensure_apt_file(
-        "/usr/bin/go",
-        "golang-go",
-        "go tool pprof reads the pprof export",
-    )?;
-    ensure_apt(
-        "chromium",
-        "chromium",
-        "a browser renders the SVG flame graph",
-    )?;
     let mut c = Command::new(&cargo);
     c.current_dir(root())
         .args(["test", "-p", "memtrace-tests"])

@@ -66,21 +66,48 @@ pub fn geteuid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-/// `path` if it exists, else installed with apt-get from `package`: for
-/// tools without a `--version` (go) and for libraries.
-pub fn ensure_apt_file(path: &str, package: &str, why: &str) -> Result<()> {
-    if Path::new(path).exists() {
+/// `bin` on PATH, else installed with apt-get from `package` (a fresh
+/// Debian machine has neither bpftrace, heaptrack nor strace).
+pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
+    let works = || output(Command::new(bin).arg("--version")).is_ok();
+    if works() {
+        return Ok(bin.into());
+    }
+    eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
+    apt_install(&[package])?;
+    if !works() {
+        bail!("{package} was installed but `{bin} --version` still fails");
+    }
+    Ok(bin.into())
+}
+
+/// Each `(file, package, why)` whose file is missing is installed with
+/// apt-get, all at once (libraries and headers: the -dev packages of the
+/// allocators the tests link against).
+pub fn ensure_apt_files(wanted: &[(&str, &str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str, &str)> = wanted
+        .iter()
+        .filter(|(file, _, _)| !std::path::Path::new(file).exists())
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: {path} not found; installing {package} with apt-get ({why})");
-    apt_install(package)?;
-    if !Path::new(path).exists() {
-        bail!("{package} was installed but {path} is still missing");
+    for (file, package, why) in &missing {
+        eprintln!("xtask: {file} not found; installing {package} with apt-get ({why})");
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, p, _)| *p).collect();
+    apt_install(&packages)?;
+    if let Some((file, package, _)) = missing
+        .iter()
+        .find(|(file, _, _)| !std::path::Path::new(file).exists())
+    {
+        bail!("{package} was installed but {file} is still missing");
     }
     Ok(())
 }
 
-fn apt_install(package: &str) -> Result<()> {
+/// `apt-get update`, then `apt-get install` of `packages`.
+fn apt_install(packages: &[&str]) -> Result<()> {
     let apt = |args: &[&str]| {
         status(
             Command::new("apt-get")
@@ -90,20 +117,7 @@ fn apt_install(package: &str) -> Result<()> {
         )
     };
     apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "--no-install-recommends", package])
-}
-
-/// `bin` on PATH, else installed with apt-get from `package` (a fresh
-/// Debian machine has neither bpftrace, heaptrack nor strace).
-pub fn ensure_apt(bin: &str, package: &str, why: &str) -> Result<String> {
-    let works = || output(Command::new(bin).arg("--version")).is_ok();
-    if works() {
-        return Ok(bin.into());
-    }
-    eprintln!("xtask: {bin} not found; installing {package} with apt-get ({bin} is {why})");
-    apt_install(package)?;
-    if !works() {
-        bail!("{package} was installed but `{bin} --version` still fails");
-    }
-    Ok(bin.into())
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    apt(&args)
 }

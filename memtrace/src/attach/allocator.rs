@@ -1,26 +1,27 @@
-//! Finding the allocator a process really uses, and where to probe it.
+//! The allocators a process really uses, and where to probe them.
 //!
-//! Symbol lookup order decides which `malloc` a process calls: the executable
-//! first (a static binary, or one that defines its own allocator), then the
+//! Symbol lookup order decides which `malloc` (or `operator new`, or
+//! `_rjem_sdallocx`) a process calls: the executable first, then the
 //! libraries in load order, where an interposed allocator (LD_PRELOAD, or a
-//! program linked against jemalloc/tcmalloc/mimalloc) always comes before libc,
-//! which every library depends on. Probing glibc in a process whose allocations
-//! all go to jemalloc would report a clean, empty result: we pick the first
-//! module in that order that defines both `malloc` and `free`.
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+//! program linked against jemalloc/tcmalloc/mimalloc) comes before libc.
+//! Probing glibc in a process whose allocations all go to jemalloc would
+//! report a clean, empty result: `resolve` finds, for every allocator entry
+//! point, the definition calls reach, and this module gathers them per
+//! module ([`Allocator`]) with what the probes need: where each function is
+//! probed, its result sites, and the allocator's own calls into probed
+//! functions.
+use std::path::{Path, PathBuf};
 
 use memtrace_common::AllocKind;
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSegment};
 use thiserror::Error;
 
 use crate::{
-    attach::placement::{self, Placement, choose_probe_site, probe_args},
-    process::mapped::MappedFile,
-    process::maps::MapEntry,
-    process::open::open_regular,
+    attach::{
+        placement::{self, Placement, choose_probe_site, probe_args},
+        resolve::{self, ModuleFile, UntracedEntry},
+    },
+    process::{link_map, mapped::MappedFile, maps::MapEntry, open::open_regular},
 };
 
 /// What a probe at an entry point does.
@@ -30,28 +31,14 @@ pub enum Role {
     Free,
 }
 
-/// Allocator entry points memtrace probes, by exported name.
-pub const ENTRY_POINTS: &[(&str, Role)] = &[
-    ("malloc", Role::Alloc(AllocKind::Malloc)),
-    ("calloc", Role::Alloc(AllocKind::Calloc)),
-    ("realloc", Role::Alloc(AllocKind::Realloc)),
-    ("reallocarray", Role::Alloc(AllocKind::ReallocArray)),
-    ("posix_memalign", Role::Alloc(AllocKind::PosixMemalign)),
-    ("aligned_alloc", Role::Alloc(AllocKind::Memalign)),
-    ("memalign", Role::Alloc(AllocKind::Memalign)),
-    ("valloc", Role::Alloc(AllocKind::Valloc)),
-    ("pvalloc", Role::Alloc(AllocKind::Pvalloc)),
-    ("free", Role::Free),
-    ("cfree", Role::Free),
-];
-
 /// One probe: several exported names can share an address (glibc's memalign and
 /// aligned_alloc are one function). Two uprobes at one address would both fire
 /// and count the call twice, so there is one point per address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachPoint {
     pub role: Role,
-    pub names: Vec<&'static str>,
+    /// Its names, the one it is reported under first (see `entries::rank`).
+    pub names: Vec<String>,
     /// Virtual address of the function in the ELF file.
     pub vaddr: u64,
     /// Offset of the function's first instruction in the file.
@@ -79,17 +66,23 @@ impl AttachPoint {
         self.probe_offset - self.file_offset
     }
 
+    /// The name it is reported under.
+    pub fn name(&self) -> &str {
+        self.names.first().map_or("?", String::as_str)
+    }
+
     /// The probe site as `name+delta (insn)`, e.g. `free+0x3 (je)`.
     pub fn probe_site(&self) -> String {
         format!(
             "{}+{:#x} ({})",
-            self.names.first().copied().unwrap_or("?"),
+            self.name(),
             self.probe_delta(),
             self.probe_insn
         )
     }
 }
 
+/// The probed functions of one module.
 #[derive(Debug)]
 pub struct Allocator {
     /// The module's path as the target sees it (in /proc/PID/maps).
@@ -97,11 +90,43 @@ pub struct Allocator {
     /// A path through which the kernel can open that very file from here.
     pub open_path: PathBuf,
     pub points: Vec<AttachPoint>,
+    /// Its functions that are not probed because they hand their calls to
+    /// a probed function, as `realloc -> mi_heap_realloc`.
+    pub forwards: Vec<String>,
     /// The probed functions' own calls and jumps into probed functions, or why
     /// they are not all known (see [`internal_calls`]).
     pub internal_calls: Result<Vec<InternalCall>, String>,
+    /// Return addresses (in the file) of calls into probed functions made by
+    /// code the probed functions branch to (see [`internal_returns`]).
+    pub internal_returns: Vec<u64>,
     /// Start of the module's executable mapping in the target (to notice exec).
     pub text_start: u64,
+}
+
+/// Every allocator of a process: the modules whose functions memtrace
+/// probes, in symbol lookup order, and what it cannot see.
+#[derive(Debug)]
+pub struct Allocators {
+    /// At least one; the module `malloc` resolves to first (the one a
+    /// report names as the allocator).
+    pub modules: Vec<Allocator>,
+    /// Allocator entry points the target may call that memtrace does not
+    /// trace (see `resolve`).
+    pub untraced: Vec<UntracedEntry>,
+}
+
+impl Allocators {
+    /// The module the process's `malloc` is in.
+    pub fn primary(&self) -> &Allocator {
+        &self.modules[0]
+    }
+
+    /// Every probed function's names, by module.
+    pub fn points(&self) -> impl Iterator<Item = (&Allocator, &AttachPoint)> {
+        self.modules
+            .iter()
+            .flat_map(|m| m.points.iter().map(move |p| (m, p)))
+    }
 }
 
 /// What a mark says about the callee's entry: a probed function's `call`
@@ -110,6 +135,20 @@ pub struct Allocator {
 /// address says whose call it is). The BPF side reads it from the mark
 /// site's attach cookie.
 pub use memtrace_common::MarkKind;
+
+/// The GOT slot a call or jump goes through, and the function the slot must
+/// hold (checked in the target before marks are relied on: see
+/// [`check_slots`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotBinding {
+    /// The slot's address in the file.
+    pub slot: u64,
+    /// The address (in the file) of the function the name resolves to: the
+    /// probed function, or a forwarder to it.
+    pub holds: u64,
+    /// The name the slot is bound by.
+    pub name: String,
+}
 
 /// A call or jump in a probed function's code to a probed function (glibc's
 /// realloc(NULL, n) jumps to malloc, realloc(p, 0) calls free), or a jump to
@@ -121,9 +160,8 @@ pub struct InternalCall {
     pub kind: MarkKind,
     /// E.g. `realloc+0x40 (jmp malloc)`.
     pub describe: String,
-    /// Made through a PLT stub or a GOT slot: the slot's address in the file
-    /// and the callee's, which the slot must hold in the process.
-    pub via_slot: Option<(u64, u64)>,
+    /// Made through a PLT stub or a GOT slot.
+    pub via_slot: Option<SlotBinding>,
     /// Its address in the file's address space.
     pub site_vaddr: u64,
     /// The probed function it reaches (its address in the file).
@@ -134,6 +172,19 @@ pub struct InternalCall {
     /// (glibc's memalign jumps to `_mid_memalign`, which jumps to malloc).
     /// Their calls are still theirs in the callee.
     pub tail_of: Vec<u64>,
+}
+
+/// Where a branch through the GOT slot of a traced name leads, seen from
+/// one module (see `resolve`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotTarget {
+    /// To this module's probed function at `point`, through its definition
+    /// at `holds` (the function itself, or a forwarder to it).
+    Point { holds: u64, point: u64 },
+    /// To a probed function of this other module.
+    Elsewhere(String),
+    /// To nothing memtrace probes.
+    Nothing,
 }
 
 #[derive(Debug, Error)]
@@ -150,83 +201,12 @@ pub enum AllocatorError {
     },
 }
 
-/// Symbols of one ELF file that matter to memtrace.
-#[derive(Debug)]
-pub struct EntrySymbols {
-    pub points: Vec<AttachPoint>,
-    pub has_malloc: bool,
-    pub has_free: bool,
-    /// The file has no symbol table at all (stripped static binary).
-    pub no_symbols: bool,
-    /// See [`Allocator::internal_calls`].
-    pub internal_calls: Result<Vec<InternalCall>, String>,
-}
-
-/// Finds the allocator entry points defined (not just imported) in an ELF image.
-pub fn entry_symbols(data: &[u8]) -> Result<EntrySymbols, object::Error> {
-    let file = object::File::parse(data)?;
-    let mut by_addr: BTreeMap<u64, AttachPoint> = BTreeMap::new();
-    let mut out = EntrySymbols {
-        points: Vec::new(),
-        has_malloc: false,
-        has_free: false,
-        no_symbols: false,
-        internal_calls: Ok(Vec::new()),
-    };
-    let mut seen_any = false;
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        seen_any = true;
-        if sym.is_undefined() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
-            continue;
-        }
-        let Ok(name) = sym.name() else { continue };
-        let Some(&(name, role)) = ENTRY_POINTS.iter().find(|(n, _)| *n == name) else {
-            continue;
-        };
-        let vaddr = sym.address();
-        let Some(file_offset) = vaddr_to_file_offset(&file, vaddr) else {
-            continue;
-        };
-        match by_addr.get_mut(&vaddr) {
-            Some(p) => {
-                if !p.names.contains(&name) {
-                    p.names.push(name);
-                }
-                if p.role != role {
-                    log::warn!(
-                        "{name} shares its address with {:?} but does something else; probing it as {:?}",
-                        p.names,
-                        p.role
-                    );
-                }
-            }
-            None => {
-                let p = new_point(data, name, role, vaddr, file_offset, sym.size());
-                by_addr.insert(vaddr, p);
-            }
-        }
-        match name {
-            "malloc" => out.has_malloc = true,
-            "free" => out.has_free = true,
-            _ => {}
-        }
-    }
-    out.no_symbols = !seen_any;
-    out.points = by_addr.into_values().collect();
-    out.internal_calls = if out.has_malloc && out.has_free {
-        internal_calls(&file, data, &out.points)
-    } else {
-        Err("not an allocator".into())
-    };
-    Ok(out)
-}
-
 /// The point probing the function `name` at `vaddr` (`file_offset` in
 /// `data`, `size` bytes, 0 if unknown): its probe site and, for malloc, its
 /// result sites.
-fn new_point(
+pub(crate) fn new_point(
     data: &[u8],
-    name: &'static str,
+    name: &str,
     role: Role,
     vaddr: u64,
     file_offset: u64,
@@ -235,9 +215,11 @@ fn new_point(
     let site = probe_site(data, file_offset, size, role);
     let code = whole_function(data, file_offset, size);
     let never_jumps_out = code.is_some_and(placement::never_jumps_out);
+    // Result sites are planned for the C API's malloc only (glibc's is the
+    // one whose plans are checked).
     let results = match (role, code) {
         (Role::Alloc(AllocKind::Malloc), Some(code))
-            if never_jumps_out && !crate::attach::exits::disabled() =>
+            if name == "malloc" && never_jumps_out && !crate::attach::exits::disabled() =>
         {
             result_plan(name, code)
         }
@@ -252,7 +234,7 @@ fn new_point(
     );
     AttachPoint {
         role,
-        names: vec![name],
+        names: vec![name.to_string()],
         vaddr,
         file_offset,
         size,
@@ -294,11 +276,17 @@ fn result_plan(name: &str, code: &[u8]) -> Option<crate::attach::exits::ExitPlan
 /// already is, or more code to follow than [`MAX_FOLLOWED_INSNS`]. The BPF
 /// side then tells the allocator's calls by their return address.
 pub fn internal_calls(
-    file: &object::File<'_>,
-    data: &[u8],
+    module: &ModuleFile<'_>,
     points: &[AttachPoint],
+    forwards: &[(u64, u64)],
+    slots: &dyn Fn(&str) -> SlotTarget,
 ) -> Result<Vec<InternalCall>, String> {
-    let finder = CallFinder::new(file, data, points);
+    let finder = CallFinder {
+        module,
+        points,
+        forwards,
+        slots,
+    };
     let mut out = Vec::new();
     // Code outside the probed functions that they branch to, and the probed
     // function that jumped there (rather than called it).
@@ -335,6 +323,126 @@ pub fn internal_calls(
     Ok(out)
 }
 
+/// The return addresses of the calls that code outside the probed functions,
+/// reached from them, makes into a probed function: directly, through the
+/// PLT, or into code that jumps to one (mimalloc's `mi_heap_realloc` jumps
+/// into its internal realloc, which calls `mi_free` for the old block). Such
+/// a call is part of the outer one; with these return addresses among the
+/// allocator's text (`ALLOCATOR_TEXT`), an entry tells it by its return
+/// address. Marks do not cover them: a module that has any is probed with
+/// its own calls told by return address.
+///
+/// Follows the code the probed functions call or jump to through its jumps
+/// (an indirect one is not followed), not into what it calls in turn: code
+/// further away is the C library's as much as the allocator's (glibc's
+/// malloc can reach stdio through abort), whose calls are users' calls.
+/// Up to [`MAX_FOLLOWED_INSNS`] instructions in all (then what was found so
+/// far).
+pub fn internal_returns(
+    module: &ModuleFile<'_>,
+    points: &[AttachPoint],
+    forwards: &[(u64, u64)],
+    slots: &dyn Fn(&str) -> SlotTarget,
+) -> Vec<u64> {
+    let finder = CallFinder {
+        module,
+        points,
+        forwards,
+        slots,
+    };
+    let inside = |a: u64| points.iter().any(|p| a >= p.vaddr && a < p.vaddr + p.size);
+    // Whether a branch to `target` enters a probed function (of any module).
+    let enters = |target: u64, mem: bool| !matches!(finder.callee(target, mem), Ok(None));
+    let mut starts: Vec<u64> = Vec::new();
+    for p in points {
+        let Some(code) = whole_function(module.data, p.file_offset, p.size) else {
+            continue;
+        };
+        for (target, mem) in crate::attach::resolve::known_branches(code, p.vaddr) {
+            if !mem && !inside(target) && !enters(target, false) {
+                starts.push(target);
+            }
+        }
+    }
+    let mut seen_starts = std::collections::HashSet::new();
+    // Starts that reach a probed function by jumping; calls (return
+    // address, what they call: maybe a start, or None for a probed function).
+    let mut reaching = std::collections::HashSet::new();
+    let mut calls: Vec<(u64, Option<u64>)> = Vec::new();
+    let mut budget = MAX_FOLLOWED_INSNS;
+    while let Some(start) = starts.pop() {
+        if !seen_starts.insert(start) || budget == 0 {
+            continue;
+        }
+        let mut todo = vec![start];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(mut at) = todo.pop() {
+            while budget > 0 && seen.insert(at) {
+                budget -= 1;
+                let Some(code) = vaddr_to_file_offset(&module.file, at)
+                    .and_then(|o| module.data.get(o as usize..))
+                else {
+                    break;
+                };
+                let mut decoder =
+                    iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+                let insn = decoder.decode();
+                if insn.is_invalid() {
+                    break;
+                }
+                use iced_x86::FlowControl as F;
+                let next = insn.next_ip();
+                match insn.flow_control() {
+                    F::Next | F::IndirectCall => at = next,
+                    F::Call => {
+                        let target = insn.near_branch_target();
+                        if enters(target, false) {
+                            calls.push((next, None));
+                        } else if !inside(target) {
+                            calls.push((next, Some(target)));
+                        }
+                        at = next;
+                    }
+                    F::UnconditionalBranch | F::ConditionalBranch => {
+                        let target = insn.near_branch_target();
+                        if enters(target, false) {
+                            reaching.insert(start);
+                        } else if !inside(target) {
+                            todo.push(target);
+                        }
+                        if insn.flow_control() == F::UnconditionalBranch {
+                            break;
+                        }
+                        at = next;
+                    }
+                    F::IndirectBranch => {
+                        if insn.is_ip_rel_memory_operand()
+                            && enters(insn.ip_rel_memory_address(), true)
+                        {
+                            reaching.insert(start);
+                        }
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    if budget == 0 {
+        log::debug!(
+            "more than {MAX_FOLLOWED_INSNS} instructions of code the allocator calls: not all followed"
+        );
+    }
+    let mut out: Vec<u64> = calls
+        .into_iter()
+        .filter(|(_, to)| to.is_none_or(|t| reaching.contains(&t)))
+        .map(|(ret, _)| ret)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Where to follow the code outside the probed functions from: through its
 /// jumps (not into what it calls: a call made there has its return address
 /// there, outside the probed functions), once from every start that a
@@ -361,84 +469,56 @@ fn outside_starts(
 
 /// What [`internal_calls`] reads of the allocator's file.
 struct CallFinder<'a> {
-    file: &'a object::File<'a>,
-    data: &'a [u8],
+    module: &'a ModuleFile<'a>,
     points: &'a [AttachPoint],
-    /// The PLT sections: (address, contents).
-    plt: Vec<(u64, &'a [u8])>,
+    /// Functions not probed that hand their calls to a probed one: (their
+    /// address, the probed function's).
+    forwards: &'a [(u64, u64)],
+    slots: &'a dyn Fn(&str) -> SlotTarget,
 }
 
 impl<'a> CallFinder<'a> {
-    fn new(file: &'a object::File<'a>, data: &'a [u8], points: &'a [AttachPoint]) -> Self {
-        use object::ObjectSection;
-        let plt = file
-            .sections()
-            .filter(|s| matches!(s.name(), Ok(".plt" | ".plt.sec" | ".plt.got")))
-            .filter_map(|s| Some((s.address(), s.data().ok()?)))
-            .collect();
-        CallFinder {
-            file,
-            data,
-            points,
-            plt,
-        }
-    }
-
-    /// The name of the symbol the dynamic linker puts in the GOT slot at
-    /// `slot`.
-    fn slot_name(&self, slot: u64) -> Option<String> {
-        use object::{ObjectSymbolTable, RelocationTarget};
-        let (_, reloc) = self
-            .file
-            .dynamic_relocations()?
-            .find(|(at, _)| *at == slot)?;
-        let RelocationTarget::Symbol(index) = reloc.target() else {
-            return None;
-        };
-        let dynsyms = self.file.dynamic_symbol_table();
-        let sym = dynsyms.as_ref()?.symbol_by_index(index).ok()?;
-        sym.name().ok().map(str::to_string)
+    /// The probed function at `vaddr`.
+    fn point(&self, vaddr: u64) -> Option<&'a AttachPoint> {
+        self.points.iter().find(|q| q.vaddr == vaddr)
     }
 
     /// What a branch to `target` (through memory at `target` if
     /// `through_memory`) enters: a probed function (and the GOT slot it goes
     /// through), Ok(None) for anything else.
     fn callee(&self, target: u64, through_memory: bool) -> Result<Option<Entered<'a>>, String> {
-        let slot = if through_memory {
-            Some(target)
-        } else if let Some((start, bytes)) = self
-            .plt
-            .iter()
-            .find(|(start, bytes)| target >= *start && target < start + bytes.len() as u64)
-        {
-            let stub = &bytes[(target - start) as usize..];
-            Some(
-                placement::plt_stub_slot(stub, target)
-                    .ok_or_else(|| format!("a PLT stub at {target:#x} it cannot read"))?,
-            )
-        } else {
-            None
-        };
-        let Some(slot) = slot else {
-            // At its first instruction, or in those its probe site comes after.
-            return Ok(self
+        let Some(slot) = self.module.slot_of(target, through_memory)? else {
+            // At its first instruction, or in those its probe site comes
+            // after; or a function that hands its calls on to one.
+            if let Some(q) = self
                 .points
                 .iter()
                 .find(|q| target >= q.vaddr && target <= q.vaddr + q.probe_delta())
+            {
+                return Ok(Some((q, None)));
+            }
+            return Ok(self
+                .forwards
+                .iter()
+                .find(|(at, _)| *at == target)
+                .and_then(|&(_, to)| self.point(to))
                 .map(|q| (q, None)));
         };
-        let Some(name) = self.slot_name(slot) else {
+        let Some(name) = self.module.slot_name(slot) else {
             return Ok(None);
         };
-        if !ENTRY_POINTS.iter().any(|(n, _)| *n == name) {
-            return Ok(None);
+        match (self.slots)(&name) {
+            SlotTarget::Nothing => Ok(None),
+            SlotTarget::Elsewhere(module) => Err(format!(
+                "reaches {name} through the GOT, probed in {module}"
+            )),
+            SlotTarget::Point { holds, point } => {
+                let q = self
+                    .point(point)
+                    .ok_or_else(|| format!("reaches {name}, not probed here"))?;
+                Ok(Some((q, Some(SlotBinding { slot, holds, name }))))
+            }
         }
-        let q = self
-            .points
-            .iter()
-            .find(|q| q.names.contains(&name.as_str()))
-            .ok_or_else(|| format!("reaches {name} through the GOT, defined elsewhere"))?;
-        Ok(Some((q, Some((slot, q.vaddr)))))
     }
 
     /// Adds the branch at `at` (`here` in messages) into `entered` to `out`;
@@ -452,7 +532,7 @@ impl<'a> CallFinder<'a> {
         (q, via_slot): Entered<'_>,
         tail_of: Vec<u64>,
     ) -> Result<(), String> {
-        let file_offset = vaddr_to_file_offset(self.file, at)
+        let file_offset = vaddr_to_file_offset(&self.module.file, at)
             .ok_or_else(|| format!("{here}: not in the file"))?;
         if self.points.iter().any(|p| p.probe_offset == file_offset) {
             return Err(format!("{here}: a probe site already"));
@@ -466,7 +546,7 @@ impl<'a> CallFinder<'a> {
             file_offset,
             site_vaddr: at,
             kind,
-            describe: format!("{here} ({insn} {})", q.names[0]),
+            describe: format!("{here} ({insn} {})", q.name()),
             callee: q.vaddr,
             via_slot,
             tail_of,
@@ -482,12 +562,12 @@ impl<'a> CallFinder<'a> {
         out: &mut Vec<InternalCall>,
         outside: &mut Vec<(u64, Option<u64>)>,
     ) -> Result<(), String> {
-        let code = whole_function(self.data, p.file_offset, p.size)
-            .ok_or_else(|| format!("the size of {} is unknown", p.names[0]))?;
-        let branches = placement::direct_branches(code, p.vaddr)
-            .map_err(|e| format!("{}: {e}", p.names[0]))?;
+        let code = whole_function(self.module.data, p.file_offset, p.size)
+            .ok_or_else(|| format!("the size of {} is unknown", p.name()))?;
+        let branches =
+            placement::direct_branches(code, p.vaddr).map_err(|e| format!("{}: {e}", p.name()))?;
         for (b, through_memory) in branches {
-            let here = || format!("{}+{:#x}", p.names[0], b.offset);
+            let here = || format!("{}+{:#x}", p.name(), b.offset);
             let Some(entered) = self
                 .callee(b.target, through_memory)
                 .map_err(|e| format!("{}: {e}", here()))?
@@ -506,7 +586,7 @@ impl<'a> CallFinder<'a> {
                     return Err(format!(
                         "{}: a conditional jump into {}",
                         here(),
-                        entered.0.names[0]
+                        entered.0.name()
                     ));
                 }
             };
@@ -553,8 +633,8 @@ impl<'a> CallFinder<'a> {
     ) -> Result<Option<u64>, String> {
         use iced_x86::FlowControl as F;
         let here = || format!("{at:#x}");
-        let code = vaddr_to_file_offset(self.file, at)
-            .and_then(|o| self.data.get(o as usize..))
+        let code = vaddr_to_file_offset(&self.module.file, at)
+            .and_then(|o| self.module.data.get(o as usize..))
             .ok_or_else(|| format!("{}: code the allocator calls, not in the file", here()))?;
         let mut decoder = iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
         let insn = decoder.decode();
@@ -573,11 +653,7 @@ impl<'a> CallFinder<'a> {
                     .map_err(|e| format!("{}: {e}", here()))?
                 {
                     Some((q, _)) if conditional => {
-                        return Err(format!(
-                            "{}: a conditional jump into {}",
-                            here(),
-                            q.names[0]
-                        ));
+                        return Err(format!("{}: a conditional jump into {}", here(), q.name()));
                     }
                     Some(entered) => found.push((at, entered)),
                     None => todo.push(target),
@@ -604,9 +680,8 @@ impl<'a> CallFinder<'a> {
     }
 }
 
-/// A probed function a branch enters, and the GOT slot it goes through (the
-/// slot's address and the function's).
-type Entered<'a> = (&'a AttachPoint, Option<(u64, u64)>);
+/// A probed function a branch enters, and the GOT slot it goes through.
+type Entered<'a> = (&'a AttachPoint, Option<SlotBinding>);
 
 /// Instructions of code outside the probed functions that [`internal_calls`]
 /// follows at most.
@@ -617,13 +692,11 @@ pub const MAX_FOLLOWED_INSNS: usize = 200_000;
 /// leave a mark no entry takes. `read_word(address)` reads the target's
 /// memory. A slot not bound yet (lazy binding: it still points into the
 /// module's own PLT) will be bound to the first definition of the name in
-/// lookup order; `defined_elsewhere(name)` says whether a module other than
-/// the allocator's defines it.
+/// lookup order, which `resolve` found to be this module's.
 pub fn check_slots(
     alloc: &Allocator,
     maps: &[MapEntry],
     read_word: impl Fn(u64) -> Option<u64>,
-    defined_elsewhere: impl Fn(&str) -> bool,
 ) -> Result<(), String> {
     let calls = alloc.internal_calls.as_ref().map_err(Clone::clone)?;
     // Every segment of a module is mapped at its address plus one bias.
@@ -632,29 +705,22 @@ pub fn check_slots(
         .first()
         .and_then(|p| Some(vaddr(alloc, maps, p.file_offset)?.wrapping_sub(p.vaddr)))
         .ok_or("the allocator is not mapped")?;
+    let in_module = |v: u64| {
+        maps.iter()
+            .any(|m| m.path.as_deref() == Some(alloc.module.as_str()) && v >= m.start && v < m.end)
+    };
     for c in calls {
-        let Some((slot, callee)) = c.via_slot else {
+        let Some(b) = &c.via_slot else {
             continue;
         };
-        let want = callee.wrapping_add(bias);
-        let in_module = |v: u64| {
-            maps.iter().any(|m| {
-                m.path.as_deref() == Some(alloc.module.as_str()) && v >= m.start && v < m.end
-            })
-        };
-        let name = alloc
-            .points
-            .iter()
-            .find(|p| p.vaddr == callee)
-            .map_or("?", |p| p.names[0]);
-        match read_word(slot.wrapping_add(bias)) {
-            Some(v) if v == want => {}
-            Some(v) if in_module(v) && !defined_elsewhere(name) => {}
+        let want = b.holds.wrapping_add(bias);
+        match read_word(b.slot.wrapping_add(bias)) {
+            Some(v) if v == want || in_module(v) => {}
             Some(v) => {
                 return Err(format!(
-                    "{}: its GOT slot holds {v:#x}, not the probed function ({want:#x}), \
-                     and may be bound to another module's {name}",
-                    c.describe
+                    "{}: its GOT slot holds {v:#x}, not the probed function ({want:#x}): \
+                     bound to another module's {}",
+                    c.describe, b.name
                 ));
             }
             None => return Err(format!("{}: its GOT slot cannot be read", c.describe)),
@@ -664,7 +730,7 @@ pub fn check_slots(
 }
 
 /// The code of a function of known size, if `data` holds all of it.
-fn whole_function(data: &[u8], file_offset: u64, size: u64) -> Option<&[u8]> {
+pub(crate) fn whole_function(data: &[u8], file_offset: u64, size: u64) -> Option<&[u8]> {
     let start = usize::try_from(file_offset).ok()?;
     let end = start.checked_add(usize::try_from(size).ok()?)?;
     (size > 0).then(|| data.get(start..end)).flatten()
@@ -680,7 +746,7 @@ fn probe_site(data: &[u8], file_offset: u64, size: u64, role: Role) -> Placement
         placement::MAX_HEAD_BYTES
     };
     let code = &data[start..start.saturating_add(len).min(data.len())];
-    choose_probe_site(code, probe_args(role))
+    choose_probe_site(code, &probe_args(role))
 }
 
 /// Maps a virtual address to its offset in the file through the PT_LOAD segment
@@ -693,9 +759,10 @@ pub fn vaddr_to_file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> 
     })
 }
 
-/// Executable file-backed modules of a process, in the order symbol lookup
-/// would search them for an allocator: the executable, then every other library,
-/// then libc last.
+/// Executable file-backed modules of a process, once each: the executable
+/// first, libc last, the others in the order of their mappings (the order
+/// symbol lookup searches them when the link map cannot be read, see
+/// [`lookup_order`]).
 pub fn candidate_modules<'a>(maps: &'a [MapEntry], exe: Option<&str>) -> Vec<&'a MapEntry> {
     let mut seen = std::collections::HashSet::new();
     let mut mods: Vec<&MapEntry> = maps
@@ -707,7 +774,7 @@ pub fn candidate_modules<'a>(maps: &'a [MapEntry], exe: Option<&str>) -> Vec<&'a
         let path = m.path.as_deref().unwrap_or("");
         if Some(path) == exe {
             0
-        } else if is_libc(path) {
+        } else if link_map::is_libc(path) {
             2
         } else {
             1
@@ -717,9 +784,17 @@ pub fn candidate_modules<'a>(maps: &'a [MapEntry], exe: Option<&str>) -> Vec<&'a
     mods
 }
 
-fn is_libc(path: &str) -> bool {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    base.starts_with("libc.so") || (base.starts_with("libc-") && base.ends_with(".so"))
+/// `mods` in the order of `order` (the link map's: symbol lookup order),
+/// those it does not name after them in their own order.
+pub fn lookup_order<'a>(mods: Vec<&'a MapEntry>, order: &[String]) -> Vec<&'a MapEntry> {
+    let pos = |m: &MapEntry| {
+        let path = m.path.as_deref().unwrap_or("");
+        order.iter().position(|p| p == path).unwrap_or(order.len())
+    };
+    let mut mods = mods;
+    // Stable: the ones the link map does not name keep their order.
+    mods.sort_by_key(|m| pos(m));
+    mods
 }
 
 /// Path through which this process can open a file mapped by `pid`: via the
@@ -791,24 +866,87 @@ pub fn text_ranges(alloc: &Allocator, maps: &[MapEntry]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Whether the ELF file at `path` defines (exports) the function `name`.
-pub fn defines(path: &Path, name: &str) -> bool {
-    // The target names this file: a regular file only, opened without blocking.
-    let Ok(file) = open_regular(path) else {
-        return false;
-    };
-    let Ok(data) = MappedFile::map(&file) else {
-        return false;
-    };
-    let Ok(elf) = object::File::parse(&*data) else {
-        return false;
-    };
-    elf.dynamic_symbols()
-        .any(|s| !s.is_undefined() && s.kind() == SymbolKind::Text && s.name() == Ok(name))
+/// [`text_ranges`] of every module, and the return address of each of their
+/// [`internal_returns`] (a range of one byte), sorted.
+pub fn all_text_ranges(allocs: &Allocators, maps: &[MapEntry]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for a in &allocs.modules {
+        out.extend(text_ranges(a, maps));
+        let bias = a
+            .points
+            .first()
+            .and_then(|p| Some(vaddr(a, maps, p.file_offset)?.wrapping_sub(p.vaddr)));
+        if let Some(bias) = bias {
+            out.extend(a.internal_returns.iter().map(|&r| {
+                let at = r.wrapping_add(bias);
+                (at, at + 1)
+            }));
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
-/// Picks the module whose allocator the process uses and its probe points.
-pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, AllocatorError> {
+/// How many ranges [`all_text_ranges`] gives: every probed function must have
+/// one for uprobe sessions.
+pub fn text_ranges_needed(allocs: &Allocators) -> usize {
+    allocs
+        .modules
+        .iter()
+        .map(|a| a.points.len() + a.internal_returns.len())
+        .sum()
+}
+
+/// A module of the target, mapped here for reading.
+struct Mapped<'m> {
+    entry: &'m MapEntry,
+    open_path: PathBuf,
+    data: MappedFile,
+}
+
+/// Opens and maps the target's executable modules, in symbol lookup order.
+fn map_modules<'m>(
+    pid: u32,
+    maps: &'m [MapEntry],
+    exe: Option<&str>,
+) -> Result<Vec<Mapped<'m>>, AllocatorError> {
+    let mut out = Vec::new();
+    for m in candidate_modules(maps, exe) {
+        let path = open_path(pid, m);
+        let file = open_regular(&path).map_err(|e| AllocatorError::Io {
+            path: path.display().to_string(),
+            source: e.into(),
+        })?;
+        // A file the target names: mapped so that a truncation reads as zeros.
+        match MappedFile::map(&file) {
+            Ok(data) => out.push(Mapped {
+                entry: m,
+                open_path: path,
+                data,
+            }),
+            Err(e) => log::debug!("cannot map {}: {e}", path.display()),
+        }
+    }
+    // The link map gives the real order; the executable is read for where
+    // the loader wrote its address.
+    let order = out
+        .iter()
+        .find(|m| m.entry.path.as_deref() == exe)
+        .and_then(|m| link_map::lookup_order(pid, exe?, &m.data, maps));
+    match &order {
+        Some(order) => {
+            let entries = lookup_order(out.iter().map(|m| m.entry).collect(), order);
+            out.sort_by_key(|m| entries.iter().position(|e| std::ptr::eq(*e, m.entry)));
+        }
+        None => log::debug!(
+            "the target's link map cannot be read: modules searched in the order of their mappings"
+        ),
+    }
+    Ok(out)
+}
+
+/// Finds the allocators the process uses and their probe points.
+pub fn find_allocators(pid: u32, maps: &[MapEntry]) -> Result<Allocators, AllocatorError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| {
@@ -816,64 +954,106 @@ pub fn find_allocator(pid: u32, maps: &[MapEntry]) -> Result<Allocator, Allocato
                 .trim_end_matches(" (deleted)")
                 .to_string()
         });
-    let mods = candidate_modules(maps, exe.as_deref());
-    let mut stripped = Vec::new();
-    for m in &mods {
-        let path = open_path(pid, m);
-        let file = open_regular(&path).map_err(|e| AllocatorError::Io {
-            path: path.display().to_string(),
-            source: e.into(),
-        })?;
-        let data = match MappedFile::map(&file) {
-            Ok(d) => d,
-            Err(e) => {
-                log::debug!("cannot map {}: {e}", path.display());
-                continue;
+    let mapped = map_modules(pid, maps, exe.as_deref())?;
+    let mut files = Vec::new();
+    let mut which = Vec::new();
+    for (k, m) in mapped.iter().enumerate() {
+        let path = m.entry.path.clone().unwrap_or_default();
+        match ModuleFile::parse(&path, &m.data, m.entry.path == exe) {
+            Ok(f) => {
+                files.push(f);
+                which.push(k);
             }
-        };
-        let syms = match entry_symbols(&data) {
-            Ok(s) => s,
-            Err(e) => {
-                log::debug!("{}: not an ELF file memtrace can read: {e}", path.display());
-                continue;
-            }
-        };
-        if syms.no_symbols {
-            stripped.push(m.path.clone().unwrap_or_default());
-        }
-        if syms.has_malloc && syms.has_free {
-            return Ok(Allocator {
-                module: m.path.clone().unwrap_or_default(),
-                open_path: path,
-                points: syms.points,
-                internal_calls: syms.internal_calls,
-                text_start: m.start,
-            });
+            Err(e) => log::debug!(
+                "{}: not an ELF file memtrace can read: {e}",
+                m.open_path.display()
+            ),
         }
     }
-    let stripped = if stripped.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " ({} has no symbol table: is it stripped?)",
-            stripped.join(", ")
-        )
-    };
-    Err(AllocatorError::NotFound {
-        modules: mods.len(),
-        stripped,
+    let resolved = resolve::resolve(&files);
+    let mut stripped = Vec::new();
+    let mut modules = Vec::new();
+    for (plan, &k) in resolved.modules.into_iter().zip(&which) {
+        let m = &mapped[k];
+        if plan.no_symbols {
+            stripped.push(m.entry.path.clone().unwrap_or_default());
+        }
+        if plan.points.is_empty() {
+            continue;
+        }
+        for f in &plan.forwards {
+            log::debug!(
+                "{}: {} is not probed: its calls go to {}",
+                m.entry.path.as_deref().unwrap_or("?"),
+                f.name,
+                f.to
+            );
+        }
+        modules.push(Allocator {
+            module: m.entry.path.clone().unwrap_or_default(),
+            open_path: m.open_path.clone(),
+            points: plan.points,
+            forwards: plan
+                .forwards
+                .iter()
+                .map(|f| format!("{} -> {}", f.name, f.to))
+                .collect(),
+            internal_calls: plan.internal_calls,
+            internal_returns: plan.internal_returns,
+            text_start: m.entry.start,
+        });
+    }
+    if modules.is_empty() {
+        let stripped = if stripped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} has no symbol table: is it stripped?)",
+                stripped.join(", ")
+            )
+        };
+        return Err(AllocatorError::NotFound {
+            modules: mapped.len(),
+            stripped,
+        });
+    }
+    // The module whose malloc the process calls comes first.
+    if let Some(k) = modules.iter().position(|a| {
+        a.points
+            .iter()
+            .any(|p| p.names.iter().any(|n| n == "malloc"))
+    }) {
+        modules[..=k].rotate_right(1);
+    }
+    Ok(Allocators {
+        modules,
+        untraced: resolved.untraced,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    /// glibc on its own, as a plain C program uses it.
+    fn glibc() -> (Vec<u8>, resolve::ModulePlan) {
+        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("glibc");
+        let plan = resolve::standalone("/lib/x86_64-linux-gnu/libc.so.6", &data).unwrap();
+        (data, plan)
+    }
+
+    /// The point named `name`.
+    fn named<'a>(points: &'a [AttachPoint], name: &str) -> &'a AttachPoint {
+        points
+            .iter()
+            .find(|p| p.names.iter().any(|n| n == name))
+            .unwrap_or_else(|| panic!("no point {name}: {points:#?}"))
+    }
 
     #[test]
     fn glibc_entry_points_are_deduplicated_by_address() {
-        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("glibc");
-        let syms = entry_symbols(&data).unwrap();
-        assert!(syms.has_malloc && syms.has_free);
+        let (_, syms) = glibc();
         let names: Vec<_> = syms.points.iter().flat_map(|p| p.names.clone()).collect();
         for n in [
             "malloc",
@@ -883,15 +1063,24 @@ mod tests {
             "free",
             "posix_memalign",
         ] {
-            assert!(names.contains(&n), "{n} missing from {names:?}");
+            assert!(names.iter().any(|m| m == n), "{n} missing from {names:?}");
         }
-        // glibc: memalign and aligned_alloc are one function, and so are free and cfree.
-        let memalign = syms
-            .points
-            .iter()
-            .find(|p| p.names.contains(&"memalign"))
-            .unwrap();
-        assert!(memalign.names.contains(&"aligned_alloc"), "{memalign:?}");
+        // glibc: memalign and aligned_alloc are one function, and so are
+        // free and cfree; each is reported under its C name.
+        let memalign = named(&syms.points, "memalign");
+        assert_eq!(
+            memalign.names,
+            ["memalign", "aligned_alloc", "__libc_memalign"],
+            "{memalign:?}"
+        );
+        assert_eq!(
+            named(&syms.points, "free").names,
+            ["free", "cfree", "__libc_free"]
+        );
+        assert_eq!(
+            named(&syms.points, "malloc").names,
+            ["malloc", "__libc_malloc"]
+        );
         let mut addrs: Vec<_> = syms.points.iter().map(|p| p.vaddr).collect();
         addrs.dedup();
         assert_eq!(addrs.len(), syms.points.len());
@@ -908,9 +1097,8 @@ mod tests {
     /// `_int_malloc`, locks, `memcpy@plt` and the like).
     #[test]
     fn glibc_internal_calls() {
-        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("glibc");
-        let syms = entry_symbols(&data).unwrap();
-        let calls = syms.internal_calls.expect("every branch known");
+        let (data, syms) = glibc();
+        let calls = syms.internal_calls.clone().expect("every branch known");
         let mut got: Vec<_> = calls
             .iter()
             .map(|c| {
@@ -957,23 +1145,19 @@ mod tests {
         let mut tail_of: Vec<&str> = check
             .tail_of
             .iter()
-            .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().names[0])
+            .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().name())
             .collect();
         tail_of.sort();
         assert_eq!(tail_of, ["memalign", "pvalloc", "valloc"], "{check:?}");
-        let realloc = syms
-            .points
-            .iter()
-            .find(|p| p.names.contains(&"realloc"))
-            .unwrap();
-        let (_, callee) = calls.iter().find_map(|c| c.via_slot).unwrap();
-        assert_eq!(callee, realloc.vaddr);
+        let realloc = named(&syms.points, "realloc");
+        let slot = calls.iter().find_map(|c| c.via_slot.clone()).unwrap();
+        assert_eq!((slot.holds, slot.name.as_str()), (realloc.vaddr, "realloc"));
 
         // Told by return address, an unsampled call of these stays in PENDING.
         let names = |vaddrs: Vec<u64>| -> Vec<&str> {
             let mut v: Vec<&str> = vaddrs
                 .iter()
-                .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().names[0])
+                .map(|&v| syms.points.iter().find(|p| p.vaddr == v).unwrap().name())
                 .collect();
             v.sort();
             v
@@ -1002,25 +1186,24 @@ mod tests {
         use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess};
         const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
         const BUILD_ID: &str = "93ac61ec5a8eb1396f9fbd350e3169a558528a40";
-        let data = std::fs::read(LIBC).expect("glibc");
-        let syms = entry_symbols(&data).unwrap();
+        let (data, syms) = glibc();
         let mut factory = InstructionInfoFactory::new();
         let mut got = BTreeMap::new();
         for p in &syms.points {
             let delta = p.probe_delta();
-            got.insert(p.names[0], delta);
+            got.insert(p.name().to_string(), delta);
             let code = &data[p.file_offset as usize..][..64];
             let mut dec = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
             let args = placement::probe_args(p.role);
             loop {
                 let insn = dec.decode();
-                assert!(!insn.is_invalid(), "{}: {insn:?}", p.names[0]);
+                assert!(!insn.is_invalid(), "{}: {insn:?}", p.name());
                 let bytes = &code[insn.ip() as usize..][..insn.len()];
                 if insn.ip() == delta {
                     // Emulated, or the function's first instruction.
                     let emulated = matches!(bytes[0], 0x50..=0x57 | 0x70..=0x7f | 0xe8 | 0xe9 | 0xeb)
                         || matches!(bytes, [0x41, 0x50..=0x57] | [0x0f, 0x80..=0x8f, ..]);
-                    assert!(emulated || delta == 0, "{}+{delta}: {bytes:x?}", p.names[0]);
+                    assert!(emulated || delta == 0, "{}+{delta}: {bytes:x?}", p.name());
                     assert_eq!(
                         p.probe_insn,
                         format!("{:?}", insn.mnemonic()).to_lowercase()
@@ -1030,23 +1213,23 @@ mod tests {
                 assert!(
                     insn.ip() < delta,
                     "{}: +{delta} is not an instruction",
-                    p.names[0]
+                    p.name()
                 );
-                assert_eq!(insn.flow_control(), FlowControl::Next, "{}", p.names[0]);
-                assert_eq!(insn.stack_pointer_increment(), 0, "{}", p.names[0]);
+                assert_eq!(insn.flow_control(), FlowControl::Next, "{}", p.name());
+                assert_eq!(insn.stack_pointer_increment(), 0, "{}", p.name());
                 let info = factory.info(&insn);
                 assert!(
                     info.used_memory()
                         .iter()
                         .all(|m| m.access() == OpAccess::Read),
                     "{}: {insn:?}",
-                    p.names[0]
+                    p.name()
                 );
                 for r in info.used_registers() {
                     let full = r.register().full_register();
-                    assert_ne!(full, iced_x86::Register::RSP, "{}", p.names[0]);
+                    assert_ne!(full, iced_x86::Register::RSP, "{}", p.name());
                     if r.access() != OpAccess::Read {
-                        assert!(!args.contains(&full), "{}: writes {full:?}", p.names[0]);
+                        assert!(!args.contains(&full), "{}: writes {full:?}", p.name());
                     }
                 }
             }
@@ -1065,21 +1248,16 @@ mod tests {
              (objdump -d it and update BUILD_ID and the expected sites); chosen now: {got:?}"
         );
         let want = BTreeMap::from([
-            ("free", 3),
-            ("malloc", 0),
-            ("calloc", 0),
-            ("realloc", 0),
-            ("reallocarray", 0),
-            ("posix_memalign", 7),
-            ("memalign", 7),
-            ("valloc", 7),
-            ("pvalloc", 7),
+            ("free".to_string(), 3),
+            ("malloc".to_string(), 0),
+            ("calloc".to_string(), 0),
+            ("realloc".to_string(), 0),
+            ("reallocarray".to_string(), 0),
+            ("posix_memalign".to_string(), 7),
+            ("memalign".to_string(), 7),
+            ("valloc".to_string(), 7),
+            ("pvalloc".to_string(), 7),
         ]);
-        // memalign and aligned_alloc share a point named after whichever comes first.
-        let got: BTreeMap<_, _> = got
-            .into_iter()
-            .map(|(n, d)| (if n == "aligned_alloc" { "memalign" } else { n }, d))
-            .collect();
         assert_eq!(got, want);
     }
 

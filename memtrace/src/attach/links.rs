@@ -26,7 +26,7 @@ use aya::{
 };
 use memtrace_common::{AllocKind, MAX_ALLOCATOR_FUNCTIONS, SiteCookie, map_names};
 
-use super::allocator::{self, Allocator, AttachPoint, Role};
+use super::allocator::{self, Allocator, Allocators, AttachPoint, Role};
 use crate::{
     kernel::{
         maps::TraceMaps,
@@ -46,12 +46,6 @@ fn marked_calls(
     maps: &[MapEntry],
 ) -> Option<Vec<allocator::InternalCall>> {
     use std::os::unix::fs::FileExt;
-    if crate::knobs::get().own_calls_by_return_address {
-        log::info!(
-            "telling the allocator's own calls by their return address (MEMTRACE_OWN_CALLS)"
-        );
-        return None;
-    }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"));
     let read_word = |addr: u64| {
         let mut b = [0u8; 8];
@@ -59,21 +53,37 @@ fn marked_calls(
         mem.read_exact_at(&mut b, addr).ok()?;
         Some(u64::from_ne_bytes(b))
     };
-    let defined_elsewhere = |name: &str| {
-        allocator::candidate_modules(maps, None)
-            .into_iter()
-            .filter(|m| m.path.as_deref() != Some(alloc.module.as_str()))
-            .any(|m| allocator::defines(&allocator::open_path(pid, m), name))
-    };
-    match allocator::check_slots(alloc, maps, read_word, defined_elsewhere) {
+    match allocator::check_slots(alloc, maps, read_word) {
         Ok(()) => alloc.internal_calls.clone().ok(),
         Err(e) => {
             log::info!(
-                "telling the allocator's own calls by their return address, not by marks: {e}"
+                "telling the allocator's own calls by their return address, not by marks \
+                 ({}): {e}",
+                alloc.module
             );
             None
         }
     }
+}
+
+/// The marks of every module (see [`marked_calls`]), or None if one
+/// module's are not all known: the mode is the process's.
+fn all_marked_calls(
+    allocs: &Allocators,
+    pid: u32,
+    maps: &[MapEntry],
+) -> Option<Vec<Vec<allocator::InternalCall>>> {
+    if crate::knobs::get().own_calls_by_return_address {
+        log::info!(
+            "telling the allocator's own calls by their return address (MEMTRACE_OWN_CALLS)"
+        );
+        return None;
+    }
+    allocs
+        .modules
+        .iter()
+        .map(|a| marked_calls(a, pid, maps))
+        .collect()
 }
 
 /// How the allocator is probed.
@@ -89,16 +99,14 @@ pub enum Mechanism {
 /// Whether the uprobe session keeps the calls of `point` in its per-call
 /// cookie instead of PENDING: an allocating function that never jumps out of
 /// its code (so it cannot hand a call over to another allocator function) and
-/// needs nothing at its return but the size (not realloc, which also retires
-/// the old block, nor posix_memalign, which returns through a pointer).
+/// needs nothing at its return but the size (not a realloc, which also
+/// retires the old block, nor posix_memalign, which returns through a
+/// pointer).
 pub fn call_in_cookie(point: &AttachPoint) -> bool {
     match point.role {
         Role::Alloc(kind) => {
-            point.never_jumps_out
-                && !matches!(
-                    kind,
-                    AllocKind::Realloc | AllocKind::ReallocArray | AllocKind::PosixMemalign
-                )
+            let args = kind.args();
+            point.never_jumps_out && args.old_ptr.is_none() && args.out_ptr.is_none()
         }
         Role::Free => false,
     }
@@ -152,6 +160,11 @@ fn entry_program(role: Role) -> &'static str {
             AllocKind::PosixMemalign => "posix_memalign_enter",
             AllocKind::Valloc => "valloc_enter",
             AllocKind::Pvalloc => "pvalloc_enter",
+            AllocKind::HeapMalloc => "heap_malloc_enter",
+            AllocKind::HeapCalloc => "heap_calloc_enter",
+            AllocKind::HeapRealloc => "heap_realloc_enter",
+            AllocKind::HeapReallocArray => "heap_reallocarray_enter",
+            AllocKind::Xallocx => "xallocx_enter",
         },
     }
 }
@@ -229,10 +242,10 @@ impl Probes {
     /// where the kernel has them, else classic uprobes. Returns the number of
     /// probe sites.
     ///
-    /// `maps`: the target's mappings, where the allocator's module is mapped.
-    pub fn attach_allocator(
+    /// `maps`: the target's mappings, where the allocators' modules are mapped.
+    pub fn attach_allocators(
         &mut self,
-        alloc: &Allocator,
+        allocs: &Allocators,
         pid: u32,
         maps: &[MapEntry],
         trace: &mut TraceMaps,
@@ -241,11 +254,16 @@ impl Probes {
         // Told by return address, an unsampled call of a function that may
         // tail-call stays in PENDING, where the inner entry finds it. Classic
         // entries read which ones from CALL_MARK_STATE (sessions: the cookie).
-        let tails = allocator::tail_callers(&alloc.points, &alloc.internal_calls);
-        let tail_kinds = alloc
-            .points
+        let tails: Vec<Vec<u64>> = allocs
+            .modules
             .iter()
-            .filter(|p| tails.contains(&p.vaddr))
+            .map(|a| allocator::tail_callers(&a.points, &a.internal_calls))
+            .collect();
+        let tail_kinds = allocs
+            .modules
+            .iter()
+            .zip(&tails)
+            .flat_map(|(a, tails)| a.points.iter().filter(|p| tails.contains(&p.vaddr)))
             .filter_map(|p| match p.role {
                 Role::Alloc(kind) => Some(1u64 << kind as u32),
                 Role::Free => None,
@@ -255,21 +273,20 @@ impl Probes {
         if self.mechanism == Mechanism::Session {
             // The session program tells a call made by the allocator from a user's
             // call by the ranges in ALLOCATOR_TEXT: every function must have one.
-            let text = allocator::text_ranges(alloc, maps);
-            if alloc.points.len() > MAX_ALLOCATOR_FUNCTIONS as usize
-                || text.len() != alloc.points.len()
-            {
+            let text = allocator::all_text_ranges(allocs, maps);
+            let needed = allocator::text_ranges_needed(allocs);
+            if needed > MAX_ALLOCATOR_FUNCTIONS as usize || text.len() != needed {
                 log::info!(
-                    "{} allocator functions, {} with a known extent (at most {MAX_ALLOCATOR_FUNCTIONS} \
-                     and all are needed for uprobe sessions): using classic uprobes",
-                    alloc.points.len(),
+                    "{needed} allocator code ranges, {} known (at most \
+                     {MAX_ALLOCATOR_FUNCTIONS} and all are needed for uprobe sessions): using \
+                     classic uprobes",
                     text.len()
                 );
                 self.mechanism = Mechanism::Classic;
             } else {
-                let marks = marked_calls(alloc, pid, maps);
+                let marks = all_marked_calls(allocs, pid, maps);
                 trace.set_call_marks(marks.is_some(), tail_kinds)?;
-                match self.attach_multi(alloc, pid, maps, marks, &tails) {
+                match self.attach_multi(allocs, pid, maps, marks, &tails) {
                     Ok(n) => return Ok(n),
                     Err(e) => {
                         log::warn!(
@@ -284,7 +301,11 @@ impl Probes {
                 }
             }
         }
-        self.attach_classic(alloc, pid)
+        let mut n = 0;
+        for alloc in &allocs.modules {
+            n += self.attach_classic(alloc, pid)?;
+        }
+        Ok(n)
     }
 
     /// See `result_sites` in `Probes`.
@@ -297,8 +318,8 @@ impl Probes {
         self.marked_calls.as_deref()
     }
 
-    /// One session link for the allocating functions, one uprobe_multi link
-    /// for free.
+    /// Per module, one session link for the allocating functions, one
+    /// uprobe_multi link for free.
     ///
     /// The cookie of an allocating function's probe is its address in the
     /// process, shifted left by 8, with its `AllocKind` in the low byte: the
@@ -306,11 +327,11 @@ impl Probes {
     /// pointer being at the probe.
     fn attach_multi(
         &mut self,
-        alloc: &Allocator,
+        allocs: &Allocators,
         pid: u32,
         maps: &[MapEntry],
-        marks: Option<Vec<allocator::InternalCall>>,
-        tail_callers: &[u64],
+        marks: Option<Vec<Vec<allocator::InternalCall>>>,
+        tail_callers: &[Vec<u64>],
     ) -> Result<usize> {
         let progs = self.multi.as_ref().context("no uprobe_multi programs")?;
         // Exact mode only: with sampling, an unsampled call costs one probe
@@ -320,44 +341,61 @@ impl Probes {
         // jumps to malloc; an unsampled reallocarray(NULL, ..) not kept in
         // PENDING is then counted again by malloc's site.)
         let with_results = !self.sampled && progs.result.is_some();
-        let result_fns = result_functions(alloc, marks.as_deref(), with_results);
-        let (marks, jump_in) = marks_left(marks, &result_fns);
-        let tails = pending_tails(marks.as_deref(), jump_in, tail_callers);
-        let (mut allocs, mut frees) = (LinkSites::default(), LinkSites::default());
-        // Each result site's offset and configuration, in RESULT_SITES order.
+        // Each result site's offset and configuration, in RESULT_SITES order,
+        // for all modules.
         let mut result_sites: Vec<(u64, memtrace_common::ResultSite)> = Vec::new();
+        let mut room = memtrace_common::MAX_RESULT_SITES as usize;
+        let mut planned = Vec::new();
         self.result_sites.clear();
-        for point in &alloc.points {
-            match (point.role, &point.results) {
-                (Role::Alloc(kind), Some(plan)) if result_fns.contains(&point.vaddr) => {
-                    let names = add_result_sites(alloc, point, kind, plan, &mut result_sites);
-                    self.result_sites.extend(names);
-                }
-                (Role::Alloc(kind), _) => {
-                    log_probe(alloc, point);
-                    let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
-                    allocs.push(point.probe_offset, cookie);
-                }
-                (Role::Free, _) => {
-                    log_probe(alloc, point);
-                    frees.push(point.probe_offset, 0);
+        let mut marked: Option<Vec<String>> = marks.as_ref().map(|_| Vec::new());
+        for (k, alloc) in allocs.modules.iter().enumerate() {
+            let module_marks = marks.as_ref().map(|m| m[k].clone());
+            let result_fns =
+                result_functions(alloc, module_marks.as_deref(), with_results, &mut room);
+            let (module_marks, jump_in) = marks_left(module_marks, &result_fns);
+            let tails = pending_tails(module_marks.as_deref(), jump_in, &tail_callers[k]);
+            let (mut sites, mut frees) = (LinkSites::default(), LinkSites::default());
+            let first_result = result_sites.len();
+            for point in &alloc.points {
+                match (point.role, &point.results) {
+                    (Role::Alloc(kind), Some(plan)) if result_fns.contains(&point.vaddr) => {
+                        let names = add_result_sites(alloc, point, kind, plan, &mut result_sites);
+                        self.result_sites.extend(names);
+                    }
+                    (Role::Alloc(kind), _) => {
+                        log_probe(alloc, point);
+                        let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
+                        sites.push(point.probe_offset, cookie);
+                    }
+                    (Role::Free, _) => {
+                        log_probe(alloc, point);
+                        frees.push(point.probe_offset, 0);
+                    }
                 }
             }
+            let mut results = LinkSites::default();
+            for (i, (offset, _)) in result_sites.iter().enumerate().skip(first_result) {
+                results.push(*offset, SiteCookie::result(i as u32).0);
+            }
+            // The allocator's own calls into its probed functions, in the
+            // session link (their entries return at once and skip the return).
+            for call in module_marks.iter().flatten() {
+                sites.push(call.file_offset, mark_cookie(alloc, maps, call)?);
+            }
+            if let (Some(all), Some(m)) = (marked.as_mut(), module_marks) {
+                all.extend(m.into_iter().map(|c| c.describe));
+            }
+            planned.push((alloc, results, sites, frees));
         }
         self.fill_result_sites(&result_sites)?;
-        let mut results = LinkSites::default();
-        for (i, (offset, _)) in result_sites.iter().enumerate() {
-            results.push(*offset, SiteCookie::result(i as u32).0);
+        let mut n = 0;
+        for (alloc, results, sites, frees) in &planned {
+            let links = self.create_links(alloc, pid, results, sites, frees)?;
+            self.multi_links.extend(links);
+            n += results.len() + sites.len() + frees.len();
         }
-        // The allocator's own calls into its probed functions, in the session
-        // link (their entries return at once and skip the return).
-        for call in marks.iter().flatten() {
-            allocs.push(call.file_offset, mark_cookie(alloc, maps, call)?);
-        }
-        let links = self.create_links(alloc, pid, &results, &allocs, &frees)?;
-        self.multi_links.extend(links);
-        self.marked_calls = marks.map(|m| m.into_iter().map(|c| c.describe).collect());
-        Ok(allocs.len() + frees.len() + results.len())
+        self.marked_calls = marked;
+        Ok(n)
     }
 
     /// Writes each result site's configuration at its index in RESULT_SITES.
@@ -580,14 +618,15 @@ impl LinkSites {
 /// them (`marks_left`), and the functions that jump into them keep even
 /// their unsampled calls in PENDING (`pending_tails`).
 ///
-/// Each function's plan must fit in RESULT_SITES with the ones before it,
-/// and no mark may sit on one of its probes. None unless `with_results`.
+/// Each function's plan must fit in RESULT_SITES with the ones before it
+/// (`room` entries are left), and no mark may sit on one of its probes.
+/// None unless `with_results`.
 fn result_functions(
     alloc: &Allocator,
     marks: Option<&[allocator::InternalCall]>,
     with_results: bool,
+    room: &mut usize,
 ) -> Vec<u64> {
-    let mut room = memtrace_common::MAX_RESULT_SITES as usize;
     alloc
         .points
         .iter()
@@ -603,7 +642,7 @@ fn result_functions(
                 .copied()
                 .flatten()
                 .any(|c| offsets.contains(&c.file_offset));
-            if marked || offsets.len() > room {
+            if marked || offsets.len() > *room {
                 log::debug!(
                     "{}:{}: result sites left out ({})",
                     alloc.module,
@@ -616,7 +655,7 @@ fn result_functions(
                 );
                 return false;
             }
-            room -= offsets.len();
+            *room -= offsets.len();
             true
         })
         .map(|p| p.vaddr)
@@ -673,7 +712,7 @@ fn add_result_sites(
     plan: &crate::attach::exits::ExitPlan,
     result_sites: &mut Vec<(u64, memtrace_common::ResultSite)>,
 ) -> Vec<String> {
-    let name = point.names.first().copied().unwrap_or("?");
+    let name = point.name();
     let mut names = Vec::new();
     for s in &plan.sites {
         result_sites.push((point.file_offset + s.delta, s.conf(kind)));

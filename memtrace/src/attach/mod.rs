@@ -2,6 +2,8 @@
 //! target, placing each probe on an instruction the kernel emulates, planning
 //! result sites, and attaching the links.
 pub mod allocator;
+pub mod entries;
 pub mod exits;
 pub mod links;
 pub mod placement;
+pub mod resolve;

@@ -55,7 +55,6 @@ use iced_x86::{
 };
 
 use crate::attach::allocator::Role;
-use memtrace_common::AllocKind;
 
 /// Instructions decoded from the start of a function looking for a site.
 pub const MAX_INSNS: usize = 8;
@@ -104,19 +103,27 @@ pub fn kernel_emulates(insn: &[u8]) -> Option<Emulation> {
     }
 }
 
-/// The argument registers the entry program of `role` reads
-/// (memtrace-ebpf/src/main.rs).
-pub fn probe_args(role: Role) -> &'static [Register] {
-    use Register::{RDI, RDX, RSI};
+/// The argument registers the entry program of `role` reads: where
+/// `AllocKind::args` puts the arguments it names (free reads its pointer).
+pub fn probe_args(role: Role) -> Vec<Register> {
+    /// The System V AMD64 integer argument registers, in order.
+    const ARGS: [Register; 6] = [
+        Register::RDI,
+        Register::RSI,
+        Register::RDX,
+        Register::RCX,
+        Register::R8,
+        Register::R9,
+    ];
     match role {
-        Role::Free => &[RDI],
-        Role::Alloc(kind) => match kind {
-            AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => &[RDI],
-            AllocKind::Calloc | AllocKind::Realloc => &[RDI, RSI],
-            AllocKind::ReallocArray => &[RDI, RSI, RDX],
-            AllocKind::PosixMemalign => &[RDI, RDX],
-            AllocKind::Memalign => &[RSI],
-        },
+        Role::Free => vec![Register::RDI],
+        Role::Alloc(kind) => kind
+            .args()
+            .used()
+            .into_iter()
+            .flatten()
+            .map(|a| ARGS[a as usize])
+            .collect(),
     }
 }
 

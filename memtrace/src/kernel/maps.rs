@@ -101,13 +101,20 @@ impl TraceMaps {
                 "only the first {MAX_ALLOCATOR_FUNCTIONS} allocator functions are told apart from their callers"
             );
         }
-        for (i, &(start, end)) in ranges
+        // Sorted, then padded: the BPF side searches every slot.
+        let mut sorted: Vec<(u64, u64)> = ranges
             .iter()
+            .copied()
             .take(MAX_ALLOCATOR_FUNCTIONS as usize)
-            .enumerate()
-        {
+            .collect();
+        sorted.sort_unstable();
+        for i in 0..MAX_ALLOCATOR_FUNCTIONS {
+            let range = match sorted.get(i as usize) {
+                Some(&(start, end)) => TextRange { start, end },
+                None => TextRange::UNUSED,
+            };
             self.allocator_text
-                .set(i as u32, TextRange { start, end }, 0)
+                .set(i, range, 0)
                 .context("writing ALLOCATOR_TEXT")?;
         }
         let kept = &ranges[..ranges.len().min(MAX_ALLOCATOR_FUNCTIONS as usize)];

@@ -61,9 +61,15 @@ pub fn sample() -> Report {
             ..Default::default()
         },
         drops: Drops::default(),
+        untraced_entry_points: Vec::new(),
         allocator: AllocatorInfo {
             module: "/lib/libc.so.6".into(),
             functions: vec!["malloc".into()],
+            modules: vec![AllocatorModule {
+                module: "/lib/libc.so.6".into(),
+                functions: vec!["malloc".into()],
+                forwarded: vec![],
+            }],
             probes: 2,
             probe_sites: vec!["malloc+0x0 (push)".into()],
             probe_mechanism: "uprobe-session",
@@ -435,9 +441,15 @@ pub fn varied(sampling: Sampling) -> Report {
             allocator_own_frees: 0,
         },
         drops,
+        untraced_entry_points: Vec::new(),
         allocator: AllocatorInfo {
             module: "/lib/libc.so.6".into(),
             functions: vec!["malloc".into(), "free".into()],
+            modules: vec![AllocatorModule {
+                module: "/lib/libc.so.6".into(),
+                functions: vec!["malloc".into(), "free".into()],
+                forwarded: vec![],
+            }],
             probes: 2,
             probe_sites: vec!["malloc+0x0 (push)".into()],
             probe_mechanism: "uprobe-session",

@@ -153,6 +153,7 @@ impl<W: Write> ReportWriter<W> {
             sampling,
             totals,
             drops,
+            untraced_entry_points,
             allocator,
             min_age_s,
             ages_from,
@@ -180,6 +181,7 @@ impl<W: Write> ReportWriter<W> {
         w.put(key!("sampling"), sampling)?;
         w.put(key!("totals"), totals)?;
         w.put(key!("drops"), drops)?;
+        w.put(key!("untraced_entry_points"), untraced_entry_points)?;
         w.put(key!("allocator"), allocator)?;
         w.put_f64(key!("min_age_s"), *min_age_s)?;
         w.put_str(key!("ages_from"), ages_from)?;

@@ -49,6 +49,10 @@ pub struct Report {
     pub totals: Totals,
     /// Every counter behind `dropped_events` and `stack_errors`, by cause.
     pub drops: Drops,
+    /// Allocator functions the target may call that memtrace does not
+    /// trace: blocks they allocate or free are not seen, so the report is
+    /// not complete when this is not empty.
+    pub untraced_entry_points: Vec<UntracedEntryPoint>,
     pub allocator: AllocatorInfo,
     pub min_age_s: f64,
     /// Where the sites' ages (and `--min-age`) come from: `blocks`, every
@@ -308,10 +312,36 @@ impl Totals {
     }
 }
 
+/// An allocator function memtrace does not trace: `name`, which `module`
+/// imports (or, the executable, defines) and may call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UntracedEntryPoint {
+    pub name: String,
+    pub module: String,
+}
+
+/// One module whose allocator functions are probed.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllocatorModule {
+    pub module: String,
+    /// The functions probed there, every name of each.
+    pub functions: Vec<String>,
+    /// Its functions that are not probed because each only hands its calls
+    /// to a probed one (`realloc -> mi_heap_realloc`): their calls are
+    /// counted there.
+    pub forwarded: Vec<String>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct AllocatorInfo {
+    /// The module the process's `malloc` is in (the first of `modules`).
     pub module: String,
+    /// The functions probed, in every module.
     pub functions: Vec<String>,
+    /// Every module whose functions are probed: a process may call more
+    /// than one allocator (a Rust program's static jemalloc and glibc's
+    /// malloc; jemalloc's operator new and glibc's pvalloc).
+    pub modules: Vec<AllocatorModule>,
     pub probes: usize,
     /// Where each function is probed: the first instruction the kernel emulates
     /// (no single-step), e.g. `free+0x3 (je)`.
@@ -325,7 +355,7 @@ pub struct AllocatorInfo {
     pub return_probes: u64,
     /// Functions whose calls the uprobe session keeps in its own per-call
     /// cookie instead of a map entry (they never jump out of their code, so
-    /// no call is handed over to another allocator function).
+    /// no call is handed over to another allocator function), one name each.
     pub calls_in_session_cookie: Vec<String>,
     /// How calls the allocator makes itself (glibc's realloc(p, 0) calls
     /// free) are told from users' calls: `call-site probes` (each of its own

@@ -234,11 +234,27 @@ impl Report {
             );
         }
         let drops = self.drops.nonzero();
-        if drops.is_empty() {
+        let blind = &self.untraced_entry_points;
+        if !blind.is_empty() {
+            let names: Vec<String> = blind
+                .iter()
+                .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
+                .collect();
             let _ = writeln!(
                 o,
-                "nothing dropped: every allocator call was recorded with its stack"
+                "NOT COMPLETE: the target may call {} allocator functions memtrace does not \
+                 trace, whose blocks it does not see: {}",
+                blind.len(),
+                names.join(", ")
             );
+        }
+        if drops.is_empty() {
+            if blind.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "nothing dropped: every allocator call was recorded with its stack"
+                );
+            }
         } else {
             let parts: Vec<String> = drops.iter().map(|(n, c)| format!("{c} {n}")).collect();
             let _ = writeln!(
@@ -656,6 +672,30 @@ mod tests {
         assert!(
             t.contains("(2 allocation map full: raise --max-blocks, 3 return never seen)"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn text_never_claims_completeness_while_blind() {
+        let mut r = sample();
+        assert!(r.to_text(10).contains("nothing dropped"));
+        r.untraced_entry_points = vec![super::super::UntracedEntryPoint {
+            name: "mi_strdup".into(),
+            module: "/usr/bin/app".into(),
+        }];
+        let t = r.to_text(10);
+        assert!(!t.contains("nothing dropped"), "{t}");
+        assert!(
+            t.contains(
+                "NOT COMPLETE: the target may call 1 allocator functions memtrace does not \
+                 trace, whose blocks it does not see: mi_strdup (/usr/bin/app)"
+            ),
+            "{t}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(
+            v["untraced_entry_points"],
+            serde_json::json!([{"name": "mi_strdup", "module": "/usr/bin/app"}])
         );
     }
 

@@ -25,9 +25,9 @@ use crate::{
     kernel::collect::{Counters, SiteSample},
     process::stat::ProcStat,
     report::{
-        self, AllocatorInfo, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES, ModuleInfo,
-        ProcessReport, ProcessSample, Report, Sampling, Site, TargetInfo, Timeline, Totals,
-        VerdictCounts,
+        self, AllocatorInfo, AllocatorModule, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES,
+        ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site, TargetInfo, Timeline,
+        Totals, UntracedEntryPoint, VerdictCounts,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -582,6 +582,7 @@ fn assemble(
         sampling: opts.sampling,
         totals: figures.totals,
         drops: figures.drops,
+        untraced_entry_points: untraced_entry_points(at),
         allocator: allocator_info(at, &fin.counters),
         min_age_s: opts.min_age.as_secs_f64(),
         ages_from: if fin.scan_all { "blocks" } else { "epochs" },
@@ -624,19 +625,28 @@ pub(super) fn module_infos(at: &Attached, sym: &Symbolizer) -> Vec<ModuleInfo> {
 
 /// The allocator and how it was probed.
 fn allocator_info(at: &Attached, counters: &Counters) -> AllocatorInfo {
-    let points = &at.allocator.points;
+    let allocs = &at.allocators;
     AllocatorInfo {
-        module: at.allocator.module.clone(),
+        module: allocs.primary().module.clone(),
         functions: at.function_names(),
+        modules: allocs
+            .modules
+            .iter()
+            .map(|a| AllocatorModule {
+                module: a.module.clone(),
+                functions: a.points.iter().flat_map(|p| p.names.clone()).collect(),
+                forwarded: a.forwards.clone(),
+            })
+            .collect(),
         probes: at.nprobes,
-        probe_sites: points.iter().map(|p| p.probe_site()).collect(),
+        probe_sites: allocs.points().map(|(_, p)| p.probe_site()).collect(),
         probe_mechanism: at.probes.mechanism().name(),
         return_probes: counters.return_probes,
         calls_in_session_cookie: match at.probes.mechanism() {
-            Mechanism::Session => points
-                .iter()
-                .filter(|p| links::call_in_cookie(p))
-                .flat_map(|p| p.names.iter().map(|n| n.to_string()))
+            Mechanism::Session => allocs
+                .points()
+                .filter(|(_, p)| links::call_in_cookie(p))
+                .map(|(_, p)| p.name().to_string())
                 .collect(),
             _ => Vec::new(),
         },
@@ -647,4 +657,16 @@ fn allocator_info(at: &Attached, counters: &Counters) -> AllocatorInfo {
         own_call_sites: at.probes.marked_calls().unwrap_or_default().to_vec(),
         result_sites: at.probes.result_sites().to_vec(),
     }
+}
+
+/// The allocator functions the target may call that memtrace does not trace.
+fn untraced_entry_points(at: &Attached) -> Vec<UntracedEntryPoint> {
+    at.allocators
+        .untraced
+        .iter()
+        .map(|u| UntracedEntryPoint {
+            name: u.name.clone(),
+            module: u.module.clone(),
+        })
+        .collect()
 }

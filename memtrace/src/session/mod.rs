@@ -149,13 +149,26 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let t0 = Instant::now();
     let at = target::attach(target, opts.map_sizes, opts.sampling)?;
     let pidfd = watch::pidfd_open(at.pid)?;
+    let on: Vec<String> = at
+        .allocators
+        .modules
+        .iter()
+        .map(|a| {
+            let names: Vec<&str> = a
+                .points
+                .iter()
+                .flat_map(|p| &p.names)
+                .map(String::as_str)
+                .collect();
+            format!("{} ({})", Escaped(&a.module), names.join(", "))
+        })
+        .collect();
     eprintln!(
-        "memtrace: attached to pid {} ({}): {} probes on {} ({}) in {}",
+        "memtrace: attached to pid {} ({}): {} probes on {} in {}",
         at.pid,
         Escaped(&at.comm),
         at.nprobes,
-        Escaped(&at.allocator.module),
-        at.function_names().join(", "),
+        on.join(" and "),
         format_duration(t0.elapsed()),
     );
     if let Some(srv) = &server {
@@ -168,6 +181,19 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         eprintln!(
             "memtrace: serving http://{}/metrics and /debug/pprof/heap",
             srv.addr
+        );
+    }
+    if !at.allocators.untraced.is_empty() {
+        let list: Vec<String> = at
+            .allocators
+            .untraced
+            .iter()
+            .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
+            .collect();
+        eprintln!(
+            "memtrace: warning: the target may call allocator functions memtrace does not \
+             trace, whose blocks it will not see: {}",
+            list.join(", ")
         );
     }
     let symbolizer = preload_symbolizer(&at);
@@ -199,10 +225,10 @@ fn preload_symbolizer(at: &Attached) -> Symbolizer {
     let exe = target::proc_exe(at.pid);
     symbolizer.load_modules_in_background(
         &at.modules,
-        at.modules
-            .modules()
-            .iter()
-            .filter(|m| Some(&m.path) == exe.as_ref() || m.path == at.allocator.module),
+        at.modules.modules().iter().filter(|m| {
+            Some(&m.path) == exe.as_ref()
+                || at.allocators.modules.iter().any(|a| a.module == m.path)
+        }),
     );
     symbolizer
 }

@@ -10,7 +10,7 @@ use super::{
     preflight,
 };
 use crate::{
-    attach::allocator::{self, Allocator, AllocatorError},
+    attach::allocator::{self, Allocators},
     attach::links::Probes,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
@@ -30,7 +30,7 @@ pub(super) struct Attached {
     pub(super) comm: String,
     pub(super) exe: Option<String>,
     pub(super) cmdline: Vec<String>,
-    pub(super) allocator: Allocator,
+    pub(super) allocators: Allocators,
     pub(super) probes: Probes,
     pub(super) collector: Collector,
     pub(super) modules: ProcessModules,
@@ -46,10 +46,9 @@ pub(super) struct Attached {
 impl Attached {
     /// The names of the allocator functions probed, as the user knows them.
     pub(super) fn function_names(&self) -> Vec<String> {
-        self.allocator
-            .points
-            .iter()
-            .flat_map(|p| p.names.iter().map(|n| n.to_string()))
+        self.allocators
+            .points()
+            .flat_map(|(_, p)| p.names.iter().cloned())
             .collect()
     }
 
@@ -132,7 +131,8 @@ fn debug_attach_delay() {
 /// Whether `pid` replaced its program (exec): the mapping of the allocator
 /// memtrace probes is gone. Every address memtrace knows (allocator code,
 /// unwind tables, modules) belongs to the old program.
-pub(super) fn called_exec(pid: u32, allocator: &Allocator) -> bool {
+pub(super) fn called_exec(pid: u32, allocators: &Allocators) -> bool {
+    let allocator = allocators.primary();
     match read_maps(pid) {
         Ok(maps) => !maps.iter().any(|m| {
             m.is_exec()
@@ -174,8 +174,8 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
 fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
-    let allocator =
-        allocator::find_allocator(pid, &maps).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    let allocators = allocator::find_allocators(pid, &maps)
+        .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     debug_attach_delay();
@@ -188,11 +188,11 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
             exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
         })?;
-    trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
+    trace_maps.set_allocator_text(&allocator::all_text_ranges(&allocators, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     let nprobes = probes
-        .attach_allocator(&allocator, pid, &maps, &mut trace_maps)
+        .attach_allocators(&allocators, pid, &maps, &mut trace_maps)
         .map_err(|e| exited_during_attach(pid, e))?;
     if !alive(pid) {
         bail!("target process {pid} exited while memtrace was attaching");
@@ -202,7 +202,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         comm: stat.comm,
         exe,
         cmdline,
-        allocator,
+        allocators,
         probes,
         collector: Collector::new(trace_maps),
         modules,
@@ -255,7 +255,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
     let dynamic = matches!(loading, Loading::Dynamic { .. });
-    let (allocator, nprobes) =
+    let (allocators, nprobes) =
         attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)?;
     let modules = probes.detach_loader_breakpoint().and_then(|_| {
         ProcessModules::capture_at(pid, &mut || trace_maps.code_generation())
@@ -281,7 +281,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         comm,
         exe,
         cmdline,
-        allocator,
+        allocators,
         probes,
         collector: Collector::new(trace_maps),
         modules,
@@ -296,28 +296,24 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
 /// allocator probes; returns with the child stopped at its last stop.
 ///
 /// glibc's loader stops the child twice: before it maps the initial libraries
-/// and once they are all mapped. The allocator probes go in at the first stop
-/// where the allocator is visible (an executable's own allocator: the first),
-/// the modules are captured at the last, when every initial library is mapped.
+/// and once they are all mapped, before any of their code runs. The probes go
+/// in at the last stop, where every allocator the process starts with is
+/// mapped and its link map (symbol lookup order) is complete; a static
+/// executable stops once, at its entry point.
 fn attach_at_loader_stops(
     pid: u32,
     program: &Path,
     dynamic: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
-) -> Result<(Allocator, usize)> {
-    let mut found: Option<(Allocator, usize)> = None;
+) -> Result<(Allocators, usize)> {
     let mut stops = 0;
     loop {
         match launch::wait_child(pid, false)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => {
                 stops += 1;
-                if found.is_none() {
-                    let later_stop = dynamic && stops < 2;
-                    found = attach_at_stop(pid, later_stop, probes, trace_maps)?;
-                }
                 if !dynamic || stops >= 2 {
-                    break;
+                    return attach_at_stop(pid, probes, trace_maps);
                 }
                 launch::continue_child(pid);
             }
@@ -330,38 +326,24 @@ fn attach_at_loader_stops(
             None => {}
         }
     }
-    Ok(found.expect("the loop ends only once the allocator is attached"))
 }
 
-/// At one loader stop: attaches the allocator probes if the allocator is
-/// mapped. Not mapped yet is fine while a `later_stop` is to come; any other
-/// failure kills the child.
+/// At the last loader stop: attaches the allocator probes. A failure kills
+/// the child.
 fn attach_at_stop(
     pid: u32,
-    later_stop: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
-) -> Result<Option<(Allocator, usize)>> {
-    let maps = read_maps(pid)?;
-    match allocator::find_allocator(pid, &maps) {
-        Ok(a) => {
-            debug_attach_delay();
-            let text = allocator::text_ranges(&a, &maps);
-            let attached = trace_maps
-                .set_allocator_text(&text)
-                .and_then(|_| probes.attach_allocator(&a, pid, &maps, trace_maps));
-            match attached {
-                Ok(n) => Ok(Some((a, n))),
-                Err(e) => {
-                    kill_child(pid);
-                    Err(e)
-                }
-            }
-        }
-        Err(AllocatorError::NotFound { .. }) if later_stop => Ok(None),
-        Err(e) => {
-            kill_child(pid);
-            Err(e.into())
-        }
+) -> Result<(Allocators, usize)> {
+    let attached = read_maps(pid).map_err(|e| anyhow!(e)).and_then(|maps| {
+        let a = allocator::find_allocators(pid, &maps)?;
+        debug_attach_delay();
+        trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
+        let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
+        Ok((a, n))
+    });
+    if attached.is_err() {
+        kill_child(pid);
     }
+    attached
 }

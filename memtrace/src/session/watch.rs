@@ -208,7 +208,7 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
 /// Whether the target called exec, which ends tracing; says so if it did.
 fn called_exec(at: &Attached) -> bool {
     let pid = at.pid;
-    if !target::called_exec(pid, &at.allocator) {
+    if !target::called_exec(pid, &at.allocators) {
         return false;
     }
     eprintln!(
