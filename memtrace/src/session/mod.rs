@@ -11,6 +11,7 @@
 use std::{
     os::fd::OwnedFd,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,6 +26,7 @@ mod launch;
 mod live;
 mod output;
 mod preflight;
+mod progress;
 mod serve;
 mod summary;
 mod target;
@@ -40,7 +42,8 @@ use crate::escape::Escaped;
 use crate::{
     analyze::{HISTORY_CAPACITY, History, VerdictConfig},
     kernel::{collect::monotonic_ns, maps::MapSizes},
-    report::Sampling,
+    report::{AttachTimes, Sampling},
+    steps::Steps,
     symbolize::Symbolizer,
     units::format_duration,
 };
@@ -127,6 +130,8 @@ struct Session {
     cut_short: Vec<String>,
     /// The capture of new modules under way.
     capture: capture::Capture,
+    /// How long attaching took, step by step.
+    attach_times: AttachTimes,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -146,9 +151,50 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     // port fails before any probe goes in).
     let server = opts.listen.map(serve::start).transpose()?;
     let started_at = SystemTime::now();
-    let t0 = Instant::now();
-    let at = target::attach(target, opts.map_sizes, opts.sampling)?;
+    let steps = Arc::new(Steps::new());
+    let progress = progress::Progress::start(Arc::clone(&steps));
+    let mut symbolizer = Symbolizer::new();
+    let at = target::attach(
+        target,
+        opts.map_sizes,
+        opts.sampling,
+        &steps,
+        &mut symbolizer,
+    );
+    // (The progress line is gone before any message.)
+    drop(progress);
+    let at = at?;
     let pidfd = watch::pidfd_open(at.pid)?;
+    let attach_times = AttachTimes::new(steps.start_time().elapsed(), steps.finished());
+    log::debug!("attach steps: {attach_times}");
+    announce(opts, &at, server.as_ref(), &attach_times);
+    let trace_start = Instant::now();
+    let history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
+    Ok(Session {
+        history,
+        symbolizer,
+        pidfd,
+        at,
+        watchdog,
+        signals,
+        outputs,
+        server,
+        started_at,
+        trace_start,
+        cut_short: Vec::new(),
+        capture: Default::default(),
+        attach_times,
+    })
+}
+
+/// Says on stderr what was attached, where metrics are served, and which
+/// allocator functions are not traced.
+fn announce(
+    opts: &Options,
+    at: &Attached,
+    server: Option<&serve::Server>,
+    attach_times: &AttachTimes,
+) {
     let on: Vec<String> = at
         .allocators
         .modules
@@ -169,9 +215,9 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         Escaped(&at.comm),
         at.nprobes,
         on.join(" and "),
-        format_duration(t0.elapsed()),
+        format_duration(Duration::from_secs_f64(attach_times.total_s)),
     );
-    if let Some(srv) = &server {
+    if let Some(srv) = server {
         // Until the first interval: the target, and nothing counted yet.
         srv.published.set_metrics(crate::report::metrics::Metrics {
             pid: at.pid,
@@ -196,39 +242,23 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
             list.join(", ")
         );
     }
-    let symbolizer = preload_symbolizer(&at);
-    let trace_start = Instant::now();
-    let history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
-    Ok(Session {
-        history,
-        symbolizer,
-        pidfd,
-        at,
-        watchdog,
-        signals,
-        outputs,
-        server,
-        started_at,
-        trace_start,
-        cut_short: Vec::new(),
-        capture: Default::default(),
-    })
 }
 
-/// A symbolizer already loading the debug info nearly every stack needs.
-fn preload_symbolizer(at: &Attached) -> Symbolizer {
-    let mut symbolizer = Symbolizer::new();
-    // Nearly every stack has frames in the program and in the allocator's
-    // library (libc: the bottom of every thread's stack): their debug info is
-    // loaded while tracing, so that the report does not wait for it (libc's,
-    // with libc6-dbg installed, takes tens of milliseconds).
-    let exe = target::proc_exe(at.pid);
+/// Starts loading the debug info nearly every stack needs, in the
+/// background: the program's (`exe`) and the allocator library's (libc: the
+/// bottom of every thread's stack), so that the report does not wait for
+/// it (libc's, with libc6-dbg installed, takes tens of milliseconds). Called
+/// as soon as they are known, while the kernel verifies the programs.
+fn preload_debug_info(
+    symbolizer: &mut Symbolizer,
+    modules: &crate::symbolize::ProcessModules,
+    exe: Option<&str>,
+    allocator_modules: &[&str],
+) {
     symbolizer.load_modules_in_background(
-        &at.modules,
-        at.modules.modules().iter().filter(|m| {
-            Some(&m.path) == exe.as_ref()
-                || at.allocators.modules.iter().any(|a| a.module == m.path)
+        modules,
+        modules.modules().iter().filter(|m| {
+            Some(m.path.as_str()) == exe || allocator_modules.iter().any(|a| *a == m.path)
         }),
     );
-    symbolizer
 }
