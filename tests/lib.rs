@@ -941,6 +941,62 @@ pub fn run_attach_env(
     AttachRun { run, tally, target }
 }
 
+/// Two targets of `fixture` at once, each traced by a memtrace of its own,
+/// both memtraces attached before either target starts its work: while one
+/// target runs, the other instance's probes are on the library they share
+/// (the kernel runs every consumer of a probed address, whichever process
+/// hits it). `env` is the fixtures' environment, `memtrace_env` memtrace's.
+/// Returns both runs, in the order started.
+pub fn run_attach_pair(
+    fixture: &Path,
+    fixture_args: &[&str],
+    env: &[(&str, &str)],
+    memtrace_env: &[(&str, &str)],
+) -> [AttachRun; 2] {
+    let mut targets = [(); 2].map(|_| TestProcess::spawn_env(fixture, fixture_args, env));
+    for t in &mut targets {
+        t.wait_ready();
+    }
+    let sessions = [0, 1].map(|i| {
+        let mut s = AttachSession::spawn(targets[i].pid(), &[], memtrace_env);
+        s.memtrace.wait_attached();
+        s
+    });
+    for t in &mut targets {
+        t.go();
+    }
+    let [tally0, tally1] = [0, 1].map(|i| targets[i].wait_done());
+    let [run0, run1] = sessions.map(|s| s.stop(libc::SIGINT));
+    let [target0, target1] = targets;
+    [
+        AttachRun {
+            run: run0,
+            tally: tally0,
+            target: target0,
+        },
+        AttachRun {
+            run: run1,
+            tally: tally1,
+            target: target1,
+        },
+    ]
+}
+
+/// The report of a run over leaks.c (`leaks attach`) has the calls the
+/// fixture counted itself and every one of its core sites.
+pub fn assert_matches_tally(what: &str, r: &Report, tally: &Tally) {
+    assert_eq!(
+        (r.total("alloc_calls"), r.total("free_calls")),
+        (tally.get("alloc_calls"), tally.get("free_calls")),
+        "{what}: (alloc_calls, free_calls) against the fixture's tally {:?}\n{}",
+        tally.0,
+        r.summary()
+    );
+    for site in leaks::CORE {
+        site.assert_in(r);
+    }
+}
+
 // ---- the report -----------------------------------------------------------------------
 
 /// One frame of a site's stack.

@@ -153,7 +153,12 @@ fn leaks_attach(alloc: Allocator, link: Link) {
         target: _t,
     } = run_attach_env(&bin, &["attach"], &[], &env);
     run.assert_exit(0);
-    let r = &run.report;
+    check_leaks_attach(&run.report, &tally, alloc);
+}
+
+/// A report of `leaks attach` on `alloc`: its allocator, every site, every
+/// total, as the fixture counted them.
+fn check_leaks_attach(r: &Report, tally: &Tally, alloc: Allocator) {
     check_allocator(r, alloc);
     check_leaks_sites(r, alloc);
     let (blocks, bytes) = leaks_sites(alloc)
@@ -227,6 +232,54 @@ fn tcmalloc_preloaded_leaks_launch_exact() {
 fn mimalloc_linked_leaks_attach_exact() {
     let _one = one_at_a_time();
     leaks_attach(MIMALLOC, Link::Linked);
+}
+
+/// Two processes on one `alloc` library, each traced by its own memtrace
+/// at once: each instance's probes run in the other's target too, and its
+/// uprobe session arms return probes there (see docs/probes.md). mimalloc's
+/// own calls are told by their return address, which the trampoline of
+/// such a return probe replaces (a function that jumps to another entry
+/// point leaves its caller's return address on the stack): still, each
+/// report is exact, with the allocator's own calls of a run alone.
+fn two_instances_on_one_library(alloc: Allocator) {
+    require_root();
+    let (bin, env) = build("leaks", alloc, Link::Linked);
+    let mut alone = run_attach_env(&bin, &["attach"], &[], &env);
+    alone.run.assert_exit(0);
+    alone.target.finish_unharmed();
+    let internal = alone.run.report.total("allocator_internal_calls");
+    for (i, pair) in run_attach_pair(&bin, &["attach"], &env, &[])
+        .into_iter()
+        .enumerate()
+    {
+        let AttachRun {
+            run,
+            tally,
+            mut target,
+        } = pair;
+        run.assert_exit(0);
+        let r = &run.report;
+        check_leaks_attach(r, &tally, alloc);
+        assert_eq!(
+            r.total("allocator_internal_calls"),
+            internal,
+            "instance {i}: the allocator's own calls, against a run alone\n{}",
+            r.summary()
+        );
+        // The other instance's trampolines were met and seen through.
+        assert!(
+            u64_field(&r.0["drops"], "unwind_uretprobe_frames") > 0,
+            "instance {i}: {}",
+            r.0["drops"]
+        );
+        target.finish_unharmed();
+    }
+}
+
+#[test]
+fn mimalloc_two_instances_on_one_library_exact() {
+    let _one = one_at_a_time();
+    two_instances_on_one_library(MIMALLOC);
 }
 
 #[test]
