@@ -1183,6 +1183,11 @@ counters! {
         /// to the heap when the thread exits. Not frees of the program: not
         /// in `free_calls`.
         AllocatorOwnFrees = 25 => allocator_own_frees,
+        /// Allocator calls whose return address, read at their entry to tell
+        /// the allocator's own calls from the program's, was a uretprobe's
+        /// trampoline the kernel had no record of: taken as the program's
+        /// calls, rightly or not.
+        OwnCallUretprobeUnresolved = 26 => own_call_uretprobe_unresolved,
     }
 }
 
@@ -1319,7 +1324,7 @@ mod tests {
 
     #[test]
     fn counters_have_their_json_names() {
-        assert_eq!(NUM_COUNTERS, 26);
+        assert_eq!(NUM_COUNTERS, 27);
         for (i, c) in Counter::ALL.into_iter().enumerate() {
             assert_eq!(c as usize, i);
             assert_eq!(Counter::try_from(i as u32), Ok(c));

@@ -5,13 +5,9 @@ use crate::atomic::add;
 use crate::call::SKIP_RETURN;
 use crate::counters::count;
 use crate::maps::{ALLOCATOR_HULL, ALLOCATOR_TEXT, CALL_MARK_STATE, CALL_MARKS};
-use crate::target::{read_user, regs_sp, target_thread};
-use aya_ebpf::{
-    EbpfContext,
-    bindings::BPF_ANY,
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_loop, bpf_probe_read_user},
-};
+use crate::target::{regs_sp, target_thread};
+use crate::uretprobe::entry_return_address;
+use aya_ebpf::{EbpfContext, bindings::BPF_ANY, bindings::BPF_NOEXIST, helpers::bpf_loop};
 use memtrace_common::{CallMarks, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
 
 /// Whether `addr` is inside one of the probed allocator functions.
@@ -98,9 +94,10 @@ extern "C" fn text_search_step(_k: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// exits).
 #[inline(always)]
 pub(crate) fn called_from_allocator_code(sp: u64) -> bool {
-    let (Some(hull), Some(ret)) = (ALLOCATOR_HULL.get(0), read_user(sp)) else {
+    let Some(hull) = ALLOCATOR_HULL.get(0) else {
         return false;
     };
+    let ret = entry_return_address(sp);
     hull.end != 0 && ret >= hull.start && ret < hull.end
 }
 
@@ -108,11 +105,9 @@ pub(crate) fn called_from_allocator_code(sp: u64) -> bool {
 /// function: its return address (at [sp] on entry) is in one of their ranges.
 #[inline(always)]
 pub(crate) fn called_by_allocator(sp: u64) -> bool {
-    // SAFETY: bpf_probe_read_user is fault-tolerant: a bad user address gives an error, not a
-    // fault.
-    match unsafe { bpf_probe_read_user(sp as *const u64) } {
-        Ok(ret) => in_allocator(ret),
-        Err(_) => false,
+    match entry_return_address(sp) {
+        0 => false,
+        ret => in_allocator(ret),
     }
 }
 

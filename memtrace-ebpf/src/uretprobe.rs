@@ -8,11 +8,13 @@
 //! the kernel arms for every process that hits it) puts the trampoline in
 //! the stacks memtrace walks. Read as a frame, it is a bogus one.
 
+use crate::counters::count;
 use crate::globals::uprobe_offsets;
 use crate::maps::TRACE_STATE;
+use crate::target::read_user;
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel};
 use core::ptr::{read_volatile, write_volatile};
-use memtrace_common::MAX_URETPROBE_DEPTH;
+use memtrace_common::{Counter, MAX_URETPROBE_DEPTH};
 
 /// The u64 at kernel address `addr`, if it is readable and not null.
 #[inline(always)]
@@ -126,4 +128,41 @@ pub(crate) fn original_return(slot: u64) -> Option<u64> {
         )
     };
     (s.found != 0).then_some(s.found)
+}
+
+/// The return address of the call being entered, the word at its entry
+/// stack pointer `sp`, as the caller put it there; 0 if it cannot be read,
+/// or if it is the trampoline and the kernel has no record of the real one
+/// (counted: `own_call_uretprobe_unresolved`).
+///
+/// Where an entry finds the trampoline: a function that jumps to another
+/// entry point (a tail call) leaves its own caller's return address on the
+/// stack, and a return probe pending on that function, armed by anyone's
+/// uprobe session at its entry, has put the trampoline there. Another
+/// memtrace tracing another process on the same library arms one on every
+/// call of a function it probes (see docs/probes.md). Telling the
+/// allocator's own calls by that word would then take them for the
+/// program's.
+///
+/// A global function: verified once, whatever state its callers are in;
+/// on the common path one read and one compare.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn entry_return_address(sp: u64) -> u64 {
+    let Some(ra) = read_user(sp) else {
+        return 0;
+    };
+    if ra != trampoline() {
+        return ra;
+    }
+    match original_return(sp) {
+        Some(real) => {
+            count(Counter::UnwindUretprobeFrames, 1);
+            real
+        }
+        None => {
+            count(Counter::OwnCallUretprobeUnresolved, 1);
+            0
+        }
+    }
 }

@@ -39,15 +39,18 @@ impl Counters {
         }
     }
 
-    /// Allocations that happened but are not in the figures. (A return without
-    /// its entry is not added: its entry was already counted as dropped, as a
-    /// full PENDING map or an expired call.)
+    /// Allocations that happened but are not in the figures, or whose place
+    /// in them is in doubt (a call that may be the allocator's own, counted
+    /// as the program's). (A return without its entry is not added: its
+    /// entry was already counted as dropped, as a full PENDING map or an
+    /// expired call.)
     pub fn dropped_events(&self) -> u64 {
         self.alloc_map_full
             + self.pending_map_full
             + self.site_map_full
             + self.out_pointer_read_errors
             + self.missed_returns
+            + self.own_call_uretprobe_unresolved
     }
 
     /// Allocations that are counted, but without their stack.

@@ -308,11 +308,17 @@ pub struct Drops {
     pub unwind_fp_fallback_frames: u64,
     /// Return addresses that were a uretprobe's trampoline (a return probe,
     /// often another tool's, pending on that frame), replaced with the real
-    /// one the kernel kept.
+    /// one the kernel kept: in stacks, and where an entry tells the
+    /// allocator's own calls by their return address.
     pub unwind_uretprobe_frames: u64,
     /// The same, where the kernel had no record of the real one: the walk
     /// stopped there (its site is `truncated`).
     pub unwind_uretprobe_unresolved: u64,
+    /// Allocator calls whose return address, read at their entry to tell
+    /// the allocator's own calls from the program's, was a uretprobe's
+    /// trampoline with no record of the real one: taken as the program's
+    /// calls, which they may not be (in `dropped_events`).
+    pub own_call_uretprobe_unresolved: u64,
     /// Frames whose function or line could not be resolved, by reason.
     pub unresolved_frames: std::collections::BTreeMap<String, u64>,
     /// Debug files named by the target's ELF files (or found where it could
@@ -350,6 +356,7 @@ impl Drops {
             unwind_fp_fallback_frames,
             unwind_uretprobe_frames,
             unwind_uretprobe_unresolved,
+            own_call_uretprobe_unresolved,
         } unresolved_frames: Default::default(), debug_files_refused: Default::default())
     }
 }

@@ -53,6 +53,10 @@ impl Drops {
                 "allocator call that should not have returned",
                 self.unforeseen_returns,
             ),
+            (
+                "call maybe the allocator's own (return probe's trampoline not resolved)",
+                self.own_call_uretprobe_unresolved,
+            ),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
