@@ -667,7 +667,7 @@ fn diff_of_two_snapshots_ranks_the_leaks_first() {
     );
     assert!(!t.contains("late_leak"), "-n 1 shows one site:\n{t}");
     assert!(
-        t.contains("sites: 2 grew, 0 new, 0 shrank, 0 vanished, 3 unchanged"),
+        t.contains("sites: 2 grew, 0 new, 0 shrank, 0 freed, 0 vanished, 3 unchanged"),
         "{t}"
     );
     // And the other way round, the leaks shrank.
@@ -675,7 +675,7 @@ fn diff_of_two_snapshots_ranks_the_leaks_first() {
     assert!(out.stdout.contains("no site grew"), "{}", out.stdout);
     assert!(
         out.stdout
-            .contains("top 2 of 2 sites that shrank or vanished:"),
+            .contains("top 2 of 2 sites that shrank, were freed or vanished:"),
         "{}",
         out.stdout
     );

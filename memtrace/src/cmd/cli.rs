@@ -246,7 +246,7 @@ Sites are matched by their symbolized stack: the sequence of (module file name,
 function, source file, line) of their frames, so reports of different runs
 (other addresses) match. Sites of one report with the same stack are added up.
 The text lists the sites that grew (or are new) by growth in bytes, then those
-that shrank or vanished; the JSON has every site.";
+that shrank, were freed or vanished; the JSON has every site.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {

@@ -97,12 +97,52 @@ pub struct SnapInfo {
     pub outstanding_bytes: i64,
     pub outstanding_blocks: i64,
     pub sites: usize,
+    /// Sites in its `freed_sites` (none in a report older than that list).
+    pub freed_sites: usize,
+    /// Freed sites its JSON left out (`freed_sites_left_out.sites`): a site
+    /// missing from the report may be one of them.
+    pub freed_sites_left_out: u64,
 }
 
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub info: SnapInfo,
     pub sites: HashMap<Vec<FrameKey>, SnapSite>,
+    /// The report's `freed_sites`: sites that allocated while traced but hold
+    /// no block (or only blocks younger than `--min-age`, counted here).
+    pub freed: HashMap<Vec<FrameKey>, SnapSite>,
+}
+
+/// The sites of `list` (`field` of report `path`) by stack key, those with
+/// one key added up.
+fn sites_by_key(
+    list: &[Value],
+    path: &str,
+    field: &str,
+) -> Result<HashMap<Vec<FrameKey>, SnapSite>> {
+    let mut sites: HashMap<Vec<FrameKey>, SnapSite> = HashMap::new();
+    for (i, s) in list.iter().enumerate() {
+        let what = format!("{field} {}", i + 1);
+        let bytes = count(s, "outstanding_bytes", path, &what)?;
+        let blocks = count(s, "outstanding_blocks", path, &what)?;
+        let e = sites.entry(site_key(s)).or_insert_with(|| SnapSite {
+            bytes: 0,
+            blocks: 0,
+            verdict: str_field(s, "verdict"),
+            growth_bytes_per_s: s.get("growth_bytes_per_s").and_then(Value::as_f64),
+            frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
+        });
+        // Sites with one key add up; a sum past i64 is no real report.
+        e.bytes = e
+            .bytes
+            .checked_add(bytes)
+            .context("outstanding bytes overflow")?;
+        e.blocks = e
+            .blocks
+            .checked_add(blocks)
+            .context("outstanding blocks overflow")?;
+    }
+    Ok(sites)
 }
 
 /// Largest report `memtrace diff` reads. A report of ten thousand sites is
@@ -139,28 +179,17 @@ impl Snapshot {
         let Some(list) = v.get("sites").and_then(Value::as_array) else {
             bail!("{path} is not a complete memtrace report: it has no `sites` list");
         };
-        let mut sites: HashMap<Vec<FrameKey>, SnapSite> = HashMap::new();
-        for (i, s) in list.iter().enumerate() {
-            let what = format!("site {}", i + 1);
-            let bytes = count(s, "outstanding_bytes", path, &what)?;
-            let blocks = count(s, "outstanding_blocks", path, &what)?;
-            let e = sites.entry(site_key(s)).or_insert_with(|| SnapSite {
-                bytes: 0,
-                blocks: 0,
-                verdict: str_field(s, "verdict"),
-                growth_bytes_per_s: s.get("growth_bytes_per_s").and_then(Value::as_f64),
-                frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
-            });
-            // Sites with one key add up; a sum past i64 is no real report.
-            e.bytes = e
-                .bytes
-                .checked_add(bytes)
-                .context("outstanding bytes overflow")?;
-            e.blocks = e
-                .blocks
-                .checked_add(blocks)
-                .context("outstanding blocks overflow")?;
-        }
+        let sites = sites_by_key(list, path, "site")?;
+        let freed_list = match v.get("freed_sites") {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(l)) => &l[..],
+            Some(_) => bail!("{path}: `freed_sites` is not a list"),
+        };
+        let freed = sites_by_key(freed_list, path, "freed site")?;
+        let left_out = v
+            .get("freed_sites_left_out")
+            .cloned()
+            .unwrap_or(Value::Null);
         let target = v.get("target").cloned().unwrap_or(Value::Null);
         let totals = v.get("totals").cloned().unwrap_or(Value::Null);
         Ok(Snapshot {
@@ -173,8 +202,12 @@ impl Snapshot {
                 outstanding_bytes: count(&totals, "outstanding_bytes", path, "totals")?,
                 outstanding_blocks: count(&totals, "outstanding_blocks", path, "totals")?,
                 sites: list.len(),
+                freed_sites: freed_list.len(),
+                freed_sites_left_out: count(&left_out, "sites", path, "freed_sites_left_out")?
+                    as u64,
             },
             sites,
+            freed,
         })
     }
 
@@ -228,7 +261,10 @@ pub enum Status {
     Grew,
     Unchanged,
     Shrank,
-    /// Only in OLD.
+    /// In OLD's sites and in NEW's freed sites: its blocks were freed (those
+    /// left, if any, are younger than NEW's `--min-age`).
+    Freed,
+    /// Only in OLD: NEW never saw it allocate.
     Vanished,
 }
 
@@ -237,6 +273,7 @@ impl Status {
         match self {
             Status::New => "NEW ",
             Status::Vanished => "VANISHED ",
+            Status::Freed => "FREED ",
             _ => "",
         }
     }
@@ -253,6 +290,7 @@ pub struct Entry {
     pub new_bytes: i64,
     pub new_blocks: i64,
     /// The verdict in NEW (or in OLD for a vanished site), if the report has one.
+    /// (A freed site's is NEW's, for its allocations while NEW traced.)
     pub verdict: Option<String>,
     pub growth_bytes_per_s: Option<f64>,
     pub frames: Value,
@@ -266,6 +304,7 @@ pub struct DiffTotals {
     pub grew: usize,
     pub unchanged: usize,
     pub shrank: usize,
+    pub freed: usize,
     pub vanished: usize,
 }
 
@@ -283,7 +322,8 @@ pub struct Diff {
 pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
     let mut keyed: Vec<(Vec<FrameKey>, Entry)> = Vec::new();
     for (k, n) in &new.sites {
-        let o = old.sites.get(k);
+        // A site OLD saw freeing all it allocated held nothing then.
+        let o = old.sites.get(k).or_else(|| old.freed.get(k));
         let (ob, oc) = o.map_or((0, 0), |o| (o.bytes, o.blocks));
         let (sd, cd) = (n.bytes.saturating_sub(ob), n.blocks.saturating_sub(oc));
         let status = match o {
@@ -312,18 +352,27 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
         if new.sites.contains_key(k) {
             continue;
         }
+        let (status, n) = match new.freed.get(k) {
+            Some(f) => (Status::Freed, f),
+            None => (Status::Vanished, o),
+        };
+        let (nb, nc) = if status == Status::Freed {
+            (n.bytes, n.blocks)
+        } else {
+            (0, 0)
+        };
         keyed.push((
             k.clone(),
             Entry {
-                status: Status::Vanished,
-                size_diff: o.bytes.saturating_neg(),
-                count_diff: o.blocks.saturating_neg(),
+                status,
+                size_diff: nb.saturating_sub(o.bytes),
+                count_diff: nc.saturating_sub(o.blocks),
                 old_bytes: o.bytes,
                 old_blocks: o.blocks,
-                new_bytes: 0,
-                new_blocks: 0,
-                verdict: o.verdict.clone(),
-                growth_bytes_per_s: o.growth_bytes_per_s,
+                new_bytes: nb,
+                new_blocks: nc,
+                verdict: n.verdict.clone(),
+                growth_bytes_per_s: n.growth_bytes_per_s,
                 frames: o.frames.clone(),
             },
         ));
@@ -352,6 +401,7 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
             Status::Grew => &mut totals.grew,
             Status::Unchanged => &mut totals.unchanged,
             Status::Shrank => &mut totals.shrank,
+            Status::Freed => &mut totals.freed,
             Status::Vanished => &mut totals.vanished,
         } += 1;
     }
@@ -503,15 +553,25 @@ impl Diff {
         let t = &self.totals;
         let _ = writeln!(
             o,
-            "total outstanding: {} ({} blocks); sites: {} grew, {} new, {} shrank, {} vanished, {} unchanged",
+            "total outstanding: {} ({} blocks); sites: {} grew, {} new, {} shrank, {} freed, \
+             {} vanished, {} unchanged",
             signed_bytes(t.size_diff),
             signed_count(t.count_diff),
             t.grew,
             t.new,
             t.shrank,
+            t.freed,
             t.vanished,
             t.unchanged
         );
+        if t.vanished > 0 && self.new.freed_sites_left_out > 0 {
+            let _ = writeln!(
+                o,
+                "(the new report left {} freed sites out of its JSON: a vanished site may be one \
+                 of them)",
+                format_count(self.new.freed_sites_left_out)
+            );
+        }
         let up: Vec<&Entry> = self
             .sites
             .iter()
@@ -521,7 +581,7 @@ impl Diff {
             .sites
             .iter()
             .rev()
-            .filter(|e| matches!(e.status, Status::Shrank | Status::Vanished))
+            .filter(|e| matches!(e.status, Status::Shrank | Status::Freed | Status::Vanished))
             .collect();
         if up.is_empty() {
             let _ = writeln!(o, "\nno site grew");
@@ -539,7 +599,7 @@ impl Diff {
         if !down.is_empty() {
             let _ = writeln!(
                 o,
-                "\ntop {} of {} sites that shrank or vanished:",
+                "\ntop {} of {} sites that shrank, were freed or vanished:",
                 down.len().min(top),
                 down.len()
             );
@@ -718,8 +778,64 @@ mod tests {
                 grew: 1,
                 unchanged: 3,
                 shrank: 0,
+                freed: 0,
                 vanished: 1,
             }
+        );
+    }
+
+    /// A site of OLD that NEW lists in `freed_sites` was freed, not lost; one
+    /// NEW holds again after OLD saw it freed grew from nothing.
+    #[test]
+    fn freed_sites_are_freed_not_vanished() {
+        let f = |name, line| vec![frame("0x10", "/usr/bin/app", Some(name), line)];
+        let mut old = report(1, vec![site(500, 5, "leak", f("freed_fn", 10))]);
+        old["freed_sites"] = json!([site(0, 0, "transient", f("back_fn", 20))]);
+        let mut new = report(2, vec![site(70, 7, "growing", f("back_fn", 20))]);
+        new["freed_sites"] = json!([site(0, 0, "transient", f("freed_fn", 10))]);
+        new["freed_sites_left_out"] = json!({"sites": 4, "alloc_calls": 9, "alloc_bytes": 90});
+        let old = Snapshot::from_json("old.json", &old).unwrap();
+        let new = Snapshot::from_json("new.json", &new).unwrap();
+        assert_eq!(
+            (new.info.freed_sites, new.info.freed_sites_left_out),
+            (1, 4)
+        );
+        let d = compare(&old, &new);
+        let got: Vec<(Status, i64, i64, i64, Option<&str>)> = d
+            .sites
+            .iter()
+            .map(|e| {
+                let v = e.verdict.as_deref();
+                (e.status, e.size_diff, e.count_diff, e.new_bytes, v)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Status::Grew, 70, 7, 70, Some("growing")),
+                (Status::Freed, -500, -5, 0, Some("transient")),
+            ]
+        );
+        assert_eq!((d.totals.freed, d.totals.vanished, d.totals.new), (1, 0, 0));
+        let t = d.to_text(10);
+        assert!(
+            t.contains("sites: 1 grew, 0 new, 0 shrank, 1 freed, 0 vanished, 0 unchanged"),
+            "{t}"
+        );
+        assert!(
+            t.contains("#1 FREED -500 B (-5 blocks): 500 B in 5 blocks -> 0 B [transient]"),
+            "{t}"
+        );
+        // Had NEW not listed it, it would have vanished; with freed sites left
+        // out of NEW's JSON, the text says it may be among them.
+        let mut new = report(2, vec![]);
+        new["freed_sites_left_out"] = json!({"sites": 4, "alloc_calls": 9, "alloc_bytes": 90});
+        let new = Snapshot::from_json("new.json", &new).unwrap();
+        let t = compare(&old, &new).to_text(10);
+        assert!(t.contains("VANISHED -500 B"), "{t}");
+        assert!(
+            t.contains("left 4 freed sites out of its JSON: a vanished site may be one"),
+            "{t}"
         );
     }
 
@@ -734,7 +850,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("sites: 1 grew, 1 new, 0 shrank, 1 vanished, 3 unchanged"),
+            t.contains("sites: 1 grew, 1 new, 0 shrank, 0 freed, 1 vanished, 3 unchanged"),
             "{t}"
         );
         assert!(
