@@ -56,18 +56,6 @@ enum Link {
     Preloaded,
 }
 
-/// One test of this file at a time. Two memtrace instances that probe the
-/// same library file (each bound to its own pid) disturb each other: a probe
-/// of one arms a return probe in the other's target, whose trampoline then
-/// stands in a return address where memtrace looks for the allocator's own
-/// calls (jemalloc's and mimalloc's are told by return address), and a few
-/// of them are counted as the program's. A known limitation (see README
-/// Limitations), not what these tests are about.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    ONE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The fixture built for `alloc` and `link`, and the environment to run it in.
 fn build(
     fixture: &str,
@@ -206,31 +194,26 @@ fn leaks_launch(alloc: Allocator, link: Link) {
 
 #[test]
 fn jemalloc_linked_leaks_attach_exact() {
-    let _one = one_at_a_time();
     leaks_attach(JEMALLOC, Link::Linked);
 }
 
 #[test]
 fn jemalloc_preloaded_leaks_launch_exact() {
-    let _one = one_at_a_time();
     leaks_launch(JEMALLOC, Link::Preloaded);
 }
 
 #[test]
 fn tcmalloc_linked_leaks_attach_exact() {
-    let _one = one_at_a_time();
     leaks_attach(TCMALLOC, Link::Linked);
 }
 
 #[test]
 fn tcmalloc_preloaded_leaks_launch_exact() {
-    let _one = one_at_a_time();
     leaks_launch(TCMALLOC, Link::Preloaded);
 }
 
 #[test]
 fn mimalloc_linked_leaks_attach_exact() {
-    let _one = one_at_a_time();
     leaks_attach(MIMALLOC, Link::Linked);
 }
 
@@ -278,13 +261,11 @@ fn two_instances_on_one_library(alloc: Allocator) {
 
 #[test]
 fn mimalloc_two_instances_on_one_library_exact() {
-    let _one = one_at_a_time();
     two_instances_on_one_library(MIMALLOC);
 }
 
 #[test]
 fn mimalloc_preloaded_leaks_launch_exact() {
-    let _one = one_at_a_time();
     leaks_launch(MIMALLOC, Link::Preloaded);
 }
 
@@ -374,37 +355,31 @@ fn cpp_launch(alloc: Allocator, link: Link) {
 
 #[test]
 fn jemalloc_linked_cpp_launch_exact() {
-    let _one = one_at_a_time();
     cpp_launch(JEMALLOC, Link::Linked);
 }
 
 #[test]
 fn jemalloc_preloaded_cpp_attach_exact() {
-    let _one = one_at_a_time();
     cpp_attach(JEMALLOC, Link::Preloaded);
 }
 
 #[test]
 fn tcmalloc_linked_cpp_launch_exact() {
-    let _one = one_at_a_time();
     cpp_launch(TCMALLOC, Link::Linked);
 }
 
 #[test]
 fn tcmalloc_preloaded_cpp_attach_exact() {
-    let _one = one_at_a_time();
     cpp_attach(TCMALLOC, Link::Preloaded);
 }
 
 #[test]
 fn mimalloc_linked_cpp_launch_exact() {
-    let _one = one_at_a_time();
     cpp_launch(MIMALLOC, Link::Linked);
 }
 
 #[test]
 fn mimalloc_preloaded_cpp_attach_exact() {
-    let _one = one_at_a_time();
     cpp_attach(MIMALLOC, Link::Preloaded);
 }
 
@@ -446,7 +421,6 @@ fn check_jemalloc_x(r: &Report) {
 
 #[test]
 fn jemalloc_extended_api_attach_exact() {
-    let _one = one_at_a_time();
     require_root();
     let bin = build_fixture("jemalloc_x", Variant::FramePointers);
     let AttachRun {
@@ -494,7 +468,6 @@ fn jemalloc_extended_api_attach_exact() {
 
 #[test]
 fn jemalloc_extended_api_launch_exact() {
-    let _one = one_at_a_time();
     require_root();
     let bin = build_fixture("jemalloc_x", Variant::FramePointers);
     let run = run_launch(&[], &[bin.to_str().unwrap(), "launch"]);
@@ -591,7 +564,6 @@ fn check_rust(r: &Report, exe: &std::path::Path) {
 
 #[test]
 fn rust_on_tikv_jemallocator_launch_exact() {
-    let _one = one_at_a_time();
     require_root();
     require_memtrace();
     let exe = rust_jemalloc();
@@ -602,7 +574,6 @@ fn rust_on_tikv_jemallocator_launch_exact() {
 
 #[test]
 fn rust_on_tikv_jemallocator_attach_exact() {
-    let _one = one_at_a_time();
     require_root();
     require_memtrace();
     let exe = rust_jemalloc();
@@ -631,7 +602,6 @@ fn rust_on_tikv_jemallocator_attach_exact() {
 
 #[test]
 fn untraced_entry_point_is_named_and_completeness_not_claimed() {
-    let _one = one_at_a_time();
     require_root();
     let bin = build_fixture("untraced", Variant::FramePointers);
     let run = run_launch(&[], &[bin.to_str().unwrap()]);
