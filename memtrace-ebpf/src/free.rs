@@ -1,4 +1,5 @@
-//! The free probe: retires a block.
+//! The free probe: retires a block. Its uprobe_multi link also carries the
+//! allocator's own call sites, where it leaves call marks.
 
 use crate::blocks::retire;
 use crate::call::arg;
@@ -6,16 +7,33 @@ use crate::counters::count;
 use crate::globals::{empty_programs, sample_mean};
 use crate::maps::PENDING;
 use crate::marks::{
-    Caller, called_by_allocator, called_from_allocator_code, marked_caller, may_be_tail_call,
+    Caller, MARK_CALL, MARK_CHECK, MARK_TAIL, called_by_allocator, called_from_allocator_code,
+    leave_mark, marked_caller, may_be_tail_call,
 };
 use crate::target::{regs_sp, target_thread};
-use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use memtrace_common::{Counter, PendingKey};
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_attach_cookie, macros::uprobe, programs::ProbeContext,
+};
+use memtrace_common::{Counter, MarkKind, PendingKey, SiteCookie};
 
+/// `free`'s entry (attach cookie 0), or a mark site (its `SiteCookie`).
+///
+/// The marks are on this plain uprobe_multi link, not in the uprobe
+/// session: a pid-bound session arms a return probe for another process's
+/// hit (docs/probes.md), and at a mark, inside a function, that would write
+/// the trampoline over a live stack slot of the other instance's target.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     if empty_programs() {
         return 0;
+    }
+    // SAFETY: the program's own context, as the helper expects.
+    let site = SiteCookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    match site.mark_kind() {
+        Some(MarkKind::Call) => return leave_mark(&ctx, MARK_CALL),
+        Some(MarkKind::Jump) => return leave_mark(&ctx, MARK_TAIL),
+        Some(MarkKind::Check) => return leave_mark(&ctx, MARK_CHECK),
+        None => {}
     }
     let Some(tid) = target_thread() else {
         return 0;

@@ -6,11 +6,11 @@
 //! allocating function, `malloc_enter` … `pvalloc_enter`, and the shared
 //! return probe `alloc_return`); a uprobe session (`session`:
 //! `alloc_session` runs at the entry and at the return of every allocating
-//! function through one uprobe_multi link, and also at the allocator's own
-//! call sites, where it leaves call marks, see `marks`); or result sites
+//! function through one uprobe_multi link); or result sites
 //! (`result_site`: `alloc_result` runs inside an allocating function where
 //! its outcome is already known, one trap per call). `free_enter` (`free`)
-//! retires blocks; `loader_breakpoint` (`loader`) stops a launched child at
+//! retires blocks and, on the allocator's own call sites, leaves call marks
+//! (see `marks`); `loader_breakpoint` (`loader`) stops a launched child at
 //! the dynamic loader's breakpoint so that userspace can attach first. The
 //! tracepoints `unmap_munmap`, `unmap_mmap` and `unmap_mremap` (`unmaps`)
 //! watch the target unmap code: each time, a new code generation, which

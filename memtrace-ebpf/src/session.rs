@@ -1,13 +1,12 @@
-//! The uprobe session: entry and return of every allocating function (and
-//! the allocator's call marks) in one program.
+//! The uprobe session: entry and return of every allocating function in one
+//! program.
 
 use crate::call::{SKIP_RETURN, call_args, enter, exit, result_in_doubt};
 use crate::globals::empty_programs;
-use crate::marks::{MARK_CALL, MARK_CHECK, MARK_TAIL, leave_mark};
 use crate::record::record_alloc;
 use crate::target::regs_ret;
 use aya_ebpf::{EbpfContext, helpers::bpf_get_attach_cookie, programs::ProbeContext};
-use memtrace_common::{KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, MarkKind, SiteCookie};
+use memtrace_common::{KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, SiteCookie};
 
 /// Entry and return of every allocating function as one uprobe session:
 /// userspace loads this program with the expected attach type
@@ -19,8 +18,7 @@ use memtrace_common::{KFUNC_SESSION_COOKIE, KFUNC_SESSION_IS_RETURN, MarkKind, S
 /// (`bpf_session_is_return` tells which). Each site's attach cookie is its
 /// address in the process (<< 8) and its `AllocKind` (low bits), with
 /// `SITE_CALL_IN_COOKIE` for a function that never jumps out of its code:
-/// such a call is kept in the session's own cookie, not in PENDING; or,
-/// for a mark site, its `MarkKind` (see `SiteCookie`).
+/// such a call is kept in the session's own cookie, not in PENDING.
 ///
 /// Written without `#[uprobe]`: that macro's wrapper discards the
 /// function's value and returns 0, which in a session keeps every return
@@ -82,12 +80,6 @@ fn session_step(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: SiteCookie) -> u32 {
-    match site.mark_kind() {
-        Some(MarkKind::Call) => return leave_mark(ctx, MARK_CALL),
-        Some(MarkKind::Jump) => return leave_mark(ctx, MARK_TAIL),
-        Some(MarkKind::Check) => return leave_mark(ctx, MARK_CHECK),
-        None => {}
-    }
     let Some(kind) = site.alloc_kind() else {
         return SKIP_RETURN;
     };

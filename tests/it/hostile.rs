@@ -481,11 +481,11 @@ fn two_instances_on_one_pid_both_count_exactly() {
 /// a pid-bound uprobe session then arms a return probe in the other's
 /// target (see docs/probes.md), whose trampoline replaces return addresses
 /// there, where memtrace tells the allocator's own calls from the
-/// program's (glibc's `memalign` jumps on to `malloc` with its caller's
-/// return address on the stack). Each report is still exactly the report of
-/// the same run traced alone: every call, every internal call, every site;
-/// with result sites, and with `malloc` probed at its entry (as when
-/// sampling), where the trampoline was met.
+/// program's, and, armed at a mark inside a function, a stack slot. Each
+/// report is still exactly the report of the same run traced alone: every
+/// call, every internal call, every site; with result sites, and with
+/// `malloc` probed at its entry (as when sampling), where 303 of glibc's own
+/// calls were once counted as the program's.
 #[test]
 fn two_instances_on_processes_sharing_glibc_count_exactly() {
     require_root();
@@ -533,14 +533,6 @@ fn two_instances_on_processes_sharing_glibc_count_exactly() {
                  stack errors), against a run alone\n{}",
                 r.summary()
             );
-            if probes == "entry probes" {
-                // The other instance's trampolines were met and seen through.
-                assert!(
-                    u64_field(&r.0["drops"], "unwind_uretprobe_frames") > 0,
-                    "{what}: {}",
-                    r.0["drops"]
-                );
-            }
             // Unharmed by the other instance's return probes.
             target.finish_unharmed();
         }

@@ -377,10 +377,13 @@ impl Probes {
             for (i, (offset, _)) in result_sites.iter().enumerate().skip(first_result) {
                 results.push(*offset, SiteCookie::result(i as u32).0);
             }
-            // The allocator's own calls into its probed functions, in the
-            // session link (their entries return at once and skip the return).
+            // The allocator's own calls into its probed functions, in free's
+            // plain uprobe_multi link, attached before the session: in the
+            // session, another process's hit would arm a return probe there,
+            // writing its trampoline over [rsp], a live slot in mid-function
+            // (docs/probes.md).
             for call in module_marks.iter().flatten() {
-                sites.push(call.file_offset, mark_cookie(alloc, maps, call)?);
+                frees.push(call.file_offset, mark_cookie(alloc, maps, call)?);
             }
             if let (Some(all), Some(m)) = (marked.as_mut(), module_marks) {
                 all.extend(m.into_iter().map(|c| c.describe));
