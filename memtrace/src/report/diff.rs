@@ -870,7 +870,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("top 1 of 1 sites that shrank or vanished:"),
+            t.contains("top 1 of 1 sites that shrank, were freed or vanished:"),
             "{t}"
         );
         assert!(
