@@ -34,6 +34,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
             .collect(),
         fail_on_leak: cli.fail_on_leak,
         alert_growth: cli.alert_growth,
+        python_native_frames: cli.python_native_frames,
         map_sizes: cli.map_sizes(),
         sampling: cli.sampling(),
         verdicts: cli.verdict_config(),

@@ -100,9 +100,18 @@ pub struct EpochBlocks {
     pub birth_sum: u64,
 }
 
+/// A stack as read from STACKS: its native frames (return addresses), its
+/// Python frames (two words each) and its `STACK_*` flags.
+#[derive(Default)]
+struct StoredStack {
+    native: Vec<u64>,
+    python: Vec<u64>,
+    flags: u32,
+}
+
 pub struct Collector {
     pub maps: TraceMaps,
-    stacks: HashMap<u64, (Vec<u64>, u32)>,
+    stacks: HashMap<u64, StoredStack>,
     missed_returns: u64,
     /// Start (CLOCK_MONOTONIC ns) of each birth epoch, by id.
     epoch_starts: Vec<u64>,
@@ -240,7 +249,7 @@ impl Collector {
     /// The frames (return addresses, innermost first) of a stack; cached, since
     /// a stored stack never changes.
     pub fn stack(&mut self, stack_id: u64) -> Result<&[u64]> {
-        Ok(&self.stack_entry(stack_id)?.0)
+        Ok(&self.stack_entry(stack_id)?.native)
     }
 
     /// Reads ahead, at most `max` of them, the stacks not read yet among `ids`,
@@ -267,15 +276,21 @@ impl Collector {
 
     /// How the stack's walk went: `memtrace_common::STACK_*` bits.
     pub fn stack_flags(&mut self, stack_id: u64) -> Result<u32> {
-        Ok(self.stack_entry(stack_id)?.1)
+        Ok(self.stack_entry(stack_id)?.flags)
     }
 
-    fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32)> {
+    /// The Python frames of a stack, innermost first: two words each (see
+    /// `memtrace_common::PythonLayout`); empty for a stack without any.
+    pub fn python_frames(&mut self, stack_id: u64) -> Result<&[u64]> {
+        Ok(&self.stack_entry(stack_id)?.python)
+    }
+
+    fn stack_entry(&mut self, stack_id: u64) -> Result<&StoredStack> {
         match self.stacks.entry(stack_id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let entry = if stack_id == NO_STACK {
-                    (Vec::new(), 0)
+                    StoredStack::default()
                 } else {
                     let st = self
                         .maps
@@ -283,7 +298,12 @@ impl Collector {
                         .get(&stack_id, 0)
                         .context("reading STACKS")?;
                     let len = (st.len as usize).min(st.frames.len());
-                    (st.frames[..len].to_vec(), st.flags)
+                    let native = st.native_len();
+                    StoredStack {
+                        native: st.frames[..native].to_vec(),
+                        python: st.frames[native..len].to_vec(),
+                        flags: st.flags,
+                    }
                 };
                 Ok(e.insert(entry))
             }

@@ -20,6 +20,7 @@ fn frame_in(
         file: function.map(|f| format!("/src/{f}.c")),
         line,
         inlined: false,
+        kind: crate::symbolize::FrameKind::Native,
         unresolved: None,
     }
 }
@@ -103,6 +104,7 @@ pub fn sample() -> Report {
             stack_walk: "unwind-tables",
             truncated: false,
             truncated_reason: None,
+            folded_frames: None,
             frames: vec![
                 Frame {
                     address: 0x401136,
@@ -111,6 +113,7 @@ pub fn sample() -> Report {
                     file: Some("/src/a.c".into()),
                     line: Some(9),
                     inlined: true,
+                    kind: crate::symbolize::FrameKind::Native,
                     unresolved: None,
                 },
                 Frame {
@@ -120,6 +123,7 @@ pub fn sample() -> Report {
                     file: Some("/src/a.c".into()),
                     line: Some(38),
                     inlined: false,
+                    kind: crate::symbolize::FrameKind::Native,
                     unresolved: None,
                 },
             ]
@@ -135,6 +139,7 @@ pub fn frame(address: u64, function: &str, line: u32) -> Frame {
         file: Some("/src/a.c".into()),
         line: Some(line),
         inlined: false,
+        kind: crate::symbolize::FrameKind::Native,
         unresolved: None,
     }
 }
@@ -283,6 +288,7 @@ fn varied_sites() -> Vec<Site> {
         stack_walk: "unwind-tables",
         truncated: false,
         truncated_reason: None,
+        folded_frames: None,
         frames,
         trend: Trend::default(),
         history: vec![],
@@ -334,6 +340,7 @@ fn varied_sites() -> Vec<Site> {
             growth_bytes_per_s: Some(f64::INFINITY),
             truncated: true,
             truncated_reason: Some("depth limit of 127 frames"),
+            folded_frames: None,
             stack_walk: "frame-pointers",
             trend: Trend {
                 samples: 3,

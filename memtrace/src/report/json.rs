@@ -210,6 +210,7 @@ impl<W: Write> ReportWriter<W> {
             stack_walk,
             truncated,
             truncated_reason,
+            folded_frames,
             frames,
             trend,
             history,
@@ -230,6 +231,9 @@ impl<W: Write> ReportWriter<W> {
         w.put_bool(key!("truncated"), *truncated)?;
         if let Some(r) = truncated_reason {
             w.put_str(key!("truncated_reason"), r)?;
+        }
+        if let Some(n) = folded_frames {
+            w.put_u64(key!("folded_frames"), u64::from(*n))?;
         }
         w.write_all(key!("frames"))?;
         self.frames(frames)?;
@@ -289,6 +293,7 @@ fn frame_json<W: Write + ?Sized>(w: &mut W, f: &Frame) -> io::Result<()> {
         file,
         line,
         inlined,
+        kind,
         unresolved: _,
     } = f;
     // Hex digits: nothing to escape.
@@ -302,6 +307,7 @@ fn frame_json<W: Write + ?Sized>(w: &mut W, f: &Frame) -> io::Result<()> {
     w.put_opt_str(key!("file"), file.as_deref())?;
     w.put_opt_u64(key!("line"), line.map(u64::from))?;
     w.put_bool(key!("inlined"), *inlined)?;
+    w.put_str(key!("kind"), kind.name())?;
     w.write_all(b"}")
 }
 
@@ -504,6 +510,7 @@ mod tests {
                 file: None,
                 line: None,
                 inlined: false,
+                kind: crate::symbolize::FrameKind::Native,
                 unresolved: None,
             }]
             .into(),

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use memtrace_common::{NO_STACK, STACK_FP_ONLY};
+use memtrace_common::{NO_STACK, STACK_FOLDED_SHIFT, STACK_FP_ONLY, STACK_PYTHON_SHIFT};
 // Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
@@ -272,6 +272,8 @@ fn site(
         },
         truncated: truncated_reason(flags).is_some(),
         truncated_reason: truncated_reason(flags),
+        folded_frames: (flags >> STACK_PYTHON_SHIFT & 0xff != 0)
+            .then_some(flags >> STACK_FOLDED_SHIFT),
         frames: Default::default(),
         trend,
         history: hist,
@@ -353,6 +355,12 @@ fn symbolize_sites(
     for (&i, &stack_id) in shown.iter().zip(&stack_ids) {
         let stack = at.collector.stack(stack_id)?;
         groups.fill(stack, &mut sites[i].frames, &mut unresolved);
+        if let Some(py) = at.python.as_mut() {
+            let words = at.collector.python_frames(stack_id)?;
+            if !words.is_empty() {
+                frames::add_python(py, words, &mut sites[i].frames, &mut unresolved);
+            }
+        }
     }
     lap.mark("frames");
     Ok(unresolved)

@@ -41,6 +41,8 @@ impl Outcome {
 /// Detaches, reports, and returns memtrace's exit status.
 pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     let stopped = stop_tracing(&mut s, end);
+    // While the target may still run: its last new code objects.
+    super::watch::read_python_codes(&mut s.at);
     let outcome = settle_target(&mut s.at, end)?;
     let cpu_report = process_cpu();
     log::debug!(

@@ -60,6 +60,8 @@ pub struct Options {
     pub reports: Vec<(Format, Option<PathBuf>)>,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
+    /// Python targets: keep the interpreter's frames between Python frames.
+    pub python_native_frames: bool,
     pub map_sizes: MapSizes,
     pub sampling: Sampling,
     pub verdicts: VerdictConfig,
@@ -125,7 +127,12 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let signals = Signals::block()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    let at = target::attach(target, opts.map_sizes, opts.sampling)?;
+    let at = target::attach(
+        target,
+        opts.map_sizes,
+        opts.sampling,
+        opts.python_native_frames,
+    )?;
     let pidfd = watch::pidfd_open(at.pid)?;
     eprintln!(
         "memtrace: attached to pid {} ({}): {} probes on {} ({}) in {}",

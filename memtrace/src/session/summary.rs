@@ -131,6 +131,13 @@ fn read_ahead(at: &mut Attached, sym: &mut Symbolizer, raw_sites: &[SiteSample])
         return Ok(());
     }
     log::debug!("{} new stacks read", ahead.len());
+    // A code object is read as soon as its stack is seen: later, it may
+    // have been freed.
+    if let Some(py) = at.python.as_mut() {
+        for &id in &ahead {
+            py.resolve(at.collector.python_frames(id)?);
+        }
+    }
     let mut addrs = Vec::new();
     for &id in &ahead {
         addrs.extend_from_slice(at.collector.stack(id)?);

@@ -9,6 +9,7 @@ use super::{
     launch::{self, ChildState, Loading},
     preflight,
 };
+use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocator, AllocatorError},
     attach::links::Probes,
@@ -21,6 +22,7 @@ use crate::{
     process::maps::read_maps,
     report::Sampling,
     symbolize::ProcessModules,
+    symbolize::python::{self, PythonResolver},
 };
 
 /// Everything known about the target once the probes are in.
@@ -38,6 +40,8 @@ pub(super) struct Attached {
     pub(super) nprobes: usize,
     /// Unwind tables loaded into the kernel for this process.
     pub(super) tables: UnwindTables,
+    /// The target's CPython, whose frames the stacks hold.
+    pub(super) python: Option<PythonResolver>,
 }
 
 impl Attached {
@@ -52,10 +56,53 @@ impl Attached {
 }
 
 /// Attaches to `target`: the running process, or the command launched for it.
-pub(super) fn attach(target: &Target, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+pub(super) fn attach(
+    target: &Target,
+    sizes: MapSizes,
+    sampling: Sampling,
+    keep_native: bool,
+) -> Result<Attached> {
     match target {
-        Target::Attach(pid) => attach_existing(*pid, sizes, sampling),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling),
+        Target::Attach(pid) => attach_existing(*pid, sizes, sampling, keep_native),
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native),
+    }
+}
+
+/// Finds the target's CPython and tells the BPF side how to read its
+/// frames. Not finding one (or not one memtrace reads) costs the Python
+/// frames, not the run; the reason is said on stderr.
+fn setup_python(
+    maps: &mut TraceMaps,
+    pid: u32,
+    modules: &ProcessModules,
+    keep_native: bool,
+) -> Option<PythonResolver> {
+    match python::find(modules) {
+        python::Found::None => None,
+        python::Found::Unsupported { module, why } => {
+            eprintln!(
+                "memtrace: {}: {}: stacks show no Python frames",
+                Escaped(&module),
+                Escaped(&why)
+            );
+            None
+        }
+        python::Found::Python(interp) => {
+            let layout = memtrace_common::PythonLayout {
+                keep_native: u32::from(keep_native),
+                ..interp.bpf
+            };
+            if let Err(e) = maps.set_python(layout) {
+                eprintln!("memtrace: stacks show no Python frames: {e:#}");
+                return None;
+            }
+            eprintln!(
+                "memtrace: Python {} in {}: stacks show Python frames",
+                interp.version,
+                Escaped(&interp.module)
+            );
+            Some(PythonResolver::new(pid, *interp))
+        }
     }
 }
 
@@ -135,7 +182,12 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+fn attach_existing(
+    pid: u32,
+    sizes: MapSizes,
+    sampling: Sampling,
+    keep_native: bool,
+) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let modules = ProcessModules::capture(pid).map_err(|e| {
@@ -151,6 +203,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     trace_maps.set_allocator_text(&allocator::text_ranges(&allocator, &maps))?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
     let nprobes = probes
         .attach_allocator(&allocator, pid, &maps, &mut trace_maps)
         .map_err(|e| exited_during_attach(pid, e))?;
@@ -169,6 +222,7 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         launched: false,
         nprobes,
         tables,
+        python,
     })
 }
 
@@ -191,7 +245,12 @@ fn breakpoint(program: &Path, loading: &Loading) -> Result<(PathBuf, u64)> {
     })
 }
 
-fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+fn launch_new(
+    cmd: &[OsString],
+    sizes: MapSizes,
+    sampling: Sampling,
+    keep_native: bool,
+) -> Result<Attached> {
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
@@ -232,6 +291,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let cmdline = proc_cmdline(pid);
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules);
+    let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -245,6 +305,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         launched: true,
         nprobes,
         tables,
+        python,
     })
 }
 
