@@ -81,6 +81,22 @@ fn interpreters() -> Vec<(String, PathBuf)> {
     found
 }
 
+/// Where the kernel's return-probe trampoline is mapped. When another
+/// tracer (another memtrace on this machine: a uprobe is shared by every
+/// consumer of the same file offset) arms a return probe on the allocator,
+/// the return address the native walk reads is this trampoline's, and the
+/// native frames past it are lost; the Python frames are not (they come
+/// from the interpreter's state, not the stack).
+const URETPROBE_TRAMPOLINE: &str = "0x7fffffffe000";
+
+/// Whether a site's native walk ran into another tracer's return probe.
+fn native_walk_hijacked(site: &Value) -> bool {
+    site["frames"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|f| f["address"].as_str() == Some(URETPROBE_TRAMPOLINE))
+    })
+}
+
 fn kind(f: &Value) -> &str {
     f.get("kind").and_then(Value::as_str).unwrap_or("?")
 }
@@ -239,6 +255,10 @@ fn python_leaks_are_named_in_a_running_interpreter() {
         assert_python_leaks(&run.report, &what);
         // ctypes was loaded before memtrace came: its frames are named.
         for s in sites_of(&run.report, "c_leak", line_of("c_leak"), C_SIZE) {
+            if native_walk_hijacked(s) {
+                eprintln!("note: {what}: another tracer's return probe cut the native frames");
+                continue;
+            }
             assert!(
                 s["frames"].as_array().unwrap().iter().any(|f| f["function"]
                     .as_str()
@@ -272,9 +292,14 @@ fn python_native_frames_are_shown_between_python_frames_on_request() {
         line_of("cache_put"),
         BYTES_HEADER + CACHE_SIZE,
     );
+    if native_walk_hijacked(cache[0]) {
+        eprintln!("note: another tracer's return probe cut the native frames: not checked");
+        return;
+    }
     let frames = cache[0]["frames"].as_array().unwrap();
-    // cache_put's frame, then the evaluation loop's native frame that ran it,
-    // then more native frames before `work`'s.
+    // The C code that allocated, then the Python frames one run of the
+    // evaluation loop ran (3.11+ calls Python from Python without a C
+    // frame), then that loop's native frame and the interpreter's callers.
     let at = |name: &str| {
         frames
             .iter()
@@ -282,7 +307,12 @@ fn python_native_frames_are_shown_between_python_frames_on_request() {
             .unwrap_or_else(|| panic!("no {name} in {frames:?}"))
     };
     let eval = at("_PyEval_EvalFrameDefault");
-    assert!(at("cache_put") < eval && eval < at("work"), "{frames:?}");
+    assert_eq!(at("bytes_repeat"), 0, "{frames:?}");
+    assert!(
+        at("cache_put") < at("work") && at("work") < eval,
+        "{frames:?}"
+    );
+    assert!(eval < at("Py_RunMain"), "{frames:?}");
     assert!(cache[0].get("folded_frames") == Some(&Value::from(0)));
 }
 
