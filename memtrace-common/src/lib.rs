@@ -371,10 +371,10 @@ pub const STACK_PYTHON_TRUNCATED: u32 = 64;
 /// Bits 16..24 of [`StackTrace::flags`]: how many Python frames the stack
 /// ends with (see [`StackTrace::python_len`]).
 pub const STACK_PYTHON_SHIFT: u32 = 16;
-/// Bits 24..32: how many native frames below the innermost Python frame were
-/// left out of the stack (the interpreter's own, between Python frames),
-/// saturating at 255.
-pub const STACK_FOLDED_SHIFT: u32 = 24;
+/// The native frames below the innermost Python frame's evaluation loop
+/// (the interpreter's own, between Python frames) were left out: the walk
+/// stopped there.
+pub const STACK_PYTHON_FOLDED: u32 = 128;
 
 // ---- Python frames -----------------------------------------------------------
 // When the target runs a CPython interpreter memtrace knows, the stack walk
@@ -962,11 +962,6 @@ impl StackTrace {
         (self.len as usize)
             .min(MAX_STACK_DEPTH)
             .saturating_sub(2 * self.python_len())
-    }
-
-    /// Native frames left out below the innermost Python frame.
-    pub fn folded_len(&self) -> usize {
-        (self.flags >> STACK_FOLDED_SHIFT) as usize
     }
 }
 

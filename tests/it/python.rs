@@ -313,7 +313,10 @@ fn python_native_frames_are_shown_between_python_frames_on_request() {
         "{frames:?}"
     );
     assert!(eval < at("Py_RunMain"), "{frames:?}");
-    assert!(cache[0].get("folded_frames") == Some(&Value::from(0)));
+    assert_eq!(
+        cache[0].get("native_frames_folded"),
+        Some(&Value::from(false))
+    );
 }
 
 #[test]

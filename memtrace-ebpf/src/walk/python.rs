@@ -21,7 +21,7 @@ use aya_ebpf::helpers::{
 use memtrace_common::{
     MAX_PYTHON_FRAMES, MAX_STACK_DEPTH, PY_COPIED_CODE, PY_COPIED_FILENAME, PY_COPIED_LINETABLE,
     PY_COPIED_QUALNAME, PY_FRAME_ENTRY, PY_FRAME_OWNED_BY_CSTACK, PY_FRAME_READ, PythonCode,
-    PythonCodeCopy, PythonLayout, STACK_FOLDED_SHIFT, STACK_PYTHON_SHIFT, STACK_PYTHON_TRUNCATED,
+    PythonCodeCopy, PythonLayout, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT, STACK_PYTHON_TRUNCATED,
     StackTrace, python_code_check,
 };
 
@@ -395,7 +395,7 @@ pub(crate) fn append(scratch: &mut StackTrace) -> bool {
         return true;
     }
     let len = scratch.len.min(MAX_STACK_DEPTH as u32);
-    let mut folded = 0u32;
+    let mut folded = 0;
     let mut native = len;
     if l.keep_native == 0 {
         let mut cut = Cut {
@@ -415,7 +415,7 @@ pub(crate) fn append(scratch: &mut StackTrace) -> bool {
         };
         if cut.at < len {
             native = cut.at;
-            folded = (len - cut.at).min(255);
+            folded = STACK_PYTHON_FOLDED;
         }
     }
     // Counters from a value the verifier cannot know (see OPAQUE_ZERO):
@@ -461,7 +461,7 @@ pub(crate) fn append(scratch: &mut StackTrace) -> bool {
         )
     };
     scratch.len = w.slot;
-    scratch.flags |= (w.count << STACK_PYTHON_SHIFT) | (folded << STACK_FOLDED_SHIFT);
+    scratch.flags |= (w.count << STACK_PYTHON_SHIFT) | folded;
     if w.stop != 0 && w.frame != 0 {
         scratch.flags |= STACK_PYTHON_TRUNCATED;
     }

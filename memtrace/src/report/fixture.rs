@@ -104,7 +104,7 @@ pub fn sample() -> Report {
             stack_walk: "unwind-tables",
             truncated: false,
             truncated_reason: None,
-            folded_frames: None,
+            native_frames_folded: None,
             frames: vec![
                 Frame {
                     address: 0x401136,
@@ -288,7 +288,7 @@ fn varied_sites() -> Vec<Site> {
         stack_walk: "unwind-tables",
         truncated: false,
         truncated_reason: None,
-        folded_frames: None,
+        native_frames_folded: None,
         frames,
         trend: Trend::default(),
         history: vec![],
@@ -340,7 +340,7 @@ fn varied_sites() -> Vec<Site> {
             growth_bytes_per_s: Some(f64::INFINITY),
             truncated: true,
             truncated_reason: Some("depth limit of 127 frames"),
-            folded_frames: None,
+            native_frames_folded: None,
             stack_walk: "frame-pointers",
             trend: Trend {
                 samples: 3,

@@ -210,7 +210,7 @@ impl<W: Write> ReportWriter<W> {
             stack_walk,
             truncated,
             truncated_reason,
-            folded_frames,
+            native_frames_folded,
             frames,
             trend,
             history,
@@ -232,8 +232,8 @@ impl<W: Write> ReportWriter<W> {
         if let Some(r) = truncated_reason {
             w.put_str(key!("truncated_reason"), r)?;
         }
-        if let Some(n) = folded_frames {
-            w.put_u64(key!("folded_frames"), u64::from(*n))?;
+        if let Some(folded) = native_frames_folded {
+            w.put_bool(key!("native_frames_folded"), *folded)?;
         }
         w.write_all(key!("frames"))?;
         self.frames(frames)?;

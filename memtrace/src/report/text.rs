@@ -456,10 +456,10 @@ impl Report {
         for f in site.frames.iter() {
             if f.kind == FrameKind::Python && !python_seen {
                 python_seen = true;
-                if let Some(n) = site.folded_frames.filter(|&n| n > 0) {
+                if site.native_frames_folded == Some(true) {
                     let _ = writeln!(
                         o,
-                        "    ... {n} frames of the interpreter (--python-native-frames shows them)"
+                        "    ... the interpreter's frames (--python-native-frames shows them)"
                     );
                 }
             }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use memtrace_common::{NO_STACK, STACK_FOLDED_SHIFT, STACK_FP_ONLY, STACK_PYTHON_SHIFT};
+use memtrace_common::{NO_STACK, STACK_FP_ONLY, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT};
 // Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
@@ -272,8 +272,8 @@ fn site(
         },
         truncated: truncated_reason(flags).is_some(),
         truncated_reason: truncated_reason(flags),
-        folded_frames: (flags >> STACK_PYTHON_SHIFT & 0xff != 0)
-            .then_some(flags >> STACK_FOLDED_SHIFT),
+        native_frames_folded: (flags >> STACK_PYTHON_SHIFT & 0xff != 0)
+            .then_some(flags & STACK_PYTHON_FOLDED != 0),
         frames: Default::default(),
         trend,
         history: hist,

@@ -156,7 +156,10 @@ print(json.dumps(out))
         for v in ["3.11.7", "3.12.1", "3.13.0"] {
             let minor = &v[..v.rfind('.').unwrap()];
             let python = format!("/root/.pyenv/versions/{v}/bin/python{minor}");
-            let Ok(out) = std::process::Command::new(&python).args(["-c", DUMP]).output() else {
+            let Ok(out) = std::process::Command::new(&python)
+                .args(["-c", DUMP])
+                .output()
+            else {
                 continue;
             };
             let codes: Vec<(u32, String, Vec<(u64, u64, Option<u32>)>)> =
