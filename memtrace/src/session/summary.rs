@@ -248,8 +248,24 @@ fn fastest_growing(
     Ok(named)
 }
 
-/// `function (file.c:line)` of a stack's innermost frame, for summary lines.
+/// `function (file.c:line)` of a stack's innermost frame, for summary lines;
+/// of its innermost Python frame if it has one (the line a Python developer
+/// knows, rather than the interpreter's C function that allocated).
 fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
+    if let Some(py) = at.python.as_mut() {
+        let words = at.collector.python_frames(stack_id)?;
+        if let Some(innermost) = words.get(..2) {
+            py.resolve(innermost);
+            let (frames, _) = py.frames(innermost);
+            if let Some(f) = frames.into_iter().next().filter(|f| f.function.is_some()) {
+                let func = escaped(f.function.as_deref().unwrap_or_default());
+                let file = f.file.unwrap_or_default();
+                let base = Escaped(file.rsplit('/').next().unwrap_or(&file));
+                let line = f.line.map_or_else(|| "?".to_string(), |l| l.to_string());
+                return Ok(format!("{func} ({base}:{line})"));
+            }
+        }
+    }
     let addrs = at.collector.stack(stack_id)?.to_vec();
     let Some(&a) = addrs.first() else {
         return Ok("[stack not captured]".to_string());
