@@ -346,3 +346,50 @@ fn python_before_3_11_is_named_and_traced_natively() {
         .sum();
     assert_eq!(blocks, N, "{}", r.summary());
 }
+
+/// The same work, once under memtrace and once under tracemalloc (in the
+/// process, from its start): outstanding bytes per leaking Python line agree
+/// within 10%.
+#[test]
+fn python_lines_agree_with_tracemalloc() {
+    require_root();
+    require_memtrace();
+    let script = fixture();
+    for (name, python) in interpreters() {
+        let out = std::process::Command::new(&python)
+            .args([script.to_str().unwrap(), "tracemalloc"])
+            .output()
+            .expect("running the fixture under tracemalloc");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("tracemalloc"))
+            .unwrap_or_else(|| panic!("{name}: no tracemalloc line in {stdout:?}"));
+        let traced = Tally::parse(line);
+        let run = run_launch_env(
+            LAUNCH_ARGS,
+            &[python.to_str().unwrap(), script.to_str().unwrap()],
+            &[("PYTHONMALLOC", "malloc")],
+        );
+        run.assert_exit(0);
+        let r = &run.report;
+        for leak in ["cache_put", "chunks"] {
+            let at = line_of(leak);
+            let ours: u64 = r
+                .sites()
+                .iter()
+                .filter(|s| {
+                    python_frames(s).first().map(|f| (f.0.as_str(), f.1))
+                        == Some((leak, Some(at as u64)))
+                })
+                .map(Report::bytes)
+                .sum();
+            let theirs = traced.get(&at.to_string());
+            let ratio = ours as f64 / theirs as f64;
+            assert!(
+                (0.9..=1.1).contains(&ratio),
+                "{name}: {leak} (line {at}): memtrace {ours} B, tracemalloc {theirs} B"
+            );
+        }
+    }
+}

@@ -162,8 +162,9 @@ print(json.dumps(out))
             else {
                 continue;
             };
-            let codes: Vec<(u32, String, Vec<(u64, u64, Option<u32>)>)> =
-                serde_json::from_slice(&out.stdout).expect("the dump is JSON");
+            // (first line, line table in hex, co_lines()'s (start, end, line)).
+            type Dump = (u32, String, Vec<(u64, u64, Option<u32>)>);
+            let codes: Vec<Dump> = serde_json::from_slice(&out.stdout).expect("the dump is JSON");
             for (first, table, lines) in codes {
                 let table: Vec<u8> = (0..table.len())
                     .step_by(2)
