@@ -3,6 +3,7 @@
 //! NO_STACK (with the reason counted).
 
 pub(crate) mod cache;
+pub(crate) mod python;
 pub(crate) mod step;
 pub(crate) mod store;
 
@@ -157,6 +158,8 @@ pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
     // program preempting this one may write the same slot: `check` then fails to match, see
     // CachedWalk.)
     let cached = unsafe { &mut *cached };
+    // (A Python target's walks are never remembered, see below: this
+    // finds none.)
     if let Some(id) = remembered_walk(cached, win, generation, tgid, start) {
         count_walk(cached.fp_frames, cached.stop);
         return id;
@@ -183,8 +186,11 @@ pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
     }
+    // A Python stack also depends on the interpreter's frames, which a
+    // remembered walk does not check: not remembered.
+    let python = python::append(scratch);
     let id = store_stack();
-    if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
+    if !python && id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
         remember(cached, start, &w, generation, tgid, id);
     }
     id
@@ -218,6 +224,7 @@ fn frame_pointer_stack<C: EbpfContext>(ctx: &C) -> u64 {
     }
     scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
     scratch.flags = STACK_FP_ONLY;
+    let _ = python::append(scratch);
     store_stack()
 }
 
