@@ -140,6 +140,8 @@ pub(super) fn attach(
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
+    // Needed when the maps are created; read meanwhile.
+    crate::kernel::btf_facts::read_ahead();
     let at = match target {
         Target::Attach(pid) => {
             attach_existing(*pid, sizes, sampling, keep_native, steps, symbolizer)
