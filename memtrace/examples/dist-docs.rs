@@ -70,11 +70,28 @@ fn render(page: clap::Command, all: &[String]) -> Result<Vec<u8>> {
         .unwrap_or_default();
     let name = page_name(&page);
     let has_subcommands = page.get_subcommands().next().is_some();
-    let man = Man::new(page);
+    // clap's own usage (as --help prints it): clap_mangen's synopsis leaves
+    // out the value names and the separate forms of the root command.
+    let usage = page.clone().render_usage().to_string();
+    // The footer: `memtrace 0.1.0` and the build date (the commit is in -V).
+    let man = Man::new(page)
+        .source(format!("memtrace {}", env!("CARGO_PKG_VERSION")))
+        .date(build_date());
     let mut out = Vec::new();
     man.render_title(&mut out)?;
     man.render_name_section(&mut out)?;
-    man.render_synopsis_section(&mut out)?;
+    let mut synopsis = Roff::new();
+    synopsis.control("SH", ["SYNOPSIS"]);
+    let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage);
+    for (i, line) in usage.lines().enumerate() {
+        if i > 0 {
+            synopsis.control("br", []);
+        }
+        let line = line.trim();
+        let (program, rest) = line.split_once(' ').unwrap_or((line, ""));
+        synopsis.text([bold(program), roman(format!(" {rest}"))]);
+    }
+    synopsis.to_writer(&mut out)?;
     man.render_description_section(&mut out)?;
     man.render_options_section(&mut out)?;
     if has_subcommands {
@@ -92,35 +109,46 @@ fn render(page: clap::Command, all: &[String]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The date of `-V`'s `0.1.0 (<commit> <date>)`.
+fn build_date() -> String {
+    let cmd = memtrace::cmd::cli::Cli::command();
+    let version = cmd.get_version().unwrap_or_default();
+    let date = version.rsplit(' ').next().unwrap_or_default();
+    date.trim_end_matches(')').to_owned()
+}
+
 /// The after-help text is paragraphs that each start `Heading:` at column 0
-/// (cli.rs): `Examples:` becomes EXAMPLES, printed line for line; any other
-/// heading a section of filled text.
+/// (cli.rs). `Examples:` becomes EXAMPLES: each a command in bold over what
+/// it does (in the help, a command line is two spaces in, with what it does
+/// after a run of spaces or on the next lines, further in). Any other
+/// heading becomes a section of filled text.
 fn after_help_sections(roff: &mut Roff, text: &str) {
-    let mut verbatim = false;
+    let mut examples = false;
     for line in text.lines() {
         let heading = (!line.starts_with(' '))
             .then(|| line.split_once(':'))
             .flatten()
             .filter(|(h, _)| !h.is_empty() && h.chars().all(|c| c.is_alphabetic() || c == ' '));
         if let Some((h, rest)) = heading {
-            if verbatim {
-                roff.control("fi", []);
-            }
             roff.control("SH", [h.to_uppercase().as_str()]);
-            verbatim = h == "Examples";
-            if verbatim {
-                roff.control("nf", []);
-            }
+            examples = h == "Examples";
             if !rest.trim().is_empty() {
                 roff.text([roman(rest.trim())]);
             }
-        } else if verbatim {
-            roff.text([roman(line.strip_prefix("  ").unwrap_or(line))]);
-        } else {
+        } else if !examples {
             roff.text([roman(line.trim())]);
+        } else if line.trim().is_empty() {
+            continue;
+        } else if line.starts_with("   ") {
+            roff.text([roman(line.trim())]);
+        } else {
+            let line = line.trim();
+            let (command, what) = line.split_once("  ").unwrap_or((line, ""));
+            roff.control("TP", []);
+            roff.text([bold(command)]);
+            if !what.trim().is_empty() {
+                roff.text([roman(what.trim())]);
+            }
         }
-    }
-    if verbatim {
-        roff.control("fi", []);
     }
 }
