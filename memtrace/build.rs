@@ -133,7 +133,7 @@ fn crt_static() -> bool {
                 _ => None,
             }
         })
-        .last();
+        .next_back();
     given.unwrap_or_else(|| env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("musl"))
 }
 
