@@ -230,9 +230,15 @@ fn man_pages_render_without_warnings() {
     for (page, want) in [
         (
             "memtrace.1",
-            &["SYNOPSIS", "--pid", "--fail-on-leak", "Exit status"][..],
+            &[
+                "SYNOPSIS",
+                "--pid",
+                "--fail-on-leak",
+                "EXAMPLES",
+                "EXIT STATUS",
+            ][..],
         ),
-        ("memtrace-diff.1", &["OLD.json"]),
+        ("memtrace-diff.1", &["OLD.json", "EXIT STATUS"]),
         (
             "memtrace-symbolize.1",
             &["--exe", "EXAMPLES", "EXIT STATUS"],
