@@ -51,6 +51,7 @@ use options::Options;
 use stats::Report;
 
 mod attach;
+mod continuous;
 mod document;
 mod env;
 mod fmt;
@@ -130,6 +131,7 @@ struct Extra {
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
     attach: Option<Result<attach::Attach>>,
+    continuous: Option<Result<continuous::Continuous>>,
 }
 
 impl Extra {
@@ -162,11 +164,22 @@ impl Extra {
             }
             _ => None,
         };
+        let continuous = match (&env.memtrace, opts.snapshot_intervals) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: continuous snapshots ({n} intervals)");
+                Some(
+                    continuous::run(root, &env.bench_dir, bin, n)
+                        .context("the continuous-snapshots figure"),
+                )
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
             redis,
             attach,
+            continuous,
         }
     }
 }
@@ -225,6 +238,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("attach: not measured ({e:#})"));
         }
         None => targets.push("attach: not measured (skipped)".into()),
+    }
+    match &extra.continuous {
+        Some(Ok(c)) => {
+            text.push('\n');
+            text.push_str(&c.markdown());
+            targets.extend(c.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Continuous snapshots\n\nnot measured: {e:#}");
+            targets.push(format!("continuous snapshots: not measured ({e:#})"));
+        }
+        None => targets.push("continuous snapshots: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");
