@@ -54,6 +54,7 @@ mod attach;
 mod continuous;
 mod document;
 mod env;
+mod exports;
 mod fmt;
 mod json;
 mod markdown;
@@ -132,6 +133,7 @@ struct Extra {
     redis: Option<Result<redis::Redis>>,
     attach: Option<Result<attach::Attach>>,
     continuous: Option<Result<continuous::Continuous>>,
+    exports: Option<Result<exports::Exports>>,
 }
 
 impl Extra {
@@ -174,12 +176,20 @@ impl Extra {
             }
             _ => None,
         };
+        let exports = match (&env.memtrace, opts.export_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: serving metrics and profiles ({n} rep(s))");
+                Some(exports::run(root, env, bin, n).context("the --listen figure"))
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
             redis,
             attach,
             continuous,
+            exports,
         }
     }
 }
@@ -250,6 +260,21 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("continuous snapshots: not measured ({e:#})"));
         }
         None => targets.push("continuous snapshots: not measured (skipped)".into()),
+    }
+    match &extra.exports {
+        Some(Ok(x)) => {
+            text.push('\n');
+            text.push_str(&x.markdown());
+            targets.extend(x.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                text,
+                "\n## Serving metrics and profiles (`--listen`)\n\nnot measured: {e:#}"
+            );
+            targets.push(format!("--listen: not measured ({e:#})"));
+        }
+        None => targets.push("--listen: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");
