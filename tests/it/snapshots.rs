@@ -318,3 +318,92 @@ fn diff_of_a_directory_needs_two_snapshots() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// `GET path` over plain HTTP/1.0: the body, if the status is 200.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_string())
+}
+
+/// The value of the one sample of `name` with `label` (`verdict="leak"`).
+fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn the_newest_snapshots_verdicts_are_metrics() {
+    require_root();
+    let dir = fresh_dir();
+    let dir_arg = dir.display().to_string();
+    let exe = build_fixture("leaks", Variant::FramePointers);
+    let mut target = TestProcess::spawn(&exe, &["attach"]);
+    target.wait_ready();
+    let session = attach(
+        &target,
+        &[
+            "-i",
+            EVERY,
+            "--listen",
+            "127.0.0.1:0",
+            "--snapshot-every",
+            EVERY,
+            "--snapshot-dir",
+            &dir_arg,
+        ],
+    );
+    let stderr = session.memtrace.stderr();
+    let addr = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("memtrace: serving http://")?
+                .split('/')
+                .next()
+        })
+        .unwrap_or_else(|| panic!("no serving line:\n{stderr}"))
+        .to_string();
+    target.go();
+    target.wait_done();
+    wait_for_snapshot(&dir, newest_seq(&dir) + 2, &session.memtrace);
+    // The metrics name the snapshot they come from by its time; its file may
+    // still be on its way.
+    let until = Instant::now() + WORK_TIMEOUT;
+    let (text, snapshot) = loop {
+        assert!(Instant::now() < until, "no snapshot matches the metrics");
+        let text = http_get(&addr, "/metrics").expect("GET /metrics");
+        let t = metric(&text, "memtrace_verdicts_traced_seconds", "")
+            .unwrap_or_else(|| panic!("no verdicts in the metrics:\n{text}"));
+        let found = snapshot_files(&dir, ".json")
+            .into_iter()
+            .map(|(_, p)| read_json(&p))
+            .find(|s| (s["duration_s"].as_f64().unwrap() - t).abs() < 0.0006);
+        if let Some(s) = found {
+            break (text, s);
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let counts = &snapshot["verdicts"];
+    let mut sum = 0;
+    for verdict in ["leak", "growing", "stable", "transient", "unknown"] {
+        let label = format!("verdict=\"{verdict}\"");
+        let got = metric(&text, "memtrace_sites_by_verdict", &label);
+        assert_eq!(
+            got,
+            Some(u64_field(counts, verdict) as f64),
+            "{verdict}:\n{text}"
+        );
+        sum += u64_field(counts, verdict);
+    }
+    assert_eq!(sum, Report(snapshot.clone()).sites().len() as u64);
+    let run = session.stop(libc::SIGINT);
+    run.assert_exit(0);
+    let _ = fs::remove_dir_all(&dir);
+    target.finish_unharmed();
+}

@@ -38,7 +38,7 @@ use crate::{
     escape::Escaped,
     kernel::collect::monotonic_ns,
     process::stat as procstat,
-    report::{Report, SnapshotStats},
+    report::{Report, SnapshotStats, metrics::SnapshotVerdicts},
 };
 
 /// `--snapshot-dir`'s default, relative to where memtrace runs (as `-o` is).
@@ -219,7 +219,15 @@ pub(super) fn take(opts: &Options, s: &mut Session) {
         return;
     };
     match built {
-        Ok(report) => snaps.submit(report, now),
+        Ok(report) => {
+            if let Some(srv) = &s.server {
+                srv.published.set_verdicts(SnapshotVerdicts {
+                    counts: report.verdicts,
+                    traced_seconds: report.duration_s,
+                });
+            }
+            snaps.submit(report, now)
+        }
         Err(e) => fail(&mut snaps.lock_stats(), "(not built)", &e),
     }
 }
