@@ -107,8 +107,9 @@ fn snapshots_come_every_interval_rotate_and_agree_with_the_final_report() {
     );
     target.go();
     target.wait_done();
-    // Two snapshots taken wholly after the work: both show its end state.
-    let after = newest_seq(&dir) + 2;
+    // Two snapshots taken wholly after the work (both show its end state),
+    // and more than --keep in all (rotation has removed some).
+    let after = (newest_seq(&dir) + 2).max(KEEP as u64 + 2);
     wait_for_snapshot(&dir, after, &session.memtrace);
     let run = session.stop(libc::SIGINT);
     run.assert_exit(0);
@@ -135,6 +136,7 @@ fn snapshots_come_every_interval_rotate_and_agree_with_the_final_report() {
     assert_eq!(stats["dir"], dir_arg.as_str());
 
     // Rotation: the newest KEEP, each whole (JSON and pprof), nothing half-written.
+    assert!(written > KEEP as u64, "{stats}");
     let json = snapshot_files(&dir, ".json");
     let gz = snapshot_files(&dir, ".pb.gz");
     let seqs: Vec<u64> = json.iter().map(|s| s.0).collect();
