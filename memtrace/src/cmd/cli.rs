@@ -35,8 +35,12 @@ On allocation-heavy programs, --sample-bytes 512KiB records about one allocation
 per 512 KiB allocated (byte-weighted, as tcmalloc samples) at a fraction of the
 cost; the report's byte and block figures are then estimates, marked ~.
 
-`memtrace diff OLD.json NEW.json` compares two JSON reports (snapshots) site by
-site, matched by symbolized stack, and ranks the sites by growth.
+With --snapshot-every DUR, the report as it stands is also written every DUR
+into --snapshot-dir while tracing goes on (JSON, and pprof, folded or svg if
+asked with -f), the newest --keep kept. `memtrace diff OLD.json NEW.json`
+compares two JSON reports (snapshots) site by site, matched by symbolized
+stack, and ranks the sites by growth; `memtrace diff DIR` compares the two
+newest snapshots of DIR.
 
 `memtrace symbolize -e FILE [ADDR]...` resolves addresses of one ELF file to
 functions and file:line with memtrace's symbolizer, in the layout of binutils
@@ -52,6 +56,9 @@ Examples:
   sudo memtrace -p 1234 -i 30s -d 1h --fail-on-leak --alert-growth 10MiB/min
                                             a monitoring job: alert lines on stderr, status 3 on a leak
   memtrace diff before.json after.json      which sites grew between two reports
+  sudo memtrace -p 1234 --snapshot-every 5m --snapshot-dir /var/lib/memtrace/app -f pprof -o heap.pb.gz
+                                            JSON and pprof snapshots every 5 minutes, the newest 12 kept
+  memtrace diff /var/lib/memtrace/app       which sites grew between the two newest snapshots
   memtrace symbolize -e /lib/x86_64-linux-gnu/libc.so.6 0x9a0e0
                                             function and file:line of a libc address
 
@@ -118,7 +125,7 @@ const LONG_VERSION: &str = concat!(
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
-    override_usage = "memtrace [OPTIONS] --pid <PID>\n       memtrace [OPTIONS] -- <CMD> [ARGS]...\n       memtrace diff [OPTIONS] <OLD.json> <NEW.json>\n       memtrace symbolize -e <FILE> [ADDR]...",
+    override_usage = "memtrace [OPTIONS] --pid <PID>\n       memtrace [OPTIONS] -- <CMD> [ARGS]...\n       memtrace diff [OPTIONS] <OLD.json> <NEW.json>\n       memtrace diff [OPTIONS] <SNAPSHOT-DIR>\n       memtrace symbolize -e <FILE> [ADDR]...",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -188,6 +195,24 @@ pub struct Cli {
           value_parser = parse_top_sites)]
     pub metrics_top_sites: usize,
 
+    /// While tracing, write the report as it stands every DUR into
+    /// --snapshot-dir: JSON, and each of pprof, folded and svg asked with -f.
+    /// Tracing and the live summary go on; `memtrace diff DIR` compares the
+    /// two newest
+    #[arg(long, value_name = "DUR", value_parser = parse_snapshot_every)]
+    pub snapshot_every: Option<Duration>,
+
+    /// Where --snapshot-every writes (created if missing; one run at a time)
+    /// [default: ./memtrace-snapshots]
+    #[arg(long, value_name = "DIR", requires = "snapshot_every")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// How many of the newest snapshots --snapshot-dir keeps; older ones are
+    /// removed [default: 12]
+    #[arg(long, value_name = "N", requires = "snapshot_every",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+
     /// Exit with status 3 if any site gets the leak verdict (after writing the report)
     #[arg(long)]
     pub fail_on_leak: bool,
@@ -256,6 +281,19 @@ fn parse_top_sites(s: &str) -> Result<usize, String> {
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     match parse_duration_arg(s)? {
         d if d.is_zero() => Err("must be longer than 0 (e.g. 500ms, 10s)".into()),
+        d => Ok(d),
+    }
+}
+
+/// Each snapshot is a whole report: more often than this, building them
+/// would be most of what memtrace does.
+const MIN_SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+
+fn parse_snapshot_every(s: &str) -> Result<Duration, String> {
+    match parse_duration_arg(s)? {
+        d if d < MIN_SNAPSHOT_EVERY => {
+            Err("at least 100ms: each snapshot is a whole report (e.g. 5m, 1h)".into())
+        }
         d => Ok(d),
     }
 }
@@ -358,13 +396,14 @@ pub enum DiffFormat {
 
 #[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// The older report (memtrace --format json)
+    /// The older report (memtrace --format json), or a --snapshot-dir: then
+    /// its two newest snapshots are compared
     #[arg(value_name = "OLD.json")]
     pub old: PathBuf,
 
     /// The newer report
     #[arg(value_name = "NEW.json")]
-    pub new: PathBuf,
+    pub new: Option<PathBuf>,
 
     /// Output format
     #[arg(short, long, value_name = "FMT", value_enum, default_value_t = DiffFormat::Text)]
@@ -417,7 +456,19 @@ impl Cli {
         }
     }
 
-    /// The target, or a usage error for neither/both.
+    /// `--snapshot-every` with its directory and rotation, when asked for.
+    pub fn snapshots(&self) -> Option<crate::session::SnapshotOptions> {
+        use crate::session::snapshot::{DEFAULT_DIR, DEFAULT_KEEP};
+        Some(crate::session::SnapshotOptions {
+            every: self.snapshot_every?,
+            dir: self
+                .snapshot_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)),
+            keep: self.keep.map_or(DEFAULT_KEEP, |k| k as usize),
+        })
+    }
+
     /// Each report to write: its format and its file (None: stdout).
     pub fn reports(&self) -> Result<Vec<(Format, Option<PathBuf>)>, String> {
         use std::io::IsTerminal;
@@ -542,6 +593,45 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_options() {
+        assert!(parse(&["-p", "7"]).unwrap().snapshots().is_none());
+        let o = parse(&["-p", "7", "--snapshot-every", "5m"])
+            .unwrap()
+            .snapshots()
+            .unwrap();
+        assert_eq!(
+            (o.every, o.dir, o.keep),
+            (
+                Duration::from_secs(300),
+                PathBuf::from("memtrace-snapshots"),
+                12
+            )
+        );
+        let o = parse(&[
+            "-p",
+            "7",
+            "--snapshot-every",
+            "1s",
+            "--snapshot-dir",
+            "/tmp/s",
+            "--keep",
+            "3",
+        ])
+        .unwrap()
+        .snapshots()
+        .unwrap();
+        assert_eq!((o.dir, o.keep), (PathBuf::from("/tmp/s"), 3));
+        for bad in [
+            &["-p", "7", "--snapshot-every", "50ms"][..],
+            &["-p", "7", "--keep", "3"],
+            &["-p", "7", "--snapshot-dir", "x"],
+            &["-p", "7", "--snapshot-every", "1s", "--keep", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn sample_bytes() {
         use crate::kernel::sampling::Sampling;
         assert_eq!(parse(&["-p", "7"]).unwrap().sampling(), Sampling::Exact);
@@ -655,14 +745,15 @@ mod tests {
         match c.subcommand {
             Some(Command::Diff(d)) => {
                 assert_eq!(d.old, PathBuf::from("a.json"));
-                assert_eq!(d.new, PathBuf::from("b.json"));
+                assert_eq!(d.new, Some(PathBuf::from("b.json")));
                 assert_eq!((d.format, d.top), (DiffFormat::Json, 3));
             }
             other => panic!("{other:?}"),
         }
         // Tracing options do not mix with it; a command named diff is launched after `--`.
         assert!(parse(&["-p", "7", "diff", "a.json", "b.json"]).is_err());
-        assert!(parse(&["diff", "a.json"]).is_err());
+        let c = parse(&["diff", "snapshots/"]).unwrap();
+        assert!(matches!(c.subcommand, Some(Command::Diff(d)) if d.new.is_none()));
         let c = parse(&["--", "diff", "a", "b"]).unwrap();
         assert!(c.subcommand.is_none());
         assert!(matches!(c.target(), Ok(Target::Launch(cmd)) if cmd[0] == "diff"));

@@ -34,6 +34,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
             .collect(),
         listen: cli.listen,
         metrics_top_sites: cli.metrics_top_sites,
+        snapshots: cli.snapshots(),
         fail_on_leak: cli.fail_on_leak,
         alert_growth: cli.alert_growth,
         python_native_frames: cli.python_native_frames,

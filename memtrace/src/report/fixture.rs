@@ -99,6 +99,7 @@ pub fn sample() -> Report {
         freed_sites: vec![],
         freed_sites_left_out: LeftOut::default(),
         cut_short: vec![],
+        snapshots: None,
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
@@ -529,6 +530,7 @@ pub fn varied(sampling: Sampling) -> Report {
             alloc_bytes: 4000,
         },
         cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
+        snapshots: None,
         sites,
     }
 }

@@ -170,6 +170,7 @@ impl<W: Write> ReportWriter<W> {
             freed_sites,
             freed_sites_left_out,
             cut_short,
+            snapshots,
         } = r;
         let w = &mut self.w;
         w.put_str(key!(first "schema"), schema)?;
@@ -199,6 +200,9 @@ impl<W: Write> ReportWriter<W> {
         self.w
             .put(key!("freed_sites_left_out"), freed_sites_left_out)?;
         self.w.put(key!("cut_short"), cut_short)?;
+        if let Some(s) = snapshots {
+            self.w.put(key!("snapshots"), s)?;
+        }
         self.w.write_all(b"}")
     }
 

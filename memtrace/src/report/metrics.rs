@@ -42,6 +42,18 @@ pub struct Metrics {
     pub top_sites: Vec<SiteMetric>,
     /// Seconds since tracing began.
     pub traced_seconds: f64,
+    /// With `--snapshot-every`: the verdict counts of the newest snapshot.
+    pub verdicts: Option<SnapshotVerdicts>,
+}
+
+/// The verdicts of a snapshot's sites: what the final report would have
+/// said had tracing ended then (verdicts need each site's history and a
+/// scan of its blocks, which only a report makes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SnapshotVerdicts {
+    pub counts: super::VerdictCounts,
+    /// When the snapshot was taken, in seconds since tracing began.
+    pub traced_seconds: f64,
 }
 
 /// The two exposition formats and their content types.
@@ -183,6 +195,7 @@ impl Metrics {
             format!("{:.3}", self.traced_seconds),
         );
         self.process_families(&mut w);
+        self.verdict_families(&mut w);
         self.site_families(&mut w);
         if format == Exposition::OpenMetrics {
             w.out.push_str("# EOF\n");
@@ -227,6 +240,32 @@ impl Metrics {
                 w.sample("memtrace_process_open_fds", &[("kind", kind)], n);
             }
         }
+    }
+
+    fn verdict_families(&self, w: &mut Writer) {
+        let Some(v) = &self.verdicts else { return };
+        w.family(
+            "memtrace_sites_by_verdict",
+            "gauge",
+            "Sites of the newest snapshot (--snapshot-every) by verdict: leak, growing, stable, \
+             transient, unknown.",
+        );
+        let c = &v.counts;
+        for (verdict, n) in [
+            ("leak", c.leak),
+            ("growing", c.growing),
+            ("stable", c.stable),
+            ("transient", c.transient),
+            ("unknown", c.unknown),
+        ] {
+            w.sample("memtrace_sites_by_verdict", &[("verdict", verdict)], n);
+        }
+        w.one(
+            "memtrace_verdicts_traced_seconds",
+            "gauge",
+            "When the newest snapshot judged the sites, in seconds since tracing began.",
+            format!("{:.3}", v.traced_seconds),
+        );
     }
 
     fn site_families(&self, w: &mut Writer) {
@@ -281,6 +320,40 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn verdicts_only_from_a_snapshot() {
+        let t = sample().render(Exposition::Prometheus);
+        assert!(!t.contains("verdict"), "{t}");
+        let m = Metrics {
+            verdicts: Some(SnapshotVerdicts {
+                counts: crate::report::VerdictCounts {
+                    leak: 2,
+                    stable: 5,
+                    ..Default::default()
+                },
+                traced_seconds: 300.25,
+            }),
+            ..sample()
+        };
+        let t = m.render(Exposition::OpenMetrics);
+        assert!(
+            t.contains("# TYPE memtrace_sites_by_verdict gauge\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("memtrace_sites_by_verdict{pid=\"42\",verdict=\"leak\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("memtrace_sites_by_verdict{pid=\"42\",verdict=\"growing\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("memtrace_verdicts_traced_seconds{pid=\"42\"} 300.250\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -87,6 +87,26 @@ pub struct Report {
     /// What memtrace could not finish, and why (a file the target named that
     /// did not answer, ...): each a sentence. Empty when nothing was cut short.
     pub cut_short: Vec<String>,
+    /// `--snapshot-every`: where the snapshots went and how many were
+    /// written so far. None (not in the JSON) without it.
+    pub snapshots: Option<SnapshotStats>,
+}
+
+/// The snapshots of a run (`--snapshot-every`), as far as they went when
+/// the report was made. JSON: `{"dir": "/var/lib/memtrace/app", "every_s":
+/// 300.0, "keep": 12, "written": 40, "failed": 0, "skipped": 0}`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SnapshotStats {
+    pub dir: String,
+    pub every_s: f64,
+    /// How many of the newest snapshots the directory keeps.
+    pub keep: u64,
+    pub written: u64,
+    /// Snapshots that could not be written (the first error was said on
+    /// stderr); their files were removed.
+    pub failed: u64,
+    /// Snapshots not taken because the previous one was still being written.
+    pub skipped: u64,
 }
 
 /// The most sites `freed_sites` lists: each costs its frames in the report

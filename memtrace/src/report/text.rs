@@ -273,6 +273,30 @@ impl Report {
         for what in &self.cut_short {
             let _ = writeln!(o, "CUT SHORT: {}", Escaped(what));
         }
+        if let Some(s) = &self.snapshots {
+            let _ = write!(
+                o,
+                "snapshots: {} written to {} (the newest {} kept)",
+                s.written,
+                Escaped(&s.dir),
+                s.keep
+            );
+            if s.failed > 0 {
+                let _ = write!(
+                    o,
+                    "; {} FAILED (the first error was said on stderr)",
+                    s.failed
+                );
+            }
+            if s.skipped > 0 {
+                let _ = write!(
+                    o,
+                    "; {} skipped while the one before was still being written",
+                    s.skipped
+                );
+            }
+            o.push('\n');
+        }
     }
 
     /// How the stacks were walked, and how many came out incomplete.

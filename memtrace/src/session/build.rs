@@ -16,7 +16,7 @@ use super::{
     ages::{REPORT_SCAN_MAX_BLOCKS, blocks_in_map, scan_every_block, site_blocks, site_tuples},
     frames::{self, AddressFrames, truncated_reason},
     target::Attached,
-    watch::{End, Signals},
+    watch::Signals,
     watchdog::Fallback,
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     report::{
         self, AllocatorInfo, AllocatorModule, AttachTimes, Drops, HistoryPoint, LeftOut,
         MAX_FREED_SITES, ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site,
-        TargetInfo, Timeline, Totals, UntracedEntryPoint, VerdictCounts,
+        SnapshotStats, TargetInfo, Timeline, Totals, UntracedEntryPoint, VerdictCounts,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -37,7 +37,8 @@ pub(super) struct ReportMeta {
     pub(super) started_at: SystemTime,
     pub(super) ended_at: SystemTime,
     pub(super) duration: Duration,
-    pub(super) end: End,
+    /// Why tracing ended (`End::as_str`), or `snapshot`: it goes on.
+    pub(super) end_reason: &'static str,
     /// CLOCK_MONOTONIC when tracing ended: the "now" of every age.
     pub(super) end_ns: u64,
     pub(super) exited: bool,
@@ -47,6 +48,7 @@ pub(super) struct ReportMeta {
     /// What was cut short while tracing, and why.
     pub(super) cut_short: Vec<String>,
     pub(super) attach: AttachTimes,
+    pub(super) snapshots: Option<SnapshotStats>,
 }
 
 /// CPU time of a phase sequence, for the debug log.
@@ -121,6 +123,27 @@ const REPORT_LOAD_WAIT: Duration = Duration::from_secs(10);
 /// How often the wait for debug info looks at the signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
+/// How long a snapshot waits for debug info still loading: it holds the
+/// watch loop meanwhile. What is not loaded by then is unresolved in that
+/// snapshot (and counted), and named in the next.
+const SNAPSHOT_LOAD_WAIT: Duration = Duration::from_secs(2);
+
+/// What a report is built for.
+pub(super) enum Purpose {
+    /// The end of tracing: the last, partial interval goes into the history,
+    /// calls in flight are counted, and the watchdog gets a fallback.
+    Final(Option<FallbackOut>),
+    /// A snapshot while tracing goes on: the session's state is left as it
+    /// is, and every site gets its frames.
+    Snapshot,
+}
+
+impl Purpose {
+    fn is_final(&self) -> bool {
+        matches!(self, Purpose::Final(_))
+    }
+}
+
 /// Where the report goes if the watchdog has to write it (see `Fallback`).
 pub(super) struct FallbackOut {
     pub(super) out: std::fs::File,
@@ -133,12 +156,13 @@ pub(super) fn build_report(
     opts: &Options,
     s: &mut Session,
     meta: ReportMeta,
-    fallback: Option<FallbackOut>,
+    purpose: Purpose,
 ) -> Result<Report> {
     let (at, sym, history) = (&mut s.at, &mut s.symbolizer, &mut s.history);
     let mut lap = Laps::start();
     s.watchdog.doing("reading the final figures");
-    let fin = Final::read(opts, at, history, &meta, &mut lap)?;
+    let is_final = purpose.is_final();
+    let fin = Final::read(opts, at, history, &meta, &mut lap, is_final)?;
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
     let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
@@ -152,12 +176,13 @@ pub(super) fn build_report(
     }
     lap.mark("sites built");
     // The sites whose frames the report shows: the text's top sites, or every
-    // site in JSON, freed ones too.
-    let mut shown: Vec<(u64, Which)> = frames::shown(opts.shows_every_site(), opts.top, &sites)
+    // site in JSON (and in snapshots), freed ones too.
+    let every_site = opts.shows_every_site() || !is_final;
+    let mut shown: Vec<(u64, Which)> = frames::shown(every_site, opts.top, &sites)
         .into_iter()
         .map(|i| (chosen[i].sample.stack_id, Which::Site(i)))
         .collect();
-    if opts.shows_every_site() {
+    if every_site {
         shown.extend(
             freed
                 .iter()
@@ -182,7 +207,7 @@ pub(super) fn build_report(
         freed_sites,
         freed_left_out,
     };
-    if let Some(out) = fallback {
+    if let Purpose::Final(Some(out)) = purpose {
         // The report with frames unnamed, for the watchdog to write should
         // symbolizing block for good (a file that does not answer).
         let unnamed = AddressFrames::of(&addrs, frames::unnamed(&at.modules, &addrs));
@@ -198,9 +223,14 @@ pub(super) fn build_report(
     }
     s.watchdog.doing("symbolizing the report's stacks");
     crate::knobs::debug_stall("symbolize");
-    let groups = symbolize(at, sym, &addrs, occurrences, &mut lap, &s.signals);
+    let wait = if is_final {
+        LoadWait::Final(&s.signals)
+    } else {
+        LoadWait::Snapshot
+    };
+    let groups = symbolize(at, sym, &addrs, occurrences, &mut lap, wait);
     figures.drops.unresolved_frames = fill_frames(at, &groups, &shown, &mut figures)?;
-    figures.drops.debug_files_refused = debug_files_refused(sym);
+    figures.drops.debug_files_refused = debug_files_refused(sym, is_final);
     // After symbolizing: the build ids of the files read for it.
     figures.modules = module_infos(at, sym);
     lap.mark("frames");
@@ -254,8 +284,11 @@ impl Final {
         history: &mut History,
         meta: &ReportMeta,
         lap: &mut Laps,
+        is_final: bool,
     ) -> Result<Final> {
-        at.collector.count_unfinished()?;
+        if is_final {
+            at.collector.count_unfinished()?;
+        }
         let counters = at.collector.counters()?;
         let samples = at.collector.sites()?;
         lap.mark("read");
@@ -263,12 +296,14 @@ impl Final {
         let min_age_ns = opts.min_age.as_nanos() as u64;
         let scan_all = scan_every_block(blocks_in_map(&samples) <= REPORT_SCAN_MAX_BLOCKS);
         let ages = site_blocks(at, now_ns, min_age_ns, opts.sampling, scan_all)?;
-        history.record_final(
-            now_ns,
-            &site_tuples(&samples),
-            SampleAges::of(&ages, scan_all),
-            meta.end_process,
-        );
+        if is_final {
+            history.record_final(
+                now_ns,
+                &site_tuples(&samples),
+                SampleAges::of(&ages, scan_all),
+                meta.end_process,
+            );
+        }
         lap.mark("ages");
         Ok(Final {
             counters,
@@ -470,10 +505,10 @@ fn symbolize(
     addrs: &[Taken],
     occurrences: usize,
     lap: &mut Laps,
-    signals: &Signals,
+    wait: LoadWait,
 ) -> AddressFrames {
     at.note_unmaps();
-    wait_for_debug_info(at, sym, addrs, signals);
+    wait_for_debug_info(at, sym, addrs, wait);
     // Waited above: what is still loading now is not waited for again.
     sym.set_deadline(Some(Instant::now()));
     let resolved = sym.symbolize_taken(&at.modules, addrs, true);
@@ -491,13 +526,35 @@ fn symbolize(
     groups
 }
 
-/// Waits, at most [`REPORT_LOAD_WAIT`] and only until a signal, for the debug
-/// info of the modules `addrs` go through to be loaded in the background.
-fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[Taken], signals: &Signals) {
+/// How long a report waits for debug info still loading.
+#[derive(Clone, Copy)]
+enum LoadWait<'a> {
+    /// At most [`REPORT_LOAD_WAIT`], and only until a signal (the first one
+    /// ended tracing: a second ends the wait), saying why it stopped waiting.
+    Final(&'a Signals),
+    /// At most [`SNAPSHOT_LOAD_WAIT`], quietly: a signal is left to the
+    /// watch loop (reading it here would take it).
+    Snapshot,
+}
+
+/// Waits for the debug info of the modules `addrs` go through to be loaded
+/// in the background, as long as `wait` says.
+fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[Taken], wait: LoadWait) {
     sym.load_taken_in_background(&at.modules, addrs.iter().copied());
-    let deadline = Instant::now() + REPORT_LOAD_WAIT;
+    let longest = match wait {
+        LoadWait::Final(_) => REPORT_LOAD_WAIT,
+        LoadWait::Snapshot => SNAPSHOT_LOAD_WAIT,
+    };
+    let deadline = Instant::now() + longest;
     while sym.loading_any_taken(&at.modules, addrs) {
         let now = Instant::now();
+        let LoadWait::Final(signals) = wait else {
+            if now >= deadline {
+                return;
+            }
+            sym.wait_for_any_load(deadline);
+            continue;
+        };
         if now >= deadline {
             eprintln!(
                 "memtrace: debug info still loading after {}s: the report names what is \
@@ -518,8 +575,8 @@ fn wait_for_debug_info(at: &Attached, sym: &mut Symbolizer, addrs: &[Taken], sig
 }
 
 /// The debug-file candidates the symbolizer refused over the run, by reason;
-/// said on stderr too, since a target named them.
-fn debug_files_refused(sym: &Symbolizer) -> BTreeMap<String, u64> {
+/// said on stderr too (if `say`), since a target named them.
+fn debug_files_refused(sym: &Symbolizer, say: bool) -> BTreeMap<String, u64> {
     let refused: BTreeMap<String, u64> = sym
         .stats()
         .debug_files_refused
@@ -527,7 +584,7 @@ fn debug_files_refused(sym: &Symbolizer) -> BTreeMap<String, u64> {
         .map(|(&k, &n)| (k.to_string(), n))
         .collect();
     let total: u64 = refused.values().sum();
-    if total > 0 {
+    if total > 0 && say {
         let parts: Vec<String> = refused.iter().map(|(k, n)| format!("{k}: {n}")).collect();
         eprintln!(
             "memtrace: refused {total} debug file{} the target's files named or placed ({}); \
@@ -587,7 +644,7 @@ fn assemble(
         started_at: report::rfc3339(meta.started_at),
         ended_at: report::rfc3339(meta.ended_at),
         duration_s: meta.duration.as_secs_f64(),
-        end_reason: meta.end.as_str(),
+        end_reason: meta.end_reason,
         sampling: opts.sampling,
         totals: figures.totals,
         drops: figures.drops,
@@ -614,6 +671,7 @@ fn assemble(
         freed_sites: figures.freed_sites,
         freed_sites_left_out: figures.freed_left_out,
         cut_short: meta.cut_short.clone(),
+        snapshots: meta.snapshots.clone(),
     }
 }
 

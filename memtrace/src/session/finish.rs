@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::{
     Options, Session,
-    build::{FallbackOut, ReportMeta, build_report},
+    build::{FallbackOut, Purpose, ReportMeta, build_report},
     launch::{self, ChildState},
     output::write_report,
     target::alive,
@@ -22,6 +22,8 @@ use crate::{
 /// How long the end of tracing waits for the capture of the target's newest
 /// modules.
 const FINAL_CAPTURE_WAIT: Duration = Duration::from_secs(1);
+/// How long the end of tracing waits for a snapshot still being written.
+const SNAPSHOT_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// The moment tracing ended, and the target's own figures then.
 struct Stopped {
@@ -51,6 +53,13 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     super::watch::read_python_codes(&mut s.at);
     let outcome = settle_target(&mut s, end)?;
     s.capture.end(&mut s.cut_short);
+    let snapshots = s.snapshots.as_mut().map(|snaps| {
+        s.watchdog
+            .doing("waiting for the last snapshot to be written");
+        let (stats, note) = snaps.finish(SNAPSHOT_WRITE_WAIT);
+        s.cut_short.extend(note);
+        stats
+    });
     let cpu_report = process_cpu();
     log::debug!(
         "report begins at {:.3} ms of process cpu",
@@ -60,16 +69,17 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         started_at: s.started_at,
         ended_at: stopped.ended_at,
         duration: stopped.duration,
-        end,
+        end_reason: end.as_str(),
         end_ns: stopped.end_ns,
         exited: outcome.exited,
         exit_status: outcome.exit_code(),
         end_process: stopped.end_process,
         cut_short: cut_short(&s),
         attach: s.attach_times.clone(),
+        snapshots,
     };
     let fallback = fallback_out(&s);
-    let report = build_report(opts, &mut s, meta, fallback)?;
+    let report = build_report(opts, &mut s, meta, Purpose::Final(fallback))?;
     s.watchdog.doing("writing the report");
     let cpu_written = process_cpu();
     for (format, file) in &mut s.outputs {
@@ -104,7 +114,7 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
 
 /// What was cut short, for the report: said while tracing, by the watchdog,
 /// and the pages of truncated files read as zeros.
-fn cut_short(s: &Session) -> Vec<String> {
+pub(super) fn cut_short(s: &Session) -> Vec<String> {
     let mut notes = s.cut_short.clone();
     notes.extend(s.watchdog.notes());
     let pages = truncated_pages();

@@ -74,6 +74,8 @@ pub(super) fn metrics(
             })
             .collect(),
         traced_seconds: start.elapsed().as_secs_f64(),
+        // Set by `Published::set_metrics`, from the newest snapshot.
+        verdicts: None,
     })
 }
 

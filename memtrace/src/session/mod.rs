@@ -28,12 +28,14 @@ mod output;
 mod preflight;
 mod progress;
 mod serve;
+pub mod snapshot;
 mod summary;
 mod target;
 mod watch;
 mod watchdog;
 
 use output::ReportFile;
+pub use snapshot::SnapshotOptions;
 use target::Attached;
 use watch::Signals;
 use watchdog::Watchdog;
@@ -70,6 +72,8 @@ pub struct Options {
     pub listen: Option<std::net::SocketAddr>,
     /// Per-site series in /metrics: the top N sites by outstanding bytes.
     pub metrics_top_sites: usize,
+    /// `--snapshot-every`: the report as it stands, written every so often.
+    pub snapshots: Option<SnapshotOptions>,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
     /// Python targets: keep the interpreter's frames between Python frames.
@@ -101,6 +105,20 @@ impl Options {
     fn shows_every_site(&self) -> bool {
         self.reports.iter().any(|(f, _)| f.shows_every_site())
     }
+
+    /// The formats of each snapshot: those of the reports that show every
+    /// site (the text report is for a person at the end), JSON last and
+    /// always (`memtrace diff` reads it).
+    fn snapshot_formats(&self) -> Vec<Format> {
+        let mut formats: Vec<Format> = Vec::new();
+        for (f, _) in &self.reports {
+            if !matches!(f, Format::Text | Format::Json) && !formats.contains(f) {
+                formats.push(*f);
+            }
+        }
+        formats.push(Format::Json);
+        formats
+    }
 }
 
 /// Traces `target` as `opts` say; returns memtrace's exit status.
@@ -125,6 +143,8 @@ struct Session {
     outputs: Vec<(Format, Option<ReportFile>)>,
     /// `--listen`'s server, when asked for.
     server: Option<serve::Server>,
+    /// `--snapshot-every`'s directory and writer, when asked for.
+    snapshots: Option<snapshot::Snapshots>,
     started_at: SystemTime,
     /// When tracing began: the start of the summary schedule and the duration.
     trace_start: Instant,
@@ -152,6 +172,11 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     // reach the watch loop, not kill memtrace), and before attaching (a taken
     // port fails before any probe goes in).
     let server = opts.listen.map(serve::start).transpose()?;
+    let snapshots = opts
+        .snapshots
+        .as_ref()
+        .map(|o| snapshot::Snapshots::open(o, opts.snapshot_formats()))
+        .transpose()?;
     let started_at = SystemTime::now();
     let steps = Arc::new(Steps::new());
     let progress = progress::Progress::start(Arc::clone(&steps));
@@ -182,6 +207,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         signals,
         outputs,
         server,
+        snapshots,
         started_at,
         trace_start,
         cut_short: Vec::new(),

@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::report::metrics::{Exposition, Metrics};
+use crate::report::metrics::{Exposition, Metrics, SnapshotVerdicts};
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -38,6 +38,8 @@ const PROFILE_WAIT: Duration = Duration::from_secs(15);
 pub(super) struct Published {
     /// None until attached: a scrape then gets 503.
     metrics: Mutex<Option<Metrics>>,
+    /// The newest snapshot's verdicts, carried into each interval's metrics.
+    verdicts: Mutex<Option<SnapshotVerdicts>>,
     /// The last profile built, and the number of profiles built so far.
     profile: Mutex<Option<Bytes>>,
     profiles_built: AtomicU64,
@@ -45,8 +47,26 @@ pub(super) struct Published {
 }
 
 impl Published {
-    pub(super) fn set_metrics(&self, m: Metrics) {
+    pub(super) fn set_metrics(&self, mut m: Metrics) {
+        m.verdicts = self
+            .verdicts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    }
+
+    /// A snapshot's verdicts, served from now on.
+    pub(super) fn set_verdicts(&self, v: SnapshotVerdicts) {
+        if let Some(m) = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            m.verdicts = Some(v.clone());
+        }
+        *self.verdicts.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
     }
 
     /// Whether a client waits for a profile (and it should be built now).

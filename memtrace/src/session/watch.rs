@@ -129,6 +129,8 @@ struct Schedule {
     next_refresh: Instant,
     /// A Python target only.
     next_python: Option<Instant>,
+    /// With `--snapshot-every`.
+    next_snapshot: Option<Instant>,
 }
 
 impl Schedule {
@@ -138,14 +140,23 @@ impl Schedule {
             next_summary: start + opts.interval,
             next_refresh: start + MODULE_REFRESH,
             next_python: python.then_some(start),
+            next_snapshot: opts.snapshots.as_ref().map(|o| start + o.every),
         }
+    }
+
+    /// Moves the next snapshot on from `due` past `now`; returns how many were
+    /// missed (a snapshot took longer than the period).
+    fn snapshot_taken(&mut self, due: Instant, now: Instant, every: Duration) -> u64 {
+        let missed = (now.saturating_duration_since(due).as_nanos() / every.as_nanos()) as u64;
+        self.next_snapshot = Some(due + every * (missed as u32 + 1));
+        missed
     }
 
     /// The next moment something is due.
     fn next(&self) -> Instant {
         let mut until = self.next_summary.min(self.next_refresh);
-        if let Some(p) = self.next_python {
-            until = until.min(p);
+        for t in [self.next_python, self.next_snapshot].into_iter().flatten() {
+            until = until.min(t);
         }
         match self.deadline {
             Some(d) => until.min(d),
@@ -205,6 +216,16 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             );
             if let Err(e) = work {
                 log::warn!("live summary failed: {e:#}");
+            }
+        }
+        if let Some((due, o)) = schedule.next_snapshot.zip(opts.snapshots.as_ref())
+            && now >= due
+        {
+            s.watchdog.doing("taking a snapshot");
+            super::snapshot::take(opts, s);
+            let missed = schedule.snapshot_taken(due, Instant::now(), o.every);
+            if let Some(snaps) = &s.snapshots {
+                snaps.count_skipped(missed);
             }
         }
         if let Some(srv) = &s.server

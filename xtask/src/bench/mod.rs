@@ -51,8 +51,10 @@ use options::Options;
 use stats::Report;
 
 mod attach;
+mod continuous;
 mod document;
 mod env;
+mod exports;
 mod fmt;
 mod json;
 mod markdown;
@@ -130,6 +132,8 @@ struct Extra {
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
     attach: Option<Result<attach::Attach>>,
+    continuous: Option<Result<continuous::Continuous>>,
+    exports: Option<Result<exports::Exports>>,
 }
 
 impl Extra {
@@ -162,11 +166,30 @@ impl Extra {
             }
             _ => None,
         };
+        let continuous = match (&env.memtrace, opts.snapshot_intervals) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: continuous snapshots ({n} intervals)");
+                Some(
+                    continuous::run(root, &env.bench_dir, bin, n)
+                        .context("the continuous-snapshots figure"),
+                )
+            }
+            _ => None,
+        };
+        let exports = match (&env.memtrace, opts.export_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: serving metrics and profiles ({n} rep(s))");
+                Some(exports::run(root, env, bin, n).context("the --listen figure"))
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
             redis,
             attach,
+            continuous,
+            exports,
         }
     }
 }
@@ -225,6 +248,33 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("attach: not measured ({e:#})"));
         }
         None => targets.push("attach: not measured (skipped)".into()),
+    }
+    match &extra.continuous {
+        Some(Ok(c)) => {
+            text.push('\n');
+            text.push_str(&c.markdown());
+            targets.extend(c.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Continuous snapshots\n\nnot measured: {e:#}");
+            targets.push(format!("continuous snapshots: not measured ({e:#})"));
+        }
+        None => targets.push("continuous snapshots: not measured (skipped)".into()),
+    }
+    match &extra.exports {
+        Some(Ok(x)) => {
+            text.push('\n');
+            text.push_str(&x.markdown());
+            targets.extend(x.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                text,
+                "\n## Serving metrics and profiles (`--listen`)\n\nnot measured: {e:#}"
+            );
+            targets.push(format!("--listen: not measured ({e:#})"));
+        }
+        None => targets.push("--listen: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");

@@ -56,6 +56,14 @@ options:
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with
                        memtrace's time per step (0: skip) [5]
+  --export-reps N      repetitions of the --listen figure: the workload traced
+                       with and without scrapes of /metrics and
+                       /debug/pprof/heap every second, then memtrace's CPU
+                       per scrape at 10,000 sites (0: skip) [5]
+  --snapshot-intervals N
+                       continuous mode: memtrace's RSS over N snapshot intervals
+                       of 100 ms (JSON and pprof each) against a churning
+                       fixture (0: skip) [3000]
   --write-benchmarks   also write BENCHMARKS.md at the repository root (machine,
                        caveats, methodology, the options used, all tables)
   --quick              2 reps, 20000 traced / 2000000 untraced pairs, and unless
@@ -345,6 +353,8 @@ pub(super) struct Options {
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
     pub(super) attach_reps: usize,
+    pub(super) snapshot_intervals: u64,
+    pub(super) export_reps: usize,
     pub(super) symbolize: bool,
     pub(super) write_benchmarks: bool,
     pub(super) quick: bool,
@@ -389,6 +399,8 @@ struct Given {
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
     attach_reps: Option<usize>,
+    snapshot_intervals: Option<u64>,
+    export_reps: Option<usize>,
     no_symbolize: bool,
     write_benchmarks: bool,
     quick: bool,
@@ -418,6 +430,8 @@ impl Given {
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
+            "--snapshot-intervals" => self.snapshot_intervals = Some(parse_num(name, &value()?)?),
+            "--export-reps" => self.export_reps = Some(parse_num(name, &value()?)? as usize),
             "--no-symbolize" => self.no_symbolize = true,
             "--write-benchmarks" => self.write_benchmarks = true,
             "--quick" => self.quick = true,
@@ -470,6 +484,10 @@ impl Given {
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
             attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
+            snapshot_intervals: self
+                .snapshot_intervals
+                .unwrap_or(if quick { 200 } else { 3000 }),
+            export_reps: self.export_reps.unwrap_or(if quick { 1 } else { 5 }),
             symbolize: !self.no_symbolize,
             write_benchmarks: self.write_benchmarks,
             quick,
