@@ -186,6 +186,13 @@ pub fn passable(
             | Mnemonic::Movsxd
             | Mnemonic::Lea
             | Mnemonic::Xor
+            | Mnemonic::Add
+            | Mnemonic::Sub
+            | Mnemonic::And
+            | Mnemonic::Or
+            | Mnemonic::Shl
+            | Mnemonic::Shr
+            | Mnemonic::Sar
     );
     if !allowed {
         return Err(format!(
