@@ -794,7 +794,7 @@ fn probe_sites(
             let site = Placement {
                 delta: 0,
                 mnemonic: format!("{:?}", first.mnemonic()).to_lowercase(),
-                emulated: None,
+                emulated: placement::kernel_emulates(&code[..first.len().min(code.len())]),
                 reason: format!("no entry cover ({why}): probed at +0"),
             };
             (site, Vec::new())

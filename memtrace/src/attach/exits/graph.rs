@@ -133,7 +133,15 @@ fn link(
             FlowControl::IndirectBranch => true,
             _ => false,
         };
-    if out {
+    // The last instruction falling through (a call to a function that
+    // does not return, without padding): the path ends there.
+    let past_end = leaving == Leaving::Allowed
+        && i + 1 == n
+        && matches!(
+            insn.flow_control(),
+            FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall
+        );
+    if out || past_end {
         g[i].leaves = true;
         if insn.flow_control() == FlowControl::ConditionalBranch {
             g[i].succs = vec![i + 1];

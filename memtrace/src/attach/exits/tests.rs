@@ -255,7 +255,9 @@ fn a_cover_of_several_sites_is_checked_on_every_path() {
 #[test]
 fn covers_of_installed_allocators() {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
-    let cases: [(&str, &str, Result<(u64, &str), &str>); 6] = [
+    /// The site, or what the reason there is none names.
+    type Want = Result<(u64, &'static str), &'static str>;
+    let cases: [(&str, &str, Want); 6] = [
         ("libjemalloc.so.2", "malloc", Ok((7, "ja"))),
         ("libjemalloc.so.2", "free", Ok((0x30, "jne"))),
         ("libtcmalloc_minimal.so.4", "malloc", Ok((10, "jne"))),
