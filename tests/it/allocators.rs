@@ -26,6 +26,10 @@ struct Allocator {
     /// that check reaches no allocator memtrace probes, and is not counted
     /// as a failed one.
     no_reallocarray: bool,
+    /// Of `malloc` and `free`, those probed at +0 on a single-stepped
+    /// instruction (no entry cover: mimalloc's malloc moves the size out of
+    /// rdi before its first branch).
+    single_stepped: &'static [&'static str],
 }
 
 const JEMALLOC: Allocator = Allocator {
@@ -33,18 +37,21 @@ const JEMALLOC: Allocator = Allocator {
     so: "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     no_pvalloc: true,
     no_reallocarray: true,
+    single_stepped: &[],
 };
 const TCMALLOC: Allocator = Allocator {
     lib: "tcmalloc_minimal",
     so: "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     no_pvalloc: false,
     no_reallocarray: true,
+    single_stepped: &[],
 };
 const MIMALLOC: Allocator = Allocator {
     lib: "mimalloc",
     so: "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
     no_pvalloc: false,
     no_reallocarray: false,
+    single_stepped: &["malloc"],
 };
 
 /// How the fixture gets the allocator.
@@ -102,6 +109,31 @@ fn check_allocator(r: &Report, alloc: Allocator) {
         "nothing untraced\n{}",
         r.0["allocator"]
     );
+    check_entry_covers(r, alloc);
+}
+
+/// `malloc` and `free` are probed on instructions the kernel emulates (a
+/// push or a branch: their entry covers), but for the allocator's
+/// `single_stepped` ones, probed at +0. jemalloc's free was single-stepped
+/// before covers (its first branch is at +0x30).
+fn check_entry_covers(r: &Report, alloc: Allocator) {
+    let sites = &r.0["allocator"]["probe_sites"];
+    for name in ["malloc", "free"] {
+        let site = sites
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.as_str())
+            .find(|s| s.starts_with(&format!("{name}+")))
+            .unwrap_or_else(|| panic!("no probe site for {name}: {sites}"));
+        let insn = site.split_once('(').unwrap().1.trim_end_matches(')');
+        let emulated = insn.starts_with('j') || insn == "push";
+        if alloc.single_stepped.contains(&name) {
+            assert!(site.starts_with(&format!("{name}+0x0 ")), "{site}");
+        } else {
+            assert!(emulated, "{name} on {}: {site}", alloc.lib);
+        }
+    }
 }
 
 // ---- leaks.c -------------------------------------------------------------------------

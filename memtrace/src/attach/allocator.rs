@@ -54,6 +54,10 @@ pub struct AttachPoint {
     pub probe_offset: u64,
     /// That instruction's mnemonic (`je`, `push`, ...), for logs and reports.
     pub probe_insn: String,
+    /// The other sites of the function's entry cover, when its calls pass
+    /// one of several (`exits::plan_entry_cover`): their file offsets and
+    /// mnemonics. Each gets the same probes as `probe_offset`.
+    pub more_sites: Vec<(u64, String)>,
     /// Where the function's outcome can be read inside it, so that a call
     /// costs one probe instead of an entry and a return probe (malloc only,
     /// see `exits`); None when there is no such plan (or not looked for).
@@ -71,14 +75,25 @@ impl AttachPoint {
         self.names.first().map_or("?", String::as_str)
     }
 
-    /// The probe site as `name+delta (insn)`, e.g. `free+0x3 (je)`.
+    /// The probe site as `name+delta (insn)`, e.g. `free+0x3 (je)`; a
+    /// cover of several sites as `name+0x10 (je) +0x24 (jne)`.
     pub fn probe_site(&self) -> String {
-        format!(
+        let mut s = format!(
             "{}+{:#x} ({})",
             self.name(),
             self.probe_delta(),
             self.probe_insn
-        )
+        );
+        for (offset, insn) in &self.more_sites {
+            s += &format!(" +{:#x} ({insn})", offset - self.file_offset);
+        }
+        s
+    }
+
+    /// The file offsets of every entry probe site: `probe_offset`, then the
+    /// cover's other sites.
+    pub fn probe_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.probe_offset).chain(self.more_sites.iter().map(|(o, _)| *o))
     }
 }
 
@@ -212,8 +227,8 @@ pub(crate) fn new_point(
     file_offset: u64,
     size: u64,
 ) -> AttachPoint {
-    let site = probe_site(data, file_offset, size, role);
     let code = whole_function(data, file_offset, size);
+    let (site, more) = probe_sites(data, file_offset, size, role);
     let never_jumps_out = code.is_some_and(placement::never_jumps_out);
     // Result sites are planned for the C API's malloc only (glibc's is the
     // one whose plans are checked).
@@ -232,6 +247,10 @@ pub(crate) fn new_point(
         site.emulated,
         site.reason
     );
+    let more_sites = more
+        .into_iter()
+        .map(|c| (file_offset + c.delta, c.mnemonic))
+        .collect();
     AttachPoint {
         role,
         names: vec![name.to_string()],
@@ -241,6 +260,7 @@ pub(crate) fn new_point(
         never_jumps_out,
         probe_offset: file_offset + site.delta,
         probe_insn: site.mnemonic,
+        more_sites,
         results,
     }
 }
@@ -534,7 +554,11 @@ impl<'a> CallFinder<'a> {
     ) -> Result<(), String> {
         let file_offset = vaddr_to_file_offset(&self.module.file, at)
             .ok_or_else(|| format!("{here}: not in the file"))?;
-        if self.points.iter().any(|p| p.probe_offset == file_offset) {
+        if self
+            .points
+            .iter()
+            .any(|p| p.probe_offsets().any(|o| o == file_offset))
+        {
             return Err(format!("{here}: a probe site already"));
         }
         let insn = if kind == MarkKind::Call {
@@ -737,7 +761,49 @@ pub(crate) fn whole_function(data: &[u8], file_offset: u64, size: u64) -> Option
 }
 
 /// Where to probe the function whose code starts at `file_offset` in `data`
-/// (`size` bytes, 0 if unknown): see `placement::choose_probe_site`.
+/// (`size` bytes, 0 if unknown): its entry cover when its whole code is
+/// known (`exits::plan_entry_cover`: the first site, and the others), else
+/// `placement::choose_probe_site`. A function whose cover fails is probed at
+/// +0, and the log says why.
+fn probe_sites(
+    data: &[u8],
+    file_offset: u64,
+    size: u64,
+    role: Role,
+) -> (Placement, Vec<crate::attach::exits::CoverSite>) {
+    let Some(code) = whole_function(data, file_offset, size) else {
+        return (probe_site(data, file_offset, size, role), Vec::new());
+    };
+    match crate::attach::exits::plan_entry_cover(code, &probe_args(role)) {
+        Ok(mut sites) => {
+            let first = sites.remove(0);
+            let site = Placement {
+                delta: first.delta,
+                mnemonic: first.mnemonic,
+                emulated: Some(first.emulated),
+                reason: format!(
+                    "entry cover of {} site(s), checked on every path",
+                    sites.len() + 1
+                ),
+            };
+            (site, sites)
+        }
+        Err(why) => {
+            let first =
+                iced_x86::Decoder::with_ip(64, code, 0, iced_x86::DecoderOptions::NONE).decode();
+            let site = Placement {
+                delta: 0,
+                mnemonic: format!("{:?}", first.mnemonic()).to_lowercase(),
+                emulated: placement::kernel_emulates(&code[..first.len().min(code.len())]),
+                reason: format!("no entry cover ({why}): probed at +0"),
+            };
+            (site, Vec::new())
+        }
+    }
+}
+
+/// [`choose_probe_site`] on the first bytes at `file_offset` (`size`, 0 if
+/// unknown).
 fn probe_site(data: &[u8], file_offset: u64, size: u64, role: Role) -> Placement {
     let start = (file_offset as usize).min(data.len());
     let len = if size > 0 {

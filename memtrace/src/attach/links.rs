@@ -365,11 +365,15 @@ impl Probes {
                     (Role::Alloc(kind), _) => {
                         log_probe(alloc, point);
                         let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
-                        sites.push(point.probe_offset, cookie);
+                        for offset in point.probe_offsets() {
+                            sites.push(offset, cookie);
+                        }
                     }
                     (Role::Free, _) => {
                         log_probe(alloc, point);
-                        frees.push(point.probe_offset, 0);
+                        for offset in point.probe_offsets() {
+                            frees.push(offset, 0);
+                        }
                     }
                 }
             }
@@ -481,20 +485,22 @@ impl Probes {
                 )
             };
             let prog = entry_program(point.role);
-            // At `probe_offset` (the first instruction the kernel emulates, see
-            // `placement`), both probes see what they would at the function's
+            // At each site of the entry cover (instructions the kernel emulates,
+            // one on each path: see `exits::cover`), both probes see what they would at the function's
             // first instruction: the arguments, and rsp pointing at the return
             // address, which the return probe replaces.
             log_probe(alloc, point);
-            let link = self
-                .attach_one(prog, &alloc.open_path, point.probe_offset, pid)
-                .with_context(what)?;
-            self.links.push((prog, link));
-            if matches!(point.role, Role::Alloc(_)) {
+            for offset in point.probe_offsets() {
                 let link = self
-                    .attach_one(RETURN_PROGRAM, &alloc.open_path, point.probe_offset, pid)
+                    .attach_one(prog, &alloc.open_path, offset, pid)
                     .with_context(what)?;
-                self.links.push((RETURN_PROGRAM, link));
+                self.links.push((prog, link));
+                if matches!(point.role, Role::Alloc(_)) {
+                    let link = self
+                        .attach_one(RETURN_PROGRAM, &alloc.open_path, offset, pid)
+                        .with_context(what)?;
+                    self.links.push((RETURN_PROGRAM, link));
+                }
             }
         }
         Ok(self.links.len() - before)

@@ -35,7 +35,8 @@
 //! Rather than reason about every instruction, only an allow-list of simple forms
 //! may be passed over ([`passable`]): `endbr64`, `nop` (an encoding the kernel
 //! does not emulate), `test`, `cmp`, and `mov`/`movzx`/`movsx`/`movsxd`/`lea`/
-//! `xor` into a caller-saved register that is not a probed argument. They only
+//! `xor`/`add`/`sub`/`and`/`or`/`shl`/`shr`/`sar` into a caller-saved register
+//! that is not a probed argument. They only
 //! write flags or such a register, never memory, and do not use rsp at all
 //! (`cmpb $0,x(%rip)` and `mov (%rdi),%rax` read memory, which is harmless).
 //! Anything else ends the search: then the probe stays at the first instruction,
@@ -186,6 +187,13 @@ pub fn passable(
             | Mnemonic::Movsxd
             | Mnemonic::Lea
             | Mnemonic::Xor
+            | Mnemonic::Add
+            | Mnemonic::Sub
+            | Mnemonic::And
+            | Mnemonic::Or
+            | Mnemonic::Shl
+            | Mnemonic::Shr
+            | Mnemonic::Sar
     );
     if !allowed {
         return Err(format!(

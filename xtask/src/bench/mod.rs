@@ -28,7 +28,8 @@
 //!
 //! After the overhead runs come the report at scale ([`scale`]),
 //! symbolization against addr2line ([`symbolize`]), a real server,
-//! redis-server on jemalloc ([`redis`]), and the time to attach ([`attach`]).
+//! redis-server on jemalloc ([`redis`]), the workload on each allocator
+//! ([`allocators`]), and the time to attach ([`attach`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -50,6 +51,7 @@ use env::{Env, loadavg};
 use options::Options;
 use stats::Report;
 
+mod allocators;
 mod attach;
 mod continuous;
 mod document;
@@ -131,6 +133,7 @@ struct Extra {
     scale: Option<Result<scale::Scale>>,
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
+    allocators: Option<Result<allocators::Allocators>>,
     attach: Option<Result<attach::Attach>>,
     continuous: Option<Result<continuous::Continuous>>,
     exports: Option<Result<exports::Exports>>,
@@ -156,6 +159,13 @@ impl Extra {
             (Some(bin), n) if n > 0 => {
                 eprintln!("bench: redis-server under redis-benchmark ({n} rep(s))");
                 Some(redis::run(env, bin, n, opts.seed).context("the real-server figure"))
+            }
+            _ => None,
+        };
+        let allocators = match (&env.memtrace, opts.allocator_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: each allocator by LD_PRELOAD ({n} rep(s))");
+                Some(allocators::run(env, opts, bin, n).context("the per-allocator figure"))
             }
             _ => None,
         };
@@ -187,6 +197,7 @@ impl Extra {
             scale,
             symbolize,
             redis,
+            allocators,
             attach,
             continuous,
             exports,
@@ -236,6 +247,21 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("redis-server: not measured ({e:#})"));
         }
         None => targets.push("redis-server: not measured (skipped)".into()),
+    }
+    match &extra.allocators {
+        Some(Ok(a)) => {
+            text.push('\n');
+            text.push_str(&a.markdown());
+            targets.extend(a.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                text,
+                "\n## Each allocator (LD_PRELOAD)\n\nnot measured: {e:#}"
+            );
+            targets.push(format!("each allocator: not measured ({e:#})"));
+        }
+        None => targets.push("each allocator: not measured (skipped)".into()),
     }
     match &extra.attach {
         Some(Ok(a)) => {

@@ -52,6 +52,11 @@ options:
                        redis-server (on libjemalloc) under redis-benchmark,
                        untraced, memleak.bt retargeted, memtrace exact and
                        sampled (0: skip) [3]
+  --allocator-reps N   repetitions of the per-allocator figure: the workload
+                       (1 thread, 64 B, fp) on glibc and on Debian's jemalloc,
+                       tcmalloc and mimalloc by LD_PRELOAD, untraced and
+                       memtrace exact, each traced pair as a ratio to glibc's
+                       (0: skip) [3]
   --attach-reps N      repetitions of the attach figure: command start to ready
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with
@@ -79,6 +84,7 @@ as pass/miss, never asserted): memtrace exact <= 0.2x memleak.bt and sampled
 <= 0.12x (1 thread, 64 B, fp build); a report at scale <= 100 ms CPU and
 <= 100 MiB peak RSS; symbolization >= 5x faster than addr2line; redis-server
 traced by memtrace exact >= 0.5x its untraced throughput, sampled >= 0.6x;
+memtrace exact's pair on jemalloc, tcmalloc and mimalloc <= 1.3x glibc's;
 attach within 0.5 s (C program) and 1 s (python3), with at most 0.5 s of system
 CPU, and no slower than memleak.bt's time to ready.";
 
@@ -352,6 +358,7 @@ pub(super) struct Options {
     pub(super) seed: u64,
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
+    pub(super) allocator_reps: usize,
     pub(super) attach_reps: usize,
     pub(super) snapshot_intervals: u64,
     pub(super) export_reps: usize,
@@ -398,6 +405,7 @@ struct Given {
     seed: Option<u64>,
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
+    allocator_reps: Option<usize>,
     attach_reps: Option<usize>,
     snapshot_intervals: Option<u64>,
     export_reps: Option<usize>,
@@ -429,6 +437,7 @@ impl Given {
             "--seed" => self.seed = Some(parse_num(name, &value()?)?),
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
+            "--allocator-reps" => self.allocator_reps = Some(parse_num(name, &value()?)? as usize),
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
             "--snapshot-intervals" => self.snapshot_intervals = Some(parse_num(name, &value()?)?),
             "--export-reps" => self.export_reps = Some(parse_num(name, &value()?)? as usize),
@@ -483,6 +492,7 @@ impl Given {
             seed,
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
+            allocator_reps: self.allocator_reps.unwrap_or(if quick { 1 } else { 3 }),
             attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
             snapshot_intervals: self
                 .snapshot_intervals

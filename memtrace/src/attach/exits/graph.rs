@@ -21,14 +21,33 @@ pub(super) struct Insn {
     pub(super) zeroes_rax: bool,
     /// A call taken not to return: the padding after it gets a guard.
     pub(super) guarded: bool,
+    /// A branch out of the function (a tail call, a jump through a register
+    /// or the GOT): for a conditional jump, its taken edge. Only in graphs
+    /// built with [`Leaving::Allowed`].
+    pub(super) leaves: bool,
+}
+
+/// Whether a graph may have branches out of the function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Leaving {
+    /// Result sites: the call must end in the function's own `ret`.
+    Refused,
+    /// Entry covers: a path may leave the function, the call going on
+    /// elsewhere (it has been seen by then).
+    Allowed,
 }
 
 /// Decodes `code` (a whole function at offset 0) into a graph; Err if it
 /// leaves the function other than by `ret` or holds what cannot be followed.
 pub(super) fn build_graph(code: &[u8]) -> Result<Vec<Insn>, String> {
+    build_graph_with(code, Leaving::Refused)
+}
+
+/// [`build_graph`], with branches out of the function as `leaving` says.
+pub(super) fn build_graph_with(code: &[u8], leaving: Leaving) -> Result<Vec<Insn>, String> {
     let (mut g, at) = decode(code)?;
     for i in 0..g.len() {
-        link(&mut g, i, &at)?;
+        link(&mut g, i, &at, code.len() as u64, leaving)?;
     }
     mark_padding(&mut g);
     Ok(g)
@@ -57,6 +76,7 @@ fn decode(code: &[u8]) -> Result<(Vec<Insn>, HashMap<u64, usize>), String> {
             writes_rax: writes_rax(&mut factory, &insn),
             zeroes_rax: zeroes_rax(&insn),
             guarded: false,
+            leaves: false,
         });
     }
     Ok((out, at))
@@ -94,10 +114,44 @@ fn zeroes_rax(insn: &Instruction) -> bool {
     }
 }
 
-/// Sets the successors and kind of instruction `i` from its flow control.
-fn link(g: &mut [Insn], i: usize, at: &HashMap<u64, usize>) -> Result<(), String> {
+/// Sets the successors and kind of instruction `i` from its flow control;
+/// `len`: the function's size.
+fn link(
+    g: &mut [Insn],
+    i: usize,
+    at: &HashMap<u64, usize>,
+    len: u64,
+    leaving: Leaving,
+) -> Result<(), String> {
     let n = g.len();
     let insn = g[i].insn;
+    let out = leaving == Leaving::Allowed
+        && match insn.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                insn.near_branch_target() >= len
+            }
+            FlowControl::IndirectBranch => true,
+            _ => false,
+        };
+    // The last instruction falling through (a call to a function that
+    // does not return, without padding): the path ends there.
+    let past_end = leaving == Leaving::Allowed
+        && i + 1 == n
+        && matches!(
+            insn.flow_control(),
+            FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall
+        );
+    if out || past_end {
+        g[i].leaves = true;
+        if insn.flow_control() == FlowControl::ConditionalBranch {
+            g[i].succs = vec![i + 1];
+            g[i].is_jcc = true;
+            if i + 1 >= n {
+                return Err(format!("+{:#x} runs past the function's end", insn.ip()));
+            }
+        }
+        return Ok(());
+    }
     let index = |target: u64| -> Result<usize, String> {
         at.get(&target).copied().ok_or_else(|| {
             format!(

@@ -61,7 +61,6 @@
 //!   The sites get a plain uprobe_multi link of their own.
 use iced_x86::Register;
 
-pub use self::conf::guard_conf;
 use self::{
     check::check_plan,
     flow::data_flow,
@@ -69,9 +68,14 @@ use self::{
     regions::regions,
     sites::Planner,
 };
+pub use self::{
+    conf::guard_conf,
+    cover::{CoverSite, plan_entry_cover},
+};
 
 mod check;
 mod conf;
+mod cover;
 mod flow;
 mod graph;
 mod regions;

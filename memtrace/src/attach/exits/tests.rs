@@ -170,3 +170,124 @@ fn glibc_malloc_is_read_at_its_result_sites() {
     assert!(!plan.guards.is_empty());
     assert!(walk_check(&code, &plan, 20_000) > 1000);
 }
+
+/// The entry cover of `code` for a probe reading rdi, as (offset, mnemonic).
+fn cover(code: &[u8]) -> Result<Vec<(u64, String)>, String> {
+    plan_entry_cover(code, &[Register::RDI])
+        .map(|sites| sites.into_iter().map(|s| (s.delta, s.mnemonic)).collect())
+}
+
+#[test]
+fn a_cover_passes_arithmetic_on_scratch_registers() {
+    // jemalloc's free: mov %rdi,%rax; shr $0x1a,%rax; and $0xf0,%eax;
+    // add %fs:0,%rax; cmp 0x1b0(%rax),%rcx; jne out; ret
+    let code = [
+        0x48, 0x89, 0xf8, // mov %rdi,%rax
+        0x48, 0xc1, 0xe8, 0x1a, // shr $0x1a,%rax
+        0x25, 0xf0, 0x00, 0x00, 0x00, // and $0xf0,%eax
+        0x64, 0x48, 0x03, 0x04, 0x25, 0, 0, 0, 0, // add %fs:0,%rax
+        0x48, 0x3b, 0x88, 0xb0, 0x01, 0x00, 0x00, // cmp 0x1b0(%rax),%rcx
+        0x0f, 0x85, 0x10, 0x00, 0x00, 0x00, // jne (out of the function)
+        0xc3, // ret
+    ];
+    assert_eq!(cover(&code).unwrap(), [(28, "jne".to_string())]);
+}
+
+#[test]
+fn a_cover_stops_at_what_changes_what_the_probe_sees() {
+    // mov %rdi,%rsi; mov (%rax),%rdi; ja: the size moved out of rdi.
+    let moved = [0x48, 0x89, 0xfe, 0x48, 0x8b, 0x38, 0x77, 0x00, 0xc3];
+    let err = cover(&moved).unwrap_err();
+    assert!(err.contains("+0x3") && err.contains("RDI"), "{err}");
+    // A store before the branch: a free would already be visible.
+    let store = [0x48, 0x89, 0x38, 0x74, 0x00, 0xc3];
+    assert!(cover(&store).unwrap_err().contains("memory"));
+    // A callee-saved register written (the unwinder reads it as the caller's).
+    let rbx = [0x48, 0x89, 0xfb, 0x74, 0x00, 0xc3];
+    assert!(cover(&rbx).unwrap_err().contains("RBX"));
+    // A path that leaves by a jump through a register before any site.
+    let out = [0x48, 0x85, 0xff, 0xff, 0xe0];
+    assert!(
+        cover(&out).unwrap_err().contains("+0x3"),
+        "{:?}",
+        cover(&out)
+    );
+    // A tail jump at the entry is itself the site (emulated).
+    assert_eq!(
+        cover(&[0xe9, 0x10, 0, 0, 0]).unwrap(),
+        [(0, "jmp".to_string())]
+    );
+}
+
+#[test]
+fn a_cover_of_several_sites_is_checked_on_every_path() {
+    // test %rdi,%rdi; ds jne +3 (a hinted jump: not emulated, paths split);
+    // push %rbx (site 1); pop %rbx; ret; +0xa: push %rbp (site 2); pop %rbp; ret
+    let code = [
+        0x48, 0x85, 0xff, // +0 test
+        0x3e, 0x75, 0x03, // +3 ds jne +9
+        0x53, 0x5b, 0xc3, // +6 push rbx; pop rbx; ret
+        0x55, 0x5d, 0xc3, // +9 push rbp; pop rbp; ret
+    ];
+    assert_eq!(
+        cover(&code).unwrap(),
+        [(6, "push".to_string()), (9, "push".to_string())]
+    );
+    // The same with a jump from the second path back into the first
+    // site's: the path through both sites is counted twice.
+    let twice = [
+        0x48, 0x85, 0xff, // +0 test
+        0x3e, 0x75, 0x03, // +3 ds jne +9
+        0x53, 0x5b, 0xc3, // +6 push rbx; pop rbx; ret
+        0x55, 0x5d, 0xeb, 0xf9, // +9 push rbp; pop rbp; jmp +6
+    ];
+    let err = cover(&twice).unwrap_err();
+    assert!(err.contains("2 or more"), "{err}");
+    // A loop back before the site: entering twice.
+    let again = [0x48, 0x85, 0xff, 0x74, 0x02, 0xeb, 0xf9, 0xc3];
+    let err = cover(&again).unwrap_err();
+    assert!(err.starts_with("check:"), "{err}");
+}
+
+/// The covers of the other allocators' malloc and free, where Debian's
+/// libraries are installed: one emulated site each where their arguments
+/// are intact (jemalloc's free computes for nine instructions first).
+#[test]
+fn covers_of_installed_allocators() {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    /// The site, or what the reason there is none names.
+    type Want = Result<(u64, &'static str), &'static str>;
+    let cases: [(&str, &str, Want); 6] = [
+        ("libjemalloc.so.2", "malloc", Ok((7, "ja"))),
+        ("libjemalloc.so.2", "free", Ok((0x30, "jne"))),
+        ("libtcmalloc_minimal.so.4", "malloc", Ok((10, "jne"))),
+        ("libtcmalloc_minimal.so.4", "free", Ok((10, "jne"))),
+        // mimalloc's malloc moves the size to rsi for its heap first.
+        ("libmimalloc.so.2", "malloc", Err("RDI")),
+        ("libmimalloc.so.2", "free", Ok((6, "je"))),
+    ];
+    for (lib, name, want) in cases {
+        let Ok(data) = std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{lib}")) else {
+            continue;
+        };
+        let file = object::File::parse(&*data).unwrap();
+        let text = file.section_by_name(".text").unwrap();
+        let (text_off, _) = text.file_range().unwrap();
+        let sym = file
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok(name))
+            .unwrap();
+        let off = (sym.address() - text.address() + text_off) as usize;
+        let code = &data[off..off + sym.size() as usize];
+        let got = cover(code);
+        match want {
+            Ok((delta, insn)) => {
+                assert_eq!(got, Ok(vec![(delta, insn.to_string())]), "{lib} {name}")
+            }
+            Err(why) => assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{lib} {name}: {got:?}"
+            ),
+        }
+    }
+}
