@@ -25,6 +25,17 @@ pub fn running_kernel() -> UprobeOffsets {
     }
 }
 
+/// The byte offset of `task_struct.thread.fsbase` in the running kernel:
+/// what a CPython 3.10 thread state's `thread_id` (its `pthread_self()`) is
+/// matched against.
+pub fn task_fsbase() -> Result<u32> {
+    let path = Path::new(VMLINUX_BTF);
+    let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("reading {}", path.display()))?;
+    member(&btf, "task_struct", &["thread", "fsbase"])
+}
+
 fn from_btf_file(path: &Path) -> Result<UprobeOffsets> {
     let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
         .map_err(|e| anyhow!("{e}"))

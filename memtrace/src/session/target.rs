@@ -17,7 +17,7 @@ use crate::{
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
         maps::{MapSizes, TraceMaps},
-        object,
+        object, uprobe_offsets,
     },
     process::maps::read_maps,
     process::modules::Generation,
@@ -109,10 +109,23 @@ fn setup_python(
             None
         }
         python::Found::Python(interp) => {
-            let layout = memtrace_common::PythonLayout {
+            let mut layout = memtrace_common::PythonLayout {
                 keep_native: u32::from(keep_native),
                 ..interp.bpf
             };
+            if layout.flags & memtrace_common::PY_LAYOUT_TID_PTHREAD != 0 {
+                match uprobe_offsets::task_fsbase() {
+                    Ok(off) => layout.task_fsbase_off = off,
+                    Err(e) => {
+                        eprintln!(
+                            "memtrace: Python {}: threads cannot be told apart ({e:#}): stacks \
+                             show no Python frames",
+                            interp.version
+                        );
+                        return None;
+                    }
+                }
+            }
             if let Err(e) = maps.set_python(layout) {
                 eprintln!("memtrace: stacks show no Python frames: {e:#}");
                 return None;
