@@ -359,6 +359,65 @@ fn python_before_3_10_is_named_and_traced_natively() {
     assert_eq!(blocks, N, "{}", r.summary());
 }
 
+/// A C program that links pyenv's `libpython3.12.so` and calls
+/// py_leaks.py's `work()` from C: the interpreter is found in the library,
+/// the leaks named by line, launched and attached to.
+#[test]
+fn python_leaks_are_named_in_a_program_that_embeds_libpython() {
+    require_root();
+    require_memtrace();
+    let Some(python) = pyenv("3.12.1") else {
+        eprintln!("note: pyenv CPython 3.12.1 not installed: skipped");
+        return;
+    };
+    let prefix = python.parent().and_then(Path::parent).unwrap();
+    let (include, lib) = (prefix.join("include/python3.12"), prefix.join("lib"));
+    let flags = [
+        format!("-I{}", include.display()),
+        format!("-L{}", lib.display()),
+        format!("-Wl,-rpath,{}", lib.display()),
+        "-lpython3.12".to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let bin = build_fixture_with("py_embed", Variant::FramePointers, Some("py312"), &flags);
+    let dir = fixtures_dir();
+    let dir = dir.to_str().unwrap();
+
+    let run = run_launch_env(
+        LAUNCH_ARGS,
+        &[bin.to_str().unwrap(), dir],
+        &[("PYTHONMALLOC", "malloc")],
+    );
+    run.assert_exit(0);
+    assert!(
+        run.stderr.contains("Python 3.12.1 in ") && run.stderr.contains("libpython3.12.so"),
+        "{}",
+        run.stderr
+    );
+    assert_python_leaks(&run.report, "embedded 3.12.1");
+    // work() is the outermost Python frame: C called it.
+    for s in sites_of(
+        &run.report,
+        "cache_put",
+        line_of("cache_put"),
+        BYTES_HEADER + CACHE_SIZE,
+    ) {
+        let py = python_frames(s);
+        assert_eq!(py.len(), 2, "{py:?}");
+    }
+
+    let mut target = TestProcess::spawn_env(&bin, &[dir, "attach"], &[("PYTHONMALLOC", "malloc")]);
+    target.wait_ready();
+    let mut session = AttachSession::spawn(target.pid(), &[], &[]);
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let run = session.stop(libc::SIGINT);
+    target.finish_unharmed();
+    run.assert_exit(0);
+    assert_python_leaks(&run.report, "embedded 3.12.1, attached");
+}
+
 /// The same work, once under memtrace and once under tracemalloc (in the
 /// process, from its start): outstanding bytes per leaking Python line agree
 /// within 10%.
