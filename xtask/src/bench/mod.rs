@@ -28,7 +28,8 @@
 //!
 //! After the overhead runs come the report at scale ([`scale`]),
 //! symbolization against addr2line ([`symbolize`]), a real server,
-//! redis-server on jemalloc ([`redis`]), and the time to attach ([`attach`]).
+//! redis-server on jemalloc ([`redis`]), Python services ([`python`]), and
+//! the time to attach ([`attach`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -59,6 +60,7 @@ mod markdown;
 mod memtrace_out;
 mod options;
 mod proc;
+mod python;
 mod redis;
 mod run;
 mod scale;
@@ -129,6 +131,7 @@ struct Extra {
     scale: Option<Result<scale::Scale>>,
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
+    python: Option<Result<python::Python>>,
     attach: Option<Result<attach::Attach>>,
 }
 
@@ -155,6 +158,13 @@ impl Extra {
             }
             _ => None,
         };
+        let python = match (&env.memtrace, opts.python_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: Python services ({n} rep(s))");
+                Some(python::run(env, bin, n, opts.seed).context("the Python figure"))
+            }
+            _ => None,
+        };
         let attach = match (&env.memtrace, opts.attach_reps) {
             (Some(bin), n) if n > 0 => {
                 eprintln!("bench: attach time ({n} rep(s))");
@@ -166,6 +176,7 @@ impl Extra {
             scale,
             symbolize,
             redis,
+            python,
             attach,
         }
     }
@@ -213,6 +224,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("redis-server: not measured ({e:#})"));
         }
         None => targets.push("redis-server: not measured (skipped)".into()),
+    }
+    match &extra.python {
+        Some(Ok(p)) => {
+            text.push('\n');
+            text.push_str(&p.markdown());
+            targets.extend(p.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Python services\n\nnot measured: {e:#}");
+            targets.push(format!("Python services: not measured ({e:#})"));
+        }
+        None => targets.push("Python services: not measured (skipped)".into()),
     }
     match &extra.attach {
         Some(Ok(a)) => {

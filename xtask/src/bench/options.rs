@@ -52,6 +52,10 @@ options:
                        redis-server (on libjemalloc) under redis-benchmark,
                        untraced, memleak.bt retargeted, memtrace exact and
                        sampled (0: skip) [3]
+  --python-reps N      repetitions of the Python figure: a stdlib
+                       ThreadingHTTPServer under a client, and an allocation
+                       loop, on pyenv's CPython 3.12, untraced, memtrace exact
+                       and memtrace --sample-bytes 64KiB (0: skip) [3]
   --attach-reps N      repetitions of the attach figure: command start to ready
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with
@@ -71,6 +75,8 @@ as pass/miss, never asserted): memtrace exact <= 0.2x memleak.bt and sampled
 <= 0.12x (1 thread, 64 B, fp build); a report at scale <= 100 ms CPU and
 <= 100 MiB peak RSS; symbolization >= 5x faster than addr2line; redis-server
 traced by memtrace exact >= 0.5x its untraced throughput, sampled >= 0.6x;
+the Python service under memtrace --sample-bytes 64KiB >= 0.9x its untraced
+throughput, with both leaking lines among the report's top 5 sites;
 attach within 0.5 s (C program) and 1 s (python3), with at most 0.5 s of system
 CPU, and no slower than memleak.bt's time to ready.";
 
@@ -344,6 +350,7 @@ pub(super) struct Options {
     pub(super) seed: u64,
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
+    pub(super) python_reps: usize,
     pub(super) attach_reps: usize,
     pub(super) symbolize: bool,
     pub(super) write_benchmarks: bool,
@@ -388,6 +395,7 @@ struct Given {
     seed: Option<u64>,
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
+    python_reps: Option<usize>,
     attach_reps: Option<usize>,
     no_symbolize: bool,
     write_benchmarks: bool,
@@ -417,6 +425,7 @@ impl Given {
             "--seed" => self.seed = Some(parse_num(name, &value()?)?),
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
+            "--python-reps" => self.python_reps = Some(parse_num(name, &value()?)? as usize),
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
             "--no-symbolize" => self.no_symbolize = true,
             "--write-benchmarks" => self.write_benchmarks = true,
@@ -469,6 +478,7 @@ impl Given {
             seed,
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
+            python_reps: self.python_reps.unwrap_or(if quick { 1 } else { 3 }),
             attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
             symbolize: !self.no_symbolize,
             write_benchmarks: self.write_benchmarks,
