@@ -258,7 +258,7 @@ fn leaks_named(script: &Path, json: &Path) -> Result<bool> {
             (bytes, frames)
         })
         .collect();
-    top.sort_by(|a, b| b.0.cmp(&a.0));
+    top.sort_by_key(|s| std::cmp::Reverse(s.0));
     top.truncate(TOP_SITES);
     let has = |line: u64| {
         top.iter().any(|(_, frames)| {
