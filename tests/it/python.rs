@@ -244,6 +244,12 @@ fn python_leaks_are_named_by_line_on_each_interpreter_launched() {
             run.stderr
         );
         assert_python_leaks(&run.report, &name);
+        // Under PYTHONMALLOC=malloc nothing is unseen.
+        assert_eq!(
+            run.report.0["untraced_entry_points"],
+            serde_json::json!([]),
+            "{name}"
+        );
     }
 }
 
@@ -265,6 +271,16 @@ fn python_leaks_are_named_in_a_running_interpreter() {
         run.assert_exit(0);
         let what = format!("{name}, attached");
         assert_python_leaks(&run.report, &what);
+        // Started without PYTHONMALLOC=malloc: pymalloc's objects are not
+        // seen, and the report says so.
+        let unseen: Vec<&str> = run.report.0["untraced_entry_points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|u| u["name"].as_str())
+            .collect();
+        assert_eq!(unseen, ["PyMem_Malloc", "PyObject_Malloc"], "{what}");
+        assert!(run.stderr.contains("(pymalloc) are not traced"), "{what}");
         // ctypes was loaded before memtrace came: its frames are named.
         for s in sites_of(&run.report, "c_leak", line_of("c_leak"), C_SIZE) {
             if native_walk_hijacked(s) {

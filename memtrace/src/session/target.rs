@@ -13,6 +13,7 @@ use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocators},
     attach::links::Probes,
+    attach::resolve::UntracedEntry,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
@@ -138,6 +139,31 @@ fn setup_python(
             Some(PythonResolver::new(pid, *interp))
         }
     }
+}
+
+/// Lists pymalloc's functions among the untraced entry points of a Python
+/// target that was not started with `PYTHONMALLOC=malloc`: the report then
+/// says it is not complete, and which blocks it does not see.
+fn note_pymalloc(pid: u32, python: Option<&PythonResolver>, allocators: &mut Allocators) {
+    let Some(interp) = python.map(PythonResolver::interpreter) else {
+        return;
+    };
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    if python::allocates_with_malloc(&environ) {
+        return;
+    }
+    eprintln!(
+        "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: start the \
+         target with PYTHONMALLOC=malloc to see them"
+    );
+    for name in python::PYMALLOC_ENTRY_POINTS {
+        allocators.untraced.push(UntracedEntry {
+            name: name.to_string(),
+            module: interp.module.clone(),
+        });
+    }
+    allocators.untraced.sort();
+    allocators.untraced.dedup();
 }
 
 /// Attaches to `target`: the running process, or the command launched for
@@ -285,7 +311,7 @@ fn attach_existing(
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
-    let allocators = allocator::find_allocators(pid, &maps)
+    let mut allocators = allocator::find_allocators(pid, &maps)
         .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
@@ -308,6 +334,7 @@ fn attach_existing(
         load_tables(&mut tables, &mut trace_maps, pid, &early, HashMap::new())
     });
     let python = setup_python(&mut trace_maps, pid, &early, keep_native);
+    note_pymalloc(pid, python.as_ref(), &mut allocators);
     drop(early);
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
@@ -395,7 +422,7 @@ fn launch_new(
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
     let dynamic = matches!(loading, Loading::Dynamic { .. });
-    let (allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
+    let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)
     })?;
     // (The child is stopped: its mappings stay as captured while the
@@ -426,6 +453,7 @@ fn launch_new(
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
     let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
+    note_pymalloc(pid, python.as_ref(), &mut allocators);
     launch::continue_child(pid);
     Ok(Attached {
         pid,

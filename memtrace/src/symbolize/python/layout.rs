@@ -152,6 +152,23 @@ fn version_layout(minor: u8) -> Option<VersionLayout> {
     Some(VersionLayout { bpf, code })
 }
 
+/// Whether a CPython started with this environment (`/proc/PID/environ`:
+/// `KEY=value` strings, each ending in a NUL) sends every allocation to
+/// `malloc`: `PYTHONMALLOC=malloc` or `malloc_debug`. Otherwise objects of
+/// 512 bytes or less come from pymalloc (or 3.13's mimalloc), which is not
+/// traced. (An embedder can choose its allocator in code, which this cannot
+/// see: such a program is taken to use pymalloc.)
+pub fn allocates_with_malloc(environ: &[u8]) -> bool {
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"PYTHONMALLOC="))
+        .is_some_and(|v| v == b"malloc" || v == b"malloc_debug")
+}
+
+/// The functions of pymalloc, which memtrace does not trace, as the report
+/// lists them among the untraced entry points.
+pub const PYMALLOC_ENTRY_POINTS: &[&str] = &["PyObject_Malloc", "PyMem_Malloc"];
+
 /// A CPython interpreter found in the target.
 #[derive(Clone, Debug)]
 pub struct Interpreter {
@@ -303,6 +320,22 @@ fn read_u32(elf: &object::File<'_>, vaddr: u64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pymalloc_unless_told_malloc() {
+        assert!(!allocates_with_malloc(b""));
+        assert!(!allocates_with_malloc(
+            b"HOME=/root\0PYTHONMALLOC=pymalloc\0"
+        ));
+        assert!(!allocates_with_malloc(b"PYTHONMALLOC=mimalloc\0"));
+        assert!(!allocates_with_malloc(b"XPYTHONMALLOC=malloc\0"));
+        assert!(allocates_with_malloc(b"A=1\0PYTHONMALLOC=malloc\0B=2\0"));
+        assert!(allocates_with_malloc(b"PYTHONMALLOC=malloc_debug"));
+        // getenv(), which CPython reads it with, finds the first.
+        assert!(!allocates_with_malloc(
+            b"PYTHONMALLOC=pymalloc\0PYTHONMALLOC=malloc\0"
+        ));
+    }
 
     #[test]
     fn layouts_of_the_versions_read() {
