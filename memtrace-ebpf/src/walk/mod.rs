@@ -119,11 +119,23 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
             start_at_registers(ctx)
         }
     };
-    walk_stack(&start)
+    match walk_stack(&start) {
+        UNSTORED => {
+            python::python_append();
+            store_stack()
+        }
+        id => id,
+    }
 }
 
+/// What `walk_stack` returns for a walk it left in STACK_SCRATCH unstored:
+/// a Python target's, whose Python frames its caller appends first. Never
+/// a key of STACKS (see `store_stack`).
+pub(crate) const UNSTORED: u64 = u64::MAX;
+
 /// The key in STACKS of the stack walked from `start` with the unwind
-/// tables, or NO_STACK (with the reason counted). A global function: the
+/// tables, or NO_STACK (with the reason counted), or UNSTORED for a
+/// Python target's stack (left in STACK_SCRATCH). A global function: the
 /// verifier checks the walk once, on its own, not again at every state
 /// the program reaches it in.
 #[unsafe(no_mangle)]
@@ -187,10 +199,14 @@ pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
         return NO_STACK;
     }
     // A Python stack also depends on the interpreter's frames, which a
-    // remembered walk does not check: not remembered.
-    let python = python::append(scratch);
+    // remembered walk does not check: not remembered. Its Python frames are
+    // appended by the caller, outside this function's frame (the deepest
+    // chain of frames must fit the BPF stack).
+    if python::enabled() {
+        return UNSTORED;
+    }
     let id = store_stack();
-    if !python && id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
+    if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
         remember(cached, start, &w, generation, tgid, id);
     }
     id
@@ -224,7 +240,7 @@ fn frame_pointer_stack<C: EbpfContext>(ctx: &C) -> u64 {
     }
     scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
     scratch.flags = STACK_FP_ONLY;
-    let _ = python::append(scratch);
+    python::python_append();
     store_stack()
 }
 

@@ -403,12 +403,34 @@ fn mark_entry(last: u32) {
     }
 }
 
+/// Whether the target runs a Python memtrace reads (its stacks then end
+/// with Python frames: see `python_append`).
+#[inline(always)]
+pub(crate) fn enabled() -> bool {
+    PYTHON_LAYOUT.get(0).is_some_and(|l| l.enabled != 0)
+}
+
+/// `append` to the stack in STACK_SCRATCH. A global function: its state
+/// is on a stack frame of its own, called from the program rather than from
+/// inside the walk, so the deepest chain of frames stays within the BPF
+/// stack's 512 bytes.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn python_append() -> i64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; the walk that
+    // filled it is over, and nothing else in this program refers to it meanwhile.
+    i64::from(append(unsafe { &mut *scratch }))
+}
+
 /// Appends the calling thread's Python frames, innermost first, to the
 /// native stack in `scratch`; the native frames below the innermost Python
 /// frame's C frame are left out (and counted) unless `keep_native`.
 /// Returns whether the target runs a Python memtrace reads.
 #[inline(always)]
-pub(crate) fn append(scratch: &mut StackTrace) -> bool {
+fn append(scratch: &mut StackTrace) -> bool {
     let Some(l) = PYTHON_LAYOUT.get(0) else {
         return false;
     };
