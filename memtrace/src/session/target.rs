@@ -17,8 +17,9 @@ use crate::{
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
+        btf_facts,
         maps::{MapSizes, TraceMaps},
-        object, uprobe_offsets,
+        object,
     },
     process::maps::read_maps,
     process::modules::Generation,
@@ -115,16 +116,15 @@ fn setup_python(
                 ..interp.bpf
             };
             if layout.flags & memtrace_common::PY_LAYOUT_TID_PTHREAD != 0 {
-                match uprobe_offsets::task_fsbase() {
-                    Ok(off) => layout.task_fsbase_off = off,
-                    Err(e) => {
-                        eprintln!(
-                            "memtrace: Python {}: threads cannot be told apart ({e:#}): stacks \
-                             show no Python frames",
-                            interp.version
-                        );
-                        return None;
-                    }
+                layout.task_fsbase_off = btf_facts::get().task_fsbase_offset;
+                if layout.task_fsbase_off == 0 {
+                    eprintln!(
+                        "memtrace: Python {}: threads cannot be told apart (no \
+                         task_struct.thread.fsbase in the kernel's BTF): stacks show no \
+                         Python frames",
+                        interp.version
+                    );
+                    return None;
                 }
             }
             if let Err(e) = maps.set_python(layout) {
@@ -179,6 +179,8 @@ pub(super) fn attach(
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
+    // Needed when the maps are created; read meanwhile.
+    crate::kernel::btf_facts::read_ahead();
     let at = match target {
         Target::Attach(pid) => {
             attach_existing(*pid, sizes, sampling, keep_native, steps, symbolizer)
@@ -281,6 +283,13 @@ pub(super) fn load_tables(
     }
 }
 
+/// The modules of running process `pid` at code generation `generation`
+/// (an error saying so if it exited meanwhile).
+fn capture_running(pid: u32, generation: &mut dyn FnMut() -> Generation) -> Result<ProcessModules> {
+    ProcessModules::capture_at(pid, generation)
+        .map_err(|e| exited_during_attach(pid, anyhow!(e).context("reading the target's modules")))
+}
+
 fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     if alive(pid) {
         e
@@ -305,9 +314,7 @@ fn attach_existing(
     // Read once now, for the unwind tables to compile and the debug info to
     // load while the kernel verifies the programs; read again (below) once
     // code unmapped is watched, for the modules the stacks are resolved in.
-    let early = ProcessModules::capture_at(pid, &mut || 0).map_err(|e| {
-        exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
-    })?;
+    let early = capture_running(pid, &mut || 0)?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
@@ -339,10 +346,7 @@ fn attach_existing(
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
     watch_unmaps(&mut probes);
-    let modules =
-        ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
-            exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
-        })?;
+    let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     let nprobes = steps
