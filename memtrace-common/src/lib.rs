@@ -408,7 +408,8 @@ pub const STACK_PYTHON_FOLDED: u32 = 128;
 // also reads the calling thread's Python frame chain. Each Python frame is two
 // words at the end of `StackTrace::frames`: the code object's address (bit 0:
 // the frame was entered from C, see PY_FRAME_ENTRY), then the instruction's
-// byte offset from the code object (low half) and a check of the code object
+// byte offset from the code object (low half; 3.10: `f_lasti`, see
+// PY_LAYOUT_LASTI) and a check of the code object
 // (high half, see `python_code_check`). Userspace reads the code object's
 // names and line table from the target's memory.
 
@@ -419,7 +420,8 @@ pub const MAX_PYTHON_FRAMES: usize = 48;
 pub const PY_FRAME_ENTRY: u64 = 1;
 
 /// The check kept with each Python frame: from two fields of the code object
-/// next to each other (`co_stacksize` and `co_firstlineno` on 3.11–3.13), so
+/// next to each other (`co_stacksize` and `co_firstlineno` on 3.11–3.13,
+/// `co_flags` and `co_firstlineno` on 3.10), so
 /// that a code object freed and its address reused by another is told apart.
 pub const fn python_code_check(word: u64) -> u32 {
     let x = word.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -471,8 +473,26 @@ pub struct PythonLayout {
     pub code_qualname_off: u32,
     pub code_filename_off: u32,
     pub code_linetable_off: u32,
+    /// `PY_LAYOUT_*` bits: how this version differs from 3.11's model.
+    pub flags: u32,
+    /// `task_struct.thread.fsbase` in the running kernel (for
+    /// `PY_LAYOUT_TID_PTHREAD`).
+    pub task_fsbase_off: u32,
     pub _pad: u32,
 }
+
+/// `PythonLayout::flags`: the thread state's `tstate_tid_off` field is the
+/// creating thread's `pthread_self()` (3.10's `thread_id`; 3.10 has no
+/// `native_thread_id`), matched against the calling task's `fsbase`: glibc's
+/// and musl's `pthread_self()` on x86-64.
+pub const PY_LAYOUT_TID_PTHREAD: u32 = 1;
+/// The frame's `frame_instr_off` field is an `int` index of the last
+/// instruction in code units (3.10's `f_lasti`, -1 before the first), not a
+/// pointer: recorded as it is.
+pub const PY_LAYOUT_LASTI: u32 = 2;
+/// Every frame has its own C frame of the evaluation function (3.10's
+/// `PyFrameObject`s): each is marked `PY_FRAME_ENTRY`.
+pub const PY_LAYOUT_EVERY_ENTRY: u32 = 4;
 
 /// Bytes of each part of a [`PythonCodeCopy`].
 pub const PY_COPY_CODE: usize = 256;
@@ -525,8 +545,13 @@ pub const PYTHON_NEW_CODES_ENTRIES: u32 = 16384;
 
 /// `_PyInterpreterFrame.owner` of a shim frame that C code pushes (3.12+).
 pub const PY_FRAME_OWNED_BY_CSTACK: u8 = 3;
-/// Bytes of a `_PyInterpreterFrame` read in one go: every field used above.
-pub const PY_FRAME_READ: usize = 72;
+/// Bytes of a frame read in one go: every field used above, of a
+/// `PyFrameObject` (3.10, `f_lasti` at 96) or a `_PyInterpreterFrame`
+/// (3.11+, in its first [`PY_FRAME_READ_MIN`] bytes).
+pub const PY_FRAME_READ: usize = 104;
+/// Read when `PY_FRAME_READ` bytes cannot be: a 3.11+ frame at the very end
+/// of its mapping.
+pub const PY_FRAME_READ_MIN: usize = 72;
 
 /// The argument layouts of the allocator entry points memtrace probes. The
 /// value is stored in [`PendingCall::kind`]; each variant is named after the
@@ -1443,7 +1468,7 @@ const _: () = {
     assert!(core::mem::size_of::<PendingCall>() == 48);
     assert!(core::mem::offset_of!(PendingCall, size) == 8);
     assert!(core::mem::offset_of!(StackTrace, frames) == 8);
-    assert!(core::mem::size_of::<PythonLayout>() == 104);
+    assert!(core::mem::size_of::<PythonLayout>() == 112);
     assert!(
         core::mem::size_of::<PythonCodeCopy>()
             == 40 + PY_COPY_CODE + PY_COPY_QUALNAME + PY_COPY_FILENAME + PY_COPY_LINETABLE

@@ -1,6 +1,7 @@
 //! Python targets: leaks named by Python function, file and line, on each
-//! CPython installed (pyenv's shared-libpython builds and Debian's static,
-//! stripped, LTO `/usr/bin/python3.11`), launched and attached to.
+//! CPython installed (pyenv's shared-libpython builds 3.10 to 3.13 and
+//! Debian's static, stripped, LTO `/usr/bin/python3.11`), launched and
+//! attached to.
 //!
 //! The fixture `py_leaks.py` runs under `PYTHONMALLOC=malloc`, so every
 //! allocation of the interpreter goes through libc and the counts are exact.
@@ -65,7 +66,7 @@ fn pyenv(v: &str) -> Option<PathBuf> {
 /// Every interpreter the tests run on: (name, path).
 fn interpreters() -> Vec<(String, PathBuf)> {
     let mut found = Vec::new();
-    for v in ["3.11.7", "3.12.1", "3.13.0"] {
+    for v in ["3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
         match pyenv(v) {
             Some(p) => found.push((format!("pyenv {v}"), p)),
             None => eprintln!("note: pyenv CPython {v} not installed: skipped"),
@@ -77,7 +78,7 @@ fn interpreters() -> Vec<(String, PathBuf)> {
     } else {
         eprintln!("note: /usr/bin/python3.11 not installed: skipped");
     }
-    assert!(!found.is_empty(), "no CPython 3.11-3.13 installed");
+    assert!(!found.is_empty(), "no CPython 3.10-3.13 installed");
     found
 }
 
@@ -152,9 +153,20 @@ fn py_summary(r: &Report) -> String {
     format!("{}\n{out}", r.0["drops"])
 }
 
+/// A function's name as the interpreter `what` names it: 3.10's code
+/// objects have no qualified name (`Thread.run` is `run`).
+fn named(what: &str, qualname: &str) -> String {
+    if what.contains(" 3.10.") {
+        qualname.rsplit('.').next().unwrap_or(qualname).to_string()
+    } else {
+        qualname.to_string()
+    }
+}
+
 /// One leak: exactly N blocks of `size` at the line, in sites whose next
 /// Python frame is `caller`.
 fn assert_leak(r: &Report, what: &str, (function, line): (&str, u32), size: u64, caller: &str) {
+    let caller = named(what, caller);
     let sites = sites_of(r, function, line, size);
     let blocks: u64 = sites.iter().map(|s| Report::blocks(s)).sum();
     let bytes: u64 = sites.iter().map(|s| Report::bytes(s)).sum();
@@ -168,7 +180,7 @@ fn assert_leak(r: &Report, what: &str, (function, line): (&str, u32), size: u64,
         let py = python_frames(s);
         assert_eq!(
             py.get(1).map(|f| f.0.as_str()),
-            Some(caller),
+            Some(caller.as_str()),
             "{what}: caller of {function}: {py:?}"
         );
         let file = s["frames"]
@@ -232,6 +244,12 @@ fn python_leaks_are_named_by_line_on_each_interpreter_launched() {
             run.stderr
         );
         assert_python_leaks(&run.report, &name);
+        // Under PYTHONMALLOC=malloc nothing is unseen.
+        assert_eq!(
+            run.report.0["untraced_entry_points"],
+            serde_json::json!([]),
+            "{name}"
+        );
     }
 }
 
@@ -253,6 +271,16 @@ fn python_leaks_are_named_in_a_running_interpreter() {
         run.assert_exit(0);
         let what = format!("{name}, attached");
         assert_python_leaks(&run.report, &what);
+        // Started without PYTHONMALLOC=malloc: pymalloc's objects are not
+        // seen, and the report says so.
+        let unseen: Vec<&str> = run.report.0["untraced_entry_points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|u| u["name"].as_str())
+            .collect();
+        assert_eq!(unseen, ["PyMem_Malloc", "PyObject_Malloc"], "{what}");
+        assert!(run.stderr.contains("(pymalloc) are not traced"), "{what}");
         // ctypes was loaded before memtrace came: its frames are named.
         for s in sites_of(&run.report, "c_leak", line_of("c_leak"), C_SIZE) {
             if native_walk_hijacked(s) {
@@ -320,11 +348,11 @@ fn python_native_frames_are_shown_between_python_frames_on_request() {
 }
 
 #[test]
-fn python_before_3_11_is_named_and_traced_natively() {
+fn python_before_3_10_is_named_and_traced_natively() {
     require_root();
     require_memtrace();
-    let Some(python) = pyenv("3.10.13") else {
-        eprintln!("note: pyenv CPython 3.10.13 not installed: skipped");
+    let Some(python) = pyenv("3.9.18") else {
+        eprintln!("note: pyenv CPython 3.9.18 not installed: skipped");
         return;
     };
     let script = fixture();
@@ -334,7 +362,7 @@ fn python_before_3_11_is_named_and_traced_natively() {
         &[("PYTHONMALLOC", "malloc")],
     );
     run.assert_exit(0);
-    assert!(run.stderr.contains("CPython before 3.11"), "{}", run.stderr);
+    assert!(run.stderr.contains("CPython before 3.10"), "{}", run.stderr);
     let r = &run.report;
     assert!(r.sites().iter().all(|s| python_frames(s).is_empty()));
     // The C leak is still there, by its native stacks.
@@ -345,6 +373,65 @@ fn python_before_3_11_is_named_and_traced_natively() {
         .map(Report::blocks)
         .sum();
     assert_eq!(blocks, N, "{}", r.summary());
+}
+
+/// A C program that links pyenv's `libpython3.12.so` and calls
+/// py_leaks.py's `work()` from C: the interpreter is found in the library,
+/// the leaks named by line, launched and attached to.
+#[test]
+fn python_leaks_are_named_in_a_program_that_embeds_libpython() {
+    require_root();
+    require_memtrace();
+    let Some(python) = pyenv("3.12.1") else {
+        eprintln!("note: pyenv CPython 3.12.1 not installed: skipped");
+        return;
+    };
+    let prefix = python.parent().and_then(Path::parent).unwrap();
+    let (include, lib) = (prefix.join("include/python3.12"), prefix.join("lib"));
+    let flags = [
+        format!("-I{}", include.display()),
+        format!("-L{}", lib.display()),
+        format!("-Wl,-rpath,{}", lib.display()),
+        "-lpython3.12".to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let bin = build_fixture_with("py_embed", Variant::FramePointers, Some("py312"), &flags);
+    let dir = fixtures_dir();
+    let dir = dir.to_str().unwrap();
+
+    let run = run_launch_env(
+        LAUNCH_ARGS,
+        &[bin.to_str().unwrap(), dir],
+        &[("PYTHONMALLOC", "malloc")],
+    );
+    run.assert_exit(0);
+    assert!(
+        run.stderr.contains("Python 3.12.1 in ") && run.stderr.contains("libpython3.12.so"),
+        "{}",
+        run.stderr
+    );
+    assert_python_leaks(&run.report, "embedded 3.12.1");
+    // work() is the outermost Python frame: C called it.
+    for s in sites_of(
+        &run.report,
+        "cache_put",
+        line_of("cache_put"),
+        BYTES_HEADER + CACHE_SIZE,
+    ) {
+        let py = python_frames(s);
+        assert_eq!(py.len(), 2, "{py:?}");
+    }
+
+    let mut target = TestProcess::spawn_env(&bin, &[dir, "attach"], &[("PYTHONMALLOC", "malloc")]);
+    target.wait_ready();
+    let mut session = AttachSession::spawn(target.pid(), &[], &[]);
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let run = session.stop(libc::SIGINT);
+    target.finish_unharmed();
+    run.assert_exit(0);
+    assert_python_leaks(&run.report, "embedded 3.12.1, attached");
 }
 
 /// The same work, once under memtrace and once under tracemalloc (in the

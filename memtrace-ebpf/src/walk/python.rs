@@ -2,7 +2,8 @@
 //! STACK_SCRATCH (see `memtrace_common::PythonLayout` for the format).
 //!
 //! The thread's state comes from the interpreter's own thread list, matched
-//! by the kernel's thread id (`native_thread_id`), not from the GIL holder:
+//! by the kernel's thread id (`native_thread_id`; 3.10: by `pthread_self()`,
+//! see `thread_key`), not from the GIL holder:
 //! C code allocates without the GIL (zlib, sqlite, ctypes calls), and the
 //! thread holding the GIL is then another one. The match is remembered per
 //! thread in PYTHON_THREADS and checked again at each use (one read).
@@ -15,14 +16,15 @@ use crate::maps::{
     PYTHON_THREADS, STACK_SCRATCH,
 };
 use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
-    bpf_probe_read_user_buf,
+    bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_loop,
+    bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
 };
 use memtrace_common::{
     MAX_PYTHON_FRAMES, MAX_STACK_DEPTH, PY_COPIED_CODE, PY_COPIED_FILENAME, PY_COPIED_LINETABLE,
-    PY_COPIED_QUALNAME, PY_FRAME_ENTRY, PY_FRAME_OWNED_BY_CSTACK, PY_FRAME_READ, PythonCode,
-    PythonCodeCopy, PythonLayout, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT, STACK_PYTHON_TRUNCATED,
-    StackTrace, python_code_check,
+    PY_COPIED_QUALNAME, PY_FRAME_ENTRY, PY_FRAME_OWNED_BY_CSTACK, PY_FRAME_READ, PY_FRAME_READ_MIN,
+    PY_LAYOUT_EVERY_ENTRY, PY_LAYOUT_LASTI, PY_LAYOUT_TID_PTHREAD, PythonCode, PythonCodeCopy,
+    PythonLayout, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT, STACK_PYTHON_TRUNCATED, StackTrace,
+    python_code_check,
 };
 
 /// PYTHON_THREADS' value: the thread's state (0: none), and when the
@@ -65,7 +67,8 @@ fn word_at(words: &FrameWords, off: u32) -> u64 {
 #[repr(C)]
 struct ThreadSearch {
     tstate: u64,
-    tid: u64,
+    /// See `thread_key`.
+    key: u64,
     next_off: u64,
     tid_off: u64,
     found: u64,
@@ -79,7 +82,7 @@ extern "C" fn thread_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     match read_u64(s.tstate + s.tid_off) {
-        Some(t) if t == s.tid => {
+        Some(t) if t == s.key => {
             s.found = s.tstate;
             return 1;
         }
@@ -90,10 +93,29 @@ extern "C" fn thread_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+/// What the thread state's `tstate_tid_off` field holds for the calling
+/// thread: its kernel tid, or (PY_LAYOUT_TID_PTHREAD) its `pthread_self()`,
+/// the task's `fsbase` (0 if unreadable: no state matches it).
+#[inline(always)]
+fn thread_key(l: &PythonLayout, tid: u32) -> u64 {
+    if l.flags & PY_LAYOUT_TID_PTHREAD == 0 {
+        return tid as u64;
+    }
+    // SAFETY: a helper with no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let at = task.wrapping_add(l.task_fsbase_off as u64);
+    // SAFETY: bpf_probe_read_kernel is fault-tolerant: a bad address gives an error.
+    unsafe { bpf_probe_read_kernel(at as *const u64) }.unwrap_or(0)
+}
+
 /// The calling thread's Python thread state, or 0.
 #[inline(always)]
 fn thread_state(l: &PythonLayout) -> u64 {
     let tid = bpf_get_current_pid_tgid() as u32;
+    let key = thread_key(l, tid);
+    if key == 0 {
+        return 0;
+    }
     // SAFETY: a helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out at once; an LRU entry may be replaced meanwhile, which
@@ -101,7 +123,7 @@ fn thread_state(l: &PythonLayout) -> u64 {
     if let Some(t) = unsafe { PYTHON_THREADS.get(&tid) } {
         let (tstate, searched) = (t.tstate, t.searched_ns);
         if tstate != 0 {
-            if read_u64(tstate + l.tstate_tid_off as u64) == Some(tid as u64) {
+            if read_u64(tstate + l.tstate_tid_off as u64) == Some(key) {
                 return tstate;
             }
         } else if now.wrapping_sub(searched) < NO_STATE_RETRY_NS {
@@ -114,7 +136,7 @@ fn thread_state(l: &PythonLayout) -> u64 {
         .unwrap_or(0);
     let mut s = ThreadSearch {
         tstate: head,
-        tid: tid as u64,
+        key,
         next_off: l.tstate_next_off as u64,
         tid_off: l.tstate_tid_off as u64,
         found: 0,
@@ -187,6 +209,8 @@ struct PyWalk {
     owner_off: u32,
     entry_off: u32,
     check_off: u32,
+    /// `PythonLayout::flags`.
+    flags: u32,
 }
 
 extern "C" fn frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -204,8 +228,13 @@ extern "C" fn frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `words` is at least PY_FRAME_READ bytes of plain integers.
     let bytes =
         unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), PY_FRAME_READ) };
-    // SAFETY: fault-tolerant read of user memory into our buffer.
-    if unsafe { bpf_probe_read_user_buf(s.frame as *const u8, bytes) }.is_err() {
+    let frame = s.frame as *const u8;
+    // SAFETY: fault-tolerant reads of user memory into our buffer.
+    let read = unsafe {
+        bpf_probe_read_user_buf(frame, bytes).is_ok()
+            || bpf_probe_read_user_buf(frame, &mut bytes[..PY_FRAME_READ_MIN]).is_ok()
+    };
+    if !read {
         s.stop = 1;
         return 1;
     }
@@ -228,8 +257,13 @@ extern "C" fn frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     let instr = word_at(words, s.instr_off);
     let check = read_u64(code + s.check_off as u64).map_or(0, python_code_check);
-    let entry = s.entry_off != u32::MAX && byte_at(words, s.entry_off) != 0;
-    let offset = instr.wrapping_sub(code) as u32;
+    let entry = s.flags & PY_LAYOUT_EVERY_ENTRY != 0
+        || (s.entry_off != u32::MAX && byte_at(words, s.entry_off) != 0);
+    let offset = if s.flags & PY_LAYOUT_LASTI != 0 {
+        instr as u32
+    } else {
+        instr.wrapping_sub(code) as u32
+    };
     // SAFETY: this CPU's element of a per-CPU array, valid for the program's run.
     let frames = unsafe { &mut (*scratch).frames };
     let Some([first, second]) = frames.get_mut(slot..slot + 2) else {
@@ -456,6 +490,7 @@ fn append(scratch: &mut StackTrace) -> bool {
         owner_off: l.frame_owner_off,
         entry_off: l.frame_entry_off,
         check_off: l.code_check_off,
+        flags: l.flags,
     };
     // SAFETY: `w` outlives the loop, and frame_step takes exactly this context type.
     unsafe {

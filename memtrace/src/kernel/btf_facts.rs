@@ -1,7 +1,8 @@
 //! What memtrace reads from the running kernel's BTF before it loads its
 //! programs: where `vm_flags` is in a mapping (the watch on code unmapped,
 //! `unmaps`) and where a pending return probe keeps the return address it
-//! replaced (`uprobe_offsets`). The BTF is parsed once, on a thread of its
+//! replaced (`uprobe_offsets`), and a task's `fsbase` (CPython 3.10's
+//! thread ids). The BTF is parsed once, on a thread of its
 //! own started with the attach ([`read_ahead`]), so that the parse overlaps
 //! reading the target instead of delaying the maps.
 use std::{path::Path, sync::OnceLock};
@@ -18,6 +19,8 @@ const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub struct KernelFacts {
     pub vma_flags_offset: u32,
     pub uprobe_offsets: UprobeOffsets,
+    /// `task_struct.thread.fsbase`.
+    pub task_fsbase_offset: u32,
 }
 
 static FACTS: OnceLock<KernelFacts> = OnceLock::new();
@@ -59,6 +62,10 @@ fn read() -> KernelFacts {
                  pending return probe (another tool's uretprobe) will stop there"
             );
             UprobeOffsets::default()
+        }),
+        task_fsbase_offset: uprobe_offsets::task_fsbase(&btf).unwrap_or_else(|e| {
+            log::info!("CPython 3.10's threads cannot be told apart: {e:#}");
+            0
         }),
     }
 }

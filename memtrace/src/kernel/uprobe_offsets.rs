@@ -7,6 +7,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
 use memtrace_common::UprobeOffsets;
 
+/// The byte offset of `task_struct.thread.fsbase`: what a CPython 3.10
+/// thread state's `thread_id` (its `pthread_self()`) is matched against.
+pub fn task_fsbase(btf: &Btf) -> Result<u32> {
+    member(btf, "task_struct", &["thread", "fsbase"])
+}
+
 /// Every offset, from `btf`.
 pub fn offsets(btf: &Btf) -> Result<UprobeOffsets> {
     let o = UprobeOffsets {

@@ -13,9 +13,11 @@ use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocators},
     attach::links::Probes,
+    attach::resolve::UntracedEntry,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{
+        btf_facts,
         maps::{MapSizes, TraceMaps},
         object,
     },
@@ -109,10 +111,22 @@ fn setup_python(
             None
         }
         python::Found::Python(interp) => {
-            let layout = memtrace_common::PythonLayout {
+            let mut layout = memtrace_common::PythonLayout {
                 keep_native: u32::from(keep_native),
                 ..interp.bpf
             };
+            if layout.flags & memtrace_common::PY_LAYOUT_TID_PTHREAD != 0 {
+                layout.task_fsbase_off = btf_facts::get().task_fsbase_offset;
+                if layout.task_fsbase_off == 0 {
+                    eprintln!(
+                        "memtrace: Python {}: threads cannot be told apart (no \
+                         task_struct.thread.fsbase in the kernel's BTF): stacks show no \
+                         Python frames",
+                        interp.version
+                    );
+                    return None;
+                }
+            }
             if let Err(e) = maps.set_python(layout) {
                 eprintln!("memtrace: stacks show no Python frames: {e:#}");
                 return None;
@@ -125,6 +139,31 @@ fn setup_python(
             Some(PythonResolver::new(pid, *interp))
         }
     }
+}
+
+/// Lists pymalloc's functions among the untraced entry points of a Python
+/// target that was not started with `PYTHONMALLOC=malloc`: the report then
+/// says it is not complete, and which blocks it does not see.
+fn note_pymalloc(pid: u32, python: Option<&PythonResolver>, allocators: &mut Allocators) {
+    let Some(interp) = python.map(PythonResolver::interpreter) else {
+        return;
+    };
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    if python::allocates_with_malloc(&environ) {
+        return;
+    }
+    eprintln!(
+        "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: start the \
+         target with PYTHONMALLOC=malloc to see them"
+    );
+    for name in python::PYMALLOC_ENTRY_POINTS {
+        allocators.untraced.push(UntracedEntry {
+            name: name.to_string(),
+            module: interp.module.clone(),
+        });
+    }
+    allocators.untraced.sort();
+    allocators.untraced.dedup();
 }
 
 /// Attaches to `target`: the running process, or the command launched for
@@ -279,7 +318,7 @@ fn attach_existing(
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
-    let allocators = allocator::find_allocators(pid, &maps)
+    let mut allocators = allocator::find_allocators(pid, &maps)
         .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
@@ -302,6 +341,7 @@ fn attach_existing(
         load_tables(&mut tables, &mut trace_maps, pid, &early, HashMap::new())
     });
     let python = setup_python(&mut trace_maps, pid, &early, keep_native);
+    note_pymalloc(pid, python.as_ref(), &mut allocators);
     drop(early);
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
@@ -386,7 +426,7 @@ fn launch_new(
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
     let dynamic = matches!(loading, Loading::Dynamic { .. });
-    let (allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
+    let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)
     })?;
     // (The child is stopped: its mappings stay as captured while the
@@ -417,6 +457,7 @@ fn launch_new(
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
     let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
+    note_pymalloc(pid, python.as_ref(), &mut allocators);
     launch::continue_child(pid);
     Ok(Attached {
         pid,

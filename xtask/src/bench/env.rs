@@ -84,6 +84,7 @@ impl Env {
         let wants_memtrace = configs.iter().any(|c| c.is_memtrace())
             || opts.scale_reps > 0
             || opts.redis_reps > 0
+            || opts.python_reps > 0
             || opts.attach_reps > 0
             || opts.snapshot_intervals > 0
             || opts.export_reps > 0

@@ -29,7 +29,8 @@
 //! After the overhead runs come the report at scale ([`scale`]),
 //! symbolization against addr2line ([`symbolize`]), a real server,
 //! redis-server on jemalloc ([`redis`]), the workload on each allocator
-//! ([`allocators`]), and the time to attach ([`attach`]).
+//! ([`allocators`]), Python services ([`python`]), and the time to attach
+//! ([`attach`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -63,6 +64,7 @@ mod markdown;
 mod memtrace_out;
 mod options;
 mod proc;
+mod python;
 mod redis;
 mod run;
 mod scale;
@@ -134,6 +136,7 @@ struct Extra {
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
     allocators: Option<Result<allocators::Allocators>>,
+    python: Option<Result<python::Python>>,
     attach: Option<Result<attach::Attach>>,
     continuous: Option<Result<continuous::Continuous>>,
     exports: Option<Result<exports::Exports>>,
@@ -169,6 +172,13 @@ impl Extra {
             }
             _ => None,
         };
+        let python = match (&env.memtrace, opts.python_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: Python services ({n} rep(s))");
+                Some(python::run(env, bin, n, opts.seed).context("the Python figure"))
+            }
+            _ => None,
+        };
         let attach = match (&env.memtrace, opts.attach_reps) {
             (Some(bin), n) if n > 0 => {
                 eprintln!("bench: attach time ({n} rep(s))");
@@ -198,6 +208,7 @@ impl Extra {
             symbolize,
             redis,
             allocators,
+            python,
             attach,
             continuous,
             exports,
@@ -262,6 +273,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("each allocator: not measured ({e:#})"));
         }
         None => targets.push("each allocator: not measured (skipped)".into()),
+    }
+    match &extra.python {
+        Some(Ok(p)) => {
+            text.push('\n');
+            text.push_str(&p.markdown());
+            targets.extend(p.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Python services\n\nnot measured: {e:#}");
+            targets.push(format!("Python services: not measured ({e:#})"));
+        }
+        None => targets.push("Python services: not measured (skipped)".into()),
     }
     match &extra.attach {
         Some(Ok(a)) => {

@@ -57,6 +57,10 @@ options:
                        tcmalloc and mimalloc by LD_PRELOAD, untraced and
                        memtrace exact, each traced pair as a ratio to glibc's
                        (0: skip) [3]
+  --python-reps N      repetitions of the Python figure: a stdlib
+                       ThreadingHTTPServer under a client, and an allocation
+                       loop, on pyenv's CPython 3.12, untraced, memtrace exact
+                       and memtrace --sample-bytes 64KiB (0: skip) [3]
   --attach-reps N      repetitions of the attach figure: command start to ready
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with
@@ -85,6 +89,8 @@ as pass/miss, never asserted): memtrace exact <= 0.2x memleak.bt and sampled
 <= 100 MiB peak RSS; symbolization >= 5x faster than addr2line; redis-server
 traced by memtrace exact >= 0.5x its untraced throughput, sampled >= 0.6x;
 memtrace exact's pair on jemalloc, tcmalloc and mimalloc <= 1.3x glibc's;
+the Python service under memtrace --sample-bytes 64KiB >= 0.9x its untraced
+throughput, with both leaking lines among the report's top 5 sites;
 attach within 0.5 s (C program) and 1 s (python3), with at most 0.5 s of system
 CPU, and no slower than memleak.bt's time to ready.";
 
@@ -359,6 +365,7 @@ pub(super) struct Options {
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
     pub(super) allocator_reps: usize,
+    pub(super) python_reps: usize,
     pub(super) attach_reps: usize,
     pub(super) snapshot_intervals: u64,
     pub(super) export_reps: usize,
@@ -406,6 +413,7 @@ struct Given {
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
     allocator_reps: Option<usize>,
+    python_reps: Option<usize>,
     attach_reps: Option<usize>,
     snapshot_intervals: Option<u64>,
     export_reps: Option<usize>,
@@ -438,6 +446,7 @@ impl Given {
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
             "--allocator-reps" => self.allocator_reps = Some(parse_num(name, &value()?)? as usize),
+            "--python-reps" => self.python_reps = Some(parse_num(name, &value()?)? as usize),
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
             "--snapshot-intervals" => self.snapshot_intervals = Some(parse_num(name, &value()?)?),
             "--export-reps" => self.export_reps = Some(parse_num(name, &value()?)? as usize),
@@ -493,6 +502,7 @@ impl Given {
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
             allocator_reps: self.allocator_reps.unwrap_or(if quick { 1 } else { 3 }),
+            python_reps: self.python_reps.unwrap_or(if quick { 1 } else { 3 }),
             attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
             snapshot_intervals: self
                 .snapshot_intervals

@@ -16,8 +16,8 @@ use memtrace_common::{
     PythonCodeCopy, python_code_check,
 };
 
-use super::layout::Interpreter;
-use super::linetable::addr2line;
+use super::layout::{Interpreter, Lines};
+use super::linetable::{CODE_UNIT, addr2line, addr2line_310};
 use crate::process::open::open_regular;
 use crate::symbolize::{Frame, FrameKind};
 
@@ -41,7 +41,8 @@ struct Code {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawFrame {
     pub code: u64,
-    /// The instruction's byte offset from the code object's start.
+    /// The instruction's byte offset from the code object's start (3.10:
+    /// `f_lasti`, see `Lines::Lasti`).
     pub offset: u32,
     pub check: u32,
     /// C code called into Python at this frame.
@@ -145,11 +146,23 @@ impl PythonResolver {
 
     fn frame(&self, f: RawFrame, code: Option<&Code>) -> Frame {
         let line = code.and_then(|c| {
-            // An instruction before the bytecode: a frame still starting.
-            let Some(at) = u64::from(f.offset).checked_sub(self.interp.code.code_adaptive) else {
-                return Some(c.first_line);
+            let found = match self.interp.code.lines {
+                Lines::Offset { code_adaptive } => {
+                    // An instruction before the bytecode: a frame still starting.
+                    let Some(at) = u64::from(f.offset).checked_sub(code_adaptive) else {
+                        return Some(c.first_line);
+                    };
+                    addr2line(&c.linetable, c.first_line, at)
+                }
+                Lines::Lasti => {
+                    // -1: no instruction run yet.
+                    let Ok(lasti) = u64::try_from(f.offset as i32) else {
+                        return Some(c.first_line);
+                    };
+                    addr2line_310(&c.linetable, c.first_line, lasti * CODE_UNIT)
+                }
             };
-            match addr2line(&c.linetable, c.first_line, at) {
+            match found {
                 Some(line) => Some(line),
                 // Past the part of the table that could be read: unknown.
                 None if !c.linetable_whole => None,
@@ -224,7 +237,7 @@ fn u64_at(buf: &[u8], off: u64) -> Option<u64> {
 /// The code object at `addr`, if it is one and matches the frame's check.
 fn read_code(interp: &Interpreter, src: &Source, addr: u64, check: u32) -> Option<Code> {
     let l = &interp.code;
-    let head = src.read(addr, l.code_adaptive)?;
+    let head = src.read(addr, l.head)?;
     if u64_at(&head, 8)? != interp.code_type {
         return None;
     }

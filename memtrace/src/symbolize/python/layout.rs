@@ -3,12 +3,16 @@
 //!
 //! The interpreter is the module that exports `_PyRuntime` (the executable
 //! of a static build such as Debian's `/usr/bin/python3.11`, else
-//! `libpython3.x.so`); its version is the exported `Py_Version` (3.11+).
+//! `libpython3.x.so`); its version is the exported `Py_Version` (3.11+), or
+//! 3.10 for a module that exports 3.10's new `PyIter_Send` but not
+//! `Py_Version`.
 //! The offsets are CPython's `offsetof`s for x86-64 release builds, per
 //! minor version (`docs/python.md` says how they were checked).
 
-use memtrace_common::PythonLayout;
-use object::{Object, ObjectSegment, ObjectSymbol};
+use memtrace_common::{
+    PY_LAYOUT_EVERY_ENTRY, PY_LAYOUT_LASTI, PY_LAYOUT_TID_PTHREAD, PythonLayout,
+};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
 use crate::process::modules::{MappedModule, ProcessModules};
 
@@ -20,14 +24,28 @@ pub struct CodeLayout {
     pub filename: u64,
     pub qualname: u64,
     pub linetable: u64,
-    /// `co_code_adaptive`: the bytecode's first byte.
-    pub code_adaptive: u64,
+    /// Bytes of the code object read: every field above is in them.
+    pub head: u64,
+    /// What a frame's recorded offset is, and the line table's format.
+    pub lines: Lines,
     /// The two 4-byte fields of the check (see `python_code_check`).
     pub check: u64,
     /// `sizeof(PyASCIIObject)`: an ASCII string's data.
     pub ascii_data: u64,
     /// `sizeof(PyCompactUnicodeObject)`: a compact non-ASCII string's data.
     pub compact_data: u64,
+}
+
+/// How a frame's instruction is recorded and its line found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lines {
+    /// 3.11+: the instruction's byte offset from the code object, whose
+    /// bytecode (`co_code_adaptive`) starts at this offset; the
+    /// `Objects/locations.md` line table.
+    Offset { code_adaptive: u64 },
+    /// 3.10: `f_lasti`, the last instruction's index in code units (-1 before
+    /// the first); the 3.10 line table (`Objects/lnotab_notes.txt`).
+    Lasti,
 }
 
 /// The layouts of one minor version: BPF's (addresses still 0) and the code
@@ -40,6 +58,37 @@ struct VersionLayout {
 fn version_layout(minor: u8) -> Option<VersionLayout> {
     const NONE: u32 = u32::MAX;
     let (bpf, code) = match minor {
+        // PyFrameObject chains (`f_back`); the thread's id is pthread_self().
+        10 => (
+            PythonLayout {
+                interp_head_off: 32,
+                interp_threads_off: 8,
+                tstate_next_off: 8,
+                tstate_tid_off: 176,
+                tstate_frame_off: 24,
+                cframe_frame_off: NONE,
+                frame_code_off: 32,
+                frame_previous_off: 24,
+                frame_instr_off: 96,
+                frame_owner_off: NONE,
+                frame_entry_off: NONE,
+                code_check_off: 36,
+                flags: PY_LAYOUT_TID_PTHREAD | PY_LAYOUT_LASTI | PY_LAYOUT_EVERY_ENTRY,
+                ..Default::default()
+            },
+            // No co_qualname before 3.11: the name (`co_name`) stands for it.
+            CodeLayout {
+                firstlineno: 40,
+                filename: 104,
+                qualname: 112,
+                linetable: 120,
+                head: 128,
+                lines: Lines::Lasti,
+                check: 36,
+                ascii_data: 48,
+                compact_data: 72,
+            },
+        ),
         11 => (
             PythonLayout {
                 interp_head_off: 40,
@@ -61,7 +110,8 @@ fn version_layout(minor: u8) -> Option<VersionLayout> {
                 filename: 112,
                 qualname: 128,
                 linetable: 136,
-                code_adaptive: 184,
+                head: 184,
+                lines: Lines::Offset { code_adaptive: 184 },
                 check: 68,
                 ascii_data: 48,
                 compact_data: 72,
@@ -88,7 +138,10 @@ fn version_layout(minor: u8) -> Option<VersionLayout> {
                 filename: 112,
                 qualname: 128,
                 linetable: 136,
-                code_adaptive: if minor == 12 { 192 } else { 200 },
+                head: if minor == 12 { 192 } else { 200 },
+                lines: Lines::Offset {
+                    code_adaptive: if minor == 12 { 192 } else { 200 },
+                },
                 check: 64,
                 ascii_data: 40,
                 compact_data: 56,
@@ -98,6 +151,23 @@ fn version_layout(minor: u8) -> Option<VersionLayout> {
     };
     Some(VersionLayout { bpf, code })
 }
+
+/// Whether a CPython started with this environment (`/proc/PID/environ`:
+/// `KEY=value` strings, each ending in a NUL) sends every allocation to
+/// `malloc`: `PYTHONMALLOC=malloc` or `malloc_debug`. Otherwise objects of
+/// 512 bytes or less come from pymalloc (or 3.13's mimalloc), which is not
+/// traced. (An embedder can choose its allocator in code, which this cannot
+/// see: such a program is taken to use pymalloc.)
+pub fn allocates_with_malloc(environ: &[u8]) -> bool {
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"PYTHONMALLOC="))
+        .is_some_and(|v| v == b"malloc" || v == b"malloc_debug")
+}
+
+/// The functions of pymalloc, which memtrace does not trace, as the report
+/// lists them among the untraced entry points.
+pub const PYMALLOC_ENTRY_POINTS: &[&str] = &["PyObject_Malloc", "PyMem_Malloc"];
 
 /// A CPython interpreter found in the target.
 #[derive(Clone, Debug)]
@@ -161,13 +231,16 @@ fn interpreter_in(m: &MappedModule, elf: &object::File<'_>) -> Option<Found> {
             why,
         })
     };
-    let Some(hex) = sym("Py_Version").and_then(|(a, _)| read_u32(elf, a)) else {
-        return unsupported("no Py_Version (CPython before 3.11)".into());
+    let (major, minor, version) = match sym("Py_Version").and_then(|(a, _)| read_u32(elf, a)) {
+        Some(hex) => {
+            let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
+            (major, minor, format!("{major}.{minor}.{micro}"))
+        }
+        None if sym("PyIter_Send").is_some() => (3, 10, version_310(elf)),
+        None => return unsupported("no Py_Version (CPython before 3.10)".into()),
     };
-    let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
-    let version = format!("{major}.{minor}.{micro}");
     let Some(layout) = (major == 3).then(|| version_layout(minor)).flatten() else {
-        return unsupported(format!("CPython {version}: memtrace reads 3.11 to 3.13"));
+        return unsupported(format!("CPython {version}: memtrace reads 3.10 to 3.13"));
     };
     let needed = ["_PyEval_EvalFrameDefault", "PyCode_Type", "_Py_NoneStruct"];
     let [Some(eval), Some(code_type), Some(none)] = needed.map(sym) else {
@@ -197,6 +270,35 @@ fn interpreter_in(m: &MappedModule, elf: &object::File<'_>) -> Option<Found> {
     })))
 }
 
+/// 3.10's full version: the `PY_VERSION` string in the file ("3.10.13";
+/// the linker may have merged it into the end of a longer string, such as
+/// the install prefix), if one such micro version is there; else "3.10".
+fn version_310(elf: &object::File<'_>) -> String {
+    let mut micros = std::collections::BTreeSet::new();
+    for section in elf.sections() {
+        if section.kind() != object::SectionKind::ReadOnlyString
+            && section.kind() != object::SectionKind::ReadOnlyData
+        {
+            continue;
+        }
+        let Ok(data) = section.data() else { continue };
+        for s in data.split(|&b| b == 0) {
+            let Some(at) = s.windows(5).rposition(|w| w == b"3.10.") else {
+                continue;
+            };
+            let tail = &s[at + 5..];
+            let boundary = at == 0 || matches!(s[at - 1], b'/' | b'-' | b' ');
+            if boundary && !tail.is_empty() && tail.iter().all(u8::is_ascii_digit) {
+                micros.insert(String::from_utf8_lossy(tail).into_owned());
+            }
+        }
+    }
+    match (micros.len(), micros.first()) {
+        (1, Some(micro)) => format!("3.10.{micro}"),
+        _ => "3.10".into(),
+    }
+}
+
 /// What to add to the file's addresses to get the target's: from the
 /// segment that holds the mapping's file offset.
 fn load_bias(m: &MappedModule, elf: &object::File<'_>) -> Option<u64> {
@@ -220,23 +322,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pymalloc_unless_told_malloc() {
+        assert!(!allocates_with_malloc(b""));
+        assert!(!allocates_with_malloc(
+            b"HOME=/root\0PYTHONMALLOC=pymalloc\0"
+        ));
+        assert!(!allocates_with_malloc(b"PYTHONMALLOC=mimalloc\0"));
+        assert!(!allocates_with_malloc(b"XPYTHONMALLOC=malloc\0"));
+        assert!(allocates_with_malloc(b"A=1\0PYTHONMALLOC=malloc\0B=2\0"));
+        assert!(allocates_with_malloc(b"PYTHONMALLOC=malloc_debug"));
+        // getenv(), which CPython reads it with, finds the first.
+        assert!(!allocates_with_malloc(
+            b"PYTHONMALLOC=pymalloc\0PYTHONMALLOC=malloc\0"
+        ));
+    }
+
+    #[test]
     fn layouts_of_the_versions_read() {
-        assert!(version_layout(10).is_none());
+        assert!(version_layout(9).is_none());
         assert!(version_layout(14).is_none());
-        for minor in 11..=13 {
+        for minor in 10..=13 {
             let l = version_layout(minor).unwrap();
-            // The BPF side reads each frame's fields from PY_FRAME_READ bytes.
+            // The BPF side reads each frame's fields from PY_FRAME_READ bytes,
+            // a 3.11+ frame's from PY_FRAME_READ_MIN if need be.
+            let read = if minor >= 11 {
+                memtrace_common::PY_FRAME_READ_MIN
+            } else {
+                memtrace_common::PY_FRAME_READ
+            };
             for off in [
                 l.bpf.frame_code_off,
                 l.bpf.frame_previous_off,
                 l.bpf.frame_instr_off,
             ] {
-                assert!(off as usize + 8 <= memtrace_common::PY_FRAME_READ);
+                assert!(off as usize + 8 <= read);
             }
             for off in [l.bpf.frame_owner_off, l.bpf.frame_entry_off] {
-                assert!(off == u32::MAX || (off as usize) < memtrace_common::PY_FRAME_READ);
+                assert!(off == u32::MAX || (off as usize) < read);
             }
-            // The check covers co_stacksize and co_firstlineno.
+            // The check covers co_firstlineno (and the field before it).
             assert_eq!(l.code.check + 4, l.code.firstlineno);
             // The BPF side copies the code object's first PY_COPY_CODE bytes:
             // every field read, and the pointers it follows, are in them.
@@ -248,7 +372,13 @@ mod tests {
             ] {
                 assert!(off as usize + 8 <= memtrace_common::PY_COPY_CODE);
             }
-            assert!(l.code.code_adaptive as usize <= memtrace_common::PY_COPY_CODE);
+            assert!(l.code.head as usize <= memtrace_common::PY_COPY_CODE);
+            for off in [l.code.qualname, l.code.filename, l.code.linetable] {
+                assert!(off + 8 <= l.code.head);
+            }
+            if let Lines::Offset { code_adaptive } = l.code.lines {
+                assert_eq!(code_adaptive, l.code.head);
+            }
             assert_eq!(l.bpf.code_check_off as u64, l.code.check);
         }
     }

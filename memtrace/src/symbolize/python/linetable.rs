@@ -1,11 +1,36 @@
-//! Line numbers from a code object's `co_linetable` (CPython 3.11+), as
-//! CPython's `PyCode_Addr2Line` computes them. The format is CPython's
+//! Line numbers from a code object's `co_linetable`, as CPython's
+//! `PyCode_Addr2Line` computes them. From 3.11 the format is CPython's
 //! `Objects/locations.md`: entries of one header byte (bit 7 set; bits 3..7
 //! the entry's code, bits 0..3 its length in code units minus one) and a few
-//! varint bytes.
+//! varint bytes. 3.10's (`Objects/lnotab_notes.txt`) is pairs of bytes.
 
 /// Bytes of one code unit (`_Py_CODEUNIT`).
-const CODE_UNIT: u64 = 2;
+pub const CODE_UNIT: u64 = 2;
+
+/// 3.10's `co_linetable`: the line of the instruction at byte `offset`, or
+/// `None` when it has none (or the table ends before it). Each pair is the
+/// range's length in bytes (unsigned) and the line's change (signed; -128:
+/// the range has no line, and the line is unchanged). Ranges of length 0
+/// only carry line changes.
+pub fn addr2line_310(table: &[u8], first_line: u32, offset: u64) -> Option<u32> {
+    let mut line = i64::from(first_line);
+    let mut end = 0u64;
+    for pair in table.chunks_exact(2) {
+        let (len, delta) = (u64::from(pair[0]), pair[1] as i8);
+        let start = end;
+        end += len;
+        let here = if delta == -128 {
+            None
+        } else {
+            line += i64::from(delta);
+            u32::try_from(line).ok()
+        };
+        if start <= offset && offset < end {
+            return here;
+        }
+    }
+    None
+}
 
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -134,8 +159,8 @@ mod tests {
         assert_eq!(line(18), None, "past the table's end");
     }
 
-    /// The decoder against CPython's own `co_lines()`, on every function of
-    /// a stdlib module, for each installed CPython 3.11+ (skipped if none).
+    /// The decoders against CPython's own `co_lines()`, on every function of
+    /// a stdlib module, for each installed CPython 3.10+ (skipped if none).
     #[test]
     fn lines_match_cpython_co_lines() {
         const DUMP: &str = r#"
@@ -153,7 +178,12 @@ for c in codes(compile(src, "decoder.py", "exec")):
 print(json.dumps(out))
 "#;
         let mut checked = 0;
-        for v in ["3.11.7", "3.12.1", "3.13.0"] {
+        for v in ["3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
+            let decode = if v.starts_with("3.10.") {
+                addr2line_310
+            } else {
+                addr2line
+            };
             let minor = &v[..v.rfind('.').unwrap()];
             let python = format!("/root/.pyenv/versions/{v}/bin/python{minor}");
             let Ok(out) = std::process::Command::new(&python)
@@ -172,13 +202,29 @@ print(json.dumps(out))
                     .collect();
                 for (start, end, line) in lines {
                     for off in (start..end).step_by(2) {
-                        assert_eq!(addr2line(&table, first, off), line, "{v}: offset {off}");
+                        assert_eq!(decode(&table, first, off), line, "{v}: offset {off}");
                         checked += 1;
                     }
                 }
             }
         }
         eprintln!("{checked} instructions checked");
+    }
+
+    /// 3.10's pairs: a range, an empty range that only moves the line, a
+    /// range with no line, a negative change.
+    #[test]
+    fn lines_of_310_pairs() {
+        let table = [4, 0, 0, 2, 6, 1, 2, 0x80, 2, 0xfd];
+        let line = |off| addr2line_310(&table, 10, off);
+        assert_eq!(line(0), Some(10));
+        assert_eq!(line(3), Some(10));
+        assert_eq!(line(4), Some(13), "+2 then +1");
+        assert_eq!(line(9), Some(13));
+        assert_eq!(line(10), None, "no line");
+        assert_eq!(line(12), Some(10), "-3 from 13");
+        assert_eq!(line(14), None, "past the table's end");
+        assert_eq!(addr2line_310(&[4], 1, 0), None, "half a pair");
     }
 
     #[test]
