@@ -35,6 +35,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         listen: cli.listen,
         metrics_top_sites: cli.metrics_top_sites,
         fail_on_leak: cli.fail_on_leak,
+        resources: !cli.no_resources,
         alert_growth: cli.alert_growth,
         map_sizes: cli.map_sizes(),
         sampling: cli.sampling(),

@@ -33,6 +33,8 @@ pub struct TraceMaps {
     /// Code unmapped while traced, by generation (see `unmaps`).
     pub code_unmap_log: Array<MapData, CodeUnmap>,
     pub trace_state: Array<MapData, TraceState>,
+    /// The fd maps (see `resources`).
+    pub fds: super::resources::FdMaps,
 }
 
 impl TraceMaps {

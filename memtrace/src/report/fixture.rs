@@ -97,6 +97,7 @@ pub fn sample() -> Report {
         freed_sites: vec![],
         freed_sites_left_out: LeftOut::default(),
         cut_short: vec![],
+        resources: None,
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
@@ -514,6 +515,7 @@ pub fn varied(sampling: Sampling) -> Report {
             alloc_bytes: 4000,
         },
         cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
+        resources: None,
         sites,
     }
 }

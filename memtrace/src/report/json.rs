@@ -169,6 +169,7 @@ impl<W: Write> ReportWriter<W> {
             freed_sites,
             freed_sites_left_out,
             cut_short,
+            resources,
         } = r;
         let w = &mut self.w;
         w.put_str(key!(first "schema"), schema)?;
@@ -197,6 +198,7 @@ impl<W: Write> ReportWriter<W> {
         self.w
             .put(key!("freed_sites_left_out"), freed_sites_left_out)?;
         self.w.put(key!("cut_short"), cut_short)?;
+        self.w.put(key!("resources"), resources)?;
         self.w.write_all(b"}")
     }
 

@@ -27,7 +27,7 @@ use crate::{
     report::{
         self, AllocatorInfo, AllocatorModule, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES,
         ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site, TargetInfo, Timeline,
-        Totals, UntracedEntryPoint, VerdictCounts,
+        Totals, UntracedEntryPoint, VerdictCounts, resources::Resources,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -109,6 +109,7 @@ struct Figures {
     sites: Vec<Site>,
     freed_sites: Vec<Site>,
     freed_left_out: LeftOut,
+    resources: Option<Resources>,
 }
 
 /// The longest the report waits for debug info still being loaded in the
@@ -138,6 +139,13 @@ pub(super) fn build_report(
     let mut lap = Laps::start();
     s.watchdog.doing("reading the final figures");
     let fin = Final::read(opts, at, history, &meta, &mut lap)?;
+    let resources = match &mut s.fds {
+        Some(fds) => {
+            fds.sample(at, Some(meta.end_ns))?;
+            Some(fds.report(at, meta.end_ns, &opts.verdicts)?)
+        }
+        None => None,
+    };
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
     let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
@@ -164,6 +172,15 @@ pub(super) fn build_report(
                 .map(|(i, c)| (c.sample.stack_id, Which::Freed(i))),
         );
     }
+    if let Some(r) = &resources {
+        shown.extend(
+            r.fds
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, site)| (site.stack_id, Which::Fd(i))),
+        );
+    }
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
@@ -180,6 +197,7 @@ pub(super) fn build_report(
         sites,
         freed_sites,
         freed_left_out,
+        resources,
     };
     if let Some(out) = fallback {
         // The report with frames unnamed, for the watchdog to write should
@@ -212,6 +230,8 @@ pub(super) fn build_report(
 enum Which {
     Site(usize),
     Freed(usize),
+    /// Of `resources.fds.sites`.
+    Fd(usize),
 }
 
 /// Gives the `shown` sites their frames; returns the count of unresolved
@@ -224,14 +244,18 @@ fn fill_frames(
 ) -> Result<BTreeMap<String, u64>> {
     let mut unresolved = BTreeMap::new();
     for &(stack_id, which) in shown {
-        let site = match which {
-            Which::Site(i) => &mut figures.sites[i],
-            Which::Freed(i) => &mut figures.freed_sites[i],
+        let frames = match which {
+            Which::Site(i) => &mut figures.sites[i].frames,
+            Which::Freed(i) => &mut figures.freed_sites[i].frames,
+            Which::Fd(i) => match &mut figures.resources {
+                Some(r) => &mut r.fds.sites[i].frames,
+                None => continue,
+            },
         };
-        site.frames = Default::default();
+        *frames = Default::default();
         let generation = at.collector.stack_generation(stack_id)?;
         let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, generation, &mut site.frames, &mut unresolved);
+        groups.fill(stack, generation, frames, &mut unresolved);
     }
     Ok(unresolved)
 }
@@ -604,6 +628,7 @@ fn assemble(
         freed_sites: figures.freed_sites,
         freed_sites_left_out: figures.freed_left_out,
         cut_short: meta.cut_short.clone(),
+        resources: figures.resources,
     }
 }
 

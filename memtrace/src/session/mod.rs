@@ -25,6 +25,7 @@ mod launch;
 mod live;
 mod output;
 mod preflight;
+mod resources;
 mod serve;
 mod summary;
 mod target;
@@ -72,6 +73,8 @@ pub struct Options {
     pub map_sizes: MapSizes,
     pub sampling: Sampling,
     pub verdicts: VerdictConfig,
+    /// Trace resources beyond the heap (file descriptors); `--no-resources`.
+    pub resources: bool,
 }
 
 /// The final report's format.
@@ -127,6 +130,8 @@ struct Session {
     cut_short: Vec<String>,
     /// The capture of new modules under way.
     capture: capture::Capture,
+    /// fd tracing, when on.
+    fds: Option<resources::Fds>,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -147,7 +152,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let server = opts.listen.map(serve::start).transpose()?;
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    let at = target::attach(target, opts.map_sizes, opts.sampling)?;
+    let at = target::attach(target, opts.map_sizes, opts.sampling, opts.resources)?;
     let pidfd = watch::pidfd_open(at.pid)?;
     let on: Vec<String> = at
         .allocators
@@ -198,7 +203,19 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     }
     let symbolizer = preload_symbolizer(&at);
     let trace_start = Instant::now();
-    let history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
+    let start_ns = monotonic_ns();
+    let history = History::new(HISTORY_CAPACITY, start_ns, opts.interval);
+    let fds = if at.fd_tracepoints > 0 {
+        match resources::Fds::start(&at, start_ns, opts.interval) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Session {
         history,
         symbolizer,
@@ -212,6 +229,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         trace_start,
         cut_short: Vec::new(),
         capture: Default::default(),
+        fds,
     })
 }
 

@@ -41,6 +41,33 @@ pub(super) struct Attached {
     pub(super) tables: UnwindTables,
     /// The code unmapped while traced is in `modules` up to this generation.
     pub(super) unmaps_read: Generation,
+    /// The fd tracepoints attached (0: fds are not traced).
+    pub(super) fd_tracepoints: usize,
+    /// The target's fds once the fd tracepoints were in, before it ran on:
+    /// those not traced existed at attach.
+    pub(super) fds_at_attach: FdsAtAttach,
+}
+
+/// The target's fds (`/proc/PID/fd` links) and the traced ones, when fd
+/// tracing began, and when that was (CLOCK_MONOTONIC ns).
+#[derive(Default)]
+pub(super) struct FdsAtAttach {
+    pub(super) links: std::collections::BTreeMap<u32, String>,
+    pub(super) traced: Vec<crate::kernel::resources::TracedFd>,
+    pub(super) at_ns: u64,
+}
+
+impl FdsAtAttach {
+    fn read(pid: u32, maps: &TraceMaps, fd_tracepoints: usize) -> Self {
+        if fd_tracepoints == 0 {
+            return Self::default();
+        }
+        FdsAtAttach {
+            links: crate::process::fds::fd_links(pid).unwrap_or_default(),
+            traced: maps.fds.open_fds().unwrap_or_default(),
+            at_ns: crate::kernel::collect::monotonic_ns(),
+        }
+    }
 }
 
 impl Attached {
@@ -84,11 +111,32 @@ fn watch_unmaps(probes: &mut Probes) {
     }
 }
 
+/// Starts tracing fds (`resources`), before the program runs on in launch
+/// mode; a failure costs the resources part of the report, not the run.
+fn trace_fds(probes: &mut Probes, resources: bool) -> usize {
+    if !resources {
+        return 0;
+    }
+    match probes.attach_fd_tracing() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+            0
+        }
+    }
+}
+
 /// Attaches to `target`: the running process, or the command launched for it.
-pub(super) fn attach(target: &Target, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+/// `resources`: trace its fds too.
+pub(super) fn attach(
+    target: &Target,
+    sizes: MapSizes,
+    sampling: Sampling,
+    resources: bool,
+) -> Result<Attached> {
     match target {
-        Target::Attach(pid) => attach_existing(*pid, sizes, sampling),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling),
+        Target::Attach(pid) => attach_existing(*pid, sizes, sampling, resources),
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, resources),
     }
 }
 
@@ -171,7 +219,12 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+fn attach_existing(
+    pid: u32,
+    sizes: MapSizes,
+    sampling: Sampling,
+    resources: bool,
+) -> Result<Attached> {
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let allocators = allocator::find_allocators(pid, &maps)
@@ -184,6 +237,8 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
     let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
     watch_unmaps(&mut probes);
+    let fd_tracepoints = trace_fds(&mut probes, resources);
+    let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     let modules =
         ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
             exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
@@ -210,6 +265,8 @@ fn attach_existing(pid: u32, sizes: MapSizes, sampling: Sampling) -> Result<Atta
         nprobes,
         tables,
         unmaps_read: 0,
+        fd_tracepoints,
+        fds_at_attach,
     })
 }
 
@@ -232,7 +289,12 @@ fn breakpoint(program: &Path, loading: &Loading) -> Result<(PathBuf, u64)> {
     })
 }
 
-fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<Attached> {
+fn launch_new(
+    cmd: &[OsString],
+    sizes: MapSizes,
+    sampling: Sampling,
+    resources: bool,
+) -> Result<Attached> {
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
@@ -242,9 +304,10 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
         probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
         watch_unmaps(&mut probes);
-        Ok((probes, maps))
+        let fd_tracepoints = trace_fds(&mut probes, resources);
+        Ok((probes, maps, fd_tracepoints))
     });
-    let (mut probes, mut trace_maps) = match loaded {
+    let (mut probes, mut trace_maps, fd_tracepoints) = match loaded {
         Ok(v) => v,
         Err(e) => {
             child.abandon();
@@ -275,6 +338,7 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
     let cmdline = proc_cmdline(pid);
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
+    let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -289,6 +353,8 @@ fn launch_new(cmd: &[OsString], sizes: MapSizes, sampling: Sampling) -> Result<A
         nprobes,
         tables,
         unmaps_read: 0,
+        fd_tracepoints,
+        fds_at_attach,
     })
 }
 
