@@ -60,8 +60,23 @@ impl Bucket {
 /// are empty.
 #[inline(always)]
 fn scan_bucket(b: u32, addr: u64) -> (Option<Slot>, u32) {
+    let found = scan_bucket_keys(b, addr);
+    let (i, empty) = ((found & 0xff) as usize, (found >> 8) as u32);
+    match Bucket::get(b) {
+        Some(bucket) if i < ALLOC_BUCKET_SLOTS => (Some(bucket.slot(i)), empty),
+        _ => (None, empty),
+    }
+}
+
+/// `scan_bucket` as a global function, which the verifier checks once
+/// rather than once per state of its callers (a loop over the slots with
+/// an exit in each): the slot holding `addr` (ALLOC_BUCKET_SLOTS if none)
+/// in the low byte, the count of empty slots before it above.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn scan_bucket_keys(b: u32, addr: u64) -> i64 {
     let Some(bucket) = Bucket::get(b) else {
-        return (None, 0);
+        return ALLOC_BUCKET_SLOTS as i64;
     };
     let mut empty = 0;
     let mut i = 0;
@@ -69,18 +84,30 @@ fn scan_bucket(b: u32, addr: u64) -> (Option<Slot>, u32) {
         // SAFETY: a key inside a live ALLOC_KEYS element (`i` < ALLOC_BUCKET_SLOTS), aligned.
         let k = unsafe { read_volatile(bucket.key(i)) };
         if k == addr {
-            return (Some(bucket.slot(i)), empty);
+            break;
         }
-        empty += (k == ALLOC_KEY_EMPTY) as u32;
+        empty += (k == ALLOC_KEY_EMPTY) as i64;
         i += 1;
     }
-    (None, empty)
+    i as i64 | empty << 8
 }
 
 /// Claims an empty slot of bucket `b` (marked busy until its block is written).
 #[inline(always)]
 fn claim_in(b: u32) -> Option<Slot> {
+    let i = claim_slot(b) as usize;
     let bucket = Bucket::get(b)?;
+    (i < ALLOC_BUCKET_SLOTS).then(|| bucket.slot(i))
+}
+
+/// `claim_in` as a global function (see `scan_bucket_keys`): the slot
+/// claimed, ALLOC_BUCKET_SLOTS if none.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn claim_slot(b: u32) -> i64 {
+    let Some(bucket) = Bucket::get(b) else {
+        return ALLOC_BUCKET_SLOTS as i64;
+    };
     let mut i = 0;
     while i < ALLOC_BUCKET_SLOTS {
         let key = bucket.key(i);
@@ -88,11 +115,11 @@ fn claim_in(b: u32) -> Option<Slot> {
         if unsafe { read_volatile(key) } == ALLOC_KEY_EMPTY
             && cas(key, ALLOC_KEY_EMPTY, ALLOC_KEY_BUSY)
         {
-            return Some(bucket.slot(i));
+            break;
         }
         i += 1;
     }
-    None
+    i as i64
 }
 
 /// Where `addr` stands in the table: its two buckets, how many empty
@@ -125,8 +152,22 @@ fn lookup(addr: u64) -> Option<Lookup> {
 
 /// The slot of the outstanding block at `addr`, if memtrace holds one.
 #[inline(always)]
-pub(crate) fn find_block(addr: u64) -> Option<Slot> {
+fn find_block(addr: u64) -> Option<Slot> {
     lookup(addr)?.held
+}
+
+/// Whether memtrace holds a block at `addr`.
+#[inline(always)]
+pub(crate) fn block_known(addr: u64) -> bool {
+    held_block(addr) != 0
+}
+
+/// `block_known`, as a global function: the verifier checks the bucket
+/// scans once, not at every state its callers reach it in.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn held_block(addr: u64) -> i64 {
+    find_block(addr).is_some() as i64
 }
 
 /// Takes the block in `slot` (at `addr`) out of the table and its
@@ -178,15 +219,21 @@ pub(crate) fn insert_block(addr: u64, a: &Allocation) -> Option<Slot> {
 /// newer allocation retired it when it took the address (AddressReused).
 #[inline(always)]
 pub(crate) fn retire(ptr: u64, not_after_ns: u64) -> bool {
+    retire_block(ptr, not_after_ns) != 0
+}
+
+/// `retire`, as a global function (checked once by the verifier).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn retire_block(ptr: u64, not_after_ns: u64) -> i64 {
     let Some(slot) = find_block(ptr) else {
-        return false;
+        return 0;
     };
     // SAFETY: a block inside a live ALLOCS element; a concurrent writer can at worst tear the
     // copy.
     let a = unsafe { read_volatile(slot.block) };
-    if a.timestamp_ns > not_after_ns {
-        return true;
+    if a.timestamp_ns <= not_after_ns {
+        retire_slot(slot, ptr, &a);
     }
-    retire_slot(slot, ptr, &a);
-    true
+    1
 }

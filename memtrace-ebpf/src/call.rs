@@ -1,7 +1,7 @@
 //! An allocating call's entry and return, shared by the classic probes and
 //! the uprobe session.
 
-use crate::blocks::{find_block, retire};
+use crate::blocks::{block_known, retire};
 use crate::counters::count;
 use crate::globals::sample_mean;
 use crate::maps::PENDING;
@@ -94,7 +94,7 @@ pub(crate) fn enter<C: EbpfContext>(
     // realloc: whether memtrace knows the old block now. Another thread may
     // be handed (and even free) that address before this call's return
     // probe runs; the old block then is gone, but it was not unknown.
-    let old_known = old_ptr != 0 && find_block(old_ptr).is_some();
+    let old_known = old_ptr != 0 && block_known(old_ptr);
     let mut flags = 0;
     let mean = sample_mean();
     if mean != 0 && !sample(tid, mean, size) {

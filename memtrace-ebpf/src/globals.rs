@@ -1,5 +1,5 @@
-//! The globals: the read-only ones userspace sets before load, OPAQUE_ZERO,
-//! and their readers (always volatile reads).
+//! The globals, read-only ones userspace sets before load, and their
+//! readers (always volatile reads).
 
 use core::ptr::read_volatile;
 use memtrace_common::{DEFAULT_MAX_OUTSTANDING, UprobeOffsets, alloc_buckets};
@@ -38,20 +38,6 @@ pub(crate) fn target_tgid() -> u32 {
     // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
     // value (userspace sets it before load).
     unsafe { read_volatile(&TARGET_TGID) }
-}
-
-/// Zero, but unknown to the verifier: counters of a bpf_loop state that
-/// start from it have no exact value, so the verifier's states of two
-/// iterations compare equal and it checks the callback a few times instead
-/// of once per possible iteration (which runs out of its budget).
-#[unsafe(no_mangle)]
-static mut OPAQUE_ZERO: u32 = 0;
-
-#[inline(always)]
-pub(crate) fn opaque_zero() -> u32 {
-    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
-    // value (userspace sets it before load).
-    unsafe { read_volatile(&raw const OPAQUE_ZERO) }
 }
 
 /// Where `vm_flags` is in the kernel's `struct vm_area_struct`, from its

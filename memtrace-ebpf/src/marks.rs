@@ -17,6 +17,20 @@ use memtrace_common::{CallMarks, Counter, MAX_ALLOCATOR_FUNCTIONS, PendingKey};
 /// Whether `addr` is inside one of the probed allocator functions.
 #[inline(always)]
 pub(crate) fn in_allocator(addr: u64) -> bool {
+    in_allocator_text(addr) != 0
+}
+
+/// `in_allocator` as a global function, which the verifier checks once
+/// rather than once per state of its callers (a loop with an exit in each
+/// turn).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn in_allocator_text(addr: u64) -> i64 {
+    in_ranges(addr) as i64
+}
+
+#[inline(always)]
+fn in_ranges(addr: u64) -> bool {
     // Most addresses (users' return addresses) are outside the span of
     // them all: one comparison.
     if let Some(hull) = ALLOCATOR_HULL.get(0) {

@@ -14,6 +14,16 @@ pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Opt
     // SAFETY: a helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let stack_id = capture_stack(ctx, at);
+    record_block(ptr, size, stack_id, now);
+}
+
+/// Enters the block of `size` bytes at `ptr`, allocated at `now` by stack
+/// `stack_id`, in the block table and its site's aggregate, or counts why
+/// not. A global function: the verifier checks it once, not at every state
+/// its callers reach it in (and its locals are off their stack frames).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn record_block(ptr: u64, size: u64, stack_id: u64, now: u64) -> i64 {
     let (epoch, birth_offset) = epoch_at(now);
     let a = Allocation {
         size,
@@ -27,13 +37,14 @@ pub(crate) fn record_alloc<C: EbpfContext>(ctx: &C, ptr: u64, size: u64, at: Opt
     let Some(slot) = insert_block(ptr, &a) else {
         count(Counter::AllocMapFull, 1);
         site_dropped(&a);
-        return;
+        return 0;
     };
     if !site_add(&a) {
         let _ = cas(slot.key, ptr, ALLOC_KEY_EMPTY);
         count(Counter::SiteMapFull, 1);
-        return;
+        return 0;
     }
     count(Counter::AllocCalls, 1);
     count(Counter::AllocBytes, size);
+    1
 }

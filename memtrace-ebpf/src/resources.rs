@@ -289,6 +289,8 @@ fn creator_stack(_ctx: &TracePointContext) -> u64 {
         window: 0,
         whole: 0,
         slot: cache_slot(pc, sp),
+        // Looked up by the walk unless it is remembered.
+        tables_known: 0,
     };
     capture_stack(_ctx, Some(start))
 }

@@ -33,10 +33,48 @@ pub fn alloc_result(ctx: *mut core::ffi::c_void) -> u32 {
     let ctx = ProbeContext::new(ctx);
     // SAFETY: the program's own context, as the helper expects.
     let site = SiteCookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    if let Some((ptr, size, at)) = result_site(&ctx, site.result_index()) {
-        record_alloc(&ctx, ptr, size, Some(at));
+    let mut hit = ResultHit {
+        ptr: 0,
+        size: 0,
+        at: WalkStart::default(),
+    };
+    if result_hit(ctx.as_ptr().cast(), site.result_index(), &mut hit) != 0 {
+        record_alloc(&ctx, hit.ptr, hit.size, Some(hit.at));
     }
     0
+}
+
+/// A block a result site records: its address and size, and where the
+/// walk from the allocator's caller starts.
+#[repr(C)]
+pub(crate) struct ResultHit {
+    ptr: u64,
+    size: u64,
+    at: WalkStart,
+}
+
+/// `result_site` into `hit`: 1 if the call returns a block to record. A
+/// global function: the verifier checks it once, and its state (the
+/// site's configuration, its registers) stays off the stack frame that
+/// the walk's frames are added to.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn result_hit(
+    regs: *const aya_ebpf::bindings::pt_regs,
+    index: u32,
+    hit: *mut ResultHit,
+) -> i64 {
+    // SAFETY: the caller's ResultHit, on its stack for the call.
+    let Some(hit) = (unsafe { hit.as_mut() }) else {
+        return 0;
+    };
+    match result_site(regs, index) {
+        Some((ptr, size, at)) => {
+            *hit = ResultHit { ptr, size, at };
+            1
+        }
+        None => 0,
+    }
 }
 
 /// A general register of `struct pt_regs` by its index (a `PtReg`).
@@ -130,11 +168,14 @@ fn cond_holds(cc: u8, flags: u64) -> bool {
 /// A result site's probe: Some((ptr, size, where the walk from its caller starts))
 /// when the call returns a block to record.
 #[inline(always)]
-fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> {
+fn result_site(
+    regs: *const aya_ebpf::bindings::pt_regs,
+    index: u32,
+) -> Option<(u64, u64, WalkStart)> {
     let tid = target_thread()?;
-    let site = *RESULT_SITES.get(index)?;
+    // (By reference: a copy would take stack the walk needs.)
+    let site = RESULT_SITES.get(index)?;
     let win = STACK_WINDOW.get_ptr_mut(0)?;
-    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
     // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
     // run.
     let (sp, flags) = unsafe { ((*regs).rsp, (*regs).eflags) };
@@ -144,7 +185,7 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     if site.capture != 0 {
         capture_size(regs, size_at, win, tid, sp, entry_sp);
     }
-    let null = match site_outcome(&site, flags) {
+    let null = match site_outcome(site, flags) {
         Ok(SiteOutcome::Record) => false,
         Ok(SiteOutcome::Null) => true,
         Ok(SiteOutcome::Guard) => {
@@ -170,7 +211,7 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
     // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
     // run.
     let slot = cache_slot(unsafe { (*regs).rip }, sp);
-    let (window, whole) = read_site_window(&site, win, sp, slot, tgid);
+    let (window, whole) = read_site_window(site, win, sp, slot, tgid);
     let loc = |at: (u8, u8, i32)| read_loc(regs, at, win, window, sp);
     let Some(ra) = stack_at(win, window, sp, site.entry_sp_delta as i32) else {
         count(Counter::PendingMapFull, 1);
@@ -210,6 +251,7 @@ fn result_site(ctx: &ProbeContext, index: u32) -> Option<(u64, u64, WalkStart)> 
             window,
             whole,
             slot,
+            tables_known: 0,
         },
     ))
 }

@@ -18,7 +18,7 @@ const STAGES: &[&str] = &[
 ];
 
 /// Importable from anywhere.
-const LEAVES: &[&str] = &["units", "knobs", "escape"];
+const LEAVES: &[&str] = &["units", "knobs", "escape", "steps"];
 
 /// The stage that `crate::NAME` names, if NAME is one.
 fn stage(name: &str) -> Option<usize> {

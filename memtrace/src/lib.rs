@@ -1,6 +1,6 @@
 //! memtrace's userspace side. Each folder is one stage of the pipeline, in the
 //! order data flows; a stage imports only the stages listed before it (and the
-//! leaf utilities `units`, `knobs` and `escape`). See docs/design.md.
+//! leaf utilities `units`, `knobs`, `escape` and `steps`). See docs/design.md.
 //!
 //! - [`process`]: /proc readers and one snapshot of the target's modules.
 //! - [`unwind`]: `.eh_frame` compiled to unwind rows; the userspace model of the walker.
@@ -27,6 +27,7 @@ mod layers;
 mod process;
 mod report;
 mod session;
+mod steps;
 mod symbolize;
 #[cfg(test)]
 mod testutil;

@@ -16,7 +16,7 @@ use crate::walk::cache::{remember, remembered_walk};
 use crate::walk::step::{Walk, count_walk, walk};
 use crate::walk::store::store_stack;
 use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
-use memtrace_common::{Counter, MAX_STACK_DEPTH, NO_STACK, STACK_FP_ONLY, StackTrace};
+use memtrace_common::{Counter, MAX_STACK_DEPTH, NO_STACK, STACK_FP_ONLY};
 
 #[inline(always)]
 pub(crate) fn mix(h: u64, v: u64) -> u64 {
@@ -48,7 +48,10 @@ pub(crate) struct StackWindow {
 
 /// Where a stack walk starts: the first frame's pc, sp and rbp, and the
 /// window of stack memory from `base` (`window` bytes of it already read
-/// into STACK_WINDOW, 0 if none yet).
+/// into STACK_WINDOW, 0 if none yet). (Passed by pointer to a global
+/// function: C layout, every byte a field, as the verifier reads them all.)
+#[repr(C)]
+#[derive(Default)]
 pub(crate) struct WalkStart {
     pub(crate) pc: u64,
     pub(crate) sp: u64,
@@ -61,6 +64,10 @@ pub(crate) struct WalkStart {
     /// WALK_CACHE slot, from the probe's own rip and rsp (known before
     /// anything is read).
     pub(crate) slot: u32,
+    /// 1: the process has unwind tables (checked before the walk from the
+    /// context's registers; a result site's caller checks only if its walk
+    /// is not remembered).
+    pub(crate) tables_known: u32,
 }
 
 #[inline(always)]
@@ -99,29 +106,38 @@ pub(crate) fn read_window(win: *mut StackWindow, sp: u64) -> u32 {
 /// unknown, no stack (counted by the caller).
 #[inline(always)]
 pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u64 {
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let start = match at {
+        Some(at) if at.pc == 0 => return NO_STACK,
+        Some(at) => at,
+        None => {
+            // (Only the target's tasks get here: see `is_target`.)
+            // SAFETY: only the presence of the key is used, not the value.
+            if unsafe { PROC_TABLES.get(&target_tgid()) }.is_none() {
+                return frame_pointer_stack(ctx);
+            }
+            start_at_registers(ctx)
+        }
+    };
+    walk_stack(&start)
+}
+
+/// The key in STACKS of the stack walked from `start` with the unwind
+/// tables, or NO_STACK (with the reason counted). A global function: the
+/// verifier checks the walk once, on its own, not again at every state
+/// the program reaches it in.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
+    // SAFETY: the caller's WalkStart, on its stack for the call.
+    let (Some(start), Some(scratch)) = (unsafe { start.as_ref() }, STACK_SCRATCH.get_ptr_mut(0))
+    else {
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
     };
     // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; nothing else
     // in this program refers to it.
     let scratch = unsafe { &mut *scratch };
-    // (Only the target's tasks get here: see `is_target`.)
     let tgid = target_tgid();
-    // A walk from the context's registers has its tables checked here; a
-    // result site's only if its walk is not remembered (below).
-    let tables_known = at.is_none();
-    let start = match at {
-        Some(at) if at.pc == 0 => return NO_STACK,
-        Some(at) => at,
-        None => {
-            // SAFETY: only the presence of the key is used, not the value.
-            if unsafe { PROC_TABLES.get(&tgid) }.is_none() {
-                return frame_pointer_stack(ctx, scratch);
-            }
-            start_at_registers(ctx)
-        }
-    };
     // A remembered walk is stale once the tables change, or code is
     // unmapped (its stack id may then be another, see `store`).
     let code_generation = CODE_STATE.get(0).map_or(0, |c| c.generation);
@@ -141,14 +157,14 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     // program preempting this one may write the same slot: `check` then fails to match, see
     // CachedWalk.)
     let cached = unsafe { &mut *cached };
-    if let Some(id) = remembered_walk(cached, win, generation, tgid, &start) {
+    if let Some(id) = remembered_walk(cached, win, generation, tgid, start) {
         count_walk(cached.fp_frames, cached.stop);
         return id;
     }
     // With no tables (a result site's caller) the walk below finds no
     // rows and follows frame pointers, as bpf_get_stack does.
     // SAFETY: only the presence of the key is used, not the value.
-    let no_tables = !tables_known && unsafe { PROC_TABLES.get(&tgid) }.is_none();
+    let no_tables = start.tables_known == 0 && unsafe { PROC_TABLES.get(&tgid) }.is_none();
     let window = if start.whole != 0 {
         start.window
     } else {
@@ -158,7 +174,7 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
     cached.check = 0;
     // (Found before the walk, which then only compares with it.)
     trampoline();
-    let mut w = Walk::new(&start, tgid, window);
+    let mut w = Walk::new(start, tgid, window);
     walk(&mut w);
     scratch.len = w.len;
     scratch.flags = w.flags | if no_tables { STACK_FP_ONLY } else { 0 };
@@ -167,9 +183,9 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
     }
-    let id = store_stack(scratch);
+    let id = store_stack();
     if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
-        remember(cached, &start, &w, generation, tgid, id);
+        remember(cached, start, &w, generation, tgid, id);
     }
     id
 }
@@ -178,7 +194,14 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
 /// (bpf_get_stack), for a process with no unwind tables: its key in
 /// STACKS, or NO_STACK.
 #[inline(always)]
-fn frame_pointer_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> u64 {
+fn frame_pointer_stack<C: EbpfContext>(ctx: &C) -> u64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackReadErrors, 1);
+        return NO_STACK;
+    };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; nothing else
+    // in this program refers to it.
+    let scratch = unsafe { &mut *scratch };
     // SAFETY: the buffer is the scratch stack's `frames`, MAX_STACK_DEPTH u64s: exactly the
     // size passed; bpf_get_stack reads user memory fault-tolerantly.
     let n = unsafe {
@@ -195,7 +218,7 @@ fn frame_pointer_stack<C: EbpfContext>(ctx: &C, scratch: &mut StackTrace) -> u64
     }
     scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
     scratch.flags = STACK_FP_ONLY;
-    store_stack(scratch)
+    store_stack()
 }
 
 /// A walk from the context's registers, with no window read yet.
@@ -213,5 +236,6 @@ fn start_at_registers<C: EbpfContext>(ctx: &C) -> WalkStart {
         window: 0,
         whole: 0,
         slot: cache_slot(pc, sp),
+        tables_known: 1,
     }
 }

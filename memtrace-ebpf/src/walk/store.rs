@@ -5,7 +5,7 @@ use crate::counters::count;
 use crate::maps::{CODE_STATE, STACK_SCRATCH, STACKS, UNMAPPED_CODE};
 use crate::walk::mix;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_loop};
-use memtrace_common::{Counter, MAX_STACK_DEPTH, MAX_UNMAPPED_RANGES, NO_STACK, StackTrace};
+use memtrace_common::{Counter, MAX_STACK_DEPTH, MAX_UNMAPPED_RANGES, NO_STACK};
 
 /// State of `frames_step`'s loop over the frames in STACK_SCRATCH.
 #[repr(C)]
@@ -91,9 +91,18 @@ extern "C" fn frames_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// The key in STACKS of the stack in STACK_SCRATCH (stored if new, with
-/// the current code generation), or NO_STACK with the reason counted.
-#[inline(always)]
-pub(crate) fn store_stack(scratch: &mut StackTrace) -> u64 {
+/// the current code generation), or NO_STACK with the reason counted. A
+/// global function: checked once by the verifier whichever walk called it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn store_stack() -> u64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackMapFull, 1);
+        return NO_STACK;
+    };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program's run; the walk that
+    // filled it is over, and nothing else in this program refers to it meanwhile.
+    let scratch = unsafe { &mut *scratch };
     let len = scratch.len.min(MAX_STACK_DEPTH as u32);
     let code = CODE_STATE.get(0).copied().unwrap_or_default();
     scratch.generation = code.generation;

@@ -65,7 +65,7 @@ fn owned(fd: RawFd) -> OwnedFd {
 }
 
 /// The fd of any map aya created.
-fn map_fd(map: &Map) -> RawFd {
+fn map_fd(map: &Map) -> BorrowedFd<'_> {
     let data = match map {
         Map::Array(d)
         | Map::ArrayOfMaps(d)
@@ -98,21 +98,30 @@ fn map_fd(map: &Map) -> RawFd {
         | Map::Unsupported(d)
         | Map::XskMap(d) => d,
     };
-    data.fd().as_fd().as_raw_fd()
+    data.fd().as_fd()
 }
 
+/// Stand-in helper number (`memtrace_common::KFUNCS`) → BTF id of the
+/// kernel function it stands for.
+pub type KernelFunctions = HashMap<i32, u32>;
+
 /// Programs of the embedded object, relocated against the maps of a loaded
-/// `Ebpf`, ready to be loaded with any expected attach type.
+/// `Ebpf`, ready to be loaded with any expected attach type (from several
+/// threads at once: the kernel verifies distinct programs in parallel).
 pub struct RawLoader {
     obj: Object,
     btf_fd: Option<OwnedFd>,
-    /// Stand-in helper number → BTF id of the kernel function it stands for.
-    kfuncs: HashMap<i32, u32>,
+    kfuncs: KernelFunctions,
+    /// The maps' fds the programs were relocated against, duplicated: the
+    /// numbers in the instructions stay these maps' while the loader lives,
+    /// whatever becomes of aya's.
+    _map_fds: Vec<OwnedFd>,
 }
 
 impl RawLoader {
-    /// `ebpf` must hold every map of `object` (call before taking any map out).
-    pub fn new(object: &[u8], ebpf: &Ebpf) -> Result<RawLoader> {
+    /// `ebpf` must hold every map of `object` (call before taking any map
+    /// out); `kfuncs`: from [`kernel_functions`].
+    pub fn new(object: &[u8], ebpf: &Ebpf, kfuncs: KernelFunctions) -> Result<RawLoader> {
         let mut obj = Object::parse(object).map_err(|e| anyhow!(e))?;
         // Kernels with uprobe sessions have every BTF feature aya knows.
         let features = BtfFeatures::new(true, true, true, true, true, true, true, true);
@@ -128,14 +137,17 @@ impl RawLoader {
             let map = ebpf
                 .map(name)
                 .with_context(|| format!("BPF map {name} was not created"))?;
-            fds.push((name.clone(), map_fd(map)));
+            let fd = map_fd(map)
+                .try_clone_to_owned()
+                .context("duplicating a map's fd")?;
+            fds.push((name.clone(), fd));
         }
         let text_sections: HashSet<usize> =
             obj.functions.keys().map(|(section, _)| *section).collect();
         let maps = obj.maps.clone();
         obj.relocate_maps(
             fds.iter()
-                .map(|(name, fd)| (name.as_str(), *fd, &maps[name])),
+                .map(|(name, fd)| (name.as_str(), fd.as_raw_fd(), &maps[name])),
             &text_sections,
         )
         .map_err(|e| anyhow!(e))?;
@@ -143,7 +155,8 @@ impl RawLoader {
         Ok(RawLoader {
             obj,
             btf_fd,
-            kfuncs: kernel_functions()?,
+            kfuncs,
+            _map_fds: fds.into_iter().map(|(_, fd)| fd).collect(),
         })
     }
 
@@ -345,8 +358,9 @@ impl RawLoader {
 }
 
 /// The BTF ids of the kernel functions in `memtrace_common::KFUNCS` that this
-/// kernel has.
-fn kernel_functions() -> Result<HashMap<i32, u32>> {
+/// kernel has (from its BTF, which takes a while to parse: callers start
+/// this early, on a thread of its own).
+pub fn kernel_functions() -> Result<KernelFunctions> {
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     Ok(memtrace_common::KFUNCS
         .iter()

@@ -1,5 +1,18 @@
 //! The embedded BPF object: loading its maps and programs for one target.
-use std::os::fd::OwnedFd;
+//!
+//! The maps are created first; the programs that need the verifier's long
+//! look (the session's, free's and the result sites') are then verified
+//! each on a thread of its own, since the kernel verifies distinct programs
+//! in parallel, while the caller fills the maps ([`Verifying`]).
+use std::{
+    os::fd::OwnedFd,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -14,6 +27,7 @@ use super::{
     maps::{MapSizes, TraceMaps},
     multi, sampling,
 };
+use crate::steps::{Running, Steps};
 
 /// The BPF object built by `cargo xtask build`, embedded at compile time.
 static BPF_OBJECT: &[u8] =
@@ -26,19 +40,6 @@ pub struct MultiPrograms {
     /// The result sites' program (None with sampling, or if refused).
     pub result: Option<OwnedFd>,
 }
-
-const PROGRAMS: &[&str] = &[
-    "malloc_enter",
-    "calloc_enter",
-    "realloc_enter",
-    "reallocarray_enter",
-    "memalign_enter",
-    "posix_memalign_enter",
-    "valloc_enter",
-    "pvalloc_enter",
-    "free_enter",
-    "loader_breakpoint",
-];
 
 /// The classic return probe, loaded only when classic probes are attached:
 /// it holds the stack walk, and the verifier takes seconds over it (as over
@@ -58,26 +59,123 @@ fn classic_forced() -> bool {
     crate::knobs::get().probes == crate::knobs::Probes::Classic
 }
 
-/// Loads the programs for uprobe_multi links, or says why not.
-fn load_multi(ebpf: &Ebpf, sampled: bool) -> Result<MultiPrograms> {
-    let raw = multi::RawLoader::new(BPF_OBJECT, ebpf)?;
-    Ok(MultiPrograms {
-        session: raw.load("alloc_session", multi::BPF_TRACE_UPROBE_SESSION)?,
-        free: raw.load("free_enter", multi::BPF_TRACE_UPROBE_MULTI)?,
-        // Exact mode only (see `attach_multi`); its verification is
-        // another stack walk's.
-        result: if sampled {
-            None
-        } else {
-            match raw.load("alloc_result", multi::BPF_TRACE_UPROBE_MULTI) {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    log::info!("no result sites: {e:#}");
-                    None
-                }
-            }
-        },
+/// A program being verified on a thread of its own.
+type Job = JoinHandle<Result<OwnedFd>>;
+
+/// The programs for uprobe_multi links, each being verified.
+struct MultiJobs {
+    session: Job,
+    free: Job,
+    result: Option<Job>,
+    /// "verifying BPF programs (k/n done)" while any is.
+    _shown: Arc<Running>,
+}
+
+/// Starts verifying the programs for uprobe_multi links, each on a thread
+/// of its own, or says why it cannot.
+fn start_multi(
+    ebpf: &Ebpf,
+    kfuncs: JoinHandle<Result<multi::KernelFunctions>>,
+    sampled: bool,
+    steps: &Arc<Steps>,
+) -> Result<MultiJobs> {
+    let raw = Arc::new(
+        steps.time("prepare_programs", "preparing BPF programs", || {
+            let kfuncs = kfuncs
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("reading the kernel's BTF panicked")))?;
+            multi::RawLoader::new(BPF_OBJECT, ebpf, kfuncs)
+        })?,
+    );
+    // The result sites are for exact mode only (see `attach_multi`).
+    let total = if sampled { 2 } else { 3 };
+    let shown = Arc::new(steps.start(
+        "verify_programs",
+        format!("verifying BPF programs (0/{total} done)"),
+    ));
+    let done = Arc::new(AtomicUsize::new(0));
+    let spawn = |name: &'static str, attach_type: u32| -> Job {
+        let (raw, steps, shown, done) = (
+            Arc::clone(&raw),
+            Arc::clone(steps),
+            Arc::clone(&shown),
+            Arc::clone(&done),
+        );
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let fd = raw.load(name, attach_type);
+            steps.record(&format!("verify_{name}"), started.elapsed());
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            shown.doing(format!("verifying BPF programs ({n}/{total} done)"));
+            fd
+        })
+    };
+    Ok(MultiJobs {
+        session: spawn("alloc_session", multi::BPF_TRACE_UPROBE_SESSION),
+        free: spawn("free_enter", multi::BPF_TRACE_UPROBE_MULTI),
+        result: (!sampled).then(|| spawn("alloc_result", multi::BPF_TRACE_UPROBE_MULTI)),
+        _shown: shown,
     })
+}
+
+/// A program's fd once its verification ended.
+fn joined(job: Job) -> Result<OwnedFd> {
+    job.join()
+        .unwrap_or_else(|_| Err(anyhow!("the thread verifying a BPF program panicked")))
+}
+
+impl MultiJobs {
+    /// The programs once verified; an error if the session's or free's was
+    /// refused (the result sites' are optional).
+    fn wait(self) -> Result<MultiPrograms> {
+        let (session, free) = (joined(self.session), joined(self.free));
+        let result = self
+            .result
+            .map(joined)
+            .and_then(|r| r.map_err(|e| log::info!("no result sites: {e:#}")).ok());
+        Ok(MultiPrograms {
+            session: session?,
+            free: free?,
+            result,
+        })
+    }
+}
+
+/// The BPF object with its maps created, its programs being verified.
+pub struct Verifying {
+    ebpf: Ebpf,
+    /// Err: why uprobe sessions are not used (logged at `wait`).
+    multi: Result<MultiJobs>,
+    steps: Arc<Steps>,
+}
+
+impl Verifying {
+    /// The programs, once the kernel has verified them: those for
+    /// uprobe_multi links where it can, else the classic return probe (the
+    /// classic entry programs are loaded when attached).
+    pub fn wait(self) -> Result<Programs> {
+        let Verifying {
+            mut ebpf,
+            multi,
+            steps,
+        } = self;
+        let multi = match multi.and_then(MultiJobs::wait) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
+                None
+            }
+        };
+        if multi.is_none() {
+            // Refused now rather than at attach.
+            let _step = steps.start(
+                &format!("verify_{RETURN_PROGRAM}"),
+                "verifying BPF programs",
+            );
+            load_uprobe(&mut ebpf, RETURN_PROGRAM)?;
+        }
+        Ok(Programs { ebpf, multi })
+    }
 }
 
 /// `MEMTRACE_EMPTY_PROGRAMS=1`: the same probes at the same sites, with
@@ -87,43 +185,44 @@ fn empty_programs() -> bool {
     crate::knobs::get().empty_programs
 }
 
-/// Loads the programs for target `tgid`, sampling one allocation every
-/// `sample_mean_bytes` bytes on average (0: every allocation).
-pub fn load(tgid: u32, sizes: MapSizes, sample_mean_bytes: u64) -> Result<(Programs, TraceMaps)> {
+/// Creates the maps for target `tgid`, sampling one allocation every
+/// `sample_mean_bytes` bytes on average (0: every allocation), and starts
+/// verifying the programs: the caller may fill the maps meanwhile, then
+/// waits for the programs ([`Verifying::wait`]).
+pub fn load(
+    tgid: u32,
+    sizes: MapSizes,
+    sample_mean_bytes: u64,
+    steps: &Arc<Steps>,
+) -> Result<(Verifying, TraceMaps)> {
     if BPF_OBJECT.is_empty() {
         bail!(
             "this memtrace binary was built without its BPF programs; build it with \
              `cargo xtask build` (it leaves target/release/memtrace)"
         );
     }
-    let mut ebpf = load_object(tgid, &sizes, sample_mean_bytes)?;
-    for name in PROGRAMS {
-        load_uprobe(&mut ebpf, name)?;
-    }
+    // The kernel's BTF (for the session's kfuncs) is parsed meanwhile.
+    let kfuncs = std::thread::spawn(multi::kernel_functions);
+    let mut ebpf = steps.time("create_maps", "creating BPF maps", || {
+        load_object(tgid, &sizes, sample_mean_bytes)
+    })?;
     let multi = if classic_forced() {
-        None
+        Err(anyhow!("MEMTRACE_PROBES=classic"))
     } else {
-        match load_multi(&ebpf, sample_mean_bytes != 0) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                log::info!("uprobe sessions unavailable, using classic uprobes: {e:#}");
-                None
-            }
-        }
+        start_multi(&ebpf, kfuncs, sample_mean_bytes != 0, steps)
     };
-    if multi.is_none() {
-        // Refused now rather than at attach.
-        let prog: &mut UProbe = ebpf
-            .program_mut(RETURN_PROGRAM)
-            .context("BPF program alloc_return missing from the embedded object")?
-            .try_into()?;
-        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
-            format!("the kernel refused BPF program {RETURN_PROGRAM} (verifier or permissions)")
-        })?;
-    }
+    // (After the programs were relocated against every map: taking a map
+    // out of `ebpf` hides it from the relocation, not from the kernel.)
     let mut maps = take_maps(&mut ebpf)?;
     init_maps(&mut maps, sample_mean_bytes)?;
-    Ok((Programs { ebpf, multi }, maps))
+    Ok((
+        Verifying {
+            ebpf,
+            multi,
+            steps: Arc::clone(steps),
+        },
+        maps,
+    ))
 }
 
 /// The embedded object with its globals set and its maps sized and created.
@@ -137,6 +236,9 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
     }
     let fd_slots = super::resources::slot_count(crate::process::fds::open_files_limit(tgid));
     EbpfLoader::new()
+        // No CO-RE relocations to make: the kernel's BTF, which aya would
+        // parse for them, is not needed here.
+        .btf(None)
         .override_global("TARGET_TGID", &tgid, true)
         .override_global("VMA_FLAGS_OFFSET", &vma_flags_offset(), true)
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)

@@ -4,12 +4,23 @@
 //! its `.eh_frame` and its rows appended to `UNWIND_ROWS`; each code page of a
 //! process then points at the rows that cover it in `PC_PAGES`. A process not
 //! in `PROC_TABLES` is walked with frame pointers.
-use std::collections::{HashMap, HashSet};
+//!
+//! Compiling needs no kernel: at attach it runs on a thread of its own
+//! ([`UnwindTables::compile_ahead`]) while the kernel verifies the programs.
+//! The rows and pages are written with batch updates, thousands per syscall.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    thread::JoinHandle,
+    time::Instant,
+};
 
 use anyhow::{Context, Result};
+use aya::maps::IterableMap;
 use memtrace_common::{MAX_ROWS_PER_PAGE_LOG2, PC_PAGE_SHIFT, PageKey, PageRows, UnwindRow};
 use object::{Object, ObjectSegment};
 
+use super::batch::update_batch;
 use crate::{
     kernel::maps::TraceMaps,
     process::modules::{MappedModule, ModuleKey, ProcessModules},
@@ -17,6 +28,7 @@ use crate::{
         mapped::MappedFile,
         maps::{MapEntry, read_maps},
     },
+    steps::Steps,
     unwind,
 };
 
@@ -71,6 +83,15 @@ fn file_key(m: &MappedModule) -> Option<FileKey> {
     }
 }
 
+/// The key of a mapping's module: its file's identity, or the vDSO's.
+fn module_key(m: &MappedModule) -> Option<FileKey> {
+    if m.is_vdso() {
+        Some((u64::MAX, m.start))
+    } else {
+        file_key(m)
+    }
+}
+
 /// What the tables cost and cover, for the report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TableStats {
@@ -90,6 +111,8 @@ pub struct UnwindTables {
     modules: HashMap<FileKey, Option<LoadedModule>>,
     /// Each module's executable segments, for the load bias of each mapping.
     segments: HashMap<FileKey, Vec<(u64, u64, u64)>>,
+    /// Modules being read and compiled ahead (see `compile_ahead`).
+    ahead: Option<JoinHandle<HashMap<FileKey, ModuleUnwind>>>,
     /// Each loaded module's rows, by first row index (to index pages).
     rows: HashMap<u32, Vec<UnwindRow>>,
     /// Mappings already indexed: (start, end, inode).
@@ -104,6 +127,7 @@ impl UnwindTables {
         UnwindTables {
             modules: HashMap::new(),
             segments: HashMap::new(),
+            ahead: None,
             rows: HashMap::new(),
             indexed: HashSet::new(),
             next_row: 0,
@@ -113,6 +137,31 @@ impl UnwindTables {
                 ..Default::default()
             },
         }
+    }
+
+    /// Starts reading and compiling the tables of every module of `modules`
+    /// on a thread of its own; the next `load_process` takes them from
+    /// there. Its time is step `compile_unwind_tables` of `steps`.
+    pub fn compile_ahead(&mut self, modules: &ProcessModules, steps: &Arc<Steps>) {
+        let mut keys = HashSet::new();
+        let mods: Vec<MappedModule> = modules
+            .modules()
+            .iter()
+            .filter(|m| module_key(m).is_some_and(|k| keys.insert(k)))
+            .cloned()
+            .collect();
+        let steps = Arc::clone(steps);
+        self.ahead = Some(std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut read = HashMap::new();
+            for m in &mods {
+                if let Some((key, u)) = ModuleUnwind::of_module(m) {
+                    read.entry(key).or_insert(u);
+                }
+            }
+            steps.record("compile_unwind_tables", started.elapsed());
+            read
+        }));
     }
 
     /// Compiles (once per file) and loads the rows of every executable mapping
@@ -125,6 +174,16 @@ impl UnwindTables {
         modules: &ProcessModules,
         mut read: HashMap<FileKey, ModuleUnwind>,
     ) -> Result<()> {
+        if let Some(ahead) = self.ahead.take() {
+            match ahead.join() {
+                Ok(compiled) => {
+                    for (key, u) in compiled {
+                        read.entry(key).or_insert(u);
+                    }
+                }
+                Err(_) => log::warn!("compiling the unwind tables ahead panicked"),
+            }
+        }
         let current = read_maps(pid).map_err(|e| anyhow::anyhow!(e))?;
         self.forget_unmapped(maps, pid, &current);
         for m in modules.modules() {
@@ -193,6 +252,7 @@ impl UnwindTables {
     ) -> Result<()> {
         let rows = &self.rows[&loaded.first_row];
         let page_size = 1u64 << PC_PAGE_SHIFT;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut page = start >> PC_PAGE_SHIFT;
         while page << PC_PAGE_SHIFT < end {
             let lo = (page << PC_PAGE_SHIFT).max(start).wrapping_sub(pc_base);
@@ -210,23 +270,25 @@ impl UnwindTables {
                         page << PC_PAGE_SHIFT
                     );
                 }
-                let key = PageKey {
+                keys.push(PageKey {
                     tgid: pid,
                     _pad: 0,
                     page,
-                };
-                let value = PageRows {
+                });
+                values.push(PageRows {
                     pc_base,
                     first_row: loaded.first_row + first as u32,
                     row_count: n,
-                };
-                maps.pc_pages
-                    .insert(key, value, 0)
-                    .context("writing PC_PAGES")?;
-                self.stats.pages += 1;
+                });
             }
             page += 1;
         }
+        if !update_batch(maps.pc_pages.map(), &keys, &values).context("writing PC_PAGES")? {
+            for (k, v) in keys.iter().zip(&values) {
+                maps.pc_pages.insert(k, v, 0).context("writing PC_PAGES")?;
+            }
+        }
+        self.stats.pages += keys.len() as u64;
         Ok(())
     }
 
@@ -237,11 +299,7 @@ impl UnwindTables {
         m: &MappedModule,
         read: &mut HashMap<FileKey, ModuleUnwind>,
     ) -> Option<(LoadedModule, u64)> {
-        let key = if m.is_vdso() {
-            (u64::MAX, m.start)
-        } else {
-            file_key(m)?
-        };
+        let key = module_key(m)?;
         if !self.modules.contains_key(&key) {
             let unwind = match read.remove(&key) {
                 Some(u) => u,
@@ -284,11 +342,9 @@ impl UnwindTables {
             return None;
         }
         let first = self.next_row;
-        for (i, row) in table.rows.iter().enumerate() {
-            if let Err(e) = maps.unwind_rows.set(first + i as u32, *row, 0) {
-                log::warn!("loading unwind rows of {path}: {e}");
-                return None;
-            }
+        if let Err(e) = write_rows(maps, first, &table.rows) {
+            log::warn!("loading unwind rows of {path}: {e:#}");
+            return None;
         }
         self.next_row += n;
         self.rows.insert(first, table.rows);
@@ -300,6 +356,17 @@ impl UnwindTables {
             base: table.base,
         })
     }
+}
+
+/// Writes `rows` into UNWIND_ROWS from index `first`.
+fn write_rows(maps: &mut TraceMaps, first: u32, rows: &[UnwindRow]) -> Result<()> {
+    let indices: Vec<u32> = (first..).take(rows.len()).collect();
+    if !update_batch(maps.unwind_rows.map(), &indices, rows)? {
+        for (&i, row) in indices.iter().zip(rows) {
+            maps.unwind_rows.set(i, row, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// [`bias`] of the ELF file `data`.

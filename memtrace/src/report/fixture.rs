@@ -86,6 +86,7 @@ pub fn sample() -> Report {
         verdicts: VerdictCounts::default(),
         process: ProcessReport::default(),
         unwind: Default::default(),
+        attach: Default::default(),
         attached: false,
         modules: vec![super::ModuleInfo {
             path: "/usr/bin/app".into(),
@@ -505,6 +506,13 @@ pub fn varied(sampling: Sampling) -> Report {
             pages: 40,
             modules_without_tables: vec!["/lib/x.so".into()],
             capacity_rows: 1 << 20,
+        },
+        attach: AttachTimes {
+            total_s: 0.4123,
+            steps: vec![
+                ("create_maps".into(), 0.0121),
+                ("verify_alloc_session".into(), 0.2),
+            ],
         },
         attached: true,
         modules: Vec::new(),

@@ -162,6 +162,7 @@ impl<W: Write> ReportWriter<W> {
             verdicts,
             process,
             unwind,
+            attach,
             attached: _,
             // Not in the JSON: exports that name mappings (pprof) use them.
             modules: _,
@@ -191,6 +192,7 @@ impl<W: Write> ReportWriter<W> {
         w.put(key!("verdicts"), verdicts)?;
         w.put(key!("process"), process)?;
         w.put(key!("unwind"), unwind)?;
+        w.put(key!("attach"), attach)?;
         w.write_all(key!("sites"))?;
         self.sites(sites, false)?;
         self.w.write_all(key!("freed_sites"))?;

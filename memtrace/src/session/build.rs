@@ -25,9 +25,9 @@ use crate::{
     kernel::collect::{Counters, SiteSample},
     process::stat::ProcStat,
     report::{
-        self, AllocatorInfo, AllocatorModule, Drops, HistoryPoint, LeftOut, MAX_FREED_SITES,
-        ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site, TargetInfo, Timeline,
-        Totals, UntracedEntryPoint, VerdictCounts, resources::Resources,
+        self, AllocatorInfo, AllocatorModule, AttachTimes, Drops, HistoryPoint, LeftOut,
+        MAX_FREED_SITES, ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site,
+        TargetInfo, Timeline, Totals, UntracedEntryPoint, VerdictCounts, resources::Resources,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -46,6 +46,7 @@ pub(super) struct ReportMeta {
     pub(super) end_process: Option<ProcStat>,
     /// What was cut short while tracing, and why.
     pub(super) cut_short: Vec<String>,
+    pub(super) attach: AttachTimes,
 }
 
 /// CPU time of a phase sequence, for the debug log.
@@ -622,6 +623,7 @@ fn assemble(
         verdicts: VerdictCounts::of(&figures.sites),
         process: figures.process,
         unwind: at.tables.stats.clone(),
+        attach: meta.attach.clone(),
         attached: !at.launched,
         modules: figures.modules,
         sites: figures.sites,

@@ -64,6 +64,7 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         exit_status: outcome.exit_code(),
         end_process: stopped.end_process,
         cut_short: cut_short(&s),
+        attach: s.attach_times.clone(),
     };
     let fallback = fallback_out(&s);
     let report = build_report(opts, &mut s, meta, fallback)?;

@@ -11,6 +11,7 @@
 use std::{
     os::fd::OwnedFd,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,6 +26,7 @@ mod launch;
 mod live;
 mod output;
 mod preflight;
+mod progress;
 mod resources;
 mod serve;
 mod summary;
@@ -41,7 +43,8 @@ use crate::escape::Escaped;
 use crate::{
     analyze::{HISTORY_CAPACITY, History, VerdictConfig},
     kernel::{collect::monotonic_ns, maps::MapSizes},
-    report::Sampling,
+    report::{AttachTimes, Sampling},
+    steps::Steps,
     symbolize::Symbolizer,
     units::format_duration,
 };
@@ -130,6 +133,8 @@ struct Session {
     cut_short: Vec<String>,
     /// The capture of new modules under way.
     capture: capture::Capture,
+    /// How long attaching took, step by step.
+    attach_times: AttachTimes,
     /// fd tracing, when on.
     fds: Option<resources::Fds>,
 }
@@ -151,57 +156,24 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     // port fails before any probe goes in).
     let server = opts.listen.map(serve::start).transpose()?;
     let started_at = SystemTime::now();
-    let t0 = Instant::now();
-    let at = target::attach(target, opts.map_sizes, opts.sampling, opts.resources)?;
-    let pidfd = watch::pidfd_open(at.pid)?;
-    let on: Vec<String> = at
-        .allocators
-        .modules
-        .iter()
-        .map(|a| {
-            let names: Vec<&str> = a
-                .points
-                .iter()
-                .flat_map(|p| &p.names)
-                .map(String::as_str)
-                .collect();
-            format!("{} ({})", Escaped(&a.module), names.join(", "))
-        })
-        .collect();
-    eprintln!(
-        "memtrace: attached to pid {} ({}): {} probes on {} in {}",
-        at.pid,
-        Escaped(&at.comm),
-        at.nprobes,
-        on.join(" and "),
-        format_duration(t0.elapsed()),
+    let steps = Arc::new(Steps::new());
+    let progress = progress::Progress::start(Arc::clone(&steps));
+    let mut symbolizer = Symbolizer::new();
+    let at = target::attach(
+        target,
+        opts.map_sizes,
+        opts.sampling,
+        opts.resources,
+        &steps,
+        &mut symbolizer,
     );
-    if let Some(srv) = &server {
-        // Until the first interval: the target, and nothing counted yet.
-        srv.published.set_metrics(crate::report::metrics::Metrics {
-            pid: at.pid,
-            sampling_mean_bytes: opts.sampling.mean_bytes(),
-            ..Default::default()
-        });
-        eprintln!(
-            "memtrace: serving http://{}/metrics and /debug/pprof/heap",
-            srv.addr
-        );
-    }
-    if !at.allocators.untraced.is_empty() {
-        let list: Vec<String> = at
-            .allocators
-            .untraced
-            .iter()
-            .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
-            .collect();
-        eprintln!(
-            "memtrace: warning: the target may call allocator functions memtrace does not \
-             trace, whose blocks it will not see: {}",
-            list.join(", ")
-        );
-    }
-    let symbolizer = preload_symbolizer(&at);
+    // (The progress line is gone before any message.)
+    drop(progress);
+    let at = at?;
+    let pidfd = watch::pidfd_open(at.pid)?;
+    let attach_times = AttachTimes::new(steps.start_time().elapsed(), steps.finished());
+    log::debug!("attach steps: {attach_times}");
+    announce(opts, &at, server.as_ref(), &attach_times);
     let trace_start = Instant::now();
     let start_ns = monotonic_ns();
     let history = History::new(HISTORY_CAPACITY, start_ns, opts.interval);
@@ -229,24 +201,83 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         trace_start,
         cut_short: Vec::new(),
         capture: Default::default(),
+        attach_times,
         fds,
     })
 }
 
-/// A symbolizer already loading the debug info nearly every stack needs.
-fn preload_symbolizer(at: &Attached) -> Symbolizer {
-    let mut symbolizer = Symbolizer::new();
-    // Nearly every stack has frames in the program and in the allocator's
-    // library (libc: the bottom of every thread's stack): their debug info is
-    // loaded while tracing, so that the report does not wait for it (libc's,
-    // with libc6-dbg installed, takes tens of milliseconds).
-    let exe = target::proc_exe(at.pid);
+/// Says on stderr what was attached, where metrics are served, and which
+/// allocator functions are not traced.
+fn announce(
+    opts: &Options,
+    at: &Attached,
+    server: Option<&serve::Server>,
+    attach_times: &AttachTimes,
+) {
+    let on: Vec<String> = at
+        .allocators
+        .modules
+        .iter()
+        .map(|a| {
+            let names: Vec<&str> = a
+                .points
+                .iter()
+                .flat_map(|p| &p.names)
+                .map(String::as_str)
+                .collect();
+            format!("{} ({})", Escaped(&a.module), names.join(", "))
+        })
+        .collect();
+    eprintln!(
+        "memtrace: attached to pid {} ({}): {} probes on {} in {}",
+        at.pid,
+        Escaped(&at.comm),
+        at.nprobes,
+        on.join(" and "),
+        format_duration(Duration::from_secs_f64(attach_times.total_s)),
+    );
+    if let Some(srv) = server {
+        // Until the first interval: the target, and nothing counted yet.
+        srv.published.set_metrics(crate::report::metrics::Metrics {
+            pid: at.pid,
+            sampling_mean_bytes: opts.sampling.mean_bytes(),
+            ..Default::default()
+        });
+        eprintln!(
+            "memtrace: serving http://{}/metrics and /debug/pprof/heap",
+            srv.addr
+        );
+    }
+    if !at.allocators.untraced.is_empty() {
+        let list: Vec<String> = at
+            .allocators
+            .untraced
+            .iter()
+            .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
+            .collect();
+        eprintln!(
+            "memtrace: warning: the target may call allocator functions memtrace does not \
+             trace, whose blocks it will not see: {}",
+            list.join(", ")
+        );
+    }
+}
+
+/// Starts loading the debug info nearly every stack needs, in the
+/// background: the program's (`exe`) and the allocator library's (libc: the
+/// bottom of every thread's stack), so that the report does not wait for
+/// it (libc's, with libc6-dbg installed, takes tens of milliseconds). Called
+/// as soon as they are known, while the kernel verifies the programs.
+fn preload_debug_info(
+    symbolizer: &mut Symbolizer,
+    modules: &crate::symbolize::ProcessModules,
+    exe: Option<&str>,
+    allocator_modules: &[&str],
+) {
     symbolizer.load_modules_in_background(
-        &at.modules,
-        at.modules.modules().iter().filter(|m| {
-            Some(&m.path) == exe.as_ref()
-                || at.allocators.modules.iter().any(|a| a.module == m.path)
+        modules,
+        modules.modules().iter().filter(|m| {
+            Some(m.path.as_str()) == exe || allocator_modules.iter().any(|a| *a == m.path)
         }),
     );
-    symbolizer
 }

@@ -1,13 +1,13 @@
 //! The target process: attach to a running pid or launch a command, the state
 //! kept once the probes are in, and the /proc helpers (exe, cmdline, alive, exec).
-use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf};
+use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::{
     Target,
     launch::{self, ChildState, Loading},
-    preflight,
+    preflight, preload_debug_info,
 };
 use crate::{
     attach::allocator::{self, Allocators},
@@ -21,7 +21,8 @@ use crate::{
     process::maps::read_maps,
     process::modules::Generation,
     report::Sampling,
-    symbolize::ProcessModules,
+    steps::Steps,
+    symbolize::{ProcessModules, Symbolizer},
 };
 
 /// Everything known about the target once the probes are in.
@@ -70,6 +71,23 @@ impl FdsAtAttach {
     }
 }
 
+/// Starts tracing fds (`resources`), before the program runs on in launch
+/// mode; a failure costs the resources part of the report, not the run.
+fn trace_fds(probes: &mut Probes, resources: bool, steps: &Arc<Steps>) -> usize {
+    if !resources {
+        return 0;
+    }
+    match steps.time("fd_tracepoints", "attaching fd tracepoints", || {
+        probes.attach_fd_tracing()
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+            0
+        }
+    }
+}
+
 impl Attached {
     /// The names of the allocator functions probed, as the user knows them.
     pub(super) fn function_names(&self) -> Vec<String> {
@@ -111,33 +129,40 @@ fn watch_unmaps(probes: &mut Probes) {
     }
 }
 
-/// Starts tracing fds (`resources`), before the program runs on in launch
-/// mode; a failure costs the resources part of the report, not the run.
-fn trace_fds(probes: &mut Probes, resources: bool) -> usize {
-    if !resources {
-        return 0;
-    }
-    match probes.attach_fd_tracing() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
-            0
-        }
-    }
-}
-
-/// Attaches to `target`: the running process, or the command launched for it.
-/// `resources`: trace its fds too.
+/// Attaches to `target`: the running process, or the command launched for
+/// it. Each step is timed in `steps`.
+/// `symbolizer` starts loading the debug info every report needs as soon as
+/// the modules are known.
 pub(super) fn attach(
     target: &Target,
     sizes: MapSizes,
     sampling: Sampling,
     resources: bool,
+    steps: &Arc<Steps>,
+    symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
-    match target {
-        Target::Attach(pid) => attach_existing(*pid, sizes, sampling, resources),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, resources),
+    let at = match target {
+        Target::Attach(pid) => attach_existing(*pid, sizes, sampling, resources, steps, symbolizer),
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, resources, steps),
+    }?;
+    if at.launched {
+        preload_debug_info(
+            symbolizer,
+            &at.modules,
+            at.exe.as_deref(),
+            &allocator_modules(&at.allocators),
+        );
     }
+    Ok(at)
+}
+
+/// The paths of the modules whose allocator functions are probed.
+fn allocator_modules(allocators: &Allocators) -> Vec<&str> {
+    allocators
+        .modules
+        .iter()
+        .map(|a| a.module.as_str())
+        .collect()
 }
 
 pub(super) fn proc_exe(pid: u32) -> Option<String> {
@@ -191,9 +216,16 @@ pub(super) fn called_exec(pid: u32, allocators: &Allocators) -> bool {
     }
 }
 
+/// Starts compiling the unwind tables of `modules` (see `load_tables`).
+fn compile_tables_ahead(tables: &mut UnwindTables, modules: &ProcessModules, steps: &Arc<Steps>) {
+    if !crate::knobs::get().frame_pointers_only {
+        tables.compile_ahead(modules, steps);
+    }
+}
+
 /// Loads the unwind tables of every module `pid` maps (those of `read` as
-/// read already). Without them the BPF side walks frame pointers, so a
-/// failure costs stack quality, not the run.
+/// read already, or compiled ahead). Without them the BPF side walks frame
+/// pointers, so a failure costs stack quality, not the run.
 pub(super) fn load_tables(
     tables: &mut UnwindTables,
     maps: &mut TraceMaps,
@@ -224,30 +256,59 @@ fn attach_existing(
     sizes: MapSizes,
     sampling: Sampling,
     resources: bool,
+    steps: &Arc<Steps>,
+    symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
+    let inspect = steps.start("inspect_target", "reading the target's modules");
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    // Read once now, for the unwind tables to compile and the debug info to
+    // load while the kernel verifies the programs; read again (below) once
+    // code unmapped is watched, for the modules the stacks are resolved in.
+    let early = ProcessModules::capture_at(pid, &mut || 0).map_err(|e| {
+        exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
+    })?;
+    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
+    compile_tables_ahead(&mut tables, &early, steps);
+    inspect.doing("finding the allocator");
     let allocators = allocator::find_allocators(pid, &maps)
         .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
-    debug_attach_delay();
+    preload_debug_info(
+        symbolizer,
+        &early,
+        exe.as_deref(),
+        &allocator_modules(&allocators),
+    );
+    drop(inspect);
+    if let Some(delay) = crate::knobs::get().debug_attach_delay {
+        let _wait = steps.start("debug_delay", "waiting (MEMTRACE_DEBUG_ATTACH_DELAY_MS)");
+        std::thread::sleep(delay);
+    }
     crate::knobs::debug_stall("attach");
-    let (programs, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes())?;
-    let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
+    // The programs are verified on other threads while the tables load.
+    let (verifying, mut trace_maps) = object::load(pid, sizes, sampling.mean_bytes(), steps)?;
+    trace_maps.set_allocator_text(&allocator::all_text_ranges(&allocators, &maps))?;
+    steps.time("unwind_tables", "loading unwind tables", || {
+        load_tables(&mut tables, &mut trace_maps, pid, &early, HashMap::new())
+    });
+    drop(early);
+    let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
     watch_unmaps(&mut probes);
-    let fd_tracepoints = trace_fds(&mut probes, resources);
+    let fd_tracepoints = trace_fds(&mut probes, resources, steps);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     let modules =
         ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
             exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
         })?;
-    trace_maps.set_allocator_text(&allocator::all_text_ranges(&allocators, &maps))?;
-    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
+    // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
-    let nprobes = probes
-        .attach_allocators(&allocators, pid, &maps, &mut trace_maps)
+    let nprobes = steps
+        .time("attach_probes", "attaching probes", || {
+            probes.attach_allocators(&allocators, pid, &maps, &mut trace_maps)
+        })
         .map_err(|e| exited_during_attach(pid, e))?;
     if !alive(pid) {
         bail!("target process {pid} exited while memtrace was attaching");
@@ -294,17 +355,22 @@ fn launch_new(
     sizes: MapSizes,
     sampling: Sampling,
     resources: bool,
+    steps: &Arc<Steps>,
 ) -> Result<Attached> {
+    let launching = steps.start("launch", "starting the command");
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     let loading = launch::loading(&program)?;
     let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
-    let loaded = object::load(pid, sizes, sampling.mean_bytes()).and_then(|(programs, maps)| {
-        let mut probes = Probes::new(programs, sampling.mean_bytes() != 0);
-        probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)?;
+    drop(launching);
+    let loaded = object::load(pid, sizes, sampling.mean_bytes(), steps).and_then(|(v, maps)| {
+        let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
+        steps.time("attach_loader_breakpoint", "attaching probes", || {
+            probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)
+        })?;
         watch_unmaps(&mut probes);
-        let fd_tracepoints = trace_fds(&mut probes, resources);
+        let fd_tracepoints = trace_fds(&mut probes, resources, steps);
         Ok((probes, maps, fd_tracepoints))
     });
     let (mut probes, mut trace_maps, fd_tracepoints) = match loaded {
@@ -318,13 +384,22 @@ fn launch_new(
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
     let dynamic = matches!(loading, Loading::Dynamic { .. });
-    let (allocators, nprobes) =
-        attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)?;
-    let modules = probes.detach_loader_breakpoint().and_then(|_| {
+    let (allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
+        attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)
+    })?;
+    // (The child is stopped: its mappings stay as captured while the
+    // tables compile and the breakpoint's removal waits for the kernel.)
+    let modules = steps.time("inspect_target", "reading the target's modules", || {
         ProcessModules::capture_at(pid, &mut || trace_maps.code_generation())
             .map_err(|e| anyhow!(e))
     });
-    let modules = match modules {
+    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
+    let detached = modules.and_then(|m| {
+        compile_tables_ahead(&mut tables, &m, steps);
+        let _step = steps.start("detach_loader_breakpoint", "removing the loader breakpoint");
+        probes.detach_loader_breakpoint().map(|_| m)
+    });
+    let modules = match detached {
         Ok(m) => m,
         Err(e) => {
             kill_child(pid);
@@ -336,8 +411,9 @@ fn launch_new(
         .unwrap_or_default();
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
-    let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
-    load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
+    steps.time("unwind_tables", "loading unwind tables", || {
+        load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
+    });
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     launch::continue_child(pid);
     Ok(Attached {

@@ -84,6 +84,7 @@ impl Env {
         let wants_memtrace = configs.iter().any(|c| c.is_memtrace())
             || opts.scale_reps > 0
             || opts.redis_reps > 0
+            || opts.attach_reps > 0
             || opts.symbolize;
         let (memtrace, memtrace_version) = if wants_memtrace {
             let bin = opts.memtrace.clone().unwrap_or_else(build::memtrace_bin);

@@ -27,8 +27,8 @@
 //! of that site's stack shows how far each stack walk got.
 //!
 //! After the overhead runs come the report at scale ([`scale`]),
-//! symbolization against addr2line ([`symbolize`]) and a real server,
-//! redis-server on jemalloc ([`redis`]).
+//! symbolization against addr2line ([`symbolize`]), a real server,
+//! redis-server on jemalloc ([`redis`]), and the time to attach ([`attach`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -50,6 +50,7 @@ use env::{Env, loadavg};
 use options::Options;
 use stats::Report;
 
+mod attach;
 mod document;
 mod env;
 mod fmt;
@@ -66,19 +67,20 @@ pub mod symbolize;
 mod targets;
 mod unwinding;
 
-/// `cargo xtask bench [OPTIONS]`: builds everything, then benches.
+/// `cargo xtask bench [OPTIONS]`: builds everything (unless `--memtrace`
+/// names the binary), then benches.
 pub fn command(args: &[String]) -> Result<()> {
     // --help teaches without a build first.
-    if !args.iter().any(|a| a == "-h" || a == "--help") {
-        build::build()?;
-    }
-    run(&util::root(), args)
-}
-
-fn run(root: &Path, args: &[String]) -> Result<()> {
     let Some(opts) = Options::parse(args)? else {
         return Ok(());
     };
+    if opts.memtrace.is_none() {
+        build::build()?;
+    }
+    run(&util::root(), opts)
+}
+
+fn run(root: &Path, opts: Options) -> Result<()> {
     let env = Env::prepare(root, &opts)?;
     let benchmarks = root.join("BENCHMARKS.md");
     if opts.write_benchmarks {
@@ -127,6 +129,7 @@ struct Extra {
     scale: Option<Result<scale::Scale>>,
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
+    attach: Option<Result<attach::Attach>>,
 }
 
 impl Extra {
@@ -152,10 +155,18 @@ impl Extra {
             }
             _ => None,
         };
+        let attach = match (&env.memtrace, opts.attach_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: attach time ({n} rep(s))");
+                Some(attach::run(env, bin, n, opts.seed).context("the attach figure"))
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
             redis,
+            attach,
         }
     }
 }
@@ -202,6 +213,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("redis-server: not measured ({e:#})"));
         }
         None => targets.push("redis-server: not measured (skipped)".into()),
+    }
+    match &extra.attach {
+        Some(Ok(a)) => {
+            text.push('\n');
+            text.push_str(&a.markdown());
+            targets.extend(a.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## Attach\n\nnot measured: {e:#}");
+            targets.push(format!("attach: not measured ({e:#})"));
+        }
+        None => targets.push("attach: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");

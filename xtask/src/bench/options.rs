@@ -14,14 +14,16 @@ usage: cargo xtask bench [OPTIONS]
 Times malloc+free pairs in a small C/C++ workload, untraced and under each
 tracer, and prints median ns per pair with ratios to bpftrace's memleak.bt
 (also written to target/bench/results.md). Then measures one memtrace report
-over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS), and
-symbolization against binutils `addr2line -f -i -C`. Needs root.
+over 1,000,000 outstanding blocks in 10,000 stacks (CPU time, peak RSS),
+symbolization against binutils `addr2line -f -i -C`, redis-server, and the
+time to attach against memleak.bt's time to ready. Needs root.
 
 The default matrix is threads {1,2} x sizes {fixed,mixed} x builds {fp,nofp}:
 56 runs per repetition, 9 repetitions, 100000 traced pairs per thread. One repetition took about 65 s on
 the 2-core VM (a traced pair costs 0.3-30 µs; tracer start-up and attach,
 0.5-1.5 s, dominate each run), so the default takes about 10 minutes, plus
-about two minutes for the report at scale and the symbolization figure.
+about two minutes for the report at scale and the symbolization figure, and
+about one for the attach figure.
 
 options:
   --reps N             repetitions; each runs every cell once, all shuffled [9]
@@ -41,7 +43,8 @@ options:
                        programs that return at once: the traps alone);
                        run for every build [default: all for fp, all but
                        bpftrace-empty and memtrace-floor for nofp]
-  --memtrace PATH      the memtrace binary to bench [target/release/memtrace]
+  --memtrace PATH      the memtrace binary to bench, as it is (nothing is built)
+                       [target/release/memtrace, built first]
   --seed N             seed of the per-repetition shuffle [from the clock]
   --scale-reps N       report-at-scale measurements (0: skip) [3]
   --no-symbolize       skip the symbolization figure
@@ -49,11 +52,16 @@ options:
                        redis-server (on libjemalloc) under redis-benchmark,
                        untraced, memleak.bt retargeted, memtrace exact and
                        sampled (0: skip) [3]
+  --attach-reps N      repetitions of the attach figure: command start to ready
+                       and system CPU of memtrace exact, sampled and memleak.bt
+                       against an idle C program and an idle python3.11, with
+                       memtrace's time per step (0: skip) [5]
   --write-benchmarks   also write BENCHMARKS.md at the repository root (machine,
                        caveats, methodology, the options used, all tables)
   --quick              2 reps, 20000 traced / 2000000 untraced pairs, and unless
-                       given otherwise 1 thread, fixed sizes, 1 scale run: checks
-                       that the bench itself works, in a few minutes
+                       given otherwise 1 thread, fixed sizes, 1 scale run, 2
+                       attach reps: checks that the bench itself works, in a few
+                       minutes
   -h, --help           this text
 
 memtrace sampled runs `memtrace --sample-bytes 512KiB`; a memtrace without that
@@ -62,7 +70,9 @@ heaptrack and bpftrace are installed with apt-get when missing. Targets (printed
 as pass/miss, never asserted): memtrace exact <= 0.2x memleak.bt and sampled
 <= 0.12x (1 thread, 64 B, fp build); a report at scale <= 100 ms CPU and
 <= 100 MiB peak RSS; symbolization >= 5x faster than addr2line; redis-server
-traced by memtrace exact >= 0.5x its untraced throughput, sampled >= 0.6x.";
+traced by memtrace exact >= 0.5x its untraced throughput, sampled >= 0.6x;
+attach within 0.5 s (C program) and 1 s (python3), with at most 0.5 s of system
+CPU, and no slower than memleak.bt's time to ready.";
 
 /// What memtrace sampled is given: the spec's sampling interval.
 pub(super) const SAMPLE_BYTES: &str = "512KiB";
@@ -334,6 +344,7 @@ pub(super) struct Options {
     pub(super) seed: u64,
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
+    pub(super) attach_reps: usize,
     pub(super) symbolize: bool,
     pub(super) write_benchmarks: bool,
     pub(super) quick: bool,
@@ -377,6 +388,7 @@ struct Given {
     seed: Option<u64>,
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
+    attach_reps: Option<usize>,
     no_symbolize: bool,
     write_benchmarks: bool,
     quick: bool,
@@ -405,6 +417,7 @@ impl Given {
             "--seed" => self.seed = Some(parse_num(name, &value()?)?),
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
+            "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
             "--no-symbolize" => self.no_symbolize = true,
             "--write-benchmarks" => self.write_benchmarks = true,
             "--quick" => self.quick = true,
@@ -456,6 +469,7 @@ impl Given {
             seed,
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
+            attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
             symbolize: !self.no_symbolize,
             write_benchmarks: self.write_benchmarks,
             quick,
