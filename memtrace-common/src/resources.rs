@@ -4,8 +4,7 @@
 //!
 //! `FD_SLOTS` is an array indexed by fd number: slot `fd` holds the fd the
 //! target created there while traced (its stack, birth time, origin), or
-//! nothing (`born_ns == 0`). `FD_CALLS` keeps a syscall's arguments from its
-//! entry to its exit, by thread. `FD_SITE_CREATED` counts creations per
+//! nothing (`born_ns == 0`). `FD_SITE_CREATED` counts creations per
 //! (stack, origin). `FD_COUNTERS` counts every event, by [`FdCounter`].
 
 /// Slots of `FD_SLOTS` by default: fds numbered from this on are counted
@@ -14,9 +13,6 @@ pub const DEFAULT_FD_SLOTS: u32 = 1 << 16;
 
 /// Most slots userspace may ask for (a bpf_loop goes over them at exec).
 pub const MAX_FD_SLOTS: u32 = 1 << 20;
-
-/// Syscalls between their entry and exit at once (threads in one).
-pub const MAX_FD_CALLS: u32 = 1 << 14;
 
 /// (stack, origin) pairs counted in `FD_SITE_CREATED`.
 pub const MAX_FD_SITES: u32 = 1 << 14;
@@ -100,15 +96,6 @@ pub struct FdSlot {
     pub generation: u64,
 }
 
-/// A syscall's arguments from its entry (`FD_CALLS`, by thread id).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FdCall {
-    /// The syscall's number (x86-64).
-    pub nr: u64,
-    pub args: [u64; 5],
-}
-
 /// Key of `FD_SITE_CREATED`: a creating stack and the origin.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -126,8 +113,8 @@ codes! {
         Created = 0,
         /// Traced fds released by close.
         Closed = 1,
-        /// close calls on an fd number not created while traced (one that
-        /// existed at attach, appeared untraced, or was not open).
+        /// close calls that released an fd not created while traced (one
+        /// that existed at attach, or appeared untraced).
         CloseUntracked = 2,
         /// Traced fds released by dup2/dup3/F_DUPFD onto their number.
         ReplacedByDup = 3,
@@ -141,9 +128,9 @@ codes! {
         CreatedOverOpen = 6,
         /// fds numbered beyond `FD_SLOTS`: not tracked.
         BeyondTable = 7,
-        /// Syscalls whose arguments `FD_CALLS` had no room for: their fds are
-        /// not tracked.
-        CallsMapFull = 8,
+        /// Syscalls whose user registers (arguments, stack) could not be
+        /// read: their fds are not tracked.
+        RegsReadErrors = 8,
         /// Creations recorded without a stack (see the heap's drops).
         NoStack = 9,
         /// pipe/socketpair fds that could not be read back from the target.
@@ -162,7 +149,7 @@ impl FdCounter {
             FdCounter::ReleasedAtExec => "released_at_exec",
             FdCounter::CreatedOverOpen => "created_over_open",
             FdCounter::BeyondTable => "beyond_table",
-            FdCounter::CallsMapFull => "calls_map_full",
+            FdCounter::RegsReadErrors => "regs_read_errors",
             FdCounter::NoStack => "no_stack",
             FdCounter::PairReadErrors => "pair_read_errors",
         }
@@ -209,9 +196,9 @@ pub mod nr {
     pub const PIDFD_GETFD: u64 = 438;
 }
 
-/// The syscalls traced, by their tracepoint names (`syscalls:sys_enter_NAME`
-/// and `sys_exit_NAME`). close has only its entry traced: it releases there.
-pub const FD_SYSCALLS: [&str; 32] = [
+/// The syscalls traced, by their tracepoint names (`syscalls:sys_exit_NAME`).
+pub const FD_SYSCALLS: [&str; 33] = [
+    "close",
     "open",
     "openat",
     "openat2",
@@ -249,15 +236,13 @@ pub const FD_SYSCALLS: [&str; 32] = [
 /// The names of the maps of fd tracing (see the crate's `map_names`).
 pub mod map_names {
     pub const FD_SLOTS: &str = "FD_SLOTS";
-    pub const FD_CALLS: &str = "FD_CALLS";
     pub const FD_SITE_CREATED: &str = "FD_SITE_CREATED";
     pub const FD_COUNTERS: &str = "FD_COUNTERS";
-    pub const ALL: [&str; 4] = [FD_SLOTS, FD_CALLS, FD_SITE_CREATED, FD_COUNTERS];
+    pub const ALL: [&str; 3] = [FD_SLOTS, FD_SITE_CREATED, FD_COUNTERS];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<FdSlot>() == 32);
-    assert!(core::mem::size_of::<FdCall>() == 48);
     assert!(core::mem::size_of::<FdSiteKey>() == 16);
     let mut i = 0;
     while i < FdCounter::ALL.len() {
@@ -274,8 +259,6 @@ mod pod {
     // SAFETY: #[repr(C)], made only of integers, with explicit padding
     // (sizes asserted above): every byte pattern is a valid value.
     unsafe impl aya::Pod for super::FdSlot {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FdCall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FdSiteKey {}
 }

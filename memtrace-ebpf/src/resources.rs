@@ -1,15 +1,16 @@
 //! File descriptors: who creates them and when they go, at syscall
 //! tracepoints (nothing on the malloc/free path).
 //!
-//! One program, `fd_enter`, is attached to the `sys_enter_*` tracepoint of
-//! every syscall that creates or releases an fd, and one, `fd_exit`, to their
-//! `sys_exit_*`: every such record has the syscall's number at offset 8,
-//! so one program tells them apart, and the verifier checks its stack walk
-//! once rather than once per syscall. The entry keeps the arguments by thread
-//! (`FD_CALLS`; close is handled there whole); the exit, on success, walks
-//! the stack from the task's user registers (a tracepoint's own context is
-//! the kernel's: the walk starts inside the libc wrapper, whose caller the
-//! unwind tables find) and fills the fd's slot in `FD_SLOTS`.
+//! One program, `fd_exit`, is attached to the `sys_exit_*` tracepoint of
+//! every syscall that creates or releases an fd: every such record has the
+//! syscall's number at offset 8 and its return value at 16, so one program
+//! tells them apart, and the verifier checks its stack walk once rather
+//! than once per syscall. The arguments are read from the task's user
+//! registers, where the kernel keeps them for the whole syscall: no program
+//! at the entries, no map of calls in flight. On success it walks the stack
+//! from those registers (a tracepoint's own context is the kernel's: the
+//! walk starts inside the libc wrapper, whose caller the unwind tables find)
+//! and fills the fd's slot in `FD_SLOTS`; close releases it.
 //! `fd_exec` (`sched:sched_process_exec`) releases the close-on-exec fds.
 //!
 //! Releases that raise no close are handled where they happen: dup2/dup3 and
@@ -21,10 +22,10 @@ use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::atomic::add;
-use crate::target::{is_target, read_user, target_thread};
+use crate::target::{is_target, read_user};
 use crate::walk::{WalkStart, cache_slot, capture_stack};
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_ktime_get_ns, bpf_loop,
         generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
@@ -35,17 +36,13 @@ use aya_ebpf::{
 };
 use memtrace_common::NO_STACK;
 use memtrace_common::resources::{
-    DEFAULT_FD_SLOTS, FD_CLOEXEC, FdCall, FdCounter, FdOrigin, FdSiteKey, FdSlot, MAX_FD_CALLS,
-    MAX_FD_SITES, MAX_FD_SLOTS, NUM_FD_COUNTERS, nr,
+    DEFAULT_FD_SLOTS, FD_CLOEXEC, FdCounter, FdOrigin, FdSiteKey, FdSlot, MAX_FD_SITES,
+    MAX_FD_SLOTS, NUM_FD_COUNTERS, nr,
 };
 
 /// fd number → the traced fd there (see `FdSlot`). Sized by userspace.
 #[map]
 static FD_SLOTS: Array<FdSlot> = Array::with_max_entries(DEFAULT_FD_SLOTS, BPF_F_MMAPABLE);
-
-/// Thread → the arguments of the syscall it is in.
-#[map]
-static FD_CALLS: HashMap<u32, FdCall> = HashMap::with_max_entries(MAX_FD_CALLS, 0);
 
 /// (stack, origin) → fds created there.
 #[map]
@@ -94,51 +91,80 @@ fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
     unsafe { ctx.read_at::<i32>(8) }.ok().map(|n| n as u64)
 }
 
-#[tracepoint]
-pub fn fd_enter(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else {
-        return 0;
-    };
-    let Some(nr) = syscall_nr(&ctx) else {
-        return 0;
-    };
-    let mut call = FdCall { nr, args: [0; 5] };
-    for (i, a) in call.args.iter_mut().enumerate() {
-        // SAFETY: the arguments are unsigned longs from offset 16 of a sys_enter record (six of
-        // them; five read); bpf_probe_read_kernel fails rather than faults.
-        *a = unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0);
-    }
-    if nr == nr::CLOSE {
-        // Released here: the kernel frees the number before close returns,
-        // whatever close then reports (EINTR, EIO).
-        release_on_close(call.args[0] as i32);
-        return 0;
-    }
-    if FD_CALLS.insert(&tid, &call, BPF_ANY as u64).is_err() {
-        fd_count(FdCounter::CallsMapFull, 1);
-    }
-    0
+/// The user registers the syscall was entered with: its arguments (rdi,
+/// rsi, rdx, r10, r8, kept there by the kernel for the whole syscall) and
+/// where the stack walk starts (rip, rsp, rbp).
+struct UserRegs {
+    args: [u64; 5],
+    pc: u64,
+    sp: u64,
+    bp: u64,
 }
+
+/// Reads one u64 of the task's user registers at `off`.
+#[inline(always)]
+fn reg(regs: *const pt_regs, off: usize) -> Option<u64> {
+    let mut v = 0u64;
+    // SAFETY: reads one u64 of the task's pt_regs into `v`; bpf_probe_read_kernel fails rather
+    // than faults.
+    let failed = unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            8,
+            regs.cast::<u8>().wrapping_add(off).cast(),
+        )
+    } != 0;
+    (!failed).then_some(v)
+}
+
+#[inline(always)]
+fn user_regs() -> Option<UserRegs> {
+    use core::mem::offset_of;
+    // SAFETY: helpers with no preconditions; the task is the current one, whose user registers
+    // bpf_task_pt_regs gives (a kernel pointer, read with bpf_probe_read_kernel).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    Some(UserRegs {
+        args: [
+            reg(regs, offset_of!(pt_regs, rdi))?,
+            reg(regs, offset_of!(pt_regs, rsi))?,
+            reg(regs, offset_of!(pt_regs, rdx))?,
+            reg(regs, offset_of!(pt_regs, r10))?,
+            reg(regs, offset_of!(pt_regs, r8))?,
+        ],
+        pc: reg(regs, offset_of!(pt_regs, rip))?,
+        sp: reg(regs, offset_of!(pt_regs, rsp))?,
+        bp: reg(regs, offset_of!(pt_regs, rbp))?,
+    })
+}
+
+/// `EBADF`: the one error of close that leaves no fd released.
+const EBADF: i64 = 9;
 
 #[tracepoint]
 pub fn fd_exit(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else {
-        return 0;
-    };
-    // SAFETY: a copy out of a hash map element valid for the program's run.
-    let Some(call) = (unsafe { FD_CALLS.get(&tid) }).copied() else {
-        return 0;
-    };
-    let _ = FD_CALLS.remove(&tid);
-    // SAFETY: `long ret` at offset 16 of every sys_exit record; bpf_probe_read_kernel fails
-    // rather than faults.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
-        return 0;
-    };
-    if ret < 0 || syscall_nr(&ctx) != Some(call.nr) {
+    if !is_target() {
         return 0;
     }
-    exited(&ctx, &call, ret);
+    // SAFETY: `long ret` at offset 16 of every sys_exit record; bpf_probe_read_kernel fails
+    // rather than faults.
+    let (Some(nr), Ok(ret)) = (syscall_nr(&ctx), unsafe { ctx.read_at::<i64>(16) }) else {
+        return 0;
+    };
+    let Some(regs) = user_regs() else {
+        fd_count(FdCounter::RegsReadErrors, 1);
+        return 0;
+    };
+    if nr == nr::CLOSE {
+        // The kernel frees the number whatever close then reports (EINTR,
+        // EIO), unless it was no open fd.
+        if ret != -EBADF {
+            release_on_close(regs.args[0] as i32);
+        }
+        return 0;
+    }
+    if ret >= 0 {
+        exited(&ctx, nr, &regs, ret);
+    }
     0
 }
 
@@ -160,10 +186,10 @@ enum Action {
 /// The stack is walked at one place only: the verifier checks the walk once
 /// per call site.
 #[inline(always)]
-fn exited(ctx: &TracePointContext, call: &FdCall, ret: i64) {
-    let action = action(call, ret);
+fn exited(ctx: &TracePointContext, nr: u64, regs: &UserRegs, ret: i64) {
+    let action = action(nr, &regs.args, ret);
     let stack = match action {
-        Action::Create(..) | Action::Pair(..) | Action::Dup(..) => creator_stack(ctx),
+        Action::Create(..) | Action::Pair(..) | Action::Dup(..) => creator_stack(ctx, regs),
         _ => NO_STACK,
     };
     match action {
@@ -198,10 +224,9 @@ fn exited(ctx: &TracePointContext, call: &FdCall, ret: i64) {
 }
 
 #[inline(always)]
-fn action(call: &FdCall, ret: i64) -> Action {
-    let a = &call.args;
+fn action(nr: u64, a: &[u64; 5], ret: i64) -> Action {
     let cloexec = |bits: u64, mask: u64| bits & mask != 0;
-    let (origin, flags) = match call.nr {
+    let (origin, flags) = match nr {
         nr::OPEN => (FdOrigin::Open, cloexec(a[1], O_CLOEXEC)),
         nr::OPENAT | nr::OPEN_BY_HANDLE_AT => (FdOrigin::Open, cloexec(a[2], O_CLOEXEC)),
         nr::OPENAT2 => (
@@ -256,31 +281,8 @@ fn action(call: &FdCall, ret: i64) -> Action {
 
 /// The stack of the syscall's caller: walked from the task's user registers.
 #[inline(always)]
-fn creator_stack(_ctx: &TracePointContext) -> u64 {
-    // SAFETY: helpers with no preconditions; the task is the current one, whose user registers
-    // bpf_task_pt_regs gives (a kernel pointer, read below with bpf_probe_read_kernel).
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    let mut r = [0u64; 3];
-    let fields = [
-        core::mem::offset_of!(pt_regs, rip),
-        core::mem::offset_of!(pt_regs, rsp),
-        core::mem::offset_of!(pt_regs, rbp),
-    ];
-    for (v, off) in r.iter_mut().zip(fields) {
-        // SAFETY: reads one u64 of the task's pt_regs into `v`; bpf_probe_read_kernel fails
-        // rather than faults.
-        let failed = unsafe {
-            bpf_probe_read_kernel(
-                (v as *mut u64).cast(),
-                8,
-                regs.cast::<u8>().wrapping_add(off).cast(),
-            )
-        } != 0;
-        if failed {
-            return NO_STACK;
-        }
-    }
-    let [pc, sp, bp] = r;
+fn creator_stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
+    let (pc, sp, bp) = (regs.pc, regs.sp, regs.bp);
     let start = WalkStart {
         pc,
         sp,
@@ -292,7 +294,7 @@ fn creator_stack(_ctx: &TracePointContext) -> u64 {
         // Looked up by the walk unless it is remembered.
         tables_known: 0,
     };
-    capture_stack(_ctx, Some(start))
+    capture_stack(ctx, Some(start))
 }
 
 /// Fd `fd` was created (by `origin`, with its stack).

@@ -132,7 +132,7 @@ fn assert_kept_sites(r: &Report, port: u64) {
     assert_eq!(f["events"]["replaced_by_dup"], 1, "{f}");
     assert_eq!(f["events"]["closed_by_range"], 3, "{f}");
     assert_eq!(f["events"]["beyond_table"], 0, "{f}");
-    assert_eq!(f["events"]["calls_map_full"], 0, "{f}");
+    assert_eq!(f["events"]["regs_read_errors"], 0, "{f}");
     // The fd received with SCM_RIGHTS: no traced creation, found in /proc.
     assert_eq!(f["reconciliation"]["appeared_untraced"]["file"], 1, "{f}");
     assert_eq!(

@@ -1,6 +1,5 @@
 //! The fd tracepoints (the BPF object's `resources`): one program at the
-//! entry and one at the exit of every syscall that creates or releases an
-//! fd, and one at exec. Tracepoints cannot be bound to a process: they run
+//! exit of every syscall that creates or releases an fd, and one at exec. Tracepoints cannot be bound to a process: they run
 //! for every caller on the host and return at once unless it is the target.
 use anyhow::{Context, Result, anyhow};
 use aya::{Ebpf, programs::TracePoint};
@@ -9,16 +8,11 @@ use memtrace_common::resources::FD_SYSCALLS;
 /// Loads the fd programs and attaches them; returns the tracepoints attached.
 pub fn attach(ebpf: &mut Ebpf) -> Result<usize> {
     let mut n = 0;
-    let enters = FD_SYSCALLS
-        .iter()
-        .chain(&["close"])
-        .map(|s| ("fd_enter", "syscalls", format!("sys_enter_{s}")));
-    // close releases at its entry: its exit is not needed.
     let exits = FD_SYSCALLS
         .iter()
         .map(|s| ("fd_exit", "syscalls", format!("sys_exit_{s}")));
     let exec = std::iter::once(("fd_exec", "sched", "sched_process_exec".to_string()));
-    for (name, category, event) in enters.chain(exits).chain(exec) {
+    for (name, category, event) in exits.chain(exec) {
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?

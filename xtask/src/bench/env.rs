@@ -85,6 +85,7 @@ impl Env {
             || opts.scale_reps > 0
             || opts.redis_reps > 0
             || opts.attach_reps > 0
+            || opts.fd_reps > 0
             || opts.symbolize;
         let (memtrace, memtrace_version) = if wants_memtrace {
             let bin = opts.memtrace.clone().unwrap_or_else(build::memtrace_bin);

@@ -28,7 +28,8 @@
 //!
 //! After the overhead runs come the report at scale ([`scale`]),
 //! symbolization against addr2line ([`symbolize`]), a real server,
-//! redis-server on jemalloc ([`redis`]), and the time to attach ([`attach`]).
+//! redis-server on jemalloc ([`redis`]), the time to attach ([`attach`]),
+//! and what fd tracking costs ([`fds`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -53,6 +54,7 @@ use stats::Report;
 mod attach;
 mod document;
 mod env;
+mod fds;
 mod fmt;
 mod json;
 mod markdown;
@@ -130,6 +132,7 @@ struct Extra {
     symbolize: Option<Result<String>>,
     redis: Option<Result<redis::Redis>>,
     attach: Option<Result<attach::Attach>>,
+    fds: Option<Result<fds::Fds>>,
 }
 
 impl Extra {
@@ -162,11 +165,19 @@ impl Extra {
             }
             _ => None,
         };
+        let fds = match (&env.memtrace, opts.fd_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: fd tracking ({n} rep(s))");
+                Some(fds::run(env, bin, n, opts.seed).context("the fd-tracking figure"))
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
             redis,
             attach,
+            fds,
         }
     }
 }
@@ -225,6 +236,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("attach: not measured ({e:#})"));
         }
         None => targets.push("attach: not measured (skipped)".into()),
+    }
+    match &extra.fds {
+        Some(Ok(f)) => {
+            text.push('\n');
+            text.push_str(&f.markdown());
+            targets.extend(f.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## File descriptors\n\nnot measured: {e:#}");
+            targets.push(format!("fd tracking: not measured ({e:#})"));
+        }
+        None => targets.push("fd tracking: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");

@@ -56,6 +56,9 @@ options:
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with
                        memtrace's time per step (0: skip) [5]
+  --fd-reps N          repetitions of the fd-tracking figure: an open+close and a
+                       malloc+free pair untraced, under memtrace and under
+                       memtrace --no-resources (0: skip) [5]
   --write-benchmarks   also write BENCHMARKS.md at the repository root (machine,
                        caveats, methodology, the options used, all tables)
   --quick              2 reps, 20000 traced / 2000000 untraced pairs, and unless
@@ -345,6 +348,7 @@ pub(super) struct Options {
     pub(super) scale_reps: usize,
     pub(super) redis_reps: usize,
     pub(super) attach_reps: usize,
+    pub(super) fd_reps: usize,
     pub(super) symbolize: bool,
     pub(super) write_benchmarks: bool,
     pub(super) quick: bool,
@@ -389,6 +393,7 @@ struct Given {
     scale_reps: Option<usize>,
     redis_reps: Option<usize>,
     attach_reps: Option<usize>,
+    fd_reps: Option<usize>,
     no_symbolize: bool,
     write_benchmarks: bool,
     quick: bool,
@@ -418,6 +423,7 @@ impl Given {
             "--scale-reps" => self.scale_reps = Some(parse_num(name, &value()?)? as usize),
             "--redis-reps" => self.redis_reps = Some(parse_num(name, &value()?)? as usize),
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
+            "--fd-reps" => self.fd_reps = Some(parse_num(name, &value()?)? as usize),
             "--no-symbolize" => self.no_symbolize = true,
             "--write-benchmarks" => self.write_benchmarks = true,
             "--quick" => self.quick = true,
@@ -470,6 +476,7 @@ impl Given {
             scale_reps: self.scale_reps.unwrap_or(if quick { 1 } else { 3 }),
             redis_reps: self.redis_reps.unwrap_or(if quick { 1 } else { 3 }),
             attach_reps: self.attach_reps.unwrap_or(if quick { 2 } else { 5 }),
+            fd_reps: self.fd_reps.unwrap_or(if quick { 2 } else { 5 }),
             symbolize: !self.no_symbolize,
             write_benchmarks: self.write_benchmarks,
             quick,
