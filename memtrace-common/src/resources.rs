@@ -135,6 +135,11 @@ codes! {
         NoStack = 9,
         /// pipe/socketpair fds that could not be read back from the target.
         PairReadErrors = 10,
+        /// Of `NoStack`, by cause, as the heap's `drops` name them: the
+        /// stack could not be read, `STACKS` was full, two stacks had one hash.
+        StackReadErrors = 11,
+        StackMapFull = 12,
+        StackHashCollisions = 13,
     }
 }
 
@@ -152,6 +157,9 @@ impl FdCounter {
             FdCounter::RegsReadErrors => "regs_read_errors",
             FdCounter::NoStack => "no_stack",
             FdCounter::PairReadErrors => "pair_read_errors",
+            FdCounter::StackReadErrors => "stack_read_errors",
+            FdCounter::StackMapFull => "stack_map_full",
+            FdCounter::StackHashCollisions => "stack_hash_collisions",
         }
     }
 }

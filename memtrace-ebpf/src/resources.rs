@@ -22,6 +22,7 @@ use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::atomic::add;
+use crate::maps::COUNTERS;
 use crate::target::{is_target, read_user};
 use crate::walk::{WalkStart, cache_slot, capture_stack};
 use aya_ebpf::{
@@ -34,11 +35,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::TracePointContext,
 };
-use memtrace_common::NO_STACK;
 use memtrace_common::resources::{
     DEFAULT_FD_SLOTS, FD_CLOEXEC, FdCounter, FdOrigin, FdSiteKey, FdSlot, MAX_FD_SITES,
     MAX_FD_SLOTS, NUM_FD_COUNTERS, nr,
 };
+use memtrace_common::{Counter, NO_STACK};
 
 /// fd number → the traced fd there (see `FdSlot`). Sized by userspace.
 #[map]
@@ -294,7 +295,49 @@ fn creator_stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
         // Looked up by the walk unless it is remembered.
         tables_known: 0,
     };
-    capture_stack(ctx, Some(start))
+    let before = heap_stack_failures();
+    let id = capture_stack(ctx, Some(start));
+    if id == NO_STACK {
+        move_stack_failures(before);
+    }
+    id
+}
+
+/// The heap's counters of stacks not stored, which the walk counts in, and
+/// the fd counters they belong to when the walk was an fd's.
+const STACK_FAILURES: [(Counter, FdCounter); 3] = [
+    (Counter::StackReadErrors, FdCounter::StackReadErrors),
+    (Counter::StackMapFull, FdCounter::StackMapFull),
+    (Counter::StackHashCollisions, FdCounter::StackHashCollisions),
+];
+
+/// This CPU's values of the heap's stack failure counters.
+#[inline(always)]
+fn heap_stack_failures() -> [u64; 3] {
+    let mut v = [0u64; 3];
+    for (out, (c, _)) in v.iter_mut().zip(STACK_FAILURES) {
+        *out = COUNTERS.get(c as u32).copied().unwrap_or(0);
+    }
+    v
+}
+
+/// Moves what an fd's walk added to the heap's stack failure counters to
+/// the fd counters: the heap's `drops` count allocations only. (Per CPU:
+/// nothing else runs on this CPU meanwhile but an NMI's program.)
+#[inline(always)]
+fn move_stack_failures(before: [u64; 3]) {
+    let after = heap_stack_failures();
+    for ((b, a), (c, fc)) in before.into_iter().zip(after).zip(STACK_FAILURES) {
+        let added = a.wrapping_sub(b);
+        if added == 0 || added > 1 {
+            continue;
+        }
+        if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+            // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
+            unsafe { *p -= added };
+        }
+        fd_count(fc, added);
+    }
 }
 
 /// Fd `fd` was created (by `origin`, with its stack).

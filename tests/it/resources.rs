@@ -226,3 +226,36 @@ fn no_resources_traces_no_fd() {
     run.assert_exit(0);
     assert_eq!(run.report.0["resources"], Value::Null);
 }
+
+/// fd stacks share the stack table: when it is full, an fd's walk that
+/// finds no room is counted among the fd events, not in the heap's drops,
+/// which count allocations only.
+#[test]
+fn fd_walks_count_their_failures_apart() {
+    require_root();
+    let bin = build_fixture("aged", Variant::FramePointers);
+    let run = run_launch(&["--max-stacks", "1"], &[bin.to_str().unwrap()]);
+    run.assert_exit(0);
+    let r = &run.report;
+    let lost: u64 = r
+        .sites()
+        .iter()
+        .filter(|s| s["stack_captured"] == false)
+        .map(Report::blocks)
+        .sum();
+    // Every block of aged is kept: each allocation without a stack is in
+    // the site of blocks without one.
+    assert_eq!(r.total("stack_errors"), lost, "{}", r.summary());
+    assert_eq!(r.0["drops"]["stack_map_full"], lost, "{}", r.0["drops"]);
+    let e = &fds(r)["events"];
+    // The loader's opens come first: one takes the one slot, the next finds
+    // none.
+    assert!(u64_field(e, "no_stack") >= 1, "{e}");
+    assert_eq!(
+        e["no_stack"],
+        u64_field(e, "stack_map_full")
+            + u64_field(e, "stack_read_errors")
+            + u64_field(e, "stack_hash_collisions"),
+        "{e}"
+    );
+}
