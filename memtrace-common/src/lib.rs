@@ -174,8 +174,15 @@ pub mod map_names {
 
     pub const TRACE_STATE: &str = "TRACE_STATE";
 
+    pub const PYTHON_LAYOUT: &str = "PYTHON_LAYOUT";
+    pub const PYTHON_THREADS: &str = "PYTHON_THREADS";
+    pub const PYTHON_CODES_SEEN: &str = "PYTHON_CODES_SEEN";
+    pub const PYTHON_NEW_CODES: &str = "PYTHON_NEW_CODES";
+    pub const PYTHON_FRAME: &str = "PYTHON_FRAME";
+    pub const PYTHON_CODE_COPIES: &str = "PYTHON_CODE_COPIES";
+
     /// Every map, in the order of `memtrace-ebpf/src/maps.rs`.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 32] = [
         ALLOC_KEYS,
         ALLOCS,
         SITES,
@@ -202,6 +209,12 @@ pub mod map_names {
         CODE_UNMAP_LOG,
         UNMAPPED_CODE,
         TRACE_STATE,
+        PYTHON_LAYOUT,
+        PYTHON_THREADS,
+        PYTHON_CODES_SEEN,
+        PYTHON_NEW_CODES,
+        PYTHON_FRAME,
+        PYTHON_CODE_COPIES,
     ];
 }
 
@@ -380,6 +393,140 @@ pub const STACK_TRUNCATED_MASK: u32 = 15 | STACK_TRUNCATED_URETPROBE;
 pub const STACK_USED_FP: u32 = 16;
 /// Frame-pointer walk (bpf_get_stack), no unwind tables for this process.
 pub const STACK_FP_ONLY: u32 = 32;
+/// The Python frames did not all fit: the outermost are missing.
+pub const STACK_PYTHON_TRUNCATED: u32 = 64;
+/// Bits 16..24 of [`StackTrace::flags`]: how many Python frames the stack
+/// ends with (see [`StackTrace::python_len`]).
+pub const STACK_PYTHON_SHIFT: u32 = 16;
+/// The native frames below the innermost Python frame's evaluation loop
+/// (the interpreter's own, between Python frames) were left out: the walk
+/// stopped there.
+pub const STACK_PYTHON_FOLDED: u32 = 128;
+
+// ---- Python frames -----------------------------------------------------------
+// When the target runs a CPython interpreter memtrace knows, the stack walk
+// also reads the calling thread's Python frame chain. Each Python frame is two
+// words at the end of `StackTrace::frames`: the code object's address (bit 0:
+// the frame was entered from C, see PY_FRAME_ENTRY), then the instruction's
+// byte offset from the code object (low half) and a check of the code object
+// (high half, see `python_code_check`). Userspace reads the code object's
+// names and line table from the target's memory.
+
+/// Most Python frames recorded per stack, innermost first.
+pub const MAX_PYTHON_FRAMES: usize = 48;
+/// Bit 0 of a Python frame's first word: a C function called into Python here
+/// (the native frames of that call sit between this frame and the next).
+pub const PY_FRAME_ENTRY: u64 = 1;
+
+/// The check kept with each Python frame: from two fields of the code object
+/// next to each other (`co_stacksize` and `co_firstlineno` on 3.11–3.13), so
+/// that a code object freed and its address reused by another is told apart.
+pub const fn python_code_check(word: u64) -> u32 {
+    let x = word.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 32) as u32
+}
+
+/// How the BPF side finds the calling thread's Python frames (the map
+/// `PYTHON_LAYOUT`, one entry, set by userspace for a CPython it knows).
+/// Addresses are the target's; `*_off` fields are byte offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonLayout {
+    /// 0: no Python (the walk does nothing).
+    pub enabled: u32,
+    /// 1: keep every native frame (no folding of the interpreter's frames).
+    pub keep_native: u32,
+    /// `_PyRuntime`.
+    pub runtime: u64,
+    /// `_PyEval_EvalFrameDefault`'s code: the native stack is cut at its
+    /// first frame there (the innermost Python frame's C frame).
+    pub eval_start: u64,
+    pub eval_end: u64,
+    /// `_Py_NoneStruct`: a 3.13 frame whose executable is None ends the walk.
+    pub none: u64,
+    /// `_PyRuntime.interpreters.head`.
+    pub interp_head_off: u32,
+    /// `PyInterpreterState.threads.head`.
+    pub interp_threads_off: u32,
+    /// `PyThreadState.next`, `.native_thread_id`.
+    pub tstate_next_off: u32,
+    pub tstate_tid_off: u32,
+    /// `PyThreadState.cframe` (3.11, 3.12) or `.current_frame` (3.13).
+    pub tstate_frame_off: u32,
+    /// `_PyCFrame.current_frame`, or `u32::MAX` when `tstate_frame_off`
+    /// leads to the frame directly.
+    pub cframe_frame_off: u32,
+    /// `_PyInterpreterFrame` fields.
+    pub frame_code_off: u32,
+    pub frame_previous_off: u32,
+    pub frame_instr_off: u32,
+    /// `owner` (3.12+: 3 is a C stack shim frame) or `u32::MAX`.
+    pub frame_owner_off: u32,
+    /// `is_entry` (3.11) or `u32::MAX`.
+    pub frame_entry_off: u32,
+    /// Where in the code object the 8 bytes of the check are.
+    pub code_check_off: u32,
+    /// `co_qualname`, `co_filename`, `co_linetable`: copied with the code
+    /// object the first time it runs (see `PythonCodeCopy`).
+    pub code_qualname_off: u32,
+    pub code_filename_off: u32,
+    pub code_linetable_off: u32,
+    pub _pad: u32,
+}
+
+/// Bytes of each part of a [`PythonCodeCopy`].
+pub const PY_COPY_CODE: usize = 256;
+pub const PY_COPY_QUALNAME: usize = 192;
+pub const PY_COPY_FILENAME: usize = 320;
+pub const PY_COPY_LINETABLE: usize = 2048;
+
+/// `PythonCodeCopy::copied` bits: which parts were read.
+pub const PY_COPIED_CODE: u32 = 1;
+pub const PY_COPIED_QUALNAME: u32 = 2;
+pub const PY_COPIED_FILENAME: u32 = 4;
+pub const PY_COPIED_LINETABLE: u32 = 8;
+
+/// A code object as it was the first time it ran (the ring buffer
+/// `PYTHON_CODE_COPIES`): its first bytes and those of its qualified name,
+/// file name and line table objects, from their starts. Userspace reads
+/// names and lines from the copy, so a code object freed (or the target gone)
+/// before the report is still named. What the copy lacks (a line table
+/// longer than its part) is read from the target's memory while it lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PythonCodeCopy {
+    pub code: u64,
+    pub qualname: u64,
+    pub filename: u64,
+    pub linetable: u64,
+    pub check: u32,
+    /// `PY_COPIED_*` bits.
+    pub copied: u32,
+    pub code_bytes: [u8; PY_COPY_CODE],
+    pub qualname_bytes: [u8; PY_COPY_QUALNAME],
+    pub filename_bytes: [u8; PY_COPY_FILENAME],
+    pub linetable_bytes: [u8; PY_COPY_LINETABLE],
+}
+
+/// A code object the BPF side saw for the first time (the queue
+/// `PYTHON_NEW_CODES`): userspace reads it at once, before it can be freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonCode {
+    pub code: u64,
+    /// Its check (`python_code_check`), in the low half.
+    pub check: u64,
+}
+
+/// Code objects remembered as reported (the LRU `PYTHON_CODES_SEEN`), and
+/// the room of the queue `PYTHON_NEW_CODES`.
+pub const PYTHON_CODES_SEEN_ENTRIES: u32 = 65536;
+pub const PYTHON_NEW_CODES_ENTRIES: u32 = 16384;
+
+/// `_PyInterpreterFrame.owner` of a shim frame that C code pushes (3.12+).
+pub const PY_FRAME_OWNED_BY_CSTACK: u8 = 3;
+/// Bytes of a `_PyInterpreterFrame` read in one go: every field used above.
+pub const PY_FRAME_READ: usize = 72;
 
 /// The argument layouts of the allocator entry points memtrace probes. The
 /// value is stored in [`PendingCall::kind`]; each variant is named after the
@@ -1067,6 +1214,20 @@ pub const CODE_UNMAP_LOG_ENTRIES: u32 = 4096;
 /// that field is, userspace reads from the kernel's BTF: global `VMA_FLAGS_OFFSET`).
 pub const VM_EXEC: u64 = 0x4;
 
+impl StackTrace {
+    /// Python frames at the end of `frames` (two words each).
+    pub fn python_len(&self) -> usize {
+        ((self.flags >> STACK_PYTHON_SHIFT) & 0xff) as usize
+    }
+
+    /// Native frames (return addresses) at the start of `frames`.
+    pub fn native_len(&self) -> usize {
+        (self.len as usize)
+            .min(MAX_STACK_DEPTH)
+            .saturating_sub(2 * self.python_len())
+    }
+}
+
 /// Key of an allocator call in flight: the thread and its stack pointer at entry.
 /// A nested call on the same thread (a signal handler that allocates, a recursive
 /// allocator) has a lower stack pointer, so each call has its own key; the return
@@ -1253,6 +1414,8 @@ mod pod {
         CodeUnmap,
         TraceState,
         UprobeOffsets,
+        PythonLayout,
+        PythonCode,
     );
 }
 
@@ -1278,6 +1441,12 @@ const _: () = {
     assert!(core::mem::size_of::<PendingCall>() == 48);
     assert!(core::mem::offset_of!(PendingCall, size) == 8);
     assert!(core::mem::offset_of!(StackTrace, frames) == 8);
+    assert!(core::mem::size_of::<PythonLayout>() == 104);
+    assert!(
+        core::mem::size_of::<PythonCodeCopy>()
+            == 40 + PY_COPY_CODE + PY_COPY_QUALNAME + PY_COPY_FILENAME + PY_COPY_LINETABLE
+    );
+    assert!(2 * MAX_PYTHON_FRAMES < MAX_STACK_DEPTH);
 };
 
 #[cfg(test)]

@@ -40,6 +40,20 @@ pub(crate) fn target_tgid() -> u32 {
     unsafe { read_volatile(&TARGET_TGID) }
 }
 
+/// Zero, but unknown to the verifier: counters of a bpf_loop state that
+/// start from it have no exact value, so the verifier's states of two
+/// iterations compare equal and it checks the callback a few times instead
+/// of once per possible iteration (which runs out of its budget).
+#[unsafe(no_mangle)]
+static mut OPAQUE_ZERO: u32 = 0;
+
+#[inline(always)]
+pub(crate) fn opaque_zero() -> u32 {
+    // SAFETY: a static is always readable; volatile, so that LLVM does not fold in the initial
+    // value.
+    unsafe { read_volatile(&raw const OPAQUE_ZERO) }
+}
+
 /// Where `vm_flags` is in the kernel's `struct vm_area_struct`, from its
 /// BTF (set by userspace before load; 0: unknown, every unmapping of the
 /// target is taken as one of code).

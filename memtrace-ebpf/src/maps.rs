@@ -4,18 +4,20 @@
 //! writes and reads each.)
 
 use crate::walk::cache::CachedWalk;
+use crate::walk::python::{FrameWords, PythonThread};
 use crate::walk::{CACHE_SLOTS, StackWindow};
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE, bindings::BPF_F_NO_PREALLOC, macros::map, maps::Array, maps::HashMap,
-    maps::PerCpuArray,
+    maps::LruHashMap, maps::PerCpuArray, maps::Queue, maps::RingBuf,
 };
 use memtrace_common::{
     AllocBucket, AllocKeys, CODE_UNMAP_LOG_ENTRIES, CallMarkState, Capture, CodeState, CodeUnmap,
     Countdown, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
     DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
-    MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS, PageKey, PageRows, PendingCall,
-    PendingKey, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats, StackTrace,
-    TextRange, TraceState, UnwindRow, alloc_buckets,
+    MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS, PYTHON_CODES_SEEN_ENTRIES,
+    PYTHON_NEW_CODES_ENTRIES, PageKey, PageRows, PendingCall, PendingKey, PythonCode, PythonLayout,
+    ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats, StackTrace, TextRange,
+    TraceState, UnwindRow, alloc_buckets,
 };
 
 /// The block table: each bucket's addresses, and its blocks.
@@ -146,3 +148,33 @@ pub(crate) static UNMAPPED_CODE: Array<CodeUnmap> = Array::with_max_entries(MAX_
 /// `TraceState`).
 #[map]
 pub(crate) static TRACE_STATE: Array<TraceState> = Array::with_max_entries(1, 0);
+
+/// How to read the target's Python frames (one entry, written by userspace
+/// when the target runs a CPython it knows; `enabled` 0 otherwise).
+#[map]
+pub(crate) static PYTHON_LAYOUT: Array<PythonLayout> = Array::with_max_entries(1, 0);
+
+/// Each thread's Python thread state, found by walking the interpreter's
+/// thread list (tid → state; 0: the thread had none when last looked).
+#[map]
+pub(crate) static PYTHON_THREADS: LruHashMap<u32, PythonThread> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Code objects already put in PYTHON_NEW_CODES (address → check).
+#[map]
+pub(crate) static PYTHON_CODES_SEEN: LruHashMap<u64, u32> =
+    LruHashMap::with_max_entries(PYTHON_CODES_SEEN_ENTRIES, 0);
+
+/// Code objects seen for the first time, for userspace to read at once.
+#[map]
+pub(crate) static PYTHON_NEW_CODES: Queue<PythonCode> =
+    Queue::with_max_entries(PYTHON_NEW_CODES_ENTRIES, 0);
+
+/// The Python frame being read, per CPU (the BPF stack has no room left
+/// for it in the programs that walk from a result site).
+#[map]
+pub(crate) static PYTHON_FRAME: PerCpuArray<FrameWords> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies of code objects (`PythonCodeCopy`) the first time they run.
+#[map]
+pub(crate) static PYTHON_CODE_COPIES: RingBuf = RingBuf::with_byte_size(8 << 20, 0);

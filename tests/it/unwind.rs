@@ -128,7 +128,14 @@ fn python_stacks_go_through_the_interpreter_to_main() {
     // allocated by malloc (PYTHONMALLOC=malloc), all kept; os._exit skips the
     // interpreter's finalization, which would free them.
     let script = "import os\nkeep = []\nfor i in range(3000):\n    keep.append(bytearray(50000))\nos._exit(0)\n";
-    let run = run_launch_env(&[], &[python, "-c", script], &[("PYTHONMALLOC", "malloc")]);
+    // --python-native-frames: the interpreter's frames between Python frames
+    // are kept (by default they are folded), so the native walk is checked
+    // through all of them.
+    let run = run_launch_env(
+        &["--python-native-frames"],
+        &[python, "-c", script],
+        &[("PYTHONMALLOC", "malloc")],
+    );
     run.assert_exit(0);
     let r = &run.report;
     let big: Vec<&serde_json::Value> = r
@@ -154,6 +161,10 @@ fn python_stacks_go_through_the_interpreter_to_main() {
             .iter()
             .any(|n| *n == "Py_RunMain" || *n == "Py_BytesMain"),
         "and through python's main: {names:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f.is("<module>", 4)),
+        "the Python line that allocated: {names:?}"
     );
     assert_reaches_start(r, &big);
 }

@@ -3,6 +3,7 @@
 //! NO_STACK (with the reason counted).
 
 pub(crate) mod cache;
+pub(crate) mod python;
 pub(crate) mod step;
 pub(crate) mod store;
 
@@ -118,11 +119,23 @@ pub(crate) fn capture_stack<C: EbpfContext>(ctx: &C, at: Option<WalkStart>) -> u
             start_at_registers(ctx)
         }
     };
-    walk_stack(&start)
+    match walk_stack(&start) {
+        UNSTORED => {
+            python::python_append();
+            store_stack()
+        }
+        id => id,
+    }
 }
 
+/// What `walk_stack` returns for a walk it left in STACK_SCRATCH unstored:
+/// a Python target's, whose Python frames its caller appends first. Never
+/// a key of STACKS (see `store_stack`).
+pub(crate) const UNSTORED: u64 = u64::MAX;
+
 /// The key in STACKS of the stack walked from `start` with the unwind
-/// tables, or NO_STACK (with the reason counted). A global function: the
+/// tables, or NO_STACK (with the reason counted), or UNSTORED for a
+/// Python target's stack (left in STACK_SCRATCH). A global function: the
 /// verifier checks the walk once, on its own, not again at every state
 /// the program reaches it in.
 #[unsafe(no_mangle)]
@@ -157,6 +170,8 @@ pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
     // program preempting this one may write the same slot: `check` then fails to match, see
     // CachedWalk.)
     let cached = unsafe { &mut *cached };
+    // (A Python target's walks are never remembered, see below: this
+    // finds none.)
     if let Some(id) = remembered_walk(cached, win, generation, tgid, start) {
         count_walk(cached.fp_frames, cached.stop);
         return id;
@@ -182,6 +197,13 @@ pub extern "C" fn walk_stack(start: *const WalkStart) -> u64 {
     if w.len == 0 {
         count(Counter::StackReadErrors, 1);
         return NO_STACK;
+    }
+    // A Python stack also depends on the interpreter's frames, which a
+    // remembered walk does not check: not remembered. Its Python frames are
+    // appended by the caller, outside this function's frame (the deepest
+    // chain of frames must fit the BPF stack).
+    if python::enabled() {
+        return UNSTORED;
     }
     let id = store_stack();
     if id != NO_STACK && w.cacheable != 0 && w.extent != 0 {
@@ -218,6 +240,7 @@ fn frame_pointer_stack<C: EbpfContext>(ctx: &C) -> u64 {
     }
     scratch.len = (n as u64 / 8).min(MAX_STACK_DEPTH as u64) as u32;
     scratch.flags = STACK_FP_ONLY;
+    python::python_append();
     store_stack()
 }
 

@@ -3,7 +3,7 @@
 
 use crate::counters::count;
 use crate::maps::{CODE_STATE, STACK_SCRATCH, STACKS, UNMAPPED_CODE};
-use crate::walk::mix;
+use crate::walk::{UNSTORED, mix};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_loop};
 use memtrace_common::{Counter, MAX_STACK_DEPTH, MAX_UNMAPPED_RANGES, NO_STACK};
 
@@ -128,7 +128,12 @@ pub extern "C" fn store_stack() -> u64 {
         )
     };
     frames_loop(&mut s);
-    let h = if s.hash == NO_STACK { 1 } else { s.hash };
+    // (Neither NO_STACK nor UNSTORED is a key.)
+    let h = if s.hash == NO_STACK || s.hash == UNSTORED {
+        1
+    } else {
+        s.hash
+    };
     // SAFETY: STACKS entries are never updated in place, and a deleted one stays readable until
     // the program ends (RCU).
     match unsafe { STACKS.get(&h) } {

@@ -169,6 +169,12 @@ pub struct Cli {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub alert_growth: Option<Rate>,
 
+    /// Python targets: keep the interpreter's native frames between Python
+    /// frames in each stack and show them (by default they are left out, so
+    /// that one Python stack is one site whatever C path the interpreter took)
+    #[arg(long)]
+    pub python_native_frames: bool,
+
     /// Fewer samples of a site than N: verdict unknown
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..))]
     pub leak_min_samples: u64,

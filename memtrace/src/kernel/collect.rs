@@ -104,10 +104,21 @@ pub struct EpochBlocks {
     pub birth_sum: u64,
 }
 
+/// A stack as read from STACKS: its native frames (return addresses), its
+/// Python frames (two words each), its `STACK_*` flags and code generation.
+#[derive(Default)]
+struct StoredStack {
+    native: Vec<u64>,
+    python: Vec<u64>,
+    flags: u32,
+    /// The code generation it was taken in.
+    generation: u64,
+}
+
 pub struct Collector {
     pub maps: TraceMaps,
     /// Stacks read: frames, `STACK_*` flags, code generation.
-    stacks: HashMap<u64, (Vec<u64>, u32, u64)>,
+    stacks: HashMap<u64, StoredStack>,
     missed_returns: u64,
     /// Start (CLOCK_MONOTONIC ns) of each birth epoch, by id.
     epoch_starts: Vec<u64>,
@@ -248,7 +259,7 @@ impl Collector {
     /// The frames (return addresses, innermost first) of a stack; cached, since
     /// a stored stack never changes.
     pub fn stack(&mut self, stack_id: u64) -> Result<&[u64]> {
-        Ok(&self.stack_entry(stack_id)?.0)
+        Ok(&self.stack_entry(stack_id)?.native)
     }
 
     /// Reads ahead, at most `max` of them, the stacks not read yet among `ids`,
@@ -275,21 +286,27 @@ impl Collector {
 
     /// How the stack's walk went: `memtrace_common::STACK_*` bits.
     pub fn stack_flags(&mut self, stack_id: u64) -> Result<u32> {
-        Ok(self.stack_entry(stack_id)?.1)
+        Ok(self.stack_entry(stack_id)?.flags)
     }
 
     /// The code generation the stack was taken in: its frames are in the
     /// code mapped then (see `process::modules::ProcessModules::module_at`).
     pub fn stack_generation(&mut self, stack_id: u64) -> Result<u64> {
-        Ok(self.stack_entry(stack_id)?.2)
+        Ok(self.stack_entry(stack_id)?.generation)
     }
 
-    fn stack_entry(&mut self, stack_id: u64) -> Result<&(Vec<u64>, u32, u64)> {
+    /// The Python frames of a stack, innermost first: two words each (see
+    /// `memtrace_common::PythonLayout`); empty for a stack without any.
+    pub fn python_frames(&mut self, stack_id: u64) -> Result<&[u64]> {
+        Ok(&self.stack_entry(stack_id)?.python)
+    }
+
+    fn stack_entry(&mut self, stack_id: u64) -> Result<&StoredStack> {
         match self.stacks.entry(stack_id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let entry = if stack_id == NO_STACK {
-                    (Vec::new(), 0, 0)
+                    StoredStack::default()
                 } else {
                     let st = self
                         .maps
@@ -297,7 +314,13 @@ impl Collector {
                         .get(&stack_id, 0)
                         .context("reading STACKS")?;
                     let len = (st.len as usize).min(st.frames.len());
-                    (st.frames[..len].to_vec(), st.flags, st.generation)
+                    let native = st.native_len();
+                    StoredStack {
+                        native: st.frames[..native].to_vec(),
+                        python: st.frames[native..len].to_vec(),
+                        flags: st.flags,
+                        generation: st.generation,
+                    }
                 };
                 Ok(e.insert(entry))
             }

@@ -1,10 +1,10 @@
 //! The maps memtrace reads and writes from userspace, and their sizes.
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, Queue, RingBuf};
 use memtrace_common::{
     AllocBucket, AllocKeys, CallMarkState, CallMarks, CodeState, CodeUnmap, Epoch,
-    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, SiteKey,
-    SiteStats, StackTrace, TextRange, TraceState, UnwindRow,
+    MAX_ALLOCATOR_FUNCTIONS, NUM_COUNTERS, PageKey, PageRows, PendingCall, PendingKey, PythonCode,
+    PythonCodeCopy, PythonLayout, SiteKey, SiteStats, StackTrace, TextRange, TraceState, UnwindRow,
 };
 
 use super::blocks::BlockTable;
@@ -33,6 +33,12 @@ pub struct TraceMaps {
     /// Code unmapped while traced, by generation (see `unmaps`).
     pub code_unmap_log: Array<MapData, CodeUnmap>,
     pub trace_state: Array<MapData, TraceState>,
+    /// How the BPF side reads the target's Python frames (see `set_python`).
+    pub python_layout: Array<MapData, PythonLayout>,
+    /// Code objects the BPF side saw for the first time.
+    pub python_new_codes: Queue<MapData, PythonCode>,
+    /// Copies of code objects the BPF side saw for the first time.
+    pub python_code_copies: RingBuf<MapData>,
     /// The fd maps (see `resources`).
     pub fds: super::resources::FdMaps,
 }
@@ -55,6 +61,38 @@ impl TraceMaps {
         self.tables_generation
             .set(0, g.wrapping_add(1), 0)
             .context("writing TABLES_GENERATION")
+    }
+
+    /// Tells the BPF side how to read the target's Python frames (the
+    /// layout of its interpreter), before the probes see any allocation.
+    pub fn set_python(&mut self, layout: PythonLayout) -> Result<()> {
+        self.python_layout
+            .set(0, layout, 0)
+            .context("writing PYTHON_LAYOUT")
+    }
+
+    /// The code objects the BPF side saw since the last call: (address,
+    /// check), each once.
+    pub fn new_python_codes(&mut self) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        while let Ok(c) = self.python_new_codes.pop(0) {
+            out.push((c.code, c.check as u32));
+        }
+        out
+    }
+
+    /// The copies of code objects the BPF side made since the last call.
+    pub fn python_code_copies(&mut self) -> Vec<PythonCodeCopy> {
+        let mut out = Vec::new();
+        while let Some(item) = self.python_code_copies.next() {
+            if item.len() >= std::mem::size_of::<PythonCodeCopy>() {
+                // SAFETY: the BPF side writes whole PythonCodeCopy records (checked: long
+                // enough), a #[repr(C)] struct of integers, valid for any bytes; read
+                // unaligned from the ring's memory.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        out
     }
 
     /// Sum over CPUs of every counter, indexed by `memtrace_common::Counter`.

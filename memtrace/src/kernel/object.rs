@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue, RingBuf},
     programs::UProbe,
 };
 use memtrace_common::{Epoch, map_names, resources};
@@ -316,6 +316,9 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)?,
         allocator_text: Array::try_from(take(map_names::ALLOCATOR_TEXT)?)?,
         allocator_hull: Array::try_from(take(map_names::ALLOCATOR_HULL)?)?,
+        python_layout: Array::try_from(take(map_names::PYTHON_LAYOUT)?)?,
+        python_new_codes: Queue::try_from(take(map_names::PYTHON_NEW_CODES)?)?,
+        python_code_copies: RingBuf::try_from(take(map_names::PYTHON_CODE_COPIES)?)?,
         unwind_rows: Array::try_from(take(map_names::UNWIND_ROWS)?)?,
         pc_pages: HashMap::try_from(take(map_names::PC_PAGES)?)?,
         proc_tables: HashMap::try_from(take(map_names::PROC_TABLES)?)?,

@@ -20,6 +20,7 @@ fn frame_in(
         file: function.map(|f| format!("/src/{f}.c")),
         line,
         inlined: false,
+        kind: crate::symbolize::FrameKind::Native,
         unresolved: None,
     }
 }
@@ -115,6 +116,7 @@ pub fn sample() -> Report {
             stack_walk: "unwind-tables",
             truncated: false,
             truncated_reason: None,
+            native_frames_folded: None,
             frames: vec![
                 Frame {
                     address: 0x401136,
@@ -123,6 +125,7 @@ pub fn sample() -> Report {
                     file: Some("/src/a.c".into()),
                     line: Some(9),
                     inlined: true,
+                    kind: crate::symbolize::FrameKind::Native,
                     unresolved: None,
                 },
                 Frame {
@@ -132,6 +135,7 @@ pub fn sample() -> Report {
                     file: Some("/src/a.c".into()),
                     line: Some(38),
                     inlined: false,
+                    kind: crate::symbolize::FrameKind::Native,
                     unresolved: None,
                 },
             ]
@@ -147,6 +151,7 @@ pub fn frame(address: u64, function: &str, line: u32) -> Frame {
         file: Some("/src/a.c".into()),
         line: Some(line),
         inlined: false,
+        kind: crate::symbolize::FrameKind::Native,
         unresolved: None,
     }
 }
@@ -296,6 +301,7 @@ fn varied_sites() -> Vec<Site> {
         stack_walk: "unwind-tables",
         truncated: false,
         truncated_reason: None,
+        native_frames_folded: None,
         frames,
         trend: Trend::default(),
         history: vec![],
@@ -347,6 +353,7 @@ fn varied_sites() -> Vec<Site> {
             growth_bytes_per_s: Some(f64::INFINITY),
             truncated: true,
             truncated_reason: Some("depth limit of 127 frames"),
+            native_frames_folded: None,
             stack_walk: "frame-pointers",
             trend: Trend {
                 samples: 3,

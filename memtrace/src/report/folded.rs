@@ -87,6 +87,7 @@ mod tests {
             file: None,
             line: None,
             inlined: false,
+            kind: crate::symbolize::FrameKind::Native,
             unresolved: None,
         };
         assert_eq!(frame_name(&f), "evil:name??[2J");

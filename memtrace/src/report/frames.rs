@@ -38,7 +38,7 @@ impl Frames {
     }
 
     /// The frames of each address, innermost first.
-    pub(super) fn groups(&self) -> &[Arc<[Frame]>] {
+    pub fn groups(&self) -> &[Arc<[Frame]>] {
         &self.0
     }
 
@@ -75,6 +75,17 @@ impl From<Vec<Frame>> for Frames {
 pub fn frame_text(f: &Frame) -> String {
     // Names and paths come from the target's files: escaped.
     let func = Escaped(f.function.as_deref().unwrap_or("??"));
+    if f.kind == crate::symbolize::FrameKind::Python {
+        // The address is the code object's: of no use to the reader.
+        let file = Escaped(f.file.as_deref().unwrap_or("??"));
+        return match (f.function.is_some(), f.line) {
+            (true, Some(line)) => format!("{:>14} {func} at {file}:{line}", "[python]"),
+            _ => format!(
+                "{:>14} {func} (code object {:#x} unreadable)",
+                "[python]", f.address
+            ),
+        };
+    }
     let mut s = format!("{:#014x} {func}", f.address);
     match (&f.file, f.line) {
         (Some(file), Some(line)) => {

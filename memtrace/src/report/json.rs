@@ -232,6 +232,7 @@ impl<W: Write> ReportWriter<W> {
             stack_walk,
             truncated,
             truncated_reason,
+            native_frames_folded,
             frames,
             trend,
             history,
@@ -262,6 +263,9 @@ impl<W: Write> ReportWriter<W> {
         w.put_bool(key!("truncated"), *truncated)?;
         if let Some(r) = truncated_reason {
             w.put_str(key!("truncated_reason"), r)?;
+        }
+        if let Some(folded) = native_frames_folded {
+            w.put_bool(key!("native_frames_folded"), *folded)?;
         }
         w.write_all(key!("frames"))?;
         self.frames(frames)?;
@@ -321,6 +325,7 @@ fn frame_json<W: Write + ?Sized>(w: &mut W, f: &Frame) -> io::Result<()> {
         file,
         line,
         inlined,
+        kind,
         unresolved: _,
     } = f;
     // Hex digits: nothing to escape.
@@ -334,6 +339,7 @@ fn frame_json<W: Write + ?Sized>(w: &mut W, f: &Frame) -> io::Result<()> {
     w.put_opt_str(key!("file"), file.as_deref())?;
     w.put_opt_u64(key!("line"), line.map(u64::from))?;
     w.put_bool(key!("inlined"), *inlined)?;
+    w.put_str(key!("kind"), kind.name())?;
     w.write_all(b"}")
 }
 
@@ -559,6 +565,7 @@ mod tests {
                 file: None,
                 line: None,
                 inlined: false,
+                kind: crate::symbolize::FrameKind::Native,
                 unresolved: None,
             }]
             .into(),

@@ -468,6 +468,10 @@ pub struct Site {
     pub truncated: bool,
     /// Absent from the JSON when `None`.
     pub truncated_reason: Option<&'static str>,
+    /// A Python stack: whether the interpreter's native frames below the
+    /// innermost Python frame's evaluation loop were left out (absent from
+    /// the JSON when `None`: no Python frames).
+    pub native_frames_folded: Option<bool>,
     pub frames: Frames,
     /// What the verdict was made of.
     pub trend: Trend,

@@ -4,6 +4,7 @@ use crate::escape::Escaped;
 use std::fmt::Write as _;
 
 use super::{Drops, Report, Sampling, Site, frames::frame_text};
+use crate::symbolize::FrameKind;
 use crate::{
     analyze::{Verdict, VerdictConfig},
     units::{counted, format_bytes, format_count, format_duration, format_rate},
@@ -531,7 +532,17 @@ impl Report {
         if !site.stack_captured {
             let _ = writeln!(o, "    [stack not captured]");
         }
+        let mut python_seen = false;
         for f in site.frames.iter() {
+            if f.kind == FrameKind::Python && !python_seen {
+                python_seen = true;
+                if site.native_frames_folded == Some(true) {
+                    let _ = writeln!(
+                        o,
+                        "    ... the interpreter's frames (--python-native-frames shows them)"
+                    );
+                }
+            }
             let _ = writeln!(o, "    {}", frame_text(f));
         }
         if let Some(reason) = site.truncated_reason {

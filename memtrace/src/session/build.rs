@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use memtrace_common::{NO_STACK, STACK_FP_ONLY};
+use memtrace_common::{NO_STACK, STACK_FP_ONLY, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT};
 // Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
@@ -257,6 +257,12 @@ fn fill_frames(
         let generation = at.collector.stack_generation(stack_id)?;
         let stack = at.collector.stack(stack_id)?;
         groups.fill(stack, generation, frames, &mut unresolved);
+        if let Some(py) = at.python.as_mut() {
+            let words = at.collector.python_frames(stack_id)?;
+            if !words.is_empty() {
+                frames::add_python(py, words, frames, &mut unresolved);
+            }
+        }
     }
     Ok(unresolved)
 }
@@ -432,6 +438,8 @@ fn site(
         },
         truncated: truncated_reason(flags).is_some(),
         truncated_reason: truncated_reason(flags),
+        native_frames_folded: (flags >> STACK_PYTHON_SHIFT & 0xff != 0)
+            .then_some(flags & STACK_PYTHON_FOLDED != 0),
         frames: Default::default(),
         trend,
         history: hist,

@@ -47,6 +47,8 @@ impl Outcome {
 pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     let stopped = stop_tracing(&mut s, end);
     s.watchdog.doing("settling the target");
+    // While the target may still run: its last new code objects.
+    super::watch::read_python_codes(&mut s.at);
     let outcome = settle_target(&mut s, end)?;
     s.capture.end(&mut s.cut_short);
     let cpu_report = process_cpu();

@@ -10,6 +10,7 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::{
     kernel::collect::Collector,
     report::{self, Frame, Frames, Site},
+    symbolize::python::{PythonResolver, code::raw_frames},
     symbolize::{ProcessModules, Taken, Unresolved},
 };
 
@@ -54,6 +55,7 @@ pub(super) fn unnamed(modules: &ProcessModules, addrs: &[Taken]) -> Vec<Vec<Fram
                 file: None,
                 line: None,
                 inlined: false,
+                kind: Default::default(),
                 unresolved: Some(Unresolved::NotLoadedInTime),
             }]
         })
@@ -120,6 +122,53 @@ impl AddressFrames {
             frames.truncate(n);
         }
     }
+}
+
+/// Adds a stack's Python frames to its native frames: each run of them
+/// before the native frame of the interpreter's evaluation function that ran
+/// it (the run ends at the frame C code called into), the rest after the
+/// native frames. Code objects that could not be read are counted in
+/// `unresolved` (`python_code_unreadable`).
+pub(super) fn add_python(
+    py: &mut PythonResolver,
+    words: &[u64],
+    frames: &mut Frames,
+    unresolved: &mut BTreeMap<String, u64>,
+) {
+    py.resolve(words);
+    let (python, missing) = py.frames(words);
+    if missing > 0 {
+        *unresolved
+            .entry("python_code_unreadable".to_string())
+            .or_insert(0) += missing;
+    }
+    let entries: Vec<bool> = raw_frames(words).map(|f| f.entry).collect();
+    let eval = {
+        let l = &py.interpreter().bpf;
+        move |pc: u64| pc > l.eval_start && pc <= l.eval_end
+    };
+    let mut python = python.into_iter().zip(entries);
+    let mut out = Frames::default();
+    for group in frames.groups() {
+        if group.first().is_some_and(|f| eval(f.address)) {
+            let mut run = Vec::new();
+            for (f, entry) in python.by_ref() {
+                run.push(f);
+                if entry {
+                    break;
+                }
+            }
+            if !run.is_empty() {
+                out.push_group(run.into());
+            }
+        }
+        out.push_group(group.clone());
+    }
+    let rest: Vec<Frame> = python.map(|(f, _)| f).collect();
+    if !rest.is_empty() {
+        out.push_group(rest.into());
+    }
+    *frames = out;
 }
 
 /// Functions at the bottom of every stack: where the process or a thread starts.
@@ -246,6 +295,7 @@ mod tests {
             file: None,
             line: None,
             inlined: false,
+            kind: crate::symbolize::FrameKind::Native,
             unresolved: None,
         }
     }

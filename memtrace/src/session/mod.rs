@@ -73,6 +73,8 @@ pub struct Options {
     pub metrics_top_sites: usize,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
+    /// Python targets: keep the interpreter's frames between Python frames.
+    pub python_native_frames: bool,
     pub map_sizes: MapSizes,
     pub sampling: Sampling,
     pub verdicts: VerdictConfig,
@@ -163,6 +165,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         target,
         opts.map_sizes,
         opts.sampling,
+        opts.python_native_frames,
         opts.resources,
         &steps,
         &mut symbolizer,

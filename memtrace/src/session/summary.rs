@@ -152,6 +152,13 @@ fn read_ahead(at: &mut Attached, sym: &mut Symbolizer, raw_sites: &[SiteSample])
     }
     log::debug!("{} new stacks read", ahead.len());
     at.note_unmaps();
+    // A code object is read as soon as its stack is seen: later, it may
+    // have been freed.
+    if let Some(py) = at.python.as_mut() {
+        for &id in &ahead {
+            py.resolve(at.collector.python_frames(id)?);
+        }
+    }
     let mut addrs = Vec::new();
     for &id in &ahead {
         let generation = at.collector.stack_generation(id)?;
@@ -263,8 +270,24 @@ fn fastest_growing(
     Ok(named)
 }
 
-/// `function (file.c:line)` of a stack's innermost frame, for summary lines.
+/// `function (file.c:line)` of a stack's innermost frame, for summary lines;
+/// of its innermost Python frame if it has one (the line a Python developer
+/// knows, rather than the interpreter's C function that allocated).
 pub(super) fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) -> Result<String> {
+    if let Some(py) = at.python.as_mut() {
+        let words = at.collector.python_frames(stack_id)?;
+        if let Some(innermost) = words.get(..2) {
+            py.resolve(innermost);
+            let (frames, _) = py.frames(innermost);
+            if let Some(f) = frames.into_iter().next().filter(|f| f.function.is_some()) {
+                let func = escaped(f.function.as_deref().unwrap_or_default());
+                let file = f.file.unwrap_or_default();
+                let base = Escaped(file.rsplit('/').next().unwrap_or(&file));
+                let line = f.line.map_or_else(|| "?".to_string(), |l| l.to_string());
+                return Ok(format!("{func} ({base}:{line})"));
+            }
+        }
+    }
     let generation = at.collector.stack_generation(stack_id)?;
     let Some(&a) = at.collector.stack(stack_id)?.first() else {
         return Ok("[stack not captured]".to_string());

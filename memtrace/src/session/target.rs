@@ -9,6 +9,7 @@ use super::{
     launch::{self, ChildState, Loading},
     preflight, preload_debug_info,
 };
+use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocators},
     attach::links::Probes,
@@ -22,6 +23,7 @@ use crate::{
     process::modules::Generation,
     report::Sampling,
     steps::Steps,
+    symbolize::python::{self, PythonResolver},
     symbolize::{ProcessModules, Symbolizer},
 };
 
@@ -42,6 +44,8 @@ pub(super) struct Attached {
     pub(super) tables: UnwindTables,
     /// The code unmapped while traced is in `modules` up to this generation.
     pub(super) unmaps_read: Generation,
+    /// The target's CPython, whose frames the stacks hold.
+    pub(super) python: Option<PythonResolver>,
     /// The fd tracepoints attached (0: fds are not traced).
     pub(super) fd_tracepoints: usize,
     /// The target's fds once the fd tracepoints were in, before it ran on:
@@ -129,21 +133,69 @@ fn watch_unmaps(probes: &mut Probes) {
     }
 }
 
+/// Finds the target's CPython and tells the BPF side how to read its
+/// frames. Not finding one (or not one memtrace reads) costs the Python
+/// frames, not the run; the reason is said on stderr.
+fn setup_python(
+    maps: &mut TraceMaps,
+    pid: u32,
+    modules: &ProcessModules,
+    keep_native: bool,
+) -> Option<PythonResolver> {
+    match python::find(modules) {
+        python::Found::None => None,
+        python::Found::Unsupported { module, why } => {
+            eprintln!(
+                "memtrace: {}: {}: stacks show no Python frames",
+                Escaped(&module),
+                Escaped(&why)
+            );
+            None
+        }
+        python::Found::Python(interp) => {
+            let layout = memtrace_common::PythonLayout {
+                keep_native: u32::from(keep_native),
+                ..interp.bpf
+            };
+            if let Err(e) = maps.set_python(layout) {
+                eprintln!("memtrace: stacks show no Python frames: {e:#}");
+                return None;
+            }
+            eprintln!(
+                "memtrace: Python {} in {}: stacks show Python frames",
+                interp.version,
+                Escaped(&interp.module)
+            );
+            Some(PythonResolver::new(pid, *interp))
+        }
+    }
+}
+
 /// Attaches to `target`: the running process, or the command launched for
-/// it. Each step is timed in `steps`.
+/// it. Each step is timed in `steps`. `keep_native`: a Python target's
+/// stacks keep the interpreter's frames between Python frames.
 /// `symbolizer` starts loading the debug info every report needs as soon as
 /// the modules are known.
 pub(super) fn attach(
     target: &Target,
     sizes: MapSizes,
     sampling: Sampling,
+    keep_native: bool,
     resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
     let at = match target {
-        Target::Attach(pid) => attach_existing(*pid, sizes, sampling, resources, steps, symbolizer),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, resources, steps),
+        Target::Attach(pid) => attach_existing(
+            *pid,
+            sizes,
+            sampling,
+            keep_native,
+            resources,
+            steps,
+            symbolizer,
+        ),
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native, resources, steps),
     }?;
     if at.launched {
         preload_debug_info(
@@ -255,6 +307,7 @@ fn attach_existing(
     pid: u32,
     sizes: MapSizes,
     sampling: Sampling,
+    keep_native: bool,
     resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
@@ -293,6 +346,7 @@ fn attach_existing(
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &early, HashMap::new())
     });
+    let python = setup_python(&mut trace_maps, pid, &early, keep_native);
     drop(early);
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
@@ -326,6 +380,7 @@ fn attach_existing(
         nprobes,
         tables,
         unmaps_read: 0,
+        python,
         fd_tracepoints,
         fds_at_attach,
     })
@@ -354,6 +409,7 @@ fn launch_new(
     cmd: &[OsString],
     sizes: MapSizes,
     sampling: Sampling,
+    keep_native: bool,
     resources: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
@@ -414,6 +470,7 @@ fn launch_new(
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
+    let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     launch::continue_child(pid);
     Ok(Attached {
@@ -429,6 +486,7 @@ fn launch_new(
         nprobes,
         tables,
         unmaps_read: 0,
+        python,
         fd_tracepoints,
         fds_at_attach,
     })

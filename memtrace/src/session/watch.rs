@@ -21,6 +21,9 @@ const MODULE_REFRESH: Duration = Duration::from_secs(1);
 /// How long the watch loop waits for a capture of new modules it started
 /// (it goes on without it after that, and takes it when it comes).
 const CAPTURE_WAIT: Duration = Duration::from_millis(200);
+/// How often the code objects a Python target ran for the first time are
+/// read: soon, as the target may free them (or exit).
+const PYTHON_POLL: Duration = Duration::from_millis(20);
 
 /// Why tracing stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,20 +127,26 @@ struct Schedule {
     deadline: Option<Instant>,
     next_summary: Instant,
     next_refresh: Instant,
+    /// A Python target only.
+    next_python: Option<Instant>,
 }
 
 impl Schedule {
-    fn new(start: Instant, opts: &Options) -> Self {
+    fn new(start: Instant, opts: &Options, python: bool) -> Self {
         Schedule {
             deadline: opts.duration.map(|d| start + d),
             next_summary: start + opts.interval,
             next_refresh: start + MODULE_REFRESH,
+            next_python: python.then_some(start),
         }
     }
 
     /// The next moment something is due.
     fn next(&self) -> Instant {
-        let until = self.next_summary.min(self.next_refresh);
+        let mut until = self.next_summary.min(self.next_refresh);
+        if let Some(p) = self.next_python {
+            until = until.min(p);
+        }
         match self.deadline {
             Some(d) => until.min(d),
             None => until,
@@ -148,7 +157,7 @@ impl Schedule {
 /// Traces until a signal, the target's end or exec, or `--duration`: a live
 /// summary every interval, the target's new modules every [`MODULE_REFRESH`].
 pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
-    let mut schedule = Schedule::new(s.trace_start, opts);
+    let mut schedule = Schedule::new(s.trace_start, opts, s.at.python.is_some());
     {
         use std::os::fd::AsFd;
         s.watchdog.tracing(s.pidfd.as_fd(), schedule.deadline);
@@ -169,6 +178,10 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             return End::Signal;
         }
         let now = Instant::now();
+        if let Some(next) = schedule.next_python.filter(|&t| now >= t) {
+            schedule.next_python = Some(next.max(now - PYTHON_POLL) + PYTHON_POLL);
+            read_python_codes(&mut s.at);
+        }
         if now >= schedule.next_refresh {
             schedule.next_refresh = now + MODULE_REFRESH;
             s.watchdog.doing("capturing the target's new modules");
@@ -223,4 +236,16 @@ fn called_exec(at: &Attached) -> bool {
         Escaped(&target::proc_exe(pid).unwrap_or_else(|| "?".into()))
     );
     true
+}
+
+/// Reads the code objects the target's Python ran for the first time.
+pub(super) fn read_python_codes(at: &mut Attached) {
+    if let Some(py) = at.python.as_mut() {
+        for copy in at.collector.maps.python_code_copies() {
+            py.add_copy(&copy);
+        }
+        for (code, check) in at.collector.maps.new_python_codes() {
+            py.resolve_code(code, check);
+        }
+    }
 }

@@ -98,6 +98,7 @@ mod tests {
             file: file.map(str::to_owned),
             line,
             inlined,
+            kind: crate::symbolize::FrameKind::Native,
             unresolved: None,
         };
         let mut out = Vec::new();
@@ -129,6 +130,7 @@ mod tests {
             file: Some("a\rb.c".to_owned()),
             line: Some(3),
             inlined: false,
+            kind: crate::symbolize::FrameKind::Native,
             unresolved: None,
         };
         let mut out = Vec::new();

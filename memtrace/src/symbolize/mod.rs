@@ -17,6 +17,7 @@ mod demangle;
 mod dies;
 mod elf;
 mod lines;
+pub mod python;
 mod sections;
 mod stream;
 mod symtab;
@@ -97,8 +98,29 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub inlined: bool,
+    /// A frame of the program's machine code, or of Python code run by the
+    /// interpreter (`address` is then the code object's).
+    pub kind: FrameKind,
     #[serde(skip)]
     pub unresolved: Option<Unresolved>,
+}
+
+/// What a frame is a frame of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    #[default]
+    Native,
+    Python,
+}
+
+impl FrameKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameKind::Native => "native",
+            FrameKind::Python => "python",
+        }
+    }
 }
 
 fn hex_address<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -888,6 +910,7 @@ fn to_frame(address: u64, module: Option<&str>, fi: FrameInfo) -> Frame {
         file: fi.file,
         line: fi.line,
         inlined: fi.inlined,
+        kind: FrameKind::Native,
         unresolved: fi.unresolved,
     }
 }

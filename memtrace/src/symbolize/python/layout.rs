@@ -1,0 +1,255 @@
+//! Finding a CPython interpreter in the target and the layout of its
+//! structures, from its own binary: no debug info needed.
+//!
+//! The interpreter is the module that exports `_PyRuntime` (the executable
+//! of a static build such as Debian's `/usr/bin/python3.11`, else
+//! `libpython3.x.so`); its version is the exported `Py_Version` (3.11+).
+//! The offsets are CPython's `offsetof`s for x86-64 release builds, per
+//! minor version (`docs/python.md` says how they were checked).
+
+use memtrace_common::PythonLayout;
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use crate::process::modules::{MappedModule, ProcessModules};
+
+/// Where the fields of a code object and of strings are (for userspace's
+/// resolver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeLayout {
+    pub firstlineno: u64,
+    pub filename: u64,
+    pub qualname: u64,
+    pub linetable: u64,
+    /// `co_code_adaptive`: the bytecode's first byte.
+    pub code_adaptive: u64,
+    /// The two 4-byte fields of the check (see `python_code_check`).
+    pub check: u64,
+    /// `sizeof(PyASCIIObject)`: an ASCII string's data.
+    pub ascii_data: u64,
+    /// `sizeof(PyCompactUnicodeObject)`: a compact non-ASCII string's data.
+    pub compact_data: u64,
+}
+
+/// The layouts of one minor version: BPF's (addresses still 0) and the code
+/// object's.
+struct VersionLayout {
+    bpf: PythonLayout,
+    code: CodeLayout,
+}
+
+fn version_layout(minor: u8) -> Option<VersionLayout> {
+    const NONE: u32 = u32::MAX;
+    let (bpf, code) = match minor {
+        11 => (
+            PythonLayout {
+                interp_head_off: 40,
+                interp_threads_off: 16,
+                tstate_next_off: 8,
+                tstate_tid_off: 160,
+                tstate_frame_off: 56,
+                cframe_frame_off: 8,
+                frame_code_off: 32,
+                frame_previous_off: 48,
+                frame_instr_off: 56,
+                frame_owner_off: NONE,
+                frame_entry_off: 68,
+                code_check_off: 68,
+                ..Default::default()
+            },
+            CodeLayout {
+                firstlineno: 72,
+                filename: 112,
+                qualname: 128,
+                linetable: 136,
+                code_adaptive: 184,
+                check: 68,
+                ascii_data: 48,
+                compact_data: 72,
+            },
+        ),
+        12 | 13 => (
+            PythonLayout {
+                interp_head_off: if minor == 12 { 40 } else { 632 },
+                interp_threads_off: if minor == 12 { 72 } else { 7344 },
+                tstate_next_off: 8,
+                tstate_tid_off: if minor == 12 { 144 } else { 160 },
+                tstate_frame_off: if minor == 12 { 56 } else { 72 },
+                cframe_frame_off: if minor == 12 { 0 } else { NONE },
+                frame_code_off: 0,
+                frame_previous_off: 8,
+                frame_instr_off: 56,
+                frame_owner_off: 70,
+                frame_entry_off: NONE,
+                code_check_off: 64,
+                ..Default::default()
+            },
+            CodeLayout {
+                firstlineno: 68,
+                filename: 112,
+                qualname: 128,
+                linetable: 136,
+                code_adaptive: if minor == 12 { 192 } else { 200 },
+                check: 64,
+                ascii_data: 40,
+                compact_data: 56,
+            },
+        ),
+        _ => return None,
+    };
+    Some(VersionLayout { bpf, code })
+}
+
+/// A CPython interpreter found in the target.
+#[derive(Clone, Debug)]
+pub struct Interpreter {
+    /// The module that holds it (the executable or libpython).
+    pub module: String,
+    /// `3.12.1`.
+    pub version: String,
+    /// What the BPF side needs, addresses set.
+    pub bpf: PythonLayout,
+    pub code: CodeLayout,
+    /// `PyCode_Type` in the target: every code object's type.
+    pub code_type: u64,
+}
+
+/// What came of looking for an interpreter.
+#[derive(Debug)]
+pub enum Found {
+    /// No module exports `_PyRuntime`.
+    None,
+    /// One does, of a version memtrace cannot read (the message says why).
+    Unsupported {
+        module: String,
+        why: String,
+    },
+    Python(Box<Interpreter>),
+}
+
+/// The interpreter among the target's modules, if any.
+pub fn find(modules: &ProcessModules) -> Found {
+    for m in modules.modules() {
+        let Some(file) = &m.file else {
+            continue;
+        };
+        // SAFETY: read-only private mapping of a file the target maps; a concurrent
+        // truncation would crash the target first.
+        let Ok(data) = (unsafe { memmap2::Mmap::map(&**file) }) else {
+            continue;
+        };
+        let Ok(elf) = object::File::parse(&*data) else {
+            continue;
+        };
+        if let Some(found) = interpreter_in(m, &elf) {
+            return found;
+        }
+    }
+    Found::None
+}
+
+/// The interpreter in one module, if it exports `_PyRuntime`.
+fn interpreter_in(m: &MappedModule, elf: &object::File<'_>) -> Option<Found> {
+    let sym = |name: &str| {
+        elf.dynamic_symbols()
+            .find(|s| !s.is_undefined() && s.name() == Ok(name))
+            .map(|s| (s.address(), s.size()))
+    };
+    let (runtime, _) = sym("_PyRuntime")?;
+    let unsupported = |why: String| {
+        Some(Found::Unsupported {
+            module: m.path.clone(),
+            why,
+        })
+    };
+    let Some(hex) = sym("Py_Version").and_then(|(a, _)| read_u32(elf, a)) else {
+        return unsupported("no Py_Version (CPython before 3.11)".into());
+    };
+    let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
+    let version = format!("{major}.{minor}.{micro}");
+    let Some(layout) = (major == 3).then(|| version_layout(minor)).flatten() else {
+        return unsupported(format!("CPython {version}: memtrace reads 3.11 to 3.13"));
+    };
+    let needed = ["_PyEval_EvalFrameDefault", "PyCode_Type", "_Py_NoneStruct"];
+    let [Some(eval), Some(code_type), Some(none)] = needed.map(sym) else {
+        return unsupported(format!("CPython {version} without the symbols {needed:?}"));
+    };
+    let Some(bias) = load_bias(m, elf) else {
+        return unsupported(format!("CPython {version}: its mapping matches no segment"));
+    };
+    let code = layout.code;
+    let bpf = PythonLayout {
+        enabled: 1,
+        code_qualname_off: code.qualname as u32,
+        code_filename_off: code.filename as u32,
+        code_linetable_off: code.linetable as u32,
+        runtime: runtime.wrapping_add(bias),
+        eval_start: eval.0.wrapping_add(bias),
+        eval_end: (eval.0 + eval.1.max(1)).wrapping_add(bias),
+        none: none.0.wrapping_add(bias),
+        ..layout.bpf
+    };
+    Some(Found::Python(Box::new(Interpreter {
+        module: m.path.clone(),
+        version,
+        bpf,
+        code: layout.code,
+        code_type: code_type.0.wrapping_add(bias),
+    })))
+}
+
+/// What to add to the file's addresses to get the target's: from the
+/// segment that holds the mapping's file offset.
+fn load_bias(m: &MappedModule, elf: &object::File<'_>) -> Option<u64> {
+    elf.segments().find_map(|s| {
+        let (off, size) = s.file_range();
+        (off <= m.offset && m.offset < off + size)
+            .then(|| m.start.wrapping_sub(s.address() + (m.offset - off)))
+    })
+}
+
+/// The 4 bytes at `vaddr` of the file.
+fn read_u32(elf: &object::File<'_>, vaddr: u64) -> Option<u32> {
+    elf.segments().find_map(|s| {
+        let bytes = s.data_range(vaddr, 4).ok()??;
+        Some(u32::from_le_bytes(bytes.try_into().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_of_the_versions_read() {
+        assert!(version_layout(10).is_none());
+        assert!(version_layout(14).is_none());
+        for minor in 11..=13 {
+            let l = version_layout(minor).unwrap();
+            // The BPF side reads each frame's fields from PY_FRAME_READ bytes.
+            for off in [
+                l.bpf.frame_code_off,
+                l.bpf.frame_previous_off,
+                l.bpf.frame_instr_off,
+            ] {
+                assert!(off as usize + 8 <= memtrace_common::PY_FRAME_READ);
+            }
+            for off in [l.bpf.frame_owner_off, l.bpf.frame_entry_off] {
+                assert!(off == u32::MAX || (off as usize) < memtrace_common::PY_FRAME_READ);
+            }
+            // The check covers co_stacksize and co_firstlineno.
+            assert_eq!(l.code.check + 4, l.code.firstlineno);
+            // The BPF side copies the code object's first PY_COPY_CODE bytes:
+            // every field read, and the pointers it follows, are in them.
+            for off in [
+                l.code.qualname,
+                l.code.filename,
+                l.code.linetable,
+                l.code.check,
+            ] {
+                assert!(off as usize + 8 <= memtrace_common::PY_COPY_CODE);
+            }
+            assert!(l.code.code_adaptive as usize <= memtrace_common::PY_COPY_CODE);
+            assert_eq!(l.bpf.code_check_off as u64, l.code.check);
+        }
+    }
+}
