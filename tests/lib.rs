@@ -848,13 +848,23 @@ pub fn run_launch(args: &[&str], cmd: &[&str]) -> Run {
 }
 
 pub fn run_launch_env(args: &[&str], cmd: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = unique_path("json");
     let mut c = memtrace_command();
-    c.args(args).args(report_args(&out)).arg("--").args(cmd);
     for (k, v) in env {
         c.env(k, v);
     }
-    let m = Memtrace::spawn(c);
+    run_launch_with(c, args, cmd)
+}
+
+/// [`run_launch`] with `memtrace`, a command for some memtrace binary (the
+/// static one of `cargo xtask dist`).
+pub fn run_launch_with(mut memtrace: Command, args: &[&str], cmd: &[&str]) -> Run {
+    let out = unique_path("json");
+    memtrace
+        .args(args)
+        .args(report_args(&out))
+        .arg("--")
+        .args(cmd);
+    let m = Memtrace::spawn(memtrace);
     let run = finish_run(m, &out, WORK_TIMEOUT);
     assert!(
         run.stderr
@@ -875,17 +885,24 @@ pub struct AttachSession {
 impl AttachSession {
     /// Spawns `memtrace ARGS -f json -o <tmp> --pid PID` without waiting.
     pub fn spawn(pid: u32, args: &[&str], env: &[(&str, &str)]) -> AttachSession {
-        let out = unique_path("json");
         let mut c = memtrace_command();
-        c.args(args)
-            .args(report_args(&out))
-            .arg("--pid")
-            .arg(pid.to_string());
         for (k, v) in env {
             c.env(k, v);
         }
+        AttachSession::spawn_with(c, pid, args)
+    }
+
+    /// [`AttachSession::spawn`] with `memtrace`, a command for some memtrace
+    /// binary (the static one of `cargo xtask dist`).
+    pub fn spawn_with(mut memtrace: Command, pid: u32, args: &[&str]) -> AttachSession {
+        let out = unique_path("json");
+        memtrace
+            .args(args)
+            .args(report_args(&out))
+            .arg("--pid")
+            .arg(pid.to_string());
         AttachSession {
-            memtrace: Memtrace::spawn(c),
+            memtrace: Memtrace::spawn(memtrace),
             out,
         }
     }

@@ -1,4 +1,4 @@
-//! memtrace's build driver: `cargo xtask <bootstrap|build|test|demo|bench|fuzz>`.
+//! memtrace's build driver: `cargo xtask <bootstrap|build|dist|test|demo|bench|fuzz>`.
 //! This file only reads the command and hands it to its module.
 use std::env;
 
@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 mod bench;
 mod build;
 mod demo;
+mod dist;
 mod fuzz;
 mod test;
 mod util;
@@ -24,6 +25,8 @@ fn usage() -> &'static str {
 commands:
   bootstrap   install what the BPF build needs (rust-src for nightly, bpf-linker); idempotent
   build       bootstrap, build the BPF programs, then target/release/memtrace with them embedded
+  dist        a static (musl), stripped memtrace with the BPF programs embedded, its man pages,
+              bash/zsh/fish completions and a .deb, in target/dist/
   test        build, then run every test: unit tests, and the root tests that load real BPF
   demo        build, then trace a bundled leaky example and print its report
   bench       build, then measure memtrace's overhead (against bpftrace memleak.bt and heaptrack),
@@ -46,6 +49,7 @@ fn run() -> Result<()> {
             build::bootstrap()?;
             build::build_ebpf()
         }
+        "dist" => dist::command(),
         "test" => test::test(rest),
         "demo" => demo::demo(),
         "bench" => bench::command(rest),

@@ -5,6 +5,7 @@ use std::{env, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{bpf_object, build, memtrace_bin};
+use crate::dist::dist;
 use crate::util::{ensure_apt, ensure_apt_files, geteuid, root, status};
 
 /// The allocators the tests trace besides glibc (their libraries and
@@ -46,6 +47,12 @@ const TEST_PACKAGES: &[(&str, &str, &str)] = &[
         "prometheus",
         "Prometheus scrapes --listen's /metrics",
     ),
+    // What a user of the dist files has.
+    (
+        "/usr/bin/man",
+        "man-db",
+        "man renders the man pages of `cargo xtask dist`",
+    ),
 ];
 
 pub fn test(extra: &[String]) -> Result<()> {
@@ -71,10 +78,13 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
     // A test counts the programs memtrace loads by tracing its bpf(2) calls.
     ensure_apt("strace", "strace", "how a test sees each BPF_PROG_LOAD")?;
+    // tests/it/dist.rs traces with the static binary, alone.
+    let dist = dist().context("building the dist files the tests check")?;
     let mut c = Command::new(&cargo);
     c.current_dir(root())
         .args(["test", "-p", "memtrace-tests"])
         .env("MEMTRACE_BIN", memtrace_bin())
+        .env("MEMTRACE_DIST", &dist.dir)
         .env("MEMTRACE_BPF_OBJECT", bpf_object());
     // One test at a time: two memtrace runs on processes that share a library
     // disturb each other's count of the allocator's own calls (a pid-bound

@@ -77,10 +77,44 @@ pub enum Format {
     Svg,
 }
 
+/// `-V`: `0.1.0 (<commit>[-dirty] <date>)`, from build.rs.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MEMTRACE_BUILD_COMMIT"),
+    " ",
+    env!("MEMTRACE_BUILD_DATE"),
+    ")"
+);
+
+/// `--version`: the line of `-V`, then the build.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MEMTRACE_BUILD_COMMIT"),
+    " ",
+    env!("MEMTRACE_BUILD_DATE"),
+    ")\ncommit: ",
+    env!("MEMTRACE_BUILD_COMMIT"),
+    "\ndate:   ",
+    env!("MEMTRACE_BUILD_DATE"),
+    " (",
+    env!("MEMTRACE_BUILD_DATE_SOURCE"),
+    ")\ntarget: ",
+    env!("MEMTRACE_BUILD_TARGET"),
+    ", ",
+    env!("MEMTRACE_BUILD_LINKAGE"),
+    ", ",
+    env!("MEMTRACE_BUILD_PROFILE"),
+    "\nBPF:    ",
+    env!("MEMTRACE_BUILD_BPF")
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "memtrace",
-    version,
+    version = VERSION,
+    long_version = LONG_VERSION,
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,

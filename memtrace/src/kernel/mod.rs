@@ -4,6 +4,7 @@
 //! the log of code the target unmapped.
 pub mod batch;
 pub mod blocks;
+pub mod btf_facts;
 pub mod collect;
 pub mod maps;
 pub mod multi;

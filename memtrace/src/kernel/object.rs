@@ -234,21 +234,18 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
              nothing (the benchmark's floor)"
         );
     }
+    let facts = super::btf_facts::get();
     let fd_slots = super::resources::slot_count(crate::process::fds::open_files_limit(tgid));
     EbpfLoader::new()
         // No CO-RE relocations to make: the kernel's BTF, which aya would
         // parse for them, is not needed here.
         .btf(None)
         .override_global("TARGET_TGID", &tgid, true)
-        .override_global("VMA_FLAGS_OFFSET", &vma_flags_offset(), true)
+        .override_global("VMA_FLAGS_OFFSET", &facts.vma_flags_offset, true)
         .override_global("EMPTY_PROGRAMS", &(empty as u32), true)
         .override_global("SAMPLE_MEAN_BYTES", &sample_mean_bytes, true)
         .override_global("ALLOC_BUCKETS", &sizes.block_buckets(), true)
-        .override_global(
-            "UPROBE_OFFSETS",
-            &super::uprobe_offsets::running_kernel(),
-            true,
-        )
+        .override_global("UPROBE_OFFSETS", &facts.uprobe_offsets, true)
         .map_max_entries(map_names::ALLOC_KEYS, sizes.block_buckets())
         .map_max_entries(map_names::ALLOCS, sizes.block_buckets())
         .map_max_entries(map_names::STACKS, sizes.stacks)
@@ -258,18 +255,6 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")
-}
-
-/// Where the kernel's mappings keep their flags, for the watch on code
-/// unmapped (0: not known; every unmapping then counts as one of code).
-fn vma_flags_offset() -> u32 {
-    match super::unmaps::vma_flags_offset() {
-        Ok(off) => off,
-        Err(e) => {
-            log::info!("every unmapping counts as one of code: {e:#}");
-            0
-        }
-    }
 }
 
 /// Loads the classic program `name` into the kernel.

@@ -14,15 +14,14 @@ use crate::{
 /// The byte offset of `vm_flags` in the running kernel's `struct
 /// vm_area_struct`, from its BTF. (It moves between kernel versions and
 /// configurations; recent kernels put it in an anonymous union.)
-pub fn vma_flags_offset() -> Result<u32> {
-    let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("reading the kernel's BTF")?;
+pub fn vma_flags_offset(btf: &Btf) -> Result<u32> {
     let vma = btf
         .resolve_types_by_name("vm_area_struct")
         .context("no struct vm_area_struct in the kernel's BTF")?
         .into_iter()
         .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
         .context("struct vm_area_struct has no members in the kernel's BTF")?;
-    match member_offset(&btf, &vma, "vm_flags", 0)? {
+    match member_offset(btf, &vma, "vm_flags", 0)? {
         Some(bits) if bits.is_multiple_of(8) => Ok(bits / 8),
         Some(bits) => bail!("vm_flags at bit {bits}, not on a byte"),
         None => bail!("no vm_flags in struct vm_area_struct"),
@@ -110,7 +109,8 @@ mod tests {
             eprintln!("skipped: no kernel BTF");
             return;
         }
-        let off = vma_flags_offset().unwrap();
+        let btf = Btf::from_file("/sys/kernel/btf/vmlinux").unwrap();
+        let off = vma_flags_offset(&btf).unwrap();
         // After vm_start, vm_end (or their union), vm_mm and vm_page_prot at least.
         assert!(off >= 24 && off.is_multiple_of(8) && off < 256, "{off}");
     }

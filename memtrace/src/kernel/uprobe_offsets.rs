@@ -1,39 +1,14 @@
 //! Where, in the running kernel's own structures, a pending return probe
 //! keeps the return address it replaced (see
 //! `memtrace_common::UprobeOffsets`): member offsets read from the kernel's
-//! BTF, `/sys/kernel/btf/vmlinux`, which memtrace needs anyway.
-use std::path::Path;
-
+//! BTF, `/sys/kernel/btf/vmlinux`, which memtrace needs anyway (read once:
+//! `kernel::btf_facts`).
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
 use memtrace_common::UprobeOffsets;
 
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-
-/// The offsets of the running kernel; all 0 (the BPF side then leaves the
-/// trampoline alone and counts the walks it stops) if its BTF lacks one.
-pub fn running_kernel() -> UprobeOffsets {
-    match from_btf_file(Path::new(VMLINUX_BTF)) {
-        Ok(o) => o,
-        Err(e) => {
-            log::warn!(
-                "the kernel's uprobe structures are not known ({e:#}): stacks through a \
-                 pending return probe (another tool's uretprobe) will stop there"
-            );
-            UprobeOffsets::default()
-        }
-    }
-}
-
-fn from_btf_file(path: &Path) -> Result<UprobeOffsets> {
-    let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("reading {}", path.display()))?;
-    offsets(&btf)
-}
-
 /// Every offset, from `btf`.
-fn offsets(btf: &Btf) -> Result<UprobeOffsets> {
+pub fn offsets(btf: &Btf) -> Result<UprobeOffsets> {
     let o = UprobeOffsets {
         task_mm: member(btf, "task_struct", &["mm"])?,
         task_utask: member(btf, "task_struct", &["utask"])?,
@@ -121,7 +96,12 @@ mod tests {
     #[test]
     fn finds_the_running_kernels_uprobe_structures() {
         // Every kernel memtrace runs on has BTF (preflight checks it).
-        let o = from_btf_file(Path::new(VMLINUX_BTF)).unwrap();
+        let btf = Btf::from_file_with_backend(
+            std::path::Path::new("/sys/kernel/btf/vmlinux"),
+            btf_rs::Backend::Mmap,
+        )
+        .unwrap();
+        let o = offsets(&btf).unwrap();
         assert!(o.complete(), "{o:?}");
         // struct return_instance { struct hprobe hprobe; unsigned long func;
         // unsigned long stack; unsigned long orig_ret_vaddr; ... }

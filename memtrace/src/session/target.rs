@@ -185,6 +185,8 @@ pub(super) fn attach(
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
+    // Needed when the maps are created; read meanwhile.
+    crate::kernel::btf_facts::read_ahead();
     let at = match target {
         Target::Attach(pid) => attach_existing(
             *pid,
@@ -293,6 +295,13 @@ pub(super) fn load_tables(
     }
 }
 
+/// The modules of running process `pid` at code generation `generation`
+/// (an error saying so if it exited meanwhile).
+fn capture_running(pid: u32, generation: &mut dyn FnMut() -> Generation) -> Result<ProcessModules> {
+    ProcessModules::capture_at(pid, generation)
+        .map_err(|e| exited_during_attach(pid, anyhow!(e).context("reading the target's modules")))
+}
+
 fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     if alive(pid) {
         e
@@ -318,9 +327,7 @@ fn attach_existing(
     // Read once now, for the unwind tables to compile and the debug info to
     // load while the kernel verifies the programs; read again (below) once
     // code unmapped is watched, for the modules the stacks are resolved in.
-    let early = ProcessModules::capture_at(pid, &mut || 0).map_err(|e| {
-        exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
-    })?;
+    let early = capture_running(pid, &mut || 0)?;
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
@@ -353,10 +360,7 @@ fn attach_existing(
     watch_unmaps(&mut probes);
     let fd_tracepoints = trace_fds(&mut probes, resources, steps);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
-    let modules =
-        ProcessModules::capture_at(pid, &mut || trace_maps.code_generation()).map_err(|e| {
-            exited_during_attach(pid, anyhow!(e).context("reading the target's modules"))
-        })?;
+    let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
     let nprobes = steps
