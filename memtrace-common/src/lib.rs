@@ -1411,6 +1411,9 @@ pub struct Countdown {
 pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 
 /// aya reads and writes map values as plain bytes.
+// After the macros it uses (`codes!`).
+pub mod resources;
+
 #[cfg(feature = "user")]
 mod pod {
     macro_rules! pod {

@@ -80,6 +80,8 @@ mod marks;
 #[cfg(target_arch = "bpf")]
 mod record;
 #[cfg(target_arch = "bpf")]
+mod resources;
+#[cfg(target_arch = "bpf")]
 mod result_site;
 #[cfg(target_arch = "bpf")]
 mod sampling;

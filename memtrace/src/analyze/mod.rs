@@ -25,6 +25,7 @@
 //!
 //! See [`assess`] for the rules and [`VerdictConfig`] for the thresholds.
 mod blocks;
+pub mod fds;
 mod history;
 mod process;
 mod stats;

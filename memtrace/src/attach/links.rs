@@ -527,6 +527,12 @@ impl Probes {
         Ok(())
     }
 
+    /// Traces the fds the target creates and releases (see `fds`); returns
+    /// the tracepoints attached.
+    pub fn attach_fd_tracing(&mut self) -> Result<usize> {
+        super::fds::attach(self.ebpf.as_mut().context("probes already detached")?)
+    }
+
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
     pub fn attach_loader_breakpoint(&mut self, ldso: &Path, offset: u64, pid: u32) -> Result<()> {
         let link = self

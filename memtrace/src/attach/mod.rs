@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod entries;
 pub mod exits;
+pub mod fds;
 pub mod links;
 pub mod placement;
 pub mod resolve;

@@ -213,9 +213,15 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
 
-    /// Exit with status 3 if any site gets the leak verdict (after writing the report)
+    /// Exit with status 3 if any site gets the leak verdict (after writing the report);
+    /// fd sites count too
     #[arg(long)]
     pub fail_on_leak: bool,
+
+    /// Do not trace file descriptors (by default each fd the target creates is kept
+    /// with its creating stack, at syscall tracepoints: nothing on the malloc path)
+    #[arg(long)]
+    pub no_resources: bool,
 
     /// Print an alert on stderr when the total, or one site, grew faster than RATE in
     /// the last interval (10MiB/min, 1MiB/s, 500KiB/h)

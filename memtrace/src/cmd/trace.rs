@@ -36,6 +36,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         metrics_top_sites: cli.metrics_top_sites,
         snapshots: cli.snapshots(),
         fail_on_leak: cli.fail_on_leak,
+        resources: !cli.no_resources,
         alert_growth: cli.alert_growth,
         python_native_frames: cli.python_native_frames,
         map_sizes: cli.map_sizes(),

@@ -171,15 +171,15 @@ unsafe fn visit(
 /// a `memmap2::Mmap`, as the symbolizer uses for files: that hands out a
 /// `&[u8]`, which promises the bytes do not change, and the kernel writes
 /// these while they are mapped; they are read only through raw pointers.
-struct Mapping<T> {
-    ptr: NonNull<T>,
+pub(super) struct Mapping<T> {
+    pub(super) ptr: NonNull<T>,
     len: usize,
 }
 
 impl<T> Mapping<T> {
     /// Maps entries `first..first + entries` of `map` (`first` times the
     /// entry size must be a multiple of the page size).
-    fn new(map: &MapData, first: usize, entries: usize) -> Result<Self> {
+    pub(super) fn new(map: &MapData, first: usize, entries: usize) -> Result<Self> {
         let page = page_size();
         let offset = first * size_of::<T>();
         if !offset.is_multiple_of(page) {

@@ -39,6 +39,8 @@ pub struct TraceMaps {
     pub python_new_codes: Queue<MapData, PythonCode>,
     /// Copies of code objects the BPF side saw for the first time.
     pub python_code_copies: RingBuf<MapData>,
+    /// The fd maps (see `resources`).
+    pub fds: super::resources::FdMaps,
 }
 
 impl TraceMaps {

@@ -9,6 +9,7 @@ pub mod collect;
 pub mod maps;
 pub mod multi;
 pub mod object;
+pub mod resources;
 pub mod sampling;
 pub mod tables;
 pub mod unmaps;

@@ -20,7 +20,7 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray, Queue, RingBuf},
     programs::UProbe,
 };
-use memtrace_common::{Epoch, map_names};
+use memtrace_common::{Epoch, map_names, resources};
 
 use super::{
     blocks::BlockTable,
@@ -235,6 +235,7 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         );
     }
     let facts = super::btf_facts::get();
+    let fd_slots = super::resources::slot_count(crate::process::fds::open_files_limit(tgid));
     EbpfLoader::new()
         // No CO-RE relocations to make: the kernel's BTF, which aya would
         // parse for them, is not needed here.
@@ -249,6 +250,8 @@ fn load_object(tgid: u32, sizes: &MapSizes, sample_mean_bytes: u64) -> Result<Eb
         .map_max_entries(map_names::ALLOCS, sizes.block_buckets())
         .map_max_entries(map_names::STACKS, sizes.stacks)
         .map_max_entries(map_names::SITES, sizes.site_entries())
+        .override_global("FD_SLOT_COUNT", &fd_slots, true)
+        .map_max_entries(resources::map_names::FD_SLOTS, fd_slots)
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!(e))
         .context("loading the BPF maps and programs into the kernel")
@@ -310,6 +313,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         code_state: Array::try_from(take(map_names::CODE_STATE)?)?,
         code_unmap_log: Array::try_from(take(map_names::CODE_UNMAP_LOG)?)?,
         trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
+        fds: super::resources::FdMaps::take(ebpf)?,
     })
 }
 
@@ -362,6 +366,7 @@ mod tests {
             .collect();
         found.sort_unstable();
         let mut shared = map_names::ALL.to_vec();
+        shared.extend(resources::map_names::ALL);
         shared.sort_unstable();
         assert_eq!(found, shared);
     }

@@ -111,6 +111,9 @@ pub struct Snapshot {
     /// The report's `freed_sites`: sites that allocated while traced but hold
     /// no block (or only blocks younger than `--min-age`, counted here).
     pub freed: HashMap<Vec<FrameKey>, SnapSite>,
+    /// The fd sites (`resources.fds.sites`), by kind and stack key; their
+    /// `bytes` is 0, `blocks` the open fds.
+    pub fd_sites: HashMap<(String, Vec<FrameKey>), SnapSite>,
 }
 
 /// The sites of `list` (`field` of report `path`) by stack key, those with
@@ -192,6 +195,26 @@ impl Snapshot {
             .unwrap_or(Value::Null);
         let target = v.get("target").cloned().unwrap_or(Value::Null);
         let totals = v.get("totals").cloned().unwrap_or(Value::Null);
+        let fd_list = v
+            .pointer("/resources/fds/sites")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut fd_sites: HashMap<(String, Vec<FrameKey>), SnapSite> = HashMap::new();
+        for (i, s) in fd_list.iter().enumerate() {
+            let fds = count(s, "outstanding", path, &format!("fd site {}", i + 1))?;
+            let kind = str_field(s, "kind").unwrap_or_default();
+            let e = fd_sites
+                .entry((kind, site_key(s)))
+                .or_insert_with(|| SnapSite {
+                    bytes: 0,
+                    blocks: 0,
+                    verdict: str_field(s, "verdict"),
+                    growth_bytes_per_s: s.get("growth_per_s").and_then(Value::as_f64),
+                    frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
+                });
+            e.blocks = e.blocks.checked_add(fds).context("open fds overflow")?;
+        }
         Ok(Snapshot {
             info: SnapInfo {
                 path: path.to_string(),
@@ -208,6 +231,7 @@ impl Snapshot {
             },
             sites,
             freed,
+            fd_sites,
         })
     }
 
@@ -316,74 +340,28 @@ pub struct Diff {
     pub totals: DiffTotals,
     /// Every stack key, by growth in bytes (largest first), then in blocks.
     pub sites: Vec<Entry>,
+    /// Every fd site (kind and stack key) of either report, by growth in
+    /// open fds (`count_diff`, `old_blocks`/`new_blocks` are fds; the byte
+    /// fields are 0).
+    pub fd_sites: Vec<FdEntry>,
+}
+
+/// One fd site (kind and stack key) in both reports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdEntry {
+    pub kind: String,
+    #[serde(flatten)]
+    pub entry: Entry,
 }
 
 /// Compares two snapshots.
 pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
-    let mut keyed: Vec<(Vec<FrameKey>, Entry)> = Vec::new();
-    for (k, n) in &new.sites {
-        // A site OLD saw freeing all it allocated held nothing then.
-        let o = old.sites.get(k).or_else(|| old.freed.get(k));
-        let (ob, oc) = o.map_or((0, 0), |o| (o.bytes, o.blocks));
-        let (sd, cd) = (n.bytes.saturating_sub(ob), n.blocks.saturating_sub(oc));
-        let status = match o {
-            None => Status::New,
-            Some(_) if (sd, cd) > (0, 0) => Status::Grew,
-            Some(_) if (sd, cd) < (0, 0) => Status::Shrank,
-            Some(_) => Status::Unchanged,
-        };
-        keyed.push((
-            k.clone(),
-            Entry {
-                status,
-                size_diff: sd,
-                count_diff: cd,
-                old_bytes: ob,
-                old_blocks: oc,
-                new_bytes: n.bytes,
-                new_blocks: n.blocks,
-                verdict: n.verdict.clone(),
-                growth_bytes_per_s: n.growth_bytes_per_s,
-                frames: n.frames.clone(),
-            },
-        ));
-    }
-    for (k, o) in &old.sites {
-        if new.sites.contains_key(k) {
-            continue;
-        }
-        let (status, n) = match new.freed.get(k) {
-            Some(f) => (Status::Freed, f),
-            None => (Status::Vanished, o),
-        };
-        let (nb, nc) = if status == Status::Freed {
-            (n.bytes, n.blocks)
-        } else {
-            (0, 0)
-        };
-        keyed.push((
-            k.clone(),
-            Entry {
-                status,
-                size_diff: nb.saturating_sub(o.bytes),
-                count_diff: nc.saturating_sub(o.blocks),
-                old_bytes: o.bytes,
-                old_blocks: o.blocks,
-                new_bytes: nb,
-                new_blocks: nc,
-                verdict: n.verdict.clone(),
-                growth_bytes_per_s: n.growth_bytes_per_s,
-                frames: o.frames.clone(),
-            },
-        ));
-    }
-    keyed.sort_by(|(ka, a), (kb, b)| {
-        b.size_diff
-            .cmp(&a.size_diff)
-            .then(b.count_diff.cmp(&a.count_diff))
-            .then(b.new_bytes.cmp(&a.new_bytes))
-            .then(ka.cmp(kb))
-    });
+    let keyed = entries(&old.sites, &new.sites, &old.freed, &new.freed);
+    let no_freed = HashMap::new();
+    let fd_sites = entries(&old.fd_sites, &new.fd_sites, &no_freed, &no_freed)
+        .into_iter()
+        .map(|((kind, _), entry)| FdEntry { kind, entry })
+        .collect();
     let mut totals = DiffTotals {
         size_diff: new
             .info
@@ -411,6 +389,73 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
         new: new.info.clone(),
         totals,
         sites: keyed.into_iter().map(|(_, e)| e).collect(),
+        fd_sites,
+    }
+}
+
+/// Every key of either map, by growth in bytes (largest first), then in
+/// blocks. A key in `old_freed` (OLD saw its site free all it allocated)
+/// held nothing then; a key of `old` in `new_freed` is freed, not vanished.
+fn entries<K: Clone + Ord + std::hash::Hash>(
+    old: &HashMap<K, SnapSite>,
+    new: &HashMap<K, SnapSite>,
+    old_freed: &HashMap<K, SnapSite>,
+    new_freed: &HashMap<K, SnapSite>,
+) -> Vec<(K, Entry)> {
+    let mut keyed: Vec<(K, Entry)> = Vec::new();
+    for (k, n) in new {
+        let o = old.get(k).or_else(|| old_freed.get(k));
+        let (ob, oc) = o.map_or((0, 0), |o| (o.bytes, o.blocks));
+        let (sd, cd) = (n.bytes.saturating_sub(ob), n.blocks.saturating_sub(oc));
+        let status = match o {
+            None => Status::New,
+            Some(_) if (sd, cd) > (0, 0) => Status::Grew,
+            Some(_) if (sd, cd) < (0, 0) => Status::Shrank,
+            Some(_) => Status::Unchanged,
+        };
+        keyed.push((k.clone(), entry(status, (ob, oc), n, n)));
+    }
+    for (k, o) in old {
+        if new.contains_key(k) {
+            continue;
+        }
+        let e = match new_freed.get(k) {
+            Some(f) => entry(Status::Freed, (o.bytes, o.blocks), f, o),
+            None => {
+                let gone = SnapSite {
+                    bytes: 0,
+                    blocks: 0,
+                    ..o.clone()
+                };
+                entry(Status::Vanished, (o.bytes, o.blocks), &gone, o)
+            }
+        };
+        keyed.push((k.clone(), e));
+    }
+    keyed.sort_by(|(ka, a), (kb, b)| {
+        b.size_diff
+            .cmp(&a.size_diff)
+            .then(b.count_diff.cmp(&a.count_diff))
+            .then(b.new_bytes.cmp(&a.new_bytes))
+            .then(ka.cmp(kb))
+    });
+    keyed
+}
+
+/// The entry of a site that held `old` (bytes, blocks) and holds what `now`
+/// says, with `now`'s verdict and `shown`'s frames.
+fn entry(status: Status, old: (i64, i64), now: &SnapSite, shown: &SnapSite) -> Entry {
+    Entry {
+        status,
+        size_diff: now.bytes.saturating_sub(old.0),
+        count_diff: now.blocks.saturating_sub(old.1),
+        old_bytes: old.0,
+        old_blocks: old.1,
+        new_bytes: now.bytes,
+        new_blocks: now.blocks,
+        verdict: now.verdict.clone(),
+        growth_bytes_per_s: now.growth_bytes_per_s,
+        frames: shown.frames.clone(),
     }
 }
 
@@ -611,7 +656,54 @@ impl Diff {
         if hidden > 0 {
             let _ = writeln!(o, "\n... and {hidden} more sites (all in --format json)");
         }
+        self.fd_text(&mut o, top);
         o
+    }
+
+    /// The fd sites that grew or are new (open fds).
+    fn fd_text(&self, o: &mut String, top: usize) {
+        let up: Vec<&FdEntry> = self
+            .fd_sites
+            .iter()
+            .filter(|e| matches!(e.entry.status, Status::New | Status::Grew))
+            .collect();
+        if up.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "\ntop {} of {} fd sites that grew or are new, by open fds:",
+            up.len().min(top),
+            up.len()
+        );
+        for (i, e) in up.iter().take(top).enumerate() {
+            let n = &e.entry;
+            let verdict = n
+                .verdict
+                .as_deref()
+                .map(|v| format!(" [{}]", Escaped(v)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "\n#{} {}{} {} fds: {} -> {}{verdict}",
+                i + 1,
+                n.status.label(),
+                signed_count(n.count_diff),
+                Escaped(&e.kind),
+                n.old_blocks,
+                n.new_blocks,
+            );
+            match n.frames.as_array() {
+                Some(fs) if !fs.is_empty() => {
+                    for f in fs {
+                        let _ = writeln!(o, "    {}", frame_line(f));
+                    }
+                }
+                _ => {
+                    let _ = writeln!(o, "    [stack not captured]");
+                }
+            }
+        }
     }
 }
 
@@ -644,6 +736,58 @@ mod tests {
                "duration_s": 2.0, "ended_at": "2026-12-01T08:00:05Z",
                "totals": {"outstanding_bytes": bytes, "outstanding_blocks": blocks},
                "sites": sites})
+    }
+
+    fn with_fds(mut r: Value, sites: Vec<(&str, i64, &str)>) -> Value {
+        let sites: Vec<Value> = sites
+            .into_iter()
+            .map(|(kind, n, function)| {
+                json!({"kind": kind, "outstanding": n, "verdict": "leak", "growth_per_s": 2.0,
+                       "stack_captured": true,
+                       "frames": [frame("0x10", "/lib/libc.so.6", Some("__socket"), 1),
+                                  frame("0x20", "/usr/bin/app", Some(function), 7)]})
+            })
+            .collect();
+        r["resources"] = json!({"fds": {"sites": sites}});
+        r
+    }
+
+    #[test]
+    fn fd_sites_are_compared_by_kind_and_stack() {
+        let old = with_fds(
+            report(1, vec![]),
+            vec![("socket", 3, "connect_db"), ("file", 2, "open_log")],
+        );
+        let new = with_fds(
+            report(2, vec![]),
+            vec![("socket", 10, "connect_db"), ("pipe", 1, "spawn")],
+        );
+        let d = compare(
+            &Snapshot::from_json("old", &old).unwrap(),
+            &Snapshot::from_json("new", &new).unwrap(),
+        );
+        let got: Vec<(&str, Status, i64)> = d
+            .fd_sites
+            .iter()
+            .map(|e| (e.kind.as_str(), e.entry.status, e.entry.count_diff))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("socket", Status::Grew, 7),
+                ("pipe", Status::New, 1),
+                ("file", Status::Vanished, -2)
+            ]
+        );
+        let text = d.to_text(10);
+        assert!(
+            text.contains("#1 +7 socket fds: 3 -> 10 [leak]\n    __socket at /src/app.c:1\n"),
+            "{text}"
+        );
+        assert!(d.to_json().contains("\"fd_sites\""));
+        // A report without resources (older, or --no-resources) has none.
+        let plain = Snapshot::from_json("plain", &report(3, vec![])).unwrap();
+        assert!(plain.fd_sites.is_empty());
     }
 
     /// The same program twice, at other addresses (ASLR) and another module path.

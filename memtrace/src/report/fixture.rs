@@ -100,6 +100,7 @@ pub fn sample() -> Report {
         freed_sites_left_out: LeftOut::default(),
         cut_short: vec![],
         snapshots: None,
+        resources: None,
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
@@ -531,6 +532,7 @@ pub fn varied(sampling: Sampling) -> Report {
         },
         cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
         snapshots: None,
+        resources: None,
         sites,
     }
 }

@@ -171,6 +171,7 @@ impl<W: Write> ReportWriter<W> {
             freed_sites_left_out,
             cut_short,
             snapshots,
+            resources,
         } = r;
         let w = &mut self.w;
         w.put_str(key!(first "schema"), schema)?;
@@ -203,6 +204,7 @@ impl<W: Write> ReportWriter<W> {
         if let Some(s) = snapshots {
             self.w.put(key!("snapshots"), s)?;
         }
+        self.w.put(key!("resources"), resources)?;
         self.w.write_all(b"}")
     }
 

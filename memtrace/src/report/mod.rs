@@ -11,6 +11,7 @@ mod frames;
 mod json;
 mod pprof;
 mod proto;
+pub mod resources;
 mod text;
 
 pub use flame::write_flame_graph;
@@ -87,6 +88,8 @@ pub struct Report {
     /// What memtrace could not finish, and why (a file the target named that
     /// did not answer, ...): each a sentence. Empty when nothing was cut short.
     pub cut_short: Vec<String>,
+    /// File descriptors (None with `--no-resources`: `null` in the JSON).
+    pub resources: Option<resources::Resources>,
     /// `--snapshot-every`: where the snapshots went and how many were
     /// written so far. None (not in the JSON) without it.
     pub snapshots: Option<SnapshotStats>,

@@ -143,6 +143,9 @@ impl Report {
         self.verdicts_text(&mut o);
         self.sites_text(&mut o, top);
         self.freed_text(&mut o);
+        if let Some(r) = &self.resources {
+            let _ = super::resources::write_text(&mut o, &r.fds, top);
+        }
         o
     }
 

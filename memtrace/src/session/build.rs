@@ -28,6 +28,7 @@ use crate::{
         self, AllocatorInfo, AllocatorModule, AttachTimes, Drops, HistoryPoint, LeftOut,
         MAX_FREED_SITES, ModuleInfo, ProcessReport, ProcessSample, Report, Sampling, Site,
         SnapshotStats, TargetInfo, Timeline, Totals, UntracedEntryPoint, VerdictCounts,
+        resources::Resources,
     },
     symbolize::{Symbolizer, Taken},
 };
@@ -112,6 +113,7 @@ struct Figures {
     sites: Vec<Site>,
     freed_sites: Vec<Site>,
     freed_left_out: LeftOut,
+    resources: Option<Resources>,
 }
 
 /// The longest the report waits for debug info still being loaded in the
@@ -163,6 +165,13 @@ pub(super) fn build_report(
     s.watchdog.doing("reading the final figures");
     let is_final = purpose.is_final();
     let fin = Final::read(opts, at, history, &meta, &mut lap, is_final)?;
+    let resources = match &mut s.fds {
+        Some(fds) => {
+            fds.sample(at, Some(meta.end_ns))?;
+            Some(fds.report(at, meta.end_ns, &opts.verdicts)?)
+        }
+        None => None,
+    };
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
     let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
@@ -190,6 +199,15 @@ pub(super) fn build_report(
                 .map(|(i, c)| (c.sample.stack_id, Which::Freed(i))),
         );
     }
+    if let Some(r) = &resources {
+        shown.extend(
+            r.fds
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, site)| (site.stack_id, Which::Fd(i))),
+        );
+    }
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
@@ -206,6 +224,7 @@ pub(super) fn build_report(
         sites,
         freed_sites,
         freed_left_out,
+        resources,
     };
     if let Purpose::Final(Some(out)) = purpose {
         // The report with frames unnamed, for the watchdog to write should
@@ -243,6 +262,8 @@ pub(super) fn build_report(
 enum Which {
     Site(usize),
     Freed(usize),
+    /// Of `resources.fds.sites`.
+    Fd(usize),
 }
 
 /// Gives the `shown` sites their frames; returns the count of unresolved
@@ -255,18 +276,22 @@ fn fill_frames(
 ) -> Result<BTreeMap<String, u64>> {
     let mut unresolved = BTreeMap::new();
     for &(stack_id, which) in shown {
-        let site = match which {
-            Which::Site(i) => &mut figures.sites[i],
-            Which::Freed(i) => &mut figures.freed_sites[i],
+        let frames = match which {
+            Which::Site(i) => &mut figures.sites[i].frames,
+            Which::Freed(i) => &mut figures.freed_sites[i].frames,
+            Which::Fd(i) => match &mut figures.resources {
+                Some(r) => &mut r.fds.sites[i].frames,
+                None => continue,
+            },
         };
-        site.frames = Default::default();
+        *frames = Default::default();
         let generation = at.collector.stack_generation(stack_id)?;
         let stack = at.collector.stack(stack_id)?;
-        groups.fill(stack, generation, &mut site.frames, &mut unresolved);
+        groups.fill(stack, generation, frames, &mut unresolved);
         if let Some(py) = at.python.as_mut() {
             let words = at.collector.python_frames(stack_id)?;
             if !words.is_empty() {
-                frames::add_python(py, words, &mut site.frames, &mut unresolved);
+                frames::add_python(py, words, frames, &mut unresolved);
             }
         }
     }
@@ -672,6 +697,7 @@ fn assemble(
         freed_sites_left_out: figures.freed_left_out,
         cut_short: meta.cut_short.clone(),
         snapshots: meta.snapshots.clone(),
+        resources: figures.resources,
     }
 }
 

@@ -27,6 +27,7 @@ mod live;
 mod output;
 mod preflight;
 mod progress;
+mod resources;
 mod serve;
 pub mod snapshot;
 mod summary;
@@ -81,6 +82,8 @@ pub struct Options {
     pub map_sizes: MapSizes,
     pub sampling: Sampling,
     pub verdicts: VerdictConfig,
+    /// Trace resources beyond the heap (file descriptors); `--no-resources`.
+    pub resources: bool,
 }
 
 /// The final report's format.
@@ -154,6 +157,8 @@ struct Session {
     capture: capture::Capture,
     /// How long attaching took, step by step.
     attach_times: AttachTimes,
+    /// fd tracing, when on.
+    fds: Option<resources::Fds>,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -186,6 +191,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         opts.map_sizes,
         opts.sampling,
         opts.python_native_frames,
+        opts.resources,
         &steps,
         &mut symbolizer,
     );
@@ -197,7 +203,19 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     log::debug!("attach steps: {attach_times}");
     announce(opts, &at, server.as_ref(), &attach_times);
     let trace_start = Instant::now();
-    let history = History::new(HISTORY_CAPACITY, monotonic_ns(), opts.interval);
+    let start_ns = monotonic_ns();
+    let history = History::new(HISTORY_CAPACITY, start_ns, opts.interval);
+    let fds = if at.fd_tracepoints > 0 {
+        match resources::Fds::start(&at, start_ns, opts.interval) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Session {
         history,
         symbolizer,
@@ -213,6 +231,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         cut_short: Vec::new(),
         capture: Default::default(),
         attach_times,
+        fds,
     })
 }
 

@@ -48,6 +48,8 @@ pub(super) struct Summary {
     rss_bytes: Option<u64>,
     /// Measured cost of scanning one block (0 until measured).
     scan_ns_per_block: f64,
+    /// This interval's fds by kind, when they are traced (`, 12 fds (7 socket, ...)`).
+    pub(super) fds: Option<String>,
 }
 
 /// What one interval read from the kernel and /proc.
@@ -329,7 +331,7 @@ fn print_line(
     let dropped = counters.dropped_events() + counters.stack_errors();
     let process_part = r
         .process
-        .map(|p| process_summary(&p, last.rss_bytes, bytes))
+        .map(|p| process_summary(&p, last.rss_bytes, bytes, last.fds.as_deref()))
         .unwrap_or_default();
     eprintln!(
         "memtrace: {} outstanding {est}{} in {est}{} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
@@ -407,7 +409,8 @@ impl Summary {
 }
 
 /// `; rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
-fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64) -> String {
+/// (`fds`: the fds by kind instead of their count, when they are traced).
+fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds: Option<&str>) -> String {
     let mut s = format!("; rss {} (", format_bytes(p.rss_bytes as i64));
     if let Some(prev) = last_rss {
         let d = p.rss_bytes as i64 - prev as i64;
@@ -427,7 +430,9 @@ fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64) -> String {
         s.push_str(&format!(", heap {}", format_bytes(h as i64)));
     }
     s.push_str(&format!(", vm {}", format_bytes(p.vm_size_bytes as i64)));
-    if let Some(f) = p.fds {
+    if let Some(by_kind) = fds.filter(|f| !f.is_empty()) {
+        s.push_str(by_kind);
+    } else if let Some(f) = p.fds {
         s.push_str(&format!(", {} fds", format_count(f)));
     }
     s.push_str(&format!(

@@ -48,6 +48,50 @@ pub(super) struct Attached {
     pub(super) unmaps_read: Generation,
     /// The target's CPython, whose frames the stacks hold.
     pub(super) python: Option<PythonResolver>,
+    /// The fd tracepoints attached (0: fds are not traced).
+    pub(super) fd_tracepoints: usize,
+    /// The target's fds once the fd tracepoints were in, before it ran on:
+    /// those not traced existed at attach.
+    pub(super) fds_at_attach: FdsAtAttach,
+}
+
+/// The target's fds (`/proc/PID/fd` links) and the traced ones, when fd
+/// tracing began, and when that was (CLOCK_MONOTONIC ns).
+#[derive(Default)]
+pub(super) struct FdsAtAttach {
+    pub(super) links: std::collections::BTreeMap<u32, String>,
+    pub(super) traced: Vec<crate::kernel::resources::TracedFd>,
+    pub(super) at_ns: u64,
+}
+
+impl FdsAtAttach {
+    fn read(pid: u32, maps: &TraceMaps, fd_tracepoints: usize) -> Self {
+        if fd_tracepoints == 0 {
+            return Self::default();
+        }
+        FdsAtAttach {
+            links: crate::process::fds::fd_links(pid).unwrap_or_default(),
+            traced: maps.fds.open_fds().unwrap_or_default(),
+            at_ns: crate::kernel::collect::monotonic_ns(),
+        }
+    }
+}
+
+/// Starts tracing fds (`resources`), before the program runs on in launch
+/// mode; a failure costs the resources part of the report, not the run.
+fn trace_fds(probes: &mut Probes, resources: bool, steps: &Arc<Steps>) -> usize {
+    if !resources {
+        return 0;
+    }
+    match steps.time("fd_tracepoints", "attaching fd tracepoints", || {
+        probes.attach_fd_tracing()
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+            0
+        }
+    }
 }
 
 impl Attached {
@@ -176,16 +220,23 @@ pub(super) fn attach(
     sizes: MapSizes,
     sampling: Sampling,
     keep_native: bool,
+    resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
     // Needed when the maps are created; read meanwhile.
     crate::kernel::btf_facts::read_ahead();
     let at = match target {
-        Target::Attach(pid) => {
-            attach_existing(*pid, sizes, sampling, keep_native, steps, symbolizer)
-        }
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native, steps),
+        Target::Attach(pid) => attach_existing(
+            *pid,
+            sizes,
+            sampling,
+            keep_native,
+            resources,
+            steps,
+            symbolizer,
+        ),
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native, resources, steps),
     }?;
     if at.launched {
         preload_debug_info(
@@ -305,6 +356,7 @@ fn attach_existing(
     sizes: MapSizes,
     sampling: Sampling,
     keep_native: bool,
+    resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
@@ -346,6 +398,8 @@ fn attach_existing(
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
     watch_unmaps(&mut probes);
+    let fd_tracepoints = trace_fds(&mut probes, resources, steps);
+    let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
@@ -371,6 +425,8 @@ fn attach_existing(
         tables,
         unmaps_read: 0,
         python,
+        fd_tracepoints,
+        fds_at_attach,
     })
 }
 
@@ -398,6 +454,7 @@ fn launch_new(
     sizes: MapSizes,
     sampling: Sampling,
     keep_native: bool,
+    resources: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
     let launching = steps.start("launch", "starting the command");
@@ -413,9 +470,10 @@ fn launch_new(
             probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)
         })?;
         watch_unmaps(&mut probes);
-        Ok((probes, maps))
+        let fd_tracepoints = trace_fds(&mut probes, resources, steps);
+        Ok((probes, maps, fd_tracepoints))
     });
-    let (mut probes, mut trace_maps) = match loaded {
+    let (mut probes, mut trace_maps, fd_tracepoints) = match loaded {
         Ok(v) => v,
         Err(e) => {
             child.abandon();
@@ -458,6 +516,7 @@ fn launch_new(
     });
     let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
     note_pymalloc(pid, python.as_ref(), &mut allocators);
+    let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -473,6 +532,8 @@ fn launch_new(
         tables,
         unmaps_read: 0,
         python,
+        fd_tracepoints,
+        fds_at_attach,
     })
 }
 

@@ -205,6 +205,12 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             schedule.next_summary += opts.interval;
             s.watchdog.doing("making the live summary");
             crate::knobs::debug_stall("summary");
+            if let Some(fds) = &mut s.fds
+                && let Err(e) = fds.sample(&s.at, None)
+            {
+                log::warn!("reading the target's fds failed: {e:#}");
+            }
+            last.fds = s.fds.as_ref().map(|f| f.live_part());
             let work = summary::live_summary(
                 &mut s.at,
                 &mut s.symbolizer,

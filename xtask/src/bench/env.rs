@@ -88,6 +88,7 @@ impl Env {
             || opts.attach_reps > 0
             || opts.snapshot_intervals > 0
             || opts.export_reps > 0
+            || opts.fd_reps > 0
             || opts.symbolize;
         let (memtrace, memtrace_version) = if wants_memtrace {
             let bin = opts.memtrace.clone().unwrap_or_else(build::memtrace_bin);

@@ -29,8 +29,8 @@
 //! After the overhead runs come the report at scale ([`scale`]),
 //! symbolization against addr2line ([`symbolize`]), a real server,
 //! redis-server on jemalloc ([`redis`]), the workload on each allocator
-//! ([`allocators`]), Python services ([`python`]), and the time to attach
-//! ([`attach`]).
+//! ([`allocators`]), Python services ([`python`]), the time to attach
+//! ([`attach`]), and what fd tracking costs ([`fds`]).
 //!
 //! This module runs those steps in order; the parts live in:
 //! - [`options`]: the command line, the configs and the matrix of cells;
@@ -58,6 +58,7 @@ mod continuous;
 mod document;
 mod env;
 mod exports;
+mod fds;
 mod fmt;
 mod json;
 mod markdown;
@@ -140,6 +141,7 @@ struct Extra {
     attach: Option<Result<attach::Attach>>,
     continuous: Option<Result<continuous::Continuous>>,
     exports: Option<Result<exports::Exports>>,
+    fds: Option<Result<fds::Fds>>,
 }
 
 impl Extra {
@@ -203,6 +205,13 @@ impl Extra {
             }
             _ => None,
         };
+        let fds = match (&env.memtrace, opts.fd_reps) {
+            (Some(bin), n) if n > 0 => {
+                eprintln!("bench: fd tracking ({n} rep(s))");
+                Some(fds::run(env, bin, n, opts.seed).context("the fd-tracking figure"))
+            }
+            _ => None,
+        };
         Extra {
             scale,
             symbolize,
@@ -212,6 +221,7 @@ impl Extra {
             attach,
             continuous,
             exports,
+            fds,
         }
     }
 }
@@ -324,6 +334,18 @@ fn results_md(report: &Report, extra: &Extra) -> String {
             targets.push(format!("--listen: not measured ({e:#})"));
         }
         None => targets.push("--listen: not measured (skipped)".into()),
+    }
+    match &extra.fds {
+        Some(Ok(f)) => {
+            text.push('\n');
+            text.push_str(&f.markdown());
+            targets.extend(f.targets());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(text, "\n## File descriptors\n\nnot measured: {e:#}");
+            targets.push(format!("fd tracking: not measured ({e:#})"));
+        }
+        None => targets.push("fd tracking: not measured (skipped)".into()),
     }
     let mut results = String::new();
     let _ = writeln!(results, "## Targets\n");

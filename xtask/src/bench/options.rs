@@ -73,6 +73,9 @@ options:
                        continuous mode: memtrace's RSS over N snapshot intervals
                        of 100 ms (JSON and pprof each) against a churning
                        fixture (0: skip) [3000]
+  --fd-reps N          repetitions of the fd-tracking figure: an open+close and a
+                       malloc+free pair untraced, under memtrace and under
+                       memtrace --no-resources (0: skip) [5]
   --write-benchmarks   also write BENCHMARKS.md at the repository root (machine,
                        caveats, methodology, the options used, all tables)
   --quick              2 reps, 20000 traced / 2000000 untraced pairs, and unless
@@ -369,6 +372,7 @@ pub(super) struct Options {
     pub(super) attach_reps: usize,
     pub(super) snapshot_intervals: u64,
     pub(super) export_reps: usize,
+    pub(super) fd_reps: usize,
     pub(super) symbolize: bool,
     pub(super) write_benchmarks: bool,
     pub(super) quick: bool,
@@ -417,6 +421,7 @@ struct Given {
     attach_reps: Option<usize>,
     snapshot_intervals: Option<u64>,
     export_reps: Option<usize>,
+    fd_reps: Option<usize>,
     no_symbolize: bool,
     write_benchmarks: bool,
     quick: bool,
@@ -450,6 +455,7 @@ impl Given {
             "--attach-reps" => self.attach_reps = Some(parse_num(name, &value()?)? as usize),
             "--snapshot-intervals" => self.snapshot_intervals = Some(parse_num(name, &value()?)?),
             "--export-reps" => self.export_reps = Some(parse_num(name, &value()?)? as usize),
+            "--fd-reps" => self.fd_reps = Some(parse_num(name, &value()?)? as usize),
             "--no-symbolize" => self.no_symbolize = true,
             "--write-benchmarks" => self.write_benchmarks = true,
             "--quick" => self.quick = true,
@@ -508,6 +514,7 @@ impl Given {
                 .snapshot_intervals
                 .unwrap_or(if quick { 200 } else { 3000 }),
             export_reps: self.export_reps.unwrap_or(if quick { 1 } else { 5 }),
+            fd_reps: self.fd_reps.unwrap_or(if quick { 2 } else { 5 }),
             symbolize: !self.no_symbolize,
             write_benchmarks: self.write_benchmarks,
             quick,

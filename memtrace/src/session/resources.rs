@@ -1,0 +1,362 @@
+//! File descriptors in a session: the fds that existed at attach, a scan
+//! and a history sample every interval (the kernel's traced fds reconciled
+//! with /proc/PID/fd), the report's `resources` part at the end.
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::Result;
+use memtrace_common::{
+    NO_STACK, STACK_FP_ONLY,
+    resources::{FdCounter, FdOrigin},
+};
+
+use super::frames::truncated_reason;
+use super::target::Attached;
+use crate::{
+    analyze::{
+        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, VerdictConfig,
+        fds::{ByKind, FdLedger, FdSiteIds, UntracedFd},
+    },
+    kernel::{collect::monotonic_ns, resources::TracedFd, sampling::Sampling},
+    process::fds::{fd_kind, fd_links, socket_descriptions, socket_inode},
+    report::resources::{
+        FdHistoryPoint, FdInfo, FdReport, FdSite, FdTrend, KindCount, MAX_LISTED_FDS,
+        Reconciliation, Resources, Untraced, UntracedKind,
+    },
+    report::{Frames, VerdictCounts},
+};
+
+/// fd tracing's state across the run.
+pub(super) struct Fds {
+    ledger: FdLedger,
+    ids: FdSiteIds,
+    history: History,
+    /// History site id → (stack id, origin).
+    keys: HashMap<u64, (u64, u16)>,
+    /// The traced fds open at the last read, and their sites then.
+    last: Vec<TracedFd>,
+    blocks: rustc_hash::FxHashMap<u64, SiteBlocks>,
+    /// Every fd open at the last /proc read, by kind.
+    pub(super) open_by_kind: ByKind,
+    open: Option<u64>,
+    /// What each socket is (by inode), as last read while the target ran.
+    sockets: HashMap<u64, String>,
+}
+
+impl Fds {
+    /// Right after the fd tracepoints went in: the fds open then that no
+    /// traced syscall made existed at attach.
+    pub(super) fn start(at: &Attached, start_ns: u64, interval: Duration) -> Result<Self> {
+        let first = &at.fds_at_attach;
+        let (proc, traced) = (&first.links, first.traced.clone());
+        let ledger = FdLedger::new(at.collector.maps.fds.capacity(), first.at_ns, proc, &traced);
+        Ok(Fds {
+            ledger,
+            ids: FdSiteIds::default(),
+            history: History::new(HISTORY_CAPACITY, start_ns, interval),
+            keys: HashMap::new(),
+            last: traced,
+            blocks: Default::default(),
+            open_by_kind: by_kind(proc),
+            open: Some(proc.len() as u64),
+            sockets: HashMap::new(),
+        })
+    }
+
+    /// One interval (`last`: the end of tracing at `end_ns`, always
+    /// recorded): reads the traced fds around /proc/PID/fd, reconciles,
+    /// records the history.
+    pub(super) fn sample(&mut self, at: &Attached, last: Option<u64>) -> Result<()> {
+        let now_ns = last.unwrap_or_else(monotonic_ns);
+        let before = at.collector.maps.fds.open_fds()?;
+        let proc = fd_links(at.pid);
+        let after = at.collector.maps.fds.open_fds()?;
+        if let Some(proc) = &proc {
+            self.ledger.scan(now_ns, &before, proc, &after);
+            self.open_by_kind = by_kind(proc);
+            self.open = Some(proc.len() as u64);
+            if proc.values().any(|l| l.starts_with("socket:")) {
+                // Kept: the target may be gone by the report.
+                self.sockets.extend(socket_descriptions(at.pid));
+            }
+        }
+        let mut g = BlockGrouper::new(now_ns, 0, Sampling::Exact);
+        for t in self.ledger.open(&after) {
+            let id = self.ids.id(t.slot.stack_id, t.slot.origin);
+            self.keys.insert(id, (t.slot.stack_id, t.slot.origin));
+            g.add(id, t.slot.born_ns, 1);
+        }
+        let blocks = g.finish();
+        let mut sites: Vec<(u64, i64, i64)> = self
+            .keys
+            .keys()
+            .map(|id| {
+                let n = blocks.get(id).map_or(0, |b| b.blocks as i64);
+                (*id, n, n)
+            })
+            .collect();
+        sites.sort_unstable();
+        if last.is_some() {
+            self.history
+                .record_final(now_ns, &sites, SampleAges::Blocks(&blocks), None);
+        } else if self.history.tick() {
+            self.history
+                .record(now_ns, &sites, SampleAges::Blocks(&blocks), None);
+        }
+        self.last = after;
+        self.blocks = blocks;
+        Ok(())
+    }
+
+    /// `; fds 12 (7 socket, 3 file, 2 pipe)` for the live line.
+    pub(super) fn live_part(&self) -> String {
+        let Some(open) = self.open else {
+            return String::new();
+        };
+        let mut kinds: Vec<(&&str, &u64)> = self.open_by_kind.iter().collect();
+        kinds.sort_by_key(|(k, n)| (std::cmp::Reverse(**n), **k));
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!(", {open} fds ({})", kinds.join(", "))
+    }
+
+    /// The report's `resources` part (its sites' frames not filled in).
+    pub(super) fn report(
+        &self,
+        at: &mut Attached,
+        end_ns: u64,
+        vcfg: &VerdictConfig,
+    ) -> Result<Resources> {
+        let counters = at.collector.maps.fds.counters()?;
+        let created = at.collector.maps.fds.site_created();
+        let sockets = &self.sockets;
+        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
+        // The fds of each site, oldest first.
+        let mut by_site: BTreeMap<u64, Vec<&TracedFd>> = BTreeMap::new();
+        for t in self.ledger.open(&self.last) {
+            let id = self.ids.get(t.slot.stack_id, t.slot.origin).unwrap_or(0);
+            by_site.entry(id).or_default().push(t);
+        }
+        let mut sites = Vec::new();
+        for (id, mut fds) in by_site {
+            fds.sort_by_key(|t| (t.slot.born_ns, t.fd));
+            let (stack_id, origin) = self.keys[&id];
+            let infos: Vec<FdInfo> = fds
+                .iter()
+                .map(|t| {
+                    let target = self.ledger.link(t).map(String::from);
+                    FdInfo {
+                        fd: t.fd,
+                        kind: self.ledger.kind_of(t.fd, &t.slot).to_string(),
+                        peer: target
+                            .as_deref()
+                            .and_then(socket_inode)
+                            .and_then(|i| sockets.get(&i).cloned()),
+                        target,
+                        age_s: age(t.slot.born_ns),
+                    }
+                })
+                .collect();
+            let end = self.blocks.get(&id);
+            let (verdict, trend, history) = self.assess(id, end, vcfg);
+            let flags = at.collector.stack_flags(stack_id)?;
+            sites.push(FdSite {
+                kind: common(infos.iter().map(|i| i.kind.clone()))
+                    .unwrap_or_else(|| "mixed".to_string()),
+                origin: origin_name(origin),
+                // Of the fds whose link a scan read (those made since the
+                // last scan before the target exited have none).
+                description: common(
+                    infos
+                        .iter()
+                        .filter_map(|i| i.peer.clone().or(i.target.clone())),
+                ),
+                outstanding: fds.len() as u64,
+                created: created.get(&(stack_id, origin)).copied().unwrap_or(0),
+                bytes: None,
+                oldest_age_s: fds.first().map(|t| age(t.slot.born_ns)),
+                median_age_s: end.and_then(SiteBlocks::median_birth_ns).map(age),
+                verdict,
+                growth_per_s: trend.growth_per_s,
+                stack_captured: stack_id != NO_STACK,
+                stack_walk: if flags & STACK_FP_ONLY != 0 {
+                    "frame-pointers"
+                } else {
+                    "unwind-tables"
+                },
+                truncated: truncated_reason(flags).is_some(),
+                frames: Frames::default(),
+                trend,
+                history,
+                fds: infos.into_iter().take(MAX_LISTED_FDS).collect(),
+                stack_id,
+            });
+        }
+        sites.sort_by(|a, b| {
+            b.outstanding
+                .cmp(&a.outstanding)
+                .then(a.kind.cmp(&b.kind))
+                .then(a.created.cmp(&b.created))
+        });
+        let mut verdicts = VerdictCounts::default();
+        for s in &sites {
+            *match s.verdict {
+                analyze::Verdict::Leak => &mut verdicts.leak,
+                analyze::Verdict::Growing => &mut verdicts.growing,
+                analyze::Verdict::Stable => &mut verdicts.stable,
+                analyze::Verdict::Transient => &mut verdicts.transient,
+                analyze::Verdict::Unknown => &mut verdicts.unknown,
+            } += 1;
+        }
+        let l = &self.ledger;
+        Ok(Resources {
+            fds: FdReport {
+                slots: at.collector.maps.fds.capacity(),
+                open: self.open,
+                by_kind: self.kinds(&created),
+                existed_at_attach: untraced(
+                    &l.existed_at_attach,
+                    &l.existed_released,
+                    l.existed(),
+                    sockets,
+                    end_ns,
+                ),
+                appeared_untraced: untraced(
+                    &l.corrections.appeared_untraced,
+                    &l.appeared_released,
+                    l.appeared(),
+                    sockets,
+                    end_ns,
+                ),
+                reconciliation: Reconciliation {
+                    scans: l.corrections.scans,
+                    appeared_untraced: l.corrections.appeared_untraced.clone(),
+                    vanished: l.corrections.vanished.clone(),
+                },
+                events: FdCounter::ALL
+                    .iter()
+                    .map(|&c| (c.name(), counters.get(c)))
+                    .collect(),
+                verdicts,
+                sites,
+            },
+        })
+    }
+
+    /// Per kind: open at the end (every fd), of them traced, and created.
+    fn kinds(&self, created: &HashMap<(u64, u16), u64>) -> Vec<KindCount> {
+        let mut kinds: BTreeMap<String, KindCount> = BTreeMap::new();
+        for (k, n) in &self.open_by_kind {
+            kinds.entry(k.to_string()).or_default().open = *n;
+        }
+        for t in self.ledger.open(&self.last) {
+            kinds
+                .entry(self.ledger.kind_of(t.fd, &t.slot).to_string())
+                .or_default()
+                .traced += 1;
+        }
+        for (&(_, origin), n) in created {
+            let kind = FdOrigin::try_from(origin)
+                .ok()
+                .and_then(FdOrigin::kind)
+                .unwrap_or("other");
+            kinds.entry(kind.to_string()).or_default().created += n;
+        }
+        let mut v: Vec<KindCount> = kinds
+            .into_iter()
+            .map(|(kind, c)| KindCount { kind, ..c })
+            .collect();
+        v.sort_by(|a, b| b.open.cmp(&a.open).then(a.kind.cmp(&b.kind)));
+        v
+    }
+
+    /// A site's verdict, trend and history (in fds).
+    fn assess(
+        &self,
+        id: u64,
+        end: Option<&SiteBlocks>,
+        vcfg: &VerdictConfig,
+    ) -> (analyze::Verdict, FdTrend, Vec<FdHistoryPoint>) {
+        let Some(h) = self.history.site(id) else {
+            return (analyze::Verdict::Unknown, Default::default(), Vec::new());
+        };
+        let a = analyze::assess(h.times, h.points, end, vcfg);
+        let start = self.history.start_ns();
+        let points = h
+            .times
+            .iter()
+            .zip(h.points)
+            .map(|(&t, p)| FdHistoryPoint {
+                t_s: t.saturating_sub(start) as f64 / 1e9,
+                outstanding: p.blocks,
+                oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
+            })
+            .collect();
+        (a.verdict, a.trend.into(), points)
+    }
+}
+
+/// The one value every item has, if they agree (None for no items).
+fn common<T: PartialEq>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let first = items.next()?;
+    items.all(|i| i == first).then_some(first)
+}
+
+fn by_kind(proc: &BTreeMap<u32, String>) -> ByKind {
+    let mut k = ByKind::new();
+    for link in proc.values() {
+        *k.entry(fd_kind(link)).or_default() += 1;
+    }
+    k
+}
+
+fn origin_name(origin: u16) -> &'static str {
+    match FdOrigin::try_from(origin) {
+        Ok(FdOrigin::Open) => "open",
+        Ok(FdOrigin::Socket) => "socket",
+        Ok(FdOrigin::Accept) => "accept",
+        Ok(FdOrigin::SocketPair) => "socketpair",
+        Ok(FdOrigin::Pipe) => "pipe",
+        Ok(FdOrigin::Dup) => "dup",
+        Ok(FdOrigin::EventFd) => "eventfd",
+        Ok(FdOrigin::Epoll) => "epoll_create",
+        Ok(FdOrigin::TimerFd) => "timerfd_create",
+        Ok(FdOrigin::SignalFd) => "signalfd",
+        Ok(FdOrigin::MemFd) => "memfd_create",
+        Ok(FdOrigin::Inotify) => "inotify_init",
+        Ok(FdOrigin::PidFd) => "pidfd_open",
+        Ok(FdOrigin::Other) | Err(_) => "other",
+    }
+}
+
+/// fds with no stack: counts by kind, and those still open.
+fn untraced(
+    seen: &ByKind,
+    released: &ByKind,
+    open: &BTreeMap<u32, UntracedFd>,
+    sockets: &HashMap<u64, String>,
+    end_ns: u64,
+) -> Untraced {
+    let mut by_kind: BTreeMap<&'static str, UntracedKind> = BTreeMap::new();
+    for (k, n) in seen {
+        by_kind.entry(k).or_default().fds = *n;
+    }
+    for (k, n) in released {
+        by_kind.entry(k).or_default().released = *n;
+    }
+    Untraced {
+        fds: seen.values().sum(),
+        released: released.values().sum(),
+        by_kind,
+        open: open
+            .iter()
+            .take(MAX_LISTED_FDS)
+            .map(|(&fd, u)| FdInfo {
+                fd,
+                kind: u.kind.to_string(),
+                target: Some(u.link.clone()),
+                peer: socket_inode(&u.link).and_then(|i| sockets.get(&i).cloned()),
+                age_s: end_ns.saturating_sub(u.seen_ns) as f64 / 1e9,
+            })
+            .collect(),
+    }
+}
