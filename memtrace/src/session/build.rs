@@ -7,14 +7,14 @@ use std::{
 };
 
 use anyhow::Result;
-use memtrace_common::{NO_STACK, STACK_FP_ONLY, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT};
+use memtrace_common::{NO_STACK, STACK_PYTHON_FOLDED, STACK_PYTHON_SHIFT};
 // Keyed by stack ids: a fast hasher (SipHash showed in profiles at 10,000 sites).
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     Format, Options, Session,
     ages::{REPORT_SCAN_MAX_BLOCKS, blocks_in_map, scan_every_block, site_blocks, site_tuples},
-    frames::{self, AddressFrames, truncated_reason},
+    frames::{self, AddressFrames, stack_walk, truncated_reason},
     target::Attached,
     watch::Signals,
     watchdog::Fallback,
@@ -467,11 +467,7 @@ fn site(
         verdict,
         growth_bytes_per_s: trend.growth_bytes_per_s,
         stack_captured: stack_id != NO_STACK,
-        stack_walk: if flags & STACK_FP_ONLY != 0 {
-            "frame-pointers"
-        } else {
-            "unwind-tables"
-        },
+        stack_walk: stack_walk(flags),
         truncated: truncated_reason(flags).is_some(),
         truncated_reason: truncated_reason(flags),
         native_frames_folded: (flags >> STACK_PYTHON_SHIFT & 0xff != 0)

@@ -245,6 +245,16 @@ impl KeepAboveEntry {
     }
 }
 
+/// How a stack with `STACK_*` bits `flags` was walked (a site's
+/// `stack_walk` in the report).
+pub(super) fn stack_walk(flags: u32) -> &'static str {
+    if flags & memtrace_common::STACK_FP_ONLY != 0 {
+        "frame-pointers"
+    } else {
+        "unwind-tables"
+    }
+}
+
 /// Why a walk stopped early, from its `STACK_TRUNCATED_*` bits.
 pub(super) fn truncated_reason(flags: u32) -> Option<&'static str> {
     use memtrace_common::{

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use memtrace_common::{
-    NO_STACK, STACK_FP_ONLY,
+    NO_STACK,
     resources::{FdCounter, FdOrigin},
 };
 
-use super::frames::truncated_reason;
+use super::frames::{stack_walk, truncated_reason};
 use super::target::Attached;
 use crate::{
     analyze::{
@@ -178,11 +178,7 @@ impl Fds {
                 verdict,
                 growth_per_s: trend.growth_per_s,
                 stack_captured: stack_id != NO_STACK,
-                stack_walk: if flags & STACK_FP_ONLY != 0 {
-                    "frame-pointers"
-                } else {
-                    "unwind-tables"
-                },
+                stack_walk: stack_walk(flags),
                 truncated: truncated_reason(flags).is_some(),
                 frames: Frames::default(),
                 trend,
