@@ -212,3 +212,137 @@ fn a_call_that_should_not_return_is_counted_and_still_recorded() {
     assert_eq!(site_list(r), site_list(&entry.report));
     assert_eq!(u64_field(&entry.report.0["drops"], "unforeseen_returns"), 0);
 }
+
+/// Another tool's uprobe (here bpftrace's, on every process) puts an `int3`
+/// at glibc's `malloc+0` and `free+0` in every mapping of libc that may run
+/// code, a reader's read-only mapping included. memtrace decodes the code
+/// from a mapping the kernel leaves breakpoints out of: its plan (result
+/// sites, entry covers) and its counts are the same with the other tool's
+/// probes as without. (Before, it decoded `malloc+0x0 (int3)` and planned no
+/// result sites.)
+#[test]
+fn another_tools_uprobes_do_not_change_the_plan() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("result_sites", Variant::FramePointers);
+    let plan = |r: &Report| {
+        (
+            r.0["allocator"]["probe_sites"].clone(),
+            r.0["allocator"]["result_sites"].clone(),
+        )
+    };
+    let alone = run_launch(&[], &[bin.to_str().unwrap()]);
+    alone.assert_exit(0);
+    check_leaks(&alone.report);
+
+    let libc = alone.report.0["allocator"]["module"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(libc.contains("libc.so"), "traced allocator: {libc}");
+    let tool = GlobalUprobes::start(&libc, &["malloc", "free"]);
+    let with = run_launch(&[], &[bin.to_str().unwrap()]);
+    with.assert_exit(0);
+    assert!(tool.still_installed(), "the other tool's probes went away");
+    drop(tool);
+    check_leaks(&with.report);
+    assert_eq!(plan(&with.report), plan(&alone.report));
+    let (probe_sites, result_sites) = plan(&with.report);
+    assert!(
+        result_sites.as_array().is_some_and(|a| a
+            .iter()
+            .any(|s| s.as_str().is_some_and(|s| s.starts_with("malloc+")))),
+        "{result_sites}"
+    );
+    assert!(
+        !probe_sites.to_string().contains("int3"),
+        "decoded another tool's breakpoint: {probe_sites}"
+    );
+    for key in ["alloc_calls", "free_calls", "outstanding_blocks"] {
+        assert_eq!(with.report.total(key), alone.report.total(key), "{key}");
+    }
+}
+
+/// bpftrace with a uprobe on each of `functions` of `lib` in every process,
+/// running until dropped, with the breakpoints in place once started.
+struct GlobalUprobes {
+    child: std::process::Child,
+    /// Where the first function's first byte is in a read-only mapping of
+    /// `lib` made here: `int3` while the probe is in.
+    probe_byte: *const u8,
+}
+
+impl GlobalUprobes {
+    fn start(lib: &str, functions: &[&str]) -> GlobalUprobes {
+        let script: String = functions
+            .iter()
+            .map(|f| format!("uprobe:{lib}:{f} {{ }} "))
+            .collect();
+        let child = std::process::Command::new("bpftrace")
+            .args(["-e", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("bpftrace, to put another tool's uprobes on libc");
+        let probe_byte = first_byte_mapped(lib, functions[0]);
+        let tool = GlobalUprobes { child, probe_byte };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !tool.still_installed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bpftrace's uprobe never showed in {lib}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        tool
+    }
+
+    fn still_installed(&self) -> bool {
+        // SAFETY: a byte of a live read-only mapping (never unmapped: the
+        // test process ends soon after).
+        unsafe { std::ptr::read_volatile(self.probe_byte) == 0xcc }
+    }
+}
+
+impl Drop for GlobalUprobes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first byte of `function` in a read-only private mapping of `lib`
+/// (one the kernel puts other tools' uprobes in).
+fn first_byte_mapped(lib: &str, function: &str) -> *const u8 {
+    use object::{Object, ObjectSegment, ObjectSymbol};
+    let data = std::fs::read(lib).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    let vaddr = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(function))
+        .unwrap_or_else(|| panic!("{function} not in {lib}"))
+        .address();
+    let offset = elf
+        .segments()
+        .find_map(|s| {
+            let (off, size) = s.file_range();
+            (vaddr >= s.address() && vaddr < s.address() + size).then(|| vaddr - s.address() + off)
+        })
+        .unwrap();
+    let file = std::fs::File::open(lib).unwrap();
+    // SAFETY: a new read-only private mapping of a whole file, never unmapped.
+    let p = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `offset` lies inside the file, so inside the mapping.
+    unsafe { p.cast::<u8>().add(offset as usize) }
+}

@@ -983,8 +983,10 @@ fn map_modules<'m>(
             path: path.display().to_string(),
             source: e.into(),
         })?;
-        // A file the target names: mapped so that a truncation reads as zeros.
-        match MappedFile::map(&file) {
+        // A file the target names: mapped so that a truncation reads as zeros,
+        // and so that another tool's uprobe does not show in the code decoded
+        // from it.
+        match MappedFile::map_unprobed(&file) {
             Ok(data) => out.push(Mapped {
                 entry: m,
                 open_path: path,

@@ -19,8 +19,15 @@ use std::{
 
 /// A read-only, private mapping of a whole file, guarded against truncation.
 pub struct MappedFile {
-    map: memmap2::Mmap,
+    map: Map,
     slot: Option<usize>,
+}
+
+enum Map {
+    ReadOnly(memmap2::Mmap),
+    /// Writable so that no uprobe is put in it, never written (see
+    /// [`MappedFile::map_unprobed`]).
+    Unprobed(memmap2::MmapMut),
 }
 
 impl MappedFile {
@@ -35,9 +42,46 @@ impl MappedFile {
         // the mapping is registered below, before any byte is read. (Private:
         // FUSE refuses a shared mapping of a file opened for direct I/O.)
         let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(file) }?;
-        let slot = match map.len() {
+        Self::guard(Map::ReadOnly(map))
+    }
+
+    /// Maps `file` for decoding its code: the bytes of the file, never a
+    /// breakpoint another tool's uprobe put there.
+    ///
+    /// A uprobe belongs to the file, and the kernel writes its `int3` into
+    /// every mapping of the file that could run code: each process's private
+    /// copy of the page, and that includes a reader's read-only mapping
+    /// (`valid_vma` in kernel/events/uprobes.c takes any file mapping that
+    /// may be made executable and is not writable). So with another tool's
+    /// global uprobe on `malloc`, a read-only mapping shows `int3` at
+    /// `malloc+0`, and the plan decoded from it differs (no result sites,
+    /// no entry cover). A private mapping that is writable is never given a
+    /// breakpoint, and as long as nothing writes it, its pages are the page
+    /// cache's, which the kernel never changes for a uprobe (it copies the
+    /// page into the probed process): what `pread` reads, without the copy
+    /// (checked on Linux 6.18 with a bpftrace uprobe on libc's `malloc`:
+    /// read-only mapping `cc`, writable mapping and `pread` `41`). Nothing
+    /// writes it: it is only handed out as `&[u8]`. `MAP_NORESERVE`: no
+    /// swap is reserved for pages never written.
+    pub fn map_unprobed(file: &File) -> io::Result<Self> {
+        install_handler();
+        // SAFETY: as in `map`; the mapping is writable only so that the kernel
+        // leaves uprobes out of it, and is only ever read through `Deref`.
+        // (Not made read-only afterwards: a uprobe registered later would
+        // then be written into it.)
+        let map = unsafe { memmap2::MmapOptions::new().no_reserve_swap().map_copy(file) }?;
+        Self::guard(Map::Unprobed(map))
+    }
+
+    /// Registers `map` for the SIGBUS handler.
+    fn guard(map: Map) -> io::Result<Self> {
+        let bytes: &[u8] = match &map {
+            Map::ReadOnly(m) => m,
+            Map::Unprobed(m) => m,
+        };
+        let slot = match bytes.len() {
             0 => None,
-            len => Some(register(map.as_ptr() as usize, len)?),
+            len => Some(register(bytes.as_ptr() as usize, len)?),
         };
         Ok(MappedFile { map, slot })
     }
@@ -47,7 +91,10 @@ impl std::ops::Deref for MappedFile {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.map
+        match &self.map {
+            Map::ReadOnly(m) => m,
+            Map::Unprobed(m) => m,
+        }
     }
 }
 
