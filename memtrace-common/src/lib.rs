@@ -638,7 +638,9 @@ impl ArgLayout {
 // Each probe of the session and result-site links carries a 64-bit attach
 // cookie: the site's address (or a result site's index) << 8, and in the low
 // byte what the probe is (an `AllocKind`, a `MarkKind`, `SITE_RESULT`) with,
-// for an allocating function's entry, two flags. [`SiteCookie`] makes and
+// for an allocating function's entry, two flags and, from bit 40, where its
+// arguments are at that site (the address keeps its low 32 bits, which are
+// only for reading logs). [`SiteCookie`] makes and
 // reads them; the masks are what it is made of.
 
 /// In the attach cookie of an allocating function's uprobe session (its
@@ -677,6 +679,55 @@ codes! {
     }
 }
 
+/// An allocating function's entry cookie holds its [`ArgRegs`] from this bit
+/// on (24 bits; the site's address below keeps its low 32 bits).
+pub const SITE_ARG_REGS_SHIFT: u32 = 40;
+
+/// Where an allocating function's arguments are at one of its entry probe
+/// sites: nibble `i` for ABI argument `i` (rdi, rsi, rdx, rcx, r8, r9), 0
+/// when it is in its own register, else the [`PtReg`] holding it + 1. All 0
+/// at the entry; not at an entry-cover site reached after the function moved
+/// an argument (mimalloc's `malloc` copies the size to rsi and loads its heap
+/// into rdi before its first branch). Decided from the code by the cover
+/// analysis (memtrace/src/attach/exits/cover.rs), never guessed. Registers
+/// only: a cover site never follows a stack access.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArgRegs(pub u32);
+
+impl ArgRegs {
+    /// Every argument in its own register.
+    pub const AT_ENTRY: ArgRegs = ArgRegs(0);
+    /// The [`PtReg`] of each ABI argument register, in order.
+    pub const ABI: [PtReg; 6] = [
+        PtReg::Rdi,
+        PtReg::Rsi,
+        PtReg::Rdx,
+        PtReg::Rcx,
+        PtReg::R8,
+        PtReg::R9,
+    ];
+
+    /// These, with argument `arg` in `reg`.
+    pub const fn with(self, arg: usize, reg: PtReg) -> Self {
+        let shift = 4 * arg as u32;
+        let nibble = if reg as u8 == Self::ABI[arg] as u8 {
+            0
+        } else {
+            reg as u32 + 1
+        };
+        ArgRegs(self.0 & !(0xf << shift) | nibble << shift)
+    }
+
+    /// The [`PtReg`] index of the register holding argument `arg` (< 6).
+    #[inline(always)]
+    pub const fn reg(self, arg: usize) -> u8 {
+        match (self.0 >> (4 * arg as u32)) & 0xf {
+            0 => Self::ABI[arg] as u8,
+            n => (n - 1) as u8,
+        }
+    }
+}
+
 /// Attach cookie tag of a result site (`index << 8 | SITE_RESULT`): a probe
 /// inside an allocating function where its outcome is known, configured by
 /// entry `index` of `RESULT_SITES` (see memtrace/src/attach/exits/).
@@ -690,7 +741,8 @@ pub struct SiteCookie(pub u64);
 
 impl SiteCookie {
     /// An allocating function's entry at `addr`, of `kind`, with its flags
-    /// (`SITE_CALL_IN_COOKIE`, `SITE_UNSAMPLED_PENDING`).
+    /// (`SITE_CALL_IN_COOKIE`, `SITE_UNSAMPLED_PENDING`), its arguments in
+    /// their own registers (see [`Self::with_args`]).
     #[inline(always)]
     pub const fn entry(
         addr: u64,
@@ -698,7 +750,8 @@ impl SiteCookie {
         call_in_cookie: bool,
         unsampled_pending: bool,
     ) -> Self {
-        let mut c = addr << 8 | kind as u64;
+        // The address's low 32 bits: the bits above hold the `ArgRegs`.
+        let mut c = (addr & 0xffff_ffff) << 8 | kind as u64;
         if call_in_cookie {
             c |= SITE_CALL_IN_COOKIE;
         }
@@ -706,6 +759,21 @@ impl SiteCookie {
             c |= SITE_UNSAMPLED_PENDING;
         }
         SiteCookie(c)
+    }
+
+    /// An entry's cookie for a site where its arguments are at `args`
+    /// (in bits `SITE_ARG_REGS_SHIFT..`; the address keeps its low bits).
+    #[inline(always)]
+    pub const fn with_args(self, args: ArgRegs) -> Self {
+        SiteCookie(
+            self.0 & ((1 << SITE_ARG_REGS_SHIFT) - 1) | (args.0 as u64) << SITE_ARG_REGS_SHIFT,
+        )
+    }
+
+    /// Where an entry's arguments are at its site.
+    #[inline(always)]
+    pub const fn arg_regs(self) -> ArgRegs {
+        ArgRegs((self.0 >> SITE_ARG_REGS_SHIFT) as u32)
     }
 
     /// A mark site at `addr`.
@@ -1576,7 +1644,8 @@ mod tests {
                 [(false, false), (true, false), (false, true), (true, true)]
             {
                 let c = SiteCookie::entry(addr, kind, in_cookie, unsampled);
-                assert_eq!(c.0 >> 8, addr);
+                assert_eq!(c.0 >> 8, addr & 0xffff_ffff);
+                assert_eq!(c.arg_regs(), ArgRegs::AT_ENTRY);
                 assert_eq!(c.mark_kind(), None, "{c:?}");
                 assert_eq!(c.alloc_kind(), Some(kind));
                 assert_eq!(
@@ -1603,6 +1672,32 @@ mod tests {
         assert_eq!(r.0, 9 << 8 | 0x7b);
         assert_eq!(r.result_index(), 9);
         assert_eq!(r.mark_kind(), None);
+    }
+
+    #[test]
+    fn arg_regs_ride_in_entry_cookies() {
+        let args = ArgRegs::AT_ENTRY.with(0, PtReg::Rsi).with(1, PtReg::Rsi);
+        assert_eq!(args.reg(0), PtReg::Rsi as u8);
+        assert_eq!(args.reg(1), PtReg::Rsi as u8, "its own register: nibble 0");
+        assert_eq!(args.0 >> 4, 0);
+        assert_eq!(args.reg(2), PtReg::Rdx as u8);
+        let all = ArgRegs::ABI
+            .iter()
+            .enumerate()
+            .fold(ArgRegs::AT_ENTRY, |a, (i, _)| a.with(i, PtReg::R15));
+        assert_eq!(all.0, 0x11_1111);
+        let addr = 0x7f12_3456_7890u64;
+        for args in [ArgRegs::AT_ENTRY, args, all] {
+            let c = SiteCookie::entry(addr, AllocKind::Calloc, true, true).with_args(args);
+            assert_eq!(c.arg_regs(), args);
+            assert_eq!(c.alloc_kind(), Some(AllocKind::Calloc));
+            assert!(c.call_in_cookie() && c.unsampled_pending());
+            assert_eq!((c.0 >> 8) & 0xffff_ffff, addr & 0xffff_ffff);
+        }
+        assert_eq!(
+            SiteCookie::entry(addr, AllocKind::Malloc, false, false).arg_regs(),
+            ArgRegs::AT_ENTRY
+        );
     }
 
     #[test]

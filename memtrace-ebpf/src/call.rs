@@ -9,11 +9,14 @@ use crate::marks::{Caller, called_by_allocator, count_pending, marked_caller, ma
 use crate::sampling::sample;
 use crate::target::{regs_sp, target_thread};
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_ANY, helpers::bpf_ktime_get_ns, helpers::bpf_probe_read_user,
+    EbpfContext,
+    bindings::BPF_ANY,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
     programs::ProbeContext,
 };
 use memtrace_common::{
-    AllocKind, ArgLayout, Counter, PENDING_KIND_MASK, PENDING_UNSAMPLED, PendingCall, PendingKey,
+    AllocKind, ArgLayout, ArgRegs, Counter, PENDING_KIND_MASK, PENDING_UNSAMPLED, PendingCall,
+    PendingKey, PtReg,
 };
 
 /// A session cookie holding a call (see `enter`): this bit, the size
@@ -149,6 +152,23 @@ pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
 }
 
+/// ABI argument `n` (< 6) where `at` says it is: its own register (read at
+/// a constant place, as always at a function's entry), or, at an entry-cover
+/// site after the function moved it, another register of pt_regs, read by
+/// its index (the verifier refuses a context read at a computed offset).
+#[inline(always)]
+pub(crate) fn arg_at(ctx: &ProbeContext, n: usize, at: ArgRegs) -> u64 {
+    if at.0 == 0 {
+        return arg(ctx, n);
+    }
+    let index = (at.reg(n) as usize).min(PtReg::ALL.len() - 1);
+    let regs = ctx.as_ptr() as *const u64;
+    // SAFETY: reads one u64 of this hit's pt_regs (the context the kernel
+    // passes), the field `index` (< 15) of its general registers, which
+    // begin the struct; bpf_probe_read_kernel fails rather than faults.
+    unsafe { bpf_probe_read_kernel(regs.wrapping_add(index)) }.unwrap_or(0)
+}
+
 /// nmemb * size, or u64::MAX on overflow (the call will fail with ENOMEM; a
 /// wrapped product could be 0, which realloc would take for a free).
 #[inline(always)]
@@ -177,7 +197,7 @@ pub(crate) struct CallArgs {
 /// The arguments of a call to an allocator function of `kind`, read where
 /// `AllocKind::args` says they are.
 #[inline(always)]
-pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind) -> CallArgs {
+pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind, at: ArgRegs) -> CallArgs {
     // One arm per kind, each with its layout a constant: the registers are
     // read at constant places in pt_regs (the verifier refuses a read at an
     // offset computed from a kind known only at run time).
@@ -186,7 +206,7 @@ pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind) -> CallArgs {
             match kind {
                 $(AllocKind::$k => {
                     const LAYOUT: ArgLayout = AllocKind::$k.args();
-                    read_args(ctx, LAYOUT)
+                    read_args(ctx, LAYOUT, at)
                 })+
             }
         };
@@ -208,19 +228,20 @@ pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind) -> CallArgs {
     )
 }
 
-/// The arguments where `layout` says they are.
+/// The arguments where `layout` says they are, in the registers `at` says.
 #[inline(always)]
-fn read_args(ctx: &ProbeContext, layout: ArgLayout) -> CallArgs {
+fn read_args(ctx: &ProbeContext, layout: ArgLayout, at: ArgRegs) -> CallArgs {
+    let arg = |a: u8| arg_at(ctx, a as usize, at);
     let nth = |a: Option<u8>| match a {
-        Some(a) => arg(ctx, a as usize),
+        Some(a) => arg(a),
         None => 0,
     };
     let size = match layout.count {
-        Some(count) => array_size(arg(ctx, count as usize), arg(ctx, layout.size as usize)),
-        None => arg(ctx, layout.size as usize),
+        Some(count) => array_size(arg(count), arg(layout.size)),
+        None => arg(layout.size),
     };
     let limit = match layout.extra {
-        Some(extra) => size.saturating_add(arg(ctx, extra as usize)),
+        Some(extra) => size.saturating_add(arg(extra)),
         None => size,
     };
     CallArgs {
@@ -237,14 +258,14 @@ fn read_args(ctx: &ProbeContext, layout: ArgLayout) -> CallArgs {
 /// power of two (allocators differ). Unsampled, such a rare call still has
 /// its return seen, so that a failure is not counted as an allocation.
 #[inline(always)]
-pub(crate) fn result_in_doubt(ctx: &ProbeContext, kind: AllocKind) -> bool {
+pub(crate) fn result_in_doubt(ctx: &ProbeContext, kind: AllocKind, at: ArgRegs) -> bool {
     let pow2 = |a: u64| a != 0 && a & (a - 1) == 0;
     match kind {
         AllocKind::PosixMemalign => {
-            let a = arg(ctx, 1);
+            let a = arg_at(ctx, 1, at);
             !pow2(a) || a % 8 != 0
         }
-        AllocKind::Memalign => !pow2(arg(ctx, 0)),
+        AllocKind::Memalign => !pow2(arg_at(ctx, 0, at)),
         _ => false,
     }
 }

@@ -9,7 +9,7 @@ use crate::target::regs_ret;
 use aya_ebpf::{
     macros::uprobe, macros::uretprobe, programs::ProbeContext, programs::RetProbeContext,
 };
-use memtrace_common::AllocKind;
+use memtrace_common::{AllocKind, ArgRegs};
 
 /// A classic entry probe's call.
 #[inline(always)]
@@ -17,7 +17,9 @@ fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
     if empty_programs() {
         return SKIP_RETURN;
     }
-    let args = call_args(ctx, kind);
+    // Classic probes sit where the arguments are in their own registers
+    // (`links`: a cover site that moved them is not used for them).
+    let args = call_args(ctx, kind, ArgRegs::AT_ENTRY);
     // No attach cookie here: whether the function may tail-call is in
     // CALL_MARK_STATE.
     let tail_kinds = match CALL_MARK_STATE.get_ptr(0) {
@@ -32,7 +34,8 @@ fn enter_kind(ctx: &ProbeContext, kind: AllocKind) -> u32 {
         args,
         false,
         core::ptr::null_mut(),
-        (tail_kinds >> (kind as u32 & 63)) & 1 != 0 || result_in_doubt(ctx, kind),
+        (tail_kinds >> (kind as u32 & 63)) & 1 != 0
+            || result_in_doubt(ctx, kind, ArgRegs::AT_ENTRY),
     )
 }
 

@@ -92,7 +92,8 @@ fn session_entry(ctx: &ProbeContext, cookie: *mut u64, site: SiteCookie) -> u32 
     } else {
         core::ptr::null_mut()
     };
-    let args = call_args(ctx, kind);
-    let keep_unsampled = site.unsampled_pending() || result_in_doubt(ctx, kind);
+    let at = site.arg_regs();
+    let args = call_args(ctx, kind, at);
+    let keep_unsampled = site.unsampled_pending() || result_in_doubt(ctx, kind, at);
     enter(ctx, kind, args, true, keep_in, keep_unsampled)
 }

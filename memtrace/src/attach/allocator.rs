@@ -58,6 +58,11 @@ pub struct AttachPoint {
     /// one of several (`exits::plan_entry_cover`): their file offsets and
     /// mnemonics. Each gets the same probes as `probe_offset`.
     pub more_sites: Vec<(u64, String)>,
+    /// The sites among these where the function has moved some argument
+    /// out of its own register (file offset, where the arguments are): the
+    /// session's probe is told by its cookie. Classic probes are not, and
+    /// probe such a function at its entry.
+    pub moved_args: Vec<(u64, memtrace_common::ArgRegs)>,
     /// Where the function's outcome can be read inside it, so that a call
     /// costs one probe instead of an entry and a return probe (malloc only,
     /// see `exits`); None when there is no such plan (or not looked for).
@@ -94,6 +99,25 @@ impl AttachPoint {
     /// cover's other sites.
     pub fn probe_offsets(&self) -> impl Iterator<Item = u64> + '_ {
         std::iter::once(self.probe_offset).chain(self.more_sites.iter().map(|(o, _)| *o))
+    }
+
+    /// Where the arguments are at the entry probe site at file offset `at`.
+    pub fn args_at(&self, at: u64) -> memtrace_common::ArgRegs {
+        self.moved_args
+            .iter()
+            .find(|(o, _)| *o == at)
+            .map_or(memtrace_common::ArgRegs::AT_ENTRY, |(_, a)| *a)
+    }
+
+    /// The file offsets of the classic probes, which read the arguments in
+    /// their own registers: the entry cover's, or the entry when the cover
+    /// has moved an argument.
+    pub fn classic_offsets(&self) -> Vec<u64> {
+        if self.moved_args.is_empty() {
+            self.probe_offsets().collect()
+        } else {
+            vec![self.file_offset]
+        }
     }
 }
 
@@ -228,7 +252,7 @@ pub(crate) fn new_point(
     size: u64,
 ) -> AttachPoint {
     let code = whole_function(data, file_offset, size);
-    let (site, more) = probe_sites(data, file_offset, size, role);
+    let (site, site_moved, more) = probe_sites(data, file_offset, size, role);
     let never_jumps_out = code.is_some_and(placement::never_jumps_out);
     // Result sites are planned for the C API's malloc only (glibc's is the
     // one whose plans are checked).
@@ -247,6 +271,12 @@ pub(crate) fn new_point(
         site.emulated,
         site.reason
     );
+    let moved_args = std::iter::once(&site_moved)
+        .chain(more.iter().map(|c| &c.moved))
+        .zip(std::iter::once(site.delta).chain(more.iter().map(|c| c.delta)))
+        .filter(|(m, _)| !m.is_empty())
+        .map(|(m, delta)| (file_offset + delta, arg_regs(m)))
+        .collect();
     let more_sites = more
         .into_iter()
         .map(|c| (file_offset + c.delta, c.mnemonic))
@@ -261,8 +291,47 @@ pub(crate) fn new_point(
         probe_offset: file_offset + site.delta,
         probe_insn: site.mnemonic,
         more_sites,
+        moved_args,
         results,
     }
+}
+
+/// `moved` (an argument's own register, where it is) as the BPF side reads it.
+fn arg_regs(moved: &[(iced_x86::Register, iced_x86::Register)]) -> memtrace_common::ArgRegs {
+    use memtrace_common::ArgRegs;
+    moved.iter().fold(ArgRegs::AT_ENTRY, |a, &(arg, reg)| {
+        let n = placement::ABI_ARGS.iter().position(|&r| r == arg);
+        match (n, pt_reg(reg)) {
+            (Some(n), Some(r)) => a.with(n, r),
+            // (The cover analysis only moves arguments between general
+            // registers: pt_reg knows every one but rsp, never a holder.)
+            _ => unreachable!("argument {arg:?} in {reg:?}"),
+        }
+    })
+}
+
+/// The [`PtReg`] of a full general register.
+fn pt_reg(r: iced_x86::Register) -> Option<memtrace_common::PtReg> {
+    use iced_x86::Register as R;
+    use memtrace_common::PtReg as P;
+    Some(match r {
+        R::R15 => P::R15,
+        R::R14 => P::R14,
+        R::R13 => P::R13,
+        R::R12 => P::R12,
+        R::RBP => P::Rbp,
+        R::RBX => P::Rbx,
+        R::R11 => P::R11,
+        R::R10 => P::R10,
+        R::R9 => P::R9,
+        R::R8 => P::R8,
+        R::RAX => P::Rax,
+        R::RCX => P::Rcx,
+        R::RDX => P::Rdx,
+        R::RSI => P::Rsi,
+        R::RDI => P::Rdi,
+        _ => return None,
+    })
 }
 
 /// Where malloc's result can be read (`exits`), logged either way: None
@@ -770,13 +839,21 @@ fn probe_sites(
     file_offset: u64,
     size: u64,
     role: Role,
-) -> (Placement, Vec<crate::attach::exits::CoverSite>) {
+) -> (Placement, Moved, Vec<crate::attach::exits::CoverSite>) {
     let Some(code) = whole_function(data, file_offset, size) else {
-        return (probe_site(data, file_offset, size, role), Vec::new());
+        return (
+            probe_site(data, file_offset, size, role),
+            Vec::new(),
+            Vec::new(),
+        );
     };
-    match crate::attach::exits::plan_entry_cover(code, &probe_args(role)) {
+    // An allocating function's session probe reads its arguments where its
+    // cookie says; free's (a plain uprobe_multi link) in their own registers.
+    let may_move = matches!(role, Role::Alloc(_));
+    match crate::attach::exits::plan_entry_cover(code, &probe_args(role), may_move) {
         Ok(mut sites) => {
             let first = sites.remove(0);
+            let moved = first.moved;
             let site = Placement {
                 delta: first.delta,
                 mnemonic: first.mnemonic,
@@ -786,7 +863,7 @@ fn probe_sites(
                     sites.len() + 1
                 ),
             };
-            (site, sites)
+            (site, moved, sites)
         }
         Err(why) => {
             let first =
@@ -797,10 +874,14 @@ fn probe_sites(
                 emulated: placement::kernel_emulates(&code[..first.len().min(code.len())]),
                 reason: format!("no entry cover ({why}): probed at +0"),
             };
-            (site, Vec::new())
+            (site, Vec::new(), Vec::new())
         }
     }
 }
+
+/// Arguments moved out of their own registers at a site: (the argument's
+/// register at the entry, the register holding it there).
+type Moved = Vec<(iced_x86::Register, iced_x86::Register)>;
 
 /// [`choose_probe_site`] on the first bytes at `file_offset` (`size`, 0 if
 /// unknown).

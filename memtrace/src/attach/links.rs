@@ -366,7 +366,8 @@ impl Probes {
                         log_probe(alloc, point);
                         let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
                         for offset in point.probe_offsets() {
-                            sites.push(offset, cookie);
+                            // Where the cover site finds the arguments.
+                            sites.push(offset, cookie.with_args(point.args_at(offset)).0);
                         }
                     }
                     (Role::Free, _) => {
@@ -489,8 +490,16 @@ impl Probes {
             // one on each path: see `exits::cover`), both probes see what they would at the function's
             // first instruction: the arguments, and rsp pointing at the return
             // address, which the return probe replaces.
+            // Not at a cover site after an argument moved: these programs read
+            // the arguments in their own registers.
             log_probe(alloc, point);
-            for offset in point.probe_offsets() {
+            if !point.moved_args.is_empty() {
+                log::debug!(
+                    "{}: classic probes at its entry, +0: its cover moves an argument",
+                    point.name()
+                );
+            }
+            for offset in point.classic_offsets() {
                 let link = self
                     .attach_one(prog, &alloc.open_path, offset, pid)
                     .with_context(what)?;
@@ -756,7 +765,7 @@ fn entry_cookie(
     point: &AttachPoint,
     kind: AllocKind,
     tails: &[u64],
-) -> Result<u64> {
+) -> Result<SiteCookie> {
     let at = allocator::vaddr(alloc, maps, point.probe_offset)
         .with_context(|| format!("{} is not mapped", point.probe_site()))?;
     Ok(SiteCookie::entry(
@@ -764,8 +773,7 @@ fn entry_cookie(
         kind,
         call_in_cookie(point),
         tails.contains(&point.vaddr),
-    )
-    .0)
+    ))
 }
 
 /// The session cookie of a mark on the allocator's own call: its address in

@@ -107,15 +107,7 @@ pub fn kernel_emulates(insn: &[u8]) -> Option<Emulation> {
 /// The argument registers the entry program of `role` reads: where
 /// `AllocKind::args` puts the arguments it names (free reads its pointer).
 pub fn probe_args(role: Role) -> Vec<Register> {
-    /// The System V AMD64 integer argument registers, in order.
-    const ARGS: [Register; 6] = [
-        Register::RDI,
-        Register::RSI,
-        Register::RDX,
-        Register::RCX,
-        Register::R8,
-        Register::R9,
-    ];
+    const ARGS: [Register; 6] = ABI_ARGS;
     match role {
         Role::Free => vec![Register::RDI],
         Role::Alloc(kind) => kind
@@ -127,6 +119,16 @@ pub fn probe_args(role: Role) -> Vec<Register> {
             .collect(),
     }
 }
+
+/// The System V AMD64 integer argument registers, in order.
+pub(crate) const ABI_ARGS: [Register; 6] = [
+    Register::RDI,
+    Register::RSI,
+    Register::RDX,
+    Register::RCX,
+    Register::R8,
+    Register::R9,
+];
 
 /// Caller-saved general registers: a function may overwrite them before doing
 /// anything else without a trace in what its caller or an unwinder sees.
@@ -156,7 +158,7 @@ pub struct Placement {
     pub reason: String,
 }
 
-fn mnemonic_name(m: Mnemonic) -> String {
+pub(crate) fn mnemonic_name(m: Mnemonic) -> String {
     format!("{m:?}").to_lowercase()
 }
 

@@ -173,8 +173,72 @@ fn glibc_malloc_is_read_at_its_result_sites() {
 
 /// The entry cover of `code` for a probe reading rdi, as (offset, mnemonic).
 fn cover(code: &[u8]) -> Result<Vec<(u64, String)>, String> {
-    plan_entry_cover(code, &[Register::RDI])
+    plan_entry_cover(code, &[Register::RDI], false)
         .map(|sites| sites.into_iter().map(|s| (s.delta, s.mnemonic)).collect())
+}
+
+/// Arguments moved at a site: (its register at the entry, where it is).
+type Moved = Vec<(Register, Register)>;
+
+/// The entry cover of `code` for an allocating function's probe reading
+/// rdi, which may find it moved: (offset, where rdi's value is).
+fn moved_cover(code: &[u8]) -> Result<Vec<(u64, Moved)>, String> {
+    plan_entry_cover(code, &[Register::RDI], true)
+        .map(|sites| sites.into_iter().map(|s| (s.delta, s.moved)).collect())
+}
+
+#[test]
+fn a_cover_follows_an_argument_moved_to_another_register() {
+    // mimalloc's malloc: mov %rdi,%rsi; mov (%rax),%rdi (its heap); ja; ret
+    let mimalloc = [0x48, 0x89, 0xfe, 0x48, 0x8b, 0x38, 0x77, 0x00, 0xc3];
+    assert_eq!(
+        moved_cover(&mimalloc).unwrap(),
+        [(6, vec![(Register::RDI, Register::RSI)])]
+    );
+    // Copied, but still in rdi: read there.
+    let copied = [0x48, 0x89, 0xfe, 0x77, 0x00, 0xc3];
+    assert_eq!(moved_cover(&copied).unwrap(), [(3, vec![])]);
+    // Copied as 32 bits only (`mov %edi,%esi`): not the argument.
+    let narrow = [0x89, 0xfe, 0x48, 0x8b, 0x38, 0x77, 0x00, 0xc3];
+    let err = moved_cover(&narrow).unwrap_err();
+    assert!(err.contains("+0x2") && err.contains("RDI"), "{err}");
+    // Copied, then the copy overwritten too.
+    let lost = [
+        0x48, 0x89, 0xfe, // mov %rdi,%rsi
+        0x48, 0x8b, 0x38, // mov (%rax),%rdi
+        0x31, 0xf6, // xor %esi,%esi
+        0x77, 0x00, 0xc3,
+    ];
+    assert!(moved_cover(&lost).unwrap_err().contains("+0x6"));
+}
+
+#[test]
+fn a_moved_argument_must_be_in_one_register_on_every_path() {
+    // test %rdi,%rdi; ds jne B; A: mov %rdi,%rsi; mov (%rax),%rdi; ds jmp J;
+    // B: mov %rdi,<r>; mov (%rax),%rdi; J: ja; ret
+    let code = |b_reg: u8| {
+        vec![
+            0x48, 0x85, 0xff, // +0 test
+            0x3e, 0x75, 0x09, // +3 ds jne +0xf
+            0x48, 0x89, 0xfe, // +6 mov %rdi,%rsi
+            0x48, 0x8b, 0x38, // +9 mov (%rax),%rdi
+            0x3e, 0xeb, 0x06, // +0xc ds jmp +0x15
+            0x48, 0x89, b_reg, // +0xf mov %rdi,<r>
+            0x48, 0x8b, 0x38, // +0x12 mov (%rax),%rdi
+            0x77, 0x00, // +0x15 ja
+            0xc3, // +0x17 ret
+        ]
+    };
+    // Both paths leave it in rsi.
+    assert_eq!(
+        moved_cover(&code(0xfe)).unwrap(),
+        [(0x15, vec![(Register::RDI, Register::RSI)])]
+    );
+    // One in rsi, the other in rdx: no one register to read.
+    let err = moved_cover(&code(0xfa)).unwrap_err();
+    assert!(err.contains("+0x15") && err.contains("every path"), "{err}");
+    // Free's probe cannot read it elsewhere: no cover.
+    assert!(cover(&code(0xfe)).is_err());
 }
 
 #[test]
@@ -262,7 +326,8 @@ fn covers_of_installed_allocators() {
         ("libjemalloc.so.2", "free", Ok((0x30, "jne"))),
         ("libtcmalloc_minimal.so.4", "malloc", Ok((10, "jne"))),
         ("libtcmalloc_minimal.so.4", "free", Ok((10, "jne"))),
-        // mimalloc's malloc moves the size to rsi for its heap first.
+        // mimalloc's malloc moves the size to rsi for its heap first: a
+        // cover for free's probe (which reads rdi) would not do.
         ("libmimalloc.so.2", "malloc", Err("RDI")),
         ("libmimalloc.so.2", "free", Ok((6, "je"))),
     ];
@@ -280,6 +345,13 @@ fn covers_of_installed_allocators() {
         let off = (sym.address() - text.address() + text_off) as usize;
         let code = &data[off..off + sym.size() as usize];
         let got = cover(code);
+        if (lib, name) == ("libmimalloc.so.2", "malloc") {
+            // An allocating function's probe reads the size where it moved.
+            assert_eq!(
+                moved_cover(code),
+                Ok(vec![(0x15, vec![(Register::RDI, Register::RSI)])])
+            );
+        }
         match want {
             Ok((delta, insn)) => {
                 assert_eq!(got, Ok(vec![(delta, insn.to_string())]), "{lib} {name}")
