@@ -159,8 +159,15 @@ pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 #[inline(always)]
 pub(crate) fn arg_at(ctx: &ProbeContext, n: usize, at: ArgRegs) -> u64 {
     if at.0 == 0 {
-        return arg(ctx, n);
+        arg(ctx, n)
+    } else {
+        arg_moved(ctx, n, at)
     }
+}
+
+/// ABI argument `n` in the register `at` says (any of pt_regs's).
+#[inline(always)]
+fn arg_moved(ctx: &ProbeContext, n: usize, at: ArgRegs) -> u64 {
     let index = (at.reg(n) as usize).min(PtReg::ALL.len() - 1);
     let regs = ctx.as_ptr() as *const u64;
     // SAFETY: reads one u64 of this hit's pt_regs (the context the kernel
@@ -231,7 +238,18 @@ pub(crate) fn call_args(ctx: &ProbeContext, kind: AllocKind, at: ArgRegs) -> Cal
 /// The arguments where `layout` says they are, in the registers `at` says.
 #[inline(always)]
 fn read_args(ctx: &ProbeContext, layout: ArgLayout, at: ArgRegs) -> CallArgs {
-    let arg = |a: u8| arg_at(ctx, a as usize, at);
+    // One branch for the whole layout, not one per argument: the verifier
+    // then checks two paths per kind, not two per argument read.
+    if at.0 == 0 {
+        read_args_with(layout, |a| arg(ctx, a as usize))
+    } else {
+        read_args_with(layout, |a| arg_moved(ctx, a as usize, at))
+    }
+}
+
+/// The arguments where `layout` says they are, each read by `arg`.
+#[inline(always)]
+fn read_args_with(layout: ArgLayout, arg: impl Fn(u8) -> u64) -> CallArgs {
     let nth = |a: Option<u8>| match a {
         Some(a) => arg(a),
         None => 0,
