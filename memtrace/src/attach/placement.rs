@@ -117,7 +117,7 @@ pub fn probe_args(role: Role) -> Vec<Register> {
         Register::R9,
     ];
     match role {
-        Role::Free => vec![Register::RDI],
+        Role::Free(kind) => vec![ARGS[kind.ptr_arg()]],
         Role::Alloc(kind) => kind
             .args()
             .used()

@@ -33,7 +33,7 @@ fn process(files: &[(String, Vec<u8>)], exe: bool) -> Resolved {
         .enumerate()
         .map(|(i, (p, d))| ModuleFile::parse(p, d, exe && i == 0).unwrap())
         .collect();
-    resolve(&modules)
+    resolve(&modules, false)
 }
 
 /// Every name probed in a module.
@@ -110,7 +110,7 @@ fn jemalloc_alone() {
         role("mallocx"),
         Role::Alloc(memtrace_common::AllocKind::Malloc)
     );
-    assert_eq!(role("sdallocx"), Role::Free);
+    assert_eq!(role("sdallocx"), Role::Free(FreeKind::Free));
     // Code its functions call jumps through a hook's pointer: its own calls
     // are told by return address (as they were before its operators and
     // extended API were probed).
