@@ -754,7 +754,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
 #[cfg(test)]
 pub fn standalone(path: &str, data: &[u8]) -> Result<ModulePlan, object::Error> {
     let m = ModuleFile::parse(path, data, false)?;
-    let mut r = resolve(std::slice::from_ref(&m));
+    let mut r = resolve(std::slice::from_ref(&m), false);
     Ok(r.modules.remove(0))
 }
 

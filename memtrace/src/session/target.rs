@@ -215,11 +215,17 @@ fn note_pymalloc(
         );
         return;
     }
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let environ = proc_environ(pid);
     if python::allocates_with_malloc(&environ) {
         return;
     }
-    if objects {
+    if objects && python::has_debug_hooks(&environ) {
+        eprintln!(
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
+             --python-objects does not apply under the debug hooks \
+             (PYTHONMALLOC=...debug, PYTHONDEVMODE)"
+        );
+    } else if objects {
         eprintln!(
             "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
              {} has no symbol for pymalloc's functions (an LTO build inlines them): \
@@ -241,6 +247,17 @@ fn note_pymalloc(
     }
     allocators.untraced.sort();
     allocators.untraced.dedup();
+}
+
+/// Whether to probe pymalloc's functions in process `pid`: asked for, and
+/// not under the debug hooks, where a block above 512 bytes would be
+/// counted twice (see `python::has_debug_hooks`).
+fn pymalloc_wanted(pid: u32, objects: bool) -> bool {
+    objects && !python::has_debug_hooks(&proc_environ(pid))
+}
+
+fn proc_environ(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()
 }
 
 /// Whether pymalloc's functions are probed (`--python-objects` on a build
@@ -405,8 +422,9 @@ fn attach_existing(
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
-    let mut allocators = allocator::find_allocators(pid, &maps, python_opts.objects)
-        .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    let mut allocators =
+        allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, python_opts.objects))
+            .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     preload_debug_info(
@@ -625,7 +643,7 @@ fn attach_at_stop(
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
     let attached = read_maps(pid).map_err(|e| anyhow!(e)).and_then(|maps| {
-        let a = allocator::find_allocators(pid, &maps, pymalloc)?;
+        let a = allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, pymalloc))?;
         debug_attach_delay();
         trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
         let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
