@@ -634,6 +634,29 @@ impl ArgLayout {
     }
 }
 
+/// The argument layouts of the freeing entry points: which argument is the
+/// block. A free's attach cookie is its `FreeKind` (`SiteCookie::free`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeKind {
+    /// `free(ptr)`, and every free of the C API and the allocators' own.
+    Free = 0,
+    /// `_PyObject_Free(ctx, ptr)`: pymalloc's, the `free` of a
+    /// `PyMemAllocatorEx` (its context first).
+    CtxFree = 1,
+}
+
+impl FreeKind {
+    /// The index of the block's argument (0 is rdi on x86-64).
+    #[inline(always)]
+    pub const fn ptr_arg(self) -> usize {
+        match self {
+            FreeKind::Free => 0,
+            FreeKind::CtxFree => 1,
+        }
+    }
+}
+
 // ---- attach cookies -----------------------------------------------------------
 // Each probe of the session and result-site links carries a 64-bit attach
 // cookie: the site's address (or a result site's index) << 8, and in the low
@@ -780,6 +803,23 @@ impl SiteCookie {
     #[inline(always)]
     pub const fn mark(addr: u64, kind: MarkKind) -> Self {
         SiteCookie(addr << 8 | kind as u64)
+    }
+
+    /// A freeing function's entry, of `kind` (low bits; its address is not
+    /// needed).
+    #[inline(always)]
+    pub const fn free(kind: FreeKind) -> Self {
+        SiteCookie(kind as u64)
+    }
+
+    /// The layout of a free's entry, for a cookie that is not a mark's.
+    #[inline(always)]
+    pub const fn free_kind(self) -> FreeKind {
+        if self.0 & SITE_TAG_MASK == FreeKind::CtxFree as u64 {
+            FreeKind::CtxFree
+        } else {
+            FreeKind::Free
+        }
     }
 
     /// Result site number `index` (its entry in `RESULT_SITES`).

@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use memtrace_common::{Counter, MarkKind, PendingKey, SiteCookie};
 
-/// `free`'s entry (attach cookie 0), or a mark site (its `SiteCookie`).
+/// A freeing function's entry (attach cookie `SiteCookie::free`: where its
+/// pointer is), or a mark site (its `SiteCookie`).
 ///
 /// The marks are on this plain uprobe_multi link, not in the uprobe
 /// session: a pid-bound session arms a return probe for another process's
@@ -38,7 +39,16 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else {
         return 0;
     };
-    let ptr = arg(&ctx, 0);
+    // Both read at constant offsets (black_box keeps LLVM from selecting
+    // the address instead): the verifier refuses a context read at a
+    // variable one.
+    let first = core::hint::black_box(arg(&ctx, 0));
+    let second = core::hint::black_box(arg(&ctx, 1));
+    let ptr = if site.free_kind().ptr_arg() == 1 {
+        second
+    } else {
+        first
+    };
     if ptr == 0 {
         return 0;
     }

@@ -480,3 +480,255 @@ fn python_lines_agree_with_tracemalloc() {
         }
     }
 }
+
+// ---- pymalloc's small objects (`--python-objects`) ---------------------------
+
+/// `py_objects.py`'s sizes (see its docstring).
+const OBJ_N: u64 = 64;
+const OBJ_K: u64 = 200;
+const OBJ_SMALL: u64 = BYTES_HEADER + 100;
+const OBJ_LARGE: u64 = BYTES_HEADER + 600;
+const OBJ_LINES: [&str; 3] = ["small_bytes", "small_tuples", "large_bytes"];
+
+fn objects_fixture() -> PathBuf {
+    fixtures_dir().join("py_objects.py")
+}
+
+/// The line of py_objects.py's unique `# @marker` comment.
+fn objects_line(marker: &str) -> u64 {
+    let text = std::fs::read_to_string(objects_fixture()).expect("reading py_objects.py");
+    let needle = format!("# @{marker}");
+    let hits: Vec<u64> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim_end().ends_with(&needle))
+        .map(|(i, _)| i as u64 + 1)
+        .collect();
+    assert_eq!(hits.len(), 1, "marker {needle} in py_objects.py: {hits:?}");
+    hits[0]
+}
+
+/// The innermost Python frame of a site, if it is py_objects.py's:
+/// (function, line).
+fn objects_frame(s: &Value) -> Option<(String, u64)> {
+    let f = s["frames"]
+        .as_array()?
+        .iter()
+        .find(|f| kind(f) == "python")?;
+    f["file"].as_str()?.ends_with("py_objects.py").then(|| {
+        (
+            f["function"].as_str().unwrap_or("?").to_string(),
+            f["line"].as_u64().unwrap_or(0),
+        )
+    })
+}
+
+/// The sites whose innermost Python frame is py_objects.py's `line`.
+fn object_sites(r: &Report, line: u64) -> Vec<&Value> {
+    r.sites()
+        .iter()
+        .filter(|s| objects_frame(s).is_some_and(|(_, l)| l == line))
+        .collect()
+}
+
+/// The sites whose innermost Python frame is in py_objects.py's `function`.
+fn function_sites<'a>(r: &'a Report, function: &str) -> Vec<&'a Value> {
+    r.sites()
+        .iter()
+        .filter(|s| objects_frame(s).is_some_and(|(f, _)| f == function))
+        .collect()
+}
+
+/// Outstanding (blocks, bytes) per marked line.
+fn object_tally(r: &Report) -> Vec<(&'static str, u64, u64)> {
+    OBJ_LINES
+        .iter()
+        .map(|&m| {
+            let sites = object_sites(r, objects_line(m));
+            (
+                m,
+                sites.iter().map(|s| Report::blocks(s)).sum(),
+                sites.iter().map(|s| Report::bytes(s)).sum(),
+            )
+        })
+        .collect()
+}
+
+/// Outstanding (blocks, bytes) per function of the marked lines.
+fn function_tally(r: &Report) -> Vec<(&'static str, u64, u64)> {
+    OBJ_LINES
+        .iter()
+        .map(|&f| {
+            let sites = function_sites(r, f);
+            (
+                f,
+                sites.iter().map(|s| Report::blocks(s)).sum(),
+                sites.iter().map(|s| Report::bytes(s)).sum(),
+            )
+        })
+        .collect()
+}
+
+/// Blocks of exactly `size` bytes made in `function` (sites whose blocks
+/// all have that size).
+fn blocks_of(r: &Report, function: &str, size: u64) -> u64 {
+    function_sites(r, function)
+        .iter()
+        .filter(|s| Report::bytes(s) == Report::blocks(s) * size)
+        .map(|s| Report::blocks(s))
+        .sum()
+}
+
+/// What a pymalloc run must show whatever else: every small bytes object,
+/// every large one once, nothing dropped, nothing untraced.
+fn assert_objects_complete(r: &Report, what: &str) {
+    assert_eq!(
+        blocks_of(r, "small_bytes", OBJ_SMALL),
+        OBJ_N * OBJ_K,
+        "{what}: {:?}\n{}",
+        object_tally(r),
+        py_summary(r)
+    );
+    // pymalloc hands these to malloc: one block each, not two.
+    let large = function_sites(r, "large_bytes");
+    let (blocks, bytes) = large.iter().fold((0, 0), |(b, n), s| {
+        (b + Report::blocks(s), n + Report::bytes(s))
+    });
+    assert_eq!((blocks, bytes), (OBJ_N, OBJ_N * OBJ_LARGE), "{what}");
+    assert_eq!(
+        r.0["untraced_entry_points"],
+        serde_json::json!([]),
+        "{what}: pymalloc is traced"
+    );
+    assert_eq!(r.total("dropped_events"), 0, "{what}: {}", r.summary());
+}
+
+/// As deployed (pymalloc, no restart), `--python-objects` sees every small
+/// object: per leaking line, the same blocks and bytes as the same run under
+/// `PYTHONMALLOC=malloc`, where every allocation goes through libc; a block
+/// above 512 bytes, which pymalloc hands to malloc, is counted once.
+#[test]
+fn python_objects_are_exact_without_a_restart() {
+    require_root();
+    require_memtrace();
+    let script = objects_fixture();
+    let script = script.to_str().unwrap();
+    let mut ran = 0;
+    for v in ["3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
+        let Some(python) = pyenv(v) else {
+            eprintln!("note: pyenv CPython {v} not installed: skipped");
+            continue;
+        };
+        let python = python.to_str().unwrap();
+        let under_malloc = run_launch_env(
+            LAUNCH_ARGS,
+            &[python, script],
+            &[("PYTHONMALLOC", "malloc")],
+        );
+        under_malloc.assert_exit(0);
+        let mut args = LAUNCH_ARGS.to_vec();
+        args.push("--python-objects");
+        let run = run_launch_env(&args, &[python, script], &[]);
+        run.assert_exit(0);
+        assert!(
+            run.stderr.contains("(pymalloc) are traced"),
+            "{v}: {}",
+            run.stderr
+        );
+        assert_objects_complete(&run.report, v);
+        let expected = function_tally(&under_malloc.report);
+        assert_eq!(function_tally(&run.report), expected, "{v}");
+        assert!(expected[1].1 >= OBJ_N * OBJ_K * 2, "{v}: {expected:?}");
+        // By line too, but on 3.11 (docs/python.md, "Not done yet": there
+        // the tuple line's blocks are put on the function's first line).
+        if v != "3.11.7" {
+            assert_eq!(
+                object_tally(&run.report),
+                object_tally(&under_malloc.report),
+                "{v}"
+            );
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no pyenv CPython 3.10-3.13 installed");
+}
+
+/// The same, attached to an interpreter that was already running; and
+/// under pymalloc's debug hooks (`PYTHONMALLOC=pymalloc_debug`), where
+/// `--python-objects` does not apply and the report says so.
+#[test]
+fn python_objects_attached_and_under_debug_hooks() {
+    require_root();
+    require_memtrace();
+    let Some(python) = pyenv("3.12.1") else {
+        eprintln!("note: pyenv CPython 3.12.1 not installed: skipped");
+        return;
+    };
+    let script = objects_fixture();
+    let script = script.to_str().unwrap();
+    let under_malloc = run_launch_env(
+        LAUNCH_ARGS,
+        &[python.to_str().unwrap(), script],
+        &[("PYTHONMALLOC", "malloc")],
+    );
+    under_malloc.assert_exit(0);
+
+    let mut target = TestProcess::spawn(&python, &[script, "attach"]);
+    target.wait_ready();
+    let mut session = AttachSession::spawn(target.pid(), &["--python-objects"], &[]);
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let run = session.stop(libc::SIGINT);
+    target.finish_unharmed();
+    run.assert_exit(0);
+    assert_objects_complete(&run.report, "attached");
+    assert_eq!(
+        object_tally(&run.report),
+        object_tally(&under_malloc.report),
+        "attached"
+    );
+
+    // Under the debug hooks pymalloc is not traced (a large block would
+    // reach malloc through the raw allocator's hooks, not from pymalloc,
+    // and be counted twice), and the report says so. A large block is seen
+    // once, at malloc, with the object's and the raw allocator's hooks'
+    // two words before it and one after, each.
+    let mut args = LAUNCH_ARGS.to_vec();
+    args.push("--python-objects");
+    let run = run_launch_env(
+        &args,
+        &[python.to_str().unwrap(), script],
+        &[("PYTHONMALLOC", "pymalloc_debug")],
+    );
+    run.assert_exit(0);
+    let r = &run.report;
+    assert!(
+        run.stderr.contains("does not apply under the debug hooks"),
+        "{}",
+        run.stderr
+    );
+    let unseen: Vec<&str> = r.0["untraced_entry_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(unseen, ["PyMem_Malloc", "PyObject_Malloc"], "debug hooks");
+    assert_eq!(
+        blocks_of(r, "small_bytes", OBJ_SMALL + 24),
+        0,
+        "debug hooks"
+    );
+    let large = function_sites(r, "large_bytes");
+    let (blocks, bytes) = large.iter().fold((0, 0), |(b, n), s| {
+        (b + Report::blocks(s), n + Report::bytes(s))
+    });
+    assert_eq!(
+        (blocks, bytes),
+        (OBJ_N, OBJ_N * (OBJ_LARGE + 48)),
+        "debug hooks: {:?}",
+        function_tally(r)
+    );
+    assert_eq!(r.total("dropped_events"), 0, "debug hooks: {}", r.summary());
+}

@@ -12,7 +12,7 @@
 //! functions.
 use std::path::{Path, PathBuf};
 
-use memtrace_common::AllocKind;
+use memtrace_common::{AllocKind, FreeKind};
 use object::{Object, ObjectSegment};
 use thiserror::Error;
 
@@ -28,7 +28,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Alloc(AllocKind),
-    Free,
+    /// Frees the block in the argument its layout says.
+    Free(FreeKind),
 }
 
 /// One probe: several exported names can share an address (glibc's memalign and
@@ -1094,8 +1095,13 @@ fn map_modules<'m>(
     Ok(out)
 }
 
-/// Finds the allocators the process uses and their probe points.
-pub fn find_allocators(pid: u32, maps: &[MapEntry]) -> Result<Allocators, AllocatorError> {
+/// Finds the allocators the process uses and their probe points; with
+/// `pymalloc`, CPython's object allocator among them (`entries::PYMALLOC_API`).
+pub fn find_allocators(
+    pid: u32,
+    maps: &[MapEntry],
+    pymalloc: bool,
+) -> Result<Allocators, AllocatorError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| {
@@ -1119,7 +1125,7 @@ pub fn find_allocators(pid: u32, maps: &[MapEntry]) -> Result<Allocators, Alloca
             ),
         }
     }
-    let resolved = resolve::resolve(&files);
+    let resolved = resolve::resolve(&files, pymalloc);
     let mut stripped = Vec::new();
     let mut modules = Vec::new();
     for (plan, &k) in resolved.modules.into_iter().zip(&which) {

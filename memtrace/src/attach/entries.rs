@@ -12,6 +12,8 @@ use memtrace_common::AllocKind::{
     PosixMemalign, Pvalloc, Realloc, ReallocArray, Valloc, Xallocx,
 };
 
+use memtrace_common::FreeKind;
+
 use crate::attach::allocator::Role;
 
 /// What memtrace does with an allocator function of a given name.
@@ -39,7 +41,7 @@ const fn a(kind: AllocKind) -> Entry {
     Entry::Traced(Role::Alloc(kind))
 }
 
-const FREE: Entry = Entry::Traced(Role::Free);
+const FREE: Entry = Entry::Traced(Role::Free(FreeKind::Free));
 
 /// The C API, with the aliases glibc (`__libc_*`) and the allocators that
 /// replace it export. First the names a probe is reported under.
@@ -311,6 +313,37 @@ pub const UNSUPPORTED: &[(&str, Entry)] = &[
     ("GC_realloc", Entry::Untraced),
     ("GC_free", Entry::Untraced),
 ];
+
+/// CPython's object allocator, pymalloc: the functions the
+/// `PyMemAllocatorEx` pointers behind `PyObject_Malloc` and `PyMem_Malloc`
+/// lead to (private: in `.symtab` only), which take the allocator's context
+/// first. Traced with `--python-objects` (see [`classify_pymalloc`]).
+/// Above 512 bytes (and for 0) they hand the call to `PyMem_RawMalloc`, which
+/// jumps through the raw allocator's pointer to libc's `malloc`: that call's
+/// return address is in `_PyObject_Malloc`, so it is the allocator's own.
+pub const PYMALLOC_API: &[(&str, Entry)] = &[
+    ("_PyObject_Malloc", a(HeapMalloc)),
+    ("_PyObject_Calloc", a(HeapCalloc)),
+    ("_PyObject_Realloc", a(HeapRealloc)),
+    (
+        "_PyObject_Free",
+        Entry::Traced(Role::Free(FreeKind::CtxFree)),
+    ),
+    // libpython's exports whose names look like an allocator's: a TSS key
+    // and a lock (made with PyMem_RawMalloc, i.e. malloc), a module's init.
+    ("PyThread_tss_alloc", Entry::Other),
+    ("PyThread_tss_free", Entry::Other),
+    ("PyThread_free_lock", Entry::Other),
+    ("PyInit__tracemalloc", Entry::Other),
+];
+
+/// What `name` is among pymalloc's functions ([`PYMALLOC_API`]).
+pub fn classify_pymalloc(name: &str) -> Option<Entry> {
+    PYMALLOC_API
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, e)| e)
+}
 
 /// Every table whose names are matched as they are.
 const PLAIN: [&[(&str, Entry)]; 5] = [

@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
@@ -24,7 +24,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
-use memtrace_common::{AllocKind, MAX_ALLOCATOR_FUNCTIONS, SiteCookie, map_names};
+use memtrace_common::{AllocKind, FreeKind, MAX_ALLOCATOR_FUNCTIONS, SiteCookie, map_names};
 
 use super::allocator::{self, Allocator, Allocators, AttachPoint, Role};
 use crate::{
@@ -108,7 +108,7 @@ pub fn call_in_cookie(point: &AttachPoint) -> bool {
             let args = kind.args();
             point.never_jumps_out && args.old_ptr.is_none() && args.out_ptr.is_none()
         }
-        Role::Free => false,
+        Role::Free(_) => false,
     }
 }
 
@@ -150,7 +150,7 @@ const UNMAP_WATCH: [(&str, &str); 3] = [
 
 fn entry_program(role: Role) -> &'static str {
     match role {
-        Role::Free => "free_enter",
+        Role::Free(_) => "free_enter",
         Role::Alloc(kind) => match kind {
             AllocKind::Malloc => "malloc_enter",
             AllocKind::Calloc => "calloc_enter",
@@ -266,7 +266,7 @@ impl Probes {
             .flat_map(|(a, tails)| a.points.iter().filter(|p| tails.contains(&p.vaddr)))
             .filter_map(|p| match p.role {
                 Role::Alloc(kind) => Some(1u64 << kind as u32),
-                Role::Free => None,
+                Role::Free(_) => None,
             })
             .fold(0, |a, b| a | b);
         trace.set_call_marks(false, tail_kinds)?;
@@ -370,10 +370,10 @@ impl Probes {
                             sites.push(offset, cookie.with_args(point.args_at(offset)).0);
                         }
                     }
-                    (Role::Free, _) => {
+                    (Role::Free(kind), _) => {
                         log_probe(alloc, point);
                         for offset in point.probe_offsets() {
-                            frees.push(offset, 0);
+                            frees.push(offset, SiteCookie::free(kind).0);
                         }
                     }
                 }
@@ -476,7 +476,17 @@ impl Probes {
         let (frees, allocs): (Vec<_>, Vec<_>) = alloc
             .points
             .iter()
-            .partition(|p| matches!(p.role, Role::Free));
+            .partition(|p| matches!(p.role, Role::Free(_)));
+        // A classic uprobe has no attach cookie: its free program reads the
+        // first argument.
+        if let Some(p) = frees.iter().find(|p| p.role != Role::Free(FreeKind::Free)) {
+            bail!(
+                "{}:{} takes its block as a later argument, which classic uprobes \
+                 cannot be told (it needs uprobe_multi links)",
+                alloc.module,
+                p.name()
+            );
+        }
         for point in frees.into_iter().chain(allocs) {
             let what = || {
                 format!(

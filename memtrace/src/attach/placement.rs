@@ -109,7 +109,7 @@ pub fn kernel_emulates(insn: &[u8]) -> Option<Emulation> {
 pub fn probe_args(role: Role) -> Vec<Register> {
     const ARGS: [Register; 6] = ABI_ARGS;
     match role {
-        Role::Free => vec![Register::RDI],
+        Role::Free(kind) => vec![ARGS[kind.ptr_arg()]],
         Role::Alloc(kind) => kind
             .args()
             .used()

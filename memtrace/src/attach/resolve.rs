@@ -132,7 +132,14 @@ struct Scan {
     no_symbols: bool,
 }
 
-fn scan(m: &ModuleFile<'_>, prefixes: &[String]) -> Scan {
+/// What `name` is: the tables' meaning, and pymalloc's functions' when they
+/// are traced.
+fn classify(name: &str, prefixes: &[String], pymalloc: bool) -> Option<Entry> {
+    entries::classify(name, prefixes)
+        .or_else(|| pymalloc.then(|| entries::classify_pymalloc(name)).flatten())
+}
+
+fn scan(m: &ModuleFile<'_>, prefixes: &[String], pymalloc: bool) -> Scan {
     let mut out = Scan {
         no_symbols: true,
         ..Scan::default()
@@ -145,7 +152,7 @@ fn scan(m: &ModuleFile<'_>, prefixes: &[String]) -> Scan {
     {
         out.no_symbols = false;
         let Ok(name) = sym.name() else { continue };
-        let entry = entries::classify(name, prefixes);
+        let entry = classify(name, prefixes, pymalloc);
         if sym.is_undefined() {
             if exported && (entry.is_some() || entries::looks_like_allocator(name)) {
                 out.imports.insert(name.to_string());
@@ -252,6 +259,8 @@ struct Process<'m, 'a> {
     modules: &'m [ModuleFile<'a>],
     scans: Vec<Scan>,
     prefixes: Vec<String>,
+    /// pymalloc's functions are traced (`--python-objects`).
+    pymalloc: bool,
     /// name -> the first module that exports it.
     exported: HashMap<String, usize>,
     /// Whether each module is an allocator: it defines an allocating and a
@@ -260,9 +269,12 @@ struct Process<'m, 'a> {
 }
 
 impl<'m, 'a> Process<'m, 'a> {
-    fn new(modules: &'m [ModuleFile<'a>]) -> Self {
+    fn new(modules: &'m [ModuleFile<'a>], pymalloc: bool) -> Self {
         let prefixes = jemalloc_prefixes(modules);
-        let scans: Vec<Scan> = modules.iter().map(|m| scan(m, &prefixes)).collect();
+        let scans: Vec<Scan> = modules
+            .iter()
+            .map(|m| scan(m, &prefixes, pymalloc))
+            .collect();
         let mut exported = HashMap::new();
         for (i, s) in scans.iter().enumerate() {
             for (name, d) in &s.defs {
@@ -279,6 +291,7 @@ impl<'m, 'a> Process<'m, 'a> {
             modules,
             scans,
             prefixes,
+            pymalloc,
             exported,
             allocator,
         }
@@ -295,7 +308,7 @@ impl<'m, 'a> Process<'m, 'a> {
 
     fn is_traced(&self, name: &str) -> bool {
         matches!(
-            entries::classify(name, &self.prefixes),
+            classify(name, &self.prefixes, self.pymalloc),
             Some(Entry::Traced(_))
         )
     }
@@ -472,7 +485,7 @@ fn is_allocator(s: &Scan) -> bool {
         s.defs.iter().any(|(n, d)| {
             !entries::is_cxx_operator(n)
                 && match d.entry {
-                    Entry::Traced(Role::Free) => free,
+                    Entry::Traced(Role::Free(_)) => free,
                     Entry::Traced(Role::Alloc(_)) => !free,
                     _ => false,
                 }
@@ -482,9 +495,10 @@ fn is_allocator(s: &Scan) -> bool {
 }
 
 /// Where the calls of every traced definition of the process go, and what
-/// memtrace probes: `modules` in symbol lookup order (the executable first).
-pub fn resolve(modules: &[ModuleFile<'_>]) -> Resolved {
-    let p = Process::new(modules);
+/// memtrace probes: `modules` in symbol lookup order (the executable first);
+/// pymalloc's functions too when `pymalloc`.
+pub fn resolve(modules: &[ModuleFile<'_>], pymalloc: bool) -> Resolved {
+    let p = Process::new(modules, pymalloc);
     // Every definition a call may reach, and what becomes of it.
     let mut decisions: Decisions = HashMap::new();
     for (i, s) in p.scans.iter().enumerate() {
@@ -740,7 +754,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
 #[cfg(test)]
 pub fn standalone(path: &str, data: &[u8]) -> Result<ModulePlan, object::Error> {
     let m = ModuleFile::parse(path, data, false)?;
-    let mut r = resolve(std::slice::from_ref(&m));
+    let mut r = resolve(std::slice::from_ref(&m), false);
     Ok(r.modules.remove(0))
 }
 

@@ -38,7 +38,10 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         fail_on_leak: cli.fail_on_leak,
         resources: !cli.no_resources,
         alert_growth: cli.alert_growth,
-        python_native_frames: cli.python_native_frames,
+        python: session::PythonOptions {
+            keep_native: cli.python_native_frames,
+            objects: cli.python_objects,
+        },
         map_sizes: cli.map_sizes(),
         sampling: cli.sampling(),
         verdicts: cli.verdict_config(),

@@ -38,6 +38,7 @@ mod watchdog;
 use output::ReportFile;
 pub use snapshot::SnapshotOptions;
 use target::Attached;
+pub use target::PythonOptions;
 use watch::Signals;
 use watchdog::Watchdog;
 
@@ -77,8 +78,8 @@ pub struct Options {
     pub snapshots: Option<SnapshotOptions>,
     pub fail_on_leak: bool,
     pub alert_growth: Option<crate::units::Rate>,
-    /// Python targets: keep the interpreter's frames between Python frames.
-    pub python_native_frames: bool,
+    /// What to do with a Python target.
+    pub python: PythonOptions,
     pub map_sizes: MapSizes,
     pub sampling: Sampling,
     pub verdicts: VerdictConfig,
@@ -190,7 +191,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         target,
         opts.map_sizes,
         opts.sampling,
-        opts.python_native_frames,
+        opts.python,
         opts.resources,
         &steps,
         &mut symbolizer,

@@ -135,6 +135,16 @@ fn watch_unmaps(probes: &mut Probes) {
     }
 }
 
+/// What the user asked of a Python target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonOptions {
+    /// Keep the interpreter's native frames between Python frames
+    /// (`--python-native-frames`).
+    pub keep_native: bool,
+    /// Trace pymalloc's functions as another allocator (`--python-objects`).
+    pub objects: bool,
+}
+
 /// Finds the target's CPython and tells the BPF side how to read its
 /// frames. Not finding one (or not one memtrace reads) costs the Python
 /// frames, not the run; the reason is said on stderr.
@@ -186,20 +196,49 @@ fn setup_python(
 }
 
 /// Lists pymalloc's functions among the untraced entry points of a Python
-/// target that was not started with `PYTHONMALLOC=malloc`: the report then
-/// says it is not complete, and which blocks it does not see.
-fn note_pymalloc(pid: u32, python: Option<&PythonResolver>, allocators: &mut Allocators) {
+/// target whose pymalloc is not traced (`--python-objects` not given, or its
+/// functions not found) and that was not started with `PYTHONMALLOC=malloc`:
+/// the report then says it is not complete, and which blocks it does not see.
+fn note_pymalloc(
+    pid: u32,
+    python: Option<&PythonResolver>,
+    objects: bool,
+    allocators: &mut Allocators,
+) {
     let Some(interp) = python.map(PythonResolver::interpreter) else {
         return;
     };
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    if pymalloc_traced(allocators) {
+        eprintln!(
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are traced \
+             (--python-objects)"
+        );
+        return;
+    }
+    let environ = proc_environ(pid);
     if python::allocates_with_malloc(&environ) {
         return;
     }
-    eprintln!(
-        "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: start the \
-         target with PYTHONMALLOC=malloc to see them"
-    );
+    if objects && python::has_debug_hooks(&environ) {
+        eprintln!(
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
+             --python-objects does not apply under the debug hooks \
+             (PYTHONMALLOC=...debug, PYTHONDEVMODE)"
+        );
+    } else if objects {
+        eprintln!(
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
+             {} has no symbol for pymalloc's functions (an LTO build inlines them): \
+             start the target with PYTHONMALLOC=malloc to see them",
+            Escaped(&interp.module)
+        );
+    } else {
+        eprintln!(
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
+             trace them with --python-objects, or start the target with \
+             PYTHONMALLOC=malloc"
+        );
+    }
     for name in python::PYMALLOC_ENTRY_POINTS {
         allocators.untraced.push(UntracedEntry {
             name: name.to_string(),
@@ -210,16 +249,35 @@ fn note_pymalloc(pid: u32, python: Option<&PythonResolver>, allocators: &mut All
     allocators.untraced.dedup();
 }
 
+/// Whether to probe pymalloc's functions in process `pid`: asked for, and
+/// not under the debug hooks, where a block above 512 bytes would be
+/// counted twice (see `python::has_debug_hooks`).
+fn pymalloc_wanted(pid: u32, objects: bool) -> bool {
+    objects && !python::has_debug_hooks(&proc_environ(pid))
+}
+
+fn proc_environ(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()
+}
+
+/// Whether pymalloc's functions are probed (`--python-objects` on a build
+/// that has their symbols).
+fn pymalloc_traced(allocators: &Allocators) -> bool {
+    allocators
+        .points()
+        .any(|(_, p)| p.names.iter().any(|n| n == "_PyObject_Malloc"))
+}
+
 /// Attaches to `target`: the running process, or the command launched for
-/// it. Each step is timed in `steps`. `keep_native`: a Python target's
-/// stacks keep the interpreter's frames between Python frames.
+/// it. Each step is timed in `steps`. `python`: what to do with a Python
+/// target.
 /// `symbolizer` starts loading the debug info every report needs as soon as
 /// the modules are known.
 pub(super) fn attach(
     target: &Target,
     sizes: MapSizes,
     sampling: Sampling,
-    keep_native: bool,
+    python: PythonOptions,
     resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
@@ -227,16 +285,10 @@ pub(super) fn attach(
     // Needed when the maps are created; read meanwhile.
     crate::kernel::btf_facts::read_ahead();
     let at = match target {
-        Target::Attach(pid) => attach_existing(
-            *pid,
-            sizes,
-            sampling,
-            keep_native,
-            resources,
-            steps,
-            symbolizer,
-        ),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native, resources, steps),
+        Target::Attach(pid) => {
+            attach_existing(*pid, sizes, sampling, python, resources, steps, symbolizer)
+        }
+        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, python, resources, steps),
     }?;
     if at.launched {
         preload_debug_info(
@@ -355,7 +407,7 @@ fn attach_existing(
     pid: u32,
     sizes: MapSizes,
     sampling: Sampling,
-    keep_native: bool,
+    python_opts: PythonOptions,
     resources: bool,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
@@ -370,8 +422,9 @@ fn attach_existing(
     let mut tables = UnwindTables::new(memtrace_common::DEFAULT_MAX_UNWIND_ROWS);
     compile_tables_ahead(&mut tables, &early, steps);
     inspect.doing("finding the allocator");
-    let mut allocators = allocator::find_allocators(pid, &maps)
-        .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
+    let mut allocators =
+        allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, python_opts.objects))
+            .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
     preload_debug_info(
@@ -392,8 +445,8 @@ fn attach_existing(
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &early, HashMap::new())
     });
-    let python = setup_python(&mut trace_maps, pid, &early, keep_native);
-    note_pymalloc(pid, python.as_ref(), &mut allocators);
+    let python = setup_python(&mut trace_maps, pid, &early, python_opts.keep_native);
+    note_pymalloc(pid, python.as_ref(), python_opts.objects, &mut allocators);
     drop(early);
     let mut probes = Probes::new(verifying.wait()?, sampling.mean_bytes() != 0);
     // Watched from before the modules are read: no unmapping goes unseen.
@@ -453,7 +506,7 @@ fn launch_new(
     cmd: &[OsString],
     sizes: MapSizes,
     sampling: Sampling,
-    keep_native: bool,
+    python_opts: PythonOptions,
     resources: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
@@ -485,7 +538,14 @@ fn launch_new(
         .with_context(|| format!("cannot launch {}", program.display()))?;
     let dynamic = matches!(loading, Loading::Dynamic { .. });
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
-        attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)
+        attach_at_loader_stops(
+            pid,
+            &program,
+            dynamic,
+            python_opts.objects,
+            &mut probes,
+            &mut trace_maps,
+        )
     })?;
     // (The child is stopped: its mappings stay as captured while the
     // tables compile and the breakpoint's removal waits for the kernel.)
@@ -514,8 +574,8 @@ fn launch_new(
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
-    let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
-    note_pymalloc(pid, python.as_ref(), &mut allocators);
+    let python = setup_python(&mut trace_maps, pid, &modules, python_opts.keep_native);
+    note_pymalloc(pid, python.as_ref(), python_opts.objects, &mut allocators);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     launch::continue_child(pid);
     Ok(Attached {
@@ -549,6 +609,7 @@ fn attach_at_loader_stops(
     pid: u32,
     program: &Path,
     dynamic: bool,
+    pymalloc: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
@@ -558,7 +619,7 @@ fn attach_at_loader_stops(
             Some(ChildState::Stopped(libc::SIGSTOP)) => {
                 stops += 1;
                 if !dynamic || stops >= 2 {
-                    return attach_at_stop(pid, probes, trace_maps);
+                    return attach_at_stop(pid, pymalloc, probes, trace_maps);
                 }
                 launch::continue_child(pid);
             }
@@ -577,11 +638,12 @@ fn attach_at_loader_stops(
 /// the child.
 fn attach_at_stop(
     pid: u32,
+    pymalloc: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
     let attached = read_maps(pid).map_err(|e| anyhow!(e)).and_then(|maps| {
-        let a = allocator::find_allocators(pid, &maps)?;
+        let a = allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, pymalloc))?;
         debug_attach_delay();
         trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
         let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;

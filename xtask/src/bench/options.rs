@@ -59,8 +59,9 @@ options:
                        (0: skip) [3]
   --python-reps N      repetitions of the Python figure: a stdlib
                        ThreadingHTTPServer under a client, and an allocation
-                       loop, on pyenv's CPython 3.12, untraced, memtrace exact
-                       and memtrace --sample-bytes 64KiB (0: skip) [3]
+                       loop, on pyenv's CPython 3.12, untraced, memtrace exact,
+                       exact --python-objects and memtrace --sample-bytes 64KiB
+                       (0: skip) [3]
   --attach-reps N      repetitions of the attach figure: command start to ready
                        and system CPU of memtrace exact, sampled and memleak.bt
                        against an idle C program and an idle python3.11, with

@@ -1,7 +1,8 @@
 //! Python services: a stdlib `ThreadingHTTPServer` with two leaks, served
 //! to a client process, and an allocation-heavy loop
 //! (xtask/bench/py_service.py), on pyenv's CPython 3.12 (a shared
-//! libpython), untraced, memtrace exact and memtrace low-overhead
+//! libpython), untraced, memtrace exact, memtrace exact with pymalloc's
+//! small objects (`--python-objects`) and memtrace low-overhead
 //! (`--sample-bytes`), attached by `--pid`.
 //!
 //! Every repetition runs each (workload, config) once in a freshly shuffled
@@ -64,16 +65,24 @@ impl PyWorkload {
 pub(super) enum PyConfig {
     Untraced,
     Exact,
+    /// Exact, with pymalloc traced (`--python-objects`).
+    Objects,
     LowOverhead,
 }
 
 impl PyConfig {
-    const ALL: [PyConfig; 3] = [PyConfig::Untraced, PyConfig::Exact, PyConfig::LowOverhead];
+    const ALL: [PyConfig; 4] = [
+        PyConfig::Untraced,
+        PyConfig::Exact,
+        PyConfig::Objects,
+        PyConfig::LowOverhead,
+    ];
 
     fn label(self) -> String {
         match self {
             PyConfig::Untraced => "untraced".into(),
             PyConfig::Exact => "memtrace exact".into(),
+            PyConfig::Objects => "memtrace exact --python-objects".into(),
             PyConfig::LowOverhead => format!("memtrace --sample-bytes {PY_SAMPLE_BYTES}"),
         }
     }
@@ -170,12 +179,18 @@ fn run_one(
     let _ = fs::remove_file(json);
     let mut tracer = match config {
         PyConfig::Untraced => None,
-        PyConfig::Exact | PyConfig::LowOverhead => {
+        PyConfig::Exact | PyConfig::Objects | PyConfig::LowOverhead => {
             let mut c = Command::new(memtrace);
             c.args(["--pid", &target.pid().to_string(), "-f", "json", "-o"])
                 .arg(json);
-            if config == PyConfig::LowOverhead {
-                c.args(["--sample-bytes", PY_SAMPLE_BYTES]);
+            match config {
+                PyConfig::LowOverhead => {
+                    c.args(["--sample-bytes", PY_SAMPLE_BYTES]);
+                }
+                PyConfig::Objects => {
+                    c.arg("--python-objects");
+                }
+                _ => {}
             }
             let mut p = Proc::spawn("memtrace", c, false, true)?;
             p.wait_line(ATTACH_TIMEOUT, "`memtrace: attached`", |st, l| {

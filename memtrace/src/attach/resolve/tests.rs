@@ -3,6 +3,9 @@
 //! small programs built with gcc here: which functions are probed in which
 //! module, which hand their calls on, and which are not traced.
 use std::collections::BTreeSet;
+use std::path::Path;
+
+use memtrace_common::FreeKind;
 
 use super::*;
 use crate::testutil::{TempDir, sh};
@@ -33,7 +36,7 @@ fn process(files: &[(String, Vec<u8>)], exe: bool) -> Resolved {
         .enumerate()
         .map(|(i, (p, d))| ModuleFile::parse(p, d, exe && i == 0).unwrap())
         .collect();
-    resolve(&modules)
+    resolve(&modules, false)
 }
 
 /// Every name probed in a module.
@@ -110,7 +113,7 @@ fn jemalloc_alone() {
         role("mallocx"),
         Role::Alloc(memtrace_common::AllocKind::Malloc)
     );
-    assert_eq!(role("sdallocx"), Role::Free);
+    assert_eq!(role("sdallocx"), Role::Free(FreeKind::Free));
     // Code its functions call jumps through a hook's pointer: its own calls
     // are told by return address (as they were before its operators and
     // extended API were probed).
@@ -439,4 +442,43 @@ fn calls_from_code_the_allocator_calls() {
         let off = vaddr_to_file_offset(&m.file, ret - 5).unwrap() as usize;
         assert!(matches!(m.data[off], 0xe8), "{ret:#x}");
     }
+}
+
+/// pyenv's shared libpython with `--python-objects`: pymalloc's four
+/// functions are probed (its free with the block second), its
+/// allocator-like exports are known, nothing is untraced; without the
+/// option, libpython is no allocator.
+#[test]
+fn pymalloc_in_a_shared_libpython() {
+    let lib = "/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0";
+    if !Path::new(lib).is_file() {
+        eprintln!("note: {lib} not installed: skipped");
+        return;
+    }
+    let files = read(&[lib, "libc.so.6"]);
+    let modules: Vec<ModuleFile<'_>> = files
+        .iter()
+        .map(|(p, d)| ModuleFile::parse(p, d, false).unwrap())
+        .collect();
+    let r = resolve(&modules, true);
+    assert_eq!(
+        probed(&r.modules[0]),
+        BTreeSet::from([
+            "_PyObject_Malloc",
+            "_PyObject_Calloc",
+            "_PyObject_Realloc",
+            "_PyObject_Free"
+        ])
+    );
+    let free = r.modules[0]
+        .points
+        .iter()
+        .find(|p| p.name() == "_PyObject_Free")
+        .unwrap();
+    assert_eq!(free.role, Role::Free(FreeKind::CtxFree));
+    assert!(r.untraced.is_empty(), "{:?}", r.untraced);
+    // Its calls cannot all be listed (a jump through PyMem_RawMalloc's
+    // pointer): own calls are told by return address.
+    assert!(r.modules[0].internal_calls.is_err());
+    assert!(resolve(&modules, false).modules[0].points.is_empty());
 }

@@ -165,6 +165,21 @@ pub fn allocates_with_malloc(environ: &[u8]) -> bool {
         .is_some_and(|v| v == b"malloc" || v == b"malloc_debug")
 }
 
+/// Whether the environment turns on CPython's debug hooks on its allocators
+/// (`PYTHONMALLOC=debug`, `pymalloc_debug`, ..., or `PYTHONDEVMODE`): the
+/// raw allocator is then wrapped too, and a block pymalloc hands to malloc
+/// reaches it through the hooks' code, not from pymalloc's.
+pub fn has_debug_hooks(environ: &[u8]) -> bool {
+    // getenv() finds the first of each.
+    let first = |name: &[u8]| {
+        environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(name))
+    };
+    first(b"PYTHONMALLOC=").is_some_and(|v| v.ends_with(b"debug"))
+        || first(b"PYTHONDEVMODE=").is_some_and(|v| !v.is_empty())
+}
+
 /// The functions of pymalloc, which memtrace does not trace, as the report
 /// lists them among the untraced entry points.
 pub const PYMALLOC_ENTRY_POINTS: &[&str] = &["PyObject_Malloc", "PyMem_Malloc"];
@@ -334,6 +349,18 @@ mod tests {
         // getenv(), which CPython reads it with, finds the first.
         assert!(!allocates_with_malloc(
             b"PYTHONMALLOC=pymalloc\0PYTHONMALLOC=malloc\0"
+        ));
+    }
+
+    #[test]
+    fn debug_hooks_from_the_environment() {
+        assert!(!has_debug_hooks(b"PYTHONMALLOC=pymalloc\0"));
+        assert!(!has_debug_hooks(b"PYTHONMALLOC=malloc\0PYTHONDEVMODE=\0"));
+        assert!(has_debug_hooks(b"A=1\0PYTHONMALLOC=pymalloc_debug\0"));
+        assert!(has_debug_hooks(b"PYTHONMALLOC=debug"));
+        assert!(has_debug_hooks(b"PYTHONDEVMODE=1\0"));
+        assert!(!has_debug_hooks(
+            b"PYTHONMALLOC=pymalloc\0PYTHONMALLOC=debug\0"
         ));
     }
 

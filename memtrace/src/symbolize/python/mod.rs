@@ -6,4 +6,4 @@ pub mod layout;
 pub mod linetable;
 
 pub use code::PythonResolver;
-pub use layout::{Found, PYMALLOC_ENTRY_POINTS, allocates_with_malloc, find};
+pub use layout::{Found, PYMALLOC_ENTRY_POINTS, allocates_with_malloc, find, has_debug_hooks};
