@@ -798,6 +798,34 @@ mod tests {
         assert!(plain.fd_sites.is_empty());
     }
 
+    #[test]
+    fn thread_sites_are_compared_with_the_fd_sites() {
+        let with_threads = |pid, n| {
+            let mut r = with_fds(report(pid, vec![]), vec![("socket", 1, "connect_db")]);
+            let t = with_fds(json!({}), vec![("thread", n, "start_worker")]);
+            r["resources"]["threads"] = t["resources"]["fds"].clone();
+            r
+        };
+        let d = compare(
+            &Snapshot::from_json("old", &with_threads(1, 2)).unwrap(),
+            &Snapshot::from_json("new", &with_threads(2, 12)).unwrap(),
+        );
+        let got: Vec<(&str, Status, i64)> = d
+            .fd_sites
+            .iter()
+            .map(|e| (e.kind.as_str(), e.entry.status, e.entry.count_diff))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("thread", Status::Grew, 10),
+                ("socket", Status::Unchanged, 0)
+            ]
+        );
+        let text = d.to_text(10);
+        assert!(text.contains("#1 +10 threads: 2 -> 12 [leak]\n"), "{text}");
+    }
+
     /// The same program twice, at other addresses (ASLR) and another module path.
     fn two_runs() -> (Snapshot, Snapshot) {
         let run = |pid, base: u64, module: &str, leak: i64, cache: i64, extra: bool| {
