@@ -25,9 +25,18 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
             .with_context(|| format!("no program {name}"))?
             .try_into()?;
         if prog.fd().is_err() {
+            let started = std::time::Instant::now();
             prog.load().map_err(|e| anyhow!(e)).with_context(|| {
                 format!("the kernel refused BPF program {name} (verifier or permissions)")
             })?;
+            log::debug!(
+                "BPF program {name} verified in {:?}: processed {} insns",
+                started.elapsed(),
+                prog.info()
+                    .ok()
+                    .and_then(|i| i.verified_instruction_count())
+                    .map_or_else(|| "?".to_string(), |n| n.to_string())
+            );
         }
         prog.attach("syscalls", &event)
             .map_err(|e| anyhow!(e))
