@@ -150,21 +150,22 @@ impl Threads {
     }
 
     /// `, 19 threads (18 created while traced, 2 more exited unjoined)` for
-    /// the live line: the traced figures where known.
+    /// the live line: the traced figures where known (`, 1 thread` when no
+    /// traced thread is held).
     pub(super) fn live_part(&self) -> String {
         let Some(alive) = self.alive else {
             return String::new();
         };
         let traced = self.last.iter().filter(|(_, r)| r.exited_ns == 0).count();
         let unjoined = self.last.len() - traced;
-        let mut s = format!(
-            ", {alive} thread{} ({traced} created while traced",
-            if alive == 1 { "" } else { "s" }
-        );
-        if unjoined > 0 {
-            s.push_str(&format!(", {unjoined} more exited unjoined"));
+        let mut s = format!(", {alive} thread{}", if alive == 1 { "" } else { "s" });
+        if traced > 0 || unjoined > 0 {
+            s.push_str(&format!(" ({traced} created while traced"));
+            if unjoined > 0 {
+                s.push_str(&format!(", {unjoined} more exited unjoined"));
+            }
+            s.push(')');
         }
-        s.push(')');
         s
     }
 
