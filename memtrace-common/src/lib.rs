@@ -1521,6 +1521,7 @@ pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 /// aya reads and writes map values as plain bytes.
 // After the macros it uses (`codes!`).
 pub mod resources;
+pub mod threads;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -92,6 +92,8 @@ mod sites;
 #[cfg(target_arch = "bpf")]
 mod target;
 #[cfg(target_arch = "bpf")]
+mod threads;
+#[cfg(target_arch = "bpf")]
 mod unmaps;
 #[cfg(target_arch = "bpf")]
 mod uretprobe;

@@ -95,8 +95,8 @@ fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
 /// The user registers the syscall was entered with: its arguments (rdi,
 /// rsi, rdx, r10, r8, kept there by the kernel for the whole syscall) and
 /// where the stack walk starts (rip, rsp, rbp).
-struct UserRegs {
-    args: [u64; 5],
+pub(crate) struct UserRegs {
+    pub(crate) args: [u64; 5],
     pc: u64,
     sp: u64,
     bp: u64,
@@ -118,8 +118,19 @@ fn reg(regs: *const pt_regs, off: usize) -> Option<u64> {
     (!failed).then_some(v)
 }
 
+impl UserRegs {
+    /// Steps out of a leaf function that keeps its return address at sp
+    /// (no push, no frame): the registers its caller sees once it returns.
+    #[inline(always)]
+    pub(crate) fn return_from_leaf(&mut self) -> Option<()> {
+        self.pc = read_user(self.sp)?;
+        self.sp = self.sp.wrapping_add(8);
+        Some(())
+    }
+}
+
 #[inline(always)]
-fn user_regs() -> Option<UserRegs> {
+pub(crate) fn user_regs() -> Option<UserRegs> {
     use core::mem::offset_of;
     // SAFETY: helpers with no preconditions; the task is the current one, whose user registers
     // bpf_task_pt_regs gives (a kernel pointer, read with bpf_probe_read_kernel).
@@ -283,6 +294,18 @@ fn action(nr: u64, a: &[u64; 5], ret: i64) -> Action {
 /// The stack of the syscall's caller: walked from the task's user registers.
 #[inline(always)]
 fn creator_stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
+    stack_at_regs(ctx, regs, |c, n| fd_count(c, n))
+}
+
+/// The stack walked from the task's user registers; a failure the walk
+/// counted in the heap's counters is moved to `count` (the fd counter of
+/// its cause).
+#[inline(always)]
+pub(crate) fn stack_at_regs(
+    ctx: &TracePointContext,
+    regs: &UserRegs,
+    count: impl Fn(FdCounter, u64),
+) -> u64 {
     let (pc, sp, bp) = (regs.pc, regs.sp, regs.bp);
     let start = WalkStart {
         pc,
@@ -298,7 +321,7 @@ fn creator_stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
     let before = heap_stack_failures();
     let id = capture_stack(ctx, Some(start));
     if id == NO_STACK {
-        move_stack_failures(before);
+        move_stack_failures(before, count);
     }
     id
 }
@@ -325,7 +348,7 @@ fn heap_stack_failures() -> [u64; 3] {
 /// the fd counters: the heap's `drops` count allocations only. (Per CPU:
 /// nothing else runs on this CPU meanwhile but an NMI's program.)
 #[inline(always)]
-fn move_stack_failures(before: [u64; 3]) {
+fn move_stack_failures(before: [u64; 3], count: impl Fn(FdCounter, u64)) {
     let after = heap_stack_failures();
     for ((b, a), (c, fc)) in before.into_iter().zip(after).zip(STACK_FAILURES) {
         let added = a.wrapping_sub(b);
@@ -336,7 +359,7 @@ fn move_stack_failures(before: [u64; 3]) {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
             unsafe { *p -= added };
         }
-        fd_count(fc, added);
+        count(fc, added);
     }
 }
 

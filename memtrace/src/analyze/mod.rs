@@ -29,6 +29,7 @@ pub mod fds;
 mod history;
 mod process;
 mod stats;
+pub mod threads;
 mod verdict;
 
 pub use blocks::{BlockGrouper, SiteBlocks};

@@ -546,6 +546,37 @@ impl Probes {
         Ok(())
     }
 
+    /// Traces the threads the target creates and ends (see `threads`):
+    /// the tracepoints, and the pthread calls in `module` (glibc) bound to
+    /// `pid`; returns the probes attached. A pthread function the module
+    /// does not have is left out (logged).
+    pub fn attach_thread_tracing(&mut self, module: &Path, pid: u32) -> Result<usize> {
+        use memtrace_common::threads::PTHREAD_PROBES;
+        let mut n = super::threads::attach_tracepoints(
+            self.ebpf.as_mut().context("probes already detached")?,
+        )?;
+        let pid = NonZeroU32::new(pid).context("pid 0")?;
+        for (function, entry, with_return) in PTHREAD_PROBES {
+            let returns = with_return.then_some("thread_call_return");
+            for prog in std::iter::once(entry).chain(returns) {
+                let at = UProbeAttachLocation::Symbol(function);
+                match self
+                    .program(prog)?
+                    .attach(at, module, UProbeScope::OneProcess(pid))
+                {
+                    Ok(link) => {
+                        self.links.push((prog, link));
+                        n += 1;
+                    }
+                    Err(e) => {
+                        log::info!("{}:{function} not probed ({prog}): {e}", module.display())
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Traces the fds the target creates and releases (see `fds`); returns
     /// the tracepoints attached.
     pub fn attach_fd_tracing(&mut self) -> Result<usize> {

@@ -8,3 +8,4 @@ pub mod fds;
 pub mod links;
 pub mod placement;
 pub mod resolve;
+pub mod threads;

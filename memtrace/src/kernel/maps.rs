@@ -41,6 +41,8 @@ pub struct TraceMaps {
     pub python_code_copies: RingBuf<MapData>,
     /// The fd maps (see `resources`).
     pub fds: super::resources::FdMaps,
+    /// The thread maps (see `threads`).
+    pub threads: super::threads::ThreadMaps,
 }
 
 impl TraceMaps {

@@ -12,5 +12,6 @@ pub mod object;
 pub mod resources;
 pub mod sampling;
 pub mod tables;
+pub mod threads;
 pub mod unmaps;
 pub mod uprobe_offsets;

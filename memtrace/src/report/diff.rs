@@ -195,13 +195,17 @@ impl Snapshot {
             .unwrap_or(Value::Null);
         let target = v.get("target").cloned().unwrap_or(Value::Null);
         let totals = v.get("totals").cloned().unwrap_or(Value::Null);
-        let fd_list = v
-            .pointer("/resources/fds/sites")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        // Thread sites (kind "thread") are compared with the fd sites.
+        let list_at = |p: &str| {
+            v.pointer(p)
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        };
+        let fd_list = list_at("/resources/fds/sites");
+        let thread_list = list_at("/resources/threads/sites");
         let mut fd_sites: HashMap<(String, Vec<FrameKey>), SnapSite> = HashMap::new();
-        for (i, s) in fd_list.iter().enumerate() {
+        for (i, s) in fd_list.iter().chain(thread_list).enumerate() {
             let fds = count(s, "outstanding", path, &format!("fd site {}", i + 1))?;
             let kind = str_field(s, "kind").unwrap_or_default();
             let e = fd_sites
@@ -342,7 +346,8 @@ pub struct Diff {
     pub sites: Vec<Entry>,
     /// Every fd site (kind and stack key) of either report, by growth in
     /// open fds (`count_diff`, `old_blocks`/`new_blocks` are fds; the byte
-    /// fields are 0).
+    /// fields are 0); thread sites too, with `kind` "thread" (in threads
+    /// alive or exited unjoined).
     pub fd_sites: Vec<FdEntry>,
 }
 
@@ -685,11 +690,14 @@ impl Diff {
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "\n#{} {}{} {} fds: {} -> {}{verdict}",
+                "\n#{} {}{} {}: {} -> {}{verdict}",
                 i + 1,
                 n.status.label(),
                 signed_count(n.count_diff),
-                Escaped(&e.kind),
+                match e.kind.as_str() {
+                    "thread" => "threads".to_string(),
+                    k => format!("{} fds", Escaped(k)),
+                },
                 n.old_blocks,
                 n.new_blocks,
             );
@@ -788,6 +796,34 @@ mod tests {
         // A report without resources (older, or --no-resources) has none.
         let plain = Snapshot::from_json("plain", &report(3, vec![])).unwrap();
         assert!(plain.fd_sites.is_empty());
+    }
+
+    #[test]
+    fn thread_sites_are_compared_with_the_fd_sites() {
+        let with_threads = |pid, n| {
+            let mut r = with_fds(report(pid, vec![]), vec![("socket", 1, "connect_db")]);
+            let t = with_fds(json!({}), vec![("thread", n, "start_worker")]);
+            r["resources"]["threads"] = t["resources"]["fds"].clone();
+            r
+        };
+        let d = compare(
+            &Snapshot::from_json("old", &with_threads(1, 2)).unwrap(),
+            &Snapshot::from_json("new", &with_threads(2, 12)).unwrap(),
+        );
+        let got: Vec<(&str, Status, i64)> = d
+            .fd_sites
+            .iter()
+            .map(|e| (e.kind.as_str(), e.entry.status, e.entry.count_diff))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("thread", Status::Grew, 10),
+                ("socket", Status::Unchanged, 0)
+            ]
+        );
+        let text = d.to_text(10);
+        assert!(text.contains("#1 +10 threads: 2 -> 12 [leak]\n"), "{text}");
     }
 
     /// The same program twice, at other addresses (ASLR) and another module path.

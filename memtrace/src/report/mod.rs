@@ -13,6 +13,7 @@ mod pprof;
 mod proto;
 pub mod resources;
 mod text;
+pub mod threads;
 
 pub use flame::write_flame_graph;
 pub use folded::write_folded;

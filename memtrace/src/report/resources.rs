@@ -16,6 +16,9 @@ use crate::escape::Escaped;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Resources {
     pub fds: FdReport,
+    /// Threads (absent when they are not traced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<super::threads::ThreadReport>,
 }
 
 /// File descriptors.
@@ -183,7 +186,7 @@ pub struct FdHistoryPoint {
     pub oldest_age_s: Option<f64>,
 }
 
-fn frames_json<S: Serializer>(f: &Frames, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn frames_json<S: Serializer>(f: &Frames, s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(f.iter())
 }
 

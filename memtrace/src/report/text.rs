@@ -145,6 +145,9 @@ impl Report {
         self.freed_text(&mut o);
         if let Some(r) = &self.resources {
             let _ = super::resources::write_text(&mut o, &r.fds, top);
+            if let Some(t) = &r.threads {
+                let _ = super::threads::write_text(&mut o, t, top);
+            }
         }
         o
     }

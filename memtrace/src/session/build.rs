@@ -165,13 +165,17 @@ pub(super) fn build_report(
     s.watchdog.doing("reading the final figures");
     let is_final = purpose.is_final();
     let fin = Final::read(opts, at, history, &meta, &mut lap, is_final)?;
-    let resources = match &mut s.fds {
+    let mut resources = match &mut s.fds {
         Some(fds) => {
             fds.sample(at, Some(meta.end_ns))?;
             Some(fds.report(at, meta.end_ns, &opts.verdicts)?)
         }
         None => None,
     };
+    if let (Some(r), Some(t)) = (&mut resources, &mut s.threads) {
+        t.sample(at, Some(meta.end_ns));
+        r.threads = Some(t.report(at, meta.end_ns, &opts.verdicts)?);
+    }
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
     let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
@@ -207,6 +211,14 @@ pub(super) fn build_report(
                 .enumerate()
                 .map(|(i, site)| (site.stack_id, Which::Fd(i))),
         );
+        if let Some(t) = &r.threads {
+            shown.extend(
+                t.sites
+                    .iter()
+                    .enumerate()
+                    .map(|(i, site)| (site.stack_id, Which::Thread(i))),
+            );
+        }
     }
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
@@ -264,6 +276,8 @@ enum Which {
     Freed(usize),
     /// Of `resources.fds.sites`.
     Fd(usize),
+    /// Of `resources.threads.sites`.
+    Thread(usize),
 }
 
 /// Gives the `shown` sites their frames; returns the count of unresolved
@@ -281,6 +295,10 @@ fn fill_frames(
             Which::Freed(i) => &mut figures.freed_sites[i].frames,
             Which::Fd(i) => match &mut figures.resources {
                 Some(r) => &mut r.fds.sites[i].frames,
+                None => continue,
+            },
+            Which::Thread(i) => match figures.resources.as_mut().and_then(|r| r.threads.as_mut()) {
+                Some(t) => &mut t.sites[i].frames,
                 None => continue,
             },
         };

@@ -32,6 +32,7 @@ mod serve;
 pub mod snapshot;
 mod summary;
 mod target;
+mod threads;
 mod watch;
 mod watchdog;
 
@@ -160,6 +161,8 @@ struct Session {
     attach_times: AttachTimes,
     /// fd tracing, when on.
     fds: Option<resources::Fds>,
+    /// Thread tracing, when on.
+    threads: Option<threads::Threads>,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -217,6 +220,8 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     } else {
         None
     };
+    let threads =
+        (at.thread_probes > 0).then(|| threads::Threads::start(&at, start_ns, opts.interval));
     Ok(Session {
         history,
         symbolizer,
@@ -233,6 +238,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         capture: Default::default(),
         attach_times,
         fds,
+        threads,
     })
 }
 

@@ -50,6 +50,8 @@ pub(super) struct Summary {
     scan_ns_per_block: f64,
     /// This interval's fds by kind, when they are traced (`, 12 fds (7 socket, ...)`).
     pub(super) fds: Option<String>,
+    /// This interval's threads, when they are traced (`, 19 threads (18 created while traced)`).
+    pub(super) threads: Option<String>,
 }
 
 /// What one interval read from the kernel and /proc.
@@ -331,7 +333,15 @@ fn print_line(
     let dropped = counters.dropped_events() + counters.stack_errors();
     let process_part = r
         .process
-        .map(|p| process_summary(&p, last.rss_bytes, bytes, last.fds.as_deref()))
+        .map(|p| {
+            process_summary(
+                &p,
+                last.rss_bytes,
+                bytes,
+                last.fds.as_deref(),
+                last.threads.as_deref(),
+            )
+        })
         .unwrap_or_default();
     eprintln!(
         "memtrace: {} outstanding {est}{} in {est}{} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
@@ -409,8 +419,15 @@ impl Summary {
 }
 
 /// `; rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
-/// (`fds`: the fds by kind instead of their count, when they are traced).
-fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds: Option<&str>) -> String {
+/// (`fds`: the fds by kind instead of their count, when they are traced;
+/// `threads`: the traced figures, when they are).
+fn process_summary(
+    p: &ProcStat,
+    last_rss: Option<u64>,
+    traced: i64,
+    fds: Option<&str>,
+    threads: Option<&str>,
+) -> String {
     let mut s = format!("; rss {} (", format_bytes(p.rss_bytes as i64));
     if let Some(prev) = last_rss {
         let d = p.rss_bytes as i64 - prev as i64;
@@ -435,10 +452,14 @@ fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds: Option
     } else if let Some(f) = p.fds {
         s.push_str(&format!(", {} fds", format_count(f)));
     }
-    s.push_str(&format!(
-        ", {} thread{}",
-        p.threads,
-        if p.threads == 1 { "" } else { "s" }
-    ));
+    if let Some(t) = threads.filter(|t| !t.is_empty()) {
+        s.push_str(t);
+    } else {
+        s.push_str(&format!(
+            ", {} thread{}",
+            p.threads,
+            if p.threads == 1 { "" } else { "s" }
+        ));
+    }
     s
 }

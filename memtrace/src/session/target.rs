@@ -53,6 +53,10 @@ pub(super) struct Attached {
     /// The target's fds once the fd tracepoints were in, before it ran on:
     /// those not traced existed at attach.
     pub(super) fds_at_attach: FdsAtAttach,
+    /// The thread probes attached (0: threads are not traced).
+    pub(super) thread_probes: usize,
+    /// The target's threads once the thread probes were in, before it ran on.
+    pub(super) threads_at_attach: super::threads::ThreadsAtAttachRead,
 }
 
 /// The target's fds (`/proc/PID/fd` links) and the traced ones, when fd
@@ -73,6 +77,44 @@ impl FdsAtAttach {
             links: crate::process::fds::fd_links(pid).unwrap_or_default(),
             traced: maps.fds.open_fds().unwrap_or_default(),
             at_ns: crate::kernel::collect::monotonic_ns(),
+        }
+    }
+}
+
+/// Starts tracing threads (`resources`), with the target's mappings (the
+/// pthread functions are probed in its libc), before it runs on; a failure
+/// costs the threads part of the report, not the run. Returns the probes
+/// attached and the threads running then.
+fn trace_threads(
+    probes: &mut Probes,
+    resources: bool,
+    pid: u32,
+    maps: &[crate::process::maps::MapEntry],
+    steps: &Arc<Steps>,
+) -> (usize, super::threads::ThreadsAtAttachRead) {
+    let none = (0, Default::default());
+    if !resources {
+        return none;
+    }
+    let Some(module) = crate::attach::threads::pthread_module(pid, maps) else {
+        eprintln!(
+            "memtrace: warning: threads are not traced: the target maps no libc or libpthread"
+        );
+        return none;
+    };
+    match steps.time("thread_probes", "attaching thread probes", || {
+        probes.attach_thread_tracing(&module, pid)
+    }) {
+        Ok(n) => (
+            n,
+            super::threads::ThreadsAtAttachRead {
+                names: super::threads::task_names(pid).unwrap_or_default(),
+                at_ns: crate::kernel::collect::monotonic_ns(),
+            },
+        ),
+        Err(e) => {
+            eprintln!("memtrace: warning: threads are not traced: {e:#}");
+            none
         }
     }
 }
@@ -453,6 +495,8 @@ fn attach_existing(
     watch_unmaps(&mut probes);
     let fd_tracepoints = trace_fds(&mut probes, resources, steps);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
+    let (thread_probes, threads_at_attach) =
+        trace_threads(&mut probes, resources, pid, &maps, steps);
     let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
@@ -480,6 +524,8 @@ fn attach_existing(
         python,
         fd_tracepoints,
         fds_at_attach,
+        thread_probes,
+        threads_at_attach,
     })
 }
 
@@ -577,6 +623,16 @@ fn launch_new(
     let python = setup_python(&mut trace_maps, pid, &modules, python_opts.keep_native);
     note_pymalloc(pid, python.as_ref(), python_opts.objects, &mut allocators);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
+    // (The child is stopped with its libraries mapped.)
+    let (thread_probes, threads_at_attach) = match read_maps(pid) {
+        Ok(maps) => trace_threads(&mut probes, resources, pid, &maps, steps),
+        Err(e) => {
+            if resources {
+                eprintln!("memtrace: warning: threads are not traced: {e}");
+            }
+            (0, Default::default())
+        }
+    };
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -594,6 +650,8 @@ fn launch_new(
         python,
         fd_tracepoints,
         fds_at_attach,
+        thread_probes,
+        threads_at_attach,
     })
 }
 

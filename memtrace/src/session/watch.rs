@@ -211,6 +211,10 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
                 log::warn!("reading the target's fds failed: {e:#}");
             }
             last.fds = s.fds.as_ref().map(|f| f.live_part());
+            if let Some(t) = &mut s.threads {
+                t.sample(&s.at, None);
+            }
+            last.threads = s.threads.as_ref().map(|t| t.live_part());
             let work = summary::live_summary(
                 &mut s.at,
                 &mut s.symbolizer,

@@ -1,0 +1,63 @@
+//! Thread tracing's probes (the BPF object's `threads`): tracepoints at the
+//! exits of clone and clone3 and at the entry of exit, which run for every
+//! caller on the host and return at once unless it is the target, and
+//! uprobes bound to the target at the pthread calls that tell whether an
+//! exited thread was joined or detached (rare calls: nothing on the
+//! malloc/free path).
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{Ebpf, programs::TracePoint};
+use memtrace_common::threads::CREATE_SYSCALLS;
+
+use crate::process::maps::MapEntry;
+
+/// Loads the thread tracepoints and attaches them; returns how many.
+pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
+    let creates = CREATE_SYSCALLS
+        .iter()
+        .map(|s| ("thread_created", format!("sys_exit_{s}")));
+    let exit = std::iter::once(("thread_exit", "sys_enter_exit".to_string()));
+    let mut n = 0;
+    for (name, event) in creates.chain(exit) {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            let started = std::time::Instant::now();
+            prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+                format!("the kernel refused BPF program {name} (verifier or permissions)")
+            })?;
+            log::debug!(
+                "BPF program {name} verified in {:?}: processed {} insns",
+                started.elapsed(),
+                prog.info()
+                    .ok()
+                    .and_then(|i| i.verified_instruction_count())
+                    .map_or_else(|| "?".to_string(), |n| n.to_string())
+            );
+        }
+        prog.attach("syscalls", &event)
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("attaching {name} to syscalls:{event}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The file the target's pthread functions are in: glibc's libc (2.34 on),
+/// or an older glibc's libpthread, as the target maps it.
+pub fn pthread_module(pid: u32, maps: &[MapEntry]) -> Option<PathBuf> {
+    let named = |prefix: &str| {
+        maps.iter().find(|m| {
+            m.is_exec()
+                && m.path
+                    .as_deref()
+                    .and_then(|p| p.rsplit('/').next())
+                    .is_some_and(|f| f.starts_with(prefix))
+        })
+    };
+    let m = named("libpthread.so").or_else(|| named("libc.so"))?;
+    Some(super::allocator::open_path(pid, m))
+}
