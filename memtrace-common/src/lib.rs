@@ -1413,6 +1413,8 @@ pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 /// aya reads and writes map values as plain bytes.
 // After the macros it uses (`codes!`).
 pub mod resources;
+// After the macros it uses (`codes!`).
+pub mod mappings;
 
 #[cfg(feature = "user")]
 mod pod {

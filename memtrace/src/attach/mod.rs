@@ -6,5 +6,6 @@ pub mod entries;
 pub mod exits;
 pub mod fds;
 pub mod links;
+pub mod mappings;
 pub mod placement;
 pub mod resolve;

@@ -41,6 +41,8 @@ pub struct TraceMaps {
     pub python_code_copies: RingBuf<MapData>,
     /// The fd maps (see `resources`).
     pub fds: super::resources::FdMaps,
+    /// The mapping maps (see `mappings`).
+    pub mappings: super::mappings::MapMaps,
 }
 
 impl TraceMaps {

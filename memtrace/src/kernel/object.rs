@@ -314,6 +314,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         code_unmap_log: Array::try_from(take(map_names::CODE_UNMAP_LOG)?)?,
         trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
         fds: super::resources::FdMaps::take(ebpf)?,
+        mappings: super::mappings::MapMaps::take(ebpf)?,
     })
 }
 
@@ -367,6 +368,7 @@ mod tests {
         found.sort_unstable();
         let mut shared = map_names::ALL.to_vec();
         shared.extend(resources::map_names::ALL);
+        shared.extend(memtrace_common::mappings::map_names::ALL);
         shared.sort_unstable();
         assert_eq!(found, shared);
     }

@@ -16,6 +16,9 @@ use crate::escape::Escaped;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Resources {
     pub fds: FdReport,
+    /// Memory mappings (absent when they were not traced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mappings: Option<super::mappings::MappingReport>,
 }
 
 /// File descriptors.

@@ -145,6 +145,9 @@ impl Report {
         self.freed_text(&mut o);
         if let Some(r) = &self.resources {
             let _ = super::resources::write_text(&mut o, &r.fds, top);
+            if let Some(m) = &r.mappings {
+                let _ = super::mappings::write_text(&mut o, m, top);
+            }
         }
         o
     }

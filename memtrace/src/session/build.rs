@@ -168,7 +168,12 @@ pub(super) fn build_report(
     let resources = match &mut s.fds {
         Some(fds) => {
             fds.sample(at, Some(meta.end_ns))?;
-            Some(fds.report(at, meta.end_ns, &opts.verdicts)?)
+            let mut r = fds.report(at, meta.end_ns, &opts.verdicts)?;
+            if let Some(m) = &mut s.mappings {
+                m.sample(at, Some(meta.end_ns))?;
+                r.mappings = Some(m.report(at, meta.end_ns, &opts.verdicts)?);
+            }
+            Some(r)
         }
         None => None,
     };
@@ -206,6 +211,12 @@ pub(super) fn build_report(
                 .iter()
                 .enumerate()
                 .map(|(i, site)| (site.stack_id, Which::Fd(i))),
+        );
+        let mappings = r.mappings.iter().flat_map(|m| &m.sites);
+        shown.extend(
+            mappings
+                .enumerate()
+                .map(|(i, site)| (site.stack_id, Which::Mapping(i))),
         );
     }
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
@@ -264,6 +275,8 @@ enum Which {
     Freed(usize),
     /// Of `resources.fds.sites`.
     Fd(usize),
+    /// Of `resources.mappings.sites`.
+    Mapping(usize),
 }
 
 /// Gives the `shown` sites their frames; returns the count of unresolved
@@ -281,6 +294,11 @@ fn fill_frames(
             Which::Freed(i) => &mut figures.freed_sites[i].frames,
             Which::Fd(i) => match &mut figures.resources {
                 Some(r) => &mut r.fds.sites[i].frames,
+                None => continue,
+            },
+            Which::Mapping(i) => match figures.resources.as_mut().and_then(|r| r.mappings.as_mut())
+            {
+                Some(m) => &mut m.sites[i].frames,
                 None => continue,
             },
         };

@@ -24,6 +24,7 @@ mod finish;
 mod frames;
 mod launch;
 mod live;
+mod mappings;
 mod output;
 mod preflight;
 mod progress;
@@ -159,6 +160,8 @@ struct Session {
     attach_times: AttachTimes,
     /// fd tracing, when on.
     fds: Option<resources::Fds>,
+    /// Mapping tracing, when on (with fd tracing).
+    mappings: Option<mappings::Mappings>,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -216,6 +219,17 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     } else {
         None
     };
+    let mappings = if fds.is_some() {
+        match mappings::Mappings::start(&at, start_ns, opts.interval) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("memtrace: warning: mappings are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Session {
         history,
         symbolizer,
@@ -232,6 +246,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         capture: Default::default(),
         attach_times,
         fds,
+        mappings,
     })
 }
 

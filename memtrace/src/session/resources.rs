@@ -235,6 +235,7 @@ impl Fds {
                 verdicts,
                 sites,
             },
+            mappings: None,
         })
     }
 
