@@ -268,7 +268,7 @@ mod tests {
             description: description.map(String::from),
             outstanding: n,
             created: n,
-            bytes: Some(n * 4 << 20),
+            bytes: Some(n << 22),
             oldest_age_s: None,
             median_age_s: None,
             verdict: Verdict::Leak,

@@ -430,7 +430,7 @@ impl Mappings {
                 stack_id: key.stack_id,
             });
         }
-        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
+        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(b.kind)));
         let mut verdicts = VerdictCounts::default();
         for s in &sites {
             *match s.verdict {
