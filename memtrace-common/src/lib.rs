@@ -1522,6 +1522,7 @@ pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 // After the macros it uses (`codes!`).
 pub mod resources;
 pub mod threads;
+pub mod mappings;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -74,6 +74,8 @@ mod globals;
 #[cfg(target_arch = "bpf")]
 mod loader;
 #[cfg(target_arch = "bpf")]
+mod mappings;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod marks;

@@ -86,7 +86,7 @@ fn fd_count(c: FdCounter, n: u64) {
 
 /// The syscall's number in a `sys_enter_*`/`sys_exit_*` record.
 #[inline(always)]
-fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
+pub(crate) fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
     // SAFETY: every syscall tracepoint record has `int __syscall_nr` at offset 8;
     // bpf_probe_read_kernel fails rather than faults.
     unsafe { ctx.read_at::<i32>(8) }.ok().map(|n| n as u64)
@@ -97,9 +97,9 @@ fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
 /// where the stack walk starts (rip, rsp, rbp).
 pub(crate) struct UserRegs {
     pub(crate) args: [u64; 5],
-    pc: u64,
-    sp: u64,
-    bp: u64,
+    pub(crate) pc: u64,
+    pub(crate) sp: u64,
+    pub(crate) bp: u64,
 }
 
 /// Reads one u64 of the task's user registers at `off`.
@@ -147,6 +147,14 @@ pub(crate) fn user_regs() -> Option<UserRegs> {
         sp: reg(regs, offset_of!(pt_regs, rsp))?,
         bp: reg(regs, offset_of!(pt_regs, rbp))?,
     })
+}
+
+/// The task's user r9: a syscall's sixth argument (mmap's offset).
+#[inline(always)]
+pub(crate) fn user_reg_r9() -> Option<u64> {
+    // SAFETY: as in `user_regs`.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    reg(regs, core::mem::offset_of!(pt_regs, r9))
 }
 
 /// `EBADF`: the one error of close that leaves no fd released.
@@ -294,18 +302,21 @@ fn action(nr: u64, a: &[u64; 5], ret: i64) -> Action {
 /// The stack of the syscall's caller: walked from the task's user registers.
 #[inline(always)]
 fn creator_stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
-    stack_at_regs(ctx, regs, |c, n| fd_count(c, n))
+    let (id, failed) = syscall_stack(ctx, regs);
+    for (n, (_, fc)) in failed.into_iter().zip(STACK_FAILURES) {
+        if n != 0 {
+            fd_count(fc, n);
+        }
+    }
+    id
 }
 
-/// The stack walked from the task's user registers; a failure the walk
-/// counted in the heap's counters is moved to `count` (the fd counter of
-/// its cause).
+/// The stack of the syscall's caller, walked from the task's user registers
+/// (fds, mappings). A walk that stored no stack counted why in the heap's
+/// counters: that count is taken back out (the heap's `drops` count
+/// allocations only) and returned by `STACK_FAILURES` cause.
 #[inline(always)]
-pub(crate) fn stack_at_regs(
-    ctx: &TracePointContext,
-    regs: &UserRegs,
-    count: impl Fn(FdCounter, u64),
-) -> u64 {
+pub(crate) fn syscall_stack(ctx: &TracePointContext, regs: &UserRegs) -> (u64, [u64; 3]) {
     let (pc, sp, bp) = (regs.pc, regs.sp, regs.bp);
     let start = WalkStart {
         pc,
@@ -320,10 +331,11 @@ pub(crate) fn stack_at_regs(
     };
     let before = heap_stack_failures();
     let id = capture_stack(ctx, Some(start));
+    let mut failed = [0u64; 3];
     if id == NO_STACK {
-        move_stack_failures(before, count);
+        failed = take_stack_failures(before);
     }
-    id
+    (id, failed)
 }
 
 /// The heap's counters of stacks not stored, which the walk counts in, and
@@ -344,13 +356,19 @@ fn heap_stack_failures() -> [u64; 3] {
     v
 }
 
-/// Moves what an fd's walk added to the heap's stack failure counters to
-/// the fd counters: the heap's `drops` count allocations only. (Per CPU:
-/// nothing else runs on this CPU meanwhile but an NMI's program.)
+/// Takes what a syscall's walk added to the heap's stack failure counters
+/// back out of them, and returns it. (Per CPU: nothing else runs on this
+/// CPU meanwhile but an NMI's program.)
 #[inline(always)]
-fn move_stack_failures(before: [u64; 3], count: impl Fn(FdCounter, u64)) {
+fn take_stack_failures(before: [u64; 3]) -> [u64; 3] {
     let after = heap_stack_failures();
-    for ((b, a), (c, fc)) in before.into_iter().zip(after).zip(STACK_FAILURES) {
+    let mut taken = [0u64; 3];
+    for (i, ((b, a), (c, _))) in before
+        .into_iter()
+        .zip(after)
+        .zip(STACK_FAILURES)
+        .enumerate()
+    {
         let added = a.wrapping_sub(b);
         if added == 0 || added > 1 {
             continue;
@@ -359,8 +377,9 @@ fn move_stack_failures(before: [u64; 3], count: impl Fn(FdCounter, u64)) {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
             unsafe { *p -= added };
         }
-        count(fc, added);
+        taken[i] = added;
     }
+    taken
 }
 
 /// Fd `fd` was created (by `origin`, with its stack).

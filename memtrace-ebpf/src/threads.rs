@@ -16,7 +16,7 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use crate::resources::{UserRegs, stack_at_regs, user_regs};
+use crate::resources::{UserRegs, syscall_stack, user_regs};
 use crate::target::{read_user, regs_ret, target_thread};
 use aya_ebpf::{
     EbpfContext,
@@ -135,7 +135,7 @@ pub fn thread_created(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn created(ctx: &TracePointContext, regs: &UserRegs, me: u32, tid: u32, tls: u64) {
     count(ThreadCounter::Created);
-    let stack = stack_at_regs(ctx, regs, |_, _| {});
+    let (stack, _) = syscall_stack(ctx, regs);
     if stack == NO_STACK {
         count(ThreadCounter::NoStack);
     }

@@ -27,6 +27,7 @@
 mod blocks;
 pub mod fds;
 mod history;
+pub mod mappings;
 mod process;
 mod stats;
 pub mod threads;

@@ -7,12 +7,21 @@ use memtrace_common::resources::FD_SYSCALLS;
 
 /// Loads the fd programs and attaches them; returns the tracepoints attached.
 pub fn attach(ebpf: &mut Ebpf) -> Result<usize> {
-    let mut n = 0;
     let exits = FD_SYSCALLS
         .iter()
         .map(|s| ("fd_exit", "syscalls", format!("sys_exit_{s}")));
     let exec = std::iter::once(("fd_exec", "sched", "sched_process_exec".to_string()));
-    for (name, category, event) in exits.chain(exec) {
+    attach_tracepoints(ebpf, exits.chain(exec))
+}
+
+/// Loads each (program, category, event) once and attaches it there;
+/// returns the tracepoints attached.
+pub(super) fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    points: impl Iterator<Item = (&'static str, &'static str, String)>,
+) -> Result<usize> {
+    let mut n = 0;
+    for (name, category, event) in points {
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?

@@ -580,7 +580,8 @@ impl Probes {
     /// Traces the fds the target creates and releases (see `fds`); returns
     /// the tracepoints attached.
     pub fn attach_fd_tracing(&mut self) -> Result<usize> {
-        super::fds::attach(self.ebpf.as_mut().context("probes already detached")?)
+        let ebpf = self.ebpf.as_mut().context("probes already detached")?;
+        Ok(super::fds::attach(ebpf)? + super::mappings::attach(ebpf)?)
     }
 
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.

@@ -6,6 +6,7 @@ pub mod entries;
 pub mod exits;
 pub mod fds;
 pub mod links;
+pub mod mappings;
 pub mod placement;
 pub mod resolve;
 pub mod threads;

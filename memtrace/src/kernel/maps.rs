@@ -43,6 +43,8 @@ pub struct TraceMaps {
     pub fds: super::resources::FdMaps,
     /// The thread maps (see `threads`).
     pub threads: super::threads::ThreadMaps,
+    /// The mapping maps (see `mappings`).
+    pub mappings: super::mappings::MapMaps,
 }
 
 impl TraceMaps {

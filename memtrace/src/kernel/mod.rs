@@ -6,6 +6,7 @@ pub mod batch;
 pub mod blocks;
 pub mod btf_facts;
 pub mod collect;
+pub mod mappings;
 pub mod maps;
 pub mod multi;
 pub mod object;

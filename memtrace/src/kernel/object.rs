@@ -315,6 +315,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
         fds: super::resources::FdMaps::take(ebpf)?,
         threads: super::threads::ThreadMaps::take(ebpf)?,
+        mappings: super::mappings::MapMaps::take(ebpf)?,
     })
 }
 
@@ -369,6 +370,7 @@ mod tests {
         let mut shared = map_names::ALL.to_vec();
         shared.extend(resources::map_names::ALL);
         shared.extend(memtrace_common::threads::map_names::ALL);
+        shared.extend(memtrace_common::mappings::map_names::ALL);
         shared.sort_unstable();
         assert_eq!(found, shared);
     }

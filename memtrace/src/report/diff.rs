@@ -114,6 +114,40 @@ pub struct Snapshot {
     /// The fd sites (`resources.fds.sites`), by kind and stack key; their
     /// `bytes` is 0, `blocks` the open fds.
     pub fd_sites: HashMap<(String, Vec<FrameKey>), SnapSite>,
+    /// The mapping sites (`resources.mappings.sites`), by kind and stack
+    /// key: `bytes` mapped, `blocks` the mappings.
+    pub mapping_sites: HashMap<(String, Vec<FrameKey>), SnapSite>,
+}
+
+/// The mapping sites of report `v` (none in a report without them).
+fn mapping_sites(v: &Value, path: &str) -> Result<HashMap<(String, Vec<FrameKey>), SnapSite>> {
+    let list = v
+        .pointer("/resources/mappings/sites")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut sites: HashMap<(String, Vec<FrameKey>), SnapSite> = HashMap::new();
+    for (i, s) in list.iter().enumerate() {
+        let what = format!("mapping site {}", i + 1);
+        let n = count(s, "outstanding", path, &what)?;
+        let bytes = count(s, "bytes", path, &what)?;
+        let kind = str_field(s, "kind").unwrap_or_default();
+        let e = sites
+            .entry((kind, site_key(s)))
+            .or_insert_with(|| SnapSite {
+                bytes: 0,
+                blocks: 0,
+                verdict: str_field(s, "verdict"),
+                growth_bytes_per_s: s.get("growth_per_s").and_then(Value::as_f64),
+                frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
+            });
+        e.blocks = e.blocks.checked_add(n).context("mappings overflow")?;
+        e.bytes = e
+            .bytes
+            .checked_add(bytes)
+            .context("mapped bytes overflow")?;
+    }
+    Ok(sites)
 }
 
 /// The sites of `list` (`field` of report `path`) by stack key, those with
@@ -236,6 +270,7 @@ impl Snapshot {
             sites,
             freed,
             fd_sites,
+            mapping_sites: mapping_sites(v, path)?,
         })
     }
 
@@ -349,6 +384,9 @@ pub struct Diff {
     /// fields are 0); thread sites too, with `kind` "thread" (in threads
     /// alive or exited unjoined).
     pub fd_sites: Vec<FdEntry>,
+    /// Every mapping site (kind and stack key) of either report, by growth
+    /// in bytes mapped (`old_blocks`/`new_blocks` are mappings).
+    pub mapping_sites: Vec<FdEntry>,
 }
 
 /// One fd site (kind and stack key) in both reports.
@@ -364,6 +402,10 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
     let keyed = entries(&old.sites, &new.sites, &old.freed, &new.freed);
     let no_freed = HashMap::new();
     let fd_sites = entries(&old.fd_sites, &new.fd_sites, &no_freed, &no_freed)
+        .into_iter()
+        .map(|((kind, _), entry)| FdEntry { kind, entry })
+        .collect();
+    let mapping_sites = entries(&old.mapping_sites, &new.mapping_sites, &no_freed, &no_freed)
         .into_iter()
         .map(|((kind, _), entry)| FdEntry { kind, entry })
         .collect();
@@ -395,6 +437,7 @@ pub fn compare(old: &Snapshot, new: &Snapshot) -> Diff {
         totals,
         sites: keyed.into_iter().map(|(_, e)| e).collect(),
         fd_sites,
+        mapping_sites,
     }
 }
 
@@ -662,7 +705,56 @@ impl Diff {
             let _ = writeln!(o, "\n... and {hidden} more sites (all in --format json)");
         }
         self.fd_text(&mut o, top);
+        self.mapping_text(&mut o, top);
         o
+    }
+
+    /// The mapping sites that grew or are new (bytes mapped).
+    fn mapping_text(&self, o: &mut String, top: usize) {
+        let up: Vec<&FdEntry> = self
+            .mapping_sites
+            .iter()
+            .filter(|e| matches!(e.entry.status, Status::New | Status::Grew))
+            .collect();
+        if up.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "\ntop {} of {} mapping sites that grew or are new, by bytes mapped:",
+            up.len().min(top),
+            up.len()
+        );
+        for (i, e) in up.iter().take(top).enumerate() {
+            let n = &e.entry;
+            let verdict = n
+                .verdict
+                .as_deref()
+                .map(|v| format!(" [{}]", Escaped(v)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "\n#{} {}+{} {}: {} -> {} ({} -> {} mappings){verdict}",
+                i + 1,
+                n.status.label(),
+                crate::units::format_bytes(n.size_diff),
+                Escaped(&e.kind),
+                crate::units::format_bytes(n.old_bytes),
+                crate::units::format_bytes(n.new_bytes),
+                n.old_blocks,
+                n.new_blocks,
+            );
+            match n.frames.as_array() {
+                Some(fs) if !fs.is_empty() => {
+                    for f in fs {
+                        let _ = writeln!(o, "    {}", frame_line(f));
+                    }
+                }
+                _ => {
+                    let _ = writeln!(o, "    [stack not captured]");
+                }
+            }
+        }
     }
 
     /// The fd sites that grew or are new (open fds).
@@ -758,6 +850,47 @@ mod tests {
             .collect();
         r["resources"] = json!({"fds": {"sites": sites}});
         r
+    }
+
+    fn with_mappings(mut r: Value, sites: Vec<(i64, i64, &str)>) -> Value {
+        let sites: Vec<Value> = sites
+            .into_iter()
+            .map(|(n, bytes, function)| {
+                json!({"kind": "anon_mapping", "outstanding": n, "bytes": bytes,
+                       "verdict": "leak", "growth_per_s": 2.0, "stack_captured": true,
+                       "frames": [frame("0x10", "/lib/libc.so.6", Some("__mmap64"), 1),
+                                  frame("0x20", "/usr/bin/app", Some(function), 7)]})
+            })
+            .collect();
+        r["resources"] = json!({"fds": {"sites": []}, "mappings": {"sites": sites}});
+        r
+    }
+
+    #[test]
+    fn mapping_sites_are_compared_by_bytes() {
+        let old = with_mappings(report(1, vec![]), vec![(2, 8192, "grow_cache")]);
+        let new = with_mappings(
+            report(2, vec![]),
+            vec![(5, 20480, "grow_cache"), (1, 4096, "map_once")],
+        );
+        let d = compare(
+            &Snapshot::from_json("old", &old).unwrap(),
+            &Snapshot::from_json("new", &new).unwrap(),
+        );
+        let got: Vec<(Status, i64, i64)> = d
+            .mapping_sites
+            .iter()
+            .map(|e| (e.entry.status, e.entry.size_diff, e.entry.count_diff))
+            .collect();
+        assert_eq!(got, vec![(Status::Grew, 12288, 3), (Status::New, 4096, 1)]);
+        let text = d.to_text(10);
+        assert!(
+            text.contains("#1 +12.0 KiB anon_mapping: 8.0 KiB -> 20.0 KiB (2 -> 5 mappings) [leak]\n    __mmap64"),
+            "{text}"
+        );
+        // A report without mappings has none.
+        let plain = Snapshot::from_json("plain", &report(3, vec![])).unwrap();
+        assert!(plain.mapping_sites.is_empty());
     }
 
     #[test]

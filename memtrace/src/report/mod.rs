@@ -9,6 +9,7 @@ mod flame;
 mod folded;
 mod frames;
 mod json;
+pub mod mappings;
 mod pprof;
 mod proto;
 pub mod resources;

@@ -19,6 +19,9 @@ pub struct Resources {
     /// Threads (absent when they are not traced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<super::threads::ThreadReport>,
+    /// Memory mappings (absent when they were not traced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mappings: Option<super::mappings::MappingReport>,
 }
 
 /// File descriptors.

@@ -148,6 +148,9 @@ impl Report {
             if let Some(t) = &r.threads {
                 let _ = super::threads::write_text(&mut o, t, top);
             }
+            if let Some(m) = &r.mappings {
+                let _ = super::mappings::write_text(&mut o, m, top);
+            }
         }
         o
     }

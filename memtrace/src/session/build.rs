@@ -168,7 +168,12 @@ pub(super) fn build_report(
     let mut resources = match &mut s.fds {
         Some(fds) => {
             fds.sample(at, Some(meta.end_ns))?;
-            Some(fds.report(at, meta.end_ns, &opts.verdicts)?)
+            let mut r = fds.report(at, meta.end_ns, &opts.verdicts)?;
+            if let Some(m) = &mut s.mappings {
+                m.sample(at, Some(meta.end_ns))?;
+                r.mappings = Some(m.report(at, meta.end_ns, &opts.verdicts)?);
+            }
+            Some(r)
         }
         None => None,
     };
@@ -219,6 +224,12 @@ pub(super) fn build_report(
                     .map(|(i, site)| (site.stack_id, Which::Thread(i))),
             );
         }
+        let mappings = r.mappings.iter().flat_map(|m| &m.sites);
+        shown.extend(
+            mappings
+                .enumerate()
+                .map(|(i, site)| (site.stack_id, Which::Mapping(i))),
+        );
     }
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
@@ -278,6 +289,8 @@ enum Which {
     Fd(usize),
     /// Of `resources.threads.sites`.
     Thread(usize),
+    /// Of `resources.mappings.sites`.
+    Mapping(usize),
 }
 
 /// Gives the `shown` sites their frames; returns the count of unresolved
@@ -299,6 +312,11 @@ fn fill_frames(
             },
             Which::Thread(i) => match figures.resources.as_mut().and_then(|r| r.threads.as_mut()) {
                 Some(t) => &mut t.sites[i].frames,
+                None => continue,
+            },
+            Which::Mapping(i) => match figures.resources.as_mut().and_then(|r| r.mappings.as_mut())
+            {
+                Some(m) => &mut m.sites[i].frames,
                 None => continue,
             },
         };

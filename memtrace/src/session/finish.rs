@@ -105,7 +105,9 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     };
     let leaks = report.verdicts.leak
         + report.resources.as_ref().map_or(0, |r| {
-            r.fds.leaks() + r.threads.as_ref().map_or(0, |t| t.leaks())
+            r.fds.leaks()
+                + r.threads.as_ref().map_or(0, |t| t.leaks())
+                + r.mappings.as_ref().map_or(0, |m| m.leaks())
         });
     // The process ends next: freeing a report of ten thousand sites and the
     // symbolizer's debug info piece by piece would cost tens of milliseconds.

@@ -24,6 +24,7 @@ mod finish;
 mod frames;
 mod launch;
 mod live;
+mod mappings;
 mod output;
 mod preflight;
 mod progress;
@@ -163,6 +164,8 @@ struct Session {
     fds: Option<resources::Fds>,
     /// Thread tracing, when on.
     threads: Option<threads::Threads>,
+    /// Mapping tracing, when on (with fd tracing).
+    mappings: Option<mappings::Mappings>,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -222,6 +225,17 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     };
     let threads =
         (at.thread_probes > 0).then(|| threads::Threads::start(&at, start_ns, opts.interval));
+    let mappings = if fds.is_some() {
+        match mappings::Mappings::start(&at, start_ns, opts.interval) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("memtrace: warning: mappings are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Session {
         history,
         symbolizer,
@@ -239,6 +253,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         attach_times,
         fds,
         threads,
+        mappings,
     })
 }
 

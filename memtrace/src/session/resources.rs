@@ -236,6 +236,7 @@ impl Fds {
                 sites,
             },
             threads: None,
+            mappings: None,
         })
     }
 

@@ -210,7 +210,18 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             {
                 log::warn!("reading the target's fds failed: {e:#}");
             }
-            last.fds = s.fds.as_ref().map(|f| f.live_part());
+            if let Some(m) = &mut s.mappings
+                && let Err(e) = m.sample(&mut s.at, None)
+            {
+                log::warn!("reading the target's mappings failed: {e:#}");
+            }
+            last.fds = s.fds.as_ref().map(|f| {
+                f.live_part()
+                    + &s.mappings
+                        .as_ref()
+                        .map(|m| m.live_part())
+                        .unwrap_or_default()
+            });
             if let Some(t) = &mut s.threads {
                 t.sample(&s.at, None);
             }
