@@ -1518,11 +1518,11 @@ pub struct Countdown {
 /// Largest `--sample-bytes`: keeps the BPF side's fixed-point product in 64 bits.
 pub const MAX_SAMPLE_MEAN_BYTES: u64 = 1 << 40;
 
+pub mod mappings;
 /// aya reads and writes map values as plain bytes.
 // After the macros it uses (`codes!`).
 pub mod resources;
 pub mod threads;
-pub mod mappings;
 
 #[cfg(feature = "user")]
 mod pod {
