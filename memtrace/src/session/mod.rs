@@ -22,6 +22,7 @@ mod build;
 mod capture;
 mod finish;
 mod frames;
+mod images;
 mod launch;
 mod live;
 mod output;
@@ -84,6 +85,8 @@ pub struct Options {
     pub verdicts: VerdictConfig,
     /// Trace resources beyond the heap (file descriptors); `--no-resources`.
     pub resources: bool,
+    /// Trace on as the new program when the target calls exec; `--no-follow-exec`.
+    pub follow_exec: bool,
 }
 
 /// The final report's format.
@@ -159,6 +162,8 @@ struct Session {
     attach_times: AttachTimes,
     /// fd tracing, when on.
     fds: Option<resources::Fds>,
+    /// The programs the target ran before the current one (exec).
+    images: images::Images,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -186,15 +191,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let steps = Arc::new(Steps::new());
     let progress = progress::Progress::start(Arc::clone(&steps));
     let mut symbolizer = Symbolizer::new();
-    let at = target::attach(
-        target,
-        opts.map_sizes,
-        opts.sampling,
-        opts.python_native_frames,
-        opts.resources,
-        &steps,
-        &mut symbolizer,
-    );
+    let at = target::attach(target, opts, &steps, &mut symbolizer);
     // (The progress line is gone before any message.)
     drop(progress);
     let at = at?;
@@ -232,6 +229,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         capture: Default::default(),
         attach_times,
         fds,
+        images: images::Images::new(start_ns),
     })
 }
 

@@ -5,7 +5,7 @@ use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf, sync::
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::{
-    Target,
+    Options, Target,
     launch::{self, ChildState, Loading},
     preflight, preload_debug_info,
 };
@@ -53,6 +53,9 @@ pub(super) struct Attached {
     /// The target's fds once the fd tracepoints were in, before it ran on:
     /// those not traced existed at attach.
     pub(super) fds_at_attach: FdsAtAttach,
+    /// Whether the BPF side watches the target's exec (and says when it
+    /// happens, `images.rs`).
+    pub(super) exec_watched: bool,
 }
 
 /// The target's fds (`/proc/PID/fd` links) and the traced ones, when fd
@@ -120,6 +123,29 @@ impl Attached {
                 self.unmaps_read = log.through;
             }
             Err(e) => log::warn!("reading the code unmapped: {e:#}"),
+        }
+    }
+}
+
+/// Watches the target's exec and the processes it creates (`images`);
+/// `stop_at_exec`: stop it at its exec, for memtrace to attach to the new
+/// program before it runs (launch mode, following execs). A failure costs
+/// following execs and counting children, not the run.
+fn watch_images(probes: &mut Probes, maps: &mut TraceMaps, stop_at_exec: bool) -> bool {
+    let watched = probes.attach_image_watch().and_then(|()| {
+        if stop_at_exec {
+            maps.stop_at_exec()?;
+        }
+        Ok(())
+    });
+    match watched {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "memtrace: warning: the target's exec and children are not watched ({e:#}): \
+                 an exec ends tracing once seen, children are not counted"
+            );
+            false
         }
     }
 }
@@ -211,21 +237,19 @@ fn note_pymalloc(pid: u32, python: Option<&PythonResolver>, allocators: &mut All
 }
 
 /// Attaches to `target`: the running process, or the command launched for
-/// it. Each step is timed in `steps`. `keep_native`: a Python target's
-/// stacks keep the interpreter's frames between Python frames.
-/// `symbolizer` starts loading the debug info every report needs as soon as
-/// the modules are known.
+/// it, as `opts` say (map sizes, sampling, Python's native frames, fds,
+/// following execs). Each step is timed in `steps`. `symbolizer` starts
+/// loading the debug info every report needs as soon as the modules are known.
 pub(super) fn attach(
     target: &Target,
-    sizes: MapSizes,
-    sampling: Sampling,
-    keep_native: bool,
-    resources: bool,
+    opts: &Options,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
     // Needed when the maps are created; read meanwhile.
     crate::kernel::btf_facts::read_ahead();
+    let (sizes, sampling) = (opts.map_sizes, opts.sampling);
+    let (keep_native, resources) = (opts.python_native_frames, opts.resources);
     let at = match target {
         Target::Attach(pid) => attach_existing(
             *pid,
@@ -236,7 +260,15 @@ pub(super) fn attach(
             steps,
             symbolizer,
         ),
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, keep_native, resources, steps),
+        Target::Launch(cmd) => launch_new(
+            cmd,
+            sizes,
+            sampling,
+            keep_native,
+            resources,
+            opts.follow_exec,
+            steps,
+        ),
     }?;
     if at.launched {
         preload_debug_info(
@@ -400,6 +432,7 @@ fn attach_existing(
     watch_unmaps(&mut probes);
     let fd_tracepoints = trace_fds(&mut probes, resources, steps);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
+    let exec_watched = watch_images(&mut probes, &mut trace_maps, false);
     let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
@@ -427,6 +460,7 @@ fn attach_existing(
         python,
         fd_tracepoints,
         fds_at_attach,
+        exec_watched,
     })
 }
 
@@ -455,25 +489,20 @@ fn launch_new(
     sampling: Sampling,
     keep_native: bool,
     resources: bool,
+    follow_exec: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
     let launching = steps.start("launch", "starting the command");
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
-    let loading = launch::loading(&program)?;
-    let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
+    // (A script runs its interpreter.)
+    let exe = launch::executable(&program)?;
+    let loading = launch::loading(&exe)?;
+    let (bp_path, bp_offset) = breakpoint(&exe, &loading)?;
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
     drop(launching);
-    let loaded = object::load(pid, sizes, sampling.mean_bytes(), steps).and_then(|(v, maps)| {
-        let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
-        steps.time("attach_loader_breakpoint", "attaching probes", || {
-            probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)
-        })?;
-        watch_unmaps(&mut probes);
-        let fd_tracepoints = trace_fds(&mut probes, resources, steps);
-        Ok((probes, maps, fd_tracepoints))
-    });
-    let (mut probes, mut trace_maps, fd_tracepoints) = match loaded {
+    let loaded = load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps);
+    let loaded = match loaded {
         Ok(v) => v,
         Err(e) => {
             child.abandon();
@@ -483,9 +512,109 @@ fn launch_new(
     child
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
-    let dynamic = matches!(loading, Loading::Dynamic { .. });
+    let stops = LoaderStops {
+        program,
+        dynamic: matches!(loading, Loading::Dynamic { .. }),
+        stop_at_exec: follow_exec,
+    };
+    attach_at_start(pid, stops, loaded, keep_native, steps)
+}
+
+/// Launch mode, once the child called exec and the BPF side stopped it
+/// there (see `watch_images`), before the new program ran: attaches to the
+/// new program as to a launched one, at its loader's stops.
+pub(super) fn launch_after_exec(
+    pid: u32,
+    sizes: MapSizes,
+    sampling: Sampling,
+    keep_native: bool,
+    resources: bool,
+    follow_exec: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    loop {
+        match launch::wait_child(pid, false)? {
+            Some(ChildState::Stopped(libc::SIGSTOP)) => break,
+            Some(ChildState::Stopped(_)) => launch::continue_child(pid),
+            Some(state) => bail!(
+                "pid {pid} ended (exit status {}) at its exec",
+                state.exit_code().unwrap_or(-1)
+            ),
+            None => {}
+        }
+    }
+    let attached = (|| {
+        let program = PathBuf::from(proc_exe(pid).context("reading the new program's path")?);
+        let loading = launch::loading(&program)?;
+        let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
+        let loaded =
+            load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps)?;
+        launch::continue_child(pid);
+        let stops = LoaderStops {
+            program,
+            dynamic: matches!(loading, Loading::Dynamic { .. }),
+            stop_at_exec: follow_exec,
+        };
+        attach_at_start(pid, stops, loaded, keep_native, steps)
+    })();
+    if attached.is_err() {
+        // Not left stopped: it runs on untraced.
+        launch::continue_child(pid);
+    }
+    attached
+}
+
+/// The new program's loading: where it stops, and whether it is to stop at
+/// its own exec.
+struct LoaderStops {
+    program: PathBuf,
+    dynamic: bool,
+    stop_at_exec: bool,
+}
+
+/// The programs loaded and the loader breakpoint in, before a new program runs.
+type Loaded = (Probes, TraceMaps, usize);
+
+/// Loads the programs and puts the breakpoint that stops the new program
+/// of `pid` in its loader (or at a static executable's entry).
+fn load_with_breakpoint(
+    pid: u32,
+    bp_path: &Path,
+    bp_offset: u64,
+    sizes: MapSizes,
+    sampling: Sampling,
+    resources: bool,
+    steps: &Arc<Steps>,
+) -> Result<Loaded> {
+    let (v, maps) = object::load(pid, sizes, sampling.mean_bytes(), steps)?;
+    let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
+    steps.time("attach_loader_breakpoint", "attaching probes", || {
+        probes.attach_loader_breakpoint(bp_path, bp_offset, pid)
+    })?;
+    watch_unmaps(&mut probes);
+    let fd_tracepoints = trace_fds(&mut probes, resources, steps);
+    Ok((probes, maps, fd_tracepoints))
+}
+
+/// A new program released towards its loader breakpoint: attaches the
+/// allocator probes at its last loader stop, reads its modules, loads their
+/// tables, and lets it run.
+fn attach_at_start(
+    pid: u32,
+    stops: LoaderStops,
+    loaded: Loaded,
+    keep_native: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    let (mut probes, mut trace_maps, fd_tracepoints) = loaded;
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
-        attach_at_loader_stops(pid, &program, dynamic, &mut probes, &mut trace_maps)
+        attach_at_loader_stops(
+            pid,
+            &stops.program,
+            stops.dynamic,
+            &mut probes,
+            &mut trace_maps,
+        )
     })?;
     // (The child is stopped: its mappings stay as captured while the
     // tables compile and the breakpoint's removal waits for the kernel.)
@@ -517,6 +646,8 @@ fn launch_new(
     let python = setup_python(&mut trace_maps, pid, &modules, keep_native);
     note_pymalloc(pid, python.as_ref(), &mut allocators);
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
+    // After the program's own exec: watched from here on.
+    let exec_watched = watch_images(&mut probes, &mut trace_maps, stops.stop_at_exec);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -534,6 +665,7 @@ fn launch_new(
         python,
         fd_tracepoints,
         fds_at_attach,
+        exec_watched,
     })
 }
 
