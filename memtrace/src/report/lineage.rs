@@ -98,3 +98,57 @@ impl Lineage {
         lines
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_image_and_no_child_say_nothing() {
+        let l = Lineage {
+            images: vec![Image {
+                exe: Some("/bin/app".into()),
+                traced: true,
+                ..Default::default()
+            }],
+            forks_not_followed: Forks::default(),
+        };
+        assert!(l.text_lines().is_empty());
+    }
+
+    #[test]
+    fn names_each_image_and_the_children() {
+        let l = Lineage {
+            images: vec![
+                Image {
+                    exe: Some("/usr/bin/env".into()),
+                    traced: true,
+                    ended_by_exec: true,
+                    alloc_calls: 3,
+                    closed_blocks: 1,
+                    closed_bytes: 120,
+                    ..Default::default()
+                },
+                Image {
+                    exe: Some("/bin/app\x1b[2J".into()),
+                    traced: true,
+                    tracing_started_after_ms: Some(41.6),
+                    ..Default::default()
+                },
+            ],
+            forks_not_followed: Forks {
+                count: 17,
+                pids: vec![10, 11],
+            },
+        };
+        assert_eq!(
+            l.text_lines(),
+            [
+                "programs run: /usr/bin/env (3 allocations; 1 blocks of 120 B closed at its \
+                 exec) -> /bin/app\\x1b[2J (traced from 42 ms after its exec: the sites below)",
+                "children not followed: 17 (pids 10, 11, ...): their allocations are not in \
+                 this report",
+            ]
+        );
+    }
+}
