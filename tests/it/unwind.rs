@@ -221,7 +221,12 @@ fn a_target_that_calls_exec_ends_tracing_with_a_clear_message() {
     assert_eq!(run.report.0["end_reason"], "target-exec", "{}", run.stderr);
     assert!(run.stderr.contains("called exec"), "{}", run.stderr);
     assert!(run.stderr.contains("not followed"), "{}", run.stderr);
-    assert_eq!(run.report.0["images"].as_array().map(Vec::len), Some(1));
+    // The program exec'd is named, not traced.
+    let images = run.report.0["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{images:#?}");
+    assert_eq!(images[0]["ended_by_exec"], true);
+    assert_eq!(images[1]["exe"], "/usr/bin/sleep");
+    assert_eq!(images[1]["traced"], false);
     let r = &run.report;
     r.assert_outstanding(
         &[

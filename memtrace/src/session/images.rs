@@ -39,6 +39,9 @@ pub(super) struct Images {
     /// long after its exec tracing began (attach mode).
     current_started_s: f64,
     current_after_ms: Option<f64>,
+    /// The current image exec'd a program memtrace does not trace (it could
+    /// not, or `--no-follow-exec`): that program, which ends the list.
+    untraced_next: Option<Image>,
     /// Children of past images.
     forks: Forks,
 }
@@ -50,6 +53,7 @@ impl Images {
             past: Vec::new(),
             current_started_s: 0.0,
             current_after_ms: None,
+            untraced_next: None,
             forks: Forks::default(),
         }
     }
@@ -63,14 +67,28 @@ impl Images {
             started_s: self.current_started_s,
             traced: true,
             tracing_started_after_ms: self.current_after_ms,
+            ended_by_exec: self.untraced_next.is_some(),
             ..Default::default()
         });
+        images.extend(self.untraced_next.clone());
         let mut forks = self.forks.clone();
         add_forks(&mut forks, at);
         Lineage {
             images,
             forks_not_followed: forks,
         }
+    }
+
+    /// The current image exec'd a program memtrace does not trace (it could
+    /// not, or `--no-follow-exec`): tracing ends; the report is the current
+    /// image's, and names that program last.
+    pub(super) fn not_followed(&mut self, pid: u32, exec_ns: u64) {
+        self.untraced_next = Some(Image {
+            exe: target::proc_exe(pid),
+            cmdline: target::proc_cmdline(pid),
+            started_s: exec_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+            ..Default::default()
+        });
     }
 }
 
@@ -111,12 +129,8 @@ pub(super) fn follow_exec(opts: &Options, s: &mut Session, exec_ns: u64) -> Resu
     let at = match attached {
         Ok(at) => at,
         Err(e) => {
-            s.images.past.push(old);
-            s.images.past.push(Image {
-                exe: target::proc_exe(pid),
-                started_s,
-                ..Default::default()
-            });
+            // The report is the old image's: it stays the current one.
+            s.images.not_followed(pid, exec_ns);
             bail!(e)
         }
     };
@@ -141,6 +155,7 @@ pub(super) fn follow_exec(opts: &Options, s: &mut Session, exec_ns: u64) -> Resu
             ", from {ms:.0} ms after its exec: its allocations before are not seen"
         )),
     );
+    add_forks(&mut s.images.forks, &s.at);
     s.images.past.push(old);
     s.images.current_started_s = started_s;
     s.images.current_after_ms = after_ms;
@@ -183,7 +198,6 @@ fn close_image(opts: &Options, s: &mut Session, started_s: f64) -> Image {
         }
         Err(e) => log::warn!("reading the old program's sites: {e:#}"),
     }
-    add_forks(&mut s.images.forks, at);
     s.watchdog.detaching();
     at.probes.detach_all();
     s.watchdog.detached();

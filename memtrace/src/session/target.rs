@@ -300,7 +300,7 @@ pub(super) fn proc_exe(pid: u32) -> Option<String> {
         })
 }
 
-fn proc_cmdline(pid: u32) -> Vec<String> {
+pub(super) fn proc_cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             b.split(|&c| c == 0)
@@ -516,6 +516,7 @@ fn launch_new(
         program,
         dynamic: matches!(loading, Loading::Dynamic { .. }),
         stop_at_exec: follow_exec,
+        after_exec: false,
     };
     attach_at_start(pid, stops, loaded, keep_native, steps)
 }
@@ -554,6 +555,7 @@ pub(super) fn launch_after_exec(
             program,
             dynamic: matches!(loading, Loading::Dynamic { .. }),
             stop_at_exec: follow_exec,
+            after_exec: true,
         };
         attach_at_start(pid, stops, loaded, keep_native, steps)
     })();
@@ -570,6 +572,8 @@ struct LoaderStops {
     program: PathBuf,
     dynamic: bool,
     stop_at_exec: bool,
+    /// The traced process exec'd it (else memtrace launched it).
+    after_exec: bool,
 }
 
 /// The programs loaded and the loader breakpoint in, before a new program runs.
@@ -606,6 +610,23 @@ fn attach_at_start(
     keep_native: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
+    let after_exec = stops.after_exec;
+    let attached = attach_at_loader(pid, stops, loaded, keep_native, steps);
+    // A launched command memtrace cannot trace is not left to run untraced;
+    // a program exec'd by the traced one goes on (the caller lets it run).
+    if attached.is_err() && !after_exec {
+        kill_child(pid);
+    }
+    attached
+}
+
+fn attach_at_loader(
+    pid: u32,
+    stops: LoaderStops,
+    loaded: Loaded,
+    keep_native: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
     let (mut probes, mut trace_maps, fd_tracepoints) = loaded;
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(
@@ -628,13 +649,7 @@ fn attach_at_start(
         let _step = steps.start("detach_loader_breakpoint", "removing the loader breakpoint");
         probes.detach_loader_breakpoint().map(|_| m)
     });
-    let modules = match detached {
-        Ok(m) => m,
-        Err(e) => {
-            kill_child(pid);
-            return Err(e);
-        }
-    };
+    let modules = detached?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -705,22 +720,16 @@ fn attach_at_loader_stops(
     }
 }
 
-/// At the last loader stop: attaches the allocator probes. A failure kills
-/// the child.
+/// At the last loader stop: attaches the allocator probes.
 fn attach_at_stop(
     pid: u32,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
-    let attached = read_maps(pid).map_err(|e| anyhow!(e)).and_then(|maps| {
-        let a = allocator::find_allocators(pid, &maps)?;
-        debug_attach_delay();
-        trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
-        let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
-        Ok((a, n))
-    });
-    if attached.is_err() {
-        kill_child(pid);
-    }
-    attached
+    let maps = read_maps(pid).map_err(|e| anyhow!(e))?;
+    let a = allocator::find_allocators(pid, &maps)?;
+    debug_attach_delay();
+    trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
+    let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
+    Ok((a, n))
 }

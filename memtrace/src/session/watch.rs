@@ -193,6 +193,7 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
         }
         if let Some(exec_ns) = super::images::exec_seen(s) {
             if !opts.follow_exec {
+                s.images.not_followed(s.at.pid, exec_ns);
                 eprintln!(
                     "memtrace: pid {} called exec (it now runs {}): not followed \
                      (--no-follow-exec); reporting what the old program did",
