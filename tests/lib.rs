@@ -597,23 +597,32 @@ impl Memtrace {
     }
 
     pub fn is_attached(&self) -> bool {
-        self.stderr()
-            .lines()
-            .any(|l| l.starts_with("memtrace: attached"))
+        self.said("memtrace: attached")
+    }
+
+    /// Whether some line of memtrace's stderr so far starts with `prefix`.
+    pub fn said(&self, prefix: &str) -> bool {
+        self.stderr().lines().any(|l| l.starts_with(prefix))
     }
 
     /// Waits for the `memtrace: attached` line; fails (showing stderr) if memtrace
     /// exits first or takes longer than [`ATTACH_TIMEOUT`].
     pub fn wait_attached(&mut self) {
+        self.wait_said("memtrace: attached");
+    }
+
+    /// Waits for a stderr line starting with `prefix`; fails (showing stderr)
+    /// if memtrace exits first or takes longer than [`ATTACH_TIMEOUT`].
+    pub fn wait_said(&mut self, prefix: &str) {
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         loop {
-            if self.is_attached() {
+            if self.said(prefix) {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 self.join_readers();
                 panic!(
-                    "memtrace {:?} exited ({}) before printing `memtrace: attached`; stderr:\n{}",
+                    "memtrace {:?} exited ({}) before printing `{prefix}`; stderr:\n{}",
                     self.args,
                     describe_status(&st),
                     self.stderr()
@@ -621,7 +630,7 @@ impl Memtrace {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "memtrace {:?} printed no `memtrace: attached` within {ATTACH_TIMEOUT:?}; stderr:\n{}",
+                    "memtrace {:?} printed no `{prefix}` within {ATTACH_TIMEOUT:?}; stderr:\n{}",
                     self.args,
                     self.stderr()
                 );

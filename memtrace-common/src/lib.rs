@@ -1014,11 +1014,28 @@ pub struct TraceState {
     /// every program then returns at once, so that nothing the target does
     /// while the probes are being removed (which takes a while) is counted.
     pub ended: u32,
-    pub _pad: u32,
+    /// 1 once the target called exec (set by the BPF side, which also sets
+    /// `ended`: every address this object knows belongs to the old program).
+    pub exec_seen: u32,
     /// The uretprobe trampoline's address in the target (see `UprobeOffsets`),
     /// once the BPF side has found it; 0 before.
     pub uretprobe_trampoline: u64,
+    /// When the target called exec (CLOCK_MONOTONIC ns); 0 before.
+    pub exec_ns: u64,
+    /// Processes the target created (fork, vfork, clone without
+    /// CLONE_THREAD) while traced: they are not followed.
+    pub forks: u64,
+    /// Set by userspace: stop the target (SIGSTOP) at its exec, before the
+    /// new program runs, so that memtrace attaches to it first (launch mode,
+    /// where memtrace is the parent that sees the stop).
+    pub stop_at_exec: u32,
+    pub _pad: u32,
+    /// The pids of the first `MAX_FORK_PIDS` of `forks`.
+    pub fork_pids: [u32; MAX_FORK_PIDS],
 }
+
+/// Pids of processes the target created that `TraceState` keeps.
+pub const MAX_FORK_PIDS: usize = 16;
 
 /// Offsets in the kernel's own structures (from its BTF, set by userspace
 /// before load; 0: unknown) through which the BPF side finds the return
@@ -1570,7 +1587,7 @@ const _: () = {
     assert!(core::mem::size_of::<ResultSite>() == 24);
     assert!(core::mem::size_of::<Capture>() == 24);
     assert!(core::mem::size_of::<SiteStats>() == 48);
-    assert!(core::mem::size_of::<TraceState>() == 16);
+    assert!(core::mem::size_of::<TraceState>() == 104);
     assert!(core::mem::size_of::<UprobeOffsets>() == 32);
     assert!(core::mem::size_of::<SiteKey>() == 16);
     assert!(core::mem::size_of::<Epoch>() == 16);

@@ -72,6 +72,8 @@ mod free;
 #[cfg(target_arch = "bpf")]
 mod globals;
 #[cfg(target_arch = "bpf")]
+mod images;
+#[cfg(target_arch = "bpf")]
 mod loader;
 #[cfg(target_arch = "bpf")]
 mod mappings;

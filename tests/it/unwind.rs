@@ -216,9 +216,17 @@ fn a_target_that_calls_exec_ends_tracing_with_a_clear_message() {
     require_root();
     require_memtrace();
     let bin = build_fixture("exec_after", Variant::NoFramePointers);
-    let run = run_launch(&[], &[bin.to_str().unwrap()]);
+    // (By default the new program is traced on: see images.rs.)
+    let run = run_launch(&["--no-follow-exec"], &[bin.to_str().unwrap()]);
     assert_eq!(run.report.0["end_reason"], "target-exec", "{}", run.stderr);
     assert!(run.stderr.contains("called exec"), "{}", run.stderr);
+    assert!(run.stderr.contains("not followed"), "{}", run.stderr);
+    // The program exec'd is named, not traced.
+    let images = run.report.0["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{images:#?}");
+    assert_eq!(images[0]["ended_by_exec"], true);
+    assert_eq!(images[1]["exe"], "/usr/bin/sleep");
+    assert_eq!(images[1]["traced"], false);
     let r = &run.report;
     r.assert_outstanding(
         &[

@@ -584,6 +584,11 @@ impl Probes {
         Ok(super::fds::attach(ebpf)? + super::mappings::attach(ebpf)?)
     }
 
+    /// Watches the target's exec and the processes it creates (see `images`).
+    pub fn attach_image_watch(&mut self) -> Result<()> {
+        super::images::attach(self.ebpf.as_mut().context("probes already detached")?)
+    }
+
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
     pub fn attach_loader_breakpoint(&mut self, ldso: &Path, offset: u64, pid: u32) -> Result<()> {
         let link = self

@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod entries;
 pub mod exits;
 pub mod fds;
+pub mod images;
 pub mod links;
 pub mod mappings;
 pub mod placement;

@@ -223,6 +223,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_resources: bool,
 
+    /// Stop tracing when the target calls exec, as memtrace did before it followed
+    /// execs (by default the new program is traced on: `memtrace -- env X=1 ./app`
+    /// traces app)
+    #[arg(long)]
+    pub no_follow_exec: bool,
+
     /// Print an alert on stderr when the total, or one site, grew faster than RATE in
     /// the last interval (10MiB/min, 1MiB/s, 500KiB/h)
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]

@@ -37,6 +37,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         snapshots: cli.snapshots(),
         fail_on_leak: cli.fail_on_leak,
         resources: !cli.no_resources,
+        follow_exec: !cli.no_follow_exec,
         alert_growth: cli.alert_growth,
         python: session::PythonOptions {
             keep_native: cli.python_native_frames,

@@ -58,6 +58,37 @@ impl TraceMaps {
             .context("writing TRACE_STATE")
     }
 
+    /// Asks the BPF side to stop the target (SIGSTOP) at its exec, before
+    /// the new program runs (see `TraceState::stop_at_exec`).
+    pub fn stop_at_exec(&mut self) -> Result<()> {
+        let mut st = self.trace_state.get(&0, 0).unwrap_or_default();
+        st.stop_at_exec = 1;
+        self.trace_state
+            .set(0, st, 0)
+            .context("writing TRACE_STATE")
+    }
+
+    /// When the target called exec (CLOCK_MONOTONIC ns), if it did.
+    pub fn exec_seen(&self) -> Option<u64> {
+        let st = self.trace_state.get(&0, 0).ok()?;
+        (st.exec_seen != 0).then_some(st.exec_ns)
+    }
+
+    /// The processes the target created while traced: how many, and the
+    /// first pids.
+    pub fn forks(&self) -> (u64, Vec<u32>) {
+        let st = self.trace_state.get(&0, 0).unwrap_or_default();
+        let kept = (st.forks as usize).min(st.fork_pids.len());
+        (
+            st.forks,
+            st.fork_pids[..kept]
+                .iter()
+                .copied()
+                .filter(|&p| p != 0)
+                .collect(),
+        )
+    }
+
     /// Tells the BPF walker that the unwind tables changed: the walks it
     /// remembers (by registers and the stack words they read) are stale.
     pub fn bump_tables_generation(&mut self) -> Result<()> {

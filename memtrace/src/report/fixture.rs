@@ -100,6 +100,7 @@ pub fn sample() -> Report {
         freed_sites_left_out: LeftOut::default(),
         cut_short: vec![],
         snapshots: None,
+        lineage: None,
         resources: None,
         sites: vec![Site {
             outstanding_blocks: 7,
@@ -532,6 +533,7 @@ pub fn varied(sampling: Sampling) -> Report {
         },
         cut_short: vec!["module capture: /mnt/\"slow\"\n.so did not answer in 2s".into()],
         snapshots: None,
+        lineage: None,
         resources: None,
         sites,
     }

@@ -172,6 +172,7 @@ impl<W: Write> ReportWriter<W> {
             cut_short,
             snapshots,
             resources,
+            lineage,
         } = r;
         let w = &mut self.w;
         w.put_str(key!(first "schema"), schema)?;
@@ -205,6 +206,11 @@ impl<W: Write> ReportWriter<W> {
             self.w.put(key!("snapshots"), s)?;
         }
         self.w.put(key!("resources"), resources)?;
+        if let Some(l) = lineage {
+            self.w.put(key!("images"), &l.images)?;
+            self.w
+                .put(key!("forks_not_followed"), &l.forks_not_followed)?;
+        }
         self.w.write_all(b"}")
     }
 

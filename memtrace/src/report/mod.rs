@@ -9,6 +9,7 @@ mod flame;
 mod folded;
 mod frames;
 mod json;
+pub mod lineage;
 pub mod mappings;
 mod pprof;
 mod proto;
@@ -95,6 +96,10 @@ pub struct Report {
     /// `--snapshot-every`: where the snapshots went and how many were
     /// written so far. None (not in the JSON) without it.
     pub snapshots: Option<SnapshotStats>,
+    /// The programs the target ran and the children it created (JSON:
+    /// `images`, `forks_not_followed`). None (not in the JSON) in reports
+    /// made without a live target.
+    pub lineage: Option<lineage::Lineage>,
 }
 
 /// The snapshots of a run (`--snapshot-every`), as far as they went when

@@ -282,6 +282,9 @@ impl Report {
         for what in &self.cut_short {
             let _ = writeln!(o, "CUT SHORT: {}", Escaped(what));
         }
+        for line in self.lineage.iter().flat_map(|l| l.text_lines()) {
+            let _ = writeln!(o, "{line}");
+        }
         if let Some(s) = &self.snapshots {
             let _ = write!(
                 o,

@@ -50,6 +50,7 @@ pub(super) struct ReportMeta {
     pub(super) cut_short: Vec<String>,
     pub(super) attach: AttachTimes,
     pub(super) snapshots: Option<SnapshotStats>,
+    pub(super) lineage: Option<crate::report::lineage::Lineage>,
 }
 
 /// CPU time of a phase sequence, for the debug log.
@@ -730,6 +731,7 @@ fn assemble(
         cut_short: meta.cut_short.clone(),
         snapshots: meta.snapshots.clone(),
         resources: figures.resources,
+        lineage: meta.lineage.clone(),
     }
 }
 

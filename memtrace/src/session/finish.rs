@@ -77,6 +77,7 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         cut_short: cut_short(&s),
         attach: s.attach_times.clone(),
         snapshots,
+        lineage: Some(s.images.report(&s.at)),
     };
     let fallback = fallback_out(&s);
     let report = build_report(opts, &mut s, meta, Purpose::Final(fallback))?;

@@ -68,6 +68,35 @@ fn read_regular(path: &Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The ELF program the kernel runs for `program`: itself, or for a script
+/// (`#!`) its interpreter's, as many levels down as the kernel follows.
+pub fn executable(program: &Path) -> Result<PathBuf> {
+    use std::io::Read;
+    /// The kernel's limit of interpreters of interpreters (BINPRM_MAX_RECURSION).
+    const MAX_DEPTH: usize = 4;
+    let mut path = program.to_path_buf();
+    for _ in 0..=MAX_DEPTH {
+        let mut head = [0u8; 256];
+        let n = crate::process::open::open_regular(&path)
+            .map_err(std::io::Error::from)
+            .and_then(|mut f| f.read(&mut head))
+            .with_context(|| format!("reading {}", path.display()))?;
+        let Some(line) = head[..n].strip_prefix(b"#!") else {
+            return Ok(path);
+        };
+        let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+        let interp = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .find(|w| !w.is_empty())
+            .with_context(|| format!("{}: a `#!` line without an interpreter", path.display()))?;
+        path = PathBuf::from(OsStr::from_bytes(interp));
+    }
+    bail!(
+        "{}: too many levels of `#!` interpreters",
+        program.display()
+    )
+}
+
 /// Reads how `exe` is loaded.
 pub fn loading(exe: &Path) -> Result<Loading> {
     let data = read_regular(exe)?;
@@ -283,6 +312,23 @@ mod tests {
         }
         let off = loader_breakpoint_offset(Path::new("/lib64/ld-linux-x86-64.so.2")).unwrap();
         assert!(off > 0);
+    }
+
+    #[test]
+    fn finds_a_scripts_interpreter() {
+        let dir = std::env::temp_dir().join(format!("memtrace-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("s.sh");
+        std::fs::write(&script, "#!/bin/sh -e\nexec true\n").unwrap();
+        let inner = dir.join("t.sh");
+        std::fs::write(&inner, format!("#! {}\n", script.display())).unwrap();
+        assert_eq!(executable(&script).unwrap(), PathBuf::from("/bin/sh"));
+        assert_eq!(executable(&inner).unwrap(), PathBuf::from("/bin/sh"));
+        assert_eq!(
+            executable(Path::new("/bin/ls")).unwrap(),
+            PathBuf::from("/bin/ls")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod build;
 mod capture;
 mod finish;
 mod frames;
+mod images;
 mod launch;
 mod live;
 mod mappings;
@@ -87,6 +88,8 @@ pub struct Options {
     pub verdicts: VerdictConfig,
     /// Trace resources beyond the heap (file descriptors); `--no-resources`.
     pub resources: bool,
+    /// Trace on as the new program when the target calls exec; `--no-follow-exec`.
+    pub follow_exec: bool,
 }
 
 /// The final report's format.
@@ -166,6 +169,8 @@ struct Session {
     threads: Option<threads::Threads>,
     /// Mapping tracing, when on (with fd tracing).
     mappings: Option<mappings::Mappings>,
+    /// The programs the target ran before the current one (exec).
+    images: images::Images,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -193,15 +198,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let steps = Arc::new(Steps::new());
     let progress = progress::Progress::start(Arc::clone(&steps));
     let mut symbolizer = Symbolizer::new();
-    let at = target::attach(
-        target,
-        opts.map_sizes,
-        opts.sampling,
-        opts.python,
-        opts.resources,
-        &steps,
-        &mut symbolizer,
-    );
+    let at = target::attach(target, opts, &steps, &mut symbolizer);
     // (The progress line is gone before any message.)
     drop(progress);
     let at = at?;
@@ -212,30 +209,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
     let trace_start = Instant::now();
     let start_ns = monotonic_ns();
     let history = History::new(HISTORY_CAPACITY, start_ns, opts.interval);
-    let fds = if at.fd_tracepoints > 0 {
-        match resources::Fds::start(&at, start_ns, opts.interval) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let threads =
-        (at.thread_probes > 0).then(|| threads::Threads::start(&at, start_ns, opts.interval));
-    let mappings = if fds.is_some() {
-        match mappings::Mappings::start(&at, start_ns, opts.interval) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                eprintln!("memtrace: warning: mappings are not traced: {e:#}");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let (fds, threads, mappings) = start_resources(&at, start_ns, opts.interval);
     Ok(Session {
         history,
         symbolizer,
@@ -254,7 +228,45 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         fds,
         threads,
         mappings,
+        images: images::Images::new(start_ns),
     })
+}
+
+/// Starts reading the resources the BPF side traces in `at` (each when its
+/// probes are in; a failure is said and leaves that kind untraced).
+fn start_resources(
+    at: &Attached,
+    start_ns: u64,
+    interval: Duration,
+) -> (
+    Option<resources::Fds>,
+    Option<threads::Threads>,
+    Option<mappings::Mappings>,
+) {
+    let fds = if at.fd_tracepoints > 0 {
+        match resources::Fds::start(at, start_ns, interval) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("memtrace: warning: file descriptors are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let threads = (at.thread_probes > 0).then(|| threads::Threads::start(at, start_ns, interval));
+    let mappings = if fds.is_some() {
+        match mappings::Mappings::start(at, start_ns, interval) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("memtrace: warning: mappings are not traced: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    (fds, threads, mappings)
 }
 
 /// Says on stderr what was attached, where metrics are served, and which

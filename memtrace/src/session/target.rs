@@ -5,7 +5,7 @@ use std::{collections::HashMap, ffi::OsString, path::Path, path::PathBuf, sync::
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::{
-    Target,
+    Options, Target,
     launch::{self, ChildState, Loading},
     preflight, preload_debug_info,
 };
@@ -57,6 +57,9 @@ pub(super) struct Attached {
     pub(super) thread_probes: usize,
     /// The target's threads once the thread probes were in, before it ran on.
     pub(super) threads_at_attach: super::threads::ThreadsAtAttachRead,
+    /// Whether the BPF side watches the target's exec (and says when it
+    /// happens, `images.rs`).
+    pub(super) exec_watched: bool,
 }
 
 /// The target's fds (`/proc/PID/fd` links) and the traced ones, when fd
@@ -162,6 +165,29 @@ impl Attached {
                 self.unmaps_read = log.through;
             }
             Err(e) => log::warn!("reading the code unmapped: {e:#}"),
+        }
+    }
+}
+
+/// Watches the target's exec and the processes it creates (`images`);
+/// `stop_at_exec`: stop it at its exec, for memtrace to attach to the new
+/// program before it runs (launch mode, following execs). A failure costs
+/// following execs and counting children, not the run.
+fn watch_images(probes: &mut Probes, maps: &mut TraceMaps, stop_at_exec: bool) -> bool {
+    let watched = probes.attach_image_watch().and_then(|()| {
+        if stop_at_exec {
+            maps.stop_at_exec()?;
+        }
+        Ok(())
+    });
+    match watched {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "memtrace: warning: the target's exec and children are not watched ({e:#}): \
+                 an exec ends tracing once seen, children are not counted"
+            );
+            false
         }
     }
 }
@@ -311,26 +337,32 @@ fn pymalloc_traced(allocators: &Allocators) -> bool {
 }
 
 /// Attaches to `target`: the running process, or the command launched for
-/// it. Each step is timed in `steps`. `python`: what to do with a Python
-/// target.
-/// `symbolizer` starts loading the debug info every report needs as soon as
-/// the modules are known.
+/// it, as `opts` say (map sizes, sampling, Python's native frames, fds,
+/// following execs). Each step is timed in `steps`. `symbolizer` starts
+/// loading the debug info every report needs as soon as the modules are known.
 pub(super) fn attach(
     target: &Target,
-    sizes: MapSizes,
-    sampling: Sampling,
-    python: PythonOptions,
-    resources: bool,
+    opts: &Options,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
     // Needed when the maps are created; read meanwhile.
     crate::kernel::btf_facts::read_ahead();
+    let (sizes, sampling) = (opts.map_sizes, opts.sampling);
+    let (python, resources) = (opts.python, opts.resources);
     let at = match target {
         Target::Attach(pid) => {
             attach_existing(*pid, sizes, sampling, python, resources, steps, symbolizer)
         }
-        Target::Launch(cmd) => launch_new(cmd, sizes, sampling, python, resources, steps),
+        Target::Launch(cmd) => launch_new(
+            cmd,
+            sizes,
+            sampling,
+            python,
+            resources,
+            opts.follow_exec,
+            steps,
+        ),
     }?;
     if at.launched {
         preload_debug_info(
@@ -362,7 +394,7 @@ pub(super) fn proc_exe(pid: u32) -> Option<String> {
         })
 }
 
-fn proc_cmdline(pid: u32) -> Vec<String> {
+pub(super) fn proc_cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             b.split(|&c| c == 0)
@@ -497,6 +529,7 @@ fn attach_existing(
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     let (thread_probes, threads_at_attach) =
         trace_threads(&mut probes, resources, pid, &maps, steps);
+    let exec_watched = watch_images(&mut probes, &mut trace_maps, false);
     let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
@@ -526,6 +559,7 @@ fn attach_existing(
         fds_at_attach,
         thread_probes,
         threads_at_attach,
+        exec_watched,
     })
 }
 
@@ -554,25 +588,20 @@ fn launch_new(
     sampling: Sampling,
     python_opts: PythonOptions,
     resources: bool,
+    follow_exec: bool,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
     let launching = steps.start("launch", "starting the command");
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
-    let loading = launch::loading(&program)?;
-    let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
+    // (A script runs its interpreter.)
+    let exe = launch::executable(&program)?;
+    let loading = launch::loading(&exe)?;
+    let (bp_path, bp_offset) = breakpoint(&exe, &loading)?;
     let child = launch::spawn_suspended(&program, cmd)?;
     let pid = child.pid;
     drop(launching);
-    let loaded = object::load(pid, sizes, sampling.mean_bytes(), steps).and_then(|(v, maps)| {
-        let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
-        steps.time("attach_loader_breakpoint", "attaching probes", || {
-            probes.attach_loader_breakpoint(&bp_path, bp_offset, pid)
-        })?;
-        watch_unmaps(&mut probes);
-        let fd_tracepoints = trace_fds(&mut probes, resources, steps);
-        Ok((probes, maps, fd_tracepoints))
-    });
-    let (mut probes, mut trace_maps, fd_tracepoints) = match loaded {
+    let loaded = load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps);
+    let loaded = match loaded {
         Ok(v) => v,
         Err(e) => {
             child.abandon();
@@ -582,12 +611,129 @@ fn launch_new(
     child
         .release()
         .with_context(|| format!("cannot launch {}", program.display()))?;
-    let dynamic = matches!(loading, Loading::Dynamic { .. });
+    let stops = LoaderStops {
+        program,
+        dynamic: matches!(loading, Loading::Dynamic { .. }),
+        stop_at_exec: follow_exec,
+        after_exec: false,
+    };
+    attach_at_start(pid, stops, loaded, python_opts, resources, steps)
+}
+
+/// Launch mode, once the child called exec and the BPF side stopped it
+/// there (see `watch_images`), before the new program ran: attaches to the
+/// new program as to a launched one, at its loader's stops.
+pub(super) fn launch_after_exec(
+    pid: u32,
+    sizes: MapSizes,
+    sampling: Sampling,
+    python_opts: PythonOptions,
+    resources: bool,
+    follow_exec: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    loop {
+        match launch::wait_child(pid, false)? {
+            Some(ChildState::Stopped(libc::SIGSTOP)) => break,
+            Some(ChildState::Stopped(_)) => launch::continue_child(pid),
+            Some(state) => bail!(
+                "pid {pid} ended (exit status {}) at its exec",
+                state.exit_code().unwrap_or(-1)
+            ),
+            None => {}
+        }
+    }
+    let attached = (|| {
+        let program = PathBuf::from(proc_exe(pid).context("reading the new program's path")?);
+        let loading = launch::loading(&program)?;
+        let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
+        let loaded =
+            load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps)?;
+        launch::continue_child(pid);
+        let stops = LoaderStops {
+            program,
+            dynamic: matches!(loading, Loading::Dynamic { .. }),
+            stop_at_exec: follow_exec,
+            after_exec: true,
+        };
+        attach_at_start(pid, stops, loaded, python_opts, resources, steps)
+    })();
+    if attached.is_err() {
+        // Not left stopped: it runs on untraced.
+        launch::continue_child(pid);
+    }
+    attached
+}
+
+/// The new program's loading: where it stops, and whether it is to stop at
+/// its own exec.
+struct LoaderStops {
+    program: PathBuf,
+    dynamic: bool,
+    stop_at_exec: bool,
+    /// The traced process exec'd it (else memtrace launched it).
+    after_exec: bool,
+}
+
+/// The programs loaded and the loader breakpoint in, before a new program runs.
+type Loaded = (Probes, TraceMaps, usize);
+
+/// Loads the programs and puts the breakpoint that stops the new program
+/// of `pid` in its loader (or at a static executable's entry).
+fn load_with_breakpoint(
+    pid: u32,
+    bp_path: &Path,
+    bp_offset: u64,
+    sizes: MapSizes,
+    sampling: Sampling,
+    resources: bool,
+    steps: &Arc<Steps>,
+) -> Result<Loaded> {
+    let (v, maps) = object::load(pid, sizes, sampling.mean_bytes(), steps)?;
+    let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
+    steps.time("attach_loader_breakpoint", "attaching probes", || {
+        probes.attach_loader_breakpoint(bp_path, bp_offset, pid)
+    })?;
+    watch_unmaps(&mut probes);
+    let fd_tracepoints = trace_fds(&mut probes, resources, steps);
+    Ok((probes, maps, fd_tracepoints))
+}
+
+/// A new program released towards its loader breakpoint: attaches the
+/// allocator probes at its last loader stop, reads its modules, loads their
+/// tables, and lets it run.
+fn attach_at_start(
+    pid: u32,
+    stops: LoaderStops,
+    loaded: Loaded,
+    python_opts: PythonOptions,
+    resources: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    let after_exec = stops.after_exec;
+    let attached = attach_at_loader(pid, stops, loaded, python_opts, resources, steps);
+    // A launched command memtrace cannot trace is not left to run untraced;
+    // a program exec'd by the traced one goes on (the caller lets it run).
+    if attached.is_err() && !after_exec {
+        kill_child(pid);
+    }
+    attached
+}
+
+fn attach_at_loader(
+    pid: u32,
+    stops: LoaderStops,
+    loaded: Loaded,
+    python_opts: PythonOptions,
+    resources: bool,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    let (mut probes, mut trace_maps, fd_tracepoints) = loaded;
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(
             pid,
-            &program,
-            dynamic,
+            &stops.program,
+            stops.dynamic,
             python_opts.objects,
             &mut probes,
             &mut trace_maps,
@@ -605,13 +751,7 @@ fn launch_new(
         let _step = steps.start("detach_loader_breakpoint", "removing the loader breakpoint");
         probes.detach_loader_breakpoint().map(|_| m)
     });
-    let modules = match detached {
-        Ok(m) => m,
-        Err(e) => {
-            kill_child(pid);
-            return Err(e);
-        }
-    };
+    let modules = detached?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -633,6 +773,8 @@ fn launch_new(
             (0, Default::default())
         }
     };
+    // After the program's own exec: watched from here on.
+    let exec_watched = watch_images(&mut probes, &mut trace_maps, stops.stop_at_exec);
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -652,6 +794,7 @@ fn launch_new(
         fds_at_attach,
         thread_probes,
         threads_at_attach,
+        exec_watched,
     })
 }
 
@@ -692,23 +835,17 @@ fn attach_at_loader_stops(
     }
 }
 
-/// At the last loader stop: attaches the allocator probes. A failure kills
-/// the child.
+/// At the last loader stop: attaches the allocator probes.
 fn attach_at_stop(
     pid: u32,
     pymalloc: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
-    let attached = read_maps(pid).map_err(|e| anyhow!(e)).and_then(|maps| {
-        let a = allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, pymalloc))?;
-        debug_attach_delay();
-        trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
-        let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
-        Ok((a, n))
-    });
-    if attached.is_err() {
-        kill_child(pid);
-    }
-    attached
+    let maps = read_maps(pid).map_err(|e| anyhow!(e))?;
+    let a = allocator::find_allocators(pid, &maps, pymalloc_wanted(pid, pymalloc))?;
+    debug_attach_delay();
+    trace_maps.set_allocator_text(&allocator::all_text_ranges(&a, &maps))?;
+    let n = probes.attach_allocators(&a, pid, &maps, trace_maps)?;
+    Ok((a, n))
 }

@@ -180,13 +180,39 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
         if schedule.deadline.is_some_and(|d| now >= d) {
             return End::Duration;
         }
-        let timeout = schedule.next().saturating_duration_since(now);
+        let timeout = schedule
+            .next()
+            .saturating_duration_since(now)
+            .min(super::images::EXEC_POLL);
         let (sig, exited) = wait_events(&s.signals, &s.pidfd, timeout);
         if exited {
             return End::TargetExited;
         }
         if sig {
             return End::Signal;
+        }
+        if let Some(exec_ns) = super::images::exec_seen(s) {
+            if !opts.follow_exec {
+                s.images.not_followed(s.at.pid, exec_ns);
+                eprintln!(
+                    "memtrace: pid {} called exec (it now runs {}): not followed \
+                     (--no-follow-exec); reporting what the old program did",
+                    s.at.pid,
+                    Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
+                );
+                return End::TargetExec;
+            }
+            if let Err(e) = super::images::follow_exec(opts, s, exec_ns) {
+                eprintln!(
+                    "memtrace: pid {} exec'd {}, which memtrace cannot trace ({e:#}): \
+                     reporting what the program before did",
+                    s.at.pid,
+                    Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
+                );
+                return End::TargetExec;
+            }
+            last = Summary::default();
+            continue;
         }
         let now = Instant::now();
         if let Some(next) = schedule.next_python.filter(|&t| now >= t) {
@@ -196,7 +222,9 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
         if now >= schedule.next_refresh {
             schedule.next_refresh = now + MODULE_REFRESH;
             s.watchdog.doing("capturing the target's new modules");
-            if called_exec(&s.at) {
+            // (With the exec watched, the BPF side says so, and the exec is
+            // followed: its mappings are replaced just before it tells.)
+            if !s.at.exec_watched && called_exec(&s.at) {
                 return End::TargetExec;
             }
             s.capture.poll(&mut s.at, CAPTURE_WAIT, &mut s.cut_short);

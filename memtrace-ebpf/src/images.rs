@@ -1,0 +1,82 @@
+//! The target's program and its children: `image_exec` at its exec,
+//! `image_fork` when it creates a process. Tracepoints cannot be bound to a
+//! process: both run for every task on the host and return at once unless it
+//! is the target's (one tgid compare).
+
+use core::ptr::{read_volatile, write_volatile};
+
+use crate::atomic::fetch_inc;
+use crate::maps::TRACE_STATE;
+use crate::target::is_target;
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_send_signal},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use memtrace_common::MAX_FORK_PIDS;
+
+/// `task:task_newtask` record offsets (its format file): the new task's
+/// pid and the clone flags.
+const NEWTASK_PID: usize = 8;
+const NEWTASK_CLONE_FLAGS: usize = 32;
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// `sched:sched_process_exec`, in the task that exec'd, once the new
+/// program is in place and before it runs. Every address this object knows
+/// (allocator, unwind tables, modules) is the old program's: tracing by it
+/// ends here, so the old links, which may still match the new program's
+/// copy of the same library, count nothing. In launch mode the target is
+/// stopped so that memtrace attaches to the new program before it runs.
+#[tracepoint]
+pub fn image_exec(_ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    let Some(st) = TRACE_STATE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the one element of an array map, valid for the program's run; aligned fields,
+    // volatile as userspace reads and writes them.
+    let stop = unsafe {
+        write_volatile(&raw mut (*st).ended, 1);
+        write_volatile(&raw mut (*st).exec_ns, bpf_ktime_get_ns());
+        write_volatile(&raw mut (*st).exec_seen, 1);
+        read_volatile(&raw const (*st).stop_at_exec) != 0
+    };
+    if stop {
+        // SAFETY: bpf_send_signal only signals the current task, the target's (checked above).
+        unsafe {
+            bpf_send_signal(19 /* SIGSTOP */)
+        };
+    }
+    0
+}
+
+/// `task:task_newtask`, in the parent: counts the processes the target
+/// creates (a new thread is not one) and keeps the first pids.
+#[tracepoint]
+pub fn image_fork(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // SAFETY: reads the tracepoint's record at its format's offsets; bpf_probe_read_kernel
+    // fails rather than faults.
+    let (Ok(flags), Ok(pid)) = (unsafe { ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS) }, unsafe {
+        ctx.read_at::<i32>(NEWTASK_PID)
+    }) else {
+        return 0;
+    };
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let Some(st) = TRACE_STATE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the one element of an array map, valid for the program's run; an aligned u64.
+    let n = unsafe { fetch_inc(&raw mut (*st).forks) } as usize;
+    if n < MAX_FORK_PIDS {
+        // SAFETY: as above; `n` is within the array.
+        unsafe { write_volatile(&raw mut (*st).fork_pids[n], pid as u32) };
+    }
+    0
+}

@@ -1,0 +1,29 @@
+//! The tracepoints that watch the target's program and children (the BPF
+//! object's `images`): its exec, and the processes it creates. Tracepoints
+//! cannot be bound to a process: they run for every task on the host and
+//! return at once unless it is the target's.
+use anyhow::{Context, Result, anyhow};
+use aya::{Ebpf, programs::TracePoint};
+
+/// Each program and its tracepoint.
+const IMAGE_WATCH: [(&str, &str, &str); 2] = [
+    ("image_exec", "sched", "sched_process_exec"),
+    ("image_fork", "task", "task_newtask"),
+];
+
+/// Loads the programs and attaches them.
+pub fn attach(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, category, event) in IMAGE_WATCH {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        prog.load().map_err(|e| anyhow!(e)).with_context(|| {
+            format!("the kernel refused BPF program {name} (verifier or permissions)")
+        })?;
+        prog.attach(category, event)
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("attaching {name} to {category}:{event}"))?;
+    }
+    Ok(())
+}
