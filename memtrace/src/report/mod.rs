@@ -12,6 +12,9 @@ mod json;
 mod pprof;
 mod proto;
 pub mod resources;
+pub mod roles;
+mod site_id;
+mod stack_text;
 mod text;
 
 pub use flame::write_flame_graph;
@@ -20,6 +23,7 @@ pub mod metrics;
 pub use pprof::{Profile, ProfileSample, write_pprof};
 
 pub use frames::Frames;
+pub use stack_text::TextStyle;
 pub use text::text_order;
 
 pub use crate::symbolize::Frame;
@@ -472,6 +476,9 @@ pub struct AllocatorInfo {
 pub struct Site {
     pub outstanding_blocks: u64,
     pub outstanding_bytes: u64,
+    /// The most bytes the site held at any history sample or at the end
+    /// (every block, whatever its age): a peak between samples is not seen.
+    pub peak_bytes: u64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
     /// Allocations of this stack that were not recorded: the block table
