@@ -106,10 +106,7 @@ fn text_report_shows_the_top_sites_with_their_stacks() {
         !text.contains(&format!(":{old}\n")),
         "only the top site is shown:\n{text}"
     );
-    assert!(
-        text.contains("... and 1 more site holding 500 B"),
-        "{text}"
-    );
+    assert!(text.contains("... and 1 more site holding 500 B"), "{text}");
     // Not a terminal: no colour.
     assert!(!text.contains('\x1b'), "{text}");
 
@@ -168,8 +165,11 @@ fn a_cpp_leak_reads_from_the_programs_own_function() {
     assert_eq!(
         vector[2..],
         [
-            format!("    ▸ app::grow_vector() at std_leaks.cpp:{}", line("std_reserve")),
-            "      … allocated through operator new(unsigned long) (2 frames)".to_string(),
+            format!(
+                "    ▸ app::grow_vector() at std_leaks.cpp:{}",
+                line("std_reserve")
+            ),
+            "      … allocated through operator new(unsigned long) (5 frames)".to_string(),
             format!("    ▸ main at std_leaks.cpp:{}", line("call_grow_vector")),
             "      … 3 process start frames".to_string(),
         ],
@@ -197,7 +197,7 @@ fn a_c_stack_ends_with_main_and_the_process_start_folded() {
     let bin = build_fixture("leaks", Variant::FramePointers);
     let out = run_memtrace({
         let mut c = memtrace_command();
-        c.args(["-n", "100", "--"]).arg(&bin).arg("launch");
+        c.args(["-n", "100", "--"]).arg(&bin).args(["launch", "0"]);
         c
     });
     assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
@@ -206,9 +206,18 @@ fn a_c_stack_ends_with_main_and_the_process_start_folded() {
     assert_eq!(
         calloc[2..],
         [
-            format!("    ▸ leak_calloc at leaks.c:{}", source_line("leaks", "calloc")),
-            format!("    ▸ run_leaks at leaks.c:{}", source_line("leaks", "call_leak_calloc")),
-            format!("    ▸ main at leaks.c:{}", source_line("leaks", "call_run_leaks")),
+            format!(
+                "    ▸ leak_calloc at leaks.c:{}",
+                source_line("leaks", "calloc")
+            ),
+            format!(
+                "    ▸ run_leaks at leaks.c:{}",
+                source_line("leaks", "call_leak_calloc")
+            ),
+            format!(
+                "    ▸ main at leaks.c:{}",
+                source_line("leaks", "call_run_leaks")
+            ),
             "      … 3 process start frames".to_string(),
         ],
         "{text}"

@@ -138,15 +138,17 @@ pub fn role(f: &Frame, exe: Option<&str>) -> Role {
         .file
         .as_deref()
         .is_some_and(|p| SYSTEM_SOURCE_DIRS.iter().any(|d| p.starts_with(d)));
-    let own = f.module.as_deref().is_some_and(|m| own_module(m, exe));
+    // The program's code: its module, not the system's headers inlined into it.
+    let own = f.module.as_deref().is_some_and(|m| own_module(m, exe)) && !system_source;
     let cxx = f
         .function
         .as_deref()
         .is_some_and(|n| n.starts_with("std::") || n.starts_with("__gnu_cxx::"));
-    match f.module.as_deref() {
-        _ if cxx && !(own && !system_source) => Role::Runtime,
-        Some(m) if own_module(m, exe) && !system_source => Role::Own,
-        // A frame of no known module: neither folded nor claimed as the program's.
+    match (own, cxx) {
+        (true, _) => Role::Own,
+        (false, true) => Role::Runtime,
+        // A system library's, or of no known module: neither folded nor
+        // claimed as the program's.
         _ => Role::Library,
     }
 }

@@ -369,8 +369,17 @@ fn print_line(
     if let Some(p) = r.process {
         lines.push(format!(
             "  {}",
-            process_summary(&p, last.rss_bytes, bytes, last.fds.as_deref())
+            process_summary(
+                &p,
+                last.rss_bytes,
+                bytes,
+                last.fds.as_deref().is_some_and(|f| !f.is_empty())
+            )
         ));
+    }
+    // The fds by kind, when they are traced: a line of their own.
+    if let Some(by_kind) = last.fds.as_deref().filter(|f| !f.is_empty()) {
+        lines.push(format!("  {}", by_kind.trim_start_matches(", ")));
     }
     for g in growing {
         lines.push(format!("  growing +{} {}", format_bytes(g.grew), g.name));
@@ -442,8 +451,8 @@ impl Summary {
 }
 
 /// `rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
-/// (`fds`: the fds by kind instead of their count, when they are traced).
-fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds: Option<&str>) -> String {
+/// (without the fds' count when they are traced: their line says it by kind).
+fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds_traced: bool) -> String {
     let mut s = format!("rss {} (", format_bytes(p.rss_bytes as i64));
     if let Some(prev) = last_rss {
         let d = p.rss_bytes as i64 - prev as i64;
@@ -463,9 +472,7 @@ fn process_summary(p: &ProcStat, last_rss: Option<u64>, traced: i64, fds: Option
         s.push_str(&format!(", heap {}", format_bytes(h as i64)));
     }
     s.push_str(&format!(", vm {}", format_bytes(p.vm_size_bytes as i64)));
-    if let Some(by_kind) = fds.filter(|f| !f.is_empty()) {
-        s.push_str(by_kind);
-    } else if let Some(f) = p.fds {
+    if let Some(f) = p.fds.filter(|_| !fds_traced) {
         s.push_str(&format!(", {} fds", format_count(f)));
     }
     s.push_str(&format!(
