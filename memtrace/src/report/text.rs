@@ -820,6 +820,27 @@ mod tests {
     }
 
     #[test]
+    fn one_block_is_one_block() {
+        let mut r = sample();
+        r.sites[0].outstanding_blocks = 1;
+        r.sites[0].alloc_calls = 1;
+        r.totals.outstanding_blocks = 1;
+        r.totals.alloc_calls = 1;
+        r.totals.free_calls = 1;
+        let t = r.to_text(10);
+        assert!(
+            t.contains("\n#1 700 B in 1 block (1 allocation, 1000 B in all"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "outstanding: 700 B in 1 block, from 1 allocation (1000 B) and 1 free while"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn text_says_when_verdicts_need_more_samples() {
         let mut r = sample();
         r.timeline.samples = 1;
