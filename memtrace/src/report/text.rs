@@ -141,7 +141,6 @@ impl Report {
 
     /// The text form, with `style.top` sites (leaks first).
     pub fn to_text_styled(&self, style: &TextStyle) -> String {
-        let top = style.top;
         let mut o = String::new();
         self.header_text(&mut o);
         self.totals_text(&mut o);
@@ -152,7 +151,7 @@ impl Report {
         self.sites_text(&mut o, style);
         self.freed_text(&mut o);
         if let Some(r) = &self.resources {
-            let _ = super::resources::write_text(&mut o, &r.fds, top);
+            let _ = super::resources::write_text(&mut o, &r.fds, self.target.exe.as_deref(), style);
         }
         o
     }
