@@ -119,7 +119,6 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// `1234567` → `1,234,567`.
 /// `n` things with the noun in the right number: `1 block`, `2,000 blocks`
 /// (`noun` takes an `s` in the plural).
 pub fn counted(n: u64, noun: &str) -> String {
@@ -130,6 +129,7 @@ pub fn counted(n: u64, noun: &str) -> String {
     )
 }
 
+/// `1234567` → `1,234,567`.
 pub fn format_count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
@@ -144,6 +144,13 @@ pub fn format_count(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn things_are_counted_in_the_right_number() {
+        assert_eq!(super::counted(1, "block"), "1 block");
+        assert_eq!(super::counted(0, "block"), "0 blocks");
+        assert_eq!(super::counted(2000, "allocation"), "2,000 allocations");
+    }
+
     use super::*;
 
     #[test]

@@ -66,8 +66,7 @@ fn min_age_with_ages_from_epoch_aggregates() {
     assert!(text.contains("#1 600 B in 3 blocks"), "{text}");
     assert!(
         text.contains(&format!(
-            "young_leak at {}:{}",
-            fixture_source("aged").display(),
+            "▸ young_leak at aged.c:{}\n",
             source_line("aged", "young_leak")
         )),
         "{text}"
@@ -95,21 +94,140 @@ fn text_report_shows_the_top_sites_with_their_stacks() {
         "{text}"
     );
     assert!(text.contains("#1 600 B in 3 blocks"), "{text}");
+    // The program's own frames, marked, with the file's name only; the
+    // process start folded.
     assert!(
-        text.contains(&format!(
-            "young_leak at {}:{young}",
-            fixture_source("aged").display()
-        )),
+        text.contains(&format!("    ▸ young_leak at aged.c:{young}\n")),
         "{text}"
     );
+    assert!(text.contains("      … 3 process start frames\n"), "{text}");
+    assert!(!text.contains("0x0000"), "no address without -v:\n{text}");
     assert!(
         !text.contains(&format!(":{old}\n")),
         "only the top site is shown:\n{text}"
     );
-    assert!(
-        text.contains("... and 1 more sites holding 500 B"),
+    assert!(text.contains("... and 1 more site holding 500 B"), "{text}");
+    // Not a terminal: no colour.
+    assert!(!text.contains('\x1b'), "{text}");
+
+    // -v: every frame, with its address and full path.
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(["-v", "-n", "1", "--"]).arg(&bin);
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    let frame = format!(
+        " young_leak at {}:{young}\n",
+        fixture_source("aged").display()
+    );
+    let line = text
+        .lines()
+        .find(|l| format!("{l}\n").ends_with(&frame))
+        .unwrap_or_else(|| panic!("no `{frame}` in\n{text}"));
+    assert!(line.starts_with("    ▸ 0x"), "{line}");
+    assert!(text.contains(" _start in "), "{text}");
+    assert!(!text.contains("process start frames"), "{text}");
+}
+
+/// The lines of the text report's site whose header starts `header`: the
+/// header, the verdict, then its stack.
+fn site_lines<'t>(text: &'t str, header: &str) -> Vec<&'t str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with('#') && l.contains(header))
+        .unwrap_or_else(|| panic!("no site `{header}` in\n{text}"));
+    lines[at..]
+        .iter()
+        .take_while(|l| !l.is_empty())
+        .copied()
+        .collect()
+}
+
+#[test]
+fn a_cpp_leak_reads_from_the_programs_own_function() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("std_leaks", Variant::FramePointers);
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(["-n", "20", "--"]).arg(&bin);
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    let line = |m| source_line("std_leaks", m);
+    // std::vector<int>::reserve (inlined from the system's headers) and
+    // operator new fold into one line, under the program's function.
+    let vector = site_lines(text, " 3.9 KiB in 1 block (");
+    assert_eq!(
+        vector[2..],
+        [
+            format!(
+                "    ▸ app::grow_vector() at std_leaks.cpp:{}",
+                line("std_reserve")
+            ),
+            "      … allocated through operator new(unsigned long) (5 frames)".to_string(),
+            format!("    ▸ main at std_leaks.cpp:{}", line("call_grow_vector")),
+            "      … 3 process start frames".to_string(),
+        ],
         "{text}"
     );
+    let strings = site_lines(text, " 505 B in 5 blocks (");
+    assert_eq!(
+        strings[2],
+        format!(
+            "    ▸ app::make_string[abi:cxx11](char) at std_leaks.cpp:{}",
+            line("std_string")
+        ),
+        "{text}"
+    );
+    assert!(
+        strings[3].starts_with("      … allocated through operator new(unsigned long) ("),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_c_stack_ends_with_main_and_the_process_start_folded() {
+    require_root();
+    require_memtrace();
+    let bin = build_fixture("leaks", Variant::FramePointers);
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(["-n", "100", "--"]).arg(&bin).args(["launch", "0"]);
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    let calloc = site_lines(text, " 4.9 KiB in 5 blocks (");
+    assert_eq!(
+        calloc[2..],
+        [
+            format!(
+                "    ▸ leak_calloc at leaks.c:{}",
+                source_line("leaks", "calloc")
+            ),
+            format!(
+                "    ▸ run_leaks at leaks.c:{}",
+                source_line("leaks", "call_leak_calloc")
+            ),
+            format!(
+                "    ▸ main at leaks.c:{}",
+                source_line("leaks", "call_run_leaks")
+            ),
+            "      … 3 process start frames".to_string(),
+        ],
+        "{text}"
+    );
+    for l in text.lines() {
+        assert!(
+            !(l.contains("__libc_start_") || l.ends_with("_start") || l.contains(" _start ")),
+            "a process start frame shown: {l}\n{text}"
+        );
+    }
 }
 
 #[test]

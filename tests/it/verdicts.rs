@@ -414,7 +414,7 @@ fn attach_mode_text_report_leads_with_the_leaks_and_exits_3() {
         "{text}"
     );
     // Leaks first, then the others by outstanding bytes, each with its verdict.
-    let src = fixture_source(FIXTURE).display().to_string();
+    let src = format!("{FIXTURE}.c");
     let order = [
         (&STEADY, "LEAK: +"),
         (&LATE, "LEAK: +"),
@@ -502,10 +502,17 @@ fn process_view_explains_rss_outside_the_heap() {
     let note = s["note"].as_str().expect("a note on RSS growth");
     assert!(note.contains("outside the traced heap"), "{note}");
     // The live summary shows the process too.
-    let summaries: Vec<&str> = summary_lines(&run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    let summaries: Vec<usize> = (0..lines.len())
+        .filter(|&i| !summary_lines(lines[i]).is_empty())
+        .collect();
     assert!(!summaries.is_empty(), "{}", run.stderr);
-    for l in &summaries {
-        assert!(l.contains("; rss ") && l.contains(", 1 thread"), "{l}");
+    for &i in &summaries {
+        // The process's figures on the summary's second line, within 100 columns.
+        let l = lines.get(i + 1).copied().unwrap_or_default();
+        assert!(l.starts_with("  rss ") && l.contains(", 1 thread"), "{l}");
+        assert!(lines[i].chars().count() <= 100, "{}", lines[i]);
+        assert!(l.chars().count() <= 100, "{l}");
     }
 }
 
@@ -540,9 +547,11 @@ fn alerts_at_most_once_per_interval() {
             "{}",
             lines[i]
         );
-        // Each alert follows its interval's summary line: one per interval at most.
+        // Each alert follows its interval's summary (a line, then lines
+        // indented under it): one per interval at most.
+        let head = (0..i).rev().find(|&j| !lines[j].starts_with("  "));
         assert!(
-            i > 0 && summary_lines(lines[i - 1]).len() == 1,
+            head.is_some_and(|j| summary_lines(lines[j]).len() == 1),
             "alert not right after a summary line:\n{}",
             run.stderr
         );
@@ -739,4 +748,62 @@ fn diff_usage_and_input_errors() {
     ] {
         let _ = std::fs::remove_file(p);
     }
+}
+
+// ---- realloc growth and peaks ---------------------------------------------------------------
+
+const REALLOC_TICKS: u64 = 150;
+
+/// realloc_growth.c: a buffer grown by realloc each tick moves each time, so
+/// no block of its site is ever old; its bytes grow all the same: `growing`,
+/// not `transient`. And a site's peak is kept after its blocks are freed.
+#[test]
+fn a_buffer_grown_by_realloc_is_growing_and_peaks_are_kept() {
+    static CELL: OnceLock<Result<Run, String>> = OnceLock::new();
+    let run = shared(&CELL, || {
+        let bin = build_fixture("realloc_growth", Variant::FramePointers);
+        run_launch(
+            &["-i", "200ms"],
+            &[bin.to_str().unwrap(), "launch", &REALLOC_TICKS.to_string()],
+        )
+    });
+    run.assert_exit(0);
+    let r = &run.report;
+    let line = |m| source_line("realloc_growth", m);
+    let buffer = r.site_at("grow_buffer", line("grow_buffer"));
+    assert_eq!(
+        (Report::blocks(buffer), Report::bytes(buffer)),
+        (1, 512 * REALLOC_TICKS),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(
+        verdict(buffer),
+        "growing",
+        "trend {}\n{}",
+        buffer["trend"],
+        r.summary()
+    );
+    let hole = r.site_at("hole", line("hole"));
+    assert_eq!(Report::bytes(hole), 16 * REALLOC_TICKS, "{}", r.summary());
+    assert_eq!(verdict(hole), "leak", "trend {}", hole["trend"]);
+    let spike = r.site_at("spike", line("spike"));
+    assert_eq!(
+        (Report::bytes(spike), spike["peak_bytes"].as_u64()),
+        (1000, Some(100 * 1000)),
+        "{spike}"
+    );
+    // The growing buffer's peak is where it ends.
+    assert_eq!(buffer["peak_bytes"].as_u64(), Some(512 * REALLOC_TICKS));
+    // Ids: 16 hex digits, one per site.
+    let ids: std::collections::BTreeSet<&str> = r
+        .sites()
+        .iter()
+        .map(|s| s["site_id"].as_str().expect("a site_id"))
+        .collect();
+    assert_eq!(ids.len(), r.sites().len(), "{}", r.summary());
+    assert!(
+        ids.iter()
+            .all(|i| i.len() == 16 && i.bytes().all(|b| b.is_ascii_hexdigit()))
+    );
 }

@@ -26,6 +26,8 @@ struct Series {
     /// Index in the timeline of `points[0]`.
     start: usize,
     points: Vec<Point>,
+    /// The most bytes of any sample recorded, kept when compaction drops it.
+    peak_bytes: i64,
 }
 
 /// The process at one sample, with the traced heap then.
@@ -92,6 +94,8 @@ pub struct History {
 pub struct SiteHistory<'a> {
     pub times: &'a [u64],
     pub points: &'a [Point],
+    /// The most bytes at any sample recorded, those compaction dropped too.
+    pub peak_bytes: i64,
 }
 
 impl History {
@@ -183,6 +187,7 @@ impl History {
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(Series {
                     start: idx,
                     points: Vec::new(),
+                    peak_bytes: 0,
                 }),
             };
             while series.start + series.points.len() < idx {
@@ -195,6 +200,7 @@ impl History {
                     .unwrap_or((None, None)),
                 None => (None, None),
             };
+            series.peak_bytes = series.peak_bytes.max(bytes);
             series.points.push(Point {
                 bytes,
                 blocks: nblocks,
@@ -266,6 +272,7 @@ impl History {
         Some(SiteHistory {
             times: &self.times[s.start..s.start + s.points.len()],
             points: &s.points,
+            peak_bytes: s.peak_bytes,
         })
     }
 

@@ -124,14 +124,17 @@ pub struct Assessment {
 /// The rules, in order (`cfg` holds every threshold):
 /// 1. Leading samples without blocks are ignored. Fewer than `min_samples`
 ///    left: **unknown**.
-/// 2. Every block seen (the oldest at each sample where the blocks were
-///    scanned, and at the end) younger than `transient_max_age_s`: **transient**.
-/// 3. The site is *growing* if the Theil–Sen slope of its outstanding bytes
+/// 2. The site is *growing* if the Theil–Sen slope of its outstanding bytes
 ///    (a) is positive, (b) adds at least `min_relative_growth` of its peak over
 ///    its history, (c) holds at that pace over the last half of the samples
 ///    too (a cache that filled up and stopped fails this), and (d) of the
 ///    pairs of samples whose bytes differ, in at least `min_growth_share` the
-///    later one is larger ([`growth_share`]). Not growing: **stable**.
+///    later one is larger ([`growth_share`]). Growing: rule 4, whatever the
+///    ages of its blocks (a buffer grown by `realloc` moves at each call, so
+///    its one block is always young).
+/// 3. Not growing, and every block seen (the oldest at each sample where the
+///    blocks were scanned, and at the end) younger than `transient_max_age_s`:
+///    **transient**; else **stable**.
 /// 4. Growing, and at least `retained_share` of its *early blocks* still
 ///    outstanding at the end: **leak**; else **growing** (old blocks get freed:
 ///    a queue, a cache that evicts as it grows). The early blocks are those the site
@@ -202,28 +205,26 @@ pub fn assess(
         .max();
     trend.max_oldest_age_s = max_oldest.map(|a| a as f64 / 1e9);
 
-    let verdict = if n < cfg.min_samples {
-        Verdict::Unknown
-    } else if trend
+    let min_slope = if span > 0.0 {
+        cfg.min_relative_growth * peak / span
+    } else {
+        f64::INFINITY
+    };
+    let growing = slope.is_some_and(|s| s > 0.0 && s >= min_slope)
+        && recent.is_some_and(|s| s > 0.0 && s >= min_slope)
+        && trend
+            .growth_share
+            .is_some_and(|g| g >= cfg.min_growth_share);
+    let young = trend
         .max_oldest_age_s
         .is_some_and(|a| a < cfg.transient_max_age_s)
-        && (end_oldest.is_some() || points[n - 1].oldest_age_ns.is_some())
-    {
-        Verdict::Transient
-    } else {
-        let min_slope = if span > 0.0 {
-            cfg.min_relative_growth * peak / span
-        } else {
-            f64::INFINITY
-        };
-        let growing = slope.is_some_and(|s| s > 0.0 && s >= min_slope)
-            && recent.is_some_and(|s| s > 0.0 && s >= min_slope)
-            && trend
-                .growth_share
-                .is_some_and(|g| g >= cfg.min_growth_share);
-        if !growing {
-            Verdict::Stable
-        } else if trend
+        && (end_oldest.is_some() || points[n - 1].oldest_age_ns.is_some());
+    let verdict = if n < cfg.min_samples {
+        Verdict::Unknown
+    } else if growing {
+        // Growth outranks young blocks: a buffer grown by realloc is a new
+        // block at each move, yet what the site holds grows without bound.
+        if trend
             .early_blocks_retained
             .is_some_and(|r| r >= cfg.retained_share)
         {
@@ -231,6 +232,10 @@ pub fn assess(
         } else {
             Verdict::Growing
         }
+    } else if young {
+        Verdict::Transient
+    } else {
+        Verdict::Stable
     };
     Assessment { verdict, trend }
 }
@@ -590,6 +595,21 @@ mod tests {
             }
         }
         assert_eq!(s.verdict(), Verdict::Stable, "{:?}", s.assess());
+    }
+
+    #[test]
+    fn a_buffer_grown_by_realloc_is_growing() {
+        // Each realloc moves the buffer: one block, always younger than an
+        // interval, and more bytes at every sample.
+        let mut s = Sim::new();
+        for i in 1..=20 {
+            s.free_oldest(1);
+            s.alloc(1, 512 * i);
+            s.step();
+        }
+        let a = s.assess();
+        assert!(a.trend.max_oldest_age_s.unwrap() < 0.4, "{a:?}");
+        assert_eq!(a.verdict, Verdict::Growing, "{a:?}");
     }
 
     #[test]

@@ -172,6 +172,11 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
     pub top: usize,
 
+    /// Show every frame of the text report's stacks, with addresses and full
+    /// paths (else the allocator's and the process start's frames are folded)
+    #[arg(short, long)]
+    pub verbose: bool,
+
     /// Format of the final report [default: text]. Repeat it with one -o each
     /// to write several from one run: -f json -o r.json -f svg -o r.svg
     #[arg(short, long, value_name = "FMT", value_enum, action = clap::ArgAction::Append)]

@@ -19,6 +19,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         duration: cli.duration,
         min_age: cli.min_age,
         top: cli.top,
+        verbose: cli.verbose,
         reports: reports
             .into_iter()
             .map(|(format, path)| {

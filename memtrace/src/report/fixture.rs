@@ -105,6 +105,7 @@ pub fn sample() -> Report {
         sites: vec![Site {
             outstanding_blocks: 7,
             outstanding_bytes: 700,
+            peak_bytes: 900,
             alloc_calls: 10,
             dropped_blocks: 0,
             alloc_bytes: 1000,
@@ -180,6 +181,7 @@ pub fn with_verdicts() -> Report {
     };
     let mut leak = r.sites[0].clone();
     leak.outstanding_bytes = 300;
+    leak.peak_bytes = 300;
     leak.outstanding_blocks = 3;
     leak.verdict = Verdict::Leak;
     leak.growth_bytes_per_s = Some(2048.0);
@@ -292,6 +294,7 @@ fn varied_sites() -> Vec<Site> {
     let site = |bytes: u64, verdict: Verdict, frames: Frames| Site {
         outstanding_blocks: bytes / 16,
         outstanding_bytes: bytes,
+        peak_bytes: bytes + bytes / 2,
         alloc_calls: bytes / 8,
         dropped_blocks: 0,
         alloc_bytes: bytes * 3,

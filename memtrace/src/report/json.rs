@@ -231,6 +231,7 @@ impl<W: Write> ReportWriter<W> {
         let Site {
             outstanding_blocks,
             outstanding_bytes,
+            peak_bytes,
             alloc_calls,
             alloc_bytes,
             dropped_blocks,
@@ -248,8 +249,11 @@ impl<W: Write> ReportWriter<W> {
             history,
         } = s;
         let w = &mut self.w;
-        w.put_u64(key!(first "outstanding_blocks"), *outstanding_blocks)?;
+        let id = super::site_id::site_id(stack_captured.then_some(frames));
+        w.put_str(key!(first "site_id"), &id)?;
+        w.put_u64(key!("outstanding_blocks"), *outstanding_blocks)?;
         w.put_u64(key!("outstanding_bytes"), *outstanding_bytes)?;
+        w.put_u64(key!("peak_bytes"), *peak_bytes)?;
         w.put_u64(key!("alloc_calls"), *alloc_calls)?;
         w.put_u64(key!("alloc_bytes"), *alloc_bytes)?;
         if *dropped_blocks > 0 {

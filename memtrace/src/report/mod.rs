@@ -14,6 +14,9 @@ pub mod mappings;
 mod pprof;
 mod proto;
 pub mod resources;
+pub mod roles;
+mod site_id;
+mod stack_text;
 mod text;
 pub mod threads;
 
@@ -23,6 +26,7 @@ pub mod metrics;
 pub use pprof::{Profile, ProfileSample, write_pprof};
 
 pub use frames::Frames;
+pub use stack_text::TextStyle;
 pub use text::text_order;
 
 pub use crate::symbolize::Frame;
@@ -479,6 +483,9 @@ pub struct AllocatorInfo {
 pub struct Site {
     pub outstanding_blocks: u64,
     pub outstanding_bytes: u64,
+    /// The most bytes the site held at any history sample or at the end
+    /// (every block, whatever its age): a peak between samples is not seen.
+    pub peak_bytes: u64,
     pub alloc_calls: u64,
     pub alloc_bytes: u64,
     /// Allocations of this stack that were not recorded: the block table

@@ -219,7 +219,13 @@ impl FdSite {
 
 /// The text report's resources part: per kind, then the top sites with
 /// their frames.
-pub(super) fn write_text(w: &mut String, fds: &FdReport, top: usize) -> std::fmt::Result {
+pub(super) fn write_text(
+    w: &mut String,
+    fds: &FdReport,
+    exe: Option<&str>,
+    style: &super::TextStyle,
+) -> std::fmt::Result {
+    let top = style.top;
     let kinds: Vec<String> = fds
         .by_kind
         .iter()
@@ -250,6 +256,14 @@ pub(super) fn write_text(w: &mut String, fds: &FdReport, top: usize) -> std::fmt
         writeln!(w, "  no fd created while traced is still open")?;
         return Ok(());
     }
+    // Their stacks read as the heap sites' do (report/stack_text.rs).
+    let paths = super::stack_text::ShortPaths::of(
+        fds.sites
+            .iter()
+            .take(top)
+            .flat_map(|s| s.frames.iter())
+            .flat_map(super::stack_text::frame_paths),
+    );
     for s in fds.sites.iter().take(top) {
         let growth = s
             .growth_per_s
@@ -270,8 +284,9 @@ pub(super) fn write_text(w: &mut String, fds: &FdReport, top: usize) -> std::fmt
         if !s.stack_captured {
             writeln!(w, "      [stack not captured]")?;
         }
-        for f in s.frames.iter() {
-            writeln!(w, "      {}", super::frames::frame_text(f))?;
+        let frames: Vec<&super::Frame> = s.frames.iter().collect();
+        for line in super::stack_text::stack_lines(&frames, exe, &paths, style) {
+            writeln!(w, "    {line}")?;
         }
     }
     if fds.sites.len() > top {

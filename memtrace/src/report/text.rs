@@ -3,8 +3,9 @@
 use crate::escape::Escaped;
 use std::fmt::Write as _;
 
-use super::{Drops, Report, Sampling, Site, frames::frame_text};
-use crate::symbolize::FrameKind;
+use super::stack_text::{self, GROWING, LEAK, ShortPaths, TextStyle, frame_paths, stack_lines};
+use super::{Drops, Report, Sampling, Site};
+use crate::symbolize::{Frame, FrameKind};
 use crate::{
     analyze::{Verdict, VerdictConfig},
     units::{counted, format_bytes, format_count, format_duration, format_rate},
@@ -132,24 +133,30 @@ fn text_rank(v: Verdict) -> u8 {
 }
 
 impl Report {
-    /// The text form, with the `top` sites (leaks first).
+    /// The text form, with the `top` sites (leaks first), plain.
+    #[cfg(test)]
     pub fn to_text(&self, top: usize) -> String {
+        self.to_text_styled(&TextStyle::top(top))
+    }
+
+    /// The text form, with `style.top` sites (leaks first).
+    pub fn to_text_styled(&self, style: &TextStyle) -> String {
         let mut o = String::new();
         self.header_text(&mut o);
         self.totals_text(&mut o);
         self.stacks_text(&mut o);
         self.ages_text(&mut o);
         self.process_text(&mut o);
-        self.verdicts_text(&mut o);
-        self.sites_text(&mut o, top);
+        self.verdicts_text(&mut o, style);
+        self.sites_text(&mut o, style);
         self.freed_text(&mut o);
         if let Some(r) = &self.resources {
-            let _ = super::resources::write_text(&mut o, &r.fds, top);
+            let _ = super::resources::write_text(&mut o, &r.fds, self.target.exe.as_deref(), style);
             if let Some(t) = &r.threads {
-                let _ = super::threads::write_text(&mut o, t, top);
+                let _ = super::threads::write_text(&mut o, t, style.top);
             }
             if let Some(m) = &r.mappings {
-                let _ = super::mappings::write_text(&mut o, m, top);
+                let _ = super::mappings::write_text(&mut o, m, style.top);
             }
         }
         o
@@ -439,7 +446,7 @@ impl Report {
     }
 
     /// How many sites got each verdict, leaks first.
-    fn verdicts_text(&self, o: &mut String) {
+    fn verdicts_text(&self, o: &mut String, style: &TextStyle) {
         let c = &self.verdicts;
         if self.sites.is_empty() {
             return;
@@ -483,7 +490,8 @@ impl Report {
             let rate: f64 = leaks.iter().filter_map(|s| s.growth_bytes_per_s).sum();
             let _ = writeln!(
                 o,
-                "LEAKS: {}: {}, {}{}",
+                "{}: {}: {}, {}{}",
+                style.paint("LEAKS", LEAK),
                 if leaks.len() == 1 {
                     "1 site keeps growing and holds on to its old blocks".to_string()
                 } else {
@@ -500,7 +508,8 @@ impl Report {
     }
 
     /// The `top` sites in [`text_order`], then what the others hold.
-    fn sites_text(&self, o: &mut String, top: usize) {
+    fn sites_text(&self, o: &mut String, style: &TextStyle) {
+        let top = style.top;
         let min_age = if self.min_age_s > 0.0 {
             format!(
                 " older than {}",
@@ -525,15 +534,23 @@ impl Report {
             self.sites.len(),
             if leaks_first { ", leaks first" } else { "" }
         );
+        let paths = ShortPaths::of(
+            order
+                .iter()
+                .take(top)
+                .flat_map(|s| s.frames.iter())
+                .flat_map(frame_paths),
+        );
         for (i, site) in order.iter().take(top).enumerate() {
-            self.site_text(o, i + 1, site);
+            self.site_text(o, i + 1, site, &paths, style);
         }
         let rest = self.sites.len().saturating_sub(top);
         if rest > 0 {
             let bytes: u64 = order.iter().skip(top).map(|s| s.outstanding_bytes).sum();
             let _ = writeln!(
                 o,
-                "\n... and {rest} more sites holding {}{} (all in --format json)",
+                "\n... and {rest} more site{} holding {}{} (all in --format json)",
+                if rest == 1 { "" } else { "s" },
                 self.est(),
                 format_bytes(bytes as i64)
             );
@@ -541,7 +558,14 @@ impl Report {
     }
 
     /// One site: what it holds, its verdict, its stack.
-    fn site_text(&self, o: &mut String, rank: usize, site: &Site) {
+    fn site_text(
+        &self,
+        o: &mut String,
+        rank: usize,
+        site: &Site,
+        paths: &ShortPaths,
+        style: &TextStyle,
+    ) {
         let est = self.est();
         let mut extra = site
             .oldest_age_s
@@ -565,22 +589,39 @@ impl Report {
             counted(site.alloc_calls, "allocation"),
             format_bytes(site.alloc_bytes as i64),
         );
-        let _ = writeln!(o, "    {}", site.verdict_text(&self.verdict_config));
+        let verdict = site.verdict_text(&self.verdict_config);
+        let verdict = match site.verdict {
+            Verdict::Leak => style.paint(&verdict, LEAK),
+            Verdict::Growing => style.paint(&verdict, GROWING),
+            _ => verdict,
+        };
+        let _ = writeln!(o, "    {verdict}");
         if !site.stack_captured {
             let _ = writeln!(o, "    [stack not captured]");
         }
-        let mut python_seen = false;
-        for f in site.frames.iter() {
-            if f.kind == FrameKind::Python && !python_seen {
-                python_seen = true;
-                if site.native_frames_folded == Some(true) {
-                    let _ = writeln!(
-                        o,
-                        "    ... the interpreter's frames (--python-native-frames shows them)"
-                    );
-                }
-            }
-            let _ = writeln!(o, "    {}", frame_text(f));
+        let frames: Vec<&Frame> = site.frames.iter().collect();
+        // Folded interpreter frames are said where the Python frames start.
+        let python = frames
+            .iter()
+            .position(|f| f.kind == FrameKind::Python)
+            .filter(|_| site.native_frames_folded == Some(true));
+        let (native, rest) = frames.split_at(python.unwrap_or(frames.len()));
+        let exe = self.target.exe.as_deref();
+        for line in stack_lines(native, exe, paths, style) {
+            let _ = writeln!(o, "    {line}");
+        }
+        if python.is_some() {
+            let _ = writeln!(
+                o,
+                "      {}",
+                style.paint(
+                    "… the interpreter's frames (--python-native-frames shows them)",
+                    stack_text::FOLD
+                )
+            );
+        }
+        for line in stack_lines(rest, exe, paths, style) {
+            let _ = writeln!(o, "    {line}");
         }
         if let Some(reason) = site.truncated_reason {
             let _ = writeln!(o, "    [stack truncated: {reason}]");
@@ -629,13 +670,13 @@ mod tests {
         let r = sample();
         let t = r.to_text(10);
         assert!(t.contains("700 B in 7 blocks"), "{t}");
-        assert!(t.contains("make_buffer at /src/a.c:38"), "{t}");
+        assert!(t.contains("▸ make_buffer at a.c:38\n"), "{t}");
         assert!(t.contains("(inlined)"), "{t}");
         assert!(t.contains("exited with status 7"), "{t}");
         assert!(t.contains("nothing dropped"), "{t}");
         assert!(t.contains("stacks: walked with frame pointers"), "{t}");
         let t0 = r.to_text(0);
-        assert!(t0.contains("and 1 more sites"), "{t0}");
+        assert!(t0.contains("and 1 more site holding"), "{t0}");
     }
 
     #[test]
@@ -783,7 +824,28 @@ mod tests {
         // -n 1 shows the leak, not the larger stable site.
         let t1 = r.to_text(1);
         assert!(t1.contains("leak_fn") && !t1.contains("#2 "), "{t1}");
-        assert!(t1.contains("... and 1 more sites holding 700 B"), "{t1}");
+        assert!(t1.contains("... and 1 more site holding 700 B"), "{t1}");
+    }
+
+    #[test]
+    fn one_block_is_one_block() {
+        let mut r = sample();
+        r.sites[0].outstanding_blocks = 1;
+        r.sites[0].alloc_calls = 1;
+        r.totals.outstanding_blocks = 1;
+        r.totals.alloc_calls = 1;
+        r.totals.free_calls = 1;
+        let t = r.to_text(10);
+        assert!(
+            t.contains("\n#1 700 B in 1 block (1 allocation, 1000 B in all"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "outstanding: 700 B in 1 block, from 1 allocation (1000 B) and 1 free while"
+            ),
+            "{t}"
+        );
     }
 
     #[test]

@@ -259,7 +259,7 @@ pub(super) fn build_report(
         s.watchdog.set_fallback(Some(Fallback {
             report: assemble(opts, at, history, &fin, &meta, f),
             format: out.format,
-            top: opts.top,
+            text: opts.text_style(),
             out: out.out,
             truncate: out.truncate,
         }));
@@ -483,7 +483,7 @@ fn site(
     let stack_id = c.sample.stack_id;
     let flags = at.collector.stack_flags(stack_id)?;
     let end_blocks = fin.ages.get(&stack_id);
-    let (verdict, trend, hist) = assess_site(history, stack_id, end_blocks, &opts.verdicts);
+    let (verdict, trend, hist, peak) = assess_site(history, stack_id, end_blocks, &opts.verdicts);
     let dropped_blocks = c.sample.dropped_blocks;
     // Blocks the table had no room for could be what a stable or passing
     // site is missing; growth seen in the blocks kept is growth all the same.
@@ -496,6 +496,7 @@ fn site(
     Ok(Site {
         outstanding_blocks: c.blocks,
         outstanding_bytes: c.bytes,
+        peak_bytes: peak.max(c.bytes),
         alloc_calls: est.alloc_calls,
         alloc_bytes: est.alloc_bytes,
         dropped_blocks,
@@ -515,7 +516,7 @@ fn site(
     })
 }
 
-/// A site's verdict, trend and history. The history and the trend are of the
+/// A site's verdict, trend, history and peak bytes. They are of the
 /// sampled blocks: they are scaled back by what this site's outstanding
 /// blocks stand for.
 fn assess_site(
@@ -523,9 +524,9 @@ fn assess_site(
     stack_id: u64,
     end_blocks: Option<&SiteBlocks>,
     vcfg: &VerdictConfig,
-) -> (Verdict, Trend, Vec<HistoryPoint>) {
+) -> (Verdict, Trend, Vec<HistoryPoint>, u64) {
     let Some(h) = history.site(stack_id) else {
-        return (Verdict::Unknown, Default::default(), Vec::new());
+        return (Verdict::Unknown, Default::default(), Vec::new(), 0);
     };
     let (byte_scale, block_scale) = end_blocks.filter(|b| b.bytes > 0).map_or((1.0, 1.0), |b| {
         (b.est.bytes / b.bytes as f64, b.est.blocks / b.blocks as f64)
@@ -534,7 +535,8 @@ fn assess_site(
     a.trend.growth_bytes_per_s = a.trend.growth_bytes_per_s.map(|g| g * byte_scale);
     a.trend.recent_growth_bytes_per_s = a.trend.recent_growth_bytes_per_s.map(|g| g * byte_scale);
     let points = history_points(history.start_ns(), &h, byte_scale, block_scale);
-    (a.verdict, a.trend, points)
+    let peak = (h.peak_bytes.max(0) as f64 * byte_scale).round() as u64;
+    (a.verdict, a.trend, points, peak)
 }
 
 fn history_points(

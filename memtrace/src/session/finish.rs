@@ -84,7 +84,7 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     s.watchdog.doing("writing the report");
     let cpu_written = process_cpu();
     for (format, file) in &mut s.outputs {
-        write_report(&report, *format, opts.top, file.as_mut())?;
+        write_report(&report, *format, opts.text_style(), file.as_mut())?;
     }
     s.watchdog.done();
     let cpu_end = process_cpu();

@@ -71,6 +71,8 @@ pub struct Options {
     pub min_age: Duration,
     /// Sites in the text report.
     pub top: usize,
+    /// `-v`: every frame of the text report, with addresses and full paths.
+    pub verbose: bool,
     /// Each report to write, in its format, to its file (None: stdout).
     pub reports: Vec<(Format, Option<PathBuf>)>,
     /// `--listen`: where to serve /metrics and /debug/pprof/heap.
@@ -110,6 +112,15 @@ impl Format {
 }
 
 impl Options {
+    /// How the text report is written (colours are decided where it goes).
+    pub fn text_style(&self) -> crate::report::TextStyle {
+        crate::report::TextStyle {
+            top: self.top,
+            verbose: self.verbose,
+            color: false,
+        }
+    }
+
     /// Whether some report shows every site (else only the text report's top).
     fn shows_every_site(&self) -> bool {
         self.reports.iter().any(|(f, _)| f.shows_every_site())

@@ -4,7 +4,7 @@ use std::{fs::File, io::Write, path::PathBuf};
 use anyhow::{Context, Result};
 
 use super::Format;
-use crate::report::{self, Report};
+use crate::report::{self, Report, TextStyle};
 
 /// The `--output` file, opened before attaching so an unwritable path fails
 /// early. An existing report is only replaced once the new one is ready, and a
@@ -77,13 +77,17 @@ impl Drop for ReportFile {
 pub(super) fn write_report(
     report: &Report,
     format: Format,
-    top: usize,
+    text: TextStyle,
     output: Option<&mut ReportFile>,
 ) -> Result<()> {
-    let emit = |w: &mut dyn Write| emit(report, format, top, w);
     match output {
-        Some(f) => f.write(emit),
+        Some(f) => f.write(|w| emit(report, format, text, w)),
         None => {
+            // Colours on a terminal only, never with NO_COLOR (or TERM=dumb).
+            let color =
+                anstream::AutoStream::choice(&std::io::stdout()) != anstream::ColorChoice::Never;
+            let text = TextStyle { color, ..text };
+            let emit = |w: &mut dyn Write| emit(report, format, text, w);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             emit(&mut out).context("writing the report to stdout")?;
             out.flush().ok();
@@ -96,13 +100,13 @@ pub(super) fn write_report(
 pub(super) fn emit(
     report: &Report,
     format: Format,
-    top: usize,
+    text: TextStyle,
     w: &mut dyn Write,
 ) -> std::io::Result<()> {
     // JSON is streamed out: for ten thousand sites it is tens of megabytes.
     match format {
         Format::Json => report.write_json(w),
-        Format::Text => w.write_all(report.to_text(top).as_bytes()),
+        Format::Text => w.write_all(report.to_text_styled(&text).as_bytes()),
         Format::Pprof => report::write_pprof(report, w),
         Format::Folded => report::write_folded(report, w),
         Format::Svg => report::write_flame_graph(report, w),

@@ -407,7 +407,7 @@ impl Writer {
         let result = (|| -> std::io::Result<()> {
             let file = File::create(&temp)?;
             let mut w = std::io::BufWriter::with_capacity(1 << 16, file);
-            emit(report, format, 0, &mut w)?;
+            emit(report, format, crate::report::TextStyle::top(0), &mut w)?;
             w.flush()?;
             // On disk before the name is: a crash leaves the old snapshot or
             // the whole new one, never an empty file under the final name.

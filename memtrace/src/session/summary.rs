@@ -23,6 +23,7 @@ use crate::{
     analyze::{self, History, SampleAges},
     kernel::collect::{Counters, SiteSample, monotonic_ns},
     process::stat::{self as procstat, ProcStat},
+    report::roles,
     symbolize::Symbolizer,
     units::{Rate, format_bytes, format_count, format_duration, format_rate},
 };
@@ -30,6 +31,10 @@ use crate::{
 /// At most this many new stacks are read per live sample, so that a burst of
 /// new sites cannot stretch one interval's work (~3 µs a stack).
 const STACK_READ_AHEAD: usize = 20_000;
+
+/// How many of a stack's innermost addresses are searched for the program's
+/// own frame that names a site in the summary.
+const OWN_FRAME_SEARCH: usize = 8;
 
 /// The longest one summary line waits for debug info being loaded in the
 /// background to name its sites (a site of a module not loaded by then is named
@@ -291,11 +296,27 @@ pub(super) fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) 
         }
     }
     let generation = at.collector.stack_generation(stack_id)?;
-    let Some(&a) = at.collector.stack(stack_id)?.first() else {
+    let stack = at.collector.stack(stack_id)?;
+    let Some(&a) = stack.first() else {
         return Ok("[stack not captured]".to_string());
     };
-    let frames = sym.symbolize_taken(&at.modules, &[(a, generation)], true);
-    let f = frames.into_iter().next().and_then(|v| v.into_iter().last());
+    // The program's own innermost frame (not `operator new`), among the first
+    // few: deeper than that, the innermost frame's function says more.
+    let addrs: Vec<_> = stack
+        .iter()
+        .take(OWN_FRAME_SEARCH)
+        .map(|&a| (a, generation))
+        .collect();
+    let mut frames = sym.symbolize_taken(&at.modules, &addrs, true);
+    let exe = at.exe.as_deref();
+    let own = frames
+        .iter()
+        .flatten()
+        .position(|f| roles::role(f, exe) == roles::Role::Own);
+    let f = match own {
+        Some(i) => frames.into_iter().flatten().nth(i),
+        None => frames.drain(..).next().and_then(|v| v.into_iter().last()),
+    };
     Ok(match f {
         Some(f) => {
             // Names from the target's files: escaped for the terminal.
@@ -314,8 +335,12 @@ pub(super) fn site_name(at: &mut Attached, sym: &mut Symbolizer, stack_id: u64) 
     })
 }
 
-/// Prints the summary line: outstanding memory and its change, call rates,
-/// the fastest-growing sites, the process's own figures, and drops.
+/// The width the summary's lines fit in.
+const SUMMARY_COLUMNS: usize = 100;
+
+/// Prints the summary: outstanding memory and its change, and call rates; then
+/// on lines of their own the process's figures, each fastest-growing site, and
+/// drops. Written at once, so that no other message splits it.
 fn print_line(
     r: &Reading,
     line: &Line,
@@ -326,25 +351,8 @@ fn print_line(
 ) {
     let est = if opts.sampling.is_sampled() { "~" } else { "" };
     let (bytes, secs, counters) = (line.bytes, line.secs, &r.counters);
-    let parts: Vec<String> = growing
-        .iter()
-        .map(|g| format!("+{} {}", format_bytes(g.grew), g.name))
-        .collect();
-    let dropped = counters.dropped_events() + counters.stack_errors();
-    let process_part = r
-        .process
-        .map(|p| {
-            process_summary(
-                &p,
-                last.rss_bytes,
-                bytes,
-                last.fds.as_deref(),
-                last.threads.as_deref(),
-            )
-        })
-        .unwrap_or_default();
-    eprintln!(
-        "memtrace: {} outstanding {est}{} in {est}{} blocks ({}{}), {}/s allocs, {}/s frees{}{}{}",
+    let mut lines = vec![format!(
+        "memtrace: {} outstanding {est}{} in {est}{} blocks ({}{}), {}/s allocs, {}/s frees",
         format_duration(r.now.duration_since(start)),
         format_bytes(bytes),
         format_count(line.blocks.max(0) as u64),
@@ -359,18 +367,45 @@ fn print_line(
                 as u64,
         ),
         format_count(((counters.free_calls - last.free_calls) as f64 / secs) as u64),
-        if parts.is_empty() {
-            String::new()
-        } else {
-            format!("; growing: {}", parts.join(", "))
-        },
-        process_part,
-        if dropped > 0 {
-            format!("; {dropped} events dropped or without stack")
-        } else {
-            String::new()
-        },
-    );
+    )];
+    if let Some(p) = r.process {
+        lines.push(format!(
+            "  {}",
+            process_summary(
+                &p,
+                last.rss_bytes,
+                bytes,
+                last.fds.as_deref().is_some_and(|f| !f.is_empty()),
+                last.threads.as_deref(),
+            )
+        ));
+    }
+    // The fds by kind, when they are traced: a line of their own.
+    if let Some(by_kind) = last.fds.as_deref().filter(|f| !f.is_empty()) {
+        lines.push(format!("  {}", by_kind.trim_start_matches(", ")));
+    }
+    for g in growing {
+        lines.push(format!("  growing +{} {}", format_bytes(g.grew), g.name));
+    }
+    let dropped = counters.dropped_events() + counters.stack_errors();
+    if dropped > 0 {
+        lines.push(format!("  {dropped} events dropped or without stack"));
+    }
+    let text: String = lines
+        .iter()
+        .map(|l| fit(l, SUMMARY_COLUMNS) + "\n")
+        .collect();
+    eprint!("{text}");
+}
+
+/// `line` cut to `columns` characters, the cut marked with `…`.
+fn fit(line: &str, columns: usize) -> String {
+    if line.chars().count() <= columns {
+        return line.to_string();
+    }
+    let mut s: String = line.chars().take(columns - 1).collect();
+    s.push('…');
+    s
 }
 
 /// The `--alert-growth` alert: the total's growth over the limit, else the
@@ -418,17 +453,17 @@ impl Summary {
     }
 }
 
-/// `; rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
-/// (`fds`: the fds by kind instead of their count, when they are traced;
+/// `rss 13.4 MiB (+640.0 KiB; anon 12.4 MiB, traced 1%), heap 264.0 KiB, vm 14.6 MiB, 5 fds, 1 thread`
+/// (without the fds' count when they are traced: their line says it by kind;
 /// `threads`: the traced figures, when they are).
 fn process_summary(
     p: &ProcStat,
     last_rss: Option<u64>,
     traced: i64,
-    fds: Option<&str>,
+    fds_traced: bool,
     threads: Option<&str>,
 ) -> String {
-    let mut s = format!("; rss {} (", format_bytes(p.rss_bytes as i64));
+    let mut s = format!("rss {} (", format_bytes(p.rss_bytes as i64));
     if let Some(prev) = last_rss {
         let d = p.rss_bytes as i64 - prev as i64;
         s.push_str(&format!(
@@ -447,9 +482,7 @@ fn process_summary(
         s.push_str(&format!(", heap {}", format_bytes(h as i64)));
     }
     s.push_str(&format!(", vm {}", format_bytes(p.vm_size_bytes as i64)));
-    if let Some(by_kind) = fds.filter(|f| !f.is_empty()) {
-        s.push_str(by_kind);
-    } else if let Some(f) = p.fds {
+    if let Some(f) = p.fds.filter(|_| !fds_traced) {
         s.push_str(&format!(", {} fds", format_count(f)));
     }
     if let Some(t) = threads.filter(|t| !t.is_empty()) {
@@ -462,4 +495,19 @@ fn process_summary(
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lines_fit_their_width() {
+        assert_eq!(fit("short", 100), "short");
+        let long = "x".repeat(120);
+        let cut = fit(&long, SUMMARY_COLUMNS);
+        assert_eq!(cut.chars().count(), 100);
+        assert!(cut.ends_with("x…"), "{cut}");
+        assert_eq!(fit("ab…cd", 4), "ab……");
+    }
 }

@@ -53,7 +53,7 @@ const TICK: Duration = Duration::from_millis(50);
 pub(super) struct Fallback {
     pub(super) report: Report,
     pub(super) format: Format,
-    pub(super) top: usize,
+    pub(super) text: crate::report::TextStyle,
     /// The `--output` file (a duplicate of its descriptor) or stdout's.
     pub(super) out: File,
     /// Whether `out` is the `--output` file, emptied before it is written.
@@ -280,7 +280,7 @@ fn give_up(s: &mut State, now: Instant) -> ! {
             if f.truncate {
                 let _ = f.out.set_len(0);
             }
-            let written = super::output::emit(&f.report, f.format, f.top, &mut f.out);
+            let written = super::output::emit(&f.report, f.format, f.text, &mut f.out);
             if let Err(e) = written {
                 let _ = writeln!(err, "memtrace: error: writing the report: {e}");
             }
