@@ -114,7 +114,8 @@ pub const MAP_SYSCALLS: [&str; 3] = ["mmap", "munmap", "mremap"];
 pub mod map_names {
     pub const MAP_EVENTS: &str = "MAP_EVENTS";
     pub const MAP_COUNTERS: &str = "MAP_COUNTERS";
-    pub const ALL: [&str; 2] = [MAP_EVENTS, MAP_COUNTERS];
+    pub const MAP_WALKING: &str = "MAP_WALKING";
+    pub const ALL: [&str; 3] = [MAP_EVENTS, MAP_COUNTERS, MAP_WALKING];
 }
 
 const _: () = {

@@ -27,6 +27,26 @@ use memtrace_common::mappings::{
 #[map]
 static MAP_EVENTS: RingBuf = RingBuf::with_byte_size(MAP_EVENTS_BYTES, 0);
 
+/// 1 on this CPU while `map_exit` walks a stack (see `walking_mmap`).
+#[map]
+static MAP_WALKING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether this CPU is walking an mmap's stack: such a walk may come before
+/// a new thread has its Python state (glibc makes the thread's malloc arena
+/// with mmap), and must not have the thread remembered as one without.
+#[inline(always)]
+pub(crate) fn walking_mmap() -> bool {
+    MAP_WALKING.get(0).is_some_and(|w| *w != 0)
+}
+
+#[inline(always)]
+fn set_walking(on: u32) {
+    if let Some(p) = MAP_WALKING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
+        unsafe { *p = on };
+    }
+}
+
 /// Event counters (`MapCounter`), per CPU.
 #[map]
 static MAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_MAP_COUNTERS, 0);
@@ -108,7 +128,9 @@ fn mmap_offset() -> u64 {
 /// The mmap's stack; what kept it from being stored is counted.
 #[inline(always)]
 fn stack(ctx: &TracePointContext, regs: &UserRegs) -> u64 {
+    set_walking(1);
     let (id, failed) = syscall_stack(ctx, regs);
+    set_walking(0);
     if id == NO_STACK {
         map_count(MapCounter::NoStack, 1);
         let causes = [

@@ -156,7 +156,9 @@ fn thread_state(l: &PythonLayout) -> u64 {
         tstate: s.found,
         searched_ns: now,
     };
-    let _ = PYTHON_THREADS.insert(&tid, &entry, 0);
+    if s.found != 0 || !crate::mappings::walking_mmap() {
+        let _ = PYTHON_THREADS.insert(&tid, &entry, 0);
+    }
     s.found
 }
 
