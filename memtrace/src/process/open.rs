@@ -472,7 +472,9 @@ fn is_proc(fd: &OwnedFd) -> bool {
     // SAFETY: fstatfs writes one `struct statfs` into the zeroed buffer given.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::fstatfs(fd.as_raw_fd(), &mut st) == 0 && st.f_type == libc::PROC_SUPER_MAGIC
+        // Compared as i128: f_type and the constant differ in type between libcs.
+        libc::fstatfs(fd.as_raw_fd(), &mut st) == 0
+            && i128::from(st.f_type) == i128::from(libc::PROC_SUPER_MAGIC)
     }
 }
 
