@@ -740,18 +740,23 @@ impl StallFs {
     fn mount(deaf: bool) -> StallFs {
         let dir = OpenDir::new();
         let mnt = dir.path().join("mnt");
-        fs::create_dir(&mnt).unwrap();
         let staged = dir.path().join("libstall.so");
         fs::copy(build_fixture("dlopen_lib", Variant::FramePointers), &staged).unwrap();
+        StallFs::serve(dir, &mnt, &staged, deaf)
+    }
+
+    /// Serves `file` as `mnt/<its name>` (`mnt` made here), in `dir`.
+    fn serve(dir: OpenDir, mnt: &Path, file: &Path, deaf: bool) -> StallFs {
+        fs::create_dir(mnt).unwrap();
         let server_bin = build_fixture("stallfs", Variant::FramePointers);
-        let mut args = vec![mnt.to_str().unwrap(), staged.to_str().unwrap(), "memtrace"];
+        let mut args = vec![mnt.to_str().unwrap(), file.to_str().unwrap(), "memtrace"];
         if deaf {
             args.push("deaf");
         }
         let server = TestProcess::spawn_ready(&server_bin, &args);
         StallFs {
-            lib: mnt.join("libstall.so"),
-            _unmount: Unmount(mnt),
+            lib: mnt.join(file.file_name().unwrap()),
+            _unmount: Unmount(mnt.to_owned()),
             _server: server,
             _dir: dir,
         }
@@ -894,6 +899,90 @@ fn a_fuse_server_deaf_even_to_interrupts_cannot_hold_memtrace() {
         assert!(t.elapsed() < RUN_LIMIT, "a helper outlived the server");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The program's debug file (named by its `.gnu_debuglink`) in the `.debug`
+/// directory next to it, which is a FUSE mount deaf to memtrace: memtrace
+/// walks the path itself up to the mount, asks a helper for the file, gives
+/// up on it after 5 s, and ends with every call counted and the functions
+/// named from the program's symbol table. Before, memtrace's own lookup in
+/// the mount kept it from ever ending.
+#[test]
+fn a_debug_file_on_a_deaf_fuse_mount_is_given_up() {
+    require_root();
+    let dir = OpenDir::new();
+    let debug = dir.path().join("prog.debug");
+    run_tool(
+        "objcopy",
+        &[
+            "--only-keep-debug",
+            leaks().to_str().unwrap(),
+            debug.to_str().unwrap(),
+        ],
+    );
+    let bin = dir.path().join("prog");
+    run_tool(
+        "objcopy",
+        &[
+            "--strip-debug",
+            &format!("--add-gnu-debuglink={}", debug.display()),
+            leaks().to_str().unwrap(),
+            bin.to_str().unwrap(),
+        ],
+    );
+    // Served from elsewhere: next to the program, it would be found first.
+    let staged = dir.path().join("staging");
+    fs::create_dir(&staged).unwrap();
+    let staged = staged.join("prog.debug");
+    fs::rename(&debug, &staged).unwrap();
+    let mnt = dir.path().join(".debug");
+    let fs = StallFs::serve(dir, &mnt, &staged, true);
+    let mut target = TestProcess::spawn_ready(&bin, &["attach"]);
+    let out = unique_path("json");
+    let mut c = memtrace_command();
+    c.args(["-d", "8s", "-f", "json", "-o"])
+        .arg(&out)
+        .args(["--pid", &target.pid().to_string()]);
+    let mut m = Memtrace::spawn(c);
+    m.wait_attached();
+    target.go();
+    let tally = target.wait_done();
+    let pid = m.pid();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !ended(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !ended(pid) {
+        drop(fs);
+        let _ = m.wait(RUN_LIMIT);
+        panic!("memtrace did not end within 40 s; stderr:\n{}", m.stderr());
+    }
+    let status = m.wait(RUN_LIMIT);
+    let stderr = m.stderr();
+    assert_no_panic(&stderr);
+    assert!(
+        status.success(),
+        "memtrace {}; stderr:\n{stderr}",
+        describe_status(&status)
+    );
+    let text =
+        fs::read_to_string(&out).unwrap_or_else(|e| panic!("no report: {e}; stderr:\n{stderr}"));
+    let _ = fs::remove_file(&out);
+    let r = Report(serde_json::from_str(&text).expect("the report is JSON"));
+    let cut = r.0["cut_short"].to_string();
+    assert!(
+        cut.contains("files: reads of 1 file(s) on FUSE mounts got no answer in 5 s"),
+        "cut_short: {cut}"
+    );
+    assert_names_leaks(&r.0, &stderr);
+    let run = Run {
+        status,
+        stdout: String::new(),
+        stderr,
+        report: r,
+    };
+    assert_counts_exact("debug file on FUSE", &run, &tally);
+    target.finish_unharmed();
 }
 
 // ---- malformed files of the target's own ---------------------------------------
