@@ -725,6 +725,57 @@ impl Drop for Unmount {
     }
 }
 
+/// A stallfs mount in a fresh directory serving a copy of `dlopen_lib` as
+/// `libstall.so` to everyone but memtrace (`deaf`: not even answering the
+/// kernel's interrupt). Dropped: the server killed (which aborts the
+/// connection and frees whoever waits on it), then the mount detached.
+struct StallFs {
+    lib: PathBuf,
+    _unmount: Unmount,
+    _server: TestProcess,
+    _dir: OpenDir,
+}
+
+impl StallFs {
+    fn mount(deaf: bool) -> StallFs {
+        let dir = OpenDir::new();
+        let mnt = dir.path().join("mnt");
+        let staged = dir.path().join("libstall.so");
+        fs::copy(build_fixture("dlopen_lib", Variant::FramePointers), &staged).unwrap();
+        StallFs::serve(dir, &mnt, &staged, deaf)
+    }
+
+    /// Serves `file` as `mnt/<its name>` (`mnt` made here), in `dir`.
+    fn serve(dir: OpenDir, mnt: &Path, file: &Path, deaf: bool) -> StallFs {
+        fs::create_dir(mnt).unwrap();
+        let server_bin = build_fixture("stallfs", Variant::FramePointers);
+        let mut args = vec![mnt.to_str().unwrap(), file.to_str().unwrap(), "memtrace"];
+        if deaf {
+            args.push("deaf");
+        }
+        let server = TestProcess::spawn_ready(&server_bin, &args);
+        StallFs {
+            lib: mnt.join(file.file_name().unwrap()),
+            _unmount: Unmount(mnt.to_owned()),
+            _server: server,
+            _dir: dir,
+        }
+    }
+}
+
+/// lib_inner's 9 blocks of 333 bytes are all there, its frames unnamed (the
+/// library was never read), main's named.
+fn assert_stalled_library_site(r: &Report) {
+    let site = r
+        .sites()
+        .iter()
+        .find(|s| Report::blocks(s) == 9 && Report::bytes(s) == 9 * 333)
+        .unwrap_or_else(|| panic!("no site of 9 x 333\n{}", r.summary()));
+    let frames = Report::frames(site);
+    assert!(frames[0].function.is_none(), "{frames:?}");
+    assert!(frames.iter().any(|f| f.function() == "main"), "{frames:?}");
+}
+
 /// A library the target loads with dlopen from a FUSE filesystem that serves
 /// the target but never answers memtrace (`stallfs`): capturing it blocks for
 /// good, on a worker thread. Tracing still ends when the target exits, the
@@ -732,22 +783,11 @@ impl Drop for Unmount {
 #[test]
 fn a_library_on_a_fuse_mount_that_never_answers_memtrace() {
     require_root();
-    let dir = OpenDir::new();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let staged = dir.path().join("libstall.so");
-    fs::copy(build_fixture("dlopen_lib", Variant::FramePointers), &staged).unwrap();
-    let server_bin = build_fixture("stallfs", Variant::FramePointers);
-    let _server = TestProcess::spawn_ready(
-        &server_bin,
-        &[mnt.to_str().unwrap(), staged.to_str().unwrap(), "memtrace"],
-    );
-    let _unmount = Unmount(mnt.clone());
+    let fs = StallFs::mount(false);
     let main = build_fixture("dlopen_main", Variant::FramePointers);
-    let lib = mnt.join("libstall.so");
     let run = run_launch(
         &["-i", "500ms"],
-        &[main.to_str().unwrap(), lib.to_str().unwrap()],
+        &[main.to_str().unwrap(), fs.lib.to_str().unwrap()],
     );
     run.assert_exit(0);
     let r = &run.report;
@@ -758,16 +798,191 @@ fn a_library_on_a_fuse_mount_that_never_answers_memtrace() {
         "{}",
         run.stderr
     );
-    // lib_inner's 9 blocks of 333 bytes, its frames unnamed (the library
-    // was never read), main's named.
-    let site = r
-        .sites()
-        .iter()
-        .find(|s| Report::blocks(s) == 9 && Report::bytes(s) == 9 * 333)
-        .unwrap_or_else(|| panic!("no site of 9 x 333\n{}", r.summary()));
-    let frames = Report::frames(site);
-    assert!(frames[0].function.is_none(), "{frames:?}");
-    assert!(frames.iter().any(|f| f.function() == "main"), "{frames:?}");
+    assert_stalled_library_site(r);
+}
+
+/// Processes left behind by memtrace to copy a file of a FUSE mount (their
+/// standard input is the copy), with the BPF links and perf events each holds.
+fn served_copy_helpers() -> Vec<(u32, usize)> {
+    let mut v = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stdin = fs::read_link(format!("/proc/{pid}/fd/0")).unwrap_or_default();
+        if stdin
+            .to_string_lossy()
+            .contains("memfd:memtrace-served-copy")
+        {
+            v.push((pid, probe_fds(pid)));
+        }
+    }
+    v
+}
+
+/// Whether every thread of `pid` has ended (it is gone, or a zombie with no
+/// thread left: a leader that exits first is a zombie while others live on).
+fn ended(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+            })
+            .unwrap_or(true)
+    })
+}
+
+/// The same, with a server that ignores even the kernel's interrupt: a thread
+/// in its request cannot end at all, and memtrace's process could not either
+/// (before, it stayed in `exit_group` until the server was killed). memtrace
+/// reads that library through a helper process it leaves behind instead: it
+/// ends with its report, holds no probe, the helper none either, and the
+/// report says the read was abandoned.
+#[test]
+fn a_fuse_server_deaf_even_to_interrupts_cannot_hold_memtrace() {
+    require_root();
+    let fs = StallFs::mount(true);
+    let main = build_fixture("dlopen_main", Variant::FramePointers);
+    let out = unique_path("json");
+    let mut c = memtrace_command();
+    c.args(["-i", "500ms", "-f", "json", "-o"])
+        .arg(&out)
+        .arg("--")
+        // Leaks 10 s after loading the library: the helper is abandoned before.
+        .args([main.to_str().unwrap(), fs.lib.to_str().unwrap(), "10"]);
+    let mut m = Memtrace::spawn(c);
+    let pid = m.pid();
+    // Generous: the target runs 10 s; only a memtrace that cannot end fails.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !ended(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !ended(pid) {
+        // Reaping it would wait for the server: stop the server first.
+        drop(fs);
+        let _ = m.wait(RUN_LIMIT);
+        panic!("memtrace did not end within 40 s; stderr:\n{}", m.stderr());
+    }
+    let helpers = served_copy_helpers();
+    let status = m.wait(RUN_LIMIT);
+    let stderr = m.stderr();
+    assert_no_panic(&stderr);
+    assert!(
+        status.success(),
+        "memtrace {}; stderr:\n{stderr}",
+        describe_status(&status)
+    );
+    // The helper still waits on the server, holding none of memtrace's probes.
+    assert!(!helpers.is_empty(), "no helper left waiting");
+    assert!(
+        helpers.iter().all(|&(_, probes)| probes == 0),
+        "{helpers:?}"
+    );
+    let text =
+        fs::read_to_string(&out).unwrap_or_else(|e| panic!("no report: {e}; stderr:\n{stderr}"));
+    let _ = fs::remove_file(&out);
+    let r = Report(serde_json::from_str(&text).expect("the report is JSON"));
+    let cut = r.0["cut_short"].to_string();
+    assert!(
+        cut.contains("files: reads of 1 file(s) on FUSE mounts got no answer in 5 s"),
+        "cut_short: {cut}"
+    );
+    assert_stalled_library_site(&r);
+    // Killing the server frees the helper.
+    drop(fs);
+    let t = Instant::now();
+    while helpers.iter().any(|&(p, _)| !ended(p)) {
+        assert!(t.elapsed() < RUN_LIMIT, "a helper outlived the server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The program's debug file (named by its `.gnu_debuglink`) in the `.debug`
+/// directory next to it, which is a FUSE mount deaf to memtrace: memtrace
+/// walks the path itself up to the mount, asks a helper for the file, gives
+/// up on it after 5 s, and ends with every call counted and the functions
+/// named from the program's symbol table. Before, memtrace's own lookup in
+/// the mount kept it from ever ending.
+#[test]
+fn a_debug_file_on_a_deaf_fuse_mount_is_given_up() {
+    require_root();
+    let dir = OpenDir::new();
+    let debug = dir.path().join("prog.debug");
+    run_tool(
+        "objcopy",
+        &[
+            "--only-keep-debug",
+            leaks().to_str().unwrap(),
+            debug.to_str().unwrap(),
+        ],
+    );
+    let bin = dir.path().join("prog");
+    run_tool(
+        "objcopy",
+        &[
+            "--strip-debug",
+            &format!("--add-gnu-debuglink={}", debug.display()),
+            leaks().to_str().unwrap(),
+            bin.to_str().unwrap(),
+        ],
+    );
+    // Served from elsewhere: next to the program, it would be found first.
+    let staged = dir.path().join("staging");
+    fs::create_dir(&staged).unwrap();
+    let staged = staged.join("prog.debug");
+    fs::rename(&debug, &staged).unwrap();
+    let mnt = dir.path().join(".debug");
+    let fs = StallFs::serve(dir, &mnt, &staged, true);
+    let mut target = TestProcess::spawn_ready(&bin, &["attach"]);
+    let out = unique_path("json");
+    let mut c = memtrace_command();
+    c.args(["-d", "8s", "-f", "json", "-o"])
+        .arg(&out)
+        .args(["--pid", &target.pid().to_string()]);
+    let mut m = Memtrace::spawn(c);
+    m.wait_attached();
+    target.go();
+    let tally = target.wait_done();
+    let pid = m.pid();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !ended(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !ended(pid) {
+        drop(fs);
+        let _ = m.wait(RUN_LIMIT);
+        panic!("memtrace did not end within 40 s; stderr:\n{}", m.stderr());
+    }
+    let status = m.wait(RUN_LIMIT);
+    let stderr = m.stderr();
+    assert_no_panic(&stderr);
+    assert!(
+        status.success(),
+        "memtrace {}; stderr:\n{stderr}",
+        describe_status(&status)
+    );
+    let text =
+        fs::read_to_string(&out).unwrap_or_else(|e| panic!("no report: {e}; stderr:\n{stderr}"));
+    let _ = fs::remove_file(&out);
+    let r = Report(serde_json::from_str(&text).expect("the report is JSON"));
+    let cut = r.0["cut_short"].to_string();
+    assert!(
+        cut.contains("files: reads of 1 file(s) on FUSE mounts got no answer in 5 s"),
+        "cut_short: {cut}"
+    );
+    assert_names_leaks(&r.0, &stderr);
+    let run = Run {
+        status,
+        stdout: String::new(),
+        stderr,
+        report: r,
+    };
+    assert_counts_exact("debug file on FUSE", &run, &tally);
+    target.finish_unharmed();
 }
 
 // ---- malformed files of the target's own ---------------------------------------

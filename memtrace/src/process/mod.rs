@@ -8,4 +8,5 @@ pub mod mapped;
 pub mod maps;
 pub mod modules;
 pub mod open;
+pub mod served;
 pub mod stat;

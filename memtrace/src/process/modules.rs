@@ -121,12 +121,10 @@ impl MappedModule {
 
     fn from_file(entry: MapEntry, opened: std::io::Result<File>) -> Self {
         let (file, open_error, key) = match opened {
-            Ok(f) => match f.metadata() {
-                Ok(md) => {
-                    let key = ModuleKey::File {
-                        dev: md.dev(),
-                        ino: md.ino(),
-                    };
+            // A copy from a FUSE mount is known by its original's identity.
+            Ok(f) => match super::served::identity(&f) {
+                Ok((dev, ino)) => {
+                    let key = ModuleKey::File { dev, ino };
                     (Some(Arc::new(f)), None, Some(key))
                 }
                 Err(e) => (None, Some(format!("fstat: {e}")), None),
@@ -220,11 +218,17 @@ fn open_mapping(pid: u32, root: Option<&Root>, e: &MapEntry) -> std::io::Result<
         Err(err @ OpenError::Refused(_)) => Err(std::io::Error::other(format!("{mf}: {err}"))),
         Err(OpenError::Io(mf_err)) => {
             // A deleted file's path may now name a different file (package upgrades):
-            // never substitute it.
-            if e.deleted {
+            // never substitute it. A FUSE mount that did not answer is not asked
+            // again by the path.
+            if e.deleted || mf_err.kind() == std::io::ErrorKind::TimedOut {
+                let why = if e.deleted {
+                    "file deleted"
+                } else {
+                    "FUSE mount"
+                };
                 return Err(std::io::Error::new(
                     mf_err.kind(),
-                    format!("{mf}: {mf_err} (file deleted, no fallback)"),
+                    format!("{mf}: {mf_err} ({why}, no fallback)"),
                 ));
             }
             let path = Path::new(e.path.as_deref().unwrap_or(""));

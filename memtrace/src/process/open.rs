@@ -15,6 +15,11 @@
 //! 3. only then opens that same inode (through `/proc/self/fd/N`) with
 //!    `O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC`, and checks again with `fstat`
 //!    that it is the regular file of step 2, before anything reads or maps it.
+//!
+//! While any FUSE mount is there (ours or a target's), a path is walked one
+//! component at a time instead, and the walk stops before it looks anything
+//! up on, or opens, a file of such a mount: a helper process copies that file
+//! ([`super::served`]), so a server that never answers cannot hold memtrace.
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -31,6 +36,8 @@ pub enum Refusal {
     /// A symbolic link where none is accepted, a `/proc` magic link, or too many
     /// links (`ELOOP`).
     Symlink,
+    /// On a FUSE mount and larger than [`super::served::COPY_LIMIT`]: not copied.
+    TooLarge,
 }
 
 /// What a refused file is.
@@ -46,7 +53,7 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    fn of(mode: u32) -> Self {
+    pub(super) fn of(mode: u32) -> Self {
         match mode & libc::S_IFMT {
             libc::S_IFIFO => FileKind::Fifo,
             libc::S_IFCHR => FileKind::CharDevice,
@@ -76,6 +83,11 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::NotRegular(k) => write!(f, "not a regular file ({}): not opened", k.name()),
             Refusal::Symlink => f.write_str("refused symbolic link: not opened"),
+            Refusal::TooLarge => write!(
+                f,
+                "on a FUSE mount and larger than {} GiB: not read",
+                super::served::COPY_LIMIT >> 30
+            ),
         }
     }
 }
@@ -179,12 +191,49 @@ fn reopen_regular(path_fd: OwnedFd) -> Result<File, OpenError> {
 /// Opens `path` as given (symlinks and magic links followed: a
 /// `/proc/PID/map_files` entry, `/proc/PID/mem`, a file the user named on the
 /// command line), without blocking and only if it is a regular file.
+///
+/// A path under `/proc/PID/root/` is resolved inside that root
+/// ([`Root::open_file`], links followed in it), so that a FUSE mount in the
+/// target's tree is never looked into. Otherwise the path is the user's or a
+/// `/proc` link, and only its last step can land on a FUSE mount: then the
+/// file is copied by the helper.
 pub fn open_regular(path: &Path) -> Result<File, OpenError> {
+    if let Some((root, rest)) = under_proc_root(path) {
+        let root = Root::open(&root, &root).map_err(OpenError::Io)?;
+        return root.open_file(&rest, Links::InRoot);
+    }
+    if let Some(pid) = proc_pid(path) {
+        super::served::note_pid(pid);
+    }
     let c = cstr(path)?;
     // SAFETY: a NUL-terminated path and plain flags.
     let fd = owned(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) }.into())
         .map_err(OpenError::Io)?;
+    if super::served::any_served()
+        && let Some(mount) = super::served::served_mount(fd.as_raw_fd())
+    {
+        return super::served::copy(None, path, Links::InRoot, mount);
+    }
     reopen_regular(fd)
+}
+
+/// The pid of a `/proc/PID/...` path.
+fn proc_pid(path: &Path) -> Option<u32> {
+    let mut c = path.components();
+    (c.next()? == Component::RootDir && c.next()? == Component::Normal("proc".as_ref()))
+        .then_some(())?;
+    match c.next()? {
+        Component::Normal(n) => n.to_str()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `(/proc/PID/root, rest)` of a path under a target's root.
+fn under_proc_root(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let pid = proc_pid(path)?;
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let rest = path.strip_prefix(&root).ok()?;
+    (!rest.as_os_str().is_empty()).then(|| (root, rest.to_owned()))
 }
 
 /// How symbolic links are treated while resolving a path in a [`Root`].
@@ -211,6 +260,9 @@ impl Root {
     /// The directory at `path` (symlinks and magic links followed: `/proc/PID/root`
     /// is one), shown as `shown`.
     pub fn open(path: &Path, shown: impl Into<PathBuf>) -> io::Result<Root> {
+        if let Some(pid) = proc_pid(path) {
+            super::served::note_pid(pid);
+        }
         let c = cstr(path).map_err(io::Error::from)?;
         let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
         // SAFETY: a NUL-terminated path and plain flags.
@@ -263,7 +315,22 @@ impl Root {
     /// Opens `path` resolved inside this root, without blocking and only if it is
     /// a regular file (see the module docs).
     pub fn open_file(&self, path: &Path, links: Links) -> Result<File, OpenError> {
+        if super::served::any_served() {
+            return match resolve_by_hand(self.dir.as_raw_fd(), path, links, true) {
+                Ok(Resolved::Here(fd)) => reopen_regular(fd),
+                Ok(Resolved::Served(mount)) => {
+                    super::served::copy(Some(self.dir.as_raw_fd()), path, links, mount)
+                }
+                Err(e) => Err(e),
+            };
+        }
         reopen_regular(self.resolve(path, links)?)
+    }
+
+    /// [`Self::open_file`] through the helper, wherever the file is.
+    #[cfg(test)]
+    pub fn copy_for_test(&self, path: &Path) -> Result<File, OpenError> {
+        super::served::copy(Some(self.dir.as_raw_fd()), path, Links::InRoot, 0)
     }
 
     /// An `O_PATH` handle on `path` resolved inside this root.
@@ -273,7 +340,10 @@ impl Root {
                 // openat2 is Linux 5.6+; memtrace needs 5.17, but a seccomp filter
                 // (a container runtime's) can still hide it. Then the path is walked
                 // one component at a time, as RESOLVE_IN_ROOT would.
-                resolve_by_hand(self.dir.as_raw_fd(), path, links)
+                match resolve_by_hand(self.dir.as_raw_fd(), path, links, false)? {
+                    Resolved::Here(fd) => Ok(fd),
+                    Resolved::Served(_) => unreachable!("not guarded"),
+                }
             }
             r => r,
         }
@@ -317,13 +387,23 @@ const MAX_LINKS: usize = 40;
 /// RESOLVE_IN_ROOT without openat2: each component opened with
 /// `O_PATH | O_NOFOLLOW` under the previous one; `..` goes back to the parent
 /// directory walked through, never above the root; a symlink's target is walked
-/// the same way (an absolute one from the root). A magic link's text (`pipe:[1]`,
-/// or a path) is walked as any link's, so it leads nowhere outside the root either.
-pub(crate) fn resolve_by_hand(
+/// the same way (an absolute one from the root). A link in procfs (a magic
+/// link) is refused.
+///
+/// `guard`: before each lookup, the directory looked into is checked, and the
+/// handle reached at the end: if it is on a FUSE mount, the walk stops there
+/// ([`Resolved::Served`]) having asked that filesystem nothing.
+fn resolve_by_hand(
     root: RawFd,
     path: &Path,
     links: Links,
-) -> Result<OwnedFd, OpenError> {
+    guard: bool,
+) -> Result<Resolved, OpenError> {
+    let served = |fd: &OwnedFd| {
+        guard
+            .then(|| super::served::served_mount(fd.as_raw_fd()))
+            .flatten()
+    };
     // SAFETY: duplicating a descriptor we hold.
     let root_dup = owned(unsafe { libc::fcntl(root, libc::F_DUPFD_CLOEXEC, 0) }.into())
         .map_err(OpenError::Io)?;
@@ -338,20 +418,28 @@ pub(crate) fn resolve_by_hand(
             }
             continue;
         }
-        let cur = stack.last().expect("the root stays").as_raw_fd();
+        let cur = stack.last().expect("the root stays");
+        if let Some(mount) = served(cur) {
+            return Ok(Resolved::Served(mount));
+        }
+        let cur = cur.as_raw_fd();
         let c = CString::new(name.as_bytes())
             .map_err(|_| OpenError::Io(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: a NUL-terminated name relative to a directory we hold.
         let fd =
             owned(unsafe { libc::openat(cur, c.as_ptr(), flags) }.into()).map_err(OpenError::Io)?;
+        // A FUSE mount's root, reached from outside it: not even stat'ed.
+        if let Some(mount) = served(&fd) {
+            return Ok(Resolved::Served(mount));
+        }
         let st = fstat(fd.as_raw_fd()).map_err(OpenError::Io)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             stack.push(fd);
             continue;
         }
         followed += 1;
-        if links == Links::Refuse || followed > MAX_LINKS {
+        if links == Links::Refuse || followed > MAX_LINKS || is_proc(&fd) {
             return Err(OpenError::Refused(Refusal::Symlink));
         }
         let target = readlink_fd(&fd).map_err(OpenError::Io)?;
@@ -362,7 +450,32 @@ pub(crate) fn resolve_by_hand(
             todo.push_front(c);
         }
     }
-    Ok(stack.pop().expect("the root stays"))
+    let fd = stack.pop().expect("the root stays");
+    match served(&fd) {
+        Some(mount) => Ok(Resolved::Served(mount)),
+        None => Ok(Resolved::Here(fd)),
+    }
+}
+
+/// Where a guarded walk ended.
+enum Resolved {
+    /// An `O_PATH` handle on the file, not on a FUSE mount.
+    Here(OwnedFd),
+    /// At a FUSE mount (its id): the helper must take it from the start.
+    Served(u64),
+}
+
+/// Whether a link is in procfs: a magic link there (`/proc/PID/root`, an
+/// fd) is refused, as `RESOLVE_NO_MAGICLINKS` refuses it. (Only asked of a
+/// handle that is not on a FUSE mount: `fstatfs` would ask the server.)
+fn is_proc(fd: &OwnedFd) -> bool {
+    // SAFETY: fstatfs writes one `struct statfs` into the zeroed buffer given.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        // Compared as i128: f_type and the constant differ in type between libcs.
+        libc::fstatfs(fd.as_raw_fd(), &mut st) == 0
+            && i128::from(st.f_type) == i128::from(libc::PROC_SUPER_MAGIC)
+    }
 }
 
 /// The names a path walks through: `..` kept, `.` and `/` dropped.
@@ -466,8 +579,11 @@ mod tests {
             .open_file(Path::new(path), links)
             .map(read)
             .map_err(|e| format!("{e:?}"));
-        let by_hand = resolve_by_hand(root.dir.as_raw_fd(), Path::new(path), links)
-            .and_then(reopen_regular)
+        let by_hand = resolve_by_hand(root.dir.as_raw_fd(), Path::new(path), links, false)
+            .and_then(|r| match r {
+                Resolved::Here(fd) => reopen_regular(fd),
+                Resolved::Served(_) => unreachable!(),
+            })
             .map(read)
             .map_err(|e| format!("{e:?}"));
         vec![by_kernel, by_hand]

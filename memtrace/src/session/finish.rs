@@ -119,7 +119,8 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
 }
 
 /// What was cut short, for the report: said while tracing, by the watchdog,
-/// and the pages of truncated files read as zeros.
+/// the pages of truncated files read as zeros, and files of FUSE mounts not
+/// read.
 pub(super) fn cut_short(s: &Session) -> Vec<String> {
     let mut notes = s.cut_short.clone();
     notes.extend(s.watchdog.notes());
@@ -130,6 +131,7 @@ pub(super) fn cut_short(s: &Session) -> Vec<String> {
              zeros; frames in those files may be unresolved"
         ));
     }
+    notes.extend(crate::process::served::notes());
     notes
 }
 

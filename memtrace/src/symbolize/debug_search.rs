@@ -48,6 +48,8 @@ pub(crate) mod refusal {
     pub const ALTLINK_OUTSIDE: &str = "altlink_outside_debug_directories";
     /// A `.gnu_debuglink` that is not a bare file name.
     pub const DEBUGLINK_NOT_BASENAME: &str = "debuglink_not_a_file_name";
+    /// On a FUSE mount and larger than the copy limit.
+    pub const TOO_LARGE: &str = "larger_than_copy_limit";
 }
 
 /// Where to look for separate debug files of one module.
@@ -200,6 +202,7 @@ impl<'a> DebugSearch<'a> {
                 let reason = match r {
                     Refusal::NotRegular(_) => refusal::NOT_REGULAR,
                     Refusal::Symlink => refusal::SYMLINK,
+                    Refusal::TooLarge => refusal::TOO_LARGE,
                 };
                 self.refuse(reason, &format_args!("{}: {r}", self.display(c).display()));
                 None
@@ -253,9 +256,9 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
+/// The file's identity; a copy from a FUSE mount has its original's.
 fn file_id(f: &File) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    f.metadata().ok().map(|m| (m.dev(), m.ino()))
+    crate::process::served::identity(f).ok()
 }
 
 /// The separate debug file of a module without `.debug_info` of its own (its path as

@@ -751,18 +751,14 @@ impl Symbolizer {
         path: &Path,
         vaddrs: &[u64],
     ) -> Result<(Vec<u64>, Vec<Vec<FrameInfo>>), SymbolizeError> {
-        use std::os::unix::fs::MetadataExt;
         let open_err = |err| SymbolizeError::Open {
             path: path.to_owned(),
             err,
         };
         // Without blocking, and only a regular file: a FIFO named here must not hang.
         let file = open_regular(path).map_err(|e| open_err(e.into()))?;
-        let md = file.metadata().map_err(open_err)?;
-        let key = ModuleKey::File {
-            dev: md.dev(),
-            ino: md.ino(),
-        };
+        let (dev, ino) = crate::process::served::identity(&file).map_err(open_err)?;
+        let key = ModuleKey::File { dev, ino };
         if !self.modules.contains_key(&key) {
             // A debuglink is searched next to the binary: that needs its real path (no
             // symbolic link is followed next to it).
@@ -770,7 +766,7 @@ impl Symbolizer {
                 .or_else(|_| std::path::absolute(path))
                 .unwrap_or_else(|_| path.to_owned());
             let abs = abs.to_string_lossy();
-            let search = DebugSearch::host(&self.debug_root, &abs, Some((md.dev(), md.ino())));
+            let search = DebugSearch::host(&self.debug_root, &abs, Some((dev, ino)));
             let t = std::time::Instant::now();
             let res = ElfModule::for_batch(&file, &search);
             log::debug!("{}: loaded in {:?}", path.display(), t.elapsed());
