@@ -301,8 +301,9 @@ fn note_code(code: u64, check: u32) {
     }
 }
 
-/// Reads `len` bytes at `addr` into `dst`, or fewer (down to 64) when the
-/// object sits near the end of its mapping. Returns whether it read any.
+/// Reads `len` bytes at `addr` into `dst`, or fewer when the object sits
+/// near the end of its mapping: the rest of its page (always mapped if the
+/// object is), then 64. Returns whether it read any.
 #[inline(always)]
 fn read_part(dst: &mut [u8], addr: u64) -> bool {
     if addr == 0 {
@@ -313,7 +314,10 @@ fn read_part(dst: &mut [u8], addr: u64) -> bool {
     let mut read = |n: usize| unsafe {
         bpf_probe_read_user_buf(addr as *const u8, &mut dst[..n.min(whole)]).is_ok()
     };
-    read(whole) || read(64)
+    // (A name or line table near the top of the heap: 64 bytes would cut
+    // a str object's text after 16 characters.)
+    let page_rest = 4096 - (addr & 4095) as usize;
+    read(whole) || (page_rest > 64 && read(page_rest)) || read(64)
 }
 
 /// Puts a copy of the code object in PYTHON_CODE_COPIES; false if there is
