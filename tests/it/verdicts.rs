@@ -358,7 +358,7 @@ fn fail_on_leak_exits_3_after_writing_the_report() {
     run.assert_exit(3);
     assert!(
         run.stderr
-            .contains("memtrace: 2 sites got the leak verdict: exit status 3 (--fail-on-leak)"),
+            .contains("memtrace: 3 sites got the leak verdict: exit status 3 (--fail-on-leak)"),
         "{}",
         run.stderr
     );
@@ -366,6 +366,27 @@ fn fail_on_leak_exits_3_after_writing_the_report() {
     assert_eq!(
         run.fixture_tally().expect("done line").get("mapped"),
         LONG_TICKS
+    );
+    // The two heap leaks, and grow_rss's mmap of every tick: a mapping site.
+    assert_eq!(run.report.0["verdicts"]["leak"], 2);
+    let mapped: Vec<&serde_json::Value> = run.report.0["resources"]["mappings"]["sites"]
+        .as_array()
+        .expect("mapping sites")
+        .iter()
+        .filter(|s| s["verdict"] == "leak")
+        .collect();
+    assert_eq!(mapped.len(), 1, "{mapped:?}");
+    assert_eq!(mapped[0]["kind"], "anon_mapping");
+    assert_eq!(mapped[0]["outstanding"], LONG_TICKS);
+    assert_eq!(mapped[0]["bytes"], LONG_TICKS * (64 << 10));
+    assert!(
+        mapped[0]["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["function"] == "grow_rss"),
+        "{:?}",
+        mapped[0]
     );
 }
 
