@@ -241,6 +241,9 @@ pub struct ModulePlan {
 pub struct UntracedEntry {
     pub name: String,
     pub module: String,
+    /// Why it is not traced, when the plan is not the reason (its module is
+    /// not probed at all).
+    pub reason: Option<String>,
 }
 
 /// The allocator entry points of a process.
@@ -715,6 +718,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
                 out.insert(UntracedEntry {
                     name: name.clone(),
                     module: module.clone(),
+                    reason: None,
                 });
             }
         }
@@ -732,6 +736,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
                     out.insert(UntracedEntry {
                         name: name.clone(),
                         module: module.clone(),
+                        reason: None,
                     });
                 }
             }
@@ -743,6 +748,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
             out.insert(UntracedEntry {
                 name: name.clone(),
                 module: p.modules[*i].path.clone(),
+                reason: None,
             });
         }
     }

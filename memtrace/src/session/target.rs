@@ -99,11 +99,15 @@ fn trace_threads(
     if !resources {
         return none;
     }
-    let Some(module) = crate::attach::threads::pthread_module(pid, maps) else {
-        eprintln!(
-            "memtrace: warning: threads are not traced: the target maps no libc or libpthread"
-        );
-        return none;
+    let module = match crate::attach::threads::pthread_module(pid, maps) {
+        Ok(module) => module,
+        Err(why) => {
+            eprintln!(
+                "memtrace: warning: threads are not traced: {}",
+                Escaped(&why)
+            );
+            return none;
+        }
     };
     match steps.time("thread_probes", "attaching thread probes", || {
         probes.attach_thread_tracing(&module, pid)
@@ -311,6 +315,7 @@ fn note_pymalloc(
         allocators.untraced.push(UntracedEntry {
             name: name.to_string(),
             module: interp.module.clone(),
+            reason: None,
         });
     }
     allocators.untraced.sort();
