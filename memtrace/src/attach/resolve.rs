@@ -38,7 +38,7 @@ use super::{
         whole_function,
     },
     entries::{self, Entry},
-    placement,
+    placement, pymalloc,
 };
 use crate::process::link_map::is_libc;
 
@@ -178,7 +178,47 @@ fn scan(m: &ModuleFile<'_>, prefixes: &[String], pymalloc: bool) -> Scan {
                 exported,
             });
     }
+    if pymalloc && !out.defs.contains_key("_PyObject_Malloc") {
+        add_pymalloc_from_table(m, &mut out);
+    }
     out
+}
+
+/// pymalloc's functions of a libpython without `.symtab` (Debian's
+/// stripped `libpython3.11.so.1.0`), found from their allocator table: see
+/// `pymalloc`. Not on a build that inlines them.
+fn add_pymalloc_from_table(m: &ModuleFile<'_>, out: &mut Scan) {
+    if !m
+        .file
+        .dynamic_symbols()
+        .any(|s| !s.is_undefined() && s.name() == Ok("PyObject_Malloc"))
+    {
+        return;
+    }
+    match pymalloc::find(&m.file) {
+        Ok(pymalloc::Found::Functions { functions, table }) => {
+            log::debug!(
+                "{}: pymalloc's functions from its table at {table:#x}",
+                m.path
+            );
+            for f in functions {
+                let Some(entry) = entries::classify_pymalloc(f.name) else {
+                    continue;
+                };
+                out.defs.entry(f.name.to_string()).or_insert(Def {
+                    entry,
+                    vaddr: f.vaddr,
+                    size: f.size,
+                    exported: false,
+                });
+            }
+        }
+        Ok(pymalloc::Found::Inlined { function }) => log::debug!(
+            "{}: pymalloc's _PyObject_Malloc ({function:#x}) is inlined into its callers",
+            m.path
+        ),
+        Err(e) => log::debug!("{}: pymalloc's functions not found: {e}", m.path),
+    }
 }
 
 /// The jemalloc prefixes the modules reveal (`<prefix>sdallocx` defined).

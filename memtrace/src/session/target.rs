@@ -13,6 +13,7 @@ use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocators},
     attach::links::Probes,
+    attach::pymalloc,
     attach::resolve::UntracedEntry,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
@@ -23,6 +24,7 @@ use crate::{
     },
     process::maps::read_maps,
     process::modules::Generation,
+    process::open::{Links, Root},
     report::Sampling,
     steps::Steps,
     symbolize::python::{self, PythonResolver},
@@ -299,10 +301,9 @@ fn note_pymalloc(
         );
     } else if objects {
         eprintln!(
-            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
-             {} has no symbol for pymalloc's functions (an LTO build inlines them): \
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: {}: \
              start the target with PYTHONMALLOC=malloc to see them",
-            Escaped(&interp.module)
+            why_no_pymalloc(pid, &interp.module)
         );
     } else {
         eprintln!(
@@ -320,6 +321,35 @@ fn note_pymalloc(
     }
     allocators.untraced.sort();
     allocators.untraced.dedup();
+}
+
+/// Why `--python-objects` found no pymalloc function to probe in the
+/// interpreter's `module` (see `attach::pymalloc`).
+fn why_no_pymalloc(pid: u32, module: &str) -> String {
+    let shown = Escaped(module);
+    let file = Root::open(Path::new(&format!("/proc/{pid}/root")), "/")
+        .ok()
+        .and_then(|root| root.open_file(Path::new(module), Links::InRoot).ok());
+    // SAFETY: read-only private mapping of a file the target maps; a
+    // concurrent truncation would crash the target first.
+    let data = file.and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok());
+    let Some(data) = data else {
+        return format!("{shown} cannot be read");
+    };
+    let found = ::object::File::parse(&*data)
+        .map_err(|e| e.to_string())
+        .and_then(|elf| pymalloc::find(&elf));
+    match found {
+        Ok(pymalloc::Found::Inlined { .. }) => format!(
+            "{shown} is an LTO+PGO build that copies pymalloc's code into its callers \
+             (its PyObject_Malloc runs a copy of _PyObject_Malloc): probes on the \
+             functions would see only some of the allocations and frees"
+        ),
+        Ok(pymalloc::Found::Functions { .. }) => {
+            format!("{shown}: pymalloc's functions could not be probed")
+        }
+        Err(e) => format!("{shown}: pymalloc's functions not found ({e})"),
+    }
 }
 
 /// Whether to probe pymalloc's functions in process `pid`: asked for, and
