@@ -53,16 +53,19 @@ pub struct ThreadRec {
     /// stack and counts are in); the new thread's own return from clone
     /// may come first and make the entry.
     pub creator_seen: u32,
-    pub _pad: u32,
+    /// 1 if its clone was made outside `pthread_create` (Go, a runtime of
+    /// its own): nothing memtrace sees joins it, so its exit ends it.
+    pub raw_clone: u32,
     /// Its name when it exited (`comm`); zeros while it runs.
     pub comm: [u8; 16],
 }
 
 impl ThreadRec {
     /// Whether its end is accounted for: exited and joined or detached
-    /// (its stack is back in glibc's cache, or freed).
+    /// (its stack is back in glibc's cache, or freed), or exited when no
+    /// join is to be seen (a raw clone's).
     pub const fn done(&self) -> bool {
-        self.exited_ns != 0 && (self.joined != 0 || self.detached != 0)
+        self.exited_ns != 0 && (self.joined != 0 || self.detached != 0 || self.raw_clone != 0)
     }
 }
 
@@ -70,6 +73,8 @@ impl ThreadRec {
 pub const CALL_JOIN: u32 = 1;
 pub const CALL_DETACH: u32 = 2;
 pub const CALL_CREATE_DETACHED: u32 = 3;
+/// A `pthread_create` of a joinable thread.
+pub const CALL_CREATE: u32 = 4;
 
 /// A pthread call in flight (`THREAD_CALLS`, by the caller's thread id).
 #[repr(C)]
@@ -105,6 +110,9 @@ codes! {
         RegsReadErrors = 7,
         /// Creations recorded without a stack (see the heap's drops).
         NoStack = 8,
+        /// Threads created by a clone outside `pthread_create` (no join
+        /// of theirs can be seen: their exit ends them).
+        RawClone = 9,
     }
 }
 
@@ -120,6 +128,7 @@ impl ThreadCounter {
             ThreadCounter::TableFull => "table_full",
             ThreadCounter::RegsReadErrors => "regs_read_errors",
             ThreadCounter::NoStack => "no_stack",
+            ThreadCounter::RawClone => "raw_clone",
         }
     }
 }

@@ -10,7 +10,7 @@
 //! entries of the same syscalls watch for code unmapped; this one sees what
 //! the syscall did, once it succeeded.
 
-use crate::resources::{UserRegs, syscall_nr, syscall_stack, user_regs};
+use crate::resources::{UserRegs, syscall_nr, syscall_ret, syscall_stack, user_regs};
 use crate::target::is_target;
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -67,9 +67,7 @@ pub fn map_exit(ctx: TracePointContext) -> u32 {
     if !is_target() {
         return 0;
     }
-    // SAFETY: `long ret` at offset 16 of every sys_exit record; bpf_probe_read_kernel fails
-    // rather than faults.
-    let (Some(nr), Ok(ret)) = (syscall_nr(&ctx), unsafe { ctx.read_at::<u64>(16) }) else {
+    let (Some(nr), ret) = (syscall_nr(&ctx), syscall_ret(&ctx) as u64) else {
         return 0;
     };
     if ret >= MAX_ERRNO.wrapping_neg() {

@@ -26,10 +26,11 @@ use crate::maps::COUNTERS;
 use crate::target::{is_target, is_target_process, read_user};
 use crate::walk::{WalkStart, cache_slot, capture_stack};
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_ktime_get_ns, bpf_loop,
-        generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
@@ -84,12 +85,23 @@ fn fd_count(c: FdCounter, n: u64) {
     }
 }
 
-/// The syscall's number in a `sys_enter_*`/`sys_exit_*` record.
+/// The syscall's number in a `sys_enter_*`/`sys_exit_*` record. Read
+/// straight from the context, as the verifier allows for a tracepoint's
+/// record: no helper call, on a path every open and close of the target
+/// takes.
 #[inline(always)]
 pub(crate) fn syscall_nr(ctx: &TracePointContext) -> Option<u64> {
-    // SAFETY: every syscall tracepoint record has `int __syscall_nr` at offset 8;
-    // bpf_probe_read_kernel fails rather than faults.
-    unsafe { ctx.read_at::<i32>(8) }.ok().map(|n| n as u64)
+    // SAFETY: every syscall tracepoint record has `int __syscall_nr` at offset 8, within the
+    // record the context points to.
+    Some(unsafe { *ctx.as_ptr().cast::<u8>().add(8).cast::<i32>() } as u64)
+}
+
+/// The return value in a `sys_exit_*` record (see `syscall_nr`).
+#[inline(always)]
+pub(crate) fn syscall_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: every sys_exit record has `long ret` at offset 16, within the record the context
+    // points to.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(16).cast::<i64>() }
 }
 
 /// The user registers the syscall was entered with: its arguments (rdi,
@@ -102,20 +114,15 @@ pub(crate) struct UserRegs {
     pub(crate) bp: u64,
 }
 
-/// Reads one u64 of the task's user registers at `off`.
+/// Reads one u64 of the task's user registers at `off`: a load through
+/// the BTF pointer `bpf_task_pt_regs` returns, which the verifier turns
+/// into a fault-tolerant one (a helper call per register cost more than
+/// the rest of a close's program).
 #[inline(always)]
 fn reg(regs: *const pt_regs, off: usize) -> Option<u64> {
-    let mut v = 0u64;
-    // SAFETY: reads one u64 of the task's pt_regs into `v`; bpf_probe_read_kernel fails rather
-    // than faults.
-    let failed = unsafe {
-        bpf_probe_read_kernel(
-            (&raw mut v).cast(),
-            8,
-            regs.cast::<u8>().wrapping_add(off).cast(),
-        )
-    } != 0;
-    (!failed).then_some(v)
+    // SAFETY: `regs` is the kernel's pt_regs of the current task (bpf_task_pt_regs), and `off`
+    // the offset of one of its u64 fields; the verifier checks the access against pt_regs' BTF.
+    Some(unsafe { *regs.cast::<u8>().add(off).cast::<u64>() })
 }
 
 impl UserRegs {
@@ -133,7 +140,7 @@ impl UserRegs {
 pub(crate) fn user_regs() -> Option<UserRegs> {
     use core::mem::offset_of;
     // SAFETY: helpers with no preconditions; the task is the current one, whose user registers
-    // bpf_task_pt_regs gives (a kernel pointer, read with bpf_probe_read_kernel).
+    // bpf_task_pt_regs gives (a BTF pointer to pt_regs, read through `reg`).
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     Some(UserRegs {
         args: [
@@ -165,9 +172,7 @@ pub fn fd_exit(ctx: TracePointContext) -> u32 {
     if !is_target() {
         return 0;
     }
-    // SAFETY: `long ret` at offset 16 of every sys_exit record; bpf_probe_read_kernel fails
-    // rather than faults.
-    let (Some(nr), Ok(ret)) = (syscall_nr(&ctx), unsafe { ctx.read_at::<i64>(16) }) else {
+    let (Some(nr), ret) = (syscall_nr(&ctx), syscall_ret(&ctx)) else {
         return 0;
     };
     let Some(regs) = user_regs() else {

@@ -28,9 +28,9 @@ use aya_ebpf::{
 };
 use memtrace_common::NO_STACK;
 use memtrace_common::threads::{
-    ATTR_FLAG_DETACHSTATE, CALL_CREATE_DETACHED, CALL_DETACH, CALL_JOIN, CLONE_ARGS_FLAGS,
-    CLONE_ARGS_TLS, CLONE_THREAD, MAX_THREAD_CALLS, MAX_THREAD_SITES, MAX_THREADS,
-    NUM_THREAD_COUNTERS, PTHREAD_ATTR_FLAGS, ThreadCall, ThreadCounter, ThreadRec, nr,
+    ATTR_FLAG_DETACHSTATE, CALL_CREATE, CALL_CREATE_DETACHED, CALL_DETACH, CALL_JOIN,
+    CLONE_ARGS_FLAGS, CLONE_ARGS_TLS, CLONE_THREAD, MAX_THREAD_CALLS, MAX_THREAD_SITES,
+    MAX_THREADS, NUM_THREAD_COUNTERS, PTHREAD_ATTR_FLAGS, ThreadCall, ThreadCounter, ThreadRec, nr,
 };
 
 /// Thread id → the thread created while traced and not yet done.
@@ -140,22 +140,14 @@ fn created(ctx: &TracePointContext, regs: &UserRegs, me: u32, tid: u32, tls: u64
         count(ThreadCounter::NoStack);
     }
     count_site(stack);
-    // Created detached (pthread_create's attr, seen at its entry)?
-    let detached = match THREAD_CALLS.get_ptr_mut(&me) {
-        // SAFETY: an element from a hash map lookup, valid for the program's run (RCU).
-        Some(c) if unsafe { (*c).call } == CALL_CREATE_DETACHED => {
-            let _ = THREAD_CALLS.remove(&me);
-            count(ThreadCounter::Detached);
-            1
-        }
-        _ => 0,
-    };
+    let (detached, raw_clone) = creating_call(me);
     let rec = ThreadRec {
         stack_id: stack,
         born_ns: now(),
         pthread: tls,
         detached,
         creator_seen: 1,
+        raw_clone,
         ..Default::default()
     };
     if THREADS.insert(&tid, &rec, BPF_NOEXIST as u64).is_err() {
@@ -170,6 +162,7 @@ fn created(ctx: &TracePointContext, regs: &UserRegs, me: u32, tid: u32, tls: u64
             (*r).stack_id = stack;
             (*r).pthread = tls;
             (*r).detached |= detached;
+            (*r).raw_clone = raw_clone;
             write_volatile(&raw mut (*r).creator_seen, 1);
             if (*r).done() {
                 finish(tid, tls);
@@ -179,6 +172,30 @@ fn created(ctx: &TracePointContext, regs: &UserRegs, me: u32, tid: u32, tls: u64
     }
     if tls != 0 {
         let _ = THREAD_BY_PTHREAD.insert(&tls, &tid, 0);
+    }
+}
+
+/// What made the clone of a thread `me` created, from the pthread_create
+/// its entry probe saw in flight: (created detached, a raw clone, made
+/// outside pthread_create). Each is counted.
+#[inline(always)]
+fn creating_call(me: u32) -> (u32, u32) {
+    // SAFETY: an element from a hash map lookup, valid for the program's run (RCU).
+    let call = THREAD_CALLS.get_ptr_mut(&me).map(|c| unsafe { (*c).call });
+    match call {
+        Some(CALL_CREATE_DETACHED) => {
+            let _ = THREAD_CALLS.remove(&me);
+            count(ThreadCounter::Detached);
+            (1, 0)
+        }
+        Some(CALL_CREATE) => {
+            let _ = THREAD_CALLS.remove(&me);
+            (0, 0)
+        }
+        _ => {
+            count(ThreadCounter::RawClone);
+            (0, 1)
+        }
     }
 }
 
@@ -223,7 +240,8 @@ pub fn thread_exit(_ctx: TracePointContext) -> u32 {
     unsafe {
         (*r).comm = comm;
         write_volatile(&raw mut (*r).exited_ns, now());
-        if read_volatile(&raw const (*r).detached) != 0 && (*r).creator_seen != 0 {
+        let no_join = read_volatile(&raw const (*r).detached) != 0 || (*r).raw_clone != 0;
+        if no_join && read_volatile(&raw const (*r).creator_seen) != 0 {
             finish(me, (*r).pthread);
         }
     }
@@ -272,24 +290,29 @@ pub fn thread_detach_enter(ctx: ProbeContext) -> u32 {
     call_enter(arg(&ctx, 0), CALL_DETACH)
 }
 
-/// pthread_create(thread, attr, ...): whether attr asks for a detached
-/// thread (read from glibc's attr, see `PTHREAD_ATTR_FLAGS`), for the clone
-/// it makes to take (no return probe: an entry left by a create that failed
-/// before its clone is replaced by the caller's next create).
+/// pthread_create(thread, attr, ...): that the clone it makes is
+/// pthread_create's (a clone made with none in flight is a raw clone), and
+/// whether attr asks for a detached thread (read from glibc's attr, see
+/// `PTHREAD_ATTR_FLAGS`), for that clone to take (no return probe: an entry
+/// left by a create that failed before its clone is replaced by the
+/// caller's next create).
 #[uprobe]
 pub fn thread_create_enter(ctx: ProbeContext) -> u32 {
-    let Some(me) = target_thread() else {
+    if target_thread().is_none() {
         return 0;
-    };
+    }
     let attr = arg(&ctx, 1);
     let detached = attr != 0
         && read_user(attr + PTHREAD_ATTR_FLAGS)
             .is_some_and(|f| f as u32 & ATTR_FLAG_DETACHSTATE != 0);
-    if !detached {
-        let _ = THREAD_CALLS.remove(&me);
-        return 0;
-    }
-    call_enter(0, CALL_CREATE_DETACHED)
+    call_enter(
+        0,
+        if detached {
+            CALL_CREATE_DETACHED
+        } else {
+            CALL_CREATE
+        },
+    )
 }
 
 #[uretprobe]
@@ -302,7 +325,7 @@ pub fn thread_call_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = THREAD_CALLS.remove(&me);
-    if regs_ret(&ctx) as u32 != 0 || call.call == CALL_CREATE_DETACHED {
+    if regs_ret(&ctx) as u32 != 0 || call.call == CALL_CREATE_DETACHED || call.call == CALL_CREATE {
         return 0;
     }
     // SAFETY: only the value's copy is used.

@@ -78,6 +78,10 @@ pub struct ExistedKind {
 pub struct MapReconciliation {
     /// Reconciliations made: one per interval with events lost.
     pub scans: u64,
+    /// Of `events.lost`, those the last reconciliation came after: when
+    /// fewer, the ranges may be wrong for what was lost since (the target
+    /// ended before /proc/PID/maps could be read again).
+    pub lost_covered: u64,
     /// Mappings memtrace held that /proc no longer showed (their unmapping
     /// was lost): released.
     pub released: Corrected,
@@ -201,23 +205,26 @@ fn write_lost(w: &mut String, m: &MappingReport) -> std::fmt::Result {
     if lost == 0 {
         return Ok(());
     }
-    if r.scans == 0 {
-        return writeln!(
+    if r.scans > 0 {
+        writeln!(
             w,
-            "  {} lost (event buffer full): ranges may be wrong",
-            counted(lost, "event")
-        );
+            "  {} lost (event buffer full), corrected from /proc/PID/maps: {} released ({}), \
+             {} seen at reconciliation ({}, no stack)",
+            counted(r.lost_covered, "event"),
+            counted(r.released.mappings, "mapping"),
+            format_bytes(r.released.bytes as i64),
+            counted(r.seen.mappings, "range"),
+            format_bytes(r.seen.bytes as i64)
+        )?;
     }
-    writeln!(
-        w,
-        "  {} lost (event buffer full), corrected from /proc/PID/maps: {} released ({}), \
-         {} seen at reconciliation ({}, no stack)",
-        counted(lost, "event"),
-        counted(r.released.mappings, "mapping"),
-        format_bytes(r.released.bytes as i64),
-        counted(r.seen.mappings, "range"),
-        format_bytes(r.seen.bytes as i64)
-    )
+    if lost > r.lost_covered {
+        writeln!(
+            w,
+            "  {} lost (event buffer full) since /proc/PID/maps was last read: ranges may be wrong",
+            counted(lost - r.lost_covered, "event")
+        )?;
+    }
+    Ok(())
 }
 
 impl MappingReport {
@@ -338,5 +345,41 @@ mod tests {
             site("file_mapping", true, Some("/tmp/a\x1b"), 1).headline(),
             "1 shared file mapping of /tmp/a\\x1b, 4.0 MiB"
         );
+    }
+
+    #[test]
+    fn lost_events_say_what_was_corrected_and_what_was_not() {
+        let mut m = MappingReport::default();
+        let text = |m: &MappingReport| {
+            let mut w = String::new();
+            write_lost(&mut w, m).unwrap();
+            w
+        };
+        assert_eq!(text(&m), "");
+        m.events.insert("lost", 500);
+        assert_eq!(
+            text(&m),
+            "  500 events lost (event buffer full) since /proc/PID/maps was last read: \
+             ranges may be wrong\n"
+        );
+        m.reconciliation = MapReconciliation {
+            scans: 1,
+            lost_covered: 500,
+            released: Corrected {
+                mappings: 2,
+                bytes: 8192,
+            },
+            seen: Corrected {
+                mappings: 1,
+                bytes: 4096,
+            },
+        };
+        assert_eq!(
+            text(&m),
+            "  500 events lost (event buffer full), corrected from /proc/PID/maps: \
+             2 mappings released (8.0 KiB), 1 range seen at reconciliation (4.0 KiB, no stack)\n"
+        );
+        m.events.insert("lost", 501);
+        assert!(text(&m).ends_with("  1 event lost (event buffer full) since /proc/PID/maps was last read: ranges may be wrong\n"));
     }
 }

@@ -93,8 +93,6 @@ pub(super) struct Mappings {
     /// Ranges found by reconciliations, never seen mapped (`Owner::Seen`).
     seen: Existed,
     corrections: MapReconciliation,
-    /// The lost events the last reconciliation covered.
-    lost_reconciled: u64,
     allocator: Apart,
     thread_stacks: Apart,
     loader: Apart,
@@ -140,7 +138,6 @@ impl Mappings {
             existed: Existed::default(),
             seen: Existed::default(),
             corrections: MapReconciliation::default(),
-            lost_reconciled: 0,
             allocator: Apart::default(),
             thread_stacks: Apart::default(),
             loader: Apart::default(),

@@ -47,12 +47,12 @@ impl Mappings {
     /// read: the target exited).
     pub(super) fn snapshot_if_lost(&mut self, at: &Attached) -> Option<Snapshot> {
         let lost = at.collector.maps.mappings.lost().ok()?;
-        if lost <= self.lost_reconciled {
+        if lost <= self.corrections.lost_covered {
             return None;
         }
         let at_ns = monotonic_ns();
         let maps = read_maps(at.pid).ok()?;
-        self.lost_reconciled = lost;
+        self.corrections.lost_covered = lost;
         Some(Snapshot { at_ns, maps })
     }
 
@@ -88,9 +88,8 @@ impl Mappings {
             kind.bytes += bytes;
         }
         log::debug!(
-            "mappings reconciled with /proc/PID/maps: {:?} after {} lost events",
-            self.corrections,
-            self.lost_reconciled
+            "mappings reconciled with /proc/PID/maps: {:?}",
+            self.corrections
         );
     }
 }
