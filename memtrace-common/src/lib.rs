@@ -512,6 +512,9 @@ pub const PY_COPIED_LINETABLE: u32 = 8;
 /// names and lines from the copy, so a code object freed (or the target gone)
 /// before the report is still named. What the copy lacks (a line table
 /// longer than its part) is read from the target's memory while it lives.
+/// A part is read whole, or up to its page's end or 64 bytes when the
+/// object sits near the end of its mapping: `*_len` say how many of its
+/// bytes were read; the rest of the entry is whatever the ring buffer held.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PythonCodeCopy {
@@ -522,6 +525,10 @@ pub struct PythonCodeCopy {
     pub check: u32,
     /// `PY_COPIED_*` bits.
     pub copied: u32,
+    pub code_len: u16,
+    pub qualname_len: u16,
+    pub filename_len: u16,
+    pub linetable_len: u16,
     pub code_bytes: [u8; PY_COPY_CODE],
     pub qualname_bytes: [u8; PY_COPY_QUALNAME],
     pub filename_bytes: [u8; PY_COPY_FILENAME],
@@ -1601,7 +1608,7 @@ const _: () = {
     assert!(core::mem::size_of::<PythonLayout>() == 112);
     assert!(
         core::mem::size_of::<PythonCodeCopy>()
-            == 40 + PY_COPY_CODE + PY_COPY_QUALNAME + PY_COPY_FILENAME + PY_COPY_LINETABLE
+            == 48 + PY_COPY_CODE + PY_COPY_QUALNAME + PY_COPY_FILENAME + PY_COPY_LINETABLE
     );
     assert!(2 * MAX_PYTHON_FRAMES < MAX_STACK_DEPTH);
 };

@@ -639,15 +639,11 @@ fn python_objects_are_exact_without_a_restart() {
         let expected = function_tally(&under_malloc.report);
         assert_eq!(function_tally(&run.report), expected, "{v}");
         assert!(expected[1].1 >= OBJ_N * OBJ_K * 2, "{v}: {expected:?}");
-        // By line too, but on 3.11 (docs/python.md, "Not done yet": there
-        // the tuple line's blocks are put on the function's first line).
-        if v != "3.11.7" {
-            assert_eq!(
-                object_tally(&run.report),
-                object_tally(&under_malloc.report),
-                "{v}"
-            );
-        }
+        assert_eq!(
+            object_tally(&run.report),
+            object_tally(&under_malloc.report),
+            "{v}"
+        );
         ran += 1;
     }
     assert!(ran > 0, "no pyenv CPython 3.10-3.13 installed");

@@ -301,23 +301,36 @@ fn note_code(code: u64, check: u32) {
     }
 }
 
-/// Reads `len` bytes at `addr` into `dst`, or fewer when the object sits
-/// near the end of its mapping: the rest of its page (always mapped if the
-/// object is), then 64. Returns whether it read any.
+/// Reads `dst.len()` bytes at `addr` into `dst`, or fewer when the object
+/// sits near the end of its mapping: the rest of its page (always mapped if
+/// the object is), then 64. Returns how many it read (0: none); the rest of
+/// `dst` is left as it was.
 #[inline(always)]
-fn read_part(dst: &mut [u8], addr: u64) -> bool {
+fn read_part(dst: &mut [u8], addr: u64) -> u16 {
     if addr == 0 {
-        return false;
+        return 0;
     }
     let whole = dst.len();
     // SAFETY: fault-tolerant reads of user memory into `dst`.
     let mut read = |n: usize| unsafe {
-        bpf_probe_read_user_buf(addr as *const u8, &mut dst[..n.min(whole)]).is_ok()
+        let n = n.min(whole);
+        if bpf_probe_read_user_buf(addr as *const u8, &mut dst[..n]).is_ok() {
+            n as u16
+        } else {
+            0
+        }
     };
     // (A name or line table near the top of the heap: 64 bytes would cut
     // a str object's text after 16 characters.)
     let page_rest = 4096 - (addr & 4095) as usize;
-    read(whole) || (page_rest > 64 && read(page_rest)) || read(64)
+    let mut got = read(whole);
+    if got == 0 && page_rest > 64 {
+        got = read(page_rest);
+    }
+    if got == 0 {
+        got = read(64);
+    }
+    got
 }
 
 /// Puts a copy of the code object in PYTHON_CODE_COPIES; false if there is
@@ -341,7 +354,11 @@ fn copy_code(code: u64, check: u32) -> bool {
         (*c).qualname = 0;
         (*c).filename = 0;
         (*c).linetable = 0;
-        if read_part(&mut (*c).code_bytes, code) {
+        (*c).code_len = read_part(&mut (*c).code_bytes, code);
+        (*c).qualname_len = 0;
+        (*c).filename_len = 0;
+        (*c).linetable_len = 0;
+        if (*c).code_len != 0 {
             copied |= PY_COPIED_CODE;
             // (Read in place: the BPF stack has no bytes to spare here.)
             let base = (*c).code_bytes.as_ptr();
@@ -352,13 +369,16 @@ fn copy_code(code: u64, check: u32) -> bool {
             (*c).qualname = word(l.code_qualname_off);
             (*c).filename = word(l.code_filename_off);
             (*c).linetable = word(l.code_linetable_off);
-            if read_part(&mut (*c).qualname_bytes, (*c).qualname) {
+            (*c).qualname_len = read_part(&mut (*c).qualname_bytes, (*c).qualname);
+            if (*c).qualname_len != 0 {
                 copied |= PY_COPIED_QUALNAME;
             }
-            if read_part(&mut (*c).filename_bytes, (*c).filename) {
+            (*c).filename_len = read_part(&mut (*c).filename_bytes, (*c).filename);
+            if (*c).filename_len != 0 {
                 copied |= PY_COPIED_FILENAME;
             }
-            if read_part(&mut (*c).linetable_bytes, (*c).linetable) {
+            (*c).linetable_len = read_part(&mut (*c).linetable_bytes, (*c).linetable);
+            if (*c).linetable_len != 0 {
                 copied |= PY_COPIED_LINETABLE;
             }
         }

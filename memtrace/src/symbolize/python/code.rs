@@ -120,22 +120,7 @@ impl PythonResolver {
         if matches!(self.codes.get(&key), Some(Some(_))) {
             return;
         }
-        let mut regions: Vec<(u64, &[u8])> = Vec::with_capacity(4);
-        let parts = [
-            (PY_COPIED_CODE, copy.code, &copy.code_bytes[..]),
-            (PY_COPIED_QUALNAME, copy.qualname, &copy.qualname_bytes[..]),
-            (PY_COPIED_FILENAME, copy.filename, &copy.filename_bytes[..]),
-            (
-                PY_COPIED_LINETABLE,
-                copy.linetable,
-                &copy.linetable_bytes[..],
-            ),
-        ];
-        for (bit, addr, bytes) in parts {
-            if copy.copied & bit != 0 {
-                regions.push((addr, bytes));
-            }
-        }
+        let regions = copy_regions(copy);
         let src = Source {
             regions: &regions,
             mem: self.mem.as_ref(),
@@ -191,6 +176,47 @@ impl PythonResolver {
         };
         read_code(&self.interp, &src, addr, check)
     }
+}
+
+/// The parts of a copy, at their addresses in the target: the bytes read
+/// of each.
+fn copy_regions(copy: &PythonCodeCopy) -> Vec<(u64, &[u8])> {
+    let mut regions: Vec<(u64, &[u8])> = Vec::with_capacity(4);
+    let parts = [
+        (
+            PY_COPIED_CODE,
+            copy.code,
+            &copy.code_bytes[..],
+            copy.code_len,
+        ),
+        (
+            PY_COPIED_QUALNAME,
+            copy.qualname,
+            &copy.qualname_bytes[..],
+            copy.qualname_len,
+        ),
+        (
+            PY_COPIED_FILENAME,
+            copy.filename,
+            &copy.filename_bytes[..],
+            copy.filename_len,
+        ),
+        (
+            PY_COPIED_LINETABLE,
+            copy.linetable,
+            &copy.linetable_bytes[..],
+            copy.linetable_len,
+        ),
+    ];
+    // Only the bytes read: past them a part holds what the ring buffer
+    // held before (a line table read up to its page's end, taken whole,
+    // gave its lines past that from those bytes).
+    for (bit, addr, bytes, len) in parts {
+        if copy.copied & bit != 0 {
+            regions.push((addr, &bytes[..usize::from(len).min(bytes.len())]));
+        }
+    }
+    regions
 }
 
 /// Where a code object's bytes are read from: the parts of a copy, then the
@@ -330,5 +356,51 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A line table read only up to its page's end (its object near the
+    /// end of a mapping) is not whole: its lines past what was read are
+    /// unknown, not decoded from the bytes the ring buffer held before.
+    /// (Taken whole, such a copy put pyenv 3.11's loop-body allocations on
+    /// the function's first line.)
+    #[test]
+    fn a_part_read_short_is_not_whole() {
+        let table = 0x7f00_0000_0f80u64;
+        let mut copy = PythonCodeCopy {
+            code: 0,
+            qualname: 0,
+            filename: 0,
+            linetable: table,
+            check: 0,
+            copied: PY_COPIED_LINETABLE,
+            code_len: 0,
+            qualname_len: 0,
+            filename_len: 0,
+            linetable_len: 128,
+            code_bytes: [0; memtrace_common::PY_COPY_CODE],
+            qualname_bytes: [0; memtrace_common::PY_COPY_QUALNAME],
+            filename_bytes: [0; memtrace_common::PY_COPY_FILENAME],
+            // Stale bytes past the part read.
+            linetable_bytes: [0xa5; memtrace_common::PY_COPY_LINETABLE],
+        };
+        // A bytes object of 300 bytes: header, then its first 96 bytes.
+        copy.linetable_bytes[16..24].copy_from_slice(&300u64.to_le_bytes());
+        let regions = copy_regions(&copy);
+        assert_eq!(regions, [(table, &copy.linetable_bytes[..128])]);
+        let src = Source {
+            regions: &regions,
+            mem: None,
+        };
+        let (bytes, whole) = read_bytes(&src, table).unwrap();
+        assert_eq!((bytes.len(), whole), (96, false));
+
+        copy.linetable_len = 2048;
+        let regions = copy_regions(&copy);
+        let src = Source {
+            regions: &regions,
+            mem: None,
+        };
+        let (bytes, whole) = read_bytes(&src, table).unwrap();
+        assert_eq!((bytes.len(), whole), (300, true));
     }
 }
