@@ -948,7 +948,13 @@ pub struct ResultSite {
     /// rsp at the function's entry - rsp here.
     pub entry_sp_delta: u32,
     /// The function's `AllocKind`.
-    pub kind: u32,
+    pub kind: u16,
+    /// The [`PtReg`] holding the call's result here: rax where the function
+    /// has already put it there (glibc), else the register it moves to rax
+    /// before `ret` (jemalloc's fast path keeps it in r11, mimalloc's in
+    /// rdx). Decided from the code (memtrace/src/attach/exits/), per site.
+    pub result_reg: u8,
+    pub _pad: u8,
 }
 
 impl ResultSite {

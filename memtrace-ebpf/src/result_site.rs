@@ -222,9 +222,9 @@ fn result_site(
         count(Counter::AllocatorInternalCalls, 1);
         return None;
     }
-    // SAFETY: the context is the kernel's pt_regs of this probe hit, readable for the program's
-    // run.
-    let ptr = unsafe { (*regs).rax };
+    // The result where this site has it (rax, or the register the function
+    // moves to rax before it returns).
+    let ptr = reg_at(regs, site.result_reg);
     if null || ptr == 0 {
         count(Counter::FailedAllocs, 1);
         forget_capture(tid, entry_sp);

@@ -32,6 +32,9 @@ struct Allocator {
     /// `malloc`'s probe site, when its cover moved the size out of rdi:
     /// mimalloc's moves it to rsi before its first branch, at +0x15.
     moved_malloc_site: Option<&'static str>,
+    /// `malloc`'s result sites and hand-offs in exact mode (Debian 12's
+    /// build; docs/probes.md), as `allocator.result_sites` names them.
+    malloc_result_sites: &'static [&'static str],
 }
 
 const JEMALLOC: Allocator = Allocator {
@@ -41,6 +44,11 @@ const JEMALLOC: Allocator = Allocator {
     no_reallocarray: true,
     single_stepped: &[],
     moved_malloc_site: None,
+    malloc_result_sites: &[
+        "malloc+0x6e (je)",
+        "malloc+0xb0 (je)",
+        "malloc+0xa0 (jmp: hand-off)",
+    ],
 };
 const TCMALLOC: Allocator = Allocator {
     lib: "tcmalloc_minimal",
@@ -49,6 +57,7 @@ const TCMALLOC: Allocator = Allocator {
     no_reallocarray: true,
     single_stepped: &[],
     moved_malloc_site: None,
+    malloc_result_sites: &[],
 };
 const MIMALLOC: Allocator = Allocator {
     lib: "mimalloc",
@@ -57,6 +66,11 @@ const MIMALLOC: Allocator = Allocator {
     no_reallocarray: false,
     single_stepped: &[],
     moved_malloc_site: Some("malloc+0x15 (ja)"),
+    malloc_result_sites: &[
+        "malloc+0x2b (je)",
+        "malloc+0x44 (jmp: hand-off)",
+        "malloc+0x52 (jmp: hand-off)",
+    ],
 };
 
 /// How the fixture gets the allocator.
@@ -115,6 +129,26 @@ fn check_allocator(r: &Report, alloc: Allocator) {
         r.0["allocator"]
     );
     check_entry_covers(r, alloc);
+    check_result_sites(r, alloc);
+}
+
+/// In exact mode (every test here), `malloc` is probed at its result sites
+/// where the allocator's code allows it: `allocator.result_sites` lists
+/// exactly the expected ones for `malloc`.
+fn check_result_sites(r: &Report, alloc: Allocator) {
+    let sites: Vec<&str> = r.0["allocator"]["result_sites"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    let mut malloc: Vec<&str> = sites
+        .iter()
+        .copied()
+        .filter(|s| s.starts_with("malloc+"))
+        .collect();
+    let mut want = alloc.malloc_result_sites.to_vec();
+    malloc.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(malloc, want, "{}: {sites:?}", alloc.lib);
 }
 
 /// `malloc` and `free` are probed on instructions the kernel emulates (a
@@ -257,6 +291,74 @@ fn tcmalloc_preloaded_leaks_launch_exact() {
 #[test]
 fn mimalloc_linked_leaks_attach_exact() {
     leaks_attach(MIMALLOC, Link::Linked);
+}
+
+/// `leaks launch` on `alloc` (linked) traced twice: with `malloc` at its
+/// result sites (one trap per fast call; a hand-off to the session on each
+/// slow path) and with entry and return probes (`MEMTRACE_PROBES=entry`).
+/// Both reports are exact and agree site by site; the first ran fewer
+/// return probes (the fast calls paid none).
+fn result_sites_agree_with_entry_probes(alloc: Allocator) {
+    require_root();
+    let (bin, env) = build("leaks", alloc, Link::Linked);
+    assert!(env.is_empty());
+    let cmd = [bin.to_str().unwrap(), "launch"];
+    let sited = run_launch_env(&[], &cmd, &[]);
+    let entry = run_launch_env(&[], &cmd, &[("MEMTRACE_PROBES", "entry")]);
+    sited.assert_exit(7);
+    entry.assert_exit(7);
+    let (a, b) = (&sited.report, &entry.report);
+    check_allocator(a, alloc);
+    check_leaks_sites(a, alloc);
+    check_leaks_sites(b, alloc);
+    assert_eq!(b.0["allocator"]["result_sites"], serde_json::json!([]));
+    let totals = |r: &Report| {
+        [
+            "alloc_calls",
+            "alloc_bytes",
+            "free_calls",
+            "failed_allocs",
+            "free_unknown",
+            "outstanding_blocks",
+            "outstanding_bytes",
+            "dropped_events",
+        ]
+        .map(|t| (t, r.total(t)))
+    };
+    assert_eq!(totals(a), totals(b), "{}\n{}", a.summary(), b.summary());
+    let sites = |r: &Report| {
+        let mut v: Vec<(String, u64, u64)> = r
+            .sites()
+            .iter()
+            .map(|s| {
+                let frames: Vec<String> = Report::frames(s)
+                    .iter()
+                    .map(|f| format!("{}:{}", f.function(), f.line.unwrap_or(0)))
+                    .collect();
+                (frames.join(" < "), Report::blocks(s), Report::bytes(s))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sites(a), sites(b));
+    let returns = |r: &Report| u64_field(&r.0["allocator"], "return_probes");
+    assert!(
+        returns(a) < returns(b),
+        "return probes: {} at result sites, {} with entry probes",
+        returns(a),
+        returns(b)
+    );
+}
+
+#[test]
+fn jemalloc_result_sites_agree_with_entry_probes() {
+    result_sites_agree_with_entry_probes(JEMALLOC);
+}
+
+#[test]
+fn mimalloc_result_sites_agree_with_entry_probes() {
+    result_sites_agree_with_entry_probes(MIMALLOC);
 }
 
 /// Two processes on one `alloc` library, each traced by its own memtrace

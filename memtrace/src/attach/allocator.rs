@@ -110,6 +110,27 @@ impl AttachPoint {
             .map_or(memtrace_common::ArgRegs::AT_ENTRY, |(_, a)| *a)
     }
 
+    /// The session's entry probes on the paths that leave a function probed
+    /// at its result sites (`exits::HandOff`): file offsets, and where the
+    /// arguments are there.
+    pub fn handoff_sites(&self) -> impl Iterator<Item = (u64, memtrace_common::ArgRegs)> + '_ {
+        let size = match self.role {
+            Role::Alloc(kind) => placement::ABI_ARGS[kind.args().size as usize],
+            Role::Free(_) => iced_x86::Register::RDI,
+        };
+        self.results
+            .iter()
+            .flat_map(|plan| &plan.handoffs)
+            .map(move |h| {
+                let moved = if h.size == size {
+                    Vec::new()
+                } else {
+                    vec![(size, h.size)]
+                };
+                (self.file_offset + h.delta, arg_regs(&moved))
+            })
+    }
+
     /// The file offsets of the classic probes, which read the arguments in
     /// their own registers: the entry cover's, or the entry when the cover
     /// has moved an argument.
@@ -263,13 +284,16 @@ pub(crate) fn new_point(
     let code = whole_function(data, file_offset, size);
     let (site, site_moved, more) = probe_sites(data, file_offset, size, role);
     let never_jumps_out = code.is_some_and(placement::never_jumps_out);
-    // Result sites are planned for the C API's malloc only (glibc's is the
-    // one whose plans are checked).
+    // Result sites are planned for the functions whose only argument read
+    // is the size (malloc, operator new, mi_heap_malloc, ...); a path that
+    // leaves the function (a tail call to the slow path) is handed over to
+    // the session there (`exits::HandOff`).
     let results = match (role, code) {
-        (Role::Alloc(AllocKind::Malloc), Some(code))
-            if name == "malloc" && never_jumps_out && !crate::attach::exits::disabled() =>
+        (Role::Alloc(kind @ (AllocKind::Malloc | AllocKind::HeapMalloc)), Some(code))
+            if !crate::attach::exits::disabled() =>
         {
-            result_plan(name, code)
+            let size = placement::ABI_ARGS[kind.args().size as usize];
+            result_plan(name, code, size)
         }
         _ => None,
     };
@@ -345,8 +369,12 @@ fn pt_reg(r: iced_x86::Register) -> Option<memtrace_common::PtReg> {
 
 /// Where malloc's result can be read (`exits`), logged either way: None
 /// when it keeps its entry and return probes.
-fn result_plan(name: &str, code: &[u8]) -> Option<crate::attach::exits::ExitPlan> {
-    match crate::attach::exits::plan_exits(code) {
+fn result_plan(
+    name: &str,
+    code: &[u8],
+    size: iced_x86::Register,
+) -> Option<crate::attach::exits::ExitPlan> {
+    match crate::attach::exits::plan_exits(code, size) {
         Ok(plan) => {
             log::debug!("{name}: result sites {}", plan.describe());
             Some(plan)

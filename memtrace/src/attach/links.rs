@@ -360,6 +360,12 @@ impl Probes {
                     (Role::Alloc(kind), Some(plan)) if result_fns.contains(&point.vaddr) => {
                         let names = add_result_sites(alloc, point, kind, plan, &mut result_sites);
                         self.result_sites.extend(names);
+                        // The paths that leave the function: the session's
+                        // entry and return probes, from the hand-offs.
+                        let cookie = entry_cookie(alloc, maps, point, kind, &tails)?;
+                        for (offset, args) in point.handoff_sites() {
+                            sites.push(offset, cookie.with_args(args).0);
+                        }
                     }
                     (Role::Alloc(kind), _) => {
                         log_probe(alloc, point);
@@ -717,11 +723,14 @@ fn result_functions(
                 return false;
             };
             let offsets: Vec<u64> = plan.offsets().map(|d| p.file_offset + d).collect();
-            let marked = marks
-                .iter()
-                .copied()
-                .flatten()
-                .any(|c| offsets.contains(&c.file_offset));
+            let handoffs: Vec<u64> = p.handoff_sites().map(|(o, _)| o).collect();
+            // (A hand-off is a session entry, which would take a mark into
+            // the function, and there are none into these.)
+            let marked = marks.iter().copied().flatten().any(|c| {
+                offsets.contains(&c.file_offset)
+                    || handoffs.contains(&c.file_offset)
+                    || (!handoffs.is_empty() && c.callee == p.vaddr)
+            });
             if marked || offsets.len() > *room {
                 log::debug!(
                     "{}:{}: result sites left out ({})",
@@ -805,9 +814,17 @@ fn add_result_sites(
         ));
         names.push(format!("{name}+{g:#x} (guard)"));
     }
+    for h in &plan.handoffs {
+        names.push(format!("{name}+{:#x} ({}: hand-off)", h.delta, h.mnemonic));
+    }
     log::debug!(
-        "{}:{name}: one probe per call, at its result sites: {}",
+        "{}:{name}: one probe per call, at its result sites{}: {}",
         alloc.module,
+        if plan.handoffs.is_empty() {
+            ""
+        } else {
+            " and hand-offs to the session on its slow paths"
+        },
         plan.describe()
     );
     names

@@ -25,10 +25,11 @@ fn bit(reports: usize, captured: bool) -> u8 {
     1u8 << (reports.min(2) * 2 + captured as usize)
 }
 
-/// On every path from the entry to a `ret`, exactly one site reports the
-/// call, and a site that records without a size comes after a capture.
+/// On every path from the entry to a `ret` or out of the function, exactly
+/// one site (a result site or a hand-off) reports the call, and a site that
+/// records without a size comes after a capture.
 pub(super) fn check_plan(g: &[Insn], plan: &ExitPlan) -> Result<(), String> {
-    let sites = plan
+    let mut sites: HashMap<u64, Report> = plan
         .sites
         .iter()
         .map(|s| {
@@ -48,6 +49,18 @@ pub(super) fn check_plan(g: &[Insn], plan: &ExitPlan) -> Result<(), String> {
             (s.delta, report)
         })
         .collect();
+    for h in &plan.handoffs {
+        let every_edge = Report {
+            cond: false,
+            taken: true,
+            not_taken: true,
+            capture: false,
+            needs_capture: false,
+        };
+        if sites.insert(h.delta, every_edge).is_some() {
+            return Err(format!("check: two probes at +{:#x}", h.delta));
+        }
+    }
     count_reports(g, &sites)
 }
 

@@ -66,7 +66,10 @@ impl ExitSite {
             size_off,
             rbp_off,
             entry_sp_delta: self.entry_sp_delta as u32,
-            kind: kind as u32,
+            kind: kind as u16,
+            // (Every register a site can hold the result in has an index.)
+            result_reg: pt_reg(self.result).map_or(PtReg::Rax as u8, |r| r as u8),
+            _pad: 0,
         }
     }
 }
@@ -76,7 +79,7 @@ pub fn guard_conf(kind: memtrace_common::AllocKind) -> memtrace_common::ResultSi
     memtrace_common::ResultSite {
         cond: RESULT_ALWAYS,
         taken: SiteOutcome::Guard.into(),
-        kind: kind as u32,
+        kind: kind as u16,
         ..Default::default()
     }
 }

@@ -39,7 +39,7 @@ use iced_x86::{FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpKin
 
 use super::{
     check::{Report, count_reports},
-    graph::{Leaving, build_graph_with},
+    graph::build_graph,
 };
 use crate::attach::placement::{Emulation, is_write, kernel_emulates, mnemonic_name, passable};
 
@@ -77,7 +77,7 @@ pub fn plan_entry_cover(
     if code.is_empty() || code.len() > crate::attach::placement::MAX_BODY_BYTES {
         return Err(format!("{} bytes of code", code.len()));
     }
-    let g = build_graph_with(code, Leaving::Allowed)?;
+    let g = build_graph(code)?;
     let mut factory = InstructionInfoFactory::new();
     let locked: &[Register] = if may_move { &[] } else { args };
     // The holders at each instruction reached, met over every path to it.

@@ -21,16 +21,16 @@ pub(super) struct State {
     escaped: bool,
 }
 
-/// The value the flow follows: the entry's rdi (the size)...
+/// The value the flow follows: the size argument at the entry...
 pub(super) const SIZE: bool = true;
 /// ...or the entry's rbp (the caller's frame pointer).
 pub(super) const RBP: bool = false;
 
 impl State {
-    fn entry() -> Self {
+    fn entry(size: Register) -> Self {
         State {
             sp: Some(0),
-            regs: HashMap::from([(Register::RDI, SIZE), (Register::RBP, RBP)]),
+            regs: HashMap::from([(size, SIZE), (Register::RBP, RBP)]),
             slots: HashMap::new(),
             escaped: false,
         }
@@ -112,14 +112,15 @@ impl State {
     }
 }
 
-/// The state before every instruction (None: never reached).
-pub(super) fn data_flow(g: &[Insn]) -> Vec<Option<State>> {
+/// The state before every instruction (None: never reached), for a
+/// function whose size argument is in `size` at its entry.
+pub(super) fn data_flow(g: &[Insn], size: Register) -> Vec<Option<State>> {
     let mut factory = InstructionInfoFactory::new();
     let mut states: Vec<Option<State>> = vec![None; g.len()];
     if g.is_empty() {
         return states;
     }
-    states[0] = Some(State::entry());
+    states[0] = Some(State::entry(size));
     let mut work = vec![0usize];
     while let Some(i) = work.pop() {
         let Some(s) = states[i].clone() else { continue };

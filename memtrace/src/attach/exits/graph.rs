@@ -17,37 +17,26 @@ pub(super) struct Insn {
     pub(super) is_jcc: bool,
     pub(super) is_call: bool,
     pub(super) is_ret: bool,
-    pub(super) writes_rax: bool,
+    /// The full general registers it writes (rsp aside).
+    pub(super) writes: Vec<Register>,
+    /// A 64-bit `mov` between general registers: (destination, source).
+    pub(super) copy: Option<(Register, Register)>,
     pub(super) zeroes_rax: bool,
     /// A call taken not to return: the padding after it gets a guard.
     pub(super) guarded: bool,
     /// A branch out of the function (a tail call, a jump through a register
-    /// or the GOT): for a conditional jump, its taken edge. Only in graphs
-    /// built with [`Leaving::Allowed`].
+    /// or the GOT): for a conditional jump, its taken edge.
     pub(super) leaves: bool,
 }
 
-/// Whether a graph may have branches out of the function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Leaving {
-    /// Result sites: the call must end in the function's own `ret`.
-    Refused,
-    /// Entry covers: a path may leave the function, the call going on
-    /// elsewhere (it has been seen by then).
-    Allowed,
-}
-
 /// Decodes `code` (a whole function at offset 0) into a graph; Err if it
-/// leaves the function other than by `ret` or holds what cannot be followed.
+/// holds what cannot be followed. A branch out of the function (a tail call,
+/// a jump through a register or the GOT) ends its path there, marked
+/// `leaves`: the call goes on elsewhere.
 pub(super) fn build_graph(code: &[u8]) -> Result<Vec<Insn>, String> {
-    build_graph_with(code, Leaving::Refused)
-}
-
-/// [`build_graph`], with branches out of the function as `leaving` says.
-pub(super) fn build_graph_with(code: &[u8], leaving: Leaving) -> Result<Vec<Insn>, String> {
     let (mut g, at) = decode(code)?;
     for i in 0..g.len() {
-        link(&mut g, i, &at, code.len() as u64, leaving)?;
+        link(&mut g, i, &at, code.len() as u64)?;
     }
     mark_padding(&mut g);
     Ok(g)
@@ -73,7 +62,8 @@ fn decode(code: &[u8]) -> Result<(Vec<Insn>, HashMap<u64, usize>), String> {
             is_jcc: false,
             is_call: false,
             is_ret: false,
-            writes_rax: writes_rax(&mut factory, &insn),
+            writes: writes(&mut factory, &insn),
+            copy: copy(&insn),
             zeroes_rax: zeroes_rax(&insn),
             guarded: false,
             leaves: false,
@@ -82,12 +72,29 @@ fn decode(code: &[u8]) -> Result<(Vec<Insn>, HashMap<u64, usize>), String> {
     Ok((out, at))
 }
 
-fn writes_rax(factory: &mut InstructionInfoFactory, insn: &Instruction) -> bool {
-    factory
+fn writes(factory: &mut InstructionInfoFactory, insn: &Instruction) -> Vec<Register> {
+    let mut w: Vec<Register> = factory
         .info(insn)
         .used_registers()
         .iter()
-        .any(|r| r.register().full_register() == Register::RAX && is_write(r.access()))
+        .filter(|r| is_write(r.access()))
+        .map(|r| r.register().full_register())
+        .filter(|r| r.is_gpr64() && *r != Register::RSP)
+        .collect();
+    w.sort_unstable_by_key(|r| *r as u32);
+    w.dedup();
+    w
+}
+
+/// `mov %src,%dst` between 64-bit general registers, as (dst, src).
+fn copy(insn: &Instruction) -> Option<(Register, Register)> {
+    (insn.mnemonic() == Mnemonic::Mov
+        && insn.op_count() == 2
+        && insn.op0_kind() == OpKind::Register
+        && insn.op1_kind() == OpKind::Register
+        && insn.op0_register().is_gpr64()
+        && insn.op1_register().is_gpr64())
+    .then(|| (insn.op0_register(), insn.op1_register()))
 }
 
 /// `xor %eax,%eax` (or rax), `mov $0,%eax` (or rax): the NULL a failing
@@ -116,27 +123,19 @@ fn zeroes_rax(insn: &Instruction) -> bool {
 
 /// Sets the successors and kind of instruction `i` from its flow control;
 /// `len`: the function's size.
-fn link(
-    g: &mut [Insn],
-    i: usize,
-    at: &HashMap<u64, usize>,
-    len: u64,
-    leaving: Leaving,
-) -> Result<(), String> {
+fn link(g: &mut [Insn], i: usize, at: &HashMap<u64, usize>, len: u64) -> Result<(), String> {
     let n = g.len();
     let insn = g[i].insn;
-    let out = leaving == Leaving::Allowed
-        && match insn.flow_control() {
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
-                insn.near_branch_target() >= len
-            }
-            FlowControl::IndirectBranch => true,
-            _ => false,
-        };
+    let out = match insn.flow_control() {
+        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+            insn.near_branch_target() >= len
+        }
+        FlowControl::IndirectBranch => true,
+        _ => false,
+    };
     // The last instruction falling through (a call to a function that
     // does not return, without padding): the path ends there.
-    let past_end = leaving == Leaving::Allowed
-        && i + 1 == n
+    let past_end = i + 1 == n
         && matches!(
             insn.flow_control(),
             FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall

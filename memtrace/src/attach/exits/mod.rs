@@ -11,19 +11,25 @@
 //! one trap.
 //!
 //! # The analysis
-//! Over the whole function's code (it must not jump out of itself):
+//! Over the whole function's code:
 //! 1. A control-flow graph of instructions. A call followed by padding
 //!    (NOPs nothing jumps to: gcc's layout after a call to an abort or an
 //!    assertion) is taken not to return, and its padding gets a guard probe
 //!    that counts it if it ever does (`Counter::UnforeseenReturns`). Other
-//!    calls are taken to return.
-//! 2. Three regions. N: what never returns (those calls, traps, and what
+//!    calls are taken to return. A branch out of the function (a tail call
+//!    to its slow path) ends its path.
+//! 2. Four regions. N: what never returns (those calls, traps, and what
 //!    leads only there). F (final): from where every path that returns does
-//!    so without a call and without writing rax. Z (null): from where every
-//!    such path zeroes rax (`xor %eax,%eax`, `mov $0,%eax`) and goes on in F.
-//!    T = F ∪ Z ∪ N is closed under successors, so a path that returns
-//!    crosses from outside T into F or Z exactly once: there the call's
-//!    outcome is known (F: rax is the result; Z: it fails with NULL).
+//!    so without a call, returning what one register holds there (computed
+//!    backwards from each `ret`, rax there, through the `mov`s into it:
+//!    jemalloc's fast path has its result in r11 until the `mov %r11,%rax`
+//!    before its `ret`). Z (null): from where every such path zeroes rax
+//!    (`xor %eax,%eax`, `mov $0,%eax`) and goes on in F. O (out): from where
+//!    every path leaves the function without a call. T = F ∪ Z ∪ N and O
+//!    are closed under successors, so a path crosses from outside them into
+//!    F, Z or O exactly once: there the call's outcome is known (F: the
+//!    register holds the result; Z: it fails with NULL), or it is handed
+//!    over to code outside.
 //! 3. A probe for every crossing: (a) its target, if the kernel emulates it
 //!    (`placement::kernel_emulates`) and every edge into it is a crossing;
 //!    (b) else the first emulated instruction after the target that nothing
@@ -35,7 +41,10 @@
 //!    a probe on its own target instead, single-stepped if need be: only the
 //!    calls that fail pay for it. A crossing to a result that none of these
 //!    fit leaves the function without a plan: it keeps its entry and return
-//!    probes.
+//!    probes. A crossing into O gets a **hand-off** (`HandOff`): its target,
+//!    or the first emulated instruction after it, where rsp is the entry's
+//!    and the size in a register; the session's entry and return probes
+//!    there see the call as at the entry and at its return.
 //! 4. Where the size is: a forward data flow tracks which registers and stack
 //!    slots still hold the entry's rdi (the size), and the entry's rbp (the
 //!    caller's frame pointer, for the stack walk), through moves, pushes,
@@ -45,7 +54,8 @@
 //!    that dominates it, is emulated and knows the size stores it per thread
 //!    (two traps on that path, one on the others).
 //! 5. The plan is then checked by an independent count over the graph: on
-//!    every path to `ret`, exactly one probe reports the call.
+//!    every path to `ret` or out of the function, exactly one probe (a site
+//!    or a hand-off) reports the call.
 //!
 //! # What is assumed
 //! - No other code jumps into the function's middle (as for entry probes).
@@ -125,10 +135,25 @@ pub struct ExitSite {
     pub rbp: Option<Loc>,
     /// rsp at the function's entry minus rsp here.
     pub entry_sp_delta: u64,
+    /// The register holding the result where the site records: rax, or
+    /// the one the function moves to rax before its `ret`.
+    pub result: Register,
+}
+
+/// A probe where a path leaves the function (a tail call to its slow path)
+/// and the call is handed over to the session: its entry probe there, as
+/// at the function's entry (rsp at the return address), and its return
+/// probe then record the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandOff {
+    /// Offset of the instruction in the function.
+    pub delta: u64,
+    pub mnemonic: String,
+    /// The register holding the size there.
+    pub size: Register,
 }
 
 impl ExitSite {
-    #[cfg(test)]
     pub fn records(&self) -> bool {
         self.taken == Outcome::Record || self.not_taken == Outcome::Record
     }
@@ -140,6 +165,8 @@ pub struct ExitPlan {
     /// Offsets of the padding after calls taken not to return: a probe there
     /// fires only if one does, which the plan did not foresee (it is counted).
     pub guards: Vec<u64>,
+    /// The session's probes on the paths that leave the function.
+    pub handoffs: Vec<HandOff>,
 }
 
 impl ExitPlan {
@@ -169,11 +196,22 @@ impl ExitPlan {
                     None if s.taken != Outcome::Nothing => d += &format!(" ({})", what(s.taken)),
                     None => {}
                 }
+                if s.result != Register::RAX && s.records() {
+                    d += &format!(" (result in {})", format!("{:?}", s.result).to_lowercase());
+                }
                 if s.capture {
                     d += " (captures the size)";
                 }
                 d
             })
+            .chain(self.handoffs.iter().map(|h| {
+                format!(
+                    "+{:#x} {} (hands over to the session, size in {})",
+                    h.delta,
+                    h.mnemonic,
+                    format!("{:?}", h.size).to_lowercase()
+                )
+            }))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -186,19 +224,19 @@ pub fn disabled() -> bool {
 }
 
 /// The plan for an allocating function whose whole code is `code`, whose
-/// size argument is rdi (malloc's) and whose result is rax; Err says why
-/// there is none.
-pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
+/// size argument is `size` at its entry (malloc's rdi) and which returns
+/// its result in rax; Err says why there is none.
+pub fn plan_exits(code: &[u8], size: Register) -> Result<ExitPlan, String> {
     if code.is_empty() || code.len() > crate::attach::placement::MAX_BODY_BYTES {
         return Err(format!("{} bytes of code", code.len()));
     }
     let g = build_graph(code)?;
     let r = regions(&g);
-    if r.t(0) {
-        return Err("the result is known at the entry".into());
+    if r.t(0) || r.out[0] {
+        return Err("the outcome is known at the entry".into());
     }
     let preds = predecessors(&g);
-    let states = data_flow(&g);
+    let states = data_flow(&g, size);
     let planner = Planner {
         code,
         g: &g,
@@ -206,9 +244,9 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
         preds: &preds,
         states: &states,
     };
-    let mut sites = planner.crossing_sites()?;
-    if sites.is_empty() {
-        return Err("no path returns".into());
+    let (mut sites, handoffs) = planner.crossing_sites()?;
+    if !sites.values().any(|s| s.records()) {
+        return Err("no path returns a block".into());
     }
     let captures = planner.captures(&sites)?;
     for &c in &captures {
@@ -216,10 +254,19 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
             .entry(c)
             .or_insert(sites::Report::always(Outcome::Nothing));
     }
+    if let Some(&h) = handoffs.iter().find(|h| sites.contains_key(h)) {
+        return Err(format!(
+            "+{:#x} would be both a result site and a hand-off",
+            g[h].insn.ip()
+        ));
+    }
     let mut order: Vec<usize> = sites.keys().copied().collect();
     order.sort();
-    if order.len() > MAX_EXIT_SITES {
-        return Err(format!("{} probe sites needed", order.len()));
+    if order.len() > MAX_EXIT_SITES || handoffs.len() > MAX_EXIT_SITES {
+        return Err(format!(
+            "{} probe sites needed",
+            order.len() + handoffs.len()
+        ));
     }
     let plan = order
         .into_iter()
@@ -236,6 +283,10 @@ pub fn plan_exits(code: &[u8]) -> Result<ExitPlan, String> {
     let plan = ExitPlan {
         sites: plan,
         guards,
+        handoffs: handoffs
+            .into_iter()
+            .map(|i| planner.handoff(i))
+            .collect::<Result<_, _>>()?,
     };
     check_plan(&g, &plan)?;
     Ok(plan)

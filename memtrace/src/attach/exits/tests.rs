@@ -13,8 +13,9 @@ fn libc_function(name: &str) -> Option<Vec<u8>> {
 }
 
 /// Random walks through the graph, firing the plan's sites as the BPF side
-/// would: every walk that reaches a `ret` must have been reported exactly
-/// once. Independent of `check_plan`.
+/// would: every walk that reaches a `ret` or leaves the function must have
+/// been reported exactly once (a hand-off reports on every edge).
+/// Independent of `check_plan`.
 fn walk_check(code: &[u8], plan: &ExitPlan, walks: usize) -> usize {
     let g = build_graph(code).unwrap();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -29,16 +30,28 @@ fn walk_check(code: &[u8], plan: &ExitPlan, walks: usize) -> usize {
         let (mut i, mut reports, mut captured) = (0usize, 0, false);
         for _ in 0..10_000 {
             let x = &g[i];
+            if plan.handoffs.iter().any(|h| h.delta == x.insn.ip()) {
+                reports += 1;
+            }
             if x.is_ret {
                 assert_eq!(reports, 1, "a walk reached the ret at +{:#x}", x.insn.ip());
                 returned += 1;
                 break;
             }
-            if x.succs.is_empty() {
+            // A jump out: its taken edge (a conditional one's first).
+            let edges = x.succs.len() + x.leaves as usize;
+            if edges == 0 {
                 break;
             }
-            let k = (rand() % x.succs.len() as u64) as usize;
-            let next = x.succs[k];
+            let k = (rand() % edges as u64) as usize;
+            let leaving = x.leaves && (k == x.succs.len() || x.is_jcc && k == 0);
+            if leaving {
+                assert_eq!(reports, 1, "a walk left at +{:#x}", x.insn.ip());
+                returned += 1;
+                break;
+            }
+            let k = if x.leaves && x.is_jcc { 1 } else { k };
+            let next = x.succs[k.min(x.succs.len() - 1)];
             if let Some(s) = plan.sites.iter().find(|s| s.delta == x.insn.ip()) {
                 captured |= s.capture;
                 let o = match s.cond {
@@ -65,7 +78,7 @@ fn a_jump_that_decides_between_result_and_null_is_the_one_site() {
         0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0x48, 0x85, 0xc0, 0x74, 0x02, 0x5b, 0xc3, 0x31,
         0xc0, 0x5b, 0xc3,
     ];
-    let plan = plan_exits(&code).unwrap();
+    let plan = plan_exits(&code, Register::RDI).unwrap();
     assert_eq!(
         plan.sites,
         [ExitSite {
@@ -78,6 +91,7 @@ fn a_jump_that_decides_between_result_and_null_is_the_one_site() {
             size: Some(Loc::Reg(Register::RBX)),
             rbp: Some(Loc::Reg(Register::RBP)),
             entry_sp_delta: 8,
+            result: Register::RAX,
         }]
     );
     assert!(plan.guards.is_empty());
@@ -90,7 +104,7 @@ fn a_size_lost_to_a_call_is_captured_before_it() {
     let code = [
         0xe8, 0, 0, 0, 0, 0x48, 0x85, 0xc0, 0x75, 0x03, 0x31, 0xc0, 0xc3, 0xc3,
     ];
-    let plan = plan_exits(&code).unwrap();
+    let plan = plan_exits(&code, Register::RDI).unwrap();
     let d: Vec<(u64, bool, Option<Loc>)> = plan
         .sites
         .iter()
@@ -114,11 +128,11 @@ fn no_plan_where_no_instruction_can_be_probed_cheaply() {
     let code = [
         0x53, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xc3, 0x48, 0x89, 0xd8, 0x5b, 0xc3,
     ];
-    let err = plan_exits(&code).unwrap_err();
+    let err = plan_exits(&code, Register::RDI).unwrap_err();
     assert!(err.contains("probed cheaply"), "{err}");
     // A tail call out of the function: no plan either.
-    let err = plan_exits(&[0x48, 0x85, 0xff, 0xe9, 0x10, 0, 0, 0]).unwrap_err();
-    assert!(err.contains("not an instruction of the function"), "{err}");
+    let err = plan_exits(&[0x48, 0x85, 0xff, 0xe9, 0x10, 0, 0, 0], Register::RDI).unwrap_err();
+    assert!(err.contains("known at the entry"), "{err}");
 }
 
 #[test]
@@ -129,7 +143,7 @@ fn the_padding_after_a_call_that_never_returns_gets_a_guard() {
         0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0x48, 0x85, 0xc0, 0x74, 0x02, 0x5b, 0xc3, 0xe8,
         0, 0, 0, 0, 0x0f, 0x1f, 0x40, 0x00, 0xc3,
     ];
-    let plan = plan_exits(&code).unwrap();
+    let plan = plan_exits(&code, Register::RDI).unwrap();
     assert_eq!(plan.guards, [0x15]);
     // The path to the assertion needs no report: the result is known at
     // the je whichever way it goes (it is the first emulated instruction
@@ -145,7 +159,7 @@ fn glibc_malloc_is_read_at_its_result_sites() {
     let Some(code) = libc_function("malloc") else {
         return;
     };
-    let plan = plan_exits(&code).unwrap();
+    let plan = plan_exits(&code, Register::RDI).unwrap();
     // The tcache path (most calls) has one site, which records with the
     // size in rbx (malloc keeps it there) and rsp 40 bytes below the entry's.
     assert!(
@@ -361,5 +375,91 @@ fn covers_of_installed_allocators() {
                 "{lib} {name}: {got:?}"
             ),
         }
+    }
+}
+
+/// The code of the exported function `name` of the installed library `lib`
+/// (under /usr/lib/x86_64-linux-gnu), if there is one.
+fn library_function(lib: &str, name: &str) -> Option<Vec<u8>> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let data = std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{lib}")).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let text = file.section_by_name(".text")?;
+    let (text_off, _) = text.file_range()?;
+    let sym = file.dynamic_symbols().find(|s| s.name() == Ok(name))?;
+    let off = (sym.address() - text.address() + text_off) as usize;
+    Some(data[off..off + sym.size() as usize].to_vec())
+}
+
+/// jemalloc's and mimalloc's malloc (Debian 12): their fast path is one
+/// result site reading the result from the register the function moves to
+/// rax before `ret`, and each slow path (a tail call) a hand-off to the
+/// session with rsp at the return address.
+#[test]
+fn result_sites_of_installed_allocators() {
+    type Plan = (Vec<(u64, &'static str, Register)>, Vec<(u64, Register)>);
+    let cases: [(&str, &str, Register, Plan); 4] = [
+        (
+            "libjemalloc.so.2",
+            "malloc",
+            Register::RDI,
+            (
+                vec![(0x6e, "je", Register::R11), (0xb0, "je", Register::R11)],
+                vec![(0xa0, Register::RDI)],
+            ),
+        ),
+        (
+            "libjemalloc.so.2",
+            "_Znwm",
+            Register::RDI,
+            // (Its second fast path keeps the size in rdi: its site is the
+            // jmp back to the first one's end.)
+            (
+                vec![(0x6e, "je", Register::R11), (0xd4, "jmp", Register::R11)],
+                vec![(0xa0, Register::RDI)],
+            ),
+        ),
+        (
+            "libmimalloc.so.2",
+            "malloc",
+            Register::RDI,
+            (
+                vec![(0x2b, "je", Register::RDX)],
+                vec![(0x44, Register::RSI), (0x52, Register::RSI)],
+            ),
+        ),
+        (
+            "libmimalloc.so.2",
+            "mi_heap_malloc",
+            Register::RSI,
+            (
+                vec![(0x1d, "je", Register::RDX)],
+                vec![(0x34, Register::RSI), (0x42, Register::RSI)],
+            ),
+        ),
+    ];
+    for (lib, name, size, (want_sites, want_handoffs)) in cases {
+        let Some(code) = library_function(lib, name) else {
+            continue;
+        };
+        let plan = plan_exits(&code, size).unwrap_or_else(|e| panic!("{lib} {name}: {e}"));
+        let sites: Vec<_> = plan
+            .sites
+            .iter()
+            .map(|s| (s.delta, s.mnemonic.as_str(), s.result))
+            .collect();
+        let handoffs: Vec<_> = plan.handoffs.iter().map(|h| (h.delta, h.size)).collect();
+        assert_eq!(
+            (sites, handoffs),
+            (want_sites, want_handoffs),
+            "{lib} {name}"
+        );
+        // One trap per fast call: no capture, the size in a register.
+        assert!(
+            plan.sites.iter().all(|s| !s.capture && s.size.is_some()),
+            "{lib} {name}: {}",
+            plan.describe()
+        );
+        assert!(walk_check(&code, &plan, 2_000) > 100, "{lib} {name}");
     }
 }
