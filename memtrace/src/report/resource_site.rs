@@ -339,7 +339,7 @@ pub(super) fn write_sites(
             writeln!(w, "      [stack not captured]")?;
         }
         let frames: Vec<&super::Frame> = s.frames.iter().collect();
-        for line in super::stack_text::stack_lines(&frames, exe, &paths, style) {
+        for line in super::stack_text::creation_stack_lines(&frames, exe, &paths, style) {
             writeln!(w, "    {line}")?;
         }
     }
