@@ -178,6 +178,53 @@ fn attach_lists_the_threads_that_existed_apart() {
 }
 
 #[test]
+fn text_report_shows_thread_sites_from_the_programs_own_frame() {
+    require_root();
+    require_memtrace();
+    let bin = bin();
+    let out = run_memtrace({
+        let mut c = memtrace_command();
+        c.args(ARGS).arg("--").arg(&bin).arg("launch");
+        c
+    });
+    assert_eq!(out.code(), Some(0), "stderr:\n{}", out.stderr);
+    let text = &out.stdout;
+    let part = text
+        .split("\nTHREADS:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no THREADS part:\n{text}"));
+    let lines: Vec<&str> = part.lines().collect();
+    // Each site's headline, then its stack as a heap site's reads: the
+    // program's own function first, marked; pthread_create and clone3
+    // folded under it.
+    let mut seen = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let is_site = l.starts_with("  ") && l.contains(" (12 created");
+        if !is_site {
+            continue;
+        }
+        let first = lines.get(i + 1).copied().unwrap_or_default();
+        let function = ["start_forever", "start_unjoined"]
+            .into_iter()
+            .find(|f| first.starts_with(&format!("    ▸ {f} at ")))
+            .unwrap_or_else(|| panic!("site `{l}`: first frame line `{first}`:\n{part}"));
+        let line = source_line("thread_sites", function);
+        assert!(
+            first.ends_with(&format!("thread_sites.c:{line}")),
+            "{first}:\n{part}"
+        );
+        let fold = lines.get(i + 2).copied().unwrap_or_default();
+        assert!(
+            fold.starts_with("      … created through ") && fold.contains("pthread_create"),
+            "{fold}:\n{part}"
+        );
+        seen.push(function);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ["start_forever", "start_unjoined"], "{part}");
+}
+
+#[test]
 fn no_resources_traces_no_thread() {
     require_root();
     let bin = bin();

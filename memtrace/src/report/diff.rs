@@ -119,16 +119,25 @@ pub struct Snapshot {
     pub mapping_sites: HashMap<(String, Vec<FrameKey>), SnapSite>,
 }
 
-/// The mapping sites of report `v` (none in a report without them).
-fn mapping_sites(v: &Value, path: &str) -> Result<HashMap<(String, Vec<FrameKey>), SnapSite>> {
-    let list = v
-        .pointer("/resources/mappings/sites")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+/// The resource sites of report `v` in the lists at `lists` (none in a
+/// report without them), by kind and stack key: `blocks` the items held
+/// (fds, threads, mappings), `bytes` the bytes mapped (0 for fds and
+/// threads, whose `bytes` is null). `noun` names them in messages.
+fn resource_sites(
+    v: &Value,
+    path: &str,
+    lists: &[&str],
+    noun: &str,
+) -> Result<HashMap<(String, Vec<FrameKey>), SnapSite>> {
+    let list = lists.iter().flat_map(|p| {
+        v.pointer(p)
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    });
     let mut sites: HashMap<(String, Vec<FrameKey>), SnapSite> = HashMap::new();
-    for (i, s) in list.iter().enumerate() {
-        let what = format!("mapping site {}", i + 1);
+    for (i, s) in list.enumerate() {
+        let what = format!("{noun} site {}", i + 1);
         let n = count(s, "outstanding", path, &what)?;
         let bytes = count(s, "bytes", path, &what)?;
         let kind = str_field(s, "kind").unwrap_or_default();
@@ -141,11 +150,14 @@ fn mapping_sites(v: &Value, path: &str) -> Result<HashMap<(String, Vec<FrameKey>
                 growth_bytes_per_s: s.get("growth_per_s").and_then(Value::as_f64),
                 frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
             });
-        e.blocks = e.blocks.checked_add(n).context("mappings overflow")?;
+        e.blocks = e
+            .blocks
+            .checked_add(n)
+            .with_context(|| format!("{noun} sites' outstanding overflow"))?;
         e.bytes = e
             .bytes
             .checked_add(bytes)
-            .context("mapped bytes overflow")?;
+            .with_context(|| format!("{noun} sites' bytes overflow"))?;
     }
     Ok(sites)
 }
@@ -230,29 +242,9 @@ impl Snapshot {
         let target = v.get("target").cloned().unwrap_or(Value::Null);
         let totals = v.get("totals").cloned().unwrap_or(Value::Null);
         // Thread sites (kind "thread") are compared with the fd sites.
-        let list_at = |p: &str| {
-            v.pointer(p)
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-        };
-        let fd_list = list_at("/resources/fds/sites");
-        let thread_list = list_at("/resources/threads/sites");
-        let mut fd_sites: HashMap<(String, Vec<FrameKey>), SnapSite> = HashMap::new();
-        for (i, s) in fd_list.iter().chain(thread_list).enumerate() {
-            let fds = count(s, "outstanding", path, &format!("fd site {}", i + 1))?;
-            let kind = str_field(s, "kind").unwrap_or_default();
-            let e = fd_sites
-                .entry((kind, site_key(s)))
-                .or_insert_with(|| SnapSite {
-                    bytes: 0,
-                    blocks: 0,
-                    verdict: str_field(s, "verdict"),
-                    growth_bytes_per_s: s.get("growth_per_s").and_then(Value::as_f64),
-                    frames: s.get("frames").cloned().unwrap_or(Value::Array(vec![])),
-                });
-            e.blocks = e.blocks.checked_add(fds).context("open fds overflow")?;
-        }
+        let fd_lists = ["/resources/fds/sites", "/resources/threads/sites"];
+        let fd_sites = resource_sites(v, path, &fd_lists, "fd")?;
+        let mapping_sites = resource_sites(v, path, &["/resources/mappings/sites"], "mapping")?;
         Ok(Snapshot {
             info: SnapInfo {
                 path: path.to_string(),
@@ -270,7 +262,7 @@ impl Snapshot {
             sites,
             freed,
             fd_sites,
-            mapping_sites: mapping_sites(v, path)?,
+            mapping_sites,
         })
     }
 
@@ -704,104 +696,87 @@ impl Diff {
         if hidden > 0 {
             let _ = writeln!(o, "\n... and {hidden} more sites (all in --format json)");
         }
-        self.fd_text(&mut o, top);
-        self.mapping_text(&mut o, top);
+        let (threads, fds): (Vec<&FdEntry>, Vec<&FdEntry>) =
+            self.fd_sites.iter().partition(|e| e.kind == "thread");
+        resource_text(&mut o, top, fds, ResourceNoun::Fd);
+        resource_text(&mut o, top, threads, ResourceNoun::Thread);
+        resource_text(
+            &mut o,
+            top,
+            self.mapping_sites.iter().collect(),
+            ResourceNoun::Mapping,
+        );
         o
     }
+}
 
-    /// The mapping sites that grew or are new (bytes mapped).
-    fn mapping_text(&self, o: &mut String, top: usize) {
-        let up: Vec<&FdEntry> = self
-            .mapping_sites
-            .iter()
-            .filter(|e| matches!(e.entry.status, Status::New | Status::Grew))
-            .collect();
-        if up.is_empty() {
-            return;
-        }
-        let _ = writeln!(
-            o,
-            "\ntop {} of {} mapping sites that grew or are new, by bytes mapped:",
-            up.len().min(top),
-            up.len()
-        );
-        for (i, e) in up.iter().take(top).enumerate() {
-            let n = &e.entry;
-            let verdict = n
-                .verdict
-                .as_deref()
-                .map(|v| format!(" [{}]", Escaped(v)))
-                .unwrap_or_default();
-            let _ = writeln!(
-                o,
-                "\n#{} {}+{} {}: {} -> {} ({} -> {} mappings){verdict}",
-                i + 1,
-                n.status.label(),
+/// Which resource a part of the diff's text is about.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ResourceNoun {
+    Fd,
+    Thread,
+    Mapping,
+}
+
+/// The resource sites of `sites` (of one resource) that grew or are new.
+fn resource_text(o: &mut String, top: usize, sites: Vec<&FdEntry>, noun: ResourceNoun) {
+    let up: Vec<&FdEntry> = sites
+        .into_iter()
+        .filter(|e| matches!(e.entry.status, Status::New | Status::Grew))
+        .collect();
+    if up.is_empty() {
+        return;
+    }
+    let (name, by) = match noun {
+        ResourceNoun::Fd => ("fd", "open fds"),
+        ResourceNoun::Thread => ("thread", "threads held"),
+        ResourceNoun::Mapping => ("mapping", "bytes mapped"),
+    };
+    let _ = writeln!(
+        o,
+        "\ntop {} of {} {name} sites that grew or are new, by {by}:",
+        up.len().min(top),
+        up.len()
+    );
+    for (i, e) in up.iter().take(top).enumerate() {
+        let n = &e.entry;
+        let verdict = n
+            .verdict
+            .as_deref()
+            .map(|v| format!(" [{}]", Escaped(v)))
+            .unwrap_or_default();
+        let (label, kind) = (n.status.label(), Escaped(&e.kind));
+        let head = match noun {
+            ResourceNoun::Fd => format!(
+                "{label}{} {kind} fds: {} -> {}",
+                signed_count(n.count_diff),
+                n.old_blocks,
+                n.new_blocks
+            ),
+            ResourceNoun::Thread => format!(
+                "{label}{} threads: {} -> {}",
+                signed_count(n.count_diff),
+                n.old_blocks,
+                n.new_blocks
+            ),
+            ResourceNoun::Mapping => format!(
+                "{label}+{} {kind}: {} -> {} ({} -> {} mappings)",
                 crate::units::format_bytes(n.size_diff),
-                Escaped(&e.kind),
                 crate::units::format_bytes(n.old_bytes),
                 crate::units::format_bytes(n.new_bytes),
                 n.old_blocks,
                 n.new_blocks,
-            );
-            match n.frames.as_array() {
-                Some(fs) if !fs.is_empty() => {
-                    for f in fs {
-                        let _ = writeln!(o, "    {}", frame_line(f));
-                    }
-                }
-                _ => {
-                    let _ = writeln!(o, "    [stack not captured]");
+            ),
+        };
+        let _ = writeln!(o, "\n#{} {head}{verdict}", i + 1);
+        match n.frames.as_array() {
+            Some(fs) if !fs.is_empty() => {
+                for f in fs {
+                    let _ = writeln!(o, "    {}", frame_line(f));
                 }
             }
-        }
-    }
-
-    /// The fd sites that grew or are new (open fds).
-    fn fd_text(&self, o: &mut String, top: usize) {
-        let up: Vec<&FdEntry> = self
-            .fd_sites
-            .iter()
-            .filter(|e| matches!(e.entry.status, Status::New | Status::Grew))
-            .collect();
-        if up.is_empty() {
-            return;
-        }
-        let _ = writeln!(
-            o,
-            "\ntop {} of {} fd sites that grew or are new, by open fds:",
-            up.len().min(top),
-            up.len()
-        );
-        for (i, e) in up.iter().take(top).enumerate() {
-            let n = &e.entry;
-            let verdict = n
-                .verdict
-                .as_deref()
-                .map(|v| format!(" [{}]", Escaped(v)))
-                .unwrap_or_default();
-            let _ = writeln!(
-                o,
-                "\n#{} {}{} {}: {} -> {}{verdict}",
-                i + 1,
-                n.status.label(),
-                signed_count(n.count_diff),
-                match e.kind.as_str() {
-                    "thread" => "threads".to_string(),
-                    k => format!("{} fds", Escaped(k)),
-                },
-                n.old_blocks,
-                n.new_blocks,
-            );
-            match n.frames.as_array() {
-                Some(fs) if !fs.is_empty() => {
-                    for f in fs {
-                        let _ = writeln!(o, "    {}", frame_line(f));
-                    }
-                }
-                _ => {
-                    let _ = writeln!(o, "    [stack not captured]");
-                }
+            _ => {
+                let _ = writeln!(o, "    [stack not captured]");
             }
         }
     }
@@ -957,6 +932,12 @@ mod tests {
         );
         let text = d.to_text(10);
         assert!(text.contains("#1 +10 threads: 2 -> 12 [leak]\n"), "{text}");
+        // Headed as threads, not fds.
+        assert!(
+            text.contains("top 1 of 1 thread sites that grew or are new, by threads held:\n"),
+            "{text}"
+        );
+        assert!(!text.contains("fd sites"), "{text}");
     }
 
     /// The same program twice, at other addresses (ASLR) and another module path.

@@ -6,11 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
-use super::{Frames, VerdictCounts};
-use crate::analyze::{Trend, Verdict};
-use crate::escape::Escaped;
+use super::VerdictCounts;
+use super::resource_site::{ResourceSite, write_sites};
 use crate::units::{counted, format_bytes};
 
 /// Mappings.
@@ -43,7 +42,7 @@ pub struct MappingReport {
     pub events: BTreeMap<&'static str, u64>,
     pub verdicts: VerdictCounts,
     /// Every site with bytes mapped at the end, most bytes first.
-    pub sites: Vec<MappingSite>,
+    pub sites: Vec<ResourceSite>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -107,95 +106,12 @@ pub struct Apart {
 /// Ranges listed per site (the site's counts cover them all).
 pub const MAX_LISTED_RANGES: usize = 64;
 
-/// A creating stack whose mappings hold bytes at the end.
-#[derive(Clone, Debug, Serialize)]
-pub struct MappingSite {
-    /// `anon_mapping` or `file_mapping`.
-    pub kind: &'static str,
-    /// MAP_SHARED (else private).
-    pub shared: bool,
-    /// The file, when every range of the site whose path was read agrees.
-    pub description: Option<String>,
-    /// Mappings (mmap calls) with bytes left: one unmapped in part counts
-    /// once.
-    pub outstanding: u64,
-    /// mmap calls of this site while traced.
-    pub created: u64,
-    pub bytes: Option<u64>,
-    pub oldest_age_s: Option<f64>,
-    pub median_age_s: Option<f64>,
-    pub verdict: Verdict,
-    /// Theil–Sen slope of its bytes (null with fewer than two samples).
-    pub growth_per_s: Option<f64>,
-    pub stack_captured: bool,
-    pub stack_walk: &'static str,
-    pub truncated: bool,
-    #[serde(serialize_with = "frames_json")]
-    pub frames: Frames,
-    #[serde(serialize_with = "trend_json")]
-    pub trend: Trend,
-    pub history: Vec<MappingHistoryPoint>,
-    /// Its ranges (at most [`MAX_LISTED_RANGES`], lowest first).
-    pub ranges: Vec<RangeInfo>,
-    #[serde(skip)]
-    pub stack_id: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct MappingHistoryPoint {
-    pub t_s: f64,
-    pub outstanding: i64,
-    pub bytes: i64,
-    pub oldest_age_s: Option<f64>,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RangeInfo {
     pub start: String,
     pub end: String,
     pub bytes: u64,
     pub age_s: f64,
-}
-
-fn frames_json<S: Serializer>(f: &Frames, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(f.iter())
-}
-
-/// The heap's `trend` fields, in bytes.
-fn trend_json<S: Serializer>(t: &Trend, s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut m = s.serialize_map(Some(8))?;
-    m.serialize_entry("samples", &t.samples)?;
-    m.serialize_entry("span_s", &t.span_s)?;
-    m.serialize_entry("growth_bytes_per_s", &t.growth_bytes_per_s)?;
-    m.serialize_entry("recent_growth_bytes_per_s", &t.recent_growth_bytes_per_s)?;
-    m.serialize_entry("relative_growth", &t.relative_growth)?;
-    m.serialize_entry("growth_share", &t.growth_share)?;
-    m.serialize_entry("early_blocks_retained", &t.early_blocks_retained)?;
-    m.serialize_entry("max_oldest_age_s", &t.max_oldest_age_s)?;
-    m.end()
-}
-
-impl MappingSite {
-    /// `3 anonymous mappings, 12.0 MiB` / `1 shared mapping of /tmp/x, 4.0 KiB`.
-    pub fn headline(&self) -> String {
-        let noun = match (self.kind, self.shared) {
-            ("file_mapping", false) => "private file mapping",
-            ("file_mapping", true) => "shared file mapping",
-            (_, false) => "anonymous mapping",
-            (_, true) => "shared anonymous mapping",
-        };
-        let of = self
-            .description
-            .as_deref()
-            .map(|d| format!(" of {}", Escaped(d)))
-            .unwrap_or_default();
-        format!(
-            "{}{of}, {}",
-            counted(self.outstanding, noun),
-            format_bytes(self.bytes.unwrap_or(0) as i64)
-        )
-    }
 }
 
 /// Events lost, and what /proc/PID/maps corrected.
@@ -235,7 +151,12 @@ impl MappingReport {
 
 /// The text report's mappings part: totals, what is counted apart, the top
 /// sites with their frames.
-pub(super) fn write_text(w: &mut String, m: &MappingReport, top: usize) -> std::fmt::Result {
+pub(super) fn write_text(
+    w: &mut String,
+    m: &MappingReport,
+    exe: Option<&str>,
+    style: &super::TextStyle,
+) -> std::fmt::Result {
     let n: u64 = m.sites.iter().map(|s| s.outstanding).sum();
     writeln!(
         w,
@@ -278,74 +199,12 @@ pub(super) fn write_text(w: &mut String, m: &MappingReport, top: usize) -> std::
         writeln!(w, "  no mapping made while traced is still mapped")?;
         return Ok(());
     }
-    for s in m.sites.iter().take(top) {
-        let growth = s
-            .growth_per_s
-            .filter(|g| *g > 0.0)
-            .map(|g| format!(", +{}/s", format_bytes(g as i64)))
-            .unwrap_or_default();
-        let oldest = s
-            .oldest_age_s
-            .map(|a| format!(", oldest {a:.1}s"))
-            .unwrap_or_default();
-        writeln!(
-            w,
-            "  {}, {} ({} created{growth}{oldest})",
-            s.headline(),
-            s.verdict.as_str().to_uppercase(),
-            s.created
-        )?;
-        if !s.stack_captured {
-            writeln!(w, "      [stack not captured]")?;
-        }
-        for f in s.frames.iter() {
-            writeln!(w, "      {}", super::frames::frame_text(f))?;
-        }
-    }
-    if m.sites.len() > top {
-        writeln!(w, "  ... {} more mapping sites", m.sites.len() - top)?;
-    }
-    Ok(())
+    write_sites(w, &m.sites, "mapping", exe, style)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn site(kind: &'static str, shared: bool, description: Option<&str>, n: u64) -> MappingSite {
-        MappingSite {
-            kind,
-            shared,
-            description: description.map(String::from),
-            outstanding: n,
-            created: n,
-            bytes: Some(n << 22),
-            oldest_age_s: None,
-            median_age_s: None,
-            verdict: Verdict::Leak,
-            growth_per_s: None,
-            stack_captured: true,
-            stack_walk: "unwind-tables",
-            truncated: false,
-            frames: Frames::default(),
-            trend: Trend::default(),
-            history: Vec::new(),
-            ranges: Vec::new(),
-            stack_id: 1,
-        }
-    }
-
-    #[test]
-    fn headlines_say_what_is_mapped() {
-        assert_eq!(
-            site("anon_mapping", false, None, 3).headline(),
-            "3 anonymous mappings, 12.0 MiB"
-        );
-        assert_eq!(
-            site("file_mapping", true, Some("/tmp/a\x1b"), 1).headline(),
-            "1 shared file mapping of /tmp/a\\x1b, 4.0 MiB"
-        );
-    }
 
     #[test]
     fn lost_events_say_what_was_corrected_and_what_was_not() {

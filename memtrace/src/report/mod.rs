@@ -13,6 +13,7 @@ pub mod lineage;
 pub mod mappings;
 mod pprof;
 mod proto;
+pub mod resource_site;
 pub mod resources;
 pub mod roles;
 mod site_id;
@@ -239,15 +240,20 @@ impl VerdictCounts {
     pub fn of(sites: &[Site]) -> Self {
         let mut c = VerdictCounts::default();
         for s in sites {
-            *match s.verdict {
-                Verdict::Leak => &mut c.leak,
-                Verdict::Growing => &mut c.growing,
-                Verdict::Stable => &mut c.stable,
-                Verdict::Transient => &mut c.transient,
-                Verdict::Unknown => &mut c.unknown,
-            } += 1;
+            c.count(s.verdict);
         }
         c
+    }
+
+    /// Counts one site's verdict.
+    pub fn count(&mut self, v: Verdict) {
+        *match v {
+            Verdict::Leak => &mut self.leak,
+            Verdict::Growing => &mut self.growing,
+            Verdict::Stable => &mut self.stable,
+            Verdict::Transient => &mut self.transient,
+            Verdict::Unknown => &mut self.unknown,
+        } += 1;
     }
 }
 

@@ -6,11 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
-use super::{Frames, VerdictCounts};
-use crate::analyze::{Trend, Verdict};
-use crate::escape::Escaped;
+use super::VerdictCounts;
+use super::resource_site::{ResourceSite, write_sites};
 
 /// Everything the report says about resources other than heap memory.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -48,7 +47,7 @@ pub struct FdReport {
     /// How many of `sites` got each verdict.
     pub verdicts: VerdictCounts,
     /// Every site holding traced fds at the end, most fds first.
-    pub sites: Vec<FdSite>,
+    pub sites: Vec<ResourceSite>,
 }
 
 /// One kind's fds open at the end.
@@ -105,118 +104,6 @@ pub struct FdInfo {
 /// fds listed per site (the site's counts cover them all).
 pub const MAX_LISTED_FDS: usize = 64;
 
-/// A creating stack that holds fds open at the end.
-#[derive(Clone, Debug, Serialize)]
-pub struct FdSite {
-    /// `socket`, `file`, `pipe`...: of its fds (`mixed` if they differ).
-    pub kind: String,
-    /// The syscall family that created them: `open`, `socket`, `accept`,
-    /// `socketpair`, `pipe`, `dup`, `eventfd`...
-    pub origin: &'static str,
-    /// What every fd of the site is, when they all agree
-    /// (`TCP 127.0.0.1:5432 ESTABLISHED`, a path): of the fds whose
-    /// /proc link memtrace read (one made less than an interval before the
-    /// target exited was never seen there).
-    pub description: Option<String>,
-    pub outstanding: u64,
-    /// fds this site created while traced.
-    pub created: u64,
-    /// Not applicable to fds: null.
-    pub bytes: Option<u64>,
-    pub oldest_age_s: Option<f64>,
-    pub median_age_s: Option<f64>,
-    pub verdict: Verdict,
-    /// Theil–Sen slope of its open fds (null with fewer than two samples).
-    pub growth_per_s: Option<f64>,
-    pub stack_captured: bool,
-    pub stack_walk: &'static str,
-    pub truncated: bool,
-    #[serde(serialize_with = "frames_json")]
-    pub frames: Frames,
-    /// What the verdict was made of.
-    pub trend: FdTrend,
-    pub history: Vec<FdHistoryPoint>,
-    /// Its fds (at most [`MAX_LISTED_FDS`], oldest first).
-    pub fds: Vec<FdInfo>,
-    /// Its stack's key in the kernel's table (not in the JSON).
-    #[serde(skip)]
-    pub stack_id: u64,
-}
-
-/// A heap site's `trend`, in fds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct FdTrend {
-    pub samples: usize,
-    pub span_s: f64,
-    pub growth_per_s: Option<f64>,
-    pub recent_growth_per_s: Option<f64>,
-    pub relative_growth: Option<f64>,
-    pub growth_share: Option<f64>,
-    pub early_fds_retained: Option<f64>,
-    pub max_oldest_age_s: Option<f64>,
-}
-
-impl From<Trend> for FdTrend {
-    fn from(t: Trend) -> Self {
-        let Trend {
-            samples,
-            span_s,
-            growth_bytes_per_s,
-            recent_growth_bytes_per_s,
-            relative_growth,
-            growth_share,
-            early_blocks_retained,
-            max_oldest_age_s,
-        } = t;
-        FdTrend {
-            samples,
-            span_s,
-            growth_per_s: growth_bytes_per_s,
-            recent_growth_per_s: recent_growth_bytes_per_s,
-            relative_growth,
-            growth_share,
-            early_fds_retained: early_blocks_retained,
-            max_oldest_age_s,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct FdHistoryPoint {
-    pub t_s: f64,
-    pub outstanding: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oldest_age_s: Option<f64>,
-}
-
-pub(super) fn frames_json<S: Serializer>(f: &Frames, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(f.iter())
-}
-
-impl FdSite {
-    /// `12 TCP sockets to 127.0.0.1:5432, ESTABLISHED` / `3 files /tmp/x`.
-    pub fn headline(&self) -> String {
-        let n = self.outstanding;
-        let plural = if n == 1 { "" } else { "s" };
-        match self.description.as_deref() {
-            Some(d) if self.kind == "socket" => {
-                let (proto, rest) = d.split_once(' ').unwrap_or((d, ""));
-                let rest = match rest.rsplit_once(' ') {
-                    Some((peer, state)) if proto == "TCP" && !rest.starts_with("listening") => {
-                        format!("to {}, {}", Escaped(peer), state)
-                    }
-                    _ => Escaped(rest).to_string(),
-                };
-                format!("{n} {proto} socket{plural} {rest}")
-                    .trim_end()
-                    .to_string()
-            }
-            Some(d) => format!("{n} {}{plural} {}", self.kind, Escaped(d)),
-            None => format!("{n} {}{plural}", self.kind),
-        }
-    }
-}
-
 /// The text report's resources part: per kind, then the top sites with
 /// their frames.
 pub(super) fn write_text(
@@ -225,7 +112,6 @@ pub(super) fn write_text(
     exe: Option<&str>,
     style: &super::TextStyle,
 ) -> std::fmt::Result {
-    let top = style.top;
     let kinds: Vec<String> = fds
         .by_kind
         .iter()
@@ -256,90 +142,11 @@ pub(super) fn write_text(
         writeln!(w, "  no fd created while traced is still open")?;
         return Ok(());
     }
-    // Their stacks read as the heap sites' do (report/stack_text.rs).
-    let paths = super::stack_text::ShortPaths::of(
-        fds.sites
-            .iter()
-            .take(top)
-            .flat_map(|s| s.frames.iter())
-            .flat_map(super::stack_text::frame_paths),
-    );
-    for s in fds.sites.iter().take(top) {
-        let growth = s
-            .growth_per_s
-            .filter(|g| *g > 0.0)
-            .map(|g| format!(", +{g:.1}/s"))
-            .unwrap_or_default();
-        let oldest = s
-            .oldest_age_s
-            .map(|a| format!(", oldest {a:.1}s"))
-            .unwrap_or_default();
-        writeln!(
-            w,
-            "  {}, {} ({} created{growth}{oldest})",
-            s.headline(),
-            s.verdict.as_str().to_uppercase(),
-            s.created
-        )?;
-        if !s.stack_captured {
-            writeln!(w, "      [stack not captured]")?;
-        }
-        let frames: Vec<&super::Frame> = s.frames.iter().collect();
-        for line in super::stack_text::stack_lines(&frames, exe, &paths, style) {
-            writeln!(w, "    {line}")?;
-        }
-    }
-    if fds.sites.len() > top {
-        writeln!(w, "  ... {} more fd sites", fds.sites.len() - top)?;
-    }
-    Ok(())
+    write_sites(w, &fds.sites, "fd", exe, style)
 }
 
 impl FdReport {
     pub fn leaks(&self) -> u64 {
         self.verdicts.leak
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn site(kind: &str, description: Option<&str>, n: u64) -> FdSite {
-        FdSite {
-            kind: kind.to_string(),
-            origin: "socket",
-            description: description.map(String::from),
-            outstanding: n,
-            created: n,
-            bytes: None,
-            oldest_age_s: None,
-            median_age_s: None,
-            verdict: Verdict::Leak,
-            growth_per_s: None,
-            stack_captured: true,
-            stack_walk: "unwind-tables",
-            truncated: false,
-            frames: Frames::default(),
-            trend: FdTrend::default(),
-            history: Vec::new(),
-            fds: Vec::new(),
-            stack_id: 1,
-        }
-    }
-
-    #[test]
-    fn headlines_say_what_the_fds_are() {
-        let tcp = site("socket", Some("TCP 127.0.0.1:5432 ESTABLISHED"), 12);
-        assert_eq!(
-            tcp.headline(),
-            "12 TCP sockets to 127.0.0.1:5432, ESTABLISHED"
-        );
-        let listen = site("socket", Some("TCP listening on 0.0.0.0:80"), 1);
-        assert_eq!(listen.headline(), "1 TCP socket listening on 0.0.0.0:80");
-        let unix = site("socket", Some("unix /run/a\x1b.sock"), 2);
-        assert_eq!(unix.headline(), "2 unix sockets /run/a\\x1b.sock");
-        assert_eq!(site("pipe", None, 3).headline(), "3 pipes");
-        assert_eq!(site("file", Some("/tmp/x"), 1).headline(), "1 file /tmp/x");
     }
 }

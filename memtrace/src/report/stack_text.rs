@@ -105,53 +105,56 @@ pub fn frame_paths(f: &Frame) -> impl Iterator<Item = &str> {
 /// One line of a site's stack.
 enum Line<'a> {
     Frame(&'a Frame, Role),
-    /// `n` frames of a role folded, the innermost of them named.
+    /// `n` frames of a role folded, from `first` (innermost) to `last`.
     Fold {
         role: Role,
         n: usize,
         first: &'a Frame,
+        last: &'a Frame,
     },
 }
 
-/// The lines of a site's stack (each indented by the caller).
+/// What the frames under the program's first own frame are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lead {
+    /// A heap site's: the allocator's, named by its entry point.
+    Allocator,
+    /// A resource site's (an fd, a thread, a mapping): the libraries'
+    /// code from the call the program made (`pthread_create`, `socket`)
+    /// down to the syscall, named by that call.
+    Creation,
+}
+
+/// The lines of a heap site's stack (each indented by the caller).
 pub fn stack_lines(
     frames: &[&Frame],
     exe: Option<&str>,
     paths: &ShortPaths,
     style: &TextStyle,
 ) -> Vec<String> {
-    let mut lines: Vec<Line> = Vec::new();
-    // The C++ library's frames on the way to the allocator, before the
-    // program's first, fold with it.
-    let first_own = frames.iter().position(|f| role(f, exe) == Role::Own);
-    for (i, f) in frames.iter().enumerate() {
-        let r = match role(f, exe) {
-            Role::Runtime if first_own.is_some_and(|o| i < o) => Role::Allocator,
-            Role::Runtime => Role::Library,
-            r => r,
-        };
-        let folds = !style.verbose && matches!(r, Role::Allocator | Role::Start);
-        match lines.last_mut() {
-            Some(Line::Fold { role, n, .. }) if folds && *role == r => *n += 1,
-            _ if folds => lines.push(Line::Fold {
-                role: r,
-                n: 1,
-                first: f,
-            }),
-            _ => lines.push(Line::Frame(f, r)),
-        }
-    }
-    // The program's own function first: what it called in the allocator goes under it.
-    if matches!(
-        lines.first(),
-        Some(Line::Fold {
-            role: Role::Allocator,
-            ..
-        })
-    ) && matches!(lines.get(1), Some(Line::Frame(..)))
-    {
-        lines.swap(0, 1);
-    }
+    lines_of(frames, exe, paths, style, Lead::Allocator)
+}
+
+/// The lines of a resource site's stack: as a heap site's, the frames
+/// from the program's call down to the syscall folded under its first own
+/// frame.
+pub fn creation_stack_lines(
+    frames: &[&Frame],
+    exe: Option<&str>,
+    paths: &ShortPaths,
+    style: &TextStyle,
+) -> Vec<String> {
+    lines_of(frames, exe, paths, style, Lead::Creation)
+}
+
+fn lines_of(
+    frames: &[&Frame],
+    exe: Option<&str>,
+    paths: &ShortPaths,
+    style: &TextStyle,
+    lead: Lead,
+) -> Vec<String> {
+    let lines = fold(frames, exe, style, lead);
     lines
         .iter()
         .enumerate()
@@ -168,20 +171,76 @@ pub fn stack_lines(
                     format!("  {text}")
                 }
             }
-            Line::Fold { role, n, first } => {
+            Line::Fold {
+                role,
+                n,
+                first,
+                last,
+            } => {
                 let frames = if *n == 1 { "frame" } else { "frames" };
+                let name = |f: &Frame| Escaped(f.function.as_deref().unwrap_or("??")).to_string();
                 let text = match role {
                     Role::Start => format!("… {n} process start {frames}"),
-                    _ if i == 1 => format!(
-                        "… allocated through {} ({n} {frames})",
-                        Escaped(first.function.as_deref().unwrap_or("??"))
-                    ),
+                    _ if i == 1 && lead == Lead::Creation => {
+                        format!("… created through {} ({n} {frames})", name(last))
+                    }
+                    _ if i == 1 => format!("… allocated through {} ({n} {frames})", name(first)),
                     _ => format!("… {n} allocator {frames}"),
                 };
                 format!("  {}", style.paint(&text, FOLD))
             }
         })
         .collect()
+}
+
+/// The stack's frames as lines: the allocator's (or, for a resource, all
+/// under the first own frame) and the process start's folded, the
+/// program's own function first.
+fn fold<'a>(
+    frames: &[&'a Frame],
+    exe: Option<&str>,
+    style: &TextStyle,
+    lead: Lead,
+) -> Vec<Line<'a>> {
+    let mut lines: Vec<Line> = Vec::new();
+    // The C++ library's frames on the way to the allocator, before the
+    // program's first, fold with it.
+    let first_own = frames.iter().position(|f| role(f, exe) == Role::Own);
+    for (i, f) in frames.iter().enumerate() {
+        let before_own = first_own.is_some_and(|o| i < o);
+        let r = match role(f, exe) {
+            _ if before_own && lead == Lead::Creation => Role::Allocator,
+            Role::Runtime if before_own => Role::Allocator,
+            Role::Runtime => Role::Library,
+            r => r,
+        };
+        let folds = !style.verbose && matches!(r, Role::Allocator | Role::Start);
+        match lines.last_mut() {
+            Some(Line::Fold { role, n, last, .. }) if folds && *role == r => {
+                *n += 1;
+                *last = f;
+            }
+            _ if folds => lines.push(Line::Fold {
+                role: r,
+                n: 1,
+                first: f,
+                last: f,
+            }),
+            _ => lines.push(Line::Frame(f, r)),
+        }
+    }
+    // The program's own function first: what it called in the allocator goes under it.
+    if matches!(
+        lines.first(),
+        Some(Line::Fold {
+            role: Role::Allocator,
+            ..
+        })
+    ) && matches!(lines.get(1), Some(Line::Frame(..)))
+    {
+        lines.swap(0, 1);
+    }
+    lines
 }
 
 /// A frame without its address (unless it has no name) and with short paths.
@@ -301,6 +360,31 @@ mod tests {
         let lines = stack_lines(&refs, Some("/usr/bin/app"), &paths, &color);
         assert_eq!(lines[0], "\x1b[1m▸ app::grow(int) at grow.cpp:7\x1b[0m");
         assert_eq!(lines[3], "  \x1b[2m… 3 process start frames\x1b[0m");
+    }
+
+    #[test]
+    fn a_resource_stack_folds_down_to_the_syscall_under_its_own_frame() {
+        let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        let frames = [
+            at(libc, "__GI___clone3", None),
+            at(libc, "create_thread", None),
+            at(libc, "pthread_create@@GLIBC_2.34", None),
+            at("/usr/bin/app", "start_worker", Some("/src/app.c")),
+            at("/usr/bin/app", "main", Some("/src/app.c")),
+            at(libc, "__libc_start_call_main", None),
+        ];
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let paths = ShortPaths::of(frames.iter().flat_map(frame_paths));
+        let style = TextStyle::top(1);
+        assert_eq!(
+            creation_stack_lines(&refs, Some("/usr/bin/app"), &paths, &style),
+            [
+                "▸ start_worker at app.c:7",
+                "  … created through pthread_create@@GLIBC_2.34 (3 frames)",
+                "▸ main at app.c:7",
+                "  … 1 process start frame",
+            ]
+        );
     }
 
     #[test]

@@ -153,10 +153,10 @@ impl Report {
         if let Some(r) = &self.resources {
             let _ = super::resources::write_text(&mut o, &r.fds, self.target.exe.as_deref(), style);
             if let Some(t) = &r.threads {
-                let _ = super::threads::write_text(&mut o, t, style.top);
+                let _ = super::threads::write_text(&mut o, t, self.target.exe.as_deref(), style);
             }
             if let Some(m) = &r.mappings {
-                let _ = super::mappings::write_text(&mut o, m, style.top);
+                let _ = super::mappings::write_text(&mut o, m, self.target.exe.as_deref(), style);
             }
         }
         o

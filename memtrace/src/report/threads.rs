@@ -1,16 +1,13 @@
 //! The report's threads, in its `resources` part: the threads the target
-//! created while traced, by creating stack, with the same fields, history
-//! and verdict as an fd site; those that existed at attach, with no stack.
+//! created while traced, by creating stack (resource sites, as fds'
+//! are: report/resource_site.rs); those that existed at attach, with no stack.
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
 
 use super::VerdictCounts;
-use super::resources::{FdHistoryPoint, FdTrend, frames_json};
-use crate::analyze::Verdict;
-use crate::escape::Escaped;
-use crate::report::Frames;
+use super::resource_site::{ResourceSite, write_sites};
 
 /// Threads.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -35,7 +32,7 @@ pub struct ThreadReport {
     pub verdicts: VerdictCounts,
     /// Every site holding threads (alive or exited unjoined) at the end,
     /// most first.
-    pub sites: Vec<ThreadSite>,
+    pub sites: Vec<ResourceSite>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -61,65 +58,6 @@ pub struct ThreadInfo {
 /// Threads listed per site (the site's counts cover them all).
 pub const MAX_LISTED_THREADS: usize = 64;
 
-/// A creating stack that holds threads at the end (an fd site's fields,
-/// `kind` "thread", with `alive`, `exited_unjoined` and `threads`).
-#[derive(Clone, Debug, Serialize)]
-pub struct ThreadSite {
-    /// "thread".
-    pub kind: &'static str,
-    /// "clone": the syscall family that made them.
-    pub origin: &'static str,
-    /// Their name, when they all have the same.
-    pub description: Option<String>,
-    /// alive + exited_unjoined.
-    pub outstanding: u64,
-    /// Threads this site created while traced.
-    pub created: u64,
-    /// Not applicable: null.
-    pub bytes: Option<u64>,
-    pub alive: u64,
-    pub exited_unjoined: u64,
-    pub oldest_age_s: Option<f64>,
-    pub median_age_s: Option<f64>,
-    pub verdict: Verdict,
-    pub growth_per_s: Option<f64>,
-    pub stack_captured: bool,
-    pub stack_walk: &'static str,
-    pub truncated: bool,
-    #[serde(serialize_with = "frames_json")]
-    pub frames: Frames,
-    pub trend: FdTrend,
-    pub history: Vec<FdHistoryPoint>,
-    /// Its threads (at most [`MAX_LISTED_THREADS`], oldest first).
-    pub threads: Vec<ThreadInfo>,
-    #[serde(skip)]
-    pub stack_id: u64,
-}
-
-impl ThreadSite {
-    /// `12 threads alive "worker"` / `3 threads exited unjoined`.
-    pub fn headline(&self) -> String {
-        let plural = |n: u64| if n == 1 { "thread" } else { "threads" };
-        let mut parts = Vec::new();
-        if self.alive > 0 {
-            parts.push(format!("{} {} alive", self.alive, plural(self.alive)));
-        }
-        if self.exited_unjoined > 0 {
-            let n = self.exited_unjoined;
-            parts.push(if parts.is_empty() {
-                format!("{n} {} exited unjoined", plural(n))
-            } else {
-                format!("{n} exited unjoined")
-            });
-        }
-        let mut s = parts.join(", ");
-        if let Some(d) = &self.description {
-            let _ = write!(s, " \"{}\"", Escaped(d));
-        }
-        s
-    }
-}
-
 impl ThreadReport {
     pub fn leaks(&self) -> u64 {
         self.verdicts.leak
@@ -127,7 +65,12 @@ impl ThreadReport {
 }
 
 /// The text report's threads: counts, then the top sites with their frames.
-pub(super) fn write_text(w: &mut String, t: &ThreadReport, top: usize) -> std::fmt::Result {
+pub(super) fn write_text(
+    w: &mut String,
+    t: &ThreadReport,
+    exe: Option<&str>,
+    style: &super::TextStyle,
+) -> std::fmt::Result {
     let alive = t.alive.map_or("?".to_string(), |n| n.to_string());
     writeln!(
         w,
@@ -146,75 +89,5 @@ pub(super) fn write_text(w: &mut String, t: &ThreadReport, top: usize) -> std::f
         writeln!(w, "  no thread created while traced is alive or unjoined")?;
         return Ok(());
     }
-    for s in t.sites.iter().take(top) {
-        let growth = s
-            .growth_per_s
-            .filter(|g| *g > 0.0)
-            .map(|g| format!(", +{g:.1}/s"))
-            .unwrap_or_default();
-        let oldest = s
-            .oldest_age_s
-            .map(|a| format!(", oldest {a:.1}s"))
-            .unwrap_or_default();
-        writeln!(
-            w,
-            "  {}, {} ({} created{growth}{oldest})",
-            s.headline(),
-            s.verdict.as_str().to_uppercase(),
-            s.created
-        )?;
-        if !s.stack_captured {
-            writeln!(w, "      [stack not captured]")?;
-        }
-        for f in s.frames.iter() {
-            writeln!(w, "      {}", super::frames::frame_text(f))?;
-        }
-    }
-    if t.sites.len() > top {
-        writeln!(w, "  ... {} more thread sites", t.sites.len() - top)?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn site(alive: u64, unjoined: u64, name: Option<&str>) -> ThreadSite {
-        ThreadSite {
-            kind: "thread",
-            origin: "clone",
-            description: name.map(String::from),
-            outstanding: alive + unjoined,
-            created: alive + unjoined,
-            bytes: None,
-            alive,
-            exited_unjoined: unjoined,
-            oldest_age_s: None,
-            median_age_s: None,
-            verdict: Verdict::Leak,
-            growth_per_s: None,
-            stack_captured: true,
-            stack_walk: "unwind-tables",
-            truncated: false,
-            frames: Frames::default(),
-            trend: FdTrend::default(),
-            history: Vec::new(),
-            threads: Vec::new(),
-            stack_id: 1,
-        }
-    }
-
-    #[test]
-    fn headlines_say_how_the_threads_are_held() {
-        assert_eq!(
-            site(12, 0, Some("worker")).headline(),
-            "12 threads alive \"worker\""
-        );
-        assert_eq!(site(0, 1, None).headline(), "1 thread exited unjoined");
-        assert_eq!(
-            site(1, 3, Some("a\x1b")).headline(),
-            "1 thread alive, 3 exited unjoined \"a\\x1b\""
-        );
-    }
+    write_sites(w, &t.sites, "thread", exe, style)
 }

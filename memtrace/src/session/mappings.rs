@@ -24,21 +24,21 @@ use memtrace_common::{
     },
 };
 
-use super::frames::{stack_walk, truncated_reason};
+use super::site_history::{Held, SiteHistory, common};
 use super::target::Attached;
 use crate::{
     analyze::{
-        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, VerdictConfig,
+        BlockGrouper, VerdictConfig,
         mappings::{RangeMap, Removed},
     },
     attach::allocator::text_ranges,
     kernel::{collect::monotonic_ns, sampling::Sampling},
     process::maps::{MapEntry, read_maps},
+    report::VerdictCounts,
     report::mappings::{
-        Apart, Existed, MAX_LISTED_RANGES, MapReconciliation, MappingHistoryPoint, MappingKind,
-        MappingReport, MappingSite, RangeInfo,
+        Apart, Existed, MAX_LISTED_RANGES, MapReconciliation, MappingKind, MappingReport, RangeInfo,
     },
-    report::{Frames, VerdictCounts},
+    report::resource_site::{ResourceSite, SiteDetail},
 };
 
 /// Who a range's bytes are counted for.
@@ -101,8 +101,7 @@ pub(super) struct Mappings {
     /// already in it (launch mode: the loader's), and release nothing that
     /// existed at attach.
     snapshot_ns: u64,
-    history: History,
-    blocks: rustc_hash::FxHashMap<u64, SiteBlocks>,
+    history: SiteHistory,
 }
 
 impl Mappings {
@@ -143,8 +142,7 @@ impl Mappings {
             loader: Apart::default(),
             unmapped_unknown: 0,
             snapshot_ns,
-            history: History::new(HISTORY_CAPACITY, start_ns, interval),
-            blocks: Default::default(),
+            history: SiteHistory::new(start_ns, interval),
         };
         for e in &maps {
             let k = existed_kind(e);
@@ -184,21 +182,8 @@ impl Mappings {
         for (site, born, bytes) in self.by_mapping().into_values() {
             g.add(site as u64, born, bytes);
         }
-        let blocks = g.finish();
-        let sites: Vec<(u64, i64, i64)> = (0..self.sites.len() as u64)
-            .map(|id| match blocks.get(&id) {
-                Some(b) => (id, b.bytes as i64, b.blocks as i64),
-                None => (id, 0, 0),
-            })
-            .collect();
-        if last.is_some() {
-            self.history
-                .record_final(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        } else if self.history.tick() {
-            self.history
-                .record(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        }
-        self.blocks = blocks;
+        self.history
+            .record(now_ns, last.is_some(), 0..self.sites.len() as u64, g);
         Ok(())
     }
 
@@ -216,7 +201,7 @@ impl Mappings {
 
     /// `, mapped 12.0 MiB` for the live line.
     pub(super) fn live_part(&self) -> String {
-        let bytes: u64 = self.blocks.values().map(|b| b.bytes).sum();
+        let bytes: u64 = self.history.held().values().map(|b| b.bytes).sum();
         format!(", mapped {}", crate::units::format_bytes(bytes as i64))
     }
 
@@ -375,16 +360,30 @@ impl Mappings {
         vcfg: &VerdictConfig,
     ) -> Result<MappingReport> {
         let counters = at.collector.maps.mappings.counters()?;
-        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
-        let mut ranges_of: BTreeMap<u32, Vec<(u64, u64, u64, u64)>> = BTreeMap::new();
-        for (s, p) in self.ranges.iter() {
-            if let Owner::Site(id) = p.owner {
-                ranges_of
-                    .entry(id)
-                    .or_default()
-                    .push((s, p.end, p.mapping, p.born_ns));
-            }
-        }
+        let sites = self.sites(at, end_ns, vcfg)?;
+        let apart = self.apart();
+        let mut events: BTreeMap<&'static str, u64> = MapCounter::ALL
+            .iter()
+            .map(|&c| (c.name(), counters.get(c)))
+            .collect();
+        events.insert("unmapped_unknown_bytes", self.unmapped_unknown);
+        Ok(MappingReport {
+            bytes: sites.iter().filter_map(|s| s.bytes).sum(),
+            by_kind: self.kinds(&sites),
+            existed_at_attach: self.existed.clone(),
+            seen_at_reconciliation: self.seen.clone(),
+            reconciliation: self.corrections,
+            allocator: apart[0],
+            thread_stacks: apart[1],
+            loader: apart[2],
+            events,
+            verdicts: VerdictCounts::of_resources(&sites),
+            sites,
+        })
+    }
+
+    /// What the allocator, thread creation and the loader hold at the end.
+    fn apart(&self) -> [Apart; 3] {
         let mut apart = [self.allocator, self.thread_stacks, self.loader];
         for (s, p) in self.ranges.iter() {
             let i = match p.owner {
@@ -409,24 +408,40 @@ impl Mappings {
             seen.dedup();
             apart[i].outstanding = seen.len() as u64;
         }
+        apart
+    }
+
+    /// The sites with bytes mapped at the end, most bytes first.
+    fn sites(
+        &self,
+        at: &mut Attached,
+        end_ns: u64,
+        vcfg: &VerdictConfig,
+    ) -> Result<Vec<ResourceSite>> {
+        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
+        let mut ranges_of: BTreeMap<u32, Vec<(u64, u64, u64, u64)>> = BTreeMap::new();
+        for (s, p) in self.ranges.iter() {
+            if let Owner::Site(id) = p.owner {
+                ranges_of
+                    .entry(id)
+                    .or_default()
+                    .push((s, p.end, p.mapping, p.born_ns));
+            }
+        }
         let mut sites = Vec::new();
         for (id, ranges) in ranges_of {
             let key = self.sites[id as usize];
             let mut mappings: Vec<u64> = ranges.iter().map(|r| r.2).collect();
             mappings.sort_unstable();
             mappings.dedup();
-            let oldest = ranges.iter().map(|r| r.3).min();
-            let end = self.blocks.get(&(id as u64));
-            let (verdict, trend, history) = self.assess(id as u64, end, vcfg);
-            let flags = at.collector.stack_flags(key.stack_id)?;
             let paths = mappings.iter().filter_map(|m| self.paths.get(m));
-            sites.push(MappingSite {
+            let held = Held {
                 kind: if key.file {
                     "file_mapping"
                 } else {
                     "anon_mapping"
-                },
-                shared: key.shared,
+                }
+                .to_string(),
                 description: if key.file {
                     common(paths).cloned()
                 } else {
@@ -435,61 +450,29 @@ impl Mappings {
                 outstanding: mappings.len() as u64,
                 created: self.created[id as usize],
                 bytes: Some(ranges.iter().map(|r| r.1 - r.0).sum()),
-                oldest_age_s: oldest.map(age),
-                median_age_s: end.and_then(SiteBlocks::median_birth_ns).map(age),
-                verdict,
-                growth_per_s: trend.growth_bytes_per_s,
-                stack_captured: key.stack_id != NO_STACK,
-                stack_walk: stack_walk(flags),
-                truncated: truncated_reason(flags).is_some(),
-                frames: Frames::default(),
-                trend,
-                history,
-                ranges: ranges
-                    .iter()
-                    .take(MAX_LISTED_RANGES)
-                    .map(|&(s, e, _, born)| RangeInfo {
-                        start: format!("{s:#x}"),
-                        end: format!("{e:#x}"),
-                        bytes: e - s,
-                        age_s: age(born),
-                    })
-                    .collect(),
+                oldest_ns: ranges.iter().map(|r| r.3).min(),
                 stack_id: key.stack_id,
-            });
+                detail: SiteDetail::Mapping {
+                    shared: key.shared,
+                    ranges: ranges
+                        .iter()
+                        .take(MAX_LISTED_RANGES)
+                        .map(|&(s, e, _, born)| RangeInfo {
+                            start: format!("{s:#x}"),
+                            end: format!("{e:#x}"),
+                            bytes: e - s,
+                            age_s: age(born),
+                        })
+                        .collect(),
+                },
+            };
+            sites.push(self.history.site(at, id as u64, held, end_ns, vcfg)?);
         }
-        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(b.kind)));
-        let mut verdicts = VerdictCounts::default();
-        for s in &sites {
-            *match s.verdict {
-                analyze::Verdict::Leak => &mut verdicts.leak,
-                analyze::Verdict::Growing => &mut verdicts.growing,
-                analyze::Verdict::Stable => &mut verdicts.stable,
-                analyze::Verdict::Transient => &mut verdicts.transient,
-                analyze::Verdict::Unknown => &mut verdicts.unknown,
-            } += 1;
-        }
-        let mut events: BTreeMap<&'static str, u64> = MapCounter::ALL
-            .iter()
-            .map(|&c| (c.name(), counters.get(c)))
-            .collect();
-        events.insert("unmapped_unknown_bytes", self.unmapped_unknown);
-        Ok(MappingReport {
-            bytes: sites.iter().filter_map(|s| s.bytes).sum(),
-            by_kind: self.kinds(&sites),
-            existed_at_attach: self.existed.clone(),
-            seen_at_reconciliation: self.seen.clone(),
-            reconciliation: self.corrections,
-            allocator: apart[0],
-            thread_stacks: apart[1],
-            loader: apart[2],
-            events,
-            verdicts,
-            sites,
-        })
+        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
+        Ok(sites)
     }
 
-    fn kinds(&self, sites: &[MappingSite]) -> Vec<MappingKind> {
+    fn kinds(&self, sites: &[ResourceSite]) -> Vec<MappingKind> {
         ["anon_mapping", "file_mapping"]
             .into_iter()
             .map(|kind| MappingKind {
@@ -514,38 +497,6 @@ impl Mappings {
             })
             .collect()
     }
-
-    /// A site's verdict, trend and history (in bytes and mappings).
-    fn assess(
-        &self,
-        id: u64,
-        end: Option<&SiteBlocks>,
-        vcfg: &VerdictConfig,
-    ) -> (analyze::Verdict, analyze::Trend, Vec<MappingHistoryPoint>) {
-        let Some(h) = self.history.site(id) else {
-            return (analyze::Verdict::Unknown, Default::default(), Vec::new());
-        };
-        let a = analyze::assess(h.times, h.points, end, vcfg);
-        let start = self.history.start_ns();
-        let points = h
-            .times
-            .iter()
-            .zip(h.points)
-            .map(|(&t, p)| MappingHistoryPoint {
-                t_s: t.saturating_sub(start) as f64 / 1e9,
-                outstanding: p.blocks,
-                bytes: p.bytes,
-                oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
-            })
-            .collect();
-        (a.verdict, a.trend, points)
-    }
-}
-
-/// The one value every item has, if they agree (None for no items).
-fn common<T: PartialEq>(mut items: impl Iterator<Item = T>) -> Option<T> {
-    let first = items.next()?;
-    items.all(|i| i == first).then_some(first)
 }
 
 /// The dynamic loader's file (`ld-linux-x86-64.so.2`, `ld-musl-x86_64.so.1`).

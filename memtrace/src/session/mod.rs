@@ -31,6 +31,7 @@ mod preflight;
 mod progress;
 mod resources;
 mod serve;
+mod site_history;
 pub mod snapshot;
 mod summary;
 mod target;

@@ -5,37 +5,34 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Result;
-use memtrace_common::{
-    NO_STACK,
-    resources::{FdCounter, FdOrigin},
-};
+use memtrace_common::resources::{FdCounter, FdOrigin};
 
-use super::frames::{stack_walk, truncated_reason};
+use super::site_history::{Held, SiteHistory, common};
 use super::target::Attached;
 use crate::{
     analyze::{
-        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, VerdictConfig,
+        BlockGrouper, VerdictConfig,
         fds::{ByKind, FdLedger, FdSiteIds, UntracedFd},
     },
     kernel::{collect::monotonic_ns, resources::TracedFd, sampling::Sampling},
     process::fds::{fd_kind, fd_links, socket_descriptions, socket_inode},
+    report::VerdictCounts,
+    report::resource_site::{ResourceSite, SiteDetail},
     report::resources::{
-        FdHistoryPoint, FdInfo, FdReport, FdSite, FdTrend, KindCount, MAX_LISTED_FDS,
-        Reconciliation, Resources, Untraced, UntracedKind,
+        FdInfo, FdReport, KindCount, MAX_LISTED_FDS, Reconciliation, Resources, Untraced,
+        UntracedKind,
     },
-    report::{Frames, VerdictCounts},
 };
 
 /// fd tracing's state across the run.
 pub(super) struct Fds {
     ledger: FdLedger,
     ids: FdSiteIds,
-    history: History,
+    history: SiteHistory,
     /// History site id → (stack id, origin).
     keys: HashMap<u64, (u64, u16)>,
     /// The traced fds open at the last read, and their sites then.
     last: Vec<TracedFd>,
-    blocks: rustc_hash::FxHashMap<u64, SiteBlocks>,
     /// Every fd open at the last /proc read, by kind.
     pub(super) open_by_kind: ByKind,
     open: Option<u64>,
@@ -53,10 +50,9 @@ impl Fds {
         Ok(Fds {
             ledger,
             ids: FdSiteIds::default(),
-            history: History::new(HISTORY_CAPACITY, start_ns, interval),
+            history: SiteHistory::new(start_ns, interval),
             keys: HashMap::new(),
             last: traced,
-            blocks: Default::default(),
             open_by_kind: by_kind(proc),
             open: Some(proc.len() as u64),
             sockets: HashMap::new(),
@@ -86,25 +82,9 @@ impl Fds {
             self.keys.insert(id, (t.slot.stack_id, t.slot.origin));
             g.add(id, t.slot.born_ns, 1);
         }
-        let blocks = g.finish();
-        let mut sites: Vec<(u64, i64, i64)> = self
-            .keys
-            .keys()
-            .map(|id| {
-                let n = blocks.get(id).map_or(0, |b| b.blocks as i64);
-                (*id, n, n)
-            })
-            .collect();
-        sites.sort_unstable();
-        if last.is_some() {
-            self.history
-                .record_final(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        } else if self.history.tick() {
-            self.history
-                .record(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        }
+        self.history
+            .record(now_ns, last.is_some(), self.keys.keys().copied(), g);
         self.last = after;
-        self.blocks = blocks;
         Ok(())
     }
 
@@ -128,82 +108,9 @@ impl Fds {
     ) -> Result<Resources> {
         let counters = at.collector.maps.fds.counters()?;
         let created = at.collector.maps.fds.site_created();
-        let sockets = &self.sockets;
-        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
-        // The fds of each site, oldest first.
-        let mut by_site: BTreeMap<u64, Vec<&TracedFd>> = BTreeMap::new();
-        for t in self.ledger.open(&self.last) {
-            let id = self.ids.get(t.slot.stack_id, t.slot.origin).unwrap_or(0);
-            by_site.entry(id).or_default().push(t);
-        }
-        let mut sites = Vec::new();
-        for (id, mut fds) in by_site {
-            fds.sort_by_key(|t| (t.slot.born_ns, t.fd));
-            let (stack_id, origin) = self.keys[&id];
-            let infos: Vec<FdInfo> = fds
-                .iter()
-                .map(|t| {
-                    let target = self.ledger.link(t).map(String::from);
-                    FdInfo {
-                        fd: t.fd,
-                        kind: self.ledger.kind_of(t.fd, &t.slot).to_string(),
-                        peer: target
-                            .as_deref()
-                            .and_then(socket_inode)
-                            .and_then(|i| sockets.get(&i).cloned()),
-                        target,
-                        age_s: age(t.slot.born_ns),
-                    }
-                })
-                .collect();
-            let end = self.blocks.get(&id);
-            let (verdict, trend, history) = self.assess(id, end, vcfg);
-            let flags = at.collector.stack_flags(stack_id)?;
-            sites.push(FdSite {
-                kind: common(infos.iter().map(|i| i.kind.clone()))
-                    .unwrap_or_else(|| "mixed".to_string()),
-                origin: origin_name(origin),
-                // Of the fds whose link a scan read (those made since the
-                // last scan before the target exited have none).
-                description: common(
-                    infos
-                        .iter()
-                        .filter_map(|i| i.peer.clone().or(i.target.clone())),
-                ),
-                outstanding: fds.len() as u64,
-                created: created.get(&(stack_id, origin)).copied().unwrap_or(0),
-                bytes: None,
-                oldest_age_s: fds.first().map(|t| age(t.slot.born_ns)),
-                median_age_s: end.and_then(SiteBlocks::median_birth_ns).map(age),
-                verdict,
-                growth_per_s: trend.growth_per_s,
-                stack_captured: stack_id != NO_STACK,
-                stack_walk: stack_walk(flags),
-                truncated: truncated_reason(flags).is_some(),
-                frames: Frames::default(),
-                trend,
-                history,
-                fds: infos.into_iter().take(MAX_LISTED_FDS).collect(),
-                stack_id,
-            });
-        }
-        sites.sort_by(|a, b| {
-            b.outstanding
-                .cmp(&a.outstanding)
-                .then(a.kind.cmp(&b.kind))
-                .then(a.created.cmp(&b.created))
-        });
-        let mut verdicts = VerdictCounts::default();
-        for s in &sites {
-            *match s.verdict {
-                analyze::Verdict::Leak => &mut verdicts.leak,
-                analyze::Verdict::Growing => &mut verdicts.growing,
-                analyze::Verdict::Stable => &mut verdicts.stable,
-                analyze::Verdict::Transient => &mut verdicts.transient,
-                analyze::Verdict::Unknown => &mut verdicts.unknown,
-            } += 1;
-        }
+        let sites = self.sites(at, &created, end_ns, vcfg)?;
         let l = &self.ledger;
+        let sockets = &self.sockets;
         Ok(Resources {
             fds: FdReport {
                 slots: at.collector.maps.fds.capacity(),
@@ -232,12 +139,78 @@ impl Fds {
                     .iter()
                     .map(|&c| (c.name(), counters.get(c)))
                     .collect(),
-                verdicts,
+                verdicts: VerdictCounts::of_resources(&sites),
                 sites,
             },
             threads: None,
             mappings: None,
         })
+    }
+
+    /// The sites holding traced fds at the end, most fds first.
+    fn sites(
+        &self,
+        at: &mut Attached,
+        created: &HashMap<(u64, u16), u64>,
+        end_ns: u64,
+        vcfg: &VerdictConfig,
+    ) -> Result<Vec<ResourceSite>> {
+        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
+        // The fds of each site, oldest first.
+        let mut by_site: BTreeMap<u64, Vec<&TracedFd>> = BTreeMap::new();
+        for t in self.ledger.open(&self.last) {
+            let id = self.ids.get(t.slot.stack_id, t.slot.origin).unwrap_or(0);
+            by_site.entry(id).or_default().push(t);
+        }
+        let mut sites = Vec::new();
+        for (id, mut fds) in by_site {
+            fds.sort_by_key(|t| (t.slot.born_ns, t.fd));
+            let (stack_id, origin) = self.keys[&id];
+            let infos: Vec<FdInfo> = fds.iter().map(|t| self.info(t, age)).collect();
+            let held = Held {
+                kind: common(infos.iter().map(|i| i.kind.clone()))
+                    .unwrap_or_else(|| "mixed".to_string()),
+                // Of the fds whose link a scan read (those made since the
+                // last scan before the target exited have none).
+                description: common(
+                    infos
+                        .iter()
+                        .filter_map(|i| i.peer.clone().or(i.target.clone())),
+                ),
+                outstanding: fds.len() as u64,
+                created: created.get(&(stack_id, origin)).copied().unwrap_or(0),
+                bytes: None,
+                oldest_ns: fds.first().map(|t| t.slot.born_ns),
+                stack_id,
+                detail: SiteDetail::Fd {
+                    origin: origin_name(origin),
+                    fds: infos.into_iter().take(MAX_LISTED_FDS).collect(),
+                },
+            };
+            sites.push(self.history.site(at, id, held, end_ns, vcfg)?);
+        }
+        sites.sort_by(|a, b| {
+            b.outstanding
+                .cmp(&a.outstanding)
+                .then(a.kind.cmp(&b.kind))
+                .then(a.created.cmp(&b.created))
+        });
+        Ok(sites)
+    }
+
+    /// What a traced fd is, as the report lists it.
+    fn info(&self, t: &TracedFd, age: impl Fn(u64) -> f64) -> FdInfo {
+        let target = self.ledger.link(t).map(String::from);
+        FdInfo {
+            fd: t.fd,
+            kind: self.ledger.kind_of(t.fd, &t.slot).to_string(),
+            peer: target
+                .as_deref()
+                .and_then(socket_inode)
+                .and_then(|i| self.sockets.get(&i).cloned()),
+            target,
+            age_s: age(t.slot.born_ns),
+        }
     }
 
     /// Per kind: open at the end (every fd), of them traced, and created.
@@ -266,37 +239,6 @@ impl Fds {
         v.sort_by(|a, b| b.open.cmp(&a.open).then(a.kind.cmp(&b.kind)));
         v
     }
-
-    /// A site's verdict, trend and history (in fds).
-    fn assess(
-        &self,
-        id: u64,
-        end: Option<&SiteBlocks>,
-        vcfg: &VerdictConfig,
-    ) -> (analyze::Verdict, FdTrend, Vec<FdHistoryPoint>) {
-        let Some(h) = self.history.site(id) else {
-            return (analyze::Verdict::Unknown, Default::default(), Vec::new());
-        };
-        let a = analyze::assess(h.times, h.points, end, vcfg);
-        let start = self.history.start_ns();
-        let points = h
-            .times
-            .iter()
-            .zip(h.points)
-            .map(|(&t, p)| FdHistoryPoint {
-                t_s: t.saturating_sub(start) as f64 / 1e9,
-                outstanding: p.blocks,
-                oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
-            })
-            .collect();
-        (a.verdict, a.trend.into(), points)
-    }
-}
-
-/// The one value every item has, if they agree (None for no items).
-fn common<T: PartialEq>(mut items: impl Iterator<Item = T>) -> Option<T> {
-    let first = items.next()?;
-    items.all(|i| i == first).then_some(first)
 }
 
 fn by_kind(proc: &BTreeMap<u32, String>) -> ByKind {

@@ -5,22 +5,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::Result;
-use memtrace_common::{
-    NO_STACK,
-    threads::{ThreadCounter, ThreadRec},
-};
+use memtrace_common::threads::{ThreadCounter, ThreadRec};
 
-use super::frames::{stack_walk, truncated_reason};
+use super::site_history::{Held, SiteHistory, common};
 use super::target::Attached;
 use crate::{
     analyze::{
-        self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, VerdictConfig,
+        BlockGrouper, VerdictConfig,
         threads::{ThreadState, comm_name},
     },
     kernel::{collect::monotonic_ns, sampling::Sampling},
     report::VerdictCounts,
-    report::resources::FdHistoryPoint,
-    report::threads::{MAX_LISTED_THREADS, ThreadInfo, ThreadReport, ThreadSite, ThreadsAtAttach},
+    report::resource_site::{ResourceSite, SiteDetail},
+    report::threads::{MAX_LISTED_THREADS, ThreadInfo, ThreadReport, ThreadsAtAttach},
 };
 
 /// The target's threads by id, with their names, from /proc/PID/task
@@ -57,10 +54,9 @@ pub(super) struct Threads {
     existed_gone: BTreeSet<u32>,
     /// Site (creating stack) → history id.
     ids: HashMap<u64, u64>,
-    history: History,
+    history: SiteHistory,
     /// Traced threads not done at the last read.
     last: Vec<(u32, ThreadRec)>,
-    blocks: rustc_hash::FxHashMap<u64, SiteBlocks>,
     /// Names of traced threads, as last read while they ran.
     names: HashMap<u32, String>,
     /// Threads in /proc/PID/task at the last read.
@@ -88,9 +84,8 @@ impl Threads {
             existed_at_ns: first.at_ns,
             existed_gone: BTreeSet::new(),
             ids: HashMap::new(),
-            history: History::new(HISTORY_CAPACITY, start_ns, interval),
+            history: SiteHistory::new(start_ns, interval),
             last: Vec::new(),
-            blocks: Default::default(),
             names: HashMap::new(),
             alive: Some(first.names.len() as u64),
         }
@@ -128,25 +123,9 @@ impl Threads {
             let id = *self.ids.entry(r.stack_id).or_insert(next);
             g.add(id, r.born_ns, 1);
         }
-        let blocks = g.finish();
-        let mut sites: Vec<(u64, i64, i64)> = self
-            .ids
-            .values()
-            .map(|id| {
-                let n = blocks.get(id).map_or(0, |b| b.blocks as i64);
-                (*id, n, n)
-            })
-            .collect();
-        sites.sort_unstable();
-        if last.is_some() {
-            self.history
-                .record_final(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        } else if self.history.tick() {
-            self.history
-                .record(now_ns, &sites, SampleAges::Blocks(&blocks), None);
-        }
+        self.history
+            .record(now_ns, last.is_some(), self.ids.values().copied(), g);
         self.last = recs;
-        self.blocks = blocks;
     }
 
     /// `, 19 threads (18 created while traced, 2 more exited unjoined)` for
@@ -177,73 +156,18 @@ impl Threads {
         vcfg: &VerdictConfig,
     ) -> Result<ThreadReport> {
         let counters = at.collector.maps.threads.counters()?;
-        let created = at.collector.maps.threads.site_created();
+        let sites = self.sites(at, end_ns, vcfg)?;
+        let alive_of = |s: &ResourceSite| match s.detail {
+            SiteDetail::Thread { alive, .. } => alive,
+            _ => 0,
+        };
+        let traced_alive: u64 = sites.iter().map(alive_of).sum();
+        let held: u64 = sites.iter().map(|s| s.outstanding).sum();
         let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
-        let mut by_site: BTreeMap<u64, Vec<&(u32, ThreadRec)>> = BTreeMap::new();
-        for t in &self.last {
-            by_site.entry(t.1.stack_id).or_default().push(t);
-        }
-        let mut sites = Vec::new();
-        for (stack_id, mut threads) in by_site {
-            threads.sort_by_key(|(tid, r)| (r.born_ns, *tid));
-            let infos: Vec<ThreadInfo> = threads
-                .iter()
-                .map(|(tid, r)| ThreadInfo {
-                    tid: *tid,
-                    name: comm_name(&r.comm).or_else(|| self.names.get(tid).cloned()),
-                    state: ThreadState::of(r).as_str(),
-                    age_s: age(r.born_ns),
-                })
-                .collect();
-            let alive = threads.iter().filter(|(_, r)| r.exited_ns == 0).count() as u64;
-            let id = self.ids.get(&stack_id).copied().unwrap_or(0);
-            let end = self.blocks.get(&id);
-            let (verdict, trend, history) = self.assess(id, end, vcfg);
-            let flags = at.collector.stack_flags(stack_id)?;
-            sites.push(ThreadSite {
-                kind: "thread",
-                origin: "clone",
-                description: common(infos.iter().filter_map(|i| i.name.clone())),
-                outstanding: threads.len() as u64,
-                created: created.get(&stack_id).copied().unwrap_or(0),
-                bytes: None,
-                alive,
-                exited_unjoined: threads.len() as u64 - alive,
-                oldest_age_s: threads.first().map(|(_, r)| age(r.born_ns)),
-                median_age_s: end.and_then(SiteBlocks::median_birth_ns).map(age),
-                verdict,
-                growth_per_s: trend.growth_per_s,
-                stack_captured: stack_id != NO_STACK,
-                stack_walk: stack_walk(flags),
-                truncated: truncated_reason(flags).is_some(),
-                frames: Default::default(),
-                trend,
-                history,
-                threads: infos.into_iter().take(MAX_LISTED_THREADS).collect(),
-                stack_id,
-            });
-        }
-        sites.sort_by(|a, b| {
-            b.outstanding
-                .cmp(&a.outstanding)
-                .then(b.created.cmp(&a.created))
-                .then(a.stack_id.cmp(&b.stack_id))
-        });
-        let mut verdicts = VerdictCounts::default();
-        for s in &sites {
-            *match s.verdict {
-                analyze::Verdict::Leak => &mut verdicts.leak,
-                analyze::Verdict::Growing => &mut verdicts.growing,
-                analyze::Verdict::Stable => &mut verdicts.stable,
-                analyze::Verdict::Transient => &mut verdicts.transient,
-                analyze::Verdict::Unknown => &mut verdicts.unknown,
-            } += 1;
-        }
-        let traced_alive = sites.iter().map(|s| s.alive).sum();
         Ok(ThreadReport {
             alive: self.alive,
             traced_alive,
-            exited_unjoined: sites.iter().map(|s| s.exited_unjoined).sum(),
+            exited_unjoined: held - traced_alive,
             created: counters.get(ThreadCounter::Created),
             existed_at_attach: ThreadsAtAttach {
                 threads: self.existed.len() as u64,
@@ -265,43 +189,61 @@ impl Threads {
                 .iter()
                 .map(|&c| (c.name(), counters.get(c)))
                 .collect(),
-            verdicts,
+            verdicts: VerdictCounts::of_resources(&sites),
             sites,
         })
     }
 
-    /// A site's verdict, trend and history (in threads).
-    fn assess(
+    /// The sites holding traced threads (alive or exited unjoined) at the
+    /// end, most first.
+    fn sites(
         &self,
-        id: u64,
-        end: Option<&SiteBlocks>,
+        at: &mut Attached,
+        end_ns: u64,
         vcfg: &VerdictConfig,
-    ) -> (
-        analyze::Verdict,
-        crate::report::resources::FdTrend,
-        Vec<FdHistoryPoint>,
-    ) {
-        let Some(h) = self.history.site(id) else {
-            return (analyze::Verdict::Unknown, Default::default(), Vec::new());
-        };
-        let a = analyze::assess(h.times, h.points, end, vcfg);
-        let start = self.history.start_ns();
-        let points = h
-            .times
-            .iter()
-            .zip(h.points)
-            .map(|(&t, p)| FdHistoryPoint {
-                t_s: t.saturating_sub(start) as f64 / 1e9,
-                outstanding: p.blocks,
-                oldest_age_s: p.oldest_age_ns.map(|a| a as f64 / 1e9),
-            })
-            .collect();
-        (a.verdict, a.trend.into(), points)
+    ) -> Result<Vec<ResourceSite>> {
+        let created = at.collector.maps.threads.site_created();
+        let age = |t: u64| end_ns.saturating_sub(t) as f64 / 1e9;
+        let mut by_site: BTreeMap<u64, Vec<&(u32, ThreadRec)>> = BTreeMap::new();
+        for t in &self.last {
+            by_site.entry(t.1.stack_id).or_default().push(t);
+        }
+        let mut sites = Vec::new();
+        for (stack_id, mut threads) in by_site {
+            threads.sort_by_key(|(tid, r)| (r.born_ns, *tid));
+            let infos: Vec<ThreadInfo> = threads
+                .iter()
+                .map(|(tid, r)| ThreadInfo {
+                    tid: *tid,
+                    name: comm_name(&r.comm).or_else(|| self.names.get(tid).cloned()),
+                    state: ThreadState::of(r).as_str(),
+                    age_s: age(r.born_ns),
+                })
+                .collect();
+            let alive = threads.iter().filter(|(_, r)| r.exited_ns == 0).count() as u64;
+            let held = Held {
+                kind: "thread".to_string(),
+                description: common(infos.iter().filter_map(|i| i.name.clone())),
+                outstanding: threads.len() as u64,
+                created: created.get(&stack_id).copied().unwrap_or(0),
+                bytes: None,
+                oldest_ns: threads.first().map(|(_, r)| r.born_ns),
+                stack_id,
+                detail: SiteDetail::Thread {
+                    alive,
+                    exited_unjoined: threads.len() as u64 - alive,
+                    threads: infos.into_iter().take(MAX_LISTED_THREADS).collect(),
+                },
+            };
+            let id = self.ids.get(&stack_id).copied().unwrap_or(0);
+            sites.push(self.history.site(at, id, held, end_ns, vcfg)?);
+        }
+        sites.sort_by(|a, b| {
+            b.outstanding
+                .cmp(&a.outstanding)
+                .then(b.created.cmp(&a.created))
+                .then(a.stack_id.cmp(&b.stack_id))
+        });
+        Ok(sites)
     }
-}
-
-/// The one value every item has, if they agree (None for no items).
-fn common<T: PartialEq>(mut items: impl Iterator<Item = T>) -> Option<T> {
-    let first = items.next()?;
-    items.all(|i| i == first).then_some(first)
 }
