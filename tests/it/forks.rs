@@ -184,3 +184,44 @@ fn attach_follows_a_prefork_servers_workers() {
     assert_prefork(&run.report, &prefork, &run.stderr);
     target.close_stdin();
 }
+
+/// A child that execs (dash forks for a command that is not its last) goes
+/// through the exec path for that process alone: stopped at its exec,
+/// attached to at its loader's stops, so the app is traced from its first
+/// instruction; the shell's own sites stay the shell's.
+#[test]
+fn a_child_that_execs_is_traced_as_its_new_program() {
+    require_root();
+    require_memtrace();
+    let app = build_fixture("exec_app", Variant::NoFramePointers);
+    let cmd = format!("{} launch; true", app.display());
+    let run = run_launch(&["--follow-forks"], &["sh", "-c", &cmd]);
+    run.assert_exit(0);
+    let r = &run.report;
+    r.assert_no_frame("the app's", |f| f == "app_leak" || f == "work");
+    let parts = followed(r);
+    assert_eq!(parts.len(), 3, "{parts:#?}\n{}", run.stderr);
+    let target = u64_field(r.target(), "pid");
+    let (sh, app_part) = (&parts[1], &parts[2]);
+    assert_eq!(u64_field(sh, "parent_pid"), target, "{sh:#}");
+    assert_eq!(sh["ended_by"], "exec", "{sh:#}");
+    assert_eq!(u64_field(app_part, "pid"), u64_field(sh, "pid"));
+    assert_eq!(app_part["exe"], app.to_str().unwrap(), "{app_part:#}");
+    assert_eq!(app_part["ended_by"], "exited", "{app_part:#}");
+    assert_eq!(app_part["tracing_started_after_ms"], Value::Null);
+    let tally = run.fixture_tally().expect("the app's done line");
+    assert_eq!(
+        u64_field(app_part, "alloc_calls"),
+        tally.get("alloc_calls"),
+        "{app_part:#}"
+    );
+    assert_eq!(
+        u64_field(app_part, "outstanding_blocks"),
+        10,
+        "{app_part:#}"
+    );
+    assert_eq!(u64_field(app_part, "outstanding_bytes"), 7 * 300 + 3 * 5000);
+    let leak = shared_site(r, "exec_app", "app_leak");
+    assert_eq!(u64_field(leak, "processes"), 1);
+    assert_eq!(u64_field(leak, "outstanding_blocks"), 7);
+}

@@ -9,15 +9,15 @@
 //! so the blocks it inherited stay its parent's, counted once; its frees of
 //! them are its `inherited_frees`. When a child exits, its figures and sites
 //! are read (its outstanding blocks were never freed) and its probes removed.
-//! A child that execs is closed as its old program and attached to again as
-//! the new one (attach mode: its first allocations before then are not
-//! seen, and the report says how long after its exec tracing began).
+//! A child that execs is stopped there by its BPF side, closed as its old
+//! program and attached to as the new one from its loader's stops (the
+//! launch path), so that none of the new program's allocations is missed.
 //!
 //! One object per process keeps the malloc/free path of a process that never
 //! forks exactly as it is (one tgid compare); see docs/design.md.
 use std::{collections::BTreeMap, sync::Arc, time::Duration, time::Instant};
 
-use super::{Options, Session, frames, target, target::Attached};
+use super::{Options, Session, frames, launch, target, target::Attached};
 use crate::{
     kernel::collect::monotonic_ns,
     report::lineage::{Forks, Lineage, ProcessPart, ProcessSite, Processes, SharedSite},
@@ -48,6 +48,9 @@ struct Child {
     parent: u32,
     started_s: f64,
     after_ms: Option<f64>,
+    /// Its BPF side stops it at its exec, for memtrace to attach to the new
+    /// program before it runs (as a launched target's exec).
+    stops_at_exec: bool,
 }
 
 /// A site's id and frames, for the sites across processes.
@@ -136,16 +139,18 @@ fn follow(opts: &Options, s: &mut Session, parent: u32, pid: u32) {
     };
     let now = s.children.seconds(monotonic_ns());
     match attached {
-        Ok(at) => {
+        Ok(mut at) => {
             eprintln!(
                 "memtrace: following child {pid} of {parent} ({} probes)",
                 at.nprobes
             );
+            let stops_at_exec = stop_at_exec(opts, &mut at);
             s.children.live.push(Child {
                 at,
                 parent,
                 started_s: now,
                 after_ms: None,
+                stops_at_exec,
             });
         }
         Err(e) => {
@@ -156,6 +161,21 @@ fn follow(opts: &Options, s: &mut Session, parent: u32, pid: u32) {
     }
     // SAFETY: kill(2) with a pid and a signal; the child is stopped by us.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+}
+
+/// Asks `at`'s BPF side to stop the child at its exec, when execs are
+/// followed (it is stopped still: set before it runs).
+fn stop_at_exec(opts: &Options, at: &mut Attached) -> bool {
+    if !opts.follow_exec || !at.exec_watched {
+        return false;
+    }
+    match at.collector.maps.stop_at_exec() {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("child {}: its exec is followed late: {e:#}", at.pid);
+            false
+        }
+    }
 }
 
 /// Ends tracing of a child at `end_ns` (None: now, or its exec): its part of
@@ -180,31 +200,44 @@ fn close(opts: &Options, s: &mut Session, mut c: Child, how: Ended, end_ns: Opti
     part.tracing_started_after_ms = c.after_ms;
     part.ended_by = ended_name(how).into();
     s.children.done.push((part, sites));
+    let stopped = c.stops_at_exec && c.at.collector.maps.exec_seen().is_some();
     if how == Ended::Exec && opts.follow_exec {
-        reattach(opts, s, c.at.pid, c.parent, end_ns);
+        reattach(opts, s, &c, end_ns, stopped);
+    } else if stopped {
+        launch::continue_child(c.at.pid);
     }
 }
 
-/// Attaches to the program a child exec'd at `exec_ns`, as attach mode
-/// follows an exec: once its loader has mapped an allocator, retried for a
-/// while.
-fn reattach(opts: &Options, s: &mut Session, pid: u32, parent: u32, exec_ns: u64) {
+/// Attaches to the program child `old` exec'd at `exec_ns`: from its
+/// loader's stops when the BPF side stopped it at its exec (`stopped`), as
+/// a launched target's exec; else as attach mode follows an exec, once its
+/// loader has mapped an allocator, retried for a while.
+fn reattach(opts: &Options, s: &mut Session, old: &Child, exec_ns: u64, stopped: bool) {
     s.watchdog.doing("attaching to the program a child exec'd");
+    let (pid, parent) = (old.at.pid, old.parent);
     let steps = Arc::new(Steps::new());
     let give_up = Instant::now() + Duration::from_secs(2);
     loop {
-        match target::attach_existing(pid, &child_options(opts), &steps, &mut s.symbolizer) {
-            Ok(at) => {
+        let opts = child_options(opts);
+        let attached = if stopped {
+            target::launch_after_exec(pid, false, &opts, &steps)
+        } else {
+            target::attach_existing(pid, &opts, &steps, &mut s.symbolizer)
+        };
+        match attached {
+            Ok(mut at) => {
                 let after = monotonic_ns().saturating_sub(exec_ns) as f64 / 1e6;
+                let stops_at_exec = stop_at_exec(&opts, &mut at);
                 s.children.live.push(Child {
                     at,
                     parent,
                     started_s: s.children.seconds(exec_ns),
-                    after_ms: Some(after),
+                    after_ms: (!stopped).then_some(after),
+                    stops_at_exec,
                 });
                 return;
             }
-            Err(e) if Instant::now() < give_up && target::alive(pid) => {
+            Err(e) if !stopped && Instant::now() < give_up && target::alive(pid) => {
                 log::debug!("attaching to child {pid}'s new program: {e:#}; retrying");
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -117,7 +117,7 @@ pub(super) fn follow_exec(opts: &Options, s: &mut Session, exec_ns: u64) -> Resu
         .doing("attaching to the program the target exec'd");
     let steps = Arc::new(Steps::new());
     let attached = if s.at.launched {
-        target::launch_after_exec(pid, opts, &steps)
+        target::launch_after_exec(pid, true, opts, &steps)
     } else {
         attach_running(opts, s, &steps)
     };

@@ -586,6 +586,7 @@ fn launch_new(cmd: &[OsString], opts: &Options, steps: &Arc<Steps>) -> Result<At
         program,
         exe,
         after_exec: false,
+        own_child: true,
     };
     let release = |released: bool| {
         if released {
@@ -601,9 +602,14 @@ fn launch_new(cmd: &[OsString], opts: &Options, steps: &Arc<Steps>) -> Result<At
 /// Launch mode, once the child called exec and the BPF side stopped it
 /// there (see `watch_images`), before the new program ran: attaches to the
 /// new program as to a launched one, at its loader's stops.
-pub(super) fn launch_after_exec(pid: u32, opts: &Options, steps: &Arc<Steps>) -> Result<Attached> {
+pub(super) fn launch_after_exec(
+    pid: u32,
+    own_child: bool,
+    opts: &Options,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
     loop {
-        match launch::wait_child(pid, false)? {
+        match launch::wait_stop(pid, own_child)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => break,
             Some(ChildState::Stopped(_)) => launch::continue_child(pid),
             Some(state) => bail!(
@@ -620,6 +626,7 @@ pub(super) fn launch_after_exec(pid: u32, opts: &Options, steps: &Arc<Steps>) ->
                 program: PathBuf::from(&program),
                 exe: PathBuf::from(program),
                 after_exec: true,
+                own_child,
             };
             let release = |_released: bool| {
                 launch::continue_child(pid);
@@ -643,6 +650,8 @@ struct NewProgram {
     exe: PathBuf,
     /// The traced process exec'd it (else memtrace launched it).
     after_exec: bool,
+    /// The process is memtrace's child (else a descendant of the target).
+    own_child: bool,
 }
 
 /// The launch path shared by a launched command and a program exec'd by a
@@ -676,6 +685,7 @@ fn attach_new_program(
         stop_at_exec: opts.follow_exec,
         follow_forks: opts.follow_forks,
         after_exec: start.after_exec,
+        own_child: start.own_child,
     };
     attach_at_start(pid, stops, loaded, opts.python, opts.resources, steps)
 }
@@ -690,6 +700,8 @@ struct LoaderStops {
     follow_forks: bool,
     /// The traced process exec'd it (else memtrace launched it).
     after_exec: bool,
+    /// The process is memtrace's child, waited with waitpid.
+    own_child: bool,
 }
 
 /// The programs loaded and the loader breakpoint in, before a new program runs.
@@ -748,8 +760,7 @@ fn attach_at_loader(
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(
             pid,
-            &stops.program,
-            stops.dynamic,
+            &stops,
             python_opts.objects,
             &mut probes,
             &mut trace_maps,
@@ -829,18 +840,17 @@ fn attach_at_loader(
 /// executable stops once, at its entry point.
 fn attach_at_loader_stops(
     pid: u32,
-    program: &Path,
-    dynamic: bool,
+    stops: &LoaderStops,
     pymalloc: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
-    let mut stops = 0;
+    let mut stopped = 0;
     loop {
-        match launch::wait_child(pid, false)? {
+        match launch::wait_stop(pid, stops.own_child)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => {
-                stops += 1;
-                if !dynamic || stops >= 2 {
+                stopped += 1;
+                if !stops.dynamic || stopped >= 2 {
                     return attach_at_stop(pid, pymalloc, probes, trace_maps);
                 }
                 launch::continue_child(pid);
@@ -848,7 +858,7 @@ fn attach_at_loader_stops(
             Some(ChildState::Stopped(_)) => launch::continue_child(pid),
             Some(state) => bail!(
                 "{} ended (exit status {}) before its libraries were loaded: nothing to trace",
-                program.display(),
+                stops.program.display(),
                 state.exit_code().unwrap_or(-1)
             ),
             None => {}
