@@ -13,6 +13,25 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir"));
     let bpf_bytes = embed_bpf_object(&manifest);
     build_info(&manifest, bpf_bytes);
+    compile_demangler(&manifest);
+}
+
+/// GNU libiberty's C++ demangler, the one c++filt runs (symbolize/demangle.rs
+/// calls `cplus_demangle_v3`), from the unmodified files of binutils 2.40 in
+/// vendor/libiberty (see its README.md). `cc` takes the target's C compiler:
+/// musl-gcc for `cargo xtask dist` (CC_x86_64_unknown_linux_musl).
+fn compile_demangler(manifest: &Path) {
+    let dir = manifest.join("vendor/libiberty");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    cc::Build::new()
+        .file(dir.join("cp-demangle.c"))
+        .include(&dir)
+        // What libiberty's configure finds on any Linux libc (glibc, musl).
+        .define("HAVE_STDLIB_H", "1")
+        .define("HAVE_STRING_H", "1")
+        .define("HAVE_LIMITS_H", "1")
+        .define("HAVE_ALLOCA_H", "1")
+        .compile("iberty_demangle");
 }
 
 /// Copies the BPF object into OUT_DIR (kernel/object.rs includes it); its size.

@@ -23,7 +23,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use crate::atomic::add;
 use crate::maps::COUNTERS;
-use crate::target::{is_target, read_user};
+use crate::target::{is_target, is_target_process, read_user};
 use crate::walk::{WalkStart, cache_slot, capture_stack};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, pt_regs},
@@ -566,10 +566,11 @@ fn close_range(first: u64, last: u64, cloexec_only: bool) {
     }
 }
 
-/// `sched:sched_process_exec`: the close-on-exec fds are gone.
+/// `sched:sched_process_exec`: the close-on-exec fds are gone. (Whether
+/// `image_exec`, at the same tracepoint, ended tracing already or not.)
 #[tracepoint]
 pub fn fd_exec(_ctx: TracePointContext) -> u32 {
-    if !is_target() {
+    if !is_target_process() {
         return 0;
     }
     fd_count(FdCounter::ReleasedAtExec, over_slots(0, u64::MAX, 2));

@@ -20,6 +20,15 @@ pub(crate) fn target_thread() -> Option<u32> {
     ((id >> 32) as u32 == target_tgid() && !tracing_ended()).then_some(id as u32)
 }
 
+/// Whether the current task is the target's, tracing ended or not: for
+/// what the target's exec itself does, at the tracepoint where
+/// `image_exec` ends tracing (the order in which programs of one
+/// tracepoint run is not theirs to choose).
+#[inline(always)]
+pub(crate) fn is_target_process() -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == target_tgid()
+}
+
 /// Whether tracing has ended: userspace sets it before it removes the
 /// probes, which takes a while (an RCU grace period per link), so that
 /// what the target does meanwhile is not half counted (frees whose

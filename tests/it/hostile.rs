@@ -745,11 +745,18 @@ impl StallFs {
         StallFs::serve(dir, &mnt, &staged, deaf)
     }
 
-    /// Serves `file` as `mnt/<its name>` (`mnt` made here), in `dir`.
+    /// Serves `file` as `mnt/<its name>` (`mnt` made here), in `dir`,
+    /// stalling memtrace and its helpers.
     fn serve(dir: OpenDir, mnt: &Path, file: &Path, deaf: bool) -> StallFs {
+        StallFs::serve_stalling(dir, mnt, file, deaf, "memtrace")
+    }
+
+    /// [`StallFs::serve`], stalling the processes whose name starts with
+    /// `comm` (ends with `$`: is `comm`).
+    fn serve_stalling(dir: OpenDir, mnt: &Path, file: &Path, deaf: bool, comm: &str) -> StallFs {
         fs::create_dir(mnt).unwrap();
         let server_bin = build_fixture("stallfs", Variant::FramePointers);
-        let mut args = vec![mnt.to_str().unwrap(), file.to_str().unwrap(), "memtrace"];
+        let mut args = vec![mnt.to_str().unwrap(), file.to_str().unwrap(), comm];
         if deaf {
             args.push("deaf");
         }
@@ -983,6 +990,271 @@ fn a_debug_file_on_a_deaf_fuse_mount_is_given_up() {
     };
     assert_counts_exact("debug file on FUSE", &run, &tally);
     target.finish_unharmed();
+}
+
+/// Waits for every thread of memtrace to end, for at most 40 s; if it does
+/// not, stops the FUSE server first (reaping memtrace would wait for it) and
+/// fails. Returns memtrace's status and stderr, checked for a clean end.
+fn ended_within_40s(
+    m: &mut Memtrace,
+    fs: &mut Option<StallFs>,
+) -> (std::process::ExitStatus, String) {
+    let pid = m.pid();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !ended(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !ended(pid) {
+        drop(fs.take());
+        let _ = m.wait(RUN_LIMIT);
+        panic!("memtrace did not end within 40 s; stderr:\n{}", m.stderr());
+    }
+    let status = m.wait(RUN_LIMIT);
+    let stderr = m.stderr();
+    assert_no_panic(&stderr);
+    assert!(
+        status.success(),
+        "memtrace {}; stderr:\n{stderr}",
+        describe_status(&status)
+    );
+    (status, stderr)
+}
+
+/// Waits for memtrace to say it attached, for at most 40 s, else stops the
+/// FUSE server and fails (as [`ended_within_40s`]).
+fn attached_within_40s(m: &mut Memtrace, fs: &mut Option<StallFs>) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !m.is_attached() && !ended(m.pid()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !m.is_attached() {
+        drop(fs.take());
+        let _ = m.wait(RUN_LIMIT);
+        panic!(
+            "memtrace did not attach within 40 s; stderr:\n{}",
+            m.stderr()
+        );
+    }
+}
+
+/// The report memtrace wrote to `out`.
+fn report_at(out: &Path, stderr: &str) -> Report {
+    let text =
+        fs::read_to_string(out).unwrap_or_else(|e| panic!("no report: {e}; stderr:\n{stderr}"));
+    let _ = fs::remove_file(out);
+    Report(serde_json::from_str(&text).expect("the report is JSON"))
+}
+
+/// The target maps a file of a FUSE mount that never answers memtrace, has
+/// the page evicted (`MADV_PAGEOUT`), and points its link map there: reading
+/// it from `/proc/PID/mem` would fault the page in from the server on
+/// memtrace's thread, uninterruptibly (before, memtrace never ended). The
+/// read is refused, counted and said; every call is still counted.
+#[test]
+fn a_fuse_page_the_target_evicted_is_not_read_from_its_memory() {
+    require_root();
+    let dir = OpenDir::new();
+    let staged = dir.path().join("data.bin");
+    fs::write(&staged, vec![0x5a_u8; 1 << 16]).unwrap();
+    let mnt = dir.path().join("mnt");
+    let mut fs = Some(StallFs::serve(dir, &mnt, &staged, true));
+    let file = mnt.join("data.bin");
+    let fixture = build_fixture("fuse_mapped", Variant::FramePointers);
+    let mut target = TestProcess::spawn_ready(&fixture, &[file.to_str().unwrap()]);
+    let out = unique_path("json");
+    let mut c = memtrace_command();
+    c.args(["-d", "5s", "-f", "json", "-o"])
+        .arg(&out)
+        .args(["--pid", &target.pid().to_string()]);
+    let mut m = Memtrace::spawn(c);
+    attached_within_40s(&mut m, &mut fs);
+    target.go();
+    let tally = target.wait_done();
+    let (_, stderr) = ended_within_40s(&mut m, &mut fs);
+    let r = report_at(&out, &stderr);
+    let cut = r.0["cut_short"].to_string();
+    assert!(
+        cut.contains("memory: 1 read(s) of the target's memory refused: pages of a file on a FUSE mount not in memory"),
+        "cut_short: {cut}"
+    );
+    let site = r
+        .sites()
+        .iter()
+        .find(|s| Report::blocks(s) == 7 && Report::bytes(s) == 7 * 222)
+        .unwrap_or_else(|| panic!("no site of 7 x 222\n{}", r.summary()));
+    assert!(
+        Report::frames(site)
+            .iter()
+            .any(|f| f.function() == "leak_one"),
+        "{:?}",
+        Report::frames(site)
+    );
+    assert_eq!(
+        (
+            r.total("alloc_calls"),
+            r.total("free_calls"),
+            r.total("outstanding_blocks"),
+            r.total("outstanding_bytes"),
+            r.total("dropped_events")
+        ),
+        (
+            tally.get("alloc_calls"),
+            tally.get("free_calls"),
+            7,
+            7 * 222,
+            0
+        ),
+        "{}",
+        r.summary()
+    );
+    target.finish_unharmed();
+}
+
+/// The allocator (jemalloc, `LD_PRELOAD`ed) is on a FUSE mount that
+/// answers memtrace's copy helper but never memtrace itself: putting a
+/// uprobe in it makes the kernel read the file on memtrace's own thread, so
+/// it is not probed. Its entry points are listed as untraced with the reason,
+/// stderr says why once, and memtrace ends on time with the rest traced.
+#[test]
+fn an_allocator_on_a_fuse_mount_is_not_probed() {
+    require_root();
+    let dir = OpenDir::new();
+    let staged = dir.path().join("libjemalloc.so.2");
+    fs::copy("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", &staged).unwrap();
+    let mnt = dir.path().join("mnt");
+    let mut fs = Some(StallFs::serve_stalling(
+        dir,
+        &mnt,
+        &staged,
+        true,
+        "memtrace$",
+    ));
+    let lib = mnt.join("libjemalloc.so.2");
+    let lib = lib.to_str().unwrap();
+    // Without pvalloc, which jemalloc lacks (as tests/it/allocators.rs builds it).
+    let bin = build_fixture_with(
+        "leaks",
+        Variant::FramePointers,
+        Some("nopvalloc"),
+        &["-DLEAKS_NO_PVALLOC"],
+    );
+    let mut target = TestProcess::spawn_env(&bin, &["attach"], &[("LD_PRELOAD", lib)]);
+    target.wait_ready();
+    let out = unique_path("json");
+    let mut c = memtrace_command();
+    c.args(["-d", "3s", "-f", "json", "-o"])
+        .arg(&out)
+        .args(["--pid", &target.pid().to_string()]);
+    let mut m = Memtrace::spawn(c);
+    attached_within_40s(&mut m, &mut fs);
+    target.go();
+    target.wait_done();
+    let (_, stderr) = ended_within_40s(&mut m, &mut fs);
+    let r = report_at(&out, &stderr);
+    let modules = r.0["allocator"]["modules"].to_string();
+    assert!(!modules.contains(lib), "probed: {modules}");
+    assert!(modules.contains("libc.so.6"), "{modules}");
+    let untraced = r.0["untraced_entry_points"]
+        .as_array()
+        .expect("untraced_entry_points");
+    for name in ["malloc", "free", "calloc", "realloc"] {
+        assert!(
+            untraced.iter().any(|u| u["name"] == name
+                && u["module"] == lib
+                && u["reason"] == "on a FUSE mount: not probed"),
+            "{name} not listed: {untraced:?}"
+        );
+    }
+    let warned = format!(
+        "memtrace: warning: {lib} is on a FUSE mount: its allocator functions are not probed"
+    );
+    assert_eq!(stderr.matches(&warned).count(), 1, "{stderr}");
+    target.finish_unharmed();
+}
+
+/// A program whose file name holds a terminal's escape (clear screen), a bell,
+/// a carriage return and a newline followed by a forged `memtrace: error:`
+/// line. The name reaches the text report, the live summaries and stderr
+/// (the program, its module path, its command name), always escaped.
+#[test]
+fn a_program_named_with_escapes_cannot_forge_text_output() {
+    require_root();
+    let dir = OpenDir::new();
+    let bin = dir
+        .path()
+        .join("leaks\x1b[2J\x07\r\nmemtrace: error: forged");
+    fs::copy(leaks(), &bin).unwrap();
+    let mut c = memtrace_command();
+    c.args(["-i", "300ms", "-v", "--"]).arg(&bin).arg("launch");
+    let out = run_memtrace(c);
+    assert_no_panic(&out.stderr);
+    assert_eq!(out.code(), Some(7), "{}", out.stderr);
+    for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        assert!(
+            !text.contains(['\x1b', '\x07', '\r']),
+            "a raw control character on {what}: {text:?}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("memtrace: error: forged")),
+            "a forged line on {what}: {text}"
+        );
+    }
+    // Printed, as escapes: the text report names the program's module.
+    assert!(
+        out.stdout
+            .contains("leaks\\x1b[2J\\x07\\x0d\\x0amemtrace: error: forged"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// `memtrace diff` on what no report is: an endless device, a FIFO (whose
+/// opening would block), a file larger than any report, counts that are
+/// negative or beyond `i64`: each refused at once with an error that says why.
+#[test]
+fn diff_refuses_unbounded_inputs_and_impossible_counts() {
+    require_memtrace();
+    let dir = OpenDir::new();
+    let good = dir.path().join("good.json");
+    fs::write(&good, r#"{"schema": "memtrace-report/1", "sites": []}"#).unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let huge = dir.path().join("huge.json");
+    fs::File::create(&huge).unwrap().set_len(513 << 20).unwrap();
+    let with_count = |name: &str, n: &str| {
+        let p = dir.path().join(name);
+        let site =
+            format!(r#"{{"frames": [], "outstanding_bytes": {n}, "outstanding_blocks": 1}}"#);
+        fs::write(
+            &p,
+            format!(r#"{{"schema": "memtrace-report/1", "sites": [{site}]}}"#),
+        )
+        .unwrap();
+        p
+    };
+    let negative = with_count("negative.json", "-1");
+    let too_big = with_count("too_big.json", "18446744073709551615");
+    for (path, says) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (&fifo, "not a regular file"),
+        (&huge, "is larger than memtrace diff reads"),
+        (
+            &negative,
+            "`outstanding_bytes` is -1: not a count memtrace writes",
+        ),
+        (
+            &too_big,
+            "`outstanding_bytes` is 18446744073709551615: not a count memtrace writes",
+        ),
+    ] {
+        // (run_memtrace fails a run that does not end.)
+        let mut c = memtrace_command();
+        c.arg("diff").arg(path).arg(&good);
+        let out = run_memtrace(c);
+        assert_error(&out, 1, &[says]);
+    }
 }
 
 // ---- malformed files of the target's own ---------------------------------------

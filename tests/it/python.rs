@@ -732,3 +732,79 @@ fn python_objects_attached_and_under_debug_hooks() {
     );
     assert_eq!(r.total("dropped_events"), 0, "debug hooks: {}", r.summary());
 }
+
+/// Debian's `libpython3.11.so.1.0` (what mod_wsgi, uwsgi and other
+/// embedders link) is stripped: `--python-objects` finds pymalloc's
+/// functions from their allocator table (`attach/pymalloc.rs`), exact per
+/// line against `PYTHONMALLOC=malloc`, launched and attached to. Debian's
+/// static LTO+PGO `/usr/bin/python3.11` copies pymalloc into its callers:
+/// not traced, and stderr and the report say so.
+#[test]
+fn python_objects_in_stripped_and_lto_builds() {
+    require_root();
+    require_memtrace();
+    let include = Path::new("/usr/include/python3.11/Python.h");
+    if !include.is_file() || !Path::new("/usr/lib/x86_64-linux-gnu/libpython3.11.so").exists() {
+        eprintln!("note: Debian's libpython3.11-dev not installed: skipped");
+        return;
+    }
+    let flags = ["-I/usr/include/python3.11", "-lpython3.11"];
+    let bin = build_fixture_with("py_embed", Variant::FramePointers, Some("py311deb"), &flags);
+    let dir = fixtures_dir();
+    let dir = dir.to_str().unwrap();
+    let launch = [bin.to_str().unwrap(), dir, "launch", "py_objects"];
+    let under_malloc = run_launch_env(LAUNCH_ARGS, &launch, &[("PYTHONMALLOC", "malloc")]);
+    under_malloc.assert_exit(0);
+    let expected = object_tally(&under_malloc.report);
+    assert!(expected[1].1 >= OBJ_N * OBJ_K * 2, "{expected:?}");
+
+    let mut args = LAUNCH_ARGS.to_vec();
+    args.push("--python-objects");
+    let run = run_launch_env(&args, &launch, &[]);
+    run.assert_exit(0);
+    assert!(
+        run.stderr.contains("(pymalloc) are traced"),
+        "{}",
+        run.stderr
+    );
+    assert_objects_complete(&run.report, "Debian libpython3.11");
+    assert_eq!(object_tally(&run.report), expected, "Debian libpython3.11");
+
+    let mut target = TestProcess::spawn_env(&bin, &[dir, "attach", "py_objects"], &[]);
+    target.wait_ready();
+    let mut session = AttachSession::spawn(target.pid(), &["--python-objects"], &[]);
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let run = session.stop(libc::SIGINT);
+    target.finish_unharmed();
+    run.assert_exit(0);
+    assert_objects_complete(&run.report, "Debian libpython3.11, attached");
+    assert_eq!(object_tally(&run.report), expected, "attached");
+
+    let debian = Path::new("/usr/bin/python3.11");
+    if !debian.is_file() {
+        eprintln!("note: /usr/bin/python3.11 not installed: skipped");
+        return;
+    }
+    let script = objects_fixture();
+    let run = run_launch_env(
+        &args,
+        &[debian.to_str().unwrap(), script.to_str().unwrap()],
+        &[],
+    );
+    run.assert_exit(0);
+    assert!(
+        run.stderr
+            .contains("is an LTO+PGO build that copies pymalloc's code"),
+        "{}",
+        run.stderr
+    );
+    let unseen: Vec<&str> = run.report.0["untraced_entry_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(unseen, ["PyMem_Malloc", "PyObject_Malloc"], "LTO+PGO");
+}

@@ -2,7 +2,8 @@
 //! (musl), stripped memtrace with the BPF programs embedded, its man pages,
 //! bash/zsh/fish completions, and a .deb holding all of them.
 //!
-//! The musl target, musl-gcc (libdeflate-sys compiles C) and dpkg-deb are
+//! The musl target, musl-gcc (libdeflate-sys and memtrace's build script,
+//! for libiberty's demangler, compile C) and dpkg-deb are
 //! installed here when missing, as `build` installs the BPF toolchain.
 use std::{
     env, fs,
@@ -97,7 +98,7 @@ pub fn dist() -> Result<Dist> {
 }
 
 /// The musl target of the toolchain cargo runs, and musl-gcc for C built by
-/// -sys crates (libdeflate).
+/// -sys crates (libdeflate) and memtrace/build.rs (libiberty's demangler).
 fn ensure_musl() -> Result<()> {
     let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim())
@@ -111,7 +112,7 @@ fn ensure_musl() -> Result<()> {
         (
             "/usr/bin/musl-gcc",
             "musl-tools",
-            "compiles libdeflate's C for the static binary",
+            "compiles libdeflate's and libiberty's C for the static binary",
         ),
         ("/usr/bin/dpkg-deb", "dpkg", "builds the .deb"),
         (

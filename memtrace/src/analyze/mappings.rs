@@ -6,6 +6,8 @@
 //! releases are counted where they happen.
 use std::collections::BTreeMap;
 
+mod reconcile;
+
 /// Page size of x86-64: the kernel rounds every length up to it.
 pub const PAGE: u64 = 4096;
 

@@ -151,8 +151,10 @@ pub struct Allocators {
     /// report names as the allocator).
     pub modules: Vec<Allocator>,
     /// Allocator entry points the target may call that memtrace does not
-    /// trace (see `resolve`).
+    /// trace (see `resolve`), and those of the modules in `on_fuse`.
     pub untraced: Vec<UntracedEntry>,
+    /// Allocator modules not probed: they are on FUSE mounts ([`probeable`]).
+    pub on_fuse: Vec<String>,
 }
 
 impl Allocators {
@@ -234,6 +236,12 @@ pub enum AllocatorError {
          malloc and free{stripped}"
     )]
     NotFound { modules: usize, stripped: String },
+    #[error(
+        "the target's allocator is on a FUSE mount ({modules}): memtrace does not probe files \
+         on FUSE mounts (the kernel would read them from the FUSE server on memtrace's own \
+         thread, and a server that never answers would hold memtrace for good)"
+    )]
+    OnFuse { modules: String },
     #[error("reading {path}: {source}")]
     Io {
         path: String,
@@ -1128,37 +1136,32 @@ pub fn find_allocators(
     let resolved = resolve::resolve(&files, pymalloc);
     let mut stripped = Vec::new();
     let mut modules = Vec::new();
+    let mut untraced = resolved.untraced;
+    let mut on_fuse = Vec::new();
     for (plan, &k) in resolved.modules.into_iter().zip(&which) {
         let m = &mapped[k];
+        let path = m.entry.path.clone().unwrap_or_default();
         if plan.no_symbols {
-            stripped.push(m.entry.path.clone().unwrap_or_default());
+            stripped.push(path.clone());
         }
         if plan.points.is_empty() {
             continue;
         }
-        for f in &plan.forwards {
-            log::debug!(
-                "{}: {} is not probed: its calls go to {}",
-                m.entry.path.as_deref().unwrap_or("?"),
-                f.name,
-                f.to
-            );
+        if !probeable(pid, m.entry) {
+            untraced.extend(refused_entries(&path, &plan.points));
+            on_fuse.push(path);
+            continue;
         }
-        modules.push(Allocator {
-            module: m.entry.path.clone().unwrap_or_default(),
-            open_path: m.open_path.clone(),
-            points: plan.points,
-            forwards: plan
-                .forwards
-                .iter()
-                .map(|f| format!("{} -> {}", f.name, f.to))
-                .collect(),
-            internal_calls: plan.internal_calls,
-            internal_returns: plan.internal_returns,
-            text_start: m.entry.start,
-        });
+        modules.push(allocator_of(m, plan));
     }
+    untraced.sort();
+    untraced.dedup();
     if modules.is_empty() {
+        if !on_fuse.is_empty() {
+            return Err(AllocatorError::OnFuse {
+                modules: on_fuse.join(", "),
+            });
+        }
         let stripped = if stripped.is_empty() {
             String::new()
         } else {
@@ -1182,8 +1185,61 @@ pub fn find_allocators(
     }
     Ok(Allocators {
         modules,
-        untraced: resolved.untraced,
+        untraced,
+        on_fuse,
     })
+}
+
+/// The probed functions of module `m`, as `plan` has them.
+fn allocator_of(m: &Mapped<'_>, plan: resolve::ModulePlan) -> Allocator {
+    for f in &plan.forwards {
+        log::debug!(
+            "{}: {} is not probed: its calls go to {}",
+            m.entry.path.as_deref().unwrap_or("?"),
+            f.name,
+            f.to
+        );
+    }
+    Allocator {
+        module: m.entry.path.clone().unwrap_or_default(),
+        open_path: m.open_path.clone(),
+        points: plan.points,
+        forwards: plan
+            .forwards
+            .iter()
+            .map(|f| format!("{} -> {}", f.name, f.to))
+            .collect(),
+        internal_calls: plan.internal_calls,
+        internal_returns: plan.internal_returns,
+        text_start: m.entry.start,
+    }
+}
+
+/// Why a module on a FUSE mount is not probed (see [`probeable`]).
+pub const ON_FUSE: &str = "on a FUSE mount: not probed";
+
+/// Whether memtrace may put uprobes in the file `pid` maps at `m`: not if it
+/// is on a FUSE mount. Attaching a uprobe makes the kernel read the probed
+/// page of the file on memtrace's own thread (and aya reads a file it
+/// resolves a symbol in): a server that never answers would hold memtrace
+/// for good, unkillable. A copy of the file would not do: a uprobe is
+/// attached to the inode the target maps. Told by the mapping's device, so
+/// nothing on the mount is asked.
+pub fn probeable(pid: u32, m: &MapEntry) -> bool {
+    !crate::process::served::device_served(pid, (m.dev_major, m.dev_minor))
+}
+
+/// Every entry point of a module that is not probed, with why.
+fn refused_entries(module: &str, points: &[AttachPoint]) -> Vec<UntracedEntry> {
+    points
+        .iter()
+        .flat_map(|p| &p.names)
+        .map(|name| UntracedEntry {
+            name: name.clone(),
+            module: module.to_owned(),
+            reason: Some(ON_FUSE.to_owned()),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -430,6 +430,7 @@ pub fn looks_like_allocator(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::symbolize::demangle;
     use object::{Object, ObjectSymbol, SymbolKind};
 
     /// The functions a library exports (defined, text).
@@ -565,10 +566,7 @@ mod tests {
         }
         // Demangled, the twenty are the operators in every variant.
         for (name, entry) in CXX_OPERATORS {
-            let d = cpp_demangle::Symbol::new(*name)
-                .unwrap()
-                .demangle()
-                .unwrap();
+            let d = demangle(name);
             let new = d.starts_with("operator new");
             assert!(new || d.starts_with("operator delete"), "{d}");
             assert_eq!(matches!(entry, Entry::Traced(Role::Alloc(_))), new, "{d}");

@@ -45,8 +45,7 @@ fn marked_calls(
     pid: u32,
     maps: &[MapEntry],
 ) -> Option<Vec<allocator::InternalCall>> {
-    use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"));
+    let mem = crate::process::mem::TargetMem::open(pid);
     let read_word = |addr: u64| {
         let mut b = [0u8; 8];
         let mem = mem.as_ref().ok()?;
@@ -597,6 +596,16 @@ impl Probes {
 
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
     pub fn attach_loader_breakpoint(&mut self, ldso: &Path, offset: u64, pid: u32) -> Result<()> {
+        // As for the allocators (`allocator::probeable`): the kernel would
+        // read the file from the FUSE server on this thread.
+        if crate::process::open::on_served_mount(ldso) {
+            bail!(
+                "{} is on a FUSE mount: memtrace does not put uprobes in files on FUSE mounts \
+                 (the kernel would read it from the FUSE server on memtrace's own thread), so \
+                 it cannot stop the program before it runs",
+                ldso.display()
+            );
+        }
         let link = self
             .attach_one("loader_breakpoint", ldso, offset, pid)
             .with_context(|| format!("attaching a uprobe to {}:_dl_debug_state", ldso.display()))?;

@@ -9,5 +9,6 @@ pub mod images;
 pub mod links;
 pub mod mappings;
 pub mod placement;
+pub mod pymalloc;
 pub mod resolve;
 pub mod threads;

@@ -38,7 +38,7 @@ use super::{
         whole_function,
     },
     entries::{self, Entry},
-    placement,
+    placement, pymalloc,
 };
 use crate::process::link_map::is_libc;
 
@@ -178,7 +178,47 @@ fn scan(m: &ModuleFile<'_>, prefixes: &[String], pymalloc: bool) -> Scan {
                 exported,
             });
     }
+    if pymalloc && !out.defs.contains_key("_PyObject_Malloc") {
+        add_pymalloc_from_table(m, &mut out);
+    }
     out
+}
+
+/// pymalloc's functions of a libpython without `.symtab` (Debian's
+/// stripped `libpython3.11.so.1.0`), found from their allocator table: see
+/// `pymalloc`. Not on a build that inlines them.
+fn add_pymalloc_from_table(m: &ModuleFile<'_>, out: &mut Scan) {
+    if !m
+        .file
+        .dynamic_symbols()
+        .any(|s| !s.is_undefined() && s.name() == Ok("PyObject_Malloc"))
+    {
+        return;
+    }
+    match pymalloc::find(&m.file) {
+        Ok(pymalloc::Found::Functions { functions, table }) => {
+            log::debug!(
+                "{}: pymalloc's functions from its table at {table:#x}",
+                m.path
+            );
+            for f in functions {
+                let Some(entry) = entries::classify_pymalloc(f.name) else {
+                    continue;
+                };
+                out.defs.entry(f.name.to_string()).or_insert(Def {
+                    entry,
+                    vaddr: f.vaddr,
+                    size: f.size,
+                    exported: false,
+                });
+            }
+        }
+        Ok(pymalloc::Found::Inlined { function }) => log::debug!(
+            "{}: pymalloc's _PyObject_Malloc ({function:#x}) is inlined into its callers",
+            m.path
+        ),
+        Err(e) => log::debug!("{}: pymalloc's functions not found: {e}", m.path),
+    }
 }
 
 /// The jemalloc prefixes the modules reveal (`<prefix>sdallocx` defined).
@@ -241,6 +281,9 @@ pub struct ModulePlan {
 pub struct UntracedEntry {
     pub name: String,
     pub module: String,
+    /// Why it is not traced, when the plan is not the reason (its module is
+    /// not probed at all).
+    pub reason: Option<String>,
 }
 
 /// The allocator entry points of a process.
@@ -715,6 +758,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
                 out.insert(UntracedEntry {
                     name: name.clone(),
                     module: module.clone(),
+                    reason: None,
                 });
             }
         }
@@ -732,6 +776,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
                     out.insert(UntracedEntry {
                         name: name.clone(),
                         module: module.clone(),
+                        reason: None,
                     });
                 }
             }
@@ -743,6 +788,7 @@ fn untraced_entries(p: &Process<'_, '_>, decisions: &Decisions) -> Vec<UntracedE
             out.insert(UntracedEntry {
                 name: name.clone(),
                 module: p.modules[*i].path.clone(),
+                reason: None,
             });
         }
     }

@@ -47,8 +47,9 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
 }
 
 /// The file the target's pthread functions are in: glibc's libc (2.34 on),
-/// or an older glibc's libpthread, as the target maps it.
-pub fn pthread_module(pid: u32, maps: &[MapEntry]) -> Option<PathBuf> {
+/// or an older glibc's libpthread, as the target maps it; or why its
+/// functions cannot be probed.
+pub fn pthread_module(pid: u32, maps: &[MapEntry]) -> Result<PathBuf, String> {
     let named = |prefix: &str| {
         maps.iter().find(|m| {
             m.is_exec()
@@ -58,6 +59,15 @@ pub fn pthread_module(pid: u32, maps: &[MapEntry]) -> Option<PathBuf> {
                     .is_some_and(|f| f.starts_with(prefix))
         })
     };
-    let m = named("libpthread.so").or_else(|| named("libc.so"))?;
-    Some(super::allocator::open_path(pid, m))
+    let m = named("libpthread.so")
+        .or_else(|| named("libc.so"))
+        .ok_or("the target maps no libc or libpthread")?;
+    if !super::allocator::probeable(pid, m) {
+        return Err(format!(
+            "{} is {}",
+            m.path.as_deref().unwrap_or("?"),
+            super::allocator::ON_FUSE
+        ));
+    }
+    Ok(super::allocator::open_path(pid, m))
 }

@@ -49,6 +49,15 @@ impl MapMaps {
         out
     }
 
+    /// Events lost so far (one counter: read every interval).
+    pub fn lost(&self) -> Result<u64> {
+        let per_cpu = self
+            .counters
+            .get(&(MapCounter::Lost as u32), 0)
+            .context("reading MAP_COUNTERS")?;
+        Ok(per_cpu.iter().sum())
+    }
+
     pub fn counters(&self) -> Result<MapCounters> {
         let mut out = MapCounters::default();
         for (i, slot) in out.0.iter_mut().enumerate() {

@@ -8,7 +8,7 @@
 //! the loader writes into the executable's `DT_DEBUG` entry). Which module's
 //! `malloc` or `operator new` a process calls is decided there; the order of
 //! /proc/PID/maps (by address) says nothing about it.
-use std::{os::unix::fs::FileExt, path::Path};
+use std::path::Path;
 
 use object::{Object, ObjectSegment, elf, read::elf::ProgramHeader};
 
@@ -41,7 +41,7 @@ pub fn lookup_order(
     exe_data: &[u8],
     maps: &[MapEntry],
 ) -> Option<Vec<String>> {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mem = super::mem::TargetMem::open(pid).ok()?;
     let read_word = |addr: u64| {
         let mut b = [0u8; 8];
         mem.read_exact_at(&mut b, addr).ok()?;

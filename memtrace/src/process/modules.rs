@@ -4,7 +4,7 @@
 //! at its addresses now.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -270,7 +270,7 @@ fn read_vdso(pid: u32, e: &MapEntry) -> std::io::Result<Vec<u8>> {
     if len > 1 << 20 {
         return Err(std::io::Error::other("vdso mapping implausibly large"));
     }
-    let mem = open_regular(Path::new(&format!("/proc/{pid}/mem")))?;
+    let mem = super::mem::TargetMem::open(pid)?;
     let mut buf = vec![0u8; len];
     mem.read_exact_at(&mut buf, e.start)?;
     Ok(buf)

@@ -217,6 +217,22 @@ pub fn open_regular(path: &Path) -> Result<File, OpenError> {
     reopen_regular(fd)
 }
 
+/// Whether the file at `path` (a path the user named, or its loader's: not
+/// one under a target's root) is on a FUSE mount, told as [`open_regular`]
+/// tells it: by the mount of an `O_PATH` handle. A path that cannot be
+/// resolved is not.
+pub fn on_served_mount(path: &Path) -> bool {
+    if !super::served::any_served() {
+        return false;
+    }
+    let Ok(c) = cstr(path) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and plain flags.
+    let fd = owned(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) }.into());
+    fd.is_ok_and(|fd| super::served::served_mount(fd.as_raw_fd()).is_some())
+}
+
 /// The pid of a `/proc/PID/...` path.
 fn proc_pid(path: &Path) -> Option<u32> {
     let mut c = path.components();

@@ -37,23 +37,26 @@ pub const COPY_LIMIT: u64 = 1 << 30;
 /// A helper that copies nothing for this long is abandoned.
 pub const STALL: Duration = Duration::from_secs(5);
 
-/// Whether a filesystem type (`mountinfo`'s) is served by a process.
-pub fn is_served_fstype(fstype: &str) -> bool {
-    fstype == "fuse" || fstype == "fuseblk" || fstype.starts_with("fuse.")
-}
+use super::mounts::{Device, Served, Tables};
 
 struct Mounts {
     /// Targets whose mount namespaces are read too.
     pids: Vec<u32>,
-    /// Served mounts, by id (mount ids are unique across namespaces).
-    served: BTreeSet<u64>,
+    /// Each namespace's table, read again only when it changed.
+    tables: Tables,
+    /// The served mounts of every namespace, as of the last [`any_served`].
+    served: Served,
     /// Served mounts whose helper was abandoned: not asked again.
     stalled: BTreeSet<u64>,
 }
 
 static MOUNTS: Mutex<Mounts> = Mutex::new(Mounts {
     pids: Vec::new(),
-    served: BTreeSet::new(),
+    tables: Tables::new(),
+    served: Served {
+        ids: BTreeSet::new(),
+        devices: BTreeSet::new(),
+    },
     stalled: BTreeSet::new(),
 });
 
@@ -73,31 +76,33 @@ pub fn note_pid(pid: u32) {
     }
 }
 
-/// The ids of the served mounts in one `mountinfo` text.
-fn served_in(mountinfo: &str) -> impl Iterator<Item = u64> + '_ {
-    mountinfo.lines().filter_map(|line| {
-        let id = line.split(' ').next()?.parse().ok()?;
-        // "... - FSTYPE SOURCE OPTIONS": the optional fields end at " - ".
-        let (_, after) = line.split_once(" - ")?;
-        is_served_fstype(after.split(' ').next()?).then_some(id)
-    })
-}
-
-/// Whether any served mount is there now, in our namespace or a target's (the
-/// table is read again at each call: a target can mount one any time).
+/// Whether any served mount is there now, in our namespace or a target's (a
+/// target can mount one any time: each namespace's table is checked at each
+/// call, and read again when the kernel says it changed).
 pub fn any_served() -> bool {
     let mut m = mounts();
-    let mut served = BTreeSet::new();
+    let mut served = Served::default();
     let pids = m.pids.clone();
-    let files = std::iter::once("/proc/self/mountinfo".to_owned())
-        .chain(pids.iter().map(|p| format!("/proc/{p}/mountinfo")));
-    for f in files {
-        if let Ok(text) = std::fs::read_to_string(&f) {
-            served.extend(served_in(&text));
+    let dirs =
+        std::iter::once("/proc/self".to_owned()).chain(pids.iter().map(|p| format!("/proc/{p}")));
+    for dir in dirs {
+        if let Some(s) = m.tables.served_of(&dir) {
+            served.ids.extend(&s.ids);
+            served.devices.extend(&s.devices);
         }
     }
     m.served = served;
-    !m.served.is_empty()
+    !m.served.ids.is_empty()
+}
+
+/// Whether a file mapped by `pid` from device `dev` (its `/proc/PID/maps`
+/// line) is on a served mount: told from the mount tables alone, without a
+/// lookup. The kernel reads a file itself to put a uprobe in it, and a page
+/// of such a mapping not in memory is read from the server on whichever
+/// thread touches it: memtrace must do neither (see `probeable`).
+pub fn device_served(pid: u32, dev: Device) -> bool {
+    note_pid(pid);
+    any_served() && mounts().served.devices.contains(&dev)
 }
 
 /// The mount id of a handle, from `/proc/self/fdinfo` (no filesystem call).
@@ -114,7 +119,7 @@ pub fn served_mount(fd: RawFd) -> Option<u64> {
     let Some(id) = mnt_id(fd) else {
         return Some(u64::MAX);
     };
-    mounts().served.contains(&id).then_some(id)
+    mounts().served.ids.contains(&id).then_some(id)
 }
 
 static COPIED: AtomicU64 = AtomicU64::new(0);
@@ -575,19 +580,6 @@ fn write_decimal(out: &mut [u8], mut n: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn served_mounts_are_told_by_fstype() {
-        let info = "\
-22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-40 22 0:50 / /tmp/mt/mnt rw,nosuid,nodev shared:20 - fuse.stallfs stallfs rw,user_id=0
-41 22 0:51 / /mnt/b rw - fuseblk /dev/sdb1 rw
-42 22 0:52 / /mnt/c rw - fuse fuse rw
-43 22 0:53 / /mnt/v rw - virtiofs tag rw
-44 22 0:54 / /mnt/fuse.x rw - nfs4 srv:/ rw
-";
-        assert_eq!(served_in(info).collect::<Vec<_>>(), vec![40, 41, 42]);
-    }
 
     #[test]
     fn decimal() {

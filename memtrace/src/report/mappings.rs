@@ -24,6 +24,11 @@ pub struct MappingReport {
     /// Mapped before memtrace attached (from /proc/PID/maps, no stack), by
     /// kind: `anon`, `file`, `heap` (brk), `stack`, `special` ([vdso]...).
     pub existed_at_attach: Existed,
+    /// Found in /proc/PID/maps by a reconciliation after lost events, never
+    /// seen mapped (their mmap was lost: no stack), by kind as above.
+    pub seen_at_reconciliation: Existed,
+    /// What reconciliations with /proc/PID/maps corrected.
+    pub reconciliation: MapReconciliation,
     /// Made for the heap by the allocator (malloc's own mmap of large
     /// blocks, its arenas): counted in the heap sites, not here.
     pub allocator: Apart,
@@ -65,6 +70,26 @@ pub struct ExistedKind {
     pub mappings: u64,
     pub bytes: u64,
     pub released_bytes: u64,
+}
+
+/// The corrections of reconciliations with /proc/PID/maps, made after
+/// events were lost (see docs/resources.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MapReconciliation {
+    /// Reconciliations made: one per interval with events lost.
+    pub scans: u64,
+    /// Mappings memtrace held that /proc no longer showed (their unmapping
+    /// was lost): released.
+    pub released: Corrected,
+    /// Ranges /proc showed that memtrace never saw mapped (their mmap was
+    /// lost): added as `seen_at_reconciliation`.
+    pub seen: Corrected,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Corrected {
+    pub mappings: u64,
+    pub bytes: u64,
 }
 
 /// Mappings counted apart: made while traced, outstanding at the end.
@@ -169,6 +194,32 @@ impl MappingSite {
     }
 }
 
+/// Events lost, and what /proc/PID/maps corrected.
+fn write_lost(w: &mut String, m: &MappingReport) -> std::fmt::Result {
+    let lost = m.events.get("lost").copied().unwrap_or(0);
+    let r = &m.reconciliation;
+    if lost == 0 {
+        return Ok(());
+    }
+    if r.scans == 0 {
+        return writeln!(
+            w,
+            "  {} lost (event buffer full): ranges may be wrong",
+            counted(lost, "event")
+        );
+    }
+    writeln!(
+        w,
+        "  {} lost (event buffer full), corrected from /proc/PID/maps: {} released ({}), \
+         {} seen at reconciliation ({}, no stack)",
+        counted(lost, "event"),
+        counted(r.released.mappings, "mapping"),
+        format_bytes(r.released.bytes as i64),
+        counted(r.seen.mappings, "range"),
+        format_bytes(r.seen.bytes as i64)
+    )
+}
+
 impl MappingReport {
     pub fn leaks(&self) -> u64 {
         self.verdicts.leak
@@ -215,14 +266,7 @@ pub(super) fn write_text(w: &mut String, m: &MappingReport, top: usize) -> std::
             )?;
         }
     }
-    let lost = m.events.get("lost").copied().unwrap_or(0);
-    if lost > 0 {
-        writeln!(
-            w,
-            "  {} lost (event buffer full): ranges may be wrong",
-            counted(lost, "event")
-        )?;
-    }
+    write_lost(w, m)?;
     if m.sites.is_empty() {
         writeln!(w, "  no mapping made while traced is still mapped")?;
         return Ok(());

@@ -422,6 +422,10 @@ impl Totals {
 pub struct UntracedEntryPoint {
     pub name: String,
     pub module: String,
+    /// Why, when it is not the plan's doing: its module is not probed at
+    /// all (on a FUSE mount). Left out of the JSON when None.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One module whose allocator functions are probed.

@@ -263,7 +263,15 @@ impl Report {
         if !blind.is_empty() {
             let names: Vec<String> = blind
                 .iter()
-                .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
+                .map(|u| match &u.reason {
+                    Some(why) => format!(
+                        "{} ({}: {})",
+                        Escaped(&u.name),
+                        Escaped(&u.module),
+                        Escaped(why)
+                    ),
+                    None => format!("{} ({})", Escaped(&u.name), Escaped(&u.module)),
+                })
                 .collect();
             let _ = writeln!(
                 o,
@@ -775,23 +783,36 @@ mod tests {
     fn text_never_claims_completeness_while_blind() {
         let mut r = sample();
         assert!(r.to_text(10).contains("nothing dropped"));
-        r.untraced_entry_points = vec![super::super::UntracedEntryPoint {
-            name: "mi_strdup".into(),
-            module: "/usr/bin/app".into(),
-        }];
+        r.untraced_entry_points = vec![
+            super::super::UntracedEntryPoint {
+                name: "mi_strdup".into(),
+                module: "/usr/bin/app".into(),
+                reason: None,
+            },
+            super::super::UntracedEntryPoint {
+                name: "malloc".into(),
+                module: "/mnt/f/libjemalloc.so.2".into(),
+                reason: Some("on a FUSE mount: not probed".into()),
+            },
+        ];
         let t = r.to_text(10);
         assert!(!t.contains("nothing dropped"), "{t}");
         assert!(
             t.contains(
-                "NOT COMPLETE: the target may call 1 allocator functions memtrace does not \
-                 trace, whose blocks it does not see: mi_strdup (/usr/bin/app)"
+                "NOT COMPLETE: the target may call 2 allocator functions memtrace does not \
+                 trace, whose blocks it does not see: mi_strdup (/usr/bin/app), malloc \
+                 (/mnt/f/libjemalloc.so.2: on a FUSE mount: not probed)"
             ),
             "{t}"
         );
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(
             v["untraced_entry_points"],
-            serde_json::json!([{"name": "mi_strdup", "module": "/usr/bin/app"}])
+            serde_json::json!([
+                {"name": "mi_strdup", "module": "/usr/bin/app"},
+                {"name": "malloc", "module": "/mnt/f/libjemalloc.so.2",
+                 "reason": "on a FUSE mount: not probed"}
+            ])
         );
     }
 

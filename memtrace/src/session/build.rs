@@ -797,6 +797,7 @@ fn untraced_entry_points(at: &Attached) -> Vec<UntracedEntryPoint> {
         .map(|u| UntracedEntryPoint {
             name: u.name.clone(),
             module: u.module.clone(),
+            reason: u.reason.clone(),
         })
         .collect()
 }

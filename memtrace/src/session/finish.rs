@@ -148,6 +148,7 @@ pub(super) fn cut_short(s: &Session) -> Vec<String> {
         ));
     }
     notes.extend(crate::process::served::notes());
+    notes.extend(crate::process::mem::notes());
     notes
 }
 

@@ -14,6 +14,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+mod reconcile;
+
 use anyhow::Result;
 use memtrace_common::{
     NO_STACK,
@@ -33,8 +35,8 @@ use crate::{
     kernel::{collect::monotonic_ns, sampling::Sampling},
     process::maps::{MapEntry, read_maps},
     report::mappings::{
-        Apart, Existed, MAX_LISTED_RANGES, MappingHistoryPoint, MappingKind, MappingReport,
-        MappingSite, RangeInfo,
+        Apart, Existed, MAX_LISTED_RANGES, MapReconciliation, MappingHistoryPoint, MappingKind,
+        MappingReport, MappingSite, RangeInfo,
     },
     report::{Frames, VerdictCounts},
 };
@@ -46,6 +48,8 @@ enum Owner {
     Site(u32),
     /// Mapped before attach, of this kind (`EXISTED_KINDS`).
     Existed(u8),
+    /// Found in /proc/PID/maps, its mmap event lost: of this kind.
+    Seen(u8),
     Allocator,
     ThreadStack,
     Loader,
@@ -80,11 +84,17 @@ pub(super) struct Mappings {
     /// The allocators' code (a hull per module) and the loader's.
     allocator_code: Vec<(u64, u64)>,
     loader_code: Vec<(u64, u64)>,
-    /// Numbers the traced mmaps (0: existed at attach).
+    /// Numbers the mappings: those that existed at attach, the traced
+    /// mmaps, the ranges seen at reconciliations.
     serial: u64,
     /// The file of each traced file mapping, once read from /proc/PID/maps.
     paths: HashMap<u64, String>,
     existed: Existed,
+    /// Ranges found by reconciliations, never seen mapped (`Owner::Seen`).
+    seen: Existed,
+    corrections: MapReconciliation,
+    /// The lost events the last reconciliation covered.
+    lost_reconciled: u64,
     allocator: Apart,
     thread_stacks: Apart,
     loader: Apart,
@@ -128,6 +138,9 @@ impl Mappings {
             serial: 0,
             paths: HashMap::new(),
             existed: Existed::default(),
+            seen: Existed::default(),
+            corrections: MapReconciliation::default(),
+            lost_reconciled: 0,
             allocator: Apart::default(),
             thread_stacks: Apart::default(),
             loader: Apart::default(),
@@ -138,8 +151,9 @@ impl Mappings {
         };
         for e in &maps {
             let k = existed_kind(e);
+            m.serial += 1;
             m.ranges
-                .map(e.start, e.end - e.start, Owner::Existed(k), 0, 0);
+                .map(e.start, e.end - e.start, Owner::Existed(k), m.serial, 0);
             let kind = m
                 .existed
                 .by_kind
@@ -157,8 +171,16 @@ impl Mappings {
     /// recorded): applies the events, records the history.
     pub(super) fn sample(&mut self, at: &mut Attached, last: Option<u64>) -> Result<()> {
         let now_ns = last.unwrap_or_else(monotonic_ns);
+        let snapshot = self.snapshot_if_lost(at);
+        let mut touched = Vec::new();
         for e in at.collector.maps.mappings.events() {
+            if snapshot.as_ref().is_some_and(|s| s.precedes(&e)) {
+                touched.extend(reconcile::touched(&e));
+            }
             self.apply(at, &e);
+        }
+        if let Some(s) = &snapshot {
+            self.reconcile(s, &touched);
         }
         self.read_paths(at.pid);
         let mut g = BlockGrouper::new(now_ns, 0, Sampling::Exact);
@@ -235,12 +257,21 @@ impl Mappings {
         }
         self.unmapped_unknown += removed.unknown;
         for (owner, bytes) in removed.by_owner {
-            if let Owner::Existed(k) = owner {
-                self.existed.released_bytes += bytes;
-                if let Some(kind) = self.existed.by_kind.get_mut(EXISTED_KINDS[k as usize]) {
-                    kind.released_bytes += bytes;
-                }
-            }
+            self.count_released(owner, bytes);
+        }
+    }
+
+    /// `bytes` of `owner`'s unmapped: those that existed at attach or were
+    /// seen at a reconciliation are counted by kind.
+    fn count_released(&mut self, owner: Owner, bytes: u64) {
+        let (set, k) = match owner {
+            Owner::Existed(k) => (&mut self.existed, k),
+            Owner::Seen(k) => (&mut self.seen, k),
+            _ => return,
+        };
+        set.released_bytes += bytes;
+        if let Some(kind) = set.by_kind.get_mut(EXISTED_KINDS[k as usize]) {
+            kind.released_bytes += bytes;
         }
     }
 
@@ -250,7 +281,7 @@ impl Mappings {
             Owner::ThreadStack => f(&mut self.thread_stacks),
             Owner::Loader => f(&mut self.loader),
             Owner::Site(id) => self.created[id as usize] += 1,
-            Owner::Existed(_) => {}
+            Owner::Existed(_) | Owner::Seen(_) => {}
         }
     }
 
@@ -450,6 +481,8 @@ impl Mappings {
             bytes: sites.iter().filter_map(|s| s.bytes).sum(),
             by_kind: self.kinds(&sites),
             existed_at_attach: self.existed.clone(),
+            seen_at_reconciliation: self.seen.clone(),
+            reconciliation: self.corrections,
             allocator: apart[0],
             thread_stacks: apart[1],
             loader: apart[2],

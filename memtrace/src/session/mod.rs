@@ -329,12 +329,34 @@ fn announce(
             srv.addr
         );
     }
-    if !at.allocators.untraced.is_empty() {
-        let list: Vec<String> = at
-            .allocators
+    warn_untraced(&at.allocators);
+}
+
+/// Says on stderr which allocator modules are not probed (on FUSE mounts)
+/// and which allocator functions are not traced.
+fn warn_untraced(allocators: &crate::attach::allocator::Allocators) {
+    for module in &allocators.on_fuse {
+        eprintln!(
+            "memtrace: warning: {} is on a FUSE mount: its allocator functions are not \
+             probed (putting a uprobe in a file makes the kernel read it on memtrace's own \
+             thread, where a FUSE server that never answers would hold memtrace for good); \
+             the blocks they allocate are not seen",
+            Escaped(module)
+        );
+    }
+    if !allocators.untraced.is_empty() {
+        let list: Vec<String> = allocators
             .untraced
             .iter()
-            .map(|u| format!("{} ({})", Escaped(&u.name), Escaped(&u.module)))
+            .map(|u| match &u.reason {
+                Some(why) => format!(
+                    "{} ({}: {})",
+                    Escaped(&u.name),
+                    Escaped(&u.module),
+                    Escaped(why)
+                ),
+                None => format!("{} ({})", Escaped(&u.name), Escaped(&u.module)),
+            })
             .collect();
         eprintln!(
             "memtrace: warning: the target may call allocator functions memtrace does not \

@@ -13,12 +13,14 @@ use crate::escape::Escaped;
 use crate::{
     attach::allocator::{self, Allocators},
     attach::links::Probes,
+    attach::pymalloc,
     attach::resolve::UntracedEntry,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
     kernel::{btf_facts, maps::TraceMaps, object},
     process::maps::read_maps,
     process::modules::Generation,
+    process::open::{Links, Root},
     steps::Steps,
     symbolize::python::{self, PythonResolver},
     symbolize::{ProcessModules, Symbolizer},
@@ -94,11 +96,15 @@ fn trace_threads(
     if !resources {
         return none;
     }
-    let Some(module) = crate::attach::threads::pthread_module(pid, maps) else {
-        eprintln!(
-            "memtrace: warning: threads are not traced: the target maps no libc or libpthread"
-        );
-        return none;
+    let module = match crate::attach::threads::pthread_module(pid, maps) {
+        Ok(module) => module,
+        Err(why) => {
+            eprintln!(
+                "memtrace: warning: threads are not traced: {}",
+                Escaped(&why)
+            );
+            return none;
+        }
     };
     match steps.time("thread_probes", "attaching thread probes", || {
         probes.attach_thread_tracing(&module, pid)
@@ -300,10 +306,9 @@ fn note_pymalloc(
         );
     } else if objects {
         eprintln!(
-            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: \
-             {} has no symbol for pymalloc's functions (an LTO build inlines them): \
+            "memtrace: Python objects of 512 bytes or less (pymalloc) are not traced: {}: \
              start the target with PYTHONMALLOC=malloc to see them",
-            Escaped(&interp.module)
+            why_no_pymalloc(pid, &interp.module)
         );
     } else {
         eprintln!(
@@ -316,10 +321,40 @@ fn note_pymalloc(
         allocators.untraced.push(UntracedEntry {
             name: name.to_string(),
             module: interp.module.clone(),
+            reason: None,
         });
     }
     allocators.untraced.sort();
     allocators.untraced.dedup();
+}
+
+/// Why `--python-objects` found no pymalloc function to probe in the
+/// interpreter's `module` (see `attach::pymalloc`).
+fn why_no_pymalloc(pid: u32, module: &str) -> String {
+    let shown = Escaped(module);
+    let file = Root::open(Path::new(&format!("/proc/{pid}/root")), "/")
+        .ok()
+        .and_then(|root| root.open_file(Path::new(module), Links::InRoot).ok());
+    // SAFETY: read-only private mapping of a file the target maps; a
+    // concurrent truncation would crash the target first.
+    let data = file.and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok());
+    let Some(data) = data else {
+        return format!("{shown} cannot be read");
+    };
+    let found = ::object::File::parse(&*data)
+        .map_err(|e| e.to_string())
+        .and_then(|elf| pymalloc::find(&elf));
+    match found {
+        Ok(pymalloc::Found::Inlined { .. }) => format!(
+            "{shown} is an LTO+PGO build that copies pymalloc's code into its callers \
+             (its PyObject_Malloc runs a copy of _PyObject_Malloc): probes on the \
+             functions would see only some of the allocations and frees"
+        ),
+        Ok(pymalloc::Found::Functions { .. }) => {
+            format!("{shown}: pymalloc's functions could not be probed")
+        }
+        Err(e) => format!("{shown}: pymalloc's functions not found ({e})"),
+    }
 }
 
 /// Whether to probe pymalloc's functions in process `pid`: asked for, and

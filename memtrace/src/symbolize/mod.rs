@@ -41,6 +41,8 @@ pub type Taken = (u64, Generation);
 
 /// The generation of addresses to resolve in what is mapped now.
 pub const NOW: Generation = Generation::MAX;
+#[cfg(test)]
+pub(crate) use demangle::demangle;
 /// One parsed module; outside this stage only `crate::fuzzing` loads one directly.
 pub(crate) use elf::ElfModule;
 use elf::{DebugSearch, LoadError};

@@ -9,7 +9,7 @@
 //! code object that does not match it, or is no longer a code object, is
 //! never named: it is counted as unresolved.
 
-use std::{collections::HashMap, fs::File, os::unix::fs::FileExt, path::Path, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use memtrace_common::{
     PY_COPIED_CODE, PY_COPIED_FILENAME, PY_COPIED_LINETABLE, PY_COPIED_QUALNAME, PY_FRAME_ENTRY,
@@ -18,7 +18,7 @@ use memtrace_common::{
 
 use super::layout::{Interpreter, Lines};
 use super::linetable::{CODE_UNIT, addr2line, addr2line_310};
-use crate::process::open::open_regular;
+use crate::process::mem::TargetMem;
 use crate::symbolize::{Frame, FrameKind};
 
 /// Longest name or file name read; longer ones are cut.
@@ -62,14 +62,14 @@ pub fn raw_frames(words: &[u64]) -> impl Iterator<Item = RawFrame> + '_ {
 /// Resolves the target's Python frames; owns its `/proc/PID/mem`.
 pub struct PythonResolver {
     interp: Interpreter,
-    mem: Option<File>,
+    mem: Option<TargetMem>,
     codes: HashMap<(u64, u32), Option<Arc<Code>>>,
 }
 
 impl PythonResolver {
     pub fn new(pid: u32, interp: Interpreter) -> Self {
         // Read from the start: the target may exit before the report.
-        let mem = open_regular(Path::new(&format!("/proc/{pid}/mem"))).ok();
+        let mem = TargetMem::open(pid).ok();
         PythonResolver {
             interp,
             mem,
@@ -197,7 +197,7 @@ impl PythonResolver {
 /// target's memory.
 struct Source<'a> {
     regions: &'a [(u64, &'a [u8])],
-    mem: Option<&'a File>,
+    mem: Option<&'a TargetMem>,
 }
 
 impl Source<'_> {
