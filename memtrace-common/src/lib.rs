@@ -173,6 +173,7 @@ pub mod map_names {
     pub const UNMAPPED_CODE: &str = "UNMAPPED_CODE";
 
     pub const TRACE_STATE: &str = "TRACE_STATE";
+    pub const FORK_CHILDREN: &str = "FORK_CHILDREN";
 
     pub const PYTHON_LAYOUT: &str = "PYTHON_LAYOUT";
     pub const PYTHON_THREADS: &str = "PYTHON_THREADS";
@@ -182,7 +183,7 @@ pub mod map_names {
     pub const PYTHON_CODE_COPIES: &str = "PYTHON_CODE_COPIES";
 
     /// Every map, in the order of `memtrace-ebpf/src/maps.rs`.
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 33] = [
         ALLOC_KEYS,
         ALLOCS,
         SITES,
@@ -209,6 +210,7 @@ pub mod map_names {
         CODE_UNMAP_LOG,
         UNMAPPED_CODE,
         TRACE_STATE,
+        FORK_CHILDREN,
         PYTHON_LAYOUT,
         PYTHON_THREADS,
         PYTHON_CODES_SEEN,
@@ -1042,13 +1044,27 @@ pub struct TraceState {
     /// new program runs, so that memtrace attaches to it first (launch mode,
     /// where memtrace is the parent that sees the stop).
     pub stop_at_exec: u32,
-    pub _pad: u32,
+    /// Set by userspace (`--follow-forks`): each process the target creates
+    /// goes into `FORK_CHILDREN` and is stopped (SIGSTOP) before its first
+    /// instruction, for memtrace to attach to it first.
+    pub follow_forks: u32,
     /// The pids of the first `MAX_FORK_PIDS` of `forks`.
     pub fork_pids: [u32; MAX_FORK_PIDS],
 }
 
 /// Pids of processes the target created that `TraceState` keeps.
 pub const MAX_FORK_PIDS: usize = 16;
+
+/// Entries of `FORK_CHILDREN` (pid → one of the `FORK_CHILD_*` states): the
+/// children created and not yet taken by userspace. A child that finds the
+/// map full is not stopped, and so not followed (it is still counted in
+/// `TraceState::forks`).
+pub const MAX_FORK_CHILDREN: u32 = 256;
+/// A `FORK_CHILDREN` entry: created (`task_newtask`, in the parent), not yet run.
+pub const FORK_CHILD_BORN: u32 = 0;
+/// A `FORK_CHILDREN` entry: the child returned from its fork and was sent
+/// SIGSTOP, before its first instruction.
+pub const FORK_CHILD_STOPPED: u32 = 1;
 
 /// Offsets in the kernel's own structures (from its BTF, set by userspace
 /// before load; 0: unknown) through which the BPF side finds the return

@@ -1,19 +1,21 @@
 //! The target's program and its children: `image_exec` at its exec,
-//! `image_fork` when it creates a process. Tracepoints cannot be bound to a
-//! process: both run for every task on the host and return at once unless it
-//! is the target's (one tgid compare).
+//! `image_fork` when it creates a process, `fork_child` in that process when
+//! it first returns to user space (`--follow-forks`). Tracepoints cannot be
+//! bound to a process: they run for every task on the host and return at
+//! once unless it is the target's (one tgid compare) or, for `fork_child`,
+//! one of its new children (one hash lookup, in processes just created).
 
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::atomic::fetch_inc;
-use crate::maps::TRACE_STATE;
+use crate::maps::{FORK_CHILDREN, TRACE_STATE};
 use crate::target::is_target;
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_send_signal},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_send_signal},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use memtrace_common::MAX_FORK_PIDS;
+use memtrace_common::{FORK_CHILD_BORN, FORK_CHILD_STOPPED, MAX_FORK_PIDS};
 
 /// `task:task_newtask` record offsets (its format file): the new task's
 /// pid and the clone flags.
@@ -53,7 +55,9 @@ pub fn image_exec(_ctx: TracePointContext) -> u32 {
 }
 
 /// `task:task_newtask`, in the parent: counts the processes the target
-/// creates (a new thread is not one) and keeps the first pids.
+/// creates (a new thread is not one) and keeps the first pids. With
+/// `--follow-forks` the child goes into `FORK_CHILDREN`, before it can run,
+/// for `fork_child` to stop it.
 #[tracepoint]
 pub fn image_fork(ctx: TracePointContext) -> u32 {
     if !is_target() {
@@ -77,6 +81,41 @@ pub fn image_fork(ctx: TracePointContext) -> u32 {
     if n < MAX_FORK_PIDS {
         // SAFETY: as above; `n` is within the array.
         unsafe { write_volatile(&raw mut (*st).fork_pids[n], pid as u32) };
+    }
+    // SAFETY: as above; an aligned u32 userspace sets.
+    if unsafe { read_volatile(&raw const (*st).follow_forks) } != 0 {
+        // A full map leaves the child unstopped: userspace counts it as not
+        // followed (it is in `forks` but never in the map).
+        let _ = FORK_CHILDREN.insert(&(pid as u32), &FORK_CHILD_BORN, 0);
+    }
+    0
+}
+
+/// `syscalls:sys_exit_{clone,clone3,fork,vfork}`, in the new process as it
+/// first returns to user space (the kernel runs a new task's syscall exit
+/// like its parent's): a child `image_fork` put in `FORK_CHILDREN` stops
+/// there, before its first instruction, until memtrace has attached to it
+/// and sends SIGCONT.
+#[tracepoint]
+pub fn fork_child(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // (A new thread of a process, or the parent's own return, is not a new
+    // process's first return.)
+    if tgid != id as u32 {
+        return 0;
+    }
+    let Some(state) = FORK_CHILDREN.get_ptr_mut(&tgid) else {
+        return 0;
+    };
+    // SAFETY: a value of a hash map's entry, valid for the program's run; aligned.
+    unsafe {
+        if read_volatile(state) != FORK_CHILD_BORN {
+            return 0;
+        }
+        write_volatile(state, FORK_CHILD_STOPPED);
+        // bpf_send_signal only signals the current task: the new child.
+        bpf_send_signal(19 /* SIGSTOP */);
     }
     0
 }

@@ -14,10 +14,10 @@ use memtrace_common::{
     AllocBucket, AllocKeys, CODE_UNMAP_LOG_ENTRIES, CallMarkState, Capture, CodeState, CodeUnmap,
     Countdown, DEFAULT_MAX_OUTSTANDING, DEFAULT_MAX_PC_PAGES, DEFAULT_MAX_PENDING,
     DEFAULT_MAX_STACKS, DEFAULT_MAX_UNWIND_ROWS, Epoch, MAX_ALLOCATOR_FUNCTIONS, MAX_CALL_MARKS,
-    MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS, PYTHON_CODES_SEEN_ENTRIES,
-    PYTHON_NEW_CODES_ENTRIES, PageKey, PageRows, PendingCall, PendingKey, PythonCode, PythonLayout,
-    ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey, SiteStats, StackTrace, TextRange,
-    TraceState, UnwindRow, alloc_buckets,
+    MAX_FORK_CHILDREN, MAX_RESULT_SITES, MAX_UNMAPPED_RANGES, NUM_COUNTERS,
+    PYTHON_CODES_SEEN_ENTRIES, PYTHON_NEW_CODES_ENTRIES, PageKey, PageRows, PendingCall,
+    PendingKey, PythonCode, PythonLayout, ResultSite, SAMPLE_LOG2_ENTRIES, SAMPLE_THREADS, SiteKey,
+    SiteStats, StackTrace, TextRange, TraceState, UnwindRow, alloc_buckets,
 };
 
 /// The block table: each bucket's addresses, and its blocks.
@@ -148,6 +148,11 @@ pub(crate) static UNMAPPED_CODE: Array<CodeUnmap> = Array::with_max_entries(MAX_
 /// `TraceState`).
 #[map]
 pub(crate) static TRACE_STATE: Array<TraceState> = Array::with_max_entries(1, 0);
+/// `--follow-forks`: the processes the target created that userspace has
+/// not yet taken, pid → `FORK_CHILD_*` state (`images.rs`).
+#[map]
+pub(crate) static FORK_CHILDREN: HashMap<u32, u32> =
+    HashMap::with_max_entries(MAX_FORK_CHILDREN, 0);
 
 /// How to read the target's Python frames (one entry, written by userspace
 /// when the target runs a CPython it knows; `enabled` 0 otherwise).

@@ -27,3 +27,30 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<()> {
     }
     Ok(())
 }
+
+/// The syscalls whose exit a new process first returns through.
+const FORK_EXITS: [&str; 4] = [
+    "sys_exit_clone",
+    "sys_exit_clone3",
+    "sys_exit_fork",
+    "sys_exit_vfork",
+];
+
+/// `--follow-forks`: loads `fork_child`, which stops each new child of the
+/// target before its first instruction, and attaches it to the exit of
+/// every syscall that creates a process.
+pub fn attach_fork_stop(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut("fork_child")
+        .context("no program fork_child")?
+        .try_into()?;
+    prog.load()
+        .map_err(|e| anyhow!(e))
+        .context("the kernel refused BPF program fork_child (verifier or permissions)")?;
+    for event in FORK_EXITS {
+        prog.attach("syscalls", event)
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("attaching fork_child to syscalls:{event}"))?;
+    }
+    Ok(())
+}

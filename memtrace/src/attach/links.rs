@@ -594,6 +594,12 @@ impl Probes {
         super::images::attach(self.ebpf.as_mut().context("probes already detached")?)
     }
 
+    /// `--follow-forks`: stops each new child of the target before it runs
+    /// (see `images::attach_fork_stop`).
+    pub fn attach_fork_stop(&mut self) -> Result<()> {
+        super::images::attach_fork_stop(self.ebpf.as_mut().context("probes already detached")?)
+    }
+
     /// Launch mode: stop the child in the dynamic loader once its libraries are mapped.
     pub fn attach_loader_breakpoint(&mut self, ldso: &Path, offset: u64, pid: u32) -> Result<()> {
         // As for the allocators (`allocator::probeable`): the kernel would

@@ -234,6 +234,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_follow_exec: bool,
 
+    /// Trace every process the target creates (fork, vfork, clone), and theirs, from
+    /// its first instruction; the JSON report splits each site per process (without
+    /// it, children are counted and named, not traced)
+    #[arg(long)]
+    pub follow_forks: bool,
+
     /// Print an alert on stderr when the total, or one site, grew faster than RATE in
     /// the last interval (10MiB/min, 1MiB/s, 500KiB/h)
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]

@@ -39,6 +39,7 @@ fn options(cli: &Cli, reports: Vec<(Format, Option<PathBuf>)>) -> Options {
         fail_on_leak: cli.fail_on_leak,
         resources: !cli.no_resources,
         follow_exec: !cli.no_follow_exec,
+        follow_forks: cli.follow_forks,
         alert_growth: cli.alert_growth,
         python: session::PythonOptions {
             keep_native: cli.python_native_frames,

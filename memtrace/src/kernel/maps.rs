@@ -33,6 +33,9 @@ pub struct TraceMaps {
     /// Code unmapped while traced, by generation (see `unmaps`).
     pub code_unmap_log: Array<MapData, CodeUnmap>,
     pub trace_state: Array<MapData, TraceState>,
+    /// `--follow-forks`: the target's new children not yet taken (see
+    /// `stopped_children`).
+    pub fork_children: HashMap<MapData, u32, u32>,
     /// How the BPF side reads the target's Python frames (see `set_python`).
     pub python_layout: Array<MapData, PythonLayout>,
     /// Code objects the BPF side saw for the first time.
@@ -66,6 +69,36 @@ impl TraceMaps {
         self.trace_state
             .set(0, st, 0)
             .context("writing TRACE_STATE")
+    }
+
+    /// `--follow-forks`: asks the BPF side to stop each process the target
+    /// creates before it runs, and to list it in `FORK_CHILDREN`.
+    pub fn follow_forks(&mut self) -> Result<()> {
+        let mut st = self.trace_state.get(&0, 0).unwrap_or_default();
+        st.follow_forks = 1;
+        self.trace_state
+            .set(0, st, 0)
+            .context("writing TRACE_STATE")
+    }
+
+    /// The target's new children the BPF side stopped (or is stopping: the
+    /// SIGSTOP is pending until the child returns to user space), and those
+    /// created that have not run yet.
+    pub fn fork_children(&self) -> (Vec<u32>, Vec<u32>) {
+        let (mut stopped, mut born) = (Vec::new(), Vec::new());
+        for (pid, state) in self.fork_children.iter().flatten() {
+            if state == memtrace_common::FORK_CHILD_STOPPED {
+                stopped.push(pid);
+            } else {
+                born.push(pid);
+            }
+        }
+        (stopped, born)
+    }
+
+    /// Takes a child out of `FORK_CHILDREN` (attached to, or given up).
+    pub fn forget_child(&mut self, pid: u32) {
+        let _ = self.fork_children.remove(&pid);
     }
 
     /// When the target called exec (CLOCK_MONOTONIC ns), if it did.

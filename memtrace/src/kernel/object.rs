@@ -313,6 +313,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<TraceMaps> {
         code_state: Array::try_from(take(map_names::CODE_STATE)?)?,
         code_unmap_log: Array::try_from(take(map_names::CODE_UNMAP_LOG)?)?,
         trace_state: Array::try_from(take(map_names::TRACE_STATE)?)?,
+        fork_children: HashMap::try_from(take(map_names::FORK_CHILDREN)?)?,
         fds: super::resources::FdMaps::take(ebpf)?,
         threads: super::threads::ThreadMaps::take(ebpf)?,
         mappings: super::mappings::MapMaps::take(ebpf)?,

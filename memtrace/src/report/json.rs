@@ -210,6 +210,9 @@ impl<W: Write> ReportWriter<W> {
             self.w.put(key!("images"), &l.images)?;
             self.w
                 .put(key!("forks_not_followed"), &l.forks_not_followed)?;
+            if let Some(p) = &l.processes {
+                self.w.put(key!("processes"), p)?;
+            }
         }
         self.w.write_all(b"}")
     }

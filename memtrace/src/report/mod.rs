@@ -27,6 +27,7 @@ pub mod metrics;
 pub use pprof::{Profile, ProfileSample, write_pprof};
 
 pub use frames::Frames;
+pub use site_id::site_id;
 pub use stack_text::TextStyle;
 pub use text::text_order;
 

@@ -149,6 +149,10 @@ impl Report {
         self.process_text(&mut o);
         self.verdicts_text(&mut o, style);
         self.sites_text(&mut o, style);
+        let processes = self.lineage.iter().flat_map(|l| &l.processes);
+        for line in processes.flat_map(|p| p.text_lines(style.top)) {
+            let _ = writeln!(o, "{line}");
+        }
         self.freed_text(&mut o);
         if let Some(r) = &self.resources {
             let _ = super::resources::write_text(&mut o, &r.fds, self.target.exe.as_deref(), style);

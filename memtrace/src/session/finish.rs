@@ -48,6 +48,11 @@ impl Outcome {
 /// Detaches, reports, and returns memtrace's exit status.
 pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
     let stopped = stop_tracing(&mut s, end);
+    if opts.follow_forks {
+        s.watchdog
+            .doing("ending the tracing of the target's children");
+        super::children::end_all(opts, &mut s, stopped.end_ns);
+    }
     s.watchdog.doing("settling the target");
     // While the target may still run: its last new code objects.
     super::watch::read_python_codes(&mut s.at);
@@ -77,10 +82,21 @@ pub(super) fn finish(opts: &Options, mut s: Session, end: End) -> Result<i32> {
         cut_short: cut_short(&s),
         attach: s.attach_times.clone(),
         snapshots,
-        lineage: Some(s.images.report(&s.at)),
+        lineage: Some(super::children::lineage(opts, &s)),
     };
     let fallback = fallback_out(&s);
-    let report = build_report(opts, &mut s, meta, Purpose::Final(fallback))?;
+    let mut report = build_report(opts, &mut s, meta, Purpose::Final(fallback))?;
+    if opts.follow_forks
+        && let Some(lineage) = &mut report.lineage
+    {
+        let (mut part, sites) =
+            super::children::process_part(&mut s.at, &mut s.symbolizer, opts.sampling, None);
+        part.ended_s = stopped.duration.as_secs_f64();
+        if outcome.exited {
+            part.ended_by = "exited".into();
+        }
+        super::children::fill_lineage(&s, (part, sites), lineage);
+    }
     s.watchdog.doing("writing the report");
     let cpu_written = process_cpu();
     for (format, file) in &mut s.outputs {

@@ -76,6 +76,7 @@ impl Images {
         Lineage {
             images,
             forks_not_followed: forks,
+            processes: None,
         }
     }
 
@@ -110,19 +111,13 @@ pub(super) fn follow_exec(opts: &Options, s: &mut Session, exec_ns: u64) -> Resu
     let pid = s.at.pid;
     let started_s = exec_ns.saturating_sub(s.images.start_ns) as f64 / 1e9;
     let old = close_image(opts, s, started_s);
+    // (Children stopped for `--follow-forks` and not yet taken run on.)
+    super::children::release_pending(s.children.not_followed_mut(), &mut s.at);
     s.watchdog
         .doing("attaching to the program the target exec'd");
     let steps = Arc::new(Steps::new());
     let attached = if s.at.launched {
-        target::launch_after_exec(
-            pid,
-            opts.map_sizes,
-            opts.sampling,
-            opts.python,
-            opts.resources,
-            opts.follow_exec,
-            &steps,
-        )
+        target::launch_after_exec(pid, true, opts, &steps)
     } else {
         attach_running(opts, s, &steps)
     };

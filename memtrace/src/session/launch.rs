@@ -293,6 +293,35 @@ pub fn wait_child(pid: u32, nohang: bool) -> Result<Option<ChildState>> {
     }
 }
 
+/// How long a process that is not memtrace's child (a descendant of the
+/// target) is waited for to stop, watched by its /proc state.
+const POLLED_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for `pid` to stop or end: with waitpid when it is memtrace's own
+/// child (`own_child`), else by its /proc state, since waitpid is for a
+/// process's parent only. A process watched so stops for SIGSTOP, as far as
+/// memtrace can tell, and ends with an unknown status (`Exited(-1)`).
+pub fn wait_stop(pid: u32, own_child: bool) -> Result<Option<ChildState>> {
+    if own_child {
+        return wait_child(pid, false);
+    }
+    let give_up = std::time::Instant::now() + POLLED_STOP_WAIT;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| super::preflight::parse_stat(&s))
+            .map(|s| s.state);
+        match state {
+            Some('T') => return Ok(Some(ChildState::Stopped(libc::SIGSTOP))),
+            None | Some('Z' | 'X') => return Ok(Some(ChildState::Exited(-1))),
+            Some(_) if std::time::Instant::now() >= give_up => {
+                bail!("pid {pid} did not stop within {POLLED_STOP_WAIT:?}")
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+}
+
 pub fn continue_child(pid: u32) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };

@@ -20,6 +20,7 @@ use anyhow::{Context, Result};
 mod ages;
 mod build;
 mod capture;
+mod children;
 mod finish;
 mod frames;
 mod images;
@@ -93,6 +94,9 @@ pub struct Options {
     pub resources: bool,
     /// Trace on as the new program when the target calls exec; `--no-follow-exec`.
     pub follow_exec: bool,
+    /// Trace the processes the target creates, each from its first
+    /// instruction; `--follow-forks`.
+    pub follow_forks: bool,
 }
 
 /// The final report's format.
@@ -183,6 +187,8 @@ struct Session {
     mappings: Option<mappings::Mappings>,
     /// The programs the target ran before the current one (exec).
     images: images::Images,
+    /// `--follow-forks`: the processes it created, traced.
+    children: children::Children,
 }
 
 /// Checks, opens the output, attaches, and starts loading debug info.
@@ -241,6 +247,7 @@ fn setup(opts: &Options, target: &Target) -> Result<Session> {
         threads,
         mappings,
         images: images::Images::new(start_ns),
+        children: children::Children::new(start_ns),
     })
 }
 

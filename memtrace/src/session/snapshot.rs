@@ -213,7 +213,7 @@ pub(super) fn take(opts: &Options, s: &mut Session) {
         cut_short: super::finish::cut_short(s),
         attach: s.attach_times.clone(),
         snapshots: Some(snaps.stats()),
-        lineage: Some(s.images.report(&s.at)),
+        lineage: Some(super::children::lineage(opts, s)),
     };
     let built = build_report(opts, s, meta, Purpose::Snapshot);
     let Some(snaps) = s.snapshots.as_mut() else {

@@ -17,15 +17,10 @@ use crate::{
     attach::resolve::UntracedEntry,
     kernel::collect::Collector,
     kernel::tables::{FileKey, ModuleUnwind, UnwindTables},
-    kernel::{
-        btf_facts,
-        maps::{MapSizes, TraceMaps},
-        object,
-    },
+    kernel::{btf_facts, maps::TraceMaps, object},
     process::maps::read_maps,
     process::modules::Generation,
     process::open::{Links, Root},
-    report::Sampling,
     steps::Steps,
     symbolize::python::{self, PythonResolver},
     symbolize::{ProcessModules, Symbolizer},
@@ -177,12 +172,22 @@ impl Attached {
 
 /// Watches the target's exec and the processes it creates (`images`);
 /// `stop_at_exec`: stop it at its exec, for memtrace to attach to the new
-/// program before it runs (launch mode, following execs). A failure costs
-/// following execs and counting children, not the run.
-fn watch_images(probes: &mut Probes, maps: &mut TraceMaps, stop_at_exec: bool) -> bool {
+/// program before it runs (launch mode, following execs); `follow_forks`:
+/// stop each child before it runs, for memtrace to attach to it first. A
+/// failure costs following execs and children, not the run.
+fn watch_images(
+    probes: &mut Probes,
+    maps: &mut TraceMaps,
+    stop_at_exec: bool,
+    follow_forks: bool,
+) -> bool {
     let watched = probes.attach_image_watch().and_then(|()| {
         if stop_at_exec {
             maps.stop_at_exec()?;
+        }
+        if follow_forks {
+            probes.attach_fork_stop()?;
+            maps.follow_forks()?;
         }
         Ok(())
     });
@@ -383,21 +388,9 @@ pub(super) fn attach(
 ) -> Result<Attached> {
     // Needed when the maps are created; read meanwhile.
     crate::kernel::btf_facts::read_ahead();
-    let (sizes, sampling) = (opts.map_sizes, opts.sampling);
-    let (python, resources) = (opts.python, opts.resources);
     let at = match target {
-        Target::Attach(pid) => {
-            attach_existing(*pid, sizes, sampling, python, resources, steps, symbolizer)
-        }
-        Target::Launch(cmd) => launch_new(
-            cmd,
-            sizes,
-            sampling,
-            python,
-            resources,
-            opts.follow_exec,
-            steps,
-        ),
+        Target::Attach(pid) => attach_existing(*pid, opts, steps, symbolizer),
+        Target::Launch(cmd) => launch_new(cmd, opts, steps),
     }?;
     if at.launched {
         preload_debug_info(
@@ -512,15 +505,14 @@ fn exited_during_attach(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn attach_existing(
+pub(super) fn attach_existing(
     pid: u32,
-    sizes: MapSizes,
-    sampling: Sampling,
-    python_opts: PythonOptions,
-    resources: bool,
+    opts: &Options,
     steps: &Arc<Steps>,
     symbolizer: &mut Symbolizer,
 ) -> Result<Attached> {
+    let (sizes, sampling) = (opts.map_sizes, opts.sampling);
+    let (python_opts, resources) = (opts.python, opts.resources);
     let inspect = steps.start("inspect_target", "reading the target's modules");
     let stat = preflight::check_target(pid)?;
     let maps = read_maps(pid).map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
@@ -564,7 +556,7 @@ fn attach_existing(
     let fds_at_attach = FdsAtAttach::read(pid, &trace_maps, fd_tracepoints);
     let (thread_probes, threads_at_attach) =
         trace_threads(&mut probes, resources, pid, &maps, steps);
-    let exec_watched = watch_images(&mut probes, &mut trace_maps, false);
+    let exec_watched = watch_images(&mut probes, &mut trace_maps, false, opts.follow_forks);
     let modules = capture_running(pid, &mut || trace_maps.code_generation())?;
     // (Only what changed since the first read.)
     load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new());
@@ -617,42 +609,29 @@ fn breakpoint(program: &Path, loading: &Loading) -> Result<(PathBuf, u64)> {
     })
 }
 
-fn launch_new(
-    cmd: &[OsString],
-    sizes: MapSizes,
-    sampling: Sampling,
-    python_opts: PythonOptions,
-    resources: bool,
-    follow_exec: bool,
-    steps: &Arc<Steps>,
-) -> Result<Attached> {
+fn launch_new(cmd: &[OsString], opts: &Options, steps: &Arc<Steps>) -> Result<Attached> {
     let launching = steps.start("launch", "starting the command");
     let program = launch::resolve_command(&cmd[0]).context("cannot launch the command")?;
     // (A script runs its interpreter.)
     let exe = launch::executable(&program)?;
-    let loading = launch::loading(&exe)?;
-    let (bp_path, bp_offset) = breakpoint(&exe, &loading)?;
     let child = launch::spawn_suspended(&program, cmd)?;
-    let pid = child.pid;
     drop(launching);
-    let loaded = load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps);
-    let loaded = match loaded {
-        Ok(v) => v,
-        Err(e) => {
+    let pid = child.pid;
+    let start = NewProgram {
+        program,
+        exe,
+        after_exec: false,
+        own_child: true,
+    };
+    let release = |released: bool| {
+        if released {
+            child.release().context("cannot launch the command")
+        } else {
             child.abandon();
-            return Err(e);
+            Ok(())
         }
     };
-    child
-        .release()
-        .with_context(|| format!("cannot launch {}", program.display()))?;
-    let stops = LoaderStops {
-        program,
-        dynamic: matches!(loading, Loading::Dynamic { .. }),
-        stop_at_exec: follow_exec,
-        after_exec: false,
-    };
-    attach_at_start(pid, stops, loaded, python_opts, resources, steps)
+    attach_new_program(pid, start, release, opts, steps)
 }
 
 /// Launch mode, once the child called exec and the BPF side stopped it
@@ -660,15 +639,12 @@ fn launch_new(
 /// new program as to a launched one, at its loader's stops.
 pub(super) fn launch_after_exec(
     pid: u32,
-    sizes: MapSizes,
-    sampling: Sampling,
-    python_opts: PythonOptions,
-    resources: bool,
-    follow_exec: bool,
+    own_child: bool,
+    opts: &Options,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
     loop {
-        match launch::wait_child(pid, false)? {
+        match launch::wait_stop(pid, own_child)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => break,
             Some(ChildState::Stopped(_)) => launch::continue_child(pid),
             Some(state) => bail!(
@@ -678,26 +654,75 @@ pub(super) fn launch_after_exec(
             None => {}
         }
     }
-    let attached = (|| {
-        let program = PathBuf::from(proc_exe(pid).context("reading the new program's path")?);
-        let loading = launch::loading(&program)?;
-        let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
-        let loaded =
-            load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps)?;
-        launch::continue_child(pid);
-        let stops = LoaderStops {
-            program,
-            dynamic: matches!(loading, Loading::Dynamic { .. }),
-            stop_at_exec: follow_exec,
-            after_exec: true,
-        };
-        attach_at_start(pid, stops, loaded, python_opts, resources, steps)
-    })();
+    let attached = proc_exe(pid)
+        .context("reading the new program's path")
+        .and_then(|program| {
+            let start = NewProgram {
+                program: PathBuf::from(&program),
+                exe: PathBuf::from(program),
+                after_exec: true,
+                own_child,
+            };
+            let release = |_released: bool| {
+                launch::continue_child(pid);
+                Ok(())
+            };
+            attach_new_program(pid, start, release, opts, steps)
+        });
     if attached.is_err() {
         // Not left stopped: it runs on untraced.
         launch::continue_child(pid);
     }
     attached
+}
+
+/// A program about to start in a process memtrace holds stopped (launched,
+/// or stopped at its exec).
+struct NewProgram {
+    /// The program named (a script, for one run by its interpreter).
+    program: PathBuf,
+    /// The executable the kernel loads (the script's interpreter).
+    exe: PathBuf,
+    /// The traced process exec'd it (else memtrace launched it).
+    after_exec: bool,
+    /// The process is memtrace's child (else a descendant of the target).
+    own_child: bool,
+}
+
+/// The launch path shared by a launched command and a program exec'd by a
+/// launched target: puts the breakpoint that stops the new program in its
+/// loader (or at a static executable's entry), lets the process go with
+/// `release(true)` (`release(false)` if that failed), and attaches at the
+/// loader's stops.
+fn attach_new_program(
+    pid: u32,
+    start: NewProgram,
+    release: impl FnOnce(bool) -> Result<()>,
+    opts: &Options,
+    steps: &Arc<Steps>,
+) -> Result<Attached> {
+    let setup = launch::loading(&start.exe).and_then(|loading| {
+        let (bp_path, bp_offset) = breakpoint(&start.exe, &loading)?;
+        let loaded = load_with_breakpoint(pid, &bp_path, bp_offset, opts, steps)?;
+        Ok((loading, loaded))
+    });
+    let (loading, loaded) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            release(false)?;
+            return Err(e);
+        }
+    };
+    release(true).with_context(|| format!("cannot launch {}", start.program.display()))?;
+    let stops = LoaderStops {
+        program: start.program,
+        dynamic: matches!(loading, Loading::Dynamic { .. }),
+        stop_at_exec: opts.follow_exec,
+        follow_forks: opts.follow_forks,
+        after_exec: start.after_exec,
+        own_child: start.own_child,
+    };
+    attach_at_start(pid, stops, loaded, opts.python, opts.resources, steps)
 }
 
 /// The new program's loading: where it stops, and whether it is to stop at
@@ -706,8 +731,12 @@ struct LoaderStops {
     program: PathBuf,
     dynamic: bool,
     stop_at_exec: bool,
+    /// Whether to stop its children before they run (`--follow-forks`).
+    follow_forks: bool,
     /// The traced process exec'd it (else memtrace launched it).
     after_exec: bool,
+    /// The process is memtrace's child, waited with waitpid.
+    own_child: bool,
 }
 
 /// The programs loaded and the loader breakpoint in, before a new program runs.
@@ -719,11 +748,10 @@ fn load_with_breakpoint(
     pid: u32,
     bp_path: &Path,
     bp_offset: u64,
-    sizes: MapSizes,
-    sampling: Sampling,
-    resources: bool,
+    opts: &Options,
     steps: &Arc<Steps>,
 ) -> Result<Loaded> {
+    let (sizes, sampling, resources) = (opts.map_sizes, opts.sampling, opts.resources);
     let (v, maps) = object::load(pid, sizes, sampling.mean_bytes(), steps)?;
     let mut probes = Probes::new(v.wait()?, sampling.mean_bytes() != 0);
     steps.time("attach_loader_breakpoint", "attaching probes", || {
@@ -767,8 +795,7 @@ fn attach_at_loader(
     let (mut allocators, nprobes) = steps.time("attach_probes", "attaching probes", || {
         attach_at_loader_stops(
             pid,
-            &stops.program,
-            stops.dynamic,
+            &stops,
             python_opts.objects,
             &mut probes,
             &mut trace_maps,
@@ -809,7 +836,12 @@ fn attach_at_loader(
         }
     };
     // After the program's own exec: watched from here on.
-    let exec_watched = watch_images(&mut probes, &mut trace_maps, stops.stop_at_exec);
+    let exec_watched = watch_images(
+        &mut probes,
+        &mut trace_maps,
+        stops.stop_at_exec,
+        stops.follow_forks,
+    );
     launch::continue_child(pid);
     Ok(Attached {
         pid,
@@ -843,18 +875,17 @@ fn attach_at_loader(
 /// executable stops once, at its entry point.
 fn attach_at_loader_stops(
     pid: u32,
-    program: &Path,
-    dynamic: bool,
+    stops: &LoaderStops,
     pymalloc: bool,
     probes: &mut Probes,
     trace_maps: &mut TraceMaps,
 ) -> Result<(Allocators, usize)> {
-    let mut stops = 0;
+    let mut stopped = 0;
     loop {
-        match launch::wait_child(pid, false)? {
+        match launch::wait_stop(pid, stops.own_child)? {
             Some(ChildState::Stopped(libc::SIGSTOP)) => {
-                stops += 1;
-                if !dynamic || stops >= 2 {
+                stopped += 1;
+                if !stops.dynamic || stopped >= 2 {
                     return attach_at_stop(pid, pymalloc, probes, trace_maps);
                 }
                 launch::continue_child(pid);
@@ -862,7 +893,7 @@ fn attach_at_loader_stops(
             Some(ChildState::Stopped(_)) => launch::continue_child(pid),
             Some(state) => bail!(
                 "{} ended (exit status {}) before its libraries were loaded: nothing to trace",
-                program.display(),
+                stops.program.display(),
                 state.exit_code().unwrap_or(-1)
             ),
             None => {}

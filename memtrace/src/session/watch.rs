@@ -214,6 +214,9 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             last = Summary::default();
             continue;
         }
+        if opts.follow_forks {
+            super::children::poll(opts, s);
+        }
         let now = Instant::now();
         if let Some(next) = schedule.next_python.filter(|&t| now >= t) {
             schedule.next_python = Some(next.max(now - PYTHON_POLL) + PYTHON_POLL);
