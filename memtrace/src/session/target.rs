@@ -23,6 +23,7 @@ use crate::{
     },
     process::maps::read_maps,
     process::modules::Generation,
+    process::namespaces::Namespaces,
     report::Sampling,
     steps::Steps,
     symbolize::python::{self, PythonResolver},
@@ -35,6 +36,8 @@ pub(super) struct Attached {
     pub(super) comm: String,
     pub(super) exe: Option<String>,
     pub(super) cmdline: Vec<String>,
+    /// Its pid in its own namespace, the namespaces it does not share.
+    pub(super) namespaces: Namespaces,
     pub(super) allocators: Allocators,
     pub(super) probes: Probes,
     pub(super) collector: Collector,
@@ -501,6 +504,7 @@ fn attach_existing(
             .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
+    let namespaces = Namespaces::read(pid);
     preload_debug_info(
         symbolizer,
         &early,
@@ -546,6 +550,7 @@ fn attach_existing(
         comm: stat.comm,
         exe,
         cmdline,
+        namespaces,
         allocators,
         probes,
         collector: Collector::new(trace_maps),
@@ -645,8 +650,7 @@ pub(super) fn launch_after_exec(
     }
     let attached = (|| {
         let program = PathBuf::from(proc_exe(pid).context("reading the new program's path")?);
-        let loading = launch::loading(&program)?;
-        let (bp_path, bp_offset) = breakpoint(&program, &loading)?;
+        let (loading, bp_path, bp_offset) = launch::breakpoint_after_exec(pid, &program)?;
         let loaded =
             load_with_breakpoint(pid, &bp_path, bp_offset, sizes, sampling, resources, steps)?;
         launch::continue_child(pid);
@@ -757,6 +761,7 @@ fn attach_at_loader(
         .unwrap_or_default();
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
+    let namespaces = Namespaces::read(pid);
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
@@ -781,6 +786,7 @@ fn attach_at_loader(
         comm,
         exe,
         cmdline,
+        namespaces,
         allocators,
         probes,
         collector: Collector::new(trace_maps),
