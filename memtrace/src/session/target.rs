@@ -23,7 +23,7 @@ use crate::{
     },
     process::maps::read_maps,
     process::modules::Generation,
-    process::namespaces::Namespaces,
+    process::namespaces::{self, Namespaces},
     report::Sampling,
     steps::Steps,
     symbolize::python::{self, PythonResolver},
@@ -240,6 +240,9 @@ fn setup_python(
                 keep_native: u32::from(keep_native),
                 ..interp.bpf
             };
+            if !namespaces::shares(pid, "pid") {
+                layout = python::keyed_by_pthread(layout);
+            }
             if layout.flags & memtrace_common::PY_LAYOUT_TID_PTHREAD != 0 {
                 layout.task_fsbase_off = btf_facts::get().task_fsbase_offset;
                 if layout.task_fsbase_off == 0 {
