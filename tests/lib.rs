@@ -521,6 +521,19 @@ impl Drop for TestProcess {
     }
 }
 
+/// The one child of process `pid` (a wrapper's: `unshare --fork`, `chroot`
+/// does not fork), as the host numbers it.
+pub fn only_child(pid: u32) -> u32 {
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_else(|e| panic!("the children of {pid}: {e}"));
+    let kids: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 1, "children of {pid}: {kids:?}");
+    kids[0]
+}
+
 /// A command for memtrace, with the environment that would change its output removed.
 pub fn memtrace_command() -> Command {
     let mut cmd = Command::new(require_memtrace());

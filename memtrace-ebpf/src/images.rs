@@ -19,8 +19,8 @@ use memtrace_common::{FORK_CHILD_BORN, FORK_CHILD_STOPPED, MAX_FORK_PIDS};
 
 /// `task:task_newtask` record offsets (its format file): the new task's
 /// pid and the clone flags.
-const NEWTASK_PID: usize = 8;
-const NEWTASK_CLONE_FLAGS: usize = 32;
+pub(crate) const NEWTASK_PID: usize = 8;
+pub(crate) const NEWTASK_CLONE_FLAGS: usize = 32;
 const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// `sched:sched_process_exec`, in the task that exec'd, once the new

@@ -16,6 +16,7 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
+use crate::images::{NEWTASK_CLONE_FLAGS, NEWTASK_PID};
 use crate::resources::{UserRegs, syscall_stack, user_regs};
 use crate::target::{read_user, regs_ret, target_thread};
 use aya_ebpf::{
@@ -49,6 +50,13 @@ static THREAD_CALLS: HashMap<u32, ThreadCall> = HashMap::with_max_entries(MAX_TH
 #[map]
 static THREAD_SITE_CREATED: HashMap<u64, u64> =
     HashMap::with_max_entries(MAX_THREAD_SITES, BPF_F_NO_PREALLOC);
+
+/// Creator's thread id → the host's id of the thread its clone just made,
+/// from `thread_newtask`: clone returns the id in the creator's pid
+/// namespace, which in a container is not the host's id that
+/// `bpf_get_current_pid_tgid` gives the new thread and every other probe.
+#[map]
+static NEW_THREAD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREAD_CALLS, 0);
 
 /// Event counters (`ThreadCounter`), per CPU.
 #[map]
@@ -85,6 +93,41 @@ fn clone_flags_tls(nr: u64, regs: &UserRegs) -> Option<(u64, u64)> {
     }
 }
 
+/// `task:task_newtask`, in the creator, before its clone returns: the new
+/// thread's host id (the record's `pid` is the task's id in the initial
+/// namespace), for `thread_created`.
+#[tracepoint]
+pub fn thread_newtask(ctx: TracePointContext) -> u32 {
+    let Some(me) = target_thread() else {
+        return 0;
+    };
+    // SAFETY: reads the tracepoint's record at its format's offsets; bpf_probe_read_kernel
+    // fails rather than faults.
+    let (Ok(flags), Ok(tid)) = (unsafe { ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS) }, unsafe {
+        ctx.read_at::<i32>(NEWTASK_PID)
+    }) else {
+        return 0;
+    };
+    if flags & CLONE_THREAD != 0 {
+        let _ = NEW_THREAD.insert(&me, &(tid as u32), 0);
+    }
+    0
+}
+
+/// The new thread's host id, as `thread_newtask` saw it made by `me`; else
+/// clone's result (the same outside a pid namespace).
+#[inline(always)]
+fn new_thread_id(me: u32, ret: i64) -> u32 {
+    // SAFETY: a value from a hash map lookup, copied at once.
+    match unsafe { NEW_THREAD.get(&me) }.copied() {
+        Some(tid) => {
+            let _ = NEW_THREAD.remove(&me);
+            tid
+        }
+        None => ret as u32,
+    }
+}
+
 #[tracepoint]
 pub fn thread_created(ctx: TracePointContext) -> u32 {
     let Some(me) = target_thread() else {
@@ -110,6 +153,7 @@ pub fn thread_created(ctx: TracePointContext) -> u32 {
         let _ = THREADS.insert(&me, &rec, BPF_NOEXIST as u64);
         return 0;
     }
+    let tid = new_thread_id(me, ret);
     let Some(mut regs) = user_regs() else {
         count(ThreadCounter::RegsReadErrors);
         return 0;
@@ -127,7 +171,7 @@ pub fn thread_created(ctx: TracePointContext) -> u32 {
         count(ThreadCounter::RegsReadErrors);
         return 0;
     }
-    created(&ctx, &regs, me, ret as u32, tls);
+    created(&ctx, &regs, me, tid, tls);
     0
 }
 

@@ -297,6 +297,42 @@ fn python_leaks_are_named_in_a_running_interpreter() {
     }
 }
 
+/// In its own pid namespace a CPython records its threads' ids there
+/// (`native_thread_id`), which the BPF side never sees: its threads are
+/// matched by `pthread_self()` instead, and the frames are all there.
+#[test]
+fn a_python_service_in_a_pid_namespace_shows_python_frames() {
+    require_root();
+    require_memtrace();
+    let script = fixture();
+    for (name, python) in interpreters() {
+        let mut target = TestProcess::spawn_env(
+            Path::new("unshare"),
+            &[
+                "--pid",
+                "--fork",
+                "--kill-child",
+                python.to_str().unwrap(),
+                script.to_str().unwrap(),
+                "attach",
+            ],
+            &[("PYTHONMALLOC", "malloc")],
+        );
+        target.wait_ready();
+        let pid = only_child(target.pid());
+        let mut session = AttachSession::spawn(pid, &[], &[]);
+        session.memtrace.wait_attached();
+        target.go();
+        target.wait_done();
+        let run = session.stop(libc::SIGINT);
+        target.finish_unharmed();
+        run.assert_exit(0);
+        let what = format!("{name}, in a pid namespace");
+        assert_eq!(run.report.0["target"]["ns_pid"], 1, "{what}");
+        assert_python_leaks(&run.report, &what);
+    }
+}
+
 #[test]
 fn python_native_frames_are_shown_between_python_frames_on_request() {
     require_root();

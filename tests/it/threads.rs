@@ -177,6 +177,39 @@ fn attach_lists_the_threads_that_existed_apart() {
     target.finish_unharmed();
 }
 
+/// In its own pid namespace, clone returns the new thread's id there: the
+/// threads are still followed by their host ids, from creation to join.
+#[test]
+fn threads_in_a_pid_namespace_are_followed_by_host_id() {
+    require_root();
+    let bin = bin();
+    let mut target = TestProcess::spawn(
+        std::path::Path::new("unshare"),
+        &[
+            "--pid",
+            "--fork",
+            "--kill-child",
+            bin.to_str().unwrap(),
+            "attach",
+        ],
+    );
+    target.wait_ready();
+    let pid = only_child(target.pid());
+    let mut session = AttachSession::spawn(pid, ARGS, &[]);
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let run = session.stop(libc::SIGINT);
+    run.assert_exit(0);
+    let r = &run.report;
+    assert_eq!(r.0["target"]["ns_pid"], 1);
+    assert_thread_sites(r);
+    let t = threads(r);
+    assert_eq!(t["events"]["exited"], 4 * ROUNDS, "{t}");
+    assert_eq!(u64_field(t, "alive"), 2 + ROUNDS, "{t}");
+    target.close_stdin();
+}
+
 #[test]
 fn text_report_shows_thread_sites_from_the_programs_own_frame() {
     require_root();

@@ -21,7 +21,7 @@ use crate::{
         placement::{self, Placement, choose_probe_site, probe_args},
         resolve::{self, ModuleFile, UntracedEntry},
     },
-    process::{link_map, mapped::MappedFile, maps::MapEntry, open::open_regular},
+    process::{link_map, mapped::MappedFile, maps::MapEntry, namespaces, open::open_regular},
 };
 
 /// What a probe at an entry point does.
@@ -981,10 +981,13 @@ pub fn lookup_order<'a>(mods: Vec<&'a MapEntry>, order: &[String]) -> Vec<&'a Ma
     mods
 }
 
-/// Path through which this process can open a file mapped by `pid`: via the
-/// target's root (containers), or via map_files for a file deleted since.
+/// Path through which this process can open (and probe) a file mapped by
+/// `pid`: via the target's root (containers), or via `map_files` for a file
+/// deleted since (its path may name another file now) and for a chrooted
+/// target, whose maps name files as memtrace sees them, not under its root
+/// ([`namespaces::maps_paths_in_root`]).
 pub fn open_path(pid: u32, m: &MapEntry) -> PathBuf {
-    if m.deleted {
+    if m.deleted || !namespaces::maps_paths_in_root(pid) {
         PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
     } else {
         let p = m.path.as_deref().unwrap_or("");

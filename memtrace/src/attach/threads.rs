@@ -13,13 +13,17 @@ use memtrace_common::threads::CREATE_SYSCALLS;
 use crate::process::maps::MapEntry;
 
 /// Loads the thread tracepoints and attaches them; returns how many.
+///
+/// `thread_newtask` goes first: it gives `thread_created` the new thread's
+/// host id where clone returns another (a target in a pid namespace).
 pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
+    let newtask = std::iter::once(("thread_newtask", "task", "task_newtask".to_string()));
     let creates = CREATE_SYSCALLS
         .iter()
-        .map(|s| ("thread_created", format!("sys_exit_{s}")));
-    let exit = std::iter::once(("thread_exit", "sys_enter_exit".to_string()));
+        .map(|s| ("thread_created", "syscalls", format!("sys_exit_{s}")));
+    let exit = std::iter::once(("thread_exit", "syscalls", "sys_enter_exit".to_string()));
     let mut n = 0;
-    for (name, event) in creates.chain(exit) {
+    for (name, category, event) in newtask.chain(creates).chain(exit) {
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?
@@ -38,9 +42,9 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
                     .map_or_else(|| "?".to_string(), |n| n.to_string())
             );
         }
-        prog.attach("syscalls", &event)
+        prog.attach(category, &event)
             .map_err(|e| anyhow!(e))
-            .with_context(|| format!("attaching {name} to syscalls:{event}"))?;
+            .with_context(|| format!("attaching {name} to {category}:{event}"))?;
         n += 1;
     }
     Ok(n)

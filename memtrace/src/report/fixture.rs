@@ -47,6 +47,10 @@ pub fn sample() -> Report {
             cmdline: vec!["app".into()],
             exited: true,
             exit_status: Some(7),
+            namespaces: Namespaces {
+                ns_pid: Some(42),
+                ..Default::default()
+            },
         },
         started_at: "2026-11-23T07:00:00Z".into(),
         ended_at: "2026-11-23T07:00:12Z".into(),
@@ -434,6 +438,19 @@ pub fn varied(sampling: Sampling) -> Report {
             cmdline: vec!["app".into(), "--name=\"x\"\n".into()],
             exited: !sampled,
             exit_status: (!sampled).then_some(-7),
+            // Exact: a container's process (its own pid and mount namespaces
+            // and root).
+            namespaces: match sampled {
+                false => Namespaces {
+                    ns_pid: Some(7),
+                    own_namespaces: vec!["pid", "mnt"],
+                    own_root: true,
+                },
+                true => Namespaces {
+                    ns_pid: Some(4242),
+                    ..Default::default()
+                },
+            },
         },
         started_at: "2026-11-23T07:00:00Z".into(),
         ended_at: "2026-11-23T07:00:12Z".into(),

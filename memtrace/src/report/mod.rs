@@ -31,6 +31,7 @@ pub use site_id::site_id;
 pub use stack_text::TextStyle;
 pub use text::text_order;
 
+pub use crate::process::namespaces::Namespaces;
 pub use crate::symbolize::Frame;
 use crate::{
     analyze::{ProcessSummary, Trend, Verdict, VerdictConfig},
@@ -288,11 +289,18 @@ pub struct HistoryPoint {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetInfo {
+    /// The host's pid (memtrace's pid namespace is the host's).
     pub pid: u32,
+    /// As the target sees them: in its own mount namespace or root.
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
     pub exited: bool,
     pub exit_status: Option<i32>,
+    /// The pid as the target's own pid namespace numbers it (a container's
+    /// view; `pid` when it shares memtrace's), the namespaces it does not
+    /// share with memtrace, and whether its root is another.
+    #[serde(flatten)]
+    pub namespaces: Namespaces,
 }
 
 pub use crate::kernel::sampling::Sampling;

@@ -205,9 +205,13 @@ impl Report {
     fn header_text(&self, o: &mut String) {
         let t = &self.target;
         let exe = Escaped(t.exe.as_deref().unwrap_or("?"));
+        let ns_pid = match t.namespaces.other_pid(t.pid) {
+            Some(p) => format!(" ({p} in its pid namespace)"),
+            None => String::new(),
+        };
         let _ = write!(
             o,
-            "memtrace report: pid {} ({exe}), traced for {}",
+            "memtrace report: pid {}{ns_pid} ({exe}), traced for {}",
             t.pid,
             format_duration(std::time::Duration::from_secs_f64(self.duration_s))
         );
@@ -229,6 +233,19 @@ impl Report {
                  figures marked ~ are estimates",
                 format_bytes(mean_bytes as i64)
             );
+        }
+        let ns = &t.namespaces;
+        if ns.is_isolated() {
+            let mut parts = Vec::new();
+            if !ns.own_namespaces.is_empty() {
+                let kinds = ns.own_namespaces.join(", ");
+                let s = if ns.own_namespaces.len() > 1 { "s" } else { "" };
+                parts.push(format!("own {kinds} namespace{s}"));
+            }
+            if ns.own_root {
+                parts.push("own root directory".to_string());
+            }
+            let _ = writeln!(o, "isolated: {}", parts.join("; "));
         }
     }
 

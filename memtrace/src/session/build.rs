@@ -700,6 +700,7 @@ fn assemble(
             cmdline: at.cmdline.clone(),
             exited: meta.exited,
             exit_status: meta.exit_status,
+            namespaces: at.namespaces.clone(),
         },
         started_at: report::rfc3339(meta.started_at),
         ended_at: report::rfc3339(meta.ended_at),

@@ -130,6 +130,48 @@ pub fn loading(exe: &Path) -> Result<Loading> {
     Ok(Loading::Static { entry_offset })
 }
 
+/// How the program `pid` has just exec'd (stopped before its first
+/// instruction) is loaded, and where its loader breakpoint goes (the file
+/// to probe, the offset in it).
+///
+/// Read through the process, not by the path it exec'd: that path is its
+/// own view, which in another mount namespace or root may not exist here or
+/// name another file. The kernel has mapped the executable and its loader at
+/// the exec already, so both are taken as mapped
+/// ([`crate::attach::allocator::open_path`]).
+pub fn breakpoint_after_exec(pid: u32, program: &Path) -> Result<(Loading, PathBuf, u64)> {
+    let loading = loading(Path::new(&format!("/proc/{pid}/exe")))?;
+    let maps = crate::process::maps::read_maps(pid).map_err(|e| anyhow::anyhow!(e))?;
+    // The maps and `program` (its /proc/PID/exe) name files alike.
+    let is_program = |p: &str| Path::new(p) == program;
+    let mapped = |want_program: bool| {
+        maps.iter()
+            .filter(|m| m.is_exec() && m.is_file_backed())
+            .find(|m| {
+                m.path
+                    .as_deref()
+                    .is_some_and(|p| is_program(p) == want_program)
+            })
+            .map(|m| crate::attach::allocator::open_path(pid, m))
+    };
+    Ok(match &loading {
+        Loading::Dynamic { interpreter } => {
+            let ldso = mapped(false).unwrap_or_else(|| {
+                // Not mapped (not seen yet): by its path in the target's root.
+                let rel = interpreter.strip_prefix("/").unwrap_or(interpreter);
+                Path::new(&format!("/proc/{pid}/root")).join(rel)
+            });
+            let offset = loader_breakpoint_offset(&ldso)?;
+            (loading, ldso, offset)
+        }
+        Loading::Static { entry_offset } => {
+            let exe = mapped(true).unwrap_or_else(|| format!("/proc/{pid}/exe").into());
+            let offset = *entry_offset;
+            (loading, exe, offset)
+        }
+    })
+}
+
 /// File offset of `_dl_debug_state` in glibc's dynamic loader.
 pub fn loader_breakpoint_offset(ldso: &Path) -> Result<u64> {
     let data = read_regular(ldso)?;

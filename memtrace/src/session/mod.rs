@@ -310,8 +310,12 @@ fn announce(
             format!("{} ({})", Escaped(&a.module), names.join(", "))
         })
         .collect();
+    let ns_pid = match at.namespaces.other_pid(at.pid) {
+        Some(p) => format!(", {p} in its pid namespace"),
+        None => String::new(),
+    };
     eprintln!(
-        "memtrace: attached to pid {} ({}): {} probes on {} in {}",
+        "memtrace: attached to pid {} ({}{ns_pid}): {} probes on {} in {}",
         at.pid,
         Escaped(&at.comm),
         at.nprobes,

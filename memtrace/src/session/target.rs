@@ -20,6 +20,7 @@ use crate::{
     kernel::{btf_facts, maps::TraceMaps, object},
     process::maps::read_maps,
     process::modules::Generation,
+    process::namespaces::{self, Namespaces},
     process::open::{Links, Root},
     steps::Steps,
     symbolize::python::{self, PythonResolver},
@@ -32,6 +33,8 @@ pub(super) struct Attached {
     pub(super) comm: String,
     pub(super) exe: Option<String>,
     pub(super) cmdline: Vec<String>,
+    /// Its pid in its own namespace, the namespaces it does not share.
+    pub(super) namespaces: Namespaces,
     pub(super) allocators: Allocators,
     pub(super) probes: Probes,
     pub(super) collector: Collector,
@@ -248,6 +251,9 @@ fn setup_python(
                 keep_native: u32::from(keep_native),
                 ..interp.bpf
             };
+            if !namespaces::shares(pid, "pid") {
+                layout = python::keyed_by_pthread(layout);
+            }
             if layout.flags & memtrace_common::PY_LAYOUT_TID_PTHREAD != 0 {
                 layout.task_fsbase_off = btf_facts::get().task_fsbase_offset;
                 if layout.task_fsbase_off == 0 {
@@ -528,6 +534,7 @@ pub(super) fn attach_existing(
             .map_err(|e| exited_during_attach(pid, anyhow!(e)))?;
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
+    let namespaces = Namespaces::read(pid);
     preload_debug_info(
         symbolizer,
         &early,
@@ -573,6 +580,7 @@ pub(super) fn attach_existing(
         comm: stat.comm,
         exe,
         cmdline,
+        namespaces,
         allocators,
         probes,
         collector: Collector::new(trace_maps),
@@ -701,11 +709,19 @@ fn attach_new_program(
     opts: &Options,
     steps: &Arc<Steps>,
 ) -> Result<Attached> {
-    let setup = launch::loading(&start.exe).and_then(|loading| {
-        let (bp_path, bp_offset) = breakpoint(&start.exe, &loading)?;
+    let setup = (|| {
+        // After an exec the program is read through the process: the path
+        // it exec'd is its own view (another mount namespace or root).
+        let (loading, bp_path, bp_offset) = if start.after_exec {
+            launch::breakpoint_after_exec(pid, &start.exe)?
+        } else {
+            let loading = launch::loading(&start.exe)?;
+            let (bp_path, bp_offset) = breakpoint(&start.exe, &loading)?;
+            (loading, bp_path, bp_offset)
+        };
         let loaded = load_with_breakpoint(pid, &bp_path, bp_offset, opts, steps)?;
         Ok((loading, loaded))
-    });
+    })();
     let (loading, loaded) = match setup {
         Ok(v) => v,
         Err(e) => {
@@ -819,6 +835,7 @@ fn attach_at_loader(
         .unwrap_or_default();
     let exe = proc_exe(pid);
     let cmdline = proc_cmdline(pid);
+    let namespaces = Namespaces::read(pid);
     steps.time("unwind_tables", "loading unwind tables", || {
         load_tables(&mut tables, &mut trace_maps, pid, &modules, HashMap::new())
     });
@@ -848,6 +865,7 @@ fn attach_at_loader(
         comm,
         exe,
         cmdline,
+        namespaces,
         allocators,
         probes,
         collector: Collector::new(trace_maps),

@@ -152,6 +152,23 @@ fn version_layout(minor: u8) -> Option<VersionLayout> {
     Some(VersionLayout { bpf, code })
 }
 
+/// `layout` with threads matched by `pthread_self()` (`PyThreadState.thread_id`)
+/// rather than by kernel thread id (`native_thread_id`), for an interpreter
+/// in another pid namespace: it records the tid its own namespace gives,
+/// which the BPF side, seeing the host's, never matches. `thread_id` is the
+/// field just before `native_thread_id` in 3.11 to 3.13 (3.10 keys by it
+/// already).
+pub fn keyed_by_pthread(layout: PythonLayout) -> PythonLayout {
+    if layout.flags & PY_LAYOUT_TID_PTHREAD != 0 {
+        return layout;
+    }
+    PythonLayout {
+        tstate_tid_off: layout.tstate_tid_off - 8,
+        flags: layout.flags | PY_LAYOUT_TID_PTHREAD,
+        ..layout
+    }
+}
+
 /// Whether a CPython started with this environment (`/proc/PID/environ`:
 /// `KEY=value` strings, each ending in a NUL) sends every allocation to
 /// `malloc`: `PYTHONMALLOC=malloc` or `malloc_debug`. Otherwise objects of

@@ -6,4 +6,6 @@ pub mod layout;
 pub mod linetable;
 
 pub use code::PythonResolver;
-pub use layout::{Found, PYMALLOC_ENTRY_POINTS, allocates_with_malloc, find, has_debug_hooks};
+pub use layout::{
+    Found, PYMALLOC_ENTRY_POINTS, allocates_with_malloc, find, has_debug_hooks, keyed_by_pthread,
+};
