@@ -5,6 +5,8 @@
 //! Every pid memtrace keeps and every pid the BPF side compares is the host's
 //! (`bpf_get_current_pid_tgid` gives the initial namespace's ids, and memtrace
 //! reads `/proc` in it); the namespace pid is only shown, beside the host pid.
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -90,11 +92,30 @@ pub fn parse_ns_pid(status: &str) -> Option<u32> {
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+    match (file_id(a), file_id(b)) {
+        (Some(a), Some(b)) => a == b,
         // Unreadable (the target exited): nothing is claimed.
         _ => true,
+    }
+}
+
+/// The device and inode of `path`, from what the kernel holds: with
+/// `AT_STATX_DONT_SYNC` a FUSE filesystem (a rootless container's root) is
+/// not asked, so a server that never answers cannot hold memtrace
+/// (`process/served.rs`). `/proc/PID/root` itself is a magic link: reaching
+/// it looks nothing up in the target's tree.
+fn file_id(path: &Path) -> Option<(u32, u32, u64)> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path; statx writes one `struct statx` into the zeroed
+    // buffer given.
+    unsafe {
+        let mut st: libc::statx = std::mem::zeroed();
+        let flags = libc::AT_STATX_DONT_SYNC;
+        (libc::statx(libc::AT_FDCWD, c.as_ptr(), flags, libc::STATX_INO, &mut st) == 0).then_some((
+            st.stx_dev_major,
+            st.stx_dev_minor,
+            st.stx_ino,
+        ))
     }
 }
 
