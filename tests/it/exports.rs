@@ -456,6 +456,24 @@ fn served(listen: &str, name: &str, label: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+const VERDICTS: [&str; 5] = ["leak", "growing", "stable", "transient", "unknown"];
+
+/// The served counts of `name{LABELS verdict="..."}`, in [`VERDICTS`]'
+/// order, once two reads an interval apart agree (the target idle).
+fn settled_verdicts(listen: &str, name: &str, labels: &str) -> Vec<Option<String>> {
+    let judged = |v: &str| served(listen, name, &format!("{labels}verdict=\"{v}\""));
+    let mut last: Vec<Option<String>> = Vec::new();
+    for _ in 0..10 {
+        let now: Vec<Option<String>> = VERDICTS.iter().map(|v| judged(v)).collect();
+        if now == last {
+            break;
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    last
+}
+
 #[test]
 fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     require_root();
@@ -514,17 +532,7 @@ fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     // what the final report says.
     let sites = served(&listen, "memtrace_sites", "").unwrap();
     prometheus_until(&prom_addr, "sum(memtrace_sites_by_verdict)", &sites);
-    let verdicts = ["leak", "growing", "stable", "transient", "unknown"];
-    let judged = |v: &str| served(&listen, "memtrace_sites_by_verdict", &format!("\"{v}\""));
-    let mut live_verdicts: Vec<Option<String>> = Vec::new();
-    for _ in 0..10 {
-        let now: Vec<Option<String>> = verdicts.iter().map(|v| judged(v)).collect();
-        if now == live_verdicts {
-            break;
-        }
-        live_verdicts = now;
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-    }
+    let live_verdicts = settled_verdicts(&listen, "memtrace_sites_by_verdict", "");
     let leaks = live_verdicts[0].clone().expect("memtrace_sites_by_verdict");
     prometheus_until(
         &prom_addr,
@@ -541,7 +549,7 @@ fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     let run = session.stop(libc::SIGINT);
     run.assert_exit(0);
     assert_eq!(run.report.total("outstanding_bytes").to_string(), live);
-    for (v, n) in verdicts.iter().zip(&live_verdicts) {
+    for (v, n) in VERDICTS.iter().zip(&live_verdicts) {
         assert_eq!(
             Some(run.report.0["verdicts"][v].to_string()),
             *n,
@@ -582,24 +590,15 @@ fn prometheus_counts_the_traced_threads_and_their_verdicts() {
         "2",
     );
     // Their verdicts, judged live: the fixture idle, what the report says.
-    let verdicts = ["leak", "growing", "stable", "transient", "unknown"];
-    let judged = |v: &str| {
-        let label = format!("resource=\"thread\",verdict=\"{v}\"");
-        served(&listen, "memtrace_resource_sites_by_verdict", &label)
-    };
-    let mut live: Vec<Option<String>> = Vec::new();
-    for _ in 0..10 {
-        let now: Vec<Option<String>> = verdicts.iter().map(|v| judged(v)).collect();
-        if now == live {
-            break;
-        }
-        live = now;
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-    }
+    let live = settled_verdicts(
+        &listen,
+        "memtrace_resource_sites_by_verdict",
+        "resource=\"thread\",",
+    );
     let run = session.stop(libc::SIGINT);
     run.assert_exit(0);
     let t = &run.report.0["resources"]["threads"];
-    for (v, n) in verdicts.iter().zip(&live) {
+    for (v, n) in VERDICTS.iter().zip(&live) {
         assert_eq!(Some(t["verdicts"][v].to_string()), *n, "{v}: {t}");
     }
     let held: u64 = t["sites"]
