@@ -415,6 +415,65 @@ fn prometheus_until(prom: &str, query: &str, want: &str) -> String {
     panic!("prometheus: `{query}` = {last:?}, want {want}");
 }
 
+/// Debian's Prometheus scraping `listen` every second, in a directory of
+/// its own; its address.
+fn start_prometheus(listen: &str, port: u16) -> (Reaped, String) {
+    let dir = scratch_dir().join(format!("prometheus-{port}"));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+             - job_name: memtrace\n    static_configs:\n      - targets: ['{listen}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_addr = format!("127.0.0.1:{}", free_port());
+    let prom = Reaped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian's; cargo xtask test installs it)"),
+    );
+    (prom, prom_addr)
+}
+
+/// The value of the sample of `/metrics` at `listen` whose line starts
+/// with `name{` and holds `label`.
+fn served(listen: &str, name: &str, label: &str) -> Option<String> {
+    let body = http_get(listen, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.to_string())
+}
+
+const VERDICTS: [&str; 5] = ["leak", "growing", "stable", "transient", "unknown"];
+
+/// The served counts of `name{LABELS verdict="..."}`, in [`VERDICTS`]'
+/// order, once two reads an interval apart agree (the target idle).
+fn settled_verdicts(listen: &str, name: &str, labels: &str) -> Vec<Option<String>> {
+    let judged = |v: &str| served(listen, name, &format!("{labels}verdict=\"{v}\""));
+    let mut last: Vec<Option<String>> = Vec::new();
+    for _ in 0..10 {
+        let now: Vec<Option<String>> = VERDICTS.iter().map(|v| judged(v)).collect();
+        if now == last {
+            break;
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    last
+}
+
 #[test]
 fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     require_root();
@@ -432,31 +491,7 @@ fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     target.go();
     target.wait_done();
     // A real Prometheus (Debian's) scraping memtrace every second.
-    let dir = scratch_dir().join(format!("prometheus-{port}"));
-    fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("prometheus.yml");
-    fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
-             - job_name: memtrace\n    static_configs:\n      - targets: ['{listen}']\n"
-        ),
-    )
-    .unwrap();
-    let prom_addr = format!("127.0.0.1:{}", free_port());
-    let _prom = Reaped(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={prom_addr}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian's; cargo xtask test installs it)"),
-    );
+    let (_prom, prom_addr) = start_prometheus(&listen, port);
     // memtrace's own figure, once an interval after the work has shown it.
     let metric = |name: &str| -> Option<String> {
         let body = http_get(&listen, "/metrics")?;
@@ -492,6 +527,18 @@ fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
         "memtrace_process_open_fds{kind=\"pipe\"}",
         &pipes,
     );
+    // The heap sites' verdicts, judged live from the history (no
+    // --snapshot-every): one per site holding blocks, and, the fixture idle,
+    // what the final report says.
+    let sites = served(&listen, "memtrace_sites", "").unwrap();
+    prometheus_until(&prom_addr, "sum(memtrace_sites_by_verdict)", &sites);
+    let live_verdicts = settled_verdicts(&listen, "memtrace_sites_by_verdict", "");
+    let leaks = live_verdicts[0].clone().expect("memtrace_sites_by_verdict");
+    prometheus_until(
+        &prom_addr,
+        "memtrace_sites_by_verdict{verdict=\"leak\"}",
+        &leaks,
+    );
     // The live profile, read by go tool pprof from the endpoint Parca scrapes.
     let url = format!("http://{listen}/debug/pprof/heap");
     let top = go_pprof(&["-top", "-unit=B"], Path::new(&url));
@@ -502,5 +549,64 @@ fn prometheus_scrapes_metrics_and_go_tool_pprof_the_live_profile() {
     let run = session.stop(libc::SIGINT);
     run.assert_exit(0);
     assert_eq!(run.report.total("outstanding_bytes").to_string(), live);
+    for (v, n) in VERDICTS.iter().zip(&live_verdicts) {
+        assert_eq!(
+            Some(run.report.0["verdicts"][v].to_string()),
+            *n,
+            "{v}: {}",
+            run.report.0["verdicts"]
+        );
+    }
+    target.finish_unharmed();
+}
+
+#[test]
+fn prometheus_counts_the_traced_threads_and_their_verdicts() {
+    require_root();
+    require_memtrace();
+    let exe = build_fixture("thread_sites", Variant::FramePointers);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut target = TestProcess::spawn_ready(&exe, &["attach"]);
+    let mut session = AttachSession::spawn(
+        target.pid(),
+        &["--listen", &listen, "--interval", "100ms"],
+        &[],
+    );
+    session.memtrace.wait_attached();
+    target.go();
+    target.wait_done();
+    let (_prom, prom_addr) = start_prometheus(&listen, port);
+    // thread_sites keeps 12 threads running and 12 exited unjoined, from
+    // two sites (tests/it/threads.rs).
+    prometheus_until(
+        &prom_addr,
+        "memtrace_traced_resources{resource=\"thread\",kind=\"thread\"}",
+        "24",
+    );
+    prometheus_until(
+        &prom_addr,
+        "sum(memtrace_resource_sites_by_verdict{resource=\"thread\"})",
+        "2",
+    );
+    // Their verdicts, judged live: the fixture idle, what the report says.
+    let live = settled_verdicts(
+        &listen,
+        "memtrace_resource_sites_by_verdict",
+        "resource=\"thread\",",
+    );
+    let run = session.stop(libc::SIGINT);
+    run.assert_exit(0);
+    let t = &run.report.0["resources"]["threads"];
+    for (v, n) in VERDICTS.iter().zip(&live) {
+        assert_eq!(Some(t["verdicts"][v].to_string()), *n, "{v}: {t}");
+    }
+    let held: u64 = t["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outstanding"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 24, "{t}");
     target.finish_unharmed();
 }

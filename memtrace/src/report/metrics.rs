@@ -42,18 +42,53 @@ pub struct Metrics {
     pub top_sites: Vec<SiteMetric>,
     /// Seconds since tracing began.
     pub traced_seconds: f64,
-    /// With `--snapshot-every`: the verdict counts of the newest snapshot.
-    pub verdicts: Option<SnapshotVerdicts>,
+    /// The heap sites' verdicts: judged from the live history at a
+    /// history sample, or the newest `--snapshot-every` snapshot's when it
+    /// is newer.
+    pub verdicts: Option<SiteVerdicts>,
+    /// The traced fds, threads and mappings (None when not traced).
+    pub resources: Option<ResourceFigures>,
 }
 
-/// The verdicts of a snapshot's sites: what the final report would have
-/// said had tracing ended then (verdicts need each site's history and a
-/// scan of its blocks, which only a report makes).
+/// The heap sites' verdicts at one moment: what the final report would
+/// have said had tracing ended then.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct SnapshotVerdicts {
+pub struct SiteVerdicts {
     pub counts: super::VerdictCounts,
-    /// When the snapshot was taken, in seconds since tracing began.
+    /// When they were judged, in seconds since tracing began.
     pub traced_seconds: f64,
+}
+
+/// The fds, threads and mappings created while traced that sites hold now,
+/// and their sites' verdicts, judged at the last interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResourceFigures {
+    /// Per resource (`fd`, `thread`, `mapping`): its sites' verdicts.
+    pub verdicts: Vec<(&'static str, super::VerdictCounts)>,
+    pub held: Vec<HeldKind>,
+}
+
+/// The items of one kind of a resource held now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeldKind {
+    /// `fd`, `thread` or `mapping`.
+    pub resource: &'static str,
+    /// The site kind (`socket`, `thread`, `anon_mapping`...).
+    pub kind: String,
+    pub outstanding: u64,
+    /// Bytes held (mappings).
+    pub bytes: Option<u64>,
+}
+
+/// Each verdict's name and count.
+fn verdict_list(c: &super::VerdictCounts) -> [(&'static str, u64); 5] {
+    [
+        ("leak", c.leak),
+        ("growing", c.growing),
+        ("stable", c.stable),
+        ("transient", c.transient),
+        ("unknown", c.unknown),
+    ]
 }
 
 /// The two exposition formats and their content types.
@@ -196,6 +231,7 @@ impl Metrics {
         );
         self.process_families(&mut w);
         self.verdict_families(&mut w);
+        self.resource_families(&mut w);
         self.site_families(&mut w);
         if format == Exposition::OpenMetrics {
             w.out.push_str("# EOF\n");
@@ -247,25 +283,57 @@ impl Metrics {
         w.family(
             "memtrace_sites_by_verdict",
             "gauge",
-            "Sites of the newest snapshot (--snapshot-every) by verdict: leak, growing, stable, \
-             transient, unknown.",
+            "Heap sites by verdict (leak, growing, stable, transient, unknown), judged from \
+             the live history, or by the newest --snapshot-every snapshot when newer.",
         );
-        let c = &v.counts;
-        for (verdict, n) in [
-            ("leak", c.leak),
-            ("growing", c.growing),
-            ("stable", c.stable),
-            ("transient", c.transient),
-            ("unknown", c.unknown),
-        ] {
+        for (verdict, n) in verdict_list(&v.counts) {
             w.sample("memtrace_sites_by_verdict", &[("verdict", verdict)], n);
         }
         w.one(
             "memtrace_verdicts_traced_seconds",
             "gauge",
-            "When the newest snapshot judged the sites, in seconds since tracing began.",
+            "When memtrace_sites_by_verdict was judged, in seconds since tracing began.",
             format!("{:.3}", v.traced_seconds),
         );
+    }
+
+    fn resource_families(&self, w: &mut Writer) {
+        let Some(r) = &self.resources else { return };
+        w.family(
+            "memtrace_resource_sites_by_verdict",
+            "gauge",
+            "Sites holding fds, threads or mappings created while traced, by resource and \
+             verdict, judged at the last interval.",
+        );
+        for (resource, counts) in &r.verdicts {
+            for (verdict, n) in verdict_list(counts) {
+                let labels = [("resource", *resource), ("verdict", verdict)];
+                w.sample("memtrace_resource_sites_by_verdict", &labels, n);
+            }
+        }
+        w.family(
+            "memtrace_traced_resources",
+            "gauge",
+            "fds, threads and mappings created while traced and held now, by resource and \
+             site kind.",
+        );
+        for h in &r.held {
+            let labels = [("resource", h.resource), ("kind", h.kind.as_str())];
+            w.sample("memtrace_traced_resources", &labels, h.outstanding);
+        }
+        w.family(
+            "memtrace_traced_mapped_bytes",
+            "gauge",
+            "Bytes mapped by mmaps made while traced and still mapped, by kind.",
+        );
+        for h in r.held.iter().filter(|h| h.bytes.is_some()) {
+            let labels = [("kind", h.kind.as_str())];
+            w.sample(
+                "memtrace_traced_mapped_bytes",
+                &labels,
+                h.bytes.unwrap_or(0),
+            );
+        }
     }
 
     fn site_families(&self, w: &mut Writer) {
@@ -323,11 +391,54 @@ mod tests {
     }
 
     #[test]
-    fn verdicts_only_from_a_snapshot() {
+    fn resources_by_verdict_and_kind() {
+        let t = sample().render(Exposition::Prometheus);
+        assert!(!t.contains("memtrace_traced_resources"), "{t}");
+        let m = Metrics {
+            resources: Some(ResourceFigures {
+                verdicts: vec![(
+                    "thread",
+                    crate::report::VerdictCounts {
+                        leak: 2,
+                        ..Default::default()
+                    },
+                )],
+                held: vec![
+                    HeldKind {
+                        resource: "thread",
+                        kind: "thread".into(),
+                        outstanding: 24,
+                        bytes: None,
+                    },
+                    HeldKind {
+                        resource: "mapping",
+                        kind: "anon_mapping".into(),
+                        outstanding: 3,
+                        bytes: Some(12288),
+                    },
+                ],
+            }),
+            ..sample()
+        };
+        let t = m.render(Exposition::Prometheus);
+        for line in [
+            "memtrace_resource_sites_by_verdict{pid=\"42\",resource=\"thread\",verdict=\"leak\"} 2\n",
+            "memtrace_resource_sites_by_verdict{pid=\"42\",resource=\"thread\",verdict=\"unknown\"} 0\n",
+            "memtrace_traced_resources{pid=\"42\",resource=\"thread\",kind=\"thread\"} 24\n",
+            "memtrace_traced_resources{pid=\"42\",resource=\"mapping\",kind=\"anon_mapping\"} 3\n",
+            "memtrace_traced_mapped_bytes{pid=\"42\",kind=\"anon_mapping\"} 12288\n",
+        ] {
+            assert!(t.contains(line), "{line}{t}");
+        }
+        assert!(!t.contains("memtrace_traced_mapped_bytes{pid=\"42\",kind=\"thread\""));
+    }
+
+    #[test]
+    fn verdicts_once_judged() {
         let t = sample().render(Exposition::Prometheus);
         assert!(!t.contains("verdict"), "{t}");
         let m = Metrics {
-            verdicts: Some(SnapshotVerdicts {
+            verdicts: Some(SiteVerdicts {
                 counts: crate::report::VerdictCounts {
                     leak: 2,
                     stable: 5,

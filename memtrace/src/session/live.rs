@@ -7,14 +7,16 @@ use anyhow::Result;
 
 use super::{Options, frames::AddressFrames, target::Attached};
 use crate::{
+    analyze::{self, History, SiteBlocks, Verdict, VerdictConfig},
     kernel::collect::{Counters, SiteSample},
     process::{fds, stat::ProcStat},
     report::{
-        Frames, Profile, ProfileSample,
-        metrics::{Metrics, SiteMetric},
+        Frames, Profile, ProfileSample, VerdictCounts,
+        metrics::{Metrics, ResourceFigures, SiteMetric},
     },
     symbolize::Symbolizer,
 };
+use rustc_hash::FxHashMap as HashMap;
 
 /// The longest a live profile waits for debug info still loading: a scraper
 /// gets the frames that are ready (the rest by address), and the watch loop
@@ -74,9 +76,56 @@ pub(super) fn metrics(
             })
             .collect(),
         traced_seconds: start.elapsed().as_secs_f64(),
-        // Set by `Published::set_metrics`, from the newest snapshot.
+        // Set by the caller: judged at history samples only.
         verdicts: None,
+        resources: None,
     })
+}
+
+/// The verdicts of the heap sites holding blocks at this history sample
+/// (`ages`: their blocks then), as the report would judge them had
+/// tracing ended now (`--min-age` aside: every site holding a block).
+pub(super) fn heap_verdicts(
+    history: &History,
+    ages: &HashMap<u64, SiteBlocks>,
+    sites: &[SiteSample],
+    vcfg: &VerdictConfig,
+) -> VerdictCounts {
+    let mut c = VerdictCounts::default();
+    for s in sites.iter().filter(|s| s.outstanding_blocks > 0) {
+        let v = match history.site(s.stack_id) {
+            Some(h) => analyze::assess(h.times, h.points, ages.get(&s.stack_id), vcfg).verdict,
+            None => Verdict::Unknown,
+        };
+        // As the report says: a site that lost blocks to a full table may
+        // have grown in the blocks missing.
+        c.count(match v {
+            Verdict::Stable | Verdict::Transient if s.dropped_blocks > 0 => Verdict::Unknown,
+            v => v,
+        });
+    }
+    c
+}
+
+/// The traced resources held now and their sites' verdicts (as sampled
+/// this interval).
+pub(super) fn resource_metrics(
+    s: &super::Session,
+    vcfg: &VerdictConfig,
+) -> Option<ResourceFigures> {
+    let fds = s.fds.as_ref()?;
+    let mut r = ResourceFigures::default();
+    r.verdicts.push(("fd", fds.verdicts(vcfg)));
+    r.held.extend(fds.held());
+    if let Some(t) = &s.threads {
+        r.verdicts.push(("thread", t.verdicts(vcfg)));
+        r.held.extend(t.held());
+    }
+    if let Some(m) = &s.mappings {
+        r.verdicts.push(("mapping", m.verdicts(vcfg)));
+        r.held.extend(m.held());
+    }
+    Some(r)
 }
 
 /// A gzipped pprof profile of the blocks outstanding now: every site that

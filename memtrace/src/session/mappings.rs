@@ -38,6 +38,7 @@ use crate::{
     report::mappings::{
         Apart, Existed, MAX_LISTED_RANGES, MapReconciliation, MappingKind, MappingReport, RangeInfo,
     },
+    report::metrics::HeldKind,
     report::resource_site::{ResourceSite, SiteDetail},
 };
 
@@ -197,6 +198,30 @@ impl Mappings {
             }
         }
         out
+    }
+
+    /// The mapping sites' verdicts at the last sample.
+    pub(super) fn verdicts(&self, vcfg: &VerdictConfig) -> VerdictCounts {
+        self.history.verdicts(vcfg)
+    }
+
+    /// The traced mappings with bytes left at the last sample, by kind.
+    pub(super) fn held(&self) -> Vec<HeldKind> {
+        let mut kinds = [("anon_mapping", 0, 0), ("file_mapping", 0, 0)];
+        for (id, b) in self.history.held() {
+            let k = &mut kinds[usize::from(self.sites[*id as usize].file)];
+            k.1 += b.blocks;
+            k.2 += b.bytes;
+        }
+        kinds
+            .into_iter()
+            .map(|(kind, n, bytes)| HeldKind {
+                resource: "mapping",
+                kind: kind.to_string(),
+                outstanding: n,
+                bytes: Some(bytes),
+            })
+            .collect()
     }
 
     /// `, mapped 12.0 MiB` for the live line.

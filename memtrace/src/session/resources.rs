@@ -17,6 +17,7 @@ use crate::{
     kernel::{collect::monotonic_ns, resources::TracedFd, sampling::Sampling},
     process::fds::{fd_kind, fd_links, socket_descriptions, socket_inode},
     report::VerdictCounts,
+    report::metrics::HeldKind,
     report::resource_site::{ResourceSite, SiteDetail},
     report::resources::{
         FdInfo, FdReport, KindCount, MAX_LISTED_FDS, Reconciliation, Resources, Untraced,
@@ -86,6 +87,28 @@ impl Fds {
             .record(now_ns, last.is_some(), self.keys.keys().copied(), g);
         self.last = after;
         Ok(())
+    }
+
+    /// The fd sites' verdicts at the last sample.
+    pub(super) fn verdicts(&self, vcfg: &VerdictConfig) -> VerdictCounts {
+        self.history.verdicts(vcfg)
+    }
+
+    /// The traced fds open at the last sample, by kind.
+    pub(super) fn held(&self) -> Vec<HeldKind> {
+        let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+        for t in self.ledger.open(&self.last) {
+            *kinds.entry(self.ledger.kind_of(t.fd, &t.slot)).or_default() += 1;
+        }
+        kinds
+            .into_iter()
+            .map(|(kind, n)| HeldKind {
+                resource: "fd",
+                kind: kind.to_string(),
+                outstanding: n,
+                bytes: None,
+            })
+            .collect()
     }
 
     /// `; fds 12 (7 socket, 3 file, 2 pipe)` for the live line.

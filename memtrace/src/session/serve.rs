@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::report::metrics::{Exposition, Metrics, SnapshotVerdicts};
+use crate::report::metrics::{Exposition, Metrics, SiteVerdicts};
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -38,8 +38,8 @@ const PROFILE_WAIT: Duration = Duration::from_secs(15);
 pub(super) struct Published {
     /// None until attached: a scrape then gets 503.
     metrics: Mutex<Option<Metrics>>,
-    /// The newest snapshot's verdicts, carried into each interval's metrics.
-    verdicts: Mutex<Option<SnapshotVerdicts>>,
+    /// The newest snapshot's verdicts, served while newer than the live ones.
+    verdicts: Mutex<Option<SiteVerdicts>>,
     /// The last profile built, and the number of profiles built so far.
     profile: Mutex<Option<Bytes>>,
     profiles_built: AtomicU64,
@@ -48,23 +48,24 @@ pub(super) struct Published {
 
 impl Published {
     pub(super) fn set_metrics(&self, mut m: Metrics) {
-        m.verdicts = self
+        let snapshot = self
             .verdicts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        m.verdicts = newer(m.verdicts.take(), snapshot);
         *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
     }
 
     /// A snapshot's verdicts, served from now on.
-    pub(super) fn set_verdicts(&self, v: SnapshotVerdicts) {
+    pub(super) fn set_verdicts(&self, v: SiteVerdicts) {
         if let Some(m) = self
             .metrics
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            m.verdicts = Some(v.clone());
+            m.verdicts = newer(m.verdicts.take(), Some(v.clone()));
         }
         *self.verdicts.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
     }
@@ -77,6 +78,15 @@ impl Published {
     pub(super) fn set_profile(&self, pprof: Vec<u8>) {
         *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = Some(Bytes::from(pprof));
         self.profiles_built.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Of two judgements of the heap sites, the later.
+fn newer(a: Option<SiteVerdicts>, b: Option<SiteVerdicts>) -> Option<SiteVerdicts> {
+    match (a, b) {
+        (Some(a), Some(b)) if b.traced_seconds > a.traced_seconds => Some(b),
+        (Some(a), _) => Some(a),
+        (None, b) => b,
     }
 }
 

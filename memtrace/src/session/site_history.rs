@@ -12,6 +12,7 @@ use crate::{
     analyze::{
         self, BlockGrouper, HISTORY_CAPACITY, History, SampleAges, SiteBlocks, VerdictConfig,
     },
+    report::VerdictCounts,
     report::resource_site::{HistoryPoint, ResourceSite, SiteDetail},
 };
 
@@ -75,6 +76,20 @@ impl SiteHistory {
     /// What the sites held at the last sample.
     pub(super) fn held(&self) -> &rustc_hash::FxHashMap<u64, SiteBlocks> {
         &self.blocks
+    }
+
+    /// How many of the sites holding items at the last sample get each
+    /// verdict, judged as the report would had tracing ended then.
+    pub(super) fn verdicts(&self, vcfg: &VerdictConfig) -> VerdictCounts {
+        let mut c = VerdictCounts::default();
+        for (id, b) in self.blocks.iter().filter(|(_, b)| b.blocks > 0) {
+            let v = match self.history.site(*id) {
+                Some(h) => analyze::assess(h.times, h.points, Some(b), vcfg).verdict,
+                None => analyze::Verdict::Unknown,
+            };
+            c.count(v);
+        }
+        c
     }
 
     /// The report's site `id` (its frames not filled in).

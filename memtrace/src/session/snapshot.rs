@@ -38,7 +38,7 @@ use crate::{
     escape::Escaped,
     kernel::collect::monotonic_ns,
     process::stat as procstat,
-    report::{Report, SnapshotStats, metrics::SnapshotVerdicts},
+    report::{Report, SnapshotStats, metrics::SiteVerdicts},
 };
 
 /// `--snapshot-dir`'s default, relative to where memtrace runs (as `-o` is).
@@ -222,7 +222,7 @@ pub(super) fn take(opts: &Options, s: &mut Session) {
     match built {
         Ok(report) => {
             if let Some(srv) = &s.server {
-                srv.published.set_verdicts(SnapshotVerdicts {
+                srv.published.set_verdicts(SiteVerdicts {
                     counts: report.verdicts,
                     traced_seconds: report.duration_s,
                 });

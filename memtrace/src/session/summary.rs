@@ -20,9 +20,10 @@ use super::{
 };
 use crate::escape::{Escaped, escaped};
 use crate::{
-    analyze::{self, History, SampleAges},
+    analyze::{self, History, SampleAges, SiteBlocks},
     kernel::collect::{Counters, SiteSample, monotonic_ns},
     process::stat::{self as procstat, ProcStat},
+    report::metrics::{ResourceFigures, SiteVerdicts},
     report::roles,
     symbolize::Symbolizer,
     units::{Rate, format_bytes, format_count, format_duration, format_rate},
@@ -57,7 +58,18 @@ pub(super) struct Summary {
     pub(super) fds: Option<String>,
     /// This interval's threads, when they are traced (`, 19 threads (18 created while traced)`).
     pub(super) threads: Option<String>,
+    /// With `--listen`: the heap sites' verdicts last judged, and when the
+    /// next may be (see [`VERDICT_BUDGET`]).
+    verdicts: Option<SiteVerdicts>,
+    verdicts_due: Option<Instant>,
 }
+
+/// The share of the time that judging the heap sites' verdicts for
+/// `/metrics` may take: after a judgement that took `t`, the next waits
+/// for a history sample at least `t / VERDICT_BUDGET` later. At 10,000
+/// sites of full histories a judgement is a few hundred ms of CPU; a few
+/// sites take microseconds, judged at every sample.
+const VERDICT_BUDGET: f64 = 0.02;
 
 /// What one interval read from the kernel and /proc.
 struct Reading {
@@ -94,14 +106,16 @@ pub(super) fn live_summary(
     start: Instant,
     history: &mut History,
     opts: &Options,
-    published: Option<&Published>,
+    published: Option<(&Published, Option<ResourceFigures>)>,
 ) -> Result<()> {
     let r = read(at, sym)?;
     // The history keeps the sampled figures; the line shows the estimates.
     let line = Line::of(&r, last, start, opts);
-    if history.tick() {
-        sample_history(at, history, last, opts, &r)?;
-    }
+    let ages = if history.tick() {
+        Some(sample_history(at, history, last, opts, &r)?)
+    } else {
+        None
+    };
     sym.set_deadline(Some(Instant::now() + SUMMARY_LOAD_WAIT));
     let growing = fastest_growing(at, sym, &line.sites, last);
     sym.set_deadline(None);
@@ -110,7 +124,10 @@ pub(super) fn live_summary(
     if let Some(limit) = opts.alert_growth {
         alert(limit, &line, last, &growing);
     }
-    if let Some(p) = published {
+    if let Some((p, resources)) = published {
+        if let Some(ages) = &ages {
+            judge_verdicts(last, history, ages, &r, opts, start);
+        }
         let interval = Interval {
             counters: &r.counters,
             sites: &line.sites,
@@ -121,7 +138,10 @@ pub(super) fn live_summary(
         sym.set_deadline(Some(Instant::now() + SUMMARY_LOAD_WAIT));
         let m = live::metrics(at, sym, &interval, opts, start);
         sym.set_deadline(None);
-        p.set_metrics(m?);
+        let mut m = m?;
+        m.verdicts = last.verdicts.clone();
+        m.resources = resources;
+        p.set_metrics(m);
     }
     last.update(r, line);
     Ok(())
@@ -204,15 +224,43 @@ impl Line {
     }
 }
 
+/// Judges the heap sites' verdicts at this history sample (`ages`), for
+/// `/metrics`, when [`VERDICT_BUDGET`] allows.
+fn judge_verdicts(
+    last: &mut Summary,
+    history: &History,
+    ages: &HashMap<u64, SiteBlocks>,
+    r: &Reading,
+    opts: &Options,
+    start: Instant,
+) {
+    if last.verdicts_due.is_some_and(|due| r.now < due) {
+        return;
+    }
+    let t = Instant::now();
+    let counts = live::heap_verdicts(history, ages, &r.raw_sites, &opts.verdicts);
+    let took = t.elapsed();
+    last.verdicts_due = Some(t + took.div_f64(VERDICT_BUDGET));
+    last.verdicts = Some(SiteVerdicts {
+        counts,
+        traced_seconds: r.now.saturating_duration_since(start).as_secs_f64(),
+    });
+    log::debug!(
+        "live verdicts: {} sites judged in {took:?}",
+        r.raw_sites.len()
+    );
+}
+
 /// Records one history sample, with ages from a scan of every block when the
-/// last scan's cost says it fits the budget, else from the epoch aggregates.
+/// last scan's cost says it fits the budget, else from the epoch aggregates;
+/// returns the sites' blocks at the sample.
 fn sample_history(
     at: &mut Attached,
     history: &mut History,
     last: &mut Summary,
     opts: &Options,
     r: &Reading,
-) -> Result<()> {
+) -> Result<HashMap<u64, SiteBlocks>> {
     let scan = Instant::now();
     let scanned = blocks_in_map(&r.raw_sites);
     let per_block = if last.scan_ns_per_block > 0.0 {
@@ -245,7 +293,7 @@ fn sample_history(
         },
         scan.elapsed()
     );
-    Ok(())
+    Ok(ages)
 }
 
 /// The three sites that grew most since the last line, named.

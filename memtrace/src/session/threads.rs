@@ -16,6 +16,7 @@ use crate::{
     },
     kernel::{collect::monotonic_ns, sampling::Sampling},
     report::VerdictCounts,
+    report::metrics::HeldKind,
     report::resource_site::{ResourceSite, SiteDetail},
     report::threads::{MAX_LISTED_THREADS, ThreadInfo, ThreadReport, ThreadsAtAttach},
 };
@@ -146,6 +147,21 @@ impl Threads {
             s.push(')');
         }
         s
+    }
+
+    /// The thread sites' verdicts at the last sample.
+    pub(super) fn verdicts(&self, vcfg: &VerdictConfig) -> VerdictCounts {
+        self.history.verdicts(vcfg)
+    }
+
+    /// The traced threads held (alive or exited unjoined) at the last sample.
+    pub(super) fn held(&self) -> Vec<HeldKind> {
+        vec![HeldKind {
+            resource: "thread",
+            kind: "thread".to_string(),
+            outstanding: self.last.len() as u64,
+            bytes: None,
+        }]
     }
 
     /// The report's threads (its sites' frames not filled in).

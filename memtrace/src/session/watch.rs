@@ -192,24 +192,8 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
             return End::Signal;
         }
         if let Some(exec_ns) = super::images::exec_seen(s) {
-            if !opts.follow_exec {
-                s.images.not_followed(s.at.pid, exec_ns);
-                eprintln!(
-                    "memtrace: pid {} called exec (it now runs {}): not followed \
-                     (--no-follow-exec); reporting what the old program did",
-                    s.at.pid,
-                    Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
-                );
-                return End::TargetExec;
-            }
-            if let Err(e) = super::images::follow_exec(opts, s, exec_ns) {
-                eprintln!(
-                    "memtrace: pid {} exec'd {}, which memtrace cannot trace ({e:#}): \
-                     reporting what the program before did",
-                    s.at.pid,
-                    Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
-                );
-                return End::TargetExec;
+            if let Some(end) = exec_called(opts, s, exec_ns) {
+                return end;
             }
             last = Summary::default();
             continue;
@@ -234,41 +218,7 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
         }
         if now >= schedule.next_summary {
             schedule.next_summary += opts.interval;
-            s.watchdog.doing("making the live summary");
-            crate::knobs::debug_stall("summary");
-            if let Some(fds) = &mut s.fds
-                && let Err(e) = fds.sample(&s.at, None)
-            {
-                log::warn!("reading the target's fds failed: {e:#}");
-            }
-            if let Some(m) = &mut s.mappings
-                && let Err(e) = m.sample(&mut s.at, None)
-            {
-                log::warn!("reading the target's mappings failed: {e:#}");
-            }
-            last.fds = s.fds.as_ref().map(|f| {
-                f.live_part()
-                    + &s.mappings
-                        .as_ref()
-                        .map(|m| m.live_part())
-                        .unwrap_or_default()
-            });
-            if let Some(t) = &mut s.threads {
-                t.sample(&s.at, None);
-            }
-            last.threads = s.threads.as_ref().map(|t| t.live_part());
-            let work = summary::live_summary(
-                &mut s.at,
-                &mut s.symbolizer,
-                &mut last,
-                s.trace_start,
-                &mut s.history,
-                opts,
-                s.server.as_ref().map(|srv| &*srv.published),
-            );
-            if let Err(e) = work {
-                log::warn!("live summary failed: {e:#}");
-            }
+            interval(opts, s, &mut last);
         }
         if let Some((due, o)) = schedule.next_snapshot.zip(opts.snapshots.as_ref())
             && now >= due
@@ -288,6 +238,74 @@ pub(super) fn watch(opts: &Options, s: &mut Session) -> End {
                 Err(e) => log::warn!("--listen: live profile failed: {e:#}"),
             }
         }
+    }
+}
+
+/// The target called exec: follows it (None), or says why not and ends.
+fn exec_called(opts: &Options, s: &mut Session, exec_ns: u64) -> Option<End> {
+    if !opts.follow_exec {
+        s.images.not_followed(s.at.pid, exec_ns);
+        eprintln!(
+            "memtrace: pid {} called exec (it now runs {}): not followed \
+             (--no-follow-exec); reporting what the old program did",
+            s.at.pid,
+            Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
+        );
+        return Some(End::TargetExec);
+    }
+    if let Err(e) = super::images::follow_exec(opts, s, exec_ns) {
+        eprintln!(
+            "memtrace: pid {} exec'd {}, which memtrace cannot trace ({e:#}): \
+             reporting what the program before did",
+            s.at.pid,
+            Escaped(&target::proc_exe(s.at.pid).unwrap_or_else(|| "?".into()))
+        );
+        return Some(End::TargetExec);
+    }
+    None
+}
+
+/// Each interval's work: the resources sampled, the live summary (and the
+/// metrics, with `--listen`).
+fn interval(opts: &Options, s: &mut Session, last: &mut Summary) {
+    s.watchdog.doing("making the live summary");
+    crate::knobs::debug_stall("summary");
+    if let Some(fds) = &mut s.fds
+        && let Err(e) = fds.sample(&s.at, None)
+    {
+        log::warn!("reading the target's fds failed: {e:#}");
+    }
+    if let Some(m) = &mut s.mappings
+        && let Err(e) = m.sample(&mut s.at, None)
+    {
+        log::warn!("reading the target's mappings failed: {e:#}");
+    }
+    last.fds = s.fds.as_ref().map(|f| {
+        f.live_part()
+            + &s.mappings
+                .as_ref()
+                .map(|m| m.live_part())
+                .unwrap_or_default()
+    });
+    if let Some(t) = &mut s.threads {
+        t.sample(&s.at, None);
+    }
+    last.threads = s.threads.as_ref().map(|t| t.live_part());
+    let resources = s
+        .server
+        .as_ref()
+        .and_then(|_| super::live::resource_metrics(s, &opts.verdicts));
+    let work = summary::live_summary(
+        &mut s.at,
+        &mut s.symbolizer,
+        last,
+        s.trace_start,
+        &mut s.history,
+        opts,
+        s.server.as_ref().map(|srv| (&*srv.published, resources)),
+    );
+    if let Err(e) = work {
+        log::warn!("live summary failed: {e:#}");
     }
 }
 
