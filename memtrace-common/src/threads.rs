@@ -166,12 +166,16 @@ pub mod map_names {
     pub const THREAD_CALLS: &str = "THREAD_CALLS";
     pub const THREAD_SITE_CREATED: &str = "THREAD_SITE_CREATED";
     pub const THREAD_COUNTERS: &str = "THREAD_COUNTERS";
-    pub const ALL: [&str; 5] = [
+    /// BPF only: a new thread's host id, from `thread_newtask` to
+    /// `thread_created` (listed so that the names stay checked).
+    pub const NEW_THREAD: &str = "NEW_THREAD";
+    pub const ALL: [&str; 6] = [
         THREADS,
         THREAD_BY_PTHREAD,
         THREAD_CALLS,
         THREAD_SITE_CREATED,
         THREAD_COUNTERS,
+        NEW_THREAD,
     ];
 }
 
