@@ -6,7 +6,12 @@
 //!    without a scraper taking `/metrics` and `/debug/pprof/heap` every
 //!    second; the two alternate within each repetition (which goes first
 //!    alternates too), so drift on the machine falls on both. The loop is
-//!    long enough for several scrapes to land inside it.
+//!    long enough for several scrapes to land inside it. On a host with two
+//!    CPUs or more the workload runs on CPU 1 and memtrace and the scraper on
+//!    CPU 0: what is left between the two runs of a pair is the scrapes' real
+//!    interference with the traced process (BPF map locks, caches), not two
+//!    programs taking turns on one CPU. Each pair gives a ratio; the figure
+//!    is their median, set against the spread of the unscraped runs.
 //! 2. memtrace itself: its CPU (utime+stime of /proc/PID/stat) over a series
 //!    of scrapes of each endpoint while it traces tests/fixtures/scale.c's
 //!    1,000,000 blocks in 10,000 stacks (`-i 1h`, so that no live summary
@@ -92,14 +97,14 @@ fn timed_run(env: &Env, memtrace: &Path, scraped: bool) -> Result<(f64, u64)> {
         .or(env.workloads.first())
         .map(|(_, p)| p)
         .context("no build of the workload")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = pinned(WORKLOAD_CPU, exe);
     cmd.args([&ITERS.to_string(), "1", "fixed", "10000"]);
     let mut workload = Proc::spawn("workload", cmd, true, false)?;
     let ready = workload.wait_line(Duration::from_secs(60), "its READY line", |s, l| {
         s == Stream::Stdout && l.starts_with("READY")
     })?;
     let pid: u32 = field(&ready, "pid").context("READY line without pid=")?;
-    let mut cmd = Command::new(memtrace);
+    let mut cmd = pinned(MEMTRACE_CPU, memtrace);
     cmd.args(["--pid", &pid.to_string(), "-f", "json", "-o", "/dev/null"])
         .env_remove("MEMTRACE_STACKS");
     if scraped {
@@ -183,6 +188,9 @@ impl Scraper {
         let done = Arc::new(AtomicU64::new(0));
         let (s, d) = (stop.clone(), done.clone());
         let thread = thread::spawn(move || {
+            if pinning() {
+                pin_this_thread(MEMTRACE_CPU);
+            }
             let mut next = Instant::now();
             while !s.load(Ordering::Relaxed) {
                 for path in ["/metrics", "/debug/pprof/heap"] {
@@ -210,6 +218,36 @@ impl Scraper {
     }
 }
 
+/// The CPUs of a pinned pair (see the module's comment).
+const WORKLOAD_CPU: usize = 1;
+const MEMTRACE_CPU: usize = 0;
+
+/// Whether the pair is pinned: with two CPUs or more.
+fn pinning() -> bool {
+    thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// `program` to run on `cpu` alone (through util-linux's `taskset`, which
+/// execs it: the pid is the program's), or anywhere on a one-CPU host.
+fn pinned(cpu: usize, program: &Path) -> Command {
+    if !pinning() {
+        return Command::new(program);
+    }
+    let mut c = Command::new("taskset");
+    c.args(["-c", &cpu.to_string()]).arg(program);
+    c
+}
+
+/// Binds the calling thread to `cpu` (best effort: a bench figure, not a
+/// correctness matter).
+fn pin_this_thread(cpu: usize) {
+    let mut mask = [0u64; 16];
+    mask[cpu / 64] |= 1 << (cpu % 64);
+    // SAFETY: pid 0 is the calling thread; the mask is a valid cpu_set_t of
+    // the size given, read only during the call.
+    let _ = unsafe { sched_setaffinity(0, std::mem::size_of_val(&mask), mask.as_ptr()) };
+}
+
 /// utime + stime of `pid`, from /proc/PID/stat.
 fn cpu(pid: u32) -> Result<Duration> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -225,6 +263,7 @@ const SC_CLK_TCK: i32 = 2;
 unsafe extern "C" {
     #[link_name = "sysconf"]
     fn libc_sysconf(name: i32) -> i64;
+    fn sched_setaffinity(pid: i32, size: usize, mask: *const u64) -> i32;
 }
 
 /// memtrace's CPU over `n` calls of `f`, less its CPU over as long left alone.
@@ -330,6 +369,41 @@ impl Exports {
         (median(&plain), median(&scraped))
     }
 
+    /// The median of the pairs' ratios (scraped / not), and the noise: half
+    /// the spread of the unscraped runs around their median, relative.
+    fn paired(&self) -> (f64, f64) {
+        let ratios: Vec<f64> = self.runs.iter().map(|r| r.1 / r.0).collect();
+        let plain: Vec<f64> = self.runs.iter().map(|r| r.0).collect();
+        let (lo, hi) = plain
+            .iter()
+            .fold((f64::INFINITY, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        (median(&ratios), (hi - lo) / 2.0 / median(&plain))
+    }
+
+    /// What the pairs show: a cost, or none beyond the noise.
+    fn cost_said(&self) -> String {
+        let (ratio, noise) = self.paired();
+        let pct = (ratio - 1.0) * 100.0;
+        let pinned = if pinning() {
+            "workload and memtrace on CPUs of their own"
+        } else {
+            "one CPU: not pinned"
+        };
+        if (ratio - 1.0).abs() <= noise {
+            format!(
+                "median paired ratio {ratio:.3} ({pct:+.1}%), within the unscraped runs' own                  spread (±{:.1}%): no cost measurable ({pinned}, {} pairs)",
+                noise * 100.0,
+                self.runs.len()
+            )
+        } else {
+            format!(
+                "median paired ratio {ratio:.3} ({pct:+.1}%), beyond the unscraped runs' own                  spread (±{:.1}%) ({pinned}, {} pairs)",
+                noise * 100.0,
+                self.runs.len()
+            )
+        }
+    }
+
     pub(super) fn markdown(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "## Serving metrics and profiles (`--listen`)\n");
@@ -348,6 +422,7 @@ impl Exports {
         }
         let (a, b) = self.medians();
         let _ = writeln!(o, "| median | {a:.1} | {b:.1} | |\n");
+        let _ = writeln!(o, "Scrapes: {}.\n", self.cost_said());
         let s = &self.at_scale;
         let _ = writeln!(
             o,
@@ -383,8 +458,8 @@ impl Exports {
         let s = &self.at_scale;
         vec![
             format!(
-                "scrapes every second: {a:.1} → {b:.1} ns/pair traced ({:+.1}%), same run",
-                (b / a - 1.0) * 100.0
+                "scrapes every second: {a:.1} → {b:.1} ns/pair traced, same run; {}",
+                self.cost_said()
             ),
             format!(
                 "a scrape at {} sites: /debug/pprof/heap {:.1} ms, /metrics {} ms of memtrace CPU \
