@@ -48,6 +48,15 @@ pub fn escaped(s: &str) -> String {
     Escaped(s).to_string()
 }
 
+/// An allocator function memtrace does not trace, as text output names it:
+/// `name (module)`, or `name (module: why)` when a reason is known.
+pub fn untraced_entry(name: &str, module: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(why) => format!("{} ({}: {})", Escaped(name), Escaped(module), Escaped(why)),
+        None => format!("{} ({})", Escaped(name), Escaped(module)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! The text form of a report: a header, the totals, how the stacks and ages
 //! were got, the process, the verdicts, then the top sites, leaks first.
-use crate::escape::Escaped;
+use crate::escape::{Escaped, untraced_entry};
 use std::fmt::Write as _;
 
 use super::stack_text::{self, GROWING, LEAK, ShortPaths, TextStyle, frame_paths, stack_lines};
@@ -280,15 +280,7 @@ impl Report {
         if !blind.is_empty() {
             let names: Vec<String> = blind
                 .iter()
-                .map(|u| match &u.reason {
-                    Some(why) => format!(
-                        "{} ({}: {})",
-                        Escaped(&u.name),
-                        Escaped(&u.module),
-                        Escaped(why)
-                    ),
-                    None => format!("{} ({})", Escaped(&u.name), Escaped(&u.module)),
-                })
+                .map(|u| untraced_entry(&u.name, &u.module, u.reason.as_deref()))
                 .collect();
             let _ = writeln!(
                 o,

@@ -47,7 +47,7 @@ pub use target::PythonOptions;
 use watch::Signals;
 use watchdog::Watchdog;
 
-use crate::escape::Escaped;
+use crate::escape::{Escaped, untraced_entry};
 use crate::{
     analyze::{HISTORY_CAPACITY, History, VerdictConfig},
     kernel::{collect::monotonic_ns, maps::MapSizes},
@@ -353,15 +353,7 @@ fn warn_untraced(allocators: &crate::attach::allocator::Allocators) {
         let list: Vec<String> = allocators
             .untraced
             .iter()
-            .map(|u| match &u.reason {
-                Some(why) => format!(
-                    "{} ({}: {})",
-                    Escaped(&u.name),
-                    Escaped(&u.module),
-                    Escaped(why)
-                ),
-                None => format!("{} ({})", Escaped(&u.name), Escaped(&u.module)),
-            })
+            .map(|u| untraced_entry(&u.name, &u.module, u.reason.as_deref()))
             .collect();
         eprintln!(
             "memtrace: warning: the target may call allocator functions memtrace does not \
