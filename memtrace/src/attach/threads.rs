@@ -6,8 +6,8 @@
 //! malloc/free path).
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow};
-use aya::{Ebpf, programs::TracePoint};
+use anyhow::Result;
+use aya::Ebpf;
 use memtrace_common::threads::CREATE_SYSCALLS;
 
 use crate::process::maps::MapEntry;
@@ -22,32 +22,7 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<usize> {
         .iter()
         .map(|s| ("thread_created", "syscalls", format!("sys_exit_{s}")));
     let exit = std::iter::once(("thread_exit", "syscalls", "sys_enter_exit".to_string()));
-    let mut n = 0;
-    for (name, category, event) in newtask.chain(creates).chain(exit) {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            let started = std::time::Instant::now();
-            prog.load().map_err(|e| anyhow!(e)).with_context(|| {
-                format!("the kernel refused BPF program {name} (verifier or permissions)")
-            })?;
-            log::debug!(
-                "BPF program {name} verified in {:?}: processed {} insns",
-                started.elapsed(),
-                prog.info()
-                    .ok()
-                    .and_then(|i| i.verified_instruction_count())
-                    .map_or_else(|| "?".to_string(), |n| n.to_string())
-            );
-        }
-        prog.attach(category, &event)
-            .map_err(|e| anyhow!(e))
-            .with_context(|| format!("attaching {name} to {category}:{event}"))?;
-        n += 1;
-    }
-    Ok(n)
+    super::fds::attach_tracepoints(ebpf, newtask.chain(creates).chain(exit))
 }
 
 /// The file the target's pthread functions are in: glibc's libc (2.34 on),
