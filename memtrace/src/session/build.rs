@@ -166,22 +166,8 @@ pub(super) fn build_report(
     s.watchdog.doing("reading the final figures");
     let is_final = purpose.is_final();
     let fin = Final::read(opts, at, history, &meta, &mut lap, is_final)?;
-    let mut resources = match &mut s.fds {
-        Some(fds) => {
-            fds.sample(at, Some(meta.end_ns))?;
-            let mut r = fds.report(at, meta.end_ns, &opts.verdicts)?;
-            if let Some(m) = &mut s.mappings {
-                m.sample(at, Some(meta.end_ns))?;
-                r.mappings = Some(m.report(at, meta.end_ns, &opts.verdicts)?);
-            }
-            Some(r)
-        }
-        None => None,
-    };
-    if let (Some(r), Some(t)) = (&mut resources, &mut s.threads) {
-        t.sample(at, Some(meta.end_ns));
-        r.threads = Some(t.report(at, meta.end_ns, &opts.verdicts)?);
-    }
+    let tracers = (&mut s.fds, &mut s.threads, &mut s.mappings);
+    let resources = final_resources(tracers, at, meta.end_ns, &opts.verdicts)?;
     let (totals, traced_scale) = totals(&fin, opts.sampling);
     let chosen = leak_candidates(&fin);
     let (freed, freed_left_out) = freed_candidates(&fin, opts.sampling);
@@ -197,41 +183,7 @@ pub(super) fn build_report(
     // The sites whose frames the report shows: the text's top sites, or every
     // site in JSON (and in snapshots), freed ones too.
     let every_site = opts.shows_every_site() || !is_final;
-    let mut shown: Vec<(u64, Which)> = frames::shown(every_site, opts.top, &sites)
-        .into_iter()
-        .map(|i| (chosen[i].sample.stack_id, Which::Site(i)))
-        .collect();
-    if every_site {
-        shown.extend(
-            freed
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.sample.stack_id, Which::Freed(i))),
-        );
-    }
-    if let Some(r) = &resources {
-        shown.extend(
-            r.fds
-                .sites
-                .iter()
-                .enumerate()
-                .map(|(i, site)| (site.stack_id, Which::Fd(i))),
-        );
-        if let Some(t) = &r.threads {
-            shown.extend(
-                t.sites
-                    .iter()
-                    .enumerate()
-                    .map(|(i, site)| (site.stack_id, Which::Thread(i))),
-            );
-        }
-        let mappings = r.mappings.iter().flat_map(|m| &m.sites);
-        shown.extend(
-            mappings
-                .enumerate()
-                .map(|(i, site)| (site.stack_id, Which::Mapping(i))),
-        );
-    }
+    let shown = shown_stacks(every_site, opts.top, &sites, &chosen, &freed, &resources);
     let stack_ids: Vec<u64> = shown.iter().map(|t| t.0).collect();
     let (addrs, occurrences) = frames::distinct_addresses(&mut at.collector, &stack_ids)?;
     lap.mark("stacks");
@@ -279,6 +231,62 @@ pub(super) fn build_report(
     lap.mark("frames");
     lap.log();
     Ok(assemble(opts, at, history, &fin, &meta, figures))
+}
+
+/// The resources part at the end: each tracer's last sample, then its
+/// sites. Threads and mappings are parts of the fds' report, so nothing
+/// without fd tracing.
+fn final_resources(
+    (fds, threads, mappings): (
+        &mut Option<super::resources::Fds>,
+        &mut Option<super::threads::Threads>,
+        &mut Option<super::mappings::Mappings>,
+    ),
+    at: &mut Attached,
+    end_ns: u64,
+    vcfg: &VerdictConfig,
+) -> Result<Option<Resources>> {
+    let Some(fds) = fds else { return Ok(None) };
+    fds.sample(at, Some(end_ns))?;
+    let mut r = fds.report(at, end_ns, vcfg)?;
+    if let Some(m) = mappings {
+        m.sample(at, Some(end_ns))?;
+        r.mappings = Some(m.report(at, end_ns, vcfg)?);
+    }
+    if let Some(t) = threads {
+        t.sample(at, Some(end_ns));
+        r.threads = Some(t.report(at, end_ns, vcfg)?);
+    }
+    Ok(Some(r))
+}
+
+/// The stacks whose frames the report shows, with the site each is for:
+/// the text's top sites, or every site (JSON, snapshots), freed ones too;
+/// and every resource site.
+fn shown_stacks(
+    every_site: bool,
+    top: usize,
+    sites: &[Site],
+    chosen: &[Candidate],
+    freed: &[Candidate],
+    resources: &Option<Resources>,
+) -> Vec<(u64, Which)> {
+    let mut shown: Vec<(u64, Which)> = frames::shown(every_site, top, sites)
+        .into_iter()
+        .map(|i| (chosen[i].sample.stack_id, Which::Site(i)))
+        .collect();
+    if every_site {
+        let freed = freed.iter().enumerate();
+        shown.extend(freed.map(|(i, c)| (c.sample.stack_id, Which::Freed(i))));
+    }
+    let Some(r) = resources else { return shown };
+    let fds = r.fds.sites.iter().enumerate();
+    shown.extend(fds.map(|(i, site)| (site.stack_id, Which::Fd(i))));
+    let threads = r.threads.iter().flat_map(|t| &t.sites).enumerate();
+    shown.extend(threads.map(|(i, site)| (site.stack_id, Which::Thread(i))));
+    let mappings = r.mappings.iter().flat_map(|m| &m.sites).enumerate();
+    shown.extend(mappings.map(|(i, site)| (site.stack_id, Which::Mapping(i))));
+    shown
 }
 
 /// A site of the report: of `sites` or of `freed_sites`, by index.
