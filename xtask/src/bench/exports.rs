@@ -380,7 +380,7 @@ impl Exports {
         (median(&ratios), (hi - lo) / 2.0 / median(&plain))
     }
 
-    /// What the pairs show: a cost, or none beyond the noise.
+    /// What the pairs show: a cost beyond the noise, or none.
     fn cost_said(&self) -> String {
         let (ratio, noise) = self.paired();
         let pct = (ratio - 1.0) * 100.0;
@@ -389,19 +389,19 @@ impl Exports {
         } else {
             "one CPU: not pinned"
         };
-        if (ratio - 1.0).abs() <= noise {
-            format!(
-                "median paired ratio {ratio:.3} ({pct:+.1}%), within the unscraped runs' own                  spread (±{:.1}%): no cost measurable ({pinned}, {} pairs)",
-                noise * 100.0,
-                self.runs.len()
-            )
+        let verdict = if ratio - 1.0 > noise {
+            "a cost beyond"
+        } else if ratio - 1.0 < -noise {
+            "no cost: scraped runs faster, beyond"
         } else {
-            format!(
-                "median paired ratio {ratio:.3} ({pct:+.1}%), beyond the unscraped runs' own                  spread (±{:.1}%) ({pinned}, {} pairs)",
-                noise * 100.0,
-                self.runs.len()
-            )
-        }
+            "no cost measurable: within"
+        };
+        format!(
+            "median paired ratio {ratio:.3} ({pct:+.1}%), {verdict} the unscraped runs' own \
+             spread (±{:.1}%) ({pinned}, {} pairs)",
+            noise * 100.0,
+            self.runs.len()
+        )
     }
 
     pub(super) fn markdown(&self) -> String {
