@@ -19,6 +19,18 @@ pub(super) struct Report {
     pub(super) needs_capture: bool,
 }
 
+impl Report {
+    /// A site that reports on whatever edge leaves it: an entry probe, a
+    /// hand-off.
+    pub(super) const EVERY_EDGE: Report = Report {
+        cond: false,
+        taken: true,
+        not_taken: true,
+        capture: false,
+        needs_capture: false,
+    };
+}
+
 /// What a path has seen so far, as a bit set of the 6 (reports so far: 0, 1
 /// or 2 = more, captured) pairs.
 fn bit(reports: usize, captured: bool) -> u8 {
@@ -50,14 +62,7 @@ pub(super) fn check_plan(g: &[Insn], plan: &ExitPlan) -> Result<(), String> {
         })
         .collect();
     for h in &plan.handoffs {
-        let every_edge = Report {
-            cond: false,
-            taken: true,
-            not_taken: true,
-            capture: false,
-            needs_capture: false,
-        };
-        if sites.insert(h.delta, every_edge).is_some() {
+        if sites.insert(h.delta, Report::EVERY_EDGE).is_some() {
             return Err(format!("check: two probes at +{:#x}", h.delta));
         }
     }

@@ -138,16 +138,7 @@ pub fn plan_entry_cover(
     sites.sort_unstable();
     let reports: HashMap<u64, Report> = sites
         .iter()
-        .map(|&i| {
-            let every_edge = Report {
-                cond: false,
-                taken: true,
-                not_taken: true,
-                capture: false,
-                needs_capture: false,
-            };
-            (g[i].insn.ip(), every_edge)
-        })
+        .map(|&i| (g[i].insn.ip(), Report::EVERY_EDGE))
         .collect();
     count_reports(&g, &reports)?;
     sites
